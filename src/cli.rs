@@ -1,0 +1,154 @@
+//! The command line, as clap derive structs and nothing else.
+//!
+//! Validation that needs more than one flag, or the machine (cores, DNS),
+//! lives in [`crate::config`], which turns these structs into validated types.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::units::{parse_duration, parse_size};
+
+/// A thread-per-core, sharded TCP proxy: one pinned io_uring executor per core.
+#[derive(Debug, Parser)]
+#[command(name = "shardproxy", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The roles and tools.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Plain TCP relay: accept clients, connect upstream, pipe bytes both ways.
+    Forward(ProxyArgs),
+    /// Start a loopback demo: an echo origin plus a proxy in front of it.
+    Demo(DemoArgs),
+}
+
+/// Flags shared by every proxy role.
+#[derive(Debug, Clone, Args)]
+pub struct ProxyArgs {
+    /// Address to listen on, e.g. 0.0.0.0:8000 or [::]:8000 (every shard binds it with SO_REUSEPORT).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: String,
+
+    /// Where to connect for each client, HOST:PORT. A hostname is resolved once, at start-up.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub upstream: String,
+
+    /// Run this many shards, on the first N cores this process may use [default: all of them].
+    #[arg(long, value_name = "N", conflicts_with = "cpu_list")]
+    pub cores: Option<usize>,
+
+    /// Run one shard on each listed core, e.g. 0,2-5 (must be within this process's CPU mask).
+    #[arg(long, value_name = "LIST")]
+    pub cpu_list: Option<String>,
+
+    /// Listen backlog for each shard's socket.
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    pub backlog: u32,
+
+    /// Relay buffer per direction per connection (memory per connection is twice this).
+    #[arg(long, value_name = "SIZE", default_value = "16KiB", value_parser = parse_size)]
+    pub buffer_size: usize,
+
+    /// Give up connecting upstream after this long, e.g. 5s.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Close a connection after this long with no bytes in either direction.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, let live connections finish for this long, then abort them.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Connections per shard; at the limit the shard stops accepting until one closes.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// With an IPv6 listen address such as [::]:8000, accept IPv4 clients too (IPV6_V6ONLY off).
+    #[arg(long)]
+    pub dual_stack: bool,
+}
+
+/// Flags of the `demo` subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Port the proxy listens on (loopback only).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+
+    /// Port of the demo echo origin (loopback only).
+    #[arg(long, default_value_t = 7000)]
+    pub origin_port: u16,
+
+    /// Shards for the proxy.
+    #[arg(long, default_value_t = 2)]
+    pub cores: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn cores_and_cpu_list_conflict() {
+        let err = Cli::try_parse_from([
+            "shardproxy",
+            "forward",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "127.0.0.1:1",
+            "--cores",
+            "1",
+            "--cpu-list",
+            "0",
+        ])
+        .unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn durations_and_sizes_parse_with_units() {
+        let cli = Cli::try_parse_from([
+            "shardproxy",
+            "forward",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "127.0.0.1:1",
+            "--idle-timeout",
+            "500ms",
+            "--buffer-size",
+            "4KiB",
+        ])
+        .unwrap();
+        let Command::Forward(args) = cli.command else {
+            panic!("not forward")
+        };
+        assert_eq!(args.idle_timeout, Duration::from_millis(500));
+        assert_eq!(args.buffer_size, 4096);
+        assert!(Cli::try_parse_from([
+            "shardproxy",
+            "forward",
+            "--listen",
+            "x",
+            "--upstream",
+            "y",
+            "--idle-timeout",
+            "30",
+        ])
+        .is_err());
+    }
+}

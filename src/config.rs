@@ -1,0 +1,291 @@
+//! Validated configuration, built from the CLI. Binds nothing, spawns nothing.
+//!
+//! Everything that can be wrong with the input is found here, before any
+//! shard starts, and becomes a [`ConfigError`] whose message is a single line
+//! that names the fix.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use crate::cli::ProxyArgs;
+
+/// Which side of the tunnel this process plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Plain TCP in, plain TCP out.
+    Forward,
+}
+
+impl Role {
+    /// The label used in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Forward => "forward",
+        }
+    }
+}
+
+/// Limits and timeouts that every connection of a shard obeys.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Relay buffer per direction.
+    pub buffer_size: NonZeroUsize,
+    /// Upstream connect deadline.
+    pub connect_timeout: Duration,
+    /// No bytes either way for this long closes the pair.
+    pub idle_timeout: Duration,
+    /// Grace period for live connections after SIGTERM.
+    pub drain_timeout: Duration,
+    /// Live connections per shard.
+    pub max_connections: NonZeroUsize,
+}
+
+/// A fully validated proxy configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The role.
+    pub role: Role,
+    /// Address every shard listens on.
+    pub listen: SocketAddr,
+    /// Accept IPv4 on an IPv6 wildcard listener.
+    pub dual_stack: bool,
+    /// Listen backlog per shard.
+    pub backlog: u32,
+    /// Upstream as the operator wrote it (for logs).
+    pub upstream_name: String,
+    /// Upstream, resolved once at start-up.
+    pub upstream: SocketAddr,
+    /// The cores to run one shard on each, in shard order.
+    pub cores: Vec<usize>,
+    /// Per-connection limits.
+    pub limits: Limits,
+}
+
+/// Why a configuration was rejected. Every message is one line.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// `--listen` is not an IP:port.
+    #[error("bad --listen address `{0}`: expected IP:PORT such as 127.0.0.1:8000 or [::]:8000")]
+    BadListen(String),
+    /// `--upstream` cannot be parsed or resolved.
+    #[error("bad --upstream `{0}`: {1}")]
+    BadUpstream(String, String),
+    /// `--cores` asks for more than this process may use.
+    #[error("--cores {asked}: only {available} cores are available to this process (see taskset/cpuset); use --cores {available} or fewer")]
+    TooManyCores {
+        /// What was asked.
+        asked: usize,
+        /// What the CPU mask allows.
+        available: usize,
+    },
+    /// `--cores 0`.
+    #[error("--cores must be at least 1")]
+    ZeroCores,
+    /// `--cpu-list` has a syntax error.
+    #[error("bad --cpu-list `{0}`: expected a list such as 0,2-5")]
+    BadCpuList(String),
+    /// `--cpu-list` names a core outside the mask.
+    #[error("--cpu-list: core {core} does not exist or is not allowed for this process (allowed: {allowed})")]
+    CoreNotAllowed {
+        /// The offending core.
+        core: usize,
+        /// The allowed set, formatted as a list.
+        allowed: String,
+    },
+    /// A limit that must be positive is zero.
+    #[error("{0} must be greater than zero")]
+    Zero(&'static str),
+    /// The machine reports no usable cores at all.
+    #[error("could not determine the CPU cores this process may use")]
+    NoCores,
+}
+
+impl Config {
+    /// Validates `args` for `role`. `allowed_cores` is the process's CPU mask
+    /// (from `core_affinity`), passed in so tests need no particular machine.
+    pub fn from_args(
+        role: Role,
+        args: &ProxyArgs,
+        allowed_cores: &[usize],
+    ) -> Result<Config, ConfigError> {
+        let listen: SocketAddr = args
+            .listen
+            .parse()
+            .map_err(|_| ConfigError::BadListen(args.listen.clone()))?;
+        let upstream = resolve_once(&args.upstream)?;
+        let cores = select_cores(args.cores, args.cpu_list.as_deref(), allowed_cores)?;
+        let nz = |v: usize, name| NonZeroUsize::new(v).ok_or(ConfigError::Zero(name));
+        if args.backlog == 0 {
+            return Err(ConfigError::Zero("--backlog"));
+        }
+        for (d, name) in [
+            (args.connect_timeout, "--connect-timeout"),
+            (args.idle_timeout, "--idle-timeout"),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        Ok(Config {
+            role,
+            listen,
+            dual_stack: args.dual_stack,
+            backlog: args.backlog,
+            upstream_name: args.upstream.clone(),
+            upstream,
+            cores,
+            limits: Limits {
+                buffer_size: nz(args.buffer_size, "--buffer-size")?,
+                connect_timeout: args.connect_timeout,
+                idle_timeout: args.idle_timeout,
+                drain_timeout: args.drain_timeout,
+                max_connections: nz(args.max_connections, "--max-connections")?,
+            },
+        })
+    }
+}
+
+/// Resolves `HOST:PORT` once. The first address wins; see the README for
+/// what that means when DNS changes later.
+fn resolve_once(text: &str) -> Result<SocketAddr, ConfigError> {
+    let bad = |why: String| ConfigError::BadUpstream(text.to_string(), why);
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    if !text.contains(':') {
+        return Err(bad("expected HOST:PORT".into()));
+    }
+    text.to_socket_addrs()
+        .map_err(|e| bad(format!("cannot resolve: {e}")))?
+        .next()
+        .ok_or_else(|| bad("name resolved to no addresses".into()))
+}
+
+/// Picks the cores: all allowed ones, the first N, or an explicit list.
+pub fn select_cores(
+    count: Option<usize>,
+    list: Option<&str>,
+    allowed: &[usize],
+) -> Result<Vec<usize>, ConfigError> {
+    if allowed.is_empty() {
+        return Err(ConfigError::NoCores);
+    }
+    match (count, list) {
+        (Some(0), _) => Err(ConfigError::ZeroCores),
+        (Some(n), _) if n > allowed.len() => Err(ConfigError::TooManyCores {
+            asked: n,
+            available: allowed.len(),
+        }),
+        (Some(n), _) => Ok(allowed[..n].to_vec()),
+        (None, Some(list)) => {
+            let cores = parse_cpu_list(list)?;
+            for &core in &cores {
+                if !allowed.contains(&core) {
+                    return Err(ConfigError::CoreNotAllowed {
+                        core,
+                        allowed: format_cpu_list(allowed),
+                    });
+                }
+            }
+            Ok(cores)
+        }
+        (None, None) => Ok(allowed.to_vec()),
+    }
+}
+
+/// Parses `0,2-5` into `[0, 2, 3, 4, 5]`: sorted, without duplicates.
+pub fn parse_cpu_list(text: &str) -> Result<Vec<usize>, ConfigError> {
+    let bad = || ConfigError::BadCpuList(text.to_string());
+    let mut cores = Vec::new();
+    for part in text.split(',') {
+        let part = part.trim();
+        let (lo, hi) = match part.split_once('-') {
+            Some((lo, hi)) => (lo.trim(), hi.trim()),
+            None => (part, part),
+        };
+        let lo: usize = lo.parse().map_err(|_| bad())?;
+        let hi: usize = hi.parse().map_err(|_| bad())?;
+        // 4096 is the kernel's CONFIG_NR_CPUS ceiling; it bounds the range.
+        if lo > hi || hi >= 4096 {
+            return Err(bad());
+        }
+        cores.extend(lo..=hi);
+    }
+    cores.sort_unstable();
+    cores.dedup();
+    Ok(cores)
+}
+
+/// Formats cores as a compact list, e.g. `0-3,6`.
+pub fn format_cpu_list(cores: &[usize]) -> String {
+    let mut sorted = cores.to_vec();
+    sorted.sort_unstable();
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let start = sorted[i];
+        let mut end = start;
+        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
+            i += 1;
+            end = sorted[i];
+        }
+        out.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+        i += 1;
+    }
+    out.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("0,2-5").unwrap(), vec![0, 2, 3, 4, 5]);
+        assert_eq!(parse_cpu_list("3,1,1").unwrap(), vec![1, 3]);
+        for bad in ["", "a", "3-1", "1-", "0,,1", "99999"] {
+            assert!(parse_cpu_list(bad).is_err(), "{bad}");
+        }
+        assert_eq!(format_cpu_list(&[0, 1, 2, 3, 6]), "0-3,6");
+    }
+
+    #[test]
+    fn core_selection() {
+        let allowed = [0, 1];
+        assert_eq!(select_cores(None, None, &allowed).unwrap(), vec![0, 1]);
+        assert_eq!(select_cores(Some(1), None, &allowed).unwrap(), vec![0]);
+        assert_eq!(
+            select_cores(Some(3), None, &allowed),
+            Err(ConfigError::TooManyCores {
+                asked: 3,
+                available: 2
+            })
+        );
+        assert_eq!(
+            select_cores(Some(0), None, &allowed),
+            Err(ConfigError::ZeroCores)
+        );
+        assert!(matches!(
+            select_cores(None, Some("0,7"), &allowed),
+            Err(ConfigError::CoreNotAllowed { core: 7, .. })
+        ));
+        assert_eq!(select_cores(None, Some("1"), &allowed).unwrap(), vec![1]);
+    }
+
+    #[test]
+    fn addresses() {
+        assert_eq!(resolve_once("127.0.0.1:80").unwrap().port(), 80);
+        assert_eq!(resolve_once("localhost:81").unwrap().port(), 81);
+        assert!(matches!(
+            resolve_once("nocolon"),
+            Err(ConfigError::BadUpstream(..))
+        ));
+        let msg = ConfigError::BadListen("x".into()).to_string();
+        assert!(!msg.contains('\n'));
+    }
+}

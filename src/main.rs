@@ -1,0 +1,37 @@
+//! Thin binary: parse the CLI, run the chosen command, map errors to exit codes.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use shardproxy::cli::{Cli, Command};
+use shardproxy::config::Role;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // clap's report spans several lines (tips, usage); the contract is
+            // one line, so keep its first line and point at --help.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("error: invalid arguments");
+            eprintln!("{first} (see --help)");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match &cli.command {
+        Command::Forward(args) => shardproxy::app::run_proxy(Role::Forward, args),
+        Command::Demo(args) => shardproxy::demo::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! Per-shard counters. Plain `Cell`s: a shard is one thread, so nothing here
+//! is atomic and nothing is shared with another core.
+
+use std::cell::Cell;
+use std::fmt;
+
+/// Why a connection ended. Both a log field and (later) a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Both directions finished with FIN.
+    Clean,
+    /// No bytes either way for `--idle-timeout`.
+    IdleTimeout,
+    /// The upstream refused or the connect failed.
+    ConnectError,
+    /// The upstream did not answer within `--connect-timeout`.
+    ConnectTimeout,
+    /// The upstream reset the connection or a read/write on it failed.
+    UpstreamReset,
+    /// The client reset the connection or a read/write on it failed.
+    DownstreamReset,
+    /// A peer failed authentication (tunnel roles).
+    AuthFailed,
+    /// A tunnel ended without its authenticated end-of-stream.
+    Truncated,
+    /// Aborted at the end of the drain period.
+    Drained,
+    /// A hard protocol limit (e.g. the nonce counter) was reached.
+    Limit,
+}
+
+impl CloseReason {
+    /// Every reason, in label order.
+    pub const ALL: [CloseReason; 10] = [
+        CloseReason::Clean,
+        CloseReason::IdleTimeout,
+        CloseReason::ConnectError,
+        CloseReason::ConnectTimeout,
+        CloseReason::UpstreamReset,
+        CloseReason::DownstreamReset,
+        CloseReason::AuthFailed,
+        CloseReason::Truncated,
+        CloseReason::Drained,
+        CloseReason::Limit,
+    ];
+
+    /// The label used in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Clean => "clean",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::ConnectError => "connect_error",
+            CloseReason::ConnectTimeout => "connect_timeout",
+            CloseReason::UpstreamReset => "upstream_reset",
+            CloseReason::DownstreamReset => "downstream_reset",
+            CloseReason::AuthFailed => "auth_failed",
+            CloseReason::Truncated => "truncated",
+            CloseReason::Drained => "drained",
+            CloseReason::Limit => "limit",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Counters owned by one shard.
+#[derive(Debug, Default)]
+pub struct ShardStats {
+    /// Connections accepted.
+    pub accepted: Cell<u64>,
+    /// Connections currently open.
+    pub active: Cell<u64>,
+    /// Bytes read from clients and sent upstream (plaintext).
+    pub bytes_up: Cell<u64>,
+    /// Bytes read from upstream and sent to clients (plaintext).
+    pub bytes_down: Cell<u64>,
+    /// accept(2) failures (EMFILE, ENFILE, ENOBUFS, ...).
+    pub accept_errors: Cell<u64>,
+    closed: [Cell<u64>; CloseReason::ALL.len()],
+}
+
+fn bump(cell: &Cell<u64>, by: u64) {
+    cell.set(cell.get().wrapping_add(by));
+}
+
+impl ShardStats {
+    /// A connection was accepted.
+    pub fn on_accept(&self) {
+        bump(&self.accepted, 1);
+        bump(&self.active, 1);
+    }
+
+    /// A connection ended.
+    pub fn on_close(&self, reason: CloseReason) {
+        self.active.set(self.active.get().saturating_sub(1));
+        bump(&self.closed[reason.index()], 1);
+    }
+
+    /// Count of connections closed for `reason`.
+    pub fn closed(&self, reason: CloseReason) -> u64 {
+        self.closed[reason.index()].get()
+    }
+
+    /// Count of connections closed for any reason.
+    pub fn closed_total(&self) -> u64 {
+        self.closed.iter().map(Cell::get).sum()
+    }
+
+    /// Adds relayed plaintext bytes.
+    pub fn add_bytes(&self, up: bool, n: usize) {
+        bump(if up { &self.bytes_up } else { &self.bytes_down }, n as u64);
+    }
+
+    /// An accept(2) failed.
+    pub fn on_accept_error(&self) {
+        bump(&self.accept_errors, 1);
+    }
+}
+
+/// The one-line summary a shard prints when it stops.
+impl fmt::Display for ShardStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "accepted={} active={} closed={} bytes_up={} bytes_down={} accept_errors={}",
+            self.accepted.get(),
+            self.active.get(),
+            self.closed_total(),
+            self.bytes_up.get(),
+            self.bytes_down.get(),
+            self.accept_errors.get(),
+        )?;
+        for reason in CloseReason::ALL {
+            let n = self.closed(reason);
+            if n > 0 {
+                write!(f, " {}={n}", reason.as_str())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_summary() {
+        let s = ShardStats::default();
+        s.on_accept();
+        s.on_accept();
+        s.on_close(CloseReason::Clean);
+        s.add_bytes(true, 10);
+        s.add_bytes(false, 7);
+        assert_eq!(s.active.get(), 1);
+        assert_eq!(s.closed(CloseReason::Clean), 1);
+        assert_eq!(
+            s.to_string(),
+            "accepted=2 active=1 closed=1 bytes_up=10 bytes_down=7 accept_errors=0 clean=1"
+        );
+        for (i, r) in CloseReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+        }
+    }
+}

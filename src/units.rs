@@ -1,0 +1,124 @@
+//! Parsers for the human units every CLI flag and config key uses:
+//! durations (`500ms`, `30s`, `2m`, `1h`) and sizes (`16KiB`, `1MiB`, `4096`).
+//!
+//! Pure functions, so clap's `value_parser` and (later) the config file share
+//! one implementation and one set of error messages.
+
+use std::time::Duration;
+
+/// Parses a duration with a mandatory unit: `ms`, `s`, `m` or `h`.
+///
+/// A bare number is rejected on purpose: `--idle-timeout 30` is ambiguous
+/// (seconds? milliseconds?) and an operator should never have to guess.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("`{text}` has no unit; write e.g. 500ms, 30s, 2m or 1h"))?;
+    let (digits, unit) = text.split_at(split);
+    if digits.is_empty() {
+        return Err(format!(
+            "`{text}` is not a duration; write e.g. 500ms, 30s, 2m or 1h"
+        ));
+    }
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is too large"))?;
+    let millis_per_unit: u64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => {
+            return Err(format!(
+                "`{text}` has unknown unit `{unit}`; use ms, s, m or h"
+            ))
+        }
+    };
+    value
+        .checked_mul(millis_per_unit)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("`{text}` is too large"))
+}
+
+/// Parses a size in bytes: a plain number, or a number with `B`, `KiB`, `MiB`
+/// or `GiB` (binary units; `K`/`KB` are accepted as KiB, as most tools do).
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    if digits.is_empty() {
+        return Err(format!(
+            "`{text}` is not a size; write e.g. 16KiB, 1MiB or 4096"
+        ));
+    }
+    let value: usize = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is too large"))?;
+    let multiplier: usize = match unit {
+        "" | "B" => 1,
+        "K" | "KB" | "KiB" => 1 << 10,
+        "M" | "MB" | "MiB" => 1 << 20,
+        "G" | "GB" | "GiB" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "`{text}` has unknown unit `{unit}`; use B, KiB, MiB or GiB"
+            ))
+        }
+    };
+    value
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("`{text}` is too large"))
+}
+
+/// Formats a duration the way [`parse_duration`] reads it back.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 3_600_000 == 0 && ms > 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 60_000 == 0 && ms > 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1_000 == 0 {
+        format!("{}s", ms / 1_000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_need_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("30").unwrap_err().contains("no unit"));
+        assert!(parse_duration("ms").is_err());
+        assert!(parse_duration("3d").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("99999999999999999999s").is_err());
+        assert!(parse_duration("18446744073709551615h").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("16KiB"), Ok(16384));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("2K"), Ok(2048));
+        assert!(parse_size("KiB").is_err());
+        assert!(parse_size("1TiB").is_err());
+        assert!(parse_size("-1").is_err());
+    }
+
+    #[test]
+    fn duration_round_trip() {
+        for text in ["500ms", "30s", "2m", "1h", "0s", "1500ms"] {
+            assert_eq!(format_duration(parse_duration(text).unwrap()), text);
+        }
+    }
+}
