@@ -87,11 +87,8 @@ async fn run(id: usize, core: usize, cfg: Config, listener: socket2::Socket, con
     });
     let accept = glommio::spawn_local(crate::listener::accept_loop(listener, ctx.clone())).detach();
 
-    loop {
-        match control::recv(&mut control).await {
-            Command::Reload => crate::info!("shard {id}: nothing to reload in this role"),
-            Command::Drain => break,
-        }
+    while control::recv(&mut control).await == Command::Reload {
+        crate::info!("shard {id}: nothing to reload in this role");
     }
 
     ctx.draining.set(true);
