@@ -1,0 +1,385 @@
+//! End-to-end benchmark: client → proxy A → proxy B → origin, on loopback.
+//!
+//! Compares, in one run, a direct connection, a chained pair of
+//! `shardproxy forward`, and (when `haproxy` is installed) a chained pair of
+//! HAProxy in TCP mode. Reports throughput/latency and, the robust figure on
+//! a noisy machine, the proxies' CPU-seconds (utime+stime from /proc) per GB
+//! and per 100k requests.
+//!
+//! Run: `cargo bench --bench e2e` (optionally `BENCH_SECS=5`).
+//! Every loop is bounded in time and count; every address is 127.0.0.1.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+const BIN: &str = env!("CARGO_BIN_EXE_shardproxy");
+
+fn secs() -> Duration {
+    Duration::from_secs(
+        std::env::var("BENCH_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(3),
+    )
+}
+
+// ---------- origins ----------
+
+fn serve(handler: impl Fn(TcpStream) + Send + Sync + Clone + 'static) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let h = handler.clone();
+            thread::spawn(move || h(conn));
+        }
+    });
+    addr
+}
+
+/// Echo, for request/response and connection-rate runs.
+fn echo_origin() -> SocketAddr {
+    serve(|mut s| {
+        let _ = s.set_nodelay(true);
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    })
+}
+
+/// Sink: counts bytes to EOF, answers with the count (8 bytes LE).
+fn sink_origin() -> SocketAddr {
+    serve(|mut s| {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0u64;
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+        let _ = s.write_all(&total.to_le_bytes());
+    })
+}
+
+// ---------- targets ----------
+
+struct Target {
+    name: &'static str,
+    addr: SocketAddr,
+    children: Vec<Child>,
+}
+
+impl Target {
+    fn cpu_secs(&self) -> f64 {
+        self.children.iter().map(|c| proc_cpu_secs(c.id())).sum()
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn clk_tck() -> f64 {
+    let out = Command::new("getconf").arg("CLK_TCK").output();
+    out.ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn proc_cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the ")" of comm: utime is field 14, stime 15 (1-based).
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / clk_tck()
+}
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn wait_listening(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "nothing listening on {addr}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn shardproxy_pair(origin: SocketAddr) -> Target {
+    let (a, b) = (free_port(), free_port());
+    let start = |listen: SocketAddr, up: SocketAddr, cpu: &str| {
+        Command::new(BIN)
+            .args([
+                "forward",
+                "--listen",
+                &listen.to_string(),
+                "--upstream",
+                &up.to_string(),
+            ])
+            .args(["--cpu-list", cpu, "--max-connections", "100000"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let cb = start(b, origin, "1");
+    let ca = start(a, b, "0");
+    wait_listening(b);
+    wait_listening(a);
+    Target {
+        name: "shardproxy forward ×2",
+        addr: a,
+        children: vec![ca, cb],
+    }
+}
+
+fn haproxy_pair(origin: SocketAddr) -> Option<Target> {
+    Command::new("haproxy").arg("-v").output().ok()?;
+    let (a, b) = (free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("shardproxy-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).ok()?;
+    let start = |name: &str, listen: SocketAddr, up: SocketAddr, cpu: &str| {
+        let cfg = dir.join(format!("{name}.cfg"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "global\n  nbthread 1\n  maxconn 8000\n\
+                 defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 5m\n  timeout server 5m\n\
+                 frontend f\n  bind {listen}\n  default_backend b\n\
+                 backend b\n  server s {up}\n"
+            ),
+        )
+        .unwrap();
+        Command::new("taskset")
+            .args(["-c", cpu, "haproxy", "-db", "-f"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let cb = start("b", b, origin, "1");
+    let ca = start("a", a, b, "0");
+    wait_listening(b);
+    wait_listening(a);
+    Some(Target {
+        name: "haproxy tcp ×2",
+        addr: a,
+        children: vec![ca, cb],
+    })
+}
+
+// ---------- workloads ----------
+
+/// Bulk upload over `streams` connections for about `secs()`; returns bytes.
+fn bulk(addr: SocketAddr, streams: usize) -> u64 {
+    let limit = secs();
+    let workers: Vec<_> = (0..streams)
+        .map(|_| {
+            thread::spawn(move || {
+                let mut s = TcpStream::connect(addr).unwrap();
+                let chunk = vec![0x5au8; 256 * 1024];
+                let start = Instant::now();
+                let mut sent = 0u64;
+                // Bounded by time and by 64 GiB.
+                while start.elapsed() < limit && sent < (64 << 30) {
+                    s.write_all(&chunk).unwrap();
+                    sent += chunk.len() as u64;
+                }
+                s.shutdown(Shutdown::Write).unwrap();
+                let mut ack = [0u8; 8];
+                s.read_exact(&mut ack).unwrap();
+                assert_eq!(u64::from_le_bytes(ack), sent, "bytes lost");
+                sent
+            })
+        })
+        .collect();
+    workers.into_iter().map(|w| w.join().unwrap()).sum()
+}
+
+/// 1 KiB ping-pong over `conns` keep-alive connections; returns the histogram (µs).
+fn request_response(addr: SocketAddr, conns: usize) -> Histogram<u64> {
+    let limit = secs();
+    let workers: Vec<_> = (0..conns)
+        .map(|_| {
+            thread::spawn(move || {
+                let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.set_nodelay(true).unwrap();
+                let msg = [0x42u8; 1024];
+                let mut back = [0u8; 1024];
+                let start = Instant::now();
+                while start.elapsed() < limit && h.len() < 10_000_000 {
+                    let t = Instant::now();
+                    s.write_all(&msg).unwrap();
+                    s.read_exact(&mut back).unwrap();
+                    h.saturating_record(t.elapsed().as_micros() as u64);
+                }
+                h
+            })
+        })
+        .collect();
+    let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    for w in workers {
+        total.add(w.join().unwrap()).unwrap();
+    }
+    total
+}
+
+/// Connect, 1 KiB exchange, close, from 4 threads; returns connections done.
+fn connection_rate(addr: SocketAddr) -> u64 {
+    let limit = secs();
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            thread::spawn(move || {
+                let start = Instant::now();
+                let mut n = 0u64;
+                let msg = [0x17u8; 1024];
+                let mut back = [0u8; 1024];
+                while start.elapsed() < limit && n < 1_000_000 {
+                    let mut s = TcpStream::connect(addr).unwrap();
+                    s.set_nodelay(true).unwrap();
+                    s.write_all(&msg).unwrap();
+                    s.read_exact(&mut back).unwrap();
+                    drop(s);
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    workers.into_iter().map(|w| w.join().unwrap()).sum()
+}
+
+// ---------- driver ----------
+
+struct Row {
+    target: &'static str,
+    scenario: &'static str,
+    rate: String,
+    latency: String,
+    cpu: String,
+}
+
+fn measure(
+    target: Option<&Target>,
+    direct: SocketAddr,
+    scenario: &'static str,
+    rows: &mut Vec<Row>,
+) {
+    let addr = target.map(|t| t.addr).unwrap_or(direct);
+    let name = target.map(|t| t.name).unwrap_or("direct");
+    let cpu0 = target.map(Target::cpu_secs).unwrap_or(0.0);
+    let start = Instant::now();
+    let (rate, latency, per_unit) = match scenario {
+        "bulk 1 stream" | "bulk 8 streams" => {
+            let streams = if scenario == "bulk 1 stream" { 1 } else { 8 };
+            let bytes = bulk(addr, streams);
+            let gb = bytes as f64 / 1e9;
+            let el = start.elapsed().as_secs_f64();
+            (
+                format!("{:.2} GB/s", gb / el),
+                String::from("-"),
+                (gb, "GB"),
+            )
+        }
+        "1 KiB req/resp ×50" => {
+            let h = request_response(addr, 50);
+            let el = start.elapsed().as_secs_f64();
+            let lat = format!(
+                "p50 {}µs p99 {}µs p99.9 {}µs",
+                h.value_at_quantile(0.5),
+                h.value_at_quantile(0.99),
+                h.value_at_quantile(0.999)
+            );
+            (
+                format!("{:.0} req/s", h.len() as f64 / el),
+                lat,
+                (h.len() as f64 / 1e5, "100k req"),
+            )
+        }
+        _ => {
+            let n = connection_rate(addr);
+            let el = start.elapsed().as_secs_f64();
+            (
+                format!("{:.0} conn/s", n as f64 / el),
+                String::from("-"),
+                (n as f64 / 1e5, "100k conn"),
+            )
+        }
+    };
+    let cpu = match target {
+        Some(t) => format!(
+            "{:.3} CPU-s/{}",
+            (t.cpu_secs() - cpu0) / per_unit.0,
+            per_unit.1
+        ),
+        None => "-".into(),
+    };
+    rows.push(Row {
+        target: name,
+        scenario,
+        rate,
+        latency,
+        cpu,
+    });
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` passes nothing we need.
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let sink = sink_origin();
+    let echo = echo_origin();
+    let scenarios = [
+        "bulk 1 stream",
+        "bulk 8 streams",
+        "1 KiB req/resp ×50",
+        "conn rate (connect, 1 KiB, close)",
+    ];
+    let mut rows = Vec::new();
+    for scenario in scenarios {
+        let origin = if scenario.starts_with("bulk") {
+            sink
+        } else {
+            echo
+        };
+        measure(None, origin, scenario, &mut rows);
+        let ours = shardproxy_pair(origin);
+        measure(Some(&ours), origin, scenario, &mut rows);
+        drop(ours);
+        match haproxy_pair(origin) {
+            Some(h) => measure(Some(&h), origin, scenario, &mut rows),
+            None => eprintln!("haproxy not installed: skipping its row (apt-get install haproxy)"),
+        }
+    }
+    println!("| scenario | path | rate | latency | proxies' CPU |");
+    println!("|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            r.scenario, r.target, r.rate, r.latency, r.cpu
+        );
+    }
+}
