@@ -27,6 +27,7 @@ pub mod demo;
 pub mod error;
 pub mod listener;
 pub mod log;
+pub mod proto;
 pub mod relay;
 pub mod session;
 pub mod shard;

@@ -1,0 +1,108 @@
+//! Fuzz entry point for the exit side: handshake, then the chunk decoder.
+//!
+//! Shared by the cargo-fuzz target (`tests/fuzz/`) and by unit tests that
+//! replay truncated and mutated valid streams, so it runs under `cargo test`.
+
+use super::frame::{Decoded, Decoder};
+use super::handshake::accept_hello;
+use super::keys::Psk;
+use super::{CLIENT_HELLO_LEN, MAX_FRAME};
+
+/// The fixed key, salts and clock the fuzz entry point uses.
+pub const FUZZ_PSK: [u8; 32] = [0x42; 32];
+/// The exit's salt in the fuzz entry point.
+pub const FUZZ_SERVER_SALT: [u8; 32] = [0x5a; 32];
+/// The exit's clock in the fuzz entry point.
+pub const FUZZ_NOW: u64 = 1_800_000_000;
+
+/// What [`exit_side`] observed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct FuzzOutcome {
+    /// Whether a server hello would have been sent.
+    pub answered: bool,
+    /// Plaintext the exit would have forwarded to the origin.
+    pub plaintext: Vec<u8>,
+    /// Whether the authenticated end of stream was seen.
+    pub ended: bool,
+    /// Whether the stream was rejected.
+    pub failed: bool,
+}
+
+/// Feeds `data` to an exit as if it arrived on the tunnel, delivered in
+/// reads of the sizes cycled from `read_sizes` (any non-empty sizes).
+///
+/// Invariants, asserted here so the fuzzer finds violations:
+/// * nothing panics;
+/// * the decoder's buffer never holds more than one maximal chunk;
+/// * plaintext only comes out of chunks that authenticated (an unauthenticated
+///   peer cannot make the exit answer or forward anything).
+pub fn exit_side(data: &[u8], read_sizes: &[usize]) -> FuzzOutcome {
+    let mut out = FuzzOutcome::default();
+    let Some(hello) = data.get(..CLIENT_HELLO_LEN) else {
+        return out;
+    };
+    let hello: &[u8; CLIENT_HELLO_LEN] = hello.try_into().expect("exact length");
+    let keys = [Psk::from_bytes(FUZZ_PSK)];
+    let Ok(accepted) = accept_hello(&keys, hello, FUZZ_SERVER_SALT, FUZZ_NOW, 120) else {
+        out.failed = true;
+        return out;
+    };
+    out.answered = true;
+    out.failed = !drive_decoder(
+        accepted.decoder,
+        &data[CLIENT_HELLO_LEN..],
+        read_sizes,
+        &mut out,
+    );
+    out
+}
+
+/// Runs the relay's decrypting loop over `stream` with a fixed buffer of
+/// [`MAX_FRAME`] bytes. Returns false on a protocol error.
+pub fn drive_decoder(
+    mut decoder: Decoder,
+    stream: &[u8],
+    read_sizes: &[usize],
+    out: &mut FuzzOutcome,
+) -> bool {
+    let mut buf = vec![0u8; MAX_FRAME];
+    let (mut start, mut end, mut pos, mut i) = (0usize, 0usize, 0usize, 0usize);
+    loop {
+        match decoder.decode(&mut buf[start..end]) {
+            Err(_) => return false,
+            Ok(Decoded::Data {
+                consumed,
+                start: s,
+                len,
+            }) => {
+                out.plaintext
+                    .extend_from_slice(&buf[start + s..start + s + len]);
+                start += consumed;
+            }
+            Ok(Decoded::End { .. }) => {
+                out.ended = true;
+                return true;
+            }
+            Ok(Decoded::NeedMore) => {
+                if pos == stream.len() {
+                    return true; // EOF without end: the caller sees !ended
+                }
+                // Compact, then "read" into the free space only.
+                buf.copy_within(start..end, 0);
+                end -= start;
+                start = 0;
+                assert!(end < decoder.needed() && decoder.needed() <= MAX_FRAME);
+                let want = read_sizes
+                    .get(i % read_sizes.len().max(1))
+                    .copied()
+                    .unwrap_or(4096)
+                    .max(1);
+                i += 1;
+                let n = want.min(MAX_FRAME - end).min(stream.len() - pos);
+                buf[end..end + n].copy_from_slice(&stream[pos..pos + n]);
+                end += n;
+                pos += n;
+            }
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! The two hellos. The entry speaks first; the exit answers only after the
+//! entry proved it holds a key, and never otherwise.
+
+use chacha20poly1305::aead::AeadInOut;
+use chacha20poly1305::Tag;
+
+use super::frame::{nonce, Decoder, Encoder};
+use super::keys::Psk;
+use super::schedule;
+use super::{
+    ProtoError, CLIENT_HELLO_LEN, CLIENT_HELLO_PT, META_LEN, SALT_LEN, SERVER_HELLO_LEN,
+    SERVER_HELLO_PT, TAG_LEN, VERSION,
+};
+
+/// The entry's side of the handshake, between sending its hello and
+/// receiving the exit's.
+pub struct ClientHandshake {
+    psk: Psk,
+    client_salt: [u8; SALT_LEN],
+}
+
+impl ClientHandshake {
+    /// Builds the client hello. `meta` (at most [`META_LEN`] bytes) travels
+    /// authenticated and encrypted; `now_unix` is the wall clock in seconds.
+    pub fn start(
+        psk: &Psk,
+        client_salt: [u8; SALT_LEN],
+        now_unix: u64,
+        meta: &[u8],
+    ) -> Result<(ClientHandshake, [u8; CLIENT_HELLO_LEN]), ProtoError> {
+        if meta.len() > META_LEN {
+            return Err(ProtoError::MetaTooLong);
+        }
+        let mut hello = [0u8; CLIENT_HELLO_LEN];
+        hello[..SALT_LEN].copy_from_slice(&client_salt);
+        let pt = &mut hello[SALT_LEN..SALT_LEN + CLIENT_HELLO_PT];
+        pt[0] = VERSION;
+        pt[1] = 0; // flags, reserved
+        pt[2..10].copy_from_slice(&now_unix.to_be_bytes());
+        pt[10..12].copy_from_slice(&(meta.len() as u16).to_be_bytes());
+        pt[12..12 + meta.len()].copy_from_slice(meta);
+        let cipher = schedule::client_hello_cipher(psk, &client_salt);
+        let tag = cipher
+            .encrypt_inout_detached(&nonce(0), &client_salt, pt.into())
+            .map_err(|_| ProtoError::BadHello)?;
+        hello[SALT_LEN + CLIENT_HELLO_PT..].copy_from_slice(&tag);
+        Ok((
+            ClientHandshake {
+                psk: psk.clone(),
+                client_salt,
+            },
+            hello,
+        ))
+    }
+
+    /// Verifies the exit's hello and derives the session: an encoder for
+    /// entry→exit and a decoder for exit→entry.
+    pub fn finish(
+        self,
+        server_hello: &[u8; SERVER_HELLO_LEN],
+    ) -> Result<(Encoder, Decoder), ProtoError> {
+        let mut server_salt = [0u8; SALT_LEN];
+        server_salt.copy_from_slice(&server_hello[..SALT_LEN]);
+        let ciphers = schedule::session(&self.psk, &self.client_salt, &server_salt);
+        let mut pt = [0u8; SERVER_HELLO_PT];
+        pt.copy_from_slice(&server_hello[SALT_LEN..SALT_LEN + SERVER_HELLO_PT]);
+        let tag = Tag::try_from(&server_hello[SALT_LEN + SERVER_HELLO_PT..])
+            .map_err(|_| ProtoError::BadServerHello)?;
+        ciphers
+            .server_hello
+            .decrypt_inout_detached(&nonce(0), &self.client_salt, (&mut pt[..]).into(), &tag)
+            .map_err(|_| ProtoError::BadServerHello)?;
+        if pt[0] != VERSION {
+            return Err(ProtoError::Version(pt[0]));
+        }
+        Ok((Encoder::new(ciphers.c2s), Decoder::new(ciphers.s2c)))
+    }
+}
+
+/// What the exit learns from a verified client hello.
+pub struct Accepted {
+    /// The answer to send.
+    pub server_hello: [u8; SERVER_HELLO_LEN],
+    /// exit→entry encoder.
+    pub encoder: Encoder,
+    /// entry→exit decoder.
+    pub decoder: Decoder,
+    /// Which key of the set matched (for rotation metrics/logs).
+    pub key_index: usize,
+    /// The authenticated metadata block.
+    pub meta: [u8; META_LEN],
+    /// How many metadata bytes are meaningful.
+    pub meta_len: usize,
+}
+
+/// Verifies a client hello against every key, checks its clock, and builds
+/// the answer with the exit's fresh `server_salt`.
+///
+/// Returns an error, and nothing to send, for anything but a valid hello.
+pub fn accept_hello(
+    keys: &[Psk],
+    hello: &[u8; CLIENT_HELLO_LEN],
+    server_salt: [u8; SALT_LEN],
+    now_unix: u64,
+    max_skew_secs: u64,
+) -> Result<Accepted, ProtoError> {
+    let mut client_salt = [0u8; SALT_LEN];
+    client_salt.copy_from_slice(&hello[..SALT_LEN]);
+    let tag =
+        Tag::try_from(&hello[SALT_LEN + CLIENT_HELLO_PT..]).map_err(|_| ProtoError::BadHello)?;
+    let mut found = None;
+    for (i, psk) in keys.iter().enumerate() {
+        let mut pt = [0u8; CLIENT_HELLO_PT];
+        pt.copy_from_slice(&hello[SALT_LEN..SALT_LEN + CLIENT_HELLO_PT]);
+        let cipher = schedule::client_hello_cipher(psk, &client_salt);
+        if cipher
+            .decrypt_inout_detached(&nonce(0), &client_salt, (&mut pt[..]).into(), &tag)
+            .is_ok()
+        {
+            found = Some((i, psk, pt));
+            break;
+        }
+    }
+    let (key_index, psk, pt) = found.ok_or(ProtoError::BadHello)?;
+    if pt[0] != VERSION {
+        return Err(ProtoError::Version(pt[0]));
+    }
+    let ts = u64::from_be_bytes(pt[2..10].try_into().expect("8 bytes"));
+    if ts.abs_diff(now_unix) > max_skew_secs {
+        return Err(ProtoError::ClockSkew);
+    }
+    let meta_len = u16::from_be_bytes([pt[10], pt[11]]) as usize;
+    if meta_len > META_LEN {
+        return Err(ProtoError::MetaTooLong);
+    }
+    let mut meta = [0u8; META_LEN];
+    meta.copy_from_slice(&pt[12..12 + META_LEN]);
+
+    let ciphers = schedule::session(psk, &client_salt, &server_salt);
+    let mut server_hello = [0u8; SERVER_HELLO_LEN];
+    server_hello[..SALT_LEN].copy_from_slice(&server_salt);
+    let body = &mut server_hello[SALT_LEN..SALT_LEN + SERVER_HELLO_PT];
+    body[0] = VERSION;
+    let tag = ciphers
+        .server_hello
+        .encrypt_inout_detached(&nonce(0), &client_salt, body.into())
+        .map_err(|_| ProtoError::BadHello)?;
+    server_hello[SALT_LEN + SERVER_HELLO_PT..SALT_LEN + SERVER_HELLO_PT + TAG_LEN]
+        .copy_from_slice(&tag);
+    Ok(Accepted {
+        server_hello,
+        encoder: Encoder::new(ciphers.s2c),
+        decoder: Decoder::new(ciphers.c2s),
+        key_index,
+        meta,
+        meta_len,
+    })
+}

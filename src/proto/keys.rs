@@ -1,0 +1,238 @@
+//! Pre-shared keys: parsing the key file, redacted `Debug`, zeroize on drop.
+
+use std::fmt;
+
+use base64::Engine;
+use zeroize::Zeroize;
+
+/// Bytes in a pre-shared key.
+pub const PSK_LEN: usize = 32;
+
+/// Keys a key file may hold (rotation needs two; 16 leaves room).
+pub const MAX_KEYS: usize = 16;
+
+/// A 32-byte pre-shared key. Never printed, wiped on drop.
+#[derive(Clone)]
+pub struct Psk([u8; PSK_LEN]);
+
+impl Drop for Psk {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl Psk {
+    /// Wraps raw key bytes.
+    pub fn from_bytes(bytes: [u8; PSK_LEN]) -> Self {
+        Psk(bytes)
+    }
+
+    /// The key bytes, for the key schedule only.
+    pub(crate) fn bytes(&self) -> &[u8; PSK_LEN] {
+        &self.0
+    }
+
+    /// A fresh random key from the OS.
+    pub fn generate() -> Result<Self, getrandom::Error> {
+        let mut k = [0u8; PSK_LEN];
+        getrandom::fill(&mut k)?;
+        Ok(Psk(k))
+    }
+
+    /// The key as the key file stores it (standard base64).
+    pub fn to_base64(&self) -> String {
+        base64::engine::general_purpose::STANDARD.encode(self.0)
+    }
+
+    /// A short, non-secret fingerprint (first 4 bytes of SHA-256) for logs.
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(self.0);
+        d[..4].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl fmt::Debug for Psk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Psk(<redacted {}>)", self.fingerprint())
+    }
+}
+
+/// Why a key file was rejected. One line each; never contains key material.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KeyFileError {
+    /// The file could not be read.
+    #[error("cannot read key file {path}: {reason}")]
+    Unreadable {
+        /// The path.
+        path: String,
+        /// The OS error text.
+        reason: String,
+    },
+    /// A line is not base64 of 32 bytes.
+    #[error("key file {path} line {line}: not a base64-encoded 32-byte key (make one with `shardproxy keygen`)")]
+    Malformed {
+        /// The path.
+        path: String,
+        /// 1-based line number.
+        line: usize,
+    },
+    /// No keys at all.
+    #[error("key file {path} holds no keys (make one with `shardproxy keygen --out {path}`)")]
+    Empty {
+        /// The path.
+        path: String,
+    },
+    /// More than [`MAX_KEYS`].
+    #[error("key file {path} holds more than {MAX_KEYS} keys")]
+    TooMany {
+        /// The path.
+        path: String,
+    },
+}
+
+/// The keys of one key file, in file order. The first one is the entry's.
+#[derive(Clone, Debug)]
+pub struct KeySet {
+    keys: Vec<Psk>,
+}
+
+impl KeySet {
+    /// Builds a set from keys (tests, fuzzing).
+    pub fn new(keys: Vec<Psk>) -> Self {
+        KeySet { keys }
+    }
+
+    /// The key an entry uses.
+    pub fn primary(&self) -> &Psk {
+        &self.keys[0]
+    }
+
+    /// Every key, for an exit to try.
+    pub fn all(&self) -> &[Psk] {
+        &self.keys
+    }
+
+    /// Parses key-file text: one base64 key per line, `#` comments and blank
+    /// lines allowed. `path` is only used in messages.
+    pub fn parse(text: &str, path: &str) -> Result<KeySet, KeyFileError> {
+        let mut keys = Vec::new();
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let malformed = || KeyFileError::Malformed {
+                path: path.to_string(),
+                line: i + 1,
+            };
+            // Decode into a bounded buffer: a huge line cannot allocate.
+            let mut buf = [0u8; 48];
+            let n = base64::engine::general_purpose::STANDARD
+                .decode_slice(line, &mut buf)
+                .map_err(|_| malformed())?;
+            if n != PSK_LEN {
+                buf.zeroize();
+                return Err(malformed());
+            }
+            let mut k = [0u8; PSK_LEN];
+            k.copy_from_slice(&buf[..PSK_LEN]);
+            buf.zeroize();
+            if keys.len() == MAX_KEYS {
+                return Err(KeyFileError::TooMany {
+                    path: path.to_string(),
+                });
+            }
+            keys.push(Psk(k));
+        }
+        if keys.is_empty() {
+            return Err(KeyFileError::Empty {
+                path: path.to_string(),
+            });
+        }
+        Ok(KeySet { keys })
+    }
+
+    /// Reads and parses a key file. Returns the set and, if the file is
+    /// readable by group or others, a warning to log.
+    pub fn load(path: &str) -> Result<(KeySet, Option<String>), KeyFileError> {
+        use std::os::unix::fs::PermissionsExt;
+        let unreadable = |e: std::io::Error| KeyFileError::Unreadable {
+            path: path.to_string(),
+            reason: e.to_string(),
+        };
+        let meta = std::fs::metadata(path).map_err(unreadable)?;
+        // A key file is a few lines; refuse anything absurd before reading it.
+        if meta.len() > 64 * 1024 {
+            return Err(KeyFileError::TooMany {
+                path: path.to_string(),
+            });
+        }
+        let mut text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(unreadable)?);
+        let set = KeySet::parse(&text, path);
+        text.zeroize();
+        let mode = meta.permissions().mode();
+        let warning = (mode & 0o077 != 0).then(|| {
+            format!(
+                "key file {path} is readable by group or others (mode {:o}); run chmod 600 {path}",
+                mode & 0o777
+            )
+        });
+        Ok((set?, warning))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_comments_and_rotation() {
+        let a = Psk::from_bytes([1; 32]).to_base64();
+        let b = Psk::from_bytes([2; 32]).to_base64();
+        let text = format!("# new key first\n{a}\n\n  {b}  # old\n");
+        let set = KeySet::parse(&text, "k").unwrap();
+        assert_eq!(set.all().len(), 2);
+        assert_eq!(set.primary().bytes(), &[1; 32]);
+    }
+
+    #[test]
+    fn rejects_bad_files() {
+        assert_eq!(
+            KeySet::parse("# nothing\n", "k").unwrap_err(),
+            KeyFileError::Empty { path: "k".into() }
+        );
+        assert!(matches!(
+            KeySet::parse("abc\n", "k"),
+            Err(KeyFileError::Malformed { line: 1, .. })
+        ));
+        let short = base64::engine::general_purpose::STANDARD.encode([0u8; 16]);
+        assert!(matches!(
+            KeySet::parse(&short, "k"),
+            Err(KeyFileError::Malformed { .. })
+        ));
+        let long = "A".repeat(10_000);
+        assert!(matches!(
+            KeySet::parse(&long, "k"),
+            Err(KeyFileError::Malformed { .. })
+        ));
+        let many: String = (0..17)
+            .map(|i| Psk::from_bytes([i; 32]).to_base64() + "\n")
+            .collect();
+        assert!(matches!(
+            KeySet::parse(&many, "k"),
+            Err(KeyFileError::TooMany { .. })
+        ));
+    }
+
+    #[test]
+    fn debug_never_shows_key_bytes() {
+        let k = Psk::from_bytes([0xab; 32]);
+        let shown = format!("{k:?} {:?}", KeySet::new(vec![k.clone()]));
+        assert!(
+            !shown.contains("171") && !shown.to_lowercase().contains("abab"),
+            "{shown}"
+        );
+        assert!(!shown.contains(&k.to_base64()));
+    }
+}

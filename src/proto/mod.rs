@@ -1,0 +1,96 @@
+//! The tunnel protocol, sans-io: pure functions and state machines over byte
+//! slices. No sockets, no executor, no clock (time is passed in).
+//!
+//! The full specification, with test vectors, is `docs/PROTOCOL.md`. In short:
+//!
+//! ```text
+//! entry → exit   client hello, 124 bytes
+//!   +-------------------+------------------------------------------------+---------+
+//!   | client_salt (32)  | sealed: ver(1) flags(1) unix_ts(8 BE)           | tag(16) |
+//!   |                   |         meta_len(2 BE) meta(64, zero padded)   |         |
+//!   +-------------------+------------------------------------------------+---------+
+//!   key = HKDF-SHA256(ikm=PSK, salt=client_salt, info="shardproxy/1 client hello")
+//!
+//! exit → entry   server hello, 52 bytes (only after the client hello verified)
+//!   +-------------------+------------------------------+---------+
+//!   | server_salt (32)  | sealed: ver(1) status(1) 0(2)| tag(16) |
+//!   +-------------------+------------------------------+---------+
+//!   prk = HKDF-Extract(salt=client_salt‖server_salt, ikm=PSK)
+//!   key = HKDF-Expand(prk, "shardproxy/1 server hello"), aad = client_salt
+//!
+//! then, each direction (c2s / s2c keys from the same prk):
+//!   +----------------------------+---------+--------------------------+---------+
+//!   | sealed len (2 BE)          | tag(16) | sealed payload (len)      | tag(16) |
+//!   +----------------------------+---------+--------------------------+---------+
+//!   nonce(header) = n, nonce(payload) = n+1, n += 2; len 1..=16384
+//!   len = 0 is the authenticated end of stream (header only, nonce n).
+//! ```
+
+pub mod frame;
+pub mod fuzz;
+pub mod handshake;
+pub mod keys;
+mod schedule;
+#[cfg(test)]
+mod tests;
+
+pub use frame::{Decoded, Decoder, Encoder};
+pub use handshake::{accept_hello, Accepted, ClientHandshake};
+pub use keys::{KeyFileError, KeySet, Psk};
+
+/// Protocol version carried (authenticated) in both hellos.
+pub const VERSION: u8 = 1;
+/// Random salt each side contributes.
+pub const SALT_LEN: usize = 32;
+/// Poly1305 tag.
+pub const TAG_LEN: usize = 16;
+/// Room for authenticated metadata in the client hello (e.g. PROXY protocol).
+pub const META_LEN: usize = 64;
+/// Plaintext of the client hello: version, flags, timestamp, meta_len, meta.
+pub const CLIENT_HELLO_PT: usize = 1 + 1 + 8 + 2 + META_LEN;
+/// Bytes of the client hello on the wire.
+pub const CLIENT_HELLO_LEN: usize = SALT_LEN + CLIENT_HELLO_PT + TAG_LEN;
+/// Plaintext of the server hello: version, status, two reserved bytes.
+pub const SERVER_HELLO_PT: usize = 4;
+/// Bytes of the server hello on the wire.
+pub const SERVER_HELLO_LEN: usize = SALT_LEN + SERVER_HELLO_PT + TAG_LEN;
+/// Sealed length header of a chunk.
+pub const HEADER_LEN: usize = 2 + TAG_LEN;
+/// Largest payload of one chunk.
+pub const MAX_PAYLOAD: usize = 16 * 1024;
+/// Largest chunk on the wire; a decoder never needs more buffer than this.
+pub const MAX_FRAME: usize = HEADER_LEN + MAX_PAYLOAD + TAG_LEN;
+/// Nonces a direction may use before the connection must close.
+pub const NONCE_LIMIT: u64 = 1 << 62;
+
+/// Why the protocol rejected input. Every variant is fatal to its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProtoError {
+    /// The client hello did not verify under any key.
+    #[error("client hello failed authentication")]
+    BadHello,
+    /// The client hello's timestamp is outside the allowed skew.
+    #[error("client hello timestamp outside the allowed clock skew")]
+    ClockSkew,
+    /// A hello with a version we do not speak.
+    #[error("unsupported protocol version {0}")]
+    Version(u8),
+    /// The server hello did not verify.
+    #[error("server hello failed authentication")]
+    BadServerHello,
+    /// A chunk failed authentication.
+    #[error("chunk failed authentication")]
+    BadTag,
+    /// An authenticated header carried a length above the maximum.
+    #[error("chunk length {0} above the maximum")]
+    BadLength(usize),
+    /// Bytes followed the end-of-stream chunk.
+    #[error("data after end of stream")]
+    DataAfterEnd,
+    /// The nonce counter reached its hard limit.
+    #[error("nonce limit reached")]
+    NonceExhausted,
+    /// Metadata larger than [`META_LEN`].
+    #[error("metadata longer than {META_LEN} bytes")]
+    MetaTooLong,
+}

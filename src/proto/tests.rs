@@ -1,0 +1,363 @@
+//! Unit tests of the sans-io protocol: round trips, truncation, tampering,
+//! limits, re-chunking, and the documented test vector.
+
+use super::fuzz::{drive_decoder, exit_side, FuzzOutcome, FUZZ_NOW, FUZZ_PSK, FUZZ_SERVER_SALT};
+use super::*;
+
+/// Deterministic pseudo-random generator for the property tests.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+fn psk(b: u8) -> Psk {
+    Psk::from_bytes([b; 32])
+}
+
+/// A full handshake; returns (entry encoder, entry decoder, exit encoder, exit decoder).
+fn pair(key: &Psk) -> (Encoder, Decoder, Encoder, Decoder) {
+    let (client, hello) = ClientHandshake::start(key, [1; 32], 1000, b"").unwrap();
+    let acc = accept_hello(std::slice::from_ref(key), &hello, [2; 32], 1000, 120).unwrap();
+    let (c_enc, c_dec) = client.finish(&acc.server_hello).unwrap();
+    (c_enc, c_dec, acc.encoder, acc.decoder)
+}
+
+/// A valid exit-side stream for the fuzz entry point: hello + chunks + end.
+fn fuzz_stream(plaintext: &[u8]) -> Vec<u8> {
+    let key = Psk::from_bytes(FUZZ_PSK);
+    let (client, hello) = ClientHandshake::start(&key, [7; 32], FUZZ_NOW, b"meta").unwrap();
+    let acc = accept_hello(
+        std::slice::from_ref(&key),
+        &hello,
+        FUZZ_SERVER_SALT,
+        FUZZ_NOW,
+        120,
+    )
+    .unwrap();
+    let (mut enc, _) = client.finish(&acc.server_hello).unwrap();
+    let mut s = hello.to_vec();
+    enc.seal_to_vec(plaintext, &mut s).unwrap();
+    enc.end_to_vec(&mut s).unwrap();
+    s
+}
+
+#[test]
+fn round_trip_both_directions() {
+    let (mut ce, mut cd, mut se, mut sd) = pair(&psk(9));
+    let data = Rng(1).bytes(100_000);
+    let mut wire = Vec::new();
+    ce.seal_to_vec(&data, &mut wire).unwrap();
+    ce.end_to_vec(&mut wire).unwrap();
+    let (pt, ended, rest) = sd.open_all(wire).unwrap();
+    assert_eq!((pt, ended, rest), (data.clone(), true, 0));
+    let mut back = Vec::new();
+    se.seal_to_vec(b"reply", &mut back).unwrap();
+    assert_eq!(cd.open_all(back).unwrap().0, b"reply");
+}
+
+#[test]
+fn directions_use_different_keys() {
+    let (mut ce, mut cd, _, _) = pair(&psk(9));
+    let mut wire = Vec::new();
+    ce.seal_to_vec(b"x", &mut wire).unwrap();
+    // The entry's own decoder (s2c) must not open what it sealed (c2s).
+    assert_eq!(cd.open_all(wire), Err(ProtoError::BadTag));
+}
+
+#[test]
+fn every_truncated_prefix_needs_more() {
+    let (mut ce, _, _, _) = pair(&psk(3));
+    let mut wire = Vec::new();
+    ce.seal_to_vec(&[5u8; 3000], &mut wire).unwrap();
+    for cut in 0..wire.len() {
+        let (_, _, _, mut sd) = pair(&psk(3));
+        let mut part = wire[..cut].to_vec();
+        assert_eq!(sd.decode(&mut part), Ok(Decoded::NeedMore), "prefix {cut}");
+    }
+    let (_, _, _, mut sd) = pair(&psk(3));
+    assert!(matches!(
+        sd.decode(&mut wire),
+        Ok(Decoded::Data { len: 3000, .. })
+    ));
+}
+
+#[test]
+fn every_bit_flip_is_rejected_and_nothing_leaks() {
+    let data = b"attack at dawn, bring snacks".to_vec();
+    let stream = fuzz_stream(&data);
+    let clean = exit_side(&stream, &[4096]);
+    assert_eq!(
+        clean,
+        FuzzOutcome {
+            answered: true,
+            plaintext: data.clone(),
+            ended: true,
+            failed: false
+        }
+    );
+    for byte in 0..stream.len() {
+        for bit in 0..8 {
+            let mut s = stream.clone();
+            s[byte] ^= 1 << bit;
+            let out = exit_side(&s, &[4096]);
+            assert!(out.failed && !out.ended, "flip {byte}.{bit} accepted");
+            // Only chunks wholly before the flipped byte may be forwarded.
+            let data_chunk_end = CLIENT_HELLO_LEN + HEADER_LEN + data.len() + TAG_LEN;
+            if byte < data_chunk_end {
+                assert!(
+                    out.plaintext.is_empty(),
+                    "flip {byte}.{bit} leaked plaintext"
+                );
+            } else {
+                assert_eq!(out.plaintext, data, "flip in the end chunk {byte}.{bit}");
+            }
+            if byte < CLIENT_HELLO_LEN {
+                assert!(!out.answered, "flip in hello {byte}.{bit} got an answer");
+            }
+        }
+    }
+}
+
+#[test]
+fn flip_in_a_later_chunk_forwards_only_earlier_chunks() {
+    let data = Rng(5).bytes(3 * MAX_PAYLOAD);
+    let mut stream = fuzz_stream(&data);
+    let second_chunk = CLIENT_HELLO_LEN + MAX_FRAME + HEADER_LEN + 10;
+    stream[second_chunk] ^= 0x80;
+    let out = exit_side(&stream, &[1000, 7, 20000]);
+    assert!(out.failed && !out.ended);
+    assert_eq!(out.plaintext, data[..MAX_PAYLOAD]);
+}
+
+#[test]
+fn oversize_length_is_rejected_from_the_header_alone() {
+    let (mut ce, _, _, mut sd) = pair(&psk(4));
+    let n = 0; // first nonce of the direction
+    let mut header = [0u8; HEADER_LEN];
+    ce.seal_header(&mut header, (MAX_PAYLOAD + 1) as u16, n)
+        .unwrap();
+    // Only the 18-byte header is available: the decoder must already refuse.
+    assert_eq!(
+        sd.decode(&mut header),
+        Err(ProtoError::BadLength(MAX_PAYLOAD + 1))
+    );
+    assert!(sd.needed() <= MAX_FRAME);
+    // And a dead decoder stays dead.
+    assert!(sd.decode(&mut [0u8; 64]).is_err());
+}
+
+#[test]
+fn nonce_limit_closes_instead_of_wrapping() {
+    let (mut ce, _, _, mut sd) = pair(&psk(6));
+    ce.set_nonce_window(10, 14);
+    sd.set_nonce_window(10, 14);
+    let mut wire = Vec::new();
+    ce.seal_to_vec(b"a", &mut wire).unwrap(); // nonces 10, 11
+    ce.seal_to_vec(b"b", &mut wire).unwrap(); // nonces 12, 13
+    assert_eq!(
+        ce.seal_to_vec(b"c", &mut Vec::new()),
+        Err(ProtoError::NonceExhausted)
+    );
+    assert_eq!(sd.open_all(wire).unwrap().0, b"ab");
+    let mut wrap = Encoder::new(chacha20poly1305::KeyInit::new(&[0u8; 32].into()));
+    wrap.set_nonce_window(u64::MAX - 1, u64::MAX);
+    assert_eq!(
+        wrap.seal_to_vec(b"x", &mut Vec::new()),
+        Err(ProtoError::NonceExhausted)
+    );
+}
+
+#[test]
+fn rechunking_a_sealed_stream_decodes_identically() {
+    let mut rng = Rng(77);
+    for round in 0..200 {
+        let len = rng.below(50_000) + 1;
+        let data = rng.bytes(len);
+        let stream = fuzz_stream(&data);
+        let sizes: Vec<usize> = (0..rng.below(8) + 1)
+            .map(|_| rng.below(20_000) + 1)
+            .collect();
+        let out = exit_side(&stream, &sizes);
+        assert!(out.ended && !out.failed, "round {round} sizes {sizes:?}");
+        assert_eq!(out.plaintext, data, "round {round}");
+    }
+}
+
+#[test]
+fn fuzz_entry_point_on_truncated_and_mutated_streams() {
+    let mut rng = Rng(1234);
+    let data = rng.bytes(40_000);
+    let stream = fuzz_stream(&data);
+    for cut in (0..stream.len()).step_by(97) {
+        let out = exit_side(&stream[..cut], &[333]);
+        assert!(!out.ended, "truncated stream at {cut} looked complete");
+        assert!(data.starts_with(&out.plaintext));
+    }
+    for _ in 0..500 {
+        let mut s = stream.clone();
+        for _ in 0..rng.below(4) + 1 {
+            let i = rng.below(s.len());
+            let v = rng.next() as u8;
+            s[i] = v;
+        }
+        if rng.below(4) == 0 {
+            let keep = rng.below(s.len());
+            s.truncate(keep);
+        }
+        let size = rng.below(5000) + 1;
+        let out = exit_side(&s, &[size]);
+        assert!(
+            data.starts_with(&out.plaintext),
+            "mutation produced foreign plaintext"
+        );
+    }
+    // Pure garbage never gets an answer.
+    for len in [0, 1, 123, 124, 125, 5000] {
+        assert!(!exit_side(&rng.bytes(len), &[64]).answered);
+    }
+}
+
+#[test]
+fn data_after_end_is_an_error() {
+    let stream = fuzz_stream(b"x");
+    let key = Psk::from_bytes(FUZZ_PSK);
+    let hello: &[u8; CLIENT_HELLO_LEN] = stream[..CLIENT_HELLO_LEN].try_into().unwrap();
+    let acc = accept_hello(&[key], hello, FUZZ_SERVER_SALT, FUZZ_NOW, 120).unwrap();
+    let mut body = stream[CLIENT_HELLO_LEN..].to_vec();
+    body.push(0);
+    let mut out = FuzzOutcome::default();
+    assert!(drive_decoder(acc.decoder, &body, &[1 << 20], &mut out));
+    let mut dec = accept_hello(
+        &[Psk::from_bytes(FUZZ_PSK)],
+        hello,
+        FUZZ_SERVER_SALT,
+        FUZZ_NOW,
+        120,
+    )
+    .unwrap()
+    .decoder;
+    let (_, ended, rest) = dec.open_all(body).unwrap();
+    assert!(ended && rest == 1);
+    assert_eq!(dec.decode(&mut [0u8]), Err(ProtoError::DataAfterEnd));
+}
+
+#[test]
+fn hello_checks() {
+    let (old, new) = (psk(1), psk(2));
+    let (_, hello) = ClientHandshake::start(&old, [3; 32], 5000, b"").unwrap();
+    // Key rotation: the exit tries every key.
+    let acc = accept_hello(&[new.clone(), old.clone()], &hello, [4; 32], 5000, 120).unwrap();
+    assert_eq!(acc.key_index, 1);
+    assert!(matches!(
+        accept_hello(&[new], &hello, [4; 32], 5000, 120),
+        Err(ProtoError::BadHello)
+    ));
+    assert!(matches!(
+        accept_hello(&[old.clone()], &hello, [4; 32], 5121, 120),
+        Err(ProtoError::ClockSkew)
+    ));
+    assert!(matches!(
+        accept_hello(&[old.clone()], &hello, [4; 32], 4879, 120),
+        Err(ProtoError::ClockSkew)
+    ));
+    assert!(accept_hello(&[old.clone()], &hello, [4; 32], 5120, 120).is_ok());
+    assert_eq!(
+        ClientHandshake::start(&old, [3; 32], 0, &[0; 65]).err(),
+        Some(ProtoError::MetaTooLong)
+    );
+    let (_, hello) = ClientHandshake::start(&old, [3; 32], 5000, b"10.0.0.1:5555").unwrap();
+    let acc = accept_hello(&[old], &hello, [4; 32], 5000, 120).unwrap();
+    assert_eq!(&acc.meta[..acc.meta_len], b"10.0.0.1:5555");
+}
+
+#[test]
+fn server_hello_is_bound_to_the_client_salt() {
+    let key = psk(8);
+    let (c1, h1) = ClientHandshake::start(&key, [1; 32], 10, b"").unwrap();
+    let (_c2, h2) = ClientHandshake::start(&key, [2; 32], 10, b"").unwrap();
+    let a2 = accept_hello(std::slice::from_ref(&key), &h2, [9; 32], 10, 120).unwrap();
+    // Connection 1 receives connection 2's answer: rejected.
+    assert!(matches!(
+        c1.finish(&a2.server_hello),
+        Err(ProtoError::BadServerHello)
+    ));
+    let _ = h1;
+}
+
+#[test]
+fn replayed_stream_fails_under_a_fresh_server_salt() {
+    let data = b"GET /transfer?to=mallory".to_vec();
+    let recorded = fuzz_stream(&data);
+    let key = Psk::from_bytes(FUZZ_PSK);
+    let hello: &[u8; CLIENT_HELLO_LEN] = recorded[..CLIENT_HELLO_LEN].try_into().unwrap();
+    // The exit accepts the hello (timestamp in window) but with a new salt.
+    let acc = accept_hello(&[key], hello, [0x77; 32], FUZZ_NOW, 120).unwrap();
+    let mut out = FuzzOutcome::default();
+    let ok = drive_decoder(
+        acc.decoder,
+        &recorded[CLIENT_HELLO_LEN..],
+        &[4096],
+        &mut out,
+    );
+    assert!(!ok && out.plaintext.is_empty());
+}
+
+/// The vector printed in docs/PROTOCOL.md. If this fails, either the code or
+/// the document is wrong; the Python implementation in tests/ checks the same.
+#[test]
+fn documented_test_vector() {
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+    let key = Psk::from_bytes(std::array::from_fn(|i| i as u8));
+    let client_salt: [u8; 32] = std::array::from_fn(|i| 0x40 + i as u8);
+    let server_salt: [u8; 32] = std::array::from_fn(|i| 0x80 + i as u8);
+    let ts = 1_800_000_000;
+    let (client, hello) = ClientHandshake::start(&key, client_salt, ts, b"").unwrap();
+    let acc = accept_hello(std::slice::from_ref(&key), &hello, server_salt, ts, 120).unwrap();
+    let hk = schedule::session_hkdf(&key, &client_salt, &server_salt);
+    let chk = schedule::client_hello_hkdf(&key, &client_salt);
+    let (mut enc, _) = client.finish(&acc.server_hello).unwrap();
+    let mut chunk = Vec::new();
+    enc.seal_to_vec(b"hello", &mut chunk).unwrap();
+    let mut end = Vec::new();
+    enc.end_to_vec(&mut end).unwrap();
+    let doc = include_str!("../../docs/PROTOCOL.md");
+    let mut missing = Vec::new();
+    let mut expect = |name: &str, value: String| {
+        let line = format!("{name}: {value}");
+        if !doc.contains(&line) {
+            missing.push(line);
+        }
+    };
+    expect(
+        "client_hello_key",
+        hex(&schedule::raw(&chk, schedule::INFO_CLIENT_HELLO)),
+    );
+    expect("client_hello", hex(&hello));
+    expect(
+        "server_hello_key",
+        hex(&schedule::raw(&hk, schedule::INFO_SERVER_HELLO)),
+    );
+    expect("server_hello", hex(&acc.server_hello));
+    expect("c2s_key", hex(&schedule::raw(&hk, schedule::INFO_C2S)));
+    expect("s2c_key", hex(&schedule::raw(&hk, schedule::INFO_S2C)));
+    expect("first_chunk", hex(&chunk));
+    expect("end_chunk", hex(&end));
+    assert!(
+        missing.is_empty(),
+        "docs/PROTOCOL.md lacks:\n{}",
+        missing.join("\n")
+    );
+}
