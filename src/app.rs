@@ -2,10 +2,11 @@
 
 use glommio::{GlommioError, LocalExecutorBuilder, Placement};
 
-use crate::cli::ProxyArgs;
+use crate::cli::{KeygenArgs, ProxyArgs, TunnelArgs};
 use crate::config::{Config, Role};
 use crate::control::Controller;
 use crate::error::StartupError;
+use crate::proto::Psk;
 
 /// The cores this process may run on (respects taskset and cpusets).
 pub fn allowed_cores() -> Vec<usize> {
@@ -47,14 +48,48 @@ pub fn preflight() -> Result<(), StartupError> {
     }
 }
 
-/// Runs a proxy role until it has drained. Returns once every shard stopped.
-pub fn run_proxy(role: Role, args: &ProxyArgs) -> Result<(), StartupError> {
-    let cfg = Config::from_args(role, args, &allowed_cores())?;
+/// Runs `forward` until it has drained.
+pub fn run_forward(args: &ProxyArgs) -> Result<(), StartupError> {
+    run(Config::from_args(Role::Forward, args, &allowed_cores())?)
+}
+
+/// Runs `entry` or `exit` until it has drained.
+pub fn run_tunnel(role: Role, args: &TunnelArgs) -> Result<(), StartupError> {
+    let (cfg, warning) = Config::from_tunnel_args(role, args, &allowed_cores())?;
+    if let Some(w) = warning {
+        crate::warn!("{w}");
+    }
+    run(cfg)
+}
+
+/// Writes a fresh key to `args.out` (mode 0600, refusing to overwrite) or stdout.
+pub fn keygen(args: &KeygenArgs) -> Result<(), StartupError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let key = Psk::generate().map_err(|e| StartupError::Keygen(format!("no randomness: {e}")))?;
+    let line = zeroize::Zeroizing::new(format!("{}\n", key.to_base64()));
+    match &args.out {
+        None => {
+            print!("{}", line.as_str());
+            Ok(())
+        }
+        Some(path) => std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .and_then(|mut f| f.write_all(line.as_bytes()))
+            .map_err(|e| StartupError::Keygen(format!("cannot write {path}: {e}"))),
+    }
+}
+
+/// Runs a validated configuration until it has drained.
+pub fn run(cfg: Config) -> Result<(), StartupError> {
     preflight()?;
     let listeners = crate::listener::bind_all(&cfg, cfg.cores.len())?;
     let (controller, shard_ends) =
         Controller::new(cfg.cores.len()).map_err(StartupError::Signals)?;
-    controller.handle_signals()?;
+    controller.handle_signals(cfg.tunnel.as_ref().map(|t| t.key_file.clone()))?;
     let mut handles = Vec::with_capacity(cfg.cores.len());
     for (id, ((core, listener), control)) in
         cfg.cores.iter().zip(listeners).zip(shard_ends).enumerate()

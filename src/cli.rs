@@ -23,6 +23,12 @@ pub struct Cli {
 pub enum Command {
     /// Plain TCP relay: accept clients, connect upstream, pipe bytes both ways.
     Forward(ProxyArgs),
+    /// Client side of the tunnel: plain TCP in, encrypted tunnel out to an exit.
+    Entry(TunnelArgs),
+    /// Server side of the tunnel: encrypted tunnel in, plain TCP out to the origin.
+    Exit(TunnelArgs),
+    /// Write a fresh random pre-shared key (base64) to stdout or a file.
+    Keygen(KeygenArgs),
     /// Start a loopback demo: an echo origin plus a proxy in front of it.
     Demo(DemoArgs),
 }
@@ -73,6 +79,34 @@ pub struct ProxyArgs {
     /// With an IPv6 listen address such as [::]:8000, accept IPv4 clients too (IPV6_V6ONLY off).
     #[arg(long)]
     pub dual_stack: bool,
+}
+
+/// Flags of the `entry` and `exit` roles.
+#[derive(Debug, Clone, Args)]
+pub struct TunnelArgs {
+    /// Core proxy flags.
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+
+    /// Key file: base64 32-byte keys, one per line, `#` comments allowed. The entry uses the first; the exit accepts any (rotation). SIGHUP reloads it.
+    #[arg(long, value_name = "FILE")]
+    pub key_file: String,
+
+    /// Close a tunnel whose handshake has not completed within this time.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Reject hellos whose timestamp differs from our clock by more than this.
+    #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = parse_duration)]
+    pub max_clock_skew: Duration,
+}
+
+/// Flags of the `keygen` subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct KeygenArgs {
+    /// Write the key to this file (created with mode 0600, never overwritten) instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<String>,
 }
 
 /// Flags of the `demo` subcommand.

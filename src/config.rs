@@ -8,13 +8,18 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
-use crate::cli::ProxyArgs;
+use crate::cli::{ProxyArgs, TunnelArgs};
+use crate::proto::{KeyFileError, KeySet};
 
 /// Which side of the tunnel this process plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     /// Plain TCP in, plain TCP out.
     Forward,
+    /// Plain TCP in, encrypted tunnel out.
+    Entry,
+    /// Encrypted tunnel in, plain TCP out.
+    Exit,
 }
 
 impl Role {
@@ -22,6 +27,8 @@ impl Role {
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Forward => "forward",
+            Role::Entry => "entry",
+            Role::Exit => "exit",
         }
     }
 }
@@ -60,6 +67,21 @@ pub struct Config {
     pub cores: Vec<usize>,
     /// Per-connection limits.
     pub limits: Limits,
+    /// Tunnel settings (entry and exit roles only).
+    pub tunnel: Option<TunnelConfig>,
+}
+
+/// Settings of the encrypted roles.
+#[derive(Debug, Clone)]
+pub struct TunnelConfig {
+    /// Where the keys come from (re-read on SIGHUP).
+    pub key_file: String,
+    /// The keys as loaded at start-up.
+    pub keys: KeySet,
+    /// Deadline for the handshake, from accept (exit) or connect (entry).
+    pub handshake_timeout: Duration,
+    /// Allowed difference between the hello's clock and ours.
+    pub max_clock_skew: Duration,
 }
 
 /// Why a configuration was rejected. Every message is one line.
@@ -99,6 +121,9 @@ pub enum ConfigError {
     /// The machine reports no usable cores at all.
     #[error("could not determine the CPU cores this process may use")]
     NoCores,
+    /// The key file is missing or malformed.
+    #[error("{0}")]
+    Keys(#[from] KeyFileError),
 }
 
 impl Config {
@@ -135,6 +160,7 @@ impl Config {
             upstream_name: args.upstream.clone(),
             upstream,
             cores,
+            tunnel: None,
             limits: Limits {
                 buffer_size: nz(args.buffer_size, "--buffer-size")?,
                 connect_timeout: args.connect_timeout,
@@ -143,6 +169,29 @@ impl Config {
                 max_connections: nz(args.max_connections, "--max-connections")?,
             },
         })
+    }
+}
+
+impl Config {
+    /// Validates an `entry` or `exit` command line, loading the key file.
+    /// Returns the config and, if the key file's mode is too open, a warning.
+    pub fn from_tunnel_args(
+        role: Role,
+        args: &TunnelArgs,
+        allowed_cores: &[usize],
+    ) -> Result<(Config, Option<String>), ConfigError> {
+        let mut cfg = Config::from_args(role, &args.proxy, allowed_cores)?;
+        let (keys, warning) = KeySet::load(&args.key_file)?;
+        if args.handshake_timeout.is_zero() {
+            return Err(ConfigError::Zero("--handshake-timeout"));
+        }
+        cfg.tunnel = Some(TunnelConfig {
+            key_file: args.key_file.clone(),
+            keys,
+            handshake_timeout: args.handshake_timeout,
+            max_clock_skew: args.max_clock_skew,
+        });
+        Ok((cfg, warning))
     }
 }
 

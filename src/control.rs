@@ -10,26 +10,39 @@ use std::io::Write;
 use std::os::unix::net::UnixStream;
 
 use futures_lite::AsyncReadExt;
+use zeroize::Zeroizing;
+
+use crate::proto::keys::{MAX_KEYS, PSK_LEN};
+use crate::proto::{KeySet, Psk};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::error::StartupError;
 
 /// A message to a shard.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Command {
     /// Stop accepting, let connections finish, then stop.
     Drain,
-    /// Reload key material (SIGHUP).
-    Reload,
+    /// Use these keys for new connections (SIGHUP reload).
+    Keys(KeySet),
 }
 
 impl Command {
-    fn to_byte(self) -> u8 {
+    /// Wire form on the socketpair: `D`, or `K`, a count, then 32 bytes per key.
+    fn encode(&self) -> Zeroizing<Vec<u8>> {
+        let mut out = Zeroizing::new(Vec::new());
         match self {
-            Command::Drain => b'D',
-            Command::Reload => b'R',
+            Command::Drain => out.push(b'D'),
+            Command::Keys(set) => {
+                out.push(b'K');
+                out.push(set.all().len() as u8);
+                for k in set.all() {
+                    out.extend_from_slice(k.bytes());
+                }
+            }
         }
+        out
     }
 }
 
@@ -53,14 +66,17 @@ impl Controller {
 
     /// Sends `cmd` to every shard. A shard that already exited is skipped.
     pub fn broadcast(&mut self, cmd: Command) {
+        let bytes = cmd.encode();
         for s in &mut self.shards {
-            let _ = s.write_all(&[cmd.to_byte()]);
+            let _ = s.write_all(&bytes);
         }
     }
 
     /// Spawns the signal thread: first SIGINT/SIGTERM drains, a second one
-    /// exits at once, SIGHUP reloads.
-    pub fn handle_signals(mut self) -> Result<(), StartupError> {
+    /// exits at once, SIGHUP reloads `key_file` (if any). The file is parsed
+    /// once, here; a file that fails to parse is logged and the shards keep
+    /// their keys.
+    pub fn handle_signals(mut self, key_file: Option<String>) -> Result<(), StartupError> {
         let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(StartupError::Signals)?;
         std::thread::Builder::new()
             .name("signals".into())
@@ -68,10 +84,22 @@ impl Controller {
                 let mut draining = false;
                 for sig in signals.forever() {
                     match sig {
-                        SIGHUP => {
-                            crate::info!("SIGHUP: reloading");
-                            self.broadcast(Command::Reload);
-                        }
+                        SIGHUP => match &key_file {
+                            None => crate::info!("SIGHUP: nothing to reload in this role"),
+                            Some(path) => match KeySet::load(path) {
+                                Ok((keys, warning)) => {
+                                    if let Some(w) = warning {
+                                        crate::warn!("{w}");
+                                    }
+                                    crate::info!(
+                                        "SIGHUP: reloaded {} key(s) from {path}",
+                                        keys.all().len()
+                                    );
+                                    self.broadcast(Command::Keys(keys));
+                                }
+                                Err(e) => crate::error!("SIGHUP: {e}; keeping the current keys"),
+                            },
+                        },
                         _ if draining => {
                             crate::warn!("second termination signal: exiting now");
                             std::process::exit(1);
@@ -92,11 +120,26 @@ impl Controller {
 }
 
 /// Waits for the next command on a shard's end. EOF (the control plane is
-/// gone) or an unknown byte means drain: a shard never runs unsupervised.
+/// gone) or anything malformed means drain: a shard never runs unsupervised.
 pub async fn recv(stream: &mut glommio::net::UnixStream) -> Command {
-    let mut byte = [0u8; 1];
-    match stream.read(&mut byte).await {
-        Ok(1) if byte[0] == b'R' => Command::Reload,
-        _ => Command::Drain,
+    let mut head = [0u8; 2];
+    if stream.read_exact(&mut head[..1]).await.is_err() || head[0] != b'K' {
+        return Command::Drain;
     }
+    if stream.read_exact(&mut head[1..]).await.is_err() {
+        return Command::Drain;
+    }
+    let n = head[1] as usize;
+    if n == 0 || n > MAX_KEYS {
+        return Command::Drain;
+    }
+    let mut keys = Vec::with_capacity(n);
+    let mut raw = Zeroizing::new([0u8; PSK_LEN]);
+    for _ in 0..n {
+        if stream.read_exact(&mut raw[..]).await.is_err() {
+            return Command::Drain;
+        }
+        keys.push(Psk::from_bytes(*raw));
+    }
+    Command::Keys(KeySet::new(keys))
 }

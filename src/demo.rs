@@ -5,7 +5,6 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 
 use crate::cli::{DemoArgs, ProxyArgs};
-use crate::config::Role;
 use crate::error::StartupError;
 
 /// Runs the demo until SIGINT.
@@ -41,7 +40,7 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
         max_connections: 10_000,
         dual_stack: false,
     };
-    crate::app::run_proxy(Role::Forward, &proxy)
+    crate::app::run_forward(&proxy)
 }
 
 /// Answers `GET` with a small HTTP response, and echoes anything else.

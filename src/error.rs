@@ -48,6 +48,9 @@ pub enum StartupError {
         /// What went wrong.
         reason: String,
     },
+    /// `keygen` could not produce or store a key.
+    #[error("keygen: {0}")]
+    Keygen(String),
     /// The signal handler could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),

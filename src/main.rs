@@ -24,7 +24,10 @@ fn main() -> ExitCode {
         }
     };
     let result = match &cli.command {
-        Command::Forward(args) => shardproxy::app::run_proxy(Role::Forward, args),
+        Command::Forward(args) => shardproxy::app::run_forward(args),
+        Command::Entry(args) => shardproxy::app::run_tunnel(Role::Entry, args),
+        Command::Exit(args) => shardproxy::app::run_tunnel(Role::Exit, args),
+        Command::Keygen(args) => shardproxy::app::keygen(args),
         Command::Demo(args) => shardproxy::demo::run(args),
     };
     match result {

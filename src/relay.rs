@@ -28,6 +28,7 @@ use futures_lite::future::poll_fn;
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 
+use crate::proto::{Decoded, Decoder, Encoder, ProtoError, HEADER_LEN, MAX_FRAME, MAX_PAYLOAD};
 use crate::stats::{CloseReason, ShardStats};
 use crate::trigger::Trigger;
 
@@ -142,22 +143,42 @@ impl Default for Activity {
     }
 }
 
-/// A failure on one side of the relay.
+/// Why one direction of the relay stopped early.
 #[derive(Debug, thiserror::Error)]
-#[error("{peer:?} {op}: {source}")]
-pub struct PumpError {
-    /// The side whose socket failed.
-    pub peer: Peer,
-    /// What we were doing.
-    pub op: &'static str,
-    /// The OS error.
-    #[source]
-    pub source: io::Error,
+pub enum PumpError {
+    /// A socket operation failed on one side.
+    #[error("{peer:?} {op}: {source}")]
+    Io {
+        /// The side whose socket failed.
+        peer: Peer,
+        /// What we were doing.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The tunnel peer sent something that failed authentication, or a limit
+    /// was reached.
+    #[error("tunnel: {0}")]
+    Proto(#[from] ProtoError),
+    /// The tunnel ended (TCP EOF) without its authenticated end chunk.
+    #[error("tunnel truncated")]
+    Truncated,
 }
 
 impl PumpError {
-    fn new(peer: Peer, op: &'static str, source: io::Error) -> Self {
-        PumpError { peer, op, source }
+    fn io(peer: Peer, op: &'static str, source: io::Error) -> Self {
+        PumpError::Io { peer, op, source }
+    }
+
+    /// The close reason this failure is counted under.
+    pub fn reason(&self) -> CloseReason {
+        match self {
+            PumpError::Io { peer, .. } => peer.reset_reason(),
+            PumpError::Proto(ProtoError::NonceExhausted) => CloseReason::Limit,
+            PumpError::Proto(_) => CloseReason::AuthFailed,
+            PumpError::Truncated => CloseReason::Truncated,
+        }
     }
 }
 
@@ -175,10 +196,10 @@ pub async fn write_all(to: &Conn, mut buf: &[u8], activity: &Activity) -> Result
         let n = to
             .write(buf)
             .await
-            .map_err(|e| PumpError::new(to.peer, "write", e))?;
+            .map_err(|e| PumpError::io(to.peer, "write", e))?;
         if n == 0 {
             let e = io::Error::new(io::ErrorKind::WriteZero, "peer accepted no bytes");
-            return Err(PumpError::new(to.peer, "write", e));
+            return Err(PumpError::io(to.peer, "write", e));
         }
         activity.touch();
         buf = &buf[n..];
@@ -186,7 +207,24 @@ pub async fn write_all(to: &Conn, mut buf: &[u8], activity: &Activity) -> Result
     Ok(())
 }
 
-/// Copies `from` → `to` until EOF, then sends FIN to `to`.
+/// Reads into `buf`, mapping errors to the reading side.
+async fn read(from: &Conn, buf: &mut [u8], activity: &Activity) -> Result<usize, PumpError> {
+    let n = from
+        .read(buf)
+        .await
+        .map_err(|e| PumpError::io(from.peer, "read", e))?;
+    if n > 0 {
+        activity.touch();
+    }
+    Ok(n)
+}
+
+fn shutdown_write(to: &Conn) -> Result<(), PumpError> {
+    to.shutdown_write()
+        .map_err(|e| PumpError::io(to.peer, "shutdown", e))
+}
+
+/// Plain copy `from` → `to` until EOF, then sends FIN to `to`.
 pub async fn pump(
     from: &Conn,
     to: &Conn,
@@ -195,18 +233,89 @@ pub async fn pump(
 ) -> Result<(), PumpError> {
     let up = from.peer == Peer::Downstream;
     loop {
-        let n = from
-            .read(buf)
-            .await
-            .map_err(|e| PumpError::new(from.peer, "read", e))?;
+        let n = read(from, buf, ctx.activity).await?;
         if n == 0 {
-            return to
-                .shutdown_write()
-                .map_err(|e| PumpError::new(to.peer, "shutdown", e));
+            return shutdown_write(to);
         }
-        ctx.activity.touch();
         ctx.stats.add_bytes(up, n);
         write_all(to, &buf[..n], ctx.activity).await?;
+    }
+}
+
+/// Encrypting pump: plaintext from `plain` → sealed chunks to `tunnel`.
+///
+/// Plaintext is read straight into the payload slot of `frame` (one
+/// [`MAX_FRAME`] buffer) and sealed in place. EOF on `plain` becomes the
+/// authenticated end chunk followed by FIN.
+pub async fn seal_pump(
+    plain: &Conn,
+    tunnel: &Conn,
+    enc: &mut Encoder,
+    frame: &mut [u8],
+    read_size: usize,
+    ctx: &PumpCtx<'_>,
+) -> Result<(), PumpError> {
+    let up = plain.peer == Peer::Downstream;
+    let read_size = read_size.clamp(1, MAX_PAYLOAD);
+    loop {
+        let n = read(
+            plain,
+            &mut frame[HEADER_LEN..HEADER_LEN + read_size],
+            ctx.activity,
+        )
+        .await?;
+        if n == 0 {
+            let mut end = [0u8; HEADER_LEN];
+            enc.seal_end(&mut end)?;
+            write_all(tunnel, &end, ctx.activity).await?;
+            return shutdown_write(tunnel);
+        }
+        ctx.stats.add_bytes(up, n);
+        let total = enc.seal_in_place(frame, n)?;
+        write_all(tunnel, &frame[..total], ctx.activity).await?;
+    }
+}
+
+/// Decrypting pump: sealed chunks from `tunnel` → plaintext to `plain`.
+///
+/// `buf` is one [`MAX_FRAME`] buffer: the decoder authenticates each header
+/// before waiting for its body, so a whole chunk always fits. Only
+/// authenticated plaintext is written. The end chunk becomes FIN; EOF without
+/// it is [`PumpError::Truncated`].
+pub async fn open_pump(
+    tunnel: &Conn,
+    plain: &Conn,
+    dec: &mut Decoder,
+    buf: &mut [u8],
+    ctx: &PumpCtx<'_>,
+) -> Result<(), PumpError> {
+    debug_assert!(buf.len() >= MAX_FRAME);
+    let up = tunnel.peer == Peer::Downstream;
+    let (mut start, mut end) = (0usize, 0usize);
+    loop {
+        match dec.decode(&mut buf[start..end])? {
+            Decoded::Data {
+                consumed,
+                start: s,
+                len,
+            } => {
+                let at = start + s;
+                ctx.stats.add_bytes(up, len);
+                write_all(plain, &buf[at..at + len], ctx.activity).await?;
+                start += consumed;
+            }
+            Decoded::End { .. } => return shutdown_write(plain),
+            Decoded::NeedMore => {
+                buf.copy_within(start..end, 0);
+                end -= start;
+                start = 0;
+                let n = read(tunnel, &mut buf[end..], ctx.activity).await?;
+                if n == 0 {
+                    return Err(PumpError::Truncated);
+                }
+                end += n;
+            }
+        }
     }
 }
 
@@ -258,35 +367,25 @@ pub async fn supervise(
     futures_lite::future::or(main, futures_lite::future::or(idle, drained)).await
 }
 
-/// Relays plain bytes between `client` and `upstream` until both directions
-/// end, one side fails, the pair idles out, or the shard aborts it.
-pub async fn run_plain(
-    client: Conn,
-    upstream: Conn,
-    buffer_size: usize,
+/// Runs the two directions of a pair to completion and closes it: cleanly
+/// (both FINs already sent by the pumps) or, for any other outcome, with RST
+/// on both sockets.
+pub async fn run_pair(
+    client: &Conn,
+    upstream: &Conn,
+    up: impl Future<Output = Result<(), PumpError>>,
+    down: impl Future<Output = Result<(), PumpError>>,
+    activity: &Activity,
     idle: Duration,
-    stats: &ShardStats,
     abort: &Trigger,
 ) -> CloseReason {
-    let activity = Activity::new();
-    let ctx = PumpCtx {
-        activity: &activity,
-        stats,
-    };
-    let mut up_buf = vec![0u8; buffer_size];
-    let mut down_buf = vec![0u8; buffer_size];
     let relay = async {
-        match both(
-            pump(&client, &upstream, &mut up_buf, &ctx),
-            pump(&upstream, &client, &mut down_buf, &ctx),
-        )
-        .await
-        {
+        match both(up, down).await {
             Ok(()) => CloseReason::Clean,
-            Err(e) => e.peer.reset_reason(),
+            Err(e) => e.reason(),
         }
     };
-    let reason = supervise(relay, &activity, idle, abort).await;
+    let reason = supervise(relay, activity, idle, abort).await;
     if reason != CloseReason::Clean {
         client.abort();
         upstream.abort();

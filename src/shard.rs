@@ -3,7 +3,7 @@
 //! shard's context is an `Rc`, and the only way in from outside is the
 //! control socket (see [`crate::control`]).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::os::unix::net::UnixStream;
 use std::rc::Rc;
 
@@ -13,6 +13,7 @@ use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use crate::config::Config;
 use crate::control::{self, Command};
 use crate::error::StartupError;
+use crate::proto::KeySet;
 use crate::stats::{CloseReason, ShardStats};
 use crate::trigger::Trigger;
 
@@ -32,10 +33,18 @@ pub struct ShardCtx {
     pub abort_all: Trigger,
     /// Fired when draining and the last connection has closed.
     pub all_closed: Trigger,
+    /// Tunnel keys for new connections; replaced on SIGHUP. A session clones
+    /// the `Rc` when it starts, and its derived session keys never change.
+    pub keys: RefCell<Option<Rc<KeySet>>>,
     draining: Cell<bool>,
 }
 
 impl ShardCtx {
+    /// The current key set (tunnel roles).
+    pub fn keys(&self) -> Option<Rc<KeySet>> {
+        self.keys.borrow().clone()
+    }
+
     /// Records a finished connection.
     pub fn on_close(&self, reason: CloseReason) {
         self.stats.on_close(reason);
@@ -75,7 +84,9 @@ async fn run(id: usize, core: usize, cfg: Config, listener: socket2::Socket, con
         cfg.upstream_name,
         cfg.upstream
     );
+    let keys = cfg.tunnel.as_ref().map(|t| Rc::new(t.keys.clone()));
     let ctx = Rc::new(ShardCtx {
+        keys: RefCell::new(keys),
         id,
         core,
         cfg,
@@ -87,8 +98,8 @@ async fn run(id: usize, core: usize, cfg: Config, listener: socket2::Socket, con
     });
     let accept = glommio::spawn_local(crate::listener::accept_loop(listener, ctx.clone())).detach();
 
-    while control::recv(&mut control).await == Command::Reload {
-        crate::info!("shard {id}: nothing to reload in this role");
+    while let Command::Keys(keys) = control::recv(&mut control).await {
+        *ctx.keys.borrow_mut() = Some(Rc::new(keys));
     }
 
     ctx.draining.set(true);

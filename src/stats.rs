@@ -78,6 +78,8 @@ pub struct ShardStats {
     pub bytes_down: Cell<u64>,
     /// accept(2) failures (EMFILE, ENFILE, ENOBUFS, ...).
     pub accept_errors: Cell<u64>,
+    /// Tunnel handshakes that failed (bad hello, timeout, bad answer).
+    pub handshake_failures: Cell<u64>,
     closed: [Cell<u64>; CloseReason::ALL.len()],
 }
 
@@ -117,6 +119,11 @@ impl ShardStats {
     pub fn on_accept_error(&self) {
         bump(&self.accept_errors, 1);
     }
+
+    /// A tunnel handshake failed.
+    pub fn on_handshake_failure(&self) {
+        bump(&self.handshake_failures, 1);
+    }
 }
 
 /// The one-line summary a shard prints when it stops.
@@ -124,13 +131,14 @@ impl fmt::Display for ShardStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "accepted={} active={} closed={} bytes_up={} bytes_down={} accept_errors={}",
+            "accepted={} active={} closed={} bytes_up={} bytes_down={} accept_errors={} handshake_failures={}",
             self.accepted.get(),
             self.active.get(),
             self.closed_total(),
             self.bytes_up.get(),
             self.bytes_down.get(),
             self.accept_errors.get(),
+            self.handshake_failures.get(),
         )?;
         for reason in CloseReason::ALL {
             let n = self.closed(reason);
@@ -158,7 +166,7 @@ mod tests {
         assert_eq!(s.closed(CloseReason::Clean), 1);
         assert_eq!(
             s.to_string(),
-            "accepted=2 active=1 closed=1 bytes_up=10 bytes_down=7 accept_errors=0 clean=1"
+            "accepted=2 active=1 closed=1 bytes_up=10 bytes_down=7 accept_errors=0 handshake_failures=0 clean=1"
         );
         for (i, r) in CloseReason::ALL.iter().enumerate() {
             assert_eq!(r.index(), i);
