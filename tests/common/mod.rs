@@ -256,3 +256,115 @@ pub fn read_until_end(stream: &mut TcpStream, limit: Duration) -> (End, usize) {
     }
     (End::Open, total)
 }
+
+/// Writes key lines to a fresh 0600 file in the temp dir; returns its path.
+pub fn key_file(keys: &[&str]) -> String {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "shardproxy-test-{}-{}.key",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .unwrap();
+    for k in keys {
+        writeln!(f, "{k}").unwrap();
+    }
+    path.to_string_lossy().into_owned()
+}
+
+/// A fresh key from the real `keygen` command.
+pub fn keygen() -> String {
+    let out = Command::new(BIN).arg("keygen").output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// What an origin connection saw.
+#[derive(Debug)]
+pub struct Seen {
+    pub bytes: Vec<u8>,
+    pub end: End,
+}
+
+/// A sink origin that reports each connection's bytes and how it ended.
+pub fn recording_origin() -> (SocketAddr, mpsc::Receiver<Seen>) {
+    let (tx, rx) = mpsc::channel();
+    let tx = Arc::new(Mutex::new(tx));
+    let addr = serve(move |mut s| {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut bytes = Vec::new();
+        let mut buf = [0u8; 64 * 1024];
+        let end = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break End::Eof,
+                Ok(n) => bytes.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break End::Open,
+                Err(_) => break End::Reset,
+            }
+        };
+        let _ = tx.lock().unwrap().send(Seen { bytes, end });
+    });
+    (addr, rx)
+}
+
+/// How a [`mitm`] tampers with the entry→exit byte stream.
+#[derive(Clone, Copy, Debug)]
+pub enum Tamper {
+    /// Forward everything, recording the entry→exit bytes.
+    Record,
+    /// Flip one bit of the byte at this offset.
+    Flip(usize),
+    /// Forward this many bytes, then close both sides with FIN.
+    Cut(usize),
+}
+
+/// A test-only TCP man-in-the-middle in front of `target`. Returns its
+/// address and the recorded entry→exit bytes of the last connection.
+pub fn mitm(target: SocketAddr, tamper: Tamper) -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
+    let record = Arc::new(Mutex::new(Vec::new()));
+    let rec = record.clone();
+    let addr = serve(move |inbound| {
+        let outbound = TcpStream::connect(target).unwrap();
+        let (mut in_r, mut out_w) = (inbound.try_clone().unwrap(), outbound.try_clone().unwrap());
+        let (mut out_r, mut in_w) = (outbound, inbound);
+        let back = thread::spawn(move || {
+            let _ = std::io::copy(&mut out_r, &mut in_w);
+            let _ = in_w.shutdown(Shutdown::Write);
+        });
+        let mut seen = 0usize;
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let n = match in_r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let chunk = &mut buf[..n];
+            match tamper {
+                Tamper::Record => rec.lock().unwrap().extend_from_slice(chunk),
+                Tamper::Flip(at) if (seen..seen + n).contains(&at) => chunk[at - seen] ^= 0x01,
+                Tamper::Cut(at) if seen + n >= at => {
+                    let _ = out_w.write_all(&chunk[..at - seen]);
+                    let _ = out_w.shutdown(Shutdown::Both);
+                    let _ = in_r.shutdown(Shutdown::Both);
+                    return;
+                }
+                _ => {}
+            }
+            seen += n;
+            if out_w.write_all(chunk).is_err() {
+                break;
+            }
+        }
+        let _ = out_w.shutdown(Shutdown::Write);
+        let _ = back.join();
+    });
+    (addr, record)
+}
