@@ -29,7 +29,7 @@ pub enum Command {
     Exit(TunnelArgs),
     /// Write a fresh random pre-shared key (base64) to stdout or a file.
     Keygen(KeygenArgs),
-    /// Start a loopback demo: an echo origin plus a proxy in front of it.
+    /// Start a loopback demo: origin, exit and entry, with a fresh key.
     Demo(DemoArgs),
 }
 
@@ -112,7 +112,7 @@ pub struct KeygenArgs {
 /// Flags of the `demo` subcommand.
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
-    /// Port the proxy listens on (loopback only).
+    /// Port the entry listens on: point clients here (loopback only).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
 
@@ -120,8 +120,12 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 7000)]
     pub origin_port: u16,
 
-    /// Shards for the proxy.
-    #[arg(long, default_value_t = 2)]
+    /// Port of the demo exit (loopback only).
+    #[arg(long, default_value_t = 7100)]
+    pub exit_port: u16,
+
+    /// Shards for each proxy.
+    #[arg(long, default_value_t = 1)]
     pub cores: usize,
 }
 

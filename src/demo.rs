@@ -1,46 +1,110 @@
-//! `shardproxy demo`: a loopback playground. Starts a tiny origin (HTTP for
-//! curl, echo for anything else) and a `forward` proxy in front of it.
+//! `shardproxy demo`: a loopback playground for the encrypted pair.
+//!
+//! Starts a tiny origin (HTTP for curl, echo for anything else) in this
+//! process, writes a fresh key to a private temp file, and runs the real
+//! binary twice as child processes: an `exit` in front of the origin and an
+//! `entry` in front of the exit. Ctrl-C drains all of it.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
-use crate::cli::{DemoArgs, ProxyArgs};
+use crate::cli::DemoArgs;
 use crate::error::StartupError;
 
-/// Runs the demo until SIGINT.
+/// Runs the demo until SIGINT/SIGTERM, then waits for both proxies to drain.
 pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
-    let origin_addr = std::net::SocketAddr::from(([127, 0, 0, 1], args.origin_port));
-    let origin = TcpListener::bind(origin_addr).map_err(|e| match e.kind() {
-        std::io::ErrorKind::AddrInUse => StartupError::AddrInUse(origin_addr),
-        _ => StartupError::Listen {
-            addr: origin_addr,
-            source: e,
-        },
-    })?;
+    let origin_addr = SocketAddr::from(([127, 0, 0, 1], args.origin_port));
+    let origin = TcpListener::bind(origin_addr).map_err(|e| listen_error(origin_addr, e))?;
     std::thread::spawn(move || {
         for conn in origin.incoming().flatten() {
             std::thread::spawn(move || serve_origin(conn));
         }
     });
-    let cores = args.cores.min(crate::app::allowed_cores().len().max(1));
-    crate::info!(
-        "demo: origin on {origin_addr}; try `curl http://127.0.0.1:{port}/` or `nc 127.0.0.1 {port}` (echo); Ctrl-C to drain and stop",
-        port = args.port
-    );
-    let proxy = ProxyArgs {
-        listen: format!("127.0.0.1:{}", args.port),
-        upstream: origin_addr.to_string(),
-        cores: Some(cores),
-        cpu_list: None,
-        backlog: 4096,
-        buffer_size: 16 * 1024,
-        connect_timeout: std::time::Duration::from_secs(5),
-        idle_timeout: std::time::Duration::from_secs(300),
-        drain_timeout: std::time::Duration::from_secs(5),
-        max_connections: 10_000,
-        dual_stack: false,
+    let key_path = std::env::temp_dir().join(format!("shardproxy-demo-{}.key", std::process::id()));
+    let _ = std::fs::remove_file(&key_path);
+    let key_path = key_path.to_string_lossy().into_owned();
+    crate::app::keygen(&crate::cli::KeygenArgs {
+        out: Some(key_path.clone()),
+    })?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).map_err(StartupError::Signals)?;
+    }
+    let exe = std::env::current_exe().map_err(StartupError::Signals)?;
+    let cores = args.cores.to_string();
+    let exit_addr = format!("127.0.0.1:{}", args.exit_port);
+    let entry_addr = format!("127.0.0.1:{}", args.port);
+    let spawn = |role: &str, listen: &str, upstream: &str| {
+        Command::new(&exe)
+            .args([
+                role,
+                "--listen",
+                listen,
+                "--upstream",
+                upstream,
+                "--key-file",
+                &key_path,
+            ])
+            .args(["--cores", &cores, "--drain-timeout", "5s"])
+            .spawn()
+            .map_err(StartupError::Signals)
     };
-    crate::app::run_forward(&proxy)
+    let mut children: Vec<Child> = vec![
+        spawn("exit", &exit_addr, &origin_addr.to_string())?,
+        spawn("entry", &entry_addr, &exit_addr)?,
+    ];
+    crate::info!(
+        "demo: client → entry {entry_addr} → (ChaCha20-Poly1305) → exit {exit_addr} → origin {origin_addr}"
+    );
+    crate::info!(
+        "demo: try `curl http://{entry_addr}/` or `nc 127.0.0.1 {}` (echo); Ctrl-C drains and stops",
+        args.port
+    );
+    // Wait for the children; forward a termination signal sent only to us.
+    let mut forwarded = false;
+    let mut failed = false;
+    while !children.is_empty() {
+        if stop.load(Ordering::Relaxed) && !forwarded {
+            forwarded = true;
+            for c in &children {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &c.id().to_string()])
+                    .status();
+            }
+        }
+        children.retain_mut(|c| match c.try_wait() {
+            Ok(Some(status)) => {
+                failed |= !status.success();
+                false
+            }
+            _ => true,
+        });
+        // A proxy that exits on its own (bad port, ...) stops the demo.
+        if failed && !forwarded {
+            stop.store(true, Ordering::Relaxed);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::fs::remove_file(&key_path);
+    if failed && !stop.load(Ordering::Relaxed) {
+        return Err(StartupError::Shard {
+            core: 0,
+            reason: "a demo proxy exited with an error (see above)".into(),
+        });
+    }
+    Ok(())
+}
+
+fn listen_error(addr: SocketAddr, e: std::io::Error) -> StartupError {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => StartupError::AddrInUse(addr),
+        _ => StartupError::Listen { addr, source: e },
+    }
 }
 
 /// Answers `GET` with a small HTTP response, and echoes anything else.
@@ -48,7 +112,7 @@ fn serve_origin(mut conn: TcpStream) {
     let mut buf = [0u8; 16 * 1024];
     let Ok(n) = conn.read(&mut buf) else { return };
     if buf[..n].starts_with(b"GET ") {
-        let body = "hello from the shardproxy demo origin\n";
+        let body = "hello from the shardproxy demo origin, through the encrypted tunnel\n";
         let _ = write!(
             conn,
             "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",

@@ -1,0 +1,71 @@
+//! The Python implementation in tests/tunnel_client.py, written from
+//! docs/PROTOCOL.md with OpenSSL (the `cryptography` package), must agree
+//! with the Rust code: on the documented vector, and against a live exit.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+/// Runs the Python client; `None` (with a reason printed) if Python or
+/// `cryptography` is missing outside CI. In CI (`CI=true`) that is a failure:
+/// `.ci/run` installs them.
+fn python(args: &[&str]) -> Option<String> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tunnel_client.py");
+    let probe = Command::new("python3")
+        .args(["-c", "import cryptography"])
+        .output();
+    if !probe.map(|o| o.status.success()).unwrap_or(false) {
+        let why =
+            "python3 with the `cryptography` package is not installed (pip install cryptography)";
+        assert!(std::env::var("CI").is_err(), "{why}");
+        eprintln!("SKIPPED: {why}");
+        return None;
+    }
+    let out = Command::new("python3")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "python client failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(stdout)
+}
+
+#[test]
+fn python_recomputes_the_documented_vector() {
+    let doc = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/PROTOCOL.md");
+    if let Some(out) = python(&["vectors", doc]) {
+        assert!(out.contains("vectors ok"), "{out}");
+    }
+}
+
+#[test]
+fn python_client_talks_to_a_live_exit() {
+    let key = keygen();
+    let exit = Proxy::start(
+        &[
+            "exit",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &echo_origin().to_string(),
+            "--key-file",
+            &key_file(&[&key]),
+            "--cores",
+            "1",
+        ],
+        1,
+    );
+    let message = "hello from python ".repeat(2000); // 36 000 bytes: several chunks
+    let Some(out) = python(&["send", &exit.addr.to_string(), &key, &message]) else {
+        return;
+    };
+    let hex: String = message.bytes().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(out.trim(), format!("reply {hex} ended=True"));
+}
