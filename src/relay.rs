@@ -28,7 +28,9 @@ use futures_lite::future::poll_fn;
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 
-use crate::proto::{Decoded, Decoder, Encoder, ProtoError, HEADER_LEN, MAX_FRAME, MAX_PAYLOAD};
+use crate::proto::{
+    Decoded, Decoder, Encoder, ProtoError, END_LEN, HEADER_LEN, MAX_FRAME, MAX_PAYLOAD,
+};
 use crate::stats::{CloseReason, ShardStats};
 use crate::trigger::Trigger;
 
@@ -265,7 +267,7 @@ pub async fn seal_pump(
         )
         .await?;
         if n == 0 {
-            let mut end = [0u8; HEADER_LEN];
+            let mut end = [0u8; END_LEN];
             enc.seal_end(&mut end)?;
             write_all(tunnel, &end, ctx.activity).await?;
             return shutdown_write(tunnel);

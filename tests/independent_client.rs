@@ -62,10 +62,24 @@ fn python_client_talks_to_a_live_exit() {
         ],
         1,
     );
-    let message = "hello from python ".repeat(2000); // 36 000 bytes: several chunks
-    let Some(out) = python(&["send", &exit.addr.to_string(), &key, &message]) else {
+    // 10 MiB: over 600 chunks each way, so the length masks cross from the
+    // first 512-chunk keystream into the second.
+    let unit = "hello from python, ".repeat(50); // 950 bytes
+    let repeat = (10 << 20) / unit.len();
+    let expected = unit.repeat(repeat);
+    let Some(out) = python(&[
+        "send",
+        &exit.addr.to_string(),
+        &key,
+        &unit,
+        &repeat.to_string(),
+    ]) else {
         return;
     };
-    let hex: String = message.bytes().map(|b| format!("{b:02x}")).collect();
-    assert_eq!(out.trim(), format!("reply {hex} ended=True"));
+    let digest: String = sha256(expected.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let want = format!("reply sha256 {digest} len {} ended=True", expected.len());
+    assert_eq!(out.trim(), want);
 }

@@ -7,8 +7,10 @@ implementation, so agreement proves the spec is complete and followed.
 
 Usage:
   tunnel_client.py vectors DOC           recompute docs/PROTOCOL.md's test vector
-  tunnel_client.py send ADDR KEYB64 MSG  handshake with an exit, send MSG, half-close,
-                                         print the reply (hex) and how it ended
+  tunnel_client.py send ADDR KEYB64 MSG [N]
+                                         handshake with an exit, send MSG N times,
+                                         half-close, print the reply's SHA-256,
+                                         length, and whether it ended cleanly
 """
 import base64
 import os
@@ -18,6 +20,7 @@ import sys
 import time
 
 from cryptography.hazmat.primitives import hashes, hmac
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 MAX_PAYLOAD = 16384
@@ -52,8 +55,20 @@ def session(psk, client_salt, server_salt):
     return {
         "server_hello_key": hkdf_expand(prk, b"shardproxy/1 server hello"),
         "c2s_key": hkdf_expand(prk, b"shardproxy/1 c2s"),
+        "c2s_length_key": hkdf_expand(prk, b"shardproxy/1 c2s length"),
         "s2c_key": hkdf_expand(prk, b"shardproxy/1 s2c"),
+        "s2c_length_key": hkdf_expand(prk, b"shardproxy/1 s2c length"),
     }
+
+
+def mask_length(length_key, n, two_bytes):
+    # mask(n): bytes 2i, 2i+1 of the first 1024 keystream bytes of
+    # ChaCha20(length_key, nonce(n div 512)), i = n mod 512. OpenSSL takes a
+    # 16-byte IV: the 32-bit LE block counter (0), then the 12-byte nonce.
+    g, i = divmod(n, 512)
+    enc = Cipher(algorithms.ChaCha20(length_key, b"\x00" * 4 + nonce(g)), mode=None).encryptor()
+    k = enc.update(b"\x00" * 1024)
+    return bytes([two_bytes[0] ^ k[2 * i], two_bytes[1] ^ k[2 * i + 1]])
 
 
 def verify_server_hello(keys, client_salt, answer):
@@ -63,43 +78,47 @@ def verify_server_hello(keys, client_salt, answer):
 
 
 class Sealer:
-    def __init__(self, key):
-        self.aead, self.n = ChaCha20Poly1305(key), 0
+    def __init__(self, key, length_key):
+        self.aead, self.length_key, self.n = ChaCha20Poly1305(key), length_key, 0
+
+    def _chunk(self, payload):
+        plain_len = struct.pack(">H", len(payload))
+        enc_len = mask_length(self.length_key, self.n, plain_len)
+        out = enc_len + self.aead.encrypt(nonce(self.n), plain_len + payload, b"")
+        self.n += 1
+        return out
 
     def chunk(self, payload):
         assert 1 <= len(payload) <= MAX_PAYLOAD
-        head = self.aead.encrypt(nonce(self.n), struct.pack(">H", len(payload)), b"")
-        body = self.aead.encrypt(nonce(self.n + 1), payload, b"")
-        self.n += 2
-        return head + body
+        return self._chunk(payload)
 
     def end(self):
-        head = self.aead.encrypt(nonce(self.n), b"\x00\x00", b"")
-        self.n += 1
-        return head
+        return self._chunk(b"")
 
 
 class Opener:
-    def __init__(self, key):
-        self.aead, self.n, self.buf = ChaCha20Poly1305(key), 0, b""
+    def __init__(self, key, length_key):
+        self.aead, self.length_key, self.n, self.buf = ChaCha20Poly1305(key), length_key, 0, b""
 
     def feed(self, data):
         """Returns (plaintext, ended). Raises on any authentication failure."""
         self.buf += data
         out = b""
-        while len(self.buf) >= 18:
-            (length,) = struct.unpack(">H", self.aead.decrypt(nonce(self.n), self.buf[:18], b""))
-            if length == 0:
-                self.n += 1
-                self.buf = self.buf[18:]
-                return out, True
+        while len(self.buf) >= 2:
+            enc_len = self.buf[:2]
+            (length,) = struct.unpack(">H", mask_length(self.length_key, self.n, enc_len))
             if length > MAX_PAYLOAD:
                 raise ValueError("bad length")
-            if len(self.buf) < 18 + length + 16:
-                break  # header re-verified next time; that is harmless
-            out += self.aead.decrypt(nonce(self.n + 1), self.buf[18:18 + length + 16], b"")
-            self.n += 2
-            self.buf = self.buf[18 + length + 16:]
+            if len(self.buf) < 4 + length + 16:
+                break
+            sealed = self.aead.decrypt(nonce(self.n), self.buf[2:4 + length + 16], b"")
+            if sealed[:2] != struct.pack(">H", length):
+                raise ValueError("length mismatch")
+            out += sealed[2:]
+            self.n += 1
+            self.buf = self.buf[4 + length + 16:]
+            if length == 0:
+                return out, True
         return out, False
 
 
@@ -111,14 +130,16 @@ def vectors(doc_path):
     keys = session(psk, cs, ss)
     server_pt = bytes([1, 0, 0, 0])
     server_hello = ss + ChaCha20Poly1305(keys["server_hello_key"]).encrypt(nonce(0), server_pt, cs)
-    sealer = Sealer(keys["c2s_key"])
+    sealer = Sealer(keys["c2s_key"], keys["c2s_length_key"])
     values = {
         "client_hello_key": hello_key,
         "client_hello": hello,
         "server_hello_key": keys["server_hello_key"],
         "server_hello": server_hello,
         "c2s_key": keys["c2s_key"],
+        "c2s_length_key": keys["c2s_length_key"],
         "s2c_key": keys["s2c_key"],
+        "s2c_length_key": keys["s2c_length_key"],
         "first_chunk": sealer.chunk(b"hello"),
         "end_chunk": sealer.end(),
     }
@@ -131,7 +152,7 @@ def vectors(doc_path):
     return 0
 
 
-def send(addr, key_b64, message):
+def send(addr, key_b64, message, repeat=1):
     host, port = addr.rsplit(":", 1)
     psk = base64.b64decode(key_b64)
     cs = os.urandom(32)
@@ -147,8 +168,9 @@ def send(addr, key_b64, message):
         answer += got
     keys = session(psk, cs, answer[:32])
     verify_server_hello(keys, cs, answer)
-    sealer, opener = Sealer(keys["c2s_key"]), Opener(keys["s2c_key"])
-    data = message.encode()
+    sealer = Sealer(keys["c2s_key"], keys["c2s_length_key"])
+    opener = Opener(keys["s2c_key"], keys["s2c_length_key"])
+    data = message.encode() * repeat
     for i in range(0, len(data), MAX_PAYLOAD):
         s.sendall(sealer.chunk(data[i:i + MAX_PAYLOAD]))
     s.sendall(sealer.end())
@@ -160,11 +182,13 @@ def send(addr, key_b64, message):
             break
         pt, ended = opener.feed(got)
         reply += pt
-    print("reply %s ended=%s" % (reply.hex(), ended))
+    import hashlib
+    print("reply sha256 %s len %d ended=%s" % (hashlib.sha256(reply).hexdigest(), len(reply), ended))
     return 0
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "vectors":
         sys.exit(vectors(sys.argv[2]))
-    sys.exit(send(sys.argv[2], sys.argv[3], sys.argv[4]))
+    repeat = int(sys.argv[5]) if len(sys.argv) > 5 else 1
+    sys.exit(send(sys.argv[2], sys.argv[3], sys.argv[4], repeat))

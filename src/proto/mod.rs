@@ -18,12 +18,12 @@
 //!   prk = HKDF-Extract(salt=client_salt‖server_salt, ikm=PSK)
 //!   key = HKDF-Expand(prk, "shardproxy/1 server hello"), aad = client_salt
 //!
-//! then, each direction (c2s / s2c keys from the same prk):
-//!   +----------------------------+---------+--------------------------+---------+
-//!   | sealed len (2 BE)          | tag(16) | sealed payload (len)      | tag(16) |
-//!   +----------------------------+---------+--------------------------+---------+
-//!   nonce(header) = n, nonce(payload) = n+1, n += 2; len 1..=16384
-//!   len = 0 is the authenticated end of stream (header only, nonce n).
+//! then, each direction (length key + data key, from the same prk):
+//!   +-------------+----------------------------------------+---------+
+//!   | enc_len (2) | AEAD(data_key, nonce(n), len ‖ payload) | tag(16) |
+//!   +-------------+----------------------------------------+---------+
+//!   enc_len = len (BE) XOR mask(n), masks from ChaCha20(length_key)
+//!   n += 1 per chunk; len 1..=16384; len = 0 is the authenticated end.
 //! ```
 
 pub mod frame;
@@ -54,13 +54,18 @@ pub const CLIENT_HELLO_LEN: usize = SALT_LEN + CLIENT_HELLO_PT + TAG_LEN;
 pub const SERVER_HELLO_PT: usize = 4;
 /// Bytes of the server hello on the wire.
 pub const SERVER_HELLO_LEN: usize = SALT_LEN + SERVER_HELLO_PT + TAG_LEN;
-/// Sealed length header of a chunk.
-pub const HEADER_LEN: usize = 2 + TAG_LEN;
+/// One length field (u16).
+pub const LEN_LEN: usize = 2;
+/// Bytes in front of a chunk's payload: masked length, sealed length.
+pub const HEADER_LEN: usize = 2 * LEN_LEN;
+/// The end-of-stream chunk: lengths of 0 and a tag.
+pub const END_LEN: usize = HEADER_LEN + TAG_LEN;
 /// Largest payload of one chunk.
 pub const MAX_PAYLOAD: usize = 16 * 1024;
 /// Largest chunk on the wire; a decoder never needs more buffer than this.
 pub const MAX_FRAME: usize = HEADER_LEN + MAX_PAYLOAD + TAG_LEN;
-/// Nonces a direction may use before the connection must close.
+/// Chunks a direction may send before the connection must close. The nonce
+/// never wraps; 2^62 chunks is far beyond any connection's life.
 pub const NONCE_LIMIT: u64 = 1 << 62;
 
 /// Why the protocol rejected input. Every variant is fatal to its connection.

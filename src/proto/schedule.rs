@@ -5,13 +5,16 @@ use hkdf::Hkdf;
 use sha2::Sha256;
 use zeroize::Zeroize;
 
+use super::frame::DirKeys;
 use super::keys::Psk;
 use super::SALT_LEN;
 
 pub(crate) const INFO_CLIENT_HELLO: &[u8] = b"shardproxy/1 client hello";
 pub(crate) const INFO_SERVER_HELLO: &[u8] = b"shardproxy/1 server hello";
 pub(crate) const INFO_C2S: &[u8] = b"shardproxy/1 c2s";
+pub(crate) const INFO_C2S_LEN: &[u8] = b"shardproxy/1 c2s length";
 pub(crate) const INFO_S2C: &[u8] = b"shardproxy/1 s2c";
+pub(crate) const INFO_S2C_LEN: &[u8] = b"shardproxy/1 s2c length";
 
 /// Expands one 32-byte key and builds the cipher, wiping the raw key bytes.
 fn cipher(hk: &Hkdf<Sha256>, info: &[u8]) -> ChaCha20Poly1305 {
@@ -52,11 +55,21 @@ pub(crate) fn session_hkdf(
     Hkdf::<Sha256>::new(Some(&salt), psk.bytes())
 }
 
-/// The three ciphers of a session: server hello, client→server, server→client.
+/// The keys of a session: server hello, client→server, server→client.
 pub(crate) struct SessionCiphers {
     pub server_hello: ChaCha20Poly1305,
-    pub c2s: ChaCha20Poly1305,
-    pub s2c: ChaCha20Poly1305,
+    pub c2s: DirKeys,
+    pub s2c: DirKeys,
+}
+
+fn dir_keys(hk: &Hkdf<Sha256>, data_info: &[u8], len_info: &[u8]) -> DirKeys {
+    let mut len_key = zeroize::Zeroizing::new([0u8; 32]);
+    hk.expand(len_info, &mut len_key[..])
+        .expect("32-byte HKDF output");
+    DirKeys {
+        len_key,
+        aead: cipher(hk, data_info),
+    }
 }
 
 pub(crate) fn session(
@@ -67,7 +80,7 @@ pub(crate) fn session(
     let hk = session_hkdf(psk, client_salt, server_salt);
     SessionCiphers {
         server_hello: cipher(&hk, INFO_SERVER_HELLO),
-        c2s: cipher(&hk, INFO_C2S),
-        s2c: cipher(&hk, INFO_S2C),
+        c2s: dir_keys(&hk, INFO_C2S, INFO_C2S_LEN),
+        s2c: dir_keys(&hk, INFO_S2C, INFO_S2C_LEN),
     }
 }
