@@ -29,7 +29,7 @@ use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 
 use crate::proto::{
-    Decoded, Decoder, Encoder, ProtoError, END_LEN, HEADER_LEN, MAX_FRAME, MAX_PAYLOAD,
+    Decoded, Decoder, Encoder, ProtoError, BULK_PAYLOAD, END_LEN, HEADER_LEN, MAX_FRAME,
 };
 use crate::stats::{CloseReason, ShardStats};
 use crate::trigger::Trigger;
@@ -258,7 +258,7 @@ pub async fn seal_pump(
     ctx: &PumpCtx<'_>,
 ) -> Result<(), PumpError> {
     let up = plain.peer == Peer::Downstream;
-    let read_size = read_size.clamp(1, MAX_PAYLOAD);
+    let read_size = read_size.clamp(1, BULK_PAYLOAD);
     loop {
         let n = read(
             plain,

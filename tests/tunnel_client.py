@@ -43,6 +43,10 @@ def nonce(n):
     return struct.pack("<Q", n) + b"\x00" * 4
 
 
+def chunk_nonce(n, length):
+    return struct.pack("<Q", n) + struct.pack(">H", length) + b"\x00\x00"
+
+
 def client_hello(psk, client_salt, unix_time, meta=b""):
     key = hkdf_expand(hkdf_extract(client_salt, psk), b"shardproxy/1 client hello")
     pt = bytes([1, 0]) + struct.pack(">Q", unix_time) + struct.pack(">H", len(meta))
@@ -82,9 +86,8 @@ class Sealer:
         self.aead, self.length_key, self.n = ChaCha20Poly1305(key), length_key, 0
 
     def _chunk(self, payload):
-        plain_len = struct.pack(">H", len(payload))
-        enc_len = mask_length(self.length_key, self.n, plain_len)
-        out = enc_len + self.aead.encrypt(nonce(self.n), plain_len + payload, b"")
+        enc_len = mask_length(self.length_key, self.n, struct.pack(">H", len(payload)))
+        out = enc_len + self.aead.encrypt(chunk_nonce(self.n, len(payload)), payload, b"")
         self.n += 1
         return out
 
@@ -109,14 +112,11 @@ class Opener:
             (length,) = struct.unpack(">H", mask_length(self.length_key, self.n, enc_len))
             if length > MAX_PAYLOAD:
                 raise ValueError("bad length")
-            if len(self.buf) < 4 + length + 16:
+            if len(self.buf) < 2 + length + 16:
                 break
-            sealed = self.aead.decrypt(nonce(self.n), self.buf[2:4 + length + 16], b"")
-            if sealed[:2] != struct.pack(">H", length):
-                raise ValueError("length mismatch")
-            out += sealed[2:]
+            out += self.aead.decrypt(chunk_nonce(self.n, length), self.buf[2:2 + length + 16], b"")
             self.n += 1
-            self.buf = self.buf[4 + length + 16:]
+            self.buf = self.buf[2 + length + 16:]
             if length == 0:
                 return out, True
         return out, False

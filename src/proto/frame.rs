@@ -2,53 +2,48 @@
 //!
 //! ```text
 //!   +-------------+----------------------------------------+---------+
-//!   | enc_len (2) | AEAD(data_key, nonce(n), len ‖ payload) | tag(16) |
+//!   | enc_len (2) | AEAD(data_key, nonce(n, len), payload)  | tag(16) |
 //!   +-------------+----------------------------------------+---------+
-//!   enc_len = u16_be(len) XOR mask(n)
-//!   mask(n) = bytes 2(n mod 512) .. +2 of ChaCha20(length_key, nonce(n div 512))
+//!   enc_len     = u16_be(len) XOR mask(n)
+//!   mask(n)     = bytes 2(n mod 512) .. +2 of ChaCha20(length_key, nonce(n div 512))
+//!   nonce(n, l) = n (LE, 8 bytes) ‖ l (BE, 2 bytes) ‖ 00 00
 //! ```
 //!
-//! One AEAD operation per chunk, with no associated data. The length travels
-//! twice: masked in front, so a receiver knows how much to wait for, and
-//! sealed inside, so it is authenticated (the receiver compares the two after
-//! the tag verifies). An observer sees neither, so cannot find chunk
-//! boundaries. A receiver unmasks the length, rejects anything above
-//! [`MAX_PAYLOAD`] at once, waits for exactly one chunk, and only then
-//! verifies; a forged length costs it at most one chunk of buffer.
-//! `len = 0` is the authenticated end of stream.
+//! One AEAD operation per chunk, with no associated data. The length is
+//! masked, so an observer cannot find chunk boundaries, and it is bound into
+//! the nonce, so it is authenticated: a receiver that unmasks a different
+//! length computes a different nonce and the tag fails. A receiver unmasks
+//! the length, rejects anything above [`MAX_PAYLOAD`] at once, waits for
+//! exactly one chunk, and only then verifies; a forged length costs it at
+//! most one chunk of buffer. `len = 0` is the authenticated end of stream.
 //!
-//! Why this shape, measured in `benches/proto.rs`: with this crate, a
-//! separate AEAD for the length (shadowsocks style) cost 8-35% of the payload
-//! AEAD, a 2-byte associated data block cost ~12% (it misaligns Poly1305's
-//! wide path), and a ChaCha20 call per 2-byte mask cost 120-380 ns. Masks are
-//! therefore made 512 at a time from one 1 KiB keystream.
+//! Why this shape, measured in `benches/proto.rs`: with the
+//! `chacha20poly1305` crate, a separate AEAD for the length (shadowsocks
+//! style) cost 8-35% of the payload AEAD; the length as associated data cost
+//! 9-18% (it misaligns Poly1305's wide path); the length inside the sealed
+//! plaintext pushed 1 KiB and 16 KiB payloads one block past the SIMD batch
+//! (up to 27% at 1 KiB); and a ChaCha20 call per 2-byte mask cost 120-380 ns,
+//! so masks are made 512 at a time from one 1 KiB keystream.
 //!
 //! Both directions work in place on the caller's buffer and never allocate.
 
 use chacha20::cipher::{KeyIvInit, StreamCipher};
 use chacha20::ChaCha20;
-use chacha20poly1305::aead::AeadInOut;
-use chacha20poly1305::{ChaCha20Poly1305, Nonce, Tag};
 use zeroize::Zeroizing;
+
+use super::aead::{chunk_nonce, nonce_bytes, Aead, AeadBackend};
 
 use super::{ProtoError, END_LEN, HEADER_LEN, LEN_LEN, MAX_PAYLOAD, NONCE_LIMIT, TAG_LEN};
 
 /// Length masks made per ChaCha20 keystream (two bytes each).
 pub const MASKS_PER_BLOCK: u64 = 512;
 
-/// The 96-bit nonce for counter `n`: little-endian in the first 8 bytes.
-pub(crate) fn nonce(n: u64) -> Nonce {
-    let mut b = [0u8; 12];
-    b[..8].copy_from_slice(&n.to_le_bytes());
-    b.into()
-}
-
 /// The two keys of one direction.
 pub(crate) struct DirKeys {
     /// Makes the length masks (plain ChaCha20).
     pub len_key: Zeroizing<[u8; 32]>,
     /// Seals the payload.
-    pub aead: ChaCha20Poly1305,
+    pub aead: Aead,
 }
 
 /// Length masks for one direction, made [`MASKS_PER_BLOCK`] at a time.
@@ -73,7 +68,7 @@ impl Masks {
         let group = n / MASKS_PER_BLOCK;
         if group != self.group {
             self.stream = [0; 2 * MASKS_PER_BLOCK as usize];
-            let mut c = ChaCha20::new((&*self.key).into(), &nonce(group));
+            let mut c = ChaCha20::new((&*self.key).into(), &nonce_bytes(group).into());
             c.apply_keystream(&mut self.stream);
             self.group = group;
         }
@@ -103,7 +98,7 @@ impl Counter {
 
 /// Seals plaintext into chunks for one direction.
 pub struct Encoder {
-    aead: ChaCha20Poly1305,
+    aead: Aead,
     masks: Masks,
     counter: Counter,
     ended: bool,
@@ -149,18 +144,12 @@ impl Encoder {
 
     fn seal(&mut self, chunk: &mut [u8], len: usize) -> Result<(), ProtoError> {
         let n = self.counter.take()?;
-        let plain_len = (len as u16).to_be_bytes();
-        let mut field = plain_len;
+        let mut field = (len as u16).to_be_bytes();
         self.masks.apply(n, &mut field);
-        let (outer, rest) = chunk.split_at_mut(LEN_LEN);
-        outer.copy_from_slice(&field);
-        let (sealed, tag) = rest.split_at_mut(LEN_LEN + len);
-        sealed[..LEN_LEN].copy_from_slice(&plain_len);
-        let t = self
-            .aead
-            .encrypt_inout_detached(&nonce(n), &[], sealed.into())
-            .map_err(|_| ProtoError::BadTag)?;
-        tag.copy_from_slice(&t);
+        let (head, rest) = chunk.split_at_mut(HEADER_LEN);
+        head.copy_from_slice(&field);
+        let (body, tag) = rest.split_at_mut(len);
+        tag.copy_from_slice(&self.aead.seal(chunk_nonce(n, len as u16), &[], body)?);
         Ok(())
     }
 
@@ -231,7 +220,7 @@ enum State {
 
 /// Opens chunks for one direction.
 pub struct Decoder {
-    aead: ChaCha20Poly1305,
+    aead: Aead,
     masks: Masks,
     counter: Counter,
     state: State,
@@ -304,15 +293,8 @@ impl Decoder {
                     return Ok(Decoded::NeedMore);
                 }
                 let n = self.counter.take()?;
-                let (sealed, tag) = input[LEN_LEN..total].split_at_mut(LEN_LEN + len);
-                let tag = Tag::try_from(&*tag).map_err(|_| ProtoError::BadTag)?;
-                self.aead
-                    .decrypt_inout_detached(&nonce(n), &[], sealed.into(), &tag)
-                    .map_err(|_| ProtoError::BadTag)?;
-                // The sealed copy authenticates the masked one.
-                if sealed[..LEN_LEN] != (len as u16).to_be_bytes() {
-                    return Err(ProtoError::BadTag);
-                }
+                let (body, tag) = input[HEADER_LEN..total].split_at_mut(len);
+                self.aead.open(chunk_nonce(n, len as u16), &[], body, tag)?;
                 if len == 0 {
                     self.state = State::Ended;
                     return Ok(Decoded::End { consumed: total });

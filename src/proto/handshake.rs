@@ -1,10 +1,8 @@
 //! The two hellos. The entry speaks first; the exit answers only after the
 //! entry proved it holds a key, and never otherwise.
 
-use chacha20poly1305::aead::AeadInOut;
-use chacha20poly1305::Tag;
-
-use super::frame::{nonce, Decoder, Encoder};
+use super::aead::{nonce_bytes, AeadBackend};
+use super::frame::{Decoder, Encoder};
 use super::keys::Psk;
 use super::schedule;
 use super::{
@@ -41,7 +39,7 @@ impl ClientHandshake {
         pt[12..12 + meta.len()].copy_from_slice(meta);
         let cipher = schedule::client_hello_cipher(psk, &client_salt);
         let tag = cipher
-            .encrypt_inout_detached(&nonce(0), &client_salt, pt.into())
+            .seal(nonce_bytes(0), &client_salt, pt)
             .map_err(|_| ProtoError::BadHello)?;
         hello[SALT_LEN + CLIENT_HELLO_PT..].copy_from_slice(&tag);
         Ok((
@@ -64,11 +62,10 @@ impl ClientHandshake {
         let ciphers = schedule::session(&self.psk, &self.client_salt, &server_salt);
         let mut pt = [0u8; SERVER_HELLO_PT];
         pt.copy_from_slice(&server_hello[SALT_LEN..SALT_LEN + SERVER_HELLO_PT]);
-        let tag = Tag::try_from(&server_hello[SALT_LEN + SERVER_HELLO_PT..])
-            .map_err(|_| ProtoError::BadServerHello)?;
+        let tag = &server_hello[SALT_LEN + SERVER_HELLO_PT..];
         ciphers
             .server_hello
-            .decrypt_inout_detached(&nonce(0), &self.client_salt, (&mut pt[..]).into(), &tag)
+            .open(nonce_bytes(0), &self.client_salt, &mut pt, tag)
             .map_err(|_| ProtoError::BadServerHello)?;
         if pt[0] != VERSION {
             return Err(ProtoError::Version(pt[0]));
@@ -106,15 +103,14 @@ pub fn accept_hello(
 ) -> Result<Accepted, ProtoError> {
     let mut client_salt = [0u8; SALT_LEN];
     client_salt.copy_from_slice(&hello[..SALT_LEN]);
-    let tag =
-        Tag::try_from(&hello[SALT_LEN + CLIENT_HELLO_PT..]).map_err(|_| ProtoError::BadHello)?;
+    let tag = &hello[SALT_LEN + CLIENT_HELLO_PT..];
     let mut found = None;
     for (i, psk) in keys.iter().enumerate() {
         let mut pt = [0u8; CLIENT_HELLO_PT];
         pt.copy_from_slice(&hello[SALT_LEN..SALT_LEN + CLIENT_HELLO_PT]);
         let cipher = schedule::client_hello_cipher(psk, &client_salt);
         if cipher
-            .decrypt_inout_detached(&nonce(0), &client_salt, (&mut pt[..]).into(), &tag)
+            .open(nonce_bytes(0), &client_salt, &mut pt, tag)
             .is_ok()
         {
             found = Some((i, psk, pt));
@@ -143,7 +139,7 @@ pub fn accept_hello(
     body[0] = VERSION;
     let tag = ciphers
         .server_hello
-        .encrypt_inout_detached(&nonce(0), &client_salt, body.into())
+        .seal(nonce_bytes(0), &client_salt, body)
         .map_err(|_| ProtoError::BadHello)?;
     server_hello[SALT_LEN + SERVER_HELLO_PT..SALT_LEN + SERVER_HELLO_PT + TAG_LEN]
         .copy_from_slice(&tag);

@@ -19,13 +19,14 @@
 //!   key = HKDF-Expand(prk, "shardproxy/1 server hello"), aad = client_salt
 //!
 //! then, each direction (length key + data key, from the same prk):
-//!   +-------------+----------------------------------------+---------+
-//!   | enc_len (2) | AEAD(data_key, nonce(n), len ‖ payload) | tag(16) |
-//!   +-------------+----------------------------------------+---------+
+//!   +-------------+------------------------------------------+---------+
+//!   | enc_len (2) | AEAD(data_key, nonce(n, len), payload)    | tag(16) |
+//!   +-------------+------------------------------------------+---------+
 //!   enc_len = len (BE) XOR mask(n), masks from ChaCha20(length_key)
 //!   n += 1 per chunk; len 1..=16384; len = 0 is the authenticated end.
 //! ```
 
+pub mod aead;
 pub mod frame;
 pub mod fuzz;
 pub mod handshake;
@@ -56,12 +57,16 @@ pub const SERVER_HELLO_PT: usize = 4;
 pub const SERVER_HELLO_LEN: usize = SALT_LEN + SERVER_HELLO_PT + TAG_LEN;
 /// One length field (u16).
 pub const LEN_LEN: usize = 2;
-/// Bytes in front of a chunk's payload: masked length, sealed length.
-pub const HEADER_LEN: usize = 2 * LEN_LEN;
+/// Bytes in front of a chunk's payload: the masked length.
+pub const HEADER_LEN: usize = LEN_LEN;
 /// The end-of-stream chunk: lengths of 0 and a tag.
 pub const END_LEN: usize = HEADER_LEN + TAG_LEN;
 /// Largest payload of one chunk.
 pub const MAX_PAYLOAD: usize = 16 * 1024;
+/// Payload the relay puts in a full chunk: exactly 16 KiB, a whole number of
+/// ChaCha20 blocks, so SIMD backends never fall into their tail path on bulk
+/// data.
+pub const BULK_PAYLOAD: usize = MAX_PAYLOAD;
 /// Largest chunk on the wire; a decoder never needs more buffer than this.
 pub const MAX_FRAME: usize = HEADER_LEN + MAX_PAYLOAD + TAG_LEN;
 /// Chunks a direction may send before the connection must close. The nonce

@@ -1,6 +1,6 @@
 //! Key schedule: HKDF-SHA256 from the PSK and the two salts.
 
-use chacha20poly1305::{ChaCha20Poly1305, KeyInit};
+use super::aead::{Aead, AeadBackend};
 use hkdf::Hkdf;
 use sha2::Sha256;
 use zeroize::Zeroize;
@@ -17,11 +17,11 @@ pub(crate) const INFO_S2C: &[u8] = b"shardproxy/1 s2c";
 pub(crate) const INFO_S2C_LEN: &[u8] = b"shardproxy/1 s2c length";
 
 /// Expands one 32-byte key and builds the cipher, wiping the raw key bytes.
-fn cipher(hk: &Hkdf<Sha256>, info: &[u8]) -> ChaCha20Poly1305 {
+fn cipher(hk: &Hkdf<Sha256>, info: &[u8]) -> Aead {
     let mut k = [0u8; 32];
     // 32 bytes is far below HKDF-SHA256's 8160-byte output limit.
     hk.expand(info, &mut k).expect("32-byte HKDF output");
-    let c = ChaCha20Poly1305::new(&k.into());
+    let c = Aead::new(&k);
     k.zeroize();
     c
 }
@@ -39,7 +39,7 @@ pub(crate) fn client_hello_hkdf(psk: &Psk, client_salt: &[u8; SALT_LEN]) -> Hkdf
     Hkdf::<Sha256>::new(Some(client_salt), psk.bytes())
 }
 
-pub(crate) fn client_hello_cipher(psk: &Psk, client_salt: &[u8; SALT_LEN]) -> ChaCha20Poly1305 {
+pub(crate) fn client_hello_cipher(psk: &Psk, client_salt: &[u8; SALT_LEN]) -> Aead {
     cipher(&client_hello_hkdf(psk, client_salt), INFO_CLIENT_HELLO)
 }
 
@@ -57,7 +57,7 @@ pub(crate) fn session_hkdf(
 
 /// The keys of a session: server hello, client→server, server→client.
 pub(crate) struct SessionCiphers {
-    pub server_hello: ChaCha20Poly1305,
+    pub server_hello: Aead,
     pub c2s: DirKeys,
     pub s2c: DirKeys,
 }
