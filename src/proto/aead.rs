@@ -51,6 +51,7 @@ pub(crate) trait AeadBackend: Sized {
 }
 
 /// RustCrypto's `chacha20poly1305`.
+#[cfg_attr(feature = "ring", allow(dead_code))]
 pub(crate) struct RustCrypto(chacha20poly1305::ChaCha20Poly1305);
 
 impl AeadBackend for RustCrypto {
