@@ -98,7 +98,7 @@ fn main() {
                     &mut buf,
                 )
                 .unwrap();
-            black_box(tag);
+            let _ = black_box(tag);
         });
 
         let (mut enc, _) = pair();
