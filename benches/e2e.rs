@@ -1,8 +1,8 @@
 //! End-to-end benchmark: client → proxy A → proxy B → origin, on loopback.
 //!
 //! Compares, in one run, a direct connection, a chained pair of
-//! `shardproxy forward`, and (when `haproxy` is installed) a chained pair of
-//! HAProxy in TCP mode. Reports throughput/latency and, the robust figure on
+//! `shardproxy forward`, the encrypted `entry` + `exit` pair, and (when
+//! `haproxy` is installed) a chained pair of HAProxy in TCP mode. Reports throughput/latency and, the robust figure on
 //! a noisy machine, the proxies' CPU-seconds (utime+stime from /proc) per GB
 //! and per 100k requests.
 //!
@@ -151,6 +151,54 @@ fn shardproxy_pair(origin: SocketAddr) -> Target {
         addr: a,
         children: vec![ca, cb],
     }
+}
+
+fn encrypted_pair(origin: SocketAddr) -> Target {
+    let (entry, exit) = (free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("shardproxy-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key_file = dir.join("bench.key");
+    let _ = std::fs::remove_file(&key_file);
+    let key = key_file.to_str().unwrap().to_string();
+    let ok = Command::new(BIN).args(["keygen", "--out", &key]).status().unwrap();
+    assert!(ok.success());
+    let start = |role: &str, listen: SocketAddr, up: SocketAddr, cpu: &str| {
+        Command::new(BIN)
+            .args([role, "--listen", &listen.to_string(), "--upstream", &up.to_string()])
+            .args(["--key-file", &key, "--cpu-list", cpu, "--max-connections", "100000"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let cx = start("exit", exit, origin, "1");
+    let ce = start("entry", entry, exit, "0");
+    wait_listening(exit);
+    wait_listening(entry);
+    Target {
+        name: "shardproxy entry+exit",
+        addr: entry,
+        children: vec![ce, cx],
+    }
+}
+
+/// CPU-seconds per GB that sealing and opening cost on one core (the
+/// AEAD's own share of the encrypted pair's bulk cost), measured now.
+fn aead_cpu_per_gb() -> f64 {
+    use shardproxy::proto::{accept_hello, ClientHandshake, Decoded, Psk, MAX_FRAME, MAX_PAYLOAD};
+    let psk = Psk::from_bytes([3; 32]);
+    let (hs, hello) = ClientHandshake::start(&psk, [1; 32], 100, b"").unwrap();
+    let acc = accept_hello(&[psk], &hello, [2; 32], 100, 120).unwrap();
+    let (mut enc, _) = hs.finish(&acc.server_hello).unwrap();
+    let mut dec = acc.decoder;
+    let mut frame = vec![0u8; MAX_FRAME];
+    let start = Instant::now();
+    let mut bytes = 0u64;
+    while start.elapsed() < Duration::from_secs(1) {
+        let n = enc.seal_in_place(&mut frame, MAX_PAYLOAD).unwrap();
+        assert!(matches!(dec.decode(&mut frame[..n]).unwrap(), Decoded::Data { .. }));
+        bytes += MAX_PAYLOAD as u64;
+    }
+    start.elapsed().as_secs_f64() / (bytes as f64 / 1e9)
 }
 
 fn haproxy_pair(origin: SocketAddr) -> Option<Target> {
@@ -369,11 +417,19 @@ fn main() {
         let ours = shardproxy_pair(origin);
         measure(Some(&ours), origin, scenario, &mut rows);
         drop(ours);
+        let tunnel = encrypted_pair(origin);
+        measure(Some(&tunnel), origin, scenario, &mut rows);
+        drop(tunnel);
         match haproxy_pair(origin) {
             Some(h) => measure(Some(&h), origin, scenario, &mut rows),
             None => eprintln!("haproxy not installed: skipping its row (apt-get install haproxy)"),
         }
     }
+    println!(
+        "AEAD backend {}: seal+open costs {:.3} CPU-s/GB on one core (16 KiB chunks)",
+        shardproxy::proto::aead::backend_name(),
+        aead_cpu_per_gb()
+    );
     println!("| scenario | path | rate | latency | proxies' CPU |");
     println!("|---|---|---|---|---|");
     for r in rows {
