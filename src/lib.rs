@@ -10,11 +10,13 @@
 //! | [`app`]      | start-up: pre-flight checks, listeners, shards, exit code    |
 //! | [`shard`]    | one pinned executor per core and its `Rc` context            |
 //! | [`listener`] | `SO_REUSEPORT` sockets and the accept loop with permits      |
-//! | [`session`]  | one client + one upstream: connect → relay → close reason     |
-//! | [`relay`]    | bounded half-duplex pumps with half-close                    |
+//! | [`session`]  | one client + one upstream: handshake, connect, relay, reason  |
+//! | [`relay`]    | bounded half-duplex pumps (plain, sealing, opening)          |
 //! | [`control`]  | signals as events, shard commands by message                 |
 //! | [`stats`]    | per-shard counters and close reasons                         |
-//! | [`sys`]      | the only `unsafe`: adopting fds into glommio                 |
+//! | [`sys`]      | the only `unsafe`: adopting fds into glommio, io_uring probe |
+//! | [`proto`]    | sans-io tunnel protocol: keys, hellos, chunk framing         |
+//! | [`demo`]     | `shardproxy demo`: origin + exit + entry on loopback         |
 //!
 //! Data never crosses cores: each shard accepts on its own listener, pairs
 //! and relays its own connections, and counts into its own `Cell`s.
