@@ -160,12 +160,28 @@ fn encrypted_pair(origin: SocketAddr) -> Target {
     let key_file = dir.join("bench.key");
     let _ = std::fs::remove_file(&key_file);
     let key = key_file.to_str().unwrap().to_string();
-    let ok = Command::new(BIN).args(["keygen", "--out", &key]).status().unwrap();
+    let ok = Command::new(BIN)
+        .args(["keygen", "--out", &key])
+        .status()
+        .unwrap();
     assert!(ok.success());
     let start = |role: &str, listen: SocketAddr, up: SocketAddr, cpu: &str| {
         Command::new(BIN)
-            .args([role, "--listen", &listen.to_string(), "--upstream", &up.to_string()])
-            .args(["--key-file", &key, "--cpu-list", cpu, "--max-connections", "100000"])
+            .args([
+                role,
+                "--listen",
+                &listen.to_string(),
+                "--upstream",
+                &up.to_string(),
+            ])
+            .args([
+                "--key-file",
+                &key,
+                "--cpu-list",
+                cpu,
+                "--max-connections",
+                "100000",
+            ])
             .stderr(Stdio::null())
             .spawn()
             .unwrap()
@@ -195,7 +211,10 @@ fn aead_cpu_per_gb() -> f64 {
     let mut bytes = 0u64;
     while start.elapsed() < Duration::from_secs(1) {
         let n = enc.seal_in_place(&mut frame, MAX_PAYLOAD).unwrap();
-        assert!(matches!(dec.decode(&mut frame[..n]).unwrap(), Decoded::Data { .. }));
+        assert!(matches!(
+            dec.decode(&mut frame[..n]).unwrap(),
+            Decoded::Data { .. }
+        ));
         bytes += MAX_PAYLOAD as u64;
     }
     start.elapsed().as_secs_f64() / (bytes as f64 / 1e9)
