@@ -6,6 +6,7 @@ use crate::cli::{KeygenArgs, ProxyArgs, TunnelArgs};
 use crate::config::{Config, Role};
 use crate::control::Controller;
 use crate::error::StartupError;
+use crate::metrics::Board;
 use crate::proto::Psk;
 
 /// The cores this process may run on (respects taskset and cpusets).
@@ -87,9 +88,24 @@ pub fn keygen(args: &KeygenArgs) -> Result<(), StartupError> {
 pub fn run(cfg: Config) -> Result<(), StartupError> {
     preflight()?;
     let listeners = crate::listener::bind_all(&cfg, cfg.cores.len())?;
+    let board = match cfg.metrics_listen {
+        None => None,
+        Some(addr) => {
+            let metrics = crate::metrics::http::bind(addr)
+                .map_err(|source| StartupError::MetricsListen { addr, source })?;
+            let board = Board::new(cfg.cores.len(), cfg.role.as_str());
+            crate::metrics::http::spawn(metrics, board.clone())
+                .map_err(|source| StartupError::MetricsListen { addr, source })?;
+            crate::info!("metrics on http://{addr}/metrics (also /histograms, /healthz)");
+            Some(board)
+        }
+    };
     let (controller, shard_ends) =
         Controller::new(cfg.cores.len()).map_err(StartupError::Signals)?;
-    controller.handle_signals(cfg.tunnel.as_ref().map(|t| t.key_file.clone()))?;
+    controller.handle_signals(
+        cfg.tunnel.as_ref().map(|t| t.key_file.clone()),
+        board.clone(),
+    )?;
     let mut handles = Vec::with_capacity(cfg.cores.len());
     for (id, ((core, listener), control)) in
         cfg.cores.iter().zip(listeners).zip(shard_ends).enumerate()
@@ -100,6 +116,7 @@ pub fn run(cfg: Config) -> Result<(), StartupError> {
             cfg.clone(),
             listener,
             control,
+            board.clone(),
         )?);
     }
     for (id, handle) in handles.into_iter().enumerate() {

@@ -29,6 +29,8 @@ pub enum Command {
     Exit(TunnelArgs),
     /// Write a fresh random pre-shared key (base64) to stdout or a file.
     Keygen(KeygenArgs),
+    /// Print latency percentiles scraped from a running instance's metrics endpoint.
+    Stats(StatsArgs),
     /// Start a loopback demo: origin, exit and entry, with a fresh key.
     Demo(DemoArgs),
 }
@@ -79,6 +81,26 @@ pub struct ProxyArgs {
     /// With an IPv6 listen address such as [::]:8000, accept IPv4 clients too (IPV6_V6ONLY off).
     #[arg(long)]
     pub dual_stack: bool,
+
+    /// Serve /metrics (Prometheus), /histograms (HDR) and /healthz on this address; off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+
+    /// How often each shard publishes its counters and histograms for scrapes.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub metrics_interval: Duration,
+}
+
+/// Flags of the `stats` subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct StatsArgs {
+    /// The instance's metrics endpoint, e.g. http://127.0.0.1:9100.
+    #[arg(long, value_name = "URL")]
+    pub from: String,
+
+    /// Also print one row per shard.
+    #[arg(long)]
+    pub per_shard: bool,
 }
 
 /// Flags of the `entry` and `exit` roles.

@@ -69,6 +69,10 @@ pub struct Config {
     pub limits: Limits,
     /// Tunnel settings (entry and exit roles only).
     pub tunnel: Option<TunnelConfig>,
+    /// Where to serve metrics, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+    /// How often shards publish snapshots.
+    pub metrics_interval: Duration,
 }
 
 /// Settings of the encrypted roles.
@@ -87,6 +91,9 @@ pub struct TunnelConfig {
 /// Why a configuration was rejected. Every message is one line.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
+    /// `--metrics-listen` is not an IP:port.
+    #[error("bad --metrics-listen address `{0}`: expected IP:PORT such as 127.0.0.1:9100")]
+    BadMetricsListen(String),
     /// `--listen` is not an IP:port.
     #[error("bad --listen address `{0}`: expected IP:PORT such as 127.0.0.1:8000 or [::]:8000")]
     BadListen(String),
@@ -139,6 +146,16 @@ impl Config {
             .parse()
             .map_err(|_| ConfigError::BadListen(args.listen.clone()))?;
         let upstream = resolve_once(&args.upstream)?;
+        let metrics_listen = match &args.metrics_listen {
+            None => None,
+            Some(text) => Some(
+                text.parse::<SocketAddr>()
+                    .map_err(|_| ConfigError::BadMetricsListen(text.clone()))?,
+            ),
+        };
+        if args.metrics_interval.is_zero() {
+            return Err(ConfigError::Zero("--metrics-interval"));
+        }
         let cores = select_cores(args.cores, args.cpu_list.as_deref(), allowed_cores)?;
         let nz = |v: usize, name| NonZeroUsize::new(v).ok_or(ConfigError::Zero(name));
         if args.backlog == 0 {
@@ -161,6 +178,8 @@ impl Config {
             upstream,
             cores,
             tunnel: None,
+            metrics_listen,
+            metrics_interval: args.metrics_interval,
             limits: Limits {
                 buffer_size: nz(args.buffer_size, "--buffer-size")?,
                 connect_timeout: args.connect_timeout,

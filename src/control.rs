@@ -18,6 +18,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::error::StartupError;
+use crate::metrics::Board;
 
 /// A message to a shard.
 #[derive(Debug)]
@@ -76,7 +77,11 @@ impl Controller {
     /// exits at once, SIGHUP reloads `key_file` (if any). The file is parsed
     /// once, here; a file that fails to parse is logged and the shards keep
     /// their keys.
-    pub fn handle_signals(mut self, key_file: Option<String>) -> Result<(), StartupError> {
+    pub fn handle_signals(
+        mut self,
+        key_file: Option<String>,
+        board: Option<Board>,
+    ) -> Result<(), StartupError> {
         let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(StartupError::Signals)?;
         std::thread::Builder::new()
             .name("signals".into())
@@ -109,6 +114,9 @@ impl Controller {
                                 "termination signal: draining (send again to exit at once)"
                             );
                             draining = true;
+                            if let Some(b) = &board {
+                                b.info.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+                            }
                             self.broadcast(Command::Drain);
                         }
                     }

@@ -29,6 +29,14 @@ pub enum StartupError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The metrics endpoint cannot listen.
+    #[error("cannot listen on --metrics-listen {addr}: {source}")]
+    MetricsListen {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// RLIMIT_MEMLOCK is below glommio's minimum.
     #[error("memlock limit is {have} bytes but io_uring needs at least {need}: raise it with `ulimit -l 512` (or more), LimitMEMLOCK= in systemd, or --ulimit memlock= in docker")]
     MemLock {

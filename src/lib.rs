@@ -14,6 +14,7 @@
 //! | [`relay`]    | bounded half-duplex pumps (plain, sealing, opening)          |
 //! | [`control`]  | signals as events, shard commands by message                 |
 //! | [`stats`]    | per-shard counters and close reasons                         |
+//! | [`metrics`]  | per-shard HDR histograms, `/metrics`, `/histograms`, `stats`  |
 //! | [`sys`]      | the only `unsafe`: adopting fds into glommio, io_uring probe |
 //! | [`proto`]    | sans-io tunnel protocol: keys, hellos, chunk framing         |
 //! | [`demo`]     | `shardproxy demo`: origin + exit + entry on loopback         |
@@ -29,6 +30,7 @@ pub mod demo;
 pub mod error;
 pub mod listener;
 pub mod log;
+pub mod metrics;
 pub mod proto;
 pub mod relay;
 pub mod session;

@@ -28,6 +28,18 @@ fn main() -> ExitCode {
         Command::Entry(args) => shardproxy::app::run_tunnel(Role::Entry, args),
         Command::Exit(args) => shardproxy::app::run_tunnel(Role::Exit, args),
         Command::Keygen(args) => shardproxy::app::keygen(args),
+        Command::Stats(args) => {
+            return match shardproxy::metrics::stats_cmd::run(&args.from, args.per_shard) {
+                Ok(table) => {
+                    print!("{table}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
         Command::Demo(args) => shardproxy::demo::run(args),
     };
     match result {

@@ -22,7 +22,7 @@ use std::net::Shutdown;
 use std::pin::{pin, Pin};
 use std::rc::Rc;
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_lite::future::poll_fn;
 use futures_lite::{AsyncRead, AsyncWrite};
@@ -31,6 +31,7 @@ use glommio::net::TcpStream;
 use crate::proto::{
     Decoded, Decoder, Encoder, ProtoError, BULK_PAYLOAD, END_LEN, HEADER_LEN, MAX_FRAME,
 };
+use crate::metrics::{Hist, Timings};
 use crate::stats::{CloseReason, ShardStats};
 use crate::trigger::Trigger;
 
@@ -190,6 +191,30 @@ pub struct PumpCtx<'a> {
     pub activity: &'a Activity,
     /// Shard counters.
     pub stats: &'a ShardStats,
+    /// Shard histograms (a no-op when metrics are off).
+    pub timings: &'a Timings,
+    /// When the client was accepted, for the first-byte histogram.
+    pub accepted_at: Instant,
+    /// Whether the first byte upstream has been recorded.
+    pub first_byte_done: Cell<bool>,
+}
+
+impl PumpCtx<'_> {
+    /// The time a chunk's read completed, if anything is timed.
+    fn now(&self) -> Option<Instant> {
+        self.timings.enabled().then(Instant::now)
+    }
+
+    /// A chunk read at `read_at` has been fully written on the other side.
+    fn chunk_done(&self, up: bool, read_at: Option<Instant>) {
+        let Some(read_at) = read_at else { return };
+        let now = Instant::now();
+        let which = if up { Hist::RelayUp } else { Hist::RelayDown };
+        self.timings.record(which, now - read_at);
+        if up && !self.first_byte_done.replace(true) {
+            self.timings.record(Hist::FirstByte, now - self.accepted_at);
+        }
+    }
 }
 
 /// Writes all of `buf` to `to`, touching the idle clock on each progress.
@@ -239,8 +264,10 @@ pub async fn pump(
         if n == 0 {
             return shutdown_write(to);
         }
+        let read_at = ctx.now();
         ctx.stats.add_bytes(up, n);
         write_all(to, &buf[..n], ctx.activity).await?;
+        ctx.chunk_done(up, read_at);
     }
 }
 
@@ -272,9 +299,11 @@ pub async fn seal_pump(
             write_all(tunnel, &end, ctx.activity).await?;
             return shutdown_write(tunnel);
         }
+        let read_at = ctx.now();
         ctx.stats.add_bytes(up, n);
         let total = enc.seal_in_place(frame, n)?;
         write_all(tunnel, &frame[..total], ctx.activity).await?;
+        ctx.chunk_done(up, read_at);
     }
 }
 
@@ -294,6 +323,7 @@ pub async fn open_pump(
     debug_assert!(buf.len() >= MAX_FRAME);
     let up = tunnel.peer == Peer::Downstream;
     let (mut start, mut end) = (0usize, 0usize);
+    let mut read_at = None;
     loop {
         match dec.decode(&mut buf[start..end])? {
             Decoded::Data {
@@ -304,6 +334,7 @@ pub async fn open_pump(
                 let at = start + s;
                 ctx.stats.add_bytes(up, len);
                 write_all(plain, &buf[at..at + len], ctx.activity).await?;
+                ctx.chunk_done(up, read_at);
                 start += consumed;
             }
             Decoded::End { .. } => return shutdown_write(plain),
@@ -315,6 +346,7 @@ pub async fn open_pump(
                 if n == 0 {
                     return Err(PumpError::Truncated);
                 }
+                read_at = ctx.now();
                 end += n;
             }
         }

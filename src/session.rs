@@ -2,8 +2,7 @@
 //! (handshake) → connect → (handshake) → relay → close reason.
 
 use std::future::Future;
-use std::net::SocketAddr;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use futures_lite::future;
 use glommio::net::TcpStream;
@@ -15,6 +14,7 @@ use crate::proto::{
 };
 use crate::relay::{self, Activity, Conn, Peer, PumpCtx, PumpError};
 use crate::shard::ShardCtx;
+use crate::metrics::Hist;
 use crate::stats::CloseReason;
 use crate::trigger::Trigger;
 
@@ -25,10 +25,11 @@ pub async fn run(client: TcpStream, ctx: &ShardCtx) -> CloseReason {
     let _ = client.set_nodelay(true);
     let client = Conn::new(client, Peer::Downstream);
     let reason = match (ctx.cfg.role, ctx.cfg.tunnel.as_ref()) {
-        (Role::Entry, Some(tun)) => entry(&client, ctx, tun).await,
+        (Role::Entry, Some(tun)) => entry(&client, ctx, tun, accepted_at).await,
         (Role::Exit, Some(tun)) => exit(&client, ctx, tun, accepted_at).await,
-        _ => forward(&client, ctx).await,
+        _ => forward(&client, ctx, accepted_at).await,
     };
+    ctx.timings.record(Hist::ConnectionDuration, accepted_at.elapsed());
     if reason != CloseReason::Clean {
         client.abort();
     }
@@ -36,17 +37,14 @@ pub async fn run(client: TcpStream, ctx: &ShardCtx) -> CloseReason {
 }
 
 /// `forward`: plain both ways.
-async fn forward(client: &Conn, ctx: &ShardCtx) -> CloseReason {
+async fn forward(client: &Conn, ctx: &ShardCtx, accepted_at: Instant) -> CloseReason {
     let limits = &ctx.cfg.limits;
-    let upstream = match connect(ctx.cfg.upstream, limits.connect_timeout, &ctx.abort_all).await {
+    let upstream = match connect(ctx).await {
         Ok(s) => s,
         Err(reason) => return reason,
     };
     let activity = Activity::new();
-    let pctx = PumpCtx {
-        activity: &activity,
-        stats: &ctx.stats,
-    };
+    let pctx = pump_ctx(ctx, &activity, accepted_at);
     let size = limits.buffer_size.get();
     let (mut up_buf, mut down_buf) = (vec![0u8; size], vec![0u8; size]);
     relay::run_pair(
@@ -63,12 +61,17 @@ async fn forward(client: &Conn, ctx: &ShardCtx) -> CloseReason {
 
 /// `entry`: connect to the exit, say hello, verify its answer, then seal
 /// client bytes upstream and open the exit's chunks downstream.
-async fn entry(client: &Conn, ctx: &ShardCtx, tun: &TunnelConfig) -> CloseReason {
+async fn entry(
+    client: &Conn,
+    ctx: &ShardCtx,
+    tun: &TunnelConfig,
+    accepted_at: Instant,
+) -> CloseReason {
     let limits = &ctx.cfg.limits;
     let Some(keys) = ctx.keys() else {
         return CloseReason::AuthFailed;
     };
-    let upstream = match connect(ctx.cfg.upstream, limits.connect_timeout, &ctx.abort_all).await {
+    let upstream = match connect(ctx).await {
         Ok(s) => s,
         Err(reason) => return reason,
     };
@@ -76,9 +79,12 @@ async fn entry(client: &Conn, ctx: &ShardCtx, tun: &TunnelConfig) -> CloseReason
         let salt = random_salt().map_err(|_| HandshakeError::Proto)?;
         let (hs, hello) = ClientHandshake::start(keys.primary(), salt, unix_now(), b"")?;
         relay::write_all(&upstream, &hello, &Activity::new()).await?;
+        let sent_at = Instant::now();
         let mut answer = [0u8; SERVER_HELLO_LEN];
         read_exact(&upstream, &mut answer).await?;
-        Ok(hs.finish(&answer)?)
+        let session = hs.finish(&answer)?;
+        ctx.timings.record(Hist::Handshake, sent_at.elapsed());
+        Ok(session)
     };
     let deadline = Instant::now() + tun.handshake_timeout;
     let (mut enc, mut dec) = match within(deadline, &ctx.abort_all, handshake).await {
@@ -89,10 +95,7 @@ async fn entry(client: &Conn, ctx: &ShardCtx, tun: &TunnelConfig) -> CloseReason
         }
     };
     let activity = Activity::new();
-    let pctx = PumpCtx {
-        activity: &activity,
-        stats: &ctx.stats,
-    };
+    let pctx = pump_ctx(ctx, &activity, accepted_at);
     let (mut frame, mut buf) = (vec![0u8; MAX_FRAME], vec![0u8; MAX_FRAME]);
     relay::run_pair(
         client,
@@ -135,6 +138,7 @@ async fn exit(
     {
         return e.reason(ctx);
     }
+    let hello_at = Instant::now();
     let verified = random_salt()
         .map_err(|_| ProtoError::BadHello)
         .and_then(|salt| {
@@ -159,16 +163,14 @@ async fn exit(
     if let Err(e) = relay::write_all(client, &accepted.server_hello, &Activity::new()).await {
         return e.reason();
     }
-    let upstream = match connect(ctx.cfg.upstream, limits.connect_timeout, &ctx.abort_all).await {
+    ctx.timings.record(Hist::Handshake, hello_at.elapsed());
+    let upstream = match connect(ctx).await {
         Ok(s) => s,
         Err(reason) => return reason,
     };
     let (mut enc, mut dec) = (accepted.encoder, accepted.decoder);
     let activity = Activity::new();
-    let pctx = PumpCtx {
-        activity: &activity,
-        stats: &ctx.stats,
-    };
+    let pctx = pump_ctx(ctx, &activity, accepted_at);
     let (mut frame, mut buf) = (vec![0u8; MAX_FRAME], vec![0u8; MAX_FRAME]);
     relay::run_pair(
         client,
@@ -292,15 +294,25 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Connects to `addr` within `timeout`, giving up early if the shard aborts.
-pub async fn connect(
-    addr: SocketAddr,
-    timeout: Duration,
-    abort: &Trigger,
-) -> Result<Conn, CloseReason> {
+fn pump_ctx<'a>(ctx: &'a ShardCtx, activity: &'a Activity, accepted_at: Instant) -> PumpCtx<'a> {
+    PumpCtx {
+        activity,
+        stats: &ctx.stats,
+        timings: &ctx.timings,
+        accepted_at,
+        first_byte_done: std::cell::Cell::new(false),
+    }
+}
+
+/// Connects upstream within `--connect-timeout`, giving up early if the
+/// shard aborts; records the connect time.
+async fn connect(ctx: &ShardCtx) -> Result<Conn, CloseReason> {
+    let (addr, timeout, abort) = (ctx.cfg.upstream, ctx.cfg.limits.connect_timeout, &ctx.abort_all);
+    let started = Instant::now();
     let attempt = async {
         match TcpStream::connect(addr).await {
             Ok(s) => {
+                ctx.timings.record(Hist::UpstreamConnect, started.elapsed());
                 let _ = s.set_nodelay(true);
                 Ok(Conn::new(s, Peer::Upstream))
             }

@@ -13,6 +13,7 @@ use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use crate::config::Config;
 use crate::control::{self, Command};
 use crate::error::StartupError;
+use crate::metrics::{Board, Snapshot, Timings};
 use crate::proto::KeySet;
 use crate::stats::{CloseReason, ShardStats};
 use crate::trigger::Trigger;
@@ -33,6 +34,10 @@ pub struct ShardCtx {
     pub abort_all: Trigger,
     /// Fired when draining and the last connection has closed.
     pub all_closed: Trigger,
+    /// Latency histograms (no-op unless metrics are on).
+    pub timings: Timings,
+    /// Where snapshots go, when metrics are on.
+    board: Option<Board>,
     /// Tunnel keys for new connections; replaced on SIGHUP. A session clones
     /// the `Rc` when it starts, and its derived session keys never change.
     pub keys: RefCell<Option<Rc<KeySet>>>,
@@ -40,6 +45,13 @@ pub struct ShardCtx {
 }
 
 impl ShardCtx {
+    /// Publishes a snapshot of this shard's counters and histograms.
+    pub fn publish(&self) {
+        if let Some(board) = &self.board {
+            board.publish(Snapshot::take(self.id, &self.stats, &self.timings));
+        }
+    }
+
     /// The current key set (tunnel roles).
     pub fn keys(&self) -> Option<Rc<KeySet>> {
         self.keys.borrow().clone()
@@ -61,17 +73,25 @@ pub fn spawn(
     cfg: Config,
     listener: socket2::Socket,
     control: UnixStream,
+    board: Option<Board>,
 ) -> Result<ExecutorJoinHandle<()>, StartupError> {
     LocalExecutorBuilder::new(Placement::Fixed(core))
         .name(&format!("shard-{id}"))
-        .spawn(move || async move { run(id, core, cfg, listener, control).await })
+        .spawn(move || async move { run(id, core, cfg, listener, control, board).await })
         .map_err(|e| StartupError::Shard {
             core,
             reason: e.to_string(),
         })
 }
 
-async fn run(id: usize, core: usize, cfg: Config, listener: socket2::Socket, control: UnixStream) {
+async fn run(
+    id: usize,
+    core: usize,
+    cfg: Config,
+    listener: socket2::Socket,
+    control: UnixStream,
+    board: Option<Board>,
+) {
     let listener = crate::sys::adopt_listener(listener);
     let mut control = crate::sys::adopt_unix_stream(control);
     let addr = listener
@@ -86,6 +106,8 @@ async fn run(id: usize, core: usize, cfg: Config, listener: socket2::Socket, con
     );
     let keys = cfg.tunnel.as_ref().map(|t| Rc::new(t.keys.clone()));
     let ctx = Rc::new(ShardCtx {
+        timings: Timings::new(board.is_some()),
+        board,
         keys: RefCell::new(keys),
         id,
         core,
@@ -97,6 +119,9 @@ async fn run(id: usize, core: usize, cfg: Config, listener: socket2::Socket, con
         draining: Cell::new(false),
     });
     let accept = glommio::spawn_local(crate::listener::accept_loop(listener, ctx.clone())).detach();
+    if ctx.board.is_some() {
+        spawn_publisher(ctx.clone());
+    }
 
     while let Command::Keys(keys) = control::recv(&mut control).await {
         *ctx.keys.borrow_mut() = Some(Rc::new(keys));
@@ -130,5 +155,29 @@ async fn run(id: usize, core: usize, cfg: Config, listener: socket2::Socket, con
         ctx.abort_all.fire();
         ctx.all_closed.wait().await;
     }
+    ctx.publish();
     crate::info!("shard {id} core {core} summary: {}", ctx.stats);
+}
+
+/// Publishes a snapshot every `--metrics-interval` from a task queue with
+/// small shares, so it yields to connection work whenever both are ready.
+fn spawn_publisher(ctx: Rc<ShardCtx>) {
+    let every = ctx.cfg.metrics_interval;
+    let task = async move {
+        loop {
+            ctx.publish();
+            glommio::timer::sleep(every).await;
+        }
+    };
+    let queue = glommio::executor().create_task_queue(
+        glommio::Shares::Static(10),
+        glommio::Latency::NotImportant,
+        "metrics",
+    );
+    match glommio::spawn_local_into(task, queue) {
+        Ok(t) => {
+            t.detach();
+        }
+        Err(e) => crate::warn!("metrics publisher not started: {e}"),
+    }
 }

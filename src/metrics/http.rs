@@ -1,0 +1,207 @@
+//! The scrape endpoint: a tiny HTTP/1.1 server on its own unpinned thread.
+//!
+//! It never touches a shard: it reads the [`Board`] the shards publish to.
+//! Every request is bounded: 8 KiB of head, 2 s to send it, at most
+//! [`MAX_CLIENTS`] at once (more are closed at once). Bad requests get 400,
+//! unknown paths 404, other methods 405; nothing a client sends can crash it.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{prom, Board};
+
+/// Largest request head accepted.
+pub const MAX_HEAD: usize = 8 * 1024;
+/// Concurrent scrape connections.
+pub const MAX_CLIENTS: usize = 16;
+
+/// A parsed request line: the only thing we need.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Request<'a> {
+    /// `GET`, `HEAD`, ...
+    pub method: &'a str,
+    /// The path, without any query string.
+    pub path: &'a str,
+}
+
+/// Why a request head was rejected.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HttpError {
+    /// Not a complete head yet.
+    Incomplete,
+    /// Malformed.
+    Bad,
+    /// Head larger than [`MAX_HEAD`].
+    TooLarge,
+}
+
+/// Parses a request head (pure; fuzzable). Needs the full head, up to the
+/// blank line.
+pub fn parse_request(buf: &[u8]) -> Result<Request<'_>, HttpError> {
+    let head_end = match find(buf, b"\r\n\r\n") {
+        Some(i) => i,
+        None if buf.len() >= MAX_HEAD => return Err(HttpError::TooLarge),
+        None => return Err(HttpError::Incomplete),
+    };
+    if head_end > MAX_HEAD {
+        return Err(HttpError::TooLarge);
+    }
+    let head = std::str::from_utf8(&buf[..head_end]).map_err(|_| HttpError::Bad)?;
+    let line = head.split("\r\n").next().ok_or(HttpError::Bad)?;
+    let mut parts = line.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(HttpError::Bad);
+    };
+    if !matches!(version, "HTTP/1.0" | "HTTP/1.1")
+        || method.is_empty()
+        || !method.bytes().all(|b| b.is_ascii_uppercase())
+        || !target.starts_with('/')
+    {
+        return Err(HttpError::Bad);
+    }
+    let path = target.split('?').next().unwrap_or(target);
+    Ok(Request { method, path })
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Status, content type and body for a request.
+pub fn respond(req: &Request<'_>, board: &Board) -> (u16, &'static str, String) {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    if req.method != "GET" && req.method != "HEAD" {
+        return (405, TEXT, "method not allowed\n".into());
+    }
+    match req.path {
+        "/metrics" => (
+            200,
+            "text/plain; version=0.0.4; charset=utf-8",
+            prom::render(&board.read(), &board.info),
+        ),
+        "/histograms" => (200, TEXT, prom::histograms(&board.read(), board.info.role)),
+        "/healthz" if board.draining() => (503, TEXT, "draining\n".into()),
+        "/healthz" => (200, TEXT, "ok\n".into()),
+        _ => (404, TEXT, "not found\n".into()),
+    }
+}
+
+/// Binds the endpoint (a start-up error if it cannot).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+}
+
+/// Serves `listener` on a dedicated thread until the process exits.
+pub fn spawn(listener: TcpListener, board: Board) -> std::io::Result<()> {
+    let clients = Arc::new(AtomicUsize::new(0));
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else {
+                    // EMFILE and friends: do not spin.
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                };
+                if clients.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+                    clients.fetch_sub(1, Ordering::AcqRel);
+                    continue; // dropped: closed at once
+                }
+                let (board, clients) = (board.clone(), clients.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("metrics-conn".into())
+                    .spawn(move || {
+                        serve(conn, &board);
+                        clients.fetch_sub(1, Ordering::AcqRel);
+                    });
+                if spawned.is_err() {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        })
+        .map(|_| ())
+}
+
+fn serve(mut conn: TcpStream, board: &Board) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
+    let mut buf = vec![0u8; MAX_HEAD + 4];
+    let mut filled = 0;
+    let result = loop {
+        match parse_request(&buf[..filled]) {
+            Err(HttpError::Incomplete) => {}
+            other => break other,
+        }
+        match conn.read(&mut buf[filled..]) {
+            Ok(0) | Err(_) => return, // gone or too slow: nothing to answer
+            Ok(n) => filled += n,
+        }
+    };
+    let (status, ctype, body) = match result {
+        Ok(req) => {
+            let (s, c, b) = respond(&req, board);
+            (s, c, if req.method == "HEAD" { String::new() } else { b })
+        }
+        Err(HttpError::TooLarge) => (431, "text/plain", "request header too large\n".into()),
+        Err(_) => (400, "text/plain", "bad request\n".into()),
+    };
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        _ => "Service Unavailable",
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = conn.write_all(head.as_bytes());
+    let _ = conn.write_all(body.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_rejects() {
+        assert_eq!(
+            parse_request(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Ok(Request { method: "GET", path: "/metrics" })
+        );
+        assert_eq!(parse_request(b"GET /metrics HTTP/1.1\r\n"), Err(HttpError::Incomplete));
+        for bad in [
+            &b"\x16\x03\x01\x00\x10junk\r\n\r\n"[..],
+            b"GET metrics HTTP/1.1\r\n\r\n",
+            b"GET /a HTTP/9\r\n\r\n",
+            b"get /a HTTP/1.1\r\n\r\n",
+            b"GET /a b HTTP/1.1\r\n\r\n",
+            b"\r\n\r\n",
+            b"\xff\xfe /x HTTP/1.1\r\n\r\n",
+        ] {
+            assert_eq!(parse_request(bad), Err(HttpError::Bad), "{bad:?}");
+        }
+        let huge = vec![b'a'; MAX_HEAD + 1];
+        assert_eq!(parse_request(&huge), Err(HttpError::TooLarge));
+    }
+
+    #[test]
+    fn routes() {
+        let board = Board::new(1, "forward");
+        let get = |p| respond(&Request { method: "GET", path: p }, &board).0;
+        assert_eq!(get("/metrics"), 200);
+        assert_eq!(get("/histograms"), 200);
+        assert_eq!(get("/healthz"), 200);
+        assert_eq!(get("/nope"), 404);
+        assert_eq!(respond(&Request { method: "POST", path: "/metrics" }, &board).0, 405);
+        board.info.draining.store(true, Ordering::Relaxed);
+        assert_eq!(get("/healthz"), 503);
+    }
+}

@@ -1,0 +1,251 @@
+//! Rendering: the Prometheus text format (0.0.4) and the `/histograms` lines.
+//!
+//! Every series carries `shard` and `role` labels. There is deliberately no
+//! `shard="all"` series: buckets and counters are additive, so
+//! `sum without (shard) (...)` is the exact merged view, whereas an "all"
+//! series would be double-counted by every such sum. The exact merged HDR
+//! distribution is on `/histograms`.
+
+use std::fmt::Write;
+
+use base64::Engine;
+use hdrhistogram::serialization::{Serializer, V2DeflateSerializer};
+
+use super::{Hist, ProcessInfo, Recorded, Snapshot};
+use crate::stats::CloseReason;
+
+/// Bucket upper bounds in microseconds: 1-2-5 steps from 1 µs to 50 s, then
+/// 60 s (25 buckets, plus `+Inf`).
+pub fn bucket_bounds_micros() -> Vec<u64> {
+    let mut out = Vec::with_capacity(25);
+    let mut decade = 1u64;
+    while decade <= 10_000_000 {
+        for step in [1, 2, 5] {
+            out.push(decade * step);
+        }
+        decade *= 10;
+    }
+    out.push(60_000_000);
+    out
+}
+
+/// Formats microseconds as seconds without float noise (e.g. `0.000002`).
+fn seconds(us: u64) -> String {
+    let whole = us / 1_000_000;
+    let frac = us % 1_000_000;
+    if frac == 0 {
+        whole.to_string()
+    } else {
+        let s = format!("{whole}.{frac:06}");
+        s.trim_end_matches('0').to_string()
+    }
+}
+
+/// Cumulative counts per bound, from the HDR data. A value counts in a
+/// bucket when its HDR equivalence range lies at or below the bound
+/// (exact below 2048 µs, within 0.1% above).
+fn cumulative(rec: &Recorded, bounds: &[u64]) -> Vec<u64> {
+    let mut per = vec![0u64; bounds.len()];
+    for v in rec.hist.iter_recorded() {
+        let value = rec.hist.lowest_equivalent(v.value_iterated_to());
+        if let Some(i) = bounds.iter().position(|&b| value <= b) {
+            per[i] += v.count_at_value();
+        }
+    }
+    let mut acc = 0;
+    per.iter()
+        .map(|c| {
+            acc += c;
+            acc
+        })
+        .collect()
+}
+
+/// Renders `/metrics`.
+pub fn render(snaps: &[std::sync::Arc<Snapshot>], info: &ProcessInfo) -> String {
+    let role = info.role;
+    let mut out = String::with_capacity(16 * 1024);
+    let w = &mut out;
+    let _ = writeln!(w, "# HELP shardproxy_build_info Build information.");
+    let _ = writeln!(w, "# TYPE shardproxy_build_info gauge");
+    let _ = writeln!(
+        w,
+        "shardproxy_build_info{{version=\"{}\",role=\"{role}\",aead=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        crate::proto::aead::backend_name()
+    );
+    let _ = writeln!(w, "# HELP shardproxy_start_time_seconds Process start time, seconds since the Unix epoch.");
+    let _ = writeln!(w, "# TYPE shardproxy_start_time_seconds gauge");
+    let _ = writeln!(w, "shardproxy_start_time_seconds{{role=\"{role}\"}} {:.3}", info.start_time);
+    let _ = writeln!(w, "# HELP shardproxy_draining Whether the process is draining (1) or accepting (0).");
+    let _ = writeln!(w, "# TYPE shardproxy_draining gauge");
+    let _ = writeln!(w, "shardproxy_draining{{role=\"{role}\"}} {}", u8::from(info.draining.load(std::sync::atomic::Ordering::Relaxed)));
+
+    let counter = |w: &mut String, name: &str, help: &str, kind: &str, value: &dyn Fn(&Snapshot) -> u64| {
+        let _ = writeln!(w, "# HELP {name} {help}");
+        let _ = writeln!(w, "# TYPE {name} {kind}");
+        for s in snaps {
+            let _ = writeln!(w, "{name}{{shard=\"{}\",role=\"{role}\"}} {}", s.shard, value(s));
+        }
+    };
+    counter(w, "shardproxy_connections_accepted_total", "Connections accepted.", "counter", &|s| s.accepted);
+    counter(w, "shardproxy_connections_active", "Connections currently open.", "gauge", &|s| s.active);
+    counter(w, "shardproxy_handshake_failures_total", "Tunnel handshakes that failed.", "counter", &|s| s.handshake_failures);
+    counter(w, "shardproxy_accept_errors_total", "accept(2) failures (EMFILE, ENFILE, ENOBUFS, ...).", "counter", &|s| s.accept_errors);
+
+    let _ = writeln!(w, "# HELP shardproxy_connections_closed_total Connections closed, by reason.");
+    let _ = writeln!(w, "# TYPE shardproxy_connections_closed_total counter");
+    for s in snaps {
+        for (i, reason) in CloseReason::ALL.iter().enumerate() {
+            let _ = writeln!(
+                w,
+                "shardproxy_connections_closed_total{{shard=\"{}\",role=\"{role}\",reason=\"{}\"}} {}",
+                s.shard,
+                reason.as_str(),
+                s.closed.get(i).copied().unwrap_or(0)
+            );
+        }
+    }
+    let _ = writeln!(w, "# HELP shardproxy_bytes_total Plaintext bytes relayed, by direction (up: client to upstream).");
+    let _ = writeln!(w, "# TYPE shardproxy_bytes_total counter");
+    for s in snaps {
+        for (dir, v) in [("up", s.bytes_up), ("down", s.bytes_down)] {
+            let _ = writeln!(w, "shardproxy_bytes_total{{shard=\"{}\",role=\"{role}\",direction=\"{dir}\"}} {v}", s.shard);
+        }
+    }
+
+    let bounds = bucket_bounds_micros();
+    let mut seen_metric = Vec::new();
+    for which in Hist::ALL {
+        let name = which.metric();
+        if !seen_metric.contains(&name) {
+            seen_metric.push(name);
+            let _ = writeln!(w, "# HELP {name} {}", which.help());
+            let _ = writeln!(w, "# TYPE {name} histogram");
+            // Both relay directions share one metric family; write them together.
+            for part in Hist::ALL.iter().filter(|h| h.metric() == name) {
+                for s in snaps {
+                    let Some(rec) = s.hists.get(*part as usize) else { continue };
+                    let labels = match part.direction() {
+                        Some(d) => format!("shard=\"{}\",role=\"{role}\",direction=\"{d}\"", s.shard),
+                        None => format!("shard=\"{}\",role=\"{role}\"", s.shard),
+                    };
+                    for (b, c) in bounds.iter().zip(cumulative(rec, &bounds)) {
+                        let _ = writeln!(w, "{name}_bucket{{{labels},le=\"{}\"}} {c}", seconds(*b));
+                    }
+                    let _ = writeln!(w, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", rec.hist.len());
+                    let _ = writeln!(w, "{name}_sum{{{labels}}} {}", seconds(rec.sum_micros));
+                    let _ = writeln!(w, "{name}_count{{{labels}}} {}", rec.hist.len());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Renders `/histograms`: one line per shard and histogram,
+/// `METRIC shard=N role=R direction=D BASE64`, where BASE64 is HdrHistogram's
+/// standard V2 compressed (deflate) encoding of microsecond values
+/// (`direction=-` where it does not apply).
+pub fn histograms(snaps: &[std::sync::Arc<Snapshot>], role: &str) -> String {
+    let mut out = String::new();
+    let mut ser = V2DeflateSerializer::new();
+    for s in snaps {
+        for which in Hist::ALL {
+            let Some(rec) = s.hists.get(which as usize) else { continue };
+            let mut bytes = Vec::new();
+            if ser.serialize(&rec.hist, &mut bytes).is_err() {
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "{} shard={} role={role} direction={} {}",
+                which.metric(),
+                s.shard,
+                which.direction().unwrap_or("-"),
+                base64::engine::general_purpose::STANDARD.encode(bytes)
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn snap(shard: usize, samples: &[u64]) -> Arc<Snapshot> {
+        let timings = super::super::Timings::new(true);
+        for &us in samples {
+            timings.record(Hist::RelayUp, Duration::from_micros(us));
+        }
+        let stats = crate::stats::ShardStats::default();
+        stats.on_accept();
+        Arc::new(Snapshot::take(shard, &stats, &timings))
+    }
+
+    #[test]
+    fn bucket_layout() {
+        let b = bucket_bounds_micros();
+        assert_eq!(b.len(), 25);
+        assert_eq!(&b[..4], &[1, 2, 5, 10]);
+        assert_eq!(b[b.len() - 2..], [50_000_000, 60_000_000]);
+        assert_eq!(seconds(2), "0.000002");
+        assert_eq!(seconds(1_500_000), "1.5");
+        assert_eq!(seconds(60_000_000), "60");
+    }
+
+    #[test]
+    fn buckets_are_cumulative_and_exact() {
+        let info = ProcessInfo {
+            role: "entry",
+            start_time: 1.0,
+            draining: Default::default(),
+        };
+        let text = render(&[snap(0, &[1, 3, 3, 700, 70_000_000]), snap(1, &[2])], &info);
+        let line = |needle: &str| {
+            text.lines()
+                .find(|l| l.starts_with(needle))
+                .unwrap_or_else(|| panic!("missing {needle}\n{text}"))
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        let up = "shardproxy_relay_chunk_seconds_bucket{shard=\"0\",role=\"entry\",direction=\"up\",";
+        assert_eq!(line(&format!("{up}le=\"0.000001\"}}")), "1");
+        assert_eq!(line(&format!("{up}le=\"0.000002\"}}")), "1");
+        assert_eq!(line(&format!("{up}le=\"0.000005\"}}")), "3");
+        assert_eq!(line(&format!("{up}le=\"0.001\"}}")), "4");
+        assert_eq!(line(&format!("{up}le=\"60\"}}")), "4"); // 70 s is above the last bound
+        assert_eq!(line(&format!("{up}le=\"+Inf\"}}")), "5");
+        assert_eq!(
+            line("shardproxy_relay_chunk_seconds_count{shard=\"0\",role=\"entry\",direction=\"up\"}"),
+            "5"
+        );
+        assert_eq!(
+            line("shardproxy_relay_chunk_seconds_sum{shard=\"0\",role=\"entry\",direction=\"up\"}"),
+            "70.000707"
+        );
+        assert_eq!(line("shardproxy_connections_accepted_total{shard=\"1\""), "1");
+        assert!(!text.contains("shard=\"all\""));
+    }
+
+    #[test]
+    fn histogram_lines_round_trip() {
+        use hdrhistogram::serialization::Deserializer;
+        let text = histograms(&[snap(3, &[10, 20, 30])], "exit");
+        let line = text
+            .lines()
+            .find(|l| l.contains("direction=up"))
+            .unwrap();
+        let fields: Vec<&str> = line.split(' ').collect();
+        assert_eq!(&fields[..4], &["shardproxy_relay_chunk_seconds", "shard=3", "role=exit", "direction=up"]);
+        let bytes = base64::engine::general_purpose::STANDARD.decode(fields[4]).unwrap();
+        let h: hdrhistogram::Histogram<u64> = Deserializer::new().deserialize(&mut &bytes[..]).unwrap();
+        assert_eq!(h.len(), 3);
+        assert_eq!(h.max(), 30);
+    }
+}
