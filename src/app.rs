@@ -94,9 +94,10 @@ pub fn run(cfg: Config) -> Result<(), StartupError> {
             let metrics = crate::metrics::http::bind(addr)
                 .map_err(|source| StartupError::MetricsListen { addr, source })?;
             let board = Board::new(cfg.cores.len(), cfg.role.as_str());
+            let bound = metrics.local_addr().unwrap_or(addr);
             crate::metrics::http::spawn(metrics, board.clone())
                 .map_err(|source| StartupError::MetricsListen { addr, source })?;
-            crate::info!("metrics on http://{addr}/metrics (also /histograms, /healthz)");
+            crate::info!("metrics on http://{bound}/metrics (also /histograms, /healthz)");
             Some(board)
         }
     };

@@ -115,7 +115,9 @@ impl Controller {
                             );
                             draining = true;
                             if let Some(b) = &board {
-                                b.info.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+                                b.info
+                                    .draining
+                                    .store(true, std::sync::atomic::Ordering::Relaxed);
                             }
                             self.broadcast(Command::Drain);
                         }

@@ -28,10 +28,10 @@ use futures_lite::future::poll_fn;
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 
+use crate::metrics::{Hist, Timings};
 use crate::proto::{
     Decoded, Decoder, Encoder, ProtoError, BULK_PAYLOAD, END_LEN, HEADER_LEN, MAX_FRAME,
 };
-use crate::metrics::{Hist, Timings};
 use crate::stats::{CloseReason, ShardStats};
 use crate::trigger::Trigger;
 

@@ -8,13 +8,13 @@ use futures_lite::future;
 use glommio::net::TcpStream;
 
 use crate::config::{Role, TunnelConfig};
+use crate::metrics::Hist;
 use crate::proto::{
     accept_hello, ClientHandshake, ProtoError, CLIENT_HELLO_LEN, MAX_FRAME, SALT_LEN,
     SERVER_HELLO_LEN,
 };
 use crate::relay::{self, Activity, Conn, Peer, PumpCtx, PumpError};
 use crate::shard::ShardCtx;
-use crate::metrics::Hist;
 use crate::stats::CloseReason;
 use crate::trigger::Trigger;
 
@@ -29,7 +29,8 @@ pub async fn run(client: TcpStream, ctx: &ShardCtx) -> CloseReason {
         (Role::Exit, Some(tun)) => exit(&client, ctx, tun, accepted_at).await,
         _ => forward(&client, ctx, accepted_at).await,
     };
-    ctx.timings.record(Hist::ConnectionDuration, accepted_at.elapsed());
+    ctx.timings
+        .record(Hist::ConnectionDuration, accepted_at.elapsed());
     if reason != CloseReason::Clean {
         client.abort();
     }
@@ -307,7 +308,11 @@ fn pump_ctx<'a>(ctx: &'a ShardCtx, activity: &'a Activity, accepted_at: Instant)
 /// Connects upstream within `--connect-timeout`, giving up early if the
 /// shard aborts; records the connect time.
 async fn connect(ctx: &ShardCtx) -> Result<Conn, CloseReason> {
-    let (addr, timeout, abort) = (ctx.cfg.upstream, ctx.cfg.limits.connect_timeout, &ctx.abort_all);
+    let (addr, timeout, abort) = (
+        ctx.cfg.upstream,
+        ctx.cfg.limits.connect_timeout,
+        &ctx.abort_all,
+    );
     let started = Instant::now();
     let attempt = async {
         match TcpStream::connect(addr).await {

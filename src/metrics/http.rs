@@ -41,6 +41,15 @@ pub enum HttpError {
 /// Parses a request head (pure; fuzzable). Needs the full head, up to the
 /// blank line.
 pub fn parse_request(buf: &[u8]) -> Result<Request<'_>, HttpError> {
+    // A request head is printable ASCII: reject binary junk at once instead
+    // of waiting for a blank line that will never come.
+    let scan = &buf[..buf.len().min(MAX_HEAD + 4)];
+    if !scan
+        .iter()
+        .all(|&b| matches!(b, b'\r' | b'\n' | b'\t' | 0x20..=0x7e))
+    {
+        return Err(HttpError::Bad);
+    }
     let head_end = match find(buf, b"\r\n\r\n") {
         Some(i) => i,
         None if buf.len() >= MAX_HEAD => return Err(HttpError::TooLarge),
@@ -145,7 +154,15 @@ fn serve(mut conn: TcpStream, board: &Board) {
     let (status, ctype, body) = match result {
         Ok(req) => {
             let (s, c, b) = respond(&req, board);
-            (s, c, if req.method == "HEAD" { String::new() } else { b })
+            (
+                s,
+                c,
+                if req.method == "HEAD" {
+                    String::new()
+                } else {
+                    b
+                },
+            )
         }
         Err(HttpError::TooLarge) => (431, "text/plain", "request header too large\n".into()),
         Err(_) => (400, "text/plain", "bad request\n".into()),
@@ -174,9 +191,15 @@ mod tests {
     fn parses_and_rejects() {
         assert_eq!(
             parse_request(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n"),
-            Ok(Request { method: "GET", path: "/metrics" })
+            Ok(Request {
+                method: "GET",
+                path: "/metrics"
+            })
         );
-        assert_eq!(parse_request(b"GET /metrics HTTP/1.1\r\n"), Err(HttpError::Incomplete));
+        assert_eq!(
+            parse_request(b"GET /metrics HTTP/1.1\r\n"),
+            Err(HttpError::Incomplete)
+        );
         for bad in [
             &b"\x16\x03\x01\x00\x10junk\r\n\r\n"[..],
             b"GET metrics HTTP/1.1\r\n\r\n",
@@ -195,12 +218,31 @@ mod tests {
     #[test]
     fn routes() {
         let board = Board::new(1, "forward");
-        let get = |p| respond(&Request { method: "GET", path: p }, &board).0;
+        let get = |p| {
+            respond(
+                &Request {
+                    method: "GET",
+                    path: p,
+                },
+                &board,
+            )
+            .0
+        };
         assert_eq!(get("/metrics"), 200);
         assert_eq!(get("/histograms"), 200);
         assert_eq!(get("/healthz"), 200);
         assert_eq!(get("/nope"), 404);
-        assert_eq!(respond(&Request { method: "POST", path: "/metrics" }, &board).0, 405);
+        assert_eq!(
+            respond(
+                &Request {
+                    method: "POST",
+                    path: "/metrics"
+                },
+                &board
+            )
+            .0,
+            405
+        );
         board.info.draining.store(true, Ordering::Relaxed);
         assert_eq!(get("/healthz"), 503);
     }

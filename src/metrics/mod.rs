@@ -139,7 +139,10 @@ impl Timings {
     }
 
     fn snapshot(&self) -> Vec<Recorded> {
-        self.0.as_ref().map(|h| h.borrow().clone()).unwrap_or_default()
+        self.0
+            .as_ref()
+            .map(|h| h.borrow().clone())
+            .unwrap_or_default()
     }
 }
 
@@ -240,6 +243,8 @@ impl Board {
 
     /// Whether the process is draining.
     pub fn draining(&self) -> bool {
-        self.info.draining.load(std::sync::atomic::Ordering::Relaxed)
+        self.info
+            .draining
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }

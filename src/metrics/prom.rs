@@ -74,26 +74,73 @@ pub fn render(snaps: &[std::sync::Arc<Snapshot>], info: &ProcessInfo) -> String 
         env!("CARGO_PKG_VERSION"),
         crate::proto::aead::backend_name()
     );
-    let _ = writeln!(w, "# HELP shardproxy_start_time_seconds Process start time, seconds since the Unix epoch.");
+    let _ = writeln!(
+        w,
+        "# HELP shardproxy_start_time_seconds Process start time, seconds since the Unix epoch."
+    );
     let _ = writeln!(w, "# TYPE shardproxy_start_time_seconds gauge");
-    let _ = writeln!(w, "shardproxy_start_time_seconds{{role=\"{role}\"}} {:.3}", info.start_time);
-    let _ = writeln!(w, "# HELP shardproxy_draining Whether the process is draining (1) or accepting (0).");
+    let _ = writeln!(
+        w,
+        "shardproxy_start_time_seconds{{role=\"{role}\"}} {:.3}",
+        info.start_time
+    );
+    let _ = writeln!(
+        w,
+        "# HELP shardproxy_draining Whether the process is draining (1) or accepting (0)."
+    );
     let _ = writeln!(w, "# TYPE shardproxy_draining gauge");
-    let _ = writeln!(w, "shardproxy_draining{{role=\"{role}\"}} {}", u8::from(info.draining.load(std::sync::atomic::Ordering::Relaxed)));
+    let _ = writeln!(
+        w,
+        "shardproxy_draining{{role=\"{role}\"}} {}",
+        u8::from(info.draining.load(std::sync::atomic::Ordering::Relaxed))
+    );
 
-    let counter = |w: &mut String, name: &str, help: &str, kind: &str, value: &dyn Fn(&Snapshot) -> u64| {
-        let _ = writeln!(w, "# HELP {name} {help}");
-        let _ = writeln!(w, "# TYPE {name} {kind}");
-        for s in snaps {
-            let _ = writeln!(w, "{name}{{shard=\"{}\",role=\"{role}\"}} {}", s.shard, value(s));
-        }
-    };
-    counter(w, "shardproxy_connections_accepted_total", "Connections accepted.", "counter", &|s| s.accepted);
-    counter(w, "shardproxy_connections_active", "Connections currently open.", "gauge", &|s| s.active);
-    counter(w, "shardproxy_handshake_failures_total", "Tunnel handshakes that failed.", "counter", &|s| s.handshake_failures);
-    counter(w, "shardproxy_accept_errors_total", "accept(2) failures (EMFILE, ENFILE, ENOBUFS, ...).", "counter", &|s| s.accept_errors);
+    let counter =
+        |w: &mut String, name: &str, help: &str, kind: &str, value: &dyn Fn(&Snapshot) -> u64| {
+            let _ = writeln!(w, "# HELP {name} {help}");
+            let _ = writeln!(w, "# TYPE {name} {kind}");
+            for s in snaps {
+                let _ = writeln!(
+                    w,
+                    "{name}{{shard=\"{}\",role=\"{role}\"}} {}",
+                    s.shard,
+                    value(s)
+                );
+            }
+        };
+    counter(
+        w,
+        "shardproxy_connections_accepted_total",
+        "Connections accepted.",
+        "counter",
+        &|s| s.accepted,
+    );
+    counter(
+        w,
+        "shardproxy_connections_active",
+        "Connections currently open.",
+        "gauge",
+        &|s| s.active,
+    );
+    counter(
+        w,
+        "shardproxy_handshake_failures_total",
+        "Tunnel handshakes that failed.",
+        "counter",
+        &|s| s.handshake_failures,
+    );
+    counter(
+        w,
+        "shardproxy_accept_errors_total",
+        "accept(2) failures (EMFILE, ENFILE, ENOBUFS, ...).",
+        "counter",
+        &|s| s.accept_errors,
+    );
 
-    let _ = writeln!(w, "# HELP shardproxy_connections_closed_total Connections closed, by reason.");
+    let _ = writeln!(
+        w,
+        "# HELP shardproxy_connections_closed_total Connections closed, by reason."
+    );
     let _ = writeln!(w, "# TYPE shardproxy_connections_closed_total counter");
     for s in snaps {
         for (i, reason) in CloseReason::ALL.iter().enumerate() {
@@ -110,7 +157,11 @@ pub fn render(snaps: &[std::sync::Arc<Snapshot>], info: &ProcessInfo) -> String 
     let _ = writeln!(w, "# TYPE shardproxy_bytes_total counter");
     for s in snaps {
         for (dir, v) in [("up", s.bytes_up), ("down", s.bytes_down)] {
-            let _ = writeln!(w, "shardproxy_bytes_total{{shard=\"{}\",role=\"{role}\",direction=\"{dir}\"}} {v}", s.shard);
+            let _ = writeln!(
+                w,
+                "shardproxy_bytes_total{{shard=\"{}\",role=\"{role}\",direction=\"{dir}\"}} {v}",
+                s.shard
+            );
         }
     }
 
@@ -125,15 +176,23 @@ pub fn render(snaps: &[std::sync::Arc<Snapshot>], info: &ProcessInfo) -> String 
             // Both relay directions share one metric family; write them together.
             for part in Hist::ALL.iter().filter(|h| h.metric() == name) {
                 for s in snaps {
-                    let Some(rec) = s.hists.get(*part as usize) else { continue };
+                    let Some(rec) = s.hists.get(*part as usize) else {
+                        continue;
+                    };
                     let labels = match part.direction() {
-                        Some(d) => format!("shard=\"{}\",role=\"{role}\",direction=\"{d}\"", s.shard),
+                        Some(d) => {
+                            format!("shard=\"{}\",role=\"{role}\",direction=\"{d}\"", s.shard)
+                        }
                         None => format!("shard=\"{}\",role=\"{role}\"", s.shard),
                     };
                     for (b, c) in bounds.iter().zip(cumulative(rec, &bounds)) {
                         let _ = writeln!(w, "{name}_bucket{{{labels},le=\"{}\"}} {c}", seconds(*b));
                     }
-                    let _ = writeln!(w, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", rec.hist.len());
+                    let _ = writeln!(
+                        w,
+                        "{name}_bucket{{{labels},le=\"+Inf\"}} {}",
+                        rec.hist.len()
+                    );
                     let _ = writeln!(w, "{name}_sum{{{labels}}} {}", seconds(rec.sum_micros));
                     let _ = writeln!(w, "{name}_count{{{labels}}} {}", rec.hist.len());
                 }
@@ -152,7 +211,9 @@ pub fn histograms(snaps: &[std::sync::Arc<Snapshot>], role: &str) -> String {
     let mut ser = V2DeflateSerializer::new();
     for s in snaps {
         for which in Hist::ALL {
-            let Some(rec) = s.hists.get(which as usize) else { continue };
+            let Some(rec) = s.hists.get(which as usize) else {
+                continue;
+            };
             let mut bytes = Vec::new();
             if ser.serialize(&rec.hist, &mut bytes).is_err() {
                 continue;
@@ -204,7 +265,10 @@ mod tests {
             start_time: 1.0,
             draining: Default::default(),
         };
-        let text = render(&[snap(0, &[1, 3, 3, 700, 70_000_000]), snap(1, &[2])], &info);
+        let text = render(
+            &[snap(0, &[1, 3, 3, 700, 70_000_000]), snap(1, &[2])],
+            &info,
+        );
         let line = |needle: &str| {
             text.lines()
                 .find(|l| l.starts_with(needle))
@@ -214,7 +278,8 @@ mod tests {
                 .unwrap()
                 .to_string()
         };
-        let up = "shardproxy_relay_chunk_seconds_bucket{shard=\"0\",role=\"entry\",direction=\"up\",";
+        let up =
+            "shardproxy_relay_chunk_seconds_bucket{shard=\"0\",role=\"entry\",direction=\"up\",";
         assert_eq!(line(&format!("{up}le=\"0.000001\"}}")), "1");
         assert_eq!(line(&format!("{up}le=\"0.000002\"}}")), "1");
         assert_eq!(line(&format!("{up}le=\"0.000005\"}}")), "3");
@@ -222,14 +287,19 @@ mod tests {
         assert_eq!(line(&format!("{up}le=\"60\"}}")), "4"); // 70 s is above the last bound
         assert_eq!(line(&format!("{up}le=\"+Inf\"}}")), "5");
         assert_eq!(
-            line("shardproxy_relay_chunk_seconds_count{shard=\"0\",role=\"entry\",direction=\"up\"}"),
+            line(
+                "shardproxy_relay_chunk_seconds_count{shard=\"0\",role=\"entry\",direction=\"up\"}"
+            ),
             "5"
         );
         assert_eq!(
             line("shardproxy_relay_chunk_seconds_sum{shard=\"0\",role=\"entry\",direction=\"up\"}"),
             "70.000707"
         );
-        assert_eq!(line("shardproxy_connections_accepted_total{shard=\"1\""), "1");
+        assert_eq!(
+            line("shardproxy_connections_accepted_total{shard=\"1\""),
+            "1"
+        );
         assert!(!text.contains("shard=\"all\""));
     }
 
@@ -237,14 +307,22 @@ mod tests {
     fn histogram_lines_round_trip() {
         use hdrhistogram::serialization::Deserializer;
         let text = histograms(&[snap(3, &[10, 20, 30])], "exit");
-        let line = text
-            .lines()
-            .find(|l| l.contains("direction=up"))
-            .unwrap();
+        let line = text.lines().find(|l| l.contains("direction=up")).unwrap();
         let fields: Vec<&str> = line.split(' ').collect();
-        assert_eq!(&fields[..4], &["shardproxy_relay_chunk_seconds", "shard=3", "role=exit", "direction=up"]);
-        let bytes = base64::engine::general_purpose::STANDARD.decode(fields[4]).unwrap();
-        let h: hdrhistogram::Histogram<u64> = Deserializer::new().deserialize(&mut &bytes[..]).unwrap();
+        assert_eq!(
+            &fields[..4],
+            &[
+                "shardproxy_relay_chunk_seconds",
+                "shard=3",
+                "role=exit",
+                "direction=up"
+            ]
+        );
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(fields[4])
+            .unwrap();
+        let h: hdrhistogram::Histogram<u64> =
+            Deserializer::new().deserialize(&mut &bytes[..]).unwrap();
         assert_eq!(h.len(), 3);
         assert_eq!(h.max(), 30);
     }

@@ -56,8 +56,12 @@ pub fn parse(body: &str, source: &str) -> Result<Vec<Line>, StatsError> {
             return Err(bad());
         };
         let field = |kv: &str, key: &str| kv.strip_prefix(key).map(str::to_string).ok_or_else(bad);
-        let bytes = base64::engine::general_purpose::STANDARD.decode(b64).map_err(|_| bad())?;
-        let hist: Histogram<u64> = Deserializer::new().deserialize(&mut &bytes[..]).map_err(|_| bad())?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|_| bad())?;
+        let hist: Histogram<u64> = Deserializer::new()
+            .deserialize(&mut &bytes[..])
+            .map_err(|_| bad())?;
         out.push(Line {
             metric: metric.to_string(),
             shard: field(shard, "shard=")?,
@@ -95,7 +99,7 @@ pub fn table(lines: &[Line], per_shard: bool) -> String {
     let header = |out: &mut String, first: &str| {
         let _ = writeln!(
             out,
-            "{first:<22} {:<5} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "{first:<26} {:<5} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
             "dir", "count", "p50", "p90", "p99", "p99.9", "max"
         );
     };
@@ -103,7 +107,7 @@ pub fn table(lines: &[Line], per_shard: bool) -> String {
         let q = |x| human(h.value_at_quantile(x));
         let _ = writeln!(
             out,
-            "{name:<22} {dir:<5} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "{name:<26} {dir:<5} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
             h.len(),
             q(0.5),
             q(0.9),
@@ -125,9 +129,16 @@ pub fn table(lines: &[Line], per_shard: bool) -> String {
         let _ = writeln!(out);
         header(&mut out, "metric [shard]");
         let mut sorted: Vec<&Line> = lines.iter().collect();
-        sorted.sort_by(|a, b| (&a.metric, &a.direction, &a.shard).cmp(&(&b.metric, &b.direction, &b.shard)));
+        sorted.sort_by(|a, b| {
+            (&a.metric, &a.direction, &a.shard).cmp(&(&b.metric, &b.direction, &b.shard))
+        });
         for l in sorted {
-            row(&mut out, &format!("{} [{}]", short(&l.metric), l.shard), &l.direction, &l.hist);
+            row(
+                &mut out,
+                &format!("{} [{}]", short(&l.metric), l.shard),
+                &l.direction,
+                &l.hist,
+            );
         }
     }
     out
@@ -147,8 +158,13 @@ pub fn fetch(url: &str, path: &str) -> Result<String, StatsError> {
         .next()
         .ok_or_else(|| StatsError::BadUrl(url.to_string()))?;
     let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(io)?;
-    conn.set_read_timeout(Some(Duration::from_secs(10))).map_err(io)?;
-    write!(conn, "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n").map_err(io)?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(io)?;
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(io)?;
     let mut raw = Vec::new();
     conn.take(MAX_BODY).read_to_end(&mut raw).map_err(io)?;
     let text = String::from_utf8_lossy(&raw);

@@ -1,0 +1,408 @@
+//! The metrics endpoint of a live entry/exit pair: exact counts, Prometheus
+//! validity (promtool), HDR histograms decoded by an independent library,
+//! the `stats` command, `/healthz` during drain, and hostile clients.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The metrics address a proxy logged.
+fn metrics_addr(p: &Proxy) -> SocketAddr {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(a) = p.log().iter().find_map(|l| {
+            l.split("metrics on http://")
+                .nth(1)
+                .and_then(|r| r.split('/').next())
+                .and_then(|a| a.parse().ok())
+        }) {
+            return a;
+        }
+        assert!(Instant::now() < deadline, "no metrics line: {:?}", p.log());
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    c.read_to_string(&mut raw).unwrap();
+    let status = raw[9..12].parse().unwrap();
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Sums a metric's samples over shards, keyed by the other labels.
+fn sum_by(text: &str, metric: &str, label: Option<&str>) -> HashMap<String, f64> {
+    let mut out = HashMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(metric) else {
+            continue;
+        };
+        let Some(rest) = rest.strip_prefix('{') else {
+            continue;
+        };
+        let (labels, value) = rest.split_once("} ").unwrap();
+        let key = label
+            .and_then(|l| {
+                labels
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix(&format!("{l}=\"")))
+            })
+            .map(|v| v.trim_end_matches('"').to_string())
+            .unwrap_or_default();
+        *out.entry(key).or_insert(0.0) += value.parse::<f64>().unwrap();
+    }
+    out
+}
+
+fn per_shard(text: &str, metric: &str) -> Vec<f64> {
+    let mut v: Vec<(String, f64)> = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")))
+        .map(|l| {
+            let shard = l
+                .split("shard=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap()
+                .to_string();
+            (shard, l.rsplit(' ').next().unwrap().parse().unwrap())
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v.into_iter().map(|(_, x)| x).collect()
+}
+
+struct Pair {
+    entry: Proxy,
+    exit: Proxy,
+    entry_metrics: SocketAddr,
+    exit_metrics: SocketAddr,
+}
+
+fn pair(extra: &[&str]) -> Pair {
+    let key = key_file(&[&keygen()]);
+    let mut args = vec![
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--metrics-interval",
+        "100ms",
+    ];
+    args.extend_from_slice(extra);
+    let origin = echo_origin().to_string();
+    let mut exit_args = vec![
+        "exit",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &origin,
+        "--key-file",
+        &key,
+        "--cores",
+        "2",
+    ];
+    exit_args.extend_from_slice(&args);
+    let exit = Proxy::start(&exit_args, 2);
+    let exit_addr = exit.addr.to_string();
+    let mut entry_args = vec![
+        "entry",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &exit_addr,
+        "--key-file",
+        &key,
+        "--cores",
+        "2",
+    ];
+    entry_args.extend_from_slice(&args);
+    let entry = Proxy::start(&entry_args, 2);
+    let (entry_metrics, exit_metrics) = (metrics_addr(&entry), metrics_addr(&exit));
+    Pair {
+        entry,
+        exit,
+        entry_metrics,
+        exit_metrics,
+    }
+}
+
+const CONNS: u64 = 40;
+const BYTES: usize = 10_000;
+
+/// Runs the known workload and waits until both endpoints show it.
+fn run_workload(p: &Pair) -> (String, String) {
+    let workers: Vec<_> = (0..CONNS)
+        .map(|i| {
+            let addr = p.entry.addr;
+            thread::spawn(move || {
+                let data = Arc::new(random_bytes(BYTES, i + 1));
+                assert_eq!(echo_round_trip(addr, data.clone()), *data);
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, entry) = http_get(p.entry_metrics, "/metrics");
+        let (_, exit) = http_get(p.exit_metrics, "/metrics");
+        let done = |t: &str| {
+            sum_by(t, "shardproxy_connections_closed_total", Some("reason")).get("clean")
+                == Some(&(CONNS as f64))
+        };
+        if done(&entry) && done(&exit) {
+            return (entry, exit);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics never showed the workload:\n{entry}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn metrics_show_exact_counts_pass_promtool_and_match_hdr_histograms() {
+    let p = pair(&[]);
+    let (entry, exit) = run_workload(&p);
+    for text in [&entry, &exit] {
+        assert_eq!(
+            sum_by(text, "shardproxy_connections_accepted_total", None)[""],
+            CONNS as f64
+        );
+        let bytes = sum_by(text, "shardproxy_bytes_total", Some("direction"));
+        assert_eq!(bytes["up"], (CONNS as usize * BYTES) as f64);
+        assert_eq!(bytes["down"], (CONNS as usize * BYTES) as f64);
+        assert_eq!(sum_by(text, "shardproxy_connections_active", None)[""], 0.0);
+        let accepted = per_shard(text, "shardproxy_connections_accepted_total");
+        assert_eq!(accepted.len(), 2);
+        assert!(
+            accepted.iter().all(|&a| a > 0.0),
+            "a shard accepted nothing: {accepted:?}"
+        );
+        for h in [
+            "shardproxy_handshake_seconds_count",
+            "shardproxy_upstream_connect_seconds_count",
+            "shardproxy_first_byte_seconds_count",
+            "shardproxy_connection_duration_seconds_count",
+        ] {
+            assert_eq!(sum_by(text, h, None)[""], CONNS as f64, "{h}");
+        }
+        let chunks = sum_by(
+            text,
+            "shardproxy_relay_chunk_seconds_count",
+            Some("direction"),
+        );
+        assert!(
+            chunks["up"] >= CONNS as f64 && chunks["down"] >= CONNS as f64,
+            "{chunks:?}"
+        );
+        assert!(text.contains("shardproxy_build_info{"));
+        assert!(text.contains("shardproxy_start_time_seconds{"));
+    }
+
+    // promtool, the reference linter of the exposition format.
+    match Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        Ok(mut child) => {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(exit.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            let said = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                out.status.success() && said.trim().is_empty(),
+                "promtool: {said}"
+            );
+        }
+        Err(_) => {
+            assert!(
+                std::env::var("CI").is_err(),
+                "promtool missing in CI (.ci/run installs prometheus)"
+            );
+            eprintln!("SKIPPED promtool check: install Debian's `prometheus` package");
+        }
+    }
+
+    // /histograms through an independent decoder (Python `hdrhistogram`).
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/decode_histograms.py");
+    let url = format!("http://{}/histograms", p.exit_metrics);
+    let out = Command::new("python3")
+        .args([script, &url])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            std::env::var("CI").is_err() && err.contains("No module named"),
+            "decoder failed: {err}"
+        );
+        eprintln!("SKIPPED hdrhistogram decode: pip install hdrhistogram");
+    } else {
+        let (_, now) = http_get(p.exit_metrics, "/metrics");
+        let counts = sum_by(
+            &now,
+            "shardproxy_relay_chunk_seconds_count",
+            Some("direction"),
+        );
+        let want = [
+            ("shardproxy_relay_chunk_seconds up", counts["up"]),
+            ("shardproxy_relay_chunk_seconds down", counts["down"]),
+            ("shardproxy_handshake_seconds -", CONNS as f64),
+            ("shardproxy_first_byte_seconds -", CONNS as f64),
+        ];
+        for (prefix, count) in want {
+            let line = stdout
+                .lines()
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("{prefix}: {stdout}"));
+            assert_eq!(
+                line.split(' ').nth(2).unwrap().parse::<f64>().unwrap(),
+                count,
+                "{line}"
+            );
+        }
+        assert!(stdout.contains("shards 2"), "{stdout}");
+    }
+
+    // `shardproxy stats` on the live pair agrees with /metrics.
+    let out = Command::new(BIN)
+        .args([
+            "stats",
+            "--from",
+            &format!("http://{}", p.entry_metrics),
+            "--per-shard",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    let (_, now) = http_get(p.entry_metrics, "/metrics");
+    let counts = sum_by(
+        &now,
+        "shardproxy_relay_chunk_seconds_count",
+        Some("direction"),
+    );
+    let row = |name: &str, dir: &str| -> Vec<String> {
+        table
+            .lines()
+            .find(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 2 && f[0] == name && f[1] == dir
+            })
+            .unwrap_or_else(|| panic!("no {name} {dir} row:\n{table}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(
+        row("relay_chunk", "up")[2].parse::<f64>().unwrap(),
+        counts["up"],
+        "{table}"
+    );
+    assert_eq!(
+        row("relay_chunk", "down")[2].parse::<f64>().unwrap(),
+        counts["down"]
+    );
+    assert_eq!(row("handshake", "-")[2], CONNS.to_string());
+    assert!(
+        table.contains("relay_chunk [0]") && table.contains("relay_chunk [1]"),
+        "{table}"
+    );
+}
+
+#[test]
+fn healthz_flips_to_503_while_draining() {
+    let p = pair(&["--drain-timeout", "10s"]);
+    assert_eq!(http_get(p.exit_metrics, "/healthz").0, 200);
+    // A live connection keeps the exit draining for a while.
+    let mut live = TcpStream::connect(p.entry.addr).unwrap();
+    live.write_all(b"hold").unwrap();
+    let mut b = [0u8; 4];
+    live.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    live.read_exact(&mut b).unwrap();
+    p.exit.signal("TERM");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while http_get(p.exit_metrics, "/healthz").0 != 503 {
+        assert!(Instant::now() < deadline, "/healthz never said 503");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let (_, metrics) = http_get(p.exit_metrics, "/metrics");
+    assert!(
+        metrics.contains("shardproxy_draining{role=\"exit\"} 1"),
+        "{metrics}"
+    );
+    drop(live);
+}
+
+#[test]
+fn junk_on_the_metrics_port_is_answered_and_survived() {
+    let p = pair(&[]);
+    let m = p.exit_metrics;
+    let send = |bytes: &[u8]| -> String {
+        let mut c = TcpStream::connect(m).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = c.write_all(bytes);
+        let mut out = String::new();
+        let _ = c.read_to_string(&mut out);
+        out
+    };
+    assert!(
+        send(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n")
+            .starts_with("HTTP/1.1 400")
+    );
+    assert!(send(&random_bytes(4096, 9)).starts_with("HTTP/1.1 4"));
+    let mut huge = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
+    huge.extend(vec![b'a'; 20_000]);
+    assert!(send(&huge).starts_with("HTTP/1.1 431"));
+    assert!(send(b"GET /nope HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
+    assert!(send(b"POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
+    // A slow client is cut off, and does not block others meanwhile.
+    let mut slow = TcpStream::connect(m).unwrap();
+    slow.write_all(b"GET /met").unwrap();
+    assert_eq!(http_get(m, "/healthz").0, 200);
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let start = Instant::now();
+    let _ = slow.read_to_end(&mut rest);
+    assert!(rest.is_empty() && start.elapsed() < Duration::from_secs(8));
+    // Still serving.
+    let (status, body) = http_get(m, "/metrics");
+    assert_eq!(status, 200);
+    assert!(body.contains("shardproxy_connections_accepted_total"));
+}
