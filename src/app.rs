@@ -95,7 +95,7 @@ pub fn run(cfg: Config) -> Result<(), StartupError> {
                 .map_err(|source| StartupError::MetricsListen { addr, source })?;
             let board = Board::new(cfg.cores.len(), cfg.role.as_str());
             let bound = metrics.local_addr().unwrap_or(addr);
-            crate::metrics::http::spawn(metrics, board.clone())
+            crate::metrics::http::spawn(metrics, board.clone(), cfg.metrics_interval)
                 .map_err(|source| StartupError::MetricsListen { addr, source })?;
             crate::info!("metrics on http://{bound}/metrics (also /histograms, /healthz)");
             Some(board)

@@ -13,7 +13,7 @@ use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use crate::config::Config;
 use crate::control::{self, Command};
 use crate::error::StartupError;
-use crate::metrics::{Board, Snapshot, Timings};
+use crate::metrics::{Board, Publish, Timings};
 use crate::proto::KeySet;
 use crate::stats::{CloseReason, ShardStats};
 use crate::trigger::Trigger;
@@ -48,7 +48,7 @@ impl ShardCtx {
     /// Publishes a snapshot of this shard's counters and histograms.
     pub fn publish(&self) {
         if let Some(board) = &self.board {
-            board.publish(Snapshot::take(self.id, &self.stats, &self.timings));
+            board.publish(Publish::take(self.id, &self.stats, &self.timings));
         }
     }
 

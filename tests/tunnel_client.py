@@ -21,22 +21,25 @@ import time
 
 from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 MAX_PAYLOAD = 16384
 
 
 def hkdf_extract(salt, ikm):
+    # RFC 5869 extract is HMAC(salt, ikm); `cryptography` exposes it as HMAC.
     h = hmac.HMAC(salt, hashes.SHA256())
     h.update(ikm)
     return h.finalize()
 
 
 def hkdf_expand(prk, info, length=32):
-    # RFC 5869 expand; one block suffices for 32 bytes.
-    h = hmac.HMAC(prk, hashes.SHA256())
-    h.update(info + b"\x01")
-    return h.finalize()[:length]
+    return HKDFExpand(algorithm=hashes.SHA256(), length=length, info=info).derive(prk)
+
+
+def hkdf(salt, ikm, info, length=32):
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
 
 
 def nonce(n):
@@ -48,7 +51,7 @@ def chunk_nonce(n, length):
 
 
 def client_hello(psk, client_salt, unix_time, meta=b""):
-    key = hkdf_expand(hkdf_extract(client_salt, psk), b"shardproxy/1 client hello")
+    key = hkdf(client_salt, psk, b"shardproxy/1 client hello")
     pt = bytes([1, 0]) + struct.pack(">Q", unix_time) + struct.pack(">H", len(meta))
     pt += meta.ljust(64, b"\x00")
     return key, client_salt + ChaCha20Poly1305(key).encrypt(nonce(0), pt, client_salt)

@@ -91,9 +91,13 @@ pub fn respond(req: &Request<'_>, board: &Board) -> (u16, &'static str, String) 
         "/metrics" => (
             200,
             "text/plain; version=0.0.4; charset=utf-8",
-            prom::render(&board.read(), &board.info),
+            board.with_snapshots(|s| prom::render(s, &board.info)),
         ),
-        "/histograms" => (200, TEXT, prom::histograms(&board.read(), board.info.role)),
+        "/histograms" => (
+            200,
+            TEXT,
+            board.with_snapshots(|s| prom::histograms(s, board.info.role)),
+        ),
         "/healthz" if board.draining() => (503, TEXT, "draining\n".into()),
         "/healthz" => (200, TEXT, "ok\n".into()),
         _ => (404, TEXT, "not found\n".into()),
@@ -105,8 +109,17 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr)
 }
 
-/// Serves `listener` on a dedicated thread until the process exits.
-pub fn spawn(listener: TcpListener, board: Board) -> std::io::Result<()> {
+/// Serves `listener` on a dedicated thread until the process exits, and
+/// folds published deltas every `fold_every` on another, so memory stays
+/// bounded when nobody scrapes.
+pub fn spawn(listener: TcpListener, board: Board, fold_every: Duration) -> std::io::Result<()> {
+    let folder = board.clone();
+    std::thread::Builder::new()
+        .name("metrics-fold".into())
+        .spawn(move || loop {
+            std::thread::sleep(fold_every);
+            folder.with_snapshots(|_| ());
+        })?;
     let clients = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("metrics".into())

@@ -62,7 +62,7 @@ fn cumulative(rec: &Recorded, bounds: &[u64]) -> Vec<u64> {
 }
 
 /// Renders `/metrics`.
-pub fn render(snaps: &[std::sync::Arc<Snapshot>], info: &ProcessInfo) -> String {
+pub fn render(snaps: &[&Snapshot], info: &ProcessInfo) -> String {
     let role = info.role;
     let mut out = String::with_capacity(16 * 1024);
     let w = &mut out;
@@ -206,7 +206,7 @@ pub fn render(snaps: &[std::sync::Arc<Snapshot>], info: &ProcessInfo) -> String 
 /// `METRIC shard=N role=R direction=D BASE64`, where BASE64 is HdrHistogram's
 /// standard V2 compressed (deflate) encoding of microsecond values
 /// (`direction=-` where it does not apply).
-pub fn histograms(snaps: &[std::sync::Arc<Snapshot>], role: &str) -> String {
+pub fn histograms(snaps: &[&Snapshot], role: &str) -> String {
     let mut out = String::new();
     let mut ser = V2DeflateSerializer::new();
     for s in snaps {
@@ -234,17 +234,21 @@ pub fn histograms(snaps: &[std::sync::Arc<Snapshot>], role: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use std::time::Duration;
 
-    fn snap(shard: usize, samples: &[u64]) -> Arc<Snapshot> {
-        let timings = super::super::Timings::new(true);
-        for &us in samples {
-            timings.record(Hist::RelayUp, Duration::from_micros(us));
+    /// A board with one shard that recorded `samples` (µs) as RelayUp.
+    fn board(shards: &[&[u64]]) -> super::super::Board {
+        let board = super::super::Board::new(shards.len(), "entry");
+        for (i, samples) in shards.iter().enumerate() {
+            let timings = super::super::Timings::new(true);
+            for &us in *samples {
+                timings.record(Hist::RelayUp, Duration::from_micros(us));
+            }
+            let stats = crate::stats::ShardStats::default();
+            stats.on_accept();
+            board.publish(super::super::Publish::take(i, &stats, &timings));
         }
-        let stats = crate::stats::ShardStats::default();
-        stats.on_accept();
-        Arc::new(Snapshot::take(shard, &stats, &timings))
+        board
     }
 
     #[test]
@@ -260,15 +264,8 @@ mod tests {
 
     #[test]
     fn buckets_are_cumulative_and_exact() {
-        let info = ProcessInfo {
-            role: "entry",
-            start_time: 1.0,
-            draining: Default::default(),
-        };
-        let text = render(
-            &[snap(0, &[1, 3, 3, 700, 70_000_000]), snap(1, &[2])],
-            &info,
-        );
+        let b = board(&[&[1, 3, 3, 700, 70_000_000], &[2]]);
+        let text = b.with_snapshots(|s| render(s, &b.info));
         let line = |needle: &str| {
             text.lines()
                 .find(|l| l.starts_with(needle))
@@ -306,7 +303,8 @@ mod tests {
     #[test]
     fn histogram_lines_round_trip() {
         use hdrhistogram::serialization::Deserializer;
-        let text = histograms(&[snap(3, &[10, 20, 30])], "exit");
+        let b = board(&[&[], &[], &[], &[10, 20, 30]]);
+        let text = b.with_snapshots(|s| histograms(s, "exit"));
         let line = text.lines().find(|l| l.contains("direction=up")).unwrap();
         let fields: Vec<&str> = line.split(' ').collect();
         assert_eq!(
@@ -325,5 +323,30 @@ mod tests {
             Deserializer::new().deserialize(&mut &bytes[..]).unwrap();
         assert_eq!(h.len(), 3);
         assert_eq!(h.max(), 30);
+    }
+
+    #[test]
+    fn deltas_accumulate_across_publishes() {
+        let board = super::super::Board::new(1, "exit");
+        let timings = super::super::Timings::new(true);
+        let stats = crate::stats::ShardStats::default();
+        for round in 1..=3u64 {
+            for _ in 0..round {
+                timings.record(Hist::Handshake, Duration::from_micros(5));
+            }
+            board.publish(super::super::Publish::take(0, &stats, &timings));
+            if round == 2 {
+                board.with_snapshots(|_| ()); // a fold between publishes
+            }
+        }
+        board.publish(super::super::Publish::take(0, &stats, &timings)); // empty delta
+        let text = board.with_snapshots(|s| render(s, &board.info));
+        assert!(
+            text.contains("shardproxy_handshake_seconds_count{shard=\"0\",role=\"exit\"} 6"),
+            "{text}"
+        );
+        assert!(
+            text.contains("shardproxy_handshake_seconds_sum{shard=\"0\",role=\"exit\"} 0.00003\n")
+        );
     }
 }

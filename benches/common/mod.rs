@@ -1,0 +1,348 @@
+//! Helpers shared by the end-to-end benches: origins, proxy launchers,
+//! workloads, and CPU accounting from /proc. Loopback only; every loop is
+//! bounded in time and count.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_shardproxy");
+
+pub fn secs() -> Duration {
+    Duration::from_secs(
+        std::env::var("BENCH_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(3),
+    )
+}
+
+// ---------- origins ----------
+
+pub fn serve(handler: impl Fn(TcpStream) + Send + Sync + Clone + 'static) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let h = handler.clone();
+            thread::spawn(move || h(conn));
+        }
+    });
+    addr
+}
+
+/// Echo, for request/response and connection-rate runs.
+pub fn echo_origin() -> SocketAddr {
+    serve(|mut s| {
+        let _ = s.set_nodelay(true);
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    })
+}
+
+/// Sink: counts bytes to EOF, answers with the count (8 bytes LE).
+pub fn sink_origin() -> SocketAddr {
+    serve(|mut s| {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0u64;
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+        let _ = s.write_all(&total.to_le_bytes());
+    })
+}
+
+// ---------- targets ----------
+
+pub struct Target {
+    pub name: &'static str,
+    pub addr: SocketAddr,
+    pub children: Vec<Child>,
+}
+
+impl Target {
+    pub fn cpu_secs(&self) -> f64 {
+        self.children.iter().map(|c| proc_cpu_secs(c.id())).sum()
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn clk_tck() -> f64 {
+    let out = Command::new("getconf").arg("CLK_TCK").output();
+    out.ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+pub fn proc_cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the ")" of comm: utime is field 14, stime 15 (1-based).
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / clk_tck()
+}
+
+pub fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+pub fn wait_listening(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "nothing listening on {addr}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn shardproxy_pair(origin: SocketAddr) -> Target {
+    let (a, b) = (free_port(), free_port());
+    let start = |listen: SocketAddr, up: SocketAddr, cpu: &str| {
+        Command::new(BIN)
+            .args([
+                "forward",
+                "--listen",
+                &listen.to_string(),
+                "--upstream",
+                &up.to_string(),
+            ])
+            .args(["--cpu-list", cpu, "--max-connections", "100000"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let cb = start(b, origin, "1");
+    let ca = start(a, b, "0");
+    wait_listening(b);
+    wait_listening(a);
+    Target {
+        name: "shardproxy forward ×2",
+        addr: a,
+        children: vec![ca, cb],
+    }
+}
+
+pub fn encrypted_pair(origin: SocketAddr) -> Target {
+    encrypted_pair_with(origin, &[], &[])
+}
+
+/// The encrypted pair with extra flags for the entry and the exit.
+pub fn encrypted_pair_with(
+    origin: SocketAddr,
+    entry_extra: &[String],
+    exit_extra: &[String],
+) -> Target {
+    let (entry, exit) = (free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("shardproxy-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key_file = dir.join("bench.key");
+    let _ = std::fs::remove_file(&key_file);
+    let key = key_file.to_str().unwrap().to_string();
+    let ok = Command::new(BIN)
+        .args(["keygen", "--out", &key])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let start = |role: &str, listen: SocketAddr, up: SocketAddr, cpu: &str| {
+        let extra = if role == "entry" {
+            entry_extra
+        } else {
+            exit_extra
+        };
+        Command::new(BIN)
+            .args([
+                role,
+                "--listen",
+                &listen.to_string(),
+                "--upstream",
+                &up.to_string(),
+            ])
+            .args([
+                "--key-file",
+                &key,
+                "--cpu-list",
+                cpu,
+                "--max-connections",
+                "100000",
+            ])
+            .args(extra)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let cx = start("exit", exit, origin, "1");
+    let ce = start("entry", entry, exit, "0");
+    wait_listening(exit);
+    wait_listening(entry);
+    Target {
+        name: "shardproxy entry+exit",
+        addr: entry,
+        children: vec![ce, cx],
+    }
+}
+
+/// CPU-seconds per GB that sealing and opening cost on one core (the
+/// AEAD's own share of the encrypted pair's bulk cost), measured now.
+pub fn aead_cpu_per_gb() -> f64 {
+    use shardproxy::proto::{accept_hello, ClientHandshake, Decoded, Psk, MAX_FRAME, MAX_PAYLOAD};
+    let psk = Psk::from_bytes([3; 32]);
+    let (hs, hello) = ClientHandshake::start(&psk, [1; 32], 100, b"").unwrap();
+    let acc = accept_hello(&[psk], &hello, [2; 32], 100, 120).unwrap();
+    let (mut enc, _) = hs.finish(&acc.server_hello).unwrap();
+    let mut dec = acc.decoder;
+    let mut frame = vec![0u8; MAX_FRAME];
+    let start = Instant::now();
+    let mut bytes = 0u64;
+    while start.elapsed() < Duration::from_secs(1) {
+        let n = enc.seal_in_place(&mut frame, MAX_PAYLOAD).unwrap();
+        assert!(matches!(
+            dec.decode(&mut frame[..n]).unwrap(),
+            Decoded::Data { .. }
+        ));
+        bytes += MAX_PAYLOAD as u64;
+    }
+    start.elapsed().as_secs_f64() / (bytes as f64 / 1e9)
+}
+
+pub fn haproxy_pair(origin: SocketAddr) -> Option<Target> {
+    Command::new("haproxy").arg("-v").output().ok()?;
+    let (a, b) = (free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("shardproxy-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).ok()?;
+    let start = |name: &str, listen: SocketAddr, up: SocketAddr, cpu: &str| {
+        let cfg = dir.join(format!("{name}.cfg"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "global\n  nbthread 1\n  maxconn 8000\n\
+                 defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 5m\n  timeout server 5m\n\
+                 frontend f\n  bind {listen}\n  default_backend b\n\
+                 backend b\n  server s {up}\n"
+            ),
+        )
+        .unwrap();
+        Command::new("taskset")
+            .args(["-c", cpu, "haproxy", "-db", "-f"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let cb = start("b", b, origin, "1");
+    let ca = start("a", a, b, "0");
+    wait_listening(b);
+    wait_listening(a);
+    Some(Target {
+        name: "haproxy tcp ×2",
+        addr: a,
+        children: vec![ca, cb],
+    })
+}
+
+// ---------- workloads ----------
+
+/// Bulk upload over `streams` connections for about `secs()`; returns bytes.
+pub fn bulk(addr: SocketAddr, streams: usize) -> u64 {
+    let limit = secs();
+    let workers: Vec<_> = (0..streams)
+        .map(|_| {
+            thread::spawn(move || {
+                let mut s = TcpStream::connect(addr).unwrap();
+                let chunk = vec![0x5au8; 256 * 1024];
+                let start = Instant::now();
+                let mut sent = 0u64;
+                // Bounded by time and by 64 GiB.
+                while start.elapsed() < limit && sent < (64 << 30) {
+                    s.write_all(&chunk).unwrap();
+                    sent += chunk.len() as u64;
+                }
+                s.shutdown(Shutdown::Write).unwrap();
+                let mut ack = [0u8; 8];
+                s.read_exact(&mut ack).unwrap();
+                assert_eq!(u64::from_le_bytes(ack), sent, "bytes lost");
+                sent
+            })
+        })
+        .collect();
+    workers.into_iter().map(|w| w.join().unwrap()).sum()
+}
+
+/// 1 KiB ping-pong over `conns` keep-alive connections; returns the histogram (µs).
+pub fn request_response(addr: SocketAddr, conns: usize) -> Histogram<u64> {
+    let limit = secs();
+    let workers: Vec<_> = (0..conns)
+        .map(|_| {
+            thread::spawn(move || {
+                let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.set_nodelay(true).unwrap();
+                let msg = [0x42u8; 1024];
+                let mut back = [0u8; 1024];
+                let start = Instant::now();
+                while start.elapsed() < limit && h.len() < 10_000_000 {
+                    let t = Instant::now();
+                    s.write_all(&msg).unwrap();
+                    s.read_exact(&mut back).unwrap();
+                    h.saturating_record(t.elapsed().as_micros() as u64);
+                }
+                h
+            })
+        })
+        .collect();
+    let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    for w in workers {
+        total.add(w.join().unwrap()).unwrap();
+    }
+    total
+}
+
+/// Connect, 1 KiB exchange, close, from 4 threads; returns connections done.
+pub fn connection_rate(addr: SocketAddr) -> u64 {
+    let limit = secs();
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            thread::spawn(move || {
+                let start = Instant::now();
+                let mut n = 0u64;
+                let msg = [0x17u8; 1024];
+                let mut back = [0u8; 1024];
+                while start.elapsed() < limit && n < 1_000_000 {
+                    let mut s = TcpStream::connect(addr).unwrap();
+                    s.set_nodelay(true).unwrap();
+                    s.write_all(&msg).unwrap();
+                    s.read_exact(&mut back).unwrap();
+                    drop(s);
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    workers.into_iter().map(|w| w.join().unwrap()).sum()
+}
