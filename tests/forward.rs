@@ -254,3 +254,88 @@ fn slow_reader_stalls_the_sender_with_bounded_memory() {
     );
     assert!(growth < 8 * 1024, "proxy RSS grew by {growth} KiB");
 }
+
+#[test]
+fn second_signal_exits_at_once() {
+    let proxy = forward(echo_origin(), &["--drain-timeout", "60s"], 1);
+    // A live connection would keep a graceful drain going for 60 s.
+    let mut live = TcpStream::connect(proxy.addr).unwrap();
+    live.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    live.read_exact(&mut b).unwrap();
+    proxy.signal("TERM");
+    thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    proxy.signal("TERM");
+    let mut proxy = proxy;
+    let status = wait_timeout(&mut proxy.child, Duration::from_secs(10));
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(status.code(), Some(1));
+}
+
+#[test]
+fn ipv6_listener_is_v6_only_unless_dual_stack() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("SKIPPED: no IPv6 loopback on this machine");
+        return;
+    }
+    let up = echo_origin().to_string();
+    let v6 = Proxy::start(
+        &[
+            "forward",
+            "--listen",
+            "[::1]:0",
+            "--upstream",
+            &up,
+            "--cores",
+            "1",
+        ],
+        1,
+    );
+    let mut c = TcpStream::connect(v6.addr).unwrap();
+    c.write_all(b"six").unwrap();
+    let mut b = [0u8; 3];
+    c.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"six");
+    // [::]:port without --dual-stack: IPv4 clients are not accepted on it.
+    let only6 = Proxy::start(
+        &[
+            "forward",
+            "--listen",
+            "[::]:0",
+            "--upstream",
+            &up,
+            "--cores",
+            "1",
+        ],
+        1,
+    );
+    let v4 = std::net::SocketAddr::from(([127, 0, 0, 1], only6.addr.port()));
+    assert!(
+        TcpStream::connect(v4).is_err(),
+        "IPv4 reached a v6-only listener"
+    );
+    let dual = Proxy::start(
+        &[
+            "forward",
+            "--listen",
+            "[::]:0",
+            "--upstream",
+            &up,
+            "--cores",
+            "1",
+            "--dual-stack",
+        ],
+        1,
+    );
+    let v4 = std::net::SocketAddr::from(([127, 0, 0, 1], dual.addr.port()));
+    let mut c = TcpStream::connect(v4).unwrap();
+    c.write_all(b"four").unwrap();
+    let mut b = [0u8; 4];
+    c.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"four");
+}
