@@ -84,6 +84,45 @@ pub fn keygen(args: &KeygenArgs) -> Result<(), StartupError> {
     }
 }
 
+/// `shardproxy check --config FILE`: everything `run` would validate (flags,
+/// addresses, cores, key file), without binding or starting anything.
+/// Returns a one-line summary.
+pub fn check(path: &str) -> Result<String, StartupError> {
+    use clap::Parser;
+    let file = crate::config_file::load(path, None)?;
+    let role = file.role.clone().ok_or(crate::config_file::FileError::BadRole {
+        path: path.to_string(),
+    })?;
+    let mut argv = vec!["shardproxy".to_string(), role];
+    argv.extend(file.args);
+    let cli = crate::cli::Cli::try_parse_from(argv).map_err(|e| StartupError::ConfigValue {
+        path: path.to_string(),
+        message: e
+            .to_string()
+            .lines()
+            .next()
+            .unwrap_or("invalid setting")
+            .trim_start_matches("error: ")
+            .to_string(),
+    })?;
+    let cores = allowed_cores();
+    let cfg = match &cli.command {
+        crate::cli::Command::Forward(a) => Config::from_args(Role::Forward, a, &cores)?,
+        crate::cli::Command::Entry(a) => Config::from_tunnel_args(Role::Entry, a, &cores)?.0,
+        crate::cli::Command::Exit(a) => Config::from_tunnel_args(Role::Exit, a, &cores)?.0,
+        _ => unreachable!("a config file names a proxy role"),
+    };
+    Ok(format!(
+        "config {path} OK: role {}, listen {}, upstream {} ({}), {} shard(s) on cores {}",
+        cfg.role.as_str(),
+        cfg.listen,
+        cfg.upstream_name,
+        cfg.upstream,
+        cfg.cores.len(),
+        crate::config::format_cpu_list(&cfg.cores)
+    ))
+}
+
 /// Runs a validated configuration until it has drained.
 pub fn run(cfg: Config) -> Result<(), StartupError> {
     preflight()?;

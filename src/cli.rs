@@ -11,7 +11,7 @@ use crate::units::{parse_duration, parse_size};
 
 /// A thread-per-core, sharded TCP proxy: one pinned io_uring executor per core.
 #[derive(Debug, Parser)]
-#[command(name = "shardproxy", version, about, propagate_version = true)]
+#[command(name = "shardproxy", version, about, propagate_version = true, args_override_self = true)]
 pub struct Cli {
     /// What to run.
     #[command(subcommand)]
@@ -31,6 +31,10 @@ pub enum Command {
     Keygen(KeygenArgs),
     /// Print latency percentiles scraped from a running instance's metrics endpoint.
     Stats(StatsArgs),
+    /// Run the role named by `role = ...` in a TOML config file.
+    Run(ConfigArgs),
+    /// Validate a config file (and its key file) without binding anything; exit 0 or 2.
+    Check(ConfigArgs),
     /// Start a loopback demo: origin, exit and entry, with a fresh key.
     Demo(DemoArgs),
 }
@@ -38,6 +42,10 @@ pub enum Command {
 /// Flags shared by every proxy role.
 #[derive(Debug, Clone, Args)]
 pub struct ProxyArgs {
+    /// TOML file with any of these settings (keys are the flag names with `_`); flags given here override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<String>,
+
     /// Address to listen on, e.g. 0.0.0.0:8000 or [::]:8000 (every shard binds it with SO_REUSEPORT).
     #[arg(long, value_name = "ADDR")]
     pub listen: String,
@@ -89,6 +97,14 @@ pub struct ProxyArgs {
     /// How often each shard publishes its counters and histograms for scrapes.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
     pub metrics_interval: Duration,
+}
+
+/// Flags of `run` and `check`.
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArgs {
+    /// The TOML config file (see docs/CONFIG.md).
+    #[arg(long, value_name = "FILE")]
+    pub config: String,
 }
 
 /// Flags of the `stats` subcommand.

@@ -10,6 +10,17 @@ pub enum StartupError {
     /// The configuration is invalid.
     #[error("{0}")]
     Config(#[from] ConfigError),
+    /// The config file is unusable.
+    #[error("{0}")]
+    ConfigFile(#[from] crate::config_file::FileError),
+    /// A setting in the config file does not parse (clap's first line).
+    #[error("config {path}: {message}")]
+    ConfigValue {
+        /// The path.
+        path: String,
+        /// What clap said.
+        message: String,
+    },
     /// The listen port is taken by a socket without SO_REUSEPORT (not ours).
     #[error("cannot listen on {0}: address already in use by another program (stop it or pick another port)")]
     AddrInUse(SocketAddr),

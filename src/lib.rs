@@ -6,6 +6,7 @@
 //! |--------------|-------------------------------------------------------------|
 //! | [`cli`]      | clap structs only                                           |
 //! | [`config`]   | validated [`config::Config`] built from the CLI; binds nothing |
+//! | [`config_file`] | `--config FILE` (TOML) turned into the same flags          |
 //! | [`units`]    | `500ms` / `16KiB` parsers shared by flags and config         |
 //! | [`app`]      | start-up: pre-flight checks, listeners, shards, exit code    |
 //! | [`shard`]    | one pinned executor per core and its `Rc` context            |
@@ -25,6 +26,7 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod config_file;
 pub mod control;
 pub mod demo;
 pub mod error;

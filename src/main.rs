@@ -7,7 +7,15 @@ use shardproxy::cli::{Cli, Command};
 use shardproxy::config::Role;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    // `--config FILE` becomes the flags it stands for, ahead of the real ones.
+    let argv = match shardproxy::config_file::expand_argv(std::env::args().collect()) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = match Cli::try_parse_from(argv) {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
             // --help and --version.
@@ -28,6 +36,19 @@ fn main() -> ExitCode {
         Command::Entry(args) => shardproxy::app::run_tunnel(Role::Entry, args),
         Command::Exit(args) => shardproxy::app::run_tunnel(Role::Exit, args),
         Command::Keygen(args) => shardproxy::app::keygen(args),
+        Command::Check(args) => match shardproxy::app::check(&args.config) {
+            Ok(summary) => {
+                println!("{summary}");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        },
+        // `run --config FILE` was rewritten to the file's role above; this
+        // is only reached when the file could not supply one.
+        Command::Run(args) => Err(shardproxy::config_file::FileError::BadRole {
+            path: args.config.clone(),
+        }
+        .into()),
         Command::Stats(args) => {
             return match shardproxy::metrics::stats_cmd::run(&args.from, args.per_shard) {
                 Ok(table) => {

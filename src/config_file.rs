@@ -1,0 +1,288 @@
+//! `--config FILE`: TOML with the same settings as the flags.
+//!
+//! A file is turned into the flags it stands for and parsed by the same clap
+//! definitions, so every unit, range and error message is shared, and a new
+//! flag is a new config key for free. File settings come first and command
+//! line flags after them; clap's "last one wins" makes flags override the
+//! file. Unknown keys are errors: a typo never goes unnoticed.
+//!
+//! ```toml
+//! role = "exit"                 # required for `run` and `check`
+//! listen = "0.0.0.0:9000"
+//! upstream = "127.0.0.1:80"
+//! key_file = "/etc/shardproxy/psk"
+//! idle_timeout = "5m"
+//! dual_stack = true
+//! ```
+
+use clap::CommandFactory;
+
+use crate::cli::Cli;
+
+/// Why a config file was rejected. One line each.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FileError {
+    /// Not readable.
+    #[error("cannot read config {path}: {reason}")]
+    Unreadable {
+        /// The path.
+        path: String,
+        /// The OS error.
+        reason: String,
+    },
+    /// Not valid TOML.
+    #[error("config {path} is not valid TOML: {reason}")]
+    Syntax {
+        /// The path.
+        path: String,
+        /// The first line of the parser's message.
+        reason: String,
+    },
+    /// A key that is no flag of this role.
+    #[error("config {path}: unknown key `{key}` for role {role}{hint}")]
+    UnknownKey {
+        /// The path.
+        path: String,
+        /// The key.
+        key: String,
+        /// The role.
+        role: String,
+        /// ` (did you mean ...?)` or empty.
+        hint: String,
+    },
+    /// A value of the wrong TOML type.
+    #[error("config {path}: key `{key}` must be {want}")]
+    BadValue {
+        /// The path.
+        path: String,
+        /// The key.
+        key: String,
+        /// What it must be.
+        want: &'static str,
+    },
+    /// `role` missing or not a role.
+    #[error("config {path}: `role` must be one of \"entry\", \"exit\", \"forward\"")]
+    BadRole {
+        /// The path.
+        path: String,
+    },
+    /// The file's role differs from the command's.
+    #[error("config {path} is for role {file} but the command is {command}")]
+    RoleMismatch {
+        /// The path.
+        path: String,
+        /// Role in the file.
+        file: String,
+        /// Role on the command line.
+        command: String,
+    },
+}
+
+/// The flags a config file stands for, and the role it names (if any).
+#[derive(Debug, PartialEq, Eq)]
+pub struct FileArgs {
+    /// `role = ...`, if present.
+    pub role: Option<String>,
+    /// The flags, e.g. `["--listen", "0.0.0.0:9000", "--dual-stack"]`.
+    pub args: Vec<String>,
+}
+
+const ROLES: [&str; 3] = ["entry", "exit", "forward"];
+
+/// Reads and translates `path`. `command_role` is the role given on the
+/// command line, if any; otherwise the file must name one.
+pub fn load(path: &str, command_role: Option<&str>) -> Result<FileArgs, FileError> {
+    let text = std::fs::read_to_string(path).map_err(|e| FileError::Unreadable {
+        path: path.to_string(),
+        reason: e.to_string(),
+    })?;
+    translate(&text, path, command_role)
+}
+
+/// Translates config text (pure; testable and fuzzable).
+pub fn translate(text: &str, path: &str, command_role: Option<&str>) -> Result<FileArgs, FileError> {
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| FileError::Syntax {
+        path: path.to_string(),
+        reason: e.message().lines().next().unwrap_or("syntax error").to_string(),
+    })?;
+    let file_role = match table.get("role") {
+        None => None,
+        Some(toml::Value::String(r)) if ROLES.contains(&r.as_str()) => Some(r.clone()),
+        Some(_) => return Err(FileError::BadRole { path: path.to_string() }),
+    };
+    let role = match (file_role.as_deref(), command_role) {
+        (Some(f), Some(c)) if f != c => {
+            return Err(FileError::RoleMismatch {
+                path: path.to_string(),
+                file: f.to_string(),
+                command: c.to_string(),
+            })
+        }
+        (_, Some(c)) => c.to_string(),
+        (Some(f), None) => f.to_string(),
+        (None, None) => return Err(FileError::BadRole { path: path.to_string() }),
+    };
+    let command = Cli::command();
+    let sub = command
+        .find_subcommand(&role)
+        .ok_or_else(|| FileError::BadRole { path: path.to_string() })?;
+    let flags: Vec<(&str, bool)> = sub
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(|l| (l, a.get_action().takes_values())))
+        .filter(|(l, _)| !matches!(*l, "config" | "help" | "version"))
+        .collect();
+    let mut args = Vec::new();
+    for (key, value) in &table {
+        if key == "role" {
+            continue;
+        }
+        let flag = key.replace('_', "-");
+        let Some(&(_, takes_value)) = flags.iter().find(|(l, _)| *l == flag) else {
+            let hint = flags
+                .iter()
+                .map(|(l, _)| l.replace('-', "_"))
+                .find(|k| edit_distance(k, key) <= 2)
+                .map(|k| format!(" (did you mean `{k}`?)"))
+                .unwrap_or_default();
+            return Err(FileError::UnknownKey {
+                path: path.to_string(),
+                key: key.clone(),
+                role,
+                hint,
+            });
+        };
+        let bad = |want| FileError::BadValue {
+            path: path.to_string(),
+            key: key.clone(),
+            want,
+        };
+        match (value, takes_value) {
+            (toml::Value::Boolean(on), false) => {
+                if *on {
+                    args.push(format!("--{flag}"));
+                }
+            }
+            (_, false) => return Err(bad("true or false")),
+            (toml::Value::String(s), true) => args.extend([format!("--{flag}"), s.clone()]),
+            (toml::Value::Integer(i), true) => args.extend([format!("--{flag}"), i.to_string()]),
+            (_, true) => return Err(bad("a string or an integer")),
+        }
+    }
+    Ok(FileArgs {
+        role: file_role,
+        args,
+    })
+}
+
+/// Levenshtein distance, for "did you mean" hints on short keys.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(row[j + 1] + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// Rewrites a command line so a `--config FILE` given to a role subcommand
+/// is replaced by the file's flags, placed before the command line's own
+/// flags (which therefore win). `run --config FILE` becomes the file's role.
+pub fn expand_argv(argv: Vec<String>) -> Result<Vec<String>, FileError> {
+    let Some(sub_at) = argv.iter().skip(1).position(|a| !a.starts_with('-')).map(|i| i + 1) else {
+        return Ok(argv);
+    };
+    let sub = argv[sub_at].as_str();
+    if !ROLES.contains(&sub) && sub != "run" {
+        return Ok(argv);
+    }
+    let rest = &argv[sub_at + 1..];
+    let mut path = None;
+    let mut kept = Vec::new();
+    let mut i = 0;
+    while i < rest.len() {
+        if rest[i] == "--config" && i + 1 < rest.len() {
+            path = Some(rest[i + 1].clone());
+            i += 2;
+        } else if let Some(p) = rest[i].strip_prefix("--config=") {
+            path = Some(p.to_string());
+            i += 1;
+        } else {
+            kept.push(rest[i].clone());
+            i += 1;
+        }
+    }
+    let Some(path) = path else { return Ok(argv) };
+    let command_role = ROLES.contains(&sub).then_some(sub);
+    let file = load(&path, command_role)?;
+    let role = command_role
+        .map(str::to_string)
+        .or(file.role)
+        .ok_or(FileError::BadRole { path })?;
+    let mut out = argv[..sub_at].to_vec();
+    out.push(role);
+    out.extend(file.args);
+    out.extend(kept);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn translates_keys_to_flags() {
+        let f = translate(
+            "role = \"exit\"\nlisten = \"0.0.0.0:9000\"\nbacklog = 128\ndual_stack = true\nkey_file = \"/k\"\n",
+            "f",
+            None,
+        )
+        .unwrap();
+        assert_eq!(f.role.as_deref(), Some("exit"));
+        // Keys come out in sorted order; each flag appears once.
+        assert_eq!(
+            f.args,
+            ["--backlog", "128", "--dual-stack", "--key-file", "/k", "--listen", "0.0.0.0:9000"]
+        );
+    }
+
+    #[test]
+    fn rejects_typos_types_and_roles() {
+        let e = translate("role = \"exit\"\nidle_timout = \"5m\"\n", "f", None).unwrap_err();
+        assert_eq!(e.to_string(), "config f: unknown key `idle_timout` for role exit (did you mean `idle_timeout`?)");
+        // A tunnel-only key is unknown to forward.
+        assert!(matches!(translate("key_file = \"k\"", "f", Some("forward")), Err(FileError::UnknownKey { .. })));
+        assert!(matches!(translate("dual_stack = \"yes\"", "f", Some("forward")), Err(FileError::BadValue { .. })));
+        assert!(matches!(translate("listen = [1]", "f", Some("forward")), Err(FileError::BadValue { .. })));
+        assert!(matches!(translate("listen = \"x\"", "f", None), Err(FileError::BadRole { .. })));
+        assert!(matches!(translate("role = \"proxy\"", "f", None), Err(FileError::BadRole { .. })));
+        assert!(matches!(translate("role = \"exit\"", "f", Some("entry")), Err(FileError::RoleMismatch { .. })));
+        assert!(matches!(translate("listen = ", "f", Some("exit")), Err(FileError::Syntax { .. })));
+        for e in [translate("[x\n", "f", None).unwrap_err()] {
+            assert_eq!(e.to_string().lines().count(), 1);
+        }
+    }
+
+    #[test]
+    fn flags_after_the_file_win() {
+        let dir = std::env::temp_dir().join(format!("sp-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f.toml");
+        std::fs::write(&path, "role = \"forward\"\nlisten = \"127.0.0.1:1\"\nupstream = \"127.0.0.1:2\"\n").unwrap();
+        let p = path.to_str().unwrap().to_string();
+        let argv = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let out = expand_argv(argv(&["sp", "run", "--config", &p, "--listen", "127.0.0.1:3"])).unwrap();
+        assert_eq!(out, argv(&["sp", "forward", "--listen", "127.0.0.1:1", "--upstream", "127.0.0.1:2", "--listen", "127.0.0.1:3"]));
+        let cli = <Cli as clap::Parser>::try_parse_from(&out).unwrap();
+        let crate::cli::Command::Forward(a) = cli.command else { panic!() };
+        assert_eq!(a.listen, "127.0.0.1:3");
+        assert_eq!(a.upstream, "127.0.0.1:2");
+        // Untouched when there is no --config.
+        assert_eq!(expand_argv(argv(&["sp", "keygen"])).unwrap(), argv(&["sp", "keygen"]));
+    }
+}
