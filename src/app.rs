@@ -90,9 +90,12 @@ pub fn keygen(args: &KeygenArgs) -> Result<(), StartupError> {
 pub fn check(path: &str) -> Result<String, StartupError> {
     use clap::Parser;
     let file = crate::config_file::load(path, None)?;
-    let role = file.role.clone().ok_or(crate::config_file::FileError::BadRole {
-        path: path.to_string(),
-    })?;
+    let role = file
+        .role
+        .clone()
+        .ok_or(crate::config_file::FileError::BadRole {
+            path: path.to_string(),
+        })?;
     let mut argv = vec!["shardproxy".to_string(), role];
     argv.extend(file.args);
     let cli = crate::cli::Cli::try_parse_from(argv).map_err(|e| StartupError::ConfigValue {

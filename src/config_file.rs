@@ -100,15 +100,30 @@ pub fn load(path: &str, command_role: Option<&str>) -> Result<FileArgs, FileErro
 }
 
 /// Translates config text (pure; testable and fuzzable).
-pub fn translate(text: &str, path: &str, command_role: Option<&str>) -> Result<FileArgs, FileError> {
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| FileError::Syntax {
-        path: path.to_string(),
-        reason: e.message().lines().next().unwrap_or("syntax error").to_string(),
-    })?;
+pub fn translate(
+    text: &str,
+    path: &str,
+    command_role: Option<&str>,
+) -> Result<FileArgs, FileError> {
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| FileError::Syntax {
+            path: path.to_string(),
+            reason: e
+                .message()
+                .lines()
+                .next()
+                .unwrap_or("syntax error")
+                .to_string(),
+        })?;
     let file_role = match table.get("role") {
         None => None,
         Some(toml::Value::String(r)) if ROLES.contains(&r.as_str()) => Some(r.clone()),
-        Some(_) => return Err(FileError::BadRole { path: path.to_string() }),
+        Some(_) => {
+            return Err(FileError::BadRole {
+                path: path.to_string(),
+            })
+        }
     };
     let role = match (file_role.as_deref(), command_role) {
         (Some(f), Some(c)) if f != c => {
@@ -120,12 +135,18 @@ pub fn translate(text: &str, path: &str, command_role: Option<&str>) -> Result<F
         }
         (_, Some(c)) => c.to_string(),
         (Some(f), None) => f.to_string(),
-        (None, None) => return Err(FileError::BadRole { path: path.to_string() }),
+        (None, None) => {
+            return Err(FileError::BadRole {
+                path: path.to_string(),
+            })
+        }
     };
     let command = Cli::command();
     let sub = command
         .find_subcommand(&role)
-        .ok_or_else(|| FileError::BadRole { path: path.to_string() })?;
+        .ok_or_else(|| FileError::BadRole {
+            path: path.to_string(),
+        })?;
     let flags: Vec<(&str, bool)> = sub
         .get_arguments()
         .filter_map(|a| a.get_long().map(|l| (l, a.get_action().takes_values())))
@@ -183,7 +204,9 @@ fn edit_distance(a: &str, b: &str) -> usize {
         row[0] = i + 1;
         for (j, cb) in b.iter().enumerate() {
             let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(row[j + 1] + 1);
+            row[j + 1] = (prev + usize::from(ca != *cb))
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
             prev = cur;
         }
     }
@@ -194,7 +217,12 @@ fn edit_distance(a: &str, b: &str) -> usize {
 /// is replaced by the file's flags, placed before the command line's own
 /// flags (which therefore win). `run --config FILE` becomes the file's role.
 pub fn expand_argv(argv: Vec<String>) -> Result<Vec<String>, FileError> {
-    let Some(sub_at) = argv.iter().skip(1).position(|a| !a.starts_with('-')).map(|i| i + 1) else {
+    let Some(sub_at) = argv
+        .iter()
+        .skip(1)
+        .position(|a| !a.starts_with('-'))
+        .map(|i| i + 1)
+    else {
         return Ok(argv);
     };
     let sub = argv[sub_at].as_str();
@@ -247,22 +275,54 @@ mod tests {
         // Keys come out in sorted order; each flag appears once.
         assert_eq!(
             f.args,
-            ["--backlog", "128", "--dual-stack", "--key-file", "/k", "--listen", "0.0.0.0:9000"]
+            [
+                "--backlog",
+                "128",
+                "--dual-stack",
+                "--key-file",
+                "/k",
+                "--listen",
+                "0.0.0.0:9000"
+            ]
         );
     }
 
     #[test]
     fn rejects_typos_types_and_roles() {
         let e = translate("role = \"exit\"\nidle_timout = \"5m\"\n", "f", None).unwrap_err();
-        assert_eq!(e.to_string(), "config f: unknown key `idle_timout` for role exit (did you mean `idle_timeout`?)");
+        assert_eq!(
+            e.to_string(),
+            "config f: unknown key `idle_timout` for role exit (did you mean `idle_timeout`?)"
+        );
         // A tunnel-only key is unknown to forward.
-        assert!(matches!(translate("key_file = \"k\"", "f", Some("forward")), Err(FileError::UnknownKey { .. })));
-        assert!(matches!(translate("dual_stack = \"yes\"", "f", Some("forward")), Err(FileError::BadValue { .. })));
-        assert!(matches!(translate("listen = [1]", "f", Some("forward")), Err(FileError::BadValue { .. })));
-        assert!(matches!(translate("listen = \"x\"", "f", None), Err(FileError::BadRole { .. })));
-        assert!(matches!(translate("role = \"proxy\"", "f", None), Err(FileError::BadRole { .. })));
-        assert!(matches!(translate("role = \"exit\"", "f", Some("entry")), Err(FileError::RoleMismatch { .. })));
-        assert!(matches!(translate("listen = ", "f", Some("exit")), Err(FileError::Syntax { .. })));
+        assert!(matches!(
+            translate("key_file = \"k\"", "f", Some("forward")),
+            Err(FileError::UnknownKey { .. })
+        ));
+        assert!(matches!(
+            translate("dual_stack = \"yes\"", "f", Some("forward")),
+            Err(FileError::BadValue { .. })
+        ));
+        assert!(matches!(
+            translate("listen = [1]", "f", Some("forward")),
+            Err(FileError::BadValue { .. })
+        ));
+        assert!(matches!(
+            translate("listen = \"x\"", "f", None),
+            Err(FileError::BadRole { .. })
+        ));
+        assert!(matches!(
+            translate("role = \"proxy\"", "f", None),
+            Err(FileError::BadRole { .. })
+        ));
+        assert!(matches!(
+            translate("role = \"exit\"", "f", Some("entry")),
+            Err(FileError::RoleMismatch { .. })
+        ));
+        assert!(matches!(
+            translate("listen = ", "f", Some("exit")),
+            Err(FileError::Syntax { .. })
+        ));
         for e in [translate("[x\n", "f", None).unwrap_err()] {
             assert_eq!(e.to_string().lines().count(), 1);
         }
@@ -273,16 +333,45 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sp-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("f.toml");
-        std::fs::write(&path, "role = \"forward\"\nlisten = \"127.0.0.1:1\"\nupstream = \"127.0.0.1:2\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "role = \"forward\"\nlisten = \"127.0.0.1:1\"\nupstream = \"127.0.0.1:2\"\n",
+        )
+        .unwrap();
         let p = path.to_str().unwrap().to_string();
         let argv = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let out = expand_argv(argv(&["sp", "run", "--config", &p, "--listen", "127.0.0.1:3"])).unwrap();
-        assert_eq!(out, argv(&["sp", "forward", "--listen", "127.0.0.1:1", "--upstream", "127.0.0.1:2", "--listen", "127.0.0.1:3"]));
+        let out = expand_argv(argv(&[
+            "sp",
+            "run",
+            "--config",
+            &p,
+            "--listen",
+            "127.0.0.1:3",
+        ]))
+        .unwrap();
+        assert_eq!(
+            out,
+            argv(&[
+                "sp",
+                "forward",
+                "--listen",
+                "127.0.0.1:1",
+                "--upstream",
+                "127.0.0.1:2",
+                "--listen",
+                "127.0.0.1:3"
+            ])
+        );
         let cli = <Cli as clap::Parser>::try_parse_from(&out).unwrap();
-        let crate::cli::Command::Forward(a) = cli.command else { panic!() };
+        let crate::cli::Command::Forward(a) = cli.command else {
+            panic!()
+        };
         assert_eq!(a.listen, "127.0.0.1:3");
         assert_eq!(a.upstream, "127.0.0.1:2");
         // Untouched when there is no --config.
-        assert_eq!(expand_argv(argv(&["sp", "keygen"])).unwrap(), argv(&["sp", "keygen"]));
+        assert_eq!(
+            expand_argv(argv(&["sp", "keygen"])).unwrap(),
+            argv(&["sp", "keygen"])
+        );
     }
 }

@@ -48,7 +48,12 @@ impl ShardCtx {
     /// Publishes a snapshot of this shard's counters and histograms.
     pub fn publish(&self) {
         if let Some(board) = &self.board {
-            board.publish(Publish::take(self.id, &self.stats, &self.timings));
+            board.publish(Publish::take(
+                self.id,
+                &self.stats,
+                &self.timings,
+                self.cfg.limits.max_connections.get() as u64,
+            ));
         }
     }
 

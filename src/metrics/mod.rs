@@ -167,6 +167,8 @@ pub struct Snapshot {
     pub accepted: u64,
     /// Connections open.
     pub active: u64,
+    /// `--max-connections` (per shard).
+    pub limit: u64,
     /// Closes by reason, in [`CloseReason::ALL`] order.
     pub closed: Vec<u64>,
     /// Plaintext bytes client → upstream.
@@ -192,18 +194,19 @@ pub struct Publish {
 
 impl Publish {
     /// Collects what a shard publishes now.
-    pub fn take(shard: usize, stats: &ShardStats, timings: &Timings) -> Publish {
+    pub fn take(shard: usize, stats: &ShardStats, timings: &Timings, limit: u64) -> Publish {
         Publish {
-            counters: Snapshot::counters(shard, stats),
+            counters: Snapshot::counters(shard, stats, limit),
             delta: timings.take_delta(),
         }
     }
 }
 
 impl Snapshot {
-    fn counters(shard: usize, stats: &ShardStats) -> Snapshot {
+    fn counters(shard: usize, stats: &ShardStats, limit: u64) -> Snapshot {
         Snapshot {
             shard,
+            limit,
             accepted: stats.accepted.get(),
             active: stats.active.get(),
             closed: CloseReason::ALL.iter().map(|r| stats.closed(*r)).collect(),

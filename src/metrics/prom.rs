@@ -124,6 +124,13 @@ pub fn render(snaps: &[&Snapshot], info: &ProcessInfo) -> String {
     );
     counter(
         w,
+        "shardproxy_connections_limit",
+        "Connection limit per shard (--max-connections).",
+        "gauge",
+        &|s| s.limit,
+    );
+    counter(
+        w,
         "shardproxy_handshake_failures_total",
         "Tunnel handshakes that failed.",
         "counter",
@@ -246,7 +253,7 @@ mod tests {
             }
             let stats = crate::stats::ShardStats::default();
             stats.on_accept();
-            board.publish(super::super::Publish::take(i, &stats, &timings));
+            board.publish(super::super::Publish::take(i, &stats, &timings, 100));
         }
         board
     }
@@ -334,12 +341,12 @@ mod tests {
             for _ in 0..round {
                 timings.record(Hist::Handshake, Duration::from_micros(5));
             }
-            board.publish(super::super::Publish::take(0, &stats, &timings));
+            board.publish(super::super::Publish::take(0, &stats, &timings, 100));
             if round == 2 {
                 board.with_snapshots(|_| ()); // a fold between publishes
             }
         }
-        board.publish(super::super::Publish::take(0, &stats, &timings)); // empty delta
+        board.publish(super::super::Publish::take(0, &stats, &timings, 100)); // empty delta
         let text = board.with_snapshots(|s| render(s, &board.info));
         assert!(
             text.contains("shardproxy_handshake_seconds_count{shard=\"0\",role=\"exit\"} 6"),
