@@ -65,11 +65,21 @@ fn example_configs_run_a_working_pair() {
     assert!(exit.log().iter().any(|l| l.contains("role exit")));
     assert!(entry.log().iter().any(|l| l.contains("role entry")));
     let data = Arc::new(random_bytes(1 << 20, 21));
-    assert_eq!(sha256(&echo_round_trip(entry.addr, data.clone())), sha256(&data));
+    assert_eq!(
+        sha256(&echo_round_trip(entry.addr, data.clone())),
+        sha256(&data)
+    );
 
     for cfg in [&exit_cfg, &entry_cfg] {
-        let out = Command::new(BIN).args(["check", "--config", cfg]).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(BIN)
+            .args(["check", "--config", cfg])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(String::from_utf8_lossy(&out.stdout).contains(" OK: role "));
     }
     let _ = std::fs::remove_file(exit_cfg);
@@ -87,7 +97,10 @@ fn check_rejects_bad_configs_with_one_line() {
     ];
     for (i, (text, needle)) in cases.iter().enumerate() {
         let path = write_tmp(&format!("bad{i}.toml"), text);
-        let out = Command::new(BIN).args(["check", "--config", &path]).output().unwrap();
+        let out = Command::new(BIN)
+            .args(["check", "--config", &path])
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "case {i}: {err}");
         assert_eq!(err.lines().count(), 1, "case {i}: {err}");
