@@ -323,9 +323,8 @@ mod tests {
             translate("listen = ", "f", Some("exit")),
             Err(FileError::Syntax { .. })
         ));
-        for e in [translate("[x\n", "f", None).unwrap_err()] {
-            assert_eq!(e.to_string().lines().count(), 1);
-        }
+        let e = translate("[x\n", "f", None).unwrap_err();
+        assert_eq!(e.to_string().lines().count(), 1);
     }
 
     #[test]
