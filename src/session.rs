@@ -10,8 +10,8 @@ use glommio::net::TcpStream;
 use crate::config::{Role, TunnelConfig};
 use crate::metrics::Hist;
 use crate::proto::{
-    accept_hello, ClientHandshake, ProtoError, CLIENT_HELLO_LEN, MAX_FRAME, SALT_LEN,
-    SERVER_HELLO_LEN,
+    accept_hello, ClientHandshake, Decoder, Encoder, ProtoError, CLIENT_HELLO_LEN, MAX_FRAME,
+    SALT_LEN, SERVER_HELLO_LEN,
 };
 use crate::relay::{self, Activity, Conn, Peer, PumpCtx, PumpError};
 use crate::shard::ShardCtx;
@@ -68,7 +68,6 @@ async fn entry(
     tun: &TunnelConfig,
     accepted_at: Instant,
 ) -> CloseReason {
-    let limits = &ctx.cfg.limits;
     let Some(keys) = ctx.keys() else {
         return CloseReason::AuthFailed;
     };
@@ -88,31 +87,21 @@ async fn entry(
         Ok(session)
     };
     let deadline = Instant::now() + tun.handshake_timeout;
-    let (mut enc, mut dec) = match within(deadline, &ctx.abort_all, handshake).await {
+    let (enc, dec) = match within(deadline, &ctx.abort_all, handshake).await {
         Ok(session) => session,
         Err(e) => {
             upstream.abort();
             return e.reason(ctx);
         }
     };
-    let activity = Activity::new();
-    let pctx = pump_ctx(ctx, &activity, accepted_at);
-    let (mut frame, mut buf) = (vec![0u8; MAX_FRAME], vec![0u8; MAX_FRAME]);
-    relay::run_pair(
+    relay_tunnel(
         client,
         &upstream,
-        relay::seal_pump(
-            client,
-            &upstream,
-            &mut enc,
-            &mut frame,
-            limits.buffer_size.get(),
-            &pctx,
-        ),
-        relay::open_pump(&upstream, client, &mut dec, &mut buf, &pctx),
-        &activity,
-        limits.idle_timeout,
-        &ctx.abort_all,
+        Peer::Upstream,
+        enc,
+        dec,
+        ctx,
+        accepted_at,
     )
     .await
 }
@@ -125,7 +114,6 @@ async fn exit(
     tun: &TunnelConfig,
     accepted_at: Instant,
 ) -> CloseReason {
-    let limits = &ctx.cfg.limits;
     let deadline = accepted_at + tun.handshake_timeout;
     let Some(keys) = ctx.keys() else {
         return CloseReason::AuthFailed;
@@ -169,27 +157,58 @@ async fn exit(
         Ok(s) => s,
         Err(reason) => return reason,
     };
-    let (mut enc, mut dec) = (accepted.encoder, accepted.decoder);
+    let (enc, dec) = (accepted.encoder, accepted.decoder);
+    relay_tunnel(
+        client,
+        &upstream,
+        Peer::Downstream,
+        enc,
+        dec,
+        ctx,
+        accepted_at,
+    )
+    .await
+}
+
+/// Relays a pair where `tunnel_side` speaks the tunnel protocol: plaintext
+/// from the other side is sealed toward it, its chunks are opened toward
+/// the other side. One [`MAX_FRAME`] buffer per direction.
+async fn relay_tunnel(
+    client: &Conn,
+    upstream: &Conn,
+    tunnel_side: Peer,
+    mut enc: Encoder,
+    mut dec: Decoder,
+    ctx: &ShardCtx,
+    accepted_at: Instant,
+) -> CloseReason {
+    let limits = &ctx.cfg.limits;
     let activity = Activity::new();
     let pctx = pump_ctx(ctx, &activity, accepted_at);
     let (mut frame, mut buf) = (vec![0u8; MAX_FRAME], vec![0u8; MAX_FRAME]);
-    relay::run_pair(
-        client,
-        &upstream,
-        relay::open_pump(client, &upstream, &mut dec, &mut buf, &pctx),
-        relay::seal_pump(
-            &upstream,
-            client,
-            &mut enc,
-            &mut frame,
-            limits.buffer_size.get(),
-            &pctx,
-        ),
-        &activity,
-        limits.idle_timeout,
-        &ctx.abort_all,
-    )
-    .await
+    let (plain, tunnel) = match tunnel_side {
+        Peer::Upstream => (client, upstream),
+        Peer::Downstream => (upstream, client),
+    };
+    let seal = relay::seal_pump(
+        plain,
+        tunnel,
+        &mut enc,
+        &mut frame,
+        limits.buffer_size.get(),
+        &pctx,
+    );
+    let open = relay::open_pump(tunnel, plain, &mut dec, &mut buf, &pctx);
+    let (idle, abort) = (limits.idle_timeout, &ctx.abort_all);
+    // run_pair takes the client→upstream direction first.
+    match tunnel_side {
+        Peer::Upstream => {
+            relay::run_pair(client, upstream, seal, open, &activity, idle, abort).await
+        }
+        Peer::Downstream => {
+            relay::run_pair(client, upstream, open, seal, &activity, idle, abort).await
+        }
+    }
 }
 
 /// Why a handshake did not complete.

@@ -38,11 +38,19 @@ impl Proxy {
         let sink = lines.clone();
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split(" listening on ").nth(1) {
-                    let addr: SocketAddr = rest.split(' ').next().unwrap().parse().unwrap();
+                let addr = line.split(" listening on ").nth(1).map(|rest| {
+                    rest.split(' ')
+                        .next()
+                        .unwrap()
+                        .parse::<SocketAddr>()
+                        .unwrap()
+                });
+                // Record the line before announcing it, so a caller woken by
+                // the address also sees the line in `log()`.
+                sink.lock().unwrap().push(line);
+                if let Some(addr) = addr {
                     let _ = tx.send(addr);
                 }
-                sink.lock().unwrap().push(line);
             }
         });
         let mut addr = None;
