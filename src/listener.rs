@@ -96,6 +96,17 @@ pub async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>) {
     };
     let mut backoff = MIN_BACKOFF;
     loop {
+        // A session could not open its upstream socket (EMFILE/ENFILE):
+        // accepting more clients would only reset them. Back off as for a
+        // failed accept and leave them waiting in the backlog instead.
+        if ctx.fd_exhausted.replace(false) {
+            ctx.stats.on_accept_error();
+            let err = io::Error::other("out of file descriptors for upstream sockets");
+            log.log(ctx.id, &err, backoff);
+            future::or(glommio::timer::sleep(backoff), stop.wait()).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            continue;
+        }
         let permit = future::or(
             async { permits.acquire_static_permit(1).await.ok() },
             async {
@@ -111,7 +122,9 @@ pub async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>) {
         match accepted.await {
             None => break,
             Some(Ok(stream)) => {
-                backoff = MIN_BACKOFF;
+                if !ctx.fd_exhausted.get() {
+                    backoff = MIN_BACKOFF;
+                }
                 let ctx = ctx.clone();
                 ctx.stats.on_accept();
                 glommio::spawn_local(async move {

@@ -340,7 +340,13 @@ async fn connect(ctx: &ShardCtx) -> Result<Conn, CloseReason> {
                 let _ = s.set_nodelay(true);
                 Ok(Conn::new(s, Peer::Upstream))
             }
-            Err(_) => Err(CloseReason::ConnectError),
+            Err(e) => {
+                let e = std::io::Error::from(e);
+                if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                    ctx.fd_exhausted.set(true);
+                }
+                Err(CloseReason::ConnectError)
+            }
         }
     };
     let deadline = async {

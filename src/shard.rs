@@ -42,6 +42,8 @@ pub struct ShardCtx {
     /// the `Rc` when it starts, and its derived session keys never change.
     pub keys: RefCell<Option<Rc<KeySet>>>,
     draining: Cell<bool>,
+    /// Set when a session ran out of file descriptors; the accept loop backs off.
+    pub fd_exhausted: Cell<bool>,
 }
 
 impl ShardCtx {
@@ -122,6 +124,7 @@ async fn run(
         abort_all: Trigger::new(),
         all_closed: Trigger::new(),
         draining: Cell::new(false),
+        fd_exhausted: Cell::new(false),
     });
     let accept = glommio::spawn_local(crate::listener::accept_loop(listener, ctx.clone())).detach();
     if ctx.board.is_some() {
