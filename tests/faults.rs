@@ -183,7 +183,7 @@ fn fd_exhaustion_is_counted_does_not_spin_and_recovers() {
     let origin = echo_origin();
     // 64 descriptors: the executor takes a handful, each pair takes two.
     let script = format!(
-        "ulimit -n 64 && exec {BIN} forward --listen 127.0.0.1:0 --upstream {origin} --cores 1 --max-connections 1000"
+        "ulimit -n 64 && exec {BIN} forward --listen 127.0.0.1:0 --upstream {origin} --cores 1 --max-connections 1000 --drain-timeout 2s"
     );
     struct KillOnDrop(std::process::Child);
     impl Drop for KillOnDrop {
@@ -250,6 +250,7 @@ fn fd_exhaustion_is_counted_does_not_spin_and_recovers() {
     let mut b = [0u8; 5];
     c.read_exact(&mut b).unwrap();
     assert_eq!(&b, b"alive");
+    drop(c);
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();
