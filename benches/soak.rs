@@ -201,8 +201,10 @@ fn main() {
             b.0, a.0, b.1, a.1
         );
     }
-    let _ = exit.kill();
-    let _ = entry.kill();
+    for p in [&mut exit, &mut entry] {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(failed, 0, "errors during the soak");
     assert!(
