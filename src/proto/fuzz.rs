@@ -106,3 +106,30 @@ pub fn drive_decoder(
         }
     }
 }
+
+/// The entry's client salt in [`entry_side`].
+pub const FUZZ_CLIENT_SALT: [u8; 32] = [0x3c; 32];
+
+/// Feeds `data` to an entry as the exit's answer and stream: the first
+/// [`SERVER_HELLO_LEN`](super::SERVER_HELLO_LEN) bytes as the server hello,
+/// the rest as chunks. Same invariants as [`exit_side`]: no panic, bounded
+/// buffering, no plaintext unless the server hello and each chunk verified.
+pub fn entry_side(data: &[u8], read_sizes: &[usize]) -> FuzzOutcome {
+    use super::{handshake::ClientHandshake, SERVER_HELLO_LEN};
+    let mut out = FuzzOutcome::default();
+    let key = Psk::from_bytes(FUZZ_PSK);
+    let Ok((hs, _hello)) = ClientHandshake::start(&key, FUZZ_CLIENT_SALT, FUZZ_NOW, b"") else {
+        return out;
+    };
+    let Some(answer) = data.get(..SERVER_HELLO_LEN) else {
+        return out;
+    };
+    let answer: &[u8; SERVER_HELLO_LEN] = answer.try_into().expect("exact length");
+    let Ok((_enc, dec)) = hs.finish(answer) else {
+        out.failed = true;
+        return out;
+    };
+    out.answered = true;
+    out.failed = !drive_decoder(dec, &data[SERVER_HELLO_LEN..], read_sizes, &mut out);
+    out
+}
