@@ -1,6 +1,7 @@
 //! Faults on a real link between entry and exit, in network namespaces:
 //! 1% and 5% random loss (nftables), a 100 Mbit/s TBF rate limit with flat
-//! memory, and a TCP reset injected mid-transfer. The scenarios live in
+//! memory, a TCP reset injected mid-transfer, and an unreachable exit (SYNs
+//! dropped, so the entry's connect timeout must fire). The scenarios live in
 //! tests/netns_faults.py; this runs it against the test build.
 //!
 //! Needs root, iproute2 and nftables (`.ci/run` installs them). Outside CI a
@@ -50,5 +51,5 @@ fn netns_fault_scenarios() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("4 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("5 passed, 0 failed"), "{stdout}");
 }

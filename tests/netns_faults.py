@@ -112,7 +112,7 @@ def rss_kib(pid):
     return 0
 
 
-def pair(idle="60s"):
+def pair(idle="60s", connect_timeout="5s"):
     key = "/tmp/%s.key" % TAG
     if not os.path.exists(key):
         subprocess.run([BIN, "keygen", "--out", key], check=True)
@@ -122,7 +122,8 @@ def pair(idle="60s"):
                       "--key-file", key, "--cores", "1", "--idle-timeout", idle])
     exit_addr = listening(exit_)
     entry = spawn(A, [BIN, "entry", "--listen", "127.0.0.1:0", "--upstream", exit_addr,
-                      "--key-file", key, "--cores", "1", "--idle-timeout", idle])
+                      "--key-file", key, "--cores", "1", "--idle-timeout", idle,
+                      "--connect-timeout", connect_timeout])
     entry_port = int(listening(entry).rsplit(":", 1)[1])
     return origin, exit_, entry, int(exit_addr.rsplit(":", 1)[1]), entry_port
 
@@ -235,6 +236,39 @@ def reset_mid_transfer():
         stop(entry, exit_, origin)
 
 
+PROBE = r'''
+import socket, sys, time
+c = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+c.sendall(b"hello?"); c.settimeout(10); t = time.time(); n = 0; end = "open"
+try:
+    while True:
+        d = c.recv(4096)
+        if not d:
+            end = "eof"; break
+        n += len(d)
+except socket.timeout:
+    end = "open"
+except OSError:
+    end = "reset"
+print("%s %d %.2f" % (end, n, time.time() - t), flush=True)
+'''
+
+
+def unreachable_upstream():
+    origin, exit_, entry, exit_port, entry_port = pair(connect_timeout="1s")
+    try:
+        # Every SYN to the exit vanishes: the entry's connect can only time out.
+        nft(B, ["tcp dport %d tcp flags syn drop" % exit_port])
+        r = subprocess.run(["ip", "netns", "exec", A, "python3", "-c", PROBE, str(entry_port)],
+                           capture_output=True, text=True, timeout=30)
+        end, n, took = r.stdout.split()
+        assert end in ("eof", "reset") and n == "0", r.stdout
+        assert 0.9 <= float(took) < 3.0, "closed after %ss, connect timeout is 1s" % took
+        return "client closed after %ss (connect timeout 1s), %s" % (took, end)
+    finally:
+        stop(entry, exit_, origin)
+
+
 try:
     setup()
 except Exception as e:
@@ -245,6 +279,7 @@ try:
     scenario("5% loss on entry<->exit, 16 MiB each way", lossy(5, 16 << 20))
     scenario("100 Mbit/s TBF, 64 MiB, memory flat", rate_limited)
     scenario("tcp reset injected mid-transfer", reset_mid_transfer)
+    scenario("unreachable upstream (SYNs dropped)", unreachable_upstream)
 finally:
     teardown()
     try:
