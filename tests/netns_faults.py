@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Fault injection on a real link between entry and exit, in network namespaces.
 
-Topology (all inside namespaces this script creates and removes):
+Topology: four namespaces this script creates and removes, joined by veth
+pairs, each connection going only to a directly connected neighbour:
 
-    ns A: client --loopback--> entry ==veth 198.18.0.1 <-> 198.18.0.2== ns B: exit --loopback--> origin
+    client 198.18.1.1 == 198.18.1.2 entry 198.18.2.1 == 198.18.2.2 exit 198.18.3.1 == 198.18.3.2 origin
 
-198.18.0.0/15 is the RFC 2544 benchmarking range; nothing outside the two
+198.18.0.0/15 is the RFC 2544 benchmarking range; nothing outside these
 namespaces uses it. Faults go on the veth link: nftables for random loss
 (`numgen random mod 100 < N drop`) and resets (`reject with tcp reset`), TBF
 for a rate limit. Each data scenario checks, byte for byte by SHA-256, that
@@ -18,7 +19,7 @@ import hashlib, os, random, subprocess, sys, threading, time
 
 BIN = sys.argv[1]
 TAG = "sp%d" % (os.getpid() % 100000)
-A, B = TAG + "a", TAG + "b"
+C, A, B, O = TAG + "c", TAG + "a", TAG + "b", TAG + "o"   # client, entry, exit, origin
 results = []
 
 
@@ -30,25 +31,31 @@ def sh(*cmd, ns=None, check=True):
     return r.stdout
 
 
+def link(ns1, ip1, ns2, ip2, name):
+    sh("ip", "link", "add", name + "1", "netns", ns1, "type", "veth", "peer", "name", name + "2", "netns", ns2)
+    sh("ip", "addr", "add", ip1 + "/30", "dev", name + "1", ns=ns1)
+    sh("ip", "addr", "add", ip2 + "/30", "dev", name + "2", ns=ns2)
+    sh("ip", "link", "set", name + "1", "up", ns=ns1)
+    sh("ip", "link", "set", name + "2", "up", ns=ns2)
+
+
 def setup():
-    for ns in (A, B):
+    for ns in (C, A, B, O):
         sh("ip", "netns", "add", ns)
         sh("ip", "link", "set", "lo", "up", ns=ns)
-    sh("ip", "link", "add", A + "v", "netns", A, "type", "veth", "peer", "name", B + "v", "netns", B)
-    sh("ip", "addr", "add", "198.18.0.1/30", "dev", A + "v", ns=A)
-    sh("ip", "addr", "add", "198.18.0.2/30", "dev", B + "v", ns=B)
-    sh("ip", "link", "set", A + "v", "up", ns=A)
-    sh("ip", "link", "set", B + "v", "up", ns=B)
+    link(C, "198.18.1.1", A, "198.18.1.2", TAG + "ce")
+    link(A, "198.18.2.1", B, "198.18.2.2", TAG + "ex")   # the faulty link
+    link(B, "198.18.3.1", O, "198.18.3.2", TAG + "xo")
 
 
 def teardown():
-    for ns in (A, B):
+    for ns in (C, A, B, O):
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 ORIGIN = r'''
 import hashlib, socket, sys, threading
-s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(16)
+s = socket.socket(); s.bind(("198.18.3.2", 0)); s.listen(16)
 print(s.getsockname()[1], flush=True)
 def serve(c):
     h = hashlib.sha256(); n = 0; end = "eof"
@@ -70,7 +77,7 @@ while True:
 CLIENT = r'''
 import hashlib, random, socket, sys, threading
 port, size, seed = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-c = socket.create_connection(("127.0.0.1", port))
+c = socket.create_connection(("198.18.1.2", port))
 sent = hashlib.sha256(); got = hashlib.sha256(); n = [0]; end = ["eof"]
 def reader():
     try:
@@ -116,12 +123,12 @@ def pair(idle="60s", connect_timeout="5s"):
     key = "/tmp/%s.key" % TAG
     if not os.path.exists(key):
         subprocess.run([BIN, "keygen", "--out", key], check=True)
-    origin = spawn(B, ["python3", "-c", ORIGIN])
+    origin = spawn(O, ["python3", "-c", ORIGIN])
     oport = int(origin.stdout.readline())
-    exit_ = spawn(B, [BIN, "exit", "--listen", "198.18.0.2:0", "--upstream", "127.0.0.1:%d" % oport,
+    exit_ = spawn(B, [BIN, "exit", "--listen", "198.18.2.2:0", "--upstream", "198.18.3.2:%d" % oport,
                       "--key-file", key, "--cores", "1", "--idle-timeout", idle])
     exit_addr = listening(exit_)
-    entry = spawn(A, [BIN, "entry", "--listen", "127.0.0.1:0", "--upstream", exit_addr,
+    entry = spawn(A, [BIN, "entry", "--listen", "198.18.1.2:0", "--upstream", exit_addr,
                       "--key-file", key, "--cores", "1", "--idle-timeout", idle,
                       "--connect-timeout", connect_timeout])
     entry_port = int(listening(entry).rsplit(":", 1)[1])
@@ -142,13 +149,14 @@ def nft(ns, rules):
 
 
 def clear_faults():
-    for ns in (A, B):
-        sh("nft", "delete", "table", "inet", "sp", ns=ns, check=False)
-        sh("tc", "qdisc", "del", "dev", ns + "v", "root", ns=ns, check=False)
+    sh("nft", "delete", "table", "inet", "sp", ns=A, check=False)
+    sh("nft", "delete", "table", "inet", "sp", ns=B, check=False)
+    sh("tc", "qdisc", "del", "dev", TAG + "ex1", "root", ns=A, check=False)
+    sh("tc", "qdisc", "del", "dev", TAG + "ex2", "root", ns=B, check=False)
 
 
 def transfer(entry_port, size, seed, timeout):
-    r = subprocess.run(["ip", "netns", "exec", A, "python3", "-c", CLIENT, str(entry_port), str(size), str(seed)],
+    r = subprocess.run(["ip", "netns", "exec", C, "python3", "-c", CLIENT, str(entry_port), str(size), str(seed)],
                        capture_output=True, text=True, timeout=timeout)
     f = r.stdout.split()
     return {"sent": int(f[1]), "sent_hash": f[2], "got": int(f[3]), "got_hash": f[4], "end": f[5]}
@@ -192,8 +200,8 @@ def lossy(percent, size):
 def rate_limited():
     origin, exit_, entry, exit_port, entry_port = pair()
     try:
-        for ns in (A, B):
-            sh("tc", "qdisc", "add", "dev", ns + "v", "root", "tbf", "rate", "100mbit", "burst", "64kb", "latency", "50ms", ns=ns)
+        for ns, dev in ((A, TAG + "ex1"), (B, TAG + "ex2")):
+            sh("tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", "100mbit", "burst", "64kb", "latency", "50ms", ns=ns)
         base = rss_kib(entry.pid)
         peak = [base]
         done = threading.Event()
@@ -238,7 +246,7 @@ def reset_mid_transfer():
 
 PROBE = r'''
 import socket, sys, time
-c = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+c = socket.create_connection(("198.18.1.2", int(sys.argv[1])))
 c.sendall(b"hello?"); c.settimeout(10); t = time.time(); n = 0; end = "open"
 try:
     while True:
@@ -259,7 +267,7 @@ def unreachable_upstream():
     try:
         # Every SYN to the exit vanishes: the entry's connect can only time out.
         nft(B, ["tcp dport %d tcp flags syn drop" % exit_port])
-        r = subprocess.run(["ip", "netns", "exec", A, "python3", "-c", PROBE, str(entry_port)],
+        r = subprocess.run(["ip", "netns", "exec", C, "python3", "-c", PROBE, str(entry_port)],
                            capture_output=True, text=True, timeout=30)
         end, n, took = r.stdout.split()
         assert end in ("eof", "reset") and n == "0", r.stdout
