@@ -373,4 +373,20 @@ mod tests {
             argv(&["sp", "keygen"])
         );
     }
+
+    /// The fuzz seeds (the shipped examples) translate cleanly.
+    #[test]
+    fn fuzz_seeds_translate() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fuzz/corpus/config_file");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let f = translate(&text, "seed", None)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(f.role.is_some() && !f.args.is_empty());
+            n += 1;
+        }
+        assert!(n >= 3);
+    }
 }

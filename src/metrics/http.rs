@@ -259,4 +259,24 @@ mod tests {
         board.info.draining.store(true, Ordering::Relaxed);
         assert_eq!(get("/healthz"), 503);
     }
+
+    /// The fuzz seeds parse as requests (and the parser survives them).
+    #[test]
+    fn fuzz_seeds_parse() {
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fuzz/corpus/http_request"
+        );
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let data = std::fs::read(entry.unwrap().path()).unwrap();
+            assert!(
+                parse_request(&data).is_ok(),
+                "{:?}",
+                String::from_utf8_lossy(&data)
+            );
+            n += 1;
+        }
+        assert!(n >= 2);
+    }
 }
