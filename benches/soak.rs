@@ -9,8 +9,8 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
+use std::net::{Shutdown, TcpStream};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -66,28 +66,15 @@ fn main() {
     }
     let origin = echo_origin();
     let (exit_addr, entry_addr) = (free_port(), free_port());
-    let start_proxy =
-        |role: &str, listen: SocketAddr, up: SocketAddr, key: &std::path::Path, cpu: &str| {
-            Command::new(BIN)
-                .args([
-                    role,
-                    "--listen",
-                    &listen.to_string(),
-                    "--upstream",
-                    &up.to_string(),
-                ])
-                .args([
-                    "--key-file",
-                    key.to_str().unwrap(),
-                    "--cpu-list",
-                    cpu,
-                    "--idle-timeout",
-                    "30s",
-                ])
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap()
-        };
+    let start_proxy = |role, listen, up, key: &std::path::Path, cpu| {
+        spawn_role(
+            role,
+            listen,
+            up,
+            key,
+            &["--cpu-list", cpu, "--idle-timeout", "30s"],
+        )
+    };
     let mut exit = start_proxy("exit", exit_addr, origin, &exit_keys, "1");
     wait_listening(exit_addr);
     let mut entry = start_proxy("entry", entry_addr, exit_addr, &entry_keys, "0");

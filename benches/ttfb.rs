@@ -13,7 +13,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -91,27 +90,9 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("shardproxy-ttfb-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let key = dir.join("psk");
-    let _ = std::fs::remove_file(&key);
-    assert!(Command::new(BIN)
-        .args(["keygen", "--out", key.to_str().unwrap()])
-        .status()
-        .unwrap()
-        .success());
+    keygen_to(&key);
     let (exit_addr, entry_addr) = (free_port(), free_port());
-    let spawn = |role: &str, listen: SocketAddr, up: SocketAddr| {
-        Command::new(BIN)
-            .args([
-                role,
-                "--listen",
-                &listen.to_string(),
-                "--upstream",
-                &up.to_string(),
-            ])
-            .args(["--key-file", key.to_str().unwrap(), "--cores", "1"])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let spawn = |role, listen, up| spawn_role(role, listen, up, &key, &["--cores", "1"]);
     let mut exit = spawn("exit", exit_addr, origin);
     wait_listening(exit_addr);
     let tunnel_path = delaying_relay(exit_addr);

@@ -147,6 +147,40 @@ pub fn shardproxy_pair(origin: SocketAddr) -> Target {
     }
 }
 
+/// Writes a fresh key with the real `keygen` to `path` (replacing it).
+pub fn keygen_to(path: &std::path::Path) {
+    let _ = std::fs::remove_file(path);
+    let ok = Command::new(BIN)
+        .args(["keygen", "--out", path.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+/// Starts `shardproxy ROLE --listen L --upstream U --key-file K EXTRA...`
+/// with stderr discarded.
+pub fn spawn_role(
+    role: &str,
+    listen: SocketAddr,
+    up: SocketAddr,
+    key: &std::path::Path,
+    extra: &[&str],
+) -> Child {
+    Command::new(BIN)
+        .args([
+            role,
+            "--listen",
+            &listen.to_string(),
+            "--upstream",
+            &up.to_string(),
+        ])
+        .args(["--key-file", key.to_str().unwrap()])
+        .args(extra)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 pub fn encrypted_pair(origin: SocketAddr) -> Target {
     encrypted_pair_with(origin, &[], &[])
 }
@@ -160,40 +194,17 @@ pub fn encrypted_pair_with(
     let (entry, exit) = (free_port(), free_port());
     let dir = std::env::temp_dir().join(format!("shardproxy-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let key_file = dir.join("bench.key");
-    let _ = std::fs::remove_file(&key_file);
-    let key = key_file.to_str().unwrap().to_string();
-    let ok = Command::new(BIN)
-        .args(["keygen", "--out", &key])
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    let key = dir.join("bench.key");
+    keygen_to(&key);
     let start = |role: &str, listen: SocketAddr, up: SocketAddr, cpu: &str| {
         let extra = if role == "entry" {
             entry_extra
         } else {
             exit_extra
         };
-        Command::new(BIN)
-            .args([
-                role,
-                "--listen",
-                &listen.to_string(),
-                "--upstream",
-                &up.to_string(),
-            ])
-            .args([
-                "--key-file",
-                &key,
-                "--cpu-list",
-                cpu,
-                "--max-connections",
-                "100000",
-            ])
-            .args(extra)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
+        let mut args = vec!["--cpu-list", cpu, "--max-connections", "100000"];
+        args.extend(extra.iter().map(String::as_str));
+        spawn_role(role, listen, up, &key, &args)
     };
     let cx = start("exit", exit, origin, "1");
     let ce = start("entry", entry, exit, "0");

@@ -458,7 +458,7 @@ fn fuzz_corpus_replays_cleanly() {
 
 /// A valid exit→entry stream for [`entry_side`]: server hello + chunks + end.
 fn entry_fuzz_stream(plaintext: &[u8]) -> Vec<u8> {
-    use super::fuzz::{entry_side, FUZZ_CLIENT_SALT};
+    use super::fuzz::FUZZ_CLIENT_SALT;
     let key = Psk::from_bytes(FUZZ_PSK);
     let (_, hello) = ClientHandshake::start(&key, FUZZ_CLIENT_SALT, FUZZ_NOW, b"").unwrap();
     let acc = accept_hello(
@@ -473,7 +473,6 @@ fn entry_fuzz_stream(plaintext: &[u8]) -> Vec<u8> {
     let mut s = acc.server_hello.to_vec();
     enc.seal_to_vec(plaintext, &mut s).unwrap();
     enc.end_to_vec(&mut s).unwrap();
-    let _ = entry_side; // used by the caller
     s
 }
 
