@@ -6,9 +6,9 @@
 //!   (`Decoder::decode`) against raw encrypt+decrypt, with the AEAD backend
 //!   this build selected (`--features ring` switches it).
 //!
-//! "16 KiB" framing rows seal the relay's full chunk: `BULK_PAYLOAD` (16382)
-//! payload bytes, whose sealed plaintext (length + payload) is exactly
-//! 16 KiB. Rates are payload bytes per second.
+//! "16 KiB" framing rows seal the relay's full chunk: `MAX_PAYLOAD` (16384)
+//! payload bytes behind a 2-byte masked length, with a 16-byte tag after it
+//! (docs/PROTOCOL.md §4). Rates are payload bytes per second.
 //!
 //! Run: `cargo bench --bench proto` (`BENCH_MS=N` per cell, default 1500).
 
@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use chacha20poly1305::aead::AeadInOut;
 use chacha20poly1305::{ChaCha20Poly1305, KeyInit};
 use shardproxy::proto::{
-    accept_hello, aead::backend_name, ClientHandshake, Decoded, Psk, BULK_PAYLOAD, HEADER_LEN,
-    MAX_FRAME, MAX_PAYLOAD,
+    accept_hello, aead::backend_name, ClientHandshake, Decoded, Psk, LEN_LEN, MAX_FRAME,
+    MAX_PAYLOAD,
 };
 
 fn budget() -> Duration {
@@ -104,10 +104,10 @@ fn main() {
         let (mut enc, _) = pair();
         // Payload 64-byte aligned, as in raw (alignment measured: no effect).
         let mut backing = vec![0x33u8; MAX_FRAME + 64];
-        let off = (64 - (backing.as_ptr() as usize + HEADER_LEN) % 64) % 64;
+        let off = (64 - (backing.as_ptr() as usize + LEN_LEN) % 64) % 64;
         let frame = &mut backing[off..off + MAX_FRAME];
         let payload = if size == MAX_PAYLOAD {
-            BULK_PAYLOAD
+            MAX_PAYLOAD
         } else {
             size
         };

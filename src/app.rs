@@ -2,23 +2,12 @@
 
 use glommio::{GlommioError, LocalExecutorBuilder, Placement};
 
-use crate::cli::{KeygenArgs, ProxyArgs, TunnelArgs};
-use crate::config::{Config, Role};
+use crate::cli::KeygenArgs;
+use crate::config::Config;
 use crate::control::Controller;
 use crate::error::StartupError;
 use crate::metrics::Board;
 use crate::proto::Psk;
-
-/// The cores this process may run on (respects taskset and cpusets).
-pub fn allowed_cores() -> Vec<usize> {
-    let mut ids: Vec<usize> = core_affinity::get_core_ids()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|c| c.id)
-        .collect();
-    ids.sort_unstable();
-    ids
-}
 
 /// Checks that io_uring works here by building (and dropping) one executor,
 /// so a missing memlock allowance or a disabled io_uring is a clear error
@@ -49,20 +38,6 @@ pub fn preflight() -> Result<(), StartupError> {
     }
 }
 
-/// Runs `forward` until it has drained.
-pub fn run_forward(args: &ProxyArgs) -> Result<(), StartupError> {
-    run(Config::from_args(Role::Forward, args, &allowed_cores())?)
-}
-
-/// Runs `entry` or `exit` until it has drained.
-pub fn run_tunnel(role: Role, args: &TunnelArgs) -> Result<(), StartupError> {
-    let (cfg, warning) = Config::from_tunnel_args(role, args, &allowed_cores())?;
-    if let Some(w) = warning {
-        crate::warn!("{w}");
-    }
-    run(cfg)
-}
-
 /// Writes a fresh key to `args.out` (mode 0600, refusing to overwrite) or stdout.
 pub fn keygen(args: &KeygenArgs) -> Result<(), StartupError> {
     use std::io::Write;
@@ -85,39 +60,16 @@ pub fn keygen(args: &KeygenArgs) -> Result<(), StartupError> {
 }
 
 /// `shardproxy check --config FILE`: everything `run` would validate (flags,
-/// addresses, cores, key file), without binding or starting anything.
-/// Returns a one-line summary.
+/// addresses, cores, key file), through the same [`crate::config::load`],
+/// without binding or starting anything. Returns a one-line summary.
 pub fn check(path: &str) -> Result<String, StartupError> {
-    use clap::Parser;
-    let file = crate::config_file::load(path, None)?;
-    let role = file
-        .role
-        .clone()
-        .ok_or(crate::config_file::FileError::BadRole {
-            path: path.to_string(),
-        })?;
-    let mut argv = vec!["shardproxy".to_string(), role];
-    argv.extend(file.args);
-    let cli = crate::cli::Cli::try_parse_from(argv).map_err(|e| StartupError::ConfigValue {
-        path: path.to_string(),
-        message: e
-            .to_string()
-            .lines()
-            .next()
-            .unwrap_or("invalid setting")
-            .trim_start_matches("error: ")
-            .to_string(),
-    })?;
-    let cores = allowed_cores();
-    let cfg = match &cli.command {
-        crate::cli::Command::Forward(a) => Config::from_args(Role::Forward, a, &cores)?,
-        crate::cli::Command::Entry(a) => Config::from_tunnel_args(Role::Entry, a, &cores)?.0,
-        crate::cli::Command::Exit(a) => Config::from_tunnel_args(Role::Exit, a, &cores)?.0,
-        _ => unreachable!("a config file names a proxy role"),
-    };
+    let (cfg, warnings) = crate::config::load_file(path)?;
+    for w in warnings {
+        crate::warn!("{w}");
+    }
     Ok(format!(
         "config {path} OK: role {}, listen {}, upstream {} ({}), {} shard(s) on cores {}",
-        cfg.role.as_str(),
+        cfg.role().as_str(),
         cfg.listen,
         cfg.upstream_name,
         cfg.upstream,
@@ -135,7 +87,7 @@ pub fn run(cfg: Config) -> Result<(), StartupError> {
         Some(addr) => {
             let metrics = crate::metrics::http::bind(addr)
                 .map_err(|source| StartupError::MetricsListen { addr, source })?;
-            let board = Board::new(cfg.cores.len(), cfg.role.as_str());
+            let board = Board::new(cfg.cores.len(), cfg.role().as_str());
             let bound = metrics.local_addr().unwrap_or(addr);
             crate::metrics::http::spawn(metrics, board.clone(), cfg.metrics_interval)
                 .map_err(|source| StartupError::MetricsListen { addr, source })?;
@@ -145,10 +97,7 @@ pub fn run(cfg: Config) -> Result<(), StartupError> {
     };
     let (controller, shard_ends) =
         Controller::new(cfg.cores.len()).map_err(StartupError::Signals)?;
-    controller.handle_signals(
-        cfg.tunnel.as_ref().map(|t| t.key_file.clone()),
-        board.clone(),
-    )?;
+    controller.handle_signals(cfg.tunnel().map(|t| t.key_file.clone()), board.clone())?;
     let mut handles = Vec::with_capacity(cfg.cores.len());
     for (id, ((core, listener), control)) in
         cfg.cores.iter().zip(listeners).zip(shard_ends).enumerate()

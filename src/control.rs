@@ -2,9 +2,11 @@
 //!
 //! As in libevent, a signal handler does nothing but note the signal
 //! (signal-hook's self-pipe); a plain thread turns each one into a
-//! [`Command`] and writes it, one byte, to every shard's socketpair. Each
-//! shard reads its end as an ordinary async socket on its own loop. Nothing
-//! is shared: no locks, no atomics, only messages.
+//! [`Message`] and writes it to every shard's socketpair: `D` (drain, one
+//! byte) or `K` with the reloaded keys. Each shard reads its end as an
+//! ordinary async socket on its own loop. No lock and nothing on the data
+//! path is shared; the one atomic is the metrics board's "draining" flag,
+//! set once by this thread and read by scrapes.
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -22,20 +24,20 @@ use crate::metrics::Board;
 
 /// A message to a shard.
 #[derive(Debug)]
-pub enum Command {
+pub enum Message {
     /// Stop accepting, let connections finish, then stop.
     Drain,
     /// Use these keys for new connections (SIGHUP reload).
     Keys(KeySet),
 }
 
-impl Command {
+impl Message {
     /// Wire form on the socketpair: `D`, or `K`, a count, then 32 bytes per key.
     fn encode(&self) -> Zeroizing<Vec<u8>> {
         let mut out = Zeroizing::new(Vec::new());
         match self {
-            Command::Drain => out.push(b'D'),
-            Command::Keys(set) => {
+            Message::Drain => out.push(b'D'),
+            Message::Keys(set) => {
                 out.push(b'K');
                 out.push(set.all().len() as u8);
                 for k in set.all() {
@@ -66,7 +68,7 @@ impl Controller {
     }
 
     /// Sends `cmd` to every shard. A shard that already exited is skipped.
-    pub fn broadcast(&mut self, cmd: Command) {
+    pub fn broadcast(&mut self, cmd: Message) {
         let bytes = cmd.encode();
         for s in &mut self.shards {
             let _ = s.write_all(&bytes);
@@ -91,7 +93,7 @@ impl Controller {
                     match sig {
                         SIGHUP => match &key_file {
                             None => crate::info!("SIGHUP: nothing to reload in this role"),
-                            Some(path) => match KeySet::load(path) {
+                            Some(path) => match crate::config::load_key_file(path) {
                                 Ok((keys, warning)) => {
                                     if let Some(w) = warning {
                                         crate::warn!("{w}");
@@ -100,7 +102,7 @@ impl Controller {
                                         "SIGHUP: reloaded {} key(s) from {path}",
                                         keys.all().len()
                                     );
-                                    self.broadcast(Command::Keys(keys));
+                                    self.broadcast(Message::Keys(keys));
                                 }
                                 Err(e) => crate::error!("SIGHUP: {e}; keeping the current keys"),
                             },
@@ -119,7 +121,7 @@ impl Controller {
                                     .draining
                                     .store(true, std::sync::atomic::Ordering::Relaxed);
                             }
-                            self.broadcast(Command::Drain);
+                            self.broadcast(Message::Drain);
                         }
                     }
                 }
@@ -129,27 +131,27 @@ impl Controller {
     }
 }
 
-/// Waits for the next command on a shard's end. EOF (the control plane is
+/// Waits for the next message on a shard's end. EOF (the control plane is
 /// gone) or anything malformed means drain: a shard never runs unsupervised.
-pub async fn recv(stream: &mut glommio::net::UnixStream) -> Command {
+pub async fn recv(stream: &mut glommio::net::UnixStream) -> Message {
     let mut head = [0u8; 2];
     if stream.read_exact(&mut head[..1]).await.is_err() || head[0] != b'K' {
-        return Command::Drain;
+        return Message::Drain;
     }
     if stream.read_exact(&mut head[1..]).await.is_err() {
-        return Command::Drain;
+        return Message::Drain;
     }
     let n = head[1] as usize;
     if n == 0 || n > MAX_KEYS {
-        return Command::Drain;
+        return Message::Drain;
     }
     let mut keys = Vec::with_capacity(n);
     let mut raw = Zeroizing::new([0u8; PSK_LEN]);
     for _ in 0..n {
         if stream.read_exact(&mut raw[..]).await.is_err() {
-            return Command::Drain;
+            return Message::Drain;
         }
         keys.push(Psk::from_bytes(*raw));
     }
-    Command::Keys(KeySet::new(keys))
+    Message::Keys(KeySet::new(keys))
 }

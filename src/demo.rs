@@ -35,11 +35,14 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).map_err(StartupError::Signals)?;
     }
-    let exe = std::env::current_exe().map_err(StartupError::Signals)?;
+    let exe = std::env::current_exe().map_err(|source| StartupError::Demo {
+        what: "the proxies (cannot find our own executable)",
+        source,
+    })?;
     let cores = args.cores.to_string();
     let exit_addr = format!("127.0.0.1:{}", args.exit_port);
     let entry_addr = format!("127.0.0.1:{}", args.port);
-    let spawn = |role: &str, listen: &str, upstream: &str| {
+    let spawn = |role: &'static str, listen: &str, upstream: &str| {
         Command::new(&exe)
             .args([
                 role,
@@ -52,7 +55,7 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
             ])
             .args(["--cores", &cores, "--drain-timeout", "5s"])
             .spawn()
-            .map_err(StartupError::Signals)
+            .map_err(|source| StartupError::Demo { what: role, source })
     };
     let mut children: Vec<Child> = vec![
         spawn("exit", &exit_addr, &origin_addr.to_string())?,

@@ -1,8 +1,19 @@
-//! Start-up errors: each is one line that names the fix, and exits with 2.
+//! The two error families:
+//!
+//! * [`StartupError`]: why the process could not start. Each is one line that
+//!   names the fix, and exits with 2.
+//! * [`SessionError`]: why one connection ended early, tagged with the
+//!   [`Side`] that failed (after pingora-error's `ErrorSource`). Its
+//!   [`CloseReason`] is the `Copy` label for logs and metrics (after
+//!   linkerd's error-kind labels).
 
+use std::fmt;
+use std::io;
 use std::net::SocketAddr;
 
 use crate::config::ConfigError;
+use crate::proto::ProtoError;
+use crate::stats::CloseReason;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -10,17 +21,6 @@ pub enum StartupError {
     /// The configuration is invalid.
     #[error("{0}")]
     Config(#[from] ConfigError),
-    /// The config file is unusable.
-    #[error("{0}")]
-    ConfigFile(#[from] crate::config_file::FileError),
-    /// A setting in the config file does not parse (clap's first line).
-    #[error("config {path}: {message}")]
-    ConfigValue {
-        /// The path.
-        path: String,
-        /// What clap said.
-        message: String,
-    },
     /// The listen port is taken by a socket without SO_REUSEPORT (not ours).
     #[error("cannot listen on {0}: address already in use by another program (stop it or pick another port)")]
     AddrInUse(SocketAddr),
@@ -73,11 +73,224 @@ pub enum StartupError {
     /// The signal handler could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    /// `demo` could not start one of its processes.
+    #[error("demo: cannot start {what}: {source}")]
+    Demo {
+        /// Which part of the demo.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
 }
 
 impl StartupError {
     /// Process exit code for this error.
     pub fn exit_code(&self) -> u8 {
         2
+    }
+}
+
+/// Which peer a socket talks to (linkerd's client/server vocabulary:
+/// *downstream* connected to us, *upstream* is where we connected).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// The client that connected to us.
+    Downstream,
+    /// The server we connected to.
+    Upstream,
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Peer::Downstream => "downstream",
+            Peer::Upstream => "upstream",
+        })
+    }
+}
+
+/// Which side of a session failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client that connected to us.
+    Downstream,
+    /// The server (or exit) we connected to.
+    Upstream,
+    /// This process: a local resource or limit, not a peer.
+    Internal,
+}
+
+impl From<Peer> for Side {
+    fn from(p: Peer) -> Self {
+        match p {
+            Peer::Downstream => Side::Downstream,
+            Peer::Upstream => Side::Upstream,
+        }
+    }
+}
+
+/// Why a session ended before both directions finished cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// A socket operation failed on one side (reset, broken pipe, ...).
+    #[error("{peer} {op}: {source}")]
+    Io {
+        /// The side whose socket failed.
+        peer: Peer,
+        /// What we were doing: `read`, `write` or `shutdown`.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// `connect(2)` to the upstream failed (refused, unreachable, or no file
+    /// descriptor left for the socket).
+    #[error("upstream connect: {0}")]
+    Connect(#[source] io::Error),
+    /// The upstream did not accept within `--connect-timeout`.
+    #[error("upstream connect timed out")]
+    ConnectTimeout,
+    /// The peer closed before its hello was complete.
+    #[error("{0} closed during the handshake")]
+    HandshakeClosed(Peer),
+    /// The handshake did not complete within `--handshake-timeout`.
+    #[error("{0} handshake timed out")]
+    HandshakeTimeout(Peer),
+    /// The tunnel peer sent something that failed authentication or broke
+    /// the protocol.
+    #[error("{peer} tunnel: {source}")]
+    Proto {
+        /// The tunnel side.
+        peer: Peer,
+        /// What the protocol rejected.
+        source: ProtoError,
+    },
+    /// Our own sealing hit a hard protocol limit (the nonce counter).
+    #[error("tunnel limit: {0}")]
+    Limit(ProtoError),
+    /// The tunnel ended (TCP EOF) without its authenticated end chunk.
+    #[error("{0} tunnel truncated (EOF without the end chunk)")]
+    Truncated(Peer),
+    /// No bytes either way for `--idle-timeout`.
+    #[error("idle timeout")]
+    Idle,
+    /// Aborted at the end of the drain period.
+    #[error("aborted at the end of the drain")]
+    Drained,
+    /// The OS random number generator failed (salt for a hello).
+    #[error("random number generator failed: {0}")]
+    Rng(getrandom::Error),
+    /// A tunnel role has no keys loaded.
+    #[error("no tunnel keys loaded")]
+    NoKeys,
+}
+
+impl SessionError {
+    /// The side that failed.
+    pub fn side(&self) -> Side {
+        match self {
+            SessionError::Io { peer, .. }
+            | SessionError::HandshakeClosed(peer)
+            | SessionError::HandshakeTimeout(peer)
+            | SessionError::Proto { peer, .. }
+            | SessionError::Truncated(peer) => Side::from(*peer),
+            SessionError::Connect(e) if is_fd_exhaustion(e) => Side::Internal,
+            SessionError::Connect(_) | SessionError::ConnectTimeout => Side::Upstream,
+            // Silence is both peers'; the timer is ours.
+            SessionError::Idle
+            | SessionError::Drained
+            | SessionError::Limit(_)
+            | SessionError::Rng(_)
+            | SessionError::NoKeys => Side::Internal,
+        }
+    }
+
+    /// The close reason this error is counted and logged under.
+    pub fn reason(&self) -> CloseReason {
+        match self {
+            SessionError::Io { peer, .. } => match peer {
+                Peer::Downstream => CloseReason::DownstreamReset,
+                Peer::Upstream => CloseReason::UpstreamReset,
+            },
+            SessionError::Connect(_) => CloseReason::ConnectError,
+            SessionError::ConnectTimeout => CloseReason::ConnectTimeout,
+            SessionError::HandshakeClosed(_) | SessionError::HandshakeTimeout(_) => {
+                CloseReason::AuthFailed
+            }
+            SessionError::Proto {
+                source: ProtoError::NonceExhausted,
+                ..
+            }
+            | SessionError::Limit(_) => CloseReason::Limit,
+            SessionError::Proto { .. } => CloseReason::AuthFailed,
+            SessionError::Truncated(_) => CloseReason::Truncated,
+            SessionError::Idle => CloseReason::IdleTimeout,
+            SessionError::Drained => CloseReason::Drained,
+            SessionError::Rng(_) | SessionError::NoKeys => CloseReason::Internal,
+        }
+    }
+
+    /// Whether the process ran out of file descriptors (EMFILE/ENFILE) for
+    /// the upstream socket: the accept loop backs off instead of accepting
+    /// clients it could only reset.
+    pub fn is_fd_exhaustion(&self) -> bool {
+        matches!(self, SessionError::Connect(e) if is_fd_exhaustion(e))
+    }
+}
+
+fn is_fd_exhaustion(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// The close reason of a finished session.
+impl From<&Result<(), SessionError>> for CloseReason {
+    fn from(r: &Result<(), SessionError>) -> Self {
+        match r {
+            Ok(()) => CloseReason::Clean,
+            Err(e) => e.reason(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_their_side_and_reason() {
+        let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+        let e = SessionError::Io {
+            peer: Peer::Upstream,
+            op: "read",
+            source: reset,
+        };
+        assert_eq!(
+            (e.side(), e.reason()),
+            (Side::Upstream, CloseReason::UpstreamReset)
+        );
+        assert_eq!(e.to_string(), "upstream read: connection reset");
+        let emfile = SessionError::Connect(io::Error::from_raw_os_error(libc::EMFILE));
+        assert!(emfile.is_fd_exhaustion());
+        assert_eq!(emfile.side(), Side::Internal);
+        assert_eq!(emfile.reason(), CloseReason::ConnectError);
+        let refused = SessionError::Connect(io::Error::from_raw_os_error(libc::ECONNREFUSED));
+        assert!(!refused.is_fd_exhaustion());
+        assert_eq!(refused.side(), Side::Upstream);
+        let bad = SessionError::Proto {
+            peer: Peer::Downstream,
+            source: ProtoError::BadTag,
+        };
+        assert_eq!(
+            (bad.side(), bad.reason()),
+            (Side::Downstream, CloseReason::AuthFailed)
+        );
+        let nonce = SessionError::Proto {
+            peer: Peer::Upstream,
+            source: ProtoError::NonceExhausted,
+        };
+        assert_eq!(nonce.reason(), CloseReason::Limit);
+        assert_eq!(SessionError::NoKeys.side(), Side::Internal);
+        assert_eq!(SessionError::NoKeys.reason(), CloseReason::Internal);
+        assert_eq!(CloseReason::from(&Ok(())), CloseReason::Clean);
     }
 }

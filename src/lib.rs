@@ -1,24 +1,30 @@
 //! shardproxy: a thread-per-core, sharded TCP proxy on glommio (io_uring).
 //!
-//! Module map:
+//! Module map, in import order: each module uses only those below it, so the
+//! list reads like a connection's lifecycle (app → shard → listener →
+//! session → relay → conn → proto).
 //!
 //! | module       | what it owns                                                |
 //! |--------------|-------------------------------------------------------------|
-//! | [`cli`]      | clap structs only                                           |
-//! | [`config`]   | validated [`config::Config`] built from the CLI; binds nothing |
-//! | [`config_file`] | `--config FILE` (TOML) turned into the same flags          |
-//! | [`units`]    | `500ms` / `16KiB` parsers shared by flags and config         |
 //! | [`app`]      | start-up: pre-flight checks, listeners, shards, exit code    |
-//! | [`shard`]    | one pinned executor per core and its `Rc` context            |
+//! | [`demo`]     | `shardproxy demo`: origin + exit + entry on loopback         |
+//! | [`control`]  | signals as events, shard messages over socketpairs           |
+//! | [`shard`]    | one pinned executor per core: its run loop and drain         |
 //! | [`listener`] | `SO_REUSEPORT` sockets and the accept loop with permits      |
-//! | [`session`]  | one client + one upstream: handshake, connect, relay, reason  |
-//! | [`relay`]    | bounded half-duplex pumps (plain, sealing, opening)          |
-//! | [`control`]  | signals as events, shard commands by message                 |
-//! | [`stats`]    | per-shard counters and close reasons                         |
+//! | [`session`]  | one client + one upstream: handshake, connect, relay         |
+//! | [`relay`]    | the one relay entry point: bounded half-duplex pumps         |
+//! | [`context`]  | one shard's `Rc` state: config, counters, keys, triggers     |
+//! | [`conn`]     | one socket tagged with its side (downstream / upstream)      |
+//! | [`error`]    | start-up errors; session errors that name the failing side   |
+//! | [`trigger`]  | shard-local stop events and the stop-first `bounded` race    |
 //! | [`metrics`]  | per-shard HDR histograms, `/metrics`, `/histograms`, `stats`  |
+//! | [`stats`]    | per-shard counters and close reasons                         |
+//! | [`config`]   | the one path from flags and files to a validated `Config`   |
+//! | [`cli`]      | clap structs only                                           |
+//! | [`units`]    | `500ms` / `16KiB` parsers shared by flags and config         |
+//! | [`log`]      | one-line stderr logging macros                               |
 //! | [`sys`]      | the only `unsafe`: adopting fds into glommio, io_uring probe |
 //! | [`proto`]    | sans-io tunnel protocol: keys, hellos, chunk framing         |
-//! | [`demo`]     | `shardproxy demo`: origin + exit + entry on loopback         |
 //!
 //! Data never crosses cores: each shard accepts on its own listener, pairs
 //! and relays its own connections, and counts into its own `Cell`s.
@@ -26,7 +32,8 @@
 pub mod app;
 pub mod cli;
 pub mod config;
-pub mod config_file;
+pub mod conn;
+pub mod context;
 pub mod control;
 pub mod demo;
 pub mod error;

@@ -1,18 +1,20 @@
 //! Listening sockets (one per shard, `SO_REUSEPORT`) and the accept loop.
 
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use futures_lite::future;
 use glommio::net::TcpListener;
 use glommio::sync::Semaphore;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::Config;
-use crate::error::StartupError;
-use crate::shard::ShardCtx;
+use crate::context::ShardCtx;
+use crate::error::{SessionError, Side, StartupError};
+use crate::stats::CloseReason;
+use crate::trigger::bounded;
 
 /// Binds one `SO_REUSEPORT` listener per shard on `cfg.listen`.
 ///
@@ -55,22 +57,26 @@ fn bind_one(addr: SocketAddr, backlog: u32, dual_stack: bool) -> io::Result<Sock
     Ok(socket)
 }
 
-/// Logs accept errors at most once per second, counting the rest.
+/// Logs at most once per second, counting the rest.
 struct RateLimitedLog {
     last: Option<Instant>,
     suppressed: u64,
 }
 
 impl RateLimitedLog {
-    fn log(&mut self, shard: usize, err: &io::Error, backoff: Duration) {
+    fn new() -> Self {
+        RateLimitedLog {
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    fn log(&mut self, line: impl FnOnce(u64) -> String) {
         let now = Instant::now();
         match self.last {
             Some(t) if now.duration_since(t) < Duration::from_secs(1) => self.suppressed += 1,
             _ => {
-                crate::warn!(
-                    "shard {shard}: accept failed: {err} (retrying in {backoff:?}; {} similar errors suppressed)",
-                    self.suppressed
-                );
+                crate::warn!("{}", line(self.suppressed));
                 self.last = Some(now);
                 self.suppressed = 0;
             }
@@ -81,68 +87,96 @@ impl RateLimitedLog {
 const MIN_BACKOFF: Duration = Duration::from_millis(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
-/// Accepts until the shard's `stop_accepting` trigger fires, then drops the
-/// listener so the kernel refuses new connections.
+/// The accept loop's own state: what its sessions reported back.
+struct AcceptState {
+    /// A session ran out of file descriptors for its upstream socket.
+    fd_exhausted: Cell<bool>,
+    /// Failures of this process (not of a peer), logged rate-limited.
+    internal: RefCell<RateLimitedLog>,
+}
+
+/// Accepts until the shard stops accepting, then drops the listener so the
+/// kernel refuses new connections.
 ///
 /// A permit is taken *before* `accept`, so at `--max-connections` the shard
 /// simply stops accepting (clients wait in the backlog) instead of accepting
 /// and closing. Accept errors back off exponentially, so EMFILE can't spin.
+/// Every wait here is [`bounded`] by the stop trigger, which is polled first:
+/// an accept that fails at once, or a free permit, cannot hold off stop.
 pub async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>) {
-    let permits = Rc::new(Semaphore::new(ctx.cfg.limits.max_connections.get() as u64));
-    let stop = ctx.stop_accepting.clone();
-    let mut log = RateLimitedLog {
-        last: None,
-        suppressed: 0,
-    };
+    let permits = Rc::new(Semaphore::new(ctx.limits().max_connections.get() as u64));
+    let state = Rc::new(AcceptState {
+        fd_exhausted: Cell::new(false),
+        internal: RefCell::new(RateLimitedLog::new()),
+    });
+    let stop = ctx.accepting_stopped().clone();
+    let mut log = RateLimitedLog::new();
     let mut backoff = MIN_BACKOFF;
+    let id = ctx.id();
     loop {
         // A session could not open its upstream socket (EMFILE/ENFILE):
         // accepting more clients would only reset them. Back off as for a
         // failed accept and leave them waiting in the backlog instead.
-        if ctx.fd_exhausted.replace(false) {
-            ctx.stats.on_accept_error();
-            let err = io::Error::other("out of file descriptors for upstream sockets");
-            log.log(ctx.id, &err, backoff);
-            future::or(glommio::timer::sleep(backoff), stop.wait()).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-            continue;
-        }
-        let permit = future::or(
-            async { permits.acquire_static_permit(1).await.ok() },
-            async {
-                stop.wait().await;
-                None
-            },
-        );
-        let Some(permit) = permit.await else { break };
-        let accepted = future::or(async { Some(listener.accept().await) }, async {
-            stop.wait().await;
-            None
-        });
-        match accepted.await {
-            None => break,
-            Some(Ok(stream)) => {
-                if !ctx.fd_exhausted.get() {
-                    backoff = MIN_BACKOFF;
+        let failure = if state.fd_exhausted.replace(false) {
+            Some(io::Error::other(
+                "out of file descriptors for upstream sockets",
+            ))
+        } else {
+            let Ok(permit) = bounded(&stop, None, permits.acquire_static_permit(1)).await else {
+                break;
+            };
+            let Ok(permit) = permit else { break };
+            match bounded(&stop, None, listener.accept()).await {
+                Err(_) => break,
+                Ok(Ok(stream)) => {
+                    if !state.fd_exhausted.get() {
+                        backoff = MIN_BACKOFF;
+                    }
+                    ctx.on_accept();
+                    let (ctx, state) = (ctx.clone(), state.clone());
+                    glommio::spawn_local(async move {
+                        let result = crate::session::run(stream, &ctx).await;
+                        drop(permit);
+                        if let Err(e) = &result {
+                            state.report(ctx.id(), e);
+                        }
+                        ctx.on_close(CloseReason::from(&result));
+                    })
+                    .detach();
+                    None
                 }
-                let ctx = ctx.clone();
-                ctx.stats.on_accept();
-                glommio::spawn_local(async move {
-                    let reason = crate::session::run(stream, &ctx).await;
-                    drop(permit);
-                    ctx.on_close(reason);
-                })
-                .detach();
+                Ok(Err(e)) => Some(io::Error::from(e)),
             }
-            Some(Err(e)) => {
-                ctx.stats.on_accept_error();
-                let err = io::Error::from(e);
-                log.log(ctx.id, &err, backoff);
-                drop(permit);
-                future::or(glommio::timer::sleep(backoff), stop.wait()).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+        };
+        if let Some(err) = failure {
+            ctx.stats().on_accept_error();
+            log.log(|n| {
+                format!("shard {id}: accept failed: {err} (retrying in {backoff:?}; {n} similar errors suppressed)")
+            });
+            if bounded(&stop, None, glommio::timer::sleep(backoff))
+                .await
+                .is_err()
+            {
+                break;
             }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
     drop(listener);
+}
+
+impl AcceptState {
+    /// Takes in what a finished session reports. Peers' failures are counted
+    /// by close reason; this process's own are also logged (rate-limited).
+    fn report(&self, shard: usize, e: &SessionError) {
+        if e.is_fd_exhaustion() {
+            self.fd_exhausted.set(true);
+        } else if e.side() == Side::Internal
+            && !matches!(e, SessionError::Drained | SessionError::Idle)
+        {
+            self.internal.borrow_mut().log(|n| {
+                format!("shard {shard}: session failed: {e} ({n} similar errors suppressed)")
+            });
+        }
+    }
 }

@@ -1,55 +1,35 @@
-//! Thin binary: parse the CLI, run the chosen command, map errors to exit codes.
+//! Thin binary: load the command line into a validated config, run the
+//! chosen command, map errors to exit codes.
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use shardproxy::cli::{Cli, Command};
-use shardproxy::config::Role;
+use shardproxy::config::{Loaded, Tool};
 
 fn main() -> ExitCode {
-    // `--config FILE` becomes the flags it stands for, ahead of the real ones.
-    let argv = match shardproxy::config_file::expand_argv(std::env::args().collect()) {
-        Ok(argv) => argv,
+    let loaded = match shardproxy::config::load(std::env::args().collect()) {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     };
-    let cli = match Cli::try_parse_from(argv) {
-        Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => {
+    let result = match loaded {
+        Loaded::Help(e) => {
             // --help and --version.
             let _ = e.print();
             return ExitCode::SUCCESS;
         }
-        Err(e) => {
-            // clap's report spans several lines (tips, usage); the contract is
-            // one line, so keep its first line and point at --help.
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or("error: invalid arguments");
-            eprintln!("{first} (see --help)");
-            return ExitCode::from(2);
-        }
-    };
-    let result = match &cli.command {
-        Command::Forward(args) => shardproxy::app::run_forward(args),
-        Command::Entry(args) => shardproxy::app::run_tunnel(Role::Entry, args),
-        Command::Exit(args) => shardproxy::app::run_tunnel(Role::Exit, args),
-        Command::Keygen(args) => shardproxy::app::keygen(args),
-        Command::Check(args) => match shardproxy::app::check(&args.config) {
-            Ok(summary) => {
-                println!("{summary}");
-                Ok(())
+        Loaded::Proxy { config, warnings } => {
+            for w in warnings {
+                shardproxy::warn!("{w}");
             }
-            Err(e) => Err(e),
-        },
-        // `run --config FILE` was rewritten to the file's role above; this
-        // is only reached when the file could not supply one.
-        Command::Run(args) => Err(shardproxy::config_file::FileError::BadRole {
-            path: args.config.clone(),
+            shardproxy::app::run(*config)
         }
-        .into()),
-        Command::Stats(args) => {
+        Loaded::Tool(Tool::Keygen(args)) => shardproxy::app::keygen(&args),
+        Loaded::Tool(Tool::Check(args)) => shardproxy::app::check(&args.config).map(|summary| {
+            println!("{summary}");
+        }),
+        Loaded::Tool(Tool::Stats(args)) => {
             return match shardproxy::metrics::stats_cmd::run(&args.from, args.per_shard) {
                 Ok(table) => {
                     print!("{table}");
@@ -61,7 +41,7 @@ fn main() -> ExitCode {
                 }
             };
         }
-        Command::Demo(args) => shardproxy::demo::run(args),
+        Loaded::Tool(Tool::Demo(args)) => shardproxy::demo::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

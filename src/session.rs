@@ -1,63 +1,49 @@
-//! One client paired with one upstream, read top to bottom:
-//! (handshake) → connect → (handshake) → relay → close reason.
+//! One client paired with one upstream, read top to bottom, phase by phase:
+//! (handshake) → connect → (handshake) → relay. Each phase has its own
+//! deadline and its own [`SessionError`], which names the side that failed.
+//!
+//! The relay phase runs in [`relay`]'s own heap allocation (see [`relay`]
+//! below), so a connection that is still in its handshake, which is what a
+//! flood of unauthenticated peers produces, costs only the small state of
+//! the phases before it.
 
 use std::future::Future;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use futures_lite::future;
 use glommio::net::TcpStream;
 
-use crate::config::{Role, TunnelConfig};
+use crate::config::{Mode, TunnelConfig};
+use crate::conn::{Conn, Peer};
+use crate::context::ShardCtx;
+use crate::error::SessionError;
 use crate::metrics::Hist;
-use crate::proto::{
-    accept_hello, ClientHandshake, Decoder, Encoder, ProtoError, CLIENT_HELLO_LEN, MAX_FRAME,
-    SALT_LEN, SERVER_HELLO_LEN,
-};
-use crate::relay::{self, Activity, Conn, Peer, PumpCtx, PumpError};
-use crate::shard::ShardCtx;
-use crate::stats::CloseReason;
-use crate::trigger::Trigger;
+use crate::proto::{accept_hello, ClientHandshake, CLIENT_HELLO_LEN, SALT_LEN, SERVER_HELLO_LEN};
+use crate::relay::Framing;
+use crate::trigger::{bounded, Interrupted};
 
-/// Runs one accepted connection to completion and says why it ended. Any
-/// end other than [`CloseReason::Clean`] resets the client.
-pub async fn run(client: TcpStream, ctx: &ShardCtx) -> CloseReason {
+/// Runs one accepted connection to completion. `Ok` means both directions
+/// ended with FIN; on any error the client is reset (RST), never closed
+/// cleanly, and the error says which side failed.
+pub async fn run(client: TcpStream, ctx: &ShardCtx) -> Result<(), SessionError> {
     let accepted_at = Instant::now();
-    let _ = client.set_nodelay(true);
     let client = Conn::new(client, Peer::Downstream);
-    let reason = match (ctx.cfg.role, ctx.cfg.tunnel.as_ref()) {
-        (Role::Entry, Some(tun)) => entry(&client, ctx, tun, accepted_at).await,
-        (Role::Exit, Some(tun)) => exit(&client, ctx, tun, accepted_at).await,
-        _ => forward(&client, ctx, accepted_at).await,
+    let result = match &ctx.config().mode {
+        Mode::Forward => forward(&client, ctx, accepted_at).await,
+        Mode::Entry(tun) => entry(&client, ctx, tun, accepted_at).await,
+        Mode::Exit(tun) => exit(&client, ctx, tun, accepted_at).await,
     };
-    ctx.timings
+    ctx.timings()
         .record(Hist::ConnectionDuration, accepted_at.elapsed());
-    if reason != CloseReason::Clean {
+    if result.is_err() {
         client.abort();
     }
-    reason
+    result
 }
 
 /// `forward`: plain both ways.
-async fn forward(client: &Conn, ctx: &ShardCtx, accepted_at: Instant) -> CloseReason {
-    let limits = &ctx.cfg.limits;
-    let upstream = match connect(ctx).await {
-        Ok(s) => s,
-        Err(reason) => return reason,
-    };
-    let activity = Activity::new();
-    let pctx = pump_ctx(ctx, &activity, accepted_at);
-    let size = limits.buffer_size.get();
-    let (mut up_buf, mut down_buf) = (vec![0u8; size], vec![0u8; size]);
-    relay::run_pair(
-        client,
-        &upstream,
-        relay::pump(client, &upstream, &mut up_buf, &pctx),
-        relay::pump(&upstream, client, &mut down_buf, &pctx),
-        &activity,
-        limits.idle_timeout,
-        &ctx.abort_all,
-    )
-    .await
+async fn forward(client: &Conn, ctx: &ShardCtx, accepted_at: Instant) -> Result<(), SessionError> {
+    let upstream = connect(ctx).await?;
+    relay(client, &upstream, Framing::Plain, ctx, accepted_at).await
 }
 
 /// `entry`: connect to the exit, say hello, verify its answer, then seal
@@ -67,43 +53,41 @@ async fn entry(
     ctx: &ShardCtx,
     tun: &TunnelConfig,
     accepted_at: Instant,
-) -> CloseReason {
-    let Some(keys) = ctx.keys() else {
-        return CloseReason::AuthFailed;
-    };
-    let upstream = match connect(ctx).await {
-        Ok(s) => s,
-        Err(reason) => return reason,
-    };
+) -> Result<(), SessionError> {
+    let keys = ctx.keys().ok_or(SessionError::NoKeys)?;
+    let salt = random_salt()?;
+    let upstream = connect(ctx).await?;
+    let deadline = Instant::now() + tun.handshake_timeout;
     let handshake = async {
-        let salt = random_salt().map_err(|_| HandshakeError::Proto)?;
-        let (hs, hello) = ClientHandshake::start(keys.primary(), salt, unix_now(), b"")?;
-        relay::write_all(&upstream, &hello, &Activity::new()).await?;
+        let rejected = |source| SessionError::Proto {
+            peer: Peer::Upstream,
+            source,
+        };
+        // An empty `meta` cannot exceed its limit: this never fails.
+        let (hs, hello) = ClientHandshake::start(keys.primary(), salt, unix_now(), b"")
+            .map_err(SessionError::Limit)?;
+        upstream.write_all(&hello, || ()).await?;
         let sent_at = Instant::now();
         let mut answer = [0u8; SERVER_HELLO_LEN];
-        read_exact(&upstream, &mut answer).await?;
-        let session = hs.finish(&answer)?;
-        ctx.timings.record(Hist::Handshake, sent_at.elapsed());
+        upstream.read_exact(&mut answer).await?;
+        let session = hs.finish(&answer).map_err(rejected)?;
+        ctx.timings().record(Hist::Handshake, sent_at.elapsed());
         Ok(session)
     };
-    let deadline = Instant::now() + tun.handshake_timeout;
-    let (enc, dec) = match within(deadline, &ctx.abort_all, handshake).await {
-        Ok(session) => session,
-        Err(e) => {
-            upstream.abort();
-            return e.reason(ctx);
-        }
+    let (encoder, decoder) =
+        match counted(ctx, within(ctx, deadline, Peer::Upstream, handshake).await) {
+            Ok(session) => session,
+            Err(e) => {
+                upstream.abort();
+                return Err(e);
+            }
+        };
+    let framing = Framing::Tunnel {
+        tunnel: Peer::Upstream,
+        encoder,
+        decoder,
     };
-    relay_tunnel(
-        client,
-        &upstream,
-        Peer::Upstream,
-        enc,
-        dec,
-        ctx,
-        accepted_at,
-    )
-    .await
+    relay(client, &upstream, framing, ctx, accepted_at).await
 }
 
 /// `exit`: verify the hello before saying anything, answer, connect to the
@@ -113,197 +97,131 @@ async fn exit(
     ctx: &ShardCtx,
     tun: &TunnelConfig,
     accepted_at: Instant,
-) -> CloseReason {
+) -> Result<(), SessionError> {
     let deadline = accepted_at + tun.handshake_timeout;
-    let Some(keys) = ctx.keys() else {
-        return CloseReason::AuthFailed;
-    };
+    let keys = ctx.keys().ok_or(SessionError::NoKeys)?;
+    let server_salt = random_salt()?;
     let mut hello = [0u8; CLIENT_HELLO_LEN];
-    if let Err(e) = within(deadline, &ctx.abort_all, async {
-        read_exact(client, &mut hello).await?;
-        Ok(())
-    })
-    .await
-    {
-        return e.reason(ctx);
-    }
+    let read = within(
+        ctx,
+        deadline,
+        Peer::Downstream,
+        client.read_exact(&mut hello),
+    )
+    .await;
+    counted(ctx, read)?;
     let hello_at = Instant::now();
-    let verified = random_salt()
-        .map_err(|_| ProtoError::BadHello)
-        .and_then(|salt| {
-            accept_hello(
-                keys.all(),
-                &hello,
-                salt,
-                unix_now(),
-                tun.max_clock_skew.as_secs(),
-            )
-        });
+    let skew = tun.max_clock_skew.as_secs();
+    // Boxed before any await: the cipher state would otherwise sit in this
+    // future's state for the whole session (see the module docs).
+    let verified = accept_hello(keys.all(), &hello, server_salt, unix_now(), skew).map(Box::new);
     let accepted = match verified {
         Ok(a) => a,
-        Err(_) => {
+        Err(source) => {
             // Say nothing. Swallow input until the deadline so a prober
             // learns nothing from when we hang up.
-            ctx.stats.on_handshake_failure();
-            discard_until(client, deadline, &ctx.abort_all).await;
-            return CloseReason::AuthFailed;
+            ctx.stats().on_handshake_failure();
+            discard_until(client, ctx, deadline).await;
+            return Err(SessionError::Proto {
+                peer: Peer::Downstream,
+                source,
+            });
         }
     };
-    if let Err(e) = relay::write_all(client, &accepted.server_hello, &Activity::new()).await {
-        return e.reason();
-    }
-    ctx.timings.record(Hist::Handshake, hello_at.elapsed());
-    let upstream = match connect(ctx).await {
-        Ok(s) => s,
-        Err(reason) => return reason,
+    let answer = client.write_all(&accepted.server_hello, || ());
+    within(ctx, deadline, Peer::Downstream, answer).await?;
+    ctx.timings().record(Hist::Handshake, hello_at.elapsed());
+    let upstream = connect(ctx).await?;
+    let framing = Framing::Tunnel {
+        tunnel: Peer::Downstream,
+        encoder: accepted.encoder,
+        decoder: accepted.decoder,
     };
-    let (enc, dec) = (accepted.encoder, accepted.decoder);
-    relay_tunnel(
+    relay(client, &upstream, framing, ctx, accepted_at).await
+}
+
+/// The relay phase, in a heap allocation of its own: its state (both
+/// pumps and, in the tunnel roles, the cipher state) is most of a
+/// connection's future, and boxing it keeps that cost off connections that
+/// never get past the handshake. One allocation per relayed connection,
+/// next to the two relay buffers it allocates anyway.
+/// (A plain `fn`: an `async fn` would hold `framing` in its own state.)
+fn relay<'a>(
+    client: &'a Conn,
+    upstream: &'a Conn,
+    framing: Framing,
+    ctx: &'a ShardCtx,
+    accepted_at: Instant,
+) -> impl Future<Output = Result<(), SessionError>> + 'a {
+    let relay = Box::pin(crate::relay::run(
         client,
-        &upstream,
-        Peer::Downstream,
-        enc,
-        dec,
+        upstream,
+        framing,
         ctx,
         accepted_at,
-    )
-    .await
+    ));
+    async move { relay.await.inspect_err(|_| upstream.abort()) }
 }
 
-/// Relays a pair where `tunnel_side` speaks the tunnel protocol: plaintext
-/// from the other side is sealed toward it, its chunks are opened toward
-/// the other side. One [`MAX_FRAME`] buffer per direction.
-async fn relay_tunnel(
-    client: &Conn,
-    upstream: &Conn,
-    tunnel_side: Peer,
-    mut enc: Encoder,
-    mut dec: Decoder,
-    ctx: &ShardCtx,
-    accepted_at: Instant,
-) -> CloseReason {
-    let limits = &ctx.cfg.limits;
-    let activity = Activity::new();
-    let pctx = pump_ctx(ctx, &activity, accepted_at);
-    let (mut frame, mut buf) = (vec![0u8; MAX_FRAME], vec![0u8; MAX_FRAME]);
-    let (plain, tunnel) = match tunnel_side {
-        Peer::Upstream => (client, upstream),
-        Peer::Downstream => (upstream, client),
-    };
-    let seal = relay::seal_pump(
-        plain,
-        tunnel,
-        &mut enc,
-        &mut frame,
-        limits.buffer_size.get(),
-        &pctx,
-    );
-    let open = relay::open_pump(tunnel, plain, &mut dec, &mut buf, &pctx);
-    let (idle, abort) = (limits.idle_timeout, &ctx.abort_all);
-    // run_pair takes the client→upstream direction first.
-    match tunnel_side {
-        Peer::Upstream => {
-            relay::run_pair(client, upstream, seal, open, &activity, idle, abort).await
+/// Connects upstream within `--connect-timeout`, giving up at once if the
+/// shard aborts; records the connect time.
+async fn connect(ctx: &ShardCtx) -> Result<Conn, SessionError> {
+    let started = Instant::now();
+    let deadline = started + ctx.limits().connect_timeout;
+    let attempt = TcpStream::connect(ctx.config().upstream);
+    match bounded(ctx.aborted(), Some(deadline), attempt).await {
+        Ok(Ok(stream)) => {
+            ctx.timings()
+                .record(Hist::UpstreamConnect, started.elapsed());
+            Ok(Conn::new(stream, Peer::Upstream))
         }
-        Peer::Downstream => {
-            relay::run_pair(client, upstream, open, seal, &activity, idle, abort).await
-        }
+        Ok(Err(e)) => Err(SessionError::Connect(e.into())),
+        Err(Interrupted::Stopped) => Err(SessionError::Drained),
+        Err(Interrupted::Deadline) => Err(SessionError::ConnectTimeout),
     }
 }
 
-/// Why a handshake did not complete.
-enum HandshakeError {
-    /// A socket failed.
-    Io(PumpError),
-    /// The peer closed before the hello was complete.
-    Closed,
-    /// The answer did not verify.
-    Proto,
-    /// The handshake deadline passed.
-    Timeout,
-    /// The shard is aborting connections (end of drain).
-    Aborted,
-}
-
-impl From<PumpError> for HandshakeError {
-    fn from(e: PumpError) -> Self {
-        HandshakeError::Io(e)
-    }
-}
-
-impl From<ProtoError> for HandshakeError {
-    fn from(_: ProtoError) -> Self {
-        HandshakeError::Proto
-    }
-}
-
-impl HandshakeError {
-    /// Counts the failure and names the close reason.
-    fn reason(self, ctx: &ShardCtx) -> CloseReason {
-        if matches!(self, HandshakeError::Aborted) {
-            return CloseReason::Drained;
-        }
-        ctx.stats.on_handshake_failure();
-        match self {
-            HandshakeError::Io(e) => e.reason(),
-            _ => CloseReason::AuthFailed,
-        }
-    }
-}
-
-/// Runs `fut` until `deadline`, or until the shard aborts everything.
+/// Runs a handshake step with `peer` until `deadline`, or until the shard
+/// aborts everything.
 async fn within<T>(
+    ctx: &ShardCtx,
     deadline: Instant,
-    abort: &Trigger,
-    fut: impl Future<Output = Result<T, HandshakeError>>,
-) -> Result<T, HandshakeError> {
-    let timeout = async {
-        glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
-        Err(HandshakeError::Timeout)
-    };
-    let aborted = async {
-        abort.wait().await;
-        Err(HandshakeError::Aborted)
-    };
-    future::or(fut, future::or(timeout, aborted)).await
+    peer: Peer,
+    step: impl Future<Output = Result<T, SessionError>>,
+) -> Result<T, SessionError> {
+    match bounded(ctx.aborted(), Some(deadline), step).await {
+        Ok(r) => r,
+        Err(Interrupted::Stopped) => Err(SessionError::Drained),
+        Err(Interrupted::Deadline) => Err(SessionError::HandshakeTimeout(peer)),
+    }
 }
 
-/// Fills `buf` completely; EOF first is [`HandshakeError::Closed`].
-async fn read_exact(from: &Conn, buf: &mut [u8]) -> Result<(), HandshakeError> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match from.read(&mut buf[filled..]).await {
-            Ok(0) => return Err(HandshakeError::Closed),
-            Ok(n) => filled += n,
-            Err(e) => {
-                return Err(HandshakeError::Io(PumpError::Io {
-                    peer: from.peer,
-                    op: "read",
-                    source: e,
-                }))
-            }
+/// Counts a failed handshake (anything but the end of a drain).
+fn counted<T>(ctx: &ShardCtx, r: Result<T, SessionError>) -> Result<T, SessionError> {
+    if let Err(e) = &r {
+        if !matches!(e, SessionError::Drained) {
+            ctx.stats().on_handshake_failure();
         }
     }
-    Ok(())
+    r
 }
 
-/// Reads and drops input until `deadline`, EOF, an error, or abort.
-async fn discard_until(from: &Conn, deadline: Instant, abort: &Trigger) {
-    let _ = within(deadline, abort, async {
+/// Reads and drops input until the deadline, EOF, an error, or abort.
+async fn discard_until(from: &Conn, ctx: &ShardCtx, deadline: Instant) {
+    let sink = async {
         let mut sink = [0u8; 2048];
-        loop {
-            match from.read(&mut sink).await {
-                Ok(0) | Err(_) => return Ok::<(), HandshakeError>(()),
-                Ok(_) => {}
+        while let Ok(n) = from.read(&mut sink).await {
+            if n == 0 {
+                break;
             }
         }
-    })
-    .await;
+    };
+    let _ = bounded(ctx.aborted(), Some(deadline), sink).await;
 }
 
-fn random_salt() -> Result<[u8; SALT_LEN], getrandom::Error> {
+fn random_salt() -> Result<[u8; SALT_LEN], SessionError> {
     let mut salt = [0u8; SALT_LEN];
-    getrandom::fill(&mut salt)?;
+    getrandom::fill(&mut salt).map_err(SessionError::Rng)?;
     Ok(salt)
 }
 
@@ -312,50 +230,4 @@ fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-fn pump_ctx<'a>(ctx: &'a ShardCtx, activity: &'a Activity, accepted_at: Instant) -> PumpCtx<'a> {
-    PumpCtx {
-        activity,
-        stats: &ctx.stats,
-        timings: &ctx.timings,
-        accepted_at,
-        first_byte_done: std::cell::Cell::new(false),
-    }
-}
-
-/// Connects upstream within `--connect-timeout`, giving up early if the
-/// shard aborts; records the connect time.
-async fn connect(ctx: &ShardCtx) -> Result<Conn, CloseReason> {
-    let (addr, timeout, abort) = (
-        ctx.cfg.upstream,
-        ctx.cfg.limits.connect_timeout,
-        &ctx.abort_all,
-    );
-    let started = Instant::now();
-    let attempt = async {
-        match TcpStream::connect(addr).await {
-            Ok(s) => {
-                ctx.timings.record(Hist::UpstreamConnect, started.elapsed());
-                let _ = s.set_nodelay(true);
-                Ok(Conn::new(s, Peer::Upstream))
-            }
-            Err(e) => {
-                let e = std::io::Error::from(e);
-                if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
-                    ctx.fd_exhausted.set(true);
-                }
-                Err(CloseReason::ConnectError)
-            }
-        }
-    };
-    let deadline = async {
-        glommio::timer::sleep(timeout).await;
-        Err(CloseReason::ConnectTimeout)
-    };
-    let aborted = async {
-        abort.wait().await;
-        Err(CloseReason::Drained)
-    };
-    future::or(attempt, future::or(deadline, aborted)).await
 }

@@ -4,7 +4,8 @@
 use std::cell::Cell;
 use std::fmt;
 
-/// Why a connection ended. Both a log field and (later) a metric label.
+/// Why a connection ended. Both a log field and a metric label
+/// (`shardproxy_connections_closed_total{reason=...}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
     /// Both directions finished with FIN.
@@ -27,11 +28,13 @@ pub enum CloseReason {
     Drained,
     /// A hard protocol limit (e.g. the nonce counter) was reached.
     Limit,
+    /// A local failure that is no peer's fault (e.g. the OS RNG failed).
+    Internal,
 }
 
 impl CloseReason {
     /// Every reason, in label order.
-    pub const ALL: [CloseReason; 10] = [
+    pub const ALL: [CloseReason; 11] = [
         CloseReason::Clean,
         CloseReason::IdleTimeout,
         CloseReason::ConnectError,
@@ -42,6 +45,7 @@ impl CloseReason {
         CloseReason::Truncated,
         CloseReason::Drained,
         CloseReason::Limit,
+        CloseReason::Internal,
     ];
 
     /// The label used in logs and metrics.
@@ -57,6 +61,7 @@ impl CloseReason {
             CloseReason::Truncated => "truncated",
             CloseReason::Drained => "drained",
             CloseReason::Limit => "limit",
+            CloseReason::Internal => "internal",
         }
     }
 

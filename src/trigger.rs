@@ -1,6 +1,9 @@
 //! A one-shot, shard-local broadcast event: once fired, every current and
 //! future waiter completes. Used for "stop accepting" and "abort everything".
 //!
+//! [`bounded`] is the one place where a wait is raced against stop and a
+//! deadline; every wait that must end on shutdown goes through it.
+//!
 //! `Rc<RefCell<..>>` because it never leaves its shard.
 
 use std::cell::RefCell;
@@ -8,6 +11,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
+use std::time::Instant;
 
 #[derive(Default)]
 struct State {
@@ -107,6 +111,73 @@ impl Drop for Wait {
     }
 }
 
+/// Why a [`bounded`] wait ended without its future's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interrupted {
+    /// The stop trigger fired.
+    Stopped,
+    /// The deadline passed.
+    Deadline,
+}
+
+/// Runs `fut` until it completes, `stop` fires, or `deadline` passes.
+///
+/// **Stop always wins:** on every wake-up `stop` is polled first, then the
+/// deadline, and only then `fut`. A future that is always ready (an `accept`
+/// failing at once with EMFILE, a free permit) therefore cannot starve
+/// shutdown, which `futures_lite::future::or(fut, stop)` would allow because
+/// it polls its first argument first.
+///
+/// A plain struct rather than an `async fn`: an `async fn` would store `fut`
+/// twice in its state (once as its argument, once pinned), and the relay's
+/// future is the bulk of each connection's memory.
+pub fn bounded<F: Future>(stop: &Trigger, deadline: Option<Instant>, fut: F) -> Bounded<F> {
+    Bounded {
+        stop: stop.wait(),
+        deadline,
+        timer: None,
+        fut,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future returned by [`bounded`].
+    pub struct Bounded<F> {
+        stop: Wait,
+        deadline: Option<Instant>,
+        // Armed on first poll, only when there is a deadline.
+        timer: Option<glommio::timer::Timer>,
+        #[pin]
+        fut: F,
+    }
+}
+
+impl<F: Future> Future for Bounded<F> {
+    type Output = Result<F::Output, Interrupted>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if Pin::new(this.stop).poll(cx).is_ready() {
+            return Poll::Ready(Err(Interrupted::Stopped));
+        }
+        if let Some(at) = *this.deadline {
+            // The clock check makes a deadline that has already passed win
+            // even before the reactor has fired the timer.
+            let now = Instant::now();
+            if now >= at {
+                return Poll::Ready(Err(Interrupted::Deadline));
+            }
+            let timer = this
+                .timer
+                .get_or_insert_with(|| glommio::timer::Timer::new(at - now));
+            if Pin::new(timer).poll(cx).is_ready() {
+                return Poll::Ready(Err(Interrupted::Deadline));
+            }
+        }
+        this.fut.poll(cx).map(Ok)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,5 +197,36 @@ mod tests {
         assert!(future::block_on(future::poll_once(&mut a)).is_some());
         assert!(t.is_fired());
         future::block_on(t.wait());
+    }
+
+    #[test]
+    fn stop_wins_over_a_future_that_is_always_ready() {
+        glommio::LocalExecutorBuilder::default()
+            .spawn(|| async {
+                let stop = Trigger::new();
+                assert_eq!(bounded(&stop, None, async { 7 }).await, Ok(7));
+                let soon = Instant::now() + std::time::Duration::from_millis(20);
+                assert_eq!(
+                    bounded(&stop, Some(soon), std::future::pending::<()>()).await,
+                    Err(Interrupted::Deadline)
+                );
+                stop.fire();
+                // Ready at once, yet stop is reported.
+                assert_eq!(
+                    bounded(&stop, None, async { 7 }).await,
+                    Err(Interrupted::Stopped)
+                );
+                // A passed deadline beats a ready future too.
+                let live = Trigger::new();
+                let past = Instant::now() - std::time::Duration::from_millis(1);
+                assert_eq!(
+                    bounded(&live, Some(past), async { 7 }).await,
+                    Err(Interrupted::Deadline)
+                );
+                assert_eq!(live.waiters(), 0, "the stop waiter is released");
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 }

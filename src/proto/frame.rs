@@ -33,7 +33,7 @@ use zeroize::Zeroizing;
 
 use super::aead::{chunk_nonce, nonce_bytes, Aead, AeadBackend};
 
-use super::{ProtoError, END_LEN, HEADER_LEN, LEN_LEN, MAX_PAYLOAD, NONCE_LIMIT, TAG_LEN};
+use super::{ProtoError, END_LEN, LEN_LEN, MAX_PAYLOAD, NONCE_LIMIT, TAG_LEN};
 
 /// Length masks made per ChaCha20 keystream (two bytes each).
 pub const MASKS_PER_BLOCK: u64 = 512;
@@ -117,6 +117,7 @@ impl Encoder {
         }
     }
 
+    #[cfg(any(test, fuzzing))]
     /// Test hook: start the counter near a chosen limit.
     #[doc(hidden)]
     pub fn set_nonce_window(&mut self, next: u64, limit: u64) {
@@ -124,14 +125,14 @@ impl Encoder {
     }
 
     /// Seals the `len` payload bytes already placed at
-    /// `frame[HEADER_LEN..HEADER_LEN + len]`, writing the lengths in front
+    /// `frame[LEN_LEN..LEN_LEN + len]`, writing the lengths in front
     /// and the tag behind. Returns the chunk's length on the wire.
     ///
     /// Callers guarantee `1 <= len <= MAX_PAYLOAD` and room for the chunk.
     pub fn seal_in_place(&mut self, frame: &mut [u8], len: usize) -> Result<usize, ProtoError> {
         assert!((1..=MAX_PAYLOAD).contains(&len), "payload length {len}");
         assert!(!self.ended, "seal after end of stream");
-        let total = HEADER_LEN + len + TAG_LEN;
+        let total = LEN_LEN + len + TAG_LEN;
         self.seal(&mut frame[..total], len)?;
         Ok(total)
     }
@@ -146,13 +147,14 @@ impl Encoder {
         let n = self.counter.take()?;
         let mut field = (len as u16).to_be_bytes();
         self.masks.apply(n, &mut field);
-        let (head, rest) = chunk.split_at_mut(HEADER_LEN);
+        let (head, rest) = chunk.split_at_mut(LEN_LEN);
         head.copy_from_slice(&field);
         let (body, tag) = rest.split_at_mut(len);
         tag.copy_from_slice(&self.aead.seal(chunk_nonce(n, len as u16), &[], body)?);
         Ok(())
     }
 
+    #[cfg(any(test, fuzzing))]
     /// Test hook: masks an arbitrary length for the next chunk, as a forger
     /// holding the length key could, without sealing anything.
     #[doc(hidden)]
@@ -162,18 +164,20 @@ impl Encoder {
         field
     }
 
+    #[cfg(any(test, fuzzing))]
     /// Convenience for tests and tools: seals `data` (split into chunks)
     /// and appends the chunks to `out`.
     pub fn seal_to_vec(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), ProtoError> {
         let mut frame = vec![0u8; super::MAX_FRAME];
         for chunk in data.chunks(MAX_PAYLOAD) {
-            frame[HEADER_LEN..HEADER_LEN + chunk.len()].copy_from_slice(chunk);
+            frame[LEN_LEN..LEN_LEN + chunk.len()].copy_from_slice(chunk);
             let n = self.seal_in_place(&mut frame, chunk.len())?;
             out.extend_from_slice(&frame[..n]);
         }
         Ok(())
     }
 
+    #[cfg(any(test, fuzzing))]
     /// Convenience: appends the end-of-stream chunk to `out`.
     pub fn end_to_vec(&mut self, out: &mut Vec<u8>) -> Result<(), ProtoError> {
         let mut end = [0u8; END_LEN];
@@ -239,6 +243,7 @@ impl Decoder {
         }
     }
 
+    #[cfg(any(test, fuzzing))]
     /// Test hook: start the counter near a chosen limit.
     #[doc(hidden)]
     pub fn set_nonce_window(&mut self, next: u64, limit: u64) {
@@ -255,7 +260,7 @@ impl Decoder {
     /// [`super::MAX_FRAME`].
     pub fn needed(&self) -> usize {
         match self.state {
-            State::Body(len) => HEADER_LEN + len + TAG_LEN,
+            State::Body(len) => LEN_LEN + len + TAG_LEN,
             _ => LEN_LEN,
         }
     }
@@ -288,12 +293,12 @@ impl Decoder {
         }
         match self.state {
             State::Body(len) => {
-                let total = HEADER_LEN + len + TAG_LEN;
+                let total = LEN_LEN + len + TAG_LEN;
                 if input.len() < total {
                     return Ok(Decoded::NeedMore);
                 }
                 let n = self.counter.take()?;
-                let (body, tag) = input[HEADER_LEN..total].split_at_mut(len);
+                let (body, tag) = input[LEN_LEN..total].split_at_mut(len);
                 self.aead.open(chunk_nonce(n, len as u16), &[], body, tag)?;
                 if len == 0 {
                     self.state = State::Ended;
@@ -302,7 +307,7 @@ impl Decoder {
                 self.state = State::Header;
                 Ok(Decoded::Data {
                     consumed: total,
-                    start: HEADER_LEN,
+                    start: LEN_LEN,
                     len,
                 })
             }
@@ -313,6 +318,7 @@ impl Decoder {
         }
     }
 
+    #[cfg(any(test, fuzzing))]
     /// Convenience for tests and tools: decodes a whole buffer, returning
     /// the plaintext, whether the end was seen, and the unconsumed tail.
     pub fn open_all(&mut self, mut input: Vec<u8>) -> Result<(Vec<u8>, bool, usize), ProtoError> {

@@ -1,4 +1,5 @@
-//! Pre-shared keys: parsing the key file, redacted `Debug`, zeroize on drop.
+//! Pre-shared keys: parsing key-file text, redacted `Debug`, zeroize on drop.
+//! Reading the file is the caller's ([`crate::config::load_key_file`]).
 
 use std::fmt;
 
@@ -151,34 +152,6 @@ impl KeySet {
             });
         }
         Ok(KeySet { keys })
-    }
-
-    /// Reads and parses a key file. Returns the set and, if the file is
-    /// readable by group or others, a warning to log.
-    pub fn load(path: &str) -> Result<(KeySet, Option<String>), KeyFileError> {
-        use std::os::unix::fs::PermissionsExt;
-        let unreadable = |e: std::io::Error| KeyFileError::Unreadable {
-            path: path.to_string(),
-            reason: e.to_string(),
-        };
-        let meta = std::fs::metadata(path).map_err(unreadable)?;
-        // A key file is a few lines; refuse anything absurd before reading it.
-        if meta.len() > 64 * 1024 {
-            return Err(KeyFileError::TooMany {
-                path: path.to_string(),
-            });
-        }
-        let mut text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(unreadable)?);
-        let set = KeySet::parse(&text, path);
-        text.zeroize();
-        let mode = meta.permissions().mode();
-        let warning = (mode & 0o077 != 0).then(|| {
-            format!(
-                "key file {path} is readable by group or others (mode {:o}); run chmod 600 {path}",
-                mode & 0o777
-            )
-        });
-        Ok((set?, warning))
     }
 }
 

@@ -28,6 +28,7 @@
 
 pub mod aead;
 pub mod frame;
+#[cfg(any(test, fuzzing))]
 pub mod fuzz;
 pub mod handshake;
 pub mod keys;
@@ -57,18 +58,13 @@ pub const SERVER_HELLO_PT: usize = 4;
 pub const SERVER_HELLO_LEN: usize = SALT_LEN + SERVER_HELLO_PT + TAG_LEN;
 /// One length field (u16).
 pub const LEN_LEN: usize = 2;
-/// Bytes in front of a chunk's payload: the masked length.
-pub const HEADER_LEN: usize = LEN_LEN;
-/// The end-of-stream chunk: lengths of 0 and a tag.
-pub const END_LEN: usize = HEADER_LEN + TAG_LEN;
-/// Largest payload of one chunk.
+/// The end-of-stream chunk: its masked length of 0 and a tag.
+pub const END_LEN: usize = LEN_LEN + TAG_LEN;
+/// Largest payload of one chunk: exactly 16 KiB, a whole number of ChaCha20
+/// blocks, so SIMD backends never fall into their tail path on bulk data.
 pub const MAX_PAYLOAD: usize = 16 * 1024;
-/// Payload the relay puts in a full chunk: exactly 16 KiB, a whole number of
-/// ChaCha20 blocks, so SIMD backends never fall into their tail path on bulk
-/// data.
-pub const BULK_PAYLOAD: usize = MAX_PAYLOAD;
 /// Largest chunk on the wire; a decoder never needs more buffer than this.
-pub const MAX_FRAME: usize = HEADER_LEN + MAX_PAYLOAD + TAG_LEN;
+pub const MAX_FRAME: usize = LEN_LEN + MAX_PAYLOAD + TAG_LEN;
 /// Chunks a direction may send before the connection must close. The nonce
 /// never wraps; 2^62 chunks is far beyond any connection's life.
 pub const NONCE_LIMIT: u64 = 1 << 62;

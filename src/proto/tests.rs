@@ -120,7 +120,7 @@ fn every_bit_flip_is_rejected_and_nothing_leaks() {
                 "flip in hello {byte}.{bit}"
             );
             // Only chunks wholly before the flipped byte may be forwarded.
-            let data_chunk_end = CLIENT_HELLO_LEN + HEADER_LEN + data.len() + TAG_LEN;
+            let data_chunk_end = CLIENT_HELLO_LEN + LEN_LEN + data.len() + TAG_LEN;
             if byte < data_chunk_end {
                 assert!(
                     out.plaintext.is_empty(),
@@ -140,7 +140,7 @@ fn every_bit_flip_is_rejected_and_nothing_leaks() {
 fn flip_in_a_later_chunk_forwards_only_earlier_chunks() {
     let data = Rng(5).bytes(3 * MAX_PAYLOAD);
     let mut stream = fuzz_stream(&data);
-    let second_chunk = CLIENT_HELLO_LEN + MAX_FRAME + HEADER_LEN + 10;
+    let second_chunk = CLIENT_HELLO_LEN + MAX_FRAME + LEN_LEN + 10;
     stream[second_chunk] ^= 0x80;
     let out = exit_side(&stream, &[1000, 7, 20000]);
     assert!(out.failed && !out.ended);

@@ -1,8 +1,16 @@
 //! Validated configuration, built from the CLI. Binds nothing, spawns nothing.
 //!
+//! There is one path from the command line (and the config file it may
+//! name) to a [`Config`]: [`load`]. It expands `--config FILE` into flags
+//! ([`file`]), parses them with clap, and validates them here, so `run`,
+//! the role subcommands and `check` cannot disagree.
+//!
 //! Everything that can be wrong with the input is found here, before any
 //! shard starts, and becomes a [`ConfigError`] whose message is a single line
 //! that names the fix.
+
+pub mod file;
+mod load;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::num::NonZeroUsize;
@@ -10,6 +18,8 @@ use std::time::Duration;
 
 use crate::cli::{ProxyArgs, TunnelArgs};
 use crate::proto::{KeyFileError, KeySet};
+
+pub use load::{allowed_cores, load, load_file, load_key_file, Loaded, Tool};
 
 /// Which side of the tunnel this process plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,11 +58,23 @@ pub struct Limits {
     pub max_connections: NonZeroUsize,
 }
 
+/// What a proxy does with the bytes, with the settings only that mode has.
+/// "entry without tunnel settings" cannot be represented.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// Plain TCP in, plain TCP out.
+    Forward,
+    /// Plain TCP in, encrypted tunnel out.
+    Entry(TunnelConfig),
+    /// Encrypted tunnel in, plain TCP out.
+    Exit(TunnelConfig),
+}
+
 /// A fully validated proxy configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The role.
-    pub role: Role,
+    /// The role and its mode-specific settings.
+    pub mode: Mode,
     /// Address every shard listens on.
     pub listen: SocketAddr,
     /// Accept IPv4 on an IPv6 wildcard listener.
@@ -67,8 +89,6 @@ pub struct Config {
     pub cores: Vec<usize>,
     /// Per-connection limits.
     pub limits: Limits,
-    /// Tunnel settings (entry and exit roles only).
-    pub tunnel: Option<TunnelConfig>,
     /// Where to serve metrics, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
     /// How often shards publish snapshots.
@@ -131,13 +151,49 @@ pub enum ConfigError {
     /// The key file is missing or malformed.
     #[error("{0}")]
     Keys(#[from] KeyFileError),
+    /// The config file is unusable.
+    #[error("{0}")]
+    File(#[from] file::FileError),
+    /// The command line does not parse (clap's first line).
+    #[error("{0}")]
+    Args(String),
+    /// A setting in the config file does not parse (clap's first line).
+    #[error("config {path}: {message}")]
+    FileValue {
+        /// The path.
+        path: String,
+        /// What clap said.
+        message: String,
+    },
 }
 
 impl Config {
-    /// Validates `args` for `role`. `allowed_cores` is the process's CPU mask
-    /// (from `core_affinity`), passed in so tests need no particular machine.
-    pub fn from_args(
-        role: Role,
+    /// The role label of this configuration.
+    pub fn role(&self) -> Role {
+        match self.mode {
+            Mode::Forward => Role::Forward,
+            Mode::Entry(_) => Role::Entry,
+            Mode::Exit(_) => Role::Exit,
+        }
+    }
+
+    /// The tunnel settings, in `entry` and `exit`.
+    pub fn tunnel(&self) -> Option<&TunnelConfig> {
+        match &self.mode {
+            Mode::Forward => None,
+            Mode::Entry(t) | Mode::Exit(t) => Some(t),
+        }
+    }
+
+    /// Validates a `forward` command line. `allowed_cores` is the process's
+    /// CPU mask (from `core_affinity`), passed in so tests need no particular
+    /// machine.
+    pub fn forward(args: &ProxyArgs, allowed_cores: &[usize]) -> Result<Config, ConfigError> {
+        Config::from_args(Mode::Forward, args, allowed_cores)
+    }
+
+    fn from_args(
+        mode: Mode,
         args: &ProxyArgs,
         allowed_cores: &[usize],
     ) -> Result<Config, ConfigError> {
@@ -170,14 +226,13 @@ impl Config {
             }
         }
         Ok(Config {
-            role,
+            mode,
             listen,
             dual_stack: args.dual_stack,
             backlog: args.backlog,
             upstream_name: args.upstream.clone(),
             upstream,
             cores,
-            tunnel: None,
             metrics_listen,
             metrics_interval: args.metrics_interval,
             limits: Limits {
@@ -192,24 +247,31 @@ impl Config {
 }
 
 impl Config {
-    /// Validates an `entry` or `exit` command line, loading the key file.
-    /// Returns the config and, if the key file's mode is too open, a warning.
-    pub fn from_tunnel_args(
-        role: Role,
+    /// Validates an `entry` (`exit == false`) or `exit` command line, loading
+    /// the key file. Returns the config and, if the key file's mode is too
+    /// open, a warning.
+    pub fn tunnel_role(
+        exit: bool,
         args: &TunnelArgs,
         allowed_cores: &[usize],
     ) -> Result<(Config, Option<String>), ConfigError> {
-        let mut cfg = Config::from_args(role, &args.proxy, allowed_cores)?;
-        let (keys, warning) = KeySet::load(&args.key_file)?;
+        // The shared flags are checked first, as for `forward`.
+        let mut cfg = Config::from_args(Mode::Forward, &args.proxy, allowed_cores)?;
+        let (keys, warning) = load_key_file(&args.key_file)?;
         if args.handshake_timeout.is_zero() {
             return Err(ConfigError::Zero("--handshake-timeout"));
         }
-        cfg.tunnel = Some(TunnelConfig {
+        let tunnel = TunnelConfig {
             key_file: args.key_file.clone(),
             keys,
             handshake_timeout: args.handshake_timeout,
             max_clock_skew: args.max_clock_skew,
-        });
+        };
+        cfg.mode = if exit {
+            Mode::Exit(tunnel)
+        } else {
+            Mode::Entry(tunnel)
+        };
         Ok((cfg, warning))
     }
 }

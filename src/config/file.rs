@@ -91,7 +91,7 @@ const ROLES: [&str; 3] = ["entry", "exit", "forward"];
 
 /// Reads and translates `path`. `command_role` is the role given on the
 /// command line, if any; otherwise the file must name one.
-pub fn load(path: &str, command_role: Option<&str>) -> Result<FileArgs, FileError> {
+pub fn read(path: &str, command_role: Option<&str>) -> Result<FileArgs, FileError> {
     let text = std::fs::read_to_string(path).map_err(|e| FileError::Unreadable {
         path: path.to_string(),
         reason: e.to_string(),
@@ -216,18 +216,19 @@ fn edit_distance(a: &str, b: &str) -> usize {
 /// Rewrites a command line so a `--config FILE` given to a role subcommand
 /// is replaced by the file's flags, placed before the command line's own
 /// flags (which therefore win). `run --config FILE` becomes the file's role.
-pub fn expand_argv(argv: Vec<String>) -> Result<Vec<String>, FileError> {
+/// Returns the new command line and the file's path, if one was named.
+pub fn expand_argv(argv: Vec<String>) -> Result<(Vec<String>, Option<String>), FileError> {
     let Some(sub_at) = argv
         .iter()
         .skip(1)
         .position(|a| !a.starts_with('-'))
         .map(|i| i + 1)
     else {
-        return Ok(argv);
+        return Ok((argv, None));
     };
     let sub = argv[sub_at].as_str();
     if !ROLES.contains(&sub) && sub != "run" {
-        return Ok(argv);
+        return Ok((argv, None));
     }
     let rest = &argv[sub_at + 1..];
     let mut path = None;
@@ -245,18 +246,20 @@ pub fn expand_argv(argv: Vec<String>) -> Result<Vec<String>, FileError> {
             i += 1;
         }
     }
-    let Some(path) = path else { return Ok(argv) };
+    let Some(path) = path else {
+        return Ok((argv, None));
+    };
     let command_role = ROLES.contains(&sub).then_some(sub);
-    let file = load(&path, command_role)?;
+    let file = read(&path, command_role)?;
     let role = command_role
         .map(str::to_string)
         .or(file.role)
-        .ok_or(FileError::BadRole { path })?;
+        .ok_or_else(|| FileError::BadRole { path: path.clone() })?;
     let mut out = argv[..sub_at].to_vec();
     out.push(role);
     out.extend(file.args);
     out.extend(kept);
-    Ok(out)
+    Ok((out, Some(path)))
 }
 
 #[cfg(test)]
@@ -339,7 +342,7 @@ mod tests {
         .unwrap();
         let p = path.to_str().unwrap().to_string();
         let argv = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let out = expand_argv(argv(&[
+        let (out, named) = expand_argv(argv(&[
             "sp",
             "run",
             "--config",
@@ -348,6 +351,7 @@ mod tests {
             "127.0.0.1:3",
         ]))
         .unwrap();
+        assert_eq!(named.as_deref(), Some(p.as_str()));
         assert_eq!(
             out,
             argv(&[
@@ -370,7 +374,7 @@ mod tests {
         // Untouched when there is no --config.
         assert_eq!(
             expand_argv(argv(&["sp", "keygen"])).unwrap(),
-            argv(&["sp", "keygen"])
+            (argv(&["sp", "keygen"]), None)
         );
     }
 

@@ -1,0 +1,113 @@
+//! One TCP connection of a session, tagged with the side it reaches.
+//!
+//! The handshake and the relay both do their I/O through [`Conn`], so the
+//! handshake needs nothing from the relay. Every failure carries the
+//! [`Peer`] it happened on (see [`crate::error::SessionError`]).
+
+use std::cell::RefCell;
+use std::io;
+use std::net::Shutdown;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures_lite::future::poll_fn;
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::net::TcpStream;
+
+pub use crate::error::Peer;
+use crate::error::SessionError;
+
+/// A socket shared by the two pumps of one connection.
+///
+/// Each pump borrows it only for the duration of a single `poll_*` call, and a
+/// shard is one thread, so the `RefCell` never conflicts. glommio keeps
+/// separate read and write readiness sources per stream, so a pending read and
+/// a pending write on the same socket do not interfere.
+#[derive(Clone)]
+pub struct Conn {
+    stream: Rc<RefCell<TcpStream>>,
+    peer: Peer,
+}
+
+impl Conn {
+    /// Wraps a connected stream (and turns Nagle off: the relay writes whole
+    /// chunks, so coalescing only adds latency).
+    pub fn new(stream: TcpStream, peer: Peer) -> Self {
+        let _ = stream.set_nodelay(true);
+        Conn {
+            stream: Rc::new(RefCell::new(stream)),
+            peer,
+        }
+    }
+
+    /// Which side this socket reaches.
+    pub fn peer(&self) -> Peer {
+        self.peer
+    }
+
+    /// Reads into `buf`; `Ok(0)` is EOF. Errors name this side.
+    pub async fn read(&self, buf: &mut [u8]) -> Result<usize, SessionError> {
+        poll_fn(|cx| Pin::new(&mut *self.stream.borrow_mut()).poll_read(cx, buf))
+            .await
+            .map_err(|e| self.fail("read", e))
+    }
+
+    /// Fills `buf` completely. EOF first is
+    /// [`SessionError::HandshakeClosed`]: only handshakes read exact sizes.
+    pub async fn read_exact(&self, buf: &mut [u8]) -> Result<(), SessionError> {
+        let mut filled = 0;
+        while filled < buf.len() {
+            match self.read(&mut buf[filled..]).await? {
+                0 => return Err(SessionError::HandshakeClosed(self.peer)),
+                n => filled += n,
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes all of `buf`, calling `progress` after each partial write (the
+    /// relay's idle clock). A peer that accepts zero bytes is an error.
+    pub async fn write_all(
+        &self,
+        mut buf: &[u8],
+        mut progress: impl FnMut(),
+    ) -> Result<(), SessionError> {
+        while !buf.is_empty() {
+            let n = poll_fn(|cx| Pin::new(&mut *self.stream.borrow_mut()).poll_write(cx, buf))
+                .await
+                .map_err(|e| self.fail("write", e))?;
+            if n == 0 {
+                let e = io::Error::new(io::ErrorKind::WriteZero, "peer accepted no bytes");
+                return Err(self.fail("write", e));
+            }
+            progress();
+            buf = &buf[n..];
+        }
+        Ok(())
+    }
+
+    /// Sends FIN: shuts down our write half.
+    pub fn shutdown_write(&self) -> Result<(), SessionError> {
+        let stream = self.stream.borrow();
+        socket2::SockRef::from(&*stream)
+            .shutdown(Shutdown::Write)
+            .map_err(|e| self.fail("shutdown", e))
+    }
+
+    /// Makes the close send RST instead of FIN (`SO_LINGER` 0). The socket is
+    /// closed when the session drops its last `Conn`, right after this.
+    pub fn abort(&self) {
+        let stream = self.stream.borrow();
+        // Best effort: the socket may already be dead, which is the point.
+        let _ = socket2::SockRef::from(&*stream).set_linger(Some(Duration::ZERO));
+    }
+
+    fn fail(&self, op: &'static str, source: io::Error) -> SessionError {
+        SessionError::Io {
+            peer: self.peer,
+            op,
+            source,
+        }
+    }
+}

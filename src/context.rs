@@ -1,0 +1,148 @@
+//! What one shard's tasks share: its configuration, counters, histograms,
+//! keys and lifecycle triggers. Lives in an `Rc` on its shard's thread.
+//!
+//! This module sits below the listener, the session and the relay, and
+//! imports none of them. Fields are private; each method is named for what
+//! its caller means to do.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+use crate::config::{Config, Limits};
+use crate::metrics::{Board, Publish, Timings};
+use crate::proto::KeySet;
+use crate::stats::{CloseReason, ShardStats};
+use crate::trigger::Trigger;
+
+/// One shard's shared state.
+pub struct ShardCtx {
+    id: usize,
+    cfg: Config,
+    stats: ShardStats,
+    timings: Timings,
+    /// Where snapshots go, when metrics are on.
+    board: Option<Board>,
+    /// Tunnel keys for new connections; replaced on SIGHUP. A session clones
+    /// the `Rc` when it starts, and its derived session keys never change.
+    keys: RefCell<Option<Rc<KeySet>>>,
+    /// Fired when draining starts: the accept loop stops.
+    stop_accepting: Trigger,
+    /// Fired when the drain period ends: every live connection is aborted.
+    abort: Trigger,
+    /// Fired when draining and the last connection has closed.
+    all_closed: Trigger,
+    draining: Cell<bool>,
+}
+
+impl ShardCtx {
+    /// The context of shard `id`; `board` is where metrics snapshots go.
+    pub fn new(id: usize, cfg: Config, board: Option<Board>) -> Self {
+        let keys = cfg.tunnel().map(|t| Rc::new(t.keys.clone()));
+        ShardCtx {
+            id,
+            timings: Timings::new(board.is_some()),
+            board,
+            keys: RefCell::new(keys),
+            cfg,
+            stats: ShardStats::default(),
+            stop_accepting: Trigger::new(),
+            abort: Trigger::new(),
+            all_closed: Trigger::new(),
+            draining: Cell::new(false),
+        }
+    }
+
+    /// Shard index (0-based).
+    pub fn id(&self) -> usize {
+        self.id
+    }
+
+    /// The configuration (this shard's copy).
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Per-connection limits and timeouts.
+    pub fn limits(&self) -> &Limits {
+        &self.cfg.limits
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &ShardStats {
+        &self.stats
+    }
+
+    /// Latency histograms (no-ops unless metrics are on).
+    pub fn timings(&self) -> &Timings {
+        &self.timings
+    }
+
+    /// The key set new tunnel sessions use (`None` in `forward`).
+    pub fn keys(&self) -> Option<Rc<KeySet>> {
+        self.keys.borrow().clone()
+    }
+
+    /// Installs reloaded keys for sessions that start from now on.
+    pub fn replace_keys(&self, keys: KeySet) {
+        *self.keys.borrow_mut() = Some(Rc::new(keys));
+    }
+
+    /// Fires when the shard stops accepting (start of drain).
+    pub fn accepting_stopped(&self) -> &Trigger {
+        &self.stop_accepting
+    }
+
+    /// Fires when live connections must be aborted (end of drain).
+    pub fn aborted(&self) -> &Trigger {
+        &self.abort
+    }
+
+    /// Starts the drain: the accept loop stops; live connections go on.
+    pub fn begin_drain(&self) {
+        self.draining.set(true);
+        self.stop_accepting.fire();
+        if self.stats.active.get() == 0 {
+            self.all_closed.fire();
+        }
+    }
+
+    /// Ends the drain: every live connection is aborted (RST).
+    pub fn abort_all(&self) {
+        self.abort.fire();
+    }
+
+    /// Completes once draining and no connection is left.
+    pub async fn all_closed(&self) {
+        self.all_closed.wait().await
+    }
+
+    /// Records an accepted connection.
+    pub fn on_accept(&self) {
+        self.stats.on_accept();
+    }
+
+    /// Records a finished connection.
+    pub fn on_close(&self, reason: CloseReason) {
+        self.stats.on_close(reason);
+        if self.draining.get() && self.stats.active.get() == 0 {
+            self.all_closed.fire();
+        }
+    }
+
+    /// Whether a metrics board receives snapshots.
+    pub fn publishes(&self) -> bool {
+        self.board.is_some()
+    }
+
+    /// Publishes a snapshot of this shard's counters and histograms.
+    pub fn publish(&self) {
+        if let Some(board) = &self.board {
+            board.publish(Publish::take(
+                self.id,
+                &self.stats,
+                &self.timings,
+                self.cfg.limits.max_connections.get() as u64,
+            ));
+        }
+    }
+}
