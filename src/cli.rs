@@ -72,7 +72,7 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "N", default_value_t = 4096)]
     pub backlog: u32,
 
-    /// Relay buffer per direction per connection (memory per connection is twice this).
+    /// Relay buffer per direction per connection. forward: memory per connection is twice this. entry/exit: each direction always holds one full 16 KiB chunk (16402 B), and this caps the plaintext read per chunk (at most 16KiB).
     #[arg(long, value_name = "SIZE", default_value = "16KiB", value_parser = parse_size)]
     pub buffer_size: usize,
 

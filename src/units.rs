@@ -1,8 +1,9 @@
 //! Parsers for the human units every CLI flag and config key uses:
 //! durations (`500ms`, `30s`, `2m`, `1h`) and sizes (`16KiB`, `1MiB`, `4096`).
 //!
-//! Pure functions, so clap's `value_parser` and (later) the config file share
-//! one implementation and one set of error messages.
+//! Pure functions, so clap's `value_parser` and the config file (which is
+//! translated into flags) share one implementation and one set of error
+//! messages.
 
 use std::time::Duration;
 
