@@ -78,6 +78,27 @@ pub enum FileError {
     },
 }
 
+/// What a config file supplied to a command line.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Supplied {
+    /// The file's path.
+    pub path: String,
+    /// Long flags (without `--`) whose value came from the file.
+    pub flags: Vec<String>,
+}
+
+impl Supplied {
+    /// The config key for `flag` (`--buffer-size` → `buffer_size`) if the
+    /// file supplied it.
+    pub fn key_for(&self, flag: &str) -> Option<String> {
+        let bare = flag.trim_start_matches("--");
+        self.flags
+            .iter()
+            .any(|f| f == bare)
+            .then(|| bare.replace('-', "_"))
+    }
+}
+
 /// The flags a config file stands for, and the role it names (if any).
 #[derive(Debug, PartialEq, Eq)]
 pub struct FileArgs {
@@ -158,11 +179,15 @@ pub fn translate(
             continue;
         }
         let flag = key.replace('_', "-");
-        let Some(&(_, takes_value)) = flags.iter().find(|(l, _)| *l == flag) else {
+        // Keys are written with `_`; `dual-stack` is not silently accepted.
+        let known = (!key.contains('-'))
+            .then(|| flags.iter().find(|(l, _)| *l == flag))
+            .flatten();
+        let Some(&(_, takes_value)) = known else {
             let hint = flags
                 .iter()
                 .map(|(l, _)| l.replace('-', "_"))
-                .find(|k| edit_distance(k, key) <= 2)
+                .find(|k| edit_distance(k, &key.replace('-', "_")) <= 2)
                 .map(|k| format!(" (did you mean `{k}`?)"))
                 .unwrap_or_default();
             return Err(FileError::UnknownKey {
@@ -184,8 +209,10 @@ pub fn translate(
                 }
             }
             (_, false) => return Err(bad("true or false")),
-            (toml::Value::String(s), true) => args.extend([format!("--{flag}"), s.clone()]),
-            (toml::Value::Integer(i), true) => args.extend([format!("--{flag}"), i.to_string()]),
+            // `--flag=value`, so a value such as `-1` is read as a value
+            // (and rejected with the key's own message), never as a flag.
+            (toml::Value::String(s), true) => args.push(format!("--{flag}={s}")),
+            (toml::Value::Integer(i), true) => args.push(format!("--{flag}={i}")),
             (_, true) => return Err(bad("a string or an integer")),
         }
     }
@@ -216,8 +243,8 @@ fn edit_distance(a: &str, b: &str) -> usize {
 /// Rewrites a command line so a `--config FILE` given to a role subcommand
 /// is replaced by the file's flags, placed before the command line's own
 /// flags (which therefore win). `run --config FILE` becomes the file's role.
-/// Returns the new command line and the file's path, if one was named.
-pub fn expand_argv(argv: Vec<String>) -> Result<(Vec<String>, Option<String>), FileError> {
+/// Returns the new command line and, if a file was named, what it supplied.
+pub fn expand_argv(argv: Vec<String>) -> Result<(Vec<String>, Option<Supplied>), FileError> {
     let Some(sub_at) = argv
         .iter()
         .skip(1)
@@ -257,9 +284,21 @@ pub fn expand_argv(argv: Vec<String>) -> Result<(Vec<String>, Option<String>), F
         .ok_or_else(|| FileError::BadRole { path: path.clone() })?;
     let mut out = argv[..sub_at].to_vec();
     out.push(role);
-    out.extend(file.args);
+    out.extend(file.args.iter().cloned());
+    let flags = file
+        .args
+        .iter()
+        .filter_map(|a| a.strip_prefix("--"))
+        .map(|a| a.split('=').next().unwrap_or(a).to_string())
+        .filter(|flag| {
+            // A flag also given on the command line overrides the file's.
+            !kept
+                .iter()
+                .any(|k| k == &format!("--{flag}") || k.starts_with(&format!("--{flag}=")))
+        })
+        .collect();
     out.extend(kept);
-    Ok((out, Some(path)))
+    Ok((out, Some(Supplied { path, flags })))
 }
 
 #[cfg(test)]
@@ -279,13 +318,10 @@ mod tests {
         assert_eq!(
             f.args,
             [
-                "--backlog",
-                "128",
+                "--backlog=128",
                 "--dual-stack",
-                "--key-file",
-                "/k",
-                "--listen",
-                "0.0.0.0:9000"
+                "--key-file=/k",
+                "--listen=0.0.0.0:9000"
             ]
         );
     }
@@ -328,6 +364,12 @@ mod tests {
         ));
         let e = translate("[x\n", "f", None).unwrap_err();
         assert_eq!(e.to_string().lines().count(), 1);
+        // Keys use `_`; the dashed form is an unknown key with a hint.
+        let e = translate("dual-stack = true", "f", Some("forward")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config f: unknown key `dual-stack` for role forward (did you mean `dual_stack`?)"
+        );
     }
 
     #[test]
@@ -351,16 +393,18 @@ mod tests {
             "127.0.0.1:3",
         ]))
         .unwrap();
-        assert_eq!(named.as_deref(), Some(p.as_str()));
+        let named = named.unwrap();
+        assert_eq!(named.path, p);
+        // --listen was overridden on the command line; --upstream is the file's.
+        assert_eq!(named.key_for("--upstream").as_deref(), Some("upstream"));
+        assert_eq!(named.key_for("--listen"), None);
         assert_eq!(
             out,
             argv(&[
                 "sp",
                 "forward",
-                "--listen",
-                "127.0.0.1:1",
-                "--upstream",
-                "127.0.0.1:2",
+                "--listen=127.0.0.1:1",
+                "--upstream=127.0.0.1:2",
                 "--listen",
                 "127.0.0.1:3"
             ])

@@ -46,34 +46,48 @@ pub enum Tool {
 /// config file is reported against the file, since that is where most
 /// settings come from.
 pub fn load(argv: Vec<String>) -> Result<Loaded, ConfigError> {
-    let (argv, file_path) = file::expand_argv(argv)?;
+    let (argv, supplied) = file::expand_argv(argv)?;
     let cli = match Cli::try_parse_from(&argv) {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => return Ok(Loaded::Help(e)),
         Err(e) => {
-            // clap's report spans several lines (tips, usage); the contract
-            // is one line, so keep its first line.
-            let text = e.to_string();
-            let first = text
-                .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ")
-                .to_string();
-            return Err(match file_path {
-                Some(path) => ConfigError::FileValue {
-                    path,
-                    message: first,
+            let message = one_line(&e.to_string());
+            let flag = match e.get(clap::error::ContextKind::InvalidArg) {
+                Some(clap::error::ContextValue::String(arg)) => {
+                    arg.split(' ').next().map(String::from)
+                }
+                _ => None,
+            };
+            return Err(match (&supplied, flag) {
+                (Some(s), Some(flag)) if s.key_for(&flag).is_some() => ConfigError::InFile {
+                    path: s.path.clone(),
+                    key: s.key_for(&flag).unwrap_or_default(),
+                    message,
                 },
-                None => ConfigError::Args(format!("{first} (see --help)")),
+                (Some(s), _) => ConfigError::FileValue {
+                    path: s.path.clone(),
+                    message,
+                },
+                (None, _) => ConfigError::Args(format!("{message} (see --help)")),
             });
         }
     };
+    let in_file = |e: ConfigError| match (&supplied, e.flag()) {
+        (Some(s), Some(flag)) => match s.key_for(flag) {
+            Some(key) => ConfigError::InFile {
+                path: s.path.clone(),
+                key,
+                message: e.to_string(),
+            },
+            None => e,
+        },
+        _ => e,
+    };
     let cores = allowed_cores();
     let (config, warning) = match cli.command {
-        Command::Forward(args) => (Config::forward(&args, &cores)?, None),
-        Command::Entry(args) => Config::tunnel_role(false, &args, &cores)?,
-        Command::Exit(args) => Config::tunnel_role(true, &args, &cores)?,
+        Command::Forward(args) => (Config::forward(&args, &cores).map_err(in_file)?, None),
+        Command::Entry(args) => Config::tunnel_role(false, &args, &cores).map_err(in_file)?,
+        Command::Exit(args) => Config::tunnel_role(true, &args, &cores).map_err(in_file)?,
         // `run --config FILE` was rewritten to the file's role above, or
         // rejected there if the file names none.
         Command::Run(args) => return Err(FileError::BadRole { path: args.config }.into()),
@@ -82,10 +96,37 @@ pub fn load(argv: Vec<String>) -> Result<Loaded, ConfigError> {
         Command::Check(args) => return Ok(Loaded::Tool(Tool::Check(args))),
         Command::Demo(args) => return Ok(Loaded::Tool(Tool::Demo(args))),
     };
+    let mut warnings: Vec<String> = warning.into_iter().collect();
+    warnings.extend(config.warnings());
     Ok(Loaded::Proxy {
         config: Box::new(config),
-        warnings: warning.into_iter().collect(),
+        warnings,
     })
+}
+
+/// Folds clap's multi-line report into one line, keeping all of it but the
+/// usage block and the `--help` hint: the missing argument's name, the
+/// "similar subcommand" tip, and so on.
+pub fn one_line(report: &str) -> String {
+    let mut out = String::new();
+    for line in report.lines() {
+        let line = line.trim();
+        if line.starts_with("Usage:") || line.starts_with("For more information") {
+            break;
+        }
+        let line = line.trim_start_matches("error: ");
+        if line.is_empty() {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(if out.ends_with(':') { " " } else { "; " });
+        }
+        out.push_str(line);
+    }
+    if out.is_empty() {
+        out.push_str("invalid arguments");
+    }
+    out
 }
 
 /// Loads and validates the role a config file names (`shardproxy check`):
@@ -139,4 +180,64 @@ pub fn load_key_file(path: &str) -> Result<(KeySet, Option<String>), KeyFileErro
         )
     });
     Ok((set?, warning))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(args: &[&str]) -> String {
+        let argv = args.iter().map(|s| s.to_string()).collect();
+        load(argv).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn clap_reports_stay_whole_on_one_line() {
+        let e = err(&["shardproxy", "forward", "--listen", "127.0.0.1:0"]);
+        assert!(!e.contains('\n'), "{e}");
+        assert!(e.contains("--upstream <HOST:PORT>"), "{e}");
+        let e = err(&["shardproxy", "forwrd"]);
+        assert!(e.contains("'forward'"), "{e}");
+        assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn file_errors_name_the_file_and_key() {
+        let dir = std::env::temp_dir().join(format!("sp-load-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        let write = |body: &str| {
+            std::fs::write(
+                &path,
+                format!("role = \"forward\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n{body}"),
+            )
+            .unwrap();
+            path.to_str().unwrap().to_string()
+        };
+        let p = write("cores = -1\n");
+        let e = load_file(&p).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("config {p}: key `cores`: ")), "{e}");
+        assert!(e.contains("-1"), "{e}");
+        let p = write("buffer_size = \"64GiB\"\n");
+        let e = load_file(&p).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!("config {p}: key `buffer_size`: --buffer-size 64GiB is out of range: must be between 1KiB and 16MiB")
+        );
+        // The same value on the command line is the flag's error.
+        let e = err(&[
+            "shardproxy",
+            "forward",
+            "--config",
+            &p,
+            "--buffer-size",
+            "64GiB",
+        ]);
+        assert!(e.starts_with("--buffer-size 64GiB is out of range"), "{e}");
+        let p = write("upstream_x = 1\n");
+        assert!(load_file(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown key"));
+    }
 }

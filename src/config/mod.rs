@@ -11,6 +11,7 @@
 
 pub mod file;
 mod load;
+pub mod ranges;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::num::NonZeroUsize;
@@ -142,9 +143,6 @@ pub enum ConfigError {
         /// The allowed set, formatted as a list.
         allowed: String,
     },
-    /// A limit that must be positive is zero.
-    #[error("{0} must be greater than zero")]
-    Zero(&'static str),
     /// The machine reports no usable cores at all.
     #[error("could not determine the CPU cores this process may use")]
     NoCores,
@@ -165,6 +163,46 @@ pub enum ConfigError {
         /// What clap said.
         message: String,
     },
+    /// A numeric setting outside its documented range ([`ranges`]).
+    #[error("{flag} {value} is out of range: must be between {min} and {max}")]
+    OutOfRange {
+        /// The flag.
+        flag: &'static str,
+        /// The value given.
+        value: String,
+        /// Smallest accepted.
+        min: String,
+        /// Largest accepted.
+        max: String,
+    },
+    /// The upstream's port is 0, which nothing can connect to.
+    #[error("bad --upstream `{0}`: port 0 cannot be connected to")]
+    UpstreamPortZero(String),
+    /// A setting given in the config file was rejected: names the file and key.
+    #[error("config {path}: key `{key}`: {message}")]
+    InFile {
+        /// The path.
+        path: String,
+        /// The key as written in the file.
+        key: String,
+        /// What was wrong.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// The flag this error is about, if it is about one setting.
+    pub fn flag(&self) -> Option<&'static str> {
+        match self {
+            ConfigError::OutOfRange { flag, .. } => Some(flag),
+            ConfigError::BadListen(_) => Some("--listen"),
+            ConfigError::BadUpstream(..) | ConfigError::UpstreamPortZero(_) => Some("--upstream"),
+            ConfigError::BadMetricsListen(_) => Some("--metrics-listen"),
+            ConfigError::TooManyCores { .. } | ConfigError::ZeroCores => Some("--cores"),
+            ConfigError::BadCpuList(_) | ConfigError::CoreNotAllowed { .. } => Some("--cpu-list"),
+            _ => None,
+        }
+    }
 }
 
 impl Config {
@@ -209,41 +247,88 @@ impl Config {
                     .map_err(|_| ConfigError::BadMetricsListen(text.clone()))?,
             ),
         };
-        if args.metrics_interval.is_zero() {
-            return Err(ConfigError::Zero("--metrics-interval"));
-        }
         let cores = select_cores(args.cores, args.cpu_list.as_deref(), allowed_cores)?;
-        let nz = |v: usize, name| NonZeroUsize::new(v).ok_or(ConfigError::Zero(name));
-        if args.backlog == 0 {
-            return Err(ConfigError::Zero("--backlog"));
-        }
-        for (d, name) in [
-            (args.connect_timeout, "--connect-timeout"),
-            (args.idle_timeout, "--idle-timeout"),
-        ] {
-            if d.is_zero() {
-                return Err(ConfigError::Zero(name));
-            }
-        }
+        let nz = |v: usize| NonZeroUsize::new(v).expect("ranges start at 1");
+        let buffer_size = nz(ranges::BUFFER_SIZE.check_size(args.buffer_size)?);
+        let max_connections = nz(ranges::MAX_CONNECTIONS.check(args.max_connections)?);
         Ok(Config {
             mode,
             listen,
             dual_stack: args.dual_stack,
-            backlog: args.backlog,
+            backlog: ranges::BACKLOG.check(args.backlog)?,
             upstream_name: args.upstream.clone(),
             upstream,
             cores,
             metrics_listen,
-            metrics_interval: args.metrics_interval,
+            metrics_interval: ranges::METRICS_INTERVAL.check(args.metrics_interval)?,
             limits: Limits {
-                buffer_size: nz(args.buffer_size, "--buffer-size")?,
-                connect_timeout: args.connect_timeout,
-                idle_timeout: args.idle_timeout,
-                drain_timeout: args.drain_timeout,
-                max_connections: nz(args.max_connections, "--max-connections")?,
+                buffer_size,
+                connect_timeout: ranges::CONNECT_TIMEOUT.check(args.connect_timeout)?,
+                idle_timeout: ranges::IDLE_TIMEOUT.check(args.idle_timeout)?,
+                drain_timeout: ranges::DRAIN_TIMEOUT.check(args.drain_timeout)?,
+                max_connections,
             },
         })
     }
+
+    /// One-line warnings about settings that are accepted but cannot do all
+    /// that was asked: logged at start-up and printed by `check`.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let wildcard_v6 = matches!(self.listen, SocketAddr::V6(a) if a.ip().is_unspecified());
+        if self.dual_stack && !wildcard_v6 {
+            out.push(format!(
+                "--dual-stack has no effect on {}: it only applies to an IPv6 wildcard address such as [::]:{}",
+                self.listen,
+                self.listen.port()
+            ));
+        }
+        if let Some(max) = read_number("/proc/sys/net/core/somaxconn") {
+            if u64::from(self.backlog) > max {
+                out.push(format!(
+                    "--backlog {} is above net.core.somaxconn ({max}): the kernel uses {max}; raise the sysctl (deploy/sysctl/) or lower --backlog",
+                    self.backlog
+                ));
+            }
+        }
+        // Relay buffers at the connection limit, every shard full.
+        let per_conn = match self.mode {
+            Mode::Forward => 2 * self.limits.buffer_size.get() as u64,
+            Mode::Entry(_) | Mode::Exit(_) => 2 * crate::proto::MAX_FRAME as u64,
+        };
+        let worst = per_conn
+            .saturating_mul(self.limits.max_connections.get() as u64)
+            .saturating_mul(self.cores.len() as u64);
+        if let Some(total_kib) = read_meminfo_kib("MemTotal:") {
+            let total = total_kib.saturating_mul(1024);
+            if worst > total {
+                out.push(format!(
+                    "relay buffers at --max-connections would need {} MiB ({} per connection × {} connections × {} shards) but this machine has {} MiB: lower --max-connections or --buffer-size",
+                    worst >> 20,
+                    ranges::Bytes(per_conn as usize),
+                    self.limits.max_connections,
+                    self.cores.len(),
+                    total >> 20
+                ));
+            }
+        }
+        out
+    }
+}
+
+fn read_number(path: &str) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+fn read_meminfo_kib(key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    line[key.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
 }
 
 impl Config {
@@ -258,14 +343,11 @@ impl Config {
         // The shared flags are checked first, as for `forward`.
         let mut cfg = Config::from_args(Mode::Forward, &args.proxy, allowed_cores)?;
         let (keys, warning) = load_key_file(&args.key_file)?;
-        if args.handshake_timeout.is_zero() {
-            return Err(ConfigError::Zero("--handshake-timeout"));
-        }
         let tunnel = TunnelConfig {
             key_file: args.key_file.clone(),
             keys,
-            handshake_timeout: args.handshake_timeout,
-            max_clock_skew: args.max_clock_skew,
+            handshake_timeout: ranges::HANDSHAKE_TIMEOUT.check(args.handshake_timeout)?,
+            max_clock_skew: ranges::MAX_CLOCK_SKEW.check(args.max_clock_skew)?,
         };
         cfg.mode = if exit {
             Mode::Exit(tunnel)
@@ -280,16 +362,21 @@ impl Config {
 /// what that means when DNS changes later.
 fn resolve_once(text: &str) -> Result<SocketAddr, ConfigError> {
     let bad = |why: String| ConfigError::BadUpstream(text.to_string(), why);
-    if let Ok(addr) = text.parse::<SocketAddr>() {
-        return Ok(addr);
+    let addr = if let Ok(addr) = text.parse::<SocketAddr>() {
+        addr
+    } else {
+        if !text.contains(':') {
+            return Err(bad("expected HOST:PORT".into()));
+        }
+        text.to_socket_addrs()
+            .map_err(|e| bad(format!("cannot resolve: {e}")))?
+            .next()
+            .ok_or_else(|| bad("name resolved to no addresses".into()))?
+    };
+    if addr.port() == 0 {
+        return Err(ConfigError::UpstreamPortZero(text.to_string()));
     }
-    if !text.contains(':') {
-        return Err(bad("expected HOST:PORT".into()));
-    }
-    text.to_socket_addrs()
-        .map_err(|e| bad(format!("cannot resolve: {e}")))?
-        .next()
-        .ok_or_else(|| bad("name resolved to no addresses".into()))
+    Ok(addr)
 }
 
 /// Picks the cores: all allowed ones, the first N, or an explicit list.

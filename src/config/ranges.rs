@@ -1,0 +1,182 @@
+//! The accepted range of every numeric setting, enforced by `check` and at
+//! start-up. `docs/CONFIG.md` lists the same table; `tests/ranges.rs` tries
+//! the largest valid and the smallest invalid value of each.
+//!
+//! Bounds are chosen so that no accepted value can crash the process later:
+//! a buffer size is capped far below what one allocation can fail on, and
+//! durations stay within what timers and `Instant` arithmetic handle.
+
+use std::fmt;
+use std::time::Duration;
+
+use super::ConfigError;
+use crate::units::format_duration;
+
+/// An inclusive range of one setting, named by its flag.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound<T> {
+    /// The command-line flag (the config key is the same with `_`).
+    pub flag: &'static str,
+    /// Smallest accepted value.
+    pub min: T,
+    /// Largest accepted value.
+    pub max: T,
+}
+
+const fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+const fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// `--buffer-size`: 1 KiB to 16 MiB per direction per connection.
+pub const BUFFER_SIZE: Bound<usize> = Bound {
+    flag: "--buffer-size",
+    min: 1 << 10,
+    max: 16 << 20,
+};
+/// `--max-connections`: per shard.
+pub const MAX_CONNECTIONS: Bound<usize> = Bound {
+    flag: "--max-connections",
+    min: 1,
+    max: 1_000_000,
+};
+/// `--backlog`: per shard; the kernel caps it at `net.core.somaxconn`.
+pub const BACKLOG: Bound<u32> = Bound {
+    flag: "--backlog",
+    min: 1,
+    max: 65_535,
+};
+/// `--connect-timeout`.
+pub const CONNECT_TIMEOUT: Bound<Duration> = Bound {
+    flag: "--connect-timeout",
+    min: ms(10),
+    max: secs(600),
+};
+/// `--idle-timeout`: up to 7 days.
+pub const IDLE_TIMEOUT: Bound<Duration> = Bound {
+    flag: "--idle-timeout",
+    min: ms(100),
+    max: secs(7 * 24 * 3600),
+};
+/// `--drain-timeout`: 0s aborts live connections at once.
+pub const DRAIN_TIMEOUT: Bound<Duration> = Bound {
+    flag: "--drain-timeout",
+    min: secs(0),
+    max: secs(3600),
+};
+/// `--handshake-timeout` (entry and exit).
+pub const HANDSHAKE_TIMEOUT: Bound<Duration> = Bound {
+    flag: "--handshake-timeout",
+    min: ms(100),
+    max: secs(300),
+};
+/// `--max-clock-skew` (exit): 0s would reject every hello.
+pub const MAX_CLOCK_SKEW: Bound<Duration> = Bound {
+    flag: "--max-clock-skew",
+    min: secs(1),
+    max: secs(3600),
+};
+/// `--metrics-interval`: below 100ms the publisher costs CPU while idle;
+/// above a minute the metrics look frozen.
+pub const METRICS_INTERVAL: Bound<Duration> = Bound {
+    flag: "--metrics-interval",
+    min: ms(100),
+    max: secs(60),
+};
+
+/// How a bound's values are written in messages.
+pub trait Show: Copy + PartialOrd {
+    /// The value as the operator would write it.
+    fn show(self) -> String;
+}
+
+impl Show for usize {
+    fn show(self) -> String {
+        self.to_string()
+    }
+}
+
+impl Show for u32 {
+    fn show(self) -> String {
+        self.to_string()
+    }
+}
+
+impl Show for Duration {
+    fn show(self) -> String {
+        format_duration(self)
+    }
+}
+
+/// A size in bytes, shown with a binary unit when it has one.
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+pub struct Bytes(pub usize);
+
+impl Show for Bytes {
+    fn show(self) -> String {
+        self.to_string()
+    }
+}
+
+impl fmt::Display for Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        for (unit, shift) in [("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+            if n >= 1 << shift && n % (1 << shift) == 0 {
+                return write!(f, "{}{unit}", n >> shift);
+            }
+        }
+        write!(f, "{n}B")
+    }
+}
+
+impl<T: Show> Bound<T> {
+    /// `Ok(value)` inside the range, else a one-line error naming the flag.
+    pub fn check(&self, value: T) -> Result<T, ConfigError> {
+        if value < self.min || value > self.max {
+            return Err(ConfigError::OutOfRange {
+                flag: self.flag,
+                value: value.show(),
+                min: self.min.show(),
+                max: self.max.show(),
+            });
+        }
+        Ok(value)
+    }
+}
+
+impl Bound<usize> {
+    /// As [`Bound::check`], for a size in bytes.
+    pub fn check_size(&self, value: usize) -> Result<usize, ConfigError> {
+        let sized = Bound {
+            flag: self.flag,
+            min: Bytes(self.min),
+            max: Bytes(self.max),
+        };
+        sized.check(Bytes(value)).map(|b| b.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_accept_their_ends_and_reject_beyond() {
+        assert_eq!(BUFFER_SIZE.check_size(16 << 20), Ok(16 << 20));
+        let e = BUFFER_SIZE.check_size(64 << 30).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "--buffer-size 64GiB is out of range: must be between 1KiB and 16MiB"
+        );
+        assert!(MAX_CLOCK_SKEW.check(Duration::ZERO).is_err());
+        assert_eq!(DRAIN_TIMEOUT.check(Duration::ZERO), Ok(Duration::ZERO));
+        assert!(METRICS_INTERVAL.check(ms(1)).is_err());
+        assert!(METRICS_INTERVAL.check(secs(3600)).is_err());
+        assert!(BACKLOG.check(0).is_err());
+        assert_eq!(Bytes(1536).to_string(), "1536B");
+    }
+}
