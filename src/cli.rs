@@ -68,27 +68,27 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "LIST")]
     pub cpu_list: Option<String>,
 
-    /// Listen backlog for each shard's socket.
+    /// Listen backlog for each shard's socket (1-65535; the kernel caps it at net.core.somaxconn).
     #[arg(long, value_name = "N", default_value_t = 4096)]
     pub backlog: u32,
 
-    /// Relay buffer per direction per connection. forward: memory per connection is twice this. entry/exit: each direction always holds one full 16 KiB chunk (16402 B), and this caps the plaintext read per chunk (at most 16KiB).
+    /// Relay buffer per direction per connection. forward: memory per connection is twice this. entry/exit: each direction always holds one full 16 KiB chunk (16402 B), and this caps the plaintext read per chunk (at most 16KiB). Range 1KiB-16MiB.
     #[arg(long, value_name = "SIZE", default_value = "16KiB", value_parser = parse_size)]
     pub buffer_size: usize,
 
-    /// Give up connecting upstream after this long, e.g. 5s.
+    /// Give up connecting upstream after this long, e.g. 5s (10ms-10m).
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
 
-    /// Close a connection after this long with no bytes in either direction.
+    /// Close a connection after this long with no bytes in either direction (100ms-168h).
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
     pub idle_timeout: Duration,
 
-    /// On SIGTERM/SIGINT, let live connections finish for this long, then abort them.
+    /// On SIGTERM/SIGINT, let live connections finish for this long, then abort them (0s-1h).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 
-    /// Connections per shard; at the limit the shard stops accepting until one closes.
+    /// Connections per shard; at the limit the shard stops accepting until one closes (1-1000000).
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     pub max_connections: usize,
 
@@ -100,7 +100,7 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<String>,
 
-    /// How often each shard publishes its counters and histograms for scrapes.
+    /// How often each shard publishes its counters and histograms for scrapes (100ms-60s).
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
     pub metrics_interval: Duration,
 }
@@ -136,11 +136,11 @@ pub struct TunnelArgs {
     #[arg(long, value_name = "FILE")]
     pub key_file: String,
 
-    /// Close a tunnel whose handshake has not completed within this time.
+    /// Close a tunnel whose handshake has not completed within this time (100ms-5m).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
 
-    /// Reject hellos whose timestamp differs from our clock by more than this.
+    /// Reject hellos whose timestamp differs from our clock by more than this (1s-1h).
     #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = parse_duration)]
     pub max_clock_skew: Duration,
 }
@@ -156,20 +156,20 @@ pub struct KeygenArgs {
 /// Flags of the `demo` subcommand.
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
-    /// Port the entry listens on: point clients here (loopback only).
-    #[arg(long, default_value_t = 8000)]
+    /// Port the entry listens on: point clients here (loopback only; 1-65535).
+    #[arg(long, default_value_t = 8000, value_parser = clap::value_parser!(u16).range(1..))]
     pub port: u16,
 
-    /// Port of the demo echo origin (loopback only).
-    #[arg(long, default_value_t = 7000)]
+    /// Port of the demo echo origin (loopback only; 1-65535).
+    #[arg(long, default_value_t = 7000, value_parser = clap::value_parser!(u16).range(1..))]
     pub origin_port: u16,
 
-    /// Port of the demo exit (loopback only).
-    #[arg(long, default_value_t = 7100)]
+    /// Port of the demo exit (loopback only; 1-65535).
+    #[arg(long, default_value_t = 7100, value_parser = clap::value_parser!(u16).range(1..))]
     pub exit_port: u16,
 
-    /// Shards for each proxy.
-    #[arg(long, default_value_t = 1)]
+    /// Shards for each proxy (1 to the number of cores this process may use).
+    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
     pub cores: usize,
 }
 

@@ -44,6 +44,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// Parses a size in bytes: a plain number, or a number with `B`, `KiB`, `MiB`
 /// or `GiB` (binary units; `K`/`KB` are accepted as KiB, as most tools do).
+/// Units are case-insensitive: `16k`, `16K`, `16KiB` and `16kib` are equal.
 pub fn parse_size(text: &str) -> Result<usize, String> {
     let text = text.trim();
     let split = text
@@ -58,11 +59,11 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
     let value: usize = digits
         .parse()
         .map_err(|_| format!("`{text}` is too large"))?;
-    let multiplier: usize = match unit {
-        "" | "B" => 1,
-        "K" | "KB" | "KiB" => 1 << 10,
-        "M" | "MB" | "MiB" => 1 << 20,
-        "G" | "GB" | "GiB" => 1 << 30,
+    let multiplier: usize = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
         _ => {
             return Err(format!(
                 "`{text}` has unknown unit `{unit}`; use B, KiB, MiB or GiB"
@@ -111,6 +112,9 @@ mod tests {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert_eq!(parse_size("1MiB"), Ok(1 << 20));
         assert_eq!(parse_size("2K"), Ok(2048));
+        for same in ["16k", "16K", "16KB", "16kb", "16KiB", "16kib"] {
+            assert_eq!(parse_size(same), Ok(16384), "{same}");
+        }
         assert!(parse_size("KiB").is_err());
         assert!(parse_size("1TiB").is_err());
         assert!(parse_size("-1").is_err());

@@ -30,6 +30,14 @@ pub enum FileError {
         /// The OS error.
         reason: String,
     },
+    /// Not UTF-8 text.
+    #[error("config {path} is not UTF-8 text ({what}); save it as UTF-8")]
+    NotText {
+        /// The path.
+        path: String,
+        /// What it looks like instead.
+        what: &'static str,
+    },
     /// Not valid TOML.
     #[error("config {path} is not valid TOML: {reason}")]
     Syntax {
@@ -110,12 +118,38 @@ pub struct FileArgs {
 
 const ROLES: [&str; 3] = ["entry", "exit", "forward"];
 
+/// Turns a file's bytes into text, or says what it is instead: every file
+/// the proxy reads (config, key file) goes through this, so all accept the
+/// same encodings. A UTF-8 byte-order mark is dropped; CRLF and trailing
+/// blanks are left to the line parsers, which accept them.
+pub fn decode_text(bytes: Vec<u8>) -> Result<String, (&'static str, Vec<u8>)> {
+    if bytes.starts_with(&[0xff, 0xfe]) || bytes.starts_with(&[0xfe, 0xff]) {
+        return Err(("it is UTF-16", bytes));
+    }
+    if bytes.contains(&0) {
+        return Err((
+            "it contains NUL bytes: binary, or UTF-16 without a byte-order mark",
+            bytes,
+        ));
+    }
+    let mut text = String::from_utf8(bytes)
+        .map_err(|e| ("it has bytes that are not UTF-8", e.into_bytes()))?;
+    if text.starts_with('\u{feff}') {
+        text.drain(..'\u{feff}'.len_utf8());
+    }
+    Ok(text)
+}
+
 /// Reads and translates `path`. `command_role` is the role given on the
 /// command line, if any; otherwise the file must name one.
 pub fn read(path: &str, command_role: Option<&str>) -> Result<FileArgs, FileError> {
-    let text = std::fs::read_to_string(path).map_err(|e| FileError::Unreadable {
+    let bytes = std::fs::read(path).map_err(|e| FileError::Unreadable {
         path: path.to_string(),
         reason: e.to_string(),
+    })?;
+    let text = decode_text(bytes).map_err(|(what, _)| FileError::NotText {
+        path: path.to_string(),
+        what,
     })?;
     translate(&text, path, command_role)
 }

@@ -169,7 +169,15 @@ pub fn load_key_file(path: &str) -> Result<(KeySet, Option<String>), KeyFileErro
             path: path.to_string(),
         });
     }
-    let mut text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(unreadable)?);
+    let bytes = std::fs::read(path).map_err(unreadable)?;
+    let text = file::decode_text(bytes).map_err(|(what, mut bytes)| {
+        bytes.zeroize();
+        KeyFileError::NotText {
+            path: path.to_string(),
+            what,
+        }
+    })?;
+    let mut text = zeroize::Zeroizing::new(text);
     let set = KeySet::parse(&text, path);
     text.zeroize();
     let mode = meta.permissions().mode();

@@ -1,22 +1,65 @@
 //! The scrape endpoint: a tiny HTTP/1.1 server on its own unpinned thread.
 //!
 //! It never touches a shard: it reads the [`Board`] the shards publish to.
-//! Every request is bounded: 8 KiB of head, 2 s to send it, at most
-//! [`MAX_CLIENTS`] at once (more are closed at once). Bad requests get 400,
-//! unknown paths 404, other methods 405; nothing a client sends can crash it.
+//! Every request is bounded:
+//!
+//! * at most [`MAX_HEAD`] bytes of head;
+//! * [`HEAD_DEADLINE`] for the *whole* head, however the client trickles it
+//!   (a deadline, not a per-read timeout), and [`WRITE_DEADLINE`] for the
+//!   answer;
+//! * at most [`MAX_CLIENTS`] connections at once. At the cap a new
+//!   connection evicts the *oldest* one, so slow or idle clients cannot lock
+//!   a health probe out: a probe is only cut if [`MAX_CLIENTS`] newer
+//!   connections arrive while it is being answered.
+//!
+//! Bad requests get 400, unknown paths 404, other methods 405; nothing a
+//! client sends can crash it. This server is off the data path, so its
+//! bookkeeping uses a plain `Mutex`.
 
+use std::collections::VecDeque;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::{prom, Board};
 
 /// Largest request head accepted.
 pub const MAX_HEAD: usize = 8 * 1024;
-/// Concurrent scrape connections.
-pub const MAX_CLIENTS: usize = 16;
+/// Concurrent scrape connections; at the cap the oldest is evicted.
+pub const MAX_CLIENTS: usize = 64;
+/// Time a client has to send its whole request head.
+pub const HEAD_DEADLINE: Duration = Duration::from_secs(2);
+/// Time a client has to take the whole answer.
+pub const WRITE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Live connections, oldest first, with a handle to cut each one.
+#[derive(Default)]
+struct Live {
+    next_id: u64,
+    conns: VecDeque<(u64, TcpStream)>,
+}
+
+impl Live {
+    /// Registers `conn`, evicting the oldest connection at the cap.
+    fn admit(&mut self, conn: &TcpStream) -> Option<u64> {
+        if self.conns.len() >= MAX_CLIENTS {
+            if let Some((_, oldest)) = self.conns.pop_front() {
+                // Its thread's read or write fails at once and it ends.
+                let _ = oldest.shutdown(Shutdown::Both);
+            }
+        }
+        let handle = conn.try_clone().ok()?;
+        let id = self.next_id;
+        self.next_id += 1;
+        self.conns.push_back((id, handle));
+        Some(id)
+    }
+
+    fn remove(&mut self, id: u64) {
+        self.conns.retain(|(i, _)| *i != id);
+    }
+}
 
 /// A parsed request line: the only thing we need.
 #[derive(Debug, PartialEq, Eq)]
@@ -120,7 +163,7 @@ pub fn spawn(listener: TcpListener, board: Board, fold_every: Duration) -> std::
             std::thread::sleep(fold_every);
             folder.with_snapshots(|_| ());
         })?;
-    let clients = Arc::new(AtomicUsize::new(0));
+    let live = Arc::new(Mutex::new(Live::default()));
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
@@ -130,16 +173,14 @@ pub fn spawn(listener: TcpListener, board: Board, fold_every: Duration) -> std::
                     std::thread::sleep(Duration::from_millis(50));
                     continue;
                 };
-                if clients.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
-                    clients.fetch_sub(1, Ordering::AcqRel);
-                    continue; // dropped: closed at once
-                }
-                let (board, clients) = (board.clone(), clients.clone());
+                let admitted = live.lock().unwrap_or_else(|p| p.into_inner()).admit(&conn);
+                let Some(id) = admitted else { continue };
+                let (board, live) = (board.clone(), live.clone());
                 let spawned = std::thread::Builder::new()
                     .name("metrics-conn".into())
                     .spawn(move || {
                         serve(conn, &board);
-                        clients.fetch_sub(1, Ordering::AcqRel);
+                        live.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
                     });
                 if spawned.is_err() {
                     std::thread::sleep(Duration::from_millis(50));
@@ -149,9 +190,22 @@ pub fn spawn(listener: TcpListener, board: Board, fold_every: Duration) -> std::
         .map(|_| ())
 }
 
+/// Reads into `buf` until `deadline`; `None` when the client is gone, too
+/// slow, or the deadline has passed.
+fn read_by(conn: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> Option<usize> {
+    let left = deadline.checked_duration_since(Instant::now())?;
+    if left.is_zero() {
+        return None;
+    }
+    conn.set_read_timeout(Some(left)).ok()?;
+    match conn.read(buf) {
+        Ok(0) | Err(_) => None,
+        Ok(n) => Some(n),
+    }
+}
+
 fn serve(mut conn: TcpStream, board: &Board) {
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
-    let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
+    let deadline = Instant::now() + HEAD_DEADLINE;
     let mut buf = vec![0u8; MAX_HEAD + 4];
     let mut filled = 0;
     let result = loop {
@@ -159,9 +213,9 @@ fn serve(mut conn: TcpStream, board: &Board) {
             Err(HttpError::Incomplete) => {}
             other => break other,
         }
-        match conn.read(&mut buf[filled..]) {
-            Ok(0) | Err(_) => return, // gone or too slow: nothing to answer
-            Ok(n) => filled += n,
+        match read_by(&mut conn, &mut buf[filled..], deadline) {
+            None => return, // gone or too slow: nothing to answer
+            Some(n) => filled += n,
         }
     };
     let (status, ctype, body) = match result {
@@ -192,8 +246,27 @@ fn serve(mut conn: TcpStream, board: &Board) {
         "HTTP/1.1 {status} {reason}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
     );
-    let _ = conn.write_all(head.as_bytes());
-    let _ = conn.write_all(body.as_bytes());
+    let deadline = Instant::now() + WRITE_DEADLINE;
+    if write_by(&mut conn, head.as_bytes(), deadline) {
+        write_by(&mut conn, body.as_bytes(), deadline);
+    }
+}
+
+/// Writes all of `data` before `deadline`; `false` if it could not.
+fn write_by(conn: &mut TcpStream, mut data: &[u8], deadline: Instant) -> bool {
+    while !data.is_empty() {
+        let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+            return false;
+        };
+        if left.is_zero() || conn.set_write_timeout(Some(left)).is_err() {
+            return false;
+        }
+        match conn.write(data) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => data = &data[n..],
+        }
+    }
+    true
 }
 
 #[cfg(test)]
@@ -256,7 +329,10 @@ mod tests {
             .0,
             405
         );
-        board.info.draining.store(true, Ordering::Relaxed);
+        board
+            .info
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         assert_eq!(get("/healthz"), 503);
     }
 

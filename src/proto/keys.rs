@@ -70,13 +70,31 @@ pub enum KeyFileError {
         /// The OS error text.
         reason: String,
     },
-    /// A line is not base64 of 32 bytes.
-    #[error("key file {path} line {line}: not a base64-encoded 32-byte key (make one with `shardproxy keygen`)")]
+    /// A line is not base64.
+    #[error("key file {path} line {line}: not base64 (a key is one line of standard base64; make one with `shardproxy keygen`)")]
     Malformed {
         /// The path.
         path: String,
         /// 1-based line number.
         line: usize,
+    },
+    /// A line is base64 of the wrong length.
+    #[error("key file {path} line {line}: decodes to {len} bytes, but a key is 32 bytes (make one with `shardproxy keygen`)")]
+    WrongLength {
+        /// The path.
+        path: String,
+        /// 1-based line number.
+        line: usize,
+        /// Bytes decoded (at most 48 are counted).
+        len: usize,
+    },
+    /// The file is not UTF-8 text (UTF-16 from some editors, or binary).
+    #[error("key file {path} is not UTF-8 text ({what}); save it as UTF-8 or ASCII")]
+    NotText {
+        /// The path.
+        path: String,
+        /// What it looks like instead.
+        what: &'static str,
     },
     /// No keys at all.
     #[error("key file {path} holds no keys (make one with `shardproxy keygen --out {path}`)")]
@@ -115,8 +133,11 @@ impl KeySet {
     }
 
     /// Parses key-file text: one base64 key per line, `#` comments and blank
-    /// lines allowed. `path` is only used in messages.
+    /// lines allowed. A leading UTF-8 byte-order mark (Windows Notepad), CRLF
+    /// line ends, surrounding blanks and a missing final newline are all
+    /// accepted. `path` is only used in messages.
     pub fn parse(text: &str, path: &str) -> Result<KeySet, KeyFileError> {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let mut keys = Vec::new();
         for (i, raw) in text.lines().enumerate() {
             let line = raw.split('#').next().unwrap_or("").trim();
@@ -129,12 +150,19 @@ impl KeySet {
             };
             // Decode into a bounded buffer: a huge line cannot allocate.
             let mut buf = [0u8; 48];
-            let n = base64::engine::general_purpose::STANDARD
-                .decode_slice(line, &mut buf)
-                .map_err(|_| malformed())?;
+            let n = match base64::engine::general_purpose::STANDARD.decode_slice(line, &mut buf) {
+                Ok(n) => n,
+                // Valid base64 too long for the buffer: far more than a key.
+                Err(base64::DecodeSliceError::OutputSliceTooSmall) => buf.len(),
+                Err(_) => return Err(malformed()),
+            };
             if n != PSK_LEN {
                 buf.zeroize();
-                return Err(malformed());
+                return Err(KeyFileError::WrongLength {
+                    path: path.to_string(),
+                    line: i + 1,
+                    len: n,
+                });
             }
             let mut k = [0u8; PSK_LEN];
             k.copy_from_slice(&buf[..PSK_LEN]);
@@ -182,12 +210,16 @@ mod tests {
         let short = base64::engine::general_purpose::STANDARD.encode([0u8; 16]);
         assert!(matches!(
             KeySet::parse(&short, "k"),
-            Err(KeyFileError::Malformed { .. })
+            Err(KeyFileError::WrongLength { len: 16, .. })
         ));
         let long = "A".repeat(10_000);
         assert!(matches!(
             KeySet::parse(&long, "k"),
-            Err(KeyFileError::Malformed { .. })
+            Err(KeyFileError::WrongLength { .. })
+        ));
+        assert!(matches!(
+            KeySet::parse("not base64!\n", "k"),
+            Err(KeyFileError::Malformed { line: 1, .. })
         ));
         let many: String = (0..17)
             .map(|i| Psk::from_bytes([i; 32]).to_base64() + "\n")
@@ -196,6 +228,22 @@ mod tests {
             KeySet::parse(&many, "k"),
             Err(KeyFileError::TooMany { .. })
         ));
+    }
+
+    #[test]
+    fn accepts_the_encodings_editors_write() {
+        let a = Psk::from_bytes([7; 32]).to_base64();
+        for text in [
+            format!("\u{feff}{a}\n"),
+            format!("{a}\r\n"),
+            format!("\u{feff}{a}\r\n"),
+            format!("{a}   \t\n"),
+            a.clone(),
+            format!("\u{feff}# comment\r\n\r\n{a}"),
+        ] {
+            let set = KeySet::parse(&text, "k").unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            assert_eq!(set.primary().bytes(), &[7; 32]);
+        }
     }
 
     #[test]

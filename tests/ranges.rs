@@ -1,0 +1,285 @@
+//! Every numeric setting: the largest valid value passes `check`, and the
+//! smallest invalid one (on each side) is rejected by `check` and at
+//! start-up, each with a one-line error and exit code 2. Encodings of the
+//! files the proxy reads. The kind of fault: an accepted setting that crashes
+//! the proxy later (`--buffer-size 64GiB` aborted the process on the first
+//! client).
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::*;
+
+/// (config key, largest valid, smallest invalid values, tunnel-only)
+const TABLE: &[(&str, &str, &[&str], bool)] = &[
+    (
+        "buffer_size",
+        "16MiB",
+        &["1023", "16777217", "64GiB"],
+        false,
+    ),
+    ("max_connections", "1000000", &["0", "1000001"], false),
+    ("backlog", "65535", &["0", "65536"], false),
+    ("connect_timeout", "10m", &["9ms", "601s"], false),
+    ("idle_timeout", "168h", &["99ms", "169h"], false),
+    ("drain_timeout", "1h", &["3601s"], false),
+    ("metrics_interval", "60s", &["99ms", "61s", "1h"], false),
+    ("handshake_timeout", "5m", &["99ms", "301s"], true),
+    ("max_clock_skew", "1h", &["0s", "3601s"], true),
+];
+
+fn write(name: &str, body: &str) -> String {
+    let path = std::env::temp_dir().join(format!("sp-ranges-{}-{name}", std::process::id()));
+    std::fs::write(&path, body).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+fn config(role: &str, key_file: &str, line: &str) -> String {
+    let key = if role == "forward" {
+        String::new()
+    } else {
+        format!("key_file = \"{key_file}\"\n")
+    };
+    format!(
+        "role = \"{role}\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\ncores = 1\n{key}{line}\n"
+    )
+}
+
+fn value_line(key: &str, value: &str) -> String {
+    if value.chars().all(|c| c.is_ascii_digit()) {
+        format!("{key} = {value}")
+    } else {
+        format!("{key} = \"{value}\"")
+    }
+}
+
+/// Exit code 2 and exactly one line on stderr, naming `must_name`.
+fn assert_one_line_error(out: &Output, must_name: &str, what: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{what}: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{what}: not one line: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{what}: {stderr}");
+    assert!(lines[0].contains(must_name), "{what}: {stderr}");
+    assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"));
+}
+
+#[test]
+fn every_numeric_setting_has_an_enforced_range() {
+    let key = key_file(&[&keygen()]);
+    for &(name, max_valid, invalid, tunnel_only) in TABLE {
+        let role = if tunnel_only { "exit" } else { "forward" };
+        let flag = format!("--{}", name.replace('_', "-"));
+        // The largest valid value passes check.
+        let path = write(
+            &format!("{name}-ok.toml"),
+            &config(role, &key, &value_line(name, max_valid)),
+        );
+        let out = Command::new(BIN)
+            .args(["check", "--config", &path])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name} = {max_valid} rejected: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for bad in invalid {
+            // check: the file and key are named.
+            let path = write(
+                &format!("{name}-bad.toml"),
+                &config(role, &key, &value_line(name, bad)),
+            );
+            let out = Command::new(BIN)
+                .args(["check", "--config", &path])
+                .output()
+                .unwrap();
+            assert_one_line_error(
+                &out,
+                &format!("key `{name}`"),
+                &format!("check {name} = {bad}"),
+            );
+            // start-up: the flag is named, and nothing starts.
+            let mut args = vec![role, "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9"];
+            if tunnel_only {
+                args.extend(["--key-file", &key]);
+            }
+            args.extend([flag.as_str(), bad]);
+            let out = Command::new(BIN).args(&args).output().unwrap();
+            assert_one_line_error(&out, &flag, &format!("{flag} {bad}"));
+        }
+    }
+}
+
+#[test]
+fn cores_are_bounded_by_the_cpu_mask() {
+    let n = std::thread::available_parallelism().unwrap().get();
+    let ok = write(
+        "cores-ok.toml",
+        &config("forward", "", "").replace("cores = 1", &format!("cores = {n}")),
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config", &ok])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for bad in ["0", &(n + 1).to_string(), "-1"] {
+        let path = write(
+            "cores-bad.toml",
+            &config("forward", "", "").replace("cores = 1", &format!("cores = {bad}")),
+        );
+        let out = Command::new(BIN)
+            .args(["check", "--config", &path])
+            .output()
+            .unwrap();
+        assert_one_line_error(&out, "key `cores`", &format!("cores = {bad}"));
+    }
+}
+
+#[test]
+fn settings_that_cannot_work_are_errors_or_warnings() {
+    // Upstream port 0: an error.
+    let path = write(
+        "port0.toml",
+        &config("forward", "", "").replace("127.0.0.1:9", "127.0.0.1:0"),
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config", &path])
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, "port 0", "upstream port 0");
+    // A dashed key: an error with a hint.
+    let path = write("dashed.toml", &config("forward", "", "dual-stack = true"));
+    let out = Command::new(BIN)
+        .args(["check", "--config", &path])
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, "did you mean `dual_stack`", "dashed key");
+    // --dual-stack on an IPv4 listener, a backlog above somaxconn: warnings.
+    let path = write(
+        "noop.toml",
+        &config("forward", "", "dual_stack = true\nbacklog = 65535"),
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config", &path])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--dual-stack has no effect on 127.0.0.1:0"),
+        "{stderr}"
+    );
+    let somaxconn: u64 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    if somaxconn < 65535 {
+        assert!(stderr.contains("above net.core.somaxconn"), "{stderr}");
+    }
+    // Lower-case size units are accepted like upper-case ones.
+    let path = write("k.toml", &config("forward", "", "buffer_size = \"16k\""));
+    let out = Command::new(BIN)
+        .args(["check", "--config", &path])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn clap_errors_keep_the_part_that_matters() {
+    let out = Command::new(BIN)
+        .args(["forward", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, "--upstream <HOST:PORT>", "missing --upstream");
+    let out = Command::new(BIN).arg("forwrd").output().unwrap();
+    assert_one_line_error(&out, "'forward'", "typo of forward");
+}
+
+#[test]
+fn files_in_every_common_encoding_are_accepted() {
+    let key = keygen();
+    let variants: [(&str, Vec<u8>); 5] = [
+        ("bom", format!("\u{feff}{key}\n").into_bytes()),
+        ("crlf", format!("{key}\r\n").into_bytes()),
+        ("bom-crlf", format!("\u{feff}{key}\r\n").into_bytes()),
+        ("blanks", format!("{key}  \t \n").into_bytes()),
+        ("no-newline", key.clone().into_bytes()),
+    ];
+    for (name, bytes) in variants {
+        // The key file in this encoding ...
+        let key_path = key_file(&[]);
+        std::fs::write(&key_path, &bytes).unwrap();
+        // ... and the config file in the same one.
+        let text = config("exit", &key_path, "idle_timeout = \"5m\"");
+        let cfg = match name {
+            "bom" => format!("\u{feff}{text}"),
+            "crlf" => text.replace('\n', "\r\n"),
+            "bom-crlf" => format!("\u{feff}{}", text.replace('\n', "\r\n")),
+            "blanks" => text.replace('\n', "   \n"),
+            _ => text.trim_end().to_string(),
+        };
+        let path = write(&format!("enc-{name}.toml"), &cfg);
+        let out = Command::new(BIN)
+            .args(["check", "--config", &path])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn files_that_are_not_text_are_named_for_what_they_are() {
+    let utf16: Vec<u8> = [0xff, 0xfe]
+        .into_iter()
+        .chain(keygen().encode_utf16().flat_map(|u| u.to_le_bytes()))
+        .collect();
+    let binary = vec![0x7f, b'E', b'L', b'F', 0, 1, 2, 0xff, 0xfe, 0];
+    for (name, bytes, must) in [
+        ("utf16", utf16.clone(), "UTF-16"),
+        ("binary", binary.clone(), "not UTF-8"),
+        ("latin1", b"caf\xe9\n".to_vec(), "not UTF-8"),
+    ] {
+        let key_path = key_file(&[]);
+        std::fs::write(&key_path, &bytes).unwrap();
+        let path = write(
+            &format!("bad-key-{name}.toml"),
+            &config("exit", &key_path, ""),
+        );
+        let out = Command::new(BIN)
+            .args(["check", "--config", &path])
+            .output()
+            .unwrap();
+        assert_one_line_error(&out, must, &format!("key file {name}"));
+        let path = write(&format!("bad-cfg-{name}.toml"), "");
+        std::fs::write(&path, &bytes).unwrap();
+        let out = Command::new(BIN)
+            .args(["check", "--config", &path])
+            .output()
+            .unwrap();
+        assert_one_line_error(&out, must, &format!("config file {name}"));
+    }
+    // A key of the wrong length says so, not "not base64".
+    let short = key_file(&["AAAAAAAAAAAAAAAAAAAAAA=="]);
+    let path = write("short-key.toml", &config("exit", &short, ""));
+    let out = Command::new(BIN)
+        .args(["check", "--config", &path])
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, "decodes to 16 bytes", "short key");
+}
