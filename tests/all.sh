@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine: installs what the tests need,
+# then runs every test. This is the README's test command; .ci/run calls it.
+#
+# Needs: promtool (Debian `prometheus`), iproute2 and nftables (network
+# namespace fault tests), Python's `cryptography` (the independent protocol
+# client) and `hdrhistogram` (the independent histogram decoder). Installing
+# needs root (apt-get); without it, the missing pieces are listed with the
+# command that installs them, and the run fails. Tests never skip silently:
+# a test whose tool is missing fails, naming it (see tests/common `require`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# glommio needs at least 512 KiB of locked memory for io_uring.
+ulimit -l unlimited 2>/dev/null || ulimit -l 8192 2>/dev/null || true
+
+missing_apt=()
+command -v promtool >/dev/null 2>&1 || missing_apt+=(prometheus)
+command -v ip >/dev/null 2>&1 || missing_apt+=(iproute2)
+command -v nft >/dev/null 2>&1 || missing_apt+=(nftables)
+if [ ${#missing_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "tests/all.sh: installing ${missing_apt[*]} (apt-get)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing_apt[@]}" >/dev/null
+  else
+    echo "tests/all.sh: missing ${missing_apt[*]}; install with: sudo apt-get install ${missing_apt[*]}" >&2
+    exit 1
+  fi
+fi
+if ! python3 -c 'import cryptography, hdrh' 2>/dev/null; then
+  echo "tests/all.sh: installing Python packages cryptography, hdrhistogram (pip)"
+  python3 -m pip install --quiet --disable-pip-version-check cryptography hdrhistogram || {
+    echo "tests/all.sh: cannot install them; run: python3 -m pip install cryptography hdrhistogram" >&2
+    exit 1
+  }
+fi
+
+cargo test --locked
+# deploy/ assets, each checked by its ecosystem's validator (installs them).
+bash tests/deploy_assets.sh
