@@ -132,6 +132,7 @@ async fn run(
     }
 
     while let Command::Keys(keys) = control::recv(&mut control).await {
+        crate::info!("shard {id}: keys replaced ({} key(s))", keys.all().len());
         *ctx.keys.borrow_mut() = Some(Rc::new(keys));
     }
 
