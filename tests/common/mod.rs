@@ -104,8 +104,6 @@ pub struct ProxyBuilder {
     shards: usize,
     extra: Vec<String>,
     ulimits: Vec<(&'static str, u64)>,
-    /// Add `--cores <shards>` (off only for the transitional `Proxy::start`).
-    cores: bool,
 }
 
 impl ProxyBuilder {
@@ -116,7 +114,6 @@ impl ProxyBuilder {
             shards: 1,
             extra: Vec::new(),
             ulimits: Vec::new(),
-            cores: true,
         }
     }
 
@@ -162,9 +159,7 @@ impl ProxyBuilder {
         if let Some(listen) = &self.listen {
             argv.extend(["--listen".to_string(), listen.clone()]);
         }
-        if self.cores {
-            argv.extend(["--cores".to_string(), self.shards.to_string()]);
-        }
+        argv.extend(["--cores".to_string(), self.shards.to_string()]);
         argv.extend(self.extra.iter().cloned());
         argv
     }
@@ -245,7 +240,7 @@ impl ProxyBuilder {
 
 /// A running shardproxy process with its stderr captured line by line.
 pub struct Proxy {
-    pub child: Child,
+    child: Child,
     pub addr: SocketAddr,
     log: Arc<Log>,
     /// The stderr reader; joined once the child exited (its pipe is closed
@@ -297,14 +292,6 @@ impl Proxy {
             args.into_iter().map(|a| a.as_ref().to_string()).collect(),
             None,
         )
-    }
-
-    /// Transitional, until every test file uses the builder: `shardproxy
-    /// <args>` exactly as given, waiting for `shards` listen lines.
-    pub fn start(args: &[&str], shards: usize) -> Proxy {
-        let mut b = Proxy::command(args).shards(shards);
-        b.cores = false;
-        b.start()
     }
 
     pub fn pid(&self) -> u32 {
@@ -432,21 +419,6 @@ impl Drop for Proxy {
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
         }
-    }
-}
-
-/// Transitional, until every test file uses [`Proxy::wait_exit`].
-pub fn wait_timeout(child: &mut Child, limit: Duration) -> ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            panic!("process did not exit within {limit:?}");
-        }
-        thread::sleep(Duration::from_millis(20));
     }
 }
 
