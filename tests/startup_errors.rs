@@ -4,46 +4,17 @@
 
 mod common;
 
-use std::io::Read;
 use std::net::TcpListener;
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::thread;
+use std::process::Command;
 use std::time::Duration;
 
-use common::BIN;
+use common::{run_bounded, BIN};
 
 const UP: &str = "127.0.0.1:9";
 
 /// How long a rejected start may take. A bad input that is accepted would
 /// start a proxy that serves forever: it is killed and reported instead.
 const LIMIT: Duration = Duration::from_secs(20);
-
-/// Runs `cmd` to its exit; `None` (after a kill) if it outlives [`LIMIT`].
-fn run(mut cmd: Command) -> Option<(ExitStatus, String)> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut pipe = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    // The pipe reaches EOF when the process exits.
-    let reader = thread::spawn(move || {
-        let mut text = String::new();
-        let _ = pipe.read_to_string(&mut text);
-        let _ = tx.send(());
-        text
-    });
-    let exited = rx.recv_timeout(LIMIT).is_ok();
-    if !exited {
-        let _ = child.kill();
-    }
-    let status = child.wait().unwrap();
-    let stderr = reader.join().unwrap();
-    exited.then_some((status, stderr))
-}
 
 /// One bad start-up.
 struct Case {
@@ -149,7 +120,7 @@ fn bad_input_is_one_line_and_exit_code_2() {
                 cmd
             }
         };
-        let Some((status, stderr)) = run(cmd) else {
+        let Some((status, stderr)) = run_bounded(cmd, LIMIT) else {
             failures.push(format!(
                 "{} ({:?}): still running after {LIMIT:?}, killed",
                 c.name, c.args

@@ -347,20 +347,20 @@ fn keygen_writes_a_private_file_and_bad_keys_are_one_line_errors() {
 
     let bad = key_file(&["definitely not base64!"]);
     for key in [bad.as_str(), "/nonexistent/key"] {
-        let out = std::process::Command::new(BIN)
-            .args([
-                "exit",
-                "--listen",
-                "127.0.0.1:0",
-                "--upstream",
-                "127.0.0.1:9",
-                "--key-file",
-                key,
-            ])
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{err}");
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args([
+            "exit",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "127.0.0.1:9",
+            "--key-file",
+            key,
+        ]);
+        // Bounded: an exit that accepted the key would serve forever.
+        let (status, err) = run_bounded(cmd, Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("exit started with key file {key}"));
+        assert_eq!(status.code(), Some(2), "{err}");
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(err.contains("key file"), "{err}");
     }

@@ -422,6 +422,35 @@ impl Drop for Proxy {
     }
 }
 
+/// Runs `cmd` (a command expected to exit by itself, such as a start-up
+/// that must fail) and returns its status and stderr; `None`, after a
+/// SIGKILL, if it is still running after `limit`. A proxy that wrongly
+/// accepts its input serves forever, which `.output()` would wait for.
+pub fn run_bounded(mut cmd: Command, limit: Duration) -> Option<(ExitStatus, String)> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pipe = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    // The pipe reaches EOF when the process exits.
+    let reader = thread::spawn(move || {
+        let mut text = String::new();
+        let _ = pipe.read_to_string(&mut text);
+        let _ = tx.send(());
+        text
+    });
+    let exited = rx.recv_timeout(limit).is_ok();
+    if !exited {
+        let _ = child.kill();
+    }
+    let status = child.wait().unwrap();
+    let stderr = reader.join().unwrap();
+    exited.then_some((status, stderr))
+}
+
 /// Calls `probe` until it returns `Ok`, for at most `timeout`; then panics
 /// with the last `Err`. Only for state that no log line or channel
 /// announces: polling every 20 ms is the one wait that is not an event.
