@@ -60,8 +60,10 @@ async fn run(
     }
 
     while let Message::Keys(keys) = control::recv(&mut control).await {
-        crate::info!("shard {id}: keys replaced ({} key(s))", keys.all().len());
+        let n = keys.all().len();
         ctx.replace_keys(keys);
+        // After the keys are in place: tests and operators wait for this line.
+        crate::info!("shard {id}: keys replaced ({n} key(s))");
     }
 
     ctx.begin_drain();

@@ -96,7 +96,9 @@ n = 0
 while (d := s.recv(65536)): n += len(d)
 print(n)")
 kill -HUP "$(pgrep -P "$exit_pid" shardproxy || echo "$exit_pid")" 2>/dev/null
-sleep 0.3
+# The trace must hold the reload's syscalls: wait until the shard installed the keys.
+for _ in $(seq 100); do grep -q 'shard 0: keys replaced' "$work/exit.log" && break; sleep 0.1; done
+grep -q 'shard 0: keys replaced' "$work/exit.log" && ok "traced exit reloaded its keys on SIGHUP" || bad "traced exit did not reload its keys"
 kill -TERM "$entry_pid" 2>/dev/null; pkill -TERM -P "$exit_pid" 2>/dev/null; kill -TERM "$exit_pid" 2>/dev/null
 wait "$entry_pid" "$exit_pid" 2>/dev/null; kill "$origin_pid" 2>/dev/null
 [ "$echo_back" = 4000 ] && ok "traced exit+entry pair relayed data" || bad "traced pair relayed $echo_back bytes"

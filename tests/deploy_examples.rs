@@ -48,7 +48,7 @@ fn example_configs_run_a_working_pair() {
             ],
         ),
     );
-    let exit = Proxy::start(&["run", "--config", &exit_cfg, "--cores", "1"], 1);
+    let exit = Proxy::command(["run", "--config", &exit_cfg]).start();
     let entry_cfg = write_tmp(
         "entry.toml",
         &rewrite(
@@ -61,7 +61,7 @@ fn example_configs_run_a_working_pair() {
             ],
         ),
     );
-    let entry = Proxy::start(&["run", "--config", &entry_cfg, "--cores", "1"], 1);
+    let entry = Proxy::command(["run", "--config", &entry_cfg]).start();
     assert!(exit.log().iter().any(|l| l.contains("role exit")));
     assert!(entry.log().iter().any(|l| l.contains("role entry")));
     let data = Arc::new(random_bytes(1 << 20, 21));

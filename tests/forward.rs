@@ -10,25 +10,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn forward(upstream: std::net::SocketAddr, extra: &[&str], shards: usize) -> Proxy {
-    let up = upstream.to_string();
-    let cores = shards.to_string();
-    let mut args = vec![
-        "forward",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &up,
-        "--cores",
-        &cores,
-    ];
-    args.extend_from_slice(extra);
-    Proxy::start(&args, shards)
-}
-
 #[test]
 fn round_trip_64_mib_is_byte_exact() {
-    let proxy = forward(echo_origin(), &[], 2);
+    let proxy = Proxy::forward(echo_origin()).shards(2).start();
     let data = Arc::new(random_bytes(64 << 20, 1));
     let back = echo_round_trip(proxy.addr, data.clone());
     assert_eq!(back.len(), data.len());
@@ -43,7 +27,7 @@ fn round_trip_64_mib_is_byte_exact() {
 
 #[test]
 fn two_hundred_concurrent_connections_use_both_shards() {
-    let proxy = forward(echo_origin(), &[], 2);
+    let proxy = Proxy::forward(echo_origin()).shards(2).start();
     let addr = proxy.addr;
     let workers: Vec<_> = (0..200u64)
         .map(|i| {
@@ -80,7 +64,7 @@ fn half_close_still_delivers_the_response() {
         s.write_all(reply.as_bytes()).unwrap();
         s.write_all(&random_bytes(1 << 20, 3)).unwrap();
     });
-    let proxy = forward(origin, &[], 1);
+    let proxy = Proxy::forward(origin).start();
     let mut c = TcpStream::connect(proxy.addr).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     c.write_all(&[b'q'; 100_000]).unwrap();
@@ -99,7 +83,9 @@ fn half_close_still_delivers_the_response() {
 
 #[test]
 fn refused_upstream_closes_client_promptly_and_keeps_serving() {
-    let proxy = forward(dead_port(), &["--connect-timeout", "3s"], 1);
+    let proxy = Proxy::forward(dead_port())
+        .args(["--connect-timeout", "3s"])
+        .start();
     for _ in 0..3 {
         let start = Instant::now();
         let mut c = TcpStream::connect(proxy.addr).unwrap();
@@ -119,9 +105,13 @@ fn refused_upstream_closes_client_promptly_and_keeps_serving() {
 
 #[test]
 fn idle_timeout_closes_an_idle_pair() {
-    let proxy = forward(echo_origin(), &["--idle-timeout", "700ms"], 1);
+    let proxy = Proxy::forward(echo_origin())
+        .args(["--idle-timeout", "700ms"])
+        .start();
     let mut c = TcpStream::connect(proxy.addr).unwrap();
-    // Traffic keeps it alive past the timeout...
+    // Traffic keeps it alive past the timeout: the 300 ms gaps between
+    // pings are the measured quantity (shorter than the timeout, 1.5 s in
+    // all), not synchronization.
     for _ in 0..5 {
         c.write_all(b"ping").unwrap();
         let mut b = [0u8; 4];
@@ -143,7 +133,9 @@ fn idle_timeout_closes_an_idle_pair() {
 
 #[test]
 fn connection_limit_makes_the_next_client_wait() {
-    let proxy = forward(echo_origin(), &["--max-connections", "2"], 1);
+    let proxy = Proxy::forward(echo_origin())
+        .args(["--max-connections", "2"])
+        .start();
     let mut held: Vec<TcpStream> = (0..2)
         .map(|_| {
             let mut c = TcpStream::connect(proxy.addr).unwrap();
@@ -155,6 +147,7 @@ fn connection_limit_makes_the_next_client_wait() {
         .collect();
     let mut third = TcpStream::connect(proxy.addr).unwrap(); // queued in the backlog
     third.write_all(b"3rd").unwrap();
+    // Proving an absence takes a window: no echo for 800 ms.
     third
         .set_read_timeout(Some(Duration::from_millis(800)))
         .unwrap();
@@ -173,47 +166,61 @@ fn connection_limit_makes_the_next_client_wait() {
 
 #[test]
 fn sigterm_drains_in_flight_transfer_and_refuses_new_connections() {
-    let proxy = forward(echo_origin(), &["--drain-timeout", "60s"], 2);
+    let proxy = Proxy::forward(echo_origin())
+        .shards(2)
+        .args(["--drain-timeout", "60s"])
+        .start();
     let addr = proxy.addr;
     let data = Arc::new(random_bytes(64 << 20, 9));
-    // A slow sender, so the transfer is still in flight when SIGTERM lands.
+    // The sender sends 1 MiB, then holds the rest back until SIGTERM has
+    // closed the listeners, so the transfer is in flight across the signal.
     let stream = TcpStream::connect(addr).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
     let mut writer = stream.try_clone().unwrap();
     let send = data.clone();
+    let (go, resume) = std::sync::mpsc::channel::<()>();
     let sender = thread::spawn(move || {
-        for chunk in send.chunks(1 << 20) {
+        let (first, rest) = send.split_at(1 << 20);
+        writer.write_all(first).unwrap();
+        resume
+            .recv_timeout(Duration::from_secs(60))
+            .expect("never told to resume");
+        for chunk in rest.chunks(1 << 20) {
             writer.write_all(chunk).unwrap();
-            thread::sleep(Duration::from_millis(30));
         }
         writer.shutdown(Shutdown::Write).unwrap();
     });
-    thread::sleep(Duration::from_millis(300));
+    // The first MiB came back through the proxy: the pair is relaying.
+    let mut back = vec![0u8; 1 << 20];
+    (&stream).read_exact(&mut back).unwrap();
     proxy.signal("TERM");
-    // New connections are refused once every shard closed its listener.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match TcpStream::connect(addr) {
-            Err(e) => {
-                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
-                break;
-            }
-            Ok(_) => assert!(
-                Instant::now() < deadline,
-                "listener still open after SIGTERM"
-            ),
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    let mut back = Vec::new();
+    proxy.wait_for_every_shard(" draining: listener closed", Duration::from_secs(10));
+    // New connections are refused once every shard closed its listener. The
+    // kernel lets go of the socket when io_uring drops its last reference,
+    // just after the log line, so this waits for the port itself.
+    let refused = poll_until(Duration::from_secs(5), || match TcpStream::connect(addr) {
+        Err(e) => Ok(e),
+        Ok(_) => Err("listener still open after SIGTERM"),
+    });
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    go.send(()).unwrap();
     (&stream).read_to_end(&mut back).unwrap();
     sender.join().unwrap();
+    assert_eq!(back.len(), data.len());
     assert_eq!(sha256(&back), sha256(&data));
     let mut proxy = proxy;
-    let status = wait_timeout(&mut proxy.child, Duration::from_secs(30));
+    let status = proxy.wait_exit(Duration::from_secs(30));
     assert_eq!(status.code(), Some(0));
+    let lines = proxy.log();
+    let sums = summaries(&lines);
+    assert_eq!(sums.len(), 2, "{lines:?}");
+    assert_eq!(
+        sums.iter().map(|s| s.get("clean")).sum::<u64>(),
+        1,
+        "{lines:?}"
+    );
 }
 
 #[test]
@@ -231,10 +238,12 @@ fn slow_reader_stalls_the_sender_with_bounded_memory() {
             counter.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
         }
     });
-    let proxy = forward(origin, &[], 1);
+    let proxy = Proxy::forward(origin).start();
     let baseline = proxy.rss_kib();
     let _client = TcpStream::connect(proxy.addr).unwrap();
-    // Wait until the sender has stalled: no progress for 500 ms.
+    // Wait until the sender has stalled: no progress for 500 ms. A stall is
+    // the absence of progress, so it can only be observed over a window;
+    // bounded at 100 windows.
     let mut last = 0;
     for _ in 0..100 {
         thread::sleep(Duration::from_millis(500));
@@ -257,18 +266,29 @@ fn slow_reader_stalls_the_sender_with_bounded_memory() {
 
 #[test]
 fn second_signal_exits_at_once() {
-    let proxy = forward(echo_origin(), &["--drain-timeout", "60s"], 1);
+    let proxy = Proxy::forward(echo_origin())
+        .args(["--drain-timeout", "60s"])
+        .start();
     // A live connection would keep a graceful drain going for 60 s.
     let mut live = TcpStream::connect(proxy.addr).unwrap();
     live.write_all(b"x").unwrap();
     let mut b = [0u8; 1];
     live.read_exact(&mut b).unwrap();
     proxy.signal("TERM");
-    thread::sleep(Duration::from_millis(300));
+    // The signal thread logs this once it took the first signal; a second
+    // one sent earlier could merge with the first in the pending set.
+    proxy.wait_for_log(
+        |l| l.contains("termination signal: draining"),
+        Duration::from_secs(10),
+    );
+    // Still draining: the live connection holds it open.
+    live.write_all(b"y").unwrap();
+    live.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"y");
     let start = Instant::now();
     proxy.signal("TERM");
     let mut proxy = proxy;
-    let status = wait_timeout(&mut proxy.child, Duration::from_secs(10));
+    let status = proxy.wait_exit(Duration::from_secs(10));
     assert!(
         start.elapsed() < Duration::from_secs(3),
         "{:?}",
@@ -283,55 +303,24 @@ fn ipv6_listener_is_v6_only_unless_dual_stack() {
         eprintln!("SKIPPED: no IPv6 loopback on this machine");
         return;
     }
-    let up = echo_origin().to_string();
-    let v6 = Proxy::start(
-        &[
-            "forward",
-            "--listen",
-            "[::1]:0",
-            "--upstream",
-            &up,
-            "--cores",
-            "1",
-        ],
-        1,
-    );
+    let up = echo_origin();
+    let v6 = Proxy::forward(up).listen("[::1]:0").start();
     let mut c = TcpStream::connect(v6.addr).unwrap();
     c.write_all(b"six").unwrap();
     let mut b = [0u8; 3];
     c.read_exact(&mut b).unwrap();
     assert_eq!(&b, b"six");
     // [::]:port without --dual-stack: IPv4 clients are not accepted on it.
-    let only6 = Proxy::start(
-        &[
-            "forward",
-            "--listen",
-            "[::]:0",
-            "--upstream",
-            &up,
-            "--cores",
-            "1",
-        ],
-        1,
-    );
+    let only6 = Proxy::forward(up).listen("[::]:0").start();
     let v4 = std::net::SocketAddr::from(([127, 0, 0, 1], only6.addr.port()));
     assert!(
         TcpStream::connect(v4).is_err(),
         "IPv4 reached a v6-only listener"
     );
-    let dual = Proxy::start(
-        &[
-            "forward",
-            "--listen",
-            "[::]:0",
-            "--upstream",
-            &up,
-            "--cores",
-            "1",
-            "--dual-stack",
-        ],
-        1,
-    );
+    let dual = Proxy::forward(up)
+        .listen("[::]:0")
+        .arg("--dual-stack")
+        .start();
     let v4 = std::net::SocketAddr::from(([127, 0, 0, 1], dual.addr.port()));
     let mut c = TcpStream::connect(v4).unwrap();
     c.write_all(b"four").unwrap();

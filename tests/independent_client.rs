@@ -48,20 +48,7 @@ fn python_recomputes_the_documented_vector() {
 #[test]
 fn python_client_talks_to_a_live_exit() {
     let key = keygen();
-    let exit = Proxy::start(
-        &[
-            "exit",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &echo_origin().to_string(),
-            "--key-file",
-            &key_file(&[&key]),
-            "--cores",
-            "1",
-        ],
-        1,
-    );
+    let exit = Proxy::exit(echo_origin(), &key_file(&[&key])).start();
     // 10 MiB: over 600 chunks each way, so the length masks cross from the
     // first 512-chunk keystream into the second.
     let unit = "hello from python, ".repeat(50); // 950 bytes

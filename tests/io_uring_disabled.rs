@@ -7,6 +7,7 @@
 mod common;
 
 use std::process::Command;
+use std::time::Duration;
 
 const KNOB: &str = "/proc/sys/kernel/io_uring_disabled";
 
@@ -20,19 +21,26 @@ fn io_uring_unavailable_is_a_one_line_error() {
         eprintln!("SKIPPED: cannot write {KNOB} (not root?)");
         return;
     }
-    let out = Command::new(common::BIN)
-        .args([
-            "forward",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            "127.0.0.1:9",
-        ])
-        .output();
+    let mut cmd = Command::new(common::BIN);
+    cmd.args([
+        "forward",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        "127.0.0.1:9",
+    ]);
+    // Bounded: a proxy that starts anyway would serve forever, with io_uring
+    // still switched off for the whole machine. Restore the knob first,
+    // whatever happened.
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        common::run_bounded(cmd, Duration::from_secs(20))
+    }));
     std::fs::write(KNOB, before.trim()).expect("restore io_uring_disabled");
-    let out = out.unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let out = out.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    let Some((status, stderr)) = out else {
+        panic!("started with io_uring disabled (killed after 20 s)");
+    };
+    assert_eq!(status.code(), Some(2), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("io_uring is unavailable"), "{stderr}");
 }

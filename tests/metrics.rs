@@ -16,19 +16,15 @@ use common::*;
 
 /// The metrics address a proxy logged.
 fn metrics_addr(p: &Proxy) -> SocketAddr {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(a) = p.log().iter().find_map(|l| {
-            l.split("metrics on http://")
-                .nth(1)
-                .and_then(|r| r.split('/').next())
-                .and_then(|a| a.parse().ok())
-        }) {
-            return a;
-        }
-        assert!(Instant::now() < deadline, "no metrics line: {:?}", p.log());
-        thread::sleep(Duration::from_millis(20));
-    }
+    let line = p.wait_for_log(
+        |l| l.contains("metrics on http://"),
+        Duration::from_secs(10),
+    );
+    line.split("metrics on http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("bad metrics line: {line}"))
 }
 
 fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
@@ -98,41 +94,22 @@ struct Pair {
 
 fn pair(extra: &[&str]) -> Pair {
     let key = key_file(&[&keygen()]);
-    let mut args = vec![
+    let metrics = [
         "--metrics-listen",
         "127.0.0.1:0",
         "--metrics-interval",
         "100ms",
     ];
-    args.extend_from_slice(extra);
-    let origin = echo_origin().to_string();
-    let mut exit_args = vec![
-        "exit",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &origin,
-        "--key-file",
-        &key,
-        "--cores",
-        "2",
-    ];
-    exit_args.extend_from_slice(&args);
-    let exit = Proxy::start(&exit_args, 2);
-    let exit_addr = exit.addr.to_string();
-    let mut entry_args = vec![
-        "entry",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &exit_addr,
-        "--key-file",
-        &key,
-        "--cores",
-        "2",
-    ];
-    entry_args.extend_from_slice(&args);
-    let entry = Proxy::start(&entry_args, 2);
+    let exit = Proxy::exit(echo_origin(), &key)
+        .shards(2)
+        .args(metrics)
+        .args(extra)
+        .start();
+    let entry = Proxy::entry(exit.addr, &key)
+        .shards(2)
+        .args(metrics)
+        .args(extra)
+        .start();
     let (entry_metrics, exit_metrics) = (metrics_addr(&entry), metrics_addr(&exit));
     Pair {
         entry,
@@ -159,23 +136,23 @@ fn run_workload(p: &Pair) -> (String, String) {
     for w in workers {
         w.join().unwrap();
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    // The endpoints show a snapshot each shard publishes every 100 ms: no
+    // event announces one, so this polls (bounded) for the final counts.
+    let done = |t: &str| {
+        sum_by(t, "shardproxy_connections_closed_total", Some("reason")).get("clean")
+            == Some(&(CONNS as f64))
+    };
+    poll_until(Duration::from_secs(10), || {
         let (_, entry) = http_get(p.entry_metrics, "/metrics");
         let (_, exit) = http_get(p.exit_metrics, "/metrics");
-        let done = |t: &str| {
-            sum_by(t, "shardproxy_connections_closed_total", Some("reason")).get("clean")
-                == Some(&(CONNS as f64))
-        };
         if done(&entry) && done(&exit) {
-            return (entry, exit);
+            Ok((entry, exit))
+        } else {
+            Err(format!(
+                "metrics never showed the workload:\n{entry}\n{exit}"
+            ))
         }
-        assert!(
-            Instant::now() < deadline,
-            "metrics never showed the workload:\n{entry}"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    })
 }
 
 #[test]
@@ -356,11 +333,13 @@ fn healthz_flips_to_503_while_draining() {
     live.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     live.read_exact(&mut b).unwrap();
     p.exit.signal("TERM");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while http_get(p.exit_metrics, "/healthz").0 != 503 {
-        assert!(Instant::now() < deadline, "/healthz never said 503");
-        thread::sleep(Duration::from_millis(20));
-    }
+    // The signal thread sets the draining flag before it tells the shards,
+    // so once a shard logged that it drains, /healthz must say so.
+    p.exit.wait_for_log(
+        |l| l.contains(" draining: listener closed"),
+        Duration::from_secs(10),
+    );
+    assert_eq!(http_get(p.exit_metrics, "/healthz").0, 503);
     let (_, metrics) = http_get(p.exit_metrics, "/metrics");
     assert!(
         metrics.contains("shardproxy_draining{role=\"exit\"} 1"),

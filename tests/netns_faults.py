@@ -80,12 +80,16 @@ port, size, seed = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 c = socket.create_connection(("198.18.1.2", port))
 sent = hashlib.sha256(); got = hashlib.sha256(); n = [0]; end = ["eof"]
 def reader():
+    flowing = False
     try:
         while True:
             d = c.recv(1 << 16)
             if not d:
                 return
             got.update(d); n[0] += len(d)
+            if not flowing and n[0] >= 1 << 20:
+                flowing = True  # 1 MiB made the round trip: tell the harness
+                print("flowing", file=sys.stderr, flush=True)
     except OSError:
         end[0] = "error"
 t = threading.Thread(target=reader); t.start()
@@ -155,10 +159,22 @@ def clear_faults():
     sh("tc", "qdisc", "del", "dev", TAG + "ex2", "root", ns=B, check=False)
 
 
-def transfer(entry_port, size, seed, timeout):
-    r = subprocess.run(["ip", "netns", "exec", C, "python3", "-c", CLIENT, str(entry_port), str(size), str(seed)],
-                       capture_output=True, text=True, timeout=timeout)
-    f = r.stdout.split()
+def transfer(entry_port, size, seed, timeout, on_flowing=None):
+    """Runs the client to the end; calls on_flowing() once its first MiB
+    came back, while the rest is still in flight."""
+    p = subprocess.Popen(["ip", "netns", "exec", C, "python3", "-c", CLIENT, str(entry_port), str(size), str(seed)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if on_flowing:
+        line = p.stderr.readline()  # "" if the client ended first
+        assert line.strip() == "flowing", "client never got its first MiB back: %r" % line
+        on_flowing()
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        raise
+    f = out.split()
     return {"sent": int(f[1]), "sent_hash": f[2], "got": int(f[3]), "got_hash": f[4], "end": f[5]}
 
 
@@ -228,14 +244,10 @@ def reset_mid_transfer():
     # learns of the death through its idle timeout: keep that short.
     origin, exit_, entry, exit_port, entry_port = pair(idle="5s")
     try:
-        box = {}
-        t = threading.Thread(target=lambda: box.update(c=transfer(entry_port, 256 << 20, 9, 120)))
-        t.start()
-        time.sleep(1.0)
-        nft(B, ["tcp dport %d reject with tcp reset" % exit_port])
-        t.join(120)
+        # The reset goes in once data is flowing both ways, not after a timer.
+        c = transfer(entry_port, 256 << 20, 9, 120,
+                     on_flowing=lambda: nft(B, ["tcp dport %d reject with tcp reset" % exit_port]))
         o = origin_report(origin)
-        c = box["c"]
         assert c["end"] == "error", "client saw a clean end: %s" % c
         assert o["end"] == "error", "origin saw a clean end: %s" % o
         assert o["got"] < 256 << 20

@@ -1,133 +1,158 @@
 //! Bad input: one line on stderr, exit code 2, no panic, no backtrace.
+//!
+//! One table of cases, one loop that checks the contract for each.
 
 mod common;
 
 use std::net::TcpListener;
-use std::process::{Command, Output};
+use std::process::Command;
+use std::time::Duration;
 
-use common::BIN;
-
-fn run(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().unwrap()
-}
-
-fn run_sh(script: &str) -> Output {
-    Command::new("sh")
-        .args(["-c", script])
-        .env("BIN", BIN)
-        .output()
-        .unwrap()
-}
-
-/// Asserts the one-line, exit-2 contract and returns the line.
-fn one_line_error(out: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
-    assert_eq!(stderr.lines().count(), 1, "not one line: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    stderr
-}
+use common::{run_bounded, BIN};
 
 const UP: &str = "127.0.0.1:9";
 
-#[test]
-fn unknown_flag() {
-    let e = one_line_error(&run(&[
-        "forward",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        UP,
-        "--bogus",
-    ]));
-    assert!(e.contains("--bogus"), "{e}");
+/// How long a rejected start may take. A bad input that is accepted would
+/// start a proxy that serves forever: it is killed and reported instead.
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// One bad start-up.
+struct Case {
+    name: &'static str,
+    args: Vec<String>,
+    /// `ulimit -l <KiB>` before starting, for the memlock pre-flight.
+    memlock_kib: Option<u64>,
+    /// Every one of these must appear in the error line.
+    expect: &'static [&'static str],
+    code: i32,
+}
+
+/// `forward --listen 127.0.0.1:0 --upstream 127.0.0.1:9`, then `extra`.
+fn forward(extra: &[&str]) -> Vec<String> {
+    let mut args = vec!["forward", "--listen", "127.0.0.1:0", "--upstream", UP];
+    args.extend_from_slice(extra);
+    args.into_iter().map(String::from).collect()
+}
+
+fn case(name: &'static str, args: Vec<String>, expect: &'static [&'static str]) -> Case {
+    Case {
+        name,
+        args,
+        memlock_kib: None,
+        expect,
+        code: 2,
+    }
 }
 
 #[test]
-fn bad_listen_address() {
-    let e = one_line_error(&run(&[
-        "forward",
-        "--listen",
-        "localhost:99999",
-        "--upstream",
-        UP,
-    ]));
-    assert!(e.contains("bad --listen address"), "{e}");
-}
+fn bad_input_is_one_line_and_exit_code_2() {
+    // Held for the whole table: no SO_REUSEPORT, so the proxy cannot share it.
+    let other = TcpListener::bind("127.0.0.1:0").unwrap();
+    let held = other.local_addr().unwrap().to_string();
+    let cases = [
+        case("unknown flag", forward(&["--bogus"]), &["--bogus"]),
+        case(
+            "bad listen address",
+            ["forward", "--listen", "localhost:99999", "--upstream", UP]
+                .map(String::from)
+                .to_vec(),
+            &["bad --listen address"],
+        ),
+        case(
+            "bad upstream",
+            [
+                "forward",
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                "nocolon",
+            ]
+            .map(String::from)
+            .to_vec(),
+            &["--upstream"],
+        ),
+        case(
+            "duration without unit",
+            forward(&["--idle-timeout", "30"]),
+            &["no unit"],
+        ),
+        case(
+            "too many cores",
+            forward(&["--cores", "4096"]),
+            &["only", "cores are available"],
+        ),
+        case(
+            "core that does not exist",
+            forward(&["--cpu-list", "0,4000"]),
+            &["core 4000"],
+        ),
+        case(
+            "port held by another program",
+            ["forward", "--listen", &held, "--upstream", UP]
+                .map(String::from)
+                .to_vec(),
+            &["already in use"],
+        ),
+        Case {
+            memlock_kib: Some(64),
+            ..case(
+                "memlock too low names the fix",
+                forward(&[]),
+                &["memlock", "ulimit -l", "LimitMEMLOCK"],
+            )
+        },
+    ];
 
-#[test]
-fn bad_upstream() {
-    let e = one_line_error(&run(&[
-        "forward",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        "nocolon",
-    ]));
-    assert!(e.contains("--upstream"), "{e}");
-}
-
-#[test]
-fn duration_without_unit() {
-    let e = one_line_error(&run(&[
-        "forward",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        UP,
-        "--idle-timeout",
-        "30",
-    ]));
-    assert!(e.contains("no unit"), "{e}");
-}
-
-#[test]
-fn too_many_cores() {
-    let e = one_line_error(&run(&[
-        "forward",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        UP,
-        "--cores",
-        "4096",
-    ]));
-    assert!(
-        e.contains("only") && e.contains("cores are available"),
-        "{e}"
-    );
-}
-
-#[test]
-fn core_that_does_not_exist() {
-    let e = one_line_error(&run(&[
-        "forward",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        UP,
-        "--cpu-list",
-        "0,4000",
-    ]));
-    assert!(e.contains("core 4000"), "{e}");
-}
-
-#[test]
-fn port_held_by_another_program() {
-    let other = TcpListener::bind("127.0.0.1:0").unwrap(); // no SO_REUSEPORT
-    let addr = other.local_addr().unwrap().to_string();
-    let e = one_line_error(&run(&["forward", "--listen", &addr, "--upstream", UP]));
-    assert!(e.contains("already in use"), "{e}");
-}
-
-#[test]
-fn memlock_too_low_names_the_fix() {
-    let out = run_sh(
-        r#"ulimit -l 64 && exec "$BIN" forward --listen 127.0.0.1:0 --upstream 127.0.0.1:9"#,
-    );
-    let e = one_line_error(&out);
-    assert!(
-        e.contains("memlock") && e.contains("ulimit -l") && e.contains("LimitMEMLOCK"),
-        "{e}"
-    );
+    let mut failures = Vec::new();
+    for c in &cases {
+        let cmd = match c.memlock_kib {
+            None => {
+                let mut cmd = Command::new(BIN);
+                cmd.args(&c.args);
+                cmd
+            }
+            Some(kib) => {
+                let mut cmd = Command::new("sh");
+                cmd.arg("-c")
+                    .arg(format!("ulimit -l {kib} && exec \"$0\" \"$@\""))
+                    .arg(BIN)
+                    .args(&c.args);
+                cmd
+            }
+        };
+        let Some((status, stderr)) = run_bounded(cmd, LIMIT) else {
+            failures.push(format!(
+                "{} ({:?}): still running after {LIMIT:?}, killed",
+                c.name, c.args
+            ));
+            continue;
+        };
+        let mut wrong = Vec::new();
+        if status.code() != Some(c.code) {
+            wrong.push(format!("exit {:?}, not {}", status.code(), c.code));
+        }
+        if stderr.lines().count() != 1 {
+            wrong.push(format!("{} lines, not 1", stderr.lines().count()));
+        }
+        for bad in ["panicked", "backtrace"] {
+            if stderr.to_lowercase().contains(bad) {
+                wrong.push(format!("mentions {bad:?}"));
+            }
+        }
+        for want in c.expect {
+            if !stderr.contains(want) {
+                wrong.push(format!("lacks {want:?}"));
+            }
+        }
+        if !wrong.is_empty() {
+            failures.push(format!(
+                "{} ({:?}): {}\n  stderr: {stderr}",
+                c.name,
+                c.args,
+                wrong.join("; ")
+            ));
+        }
+    }
+    drop(other);
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
 }

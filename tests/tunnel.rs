@@ -10,32 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn exit_proxy(origin: SocketAddr, key_file: &str, shards: usize, extra: &[&str]) -> Proxy {
-    role("exit", origin, key_file, shards, extra)
-}
-
-fn entry_proxy(exit: SocketAddr, key_file: &str, shards: usize, extra: &[&str]) -> Proxy {
-    role("entry", exit, key_file, shards, extra)
-}
-
-fn role(name: &str, upstream: SocketAddr, key_file: &str, shards: usize, extra: &[&str]) -> Proxy {
-    let up = upstream.to_string();
-    let cores = shards.to_string();
-    let mut args = vec![
-        name,
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &up,
-        "--key-file",
-        key_file,
-        "--cores",
-        &cores,
-    ];
-    args.extend_from_slice(extra);
-    Proxy::start(&args, shards)
-}
-
 /// Sends `data`, half-closes, and reads the socket to its end.
 fn send_and_drain(addr: SocketAddr, data: &[u8]) -> (End, usize) {
     let mut c = TcpStream::connect(addr).unwrap();
@@ -47,8 +21,8 @@ fn send_and_drain(addr: SocketAddr, data: &[u8]) -> (End, usize) {
 #[test]
 fn round_trip_64_mib_with_two_shards_each_side() {
     let key = key_file(&[&keygen()]);
-    let exit = exit_proxy(echo_origin(), &key, 2, &[]);
-    let entry = entry_proxy(exit.addr, &key, 2, &[]);
+    let exit = Proxy::exit(echo_origin(), &key).shards(2).start();
+    let entry = Proxy::entry(exit.addr, &key).shards(2).start();
     let data = Arc::new(random_bytes(64 << 20, 11));
     let back = echo_round_trip(entry.addr, data.clone());
     assert_eq!(back.len(), data.len());
@@ -78,8 +52,8 @@ fn half_close_works_end_to_end() {
             .unwrap();
     });
     let key = key_file(&[&keygen()]);
-    let exit = exit_proxy(origin, &key, 1, &[]);
-    let entry = entry_proxy(exit.addr, &key, 1, &[]);
+    let exit = Proxy::exit(origin, &key).start();
+    let entry = Proxy::entry(exit.addr, &key).start();
     let mut c = TcpStream::connect(entry.addr).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     c.write_all(&[1u8; 50_000]).unwrap();
@@ -92,28 +66,25 @@ fn half_close_works_end_to_end() {
 #[test]
 fn wrong_key_reaches_nothing_and_closes_the_client() {
     let (origin, seen) = recording_origin();
-    let exit = exit_proxy(
-        origin,
-        &key_file(&[&keygen()]),
-        1,
-        &["--handshake-timeout", "1s"],
-    );
-    let entry = entry_proxy(
-        exit.addr,
-        &key_file(&[&keygen()]),
-        1,
-        &["--handshake-timeout", "3s"],
-    );
+    let exit = Proxy::exit(origin, &key_file(&[&keygen()]))
+        .args(["--handshake-timeout", "1s"])
+        .start();
+    let entry = Proxy::entry(exit.addr, &key_file(&[&keygen()]))
+        .args(["--handshake-timeout", "3s"])
+        .start();
     let start = Instant::now();
     let (end, n) = send_and_drain(entry.addr, b"GET / HTTP/1.1\r\n\r\n");
     assert_ne!(end, End::Open, "client left open");
     assert_eq!(n, 0);
     assert!(start.elapsed() < Duration::from_secs(5));
+    // Once the exit is gone, any origin connection it made has ended, and
+    // the origin reports each one when it ends; 500 ms is the window for
+    // that report (an absence can only be shown over a window).
+    let (_, lines) = exit.terminate();
     assert!(
         seen.recv_timeout(Duration::from_millis(500)).is_err(),
         "origin was contacted"
     );
-    let (_, lines) = exit.terminate();
     assert_eq!(
         summaries(&lines)[0].get("handshake_failures"),
         1,
@@ -126,10 +97,10 @@ fn wrong_key_reaches_nothing_and_closes_the_client() {
 fn flipped_byte_aborts_both_sides_and_forwards_only_earlier_chunks() {
     let (origin, seen) = recording_origin();
     let key = key_file(&[&keygen()]);
-    let exit = exit_proxy(origin, &key, 1, &[]);
+    let exit = Proxy::exit(origin, &key).start();
     // Hello (124) + a few chunks in, then one flipped bit.
     let (tap, _) = mitm(exit.addr, Tamper::Flip(124 + 100_000));
-    let entry = entry_proxy(tap, &key, 1, &[]);
+    let entry = Proxy::entry(tap, &key).start();
     let data = random_bytes(1 << 20, 5);
     let (end, _) = send_and_drain(entry.addr, &data);
     assert_eq!(end, End::Reset, "client must see an abort, not a clean end");
@@ -151,9 +122,9 @@ fn flipped_byte_aborts_both_sides_and_forwards_only_earlier_chunks() {
 fn truncated_tunnel_is_an_abort_not_an_end() {
     let (origin, seen) = recording_origin();
     let key = key_file(&[&keygen()]);
-    let exit = exit_proxy(origin, &key, 1, &[]);
+    let exit = Proxy::exit(origin, &key).start();
     let (tap, _) = mitm(exit.addr, Tamper::Cut(124 + 50_000));
-    let entry = entry_proxy(tap, &key, 1, &[]);
+    let entry = Proxy::entry(tap, &key).start();
     let mut c = TcpStream::connect(entry.addr).unwrap();
     let _ = c.write_all(&random_bytes(1 << 20, 6));
     let got = seen.recv_timeout(Duration::from_secs(10)).unwrap();
@@ -172,21 +143,28 @@ fn truncated_tunnel_is_an_abort_not_an_end() {
 fn replayed_recording_reaches_nothing() {
     let (origin, seen) = recording_origin();
     let key = key_file(&[&keygen()]);
-    let exit = exit_proxy(origin, &key, 1, &[]);
+    let exit = Proxy::exit(origin, &key).start();
     let (tap, recording) = mitm(exit.addr, Tamper::Record);
-    let entry = entry_proxy(tap, &key, 1, &[]);
+    let entry = Proxy::entry(tap, &key).start();
     let (end, _) = send_and_drain(entry.addr, b"transfer 100 to mallory");
     assert_eq!(end, End::Eof);
     let first = seen.recv_timeout(Duration::from_secs(10)).unwrap();
     assert_eq!(first.bytes, b"transfer 100 to mallory");
-    thread::sleep(Duration::from_millis(200));
+    // The recording is complete: the origin saw EOF only after the exit
+    // authenticated the end chunk, which the mitm recorded before it
+    // forwarded it.
     let recorded = recording.lock().unwrap().clone();
     assert!(recorded.len() > 124);
     // Replay it, byte for byte, straight to the exit.
     let mut raw = TcpStream::connect(exit.addr).unwrap();
     raw.write_all(&recorded).unwrap();
     let _ = raw.shutdown(Shutdown::Write);
-    let _ = read_until_end(&mut raw, Duration::from_secs(10));
+    let (end, _) = read_until_end(&mut raw, Duration::from_secs(10));
+    assert_ne!(end, End::Open, "replay left open");
+    // The exit may open an origin connection for the replayed hello, but
+    // must forward nothing on it. Once the exit is gone that connection has
+    // ended, and the origin reports it within the 3 s window.
+    let (_, lines) = exit.terminate();
     if let Ok(replayed) = seen.recv_timeout(Duration::from_secs(3)) {
         assert!(
             replayed.bytes.is_empty(),
@@ -194,17 +172,27 @@ fn replayed_recording_reaches_nothing() {
             replayed.bytes
         );
     }
+    // Rejected by chunk authentication under the fresh salt; only the
+    // original's 23 bytes ever went up.
+    let sum = &summaries(&lines)[0];
+    assert_eq!(
+        (
+            sum.get("accepted"),
+            sum.get("clean"),
+            sum.get("auth_failed")
+        ),
+        (2, 1, 1),
+        "{lines:?}"
+    );
+    assert_eq!(sum.get("bytes_up"), 23, "{lines:?}");
 }
 
 #[test]
 fn probes_get_no_answer_and_are_closed_at_the_handshake_timeout() {
     let (origin, seen) = recording_origin();
-    let exit = exit_proxy(
-        origin,
-        &key_file(&[&keygen()]),
-        1,
-        &["--handshake-timeout", "1s"],
-    );
+    let exit = Proxy::exit(origin, &key_file(&[&keygen()]))
+        .args(["--handshake-timeout", "1s"])
+        .start();
     let tls_client_hello = {
         let mut h = vec![
             0x16, 0x03, 0x01, 0x00, 0xc8, 0x01, 0x00, 0x00, 0xc4, 0x03, 0x03,
@@ -241,16 +229,32 @@ fn probes_get_no_answer_and_are_closed_at_the_handshake_timeout() {
         );
         assert!(took < Duration::from_secs(5), "closed too late: {took:?}");
     }
-    assert!(seen.try_recv().is_err(), "a probe reached the origin");
+    // As in the wrong-key test: after the exit is gone, a window for the
+    // origin to report a connection (a bare try_recv could run before an
+    // origin thread noticed its connection end).
+    let (_, lines) = exit.terminate();
+    assert!(
+        seen.recv_timeout(Duration::from_millis(500)).is_err(),
+        "a probe reached the origin"
+    );
+    assert_eq!(
+        summaries(&lines)[0].get("handshake_failures"),
+        4,
+        "{lines:?}"
+    );
 }
 
 #[test]
 fn key_rotation_and_sighup() {
     let (old, new) = (keygen(), keygen());
     let exit_keys = key_file(&[&old, &new]);
-    let exit = exit_proxy(echo_origin(), &exit_keys, 1, &["--handshake-timeout", "1s"]);
-    let entry_old = entry_proxy(exit.addr, &key_file(&[&old]), 1, &[]);
-    let entry_new = entry_proxy(exit.addr, &key_file(&[&new]), 1, &[]);
+    // Two shards: each gets the reloaded keys over its own control socket.
+    let exit = Proxy::exit(echo_origin(), &exit_keys)
+        .shards(2)
+        .args(["--handshake-timeout", "1s"])
+        .start();
+    let entry_old = Proxy::entry(exit.addr, &key_file(&[&old])).start();
+    let entry_new = Proxy::entry(exit.addr, &key_file(&[&new])).start();
     let ping = |addr: SocketAddr| -> bool {
         let Ok(mut c) = TcpStream::connect(addr) else {
             return false;
@@ -271,13 +275,22 @@ fn key_rotation_and_sighup() {
     // ...survives dropping the old key; new old-key tunnels do not.
     std::fs::write(&exit_keys, format!("{new}\n")).unwrap();
     exit.signal("HUP");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !exit.log().iter().any(|l| l.contains("reloaded 1 key")) {
-        assert!(Instant::now() < deadline, "no reload: {:?}", exit.log());
-        thread::sleep(Duration::from_millis(20));
+    // The signal thread's "reloaded" line comes before the keys reach the
+    // shards; each shard logs when it installed them.
+    exit.wait_for_every_shard(": keys replaced (1 key(s))", Duration::from_secs(10));
+    // Several at once, so that both shards most likely see one (the kernel
+    // spreads connections over SO_REUSEPORT listeners by a hash); each is
+    // refused only at the exit's 1 s handshake timeout.
+    const OLD_PINGS: u64 = 8;
+    let old_pings: Vec<_> = (0..OLD_PINGS)
+        .map(|_| {
+            let addr = entry_old.addr;
+            thread::spawn(move || ping(addr))
+        })
+        .collect();
+    for p in old_pings {
+        assert!(!p.join().unwrap(), "old key still accepted after reload");
     }
-    thread::sleep(Duration::from_millis(100));
-    assert!(!ping(entry_old.addr), "old key still accepted after reload");
     assert!(ping(entry_new.addr));
     live.write_all(b"two").unwrap();
     live.read_exact(&mut b).unwrap();
@@ -286,20 +299,27 @@ fn key_rotation_and_sighup() {
     // A broken key file on reload keeps the current keys.
     std::fs::write(&exit_keys, "not a key\n").unwrap();
     exit.signal("HUP");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !exit
-        .log()
-        .iter()
-        .any(|l| l.contains("keeping the current keys"))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no reload error: {:?}",
-            exit.log()
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+    exit.wait_for_log(
+        |l| l.contains("keeping the current keys"),
+        Duration::from_secs(10),
+    );
     assert!(ping(entry_new.addr));
+    drop(live);
+    let shards = exit.shards();
+    let (status, lines) = exit.terminate();
+    assert!(status.success(), "{lines:?}");
+    // Only the good reload reached the shards, once each.
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains(": keys replaced ("))
+            .count(),
+        shards,
+        "{lines:?}"
+    );
+    // The old-key tunnels failed authentication, not something else.
+    let auth_failed: u64 = summaries(&lines).iter().map(|s| s.get("auth_failed")).sum();
+    assert_eq!(auth_failed, OLD_PINGS, "{lines:?}");
 }
 
 #[test]
@@ -327,20 +347,20 @@ fn keygen_writes_a_private_file_and_bad_keys_are_one_line_errors() {
 
     let bad = key_file(&["definitely not base64!"]);
     for key in [bad.as_str(), "/nonexistent/key"] {
-        let out = std::process::Command::new(BIN)
-            .args([
-                "exit",
-                "--listen",
-                "127.0.0.1:0",
-                "--upstream",
-                "127.0.0.1:9",
-                "--key-file",
-                key,
-            ])
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{err}");
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args([
+            "exit",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "127.0.0.1:9",
+            "--key-file",
+            key,
+        ]);
+        // Bounded: an exit that accepted the key would serve forever.
+        let (status, err) = run_bounded(cmd, Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("exit started with key file {key}"));
+        assert_eq!(status.code(), Some(2), "{err}");
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(err.contains("key file"), "{err}");
     }
@@ -351,7 +371,7 @@ fn group_readable_key_file_gets_a_warning() {
     use std::os::unix::fs::PermissionsExt;
     let key = key_file(&[&keygen()]);
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let exit = exit_proxy(echo_origin(), &key, 1, &[]);
+    let exit = Proxy::exit(echo_origin(), &key).start();
     assert!(
         exit.log()
             .iter()

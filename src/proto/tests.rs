@@ -253,25 +253,32 @@ fn fuzz_entry_point_on_truncated_and_mutated_streams() {
 #[test]
 fn data_after_end_is_an_error() {
     let stream = fuzz_stream(b"x");
-    let key = Psk::from_bytes(FUZZ_PSK);
     let hello: &[u8; CLIENT_HELLO_LEN] = stream[..CLIENT_HELLO_LEN].try_into().unwrap();
-    let acc = accept_hello(&[key], hello, FUZZ_SERVER_SALT, FUZZ_NOW, 120).unwrap();
-    let mut body = stream[CLIENT_HELLO_LEN..].to_vec();
-    body.push(0);
-    let mut out = FuzzOutcome::default();
-    assert!(drive_decoder(acc.decoder, &body, &[1 << 20], &mut out));
-    let mut dec = accept_hello(
-        &[Psk::from_bytes(FUZZ_PSK)],
-        hello,
-        FUZZ_SERVER_SALT,
-        FUZZ_NOW,
-        120,
-    )
-    .unwrap()
-    .decoder;
-    let (_, ended, rest) = dec.open_all(body).unwrap();
-    assert!(ended && rest == 1);
+    let decoder = || {
+        accept_hello(
+            &[Psk::from_bytes(FUZZ_PSK)],
+            hello,
+            FUZZ_SERVER_SALT,
+            FUZZ_NOW,
+            120,
+        )
+        .unwrap()
+        .decoder
+    };
+    let body = stream[CLIENT_HELLO_LEN..].to_vec();
+    // Without a trailing byte the stream is accepted: the data, then a clean
+    // end, after which an ended decoder given nothing is content to wait.
+    let mut dec = decoder();
+    assert_eq!(dec.open_all(body.clone()), Ok((b"x".to_vec(), true, 0)));
+    assert_eq!(dec.decode(&mut []), Ok(Decoded::NeedMore));
+    // With one byte after the end chunk: the same data and end, the byte
+    // left over, and that byte rejected as DataAfterEnd, for good.
+    let mut trailing = body;
+    trailing.push(0);
+    let mut dec = decoder();
+    assert_eq!(dec.open_all(trailing), Ok((b"x".to_vec(), true, 1)));
     assert_eq!(dec.decode(&mut [0u8]), Err(ProtoError::DataAfterEnd));
+    assert!(dec.decode(&mut []).is_err(), "a failed decoder recovered");
 }
 
 #[test]
@@ -440,20 +447,47 @@ fn entry_fuzz_corpus_replays_cleanly() {
     assert!(ended >= 5, "seeds no longer decode: {ended}");
 }
 
-/// Replays every checked-in seed through the fuzz entry point.
+/// Replays every checked-in seed through the fuzz entry point. The
+/// `valid-N` seeds are valid streams (see `write_fuzz_seeds`): each must be
+/// answered, decode to exactly the plaintext it was made from, and end
+/// cleanly. Any other seed only has to keep the entry point's invariants.
 #[test]
 fn fuzz_corpus_replays_cleanly() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fuzz/corpus/exit_stream");
-    let mut n = 0;
+    // The plaintexts `write_fuzz_seeds` sealed into valid-0 .. valid-5.
+    let mut rng = Rng(99);
+    let expected: Vec<Vec<u8>> = [0usize, 1, 100, 16_384, 16_385, 40_000]
+        .into_iter()
+        .map(|len| rng.bytes(len))
+        .collect();
+    let mut valid = 0;
     for entry in std::fs::read_dir(dir).unwrap() {
-        let data = std::fs::read(entry.unwrap().path()).unwrap();
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let data = std::fs::read(entry.path()).unwrap();
         let (first, stream) = data.split_first().unwrap();
         let s = usize::from(*first);
         let out = exit_side(stream, &[s + 1, s * 61 + 7, MAX_FRAME]);
-        assert!(out.answered || out.plaintext.is_empty());
-        n += 1;
+        let Some(i) = name.strip_prefix("valid-") else {
+            continue;
+        };
+        let plaintext = &expected[i.parse::<usize>().unwrap()];
+        assert!(
+            out.answered && out.ended && !out.failed,
+            "{name}: answered {} ended {} failed {}",
+            out.answered,
+            out.ended,
+            out.failed
+        );
+        assert!(
+            out.plaintext == *plaintext,
+            "{name}: {} plaintext bytes, want {}",
+            out.plaintext.len(),
+            plaintext.len()
+        );
+        valid += 1;
     }
-    assert!(n >= 6, "corpus missing: {n} seeds");
+    assert_eq!(valid, expected.len(), "valid seeds missing");
 }
 
 /// A valid exit→entry stream for [`entry_side`]: server hello + chunks + end.

@@ -1,77 +1,306 @@
 //! Shared helpers for the integration tests: start the real binary, run
 //! in-test origins on 127.0.0.1:0, generate and hash data.
+//!
+//! Every test starts shardproxy through [`Proxy`]'s builder:
+//!
+//! ```ignore
+//! let p = Proxy::forward(upstream).shards(2).arg("--idle-timeout").arg("1s").start();
+//! let exit = Proxy::exit(origin, &key_file).start();
+//! let run = Proxy::command(["run", "--config", &path]).shards(1).start();
+//! ```
+//!
+//! Waiting is done on events: [`Proxy::wait_for_log`] blocks on a condition
+//! variable until the stderr reader records a matching line. [`poll_until`] is
+//! the one place that polls, for state nothing announces (an HTTP endpoint
+//! refreshed on a timer, a /proc value, a port that stops accepting).
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::thread;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_shardproxy");
 
-/// A running shardproxy process with its stderr captured line by line.
-pub struct Proxy {
-    pub child: Child,
-    pub addr: SocketAddr,
-    pub lines: Arc<Mutex<Vec<String>>>,
+/// How long a proxy may take to log that every shard listens.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A proxy's stderr, line by line, shared with the thread that reads it.
+#[derive(Default)]
+struct Log {
+    state: Mutex<LogState>,
+    changed: Condvar,
 }
 
-impl Proxy {
-    /// Starts `shardproxy <args>` and waits until every shard logged its
-    /// listen address (`shards` of them).
-    pub fn start(args: &[&str], shards: usize) -> Proxy {
-        let mut child = Command::new(BIN)
-            .args(args)
+#[derive(Default)]
+struct LogState {
+    lines: Vec<String>,
+    /// The pipe reached EOF: the process exited, no line will follow.
+    closed: bool,
+}
+
+impl Log {
+    /// Waits until `pred` matches at least `n` lines; returns the first `n`.
+    /// `None` on timeout or when the pipe closed first.
+    fn wait_for(
+        &self,
+        pred: &mut dyn FnMut(&str) -> bool,
+        n: usize,
+        timeout: Duration,
+    ) -> Option<Vec<String>> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.state.lock().unwrap();
+        let mut seen = 0; // lines already tested against `pred`
+        let mut found = Vec::new();
+        loop {
+            for line in &state.lines[seen..] {
+                if pred(line) {
+                    found.push(line.clone());
+                }
+            }
+            seen = state.lines.len();
+            if found.len() >= n {
+                found.truncate(n);
+                return Some(found);
+            }
+            let now = Instant::now();
+            if state.closed || now >= deadline {
+                return None;
+            }
+            state = self.changed.wait_timeout(state, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Waits until the pipe closed (the process exited); false on timeout.
+    fn wait_closed(&self, timeout: Duration) -> bool {
+        let state = self.state.lock().unwrap();
+        let (state, _) = self
+            .changed
+            .wait_timeout_while(state, timeout, |s| !s.closed)
+            .unwrap();
+        state.closed
+    }
+
+    fn closed(&self) -> bool {
+        self.state.lock().unwrap().closed
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.state.lock().unwrap().lines.clone()
+    }
+}
+
+/// How to start a proxy: built by [`Proxy::forward`], [`Proxy::entry`],
+/// [`Proxy::exit`] or [`Proxy::command`], started by [`ProxyBuilder::start`].
+#[must_use = "a builder does nothing until .start()"]
+pub struct ProxyBuilder {
+    head: Vec<String>,
+    listen: Option<String>,
+    shards: usize,
+    extra: Vec<String>,
+    ulimits: Vec<(&'static str, u64)>,
+}
+
+impl ProxyBuilder {
+    fn new(head: Vec<String>, listen: Option<&str>) -> Self {
+        ProxyBuilder {
+            head,
+            listen: listen.map(str::to_string),
+            shards: 1,
+            extra: Vec::new(),
+            ulimits: Vec::new(),
+        }
+    }
+
+    /// Number of shards (`--cores N`); `start` waits for each to listen.
+    pub fn shards(mut self, n: usize) -> Self {
+        self.shards = n;
+        self
+    }
+
+    /// The `--listen` address (default `127.0.0.1:0` for the role forms).
+    pub fn listen(mut self, addr: impl ToString) -> Self {
+        self.listen = Some(addr.to_string());
+        self
+    }
+
+    /// One more command-line argument, after the defaults.
+    pub fn arg(mut self, arg: impl AsRef<str>) -> Self {
+        self.extra.push(arg.as_ref().to_string());
+        self
+    }
+
+    /// More command-line arguments, after the defaults.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.extra
+            .extend(args.into_iter().map(|a| a.as_ref().to_string()));
+        self
+    }
+
+    /// Starts the binary under `ulimit <flag> <value>` (e.g. `("-n", 64)`),
+    /// through `sh -c '... && exec'`, so the pid is still the proxy's.
+    pub fn ulimit(mut self, flag: &'static str, value: u64) -> Self {
+        self.ulimits.push((flag, value));
+        self
+    }
+
+    /// The full argument list `start` passes to the binary.
+    pub fn argv(&self) -> Vec<String> {
+        let mut argv = self.head.clone();
+        if let Some(listen) = &self.listen {
+            argv.extend(["--listen".to_string(), listen.clone()]);
+        }
+        argv.extend(["--cores".to_string(), self.shards.to_string()]);
+        argv.extend(self.extra.iter().cloned());
+        argv
+    }
+
+    /// Spawns the proxy and returns once every shard logged its listen
+    /// address. Panics (with the log) if that does not happen in 20 s.
+    pub fn start(self) -> Proxy {
+        let argv = self.argv();
+        let mut cmd = if self.ulimits.is_empty() {
+            let mut c = Command::new(BIN);
+            c.args(&argv);
+            c
+        } else {
+            let limits: Vec<String> = self
+                .ulimits
+                .iter()
+                .map(|(flag, v)| format!("ulimit {flag} {v}"))
+                .collect();
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg(format!("{} && exec \"$0\" \"$@\"", limits.join(" && ")))
+                .arg(BIN)
+                .args(&argv);
+            c
+        };
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn shardproxy");
         let stderr = child.stderr.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let sink = lines.clone();
-        thread::spawn(move || {
+        let log = Arc::new(Log::default());
+        let sink = log.clone();
+        let reader = thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let addr = line.split(" listening on ").nth(1).map(|rest| {
-                    rest.split(' ')
-                        .next()
-                        .unwrap()
-                        .parse::<SocketAddr>()
-                        .unwrap()
-                });
-                // Record the line before announcing it, so a caller woken by
-                // the address also sees the line in `log()`.
-                sink.lock().unwrap().push(line);
-                if let Some(addr) = addr {
-                    let _ = tx.send(addr);
-                }
+                sink.state.lock().unwrap().lines.push(line);
+                sink.changed.notify_all();
             }
+            sink.state.lock().unwrap().closed = true;
+            sink.changed.notify_all();
         });
-        let mut addr = None;
-        for _ in 0..shards {
-            match rx.recv_timeout(Duration::from_secs(20)) {
-                Ok(a) => addr = Some(a),
-                Err(_) => {
-                    let _ = child.kill();
-                    panic!("proxy did not start: {:?}", lines.lock().unwrap());
-                }
-            }
-        }
-        Proxy {
+        // The address comes from lines already recorded in the log (the
+        // reader records a line before it wakes anyone), so a caller that
+        // got the address also sees the line in `log()`.
+        let listening = log.wait_for(
+            &mut |l| l.contains(" listening on "),
+            self.shards,
+            START_TIMEOUT,
+        );
+        let Some(listening) = listening else {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = reader.join();
+            panic!("proxy {argv:?} did not start: {:?}", log.lines());
+        };
+        let addrs: Vec<SocketAddr> = listening
+            .iter()
+            .map(|l| {
+                let rest = l.split(" listening on ").nth(1).unwrap();
+                rest.split(' ').next().unwrap().parse().unwrap()
+            })
+            .collect();
+        let proxy = Proxy {
             child,
-            addr: addr.unwrap(),
-            lines,
-        }
+            addr: addrs[0],
+            log,
+            reader: Some(reader),
+            shards: self.shards,
+        };
+        assert!(
+            addrs.iter().all(|a| *a == proxy.addr),
+            "shards listen on different addresses: {listening:?}"
+        );
+        proxy
+    }
+}
+
+/// A running shardproxy process with its stderr captured line by line.
+pub struct Proxy {
+    child: Child,
+    pub addr: SocketAddr,
+    log: Arc<Log>,
+    /// The stderr reader; joined once the child exited (its pipe is closed
+    /// then, so the join is bounded).
+    reader: Option<JoinHandle<()>>,
+    shards: usize,
+}
+
+impl Proxy {
+    /// `shardproxy forward --upstream <upstream>`.
+    pub fn forward(upstream: SocketAddr) -> ProxyBuilder {
+        ProxyBuilder::new(
+            vec!["forward".into(), "--upstream".into(), upstream.to_string()],
+            Some("127.0.0.1:0"),
+        )
+    }
+
+    /// `shardproxy entry --upstream <exit> --key-file <key_file>`.
+    pub fn entry(upstream: SocketAddr, key_file: &str) -> ProxyBuilder {
+        Self::tunnel("entry", upstream, key_file)
+    }
+
+    /// `shardproxy exit --upstream <origin> --key-file <key_file>`.
+    pub fn exit(upstream: SocketAddr, key_file: &str) -> ProxyBuilder {
+        Self::tunnel("exit", upstream, key_file)
+    }
+
+    fn tunnel(role: &str, upstream: SocketAddr, key_file: &str) -> ProxyBuilder {
+        ProxyBuilder::new(
+            vec![
+                role.into(),
+                "--upstream".into(),
+                upstream.to_string(),
+                "--key-file".into(),
+                key_file.into(),
+            ],
+            Some("127.0.0.1:0"),
+        )
+    }
+
+    /// `shardproxy <args>` with no `--listen` added (e.g. `run --config`);
+    /// `--cores <shards>` is still added.
+    pub fn command<I, S>(args: I) -> ProxyBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        ProxyBuilder::new(
+            args.into_iter().map(|a| a.as_ref().to_string()).collect(),
+            None,
+        )
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// How many shards it was started with.
+    pub fn shards(&self) -> usize {
+        self.shards
     }
 
     pub fn signal(&self, sig: &str) {
@@ -83,18 +312,84 @@ impl Proxy {
         assert!(ok, "kill -{sig} failed");
     }
 
-    /// Sends SIGTERM and waits for exit (bounded).
-    pub fn terminate(mut self) -> (ExitStatus, Vec<String>) {
-        self.signal("TERM");
-        let status = wait_timeout(&mut self.child, Duration::from_secs(60));
-        // Let the reader thread drain the pipe.
-        thread::sleep(Duration::from_millis(100));
-        let lines = self.lines.lock().unwrap().clone();
-        (status, lines)
+    /// Waits (bounded) for the process to exit on its own, then for the
+    /// stderr reader to finish; returns the exit status. Panics, after a
+    /// SIGKILL, if it is still running after `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        // Its stderr closes when it exits: wait for that EOF, not a timer.
+        if !self.log.wait_closed(limit) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            self.join_reader();
+            panic!("process did not exit within {limit:?}: {:?}", self.log());
+        }
+        let status = self.child.wait().unwrap();
+        self.join_reader();
+        status
     }
 
+    fn join_reader(&mut self) {
+        if let Some(reader) = self.reader.take() {
+            reader.join().expect("stderr reader panicked");
+        }
+    }
+
+    /// Sends SIGTERM and waits for exit (bounded); returns the status and
+    /// every line it logged.
+    pub fn terminate(mut self) -> (ExitStatus, Vec<String>) {
+        self.signal("TERM");
+        let status = self.wait_exit(Duration::from_secs(60));
+        (status, self.log())
+    }
+
+    /// SIGKILL, then reap it and its stderr reader.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.join_reader();
+    }
+
+    /// Every stderr line so far.
     pub fn log(&self) -> Vec<String> {
-        self.lines.lock().unwrap().clone()
+        self.log.lines()
+    }
+
+    /// Waits for a stderr line matching `pred` (including lines logged
+    /// before the call) and returns it. Panics, with the log, after
+    /// `timeout` or if the process exits first.
+    pub fn wait_for_log(&self, pred: impl Fn(&str) -> bool, timeout: Duration) -> String {
+        self.wait_for_lines(pred, 1, timeout).remove(0)
+    }
+
+    /// Like [`Proxy::wait_for_log`], for `n` matching lines.
+    pub fn wait_for_lines(
+        &self,
+        pred: impl Fn(&str) -> bool,
+        n: usize,
+        timeout: Duration,
+    ) -> Vec<String> {
+        match self.log.wait_for(&mut |l| pred(l), n, timeout) {
+            Some(lines) => lines,
+            None => panic!(
+                "{} of {n} expected log lines within {timeout:?}{}: {:?}",
+                self.log().iter().filter(|l| pred(l)).count(),
+                if self.log.closed() {
+                    " (the process exited)"
+                } else {
+                    ""
+                },
+                self.log()
+            ),
+        }
+    }
+
+    /// Waits until every shard logged the line `shard {id}{suffix}`, e.g.
+    /// `": keys replaced (1 key(s))"` or `" draining: listener closed"`.
+    pub fn wait_for_every_shard(&self, suffix: &str, timeout: Duration) {
+        for id in 0..self.shards {
+            let want = format!("shard {id}{suffix}");
+            self.wait_for_log(|l| l.contains(&want), timeout);
+        }
     }
 
     /// Resident set size in KiB.
@@ -106,26 +401,70 @@ impl Proxy {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap()
     }
+
+    /// Open file descriptors, from /proc.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
+    }
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // The pipe closed with the process; don't turn a reader panic into
+        // a double panic while unwinding.
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
     }
 }
 
-pub fn wait_timeout(child: &mut Child, limit: Duration) -> ExitStatus {
-    let start = Instant::now();
+/// Runs `cmd` (a command expected to exit by itself, such as a start-up
+/// that must fail) and returns its status and stderr; `None`, after a
+/// SIGKILL, if it is still running after `limit`. A proxy that wrongly
+/// accepts its input serves forever, which `.output()` would wait for.
+pub fn run_bounded(mut cmd: Command, limit: Duration) -> Option<(ExitStatus, String)> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pipe = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    // The pipe reaches EOF when the process exits.
+    let reader = thread::spawn(move || {
+        let mut text = String::new();
+        let _ = pipe.read_to_string(&mut text);
+        let _ = tx.send(());
+        text
+    });
+    let exited = rx.recv_timeout(limit).is_ok();
+    if !exited {
+        let _ = child.kill();
+    }
+    let status = child.wait().unwrap();
+    let stderr = reader.join().unwrap();
+    exited.then_some((status, stderr))
+}
+
+/// Calls `probe` until it returns `Ok`, for at most `timeout`; then panics
+/// with the last `Err`. Only for state that no log line or channel
+/// announces: polling every 20 ms is the one wait that is not an event.
+pub fn poll_until<T, E: std::fmt::Display>(
+    timeout: Duration,
+    mut probe: impl FnMut() -> Result<T, E>,
+) -> T {
+    let deadline = Instant::now() + timeout;
     loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
+        match probe() {
+            Ok(v) => return v,
+            Err(e) if Instant::now() >= deadline => panic!("after {timeout:?}: {e}"),
+            Err(_) => thread::sleep(Duration::from_millis(20)),
         }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            panic!("process did not exit within {limit:?}");
-        }
-        thread::sleep(Duration::from_millis(20));
     }
 }
 
