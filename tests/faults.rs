@@ -236,7 +236,9 @@ fn raise_nofile() -> u64 {
 fn handshake_flood_is_closed_at_the_timeout_while_real_clients_get_through() {
     const FLOOD: usize = 2000;
     if raise_nofile() < (FLOOD as u64 + 500) {
-        eprintln!("SKIPPED: cannot open {FLOOD} sockets (RLIMIT_NOFILE)");
+        missing(&format!(
+            "RLIMIT_NOFILE high enough for {FLOOD} sockets (ulimit -n)"
+        ));
         return;
     }
     let key = key_file(&[&keygen()]);

@@ -300,7 +300,7 @@ fn second_signal_exits_at_once() {
 #[test]
 fn ipv6_listener_is_v6_only_unless_dual_stack() {
     if std::net::TcpListener::bind("[::1]:0").is_err() {
-        eprintln!("SKIPPED: no IPv6 loopback on this machine");
+        missing("an IPv6 loopback address (::1)");
         return;
     }
     let up = echo_origin();

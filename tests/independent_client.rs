@@ -19,8 +19,7 @@ fn python(args: &[&str]) -> Option<String> {
     if !probe.map(|o| o.status.success()).unwrap_or(false) {
         let why =
             "python3 with the `cryptography` package is not installed (pip install cryptography)";
-        assert!(std::env::var("CI").is_err(), "{why}");
-        eprintln!("SKIPPED: {why}");
+        missing(why);
         return None;
     }
     let out = Command::new("python3")

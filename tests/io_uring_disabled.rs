@@ -14,11 +14,11 @@ const KNOB: &str = "/proc/sys/kernel/io_uring_disabled";
 #[test]
 fn io_uring_unavailable_is_a_one_line_error() {
     let Ok(before) = std::fs::read_to_string(KNOB) else {
-        eprintln!("SKIPPED: {KNOB} missing (kernel older than 6.6)");
+        common::missing(&format!("{KNOB} (Linux 6.6 or later)"));
         return;
     };
     if std::fs::write(KNOB, "2").is_err() {
-        eprintln!("SKIPPED: cannot write {KNOB} (not root?)");
+        common::missing(&format!("root, to write {KNOB}"));
         return;
     }
     let mut cmd = Command::new(common::BIN);

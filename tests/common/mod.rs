@@ -715,3 +715,18 @@ pub fn mitm(target: SocketAddr, tamper: Tamper) -> (SocketAddr, Arc<Mutex<Vec<u8
     });
     (addr, record)
 }
+
+/// A prerequisite of a test is missing. Fails the test, naming what is
+/// missing and how to get it: a check must never be skipped silently on a
+/// fresh machine (`bash tests/all.sh` installs the suite's tools). Only with
+/// `SHARDPROXY_ALLOW_SKIP=1`, set on purpose, does it log and let the caller
+/// skip.
+pub fn missing(what: &str) {
+    if std::env::var("SHARDPROXY_ALLOW_SKIP").as_deref() == Ok("1") {
+        eprintln!("SKIPPED (SHARDPROXY_ALLOW_SKIP=1): {what}");
+        return;
+    }
+    panic!(
+        "missing prerequisite: {what}. `bash tests/all.sh` installs the suite's tools; set SHARDPROXY_ALLOW_SKIP=1 to skip such checks on purpose"
+    );
+}
