@@ -209,5 +209,9 @@ bitflags::bitflags! {
     #[derive(Debug, Clone, Copy)]
     pub struct CompletionFlags: u32 {
         const BUFFER_SHIFT    = 1 << 0;
+        /// shardproxy patch: `IORING_CQE_F_MORE`, set on the completions of
+        /// a multishot request that stays armed. Without it here,
+        /// `from_bits_truncate` would drop the bit.
+        const MORE            = 1 << 1;
     }
 }

@@ -347,6 +347,14 @@ impl<'a> SQE<'a> {
         fd.update_sqe(self);
     }
 
+    /// shardproxy patch: makes a prepared `POLL_ADD` multishot
+    /// (`IORING_POLL_ADD_MULTI`, Linux 5.13+): it stays armed and posts a CQE
+    /// with `IORING_CQE_F_MORE` on every readiness event.
+    #[inline]
+    pub unsafe fn set_poll_multishot(&mut self) {
+        (*self.sqe).len = 1; // IORING_POLL_ADD_MULTI
+    }
+
     #[inline]
     pub unsafe fn prep_poll_remove(&mut self, user_data: u64) {
         uring_sys::io_uring_prep_poll_remove(self.sqe, user_data as _)

@@ -57,6 +57,8 @@ const MSG_ZEROCOPY: i32 = 0x4000000;
 #[derive(Debug)]
 enum UringOpDescriptor {
     PollAdd(PollFlags),
+    /// shardproxy patch: a multishot `POLL_ADD` (see `Reactor::poll_ready_multishot`).
+    PollAddMulti(PollFlags),
     PollRemove(*const u8),
     Cancel(u64),
     Write(*const u8, usize, u64),
@@ -274,6 +276,10 @@ fn fill_sqe<F>(
         match op.args {
             UringOpDescriptor::PollAdd(events) => {
                 sqe.prep_poll_add(op.fd, events);
+            }
+            UringOpDescriptor::PollAddMulti(events) => {
+                sqe.prep_poll_add(op.fd, events);
+                sqe.set_poll_multishot();
             }
             UringOpDescriptor::PollRemove(to_remove) => {
                 user_data = 0;
@@ -532,12 +538,24 @@ fn extract_one_chain(
         .collect()
 }
 
+/// What one completion did: whether it woke a task, and whether it was the
+/// last completion of its request (shardproxy patch: a multishot poll posts
+/// many; only the last one takes the request out of flight).
+#[derive(Clone, Copy)]
+struct Completed {
+    woke: bool,
+    last: bool,
+}
+
+/// `IORING_CQE_F_MORE`: the request stays armed and will post more CQEs.
+const CQE_F_MORE: u32 = 1 << 1;
+
 fn process_one_event<F, R>(
     cqe: Option<iou::CQE>,
     try_process: F,
     post_process: R,
     source_map: Rc<RefCell<SourceMap>>,
-) -> Option<bool>
+) -> Option<Completed>
 where
     F: FnOnce(Ref<'_, InnerSource>) -> Option<()>,
     R: FnOnce(RefMut<'_, InnerSource>, io::Result<usize>) -> io::Result<usize>,
@@ -545,12 +563,21 @@ where
     if let Some(value) = cqe {
         // No user data is `POLL_REMOVE` or `CANCEL`, we won't process.
         if value.user_data() == 0 {
-            return Some(false);
+            return Some(Completed {
+                woke: false,
+                last: true,
+            });
         }
 
-        let src = source_map
-            .borrow_mut()
-            .consume_source(from_user_data(value.user_data()));
+        let id = from_user_data(value.user_data());
+        let last = value.raw_flags() & CQE_F_MORE == 0;
+
+        let src = if last {
+            source_map.borrow_mut().consume_source(id)
+        } else {
+            // A multishot poll that stays armed: the map keeps its entry.
+            source_map.borrow()[id].clone()
+        };
 
         let result = value.result();
 
@@ -561,7 +588,7 @@ where
             inner_source.wakers.result = res;
             woke = inner_source.wakers.wake_waiters();
         }
-        return Some(woke);
+        return Some(Completed { woke, last });
     }
     None
 }
@@ -849,8 +876,11 @@ impl UringCommon for PollRing {
             source_map,
         )
         .map(|x| {
-            self.in_kernel -= 1;
-            x
+            // A multishot poll's intermediate completions leave it in flight.
+            if x.last {
+                self.in_kernel -= 1;
+            }
+            x.woke
         })
     }
 
@@ -1190,8 +1220,11 @@ impl UringCommon for SleepableRing {
             source_map,
         )
         .map(|x| {
-            self.in_kernel -= 1;
-            x
+            // A multishot poll's intermediate completions leave it in flight.
+            if x.last {
+                self.in_kernel -= 1;
+            }
+            x.woke
         })
     }
 
@@ -1232,6 +1265,8 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
+    /// shardproxy patch: when the latency preemption timer was armed.
+    latency_preemption_armed_at: Cell<Option<Instant>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
@@ -1363,6 +1398,7 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
+            latency_preemption_armed_at: Cell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
             link_fd,
@@ -1446,6 +1482,20 @@ impl Reactor {
 
     pub(crate) fn read_buffered(&self, source: &Source, pos: u64, size: usize) {
         let op = UringOpDescriptor::Read(pos, size);
+        queue_request_into_ring(
+            &mut *self.ring_for_source(source),
+            source,
+            op,
+            &mut self.source_map.borrow_mut(),
+        );
+    }
+
+    /// shardproxy patch: arms a multishot poll. Each readiness event posts a
+    /// completion that stores its result in the source and wakes its waiter,
+    /// and the source stays in flight until the kernel ends the poll (a CQE
+    /// without `IORING_CQE_F_MORE`) or the source is dropped (cancelled).
+    pub(crate) fn poll_ready_multishot(&self, source: &Source, flags: PollFlags) {
+        let op = UringOpDescriptor::PollAddMulti(flags);
         queue_request_into_ring(
             &mut *self.ring_for_source(source),
             source,
@@ -1830,16 +1880,44 @@ impl Reactor {
         //
         // But if we will sleep, there might be a timer registered that needs
         // to be removed otherwise we'll wake up when it expires.
-        drop(self.latency_preemption_timeout_src.take());
+        //
+        // shardproxy patch: unless we may sleep, keep a latency preemption
+        // timer that is still pending and was armed less than half its
+        // period ago. Upstream cancelled and re-armed it on every loop
+        // iteration: two SQEs, two CQEs, a `Source` and an hrtimer
+        // reprogramming per iteration, which a proxy doing a few
+        // microseconds of work per iteration paid for every message. A kept
+        // timer can only preempt a task queue early (after at least half the
+        // period), never late.
+        let keep_latency_timer = match (preempt_timer(), self.latency_preemption_armed_at.get()) {
+            (Some(period), Some(armed_at)) => {
+                let src = self.latency_preemption_timeout_src.take();
+                let pending = src.as_ref().is_some_and(|s| s.is_in_flight());
+                self.latency_preemption_timeout_src.set(src);
+                pending && armed_at.elapsed() < period / 2
+            }
+            _ => false,
+        };
+        if !keep_latency_timer {
+            drop(self.latency_preemption_timeout_src.take());
+            self.latency_preemption_armed_at.set(None);
+        }
 
         // Schedule the throughput-based timeout immediately: it won't matter if we end
         // up sleeping.
-        self.throughput_preemption_timeout_src.replace(Some(
-            main_ring.prepare_throughput_preemption_timer(
+        //
+        // shardproxy patch: only when the previous one has fired. It counts
+        // completions since it was armed, so keeping it can only make a task
+        // queue yield earlier.
+        let throughput = self.throughput_preemption_timeout_src.take();
+        let throughput = match throughput {
+            Some(src) if src.is_in_flight() => src,
+            _ => main_ring.prepare_throughput_preemption_timer(
                 self.ring_depth() as u32,
                 self.eventfd_src.raw(),
             ),
-        ));
+        };
+        self.throughput_preemption_timeout_src.replace(Some(throughput));
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1890,9 +1968,12 @@ impl Reactor {
         }
 
         if let Some(preempt) = preempt_timer() {
-            self.latency_preemption_timeout_src
-                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
-            flush_rings!(lat_ring, main_ring)?;
+            if !keep_latency_timer {
+                self.latency_preemption_timeout_src
+                    .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+                self.latency_preemption_armed_at.set(Some(Instant::now()));
+                flush_rings!(lat_ring, main_ring)?;
+            }
         }
 
         // A Note about `need_preempt`:

@@ -22,6 +22,10 @@ struct Inner {
 
     is_charged: bool,
 
+    /// shardproxy patch: the waker registered with the reactor, so a poll by
+    /// the same task does not remove and re-insert the timer.
+    registered: Option<std::task::Waker>,
+
     /// When this timer fires.
     when: Instant,
 
@@ -45,6 +49,11 @@ impl Inner {
                 .upgrade()
                 .unwrap()
                 .insert_timer(self.id, self.when, waker);
+        } else {
+            // shardproxy patch: not in the reactor (never charged, or it
+            // fired): the next poll must register it again.
+            self.is_charged = false;
+            self.registered = None;
         }
     }
 }
@@ -101,6 +110,7 @@ impl Timer {
             inner: Rc::new(RefCell::new(Inner {
                 id: reactor.register_timer(),
                 is_charged: false,
+                registered: None,
                 when: Instant::now() + dur,
                 reactor: Rc::downgrade(&reactor),
             })),
@@ -114,6 +124,7 @@ impl Timer {
             inner: Rc::new(RefCell::new(Inner {
                 id,
                 is_charged: false,
+                registered: None,
                 when: Instant::now() + dur,
                 reactor: Rc::downgrade(&crate::executor().reactor()),
             })),
@@ -170,6 +181,19 @@ impl Future for Timer {
             inner.reactor.upgrade().unwrap().remove_timer(inner.id);
             Poll::Ready(inner.when)
         } else {
+            // shardproxy patch: still registered for this task (the reactor
+            // removes a timer only when it fires, and then `now >= when`
+            // above): nothing to do. Upstream removed and re-inserted the
+            // timer on every poll, which a relay that polls its idle timer on
+            // each message paid for every message.
+            if inner.is_charged
+                && inner
+                    .registered
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()))
+            {
+                return Poll::Pending;
+            }
             // Register the timer in the reactor.
             inner
                 .reactor
@@ -177,6 +201,7 @@ impl Future for Timer {
                 .unwrap()
                 .insert_timer(inner.id, inner.when, cx.waker().clone());
             inner.is_charged = true;
+            inner.registered = Some(cx.waker().clone());
             Poll::Pending
         }
     }
