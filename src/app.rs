@@ -38,6 +38,21 @@ pub fn preflight() -> Result<(), StartupError> {
     }
 }
 
+/// Raises the soft RLIMIT_NOFILE toward `needed` (at most the hard limit),
+/// as HAProxy does for its maxconn: shells and systemd start services with a
+/// soft limit of 1024. `Config::warnings` has already said if the hard limit
+/// is too low.
+fn raise_fd_limit(needed: u64) {
+    if let Ok((soft, hard)) = rlimit::Resource::NOFILE.get() {
+        let want = needed.min(hard);
+        if want > soft {
+            if let Err(e) = rlimit::Resource::NOFILE.set(want, hard) {
+                crate::warn!("cannot raise RLIMIT_NOFILE from {soft} to {want}: {e}");
+            }
+        }
+    }
+}
+
 /// Writes a fresh key to `args.out` (mode 0600, refusing to overwrite) or stdout.
 pub fn keygen(args: &KeygenArgs) -> Result<(), StartupError> {
     use std::io::Write;
@@ -81,6 +96,7 @@ pub fn check(path: &str) -> Result<String, StartupError> {
 /// Runs a validated configuration until it has drained.
 pub fn run(cfg: Config) -> Result<(), StartupError> {
     preflight()?;
+    raise_fd_limit(cfg.fds_needed());
     let listeners = crate::listener::bind_all(&cfg, cfg.cores.len())?;
     let board = match cfg.metrics_listen {
         None => None,

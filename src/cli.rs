@@ -88,12 +88,12 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 
-    /// Connections per shard; at the limit the shard stops accepting until one closes (1-1000000).
-    #[arg(long, value_name = "N", default_value_t = 10_000)]
-    pub max_connections: usize,
+    /// Connections per shard; at the limit the shard stops accepting until one closes (1-1000000) [default: 10000, lowered to fit RLIMIT_NOFILE].
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
 
-    /// With an IPv6 listen address such as [::]:8000, accept IPv4 clients too (IPV6_V6ONLY off).
-    #[arg(long)]
+    /// With an IPv6 listen address such as [::]:8000, accept IPv4 clients too (IPV6_V6ONLY off); --dual-stack=false turns a config file's setting off.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub dual_stack: bool,
 
     /// Serve /metrics (Prometheus), /histograms (HDR) and /healthz on this address; off by default.

@@ -91,6 +91,12 @@ impl Controller {
                 let mut draining = false;
                 for sig in signals.forever() {
                     match sig {
+                        // Draining shards no longer read their control
+                        // socket: a reload now could fill it and block this
+                        // thread, and with it the second signal.
+                        SIGHUP if draining => {
+                            crate::info!("SIGHUP while draining: keys are not reloaded")
+                        }
                         SIGHUP => match &key_file {
                             None => crate::info!("SIGHUP: nothing to reload in this role"),
                             Some(path) => match crate::config::load_key_file(path) {

@@ -17,6 +17,8 @@ use crate::error::StartupError;
 
 /// Runs the demo until SIGINT/SIGTERM, then waits for both proxies to drain.
 pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
+    let cores = crate::config::allowed_cores();
+    crate::config::select_cores(Some(args.cores), None, &cores)?;
     let origin_addr = SocketAddr::from(([127, 0, 0, 1], args.origin_port));
     let origin = TcpListener::bind(origin_addr).map_err(|e| listen_error(origin_addr, e))?;
     std::thread::spawn(move || {
@@ -70,6 +72,7 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
     );
     // Wait for the children; forward a termination signal sent only to us.
     let mut forwarded = false;
+    // A proxy that failed before anyone asked the demo to stop.
     let mut failed = false;
     while !children.is_empty() {
         if stop.load(Ordering::Relaxed) && !forwarded {
@@ -82,7 +85,7 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
         }
         children.retain_mut(|c| match c.try_wait() {
             Ok(Some(status)) => {
-                failed |= !status.success();
+                failed |= !status.success() && !forwarded;
                 false
             }
             _ => true,
@@ -94,7 +97,7 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = std::fs::remove_file(&key_path);
-    if failed && !stop.load(Ordering::Relaxed) {
+    if failed {
         return Err(StartupError::Shard {
             core: 0,
             reason: "a demo proxy exited with an error (see above)".into(),

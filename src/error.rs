@@ -183,6 +183,9 @@ pub enum SessionError {
     /// A tunnel role has no keys loaded.
     #[error("no tunnel keys loaded")]
     NoKeys,
+    /// The relay buffers (this many bytes each) could not be allocated.
+    #[error("cannot allocate a {0}-byte relay buffer")]
+    OutOfMemory(usize),
 }
 
 impl SessionError {
@@ -201,7 +204,8 @@ impl SessionError {
             | SessionError::Drained
             | SessionError::Limit(_)
             | SessionError::Rng(_)
-            | SessionError::NoKeys => Side::Internal,
+            | SessionError::NoKeys
+            | SessionError::OutOfMemory(_) => Side::Internal,
         }
     }
 
@@ -226,7 +230,9 @@ impl SessionError {
             SessionError::Truncated(_) => CloseReason::Truncated,
             SessionError::Idle => CloseReason::IdleTimeout,
             SessionError::Drained => CloseReason::Drained,
-            SessionError::Rng(_) | SessionError::NoKeys => CloseReason::Internal,
+            SessionError::Rng(_) | SessionError::NoKeys | SessionError::OutOfMemory(_) => {
+                CloseReason::Internal
+            }
         }
     }
 

@@ -9,7 +9,7 @@ fn main() -> ExitCode {
     let loaded = match shardproxy::config::load(std::env::args().collect()) {
         Ok(loaded) => loaded,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", shardproxy::log::one_line(&e.to_string()));
             return ExitCode::from(2);
         }
     };
@@ -27,7 +27,7 @@ fn main() -> ExitCode {
         }
         Loaded::Tool(Tool::Keygen(args)) => shardproxy::app::keygen(&args),
         Loaded::Tool(Tool::Check(args)) => shardproxy::app::check(&args.config).map(|summary| {
-            println!("{summary}");
+            println!("{}", shardproxy::log::one_line(&summary));
         }),
         Loaded::Tool(Tool::Stats(args)) => {
             return match shardproxy::metrics::stats_cmd::run(&args.from, args.per_shard) {
@@ -36,7 +36,7 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("error: {e}");
+                    eprintln!("error: {}", shardproxy::log::one_line(&e.to_string()));
                     ExitCode::from(1)
                 }
             };
@@ -46,7 +46,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", shardproxy::log::one_line(&e.to_string()));
             ExitCode::from(e.exit_code())
         }
     }

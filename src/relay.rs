@@ -104,7 +104,9 @@ pub async fn run(
         first_byte_done: Cell::new(false),
         read_size: read_size.clamp(1, MAX_PAYLOAD),
     };
-    let (mut up_buf, mut down_buf) = (vec![0u8; buf_size], vec![0u8; buf_size]);
+    // A failed allocation is this connection's error, never the process's
+    // abort (a large --buffer-size under a memory limit).
+    let (mut up_buf, mut down_buf) = (buffer(buf_size)?, buffer(buf_size)?);
     bounded(
         ctx.aborted(),
         None,
@@ -125,6 +127,15 @@ pub async fn run(
     )
     .await
     .unwrap_or(Err(SessionError::Drained))
+}
+
+/// A zeroed relay buffer of `len` bytes, or [`SessionError::OutOfMemory`].
+fn buffer(len: usize) -> Result<Vec<u8>, SessionError> {
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(len)
+        .map_err(|_| SessionError::OutOfMemory(len))?;
+    buf.resize(len, 0);
+    Ok(buf)
 }
 
 /// What both pumps of one pair share.

@@ -318,3 +318,38 @@ fn handshake_flood_is_closed_at_the_timeout_while_real_clients_get_through() {
         "{lines:?}"
     );
 }
+
+/// SIGHUPs while draining (here with the key file replaced by a FIFO that
+/// nobody writes) can neither block the signal thread nor the second
+/// SIGTERM: the process exits at once, and the FIFO is never opened for a
+/// blocking read.
+#[test]
+fn sighup_during_drain_cannot_hold_off_the_second_signal() {
+    let key = key_file(&[&keygen()]);
+    let mut exit = Proxy::exit(echo_origin(), &key)
+        .shards(1)
+        .args(["--drain-timeout", "60s"])
+        .start();
+    // A live connection keeps the drain going.
+    let _held = TcpStream::connect(exit.addr).unwrap();
+    exit.wait_for_log(|l| l.contains("listening on"), Duration::from_secs(5));
+    std::fs::remove_file(&key).unwrap();
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&key)
+        .status()
+        .unwrap()
+        .success());
+    // Before the drain: a reload of a FIFO is refused, not blocked on.
+    exit.signal("HUP");
+    exit.wait_for_log(|l| l.contains("not a regular file"), Duration::from_secs(5));
+    exit.signal("TERM");
+    exit.wait_for_log(|l| l.contains("draining"), Duration::from_secs(5));
+    for _ in 0..200 {
+        exit.signal("HUP");
+    }
+    exit.signal("TERM");
+    let started = Instant::now();
+    let status = exit.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1), "the second signal exits at once");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}

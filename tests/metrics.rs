@@ -470,3 +470,37 @@ fn a_burst_of_idle_connections_does_not_lock_out_healthz() {
     }
     drop(idle);
 }
+
+/// A head over 8 KiB gets its 431 (not a reset that loses it), and a
+/// request with bare LF line ends is answered (RFC 9112 §2.2).
+#[test]
+fn oversized_heads_get_their_answer_and_bare_lf_is_accepted() {
+    let up = echo_origin();
+    let p = Proxy::forward(up)
+        .shards(1)
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .start();
+    let m = metrics_addr(&p);
+    for size in [8 * 1024 + 7, 9_000, 200_000] {
+        let mut c = TcpStream::connect(m).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut head = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
+        head.resize(size, b'a');
+        head.extend_from_slice(b"\r\n\r\n");
+        // The server may stop reading early; what it answered must arrive.
+        let _ = c.write_all(&head);
+        let mut answer = Vec::new();
+        let _ = c.read_to_end(&mut answer);
+        assert!(
+            answer.starts_with(b"HTTP/1.1 431"),
+            "{size}-byte head: {:?}",
+            String::from_utf8_lossy(&answer[..answer.len().min(40)])
+        );
+    }
+    let mut c = TcpStream::connect(m).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"GET /healthz HTTP/1.1\n\n").unwrap();
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}

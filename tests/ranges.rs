@@ -283,3 +283,147 @@ fn files_that_are_not_text_are_named_for_what_they_are() {
         .unwrap();
     assert_one_line_error(&out, "decodes to 16 bytes", "short key");
 }
+
+/// Files that are not regular files (a FIFO that never gets a writer,
+/// `/dev/zero`) and oversized files are refused at once: `check` neither
+/// blocks nor reads without bound.
+#[test]
+fn special_and_oversized_files_are_refused_at_once() {
+    let dir = std::env::temp_dir().join(format!("sp-special-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("fifo");
+    let _ = std::fs::remove_file(&fifo);
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let fifo = fifo.to_str().unwrap();
+    let big = dir.join("big.toml");
+    std::fs::write(&big, vec![b'#'; (1 << 20) + 1]).unwrap();
+    let big_key = dir.join("big.key");
+    std::fs::write(&big_key, format!("{}\n{}", keygen(), "#".repeat(70_000))).unwrap();
+    let big_key = big_key.to_str().unwrap();
+    for (what, args, must) in [
+        (
+            "config FIFO",
+            vec!["check", "--config", fifo],
+            "not a regular file",
+        ),
+        (
+            "config /dev/zero",
+            vec!["check", "--config", "/dev/zero"],
+            "not a regular file",
+        ),
+        (
+            "config over 1 MiB",
+            vec!["check", "--config", big.to_str().unwrap()],
+            "larger than",
+        ),
+    ] {
+        let out = run_bounded(&args);
+        assert_one_line_error(&out, must, what);
+    }
+    for (what, key, must) in [
+        ("key FIFO", fifo, "not a regular file"),
+        ("key /dev/zero", "/dev/zero", "not a regular file"),
+        ("key over 64 KiB", big_key, "larger than 65536 bytes"),
+    ] {
+        let path = write("special.toml", &config("exit", key, ""));
+        let out = run_bounded(&["check", "--config", &path]);
+        assert_one_line_error(&out, must, what);
+    }
+}
+
+/// Runs the binary with a 10 s bound, so a regression that blocks fails.
+fn run_bounded(args: &[&str]) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(10) {
+            let _ = child.kill();
+            panic!("{args:?} did not finish within 10 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Operator input quoted in an error cannot add lines (log injection).
+#[test]
+fn errors_quoting_input_stay_one_line() {
+    let out = run_bounded(&[
+        "forward",
+        "--listen",
+        "127.0.0.1:1\nINFO  forged",
+        "--upstream",
+        "127.0.0.1:9",
+    ]);
+    assert_one_line_error(&out, "\\nINFO  forged", "newline in --listen");
+    let path = write(
+        "inject.toml",
+        &config("forward", "", "").replace("127.0.0.1:9", "127.0.0.1:9\\r\\nWARN  spoofed"),
+    );
+    let out = run_bounded(&["check", "--config", &path]);
+    assert_one_line_error(&out, "\\r\\nWARN  spoofed", "CRLF in upstream");
+}
+
+/// Flags override the file, including the settings a flag excludes, and a
+/// file's `dual_stack = true` can be turned off.
+#[test]
+fn flags_override_the_file_including_exclusive_ones() {
+    let path = write("override.toml", &config("forward", "", "dual_stack = true"));
+    let out = run_bounded(&[
+        "forward",
+        "--config",
+        &path,
+        "--cpu-list",
+        "0",
+        "--dual-stack=false",
+        "--listen",
+        "127.0.0.1:1",
+        "--upstream",
+        "127.0.0.1:1",
+    ]);
+    // It got as far as the loop check: both overrides were accepted.
+    assert_one_line_error(&out, "own --listen", "looped upstream");
+    let cores_file = write(
+        "cpulist.toml",
+        &config("forward", "", "").replace("cores = 1", "cpu_list = \"0\""),
+    );
+    let out = run_bounded(&[
+        "forward",
+        "--config",
+        &cores_file,
+        "--cores",
+        "1",
+        "--listen",
+        "127.0.0.1:1",
+        "--upstream",
+        "127.0.0.1:1",
+    ]);
+    assert_one_line_error(&out, "own --listen", "cores over cpu_list");
+}
+
+/// `demo` with a bad setting fails with exit code 2, not 0.
+#[test]
+fn demo_rejects_more_cores_than_allowed() {
+    let n = std::thread::available_parallelism().unwrap().get() + 1;
+    let out = run_bounded(&[
+        "demo",
+        "--cores",
+        &n.to_string(),
+        "--port",
+        "1",
+        "--origin-port",
+        "2",
+        "--exit-port",
+        "3",
+    ]);
+    assert_one_line_error(&out, "--cores", "demo --cores");
+}

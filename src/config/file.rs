@@ -123,6 +123,9 @@ const ROLES: [&str; 3] = ["entry", "exit", "forward"];
 /// same encodings. A UTF-8 byte-order mark is dropped; CRLF and trailing
 /// blanks are left to the line parsers, which accept them.
 pub fn decode_text(bytes: Vec<u8>) -> Result<String, (&'static str, Vec<u8>)> {
+    if bytes.starts_with(&[0xff, 0xfe, 0, 0]) || bytes.starts_with(&[0, 0, 0xfe, 0xff]) {
+        return Err(("it is UTF-32", bytes));
+    }
     if bytes.starts_with(&[0xff, 0xfe]) || bytes.starts_with(&[0xfe, 0xff]) {
         return Err(("it is UTF-16", bytes));
     }
@@ -140,10 +143,68 @@ pub fn decode_text(bytes: Vec<u8>) -> Result<String, (&'static str, Vec<u8>)> {
     Ok(text)
 }
 
+/// Why a file could not be read.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The OS refused (missing, permission denied, a directory, ...).
+    Io(std::io::Error),
+    /// A FIFO, device or socket: reading it could block or never end.
+    NotRegular,
+    /// Larger than the cap, in bytes.
+    TooLarge(u64),
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Io(e) => write!(f, "{e}"),
+            ReadError::NotRegular => f.write_str("not a regular file (a FIFO, device or socket)"),
+            ReadError::TooLarge(cap) => write!(f, "larger than {cap} bytes"),
+        }
+    }
+}
+
+/// Reads a regular file of at most `cap` bytes. The file is opened
+/// non-blocking and checked on the open descriptor, so a FIFO, `/dev/zero`
+/// or a file that grows while being read can neither block the caller nor
+/// make it allocate without bound.
+pub fn read_bounded(path: &str, cap: u64) -> Result<Vec<u8>, ReadError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(ReadError::Io)?;
+    let meta = file.metadata().map_err(ReadError::Io)?;
+    if meta.is_dir() {
+        return Err(ReadError::Io(std::io::Error::from_raw_os_error(
+            libc::EISDIR,
+        )));
+    }
+    if !meta.is_file() {
+        return Err(ReadError::NotRegular);
+    }
+    if meta.len() > cap {
+        return Err(ReadError::TooLarge(cap));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(cap + 1)
+        .read_to_end(&mut bytes)
+        .map_err(ReadError::Io)?;
+    if bytes.len() as u64 > cap {
+        return Err(ReadError::TooLarge(cap));
+    }
+    Ok(bytes)
+}
+
+/// Largest config file read, in bytes.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 /// Reads and translates `path`. `command_role` is the role given on the
 /// command line, if any; otherwise the file must name one.
 pub fn read(path: &str, command_role: Option<&str>) -> Result<FileArgs, FileError> {
-    let bytes = std::fs::read(path).map_err(|e| FileError::Unreadable {
+    let bytes = read_bounded(path, MAX_CONFIG_BYTES).map_err(|e| FileError::Unreadable {
         path: path.to_string(),
         reason: e.to_string(),
     })?;
@@ -237,6 +298,8 @@ pub fn translate(
             want,
         };
         match (value, takes_value) {
+            // A switch with an optional value (`--dual-stack[=false]`).
+            (toml::Value::Boolean(on), true) => args.push(format!("--{flag}={on}")),
             (toml::Value::Boolean(on), false) => {
                 if *on {
                     args.push(format!("--{flag}"));
@@ -318,9 +381,24 @@ pub fn expand_argv(argv: Vec<String>) -> Result<(Vec<String>, Option<Supplied>),
         .ok_or_else(|| FileError::BadRole { path: path.clone() })?;
     let mut out = argv[..sub_at].to_vec();
     out.push(role);
-    out.extend(file.args.iter().cloned());
-    let flags = file
+    // A flag on the command line also overrides the file's settings it
+    // excludes: `--cpu-list` replaces a file's `cores`, and the reverse.
+    const EXCLUDES: [(&str, &str); 2] = [("cores", "cpu-list"), ("cpu-list", "cores")];
+    let given = |flag: &str| {
+        kept.iter()
+            .any(|k| k == &format!("--{flag}") || k.starts_with(&format!("--{flag}=")))
+    };
+    let file_args: Vec<String> = file
         .args
+        .iter()
+        .filter(|a| {
+            let flag = a.trim_start_matches("--").split('=').next().unwrap_or("");
+            !EXCLUDES.iter().any(|(f, other)| *f == flag && given(other))
+        })
+        .cloned()
+        .collect();
+    out.extend(file_args.iter().cloned());
+    let flags = file_args
         .iter()
         .filter_map(|a| a.strip_prefix("--"))
         .map(|a| a.split('=').next().unwrap_or(a).to_string())
@@ -353,7 +431,7 @@ mod tests {
             f.args,
             [
                 "--backlog=128",
-                "--dual-stack",
+                "--dual-stack=true",
                 "--key-file=/k",
                 "--listen=0.0.0.0:9000"
             ]
@@ -373,7 +451,7 @@ mod tests {
             Err(FileError::UnknownKey { .. })
         ));
         assert!(matches!(
-            translate("dual_stack = \"yes\"", "f", Some("forward")),
+            translate("dual_stack = 1.5", "f", Some("forward")),
             Err(FileError::BadValue { .. })
         ));
         assert!(matches!(

@@ -58,17 +58,14 @@ pub fn load(argv: Vec<String>) -> Result<Loaded, ConfigError> {
                 }
                 _ => None,
             };
-            return Err(match (&supplied, flag) {
-                (Some(s), Some(flag)) if s.key_for(&flag).is_some() => ConfigError::InFile {
-                    path: s.path.clone(),
-                    key: s.key_for(&flag).unwrap_or_default(),
-                    message,
-                },
-                (Some(s), _) => ConfigError::FileValue {
-                    path: s.path.clone(),
-                    message,
-                },
-                (None, _) => ConfigError::Args(format!("{message} (see --help)")),
+            // Blame the file only for a value it supplied.
+            let from_file = supplied
+                .as_ref()
+                .zip(flag)
+                .and_then(|(s, flag)| Some((s.path.clone(), s.key_for(&flag)?)));
+            return Err(match from_file {
+                Some((path, key)) => ConfigError::InFile { path, key, message },
+                None => ConfigError::Args(format!("{message} (see --help)")),
             });
         }
     };
@@ -153,6 +150,10 @@ pub fn allowed_cores() -> Vec<usize> {
     ids
 }
 
+/// Largest key file read, in bytes: 16 keys of 44 characters leave ample
+/// room for comments.
+pub const MAX_KEY_FILE_BYTES: u64 = 64 * 1024;
+
 /// Reads and parses a key file ([`KeySet::parse`] has the format). Returns
 /// the set and, if the file is readable by group or others, a warning to log.
 pub fn load_key_file(path: &str) -> Result<(KeySet, Option<String>), KeyFileError> {
@@ -162,14 +163,18 @@ pub fn load_key_file(path: &str) -> Result<(KeySet, Option<String>), KeyFileErro
         path: path.to_string(),
         reason: e.to_string(),
     };
-    let meta = std::fs::metadata(path).map_err(unreadable)?;
-    // A key file is a few lines; refuse anything absurd before reading it.
-    if meta.len() > 64 * 1024 {
-        return Err(KeyFileError::TooMany {
+    // A key file is a few lines; refuse anything larger before reading it.
+    let bytes = file::read_bounded(path, MAX_KEY_FILE_BYTES).map_err(|e| match e {
+        file::ReadError::TooLarge(cap) => KeyFileError::TooLarge {
             path: path.to_string(),
-        });
-    }
-    let bytes = std::fs::read(path).map_err(unreadable)?;
+            cap,
+        },
+        e => KeyFileError::Unreadable {
+            path: path.to_string(),
+            reason: e.to_string(),
+        },
+    })?;
+    let meta = std::fs::metadata(path).map_err(unreadable)?;
     let text = file::decode_text(bytes).map_err(|(what, mut bytes)| {
         bytes.zeroize();
         KeyFileError::NotText {

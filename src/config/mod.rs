@@ -155,14 +155,6 @@ pub enum ConfigError {
     /// The command line does not parse (clap's first line).
     #[error("{0}")]
     Args(String),
-    /// A setting in the config file does not parse (clap's first line).
-    #[error("config {path}: {message}")]
-    FileValue {
-        /// The path.
-        path: String,
-        /// What clap said.
-        message: String,
-    },
     /// A numeric setting outside its documented range ([`ranges`]).
     #[error("{flag} {value} is out of range: must be between {min} and {max}")]
     OutOfRange {
@@ -174,6 +166,15 @@ pub enum ConfigError {
         min: String,
         /// Largest accepted.
         max: String,
+    },
+    /// `--upstream` is the proxy's own listen address: every client would
+    /// loop through the proxy until file descriptors run out.
+    #[error("--upstream {upstream} is this proxy's own --listen {listen}: each client would connect back to the proxy in a loop")]
+    LoopedUpstream {
+        /// The listen address.
+        listen: SocketAddr,
+        /// The upstream address.
+        upstream: SocketAddr,
     },
     /// The upstream's port is 0, which nothing can connect to.
     #[error("bad --upstream `{0}`: port 0 cannot be connected to")]
@@ -196,7 +197,9 @@ impl ConfigError {
         match self {
             ConfigError::OutOfRange { flag, .. } => Some(flag),
             ConfigError::BadListen(_) => Some("--listen"),
-            ConfigError::BadUpstream(..) | ConfigError::UpstreamPortZero(_) => Some("--upstream"),
+            ConfigError::BadUpstream(..)
+            | ConfigError::UpstreamPortZero(_)
+            | ConfigError::LoopedUpstream { .. } => Some("--upstream"),
             ConfigError::BadMetricsListen(_) => Some("--metrics-listen"),
             ConfigError::TooManyCores { .. } | ConfigError::ZeroCores => Some("--cores"),
             ConfigError::BadCpuList(_) | ConfigError::CoreNotAllowed { .. } => Some("--cpu-list"),
@@ -240,6 +243,9 @@ impl Config {
             .parse()
             .map_err(|_| ConfigError::BadListen(args.listen.clone()))?;
         let upstream = resolve_once(&args.upstream)?;
+        if is_loop(listen, upstream) {
+            return Err(ConfigError::LoopedUpstream { listen, upstream });
+        }
         let metrics_listen = match &args.metrics_listen {
             None => None,
             Some(text) => Some(
@@ -250,7 +256,10 @@ impl Config {
         let cores = select_cores(args.cores, args.cpu_list.as_deref(), allowed_cores)?;
         let nz = |v: usize| NonZeroUsize::new(v).expect("ranges start at 1");
         let buffer_size = nz(ranges::BUFFER_SIZE.check_size(args.buffer_size)?);
-        let max_connections = nz(ranges::MAX_CONNECTIONS.check(args.max_connections)?);
+        let max_connections = match args.max_connections {
+            Some(n) => nz(ranges::MAX_CONNECTIONS.check(n)?),
+            None => nz(default_max_connections(cores.len(), fd_limit())),
+        };
         Ok(Config {
             mode,
             listen,
@@ -269,6 +278,13 @@ impl Config {
                 max_connections,
             },
         })
+    }
+
+    /// File descriptors at `--max-connections` on every shard: two per
+    /// connection (client and upstream), plus a margin for listeners,
+    /// io_uring rings, control sockets and metrics.
+    pub fn fds_needed(&self) -> u64 {
+        2 * self.limits.max_connections.get() as u64 * self.cores.len() as u64 + 64
     }
 
     /// One-line warnings about settings that are accepted but cannot do all
@@ -291,6 +307,22 @@ impl Config {
                 ));
             }
         }
+        let fds = self.fds_needed();
+        if let Some(limit) = fd_limit() {
+            if fds > limit {
+                out.push(format!(
+                    "--max-connections {} on {} shards needs about {fds} file descriptors but RLIMIT_NOFILE is {limit}: connections beyond it are reset; raise the hard `ulimit -n` (LimitNOFILE= in systemd) or lower --max-connections",
+                    self.limits.max_connections,
+                    self.cores.len()
+                ));
+            }
+        }
+        if self.tunnel().is_some() && self.limits.buffer_size.get() > crate::proto::MAX_PAYLOAD {
+            out.push(format!(
+                "--buffer-size {} is above the tunnel's 16KiB chunk: entry and exit read at most 16KiB per chunk",
+                ranges::Bytes(self.limits.buffer_size.get())
+            ));
+        }
         // Relay buffers at the connection limit, every shard full.
         let per_conn = match self.mode {
             Mode::Forward => 2 * self.limits.buffer_size.get() as u64,
@@ -299,11 +331,10 @@ impl Config {
         let worst = per_conn
             .saturating_mul(self.limits.max_connections.get() as u64)
             .saturating_mul(self.cores.len() as u64);
-        if let Some(total_kib) = read_meminfo_kib("MemTotal:") {
-            let total = total_kib.saturating_mul(1024);
+        if let Some(total) = memory_limit() {
             if worst > total {
                 out.push(format!(
-                    "relay buffers at --max-connections would need {} MiB ({} per connection × {} connections × {} shards) but this machine has {} MiB: lower --max-connections or --buffer-size",
+                    "relay buffers at --max-connections would need {} MiB ({} per connection × {} connections × {} shards) but this process may use {} MiB (RAM, cgroup and RLIMIT_AS): lower --max-connections or --buffer-size",
                     worst >> 20,
                     ranges::Bytes(per_conn as usize),
                     self.limits.max_connections,
@@ -314,6 +345,38 @@ impl Config {
         }
         out
     }
+}
+
+/// The memory this process may use, in bytes: the least of the machine's
+/// RAM, the cgroup v2 limit and RLIMIT_AS.
+fn memory_limit() -> Option<u64> {
+    let ram = read_meminfo_kib("MemTotal:").map(|k| k.saturating_mul(1024));
+    let cgroup = read_number("/sys/fs/cgroup/memory.max");
+    let rlimit = rlimit::Resource::AS
+        .get()
+        .ok()
+        .map(|(soft, _)| soft)
+        .filter(|&l| l != rlimit::INFINITY);
+    [ram, cgroup, rlimit].into_iter().flatten().min()
+}
+
+/// `--max-connections` when it is not given: 10000 per shard, lowered so
+/// that every shard at its limit fits in `fds` descriptors (two per
+/// connection and a margin; HAProxy derives its default maxconn the same
+/// way). At least 1.
+pub fn default_max_connections(shards: usize, fds: Option<u64>) -> usize {
+    const DEFAULT: u64 = 10_000;
+    let fit = fds
+        .map(|f| f.saturating_sub(64) / (2 * shards.max(1) as u64))
+        .unwrap_or(DEFAULT);
+    DEFAULT.min(fit).max(1) as usize
+}
+
+/// The file descriptors this process may open: the hard RLIMIT_NOFILE,
+/// since start-up raises the soft limit to what the config needs
+/// ([`Config::fds_needed`]).
+fn fd_limit() -> Option<u64> {
+    rlimit::Resource::NOFILE.get().ok().map(|(_, hard)| hard)
 }
 
 fn read_number(path: &str) -> Option<u64> {
@@ -356,6 +419,17 @@ impl Config {
         };
         Ok((cfg, warning))
     }
+}
+
+/// Whether connecting to `upstream` reaches the listener on `listen`: the
+/// same address, or the same port on a local address when `listen` is a
+/// wildcard. (A loop through a second proxy cannot be seen from here.)
+fn is_loop(listen: SocketAddr, upstream: SocketAddr) -> bool {
+    if listen.port() != upstream.port() {
+        return false;
+    }
+    let up = upstream.ip();
+    listen.ip() == up || (listen.ip().is_unspecified() && (up.is_loopback() || up.is_unspecified()))
 }
 
 /// Resolves `HOST:PORT` once. The first address wins; see the README for
@@ -421,8 +495,13 @@ pub fn parse_cpu_list(text: &str) -> Result<Vec<usize>, ConfigError> {
             Some((lo, hi)) => (lo.trim(), hi.trim()),
             None => (part, part),
         };
-        let lo: usize = lo.parse().map_err(|_| bad())?;
-        let hi: usize = hi.parse().map_err(|_| bad())?;
+        let number = |t: &str| {
+            if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad());
+            }
+            t.parse::<usize>().map_err(|_| bad())
+        };
+        let (lo, hi) = (number(lo)?, number(hi)?);
         // 4096 is the kernel's CONFIG_NR_CPUS ceiling; it bounds the range.
         if lo > hi || hi >= 4096 {
             return Err(bad());
@@ -465,7 +544,7 @@ mod tests {
     fn cpu_lists() {
         assert_eq!(parse_cpu_list("0,2-5").unwrap(), vec![0, 2, 3, 4, 5]);
         assert_eq!(parse_cpu_list("3,1,1").unwrap(), vec![1, 3]);
-        for bad in ["", "a", "3-1", "1-", "0,,1", "99999"] {
+        for bad in ["", "a", "3-1", "1-", "0,,1", "99999", "+1", "1-+2"] {
             assert!(parse_cpu_list(bad).is_err(), "{bad}");
         }
         assert_eq!(format_cpu_list(&[0, 1, 2, 3, 6]), "0-3,6");
@@ -492,6 +571,27 @@ mod tests {
             Err(ConfigError::CoreNotAllowed { core: 7, .. })
         ));
         assert_eq!(select_cores(None, Some("1"), &allowed).unwrap(), vec![1]);
+    }
+
+    #[test]
+    fn looped_upstreams_are_seen() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(is_loop(a("127.0.0.1:80"), a("127.0.0.1:80")));
+        assert!(is_loop(a("0.0.0.0:80"), a("127.0.0.1:80")));
+        assert!(is_loop(a("[::]:80"), a("[::1]:80")));
+        assert!(!is_loop(a("127.0.0.1:80"), a("127.0.0.1:81")));
+        assert!(!is_loop(a("127.0.0.1:80"), a("127.0.0.2:80")));
+        // Port 0 is a fresh port: never the upstream (which is rejected anyway).
+        assert!(!is_loop(a("127.0.0.1:0"), a("127.0.0.1:9")));
+    }
+
+    #[test]
+    fn default_connections_fit_the_fd_limit() {
+        assert_eq!(default_max_connections(2, None), 10_000);
+        assert_eq!(default_max_connections(2, Some(1 << 20)), 10_000);
+        assert_eq!(default_max_connections(2, Some(20_000)), 4_984);
+        assert_eq!(default_max_connections(4, Some(1024)), 120);
+        assert_eq!(default_max_connections(8, Some(10)), 1);
     }
 
     #[test]

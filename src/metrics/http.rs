@@ -81,6 +81,25 @@ pub enum HttpError {
     TooLarge,
 }
 
+/// The length of the head before its terminating empty line: the first
+/// `\n` followed by `\n` or `\r\n`, less a `\r` in front of it.
+fn blank_line(buf: &[u8]) -> Option<usize> {
+    let limit = buf.len().min(MAX_HEAD + 4);
+    (0..limit)
+        .find(|&i| {
+            buf[i] == b'\n'
+                && (buf.get(i + 1) == Some(&b'\n')
+                    || (buf.get(i + 1) == Some(&b'\r') && buf.get(i + 2) == Some(&b'\n')))
+        })
+        .map(|i| {
+            if i > 0 && buf[i - 1] == b'\r' {
+                i - 1
+            } else {
+                i
+            }
+        })
+}
+
 /// Parses a request head (pure; fuzzable). Needs the full head, up to the
 /// blank line.
 pub fn parse_request(buf: &[u8]) -> Result<Request<'_>, HttpError> {
@@ -93,16 +112,23 @@ pub fn parse_request(buf: &[u8]) -> Result<Request<'_>, HttpError> {
     {
         return Err(HttpError::Bad);
     }
-    let head_end = match find(buf, b"\r\n\r\n") {
+    // The head ends at the first empty line. Lines end with CRLF, or a bare
+    // LF, which RFC 9112 §2.2 lets a recipient accept.
+    let head_end = match blank_line(buf) {
         Some(i) => i,
-        None if buf.len() >= MAX_HEAD => return Err(HttpError::TooLarge),
+        // Not even the longest head plus its terminator fits.
+        None if buf.len() >= MAX_HEAD + 4 => return Err(HttpError::TooLarge),
         None => return Err(HttpError::Incomplete),
     };
     if head_end > MAX_HEAD {
         return Err(HttpError::TooLarge);
     }
     let head = std::str::from_utf8(&buf[..head_end]).map_err(|_| HttpError::Bad)?;
-    let line = head.split("\r\n").next().ok_or(HttpError::Bad)?;
+    let line = head
+        .split('\n')
+        .next()
+        .map(|l| l.strip_suffix('\r').unwrap_or(l))
+        .ok_or(HttpError::Bad)?;
     let mut parts = line.split(' ');
     let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -118,10 +144,6 @@ pub fn parse_request(buf: &[u8]) -> Result<Request<'_>, HttpError> {
     }
     let path = target.split('?').next().unwrap_or(target);
     Ok(Request { method, path })
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Status, content type and body for a request.
@@ -247,8 +269,28 @@ fn serve(mut conn: TcpStream, board: &Board) {
         body.len()
     );
     let deadline = Instant::now() + WRITE_DEADLINE;
-    if write_by(&mut conn, head.as_bytes(), deadline) {
-        write_by(&mut conn, body.as_bytes(), deadline);
+    if write_by(&mut conn, head.as_bytes(), deadline)
+        && write_by(&mut conn, body.as_bytes(), deadline)
+    {
+        linger(conn);
+    }
+}
+
+/// Closes after the answer without losing it: FIN first, then read and drop
+/// what the client still sends (a head we rejected as too large, say), for at
+/// most 64 KiB or one second. Closing with unread input would send RST, and
+/// the client could lose the answer before reading it (nginx's
+/// `lingering_close` does the same).
+fn linger(mut conn: TcpStream) {
+    let _ = conn.shutdown(Shutdown::Write);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut sink = [0u8; 4096];
+    let mut left: usize = 64 * 1024;
+    while left > 0 {
+        match read_by(&mut conn, &mut sink, deadline) {
+            Some(n) => left = left.saturating_sub(n),
+            None => break,
+        }
     }
 }
 
@@ -297,8 +339,23 @@ mod tests {
         ] {
             assert_eq!(parse_request(bad), Err(HttpError::Bad), "{bad:?}");
         }
-        let huge = vec![b'a'; MAX_HEAD + 1];
+        let huge = vec![b'a'; MAX_HEAD + 4];
         assert_eq!(parse_request(&huge), Err(HttpError::TooLarge));
+        // Bare LF line ends are accepted (RFC 9112 §2.2).
+        assert_eq!(
+            parse_request(b"GET /healthz HTTP/1.1\n\n"),
+            Ok(Request {
+                method: "GET",
+                path: "/healthz"
+            })
+        );
+        // The largest head is accepted however it is split: its first
+        // MAX_HEAD bytes alone are only incomplete.
+        let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        big.resize(MAX_HEAD, b'a');
+        assert_eq!(parse_request(&big), Err(HttpError::Incomplete));
+        big.extend_from_slice(b"\r\n\r\n");
+        assert!(parse_request(&big).is_ok());
     }
 
     #[test]

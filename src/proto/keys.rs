@@ -79,7 +79,7 @@ pub enum KeyFileError {
         line: usize,
     },
     /// A line is base64 of the wrong length.
-    #[error("key file {path} line {line}: decodes to {len} bytes, but a key is 32 bytes (make one with `shardproxy keygen`)")]
+    #[error("key file {path} line {line}: decodes to {} bytes, but a key is 32 bytes (make one with `shardproxy keygen`)", if *len > PSK_LEN + 8 { "more than 40".to_string() } else { len.to_string() })]
     WrongLength {
         /// The path.
         path: String,
@@ -96,6 +96,14 @@ pub enum KeyFileError {
         /// What it looks like instead.
         what: &'static str,
     },
+    /// The file is larger than a key file can be.
+    #[error("key file {path} is larger than {cap} bytes; a key file holds at most 16 keys, one per line")]
+    TooLarge {
+        /// The path.
+        path: String,
+        /// The cap, in bytes.
+        cap: u64,
+    },
     /// No keys at all.
     #[error("key file {path} holds no keys (make one with `shardproxy keygen --out {path}`)")]
     Empty {
@@ -109,6 +117,13 @@ pub enum KeyFileError {
         path: String,
     },
 }
+
+/// Standard base64, with or without `=` padding (some tools strip it).
+const LENIENT_BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
 
 /// The keys of one key file, in file order. The first one is the entry's.
 #[derive(Clone, Debug)]
@@ -150,7 +165,7 @@ impl KeySet {
             };
             // Decode into a bounded buffer: a huge line cannot allocate.
             let mut buf = [0u8; 48];
-            let n = match base64::engine::general_purpose::STANDARD.decode_slice(line, &mut buf) {
+            let n = match LENIENT_BASE64.decode_slice(line, &mut buf) {
                 Ok(n) => n,
                 // Valid base64 too long for the buffer: far more than a key.
                 Err(base64::DecodeSliceError::OutputSliceTooSmall) => buf.len(),
@@ -204,8 +219,13 @@ mod tests {
             KeyFileError::Empty { path: "k".into() }
         );
         assert!(matches!(
-            KeySet::parse("abc\n", "k"),
+            KeySet::parse("ab!c\n", "k"),
             Err(KeyFileError::Malformed { line: 1, .. })
+        ));
+        // Unpadded base64 decodes; "abc" is 2 bytes, not a key.
+        assert!(matches!(
+            KeySet::parse("abc\n", "k"),
+            Err(KeyFileError::WrongLength { len: 2, .. })
         ));
         let short = base64::engine::general_purpose::STANDARD.encode([0u8; 16]);
         assert!(matches!(
@@ -238,6 +258,7 @@ mod tests {
             format!("{a}\r\n"),
             format!("\u{feff}{a}\r\n"),
             format!("{a}   \t\n"),
+            format!("{}\n", a.trim_end_matches('=')),
             a.clone(),
             format!("\u{feff}# comment\r\n\r\n{a}"),
         ] {
