@@ -1,93 +1,113 @@
 //! End-to-end benchmark: client → proxy A → proxy B → origin, on loopback.
 //!
-//! Compares, in one run, a direct connection, a chained pair of
-//! `shardproxy forward`, the encrypted `entry` + `exit` pair, and (when
-//! `haproxy` is installed) a chained pair of HAProxy in TCP mode. Reports throughput/latency and, the robust figure on
-//! a noisy machine, the proxies' CPU-seconds (utime+stime from /proc) per GB
-//! and per 100k requests.
+//! One run measures, side by side and interleaved over `BENCH_ROUNDS`
+//! rounds (default 3):
 //!
-//! Run: `cargo bench --bench e2e` (optionally `BENCH_SECS=5`).
-//! Every loop is bounded in time and count; every address is 127.0.0.1.
+//! * direct (no proxy);
+//! * the plain `forward` pair, and two chained HAProxy in TCP mode;
+//! * the encrypted `entry` + `exit` pair, and shadowsocks-rust in tunnel mode
+//!   with `2022-blake3-chacha20-poly1305` (SIP022) and
+//!   `chacha20-ietf-poly1305` (SIP004).
+//!
+//! Every pair runs A pinned to core 0 and B to core 1, one shard or thread
+//! each, so the two proxies' busiest threads never share a core. The load
+//! generator is unpinned. Workloads: bulk over 1 and 8 streams, 1 KiB and
+//! 64 KiB request/response over 50 keep-alive connections, and connect +
+//! 1 KiB + close. The robust figure on a noisy machine is the proxies'
+//! CPU-seconds (utime+stime from /proc) per GB, per 100k requests and per
+//! 100k connections; the tables give the median of the rounds and the
+//! spread (min–max), and the ratios against the peers measured in the same
+//! rounds.
+//!
+//! Run: `cargo bench --bench e2e` (`BENCH_SECS=N` per cell, default 3;
+//! `BENCH_ROUNDS=N`). HAProxy: `apt-get install haproxy`; shadowsocks-rust:
+//! `cargo install shadowsocks-rust --locked --root /opt/ssrust`. A missing
+//! peer's rows are skipped with a message. Every loop is bounded in time and
+//! count; every address is 127.0.0.1.
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Instant;
 
 use common::*;
 
-// ---------- driver ----------
+const SCENARIOS: [&str; 5] = [
+    "bulk 1 stream",
+    "bulk 8 streams",
+    "1 KiB req/resp ×50",
+    "64 KiB req/resp ×50",
+    "connect + 1 KiB + close",
+];
 
-struct Row {
-    target: &'static str,
-    scenario: &'static str,
-    rate: String,
-    latency: String,
-    cpu: String,
+const FORWARD: &str = "shardproxy forward ×2";
+const HAPROXY: &str = "haproxy tcp ×2";
+const ENCRYPTED: &str = "shardproxy entry+exit";
+const SS2022: &str = "ss-rust 2022-chacha20";
+const SS_AEAD: &str = "ss-rust chacha20-ietf-poly1305";
+
+/// One measurement: CPU per unit, the rate, and p99 where it applies.
+#[derive(Clone, Copy)]
+struct Cell {
+    cpu: f64,
+    rate: f64,
+    p99_us: Option<u64>,
 }
 
-fn measure(
-    target: Option<&Target>,
-    direct: SocketAddr,
-    scenario: &'static str,
-    rows: &mut Vec<Row>,
-) {
+fn unit(scenario: &str) -> &'static str {
+    match scenario {
+        s if s.starts_with("bulk") => "CPU-s/GB",
+        s if s.contains("req/resp") => "CPU-s/100k req",
+        _ => "CPU-s/100k conn",
+    }
+}
+
+fn rate_unit(scenario: &str) -> &'static str {
+    match scenario {
+        s if s.starts_with("bulk") => "GB/s",
+        s if s.contains("req/resp") => "req/s",
+        _ => "conn/s",
+    }
+}
+
+fn measure(target: Option<&Target>, direct: SocketAddr, scenario: &str) -> Cell {
     let addr = target.map(|t| t.addr).unwrap_or(direct);
-    let name = target.map(|t| t.name).unwrap_or("direct");
     let cpu0 = target.map(Target::cpu_secs).unwrap_or(0.0);
     let start = Instant::now();
-    let (rate, latency, per_unit) = match scenario {
+    let (units, rate, p99_us) = match scenario {
         "bulk 1 stream" | "bulk 8 streams" => {
             let streams = if scenario == "bulk 1 stream" { 1 } else { 8 };
-            let bytes = bulk(addr, streams);
-            let gb = bytes as f64 / 1e9;
-            let el = start.elapsed().as_secs_f64();
-            (
-                format!("{:.2} GB/s", gb / el),
-                String::from("-"),
-                (gb, "GB"),
-            )
+            let gb = bulk(addr, streams) as f64 / 1e9;
+            (gb, gb / start.elapsed().as_secs_f64(), None)
         }
-        "1 KiB req/resp ×50" => {
-            let h = request_response(addr, 50);
-            let el = start.elapsed().as_secs_f64();
-            let lat = format!(
-                "p50 {}µs p99 {}µs p99.9 {}µs",
-                h.value_at_quantile(0.5),
-                h.value_at_quantile(0.99),
-                h.value_at_quantile(0.999)
-            );
-            (
-                format!("{:.0} req/s", h.len() as f64 / el),
-                lat,
-                (h.len() as f64 / 1e5, "100k req"),
-            )
+        "1 KiB req/resp ×50" | "64 KiB req/resp ×50" => {
+            let size = if scenario.starts_with("1 KiB") {
+                1024
+            } else {
+                64 * 1024
+            };
+            let h = request_response_sized(addr, 50, size);
+            let rate = h.len() as f64 / start.elapsed().as_secs_f64();
+            (h.len() as f64 / 1e5, rate, Some(h.value_at_quantile(0.99)))
         }
         _ => {
-            let n = connection_rate(addr);
-            let el = start.elapsed().as_secs_f64();
-            (
-                format!("{:.0} conn/s", n as f64 / el),
-                String::from("-"),
-                (n as f64 / 1e5, "100k conn"),
-            )
+            let n = connection_rate(addr) as f64;
+            (n / 1e5, n / start.elapsed().as_secs_f64(), None)
         }
     };
-    let cpu = match target {
-        Some(t) => format!(
-            "{:.3} CPU-s/{}",
-            (t.cpu_secs() - cpu0) / per_unit.0,
-            per_unit.1
-        ),
-        None => "-".into(),
-    };
-    rows.push(Row {
-        target: name,
-        scenario,
-        rate,
-        latency,
-        cpu,
-    });
+    let cpu = target.map(|t| (t.cpu_secs() - cpu0) / units).unwrap_or(0.0);
+    Cell { cpu, rate, p99_us }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 fn main() {
@@ -95,44 +115,103 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3)
+        .clamp(1, 20);
     let sink = sink_origin();
     let echo = echo_origin();
-    let scenarios = [
-        "bulk 1 stream",
-        "bulk 8 streams",
-        "1 KiB req/resp ×50",
-        "conn rate (connect, 1 KiB, close)",
-    ];
-    let mut rows = Vec::new();
-    for scenario in scenarios {
-        let origin = if scenario.starts_with("bulk") {
-            sink
-        } else {
-            echo
-        };
-        measure(None, origin, scenario, &mut rows);
-        let ours = shardproxy_pair(origin);
-        measure(Some(&ours), origin, scenario, &mut rows);
-        drop(ours);
-        let tunnel = encrypted_pair(origin);
-        measure(Some(&tunnel), origin, scenario, &mut rows);
-        drop(tunnel);
-        match haproxy_pair(origin) {
-            Some(h) => measure(Some(&h), origin, scenario, &mut rows),
-            None => eprintln!("haproxy not installed: skipping its row (apt-get install haproxy)"),
+    // (scenario, path) -> one cell per round.
+    let mut cells: BTreeMap<(usize, &'static str), Vec<Cell>> = BTreeMap::new();
+    for round in 0..rounds {
+        eprintln!("round {}/{rounds}", round + 1);
+        for (si, scenario) in SCENARIOS.iter().enumerate() {
+            let origin = if scenario.starts_with("bulk") {
+                sink
+            } else {
+                echo
+            };
+            let mut run = |name: &'static str, target: Option<Target>| {
+                let cell = measure(target.as_ref(), origin, scenario);
+                cells.entry((si, name)).or_default().push(cell);
+            };
+            run("direct", None);
+            run(FORWARD, Some(shardproxy_pair(origin)));
+            match haproxy_pair(origin) {
+                Some(h) => run(HAPROXY, Some(h)),
+                None => {
+                    eprintln!("haproxy not installed: skipping its row (apt-get install haproxy)")
+                }
+            }
+            run(ENCRYPTED, Some(encrypted_pair(origin)));
+            if let Some(ss) = shadowsocks_pair(origin, "2022-blake3-chacha20-poly1305", SS2022) {
+                run(SS2022, Some(ss));
+            }
+            if let Some(ss) = shadowsocks_pair(origin, "chacha20-ietf-poly1305", SS_AEAD) {
+                run(SS_AEAD, Some(ss));
+            }
         }
     }
     println!(
-        "AEAD backend {}: seal+open costs {:.3} CPU-s/GB on one core (16 KiB chunks)",
+        "AEAD backend {}: seal+open costs {:.3} CPU-s/GB on one core (16 KiB chunks); {rounds} round(s) of {} s per cell",
         shardproxy::proto::aead::backend_name(),
-        aead_cpu_per_gb()
+        aead_cpu_per_gb(),
+        secs().as_secs()
     );
-    println!("| scenario | path | rate | latency | proxies' CPU |");
+    println!("| scenario | path | rate (median) | p99 (median) | proxies' CPU, median [min–max] |");
     println!("|---|---|---|---|---|");
-    for r in rows {
+    let mut medians: BTreeMap<(usize, &'static str), (f64, Option<f64>)> = BTreeMap::new();
+    for (&(si, name), v) in &cells {
+        let scenario = SCENARIOS[si];
+        let mut rate: Vec<f64> = v.iter().map(|c| c.rate).collect();
+        let mut cpu: Vec<f64> = v.iter().map(|c| c.cpu).collect();
+        let mut p99: Vec<f64> = v
+            .iter()
+            .filter_map(|c| c.p99_us)
+            .map(|p| p as f64)
+            .collect();
+        let (lo, hi) = cpu
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), &c| (lo.min(c), hi.max(c)));
+        let cpu_m = median(&mut cpu);
+        let p99_m = (!p99.is_empty()).then(|| median(&mut p99));
+        medians.insert((si, name), (cpu_m, p99_m));
+        let rate_m = median(&mut rate);
+        let rate_txt = if scenario.starts_with("bulk") {
+            format!("{rate_m:.2} {}", rate_unit(scenario))
+        } else {
+            format!("{rate_m:.0} {}", rate_unit(scenario))
+        };
+        let p99_txt = p99_m
+            .map(|p| format!("{p:.0} µs"))
+            .unwrap_or_else(|| "-".into());
+        let cpu_txt = if name == "direct" {
+            "-".to_string()
+        } else {
+            format!("{cpu_m:.3} [{lo:.3}–{hi:.3}] {}", unit(scenario))
+        };
+        println!("| {scenario} | {name} | {rate_txt} | {p99_txt} | {cpu_txt} |");
+    }
+    println!();
+    println!("| scenario | forward ×2 / HAProxy ×2 | entry+exit / ss-rust 2022 | entry+exit / ss-rust chacha20-ietf-poly1305 | p99 ratio (fwd/HAProxy, enc/ss2022) |");
+    println!("|---|---|---|---|---|");
+    for (si, scenario) in SCENARIOS.iter().enumerate() {
+        let ratio = |a: &str, b: &str| match (medians.get(&(si, a)), medians.get(&(si, b))) {
+            (Some(x), Some(y)) if y.0 > 0.0 => format!("{:.2}×", x.0 / y.0),
+            _ => "-".into(),
+        };
+        let p99 = |a: &str, b: &str| match (medians.get(&(si, a)), medians.get(&(si, b))) {
+            (Some((_, Some(x))), Some((_, Some(y)))) if *y > 0.0 => format!("{:.2}×", x / y),
+            _ => "-".into(),
+        };
         println!(
-            "| {} | {} | {} | {} | {} |",
-            r.scenario, r.target, r.rate, r.latency, r.cpu
+            "| {scenario} | {} | {} | {} | {}, {} |",
+            ratio(FORWARD, HAPROXY),
+            ratio(ENCRYPTED, SS2022),
+            ratio(ENCRYPTED, SS_AEAD),
+            p99(FORWARD, HAPROXY),
+            p99(ENCRYPTED, SS2022)
         );
     }
 }

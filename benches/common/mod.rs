@@ -276,6 +276,72 @@ pub fn haproxy_pair(origin: SocketAddr) -> Option<Target> {
     })
 }
 
+/// shadowsocks-rust's binary `name`, on PATH or where
+/// `cargo install shadowsocks-rust --locked --root /opt/ssrust` puts it.
+pub fn ss_binary(name: &str) -> Option<String> {
+    let on_path = Command::new(name).arg("--version").output().ok();
+    if on_path.is_some_and(|o| o.status.success()) {
+        return Some(name.to_string());
+    }
+    let path = format!("/opt/ssrust/bin/{name}");
+    std::path::Path::new(&path).exists().then_some(path)
+}
+
+/// shadowsocks-rust in tunnel mode, the encrypted peer: `sslocal --protocol
+/// tunnel` (core 0) → `ssserver` (core 1) → origin, with `method` (e.g.
+/// `2022-blake3-chacha20-poly1305`, SIP022). Each is single-threaded and
+/// pinned like our pair. `None` (with a message) when it is not installed.
+pub fn shadowsocks_pair(origin: SocketAddr, method: &str, name: &'static str) -> Option<Target> {
+    let (Some(local), Some(server)) = (ss_binary("sslocal"), ss_binary("ssserver")) else {
+        eprintln!("shadowsocks-rust not installed: skipping {name} (cargo install shadowsocks-rust --locked --root /opt/ssrust)");
+        return None;
+    };
+    let (a, b) = (free_port(), free_port());
+    // 32 bytes of key, base64 (SIP022 keys are raw; the older methods
+    // derive theirs from the password).
+    let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    let spawn = |cpu: &str, bin: &str, args: Vec<String>| {
+        Command::new("taskset")
+            .args(["-c", cpu, bin, "--single-threaded"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let cb = spawn(
+        "1",
+        &server,
+        s(&["-s", &b.to_string(), "-m", method, "-k", key]),
+    );
+    let ca = spawn(
+        "0",
+        &local,
+        s(&[
+            "--protocol",
+            "tunnel",
+            "-b",
+            &a.to_string(),
+            "--forward-addr",
+            &origin.to_string(),
+            "-s",
+            &b.to_string(),
+            "-m",
+            method,
+            "-k",
+            key,
+        ]),
+    );
+    wait_listening(b);
+    wait_listening(a);
+    Some(Target {
+        name,
+        addr: a,
+        children: vec![ca, cb],
+    })
+}
+
 // ---------- workloads ----------
 
 /// Bulk upload over `streams` connections for about `secs()`; returns bytes.
@@ -306,6 +372,12 @@ pub fn bulk(addr: SocketAddr, streams: usize) -> u64 {
 
 /// 1 KiB ping-pong over `conns` keep-alive connections; returns the histogram (µs).
 pub fn request_response(addr: SocketAddr, conns: usize) -> Histogram<u64> {
+    request_response_sized(addr, conns, 1024)
+}
+
+/// `size`-byte ping-pong over `conns` keep-alive connections; returns the
+/// histogram of round trips (µs).
+pub fn request_response_sized(addr: SocketAddr, conns: usize, size: usize) -> Histogram<u64> {
     let limit = secs();
     let workers: Vec<_> = (0..conns)
         .map(|_| {
@@ -313,8 +385,8 @@ pub fn request_response(addr: SocketAddr, conns: usize) -> Histogram<u64> {
                 let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
                 let mut s = TcpStream::connect(addr).unwrap();
                 s.set_nodelay(true).unwrap();
-                let msg = [0x42u8; 1024];
-                let mut back = [0u8; 1024];
+                let msg = vec![0x42u8; size];
+                let mut back = vec![0u8; size];
                 let start = Instant::now();
                 while start.elapsed() < limit && h.len() < 10_000_000 {
                     let t = Instant::now();
