@@ -10,7 +10,8 @@ use std::rc::Rc;
 
 use crate::config::{Config, Limits};
 use crate::metrics::{Board, Publish, Timings};
-use crate::proto::KeySet;
+use crate::proto::{KeySet, SALT_LEN};
+use crate::rng::SaltRng;
 use crate::stats::{CloseReason, ShardStats};
 use crate::trigger::Trigger;
 
@@ -32,6 +33,7 @@ pub struct ShardCtx {
     /// Fired when draining and the last connection has closed.
     all_closed: Trigger,
     draining: Cell<bool>,
+    salts: RefCell<SaltRng>,
 }
 
 impl ShardCtx {
@@ -49,6 +51,7 @@ impl ShardCtx {
             abort: Trigger::new(),
             all_closed: Trigger::new(),
             draining: Cell::new(false),
+            salts: RefCell::new(SaltRng::new()),
         }
     }
 
@@ -85,6 +88,11 @@ impl ShardCtx {
     /// Installs reloaded keys for sessions that start from now on.
     pub fn replace_keys(&self, keys: KeySet) {
         *self.keys.borrow_mut() = Some(Rc::new(keys));
+    }
+
+    /// A fresh random salt for a hello (see [`crate::rng`]).
+    pub fn salt(&self) -> Result<[u8; SALT_LEN], getrandom::Error> {
+        self.salts.borrow_mut().salt()
     }
 
     /// Fires when the shard stops accepting (start of drain).

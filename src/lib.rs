@@ -19,6 +19,7 @@
 //! | [`trigger`]  | shard-local stop events and the stop-first `bounded` race    |
 //! | [`metrics`]  | per-shard HDR histograms, `/metrics`, `/histograms`, `stats`  |
 //! | [`stats`]    | per-shard counters and close reasons                         |
+//! | [`rng`]      | per-shard salt generator (ChaCha20 keyed from the OS)        |
 //! | [`config`]   | the one path from flags and files to a validated `Config`   |
 //! | [`cli`]      | clap structs only                                           |
 //! | [`units`]    | `500ms` / `16KiB` parsers shared by flags and config         |
@@ -42,6 +43,7 @@ pub mod log;
 pub mod metrics;
 pub mod proto;
 pub mod relay;
+pub mod rng;
 pub mod session;
 pub mod shard;
 pub mod stats;

@@ -17,7 +17,7 @@ use crate::conn::{Conn, Peer};
 use crate::context::ShardCtx;
 use crate::error::SessionError;
 use crate::metrics::Hist;
-use crate::proto::{accept_hello, ClientHandshake, CLIENT_HELLO_LEN, SALT_LEN, SERVER_HELLO_LEN};
+use crate::proto::{accept_hello, ClientHandshake, CLIENT_HELLO_LEN, SERVER_HELLO_LEN};
 use crate::relay::Framing;
 use crate::trigger::{bounded, Interrupted};
 
@@ -55,7 +55,7 @@ async fn entry(
     accepted_at: Instant,
 ) -> Result<(), SessionError> {
     let keys = ctx.keys().ok_or(SessionError::NoKeys)?;
-    let salt = random_salt()?;
+    let salt = ctx.salt().map_err(SessionError::Rng)?;
     let upstream = connect(ctx).await?;
     let deadline = Instant::now() + tun.handshake_timeout;
     let handshake = async {
@@ -100,7 +100,7 @@ async fn exit(
 ) -> Result<(), SessionError> {
     let deadline = accepted_at + tun.handshake_timeout;
     let keys = ctx.keys().ok_or(SessionError::NoKeys)?;
-    let server_salt = random_salt()?;
+    let server_salt = ctx.salt().map_err(SessionError::Rng)?;
     let mut hello = [0u8; CLIENT_HELLO_LEN];
     let read = within(
         ctx,
@@ -217,12 +217,6 @@ async fn discard_until(from: &Conn, ctx: &ShardCtx, deadline: Instant) {
         }
     };
     let _ = bounded(ctx.aborted(), Some(deadline), sink).await;
-}
-
-fn random_salt() -> Result<[u8; SALT_LEN], SessionError> {
-    let mut salt = [0u8; SALT_LEN];
-    getrandom::fill(&mut salt).map_err(SessionError::Rng)?;
-    Ok(salt)
 }
 
 fn unix_now() -> u64 {
