@@ -34,8 +34,22 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
     })?;
 
     let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, stop.clone()).map_err(StartupError::Signals)?;
+    // The first signal drains (forwarded to the proxies below); a second
+    // one exits at once with code 1, as the proxies themselves do.
+    let signals = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut incoming = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .map_err(StartupError::Signals)?;
+    {
+        let (stop, signals) = (stop.clone(), signals.clone());
+        std::thread::spawn(move || {
+            for _ in incoming.forever() {
+                signals.fetch_add(1, Ordering::Relaxed);
+                stop.store(true, Ordering::Relaxed);
+            }
+        });
     }
     let exe = std::env::current_exe().map_err(|source| StartupError::Demo {
         what: "the proxies (cannot find our own executable)",
@@ -75,6 +89,18 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
     // A proxy that failed before anyone asked the demo to stop.
     let mut failed = false;
     while !children.is_empty() {
+        if signals.load(Ordering::Relaxed) >= 2 {
+            // Second signal: the proxies' own second signal exits them at
+            // once (connections reset); so do we.
+            for c in &children {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &c.id().to_string()])
+                    .status();
+            }
+            crate::warn!("demo: second termination signal: exiting now");
+            let _ = std::fs::remove_file(&key_path);
+            std::process::exit(1);
+        }
         if stop.load(Ordering::Relaxed) && !forwarded {
             forwarded = true;
             for c in &children {

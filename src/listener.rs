@@ -93,6 +93,9 @@ struct AcceptState {
     fd_exhausted: Cell<bool>,
     /// Failures of this process (not of a peer), logged rate-limited.
     internal: RefCell<RateLimitedLog>,
+    /// Tunnel handshakes and authentication that failed (a wrong key, a
+    /// probe), logged rate-limited so a key mismatch shows in the log.
+    auth: RefCell<RateLimitedLog>,
 }
 
 /// Accepts until the shard stops accepting, then drops the listener so the
@@ -108,6 +111,7 @@ pub async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>) {
     let state = Rc::new(AcceptState {
         fd_exhausted: Cell::new(false),
         internal: RefCell::new(RateLimitedLog::new()),
+        auth: RefCell::new(RateLimitedLog::new()),
     });
     let stop = ctx.accepting_stopped().clone();
     let mut log = RateLimitedLog::new();
@@ -171,6 +175,10 @@ impl AcceptState {
     fn report(&self, shard: usize, e: &SessionError) {
         if e.is_fd_exhaustion() {
             self.fd_exhausted.set(true);
+        } else if e.reason() == CloseReason::AuthFailed {
+            self.auth.borrow_mut().log(|n| {
+                format!("shard {shard}: tunnel handshake or authentication failed: {e} ({n} similar suppressed; a wrong key on one side looks like this)")
+            });
         } else if e.side() == Side::Internal
             && !matches!(e, SessionError::Drained | SessionError::Idle)
         {

@@ -30,11 +30,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => 1_000,
         "m" => 60_000,
         "h" => 3_600_000,
-        _ => {
-            return Err(format!(
-                "`{text}` has unknown unit `{unit}`; use ms, s, m or h"
-            ))
-        }
+        _ => return Err(unit_error(text, unit, "ms, s, m or h, e.g. 500ms or 30s")),
     };
     value
         .checked_mul(millis_per_unit)
@@ -65,14 +61,27 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
         _ => {
-            return Err(format!(
-                "`{text}` has unknown unit `{unit}`; use B, KiB, MiB or GiB"
+            return Err(unit_error(
+                text,
+                unit,
+                "B, K/KiB, M/MiB or G/GiB (any case), e.g. 16KiB",
             ))
         }
     };
     value
         .checked_mul(multiplier)
         .ok_or_else(|| format!("`{text}` is too large"))
+}
+
+/// The message for a unit that does not parse, naming the likely slip.
+fn unit_error(text: &str, unit: &str, units: &str) -> String {
+    if unit.starts_with(char::is_whitespace) {
+        format!("`{text}`: write the unit right after the number, without a space; use {units}")
+    } else if unit.starts_with(['.', ',']) {
+        format!("`{text}`: whole numbers only (write 1500ms for 1.5s); use {units}")
+    } else {
+        format!("`{text}` has unknown unit `{unit}`; use {units}")
+    }
 }
 
 /// Formats a duration the way [`parse_duration`] reads it back.
@@ -102,6 +111,12 @@ mod tests {
         assert!(parse_duration("30").unwrap_err().contains("no unit"));
         assert!(parse_duration("ms").is_err());
         assert!(parse_duration("3d").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("30 s")
+            .unwrap_err()
+            .contains("without a space"));
+        assert!(parse_duration("1.5s")
+            .unwrap_err()
+            .contains("whole numbers"));
         assert!(parse_duration("99999999999999999999s").is_err());
         assert!(parse_duration("18446744073709551615h").is_err());
     }
@@ -117,6 +132,10 @@ mod tests {
         }
         assert!(parse_size("KiB").is_err());
         assert!(parse_size("1TiB").is_err());
+        assert!(parse_size("16 KiB")
+            .unwrap_err()
+            .contains("without a space"));
+        assert!(parse_size("1.5MiB").unwrap_err().contains("whole numbers"));
         assert!(parse_size("-1").is_err());
     }
 

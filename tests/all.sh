@@ -37,6 +37,16 @@ if ! python3 -c 'import cryptography, hdrh' 2>/dev/null; then
   }
 fi
 
-cargo test --locked
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --locked 2>&1 | tee "$log"
 # deploy/ assets, each checked by its ecosystem's validator (installs them).
-bash tests/deploy_assets.sh
+bash tests/deploy_assets.sh 2>&1 | tee -a "$log"
+
+# One line for the whole run: cargo's per-binary results plus the deploy checks.
+passed=$(grep -oE '(ok|FAILED)\. [0-9]+ passed' "$log" | awk '{s+=$2} END {print s+0}')
+failed=$(grep -oE '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')
+deploy=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | tail -1)
+passed=$((passed + ${deploy%% passed*}))
+failed=$((failed + $(echo "$deploy" | awk '{print $3}')))
+echo "total: $passed passed, $failed failed"

@@ -3,7 +3,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -327,4 +327,38 @@ fn ipv6_listener_is_v6_only_unless_dual_stack() {
     let mut b = [0u8; 4];
     c.read_exact(&mut b).unwrap();
     assert_eq!(&b, b"four");
+}
+
+/// The demo honours the README: the first Ctrl-C drains, a second one exits
+/// at once with code 1 (it used to wait out the drain and exit 0).
+#[test]
+fn demo_second_signal_exits_at_once() {
+    let ports: Vec<String> = (0..3).map(|_| dead_port().port().to_string()).collect();
+    let mut demo = Proxy::command([
+        "demo",
+        "--port",
+        &ports[0],
+        "--origin-port",
+        &ports[1],
+        "--exit-port",
+        &ports[2],
+    ])
+    .shards(1)
+    .start();
+    demo.wait_for_lines(|l| l.contains("listening on"), 2, Duration::from_secs(20));
+    let entry: SocketAddr = format!("127.0.0.1:{}", ports[0]).parse().unwrap();
+    // A live connection keeps the drain going.
+    let _held = TcpStream::connect(entry).unwrap();
+    demo.wait_for_log(|l| l.contains("demo: try"), Duration::from_secs(10));
+    demo.signal("INT");
+    demo.wait_for_log(|l| l.contains("draining"), Duration::from_secs(10));
+    let started = Instant::now();
+    demo.signal("INT");
+    let status = demo.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
 }

@@ -221,17 +221,20 @@ pub fn translate(
     path: &str,
     command_role: Option<&str>,
 ) -> Result<FileArgs, FileError> {
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| FileError::Syntax {
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        let first = e.message().lines().next().unwrap_or("syntax error");
+        // Name the line: "duplicate key" alone does not say which.
+        let line = e
+            .span()
+            .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+        FileError::Syntax {
             path: path.to_string(),
-            reason: e
-                .message()
-                .lines()
-                .next()
-                .unwrap_or("syntax error")
-                .to_string(),
-        })?;
+            reason: match line {
+                Some(n) => format!("line {n}: {first}"),
+                None => first.to_string(),
+            },
+        }
+    })?;
     let file_role = match table.get("role") {
         None => None,
         Some(toml::Value::String(r)) if ROLES.contains(&r.as_str()) => Some(r.clone()),
@@ -284,6 +287,13 @@ pub fn translate(
                 .map(|(l, _)| l.replace('-', "_"))
                 .find(|k| edit_distance(k, &key.replace('-', "_")) <= 2)
                 .map(|k| format!(" (did you mean `{k}`?)"))
+                .or_else(|| {
+                    matches!(
+                        key.as_str(),
+                        "key_file" | "handshake_timeout" | "max_clock_skew"
+                    )
+                    .then(|| " (it applies only to roles entry and exit)".to_string())
+                })
                 .unwrap_or_default();
             return Err(FileError::UnknownKey {
                 path: path.to_string(),
