@@ -34,7 +34,13 @@ pub struct ShardCtx {
     all_closed: Trigger,
     draining: Cell<bool>,
     salts: RefCell<SaltRng>,
+    /// Relay buffers of finished connections, for the next ones.
+    buffers: RefCell<Vec<Vec<u8>>>,
 }
+
+/// Bytes of idle relay buffers a shard keeps for reuse (256 connections'
+/// worth at the default 16 KiB).
+const POOLED_BYTES: usize = 8 << 20;
 
 impl ShardCtx {
     /// The context of shard `id`; `board` is where metrics snapshots go.
@@ -52,6 +58,7 @@ impl ShardCtx {
             all_closed: Trigger::new(),
             draining: Cell::new(false),
             salts: RefCell::new(SaltRng::new()),
+            buffers: RefCell::new(Vec::new()),
         }
     }
 
@@ -93,6 +100,33 @@ impl ShardCtx {
     /// A fresh random salt for a hello (see [`crate::rng`]).
     pub fn salt(&self) -> Result<[u8; SALT_LEN], getrandom::Error> {
         self.salts.borrow_mut().salt()
+    }
+
+    /// A relay buffer of `len` bytes: a pooled one, or a new zeroed one. A
+    /// pooled buffer holds bytes of an earlier connection; the relay only
+    /// ever sends what it read into a buffer, never what was there. `None`
+    /// if the allocation fails (the caller's connection ends; the process
+    /// does not abort).
+    pub fn buffer(&self, len: usize) -> Option<Vec<u8>> {
+        let mut pool = self.buffers.borrow_mut();
+        match pool.pop() {
+            Some(buf) if buf.len() == len => Some(buf),
+            _ => {
+                pool.clear();
+                let mut buf = Vec::new();
+                buf.try_reserve_exact(len).ok()?;
+                buf.resize(len, 0);
+                Some(buf)
+            }
+        }
+    }
+
+    /// Returns a relay buffer for reuse (dropped beyond the pool's bound).
+    pub fn recycle(&self, buf: Vec<u8>) {
+        let mut pool = self.buffers.borrow_mut();
+        if (pool.len() + 1) * buf.len() <= POOLED_BYTES {
+            pool.push(buf);
+        }
     }
 
     /// Fires when the shard stops accepting (start of drain).

@@ -105,9 +105,15 @@ pub async fn run(
         read_size: read_size.clamp(1, MAX_PAYLOAD),
     };
     // A failed allocation is this connection's error, never the process's
-    // abort (a large --buffer-size under a memory limit).
-    let (mut up_buf, mut down_buf) = (buffer(buf_size)?, buffer(buf_size)?);
-    bounded(
+    // abort (a large --buffer-size under a memory limit). Buffers come from
+    // and go back to the shard's pool: no allocation or zeroing per
+    // connection once the shard is warm.
+    let take = || {
+        ctx.buffer(buf_size)
+            .ok_or(SessionError::OutOfMemory(buf_size))
+    };
+    let (mut up_buf, mut down_buf) = (take()?, take()?);
+    let result = bounded(
         ctx.aborted(),
         None,
         future::or(
@@ -126,16 +132,10 @@ pub async fn run(
         ),
     )
     .await
-    .unwrap_or(Err(SessionError::Drained))
-}
-
-/// A zeroed relay buffer of `len` bytes, or [`SessionError::OutOfMemory`].
-fn buffer(len: usize) -> Result<Vec<u8>, SessionError> {
-    let mut buf = Vec::new();
-    buf.try_reserve_exact(len)
-        .map_err(|_| SessionError::OutOfMemory(len))?;
-    buf.resize(len, 0);
-    Ok(buf)
+    .unwrap_or(Err(SessionError::Drained));
+    ctx.recycle(up_buf);
+    ctx.recycle(down_buf);
+    result
 }
 
 /// What both pumps of one pair share.

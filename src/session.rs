@@ -165,19 +165,27 @@ fn relay<'a>(
 
 /// Connects upstream within `--connect-timeout`, giving up at once if the
 /// shard aborts; records the connect time.
+///
+/// The deadline is io_uring's own (`IORING_OP_LINK_TIMEOUT` linked to the
+/// connect), so a connection costs no reactor timer for it.
 async fn connect(ctx: &ShardCtx) -> Result<Conn, SessionError> {
     let started = Instant::now();
-    let deadline = started + ctx.limits().connect_timeout;
-    let attempt = TcpStream::connect(ctx.config().upstream);
-    match bounded(ctx.aborted(), Some(deadline), attempt).await {
+    let attempt = TcpStream::connect_timeout(ctx.config().upstream, ctx.limits().connect_timeout);
+    match bounded(ctx.aborted(), None, attempt).await {
         Ok(Ok(stream)) => {
             ctx.timings()
                 .record(Hist::UpstreamConnect, started.elapsed());
             Ok(Conn::new(stream, Peer::Upstream))
         }
-        Ok(Err(e)) => Err(SessionError::Connect(e.into())),
-        Err(Interrupted::Stopped) => Err(SessionError::Drained),
-        Err(Interrupted::Deadline) => Err(SessionError::ConnectTimeout),
+        Ok(Err(e)) => {
+            let e = std::io::Error::from(e);
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                Err(SessionError::ConnectTimeout)
+            } else {
+                Err(SessionError::Connect(e))
+            }
+        }
+        Err(_) => Err(SessionError::Drained),
     }
 }
 
