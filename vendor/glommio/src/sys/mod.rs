@@ -306,6 +306,11 @@ impl SleepNotifier {
     }
 
     pub(crate) fn notify(&self, force: bool) {
+        // shardproxy patch: pairs with the `SeqCst` fence the sleeping
+        // executor issues after setting `should_notify` (it replaced a
+        // `membarrier` there): whatever this thread queued before is seen
+        // by the sleeper, or the sleeper's flag is seen here.
+        std::sync::atomic::fence(Ordering::SeqCst);
         if self
             .should_notify
             .compare_exchange(true, false, Ordering::Relaxed, Ordering::Relaxed)

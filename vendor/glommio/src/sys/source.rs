@@ -224,12 +224,6 @@ impl Source {
         })
     }
 
-    /// shardproxy patch: takes the latest completion of a multishot poll,
-    /// leaving `None` until the next one arrives.
-    pub(crate) fn take_result(&self) -> Option<io::Result<usize>> {
-        self.inner.borrow_mut().wakers.result.take()
-    }
-
     /// shardproxy patch: whether the request is still queued or in the
     /// kernel (a multishot poll stays so until the kernel ends it).
     pub(crate) fn is_in_flight(&self) -> bool {

@@ -37,7 +37,7 @@ use crate::{
         self,
         blocking::{BlockingThreadOp, BlockingThreadPool},
         dma_buffer::{BufferStorage, DmaBuffer},
-        membarrier, DirectIo, EnqueuedSource, EnqueuedStatus, InnerSource, IoBuffer,
+        DirectIo, EnqueuedSource, EnqueuedStatus, InnerSource, IoBuffer,
         PollableStatus, Source, SourceType, Statx, TimeSpec64,
     },
     uring_sys::{self, IoRingOp},
@@ -1100,7 +1100,7 @@ impl SleepableRing {
                         .borrow_mut()
                         .add_source(link, self.submission_queue.clone()),
                 ),
-                args: UringOpDescriptor::PollAdd(common_flags() | read_flags()),
+                args: UringOpDescriptor::PollAddMulti(common_flags() | read_flags()),
             };
             fill_sqe(
                 &mut sqe,
@@ -1144,6 +1144,25 @@ impl SleepableRing {
                 .or_else(Reactor::again_ok)
                 .or_else(Reactor::intr_ok)
         }
+    }
+}
+
+impl SleepableRing {
+    /// shardproxy patch: sleeps until a completion arrives, the rings being
+    /// already linked by a multishot poll (see `link_rings_and_sleep`).
+    fn wait_linked(&mut self) -> io::Result<usize> {
+        assert_eq!(
+            self.waiting_kernel_submission(),
+            0,
+            "sleeping with pending SQEs"
+        );
+        self.ring
+            .cq()
+            .wait(1)
+            .map(|_| 1)
+            .or_else(Reactor::busy_ok)
+            .or_else(Reactor::again_ok)
+            .or_else(Reactor::intr_ok)
     }
 }
 
@@ -1267,6 +1286,13 @@ pub(crate) struct Reactor {
     latency_preemption_timeout_src: Cell<Option<Source>>,
     /// shardproxy patch: when the latency preemption timer was armed.
     latency_preemption_armed_at: Cell<Option<Instant>>,
+    /// shardproxy patch: the timeout that wakes a sleeping executor for the
+    /// next user timer, and its deadline; kept while the deadline holds.
+    user_timer_src: Cell<Option<Source>>,
+    user_timer_at: Cell<Option<Instant>>,
+    /// shardproxy patch: the multishot poll that links the latency ring to
+    /// the main ring, armed once instead of once per sleep.
+    link_rings_src: RefCell<Option<Source>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
@@ -1399,6 +1425,9 @@ impl Reactor {
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
             latency_preemption_armed_at: Cell::new(None),
+            user_timer_src: Cell::new(None),
+            user_timer_at: Cell::new(None),
+            link_rings_src: RefCell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
             link_fd,
@@ -1482,20 +1511,6 @@ impl Reactor {
 
     pub(crate) fn read_buffered(&self, source: &Source, pos: u64, size: usize) {
         let op = UringOpDescriptor::Read(pos, size);
-        queue_request_into_ring(
-            &mut *self.ring_for_source(source),
-            source,
-            op,
-            &mut self.source_map.borrow_mut(),
-        );
-    }
-
-    /// shardproxy patch: arms a multishot poll. Each readiness event posts a
-    /// completion that stores its result in the source and wakes its waiter,
-    /// and the source stays in flight until the kernel ends the poll (a CQE
-    /// without `IORING_CQE_F_MORE`) or the source is dropped (cancelled).
-    pub(crate) fn poll_ready_multishot(&self, source: &Source, flags: PollFlags) {
-        let op = UringOpDescriptor::PollAddMulti(flags);
         queue_request_into_ring(
             &mut *self.ring_for_source(source),
             source,
@@ -1785,7 +1800,16 @@ impl Reactor {
     ///
     /// We may not be able to register an `SQE` at this point, so we return an
     /// Error and will just not sleep.
+    ///
+    /// shardproxy patch: the link is a multishot poll armed once and kept
+    /// (every completion in the latency ring posts one in the main ring), so
+    /// a sleep is one `io_uring_enter` instead of a submit, a wait and a
+    /// later cancellation.
     fn link_rings_and_sleep(&self, ring: &mut SleepableRing) -> io::Result<()> {
+        let mut link = self.link_rings_src.borrow_mut();
+        if link.as_ref().is_some_and(|s| s.is_in_flight()) {
+            return ring.wait_linked().or_else(Self::busy_ok).map(|_| {});
+        }
         let link_rings = Source::new(
             IoRequirements::default(),
             self.link_fd,
@@ -1793,7 +1817,9 @@ impl Reactor {
             None,
             None,
         );
-        ring.sleep(&link_rings).or_else(Self::busy_ok).map(|_| {})
+        let slept = ring.sleep(&link_rings);
+        *link = Some(link_rings);
+        slept.or_else(Self::busy_ok).map(|_| {})
     }
 
     pub(crate) fn poll_io(&self, woke: &mut usize) -> io::Result<()> {
@@ -1889,13 +1915,19 @@ impl Reactor {
         // microseconds of work per iteration paid for every message. A kept
         // timer can only preempt a task queue early (after at least half the
         // period), never late.
+        //
+        // Before a possible sleep it is kept too: if it fires, it wakes the
+        // executor once (at most once per period), which is cheaper than a
+        // cancel now and a new timer at the next wake-up.
+        let pending = {
+            let src = self.latency_preemption_timeout_src.take();
+            let pending = src.as_ref().is_some_and(|s| s.is_in_flight());
+            self.latency_preemption_timeout_src.set(src);
+            pending
+        };
         let keep_latency_timer = match (preempt_timer(), self.latency_preemption_armed_at.get()) {
-            (Some(period), Some(armed_at)) => {
-                let src = self.latency_preemption_timeout_src.take();
-                let pending = src.as_ref().is_some_and(|s| s.is_in_flight());
-                self.latency_preemption_timeout_src.set(src);
-                pending && armed_at.elapsed() < period / 2
-            }
+            (Some(period), Some(armed_at)) => pending && armed_at.elapsed() < period / 2,
+            (None, Some(_)) => pending,
             _ => false,
         };
         if !keep_latency_timer {
@@ -1938,10 +1970,26 @@ impl Reactor {
         if should_sleep {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
+            //
+            // shardproxy patch: in its own source, kept while the next user
+            // timer's deadline is the same (a relay's idle timer changes
+            // rarely), instead of a new timeout on every sleep.
             if let Some(dur) = user_timer {
-                self.latency_preemption_timeout_src
-                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
-                assert!(flush_rings!(lat_ring)? > 0);
+                let at = Instant::now() + dur;
+                let src = self.user_timer_src.take();
+                let same = src.as_ref().is_some_and(|s| s.is_in_flight())
+                    && self.user_timer_at.get().is_some_and(|old| {
+                        old.max(at) - old.min(at) < Duration::from_millis(1)
+                    });
+                if same {
+                    self.user_timer_src.set(src);
+                } else {
+                    drop(src);
+                    self.user_timer_src
+                        .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+                    self.user_timer_at.set(Some(at));
+                    assert!(flush_rings!(lat_ring)? > 0);
+                }
             }
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
@@ -1949,9 +1997,15 @@ impl Reactor {
             // that opened up room. If it did we bail on sleep and go process it.
             self.notifier.prepare_to_sleep();
             // See https://www.scylladb.com/2018/02/15/memory-barriers-seastar-linux/ for
-            // details. This translates to `sys_membarrier()` /
-            // `MEMBARRIER_CMD_PRIVATE_EXPEDITED`
-            membarrier::heavy();
+            // details.
+            //
+            // shardproxy patch: a `SeqCst` fence here and one in
+            // `SleepNotifier::notify` (the remote side, before it reads
+            // `should_notify`) instead of `membarrier(PRIVATE_EXPEDITED)`,
+            // a syscall with IPIs on every sleep. Remote wake-ups are rare
+            // for a proxy and sleeps are frequent, so the fence goes on both
+            // sides (the classic Dekker pairing).
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
             let events = process_remote_channels() + self.flush_syscall_thread();
             if events == 0 {
                 if self.eventfd_src.is_installed().unwrap() {
