@@ -7,7 +7,8 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::{Command, ExitStatus};
+use std::time::Duration;
 
 use common::*;
 
@@ -54,10 +55,33 @@ fn value_line(key: &str, value: &str) -> String {
     }
 }
 
+/// Exit status and stderr of one run.
+type Ran = (ExitStatus, String);
+
+/// Runs the binary with `args`, bounded by `common::run_bounded`: a
+/// regression that accepts its input and starts serving fails instead of
+/// hanging the suite.
+fn run(args: &[&str]) -> Ran {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args);
+    run_bounded(cmd, Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("{args:?} did not exit within 20 s"))
+}
+
+/// `shardproxy check --config PATH`.
+fn check(path: &str) -> Ran {
+    run(&["check", "--config", path])
+}
+
+/// Exit code 0.
+fn assert_ok(ran: &Ran, what: &str) {
+    assert!(ran.0.success(), "{what}: {}", ran.1);
+}
+
 /// Exit code 2 and exactly one line on stderr, naming `must_name`.
-fn assert_one_line_error(out: &Output, must_name: &str, what: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{what}: {stderr}");
+fn assert_one_line_error(ran: &Ran, must_name: &str, what: &str) {
+    let (status, stderr) = ran;
+    assert_eq!(status.code(), Some(2), "{what}: {stderr}");
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 1, "{what}: not one line: {stderr}");
     assert!(lines[0].starts_with("error: "), "{what}: {stderr}");
@@ -76,25 +100,15 @@ fn every_numeric_setting_has_an_enforced_range() {
             &format!("{name}-ok.toml"),
             &config(role, &key, &value_line(name, max_valid)),
         );
-        let out = Command::new(BIN)
-            .args(["check", "--config", &path])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{name} = {max_valid} rejected: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = check(&path);
+        assert_ok(&out, &format!("{name} = {max_valid} rejected"));
         for bad in invalid {
             // check: the file and key are named.
             let path = write(
                 &format!("{name}-bad.toml"),
                 &config(role, &key, &value_line(name, bad)),
             );
-            let out = Command::new(BIN)
-                .args(["check", "--config", &path])
-                .output()
-                .unwrap();
+            let out = check(&path);
             assert_one_line_error(
                 &out,
                 &format!("key `{name}`"),
@@ -106,7 +120,7 @@ fn every_numeric_setting_has_an_enforced_range() {
                 args.extend(["--key-file", &key]);
             }
             args.extend([flag.as_str(), bad]);
-            let out = Command::new(BIN).args(&args).output().unwrap();
+            let out = run(&args);
             assert_one_line_error(&out, &flag, &format!("{flag} {bad}"));
         }
     }
@@ -119,24 +133,14 @@ fn cores_are_bounded_by_the_cpu_mask() {
         "cores-ok.toml",
         &config("forward", "", "").replace("cores = 1", &format!("cores = {n}")),
     );
-    let out = Command::new(BIN)
-        .args(["check", "--config", &ok])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = check(&ok);
+    assert_ok(&out, &format!("cores = {n}"));
     for bad in ["0", &(n + 1).to_string(), "-1"] {
         let path = write(
             "cores-bad.toml",
             &config("forward", "", "").replace("cores = 1", &format!("cores = {bad}")),
         );
-        let out = Command::new(BIN)
-            .args(["check", "--config", &path])
-            .output()
-            .unwrap();
+        let out = check(&path);
         assert_one_line_error(&out, "key `cores`", &format!("cores = {bad}"));
     }
 }
@@ -148,29 +152,20 @@ fn settings_that_cannot_work_are_errors_or_warnings() {
         "port0.toml",
         &config("forward", "", "").replace("127.0.0.1:9", "127.0.0.1:0"),
     );
-    let out = Command::new(BIN)
-        .args(["check", "--config", &path])
-        .output()
-        .unwrap();
+    let out = check(&path);
     assert_one_line_error(&out, "port 0", "upstream port 0");
     // A dashed key: an error with a hint.
     let path = write("dashed.toml", &config("forward", "", "dual-stack = true"));
-    let out = Command::new(BIN)
-        .args(["check", "--config", &path])
-        .output()
-        .unwrap();
+    let out = check(&path);
     assert_one_line_error(&out, "did you mean `dual_stack`", "dashed key");
     // --dual-stack on an IPv4 listener, a backlog above somaxconn: warnings.
     let path = write(
         "noop.toml",
         &config("forward", "", "dual_stack = true\nbacklog = 65535"),
     );
-    let out = Command::new(BIN)
-        .args(["check", "--config", &path])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    let out = check(&path);
+    let stderr = &out.1;
+    assert!(out.0.success(), "{stderr}");
     assert!(
         stderr.contains("--dual-stack has no effect on 127.0.0.1:0"),
         "{stderr}"
@@ -185,25 +180,15 @@ fn settings_that_cannot_work_are_errors_or_warnings() {
     }
     // Lower-case size units are accepted like upper-case ones.
     let path = write("k.toml", &config("forward", "", "buffer_size = \"16k\""));
-    let out = Command::new(BIN)
-        .args(["check", "--config", &path])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = check(&path);
+    assert_ok(&out, "buffer_size = 16k");
 }
 
 #[test]
 fn clap_errors_keep_the_part_that_matters() {
-    let out = Command::new(BIN)
-        .args(["forward", "--listen", "127.0.0.1:0"])
-        .output()
-        .unwrap();
+    let out = run(&["forward", "--listen", "127.0.0.1:0"]);
     assert_one_line_error(&out, "--upstream <HOST:PORT>", "missing --upstream");
-    let out = Command::new(BIN).arg("forwrd").output().unwrap();
+    let out = run(&["forwrd"]);
     assert_one_line_error(&out, "'forward'", "typo of forward");
 }
 
@@ -231,15 +216,8 @@ fn files_in_every_common_encoding_are_accepted() {
             _ => text.trim_end().to_string(),
         };
         let path = write(&format!("enc-{name}.toml"), &cfg);
-        let out = Command::new(BIN)
-            .args(["check", "--config", &path])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = check(&path);
+        assert_ok(&out, name);
     }
 }
 
@@ -261,26 +239,17 @@ fn files_that_are_not_text_are_named_for_what_they_are() {
             &format!("bad-key-{name}.toml"),
             &config("exit", &key_path, ""),
         );
-        let out = Command::new(BIN)
-            .args(["check", "--config", &path])
-            .output()
-            .unwrap();
+        let out = check(&path);
         assert_one_line_error(&out, must, &format!("key file {name}"));
         let path = write(&format!("bad-cfg-{name}.toml"), "");
         std::fs::write(&path, &bytes).unwrap();
-        let out = Command::new(BIN)
-            .args(["check", "--config", &path])
-            .output()
-            .unwrap();
+        let out = check(&path);
         assert_one_line_error(&out, must, &format!("config file {name}"));
     }
     // A key of the wrong length says so, not "not base64".
     let short = key_file(&["AAAAAAAAAAAAAAAAAAAAAA=="]);
     let path = write("short-key.toml", &config("exit", &short, ""));
-    let out = Command::new(BIN)
-        .args(["check", "--config", &path])
-        .output()
-        .unwrap();
+    let out = check(&path);
     assert_one_line_error(&out, "decodes to 16 bytes", "short key");
 }
 
@@ -321,7 +290,7 @@ fn special_and_oversized_files_are_refused_at_once() {
             "larger than",
         ),
     ] {
-        let out = run_bounded(&args);
+        let out = run(&args);
         assert_one_line_error(&out, must, what);
     }
     for (what, key, must) in [
@@ -330,34 +299,15 @@ fn special_and_oversized_files_are_refused_at_once() {
         ("key over 64 KiB", big_key, "larger than 65536 bytes"),
     ] {
         let path = write("special.toml", &config("exit", key, ""));
-        let out = run_bounded(&["check", "--config", &path]);
+        let out = run(&["check", "--config", &path]);
         assert_one_line_error(&out, must, what);
     }
-}
-
-/// Runs the binary with a 10 s bound, so a regression that blocks fails.
-fn run_bounded(args: &[&str]) -> Output {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = std::time::Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > std::time::Duration::from_secs(10) {
-            let _ = child.kill();
-            panic!("{args:?} did not finish within 10 s");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
 }
 
 /// Operator input quoted in an error cannot add lines (log injection).
 #[test]
 fn errors_quoting_input_stay_one_line() {
-    let out = run_bounded(&[
+    let out = run(&[
         "forward",
         "--listen",
         "127.0.0.1:1\nINFO  forged",
@@ -369,7 +319,7 @@ fn errors_quoting_input_stay_one_line() {
         "inject.toml",
         &config("forward", "", "").replace("127.0.0.1:9", "127.0.0.1:9\\r\\nWARN  spoofed"),
     );
-    let out = run_bounded(&["check", "--config", &path]);
+    let out = run(&["check", "--config", &path]);
     assert_one_line_error(&out, "\\r\\nWARN  spoofed", "CRLF in upstream");
 }
 
@@ -378,7 +328,7 @@ fn errors_quoting_input_stay_one_line() {
 #[test]
 fn flags_override_the_file_including_exclusive_ones() {
     let path = write("override.toml", &config("forward", "", "dual_stack = true"));
-    let out = run_bounded(&[
+    let out = run(&[
         "forward",
         "--config",
         &path,
@@ -396,7 +346,7 @@ fn flags_override_the_file_including_exclusive_ones() {
         "cpulist.toml",
         &config("forward", "", "").replace("cores = 1", "cpu_list = \"0\""),
     );
-    let out = run_bounded(&[
+    let out = run(&[
         "forward",
         "--config",
         &cores_file,
@@ -414,7 +364,7 @@ fn flags_override_the_file_including_exclusive_ones() {
 #[test]
 fn demo_rejects_more_cores_than_allowed() {
     let n = std::thread::available_parallelism().unwrap().get() + 1;
-    let out = run_bounded(&[
+    let out = run(&[
         "demo",
         "--cores",
         &n.to_string(),
