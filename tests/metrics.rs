@@ -379,6 +379,16 @@ fn junk_on_the_metrics_port_is_answered_and_survived() {
     assert!(body.contains("shardproxy_connections_accepted_total"));
 }
 
+/// A one-shard `forward` with its metrics endpoint, and that endpoint.
+fn forward_with_metrics() -> (Proxy, SocketAddr) {
+    let p = Proxy::forward(echo_origin())
+        .shards(1)
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .start();
+    let m = metrics_addr(&p);
+    (p, m)
+}
+
 /// Times one request; panics on anything but 200.
 fn timed_get(addr: SocketAddr, path: &str) -> Duration {
     let t = Instant::now();
@@ -393,12 +403,7 @@ fn timed_get(addr: SocketAddr, path: &str) -> Duration {
 /// for the whole head, not kept alive byte by byte.
 #[test]
 fn slow_clients_cannot_hold_the_metrics_endpoint() {
-    let up = echo_origin();
-    let p = Proxy::forward(up)
-        .shards(1)
-        .args(["--metrics-listen", "127.0.0.1:0"])
-        .start();
-    let m = metrics_addr(&p);
+    let (_proxy, m) = forward_with_metrics();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let cut = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
@@ -458,12 +463,7 @@ fn slow_clients_cannot_hold_the_metrics_endpoint() {
 /// answers (the old cap of 16 closed every newcomer, probes included).
 #[test]
 fn a_burst_of_idle_connections_does_not_lock_out_healthz() {
-    let up = echo_origin();
-    let p = Proxy::forward(up)
-        .shards(1)
-        .args(["--metrics-listen", "127.0.0.1:0"])
-        .start();
-    let m = metrics_addr(&p);
+    let (_proxy, m) = forward_with_metrics();
     let idle: Vec<TcpStream> = (0..100).map(|_| TcpStream::connect(m).unwrap()).collect();
     for _ in 0..20 {
         assert!(timed_get(m, "/healthz") < Duration::from_secs(1));
@@ -475,12 +475,7 @@ fn a_burst_of_idle_connections_does_not_lock_out_healthz() {
 /// request with bare LF line ends is answered (RFC 9112 §2.2).
 #[test]
 fn oversized_heads_get_their_answer_and_bare_lf_is_accepted() {
-    let up = echo_origin();
-    let p = Proxy::forward(up)
-        .shards(1)
-        .args(["--metrics-listen", "127.0.0.1:0"])
-        .start();
-    let m = metrics_addr(&p);
+    let (_proxy, m) = forward_with_metrics();
     for size in [8 * 1024 + 7, 9_000, 200_000] {
         let mut c = TcpStream::connect(m).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
