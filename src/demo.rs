@@ -92,22 +92,14 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
         if signals.load(Ordering::Relaxed) >= 2 {
             // Second signal: the proxies' own second signal exits them at
             // once (connections reset); so do we.
-            for c in &children {
-                let _ = Command::new("kill")
-                    .args(["-TERM", &c.id().to_string()])
-                    .status();
-            }
+            terminate(&children);
             crate::warn!("demo: second termination signal: exiting now");
             let _ = std::fs::remove_file(&key_path);
             std::process::exit(1);
         }
         if stop.load(Ordering::Relaxed) && !forwarded {
             forwarded = true;
-            for c in &children {
-                let _ = Command::new("kill")
-                    .args(["-TERM", &c.id().to_string()])
-                    .status();
-            }
+            terminate(&children);
         }
         children.retain_mut(|c| match c.try_wait() {
             Ok(Some(status)) => {
@@ -130,6 +122,15 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
         });
     }
     Ok(())
+}
+
+/// Sends SIGTERM to each demo proxy (a second one makes it exit at once).
+fn terminate(children: &[Child]) {
+    for c in children {
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+    }
 }
 
 fn listen_error(addr: SocketAddr, e: std::io::Error) -> StartupError {
