@@ -53,7 +53,8 @@ fn raise_fd_limit(needed: u64) {
     }
 }
 
-/// Writes a fresh key to `args.out` (mode 0600, refusing to overwrite) or stdout.
+/// Writes a fresh key to `args.out` (mode 0600, refusing to overwrite) and
+/// prints its fingerprint, or prints the key alone to stdout.
 pub fn keygen(args: &KeygenArgs) -> Result<(), StartupError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -70,6 +71,7 @@ pub fn keygen(args: &KeygenArgs) -> Result<(), StartupError> {
             .mode(0o600)
             .open(path)
             .and_then(|mut f| f.write_all(line.as_bytes()))
+            .map(|()| println!("wrote key {} to {path}", key.fingerprint()))
             .map_err(|e| StartupError::Keygen(format!("cannot write {path}: {e}"))),
     }
 }
@@ -82,8 +84,12 @@ pub fn check(path: &str) -> Result<String, StartupError> {
     for w in warnings {
         crate::warn!("{w}");
     }
+    let keys = cfg
+        .tunnel()
+        .map(|t| format!(", keys from {}: {}", t.key_file, t.keys.describe()))
+        .unwrap_or_default();
     Ok(format!(
-        "config {path} OK: role {}, listen {}, upstream {} ({}), {} shard(s) on cores {}",
+        "config {path} OK: role {}, listen {}, upstream {} ({}), {} shard(s) on cores {}{keys}",
         cfg.role().as_str(),
         cfg.listen,
         cfg.upstream_name,
@@ -111,6 +117,12 @@ pub fn run(cfg: Config) -> Result<(), StartupError> {
             Some(board)
         }
     };
+    if let Some(t) = cfg.tunnel() {
+        crate::info!("keys from {}: {}", t.key_file, t.keys.describe());
+        if let Some(b) = &board {
+            b.set_keys(t.keys.fingerprints());
+        }
+    }
     let (controller, shard_ends) =
         Controller::new(cfg.cores.len()).map_err(StartupError::Signals)?;
     controller.handle_signals(cfg.tunnel().map(|t| t.key_file.clone()), board.clone())?;

@@ -105,9 +105,12 @@ impl Controller {
                                         crate::warn!("{w}");
                                     }
                                     crate::info!(
-                                        "SIGHUP: reloaded {} key(s) from {path}",
-                                        keys.all().len()
+                                        "SIGHUP: reloaded {} from {path}",
+                                        keys.describe()
                                     );
+                                    if let Some(b) = &board {
+                                        b.set_keys(keys.fingerprints());
+                                    }
                                     self.broadcast(Message::Keys(keys));
                                 }
                                 Err(e) => crate::error!("SIGHUP: {e}; keeping the current keys"),

@@ -6,6 +6,9 @@ use std::process::ExitCode;
 use shardproxy::config::{Loaded, Tool};
 
 fn main() -> ExitCode {
+    // First, before any code that may use them: the CPU features this build
+    // was compiled to assume. Without them the process would die of SIGILL.
+    shardproxy::sys::require_cpu_features();
     let loaded = match shardproxy::config::load(std::env::args().collect()) {
         Ok(loaded) => loaded,
         Err(e) => {
@@ -51,3 +54,4 @@ fn main() -> ExitCode {
         }
     }
 }
+

@@ -49,3 +49,102 @@ pub fn probe_io_uring() -> std::io::Result<()> {
     drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) });
     Ok(())
 }
+
+
+/// Exits with status 2 and a one-line error if this CPU lacks an x86-64
+/// feature the compiler was told it may use (`-C target-cpu`, here
+/// x86-64-v3 from `.cargo/config.toml`); returns otherwise. Without the
+/// check such a CPU dies of SIGILL somewhere later.
+///
+/// Reads CPUID directly (Intel SDM vol. 2A, "CPUID"; AMD APM vol. 3,
+/// appendix E): `is_x86_feature_detected!` answers `true` at compile time
+/// for any feature the build enables, which is the very case to catch.
+/// `main` calls this first. It is written so that the compiler has nothing
+/// to vectorise before the verdict: no structs copied, no `Vec`, no
+/// formatting; only `u32` bit tests and writes of static bytes through
+/// std's (baseline-compiled) `Stderr`. `tests/cpu_baseline.rs` runs it under
+/// QEMU with a pre-AVX2 CPU model.
+#[cfg(target_arch = "x86_64")]
+#[inline(never)]
+pub fn require_cpu_features() {
+    use std::arch::x86_64::__cpuid_count;
+    // SAFETY: CPUID exists on every x86-64 CPU and has no side effects; the
+    // intrinsic is only `unsafe` on older toolchains (safe since Rust 1.87).
+    #[allow(unused_unsafe)]
+    fn reg(leaf: u32, which: u8) -> u32 {
+        let r = unsafe { __cpuid_count(leaf, 0) };
+        match which {
+            0 => r.eax,
+            1 => r.ebx,
+            _ => r.ecx,
+        }
+    }
+    const EAX: u8 = 0;
+    const EBX: u8 = 1;
+    const ECX: u8 = 2;
+    let l1 = reg(1, ECX);
+    let l7 = if reg(0, EAX) >= 7 { reg(7, EBX) } else { 0 };
+    let ext = if reg(0x8000_0000, EAX) >= 0x8000_0001 {
+        reg(0x8000_0001, ECX)
+    } else {
+        0
+    };
+    let has = |reg: u32, n: u32| reg >> n & 1 == 1;
+    // x86-64-v2 and -v3 (the psABI's micro-architecture levels) and the
+    // AVX-512 subset a v4 build adds: (name, compiled in, CPU has it).
+    let table: [(&[u8], bool, bool); 18] = [
+        (b"sse3", cfg!(target_feature = "sse3"), has(l1, 0)),
+        (b"ssse3", cfg!(target_feature = "ssse3"), has(l1, 9)),
+        (b"fma", cfg!(target_feature = "fma"), has(l1, 12)),
+        (b"cmpxchg16b", cfg!(target_feature = "cmpxchg16b"), has(l1, 13)),
+        (b"sse4.1", cfg!(target_feature = "sse4.1"), has(l1, 19)),
+        (b"sse4.2", cfg!(target_feature = "sse4.2"), has(l1, 20)),
+        (b"movbe", cfg!(target_feature = "movbe"), has(l1, 22)),
+        (b"popcnt", cfg!(target_feature = "popcnt"), has(l1, 23)),
+        (b"xsave", cfg!(target_feature = "xsave"), has(l1, 26)),
+        (b"avx", cfg!(target_feature = "avx"), has(l1, 28)),
+        (b"f16c", cfg!(target_feature = "f16c"), has(l1, 29)),
+        (b"bmi1", cfg!(target_feature = "bmi1"), has(l7, 3)),
+        (b"avx2", cfg!(target_feature = "avx2"), has(l7, 5)),
+        (b"bmi2", cfg!(target_feature = "bmi2"), has(l7, 8)),
+        (b"avx512f", cfg!(target_feature = "avx512f"), has(l7, 16)),
+        (b"avx512bw", cfg!(target_feature = "avx512bw"), has(l7, 30)),
+        (b"avx512vl", cfg!(target_feature = "avx512vl"), has(l7, 31)),
+        (b"lzcnt", cfg!(target_feature = "lzcnt"), has(ext, 5)),
+    ];
+    let mut missing = 0u32;
+    let mut i = 0;
+    while i < table.len() {
+        if table[i].1 && !table[i].2 {
+            missing |= 1 << i;
+        }
+        i += 1;
+    }
+    if missing == 0 {
+        return;
+    }
+    use std::io::Write;
+    let mut err = std::io::stderr();
+    let _ = err.write_all(b"error: this shardproxy build needs CPU features this CPU lacks (");
+    let mut first = true;
+    let mut i = 0;
+    while i < table.len() {
+        if missing >> i & 1 == 1 {
+            if !first {
+                let _ = err.write_all(b", ");
+            }
+            let _ = err.write_all(table[i].0);
+            first = false;
+        }
+        i += 1;
+    }
+    let _ = err.write_all(
+        b"); it was built for x86-64-v3 by .cargo/config.toml. Rebuild on this machine with: \
+          RUSTFLAGS=\"-C target-cpu=native\" cargo build --release\n",
+    );
+    std::process::exit(2);
+}
+
+/// Non-x86-64 builds assume no optional CPU feature.
+#[cfg(not(target_arch = "x86_64"))]
+pub fn require_cpu_features() {}

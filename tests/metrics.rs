@@ -499,3 +499,85 @@ fn oversized_heads_get_their_answer_and_bare_lf_is_accepted() {
     c.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
+
+/// A key's fingerprint computed here, independently of the proxy: the first
+/// 4 bytes of SHA-256 of the decoded key, as hex.
+fn fingerprint(key_b64: &str) -> String {
+    use base64::Engine;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(key_b64)
+        .unwrap();
+    sha256(&raw)[..4].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The `(slot, fingerprint)` pairs of `shardproxy_key_info`.
+fn key_info(text: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = text
+        .lines()
+        .filter(|l| l.starts_with("shardproxy_key_info{"))
+        .map(|l| {
+            let label = |name: &str| {
+                l.split(&format!("{name}=\""))
+                    .nth(1)
+                    .and_then(|r| r.split('"').next())
+                    .unwrap()
+                    .to_string()
+            };
+            (label("slot"), label("fingerprint"))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The rotation an operator runs (deploy/README.md): the process logs and
+/// exports the fingerprints it holds, so a stale key is visible at every step.
+#[test]
+fn key_fingerprints_are_logged_and_exported_through_a_rotation() {
+    let (old, new) = (keygen(), keygen());
+    let keys = key_file(&[&new, &old]);
+    let exit = Proxy::exit(echo_origin(), &keys)
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .start();
+    let m = metrics_addr(&exit);
+    let (fo, fnew) = (fingerprint(&old), fingerprint(&new));
+    exit.wait_for_log(
+        |l| l.contains(&format!("fingerprints {fnew} (primary), {fo}")),
+        Duration::from_secs(10),
+    );
+    let (_, text) = http_get(m, "/metrics");
+    assert_eq!(
+        key_info(&text),
+        vec![("0".into(), fnew.clone()), ("1".into(), fo.clone())],
+        "{text}"
+    );
+    // Step 3 of the rotation: drop the old key, SIGHUP.
+    std::fs::write(&keys, format!("{new}\n")).unwrap();
+    exit.signal("HUP");
+    exit.wait_for_log(
+        |l| l.contains(&format!("SIGHUP: reloaded 1 key(s), fingerprints {fnew} (primary)")),
+        Duration::from_secs(10),
+    );
+    let (_, text) = http_get(m, "/metrics");
+    assert_eq!(key_info(&text), vec![("0".into(), fnew.clone())], "{text}");
+    // `check` prints the same fingerprints.
+    let cfg = std::env::temp_dir().join(format!("shardproxy-fp-{}.toml", std::process::id()));
+    std::fs::write(
+        &cfg,
+        format!(
+            "role = \"exit\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:1\"\nkey_file = \"{keys}\"\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&cfg);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(&format!("fingerprints {fnew} (primary)")),
+        "{stdout}"
+    );
+}

@@ -155,7 +155,9 @@ pub fn allowed_cores() -> Vec<usize> {
 pub const MAX_KEY_FILE_BYTES: u64 = 64 * 1024;
 
 /// Reads and parses a key file ([`KeySet::parse`] has the format). Returns
-/// the set and, if the file is readable by group or others, a warning to log.
+/// the set and, if the file is readable by others or writable by anyone but
+/// its owner, a warning to log. Group-readable is the documented layout
+/// (`0640 root:shardproxy`, deploy/README.md), so it is not warned about.
 pub fn load_key_file(path: &str) -> Result<(KeySet, Option<String>), KeyFileError> {
     use std::os::unix::fs::PermissionsExt;
     use zeroize::Zeroize;
@@ -186,9 +188,10 @@ pub fn load_key_file(path: &str) -> Result<(KeySet, Option<String>), KeyFileErro
     let set = KeySet::parse(&text, path);
     text.zeroize();
     let mode = meta.permissions().mode();
-    let warning = (mode & 0o077 != 0).then(|| {
+    let warning = (mode & 0o027 != 0).then(|| {
         format!(
-            "key file {path} is readable by group or others (mode {:o}); run chmod 600 {path}",
+            "key file {path} is readable by others or writable by its group (mode {:o}); \
+             run chmod 640 {path} (or 600)",
             mode & 0o777
         )
     });

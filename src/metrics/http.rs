@@ -165,6 +165,11 @@ pub fn respond(req: &Request<'_>, board: &Board) -> (u16, &'static str, String) 
         ),
         "/healthz" if board.draining() => (503, TEXT, "draining\n".into()),
         "/healthz" => (200, TEXT, "ok\n".into()),
+        // Liveness: 200 for as long as the process serves HTTP, draining or
+        // not, so a liveness probe never kills a pod mid-drain and never
+        // touches the tunnel port (where a probe would count as a failed
+        // handshake).
+        "/livez" => (200, TEXT, "alive\n".into()),
         _ => (404, TEXT, "not found\n".into()),
     }
 }
@@ -391,6 +396,7 @@ mod tests {
             .draining
             .store(true, std::sync::atomic::Ordering::Relaxed);
         assert_eq!(get("/healthz"), 503);
+        assert_eq!(get("/livez"), 200, "liveness must hold while draining");
     }
 
     /// The fuzz seeds parse as requests (and the parser survives them).

@@ -259,6 +259,10 @@ pub struct ProcessInfo {
     pub start_time: f64,
     /// Set when draining starts (for `/healthz`).
     pub draining: std::sync::atomic::AtomicBool,
+    /// Fingerprints of the loaded tunnel keys, primary first
+    /// (`shardproxy_key_info`). Written at start-up and on SIGHUP by the
+    /// signal thread, read by scrapes; never touched by a shard.
+    pub keys: Mutex<Vec<String>>,
 }
 
 impl Board {
@@ -275,7 +279,15 @@ impl Board {
                 role,
                 start_time,
                 draining: std::sync::atomic::AtomicBool::new(false),
+                keys: Mutex::new(Vec::new()),
             }),
+        }
+    }
+
+    /// Records the fingerprints of the keys now loaded (start-up, SIGHUP).
+    pub fn set_keys(&self, fingerprints: Vec<String>) {
+        if let Ok(mut k) = self.info.keys.lock() {
+            *k = fingerprints;
         }
     }
 

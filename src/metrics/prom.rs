@@ -94,6 +94,21 @@ pub fn render(snaps: &[&Snapshot], info: &ProcessInfo) -> String {
         "shardproxy_draining{{role=\"{role}\"}} {}",
         u8::from(info.draining.load(std::sync::atomic::Ordering::Relaxed))
     );
+    if let Ok(keys) = info.keys.lock() {
+        if !keys.is_empty() {
+            let _ = writeln!(
+                w,
+                "# HELP shardproxy_key_info Loaded tunnel keys: fingerprint = first 4 bytes of SHA-256 of the key, slot 0 = the primary key (the one an entry uses)."
+            );
+            let _ = writeln!(w, "# TYPE shardproxy_key_info gauge");
+            for (slot, fp) in keys.iter().enumerate() {
+                let _ = writeln!(
+                    w,
+                    "shardproxy_key_info{{role=\"{role}\",fingerprint=\"{fp}\",slot=\"{slot}\"}} 1"
+                );
+            }
+        }
+    }
 
     let counter =
         |w: &mut String, name: &str, help: &str, kind: &str, value: &dyn Fn(&Snapshot) -> u64| {

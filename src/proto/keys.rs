@@ -45,7 +45,9 @@ impl Psk {
         base64::engine::general_purpose::STANDARD.encode(self.0)
     }
 
-    /// A short, non-secret fingerprint (first 4 bytes of SHA-256) for logs.
+    /// A short, non-secret fingerprint for logs and `shardproxy_key_info`:
+    /// the first 4 bytes of SHA-256 of the 32 key bytes, as 8 lowercase hex
+    /// digits. Printed by `keygen`, `check`, at start-up and on SIGHUP.
     pub fn fingerprint(&self) -> String {
         use sha2::Digest;
         let d = sha2::Sha256::digest(self.0);
@@ -145,6 +147,28 @@ impl KeySet {
     /// Every key, for an exit to try.
     pub fn all(&self) -> &[Psk] {
         &self.keys
+    }
+
+    /// Every key's [`Psk::fingerprint`], in file order (index 0 = primary).
+    pub fn fingerprints(&self) -> Vec<String> {
+        self.keys.iter().map(Psk::fingerprint).collect()
+    }
+
+    /// One line for logs: `N key(s), fingerprints 1a2b3c4d (primary), 5e6f7a8b`.
+    /// An operator compares these across entries and exits mid-rotation.
+    pub fn describe(&self) -> String {
+        let fps = self.fingerprints();
+        let mut out = format!("{} key(s), fingerprints ", fps.len());
+        for (i, fp) in fps.iter().enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            out.push_str(fp);
+            if i == 0 {
+                out.push_str(" (primary)");
+            }
+        }
+        out
     }
 
     /// Parses key-file text: one base64 key per line, `#` comments and blank
