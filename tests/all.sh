@@ -43,11 +43,16 @@ trap 'rm -f "$log"' EXIT
 cargo test --locked 2>&1 | tee "$log"
 # deploy/ assets, each checked by its ecosystem's validator (installs them).
 bash tests/deploy_assets.sh 2>&1 | tee -a "$log"
+# Each deploy path run as its real user, files laid out as documented.
+bash tests/deploy_paths.sh 2>&1 | tee -a "$log"
 
 # One line for the whole run: cargo's per-binary results plus the deploy checks.
 passed=$(grep -oE '(ok|FAILED)\. [0-9]+ passed' "$log" | awk '{s+=$2} END {print s+0}')
 failed=$(grep -oE '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')
-deploy=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | tail -1)
-passed=$((passed + ${deploy%% passed*}))
-failed=$((failed + $(echo "$deploy" | awk '{print $3}')))
+# The two deploy scripts each end with "N passed, M failed".
+passed=$((passed + $(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | awk '{s+=$1} END {print s+0}')))
+failed=$((failed + $(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | awk '{s+=$3} END {print s+0}')))
+# A deploy script that died before its summary line counts as a failure.
+[ "$(grep -cE '^[0-9]+ passed, [0-9]+ failed$' "$log")" -eq 2 ] || failed=$((failed + 1))
 echo "total: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
