@@ -207,6 +207,12 @@ run_readme() {
 }
 
 # ---- systemd: install, start, move bytes ----------------------------------------
+# A LoadCredential= copy of the key is taken once, at unit start: `systemctl
+# reload` would re-read the stale copy (and log success) mid-rotation.
+grep -q '^LoadCredential' deploy/systemd/shardproxy@.service \
+  && bad "systemd: the unit hands the key over as a credential (stale on reload)" \
+  || ok "systemd: the unit reads the key file itself (reload sees the file on disk)"
+
 if run_readme "runs this block word for word" >"$state/install.out" 2>&1; then
   ok "systemd: README install block ran as written (user, modes, check as the service user, start)"
 else
@@ -233,13 +239,14 @@ cp "$state/systemd-emulation.sh" "$state/entry-start.sh"
 echo 'systemctl enable --now shardproxy@entry' >>"$state/entry-start.sh"
 unshare --mount --propagation private bash -c "mount --bind '$entry_etc' /etc/shardproxy && STATE='$state' bash '$state/entry-start.sh'" \
   >"$state/entry-start.out" 2>&1 || { cat "$state/entry-start.out"; }
-entry_pid=$(cat "$state/entry.pid" 2>/dev/null)
+entry_pid=$(cat "$state/entry.pid" 2>/dev/null || echo 0)
 [ -n "$entry_pid" ] && pids+=("$entry_pid")
 [ -n "$exit_pid" ] && pids+=("$exit_pid")
 round_trip 127.0.0.1 8000 && ok "systemd: bytes through shardproxy@entry -> shardproxy@exit -> origin" \
   || bad "systemd: round trip through the units failed"
 
 # ---- systemd: the README's key rotation, step by step ------------------------------
+new_fp=""
 old_fp=$(grep -o 'fingerprints [0-9a-f]*' "$state/exit.log" | head -1 | cut -d' ' -f2)
 if run_readme "runs these steps" 1 >"$state/rot1.out" 2>&1 \
   && new_fp=$(sed -n 's/^wrote key \([0-9a-f]*\) to psk.new$/\1/p' "$state/rot1.out") && [ -n "$new_fp" ] \
@@ -314,9 +321,11 @@ for m in "${mounts[@]}"; do
   IFS=: read -r host_path ctr_path mode <<<"$m"
   mount_cmds+="mount --bind '$host_path' '$ctr_path' && mount -o remount,bind,${mode:-rw} '$ctr_path' && "
 done
-group_list=$(IFS=,; echo "${groups[*]}")
+# Docker gives the process exactly the --group-add groups as supplementary ones.
+group_opt=--clear-groups
+[ ${#groups[@]} -gt 0 ] && group_opt="--groups=$(IFS=,; echo "${groups[*]}")"
 unshare --mount --propagation private bash -c "$mount_cmds exec setpriv --reuid='${image_user%%:*}' --regid='${image_user##*:}' \
-  --groups='$group_list' '$BIN' ${args[*]}" 2>"$state/docker.log" &
+  $group_opt '$BIN' ${args[*]}" 2>"$state/docker.log" &
 docker_pid=$!
 pids+=("$docker_pid")
 if wait_log "$state/docker.log" 'listening on' && round_trip 127.0.0.1 8000; then
@@ -385,6 +394,21 @@ def pod(kind, name):
                           "\n".join(script + ["exec " + " ".join(user + [binary] + args)])], stderr=log)
     return p, f"{work}/{name}.log", c, uid, groups
 
+# Sizing: the connection limit is reached before the memory limit. Per
+# session and at start, as measured by benches/memory.rs (docs/BENCHMARKS.md,
+# "Memory per connection"): ~45 KiB and ~15 MiB, with 64 MiB kept for kernel
+# socket buffers.
+import tomllib
+units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+for kind, name, cfg in [("Deployment", "shardproxy-exit", "exit.toml"), ("DaemonSet", "shardproxy-entry", "entry.toml")]:
+    c = docs[(kind, name)]["spec"]["template"]["spec"]["containers"][0]
+    limit = c["resources"]["limits"]["memory"]
+    limit = int(limit[:-2]) * units[limit[-2:]]
+    conf = tomllib.loads(cm[cfg])
+    need = 15 * (1 << 20) + conf["cores"] * conf["max_connections"] * 45 * 1024 + 64 * (1 << 20)
+    assert need <= limit, f"{name}: {conf['cores']} x {conf['max_connections']} sessions need {need >> 20} MiB > limit {limit >> 20} MiB"
+    print(f"{name}: {conf['cores']} shard(s) x {conf['max_connections']} sessions: {need >> 20} MiB <= limit {limit >> 20} MiB")
+
 procs = []
 try:
     for kind, name in [("Deployment", "shardproxy-exit"), ("DaemonSet", "shardproxy-entry")]:
@@ -417,7 +441,7 @@ finally:
         p.wait(timeout=40)
 PY
 if [ $? -eq 0 ]; then
-  ok "kubernetes: both pods start as runAsUser with fsGroup-owned volumes, probes answer, bytes flow"
+  ok "kubernetes: sized so max_connections is reached before the memory limit; both pods start as runAsUser with fsGroup-owned volumes, probes answer, bytes flow"
 else
   bad "kubernetes: pods as laid out by the manifests"; cat "$state/k8s.out"
 fi
