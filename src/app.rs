@@ -4,7 +4,7 @@ use glommio::{GlommioError, LocalExecutorBuilder, Placement};
 
 use crate::cli::KeygenArgs;
 use crate::config::Config;
-use crate::control::Controller;
+use crate::control::{Controller, SignalPlane};
 use crate::error::StartupError;
 use crate::metrics::Board;
 use crate::proto::Psk;
@@ -61,19 +61,29 @@ pub fn keygen(args: &KeygenArgs) -> Result<(), StartupError> {
     let key = Psk::generate().map_err(|e| StartupError::Keygen(format!("no randomness: {e}")))?;
     let line = zeroize::Zeroizing::new(format!("{}\n", key.to_base64()));
     match &args.out {
-        None => {
-            print!("{}", line.as_str());
-            Ok(())
-        }
+        None => print_stdout(&line)
+            .map_err(|e| StartupError::Keygen(format!("cannot write the key to stdout: {e}"))),
         Some(path) => std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(path)
             .and_then(|mut f| f.write_all(line.as_bytes()))
-            .map(|()| println!("wrote key {} to {path}", key.fingerprint()))
+            // The key is written; the confirmation line is best effort.
+            .map(|()| {
+                let _ = print_stdout(&format!("wrote key {} to {path}\n", key.fingerprint()));
+            })
             .map_err(|e| StartupError::Keygen(format!("cannot write {path}: {e}"))),
     }
+}
+
+/// Writes `text` to stdout, returning the error where `print!` would panic
+/// (a closed pipe, `/dev/full`).
+pub fn print_stdout(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()
 }
 
 /// `shardproxy check --config FILE`: everything `run` would validate (flags,
@@ -100,7 +110,19 @@ pub fn check(path: &str) -> Result<String, StartupError> {
 }
 
 /// Runs a validated configuration until it has drained.
-pub fn run(cfg: Config) -> Result<(), StartupError> {
+/// `signals` was installed first thing in `main` (before the config was
+/// loaded); from the moment the shards' control sockets exist it drives them.
+pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
+    // A panic anywhere (a bug) ends the process: one log line, every
+    // connection reset (RST, never a FIN that would pass for a clean end),
+    // exit code 101. The supervisor restarts it.
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        crate::error!("panic in thread {}: {info}", thread.name().unwrap_or("?"));
+        let n = crate::sys::abandon_connections();
+        crate::error!("exiting after the panic: {n} socket(s) reset");
+        std::process::exit(101);
+    }));
     preflight()?;
     raise_fd_limit(cfg.fds_needed());
     let listeners = crate::listener::bind_all(&cfg, cfg.cores.len())?;
@@ -113,7 +135,7 @@ pub fn run(cfg: Config) -> Result<(), StartupError> {
             let bound = metrics.local_addr().unwrap_or(addr);
             crate::metrics::http::spawn(metrics, board.clone(), cfg.metrics_interval)
                 .map_err(|source| StartupError::MetricsListen { addr, source })?;
-            crate::info!("metrics on http://{bound}/metrics (also /histograms, /healthz)");
+            crate::info!("metrics on http://{bound}/metrics (also /histograms, /healthz, /livez)");
             Some(board)
         }
     };
@@ -125,7 +147,13 @@ pub fn run(cfg: Config) -> Result<(), StartupError> {
     }
     let (controller, shard_ends) =
         Controller::new(cfg.cores.len()).map_err(StartupError::Signals)?;
-    controller.handle_signals(cfg.tunnel().map(|t| t.key_file.clone()), board.clone())?;
+    // From here a termination signal drains: a shard that has not started
+    // yet finds the drain message waiting on its control socket.
+    signals.started(
+        controller,
+        cfg.tunnel().map(|t| t.key_file.clone()),
+        board.clone(),
+    );
     let mut handles = Vec::with_capacity(cfg.cores.len());
     for (id, ((core, listener), control)) in
         cfg.cores.iter().zip(listeners).zip(shard_ends).enumerate()

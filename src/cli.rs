@@ -96,7 +96,7 @@ pub struct ProxyArgs {
     #[arg(long, num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub dual_stack: bool,
 
-    /// Serve /metrics (Prometheus), /histograms (HDR) and /healthz on this address; off by default.
+    /// Serve /metrics (Prometheus), /histograms (HDR), /healthz (readiness) and /livez (liveness) on this address; off by default.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<String>,
 

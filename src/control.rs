@@ -16,7 +16,9 @@ use zeroize::Zeroizing;
 
 use crate::proto::keys::{MAX_KEYS, PSK_LEN};
 use crate::proto::{KeySet, Psk};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use std::sync::{Arc, Mutex};
+
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook::iterator::Signals;
 
 use crate::error::StartupError;
@@ -74,69 +76,160 @@ impl Controller {
             let _ = s.write_all(&bytes);
         }
     }
+}
 
-    /// Spawns the signal thread: first SIGINT/SIGTERM drains, a second one
-    /// exits at once, SIGHUP reloads `key_file` (if any). The file is parsed
-    /// once, here; a file that fails to parse is logged and the shards keep
-    /// their keys.
-    pub fn handle_signals(
-        mut self,
-        key_file: Option<String>,
-        board: Option<Board>,
-    ) -> Result<(), StartupError> {
-        let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(StartupError::Signals)?;
+/// The process's signal handling, installed before anything else a proxy
+/// does (`main` calls [`SignalPlane::install`] before it parses the config,
+/// resolves names or binds), so that no signal ever meets the default
+/// disposition. As in libevent, a handler only notes the signal
+/// (signal-hook's self-pipe); one plain thread acts on it:
+///
+/// | signal | while starting | once shards run |
+/// |---|---|---|
+/// | SIGTERM, SIGINT | exit 0 at once: nothing is accepted yet | first: drain; second: reset every connection (RST) and exit 1 |
+/// | SIGHUP | remembered, applied once started | re-read the key file (ignored while draining) |
+/// | SIGUSR1 | logged, ignored | logged, ignored (reserved: reopen the access log) |
+/// | SIGUSR2 | logged, ignored | logged, ignored (reserved: binary upgrade) |
+///
+/// SIGPIPE is ignored by the Rust runtime; every other signal keeps its
+/// default action.
+pub struct SignalPlane {
+    state: Arc<Mutex<Phase>>,
+}
+
+enum Phase {
+    Starting { reload_pending: bool },
+    Running(Running),
+}
+
+struct Running {
+    controller: Controller,
+    key_file: Option<String>,
+    board: Option<Board>,
+    draining: bool,
+}
+
+impl SignalPlane {
+    /// Registers the handlers and starts the signal thread.
+    pub fn install() -> Result<SignalPlane, StartupError> {
+        let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2])
+            .map_err(StartupError::Signals)?;
+        let state = Arc::new(Mutex::new(Phase::Starting {
+            reload_pending: false,
+        }));
+        let shared = state.clone();
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
-                let mut draining = false;
                 for sig in signals.forever() {
-                    match sig {
-                        // Draining shards no longer read their control
-                        // socket: a reload now could fill it and block this
-                        // thread, and with it the second signal.
-                        SIGHUP if draining => {
-                            crate::info!("SIGHUP while draining: keys are not reloaded")
-                        }
-                        SIGHUP => match &key_file {
-                            None => crate::info!("SIGHUP: nothing to reload in this role"),
-                            Some(path) => match crate::config::load_key_file(path) {
-                                Ok((keys, warning)) => {
-                                    if let Some(w) = warning {
-                                        crate::warn!("{w}");
-                                    }
-                                    crate::info!(
-                                        "SIGHUP: reloaded {} from {path}",
-                                        keys.describe()
-                                    );
-                                    if let Some(b) = &board {
-                                        b.set_keys(keys.fingerprints());
-                                    }
-                                    self.broadcast(Message::Keys(keys));
-                                }
-                                Err(e) => crate::error!("SIGHUP: {e}; keeping the current keys"),
-                            },
-                        },
-                        _ if draining => {
-                            crate::warn!("second termination signal: exiting now");
-                            std::process::exit(1);
-                        }
-                        _ => {
-                            crate::info!(
-                                "termination signal: draining (send again to exit at once)"
-                            );
-                            draining = true;
-                            if let Some(b) = &board {
-                                b.info
-                                    .draining
-                                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                            }
-                            self.broadcast(Message::Drain);
-                        }
-                    }
+                    let Ok(mut phase) = shared.lock() else {
+                        return;
+                    };
+                    on_signal(&mut phase, sig);
                 }
             })
             .map_err(StartupError::Signals)?;
-        Ok(())
+        Ok(SignalPlane { state })
+    }
+
+    /// Start-up is over: from now on signals act on the shards through
+    /// `controller`. A SIGHUP that arrived while starting is applied now.
+    pub fn started(&self, controller: Controller, key_file: Option<String>, board: Option<Board>) {
+        let Ok(mut phase) = self.state.lock() else {
+            return;
+        };
+        let reload = matches!(
+            *phase,
+            Phase::Starting {
+                reload_pending: true
+            }
+        );
+        *phase = Phase::Running(Running {
+            controller,
+            key_file,
+            board,
+            draining: false,
+        });
+        if reload {
+            crate::info!("applying the SIGHUP received during start-up");
+            on_signal(&mut phase, SIGHUP);
+        }
+    }
+}
+
+fn on_signal(phase: &mut Phase, sig: i32) {
+    match phase {
+        Phase::Starting { reload_pending } => match sig {
+            SIGHUP => {
+                crate::info!("SIGHUP during start-up: will reload once started");
+                *reload_pending = true;
+            }
+            SIGUSR1 | SIGUSR2 => ignored(sig),
+            _ => {
+                // No shard runs yet and nothing was accepted: a clean exit.
+                crate::info!("termination signal during start-up: exiting");
+                std::process::exit(0);
+            }
+        },
+        Phase::Running(r) => match sig {
+            // Draining shards no longer read their control socket: a
+            // reload now could fill it and block this thread, and with it
+            // the second signal.
+            SIGHUP if r.draining => crate::info!("SIGHUP while draining: keys are not reloaded"),
+            SIGHUP => r.reload(),
+            SIGUSR1 | SIGUSR2 => ignored(sig),
+            _ if r.draining => {
+                let n = crate::sys::abandon_connections();
+                crate::warn!(
+                    "second termination signal: exiting now, {n} socket(s) reset (RST, not FIN)"
+                );
+                std::process::exit(1);
+            }
+            _ => {
+                crate::info!("termination signal: draining (send again to exit at once)");
+                r.draining = true;
+                if let Some(b) = &r.board {
+                    b.info
+                        .draining
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                r.controller.broadcast(Message::Drain);
+            }
+        },
+    }
+}
+
+fn ignored(sig: i32) {
+    let (name, reserved) = if sig == SIGUSR1 {
+        ("SIGUSR1", "reopening the access log")
+    } else {
+        ("SIGUSR2", "a binary upgrade")
+    };
+    crate::info!("{name}: ignored (reserved for {reserved}, not in this version)");
+}
+
+impl Running {
+    /// SIGHUP: re-reads the key file once, here, and sends the keys to
+    /// every shard. A file that fails to parse is logged and the shards keep
+    /// their keys.
+    fn reload(&mut self) {
+        let Some(path) = &self.key_file else {
+            crate::info!("SIGHUP: nothing to reload in this role");
+            return;
+        };
+        match crate::config::load_key_file(path) {
+            Ok((keys, warning)) => {
+                if let Some(w) = warning {
+                    crate::warn!("{w}");
+                }
+                crate::info!("SIGHUP: reloaded {} from {path}", keys.describe());
+                if let Some(b) = &self.board {
+                    b.set_keys(keys.fingerprints());
+                }
+                self.controller.broadcast(Message::Keys(keys));
+            }
+            Err(e) => crate::error!("SIGHUP: {e}; keeping the current keys"),
+        }
     }
 }
 

@@ -6,19 +6,29 @@
 /// Logs an informational line.
 #[macro_export]
 macro_rules! info {
-    ($($arg:tt)*) => { eprintln!("INFO  {}", $crate::log::one_line(&format!($($arg)*))) };
+    ($($arg:tt)*) => { $crate::log::write_line("INFO ", &format!($($arg)*)) };
 }
 
 /// Logs a warning line.
 #[macro_export]
 macro_rules! warn {
-    ($($arg:tt)*) => { eprintln!("WARN  {}", $crate::log::one_line(&format!($($arg)*))) };
+    ($($arg:tt)*) => { $crate::log::write_line("WARN ", &format!($($arg)*)) };
 }
 
 /// Logs an error line.
 #[macro_export]
 macro_rules! error {
-    ($($arg:tt)*) => { eprintln!("ERROR {}", $crate::log::one_line(&format!($($arg)*))) };
+    ($($arg:tt)*) => { $crate::log::write_line("ERROR", &format!($($arg)*)) };
+}
+
+/// Writes `LEVEL message\n` to stderr in one `write` (so lines from
+/// several threads never interleave), with control characters escaped.
+/// Failures are ignored: a full disk, a closed pipe or a vanished journal
+/// must not stop the proxy (`eprintln!` would panic on them).
+pub fn write_line(level: &str, message: &str) {
+    use std::io::Write;
+    let line = format!("{level} {}\n", one_line(message));
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
 /// Escapes control characters (`\n`, `\r`, ESC, ...) so that a message

@@ -9,10 +9,32 @@ fn main() -> ExitCode {
     // First, before any code that may use them: the CPU features this build
     // was compiled to assume. Without them the process would die of SIGILL.
     shardproxy::sys::require_cpu_features();
+    // Then, for a proxy, the signal disposition: before the config is read,
+    // names resolved or ports bound, so that a SIGHUP from a quick `systemctl
+    // reload` or a SIGTERM during start-up never meets the default action.
+    // Tools (check, keygen, stats, demo) keep the default dispositions.
+    let signals = match std::env::args().nth(1).as_deref() {
+        Some("forward" | "entry" | "exit" | "run") => {
+            match shardproxy::control::SignalPlane::install() {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    eprintln_safe(&format!(
+                        "error: {}",
+                        shardproxy::log::one_line(&e.to_string())
+                    ));
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        _ => None,
+    };
     let loaded = match shardproxy::config::load(std::env::args().collect()) {
         Ok(loaded) => loaded,
         Err(e) => {
-            eprintln!("error: {}", shardproxy::log::one_line(&e.to_string()));
+            eprintln_safe(&format!(
+                "error: {}",
+                shardproxy::log::one_line(&e.to_string())
+            ));
             return ExitCode::from(2);
         }
     };
@@ -26,20 +48,35 @@ fn main() -> ExitCode {
             for w in warnings {
                 shardproxy::warn!("{w}");
             }
-            shardproxy::app::run(*config)
+            match signals {
+                Some(signals) => shardproxy::app::run(*config, signals),
+                // Not reached: load() returns a proxy only for these commands.
+                None => shardproxy::control::SignalPlane::install()
+                    .and_then(|signals| shardproxy::app::run(*config, signals)),
+            }
         }
         Loaded::Tool(Tool::Keygen(args)) => shardproxy::app::keygen(&args),
         Loaded::Tool(Tool::Check(args)) => shardproxy::app::check(&args.config).map(|summary| {
-            println!("{}", shardproxy::log::one_line(&summary));
+            // The verdict is the exit code; the summary is best effort.
+            let _ = shardproxy::app::print_stdout(&format!(
+                "{}\n",
+                shardproxy::log::one_line(&summary)
+            ));
         }),
         Loaded::Tool(Tool::Stats(args)) => {
             return match shardproxy::metrics::stats_cmd::run(&args.from, args.per_shard) {
-                Ok(table) => {
-                    print!("{table}");
-                    ExitCode::SUCCESS
-                }
+                Ok(table) => match shardproxy::app::print_stdout(&table) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln_safe(&format!("error: cannot write to stdout: {e}"));
+                        ExitCode::from(1)
+                    }
+                },
                 Err(e) => {
-                    eprintln!("error: {}", shardproxy::log::one_line(&e.to_string()));
+                    eprintln_safe(&format!(
+                        "error: {}",
+                        shardproxy::log::one_line(&e.to_string())
+                    ));
                     ExitCode::from(1)
                 }
             };
@@ -49,9 +86,17 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", shardproxy::log::one_line(&e.to_string()));
+            eprintln_safe(&format!(
+                "error: {}",
+                shardproxy::log::one_line(&e.to_string())
+            ));
             ExitCode::from(e.exit_code())
         }
     }
 }
 
+/// `eprintln!` without its panic when stderr is closed or full.
+fn eprintln_safe(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
+}

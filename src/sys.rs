@@ -50,7 +50,6 @@ pub fn probe_io_uring() -> std::io::Result<()> {
     Ok(())
 }
 
-
 /// Exits with status 2 and a one-line error if this CPU lacks an x86-64
 /// feature the compiler was told it may use (`-C target-cpu`, here
 /// x86-64-v3 from `.cargo/config.toml`); returns otherwise. Without the
@@ -96,7 +95,11 @@ pub fn require_cpu_features() {
         (b"sse3", cfg!(target_feature = "sse3"), has(l1, 0)),
         (b"ssse3", cfg!(target_feature = "ssse3"), has(l1, 9)),
         (b"fma", cfg!(target_feature = "fma"), has(l1, 12)),
-        (b"cmpxchg16b", cfg!(target_feature = "cmpxchg16b"), has(l1, 13)),
+        (
+            b"cmpxchg16b",
+            cfg!(target_feature = "cmpxchg16b"),
+            has(l1, 13),
+        ),
         (b"sse4.1", cfg!(target_feature = "sse4.1"), has(l1, 19)),
         (b"sse4.2", cfg!(target_feature = "sse4.2"), has(l1, 20)),
         (b"movbe", cfg!(target_feature = "movbe"), has(l1, 22)),
@@ -148,3 +151,33 @@ pub fn require_cpu_features() {
 /// Non-x86-64 builds assume no optional CPU feature.
 #[cfg(not(target_arch = "x86_64"))]
 pub fn require_cpu_features() {}
+
+/// Sets `SO_LINGER {on, 0}` on every socket this process holds, so that
+/// when the process exits the kernel ends each connection with RST rather
+/// than FIN: a peer never mistakes an abandoned stream for a clean end.
+/// Called on the way out (second termination signal, panic); other threads
+/// may still run, so an fd can be closed or reused meanwhile, which at
+/// worst resets another socket of this exiting process. Returns how many
+/// sockets were set (listeners and Unix sockets included).
+pub fn abandon_connections() -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return 0;
+    };
+    let mut n = 0;
+    for entry in dir.flatten() {
+        let Some(fd) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        // SAFETY: `fd` was listed as open in this process a moment ago; it
+        // is only borrowed for one setsockopt, which fails harmlessly
+        // (ENOTSOCK, EBADF) if it is not a socket or was closed since.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        if socket2::SockRef::from(&fd)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .is_ok()
+        {
+            n += 1;
+        }
+    }
+    n
+}

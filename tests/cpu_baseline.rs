@@ -16,7 +16,11 @@ fn an_older_cpu_gets_a_one_line_error_not_sigill() {
         // A baseline build needs nothing; there is nothing to refuse.
         return;
     }
-    if Command::new("qemu-x86_64").arg("--version").output().is_err() {
+    if Command::new("qemu-x86_64")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         missing("qemu-x86_64 (apt-get install qemu-user)");
         return;
     }

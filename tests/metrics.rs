@@ -507,7 +507,10 @@ fn fingerprint(key_b64: &str) -> String {
     let raw = base64::engine::general_purpose::STANDARD
         .decode(key_b64)
         .unwrap();
-    sha256(&raw)[..4].iter().map(|b| format!("{b:02x}")).collect()
+    sha256(&raw)[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The `(slot, fingerprint)` pairs of `shardproxy_key_info`.
@@ -555,7 +558,11 @@ fn key_fingerprints_are_logged_and_exported_through_a_rotation() {
     std::fs::write(&keys, format!("{new}\n")).unwrap();
     exit.signal("HUP");
     exit.wait_for_log(
-        |l| l.contains(&format!("SIGHUP: reloaded 1 key(s), fingerprints {fnew} (primary)")),
+        |l| {
+            l.contains(&format!(
+                "SIGHUP: reloaded 1 key(s), fingerprints {fnew} (primary)"
+            ))
+        },
         Duration::from_secs(10),
     );
     let (_, text) = http_get(m, "/metrics");

@@ -381,6 +381,50 @@ fn world_readable_key_file_gets_a_warning_and_the_documented_mode_does_not() {
     };
     assert!(warned(0o644), "0644 key file not warned about");
     assert!(warned(0o660), "group-writable key file not warned about");
+    assert!(warned(0o602), "world-writable key file not warned about");
+    assert!(
+        !warned(0o601),
+        "execute-only bits are not access to the key"
+    );
     // deploy/README.md's layout: 0640 root:shardproxy.
-    assert!(!warned(0o640), "the documented 0640 layout was warned about");
+    assert!(
+        !warned(0o640),
+        "the documented 0640 layout was warned about"
+    );
+}
+
+/// Output that cannot be written (a closed pipe, a full disk) is a one-line
+/// error or, once the key file exists, ignored: never a panic.
+#[test]
+fn keygen_and_check_survive_an_unwritable_stdout() {
+    let full = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+    };
+    let dir = std::env::temp_dir().join(format!("shardproxy-full-{}", std::process::id()));
+    let _ = std::fs::remove_file(&dir);
+    let out = std::process::Command::new(BIN)
+        .args(["keygen", "--out", dir.to_str().unwrap()])
+        .stdout(full())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(dir.exists());
+    let _ = std::fs::remove_file(&dir);
+    let out = std::process::Command::new(BIN)
+        .arg("keygen")
+        .stdout(full())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("error: cannot write the key to stdout"),
+        "{stderr}"
+    );
 }

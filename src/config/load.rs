@@ -155,8 +155,8 @@ pub fn allowed_cores() -> Vec<usize> {
 pub const MAX_KEY_FILE_BYTES: u64 = 64 * 1024;
 
 /// Reads and parses a key file ([`KeySet::parse`] has the format). Returns
-/// the set and, if the file is readable by others or writable by anyone but
-/// its owner, a warning to log. Group-readable is the documented layout
+/// the set and, if the file is readable or writable by others, writable by
+/// its group, or lists a key twice, a warning to log. Group-readable is the documented layout
 /// (`0640 root:shardproxy`, deploy/README.md), so it is not warned about.
 pub fn load_key_file(path: &str) -> Result<(KeySet, Option<String>), KeyFileError> {
     use std::os::unix::fs::PermissionsExt;
@@ -188,14 +188,29 @@ pub fn load_key_file(path: &str) -> Result<(KeySet, Option<String>), KeyFileErro
     let set = KeySet::parse(&text, path);
     text.zeroize();
     let mode = meta.permissions().mode();
-    let warning = (mode & 0o027 != 0).then(|| {
-        format!(
-            "key file {path} is readable by others or writable by its group (mode {:o}); \
-             run chmod 640 {path} (or 600)",
+    // Others may neither read nor write it; its group may not write it.
+    let mut warnings = Vec::new();
+    if mode & 0o026 != 0 {
+        warnings.push(format!(
+            "key file {path} has mode {:o}: readable or writable by others, or writable by \
+             its group; run chmod 640 {path} (or 600)",
             mode & 0o777
-        )
-    });
-    Ok((set?, warning))
+        ));
+    }
+    let set = set?;
+    let fps = set.fingerprints();
+    if let Some((i, fp)) = fps
+        .iter()
+        .enumerate()
+        .find(|(i, fp)| fps[..*i].contains(fp))
+    {
+        warnings.push(format!(
+            "key file {path}: key {} repeats an earlier key (fingerprint {fp})",
+            i + 1
+        ));
+    }
+    let warning = (!warnings.is_empty()).then(|| warnings.join("; "));
+    Ok((set, warning))
 }
 
 #[cfg(test)]

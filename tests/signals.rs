@@ -1,0 +1,291 @@
+//! Signals, from the first instruction to the last: a SIGHUP or SIGTERM that
+//! arrives while the process is still starting, SIGUSR1/SIGUSR2, and the
+//! second termination signal, which must reset (RST) live connections,
+//! never end them with a FIN that passes for a clean end.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Whether `pid` has a handler for SIGTERM (15) installed: the SigCgt mask
+/// of /proc/PID/status.
+fn catches_sigterm(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("SigCgt:"))
+                .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        })
+        .is_some_and(|mask| mask & (1 << (15 - 1)) != 0)
+}
+
+/// Spawns `shardproxy ARGS` with stderr captured, sends `sig` `delay` after
+/// its `main` installed its handlers, and returns the child and a channel
+/// of its stderr lines.
+///
+/// Time zero is the handlers' installation, not the exec: between exec and
+/// `main` (the dynamic loader and the Rust runtime, about a millisecond)
+/// no program's own code runs, so no program can catch a signal there. What
+/// this checks is that the handlers come first in `main`, before the config
+/// is read, names resolved or ports bound (all of which the 0–10 ms delays
+/// land in), and that each signal then does what it should.
+fn spawn_and_signal(
+    args: &[String],
+    sig: &str,
+    delay: Duration,
+) -> (std::process::Child, mpsc::Receiver<String>) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let installed = Instant::now() + Duration::from_secs(10);
+    // Polling a process's state: there is no event to wait on.
+    while !catches_sigterm(child.id()) {
+        assert!(Instant::now() < installed, "no SIGTERM handler after 10 s");
+        thread::sleep(Duration::from_micros(100));
+    }
+    let started = Instant::now();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    // The delay is the input under test (when the signal lands), not a
+    // synchronisation: nothing waits on it.
+    if let Some(rest) = delay.checked_sub(started.elapsed()) {
+        thread::sleep(rest);
+    }
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig}");
+    (child, rx)
+}
+
+/// Collects lines until one contains `want` (returns true) or `limit`.
+fn wait_line(
+    rx: &mpsc::Receiver<String>,
+    want: &str,
+    seen: &mut Vec<String>,
+    limit: Duration,
+) -> bool {
+    let deadline = Instant::now() + limit;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                let hit = line.contains(want);
+                seen.push(line);
+                if hit {
+                    return true;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+fn listen_addr(line: &str) -> SocketAddr {
+    line.split("listening on ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line}"))
+}
+
+const DELAYS_MS: [u64; 4] = [0, 1, 5, 10];
+
+/// The exit of the issue: an upstream, a key file, two shards.
+fn exit_args(key: &str, upstream: SocketAddr) -> Vec<String> {
+    [
+        "exit",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &upstream.to_string(),
+        "--key-file",
+        key,
+        "--cores",
+        "2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[test]
+fn sighup_during_start_up_is_applied_once_started_and_the_process_serves() {
+    let keys = keygen();
+    let key = key_file(&[&keys]);
+    let origin = echo_origin();
+    for ms in DELAYS_MS {
+        let (mut child, rx) =
+            spawn_and_signal(&exit_args(&key, origin), "HUP", Duration::from_millis(ms));
+        let mut seen = Vec::new();
+        assert!(
+            wait_line(&rx, "listening on", &mut seen, Duration::from_secs(20)),
+            "SIGHUP at {ms} ms: never listened: {seen:?} {:?}",
+            child.try_wait()
+        );
+        let exit_addr = listen_addr(seen.iter().find(|l| l.contains("listening on")).unwrap());
+        // Serves: a real entry gets bytes through it.
+        let entry = Proxy::entry(exit_addr, &key).start();
+        let data = std::sync::Arc::new(random_bytes(10_000, ms));
+        assert_eq!(
+            echo_round_trip(entry.addr, data.clone()),
+            *data,
+            "SIGHUP at {ms} ms"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "SIGHUP at {ms} ms killed it"
+        );
+        // The SIGHUP was not lost: it was either handled as a reload after
+        // the start, or applied as one once started.
+        let reloaded = "SIGHUP: reloaded 1 key(s)";
+        assert!(
+            seen.iter().any(|l| l.contains(reloaded))
+                || wait_line(&rx, reloaded, &mut seen, Duration::from_secs(10)),
+            "SIGHUP at {ms} ms was lost: {seen:?}"
+        );
+        drop(entry);
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(0), "{seen:?}");
+    }
+}
+
+#[test]
+fn sigterm_during_start_up_exits_zero_and_promptly() {
+    let key = key_file(&[&keygen()]);
+    let origin = echo_origin();
+    for ms in DELAYS_MS {
+        let (mut child, rx) =
+            spawn_and_signal(&exit_args(&key, origin), "TERM", Duration::from_millis(ms));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("SIGTERM at {ms} ms: still running after 10 s");
+            }
+            // Polling the child's state: there is no event to wait on.
+            thread::sleep(Duration::from_millis(10));
+        };
+        let lines: Vec<String> = rx.try_iter().collect();
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "SIGTERM at {ms} ms: {status:?} {lines:?}"
+        );
+    }
+}
+
+#[test]
+fn sigusr1_and_sigusr2_are_logged_and_ignored() {
+    let p = Proxy::forward(echo_origin()).shards(1).start();
+    p.signal("USR1");
+    p.wait_for_log(|l| l.contains("SIGUSR1: ignored"), Duration::from_secs(10));
+    p.signal("USR2");
+    p.wait_for_log(|l| l.contains("SIGUSR2: ignored"), Duration::from_secs(10));
+    let data = std::sync::Arc::new(random_bytes(1000, 1));
+    assert_eq!(echo_round_trip(p.addr, data.clone()), *data);
+    let (status, lines) = p.terminate();
+    assert!(status.success(), "{lines:?}");
+}
+
+/// An origin that streams an endless download to each connection.
+fn streaming_origin() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            thread::spawn(move || {
+                let chunk = vec![0x5au8; 16 * 1024];
+                let start = Instant::now();
+                // Bounded: 60 s at most.
+                while start.elapsed() < Duration::from_secs(60) {
+                    if c.write_all(&chunk).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn second_sigterm_resets_live_downloads_never_a_clean_eof() {
+    for role in ["forward", "entry+exit"] {
+        let origin = streaming_origin();
+        let key = key_file(&[&keygen()]);
+        let (mut front, _back) = if role == "forward" {
+            (
+                Proxy::forward(origin)
+                    .shards(1)
+                    .args(["--drain-timeout", "60s"])
+                    .start(),
+                None,
+            )
+        } else {
+            let exit = Proxy::exit(origin, &key).shards(1).start();
+            let entry = Proxy::entry(exit.addr, &key)
+                .shards(1)
+                .args(["--drain-timeout", "60s"])
+                .start();
+            (entry, Some(exit))
+        };
+        let mut c = TcpStream::connect(front.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut got = 0usize;
+        while got < 1 << 20 {
+            got += c.read(&mut buf).unwrap();
+        }
+        front.signal("TERM");
+        front.wait_for_log(|l| l.contains("draining"), Duration::from_secs(10));
+        // Still flowing during the drain.
+        let before = got;
+        while got < before + (1 << 20) {
+            got += c.read(&mut buf).unwrap();
+        }
+        front.signal("TERM");
+        let status = front.wait_exit(Duration::from_secs(10));
+        assert_eq!(status.code(), Some(1), "{role}");
+        let (end, _) = read_until_end(&mut c, Duration::from_secs(10));
+        assert_eq!(
+            end,
+            End::Reset,
+            "{role}: an abandoned download ended with {end:?}"
+        );
+        assert!(
+            front.log().iter().any(|l| l.contains("socket(s) reset")),
+            "{role}: {:?}",
+            front.log()
+        );
+    }
+}
