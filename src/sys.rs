@@ -1,4 +1,6 @@
-//! The only place with `unsafe`: handing file descriptors we own to glommio.
+//! The only place with `unsafe`: handing file descriptors we own to glommio,
+//! the io_uring probe, CPUID (the start-up CPU check) and borrowing fds to
+//! reset them on the way out.
 //!
 //! glommio can build a `TcpStream` from a `socket2::Socket` safely, but its
 //! `TcpListener` and `UnixStream` only implement `FromRawFd`. We create those
@@ -67,10 +69,10 @@ pub fn probe_io_uring() -> std::io::Result<()> {
 #[inline(never)]
 pub fn require_cpu_features() {
     use std::arch::x86_64::__cpuid_count;
-    // SAFETY: CPUID exists on every x86-64 CPU and has no side effects; the
-    // intrinsic is only `unsafe` on older toolchains (safe since Rust 1.87).
     #[allow(unused_unsafe)]
     fn reg(leaf: u32, which: u8) -> u32 {
+        // SAFETY: CPUID exists on every x86-64 CPU and has no side effects;
+        // the intrinsic is only `unsafe` on older toolchains.
         let r = unsafe { __cpuid_count(leaf, 0) };
         match which {
             0 => r.eax,

@@ -305,10 +305,11 @@ docker_line=$(readme_block "runs the proxy the way this command does" | grep '^d
 image_user=$(sed -n 's/^USER //p' deploy/container/Dockerfile)
 entrypoint=$(sed -n 's/^ENTRYPOINT \["\([^"]*\)"\]/\1/p' deploy/container/Dockerfile)
 eval "set -- ${docker_line#docker run}"
-groups=() mounts=() args=()
+groups=() mounts=() args=() network=bridge
 while [ $# -gt 0 ]; do
   case "$1" in
     --group-add) groups+=("$2"); shift 2 ;;
+    --network) network=$2; shift 2 ;;
     -v) mounts+=("$2"); shift 2 ;;
     --ulimit | --security-opt | --cpuset-cpus | -p | --stop-timeout) shift 2 ;;
     --rm) shift ;;
@@ -321,6 +322,11 @@ for m in "${mounts[@]}"; do
   IFS=: read -r host_path ctr_path mode <<<"$m"
   mount_cmds+="mount --bind '$host_path' '$ctr_path' && mount -o remount,bind,${mode:-rw} '$ctr_path' && "
 done
+# With Docker's default bridge network the container's 127.0.0.1 is not the
+# host's, and the example config's upstream (127.0.0.1:8080) would be
+# unreachable: the README's command must use the host's network.
+[ "$network" = host ] && ok "container: the docker run uses --network host (the config's loopback addresses hold)" \
+  || bad "container: docker run on network '$network': the example config's 127.0.0.1 upstream is unreachable there"
 # Docker gives the process exactly the --group-add groups as supplementary ones.
 group_opt=--clear-groups
 [ ${#groups[@]} -gt 0 ] && group_opt="--groups=$(IFS=,; echo "${groups[*]}")"
