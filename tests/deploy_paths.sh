@@ -339,6 +339,14 @@ if wait_log "$state/docker.log" 'listening on' && round_trip 127.0.0.1 8000; the
 else
   bad "container: the README's docker run did not serve"
 fi
+# Rotation in the container: the host's files change as under systemd (the
+# directory mount shows the renamed file), then `docker kill --signal HUP`.
+"$BIN" keygen --out "$work/docker-new.key" >/dev/null
+(cd /etc/shardproxy && (umask 027 && cat "$work/docker-new.key" psk > psk.next) && chgrp shardproxy psk.next && mv psk.next psk)
+kill -HUP "$docker_pid" 2>/dev/null
+wait_log "$state/docker.log" "SIGHUP: reloaded 2 key(s)" && round_trip 127.0.0.1 8000 \
+  && ok "container: a key file replaced on the host is reloaded on SIGHUP (docker kill --signal HUP)" \
+  || bad "container: key reload through the read-only mount"
 kill -TERM "$docker_pid" 2>/dev/null
 for _ in $(seq 100); do kill -0 "$docker_pid" 2>/dev/null || break; sleep 0.1; done
 kill -TERM "$entry_pid" 2>/dev/null
