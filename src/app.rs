@@ -4,7 +4,10 @@ use glommio::{GlommioError, LocalExecutorBuilder, Placement};
 
 use crate::cli::KeygenArgs;
 use crate::config::Config;
-use crate::control::{Controller, SignalPlane};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use crate::control::{Controller, SignalPlane, Started, Upgrade};
 use crate::error::StartupError;
 use crate::metrics::Board;
 use crate::proto::Psk;
@@ -125,18 +128,73 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
     }));
     preflight()?;
     raise_fd_limit(cfg.fds_needed());
-    let listeners = crate::listener::bind_all(&cfg, cfg.cores.len())?;
-    let board = match cfg.metrics_listen {
+    let exe = std::env::current_exe().ok();
+    let mut inherited = match &cfg.lifecycle.takeover {
         None => None,
+        Some(path) => {
+            let got = crate::handover::take_over(path)
+                .map_err(|e| StartupError::Takeover(e.to_string()))?;
+            Some(got)
+        }
+    };
+    let per_shard = shard_listeners(&cfg, inherited.as_mut())?;
+    if let Some(got) = &inherited {
+        crate::info!(
+            "taking over from process {}: {} listener(s){}{}",
+            got.from_pid,
+            per_shard.iter().map(Vec::len).sum::<usize>(),
+            if got.metrics.is_some() {
+                ", metrics"
+            } else {
+                ""
+            },
+            if got.control.is_some() {
+                ", control socket"
+            } else {
+                ""
+            },
+        );
+    }
+    // The control socket: the one named, or, after a takeover, the same
+    // socket the predecessor served (so SIGUSR2 and --takeover keep working).
+    let control_path = cfg
+        .lifecycle
+        .control_socket
+        .clone()
+        .or_else(|| cfg.lifecycle.takeover.clone());
+    // Duplicates of every listener, to offer a successor in turn (only with
+    // a control socket: a duplicate keeps a socket open after a drain).
+    let offer_proxy: Vec<socket2::Socket> = match control_path {
+        None => Vec::new(),
+        Some(_) => per_shard
+            .iter()
+            .flatten()
+            .map(socket2::Socket::try_clone)
+            .collect::<Result<_, _>>()
+            .map_err(|source| StartupError::Listen {
+                addr: cfg.listen,
+                source,
+            })?,
+    };
+    let (board, offer_metrics) = match cfg.metrics_listen {
+        None => (None, None),
         Some(addr) => {
-            let metrics = crate::metrics::http::bind(addr)
-                .map_err(|source| StartupError::MetricsListen { addr, source })?;
+            let inherited_metrics = inherited
+                .as_mut()
+                .and_then(|i| i.metrics.take())
+                .filter(|l| l.local_addr().is_ok_and(|a| same_address(a, addr)));
+            let metrics = match inherited_metrics {
+                Some(l) => l,
+                None => crate::metrics::http::bind(addr)
+                    .map_err(|source| StartupError::MetricsListen { addr, source })?,
+            };
+            let offer = control_path.as_ref().and_then(|_| metrics.try_clone().ok());
             let board = Board::new(cfg.cores.len(), cfg.role().as_str());
             let bound = metrics.local_addr().unwrap_or(addr);
             crate::metrics::http::spawn(metrics, board.clone(), cfg.metrics_interval)
                 .map_err(|source| StartupError::MetricsListen { addr, source })?;
             crate::info!("metrics on http://{bound}/metrics (also /histograms, /healthz, /livez)");
-            Some(board)
+            (Some(board), offer)
         }
     };
     if let Some(t) = cfg.tunnel() {
@@ -145,27 +203,88 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
             b.set_keys(t.keys.fingerprints());
         }
     }
+    let control_listener = match &control_path {
+        None => None,
+        Some(path) => {
+            let inherited_control = inherited
+                .as_mut()
+                .and_then(|i| i.control.take())
+                .filter(|_| cfg.lifecycle.takeover.as_deref() == Some(path.as_path()));
+            Some(match inherited_control {
+                Some(l) => l,
+                None => crate::handover::bind_control(path)?,
+            })
+        }
+    };
     let (controller, shard_ends) =
         Controller::new(cfg.cores.len()).map_err(StartupError::Signals)?;
+    let control_stop = Arc::new(AtomicBool::new(false));
+    let offer: crate::handover::SharedOffer =
+        Arc::new(std::sync::Mutex::new(control_listener.as_ref().map(|_| {
+            crate::handover::Offer {
+                proxy: offer_proxy,
+                metrics: offer_metrics,
+            }
+        })));
     // From here a termination signal drains: a shard that has not started
     // yet finds the drain message waiting on its control socket.
-    signals.started(
+    signals.started(Started {
         controller,
-        cfg.tunnel().map(|t| t.key_file.clone()),
-        board.clone(),
-    );
+        key_file: cfg.tunnel().map(|t| t.key_file.clone()),
+        board: board.clone(),
+        upgrade: match (&control_path, exe) {
+            (Some(path), Some(exe)) => Some(Upgrade {
+                exe,
+                args: std::env::args_os().skip(1).collect::<Vec<_>>(),
+                control_socket: path.clone(),
+            })
+            .map(without_takeover),
+            _ => None,
+        },
+        drain_delay: cfg.lifecycle.drain_delay,
+        control_stop: control_stop.clone(),
+        offer: offer.clone(),
+    });
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut handles = Vec::with_capacity(cfg.cores.len());
-    for (id, ((core, listener), control)) in
-        cfg.cores.iter().zip(listeners).zip(shard_ends).enumerate()
+    for (id, ((core, listeners), control)) in
+        cfg.cores.iter().zip(per_shard).zip(shard_ends).enumerate()
     {
         handles.push(crate::shard::spawn(
             id,
             *core,
             cfg.clone(),
-            listener,
+            listeners,
             control,
             board.clone(),
+            ready_tx.clone(),
         )?);
+    }
+    drop(ready_tx);
+    // Every shard accepts: tell systemd, then the predecessor.
+    let all_ready = (0..handles.len()).all(|_| ready_rx.recv().is_ok());
+    if all_ready {
+        crate::control::notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::MainPid(std::process::id()),
+        ]);
+        if let Some(inherited) = inherited.take() {
+            let from = inherited.from_pid;
+            match inherited.confirm() {
+                Ok(()) => crate::info!("hand-over complete: process {from} is draining"),
+                Err(e) => crate::warn!(
+                    "hand-over: process {from} did not confirm ({e}); both processes accept"
+                ),
+            }
+        }
+        if let Some(listener) = control_listener {
+            let plane = signals.handle();
+            if let Err(e) = crate::handover::serve(listener, offer, control_stop, move |pid| {
+                plane.handed_over(pid)
+            }) {
+                crate::warn!("control socket not served: {e}");
+            }
+        }
     }
     for (id, handle) in handles.into_iter().enumerate() {
         if let Err(e) = handle.join() {
@@ -174,4 +293,86 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
     }
     crate::info!("all shards stopped");
     Ok(())
+}
+
+/// `a` is `want`, or `want` asks for port 0 on the same IP.
+fn same_address(a: std::net::SocketAddr, want: std::net::SocketAddr) -> bool {
+    a == want || (want.port() == 0 && a.ip() == want.ip())
+}
+
+/// The re-exec's command line: the original one without `--takeover PATH`
+/// (or `--takeover=PATH`), which the upgrade adds back itself.
+fn without_takeover(mut up: Upgrade) -> Upgrade {
+    let mut out = Vec::with_capacity(up.args.len());
+    let mut skip_next = false;
+    for arg in up.args.drain(..) {
+        if skip_next {
+            skip_next = false;
+            continue;
+        }
+        if arg == "--takeover" {
+            skip_next = true;
+            continue;
+        }
+        if arg.to_str().is_some_and(|a| a.starts_with("--takeover=")) {
+            continue;
+        }
+        out.push(arg);
+    }
+    up.args = out;
+    up
+}
+
+/// The listeners of each shard. Fresh: one new `SO_REUSEPORT` listener per
+/// shard. After a takeover of N listeners by M shards: shard `i` accepts on
+/// every inherited listener `j` with `j % M == i`, so none is left without
+/// an acceptor (fewer shards), and shards beyond N bind new listeners that
+/// join the group (more shards). Inherited sockets are never closed: a
+/// closed listener would reset the connections queued on it.
+fn shard_listeners(
+    cfg: &Config,
+    inherited: Option<&mut crate::handover::Inherited>,
+) -> Result<Vec<Vec<socket2::Socket>>, StartupError> {
+    let m = cfg.cores.len();
+    let Some(inherited) = inherited else {
+        let joining = crate::listener::port_taken(cfg.listen);
+        let fresh = crate::listener::bind_all(cfg, m)?;
+        if joining && read_sysctl("/proc/sys/net/ipv4/tcp_migrate_req") == Some(0) {
+            crate::warn!(
+                "joined another process's SO_REUSEPORT group on {} while net.ipv4.tcp_migrate_req = 0: when either process closes its listeners, connections queued on them are reset; set it to 1 (deploy/sysctl/) or use --takeover",
+                cfg.listen
+            );
+        }
+        return Ok(fresh.into_iter().map(|s| vec![s]).collect());
+    };
+    let Some(addr) = inherited.listen_addr() else {
+        return Err(StartupError::Takeover("no listener was handed over".into()));
+    };
+    if !same_address(addr, cfg.listen) {
+        return Err(StartupError::Takeover(format!(
+            "the running process listens on {addr}, this configuration on {}; they must match",
+            cfg.listen
+        )));
+    }
+    let sockets = std::mem::take(&mut inherited.proxy);
+    let n = sockets.len();
+    let mut per_shard: Vec<Vec<socket2::Socket>> = (0..m).map(|_| Vec::new()).collect();
+    for (j, socket) in sockets.into_iter().enumerate() {
+        // A new backlog applies to an inherited socket too.
+        let _ = socket.listen(cfg.backlog.min(i32::MAX as u32) as i32);
+        per_shard[j % m].push(socket);
+    }
+    if m > n {
+        for (k, socket) in crate::listener::bind_more(cfg, addr, m - n)?
+            .into_iter()
+            .enumerate()
+        {
+            per_shard[n + k].push(socket);
+        }
+    }
+    Ok(per_shard)
+}
+
+fn read_sysctl(path: &str) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }

@@ -88,6 +88,18 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 
+    /// On SIGTERM/SIGINT, answer /healthz with 503 for this long before the listeners stop accepting, so load balancers stop sending first (0s-5m).
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+    pub drain_delay: Duration,
+
+    /// Unix socket on which this process hands its listening sockets to a successor (`--takeover`, or a re-exec on SIGUSR2); off by default.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<String>,
+
+    /// Start by taking the listening sockets over from the shardproxy serving this control socket, then let it drain: an upgrade or a core-count change that drops no connection.
+    #[arg(long, value_name = "PATH")]
+    pub takeover: Option<String>,
+
     /// Connections per shard; at the limit the shard stops accepting until one closes (1-1000000) [default: 10000, lowered to fit RLIMIT_NOFILE].
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,

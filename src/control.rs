@@ -16,6 +16,7 @@ use zeroize::Zeroizing;
 
 use crate::proto::keys::{MAX_KEYS, PSK_LEN};
 use crate::proto::{KeySet, Psk};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
@@ -86,13 +87,15 @@ impl Controller {
 ///
 /// | signal | while starting | once shards run |
 /// |---|---|---|
-/// | SIGTERM, SIGINT | exit 0 at once: nothing is accepted yet | first: drain; second: reset every connection (RST) and exit 1 |
+/// | SIGTERM, SIGINT | exit 0 at once: nothing is accepted yet | first: drain (after `--drain-delay`); second: reset every connection (RST) and exit 1 |
 /// | SIGHUP | remembered, applied once started | re-read the key file (ignored while draining) |
+/// | SIGUSR2 | logged, ignored | re-execute the binary with `--takeover` (needs `--control-socket`): the new process takes the listeners, this one drains |
 /// | SIGUSR1 | logged, ignored | logged, ignored (reserved: reopen the access log) |
-/// | SIGUSR2 | logged, ignored | logged, ignored (reserved: binary upgrade) |
 ///
 /// SIGPIPE is ignored by the Rust runtime; every other signal keeps its
-/// default action.
+/// default action. Readiness and state changes are also reported to systemd
+/// (`sd_notify`, `Type=notify`): `READY=1`, `RELOADING=1`, `STOPPING=1`,
+/// `MAINPID=`.
 pub struct SignalPlane {
     state: Arc<Mutex<Phase>>,
 }
@@ -102,10 +105,40 @@ enum Phase {
     Running(Running),
 }
 
+/// How SIGUSR2 re-executes the binary.
+#[derive(Debug, Clone)]
+pub struct Upgrade {
+    /// The executable as it was at start-up (`/proc/self/exe` then): a new
+    /// version installed at the same path is what gets started.
+    pub exe: std::path::PathBuf,
+    /// The command line after the program name, without `--takeover`.
+    pub args: Vec<std::ffi::OsString>,
+    /// The control socket the new process takes the listeners from.
+    pub control_socket: std::path::PathBuf,
+}
+
+/// What the signal thread needs once the shards run.
+pub struct Started {
+    /// The shards' control sockets.
+    pub controller: Controller,
+    /// The key file to re-read on SIGHUP (entry and exit).
+    pub key_file: Option<String>,
+    /// The metrics board, if metrics are on.
+    pub board: Option<Board>,
+    /// How SIGUSR2 upgrades, if `--control-socket` is set.
+    pub upgrade: Option<Upgrade>,
+    /// `--drain-delay`.
+    pub drain_delay: std::time::Duration,
+    /// Set when draining starts: the control-socket thread stops offering
+    /// the listeners.
+    pub control_stop: Arc<std::sync::atomic::AtomicBool>,
+    /// The listeners' duplicates offered to a successor; emptied when
+    /// draining starts, so that they do not keep the sockets open.
+    pub offer: crate::handover::SharedOffer,
+}
+
 struct Running {
-    controller: Controller,
-    key_file: Option<String>,
-    board: Option<Board>,
+    s: Started,
     draining: bool,
 }
 
@@ -125,7 +158,7 @@ impl SignalPlane {
                     let Ok(mut phase) = shared.lock() else {
                         return;
                     };
-                    on_signal(&mut phase, sig);
+                    on_signal(&mut phase, sig, &shared);
                 }
             })
             .map_err(StartupError::Signals)?;
@@ -133,8 +166,9 @@ impl SignalPlane {
     }
 
     /// Start-up is over: from now on signals act on the shards through
-    /// `controller`. A SIGHUP that arrived while starting is applied now.
-    pub fn started(&self, controller: Controller, key_file: Option<String>, board: Option<Board>) {
+    /// `started.controller`. A SIGHUP that arrived while starting is
+    /// applied now.
+    pub fn started(&self, started: Started) {
         let Ok(mut phase) = self.state.lock() else {
             return;
         };
@@ -145,26 +179,62 @@ impl SignalPlane {
             }
         );
         *phase = Phase::Running(Running {
-            controller,
-            key_file,
-            board,
+            s: started,
             draining: false,
         });
         if reload {
             crate::info!("applying the SIGHUP received during start-up");
-            on_signal(&mut phase, SIGHUP);
+            on_signal(&mut phase, SIGHUP, &self.state);
+        }
+    }
+
+    /// A successor (process `pid`) accepts on our listeners: tell systemd it
+    /// is the main process now, and drain at once (no `--drain-delay`: new
+    /// connections already go to the successor).
+    pub fn handed_over(&self, pid: u32) {
+        let Ok(mut phase) = self.state.lock() else {
+            return;
+        };
+        if let Phase::Running(r) = &mut *phase {
+            notify(&[sd_notify::NotifyState::MainPid(pid)]);
+            if let Some(b) = &r.s.board {
+                b.info.handed_over.store(true, Ordering::Relaxed);
+            }
+            if !r.draining {
+                r.start_drain(&format!("handed over to process {pid}"));
+                r.drain_now();
+            }
+        }
+    }
+
+    /// A handle for threads that must reach the plane later (the
+    /// control-socket thread).
+    pub fn handle(&self) -> SignalPlane {
+        SignalPlane {
+            state: self.state.clone(),
         }
     }
 }
 
-fn on_signal(phase: &mut Phase, sig: i32) {
+/// Sends states to systemd if it supervises us (`NOTIFY_SOCKET`); a no-op
+/// otherwise. Failures are logged, never fatal.
+pub fn notify(states: &[sd_notify::NotifyState]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    if let Err(e) = sd_notify::notify(false, states) {
+        crate::warn!("sd_notify: {e}");
+    }
+}
+
+fn on_signal(phase: &mut Phase, sig: i32, shared: &Arc<Mutex<Phase>>) {
     match phase {
         Phase::Starting { reload_pending } => match sig {
             SIGHUP => {
                 crate::info!("SIGHUP during start-up: will reload once started");
                 *reload_pending = true;
             }
-            SIGUSR1 | SIGUSR2 => ignored(sig),
+            SIGUSR1 | SIGUSR2 => ignored(sig, "during start-up"),
             _ => {
                 // No shard runs yet and nothing was accepted: a clean exit.
                 crate::info!("termination signal during start-up: exiting");
@@ -176,8 +246,14 @@ fn on_signal(phase: &mut Phase, sig: i32) {
             // reload now could fill it and block this thread, and with it
             // the second signal.
             SIGHUP if r.draining => crate::info!("SIGHUP while draining: keys are not reloaded"),
-            SIGHUP => r.reload(),
-            SIGUSR1 | SIGUSR2 => ignored(sig),
+            SIGHUP => {
+                notify(&[sd_notify::NotifyState::Reloading]);
+                r.reload();
+                notify(&[sd_notify::NotifyState::Ready]);
+            }
+            SIGUSR2 if r.draining => ignored(sig, "while draining"),
+            SIGUSR2 => r.upgrade(),
+            SIGUSR1 => ignored(sig, "in this version"),
             _ if r.draining => {
                 let n = crate::sys::abandon_connections();
                 crate::warn!(
@@ -186,34 +262,70 @@ fn on_signal(phase: &mut Phase, sig: i32) {
                 std::process::exit(1);
             }
             _ => {
-                crate::info!("termination signal: draining (send again to exit at once)");
-                r.draining = true;
-                if let Some(b) = &r.board {
-                    b.info
-                        .draining
-                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                r.start_drain("termination signal");
+                let delay = r.s.drain_delay;
+                if delay.is_zero() {
+                    r.drain_now();
+                } else {
+                    crate::info!(
+                        "drain delay: /healthz answers 503 for {delay:?} while the listeners still accept"
+                    );
+                    let shared = shared.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("drain-delay".into())
+                        .spawn(move || {
+                            std::thread::sleep(delay);
+                            if let Ok(mut phase) = shared.lock() {
+                                if let Phase::Running(r) = &mut *phase {
+                                    r.drain_now();
+                                }
+                            }
+                        });
+                    if spawned.is_err() {
+                        r.drain_now();
+                    }
                 }
-                r.controller.broadcast(Message::Drain);
             }
         },
     }
 }
 
-fn ignored(sig: i32) {
-    let (name, reserved) = if sig == SIGUSR1 {
-        ("SIGUSR1", "reopening the access log")
+fn ignored(sig: i32, when: &str) {
+    let (name, what) = if sig == SIGUSR1 {
+        ("SIGUSR1", "reserved for reopening the access log")
     } else {
-        ("SIGUSR2", "a binary upgrade")
+        ("SIGUSR2", "upgrades by re-executing the binary")
     };
-    crate::info!("{name}: ignored (reserved for {reserved}, not in this version)");
+    crate::info!("{name}: ignored {when} ({name} {what})");
 }
 
 impl Running {
+    /// Marks the process as draining: `/healthz` says 503, systemd hears
+    /// `STOPPING=1`, no more hand-overs are offered. The shards keep
+    /// accepting until [`Running::drain_now`].
+    fn start_drain(&mut self, why: &str) {
+        crate::info!("{why}: draining (send a termination signal again to exit at once)");
+        self.draining = true;
+        self.s.control_stop.store(true, Ordering::Relaxed);
+        if let Ok(mut offer) = self.s.offer.lock() {
+            *offer = None;
+        }
+        notify(&[sd_notify::NotifyState::Stopping]);
+        if let Some(b) = &self.s.board {
+            b.info.draining.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Tells every shard to stop accepting and finish its connections.
+    fn drain_now(&mut self) {
+        self.s.controller.broadcast(Message::Drain);
+    }
+
     /// SIGHUP: re-reads the key file once, here, and sends the keys to
     /// every shard. A file that fails to parse is logged and the shards keep
     /// their keys.
     fn reload(&mut self) {
-        let Some(path) = &self.key_file else {
+        let Some(path) = &self.s.key_file else {
             crate::info!("SIGHUP: nothing to reload in this role");
             return;
         };
@@ -223,12 +335,50 @@ impl Running {
                     crate::warn!("{w}");
                 }
                 crate::info!("SIGHUP: reloaded {} from {path}", keys.describe());
-                if let Some(b) = &self.board {
+                if let Some(b) = &self.s.board {
                     b.set_keys(keys.fingerprints());
                 }
-                self.controller.broadcast(Message::Keys(keys));
+                self.s.controller.broadcast(Message::Keys(keys));
             }
             Err(e) => crate::error!("SIGHUP: {e}; keeping the current keys"),
+        }
+    }
+
+    /// SIGUSR2: starts the binary again with `--takeover`. The new process
+    /// takes the listeners over the control socket; this one drains when it
+    /// says it is ready (`SignalPlane::handed_over`). If it fails, this one
+    /// keeps serving and logs why.
+    fn upgrade(&mut self) {
+        let Some(up) = &self.s.upgrade else {
+            crate::warn!("SIGUSR2: cannot upgrade without --control-socket; ignored");
+            return;
+        };
+        let spawned = std::process::Command::new(&up.exe)
+            .args(&up.args)
+            .arg("--takeover")
+            .arg(&up.control_socket)
+            .stdin(std::process::Stdio::null())
+            .spawn();
+        match spawned {
+            Ok(mut child) => {
+                let pid = child.id();
+                crate::info!(
+                    "SIGUSR2: started {} as process {pid} to take the listeners over",
+                    up.exe.display()
+                );
+                // Reap it; say so if it ends (a failed start) while we live.
+                let _ = std::thread::Builder::new()
+                    .name("upgrade-child".into())
+                    .spawn(move || {
+                        if let Ok(status) = child.wait() {
+                            crate::warn!("upgrade: process {pid} exited ({status})");
+                        }
+                    });
+            }
+            Err(e) => crate::error!(
+                "SIGUSR2: cannot start {}: {e}; still serving",
+                up.exe.display()
+            ),
         }
     }
 }

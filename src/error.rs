@@ -73,6 +73,17 @@ pub enum StartupError {
     /// The signal handler could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    /// `--control-socket` cannot be served.
+    #[error("cannot serve --control-socket {path}: {reason}")]
+    ControlSocket {
+        /// The socket path.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// `--takeover` failed; the running process keeps serving.
+    #[error("cannot take over (the running process keeps serving): {0}")]
+    Takeover(String),
     /// `demo` could not start one of its processes.
     #[error("demo: cannot start {what}: {source}")]
     Demo {

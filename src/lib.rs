@@ -38,6 +38,7 @@ pub mod context;
 pub mod control;
 pub mod demo;
 pub mod error;
+pub mod handover;
 pub mod listener;
 pub mod log;
 pub mod metrics;

@@ -42,6 +42,34 @@ pub fn bind_all(cfg: &Config, shards: usize) -> Result<Vec<Socket>, StartupError
     Ok(sockets)
 }
 
+/// Binds `count` more listeners on `addr`, joining its `SO_REUSEPORT`
+/// group: the shards a successor has beyond its predecessor's.
+pub fn bind_more(
+    cfg: &Config,
+    addr: SocketAddr,
+    count: usize,
+) -> Result<Vec<Socket>, StartupError> {
+    (0..count)
+        .map(|_| {
+            bind_one(addr, cfg.backlog, cfg.dual_stack)
+                .map_err(|source| StartupError::Listen { addr, source })
+        })
+        .collect()
+}
+
+/// Whether something already listens on `addr` (a bind without
+/// `SO_REUSEPORT` fails): then `bind_all` joins another process's group.
+pub fn port_taken(addr: SocketAddr) -> bool {
+    if addr.port() == 0 {
+        return false;
+    }
+    let Ok(socket) = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+    else {
+        return false;
+    };
+    matches!(socket.bind(&addr.into()), Err(e) if e.kind() == io::ErrorKind::AddrInUse)
+}
+
 fn bind_one(addr: SocketAddr, backlog: u32, dual_stack: bool) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -106,8 +134,10 @@ struct AcceptState {
 /// and closing. Accept errors back off exponentially, so EMFILE can't spin.
 /// Every wait here is [`bounded`] by the stop trigger, which is polled first:
 /// an accept that fails at once, or a free permit, cannot hold off stop.
-pub async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>) {
-    let permits = Rc::new(Semaphore::new(ctx.limits().max_connections.get() as u64));
+/// `permits` is the shard's (`--max-connections`), shared by every accept
+/// loop of the shard (a shard accepts on several listeners after a hand-over
+/// from a process with more shards).
+pub async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>, permits: Rc<Semaphore>) {
     let state = Rc::new(AcceptState {
         fd_exhausted: Cell::new(false),
         internal: RefCell::new(RateLimitedLog::new()),

@@ -15,18 +15,21 @@ use crate::control::{self, Message};
 use crate::error::StartupError;
 use crate::metrics::Board;
 
-/// Starts shard `id` on `core`, serving `listener`, controlled by `control`.
+/// Starts shard `id` on `core`, accepting on `listeners` (usually one; more
+/// after a hand-over from a process with more shards), controlled by
+/// `control`. Sends `id` on `ready` once every accept loop runs.
 pub fn spawn(
     id: usize,
     core: usize,
     cfg: Config,
-    listener: socket2::Socket,
+    listeners: Vec<socket2::Socket>,
     control: UnixStream,
     board: Option<Board>,
+    ready: std::sync::mpsc::Sender<usize>,
 ) -> Result<ExecutorJoinHandle<()>, StartupError> {
     LocalExecutorBuilder::new(Placement::Fixed(core))
         .name(&format!("shard-{id}"))
-        .spawn(move || async move { run(id, core, cfg, listener, control, board).await })
+        .spawn(move || async move { run(id, core, cfg, listeners, control, board, ready).await })
         .map_err(|e| StartupError::Shard {
             core,
             reason: e.to_string(),
@@ -37,24 +40,47 @@ async fn run(
     id: usize,
     core: usize,
     cfg: Config,
-    listener: socket2::Socket,
+    listeners: Vec<socket2::Socket>,
     control: UnixStream,
     board: Option<Board>,
+    ready: std::sync::mpsc::Sender<usize>,
 ) {
-    let listener = crate::sys::adopt_listener(listener);
+    let listeners: Vec<_> = listeners
+        .into_iter()
+        .map(crate::sys::adopt_listener)
+        .collect();
     let mut control = crate::sys::adopt_unix_stream(control);
-    let addr = listener
-        .local_addr()
+    let addr = listeners
+        .first()
+        .and_then(|l| l.local_addr().ok())
         .map(|a| a.to_string())
-        .unwrap_or_else(|_| "?".into());
+        .unwrap_or_else(|| "?".into());
+    let extra = match listeners.len() {
+        1 => String::new(),
+        n => format!(" ({n} inherited listeners)"),
+    };
     crate::info!(
-        "shard {id} core {core} listening on {addr} role {} upstream {} ({})",
+        "shard {id} core {core} listening on {addr} role {} upstream {} ({}){extra}",
         cfg.role().as_str(),
         cfg.upstream_name,
         cfg.upstream
     );
     let ctx = Rc::new(ShardCtx::new(id, cfg, board));
-    let accept = glommio::spawn_local(crate::listener::accept_loop(listener, ctx.clone())).detach();
+    let permits = Rc::new(glommio::sync::Semaphore::new(
+        ctx.limits().max_connections.get() as u64,
+    ));
+    let accepts: Vec<_> = listeners
+        .into_iter()
+        .map(|l| {
+            glommio::spawn_local(crate::listener::accept_loop(
+                l,
+                ctx.clone(),
+                permits.clone(),
+            ))
+            .detach()
+        })
+        .collect();
+    let _ = ready.send(id);
     if ctx.publishes() {
         spawn_publisher(ctx.clone());
     }
@@ -67,9 +93,11 @@ async fn run(
     }
 
     ctx.begin_drain();
-    accept.await;
+    for accept in accepts {
+        accept.await;
+    }
     let live = ctx.stats().active.get();
-    crate::info!("shard {id} draining: listener closed, {live} live connections");
+    crate::info!("shard {id} draining: stopped accepting, {live} live connections");
     let drain = ctx.limits().drain_timeout;
     let closed = async {
         ctx.all_closed().await;

@@ -183,3 +183,17 @@ pub fn abandon_connections() -> usize {
     }
     n
 }
+
+/// Takes ownership of file descriptors received with `SCM_RIGHTS`
+/// (the listener hand-over): each becomes an [`std::os::fd::OwnedFd`]
+/// closed on drop. Negative entries are skipped.
+pub fn own_received_fds(fds: &[std::os::fd::RawFd]) -> Vec<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    fds.iter()
+        .filter(|fd| **fd >= 0)
+        // SAFETY: recvmsg(2) installed each of these descriptors in this
+        // process for us alone (SCM_RIGHTS); nothing else knows or closes
+        // them, so each OwnedFd is its sole owner.
+        .map(|fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(*fd) })
+        .collect()
+}

@@ -196,7 +196,7 @@ fn sigterm_drains_in_flight_transfer_and_refuses_new_connections() {
     let mut back = vec![0u8; 1 << 20];
     (&stream).read_exact(&mut back).unwrap();
     proxy.signal("TERM");
-    proxy.wait_for_every_shard(" draining: listener closed", Duration::from_secs(10));
+    proxy.wait_for_every_shard(" draining: stopped accepting", Duration::from_secs(10));
     // New connections are refused once every shard closed its listener. The
     // kernel lets go of the socket when io_uring drops its last reference,
     // just after the log line, so this waits for the port itself.

@@ -329,7 +329,7 @@ fn healthz_flips_to_503_while_draining() {
     // The signal thread sets the draining flag before it tells the shards,
     // so once a shard logged that it drains, /healthz must say so.
     p.exit.wait_for_log(
-        |l| l.contains(" draining: listener closed"),
+        |l| l.contains(" draining: stopped accepting"),
         Duration::from_secs(10),
     );
     assert_eq!(http_get(p.exit_metrics, "/healthz").0, 503);

@@ -94,6 +94,19 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// How often shards publish snapshots.
     pub metrics_interval: Duration,
+    /// Process lifecycle: hand-over and drain settings.
+    pub lifecycle: Lifecycle,
+}
+
+/// How the process starts, hands over and stops.
+#[derive(Debug, Clone, Default)]
+pub struct Lifecycle {
+    /// `/healthz` says 503 for this long after SIGTERM before the drain.
+    pub drain_delay: Duration,
+    /// Where this process offers its listeners to a successor.
+    pub control_socket: Option<std::path::PathBuf>,
+    /// Take the listeners over from the process serving this socket.
+    pub takeover: Option<std::path::PathBuf>,
 }
 
 /// Settings of the encrypted roles.
@@ -270,6 +283,11 @@ impl Config {
             cores,
             metrics_listen,
             metrics_interval: ranges::METRICS_INTERVAL.check(args.metrics_interval)?,
+            lifecycle: Lifecycle {
+                drain_delay: ranges::DRAIN_DELAY.check(args.drain_delay)?,
+                control_socket: args.control_socket.as_ref().map(Into::into),
+                takeover: args.takeover.as_ref().map(Into::into),
+            },
             limits: Limits {
                 buffer_size,
                 connect_timeout: ranges::CONNECT_TIMEOUT.check(args.connect_timeout)?,

@@ -67,6 +67,12 @@ pub const DRAIN_TIMEOUT: Bound<Duration> = Bound {
     min: secs(0),
     max: secs(3600),
 };
+/// `--drain-delay`: how long /healthz says 503 before the drain starts.
+pub const DRAIN_DELAY: Bound<Duration> = Bound {
+    flag: "--drain-delay",
+    min: secs(0),
+    max: secs(300),
+};
 /// `--handshake-timeout` (entry and exit).
 pub const HANDSHAKE_TIMEOUT: Bound<Duration> = Bound {
     flag: "--handshake-timeout",

@@ -191,14 +191,28 @@ pub fn spawn(listener: TcpListener, board: Board, fold_every: Duration) -> std::
             folder.with_snapshots(|_| ());
         })?;
     let live = Arc::new(Mutex::new(Live::default()));
+    // accept(2) honours SO_RCVTIMEO: wake every 200 ms to see whether a
+    // successor took this (shared) socket over, and then stop answering on it.
+    socket2::SockRef::from(&listener).set_read_timeout(Some(Duration::from_millis(200)))?;
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
             for conn in listener.incoming() {
-                let Ok(conn) = conn else {
-                    // EMFILE and friends: do not spin.
-                    std::thread::sleep(Duration::from_millis(50));
-                    continue;
+                if board
+                    .info
+                    .handed_over
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    break;
+                }
+                let conn = match conn {
+                    Ok(conn) => conn,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(_) => {
+                        // EMFILE and friends: do not spin.
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    }
                 };
                 let admitted = live.lock().unwrap_or_else(|p| p.into_inner()).admit(&conn);
                 let Some(id) = admitted else { continue };

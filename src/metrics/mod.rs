@@ -263,6 +263,9 @@ pub struct ProcessInfo {
     /// (`shardproxy_key_info`). Written at start-up and on SIGHUP by the
     /// signal thread, read by scrapes; never touched by a shard.
     pub keys: Mutex<Vec<String>>,
+    /// Set when a successor took the listeners over: this process's metrics
+    /// thread stops accepting on the shared socket.
+    pub handed_over: std::sync::atomic::AtomicBool,
 }
 
 impl Board {
@@ -280,6 +283,7 @@ impl Board {
                 start_time,
                 draining: std::sync::atomic::AtomicBool::new(false),
                 keys: Mutex::new(Vec::new()),
+                handed_over: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }

@@ -104,6 +104,7 @@ pub struct ProxyBuilder {
     shards: usize,
     extra: Vec<String>,
     ulimits: Vec<(&'static str, u64)>,
+    env: Vec<(String, String)>,
 }
 
 impl ProxyBuilder {
@@ -114,6 +115,7 @@ impl ProxyBuilder {
             shards: 1,
             extra: Vec::new(),
             ulimits: Vec::new(),
+            env: Vec::new(),
         }
     }
 
@@ -143,6 +145,13 @@ impl ProxyBuilder {
     {
         self.extra
             .extend(args.into_iter().map(|a| a.as_ref().to_string()));
+        self
+    }
+
+    /// An environment variable for the process only (never the test's own
+    /// environment, which concurrent tests share).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
         self
     }
 
@@ -185,6 +194,9 @@ impl ProxyBuilder {
                 .args(&argv);
             c
         };
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -342,6 +354,12 @@ impl Proxy {
         (status, self.log())
     }
 
+    /// Its exit status if it has exited (without waiting, and without
+    /// waiting for its stderr, which a child it started may share).
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// SIGKILL, then reap it and its stderr reader.
     pub fn kill(&mut self) {
         self.child.kill().unwrap();
@@ -384,7 +402,7 @@ impl Proxy {
     }
 
     /// Waits until every shard logged the line `shard {id}{suffix}`, e.g.
-    /// `": keys replaced (1 key(s))"` or `" draining: listener closed"`.
+    /// `": keys replaced (1 key(s))"` or `" draining: stopped accepting"`.
     pub fn wait_for_every_shard(&self, suffix: &str, timeout: Duration) {
         for id in 0..self.shards {
             let want = format!("shard {id}{suffix}");

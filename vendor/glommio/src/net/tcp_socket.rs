@@ -166,17 +166,22 @@ impl TcpListener {
     pub async fn shared_accept(&self) -> Result<AcceptedTcpStream> {
         let reactor = self.reactor.upgrade().unwrap();
         let raw_fd = self.listener.as_raw_fd();
-        if let Some(r) = yolo_accept(raw_fd) {
-            match r {
-                Ok(fd) => {
-                    return Ok(AcceptedTcpStream { fd });
-                }
-                Err(err) => return Err(GlommioError::IoError(err)),
+        // shardproxy patch: wait for readiness with a poll and accept with a
+        // non-blocking accept4(2), instead of an in-flight IORING_OP_ACCEPT.
+        // Dropping this future (a drain, a listener hand-over) then cancels
+        // only a poll, which takes nothing from the accept queue; a
+        // cancelled accept op that had already completed would lose the
+        // connection it accepted.
+        loop {
+            if let Some(r) = yolo_accept(raw_fd) {
+                return match r {
+                    Ok(fd) => Ok(AcceptedTcpStream { fd }),
+                    Err(err) => Err(GlommioError::IoError(err)),
+                };
             }
+            let source = reactor.poll_read_ready(raw_fd);
+            source.collect_rw().await?;
         }
-        let source = reactor.accept(self.listener.as_raw_fd());
-        let fd = source.collect_rw().await?;
-        Ok(AcceptedTcpStream { fd: fd as RawFd })
     }
 
     /// Accepts a new incoming TCP connection in this executor

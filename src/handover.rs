@@ -1,0 +1,336 @@
+//! Listener hand-over between two processes: how an upgrade, a config
+//! change or a core-count change drops no connection.
+//!
+//! A running process (the *predecessor*) started with `--control-socket
+//! PATH` listens on that Unix stream socket. A new process started with
+//! `--takeover PATH` (the *successor*; a SIGUSR2 re-exec starts one) connects
+//! and receives, with `SCM_RIGHTS` (unix(7)), duplicates of the
+//! predecessor's listening sockets: every shard's `SO_REUSEPORT` listener,
+//! the metrics listener and the control socket itself. The successor's
+//! shards start accepting on those very sockets; only then does it say
+//! `READY`, and only then does the predecessor drain, as on SIGTERM.
+//!
+//! Nothing is lost because the sockets are *shared*, not re-created: the
+//! kernel's accept queue of each listener belongs to the socket, which stays
+//! open as long as either process holds it. Connections queued while the
+//! predecessor stops accepting are accepted by the successor. (Closing a
+//! `SO_REUSEPORT` listener instead resets the connections queued on it,
+//! unless `net.ipv4.tcp_migrate_req = 1`.) The predecessor's accept loops
+//! stop by cancelling a readiness poll, never an in-flight accept (see the
+//! patch in `vendor/glommio/PATCHED.md`).
+//!
+//! Protocol, one text line each way, then one message with the descriptors:
+//!
+//! ```text
+//! successor   -> predecessor   TAKEOVER 1\n
+//! predecessor -> successor     LISTENERS <pid> <proxy> <metrics 0|1> <control 0|1>\n  + fds
+//! successor   -> predecessor   READY <pid>\n        (its shards accept)
+//! predecessor -> successor     DRAINING\n           (it stopped accepting)
+//! ```
+//!
+//! The fds come in that order: `<proxy>` listeners, then the metrics
+//! listener, then the control socket. If the successor goes away before
+//! `READY`, the predecessor logs why and keeps serving.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sendfd::{RecvWithFd, SendWithFd};
+use socket2::Socket;
+
+use crate::error::StartupError;
+
+/// Most proxy listeners one hand-over carries (one per shard).
+pub const MAX_LISTENERS: usize = 200;
+/// How long the predecessor waits for `READY` after sending the sockets.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Deadline for each line of the exchange other than `READY`.
+const LINE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a hand-over failed. One line each.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    /// Connecting to or talking on the control socket failed.
+    #[error("control socket {path}: {source}")]
+    Io {
+        /// The control socket.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The peer broke the protocol.
+    #[error("control socket {path}: {reason}")]
+    Protocol {
+        /// The control socket.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// What a successor received from its predecessor.
+pub struct Inherited {
+    /// The predecessor's shard listeners, in its shard order.
+    pub proxy: Vec<Socket>,
+    /// Its metrics listener, if it had one.
+    pub metrics: Option<TcpListener>,
+    /// The control socket itself, to offer the next successor.
+    pub control: Option<UnixListener>,
+    /// The predecessor's process ID.
+    pub from_pid: u32,
+    conn: BufReader<UnixStream>,
+    path: PathBuf,
+}
+
+impl Inherited {
+    /// The address the inherited listeners are bound to.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.proxy
+            .first()
+            .and_then(|s| s.local_addr().ok())
+            .and_then(|a| a.as_socket())
+    }
+
+    /// Tells the predecessor that this process now accepts on the sockets,
+    /// and waits until it confirms that it drains.
+    pub fn confirm(mut self) -> Result<(), HandoverError> {
+        let path = self.path.clone();
+        let io = |source| HandoverError::Io {
+            path: path.clone(),
+            source,
+        };
+        writeln!(self.conn.get_mut(), "READY {}", std::process::id()).map_err(io)?;
+        let line = read_line(&mut self.conn).map_err(io)?;
+        if line != "DRAINING" {
+            return Err(HandoverError::Protocol {
+                path,
+                reason: format!("expected DRAINING, got `{line}`"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Reads one `\n`-terminated line of at most 128 bytes (without the `\n`).
+fn read_line(conn: &mut BufReader<UnixStream>) -> std::io::Result<String> {
+    let mut line = String::new();
+    let mut limited = std::io::Read::take(&mut *conn, 128);
+    let n = BufRead::read_line(&mut BufReader::new(&mut limited), &mut line)?;
+    if n == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed by the peer",
+        ));
+    }
+    Ok(line.trim_end().to_string())
+}
+
+/// Successor side: connects to `path` and receives the sockets.
+pub fn take_over(path: &Path) -> Result<Inherited, HandoverError> {
+    let io = |source| HandoverError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let bad = |reason: String| HandoverError::Protocol {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let stream = UnixStream::connect(path).map_err(io)?;
+    stream.set_read_timeout(Some(LINE_TIMEOUT)).map_err(io)?;
+    stream.set_write_timeout(Some(LINE_TIMEOUT)).map_err(io)?;
+    (&stream).write_all(b"TAKEOVER 1\n").map_err(io)?;
+    let mut head = [0u8; 128];
+    let mut raw: Vec<RawFd> = vec![-1; MAX_LISTENERS + 2];
+    // A socket call with SO_RCVTIMEO is not restarted after a signal
+    // handler runs, SA_RESTART or not (signal(7)): retry on EINTR.
+    let (n, nfds) = loop {
+        match stream.recv_with_fd(&mut head, &mut raw) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => break other.map_err(io)?,
+        }
+    };
+    // Own whatever arrived first, so that an error below closes it.
+    let mut fds: Vec<OwnedFd> = crate::sys::own_received_fds(&raw[..nfds]);
+    let text = std::str::from_utf8(&head[..n]).unwrap_or("");
+    let Some(line) = text.strip_suffix('\n') else {
+        return Err(bad(format!("bad reply `{}`", crate::log::one_line(text))));
+    };
+    if let Some(reason) = line.strip_prefix("ERROR ") {
+        return Err(bad(format!("the running process refused: {reason}")));
+    }
+    let fields: Vec<&str> = line.split(' ').collect();
+    let [word, pid, proxy, metrics, control] = fields[..] else {
+        return Err(bad(format!("bad reply `{}`", crate::log::one_line(line))));
+    };
+    let num = |s: &str| s.parse::<usize>().ok();
+    let (Some(pid), Some(proxy), Some(metrics @ 0..=1), Some(control @ 0..=1)) =
+        (num(pid), num(proxy), num(metrics), num(control))
+    else {
+        return Err(bad(format!("bad reply `{}`", crate::log::one_line(line))));
+    };
+    if word != "LISTENERS" || proxy == 0 || proxy > MAX_LISTENERS {
+        return Err(bad(format!("bad reply `{}`", crate::log::one_line(line))));
+    }
+    if fds.len() != proxy + metrics + control {
+        return Err(bad(format!(
+            "announced {} sockets, received {}",
+            proxy + metrics + control,
+            fds.len()
+        )));
+    }
+    let control_fd = (control == 1).then(|| fds.pop()).flatten();
+    let metrics_fd = (metrics == 1).then(|| fds.pop()).flatten();
+    let mut listeners = Vec::with_capacity(proxy);
+    for fd in fds {
+        let socket = Socket::from(TcpListener::from(fd));
+        let listening = socket.r#type().ok() == Some(socket2::Type::STREAM)
+            && socket
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .is_some()
+            && socket.is_listener().unwrap_or(false);
+        if !listening {
+            return Err(bad("a received socket is not a listening TCP socket".into()));
+        }
+        listeners.push(socket);
+    }
+    Ok(Inherited {
+        proxy: listeners,
+        metrics: metrics_fd.map(TcpListener::from),
+        control: control_fd.map(UnixListener::from),
+        from_pid: u32::try_from(pid).unwrap_or(0),
+        conn: BufReader::new(stream),
+        path: path.to_path_buf(),
+    })
+}
+
+/// Binds the control socket at `path`. A stale socket file (nobody
+/// listening) is replaced; a live one is an error: that process should be
+/// taken over (`--takeover`), not shadowed.
+pub fn bind_control(path: &Path) -> Result<UnixListener, StartupError> {
+    let err = |reason: String| StartupError::ControlSocket {
+        path: path.display().to_string(),
+        reason,
+    };
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(err(
+                "a running shardproxy serves it; start with --takeover to replace that process"
+                    .into(),
+            ));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| err(format!("cannot remove the stale socket: {e}")))?;
+    }
+    let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
+    // Only the service's own user (and root) may take its listeners.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| err(e.to_string()))?;
+    Ok(listener)
+}
+
+/// What the predecessor offers: duplicates of its sockets.
+pub struct Offer {
+    /// Every listener its shards accept on.
+    pub proxy: Vec<Socket>,
+    /// The metrics listener, if any.
+    pub metrics: Option<TcpListener>,
+}
+
+/// The offer, shared between the control-socket thread and the drain:
+/// starting a drain empties it at once, so that the duplicates it holds do
+/// not keep the listening sockets open (and accepting into their queues)
+/// after the shards stopped accepting.
+pub type SharedOffer = Arc<std::sync::Mutex<Option<Offer>>>;
+
+/// Predecessor side: serves `listener` on a thread. For each successor that
+/// connects, sends the sockets and waits for `READY`; then calls
+/// `on_ready(pid)` (which starts the drain), answers `DRAINING`, and stops
+/// serving the socket (the successor serves it from then on). `stop` ends
+/// the thread early (the process is draining for another reason); an
+/// emptied `offer` refuses successors.
+pub fn serve(
+    listener: UnixListener,
+    offer: SharedOffer,
+    stop: Arc<AtomicBool>,
+    on_ready: impl Fn(u32) + Send + 'static,
+) -> std::io::Result<()> {
+    // accept(2) honours SO_RCVTIMEO: wake every 200 ms to look at `stop`.
+    socket2::SockRef::from(&listener).set_read_timeout(Some(Duration::from_millis(200)))?;
+    std::thread::Builder::new()
+        .name("control-socket".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let Ok((conn, _)) = listener.accept() else {
+                    continue;
+                };
+                match offer_to(&conn, &offer, &listener) {
+                    Ok(pid) => {
+                        on_ready(pid);
+                        let _ = (&conn).write_all(b"DRAINING\n");
+                        crate::info!("hand-over: process {pid} accepts on our listeners; draining");
+                        stop.store(true, Ordering::Relaxed);
+                        if let Ok(mut o) = offer.lock() {
+                            *o = None;
+                        }
+                    }
+                    Err(reason) => {
+                        crate::warn!("hand-over failed, still serving: {reason}");
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// One exchange with a successor; returns its PID once it is `READY`. The
+/// offer is locked only while the sockets are sent (the kernel duplicates
+/// them then), never while waiting for `READY`, so a drain can empty it.
+fn offer_to(conn: &UnixStream, offer: &SharedOffer, control: &UnixListener) -> Result<u32, String> {
+    conn.set_read_timeout(Some(LINE_TIMEOUT))
+        .and_then(|()| conn.set_write_timeout(Some(LINE_TIMEOUT)))
+        .map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(conn.try_clone().map_err(|e| e.to_string())?);
+    let request = read_line(&mut reader).map_err(|e| format!("reading the request: {e}"))?;
+    if request != "TAKEOVER 1" {
+        let _ = (&*conn).write_all(b"ERROR unsupported request\n");
+        return Err(format!(
+            "unsupported request `{}`",
+            crate::log::one_line(&request)
+        ));
+    }
+    {
+        let guard = offer.lock().map_err(|_| "offer unavailable".to_string())?;
+        let Some(offer) = guard.as_ref() else {
+            let _ = (&*conn).write_all(b"ERROR draining\n");
+            return Err("a successor asked while this process drains".into());
+        };
+        let mut fds: Vec<RawFd> = offer.proxy.iter().map(AsRawFd::as_raw_fd).collect();
+        fds.extend(offer.metrics.as_ref().map(AsRawFd::as_raw_fd));
+        fds.push(control.as_raw_fd());
+        let head = format!(
+            "LISTENERS {} {} {} 1\n",
+            std::process::id(),
+            offer.proxy.len(),
+            u8::from(offer.metrics.is_some())
+        );
+        conn.send_with_fd(head.as_bytes(), &fds)
+            .map_err(|e| format!("sending the sockets: {e}"))?;
+    }
+    conn.set_read_timeout(Some(READY_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let ready =
+        read_line(&mut reader).map_err(|e| format!("the successor did not become ready: {e}"))?;
+    ready
+        .strip_prefix("READY ")
+        .and_then(|pid| pid.parse().ok())
+        .ok_or_else(|| format!("expected READY, got `{}`", crate::log::one_line(&ready)))
+}

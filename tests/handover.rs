@@ -1,0 +1,475 @@
+//! Listener hand-over (`--control-socket`, `--takeover`, SIGUSR2): a new
+//! process takes the running one's listening sockets, and no connection is
+//! lost, whether clients arrive at a steady rate, wait in the old process's
+//! backlog, or the core count changes. Also: sd_notify states, and
+//! `--drain-delay`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixDatagram;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn control_path(tag: &str) -> String {
+    let p = std::env::temp_dir().join(format!("shardproxy-ctl-{}-{tag}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    p.to_str().unwrap().to_string()
+}
+
+/// Clients opening short connections at a steady pace: each sends 1 KiB
+/// of its own pattern and must get exactly it back before EOF.
+struct Load {
+    done: Arc<AtomicUsize>,
+    failed: Arc<Mutex<Vec<String>>>,
+    workers: Vec<thread::JoinHandle<()>>,
+}
+
+impl Load {
+    /// `total` connections over about `secs` seconds, from 4 workers.
+    fn start(addr: SocketAddr, total: usize, secs: f64) -> Load {
+        let done = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(Mutex::new(Vec::new()));
+        let workers = (0..4)
+            .map(|w| {
+                let (done, failed) = (done.clone(), failed.clone());
+                let per = total / 4;
+                let pace = Duration::from_secs_f64(secs / per as f64);
+                thread::spawn(move || {
+                    for i in 0..per {
+                        let started = Instant::now();
+                        let pattern = random_bytes(1024, (w * 1_000_000 + i) as u64);
+                        if let Err(e) = one(addr, &pattern) {
+                            failed
+                                .lock()
+                                .unwrap()
+                                .push(format!("worker {w} conn {i}: {e}"));
+                        }
+                        done.fetch_add(1, Ordering::Relaxed);
+                        // The pace is the offered load, not a synchronisation.
+                        if let Some(rest) = pace.checked_sub(started.elapsed()) {
+                            thread::sleep(rest);
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            done,
+            failed,
+            workers,
+        }
+    }
+
+    fn wait_done(&self, n: usize) {
+        poll_until(Duration::from_secs(60), || {
+            let d = self.done.load(Ordering::Relaxed);
+            if d >= n {
+                Ok(())
+            } else {
+                Err(format!("{d} of {n} connections done"))
+            }
+        });
+    }
+
+    fn finish(self) -> (usize, Vec<String>) {
+        for w in self.workers {
+            w.join().unwrap();
+        }
+        let failed = self.failed.lock().unwrap().clone();
+        (self.done.load(Ordering::Relaxed), failed)
+    }
+}
+
+fn one(addr: SocketAddr, pattern: &[u8]) -> std::io::Result<()> {
+    let mut c = TcpStream::connect(addr)?;
+    c.set_read_timeout(Some(Duration::from_secs(10)))?;
+    c.write_all(pattern)?;
+    c.shutdown(std::net::Shutdown::Write)?;
+    let mut back = Vec::new();
+    c.read_to_end(&mut back)?;
+    if back != pattern {
+        return Err(std::io::Error::other(format!(
+            "got {} bytes back, not the 1024 sent",
+            back.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Waits for `proxy` to exit by itself (its stderr may stay open: a
+/// successor it started shares it), returning its exit code.
+fn wait_exited(proxy: &mut Proxy, limit: Duration) -> Option<i32> {
+    let mut code = None;
+    poll_until(limit, || match proxy.try_exit() {
+        Some(status) => {
+            code = status.code();
+            Ok(())
+        }
+        None => Err("still running".to_string()),
+    });
+    code
+}
+
+const TOTAL: usize = 1200;
+const SECS: f64 = 6.0;
+
+/// Old process with `from` shards, new one with `to` shards (`--takeover`).
+fn takeover_under_load(from: usize, to: usize) {
+    let origin = echo_origin();
+    let ctl = control_path(&format!("{from}-{to}"));
+    let mut old = Proxy::forward(origin)
+        .shards(from)
+        .args(["--control-socket", &ctl])
+        .start();
+    let load = Load::start(old.addr, TOTAL, SECS);
+    load.wait_done(TOTAL / 2);
+    let new = Proxy::forward(origin)
+        .listen(old.addr)
+        .shards(to)
+        .args(["--takeover", &ctl])
+        .start();
+    new.wait_for_log(
+        |l| l.contains("hand-over complete"),
+        Duration::from_secs(10),
+    );
+    assert_eq!(
+        wait_exited(&mut old, Duration::from_secs(30)),
+        Some(0),
+        "{:?}",
+        old.log()
+    );
+    let (done, failed) = load.finish();
+    assert_eq!(done, TOTAL);
+    assert!(
+        failed.is_empty(),
+        "{from}->{to} shards: {} failed: {failed:?}",
+        failed.len()
+    );
+    let (status, lines) = new.terminate();
+    assert!(status.success(), "{lines:?}");
+    // The successor served part of the load.
+    let served: u64 = summaries(&lines).iter().map(|s| s.get("accepted")).sum();
+    assert!(served > 0, "{lines:?}");
+}
+
+#[test]
+fn takeover_with_the_same_core_count_loses_no_connection() {
+    takeover_under_load(2, 2);
+}
+
+#[test]
+fn takeover_from_two_shards_to_one_loses_no_connection() {
+    takeover_under_load(2, 1);
+}
+
+#[test]
+fn takeover_from_one_shard_to_two_loses_no_connection() {
+    takeover_under_load(1, 2);
+}
+
+#[test]
+fn sigusr2_reexecutes_and_loses_no_connection() {
+    let origin = echo_origin();
+    let key = key_file(&[&keygen()]);
+    let ctl = control_path("usr2");
+    // An exit, so the re-exec also carries the key file and its role flags.
+    let mut old = Proxy::exit(origin, &key)
+        .shards(2)
+        .args(["--control-socket", &ctl])
+        .start();
+    let entry = Proxy::entry(old.addr, &key).shards(1).start();
+    let load = Load::start(entry.addr, TOTAL, SECS);
+    load.wait_done(TOTAL / 2);
+    old.signal("USR2");
+    // The successor writes to the same stderr: its lines are in old's log.
+    let started = old.wait_for_log(|l| l.contains("SIGUSR2: started"), Duration::from_secs(10));
+    let pid: u32 = started
+        .split("as process ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {started}"));
+    old.wait_for_log(
+        |l| l.contains("hand-over complete"),
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        wait_exited(&mut old, Duration::from_secs(30)),
+        Some(0),
+        "{:?}",
+        old.log()
+    );
+    let (done, failed) = load.finish();
+    assert_eq!(done, TOTAL);
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    // The successor serves on its own, through the same entry.
+    let data = Arc::new(random_bytes(5000, 9));
+    let back = echo_round_trip(entry.addr, data.clone());
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    assert_eq!(back, *data);
+    poll_until(Duration::from_secs(30), || {
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            Err("successor still draining".to_string())
+        } else {
+            Ok(())
+        }
+    });
+}
+
+#[test]
+fn clients_queued_in_the_old_backlog_are_served_by_the_successor() {
+    let origin = echo_origin();
+    let ctl = control_path("backlog");
+    let mut old = Proxy::forward(origin)
+        .shards(1)
+        .args(["--control-socket", &ctl, "--max-connections", "1"])
+        .start();
+    // The one slot is busy...
+    let mut holder = TcpStream::connect(old.addr).unwrap();
+    holder.write_all(b"hold").unwrap();
+    let mut b = [0u8; 4];
+    holder
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    holder.read_exact(&mut b).unwrap();
+    // ...so these wait in the kernel's accept queue of the old listener.
+    let addr = old.addr;
+    let queued: Vec<_> = (0..16u64)
+        .map(|i| {
+            thread::spawn(move || {
+                let pattern = random_bytes(1024, 100 + i);
+                one(addr, &pattern).map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    poll_until(Duration::from_secs(10), || {
+        let q = accept_queue_len(addr);
+        if q >= 16 {
+            Ok(())
+        } else {
+            Err(format!("{q} queued"))
+        }
+    });
+    let new = Proxy::forward(origin)
+        .listen(old.addr)
+        .shards(1)
+        .args(["--takeover", &ctl])
+        .start();
+    for q in queued {
+        assert_eq!(q.join().unwrap(), Ok(()), "a queued client was lost");
+    }
+    // The old one drains its live connection, which still works.
+    holder.write_all(b"more").unwrap();
+    holder.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"more");
+    drop(holder);
+    assert_eq!(wait_exited(&mut old, Duration::from_secs(30)), Some(0));
+    let (status, lines) = new.terminate();
+    assert!(status.success());
+    assert_eq!(summaries(&lines)[0].get("accepted"), 16, "{lines:?}");
+}
+
+/// Connections waiting in the accept queue of the listener on `addr`
+/// (`ss -ltn`: Recv-Q of a listening socket).
+fn accept_queue_len(addr: SocketAddr) -> usize {
+    let out = Command::new("ss")
+        .args(["-ltnH", &format!("sport = :{}", addr.port())])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
+        .sum()
+}
+
+#[test]
+fn a_failed_takeover_leaves_the_running_process_serving() {
+    let origin = echo_origin();
+    let ctl = control_path("fail");
+    let old = Proxy::forward(origin)
+        .shards(1)
+        .args(["--control-socket", &ctl])
+        .start();
+    // A different listen address cannot take these listeners.
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "forward",
+        "--listen",
+        "127.0.0.1:1",
+        "--upstream",
+        &origin.to_string(),
+        "--cores",
+        "1",
+        "--takeover",
+        &ctl,
+    ]);
+    let (status, stderr) = run_bounded(cmd, Duration::from_secs(20)).expect("hung");
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("cannot take over"), "{stderr}");
+    old.wait_for_log(
+        |l| l.contains("hand-over failed, still serving"),
+        Duration::from_secs(10),
+    );
+    let data = Arc::new(random_bytes(4096, 5));
+    assert_eq!(echo_round_trip(old.addr, data.clone()), *data);
+    // A second process may not silently serve a live control socket.
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "forward",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &origin.to_string(),
+        "--cores",
+        "1",
+        "--control-socket",
+        &ctl,
+    ]);
+    let (status, stderr) = run_bounded(cmd, Duration::from_secs(20)).expect("hung");
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--takeover"), "{stderr}");
+    let (status, _) = old.terminate();
+    assert!(status.success());
+}
+
+/// A datagram socket standing in for systemd's `NOTIFY_SOCKET`.
+struct Notify {
+    sock: UnixDatagram,
+    path: String,
+}
+
+impl Notify {
+    fn new(tag: &str) -> Notify {
+        let path = std::env::temp_dir()
+            .join(format!("shardproxy-notify-{}-{tag}", std::process::id()))
+            .to_str()
+            .unwrap()
+            .to_string();
+        let _ = std::fs::remove_file(&path);
+        let sock = UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Notify { sock, path }
+    }
+
+    /// Reads messages until one contains `want`; returns them all.
+    fn expect(&self, want: &str) -> Vec<String> {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = self
+                .sock
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no `{want}` from sd_notify ({e}); got {seen:?}"));
+            let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+            let hit = msg.lines().any(|l| l == want || l.starts_with(want));
+            seen.push(msg);
+            if hit {
+                return seen;
+            }
+        }
+    }
+}
+
+#[test]
+fn sd_notify_reports_ready_reloading_stopping_and_the_new_main_pid() {
+    let origin = echo_origin();
+    let key = key_file(&[&keygen()]);
+    let notify = Notify::new("states");
+    let ctl = control_path("notify");
+    let old = Proxy::exit(origin, &key)
+        .shards(2)
+        .args(["--control-socket", &ctl])
+        .env("NOTIFY_SOCKET", &notify.path)
+        .start();
+    let msgs = notify.expect("READY=1");
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains(&format!("MAINPID={}", old.pid()))),
+        "{msgs:?}"
+    );
+    old.signal("HUP");
+    notify.expect("RELOADING=1");
+    notify.expect("READY=1");
+    // A takeover: the old process names the new one as the main PID.
+    let new = Proxy::exit(origin, &key)
+        .listen(old.addr)
+        .shards(1)
+        .args(["--takeover", &ctl])
+        .env("NOTIFY_SOCKET", &notify.path)
+        .start();
+    notify.expect(&format!("MAINPID={}", new.pid()));
+    notify.expect("STOPPING=1");
+    drop(old);
+    let (status, _) = new.terminate();
+    assert!(status.success());
+    let _ = std::fs::remove_file(&notify.path);
+}
+
+#[test]
+fn drain_delay_says_503_while_still_accepting_then_stops() {
+    let origin = echo_origin();
+    let mut p = Proxy::forward(origin)
+        .shards(1)
+        .args(["--drain-delay", "3s", "--metrics-listen", "127.0.0.1:0"])
+        .start();
+    let line = p.wait_for_log(
+        |l| l.contains("metrics on http://"),
+        Duration::from_secs(10),
+    );
+    let metrics: SocketAddr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap();
+    let healthz = || {
+        let mut c = TcpStream::connect(metrics).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut s = String::new();
+        let _ = c.read_to_string(&mut s);
+        s[9..12].to_string()
+    };
+    assert_eq!(healthz(), "200");
+    let sent = Instant::now();
+    p.signal("TERM");
+    p.wait_for_log(|l| l.contains("drain delay"), Duration::from_secs(10));
+    assert_eq!(healthz(), "503");
+    // Still accepting and serving during the delay.
+    let data = Arc::new(random_bytes(2048, 3));
+    assert_eq!(echo_round_trip(p.addr, data.clone()), *data);
+    assert!(
+        sent.elapsed() < Duration::from_secs(3),
+        "too slow to observe the delay"
+    );
+    // Then the listener stops.
+    p.wait_for_log(
+        |l| l.contains("draining: stopped accepting"),
+        Duration::from_secs(10),
+    );
+    assert!(
+        sent.elapsed() >= Duration::from_millis(2900),
+        "drained before the delay"
+    );
+    // The listener closes as the shard's accept loop ends.
+    poll_until(Duration::from_secs(5), || {
+        match TcpStream::connect(p.addr) {
+            Err(_) => Ok(()),
+            Ok(_) => Err("still accepting after the delay".to_string()),
+        }
+    });
+    let status = p.wait_exit(Duration::from_secs(10));
+    assert!(status.success());
+}
