@@ -62,6 +62,8 @@ trap cleanup EXIT
 
 ip link set lo up
 cp -a /etc "$work/etc" && mount --bind "$work/etc" /etc
+# systemd's RuntimeDirectory= lives in /run: a private, empty one here.
+mount -t tmpfs tmpfs /run
 mkdir -p "$work/usr-local-bin" && mount --bind "$work/usr-local-bin" /usr/local/bin
 # The cluster DNS names the Kubernetes ConfigMap uses, on this namespace's loopback.
 echo "127.0.0.1 origin.default.svc.cluster.local shardproxy-exit.shardproxy.svc.cluster.local" >>/etc/hosts
@@ -148,22 +150,43 @@ exec_as_service_user() {
     setpriv --reuid="$(unit_get User)" --regid="$(unit_get Group)" --init-groups "$@"
 }
 instance() { local i=${1#shardproxy@}; echo "${i%.service}"; }
+# Type=notify: systemd's NOTIFY_SOCKET, a datagram socket whose messages
+# go to $STATE/<instance>.notify, one per line.
+notify_socket() {
+  # Where the service user can reach it, as systemd's /run/systemd/notify.
+  mkdir -p -m 0755 /run/systemd-emulation
+  local sock=/run/systemd-emulation/$1.notify
+  python3 - "$sock" "$STATE/$1.notify" <<'PY' >/dev/null 2>&1 &
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind(sys.argv[1]); os.chmod(sys.argv[1], 0o666)
+with open(sys.argv[2], "a", buffering=1) as log:
+    while True:
+        log.write(s.recv(4096).decode().replace("\n", " ") + "\n")
+PY
+  for _ in $(seq 50); do [ -S "$sock" ] && break; sleep 0.1; done
+  echo "$sock"
+}
 systemctl() {
   case "$1" in
     daemon-reload) return 0 ;;
     enable)
       shift; [ "$1" = --now ] && shift
       local i; i=$(instance "$1")
-      local cmd
+      local cmd dir
       while read -r cmd; do
         [ -n "$cmd" ] || continue
         as_service_user ${cmd//%i/$i} || { echo "ExecStartPre failed: $cmd" >&2; return 1; }
       done < <(unit_get ExecStartPre)
+      dir=$(unit_get RuntimeDirectory); dir=/run/${dir//%i/$i}
+      install -d -m "$(unit_get RuntimeDirectoryMode)" -o "$(unit_get User)" -g "$(unit_get Group)" "$dir"
+      export NOTIFY_SOCKET; NOTIFY_SOCKET=$(notify_socket "$i")
       cmd=$(unit_get ExecStart)
       (exec_as_service_user ${cmd//%i/$i}) 2>"$STATE/$i.log" &
       echo $! >"$STATE/$i.pid"
-      for _ in $(seq 100); do grep -q 'listening on' "$STATE/$i.log" && return 0; sleep 0.1; done
-      echo "shardproxy@$i did not start:" >&2; cat "$STATE/$i.log" >&2; return 1 ;;
+      # Type=notify: started means READY=1.
+      for _ in $(seq 100); do grep -q 'READY=1' "$STATE/$i.notify" 2>/dev/null && return 0; sleep 0.1; done
+      echo "shardproxy@$i sent no READY=1:" >&2; cat "$STATE/$i.log" >&2; return 1 ;;
     reload)
       local i; i=$(instance "$2")
       local pid; pid=$(cat "$STATE/$i.pid")
@@ -174,6 +197,20 @@ systemctl() {
         as_service_user ${cmd//\$MAINPID/$pid} || { echo "ExecReload failed: $cmd" >&2; return 1; }
       done < <(unit_get ExecReload)
       return 0 ;;
+    kill)
+      # systemctl kill --signal=SIG --kill-whom=main UNIT: signal MAINPID;
+      # then follow MAINPID= as systemd does.
+      local sig=${2#--signal=} i; i=$(instance "$4")
+      local pid; pid=$(cat "$STATE/$i.pid")
+      kill -s "${sig#SIG}" "$pid" || return 1
+      [ "$sig" = SIGUSR2 ] || return 0
+      local new=""
+      for _ in $(seq 200); do
+        new=$(grep -o 'MAINPID=[0-9]*' "$STATE/$i.notify" | cut -d= -f2 | grep -vx "$pid" | tail -1)
+        [ -n "$new" ] && break; sleep 0.1
+      done
+      [ -n "$new" ] || { echo "no new MAINPID after $sig" >&2; return 1; }
+      echo "$new" >"$STATE/$i.pid" ;;
     *) echo "systemctl $*: not emulated" >&2; return 1 ;;
   esac
 }
@@ -244,6 +281,43 @@ entry_pid=$(cat "$state/entry.pid" 2>/dev/null || echo 0)
 [ -n "$exit_pid" ] && pids+=("$exit_pid")
 round_trip 127.0.0.1 8000 && ok "systemd: bytes through shardproxy@entry -> shardproxy@exit -> origin" \
   || bad "systemd: round trip through the units failed"
+
+# ---- systemd: the README's upgrade (SIGUSR2) under load ----------------------------
+python3 - >"$state/upgrade-load.out" 2>&1 <<'PY' &
+import hashlib, os, socket, time
+ok = failed = 0
+end = time.time() + 8
+while time.time() < end:
+    data = os.urandom(4096)
+    try:
+        s = socket.create_connection(("127.0.0.1", 8000), timeout=10)
+        s.sendall(data); s.shutdown(socket.SHUT_WR)
+        got = bytearray()
+        while (d := s.recv(65536)):
+            got += d
+        ok += bytes(got) == data
+        failed += bytes(got) != data
+    except OSError:
+        failed += 1
+    time.sleep(0.01)
+print(ok, failed)
+PY
+load_pid=$!
+sleep 2   # the load runs before, during and after the upgrade: it is the input, not a wait
+if run_readme "runs this upgrade" >"$state/upgrade.out" 2>&1 \
+  && wait_log "$state/exit.log" "hand-over complete" \
+  && [ "$(cat "$state/exit.pid")" != "$exit_pid" ] && kill -0 "$(cat "$state/exit.pid")"; then
+  ok "systemd: the README's upgrade (SIGUSR2) hands over to a new main process"
+else
+  bad "systemd: the README's upgrade"; cat "$state/upgrade.out" "$state/exit.log"
+fi
+wait "$load_pid"
+read -r up_ok up_failed <"$state/upgrade-load.out"
+[ "${up_failed:-1}" = 0 ] && [ "${up_ok:-0}" -gt 50 ] \
+  && ok "systemd: $up_ok connections across the upgrade, 0 failed" \
+  || { bad "systemd: connections failed across the upgrade"; cat "$state/upgrade-load.out"; }
+exit_pid=$(cat "$state/exit.pid")
+pids+=("$exit_pid")
 
 # ---- systemd: the README's key rotation, step by step ------------------------------
 new_fp=""
