@@ -233,12 +233,11 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         key_file: cfg.tunnel().map(|t| t.key_file.clone()),
         board: board.clone(),
         upgrade: match (&control_path, exe) {
-            (Some(path), Some(exe)) => Some(Upgrade {
+            (Some(path), Some(exe)) => Some(without_takeover(Upgrade {
                 exe,
                 args: std::env::args_os().skip(1).collect::<Vec<_>>(),
                 control_socket: path.clone(),
-            })
-            .map(without_takeover),
+            })),
             _ => None,
         },
         drain_delay: cfg.lifecycle.drain_delay,
