@@ -506,10 +506,10 @@ try:
         while "listening on" not in open(log).read():
             assert p.poll() is None and time.time() < deadline, f"{name} did not start: " + open(log).read()
             time.sleep(0.1)
-        ports = {pt["name"]: pt["containerPort"] for pt in c["ports"]}
+        ports = {pt["name"]: pt["containerPort"] for pt in c.get("ports", [])}
         for probe in ("readinessProbe", "livenessProbe"):
             h = c[probe]["httpGet"]
-            url = f"http://127.0.0.1:{ports[h['port']]}{h['path']}"
+            url = f"http://127.0.0.1:{ports.get(h['port'], h['port'])}{h['path']}"
             assert urllib.request.urlopen(url, timeout=5).status == 200, url
         real_uid = int(next(l for l in open(f"/proc/{p.pid}/status") if l.startswith("Uid:")).split()[1])
         assert real_uid == uid, f"{name}: runs as uid {real_uid}, not {uid}"

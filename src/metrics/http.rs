@@ -174,9 +174,17 @@ pub fn respond(req: &Request<'_>, board: &Board) -> (u16, &'static str, String) 
     }
 }
 
-/// Binds the endpoint (a start-up error if it cannot).
+/// Binds the endpoint (a start-up error if it cannot), with `SO_REUSEPORT`
+/// like the proxy port: a second process of the same user started next to
+/// this one (a Kubernetes surge pod on the host network) can bind it too.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr)
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    Ok(socket.into())
 }
 
 /// Serves `listener` on a dedicated thread until the process exits, and
