@@ -89,13 +89,14 @@ impl Controller {
 /// |---|---|---|
 /// | SIGTERM, SIGINT | exit 0 at once: nothing is accepted yet | first: drain (after `--drain-delay`); second: reset every connection (RST) and exit 1 |
 /// | SIGHUP | remembered, applied once started | re-read the key file (ignored while draining) |
-/// | SIGUSR2 | logged, ignored | re-execute the binary with `--takeover` (needs `--control-socket`): the new process takes the listeners, this one drains |
+/// | SIGUSR2 | logged, ignored | re-execute the binary with `--takeover` (needs a control socket: `--control-socket`, or the one inherited with `--takeover`): the new process takes the listeners, this one drains |
 /// | SIGUSR1 | logged, ignored | logged, ignored (reserved: reopen the access log) |
 ///
 /// SIGPIPE is ignored by the Rust runtime; every other signal keeps its
 /// default action. Readiness and state changes are also reported to systemd
 /// (`sd_notify`, `Type=notify`): `READY=1`, `RELOADING=1`, `STOPPING=1`,
-/// `MAINPID=`.
+/// `MAINPID=` (the predecessor of a hand-over names its successor, and does
+/// not send `STOPPING=1`: the service is not stopping).
 pub struct SignalPlane {
     state: Arc<Mutex<Phase>>,
 }
@@ -201,7 +202,10 @@ impl SignalPlane {
                 b.info.handed_over.store(true, Ordering::Relaxed);
             }
             if !r.draining {
-                r.start_drain(&format!("handed over to process {pid}"));
+                // No STOPPING=1 here: with NotifyAccess=all systemd would
+                // take it for the whole service stopping, and kill the
+                // successor after TimeoutStopSec.
+                r.start_drain(&format!("handed over to process {pid}"), false);
                 r.drain_now();
             }
         }
@@ -219,7 +223,7 @@ impl SignalPlane {
 /// Sends states to systemd if it supervises us (`NOTIFY_SOCKET`); a no-op
 /// otherwise. Failures are logged, never fatal.
 pub fn notify(states: &[sd_notify::NotifyState]) {
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+    if std::env::var_os("NOTIFY_SOCKET").is_none_or(|v| v.is_empty()) {
         return;
     }
     if let Err(e) = sd_notify::notify(false, states) {
@@ -262,7 +266,7 @@ fn on_signal(phase: &mut Phase, sig: i32, shared: &Arc<Mutex<Phase>>) {
                 std::process::exit(1);
             }
             _ => {
-                r.start_drain("termination signal");
+                r.start_drain("termination signal", true);
                 let delay = r.s.drain_delay;
                 if delay.is_zero() {
                     r.drain_now();
@@ -303,14 +307,16 @@ impl Running {
     /// Marks the process as draining: `/healthz` says 503, systemd hears
     /// `STOPPING=1`, no more hand-overs are offered. The shards keep
     /// accepting until [`Running::drain_now`].
-    fn start_drain(&mut self, why: &str) {
+    fn start_drain(&mut self, why: &str, tell_systemd: bool) {
         crate::info!("{why}: draining (send a termination signal again to exit at once)");
         self.draining = true;
         self.s.control_stop.store(true, Ordering::Relaxed);
         if let Ok(mut offer) = self.s.offer.lock() {
             *offer = None;
         }
-        notify(&[sd_notify::NotifyState::Stopping]);
+        if tell_systemd {
+            notify(&[sd_notify::NotifyState::Stopping]);
+        }
         if let Some(b) = &self.s.board {
             b.info.draining.store(true, Ordering::Relaxed);
         }
@@ -369,10 +375,12 @@ impl Running {
                 // Reap it; say so if it ends (a failed start) while we live.
                 let _ = std::thread::Builder::new()
                     .name("upgrade-child".into())
-                    .spawn(move || {
-                        if let Ok(status) = child.wait() {
-                            crate::warn!("upgrade: process {pid} exited ({status})");
+                    .spawn(move || match child.wait() {
+                        Ok(status) if status.success() => {
+                            crate::info!("upgrade: process {pid} exited ({status})")
                         }
+                        Ok(status) => crate::warn!("upgrade: process {pid} exited ({status})"),
+                        Err(_) => {}
                     });
             }
             Err(e) => crate::error!(

@@ -282,6 +282,7 @@ pub fn serve(
                             *o = None;
                         }
                     }
+                    Err(reason) if reason.is_empty() => {}
                     Err(reason) => {
                         crate::warn!("hand-over failed, still serving: {reason}");
                     }
@@ -299,7 +300,13 @@ fn offer_to(conn: &UnixStream, offer: &SharedOffer, control: &UnixListener) -> R
         .and_then(|()| conn.set_write_timeout(Some(LINE_TIMEOUT)))
         .map_err(|e| e.to_string())?;
     let mut reader = BufReader::new(conn.try_clone().map_err(|e| e.to_string())?);
-    let request = read_line(&mut reader).map_err(|e| format!("reading the request: {e}"))?;
+    let request = match read_line(&mut reader) {
+        Ok(r) => r,
+        // A liveness probe (a process refusing to shadow this socket) connects
+        // and closes without a request: not a hand-over.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(String::new()),
+        Err(e) => return Err(format!("reading the request: {e}")),
+    };
     if request != "TAKEOVER 1" {
         let _ = (&*conn).write_all(b"ERROR unsupported request\n");
         return Err(format!(

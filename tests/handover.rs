@@ -120,20 +120,69 @@ fn wait_exited(proxy: &mut Proxy, limit: Duration) -> Option<i32> {
 const TOTAL: usize = 1200;
 const SECS: f64 = 6.0;
 
-/// Old process with `from` shards, new one with `to` shards (`--takeover`).
+/// The metrics address a proxy logged.
+fn metrics_addr(p: &Proxy) -> SocketAddr {
+    let line = p.wait_for_log(
+        |l| l.contains("metrics on http://"),
+        Duration::from_secs(10),
+    );
+    line.split("http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("bad metrics line: {line}"))
+}
+
+/// GET /healthz; the status code or the error.
+fn healthz(addr: SocketAddr) -> Result<u16, String> {
+    let mut c = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut s = String::new();
+    c.read_to_string(&mut s).map_err(|e| e.to_string())?;
+    s.get(9..12)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("bad answer {s:?}"))
+}
+
+/// Old process with `from` shards, new one with `to` shards (`--takeover`),
+/// under a steady client load, with /healthz polled on the shared metrics
+/// port throughout: no connection and no probe may fail.
 fn takeover_under_load(from: usize, to: usize) {
     let origin = echo_origin();
     let ctl = control_path(&format!("{from}-{to}"));
     let mut old = Proxy::forward(origin)
         .shards(from)
-        .args(["--control-socket", &ctl])
+        .args(["--control-socket", &ctl, "--metrics-listen", "127.0.0.1:0"])
         .start();
+    let metrics = metrics_addr(&old);
+    let probing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let prober = {
+        let probing = probing.clone();
+        thread::spawn(move || {
+            let mut bad = Vec::new();
+            let mut n = 0;
+            // Bounded: the load below ends within a minute.
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while probing.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match healthz(metrics) {
+                    Ok(200) => {}
+                    other => bad.push(format!("{other:?}")),
+                }
+                n += 1;
+                thread::sleep(Duration::from_millis(2));
+            }
+            (n, bad)
+        })
+    };
     let load = Load::start(old.addr, TOTAL, SECS);
     load.wait_done(TOTAL / 2);
     let new = Proxy::forward(origin)
         .listen(old.addr)
         .shards(to)
-        .args(["--takeover", &ctl])
+        .args(["--takeover", &ctl, "--metrics-listen", &metrics.to_string()])
         .start();
     new.wait_for_log(
         |l| l.contains("hand-over complete"),
@@ -146,11 +195,19 @@ fn takeover_under_load(from: usize, to: usize) {
         old.log()
     );
     let (done, failed) = load.finish();
+    probing.store(false, Ordering::Relaxed);
+    let (probes, bad_probes) = prober.join().unwrap();
     assert_eq!(done, TOTAL);
     assert!(
         failed.is_empty(),
         "{from}->{to} shards: {} failed: {failed:?}",
         failed.len()
+    );
+    assert!(probes > 100, "only {probes} probes");
+    assert!(
+        bad_probes.is_empty(),
+        "{} of {probes} /healthz probes failed: {bad_probes:?}",
+        bad_probes.len()
     );
     let (status, lines) = new.terminate();
     assert!(status.success(), "{lines:?}");
@@ -362,6 +419,18 @@ impl Notify {
         Notify { sock, path }
     }
 
+    /// Every message already queued (none waited for).
+    fn drain(&self) -> Vec<String> {
+        self.sock.set_nonblocking(true).unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = self.sock.recv(&mut buf) {
+            out.push(String::from_utf8_lossy(&buf[..n]).to_string());
+        }
+        self.sock.set_nonblocking(false).unwrap();
+        out
+    }
+
     /// Reads messages until one contains `want`; returns them all.
     fn expect(&self, want: &str) -> Vec<String> {
         let mut seen = Vec::new();
@@ -401,18 +470,28 @@ fn sd_notify_reports_ready_reloading_stopping_and_the_new_main_pid() {
     old.signal("HUP");
     notify.expect("RELOADING=1");
     notify.expect("READY=1");
-    // A takeover: the old process names the new one as the main PID.
+    // A takeover: the old process names the new one as the main PID, and
+    // does not say STOPPING=1 (systemd would stop the whole service).
+    let mut old = old;
     let new = Proxy::exit(origin, &key)
         .listen(old.addr)
         .shards(1)
         .args(["--takeover", &ctl])
         .env("NOTIFY_SOCKET", &notify.path)
         .start();
-    notify.expect(&format!("MAINPID={}", new.pid()));
+    let msgs = notify.expect(&format!("MAINPID={}", new.pid()));
+    assert_eq!(wait_exited(&mut old, Duration::from_secs(30)), Some(0));
+    let mut after = msgs;
+    after.extend(notify.drain());
+    assert!(
+        !after.iter().any(|m| m.contains("STOPPING=1")),
+        "a hand-over told systemd the service stops: {after:?}"
+    );
+    // The successor's own SIGTERM does.
+    new.signal("TERM");
     notify.expect("STOPPING=1");
-    drop(old);
-    let (status, _) = new.terminate();
-    assert!(status.success());
+    let mut new = new;
+    assert!(new.wait_exit(Duration::from_secs(30)).success());
     let _ = std::fs::remove_file(&notify.path);
 }
 

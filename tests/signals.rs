@@ -205,12 +205,15 @@ fn sigterm_during_start_up_exits_zero_and_promptly() {
 }
 
 #[test]
-fn sigusr1_and_sigusr2_are_logged_and_ignored() {
+fn sigusr1_is_ignored_and_sigusr2_without_a_control_socket_is_refused() {
     let p = Proxy::forward(echo_origin()).shards(1).start();
     p.signal("USR1");
     p.wait_for_log(|l| l.contains("SIGUSR1: ignored"), Duration::from_secs(10));
     p.signal("USR2");
-    p.wait_for_log(|l| l.contains("SIGUSR2: ignored"), Duration::from_secs(10));
+    p.wait_for_log(
+        |l| l.contains("SIGUSR2: cannot upgrade without --control-socket"),
+        Duration::from_secs(10),
+    );
     let data = std::sync::Arc::new(random_bytes(1000, 1));
     assert_eq!(echo_round_trip(p.addr, data.clone()), *data);
     let (status, lines) = p.terminate();

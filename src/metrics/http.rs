@@ -163,6 +163,9 @@ pub fn respond(req: &Request<'_>, board: &Board) -> (u16, &'static str, String) 
             TEXT,
             board.with_snapshots(|s| prom::histograms(s, board.info.role)),
         ),
+        // After a hand-over the endpoint is served by the successor: a probe
+        // that still reaches this process learns that, not our drain.
+        "/healthz" if board.handed_over() => (200, TEXT, "ok (handed over)\n".into()),
         "/healthz" if board.draining() => (503, TEXT, "draining\n".into()),
         "/healthz" => (200, TEXT, "ok\n".into()),
         // Liveness: 200 for as long as the process serves HTTP, draining or
@@ -205,7 +208,9 @@ pub fn spawn(listener: TcpListener, board: Board, fold_every: Duration) -> std::
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
-            for conn in listener.incoming() {
+            // The flag is looked at before each accept, never after one: a
+            // connection accepted here is always answered.
+            loop {
                 if board
                     .info
                     .handed_over
@@ -213,7 +218,7 @@ pub fn spawn(listener: TcpListener, board: Board, fold_every: Duration) -> std::
                 {
                     break;
                 }
-                let conn = match conn {
+                let conn = match listener.accept().map(|(c, _)| c) {
                     Ok(conn) => conn,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                     Err(_) => {

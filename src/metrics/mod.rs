@@ -336,6 +336,13 @@ impl Board {
     }
 
     /// Whether the process is draining.
+    /// Whether a successor took this process's listeners over.
+    pub fn handed_over(&self) -> bool {
+        self.info
+            .handed_over
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn draining(&self) -> bool {
         self.info
             .draining
