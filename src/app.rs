@@ -132,7 +132,7 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
     let mut inherited = match &cfg.lifecycle.takeover {
         None => None,
         Some(path) => {
-            let got = crate::handover::take_over(path)
+            let got = crate::handover::take_over(path, cfg.role().as_str())
                 .map_err(|e| StartupError::Takeover(e.to_string()))?;
             Some(got)
         }
@@ -222,6 +222,7 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
     let offer: crate::handover::SharedOffer =
         Arc::new(std::sync::Mutex::new(control_listener.as_ref().map(|_| {
             crate::handover::Offer {
+                role: cfg.role().as_str(),
                 proxy: offer_proxy,
                 metrics: offer_metrics,
             }

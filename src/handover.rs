@@ -23,7 +23,7 @@
 //!
 //! ```text
 //! successor   -> predecessor   TAKEOVER 1\n
-//! predecessor -> successor     LISTENERS <pid> <proxy> <metrics 0|1> <control 0|1>\n  + fds
+//! predecessor -> successor     LISTENERS <pid> <role> <proxy> <metrics 0|1> <control 0|1>\n  + fds
 //! successor   -> predecessor   READY <pid>\n        (its shards accept)
 //! predecessor -> successor     DRAINING\n           (it stopped accepting)
 //! ```
@@ -117,22 +117,31 @@ impl Inherited {
     }
 }
 
-/// Reads one `\n`-terminated line of at most 128 bytes (without the `\n`).
+/// Reads one `\n`-terminated line of at most 128 bytes (without the `\n`)
+/// from the connection's one buffer, so bytes that arrived after the line
+/// (a peer that wrote two lines at once) stay for the next read.
 fn read_line(conn: &mut BufReader<UnixStream>) -> std::io::Result<String> {
     let mut line = String::new();
-    let mut limited = std::io::Read::take(&mut *conn, 128);
-    let n = BufRead::read_line(&mut BufReader::new(&mut limited), &mut line)?;
+    let n = std::io::Read::take(&mut *conn, 128).read_line(&mut line)?;
     if n == 0 {
         return Err(std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,
             "closed by the peer",
         ));
     }
+    if !line.ends_with('\n') {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "line too long or unterminated",
+        ));
+    }
     Ok(line.trim_end().to_string())
 }
 
-/// Successor side: connects to `path` and receives the sockets.
-pub fn take_over(path: &Path) -> Result<Inherited, HandoverError> {
+/// Successor side: connects to `path` and receives the sockets. The
+/// running process must have the same `role` (`forward`, `entry`, `exit`):
+/// an exit's listeners carry tunnel clients, not plain ones.
+pub fn take_over(path: &Path, role: &str) -> Result<Inherited, HandoverError> {
     let io = |source| HandoverError::Io {
         path: path.to_path_buf(),
         source,
@@ -165,9 +174,15 @@ pub fn take_over(path: &Path) -> Result<Inherited, HandoverError> {
         return Err(bad(format!("the running process refused: {reason}")));
     }
     let fields: Vec<&str> = line.split(' ').collect();
-    let [word, pid, proxy, metrics, control] = fields[..] else {
+    let [word, pid, their_role, proxy, metrics, control] = fields[..] else {
         return Err(bad(format!("bad reply `{}`", crate::log::one_line(line))));
     };
+    if their_role != role {
+        return Err(bad(format!(
+            "the running process is {}, this one {role}: their clients speak different protocols",
+            crate::log::one_line(their_role)
+        )));
+    }
     let num = |s: &str| s.parse::<usize>().ok();
     let (Some(pid), Some(proxy), Some(metrics @ 0..=1), Some(control @ 0..=1)) =
         (num(pid), num(proxy), num(metrics), num(control))
@@ -219,7 +234,11 @@ pub fn bind_control(path: &Path) -> Result<UnixListener, StartupError> {
         path: path.display().to_string(),
         reason,
     };
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(err("the path exists and is not a socket".into()));
+        }
         if UnixStream::connect(path).is_ok() {
             return Err(err(
                 "a running shardproxy serves it; start with --takeover to replace that process"
@@ -239,6 +258,8 @@ pub fn bind_control(path: &Path) -> Result<UnixListener, StartupError> {
 
 /// What the predecessor offers: duplicates of its sockets.
 pub struct Offer {
+    /// This process's role (`forward`, `entry`, `exit`).
+    pub role: &'static str,
     /// Every listener its shards accept on.
     pub proxy: Vec<Socket>,
     /// The metrics listener, if any.
@@ -261,10 +282,14 @@ pub fn serve(
     listener: UnixListener,
     offer: SharedOffer,
     stop: Arc<AtomicBool>,
-    on_ready: impl Fn(u32) + Send + 'static,
+    on_ready: impl Fn(u32) + Send + Sync + 'static,
 ) -> std::io::Result<()> {
     // accept(2) honours SO_RCVTIMEO: wake every 200 ms to look at `stop`.
     socket2::SockRef::from(&listener).set_read_timeout(Some(Duration::from_millis(200)))?;
+    let on_ready = Arc::new(on_ready);
+    // One hand-over at a time; a second successor is told at once.
+    let exchange = Arc::new(std::sync::Mutex::new(()));
+    let listener = Arc::new(listener);
     std::thread::Builder::new()
         .name("control-socket".into())
         .spawn(move || {
@@ -272,20 +297,50 @@ pub fn serve(
                 let Ok((conn, _)) = listener.accept() else {
                     continue;
                 };
-                match offer_to(&conn, &offer, &listener) {
-                    Ok(pid) => {
-                        on_ready(pid);
-                        let _ = (&conn).write_all(b"DRAINING\n");
-                        crate::info!("hand-over: process {pid} accepts on our listeners; draining");
-                        stop.store(true, Ordering::Relaxed);
-                        if let Ok(mut o) = offer.lock() {
-                            *o = None;
+                // Each connection on its own thread: a client that sends
+                // nothing (or never says READY) cannot hold up the next one.
+                let (offer, stop, on_ready, exchange, listener) = (
+                    offer.clone(),
+                    stop.clone(),
+                    on_ready.clone(),
+                    exchange.clone(),
+                    listener.clone(),
+                );
+                let spawned = std::thread::Builder::new()
+                    .name("control-conn".into())
+                    .spawn(move || {
+                        let result = match exchange.try_lock() {
+                            Ok(_guard) => offer_to(&conn, &offer, &listener),
+                            Err(_) => {
+                                let _ = (&conn).write_all(b"ERROR busy: another hand-over is in progress\n");
+                                Err("a second successor arrived during a hand-over".into())
+                            }
+                        };
+                        match result {
+                            Ok(pid) if !stop.load(Ordering::Relaxed) => {
+                                on_ready(pid);
+                                let _ = (&conn).write_all(b"DRAINING\n");
+                                crate::info!(
+                                    "hand-over: process {pid} accepts on our listeners; draining"
+                                );
+                                stop.store(true, Ordering::Relaxed);
+                                if let Ok(mut o) = offer.lock() {
+                                    *o = None;
+                                }
+                            }
+                            Ok(pid) => {
+                                // We started draining meanwhile: the successor
+                                // serves alone; it hears no DRAINING.
+                                crate::warn!("hand-over: process {pid} became ready while we were already draining");
+                            }
+                            Err(reason) if reason.is_empty() => {}
+                            Err(reason) => {
+                                crate::warn!("hand-over failed, still serving: {reason}");
+                            }
                         }
-                    }
-                    Err(reason) if reason.is_empty() => {}
-                    Err(reason) => {
-                        crate::warn!("hand-over failed, still serving: {reason}");
-                    }
+                    });
+                if spawned.is_err() {
+                    std::thread::sleep(Duration::from_millis(50));
                 }
             }
         })?;
@@ -324,8 +379,9 @@ fn offer_to(conn: &UnixStream, offer: &SharedOffer, control: &UnixListener) -> R
         fds.extend(offer.metrics.as_ref().map(AsRawFd::as_raw_fd));
         fds.push(control.as_raw_fd());
         let head = format!(
-            "LISTENERS {} {} {} 1\n",
+            "LISTENERS {} {} {} {} 1\n",
             std::process::id(),
+            offer.role,
             offer.proxy.len(),
             u8::from(offer.metrics.is_some())
         );

@@ -186,7 +186,9 @@ pub fn abandon_connections() -> usize {
 
 /// Takes ownership of file descriptors received with `SCM_RIGHTS`
 /// (the listener hand-over): each becomes an [`std::os::fd::OwnedFd`]
-/// closed on drop. Negative entries are skipped.
+/// closed on drop, with `FD_CLOEXEC` set (recvmsg without
+/// `MSG_CMSG_CLOEXEC` leaves it clear, and a SIGUSR2 upgrade must not pass
+/// them to the program it executes). Negative entries are skipped.
 pub fn own_received_fds(fds: &[std::os::fd::RawFd]) -> Vec<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
     fds.iter()
@@ -195,5 +197,8 @@ pub fn own_received_fds(fds: &[std::os::fd::RawFd]) -> Vec<std::os::fd::OwnedFd>
         // process for us alone (SCM_RIGHTS); nothing else knows or closes
         // them, so each OwnedFd is its sole owner.
         .map(|fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(*fd) })
+        .inspect(|fd| {
+            let _ = socket2::SockRef::from(fd).set_cloexec(true);
+        })
         .collect()
 }

@@ -552,3 +552,103 @@ fn drain_delay_says_503_while_still_accepting_then_stops() {
     let status = p.wait_exit(Duration::from_secs(10));
     assert!(status.success());
 }
+
+/// The process a SIGUSR2 upgrade executes inherits none of the old
+/// process's connections: the old one's drain timeout still resets them.
+#[test]
+fn a_reexecuted_successor_inherits_no_client_connection() {
+    let origin = echo_origin();
+    let ctl = control_path("cloexec");
+    let mut old = Proxy::forward(origin)
+        .shards(1)
+        .args(["--control-socket", &ctl, "--drain-timeout", "2s"])
+        .start();
+    let mut idle = TcpStream::connect(old.addr).unwrap();
+    idle.write_all(b"ping").unwrap();
+    let mut b = [0u8; 4];
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    idle.read_exact(&mut b).unwrap();
+    old.signal("USR2");
+    let started = old.wait_for_log(|l| l.contains("SIGUSR2: started"), Duration::from_secs(10));
+    let pid: u32 = started
+        .split("as process ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    old.wait_for_log(
+        |l| l.contains("hand-over complete"),
+        Duration::from_secs(20),
+    );
+    // The successor holds only its own sockets: no TCP connection.
+    let conns = Command::new("ss")
+        .args(["-tnpH", "state", "established"])
+        .output()
+        .unwrap();
+    let held: Vec<String> = String::from_utf8_lossy(&conns.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("pid={pid},")))
+        .map(str::to_string)
+        .collect();
+    // The idle client is reset at the old process's drain timeout.
+    let (end, _) = read_until_end(&mut idle, Duration::from_secs(10));
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    assert!(held.is_empty(), "the successor holds connections: {held:?}");
+    assert_eq!(
+        end,
+        End::Reset,
+        "the idle client was not reset at the drain timeout"
+    );
+    assert_eq!(wait_exited(&mut old, Duration::from_secs(30)), Some(0));
+}
+
+#[test]
+fn control_socket_paths_and_roles_are_checked() {
+    let origin = echo_origin();
+    // A regular file is never replaced by the control socket.
+    let file = control_path("regular");
+    std::fs::write(&file, "precious").unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "forward",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &origin.to_string(),
+    ])
+    .args(["--cores", "1", "--control-socket", &file]);
+    let (status, stderr) = run_bounded(cmd, Duration::from_secs(20)).expect("hung");
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("not a socket"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "precious");
+    let _ = std::fs::remove_file(&file);
+    // An exit cannot take over a forward's listeners.
+    let ctl = control_path("role");
+    let old = Proxy::forward(origin)
+        .shards(1)
+        .args(["--control-socket", &ctl])
+        .start();
+    let key = key_file(&[&keygen()]);
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "exit",
+        "--listen",
+        &old.addr.to_string(),
+        "--upstream",
+        &origin.to_string(),
+    ])
+    .args(["--key-file", &key, "--cores", "1", "--takeover", &ctl]);
+    let (status, stderr) = run_bounded(cmd, Duration::from_secs(20)).expect("hung");
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("the running process is forward"),
+        "{stderr}"
+    );
+    let data = Arc::new(random_bytes(1000, 7));
+    assert_eq!(echo_round_trip(old.addr, data.clone()), *data);
+    let (status, _) = old.terminate();
+    assert!(status.success());
+}

@@ -96,7 +96,15 @@ pub(crate) fn recv_syscall(fd: RawFd, buf: *mut u8, len: usize, flags: i32) -> i
 pub(crate) fn accept_syscall(fd: RawFd) -> io::Result<RawFd> {
     let mut addr: MaybeUninit<libc::sockaddr_storage> = MaybeUninit::uninit();
     let mut length = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    syscall!(accept(fd, addr.as_mut_ptr() as *mut _, &mut length))
+    // shardproxy patch: accept4 with SOCK_CLOEXEC, so an accepted
+    // connection is never inherited by a program this process executes
+    // (shardproxy's SIGUSR2 upgrade).
+    syscall!(accept4(
+        fd,
+        addr.as_mut_ptr() as *mut _,
+        &mut length,
+        libc::SOCK_CLOEXEC
+    ))
 }
 
 pub(crate) fn direct_io_ify(fd: RawFd, flags: libc::c_int) -> io::Result<()> {
