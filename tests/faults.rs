@@ -353,3 +353,82 @@ fn sighup_during_drain_cannot_hold_off_the_second_signal() {
     assert_eq!(status.code(), Some(1), "the second signal exits at once");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// Out of descriptors, with live connections and clients queued in the
+/// backlog: SIGINT still ends the process within `--drain-timeout` + 1 s,
+/// using little CPU while it waits. Then the same for two forwards pointed
+/// at each other (a loop no start-up check can see), which exhaust their
+/// descriptors on their own.
+#[test]
+fn sigint_ends_an_fd_exhausted_process_within_the_drain_timeout() {
+    let origin = echo_origin();
+    let mut proxy = Proxy::forward(origin)
+        .ulimit("-n", 64)
+        .args(["--max-connections", "1000", "--drain-timeout", "2s"])
+        .start();
+    let held: Vec<TcpStream> = (0..60)
+        .filter_map(|_| TcpStream::connect(proxy.addr).ok())
+        .collect();
+    proxy.wait_for_log(|l| l.contains("accept failed"), Duration::from_secs(10));
+    let sent = Instant::now();
+    proxy.signal("INT");
+    proxy.wait_for_log(
+        |l| l.contains("draining: stopped accepting"),
+        Duration::from_secs(5),
+    );
+    // A CPU sampling window inside the 2 s drain: the measured quantity.
+    let t0 = proc_cpu_ticks(proxy.pid());
+    thread::sleep(Duration::from_millis(1000));
+    let used = proc_cpu_ticks(proxy.pid()) - t0;
+    let status = proxy.wait_exit(Duration::from_secs(10));
+    let took = sent.elapsed();
+    assert!(status.success(), "{:?}", proxy.log());
+    assert!(
+        took < Duration::from_secs(3),
+        "took {took:?} (drain timeout 2 s)"
+    );
+    // 1 s at 100 ticks/s: under 10% of one core.
+    assert!(used < 10, "spinning while draining: {used} ticks in 1 s");
+    drop(held);
+
+    // Two forwards in a loop: A's upstream is B, B's is A.
+    let b_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut a = Proxy::forward(b_port)
+        .ulimit("-n", 256)
+        .args(["--drain-timeout", "2s"])
+        .start();
+    let mut b = Proxy::forward(a.addr)
+        .listen(b_port)
+        .ulimit("-n", 256)
+        .args(["--drain-timeout", "2s"])
+        .start();
+    // One client starts the storm; both fill up to their connection limit
+    // (lowered to fit the 256 descriptors) or run out of descriptors.
+    let _client = TcpStream::connect(a.addr).unwrap();
+    poll_until(Duration::from_secs(20), || match a.open_fds() {
+        n if n > 150 => Ok(()),
+        n => Err(format!("only {n} descriptors in use")),
+    });
+    // A CPU sampling window: the measured quantity, not synchronization.
+    let (ta, tb) = (proc_cpu_ticks(a.pid()), proc_cpu_ticks(b.pid()));
+    thread::sleep(Duration::from_secs(2));
+    let used = proc_cpu_ticks(a.pid()) - ta + proc_cpu_ticks(b.pid()) - tb;
+    // Two processes, 2 s at 100 ticks/s: under a quarter of one core.
+    assert!(used < 50, "the loop spins: {used} ticks in 2 s");
+    let sent = Instant::now();
+    a.signal("INT");
+    b.signal("INT");
+    let (sa, sb) = (
+        a.wait_exit(Duration::from_secs(10)),
+        b.wait_exit(Duration::from_secs(10)),
+    );
+    assert!(
+        sent.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        sent.elapsed()
+    );
+    assert!(sa.success() && sb.success(), "{sa:?} {sb:?}");
+}
