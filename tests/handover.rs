@@ -652,3 +652,33 @@ fn control_socket_paths_and_roles_are_checked() {
     let (status, _) = old.terminate();
     assert!(status.success());
 }
+
+/// A second process on the same port (no `--takeover`) joins the
+/// `SO_REUSEPORT` group; while `net.ipv4.tcp_migrate_req` is 0 it warns
+/// that closing either side resets queued connections.
+#[test]
+fn joining_a_group_warns_when_queued_connections_would_be_reset() {
+    let origin = echo_origin();
+    let first = Proxy::forward(origin).shards(1).start();
+    let second = Proxy::forward(origin).listen(first.addr).shards(1).start();
+    let migrate = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
+        .unwrap()
+        .trim()
+        .to_string();
+    let warned = second
+        .log()
+        .iter()
+        .any(|l| l.starts_with("WARN") && l.contains("tcp_migrate_req = 0"));
+    assert_eq!(
+        warned,
+        migrate == "0",
+        "migrate_req={migrate}: {:?}",
+        second.log()
+    );
+    // The first process joined no group: no warning there.
+    assert!(
+        !first.log().iter().any(|l| l.contains("tcp_migrate_req")),
+        "{:?}",
+        first.log()
+    );
+}
