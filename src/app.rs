@@ -246,6 +246,8 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         offer: offer.clone(),
     });
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let replay = matches!(cfg.mode, crate::config::Mode::Exit(_))
+        .then(|| crate::replay::mesh(cfg.cores.len()));
     let mut handles = Vec::with_capacity(cfg.cores.len());
     for (id, ((core, listeners), control)) in
         cfg.cores.iter().zip(per_shard).zip(shard_ends).enumerate()
@@ -258,6 +260,7 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
             control,
             board.clone(),
             ready_tx.clone(),
+            replay.clone(),
         )?);
     }
     drop(ready_tx);

@@ -36,6 +36,8 @@ pub struct ShardCtx {
     salts: RefCell<SaltRng>,
     /// Relay buffers of finished connections, for the next ones.
     buffers: RefCell<Vec<Vec<u8>>>,
+    /// The exit's replay filter (this shard's end of it).
+    replay: RefCell<Option<Rc<crate::replay::Guard>>>,
 }
 
 /// Bytes of idle relay buffers a shard keeps for reuse (256 connections'
@@ -59,7 +61,18 @@ impl ShardCtx {
             draining: Cell::new(false),
             salts: RefCell::new(SaltRng::new()),
             buffers: RefCell::new(Vec::new()),
+            replay: RefCell::new(None),
         }
+    }
+
+    /// Installs the exit's replay filter (once, before accepting).
+    pub fn set_replay(&self, guard: Rc<crate::replay::Guard>) {
+        *self.replay.borrow_mut() = Some(guard);
+    }
+
+    /// The exit's replay filter, if this shard has one.
+    pub fn replay(&self) -> Option<Rc<crate::replay::Guard>> {
+        self.replay.borrow().clone()
     }
 
     /// Shard index (0-based).

@@ -233,7 +233,7 @@ impl SessionError {
                 CloseReason::AuthFailed
             }
             SessionError::Proto {
-                source: ProtoError::NonceExhausted,
+                source: ProtoError::NonceExhausted | ProtoError::ReplayFilterFull,
                 ..
             }
             | SessionError::Limit(_) => CloseReason::Limit,

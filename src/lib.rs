@@ -44,6 +44,7 @@ pub mod log;
 pub mod metrics;
 pub mod proto;
 pub mod relay;
+pub mod replay;
 pub mod rng;
 pub mod session;
 pub mod shard;

@@ -17,8 +17,11 @@ use crate::conn::{Conn, Peer};
 use crate::context::ShardCtx;
 use crate::error::SessionError;
 use crate::metrics::Hist;
-use crate::proto::{accept_hello, ClientHandshake, CLIENT_HELLO_LEN, SERVER_HELLO_LEN};
+use crate::proto::{
+    accept_hello, ClientHandshake, ProtoError, CLIENT_HELLO_LEN, SALT_LEN, SERVER_HELLO_LEN,
+};
 use crate::relay::Framing;
+use crate::replay::Verdict;
 use crate::trigger::{bounded, Interrupted};
 
 /// Runs one accepted connection to completion. `Ok` means both directions
@@ -115,6 +118,22 @@ async fn exit(
     // Boxed before any await: the cipher state would otherwise sit in this
     // future's state for the whole session (see the module docs).
     let verified = accept_hello(keys.all(), &hello, server_salt, unix_now(), skew).map(Box::new);
+    // A verified hello is new only if no shard accepted its salt before.
+    let verified = match (verified, ctx.replay()) {
+        (Ok(a), Some(guard)) => {
+            let mut salt = [0u8; SALT_LEN];
+            salt.copy_from_slice(&hello[..SALT_LEN]);
+            let check = async { Ok(guard.check(salt).await) };
+            match within(ctx, deadline, Peer::Downstream, check).await? {
+                Verdict::Fresh => Ok(a),
+                Verdict::Replayed => Err(ProtoError::Replayed),
+                Verdict::Full => Err(ProtoError::ReplayFilterFull),
+            }
+        }
+        // No filter (it could not start): fail closed.
+        (Ok(_), None) => Err(ProtoError::ReplayFilterFull),
+        (Err(e), _) => Err(e),
+    };
     let accepted = match verified {
         Ok(a) => a,
         Err(source) => {

@@ -26,10 +26,13 @@ pub fn spawn(
     control: UnixStream,
     board: Option<Board>,
     ready: std::sync::mpsc::Sender<usize>,
+    replay: Option<crate::replay::Mesh>,
 ) -> Result<ExecutorJoinHandle<()>, StartupError> {
     LocalExecutorBuilder::new(Placement::Fixed(core))
         .name(&format!("shard-{id}"))
-        .spawn(move || async move { run(id, core, cfg, listeners, control, board, ready).await })
+        .spawn(move || async move {
+            run(id, core, cfg, listeners, control, board, ready, replay).await
+        })
         .map_err(|e| StartupError::Shard {
             core,
             reason: e.to_string(),
@@ -44,6 +47,7 @@ async fn run(
     control: UnixStream,
     board: Option<Board>,
     ready: std::sync::mpsc::Sender<usize>,
+    replay: Option<crate::replay::Mesh>,
 ) {
     let listeners: Vec<_> = listeners
         .into_iter()
@@ -65,7 +69,19 @@ async fn run(
         cfg.upstream_name,
         cfg.upstream
     );
+    let skew = cfg.tunnel().map(|t| t.max_clock_skew);
+    let shards = cfg.cores.len();
     let ctx = Rc::new(ShardCtx::new(id, cfg, board));
+    // The exit's replay filter: every shard joins the mesh before any
+    // accepts, so that no hello is checked against a partial set.
+    if let (Some(mesh), Some(skew)) = (replay, skew) {
+        match crate::replay::Guard::join(mesh, shards, 2 * skew).await {
+            Ok(guard) => ctx.set_replay(guard),
+            Err(()) => {
+                crate::error!("shard {id}: replay filter unavailable; every hello is refused")
+            }
+        }
+    }
     let permits = Rc::new(glommio::sync::Semaphore::new(
         ctx.limits().max_connections.get() as u64,
     ));

@@ -96,6 +96,12 @@ pub enum ProtoError {
     /// The nonce counter reached its hard limit.
     #[error("nonce limit reached")]
     NonceExhausted,
+    /// A verified client hello whose salt was already accepted (a replay).
+    #[error("client hello replayed: its salt was accepted before")]
+    Replayed,
+    /// The replay filter is full: the hello is refused (fail closed).
+    #[error("replay filter full: hello refused")]
+    ReplayFilterFull,
     /// Metadata larger than [`META_LEN`].
     #[error("metadata longer than {META_LEN} bytes")]
     MetaTooLong,
