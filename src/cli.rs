@@ -152,8 +152,8 @@ pub struct TunnelArgs {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
 
-    /// Reject hellos whose timestamp differs from our clock by more than this (1s-1h).
-    #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = parse_duration)]
+    /// Reject hellos whose timestamp differs from our clock by more than this (1s-5m; SIP022's window is 30s). The exit remembers accepted hellos for twice this, to refuse replays.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub max_clock_skew: Duration,
 }
 

@@ -164,6 +164,9 @@ pub enum SessionError {
     /// The peer closed before its hello was complete.
     #[error("{0} closed during the handshake")]
     HandshakeClosed(Peer),
+    /// The peer closed or reset before sending a single byte.
+    #[error("{0} closed before sending anything")]
+    Empty(Peer),
     /// The handshake did not complete within `--handshake-timeout`.
     #[error("{0} handshake timed out")]
     HandshakeTimeout(Peer),
@@ -205,6 +208,7 @@ impl SessionError {
         match self {
             SessionError::Io { peer, .. }
             | SessionError::HandshakeClosed(peer)
+            | SessionError::Empty(peer)
             | SessionError::HandshakeTimeout(peer)
             | SessionError::Proto { peer, .. }
             | SessionError::Truncated(peer) => Side::from(*peer),
@@ -229,9 +233,9 @@ impl SessionError {
             },
             SessionError::Connect(_) => CloseReason::ConnectError,
             SessionError::ConnectTimeout => CloseReason::ConnectTimeout,
-            SessionError::HandshakeClosed(_) | SessionError::HandshakeTimeout(_) => {
-                CloseReason::AuthFailed
-            }
+            SessionError::HandshakeClosed(_) => CloseReason::AuthFailed,
+            SessionError::HandshakeTimeout(_) => CloseReason::HandshakeTimeout,
+            SessionError::Empty(_) => CloseReason::Empty,
             SessionError::Proto {
                 source: ProtoError::NonceExhausted | ProtoError::ReplayFilterFull,
                 ..

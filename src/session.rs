@@ -105,11 +105,18 @@ async fn exit(
     let keys = ctx.keys().ok_or(SessionError::NoKeys)?;
     let server_salt = ctx.salt().map_err(SessionError::Rng)?;
     let mut hello = [0u8; CLIENT_HELLO_LEN];
+    // The first read tells a probe (connect, then close or reset without a
+    // byte: a TCP health check) from a failed handshake.
+    let first = within(ctx, deadline, Peer::Downstream, client.read(&mut hello)).await;
+    let got = match first {
+        Ok(0) | Err(SessionError::Io { .. }) => return Err(SessionError::Empty(Peer::Downstream)),
+        other => counted(ctx, other)?,
+    };
     let read = within(
         ctx,
         deadline,
         Peer::Downstream,
-        client.read_exact(&mut hello),
+        client.read_exact(&mut hello[got..]),
     )
     .await;
     counted(ctx, read)?;

@@ -30,11 +30,16 @@ pub enum CloseReason {
     Limit,
     /// A local failure that is no peer's fault (e.g. the OS RNG failed).
     Internal,
+    /// The client closed or reset before sending a single byte (a TCP
+    /// health check or port probe): not a failed handshake.
+    Empty,
+    /// A tunnel handshake did not complete within `--handshake-timeout`.
+    HandshakeTimeout,
 }
 
 impl CloseReason {
     /// Every reason, in label order.
-    pub const ALL: [CloseReason; 11] = [
+    pub const ALL: [CloseReason; 13] = [
         CloseReason::Clean,
         CloseReason::IdleTimeout,
         CloseReason::ConnectError,
@@ -46,6 +51,8 @@ impl CloseReason {
         CloseReason::Drained,
         CloseReason::Limit,
         CloseReason::Internal,
+        CloseReason::Empty,
+        CloseReason::HandshakeTimeout,
     ];
 
     /// The label used in logs and metrics.
@@ -62,6 +69,8 @@ impl CloseReason {
             CloseReason::Drained => "drained",
             CloseReason::Limit => "limit",
             CloseReason::Internal => "internal",
+            CloseReason::Empty => "empty",
+            CloseReason::HandshakeTimeout => "handshake_timeout",
         }
     }
 

@@ -25,9 +25,10 @@ const TABLE: &[(&str, &str, &[&str], bool)] = &[
     ("connect_timeout", "10m", &["9ms", "601s"], false),
     ("idle_timeout", "168h", &["99ms", "169h"], false),
     ("drain_timeout", "1h", &["3601s"], false),
+    ("drain_delay", "5m", &["301s"], false),
     ("metrics_interval", "60s", &["99ms", "61s", "1h"], false),
     ("handshake_timeout", "5m", &["99ms", "301s"], true),
-    ("max_clock_skew", "1h", &["0s", "3601s"], true),
+    ("max_clock_skew", "5m", &["0s", "301s"], true),
 ];
 
 fn write(name: &str, body: &str) -> String {

@@ -467,3 +467,52 @@ fn keygen_and_check_survive_an_unwritable_stdout() {
         "{stderr}"
     );
 }
+
+/// Health checks and port probes (connect, then close or reset without a
+/// byte) are `empty`, not failed handshakes; wrong-key hellos are
+/// `auth_failed` and the only handshake failures; a silent client is
+/// `handshake_timeout`.
+#[test]
+fn probes_are_empty_wrong_keys_are_auth_failures() {
+    let key = key_file(&[&keygen()]);
+    let exit = Proxy::exit(echo_origin(), &key)
+        .shards(2)
+        .args(["--handshake-timeout", "1s"])
+        .start();
+    for i in 0..20 {
+        let c = TcpStream::connect(exit.addr).unwrap();
+        if i % 2 == 1 {
+            // A reset instead of a FIN.
+            socket2::SockRef::from(&c)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+        }
+        drop(c);
+    }
+    let other_key = key_file(&[&keygen()]);
+    let wrong = Proxy::entry(exit.addr, &other_key)
+        .args(["--handshake-timeout", "2s"])
+        .start();
+    let tries: Vec<_> = (0..5)
+        .map(|_| {
+            let addr = wrong.addr;
+            thread::spawn(move || send_and_drain(addr, b"hello").0)
+        })
+        .collect();
+    for t in tries {
+        assert_ne!(t.join().unwrap(), End::Eof, "a wrong key got a clean end");
+    }
+    // One client that connects and says nothing.
+    let silent = TcpStream::connect(exit.addr).unwrap();
+    let mut silent_end = silent.try_clone().unwrap();
+    let (end, _) = read_until_end(&mut silent_end, Duration::from_secs(10));
+    assert_ne!(end, End::Open);
+    drop(silent);
+    drop(wrong);
+    let (_, lines) = exit.terminate();
+    let sum = |key: &str| -> u64 { summaries(&lines).iter().map(|s| s.get(key)).sum() };
+    assert_eq!(sum("empty"), 20, "{lines:?}");
+    assert_eq!(sum("auth_failed"), 5, "{lines:?}");
+    assert_eq!(sum("handshake_timeout"), 1, "{lines:?}");
+    assert_eq!(sum("handshake_failures"), 6, "{lines:?}");
+}

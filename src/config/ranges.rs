@@ -79,11 +79,13 @@ pub const HANDSHAKE_TIMEOUT: Bound<Duration> = Bound {
     min: ms(100),
     max: secs(300),
 };
-/// `--max-clock-skew` (exit): 0s would reject every hello.
+/// `--max-clock-skew` (exit): 0s would reject every hello; the replay
+/// filter remembers each accepted salt for twice this, so the upper bound
+/// also bounds its memory (docs/PROTOCOL.md §7).
 pub const MAX_CLOCK_SKEW: Bound<Duration> = Bound {
     flag: "--max-clock-skew",
     min: secs(1),
-    max: secs(3600),
+    max: secs(300),
 };
 /// `--metrics-interval`: below 100ms the publisher costs CPU while idle;
 /// above a minute the metrics look frozen.
