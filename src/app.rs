@@ -252,16 +252,16 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
     for (id, ((core, listeners), control)) in
         cfg.cores.iter().zip(per_shard).zip(shard_ends).enumerate()
     {
-        handles.push(crate::shard::spawn(
+        handles.push(crate::shard::spawn(crate::shard::Setup {
             id,
-            *core,
-            cfg.clone(),
+            core: *core,
+            cfg: cfg.clone(),
             listeners,
             control,
-            board.clone(),
-            ready_tx.clone(),
-            replay.clone(),
-        )?);
+            board: board.clone(),
+            ready: ready_tx.clone(),
+            replay: replay.clone(),
+        })?);
     }
     drop(ready_tx);
     // Every shard accepts: tell systemd, then the predecessor.

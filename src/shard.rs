@@ -15,40 +15,50 @@ use crate::control::{self, Message};
 use crate::error::StartupError;
 use crate::metrics::Board;
 
-/// Starts shard `id` on `core`, accepting on `listeners` (usually one; more
-/// after a hand-over from a process with more shards), controlled by
-/// `control`. Sends `id` on `ready` once every accept loop runs.
-pub fn spawn(
-    id: usize,
-    core: usize,
-    cfg: Config,
-    listeners: Vec<socket2::Socket>,
-    control: UnixStream,
-    board: Option<Board>,
-    ready: std::sync::mpsc::Sender<usize>,
-    replay: Option<crate::replay::Mesh>,
-) -> Result<ExecutorJoinHandle<()>, StartupError> {
+/// Everything one shard starts with.
+pub struct Setup {
+    /// Shard index (0-based).
+    pub id: usize,
+    /// The core it is pinned to.
+    pub core: usize,
+    /// Its copy of the configuration.
+    pub cfg: Config,
+    /// The listeners it accepts on: usually one; more after a hand-over
+    /// from a process with more shards.
+    pub listeners: Vec<socket2::Socket>,
+    /// Its end of the control socketpair.
+    pub control: UnixStream,
+    /// Where metrics snapshots go, if metrics are on.
+    pub board: Option<Board>,
+    /// Gets `id` once every accept loop runs.
+    pub ready: std::sync::mpsc::Sender<usize>,
+    /// The exit's replay-filter mesh (every shard joins it).
+    pub replay: Option<crate::replay::Mesh>,
+}
+
+/// Starts a shard on its core.
+pub fn spawn(setup: Setup) -> Result<ExecutorJoinHandle<()>, StartupError> {
+    let (id, core) = (setup.id, setup.core);
     LocalExecutorBuilder::new(Placement::Fixed(core))
         .name(&format!("shard-{id}"))
-        .spawn(move || async move {
-            run(id, core, cfg, listeners, control, board, ready, replay).await
-        })
+        .spawn(move || async move { run(setup).await })
         .map_err(|e| StartupError::Shard {
             core,
             reason: e.to_string(),
         })
 }
 
-async fn run(
-    id: usize,
-    core: usize,
-    cfg: Config,
-    listeners: Vec<socket2::Socket>,
-    control: UnixStream,
-    board: Option<Board>,
-    ready: std::sync::mpsc::Sender<usize>,
-    replay: Option<crate::replay::Mesh>,
-) {
+async fn run(setup: Setup) {
+    let Setup {
+        id,
+        core,
+        cfg,
+        listeners,
+        control,
+        board,
+        ready,
+        replay,
+    } = setup;
     let listeners: Vec<_> = listeners
         .into_iter()
         .map(crate::sys::adopt_listener)

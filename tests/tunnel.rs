@@ -197,7 +197,7 @@ fn replayed_hellos_get_silence_and_reach_nothing() {
         assert_ne!(end, End::Open);
         // Closed at the handshake timeout, like the random probes.
         for r in &random_times {
-            let diff = if took > *r { took - *r } else { *r - took };
+            let diff = took.abs_diff(*r);
             assert!(
                 diff < Duration::from_millis(500),
                 "replay closed after {took:?}, probe after {r:?}"
