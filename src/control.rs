@@ -92,14 +92,27 @@ impl Controller {
 /// | SIGUSR2 | logged, ignored | re-execute the binary with `--takeover` (needs a control socket: `--control-socket`, or the one inherited with `--takeover`): the new process takes the listeners, this one drains |
 /// | SIGUSR1 | logged, ignored | logged, ignored (reserved: reopen the access log) |
 ///
-/// SIGPIPE is ignored by the Rust runtime; every other signal keeps its
-/// default action. Readiness and state changes are also reported to systemd
+/// SIGPIPE is ignored by the Rust runtime, and the signals in [`IGNORED`]
+/// explicitly; SIGQUIT (core dump) and the synchronous faults keep their
+/// default actions. Readiness and state changes are also reported to systemd
 /// (`sd_notify`, `Type=notify`): `READY=1`, `RELOADING=1`, `STOPPING=1`,
 /// `MAINPID=` (the predecessor of a hand-over names its successor, and does
 /// not send `STOPPING=1`: the service is not stopping).
 pub struct SignalPlane {
     state: Arc<Mutex<Phase>>,
 }
+
+/// Signals ignored on purpose (see [`SignalPlane::install`]).
+pub const IGNORED: [i32; 8] = [
+    signal_hook::consts::SIGALRM,
+    signal_hook::consts::SIGVTALRM,
+    signal_hook::consts::SIGPROF,
+    signal_hook::consts::SIGIO,
+    libc::SIGPWR,
+    signal_hook::consts::SIGXFSZ,
+    signal_hook::consts::SIGTTIN,
+    signal_hook::consts::SIGTTOU,
+];
 
 enum Phase {
     Starting { reload_pending: bool },
@@ -148,6 +161,15 @@ impl SignalPlane {
     pub fn install() -> Result<SignalPlane, StartupError> {
         let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2])
             .map_err(StartupError::Signals)?;
+        // Signals whose default action would end or stop the process but
+        // that mean nothing to a proxy are ignored explicitly (a handler
+        // that only sets an unread flag): a stray `kill -ALRM`, a file-size
+        // limit (writes fail with EFBIG instead), a background write to a
+        // terminal. SIGQUIT keeps its core dump, for debugging.
+        let ignored = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for sig in IGNORED {
+            signal_hook::flag::register(sig, ignored.clone()).map_err(StartupError::Signals)?;
+        }
         let state = Arc::new(Mutex::new(Phase::Starting {
             reload_pending: false,
         }));

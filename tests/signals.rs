@@ -292,3 +292,18 @@ fn second_sigterm_resets_live_downloads_never_a_clean_eof() {
         );
     }
 }
+
+#[test]
+fn stray_signals_are_ignored_explicitly() {
+    let p = Proxy::forward(echo_origin()).shards(1).start();
+    for sig in [
+        "ALRM", "VTALRM", "PROF", "IO", "PWR", "XFSZ", "TTIN", "TTOU",
+    ] {
+        p.signal(sig);
+    }
+    // Still serving after all of them (each would have ended or stopped it).
+    let data = std::sync::Arc::new(random_bytes(1000, 2));
+    assert_eq!(echo_round_trip(p.addr, data.clone()), *data);
+    let (status, lines) = p.terminate();
+    assert!(status.success(), "{lines:?}");
+}
