@@ -27,7 +27,9 @@ use crate::conn::{Conn, Peer};
 use crate::context::ShardCtx;
 use crate::error::SessionError;
 use crate::metrics::{Hist, Timings};
-use crate::proto::{Decoded, Decoder, Encoder, END_LEN, LEN_LEN, MAX_FRAME, MAX_PAYLOAD};
+use crate::proto::{
+    Decoded, Decoder, Encoder, ProtoError, END_LEN, LEN_LEN, MAX_FRAME, MAX_PAYLOAD,
+};
 use crate::stats::ShardStats;
 use crate::trigger::bounded;
 
@@ -301,7 +303,19 @@ impl Pumps<'_> {
                     self.chunk_done(up, read_at);
                     start += consumed;
                 }
-                Decoded::End { .. } => return plain.shutdown_write(),
+                Decoded::End { consumed } => {
+                    // PROTOCOL.md §4: nothing may follow the end chunk. The
+                    // plain side's FIN waits for the tunnel's own FIN, so
+                    // that a byte after the end chunk aborts both plain
+                    // sides (RST) instead of following a clean end.
+                    if start + consumed < end {
+                        return Err(rejected(ProtoError::DataAfterEnd));
+                    }
+                    return match self.read(tunnel, buf).await? {
+                        0 => plain.shutdown_write(),
+                        _ => Err(rejected(ProtoError::DataAfterEnd)),
+                    };
+                }
                 Decoded::NeedMore => {
                     buf.copy_within(start..end, 0);
                     end -= start;

@@ -4,7 +4,9 @@
 
 mod common;
 
+use std::io::Write;
 use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 
@@ -68,4 +70,74 @@ fn python_client_talks_to_a_live_exit() {
         .collect();
     let want = format!("reply sha256 {digest} len {} ended=True", expected.len());
     assert_eq!(out.trim(), want);
+}
+
+/// PROTOCOL.md §4: data after the end chunk is fatal. An entry (here the
+/// independent client) that sends a chunk after its end chunk gets an RST,
+/// and the origin sees an RST, not a clean end, and never those bytes.
+#[test]
+fn data_after_the_end_chunk_resets_the_exit_and_its_origin() {
+    let key = keygen();
+    let (origin, seen) = recording_origin();
+    let exit = Proxy::exit(origin, &key_file(&[&key])).start();
+    let Some(out) = python(&["after-end", &exit.addr.to_string(), &key, "before the end"]) else {
+        return;
+    };
+    assert_eq!(out.trim(), "exit ended the connection: reset");
+    let s = seen.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(s.end, End::Reset, "the origin saw {:?}", s.end);
+    assert_eq!(s.bytes, b"before the end");
+}
+
+/// The same in the other direction: an exit (the independent client acting
+/// as one) that sends a chunk after its end chunk resets the entry's client.
+#[test]
+fn data_after_the_end_chunk_resets_the_entry_and_its_client() {
+    let key = keygen();
+    let port_file = std::env::temp_dir().join(format!("sp-fake-exit-{}", std::process::id()));
+    let _ = std::fs::remove_file(&port_file);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tunnel_client.py");
+    if Command::new("python3")
+        .args(["-c", "import cryptography"])
+        .output()
+        .map(|o| !o.status.success())
+        .unwrap_or(true)
+    {
+        missing("python3 with the `cryptography` package (pip install cryptography)");
+        return;
+    }
+    let fake = Command::new("python3")
+        .arg(script)
+        .args([
+            "fake-exit",
+            port_file.to_str().unwrap(),
+            &key,
+            "from the fake exit",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let port: u16 = poll_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&port_file)
+            .map_err(|e| e.to_string())
+            .and_then(|p| p.trim().parse::<u16>().map_err(|e| e.to_string()))
+    });
+    let entry = Proxy::entry(
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        &key_file(&[&key]),
+    )
+    .start();
+    let mut c = std::net::TcpStream::connect(entry.addr).unwrap();
+    c.write_all(b"hi").unwrap();
+    let (end, n) = read_until_end(&mut c, Duration::from_secs(10));
+    assert_eq!(
+        end,
+        End::Reset,
+        "the entry's client saw {end:?} after {n} bytes"
+    );
+    assert!(n <= b"from the fake exit".len(), "{n} bytes");
+    let out = fake.wait_with_output().unwrap();
+    let _ = std::fs::remove_file(&port_file);
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.trim(), "entry ended the connection: reset");
 }

@@ -11,6 +11,15 @@ Usage:
                                          handshake with an exit, send MSG N times,
                                          half-close, print the reply's SHA-256,
                                          length, and whether it ended cleanly
+  tunnel_client.py after-end ADDR KEYB64 MSG
+                                         as an entry: send MSG, the end chunk, then
+                                         one more chunk (PROTOCOL.md §4 forbids it);
+                                         print how the exit ended the connection
+  tunnel_client.py fake-exit PORTFILE KEYB64 MSG
+                                         as an exit, on 127.0.0.1 (port written to
+                                         PORTFILE): answer one hello, send MSG, the
+                                         end chunk, then one more chunk; print how
+                                         the entry ended the connection
 """
 import base64
 import os
@@ -190,8 +199,72 @@ def send(addr, key_b64, message, repeat=1):
     return 0
 
 
+def how_it_ended(s):
+    try:
+        while s.recv(65536):
+            pass
+        return "eof"
+    except ConnectionResetError:
+        return "reset"
+    except socket.timeout:
+        return "open"
+
+
+def after_end(addr, key_b64, message):
+    host, port = addr.rsplit(":", 1)
+    psk = base64.b64decode(key_b64)
+    cs = os.urandom(32)
+    _, hello = client_hello(psk, cs, int(time.time()))
+    s = socket.create_connection((host, int(port)), timeout=10)
+    s.sendall(hello)
+    answer = b""
+    while len(answer) < 52:
+        got = s.recv(52 - len(answer))
+        if not got:
+            print("closed before server hello")
+            return 1
+        answer += got
+    keys = session(psk, cs, answer[:32])
+    verify_server_hello(keys, cs, answer)
+    sealer = Sealer(keys["c2s_key"], keys["c2s_length_key"])
+    s.sendall(sealer.chunk(message.encode()) + sealer.end() + sealer.chunk(b"after the end"))
+    print("exit ended the connection: " + how_it_ended(s))
+    return 0
+
+
+def fake_exit(port_file, key_b64, message):
+    psk = base64.b64decode(key_b64)
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(1)
+    with open(port_file + ".tmp", "w") as f:
+        f.write(str(ls.getsockname()[1]))
+    os.rename(port_file + ".tmp", port_file)
+    ls.settimeout(20)
+    s, _ = ls.accept()
+    s.settimeout(10)
+    hello = b""
+    while len(hello) < 124:
+        got = s.recv(124 - len(hello))
+        if not got:
+            print("closed before the hello")
+            return 1
+        hello += got
+    cs, ss = hello[:32], os.urandom(32)
+    keys = session(psk, cs, ss)
+    server_hello = ss + ChaCha20Poly1305(keys["server_hello_key"]).encrypt(nonce(0), bytes([1, 0, 0, 0]), cs)
+    sealer = Sealer(keys["s2c_key"], keys["s2c_length_key"])
+    s.sendall(server_hello + sealer.chunk(message.encode()) + sealer.end() + sealer.chunk(b"after the end"))
+    print("entry ended the connection: " + how_it_ended(s))
+    return 0
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "vectors":
         sys.exit(vectors(sys.argv[2]))
+    if sys.argv[1] == "after-end":
+        sys.exit(after_end(sys.argv[2], sys.argv[3], sys.argv[4]))
+    if sys.argv[1] == "fake-exit":
+        sys.exit(fake_exit(sys.argv[2], sys.argv[3], sys.argv[4]))
     repeat = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     sys.exit(send(sys.argv[2], sys.argv[3], sys.argv[4], repeat))
