@@ -152,6 +152,10 @@ pub struct TunnelArgs {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
 
+    /// exit: unauthenticated connections (pending handshakes) per shard, counted apart from --max-connections; past it the oldest pending one is closed (1-1000000).
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub max_handshakes: usize,
+
     /// Reject hellos whose timestamp differs from our clock by more than this (1s-5m; SIP022's window is 30s). The exit remembers accepted hellos for twice this, to refuse replays.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub max_clock_skew: Duration,

@@ -38,6 +38,37 @@ pub struct ShardCtx {
     buffers: RefCell<Vec<Vec<u8>>>,
     /// The exit's replay filter (this shard's end of it).
     replay: RefCell<Option<Rc<crate::replay::Guard>>>,
+    /// The exit's pending (unauthenticated) handshakes, oldest first, each
+    /// with the trigger that closes it when a newer one needs the room.
+    pending: RefCell<std::collections::VecDeque<(u64, Trigger)>>,
+    next_pending: Cell<u64>,
+    /// Session permits (`--max-connections`), shared with the accept loops;
+    /// the exit takes one only once a handshake has authenticated.
+    sessions: RefCell<Option<Rc<glommio::sync::Semaphore>>>,
+}
+
+/// A pending handshake's place in its shard's registry; leaving it (drop)
+/// frees the place. [`Pending::evicted`] fires if a newer handshake took it.
+pub struct Pending<'a> {
+    ctx: &'a ShardCtx,
+    id: u64,
+    evicted: Trigger,
+}
+
+impl Pending<'_> {
+    /// Fires when this handshake is closed to make room for a newer one.
+    pub fn evicted(&self) -> &Trigger {
+        &self.evicted
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        let mut pending = self.ctx.pending.borrow_mut();
+        if let Some(i) = pending.iter().position(|(id, _)| *id == self.id) {
+            pending.remove(i);
+        }
+    }
 }
 
 /// Bytes of idle relay buffers a shard keeps for reuse (256 connections'
@@ -62,7 +93,42 @@ impl ShardCtx {
             salts: RefCell::new(SaltRng::new()),
             buffers: RefCell::new(Vec::new()),
             replay: RefCell::new(None),
+            pending: RefCell::new(std::collections::VecDeque::new()),
+            next_pending: Cell::new(0),
+            sessions: RefCell::new(None),
         }
+    }
+
+    /// Registers a pending handshake. At `max` pending ones, the oldest is
+    /// closed first (its [`Pending::evicted`] fires), so a flood of
+    /// unauthenticated connections costs the flooder its own oldest ones
+    /// and never blocks the accept loop or established sessions.
+    pub fn begin_handshake(&self, max: usize) -> Pending<'_> {
+        let mut pending = self.pending.borrow_mut();
+        while pending.len() >= max.max(1) {
+            if let Some((_, oldest)) = pending.pop_front() {
+                oldest.fire();
+            }
+        }
+        let id = self.next_pending.get();
+        self.next_pending.set(id.wrapping_add(1));
+        let evicted = Trigger::new();
+        pending.push_back((id, evicted.clone()));
+        Pending {
+            ctx: self,
+            id,
+            evicted,
+        }
+    }
+
+    /// Installs the shard's session permits (once, before accepting).
+    pub fn set_sessions(&self, permits: Rc<glommio::sync::Semaphore>) {
+        *self.sessions.borrow_mut() = Some(permits);
+    }
+
+    /// The shard's session permits.
+    pub fn sessions(&self) -> Option<Rc<glommio::sync::Semaphore>> {
+        self.sessions.borrow().clone()
     }
 
     /// Installs the exit's replay filter (once, before accepting).

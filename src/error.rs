@@ -164,6 +164,10 @@ pub enum SessionError {
     /// The peer closed before its hello was complete.
     #[error("{0} closed during the handshake")]
     HandshakeClosed(Peer),
+    /// A pending handshake was closed to make room for a newer one
+    /// (`--max-handshakes`).
+    #[error("{0} pending handshake closed to make room (--max-handshakes)")]
+    Evicted(Peer),
     /// The peer closed or reset before sending a single byte.
     #[error("{0} closed before sending anything")]
     Empty(Peer),
@@ -209,6 +213,7 @@ impl SessionError {
             SessionError::Io { peer, .. }
             | SessionError::HandshakeClosed(peer)
             | SessionError::Empty(peer)
+            | SessionError::Evicted(peer)
             | SessionError::HandshakeTimeout(peer)
             | SessionError::Proto { peer, .. }
             | SessionError::Truncated(peer) => Side::from(*peer),
@@ -236,6 +241,7 @@ impl SessionError {
             SessionError::HandshakeClosed(_) => CloseReason::AuthFailed,
             SessionError::HandshakeTimeout(_) => CloseReason::HandshakeTimeout,
             SessionError::Empty(_) => CloseReason::Empty,
+            SessionError::Evicted(_) => CloseReason::Limit,
             SessionError::Proto {
                 source: ProtoError::NonceExhausted | ProtoError::ReplayFilterFull,
                 ..

@@ -144,6 +144,7 @@ pub async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>, permits: Rc<S
         auth: RefCell::new(RateLimitedLog::new()),
     });
     let stop = ctx.accepting_stopped().clone();
+    let gated = !matches!(ctx.config().mode, crate::config::Mode::Exit(_));
     let mut log = RateLimitedLog::new();
     let mut backoff = MIN_BACKOFF;
     let id = ctx.id();
@@ -156,10 +157,20 @@ pub async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>, permits: Rc<S
                 "out of file descriptors for upstream sockets",
             ))
         } else {
-            let Ok(permit) = bounded(&stop, None, permits.acquire_static_permit(1)).await else {
-                break;
+            // The exit takes its session permit only after a handshake has
+            // authenticated: pending handshakes have their own budget
+            // (`--max-handshakes`, oldest evicted), so unauthenticated
+            // connections can never hold every session slot.
+            let permit = if gated {
+                let Ok(permit) = bounded(&stop, None, permits.acquire_static_permit(1)).await
+                else {
+                    break;
+                };
+                let Ok(permit) = permit else { break };
+                Some(permit)
+            } else {
+                None
             };
-            let Ok(permit) = permit else { break };
             match bounded(&stop, None, listener.accept()).await {
                 Err(_) => break,
                 Ok(Ok(stream)) => {

@@ -22,7 +22,7 @@ use crate::proto::{
 };
 use crate::relay::Framing;
 use crate::replay::Verdict;
-use crate::trigger::{bounded, Interrupted};
+use crate::trigger::{bounded, Interrupted, Trigger};
 
 /// Runs one accepted connection to completion. `Ok` means both directions
 /// ended with FIN; on any error the client is reset (RST), never closed
@@ -104,10 +104,20 @@ async fn exit(
     let deadline = accepted_at + tun.handshake_timeout;
     let keys = ctx.keys().ok_or(SessionError::NoKeys)?;
     let server_salt = ctx.salt().map_err(SessionError::Rng)?;
+    // Until it has authenticated and holds a session permit, this is a
+    // pending handshake: a newer one may close it (`--max-handshakes`).
+    let pending = ctx.begin_handshake(tun.max_handshakes);
+    let evicted = pending.evicted().clone();
     let mut hello = [0u8; CLIENT_HELLO_LEN];
     // The first read tells a probe (connect, then close or reset without a
     // byte: a TCP health check) from a failed handshake.
-    let first = within(ctx, deadline, Peer::Downstream, client.read(&mut hello)).await;
+    let first = within(
+        ctx,
+        deadline,
+        Peer::Downstream,
+        evictable(&evicted, client.read(&mut hello)),
+    )
+    .await;
     let got = match first {
         Ok(0) | Err(SessionError::Io { .. }) => return Err(SessionError::Empty(Peer::Downstream)),
         other => counted(ctx, other)?,
@@ -116,7 +126,7 @@ async fn exit(
         ctx,
         deadline,
         Peer::Downstream,
-        client.read_exact(&mut hello[got..]),
+        evictable(&evicted, client.read_exact(&mut hello[got..])),
     )
     .await;
     counted(ctx, read)?;
@@ -131,7 +141,7 @@ async fn exit(
             let mut salt = [0u8; SALT_LEN];
             salt.copy_from_slice(&hello[..SALT_LEN]);
             let check = async { Ok(guard.check(salt).await) };
-            match within(ctx, deadline, Peer::Downstream, check).await? {
+            match within(ctx, deadline, Peer::Downstream, evictable(&evicted, check)).await? {
                 Verdict::Fresh => Ok(a),
                 Verdict::Replayed => Err(ProtoError::Replayed),
                 Verdict::Full => Err(ProtoError::ReplayFilterFull),
@@ -147,13 +157,27 @@ async fn exit(
             // Say nothing. Swallow input until the deadline so a prober
             // learns nothing from when we hang up.
             ctx.stats().on_handshake_failure();
-            discard_until(client, ctx, deadline).await;
+            discard_until(client, ctx, deadline, &evicted).await;
             return Err(SessionError::Proto {
                 peer: Peer::Downstream,
                 source,
             });
         }
     };
+    // Authenticated: now it needs a session slot (`--max-connections`).
+    let _permit = match ctx.sessions() {
+        None => None,
+        Some(permits) => {
+            let take = async {
+                permits
+                    .acquire_static_permit(1)
+                    .await
+                    .map_err(|_| SessionError::Drained)
+            };
+            Some(within(ctx, deadline, Peer::Downstream, evictable(&evicted, take)).await?)
+        }
+    };
+    drop(pending);
     let answer = client.write_all(&accepted.server_hello, || ());
     within(ctx, deadline, Peer::Downstream, answer).await?;
     ctx.timings().record(Hist::Handshake, hello_at.elapsed());
@@ -233,15 +257,28 @@ async fn within<T>(
 /// Counts a failed handshake (anything but the end of a drain).
 fn counted<T>(ctx: &ShardCtx, r: Result<T, SessionError>) -> Result<T, SessionError> {
     if let Err(e) = &r {
-        if !matches!(e, SessionError::Drained) {
+        if !matches!(e, SessionError::Drained | SessionError::Evicted(_)) {
             ctx.stats().on_handshake_failure();
         }
     }
     r
 }
 
-/// Reads and drops input until the deadline, EOF, an error, or abort.
-async fn discard_until(from: &Conn, ctx: &ShardCtx, deadline: Instant) {
+/// A handshake step that ends early with [`SessionError::Evicted`] when
+/// `evicted` fires (a newer pending handshake needed the room).
+async fn evictable<T>(
+    evicted: &Trigger,
+    step: impl Future<Output = Result<T, SessionError>>,
+) -> Result<T, SessionError> {
+    match bounded(evicted, None, step).await {
+        Ok(r) => r,
+        Err(_) => Err(SessionError::Evicted(Peer::Downstream)),
+    }
+}
+
+/// Reads and drops input until the deadline, EOF, an error, abort, or
+/// eviction.
+async fn discard_until(from: &Conn, ctx: &ShardCtx, deadline: Instant, evicted: &Trigger) {
     let sink = async {
         let mut sink = [0u8; 2048];
         while let Ok(n) = from.read(&mut sink).await {
@@ -250,7 +287,7 @@ async fn discard_until(from: &Conn, ctx: &ShardCtx, deadline: Instant) {
             }
         }
     };
-    let _ = bounded(ctx.aborted(), Some(deadline), sink).await;
+    let _ = bounded(ctx.aborted(), Some(deadline), bounded(evicted, None, sink)).await;
 }
 
 fn unix_now() -> u64 {

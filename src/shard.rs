@@ -95,6 +95,7 @@ async fn run(setup: Setup) {
     let permits = Rc::new(glommio::sync::Semaphore::new(
         ctx.limits().max_connections.get() as u64,
     ));
+    ctx.set_sessions(permits.clone());
     let accepts: Vec<_> = listeners
         .into_iter()
         .map(|l| {

@@ -516,3 +516,43 @@ fn probes_are_empty_wrong_keys_are_auth_failures() {
     assert_eq!(sum("handshake_timeout"), 1, "{lines:?}");
     assert_eq!(sum("handshake_failures"), 6, "{lines:?}");
 }
+
+/// Unauthenticated connections have their own budget (`--max-handshakes`,
+/// oldest closed first) apart from `--max-connections`: a flood of held
+/// half-hellos neither locks a real entry out nor takes session slots.
+#[test]
+fn a_flood_of_half_hellos_does_not_lock_out_a_real_entry() {
+    let key = key_file(&[&keygen()]);
+    let exit = Proxy::exit(echo_origin(), &key)
+        .shards(2)
+        // A long handshake timeout: held half-hellos would hold any slot
+        // they took for 30 s, longer than the entry waits (10 s).
+        .args(["--max-handshakes", "64", "--max-connections", "4"])
+        .args(["--handshake-timeout", "30s"])
+        .start();
+    // 600 connections, each holding half a hello: far more than both the
+    // handshake budget (2 x 64) and the session slots (2 x 4).
+    let flood: Vec<TcpStream> = (0..600)
+        .filter_map(|i| {
+            let mut c = TcpStream::connect(exit.addr).ok()?;
+            c.write_all(&random_bytes(50, 1000 + i)).ok()?;
+            Some(c)
+        })
+        .collect();
+    assert!(flood.len() > 500, "only {} flood connections", flood.len());
+    let entry = Proxy::entry(exit.addr, &key).start();
+    for i in 0..20u64 {
+        let data = Arc::new(random_bytes(2000, i));
+        assert_eq!(
+            echo_round_trip(entry.addr, data.clone()),
+            *data,
+            "round trip {i}"
+        );
+    }
+    drop(flood);
+    drop(entry);
+    let (_, lines) = exit.terminate();
+    // The oldest pending handshakes were closed to make room: `limit`.
+    let evicted: u64 = summaries(&lines).iter().map(|s| s.get("limit")).sum();
+    assert!(evicted >= 600 - 2 * 64, "only {evicted} evicted: {lines:?}");
+}

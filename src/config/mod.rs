@@ -120,6 +120,8 @@ pub struct TunnelConfig {
     pub handshake_timeout: Duration,
     /// Allowed difference between the hello's clock and ours.
     pub max_clock_skew: Duration,
+    /// Pending (unauthenticated) handshakes per shard (exit).
+    pub max_handshakes: usize,
 }
 
 /// Why a configuration was rejected. Every message is one line.
@@ -429,6 +431,7 @@ impl Config {
             keys,
             handshake_timeout: ranges::HANDSHAKE_TIMEOUT.check(args.handshake_timeout)?,
             max_clock_skew: ranges::MAX_CLOCK_SKEW.check(args.max_clock_skew)?,
+            max_handshakes: ranges::MAX_HANDSHAKES.check(args.max_handshakes)?,
         };
         cfg.mode = if exit {
             Mode::Exit(tunnel)

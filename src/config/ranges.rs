@@ -79,6 +79,12 @@ pub const HANDSHAKE_TIMEOUT: Bound<Duration> = Bound {
     min: ms(100),
     max: secs(300),
 };
+/// `--max-handshakes` (exit): pending handshakes per shard.
+pub const MAX_HANDSHAKES: Bound<usize> = Bound {
+    flag: "--max-handshakes",
+    min: 1,
+    max: 1_000_000,
+};
 /// `--max-clock-skew` (exit): 0s would reject every hello; the replay
 /// filter remembers each accepted salt for twice this, so the upper bound
 /// also bounds its memory (docs/PROTOCOL.md §7).
