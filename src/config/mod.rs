@@ -304,7 +304,12 @@ impl Config {
     /// connection (client and upstream), plus a margin for listeners,
     /// io_uring rings, control sockets and metrics.
     pub fn fds_needed(&self) -> u64 {
-        2 * self.limits.max_connections.get() as u64 * self.cores.len() as u64 + 64
+        // The exit's pending handshakes are counted apart (--max-handshakes).
+        let pending = match &self.mode {
+            Mode::Exit(t) => t.max_handshakes as u64,
+            _ => 0,
+        };
+        (2 * self.limits.max_connections.get() as u64 + pending) * self.cores.len() as u64 + 64
     }
 
     /// One-line warnings about settings that are accepted but cannot do all
