@@ -198,10 +198,10 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         }
     };
     if let Some(t) = cfg.tunnel() {
-        crate::info!("keys from {}: {}", t.key_file, t.keys.describe());
         if let Some(b) = &board {
             b.set_keys(t.keys.fingerprints());
         }
+        crate::info!("keys from {}: {}", t.key_file, t.keys.describe());
     }
     let control_listener = match &control_path {
         None => None,

@@ -362,10 +362,12 @@ impl Running {
                 if let Some(w) = warning {
                     crate::warn!("{w}");
                 }
-                crate::info!("SIGHUP: reloaded {} from {path}", keys.describe());
+                // The board first: whoever reads the log line and then
+                // scrapes sees the new keys.
                 if let Some(b) = &self.s.board {
                     b.set_keys(keys.fingerprints());
                 }
+                crate::info!("SIGHUP: reloaded {} from {path}", keys.describe());
                 self.s.controller.broadcast(Message::Keys(keys));
             }
             Err(e) => crate::error!("SIGHUP: {e}; keeping the current keys"),

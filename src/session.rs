@@ -18,7 +18,8 @@ use crate::context::ShardCtx;
 use crate::error::SessionError;
 use crate::metrics::Hist;
 use crate::proto::{
-    accept_hello, ClientHandshake, ProtoError, CLIENT_HELLO_LEN, SALT_LEN, SERVER_HELLO_LEN,
+    accept_hello, ClientHandshake, ProtoError, CLIENT_HELLO_LEN, CONFIRM_LEN, SALT_LEN,
+    SERVER_HELLO_LEN,
 };
 use crate::relay::Framing;
 use crate::replay::Verdict;
@@ -73,9 +74,17 @@ async fn entry(
         let sent_at = Instant::now();
         let mut answer = [0u8; SERVER_HELLO_LEN];
         upstream.read_exact(&mut answer).await?;
-        let session = hs.finish(&answer).map_err(rejected)?;
+        let (mut encoder, decoder) = hs.finish(&answer).map_err(rejected)?;
         ctx.timings().record(Hist::Handshake, sent_at.elapsed());
-        Ok(session)
+        // Key confirmation (protocol v2): the exit contacts its origin only
+        // once this chunk verified. Sent at once, so a protocol whose server
+        // speaks first works without waiting for client data.
+        let mut confirm = [0u8; CONFIRM_LEN];
+        encoder
+            .seal_confirm(&mut confirm)
+            .map_err(SessionError::Limit)?;
+        upstream.write_all(&confirm, || ()).await?;
+        Ok((encoder, decoder))
     };
     let (encoder, decoder) =
         match counted(ctx, within(ctx, deadline, Peer::Upstream, handshake).await) {
@@ -180,6 +189,26 @@ async fn exit(
     drop(pending);
     let answer = client.write_all(&accepted.server_hello, || ());
     within(ctx, deadline, Peer::Downstream, answer).await?;
+    // Key confirmation (protocol v2): the origin is contacted only once the
+    // entry's first chunk proves it derived the session keys, which a
+    // replayed hello cannot.
+    let mut accepted = accepted;
+    let mut confirm = [0u8; CONFIRM_LEN];
+    let read = within(
+        ctx,
+        deadline,
+        Peer::Downstream,
+        client.read_exact(&mut confirm),
+    )
+    .await;
+    counted(ctx, read)?;
+    if let Err(source) = accepted.decoder.open_confirm(&mut confirm) {
+        ctx.stats().on_handshake_failure();
+        return Err(SessionError::Proto {
+            peer: Peer::Downstream,
+            source,
+        });
+    }
     ctx.timings().record(Hist::Handshake, hello_at.elapsed());
     let upstream = connect(ctx).await?;
     let framing = Framing::Tunnel {

@@ -141,3 +141,24 @@ fn data_after_the_end_chunk_resets_the_entry_and_its_client() {
     let out = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.trim(), "entry ended the connection: reset");
 }
+
+/// Protocol v2: an entry that never sends the key confirmation (here a valid
+/// hello followed by a data chunk in its place) never makes the exit open an
+/// origin connection, and its data goes nowhere.
+#[test]
+fn without_the_key_confirmation_the_origin_is_never_contacted() {
+    let key = keygen();
+    let (origin, seen) = recording_origin();
+    let exit = Proxy::exit(origin, &key_file(&[&key])).start();
+    let Some(out) = python(&["no-confirm", &exit.addr.to_string(), &key, "smuggled"]) else {
+        return;
+    };
+    assert_ne!(out.trim(), "exit ended the connection: open", "{out}");
+    let (_, lines) = exit.terminate();
+    // Once the exit is gone, any origin connection would have ended.
+    assert!(
+        seen.recv_timeout(Duration::from_secs(3)).is_err(),
+        "the origin was contacted: {lines:?}"
+    );
+    assert_eq!(summaries(&lines)[0].get("auth_failed"), 1, "{lines:?}");
+}

@@ -15,6 +15,9 @@ Usage:
                                          as an entry: send MSG, the end chunk, then
                                          one more chunk (PROTOCOL.md §4 forbids it);
                                          print how the exit ended the connection
+  tunnel_client.py no-confirm ADDR KEYB64 MSG
+                                         as an entry: a valid hello, then data
+                                         without the key confirmation
   tunnel_client.py fake-exit PORTFILE KEYB64 MSG
                                          as an exit, on 127.0.0.1 (port written to
                                          PORTFILE): answer one hello, send MSG, the
@@ -34,6 +37,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 MAX_PAYLOAD = 16384
+VERSION = 2
+CONFIRM_FIELD = 0xFFFF
 
 
 def hkdf_extract(salt, ikm):
@@ -61,7 +66,7 @@ def chunk_nonce(n, length):
 
 def client_hello(psk, client_salt, unix_time, meta=b""):
     key = hkdf(client_salt, psk, b"shardproxy/1 client hello")
-    pt = bytes([1, 0]) + struct.pack(">Q", unix_time) + struct.pack(">H", len(meta))
+    pt = bytes([VERSION, 0]) + struct.pack(">Q", unix_time) + struct.pack(">H", len(meta))
     pt += meta.ljust(64, b"\x00")
     return key, client_salt + ChaCha20Poly1305(key).encrypt(nonce(0), pt, client_salt)
 
@@ -89,7 +94,7 @@ def mask_length(length_key, n, two_bytes):
 
 def verify_server_hello(keys, client_salt, answer):
     pt = ChaCha20Poly1305(keys["server_hello_key"]).decrypt(nonce(0), answer[32:], client_salt)
-    if pt[0] != 1:
+    if pt[0] != VERSION:
         raise ValueError("server hello version %d" % pt[0])
 
 
@@ -109,6 +114,15 @@ class Sealer:
 
     def end(self):
         return self._chunk(b"")
+
+    def confirm(self):
+        # PROTOCOL.md §4: the entry's first chunk (n = 0), length value
+        # 0xffff, empty payload, tag under nonce(0, 0xffff).
+        assert self.n == 0
+        enc_len = mask_length(self.length_key, 0, struct.pack(">H", CONFIRM_FIELD))
+        out = enc_len + self.aead.encrypt(chunk_nonce(0, CONFIRM_FIELD), b"", b"")
+        self.n += 1
+        return out
 
 
 class Opener:
@@ -140,9 +154,10 @@ def vectors(doc_path):
     ss = bytes(range(0x80, 0xA0))
     hello_key, hello = client_hello(psk, cs, 1800000000)
     keys = session(psk, cs, ss)
-    server_pt = bytes([1, 0, 0, 0])
+    server_pt = bytes([VERSION, 0, 0, 0])
     server_hello = ss + ChaCha20Poly1305(keys["server_hello_key"]).encrypt(nonce(0), server_pt, cs)
     sealer = Sealer(keys["c2s_key"], keys["c2s_length_key"])
+    confirm = sealer.confirm()
     values = {
         "client_hello_key": hello_key,
         "client_hello": hello,
@@ -152,6 +167,7 @@ def vectors(doc_path):
         "c2s_length_key": keys["c2s_length_key"],
         "s2c_key": keys["s2c_key"],
         "s2c_length_key": keys["s2c_length_key"],
+        "confirm_chunk": confirm,
         "first_chunk": sealer.chunk(b"hello"),
         "end_chunk": sealer.end(),
     }
@@ -182,6 +198,7 @@ def send(addr, key_b64, message, repeat=1):
     verify_server_hello(keys, cs, answer)
     sealer = Sealer(keys["c2s_key"], keys["c2s_length_key"])
     opener = Opener(keys["s2c_key"], keys["s2c_length_key"])
+    s.sendall(sealer.confirm())
     data = message.encode() * repeat
     for i in range(0, len(data), MAX_PAYLOAD):
         s.sendall(sealer.chunk(data[i:i + MAX_PAYLOAD]))
@@ -227,7 +244,31 @@ def after_end(addr, key_b64, message):
     keys = session(psk, cs, answer[:32])
     verify_server_hello(keys, cs, answer)
     sealer = Sealer(keys["c2s_key"], keys["c2s_length_key"])
-    s.sendall(sealer.chunk(message.encode()) + sealer.end() + sealer.chunk(b"after the end"))
+    s.sendall(sealer.confirm() + sealer.chunk(message.encode()) + sealer.end() + sealer.chunk(b"after the end"))
+    print("exit ended the connection: " + how_it_ended(s))
+    return 0
+
+
+def no_confirm(addr, key_b64, message):
+    """A valid hello, then a data chunk at n = 0 instead of the key
+    confirmation: the exit must not contact its origin."""
+    host, port = addr.rsplit(":", 1)
+    psk = base64.b64decode(key_b64)
+    cs = os.urandom(32)
+    _, hello = client_hello(psk, cs, int(time.time()))
+    s = socket.create_connection((host, int(port)), timeout=10)
+    s.sendall(hello)
+    answer = b""
+    while len(answer) < 52:
+        got = s.recv(52 - len(answer))
+        if not got:
+            print("closed before server hello")
+            return 1
+        answer += got
+    keys = session(psk, cs, answer[:32])
+    verify_server_hello(keys, cs, answer)
+    sealer = Sealer(keys["c2s_key"], keys["c2s_length_key"])
+    s.sendall(sealer.chunk(message.encode()) + sealer.end())
     print("exit ended the connection: " + how_it_ended(s))
     return 0
 
@@ -252,7 +293,7 @@ def fake_exit(port_file, key_b64, message):
         hello += got
     cs, ss = hello[:32], os.urandom(32)
     keys = session(psk, cs, ss)
-    server_hello = ss + ChaCha20Poly1305(keys["server_hello_key"]).encrypt(nonce(0), bytes([1, 0, 0, 0]), cs)
+    server_hello = ss + ChaCha20Poly1305(keys["server_hello_key"]).encrypt(nonce(0), bytes([VERSION, 0, 0, 0]), cs)
     sealer = Sealer(keys["s2c_key"], keys["s2c_length_key"])
     s.sendall(server_hello + sealer.chunk(message.encode()) + sealer.end() + sealer.chunk(b"after the end"))
     print("entry ended the connection: " + how_it_ended(s))
@@ -264,6 +305,8 @@ if __name__ == "__main__":
         sys.exit(vectors(sys.argv[2]))
     if sys.argv[1] == "after-end":
         sys.exit(after_end(sys.argv[2], sys.argv[3], sys.argv[4]))
+    if sys.argv[1] == "no-confirm":
+        sys.exit(no_confirm(sys.argv[2], sys.argv[3], sys.argv[4]))
     if sys.argv[1] == "fake-exit":
         sys.exit(fake_exit(sys.argv[2], sys.argv[3], sys.argv[4]))
     repeat = int(sys.argv[5]) if len(sys.argv) > 5 else 1

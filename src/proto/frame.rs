@@ -33,7 +33,9 @@ use zeroize::Zeroizing;
 
 use super::aead::{chunk_nonce, nonce_bytes, Aead, AeadBackend};
 
-use super::{ProtoError, END_LEN, LEN_LEN, MAX_PAYLOAD, NONCE_LIMIT, TAG_LEN};
+use super::{
+    ProtoError, CONFIRM_FIELD, CONFIRM_LEN, END_LEN, LEN_LEN, MAX_PAYLOAD, NONCE_LIMIT, TAG_LEN,
+};
 
 /// Length masks made per ChaCha20 keystream (two bytes each).
 pub const MASKS_PER_BLOCK: u64 = 512;
@@ -143,6 +145,21 @@ impl Encoder {
         self.seal(out, 0)
     }
 
+    /// Seals the key-confirmation chunk: the entry's first chunk (n = 0),
+    /// sent as soon as the server hello verified (docs/PROTOCOL.md §4).
+    pub fn seal_confirm(&mut self, out: &mut [u8; CONFIRM_LEN]) -> Result<(), ProtoError> {
+        assert_eq!(self.counter.next, 0, "the confirmation is the first chunk");
+        let n = self.counter.take()?;
+        let mut field = CONFIRM_FIELD.to_be_bytes();
+        self.masks.apply(n, &mut field);
+        out[..LEN_LEN].copy_from_slice(&field);
+        let tag = self
+            .aead
+            .seal(chunk_nonce(n, CONFIRM_FIELD), &[], &mut [])?;
+        out[LEN_LEN..].copy_from_slice(&tag);
+        Ok(())
+    }
+
     fn seal(&mut self, chunk: &mut [u8], len: usize) -> Result<(), ProtoError> {
         let n = self.counter.take()?;
         let mut field = (len as u16).to_be_bytes();
@@ -248,6 +265,30 @@ impl Decoder {
     #[doc(hidden)]
     pub fn set_nonce_window(&mut self, next: u64, limit: u64) {
         self.counter = Counter { next, limit };
+    }
+
+    /// Opens the key-confirmation chunk, which must be the first chunk
+    /// (n = 0). Any other input is [`ProtoError::BadConfirm`], and final.
+    pub fn open_confirm(&mut self, input: &mut [u8; CONFIRM_LEN]) -> Result<(), ProtoError> {
+        let opened = (|| {
+            if self.counter.next != 0 || self.state != State::Header {
+                return Err(ProtoError::BadConfirm);
+            }
+            let mut field = [input[0], input[1]];
+            self.masks.apply(0, &mut field);
+            if u16::from_be_bytes(field) != CONFIRM_FIELD {
+                return Err(ProtoError::BadConfirm);
+            }
+            let n = self.counter.take()?;
+            let (_, tag) = input.split_at_mut(LEN_LEN);
+            self.aead
+                .open(chunk_nonce(n, CONFIRM_FIELD), &[], &mut [], tag)
+                .map_err(|_| ProtoError::BadConfirm)
+        })();
+        if opened.is_err() {
+            self.state = State::Failed;
+        }
+        opened
     }
 
     /// Whether the end-of-stream chunk has been seen.

@@ -6,7 +6,7 @@
 use super::frame::{Decoded, Decoder};
 use super::handshake::accept_hello;
 use super::keys::Psk;
-use super::{CLIENT_HELLO_LEN, MAX_FRAME};
+use super::{CLIENT_HELLO_LEN, CONFIRM_LEN, MAX_FRAME};
 
 /// The fixed key, salts and clock the fuzz entry point uses.
 pub const FUZZ_PSK: [u8; 32] = [0x42; 32];
@@ -48,9 +48,20 @@ pub fn exit_side(data: &[u8], read_sizes: &[usize]) -> FuzzOutcome {
         return out;
     };
     out.answered = true;
+    // Protocol v2: the exit reads exactly the key confirmation next, and
+    // forwards nothing (it would not even connect) unless it verifies.
+    let mut decoder = accepted.decoder;
+    let Some(confirm) = data.get(CLIENT_HELLO_LEN..CLIENT_HELLO_LEN + CONFIRM_LEN) else {
+        return out;
+    };
+    let mut confirm: [u8; CONFIRM_LEN] = confirm.try_into().expect("exact length");
+    if decoder.open_confirm(&mut confirm).is_err() {
+        out.failed = true;
+        return out;
+    }
     out.failed = !drive_decoder(
-        accepted.decoder,
-        &data[CLIENT_HELLO_LEN..],
+        decoder,
+        &data[CLIENT_HELLO_LEN + CONFIRM_LEN..],
         read_sizes,
         &mut out,
     );

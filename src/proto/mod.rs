@@ -41,7 +41,7 @@ pub use handshake::{accept_hello, Accepted, ClientHandshake};
 pub use keys::{KeyFileError, KeySet, Psk};
 
 /// Protocol version carried (authenticated) in both hellos.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Random salt each side contributes.
 pub const SALT_LEN: usize = 32;
 /// Poly1305 tag.
@@ -60,6 +60,12 @@ pub const SERVER_HELLO_LEN: usize = SALT_LEN + SERVER_HELLO_PT + TAG_LEN;
 pub const LEN_LEN: usize = 2;
 /// The end-of-stream chunk: its masked length of 0 and a tag.
 pub const END_LEN: usize = LEN_LEN + TAG_LEN;
+/// The key-confirmation chunk: the entry's first chunk (n = 0), an empty
+/// payload under the length value [`CONFIRM_FIELD`] (docs/PROTOCOL.md §4).
+pub const CONFIRM_LEN: usize = LEN_LEN + TAG_LEN;
+/// The length value that marks the key-confirmation chunk (above any data
+/// length, so it can never be taken for data).
+pub const CONFIRM_FIELD: u16 = 0xffff;
 /// Largest payload of one chunk: exactly 16 KiB, a whole number of ChaCha20
 /// blocks, so SIMD backends never fall into their tail path on bulk data.
 pub const MAX_PAYLOAD: usize = 16 * 1024;
@@ -96,6 +102,9 @@ pub enum ProtoError {
     /// The nonce counter reached its hard limit.
     #[error("nonce limit reached")]
     NonceExhausted,
+    /// The entry's first chunk was not a valid key confirmation.
+    #[error("no valid key confirmation")]
+    BadConfirm,
     /// A verified client hello whose salt was already accepted (a replay).
     #[error("client hello replayed: its salt was accepted before")]
     Replayed,

@@ -34,6 +34,10 @@ fn pair(key: &Psk) -> (Encoder, Decoder, Encoder, Decoder) {
 }
 
 /// A valid exit-side stream for the fuzz entry point: hello + chunks + end.
+/// Where a [`fuzz_stream`]'s data chunks start: after the client hello and
+/// the key confirmation.
+const BODY: usize = CLIENT_HELLO_LEN + CONFIRM_LEN;
+
 fn fuzz_stream(plaintext: &[u8]) -> Vec<u8> {
     let key = Psk::from_bytes(FUZZ_PSK);
     let (client, hello) = ClientHandshake::start(&key, [7; 32], FUZZ_NOW, b"meta").unwrap();
@@ -47,6 +51,9 @@ fn fuzz_stream(plaintext: &[u8]) -> Vec<u8> {
     .unwrap();
     let (mut enc, _) = client.finish(&acc.server_hello).unwrap();
     let mut s = hello.to_vec();
+    let mut confirm = [0u8; crate::proto::CONFIRM_LEN];
+    enc.seal_confirm(&mut confirm).unwrap();
+    s.extend_from_slice(&confirm);
     enc.seal_to_vec(plaintext, &mut s).unwrap();
     enc.end_to_vec(&mut s).unwrap();
     s
@@ -120,7 +127,7 @@ fn every_bit_flip_is_rejected_and_nothing_leaks() {
                 "flip in hello {byte}.{bit}"
             );
             // Only chunks wholly before the flipped byte may be forwarded.
-            let data_chunk_end = CLIENT_HELLO_LEN + LEN_LEN + data.len() + TAG_LEN;
+            let data_chunk_end = BODY + LEN_LEN + data.len() + TAG_LEN;
             if byte < data_chunk_end {
                 assert!(
                     out.plaintext.is_empty(),
@@ -140,7 +147,7 @@ fn every_bit_flip_is_rejected_and_nothing_leaks() {
 fn flip_in_a_later_chunk_forwards_only_earlier_chunks() {
     let data = Rng(5).bytes(3 * MAX_PAYLOAD);
     let mut stream = fuzz_stream(&data);
-    let second_chunk = CLIENT_HELLO_LEN + MAX_FRAME + LEN_LEN + 10;
+    let second_chunk = BODY + MAX_FRAME + LEN_LEN + 10;
     stream[second_chunk] ^= 0x80;
     let out = exit_side(&stream, &[1000, 7, 20000]);
     assert!(out.failed && !out.ended);
@@ -255,7 +262,7 @@ fn data_after_end_is_an_error() {
     let stream = fuzz_stream(b"x");
     let hello: &[u8; CLIENT_HELLO_LEN] = stream[..CLIENT_HELLO_LEN].try_into().unwrap();
     let decoder = || {
-        accept_hello(
+        let mut d = accept_hello(
             &[Psk::from_bytes(FUZZ_PSK)],
             hello,
             FUZZ_SERVER_SALT,
@@ -263,9 +270,12 @@ fn data_after_end_is_an_error() {
             120,
         )
         .unwrap()
-        .decoder
+        .decoder;
+        let mut confirm: [u8; CONFIRM_LEN] = stream[CLIENT_HELLO_LEN..BODY].try_into().unwrap();
+        d.open_confirm(&mut confirm).unwrap();
+        d
     };
-    let body = stream[CLIENT_HELLO_LEN..].to_vec();
+    let body = stream[BODY..].to_vec();
     // Without a trailing byte the stream is accepted: the data, then a clean
     // end, after which an ended decoder given nothing is content to wait.
     let mut dec = decoder();
@@ -358,6 +368,8 @@ fn documented_test_vector() {
     let hk = schedule::session_hkdf(&key, &client_salt, &server_salt);
     let chk = schedule::client_hello_hkdf(&key, &client_salt);
     let (mut enc, _) = client.finish(&acc.server_hello).unwrap();
+    let mut confirm = [0u8; crate::proto::CONFIRM_LEN];
+    enc.seal_confirm(&mut confirm).unwrap();
     let mut chunk = Vec::new();
     enc.seal_to_vec(b"hello", &mut chunk).unwrap();
     let mut end = Vec::new();
@@ -390,6 +402,7 @@ fn documented_test_vector() {
         "s2c_length_key",
         hex(&schedule::raw(&hk, schedule::INFO_S2C_LEN)),
     );
+    expect("confirm_chunk", hex(&confirm));
     expect("first_chunk", hex(&chunk));
     expect("end_chunk", hex(&end));
     assert!(
