@@ -126,6 +126,12 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         crate::error!("exiting after the panic: {n} socket(s) reset");
         std::process::exit(101);
     }));
+    // Before anything else that takes time: hellos stamped earlier than
+    // this are refused (the replay set starts empty).
+    let started_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     preflight()?;
     raise_fd_limit(cfg.fds_needed());
     let exe = std::env::current_exe().ok();
@@ -138,6 +144,11 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         }
     };
     let per_shard = shard_listeners(&cfg, inherited.as_mut())?;
+    // A successor accepts the hellos its predecessor would have: some may
+    // already wait in the shared accept queues.
+    let not_before = inherited
+        .as_ref()
+        .map_or(started_unix, |i| i.not_before.min(started_unix));
     if let Some(got) = &inherited {
         crate::info!(
             "taking over from process {}: {} listener(s){}{}",
@@ -223,6 +234,7 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         Arc::new(std::sync::Mutex::new(control_listener.as_ref().map(|_| {
             crate::handover::Offer {
                 role: cfg.role().as_str(),
+                not_before,
                 proxy: offer_proxy,
                 metrics: offer_metrics,
             }
@@ -261,6 +273,7 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
             board: board.clone(),
             ready: ready_tx.clone(),
             replay: replay.clone(),
+            not_before,
         })?);
     }
     drop(ready_tx);

@@ -23,7 +23,7 @@
 //!
 //! ```text
 //! successor   -> predecessor   TAKEOVER 1\n
-//! predecessor -> successor     LISTENERS <pid> <role> <proxy> <metrics 0|1> <control 0|1>\n  + fds
+//! predecessor -> successor     LISTENERS <pid> <role> <not_before> <proxy> <metrics 0|1> <control 0|1>\n  + fds
 //! successor   -> predecessor   READY <pid>\n        (its shards accept)
 //! predecessor -> successor     DRAINING\n           (it stopped accepting)
 //! ```
@@ -84,6 +84,10 @@ pub struct Inherited {
     pub control: Option<UnixListener>,
     /// The predecessor's process ID.
     pub from_pid: u32,
+    /// The oldest hello timestamp (Unix seconds) the predecessor accepted;
+    /// the successor keeps it, so hellos already queued on the shared
+    /// listeners are not refused (docs/PROTOCOL.md §7).
+    pub not_before: u64,
     conn: BufReader<UnixStream>,
     path: PathBuf,
 }
@@ -174,7 +178,7 @@ pub fn take_over(path: &Path, role: &str) -> Result<Inherited, HandoverError> {
         return Err(bad(format!("the running process refused: {reason}")));
     }
     let fields: Vec<&str> = line.split(' ').collect();
-    let [word, pid, their_role, proxy, metrics, control] = fields[..] else {
+    let [word, pid, their_role, not_before, proxy, metrics, control] = fields[..] else {
         return Err(bad(format!("bad reply `{}`", crate::log::one_line(line))));
     };
     if their_role != role {
@@ -199,6 +203,9 @@ pub fn take_over(path: &Path, role: &str) -> Result<Inherited, HandoverError> {
             fds.len()
         )));
     }
+    let Ok(not_before) = not_before.parse::<u64>() else {
+        return Err(bad(format!("bad reply `{}`", crate::log::one_line(line))));
+    };
     let control_fd = (control == 1).then(|| fds.pop()).flatten();
     let metrics_fd = (metrics == 1).then(|| fds.pop()).flatten();
     let mut listeners = Vec::with_capacity(proxy);
@@ -221,6 +228,7 @@ pub fn take_over(path: &Path, role: &str) -> Result<Inherited, HandoverError> {
         metrics: metrics_fd.map(TcpListener::from),
         control: control_fd.map(UnixListener::from),
         from_pid: u32::try_from(pid).unwrap_or(0),
+        not_before,
         conn: BufReader::new(stream),
         path: path.to_path_buf(),
     })
@@ -260,6 +268,8 @@ pub fn bind_control(path: &Path) -> Result<UnixListener, StartupError> {
 pub struct Offer {
     /// This process's role (`forward`, `entry`, `exit`).
     pub role: &'static str,
+    /// The oldest hello timestamp this process accepts (see [`Inherited`]).
+    pub not_before: u64,
     /// Every listener its shards accept on.
     pub proxy: Vec<Socket>,
     /// The metrics listener, if any.
@@ -379,9 +389,10 @@ fn offer_to(conn: &UnixStream, offer: &SharedOffer, control: &UnixListener) -> R
         fds.extend(offer.metrics.as_ref().map(AsRawFd::as_raw_fd));
         fds.push(control.as_raw_fd());
         let head = format!(
-            "LISTENERS {} {} {} {} 1\n",
+            "LISTENERS {} {} {} {} {} 1\n",
             std::process::id(),
             offer.role,
+            offer.not_before,
             offer.proxy.len(),
             u8::from(offer.metrics.is_some())
         );

@@ -19,10 +19,13 @@
 //! the filter fails closed: a hello whose salt cannot be recorded is
 //! refused like a replay, and counted.
 //!
-//! What this does not cover, and is documented in docs/PROTOCOL.md: the set
-//! lives in memory, so a process that starts (or takes over listeners from
-//! another) does not know the salts its predecessor saw; a hello recorded
-//! less than twice the skew before a restart can be replayed once after it.
+//! The set lives in memory, so a process that starts (or takes the
+//! listeners over from another) does not know the salts its predecessor
+//! saw. It therefore refuses every hello stamped before its own start
+//! (whole Unix seconds): a hello recorded before a restart can only be
+//! replayed after it if the entry's clock ran ahead of the exit's, and only
+//! by that much. The cost: for its first seconds a new process refuses
+//! entries whose clocks are behind its own by as much (keep clocks in sync).
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -149,6 +152,10 @@ pub fn mesh(shards: usize) -> Mesh {
 
 /// One shard's end: its part of the set, and its channels to the others.
 pub struct Guard {
+    /// Hellos stamped before this (Unix seconds) are refused: this process
+    /// cannot know the salts accepted before it started (see the module
+    /// docs).
+    not_before: u64,
     shard: usize,
     shards: usize,
     set: RefCell<SaltSet>,
@@ -160,10 +167,16 @@ pub struct Guard {
 impl Guard {
     /// Joins the mesh (waits for every shard) and starts serving the other
     /// shards' questions. `window` is twice `--max-clock-skew`.
-    pub async fn join(mesh: Mesh, shards: usize, window: Duration) -> Result<Rc<Guard>, ()> {
+    pub async fn join(
+        mesh: Mesh,
+        shards: usize,
+        window: Duration,
+        not_before: u64,
+    ) -> Result<Rc<Guard>, ()> {
         let (senders, mut receivers) = mesh.join().await.map_err(|_| ())?;
         let shard = senders.peer_id();
         let guard = Rc::new(Guard {
+            not_before,
             shard,
             shards: shards.max(1),
             set: RefCell::new(SaltSet::new(window, MAX_SALTS_PER_SHARD)),
@@ -175,9 +188,14 @@ impl Guard {
         Ok(guard)
     }
 
-    /// Whether `salt` is new, asking its owner shard if that is not us.
-    /// Never fails open: a lost peer counts as a full set.
-    pub async fn check(&self, salt: [u8; 32]) -> Verdict {
+    /// Whether the hello with `salt`, stamped `unix_time`, is new, asking
+    /// the salt's owner shard if that is not us. A hello stamped before this
+    /// process started counts as replayed. Never fails open: a lost peer
+    /// counts as a full set.
+    pub async fn check(&self, salt: [u8; 32], unix_time: u64) -> Verdict {
+        if unix_time < self.not_before {
+            return Verdict::Replayed;
+        }
         let owner = owner(&salt, self.shards);
         if owner == self.shard {
             return self.set.borrow_mut().check(&salt, Instant::now());

@@ -149,7 +149,8 @@ async fn exit(
         (Ok(a), Some(guard)) => {
             let mut salt = [0u8; SALT_LEN];
             salt.copy_from_slice(&hello[..SALT_LEN]);
-            let check = async { Ok(guard.check(salt).await) };
+            let stamped = a.unix_time;
+            let check = async { Ok(guard.check(salt, stamped).await) };
             match within(ctx, deadline, Peer::Downstream, evictable(&evicted, check)).await? {
                 Verdict::Fresh => Ok(a),
                 Verdict::Replayed => Err(ProtoError::Replayed),

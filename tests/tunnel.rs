@@ -556,3 +556,56 @@ fn a_flood_of_half_hellos_does_not_lock_out_a_real_entry() {
     let evicted: u64 = summaries(&lines).iter().map(|s| s.get("limit")).sum();
     assert!(evicted >= 600 - 2 * 64, "only {evicted} evicted: {lines:?}");
 }
+
+/// The replay set starts empty in a new process, so a new exit refuses
+/// every hello stamped before it started: a hello recorded before a restart
+/// gets silence after it (docs/PROTOCOL.md §7).
+#[test]
+fn a_restarted_exit_refuses_hellos_recorded_before_it_started() {
+    let (origin, seen) = recording_origin();
+    let key = key_file(&[&keygen()]);
+    let first = Proxy::exit(origin, &key).start();
+    let (tap, recording) = mitm(first.addr, Tamper::Record);
+    let entry = Proxy::entry(tap, &key).start();
+    assert_eq!(send_and_drain(entry.addr, b"before").0, End::Eof);
+    let _ = seen.recv_timeout(Duration::from_secs(10)).unwrap();
+    let hello = recording.lock().unwrap()[..CLIENT_HELLO].to_vec();
+    let port = first.addr;
+    let (status, _) = first.terminate();
+    assert!(status.success());
+    // The hello's timestamp has whole-second resolution: let the wall clock
+    // reach the next second before the new exit starts (polling the clock).
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let recorded_at = now();
+    poll_until(Duration::from_secs(3), || {
+        if now() > recorded_at {
+            Ok(())
+        } else {
+            Err("same second")
+        }
+    });
+    let second = Proxy::exit(origin, &key)
+        .listen(port)
+        .args(["--handshake-timeout", "1s"])
+        .start();
+    let mut c = TcpStream::connect(second.addr).unwrap();
+    c.write_all(&hello).unwrap();
+    let (end, n) = read_until_end(&mut c, Duration::from_secs(10));
+    assert_eq!(n, 0, "a hello from before the restart got {n} bytes back");
+    assert_ne!(end, End::Open);
+    // A fresh hello from the same entry still works (through the tap, to
+    // the same port).
+    assert_eq!(send_and_drain(entry.addr, b"after").0, End::Eof);
+    let (_, lines) = second.terminate();
+    let fresh = seen.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(fresh.bytes, b"after", "{lines:?}");
+    assert!(
+        seen.recv_timeout(Duration::from_secs(2)).is_err(),
+        "the replay reached the origin: {lines:?}"
+    );
+}

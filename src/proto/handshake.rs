@@ -88,6 +88,8 @@ pub struct Accepted {
     pub meta: [u8; META_LEN],
     /// How many metadata bytes are meaningful.
     pub meta_len: usize,
+    /// The hello's authenticated timestamp (Unix seconds).
+    pub unix_time: u64,
 }
 
 /// Verifies a client hello against every key, checks its clock, and builds
@@ -150,5 +152,6 @@ pub fn accept_hello(
         key_index,
         meta,
         meta_len,
+        unix_time: ts,
     })
 }
