@@ -550,3 +550,67 @@ fn entry_fuzz_entry_point_on_valid_truncated_and_mutated_replies() {
         }
     }
 }
+
+/// PROTOCOL.md §4: the entry's first chunk is the key confirmation, and
+/// only a confirmation from this session's keys opens.
+#[test]
+fn key_confirmation_is_the_first_chunk_and_nothing_else_passes_for_it() {
+    let (mut ce, _, _, mut sd) = pair(&psk(6));
+    let mut confirm = [0u8; CONFIRM_LEN];
+    ce.seal_confirm(&mut confirm).unwrap();
+    sd.open_confirm(&mut confirm.clone()).unwrap();
+    // Data follows at n = 1.
+    let mut wire = Vec::new();
+    ce.seal_to_vec(b"after", &mut wire).unwrap();
+    assert_eq!(sd.open_all(wire).unwrap().0, b"after");
+    // A data chunk in its place is refused, and the decoder stays dead.
+    let (mut ce, _, _, mut sd) = pair(&psk(6));
+    let mut data = Vec::new();
+    ce.seal_to_vec(b"sixteen bytes!!!", &mut data).unwrap();
+    let mut head: [u8; CONFIRM_LEN] = data[..CONFIRM_LEN].try_into().unwrap();
+    assert_eq!(sd.open_confirm(&mut head), Err(ProtoError::BadConfirm));
+    assert!(sd.decode(&mut data.clone()).is_err());
+    // Every single bit flip of a real confirmation is refused.
+    for byte in 0..CONFIRM_LEN {
+        for bit in 0..8 {
+            let (mut ce, _, _, mut sd) = pair(&psk(6));
+            let mut c = [0u8; CONFIRM_LEN];
+            ce.seal_confirm(&mut c).unwrap();
+            c[byte] ^= 1 << bit;
+            assert_eq!(sd.open_confirm(&mut c), Err(ProtoError::BadConfirm));
+        }
+    }
+    // A confirmation from another session (another server salt) is refused.
+    let key = psk(6);
+    let (client, hello) = ClientHandshake::start(&key, [1; 32], 1000, b"").unwrap();
+    let first = accept_hello(std::slice::from_ref(&key), &hello, [2; 32], 1000, 120).unwrap();
+    let (mut ce, _) = client.finish(&first.server_hello).unwrap();
+    let mut c = [0u8; CONFIRM_LEN];
+    ce.seal_confirm(&mut c).unwrap();
+    let mut other = accept_hello(std::slice::from_ref(&key), &hello, [9; 32], 1000, 120)
+        .unwrap()
+        .decoder;
+    assert_eq!(other.open_confirm(&mut c), Err(ProtoError::BadConfirm));
+}
+
+/// PROTOCOL.md §5: a hello of another version (here 1) is invalid: an
+/// error, so the exit says nothing.
+#[test]
+fn a_version_1_hello_is_refused() {
+    use super::aead::AeadBackend;
+    let key = psk(8);
+    let salt = [5u8; 32];
+    let mut hello = [0u8; CLIENT_HELLO_LEN];
+    hello[..SALT_LEN].copy_from_slice(&salt);
+    let pt = &mut hello[SALT_LEN..SALT_LEN + CLIENT_HELLO_PT];
+    pt[0] = 1;
+    pt[2..10].copy_from_slice(&1000u64.to_be_bytes());
+    let tag = schedule::client_hello_cipher(&key, &salt)
+        .seal(super::aead::nonce_bytes(0), &salt, pt)
+        .unwrap();
+    hello[SALT_LEN + CLIENT_HELLO_PT..].copy_from_slice(&tag);
+    assert!(matches!(
+        accept_hello(std::slice::from_ref(&key), &hello, [2; 32], 1000, 120),
+        Err(ProtoError::Version(1))
+    ));
+}
