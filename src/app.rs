@@ -6,6 +6,7 @@ use crate::cli::KeygenArgs;
 use crate::config::Config;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::control::{Controller, SignalPlane, Started, Upgrade};
 use crate::error::StartupError;
@@ -308,6 +309,11 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         }
     }
     crate::info!("all shards stopped");
+    // Answer the metrics requests already accepted (the metrics HTTP
+    // deadlines bound each to a few seconds) before the process exits.
+    if let Some(b) = &board {
+        b.wait_answered(Duration::from_secs(3));
+    }
     Ok(())
 }
 

@@ -230,16 +230,30 @@ pub fn spawn(listener: TcpListener, board: Board, fold_every: Duration) -> std::
                 let admitted = live.lock().unwrap_or_else(|p| p.into_inner()).admit(&conn);
                 let Some(id) = admitted else { continue };
                 let (board, live) = (board.clone(), live.clone());
+                // Counted until answered: the process waits for these
+                // before it exits (`Board::wait_answered`).
+                board
+                    .info
+                    .serving
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let spawned = std::thread::Builder::new()
                     .name("metrics-conn".into())
                     .spawn(move || {
                         serve(conn, &board);
                         live.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+                        board
+                            .info
+                            .serving
+                            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                     });
                 if spawned.is_err() {
                     std::thread::sleep(Duration::from_millis(50));
                 }
             }
+            board
+                .info
+                .metrics_stopped
+                .store(true, std::sync::atomic::Ordering::SeqCst);
         })
         .map(|_| ())
 }

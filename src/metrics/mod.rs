@@ -266,6 +266,10 @@ pub struct ProcessInfo {
     /// Set when a successor took the listeners over: this process's metrics
     /// thread stops accepting on the shared socket.
     pub handed_over: std::sync::atomic::AtomicBool,
+    /// Metrics requests accepted and not yet answered.
+    pub serving: std::sync::atomic::AtomicUsize,
+    /// Set when the metrics thread stopped accepting (after a hand-over).
+    pub metrics_stopped: std::sync::atomic::AtomicBool,
 }
 
 impl Board {
@@ -284,6 +288,8 @@ impl Board {
                 draining: std::sync::atomic::AtomicBool::new(false),
                 keys: Mutex::new(Vec::new()),
                 handed_over: std::sync::atomic::AtomicBool::new(false),
+                serving: std::sync::atomic::AtomicUsize::new(0),
+                metrics_stopped: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -336,6 +342,26 @@ impl Board {
     }
 
     /// Whether the process is draining.
+    /// Waits (at most `limit`) until every accepted metrics request has
+    /// been answered, so that exiting never resets a scrape or a probe in
+    /// flight (after a hand-over the port stays open in the successor).
+    pub fn wait_answered(&self, limit: Duration) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let deadline = std::time::Instant::now() + limit;
+        // After a hand-over the thread stops accepting within its 200 ms
+        // accept timeout; wait for that first, so no request is accepted
+        // after the count reached zero.
+        while self.info.handed_over.load(SeqCst)
+            && !self.info.metrics_stopped.load(SeqCst)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        while self.info.serving.load(SeqCst) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Whether a successor took this process's listeners over.
     pub fn handed_over(&self) -> bool {
         self.info
