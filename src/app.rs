@@ -131,7 +131,7 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
     // this are refused (the replay set starts empty).
     let started_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
     preflight()?;
     raise_fd_limit(cfg.fds_needed());

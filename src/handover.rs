@@ -84,7 +84,7 @@ pub struct Inherited {
     pub control: Option<UnixListener>,
     /// The predecessor's process ID.
     pub from_pid: u32,
-    /// The oldest hello timestamp (Unix seconds) the predecessor accepted;
+    /// The oldest hello timestamp (Unix milliseconds) the predecessor accepts;
     /// the successor keeps it, so hellos already queued on the shared
     /// listeners are not refused (docs/PROTOCOL.md §7).
     pub not_before: u64,

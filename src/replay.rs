@@ -10,9 +10,13 @@
 //! new; the owner records it and answers. A per-shard filter alone would not
 //! do: `SO_REUSEPORT` hashes the replayer's new connection to any shard.
 //!
-//! A salt is remembered for twice `--max-clock-skew` after it was first
-//! seen: its hello's timestamp was within the skew of our clock then, so no
-//! later copy can pass the timestamp check once that time has passed.
+//! A salt is remembered for twice `--max-clock-skew`, plus a margin of
+//! [`WINDOW_MARGIN`], after it was first seen: its hello's timestamp was
+//! within the skew of our clock then, so no later copy can pass the
+//! timestamp check once that time has passed. (The margin covers the
+//! timestamp check running on the wall clock and this window on the
+//! monotonic clock; a wall clock stepped back by more than the margin
+//! reopens the window by the step.)
 //! Memory is bounded: at most [`MAX_SALTS_PER_SHARD`] salts per shard (about
 //! 48 bytes each, 12 MiB per shard at the bound), which covers a sustained
 //! 4,369 hellos per second per shard at the default 30 s skew. At the bound
@@ -22,7 +26,7 @@
 //! The set lives in memory, so a process that starts (or takes the
 //! listeners over from another) does not know the salts its predecessor
 //! saw. It therefore refuses every hello stamped before its own start
-//! (whole Unix seconds): a hello recorded before a restart can only be
+//! (Unix milliseconds): a hello recorded before a restart can only be
 //! replayed after it if the entry's clock ran ahead of the exit's, and only
 //! by that much. The cost: for its first seconds a new process refuses
 //! entries whose clocks are behind its own by as much (keep clocks in sync).
@@ -34,6 +38,9 @@ use std::time::{Duration, Instant};
 
 use glommio::channels::channel_mesh::{MeshBuilder, Receivers, Senders};
 use glommio::channels::local_channel::{self, LocalSender};
+
+/// Added to the window: the wall and monotonic clocks drift apart slightly.
+pub const WINDOW_MARGIN: Duration = Duration::from_secs(2);
 
 /// Most salts one shard remembers.
 pub const MAX_SALTS_PER_SHARD: usize = 1 << 18;
@@ -152,7 +159,7 @@ pub fn mesh(shards: usize) -> Mesh {
 
 /// One shard's end: its part of the set, and its channels to the others.
 pub struct Guard {
-    /// Hellos stamped before this (Unix seconds) are refused: this process
+    /// Hellos stamped before this (Unix milliseconds) are refused: this process
     /// cannot know the salts accepted before it started (see the module
     /// docs).
     not_before: u64,
@@ -188,12 +195,12 @@ impl Guard {
         Ok(guard)
     }
 
-    /// Whether the hello with `salt`, stamped `unix_time`, is new, asking
+    /// Whether the hello with `salt`, stamped `unix_ms`, is new, asking
     /// the salt's owner shard if that is not us. A hello stamped before this
     /// process started counts as replayed. Never fails open: a lost peer
     /// counts as a full set.
-    pub async fn check(&self, salt: [u8; 32], unix_time: u64) -> Verdict {
-        if unix_time < self.not_before {
+    pub async fn check(&self, salt: [u8; 32], unix_ms: u64) -> Verdict {
+        if unix_ms < self.not_before {
             return Verdict::Replayed;
         }
         let owner = owner(&salt, self.shards);

@@ -149,7 +149,7 @@ async fn exit(
         (Ok(a), Some(guard)) => {
             let mut salt = [0u8; SALT_LEN];
             salt.copy_from_slice(&hello[..SALT_LEN]);
-            let stamped = a.unix_time;
+            let stamped = a.unix_ms;
             let check = async { Ok(guard.check(salt, stamped).await) };
             match within(ctx, deadline, Peer::Downstream, evictable(&evicted, check)).await? {
                 Verdict::Fresh => Ok(a),
@@ -320,9 +320,10 @@ async fn discard_until(from: &Conn, ctx: &ShardCtx, deadline: Instant, evicted: 
     let _ = bounded(ctx.aborted(), Some(deadline), bounded(evicted, None, sink)).await;
 }
 
+/// The wall clock in Unix milliseconds (the hello's timestamp unit).
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }

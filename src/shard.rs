@@ -34,7 +34,7 @@ pub struct Setup {
     pub ready: std::sync::mpsc::Sender<usize>,
     /// The exit's replay-filter mesh (every shard joins it).
     pub replay: Option<crate::replay::Mesh>,
-    /// The exit refuses hellos stamped before this (Unix seconds): the
+    /// The exit refuses hellos stamped before this (Unix milliseconds): the
     /// process start, or its predecessor's limit after a hand-over.
     pub not_before: u64,
 }
@@ -89,7 +89,14 @@ async fn run(setup: Setup) {
     // The exit's replay filter: every shard joins the mesh before any
     // accepts, so that no hello is checked against a partial set.
     if let (Some(mesh), Some(skew)) = (replay, skew) {
-        match crate::replay::Guard::join(mesh, shards, 2 * skew, not_before).await {
+        match crate::replay::Guard::join(
+            mesh,
+            shards,
+            2 * skew + crate::replay::WINDOW_MARGIN,
+            not_before,
+        )
+        .await
+        {
             Ok(guard) => ctx.set_replay(guard),
             Err(()) => {
                 crate::error!("shard {id}: replay filter unavailable; every hello is refused")

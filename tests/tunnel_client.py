@@ -152,7 +152,7 @@ def vectors(doc_path):
     psk = bytes(range(32))
     cs = bytes(range(0x40, 0x60))
     ss = bytes(range(0x80, 0xA0))
-    hello_key, hello = client_hello(psk, cs, 1800000000)
+    hello_key, hello = client_hello(psk, cs, 1800000000000)
     keys = session(psk, cs, ss)
     server_pt = bytes([VERSION, 0, 0, 0])
     server_hello = ss + ChaCha20Poly1305(keys["server_hello_key"]).encrypt(nonce(0), server_pt, cs)
@@ -184,7 +184,7 @@ def send(addr, key_b64, message, repeat=1):
     host, port = addr.rsplit(":", 1)
     psk = base64.b64decode(key_b64)
     cs = os.urandom(32)
-    _, hello = client_hello(psk, cs, int(time.time()))
+    _, hello = client_hello(psk, cs, int(time.time() * 1000))
     s = socket.create_connection((host, int(port)), timeout=10)
     s.sendall(hello)
     answer = b""
@@ -231,7 +231,7 @@ def after_end(addr, key_b64, message):
     host, port = addr.rsplit(":", 1)
     psk = base64.b64decode(key_b64)
     cs = os.urandom(32)
-    _, hello = client_hello(psk, cs, int(time.time()))
+    _, hello = client_hello(psk, cs, int(time.time() * 1000))
     s = socket.create_connection((host, int(port)), timeout=10)
     s.sendall(hello)
     answer = b""
@@ -255,7 +255,7 @@ def no_confirm(addr, key_b64, message):
     host, port = addr.rsplit(":", 1)
     psk = base64.b64decode(key_b64)
     cs = os.urandom(32)
-    _, hello = client_hello(psk, cs, int(time.time()))
+    _, hello = client_hello(psk, cs, int(time.time() * 1000))
     s = socket.create_connection((host, int(port)), timeout=10)
     s.sendall(hello)
     answer = b""

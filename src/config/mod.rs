@@ -390,9 +390,16 @@ fn memory_limit() -> Option<u64> {
 /// connection and a margin; HAProxy derives its default maxconn the same
 /// way). At least 1.
 pub fn default_max_connections(shards: usize, fds: Option<u64>) -> usize {
+    default_max_connections_reserving(shards, fds, 0)
+}
+
+/// [`default_max_connections`] with `reserved` more descriptors per shard
+/// set aside (the exit's pending handshakes, `--max-handshakes`).
+pub fn default_max_connections_reserving(shards: usize, fds: Option<u64>, reserved: u64) -> usize {
     const DEFAULT: u64 = 10_000;
+    let shards = shards.max(1) as u64;
     let fit = fds
-        .map(|f| f.saturating_sub(64) / (2 * shards.max(1) as u64))
+        .map(|f| f.saturating_sub(64).saturating_sub(reserved * shards) / (2 * shards))
         .unwrap_or(DEFAULT);
     DEFAULT.min(fit).max(1) as usize
 }
@@ -438,6 +445,15 @@ impl Config {
             max_clock_skew: ranges::MAX_CLOCK_SKEW.check(args.max_clock_skew)?,
             max_handshakes: ranges::MAX_HANDSHAKES.check(args.max_handshakes)?,
         };
+        if exit && args.proxy.max_connections.is_none() {
+            // The pending handshakes need descriptors of their own.
+            let fit = default_max_connections_reserving(
+                cfg.cores.len(),
+                fd_limit(),
+                tunnel.max_handshakes as u64,
+            );
+            cfg.limits.max_connections = NonZeroUsize::new(fit).unwrap_or(NonZeroUsize::MIN);
+        }
         cfg.mode = if exit {
             Mode::Exit(tunnel)
         } else {
@@ -618,6 +634,11 @@ mod tests {
         assert_eq!(default_max_connections(2, Some(20_000)), 4_984);
         assert_eq!(default_max_connections(4, Some(1024)), 120);
         assert_eq!(default_max_connections(8, Some(10)), 1);
+        // An exit sets 1024 descriptors per shard aside for handshakes.
+        assert_eq!(
+            default_max_connections_reserving(2, Some(20_000), 1024),
+            4_472
+        );
     }
 
     #[test]

@@ -19,11 +19,12 @@ pub struct ClientHandshake {
 
 impl ClientHandshake {
     /// Builds the client hello. `meta` (at most [`META_LEN`] bytes) travels
-    /// authenticated and encrypted; `now_unix` is the wall clock in seconds.
+    /// authenticated and encrypted; `now_unix_ms` is the wall clock in
+    /// milliseconds since the Unix epoch (protocol v2; v1 used seconds).
     pub fn start(
         psk: &Psk,
         client_salt: [u8; SALT_LEN],
-        now_unix: u64,
+        now_unix_ms: u64,
         meta: &[u8],
     ) -> Result<(ClientHandshake, [u8; CLIENT_HELLO_LEN]), ProtoError> {
         if meta.len() > META_LEN {
@@ -34,7 +35,7 @@ impl ClientHandshake {
         let pt = &mut hello[SALT_LEN..SALT_LEN + CLIENT_HELLO_PT];
         pt[0] = VERSION;
         pt[1] = 0; // flags, reserved
-        pt[2..10].copy_from_slice(&now_unix.to_be_bytes());
+        pt[2..10].copy_from_slice(&now_unix_ms.to_be_bytes());
         pt[10..12].copy_from_slice(&(meta.len() as u16).to_be_bytes());
         pt[12..12 + meta.len()].copy_from_slice(meta);
         let cipher = schedule::client_hello_cipher(psk, &client_salt);
@@ -88,19 +89,20 @@ pub struct Accepted {
     pub meta: [u8; META_LEN],
     /// How many metadata bytes are meaningful.
     pub meta_len: usize,
-    /// The hello's authenticated timestamp (Unix seconds).
-    pub unix_time: u64,
+    /// The hello's authenticated timestamp (Unix milliseconds).
+    pub unix_ms: u64,
 }
 
-/// Verifies a client hello against every key, checks its clock, and builds
-/// the answer with the exit's fresh `server_salt`.
+/// Verifies a client hello against every key, checks its clock (both
+/// times in Unix milliseconds, the allowed skew in seconds), and builds the
+/// answer with the exit's fresh `server_salt`.
 ///
 /// Returns an error, and nothing to send, for anything but a valid hello.
 pub fn accept_hello(
     keys: &[Psk],
     hello: &[u8; CLIENT_HELLO_LEN],
     server_salt: [u8; SALT_LEN],
-    now_unix: u64,
+    now_unix_ms: u64,
     max_skew_secs: u64,
 ) -> Result<Accepted, ProtoError> {
     let mut client_salt = [0u8; SALT_LEN];
@@ -124,7 +126,7 @@ pub fn accept_hello(
         return Err(ProtoError::Version(pt[0]));
     }
     let ts = u64::from_be_bytes(pt[2..10].try_into().expect("8 bytes"));
-    if ts.abs_diff(now_unix) > max_skew_secs {
+    if ts.abs_diff(now_unix_ms) > max_skew_secs.saturating_mul(1000) {
         return Err(ProtoError::ClockSkew);
     }
     let meta_len = u16::from_be_bytes([pt[10], pt[11]]) as usize;
@@ -152,6 +154,6 @@ pub fn accept_hello(
         key_index,
         meta,
         meta_len,
-        unix_time: ts,
+        unix_ms: ts,
     })
 }

@@ -294,29 +294,31 @@ fn data_after_end_is_an_error() {
 #[test]
 fn hello_checks() {
     let (old, new) = (psk(1), psk(2));
-    let (_, hello) = ClientHandshake::start(&old, [3; 32], 5000, b"").unwrap();
+    // Timestamps are Unix milliseconds; the skew is in seconds.
+    let (_, hello) = ClientHandshake::start(&old, [3; 32], 5_000_000, b"").unwrap();
     // Key rotation: the exit tries every key.
-    let acc = accept_hello(&[new.clone(), old.clone()], &hello, [4; 32], 5000, 120).unwrap();
+    let acc = accept_hello(&[new.clone(), old.clone()], &hello, [4; 32], 5_000_000, 120).unwrap();
     assert_eq!(acc.key_index, 1);
+    assert_eq!(acc.unix_ms, 5_000_000);
     assert!(matches!(
-        accept_hello(&[new], &hello, [4; 32], 5000, 120),
+        accept_hello(&[new], &hello, [4; 32], 5_000_000, 120),
         Err(ProtoError::BadHello)
     ));
     assert!(matches!(
-        accept_hello(std::slice::from_ref(&old), &hello, [4; 32], 5121, 120),
+        accept_hello(std::slice::from_ref(&old), &hello, [4; 32], 5_120_001, 120),
         Err(ProtoError::ClockSkew)
     ));
     assert!(matches!(
-        accept_hello(std::slice::from_ref(&old), &hello, [4; 32], 4879, 120),
+        accept_hello(std::slice::from_ref(&old), &hello, [4; 32], 4_879_999, 120),
         Err(ProtoError::ClockSkew)
     ));
-    assert!(accept_hello(std::slice::from_ref(&old), &hello, [4; 32], 5120, 120).is_ok());
+    assert!(accept_hello(std::slice::from_ref(&old), &hello, [4; 32], 5_120_000, 120).is_ok());
     assert_eq!(
         ClientHandshake::start(&old, [3; 32], 0, &[0; 65]).err(),
         Some(ProtoError::MetaTooLong)
     );
-    let (_, hello) = ClientHandshake::start(&old, [3; 32], 5000, b"10.0.0.1:5555").unwrap();
-    let acc = accept_hello(&[old], &hello, [4; 32], 5000, 120).unwrap();
+    let (_, hello) = ClientHandshake::start(&old, [3; 32], 5_000_000, b"10.0.0.1:5555").unwrap();
+    let acc = accept_hello(&[old], &hello, [4; 32], 5_000_000, 120).unwrap();
     assert_eq!(&acc.meta[..acc.meta_len], b"10.0.0.1:5555");
 }
 
@@ -362,7 +364,7 @@ fn documented_test_vector() {
     let key = Psk::from_bytes(std::array::from_fn(|i| i as u8));
     let client_salt: [u8; 32] = std::array::from_fn(|i| 0x40 + i as u8);
     let server_salt: [u8; 32] = std::array::from_fn(|i| 0x80 + i as u8);
-    let ts = 1_800_000_000;
+    let ts = 1_800_000_000_000;
     let (client, hello) = ClientHandshake::start(&key, client_salt, ts, b"").unwrap();
     let acc = accept_hello(std::slice::from_ref(&key), &hello, server_salt, ts, 120).unwrap();
     let hk = schedule::session_hkdf(&key, &client_salt, &server_salt);
