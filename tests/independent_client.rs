@@ -162,3 +162,40 @@ fn without_the_key_confirmation_the_origin_is_never_contacted() {
     );
     assert_eq!(summaries(&lines)[0].get("auth_failed"), 1, "{lines:?}");
 }
+
+/// A hello stamped as far ahead as the exit allows (an entry whose clock
+/// runs `--max-clock-skew` fast) passes the clock check for up to twice the
+/// skew after it was first seen, so the replay set must remember it that
+/// long: a replay 1.5 skews later (clock check passed, a one-skew memory
+/// would have forgotten it) gets nothing back.
+#[test]
+fn a_hello_stamped_ahead_cannot_be_replayed_late_in_its_window() {
+    let key = keygen();
+    let exit = Proxy::exit(echo_origin(), &key_file(&[&key]))
+        .args(["--max-clock-skew", "1s", "--handshake-timeout", "1s"])
+        .start();
+    // Stamped 1 s ahead: still accepted.
+    let Some(out) = python(&["stamped", &exit.addr.to_string(), &key, "999"]) else {
+        return;
+    };
+    let hello: Vec<u8> = (0..out.trim().len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&out.trim()[i..i + 2], 16).unwrap())
+        .collect();
+    assert_eq!(hello.len(), 124, "{out}");
+    let seen_at = std::time::Instant::now();
+    let replay = || {
+        let mut c = std::net::TcpStream::connect(exit.addr).unwrap();
+        c.write_all(&hello).unwrap();
+        read_until_end(&mut c, Duration::from_secs(10)).1
+    };
+    assert_eq!(replay(), 0, "an immediate replay was answered");
+    // 1.5 s after it was first seen, its timestamp (1 s ahead) is 0.5 s
+    // behind our clock: it still passes the 1 s clock check.
+    let at = Duration::from_millis(1500);
+    if let Some(wait) = at.checked_sub(seen_at.elapsed()) {
+        // The wait is the input under test (when the replay arrives).
+        std::thread::sleep(wait);
+    }
+    assert_eq!(replay(), 0, "a replay 1.5 s later was answered");
+}

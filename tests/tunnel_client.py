@@ -18,6 +18,9 @@ Usage:
   tunnel_client.py no-confirm ADDR KEYB64 MSG
                                          as an entry: a valid hello, then data
                                          without the key confirmation
+  tunnel_client.py stamped ADDR KEYB64 OFFSET_MS
+                                         a valid session whose hello is stamped
+                                         now + OFFSET_MS; prints the hello (hex)
   tunnel_client.py fake-exit PORTFILE KEYB64 MSG
                                          as an exit, on 127.0.0.1 (port written to
                                          PORTFILE): answer one hello, send MSG, the
@@ -273,6 +276,32 @@ def no_confirm(addr, key_b64, message):
     return 0
 
 
+def stamped_session(addr, key_b64, offset_ms):
+    """A full, valid session whose hello is stamped now + offset_ms (an
+    entry whose clock runs ahead or behind); prints the hello as hex."""
+    host, port = addr.rsplit(":", 1)
+    psk = base64.b64decode(key_b64)
+    cs = os.urandom(32)
+    _, hello = client_hello(psk, cs, int(time.time() * 1000) + int(offset_ms))
+    s = socket.create_connection((host, int(port)), timeout=10)
+    s.sendall(hello)
+    answer = b""
+    while len(answer) < 52:
+        got = s.recv(52 - len(answer))
+        if not got:
+            print("closed before server hello")
+            return 1
+        answer += got
+    keys = session(psk, cs, answer[:32])
+    verify_server_hello(keys, cs, answer)
+    sealer = Sealer(keys["c2s_key"], keys["c2s_length_key"])
+    s.sendall(sealer.confirm() + sealer.chunk(b"stamped") + sealer.end())
+    s.shutdown(socket.SHUT_WR)
+    how_it_ended(s)
+    print(hello.hex())
+    return 0
+
+
 def fake_exit(port_file, key_b64, message):
     psk = base64.b64decode(key_b64)
     ls = socket.socket()
@@ -307,6 +336,8 @@ if __name__ == "__main__":
         sys.exit(after_end(sys.argv[2], sys.argv[3], sys.argv[4]))
     if sys.argv[1] == "no-confirm":
         sys.exit(no_confirm(sys.argv[2], sys.argv[3], sys.argv[4]))
+    if sys.argv[1] == "stamped":
+        sys.exit(stamped_session(sys.argv[2], sys.argv[3], sys.argv[4]))
     if sys.argv[1] == "fake-exit":
         sys.exit(fake_exit(sys.argv[2], sys.argv[3], sys.argv[4]))
     repeat = int(sys.argv[5]) if len(sys.argv) > 5 else 1
