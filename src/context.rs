@@ -40,7 +40,7 @@ pub struct ShardCtx {
     replay: RefCell<Option<Rc<crate::replay::Guard>>>,
     /// The exit's pending (unauthenticated) handshakes, oldest first, each
     /// with the trigger that closes it when a newer one needs the room.
-    pending: RefCell<std::collections::VecDeque<(u64, Trigger)>>,
+    pending: RefCell<std::collections::VecDeque<(u64, std::time::Instant, Trigger)>>,
     next_pending: Cell<u64>,
     /// Session permits (`--max-connections`), shared with the accept loops;
     /// the exit takes one only once a handshake has authenticated.
@@ -65,11 +65,16 @@ impl Pending<'_> {
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
         let mut pending = self.ctx.pending.borrow_mut();
-        if let Some(i) = pending.iter().position(|(id, _)| *id == self.id) {
+        if let Some(i) = pending.iter().position(|(id, _, _)| *id == self.id) {
             pending.remove(i);
         }
     }
 }
+
+/// A pending handshake younger than this is not closed to make room while
+/// the shard holds fewer than twice `--max-handshakes` (see
+/// [`ShardCtx::begin_handshake`]).
+pub const EVICTABLE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Bytes of idle relay buffers a shard keeps for reuse (256 connections'
 /// worth at the default 16 KiB).
@@ -100,20 +105,32 @@ impl ShardCtx {
     }
 
     /// Registers a pending handshake. At `max` pending ones, the oldest is
-    /// closed first (its [`Pending::evicted`] fires), so a flood of
-    /// unauthenticated connections costs the flooder its own oldest ones
-    /// and never blocks the accept loop or established sessions.
+    /// closed first (its [`Pending::evicted`] fires) if it has waited at
+    /// least [`EVICTABLE_AFTER`]: a flood of held, unauthenticated
+    /// connections costs the flooder its own oldest ones and never blocks
+    /// the accept loop or established sessions. A burst of *young*
+    /// handshakes (real clients arriving at once, each done in a round
+    /// trip) may grow to twice `max` before the oldest is closed regardless:
+    /// the bound is hard, the burst has room.
     pub fn begin_handshake(&self, max: usize) -> Pending<'_> {
+        let now = std::time::Instant::now();
+        let max = max.max(1);
         let mut pending = self.pending.borrow_mut();
-        while pending.len() >= max.max(1) {
-            if let Some((_, oldest)) = pending.pop_front() {
+        while pending.len() >= max {
+            let evictable = pending
+                .front()
+                .is_some_and(|(_, since, _)| now.duration_since(*since) >= EVICTABLE_AFTER);
+            if !evictable && pending.len() < 2 * max {
+                break;
+            }
+            if let Some((_, _, oldest)) = pending.pop_front() {
                 oldest.fire();
             }
         }
         let id = self.next_pending.get();
         self.next_pending.set(id.wrapping_add(1));
         let evicted = Trigger::new();
-        pending.push_back((id, evicted.clone()));
+        pending.push_back((id, now, evicted.clone()));
         Pending {
             ctx: self,
             id,

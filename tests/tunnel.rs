@@ -552,9 +552,13 @@ fn a_flood_of_half_hellos_does_not_lock_out_a_real_entry() {
     drop(flood);
     drop(entry);
     let (_, lines) = exit.terminate();
-    // The oldest pending handshakes were closed to make room: `limit`.
+    // The oldest pending handshakes were closed to make room (`limit`): at
+    // most twice the budget per shard (a young burst's headroom) survived.
     let evicted: u64 = summaries(&lines).iter().map(|s| s.get("limit")).sum();
-    assert!(evicted >= 600 - 2 * 64, "only {evicted} evicted: {lines:?}");
+    assert!(
+        evicted >= 600 - 2 * 2 * 64,
+        "only {evicted} evicted: {lines:?}"
+    );
 }
 
 /// The replay set starts empty in a new process, so a new exit refuses

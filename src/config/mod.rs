@@ -304,9 +304,10 @@ impl Config {
     /// connection (client and upstream), plus a margin for listeners,
     /// io_uring rings, control sockets and metrics.
     pub fn fds_needed(&self) -> u64 {
-        // The exit's pending handshakes are counted apart (--max-handshakes).
+        // The exit's pending handshakes are counted apart (--max-handshakes;
+        // a burst of young ones may reach twice that).
         let pending = match &self.mode {
-            Mode::Exit(t) => t.max_handshakes as u64,
+            Mode::Exit(t) => 2 * t.max_handshakes as u64,
             _ => 0,
         };
         (2 * self.limits.max_connections.get() as u64 + pending) * self.cores.len() as u64 + 64
@@ -450,7 +451,7 @@ impl Config {
             let fit = default_max_connections_reserving(
                 cfg.cores.len(),
                 fd_limit(),
-                tunnel.max_handshakes as u64,
+                2 * tunnel.max_handshakes as u64,
             );
             cfg.limits.max_connections = NonZeroUsize::new(fit).unwrap_or(NonZeroUsize::MIN);
         }
