@@ -120,17 +120,17 @@ fn wait_exited(proxy: &mut Proxy, limit: Duration) -> Option<i32> {
 const TOTAL: usize = 1200;
 const SECS: f64 = 6.0;
 
-/// The metrics address a proxy logged.
-fn metrics_addr(p: &Proxy) -> SocketAddr {
-    let line = p.wait_for_log(
-        |l| l.contains("metrics on http://"),
-        Duration::from_secs(10),
-    );
-    line.split("http://")
+/// Sends SIGUSR2 to `old` and returns the PID of the successor it started
+/// (the successor shares old's stderr, so its lines are in old's log).
+fn sigusr2_successor(old: &Proxy) -> u32 {
+    old.signal("USR2");
+    let started = old.wait_for_log(|l| l.contains("SIGUSR2: started"), Duration::from_secs(10));
+    started
+        .split("as process ")
         .nth(1)
-        .and_then(|r| r.split('/').next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("bad metrics line: {line}"))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {started}"))
 }
 
 /// GET /healthz; the status code or the error.
@@ -157,7 +157,7 @@ fn takeover_under_load(from: usize, to: usize) {
         .shards(from)
         .args(["--control-socket", &ctl, "--metrics-listen", "127.0.0.1:0"])
         .start();
-    let metrics = metrics_addr(&old);
+    let metrics = old.metrics_addr();
     let probing = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let prober = {
         let probing = probing.clone();
@@ -244,15 +244,7 @@ fn sigusr2_reexecutes_and_loses_no_connection() {
     let entry = Proxy::entry(old.addr, &key).shards(1).start();
     let load = Load::start(entry.addr, TOTAL, SECS);
     load.wait_done(TOTAL / 2);
-    old.signal("USR2");
-    // The successor writes to the same stderr: its lines are in old's log.
-    let started = old.wait_for_log(|l| l.contains("SIGUSR2: started"), Duration::from_secs(10));
-    let pid: u32 = started
-        .split("as process ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {started}"));
+    let pid = sigusr2_successor(&old);
     old.wait_for_log(
         |l| l.contains("hand-over complete"),
         Duration::from_secs(20),
@@ -502,30 +494,12 @@ fn drain_delay_says_503_while_still_accepting_then_stops() {
         .shards(1)
         .args(["--drain-delay", "3s", "--metrics-listen", "127.0.0.1:0"])
         .start();
-    let line = p.wait_for_log(
-        |l| l.contains("metrics on http://"),
-        Duration::from_secs(10),
-    );
-    let metrics: SocketAddr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|r| r.split('/').next())
-        .and_then(|a| a.parse().ok())
-        .unwrap();
-    let healthz = || {
-        let mut c = TcpStream::connect(metrics).unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            .unwrap();
-        let mut s = String::new();
-        let _ = c.read_to_string(&mut s);
-        s[9..12].to_string()
-    };
-    assert_eq!(healthz(), "200");
+    let metrics = p.metrics_addr();
+    assert_eq!(healthz(metrics), Ok(200));
     let sent = Instant::now();
     p.signal("TERM");
     p.wait_for_log(|l| l.contains("drain delay"), Duration::from_secs(10));
-    assert_eq!(healthz(), "503");
+    assert_eq!(healthz(metrics), Ok(503));
     // Still accepting and serving during the delay.
     let data = Arc::new(random_bytes(2048, 3));
     assert_eq!(echo_round_trip(p.addr, data.clone()), *data);
@@ -569,14 +543,7 @@ fn a_reexecuted_successor_inherits_no_client_connection() {
     idle.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     idle.read_exact(&mut b).unwrap();
-    old.signal("USR2");
-    let started = old.wait_for_log(|l| l.contains("SIGUSR2: started"), Duration::from_secs(10));
-    let pid: u32 = started
-        .split("as process ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .unwrap();
+    let pid = sigusr2_successor(&old);
     old.wait_for_log(
         |l| l.contains("hand-over complete"),
         Duration::from_secs(20),

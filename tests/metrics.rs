@@ -14,19 +14,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// The metrics address a proxy logged.
-fn metrics_addr(p: &Proxy) -> SocketAddr {
-    let line = p.wait_for_log(
-        |l| l.contains("metrics on http://"),
-        Duration::from_secs(10),
-    );
-    line.split("metrics on http://")
-        .nth(1)
-        .and_then(|r| r.split('/').next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("bad metrics line: {line}"))
-}
-
 fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut c = TcpStream::connect(addr).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -110,7 +97,7 @@ fn pair(extra: &[&str]) -> Pair {
         .args(metrics)
         .args(extra)
         .start();
-    let (entry_metrics, exit_metrics) = (metrics_addr(&entry), metrics_addr(&exit));
+    let (entry_metrics, exit_metrics) = (entry.metrics_addr(), exit.metrics_addr());
     Pair {
         entry,
         exit,
@@ -385,7 +372,7 @@ fn forward_with_metrics() -> (Proxy, SocketAddr) {
         .shards(1)
         .args(["--metrics-listen", "127.0.0.1:0"])
         .start();
-    let m = metrics_addr(&p);
+    let m = p.metrics_addr();
     (p, m)
 }
 
@@ -542,7 +529,7 @@ fn key_fingerprints_are_logged_and_exported_through_a_rotation() {
     let exit = Proxy::exit(echo_origin(), &keys)
         .args(["--metrics-listen", "127.0.0.1:0"])
         .start();
-    let m = metrics_addr(&exit);
+    let m = exit.metrics_addr();
     let (fo, fnew) = (fingerprint(&old), fingerprint(&new));
     exit.wait_for_log(
         |l| l.contains(&format!("fingerprints {fnew} (primary), {fo}")),

@@ -409,6 +409,18 @@ impl Proxy {
             self.wait_for_log(|l| l.contains(&want), timeout);
         }
     }
+    /// The metrics address it logged (`--metrics-listen`, port 0 resolved).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        let line = self.wait_for_log(
+            |l| l.contains("metrics on http://"),
+            Duration::from_secs(10),
+        );
+        line.split("metrics on http://")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("bad metrics line: {line}"))
+    }
 
     /// Resident set size in KiB.
     pub fn rss_kib(&self) -> u64 {
