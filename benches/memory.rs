@@ -35,15 +35,6 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// Kernel memory (bytes) queued on the TCP sockets `pid` owns, from
 /// `ss -tnmp`: skmem's r (receive queue) + w (queued for sending) + f
 /// (forward-allocated).

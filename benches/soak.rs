@@ -24,15 +24,6 @@ fn fds(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 fn keygen_line() -> String {
     let out = Command::new(BIN).arg("keygen").output().unwrap();
     String::from_utf8(out.stdout).unwrap().trim().to_string()
