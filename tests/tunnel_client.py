@@ -183,11 +183,14 @@ def vectors(doc_path):
     return 0
 
 
-def send(addr, key_b64, message, repeat=1):
+def handshake(addr, key_b64, offset_ms=0):
+    """As an entry: connect, send a hello stamped now + offset_ms, verify the
+    server hello. Returns (socket, session keys, hello), or None (printed)
+    if the exit closed before answering."""
     host, port = addr.rsplit(":", 1)
     psk = base64.b64decode(key_b64)
     cs = os.urandom(32)
-    _, hello = client_hello(psk, cs, int(time.time() * 1000))
+    _, hello = client_hello(psk, cs, int(time.time() * 1000) + offset_ms)
     s = socket.create_connection((host, int(port)), timeout=10)
     s.sendall(hello)
     answer = b""
@@ -195,10 +198,18 @@ def send(addr, key_b64, message, repeat=1):
         got = s.recv(52 - len(answer))
         if not got:
             print("closed before server hello")
-            return 1
+            return None
         answer += got
     keys = session(psk, cs, answer[:32])
     verify_server_hello(keys, cs, answer)
+    return s, keys, hello
+
+
+def send(addr, key_b64, message, repeat=1):
+    done = handshake(addr, key_b64)
+    if done is None:
+        return 1
+    s, keys, hello = done
     sealer = Sealer(keys["c2s_key"], keys["c2s_length_key"])
     opener = Opener(keys["s2c_key"], keys["s2c_length_key"])
     s.sendall(sealer.confirm())
@@ -231,21 +242,10 @@ def how_it_ended(s):
 
 
 def after_end(addr, key_b64, message):
-    host, port = addr.rsplit(":", 1)
-    psk = base64.b64decode(key_b64)
-    cs = os.urandom(32)
-    _, hello = client_hello(psk, cs, int(time.time() * 1000))
-    s = socket.create_connection((host, int(port)), timeout=10)
-    s.sendall(hello)
-    answer = b""
-    while len(answer) < 52:
-        got = s.recv(52 - len(answer))
-        if not got:
-            print("closed before server hello")
-            return 1
-        answer += got
-    keys = session(psk, cs, answer[:32])
-    verify_server_hello(keys, cs, answer)
+    done = handshake(addr, key_b64)
+    if done is None:
+        return 1
+    s, keys, hello = done
     sealer = Sealer(keys["c2s_key"], keys["c2s_length_key"])
     s.sendall(sealer.confirm() + sealer.chunk(message.encode()) + sealer.end() + sealer.chunk(b"after the end"))
     print("exit ended the connection: " + how_it_ended(s))
@@ -255,21 +255,10 @@ def after_end(addr, key_b64, message):
 def no_confirm(addr, key_b64, message):
     """A valid hello, then a data chunk at n = 0 instead of the key
     confirmation: the exit must not contact its origin."""
-    host, port = addr.rsplit(":", 1)
-    psk = base64.b64decode(key_b64)
-    cs = os.urandom(32)
-    _, hello = client_hello(psk, cs, int(time.time() * 1000))
-    s = socket.create_connection((host, int(port)), timeout=10)
-    s.sendall(hello)
-    answer = b""
-    while len(answer) < 52:
-        got = s.recv(52 - len(answer))
-        if not got:
-            print("closed before server hello")
-            return 1
-        answer += got
-    keys = session(psk, cs, answer[:32])
-    verify_server_hello(keys, cs, answer)
+    done = handshake(addr, key_b64)
+    if done is None:
+        return 1
+    s, keys, hello = done
     sealer = Sealer(keys["c2s_key"], keys["c2s_length_key"])
     s.sendall(sealer.chunk(message.encode()) + sealer.end())
     print("exit ended the connection: " + how_it_ended(s))
@@ -279,21 +268,10 @@ def no_confirm(addr, key_b64, message):
 def stamped_session(addr, key_b64, offset_ms):
     """A full, valid session whose hello is stamped now + offset_ms (an
     entry whose clock runs ahead or behind); prints the hello as hex."""
-    host, port = addr.rsplit(":", 1)
-    psk = base64.b64decode(key_b64)
-    cs = os.urandom(32)
-    _, hello = client_hello(psk, cs, int(time.time() * 1000) + int(offset_ms))
-    s = socket.create_connection((host, int(port)), timeout=10)
-    s.sendall(hello)
-    answer = b""
-    while len(answer) < 52:
-        got = s.recv(52 - len(answer))
-        if not got:
-            print("closed before server hello")
-            return 1
-        answer += got
-    keys = session(psk, cs, answer[:32])
-    verify_server_hello(keys, cs, answer)
+    done = handshake(addr, key_b64, int(offset_ms))
+    if done is None:
+        return 1
+    s, keys, hello = done
     sealer = Sealer(keys["c2s_key"], keys["c2s_length_key"])
     s.sendall(sealer.confirm() + sealer.chunk(b"stamped") + sealer.end())
     s.shutdown(socket.SHUT_WR)
