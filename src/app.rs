@@ -4,7 +4,6 @@ use glommio::{GlommioError, LocalExecutorBuilder, Placement};
 
 use crate::cli::KeygenArgs;
 use crate::config::Config;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -230,7 +229,6 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
     };
     let (controller, shard_ends) =
         Controller::new(cfg.cores.len()).map_err(StartupError::Signals)?;
-    let control_stop = Arc::new(AtomicBool::new(false));
     let offer: crate::handover::SharedOffer =
         Arc::new(std::sync::Mutex::new(control_listener.as_ref().map(|_| {
             crate::handover::Offer {
@@ -255,7 +253,6 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
             _ => None,
         },
         drain_delay: cfg.lifecycle.drain_delay,
-        control_stop: control_stop.clone(),
         offer: offer.clone(),
     });
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -296,9 +293,9 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         }
         if let Some(listener) = control_listener {
             let plane = signals.handle();
-            if let Err(e) = crate::handover::serve(listener, offer, control_stop, move |pid| {
-                plane.handed_over(pid)
-            }) {
+            if let Err(e) =
+                crate::handover::serve(listener, offer, move |pid| plane.handed_over(pid))
+            {
                 crate::warn!("control socket not served: {e}");
             }
         }

@@ -143,11 +143,9 @@ pub struct Started {
     pub upgrade: Option<Upgrade>,
     /// `--drain-delay`.
     pub drain_delay: std::time::Duration,
-    /// Set when draining starts: the control-socket thread stops offering
-    /// the listeners.
-    pub control_stop: Arc<std::sync::atomic::AtomicBool>,
     /// The listeners' duplicates offered to a successor; emptied when
-    /// draining starts, so that they do not keep the sockets open.
+    /// draining starts, so that they do not keep the sockets open (and the
+    /// control-socket thread stops offering them).
     pub offer: crate::handover::SharedOffer,
 }
 
@@ -332,7 +330,6 @@ impl Running {
     fn start_drain(&mut self, why: &str, tell_systemd: bool) {
         crate::info!("{why}: draining (send a termination signal again to exit at once)");
         self.draining = true;
-        self.s.control_stop.store(true, Ordering::Relaxed);
         if let Ok(mut offer) = self.s.offer.lock() {
             *offer = None;
         }

@@ -37,7 +37,6 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -282,19 +281,23 @@ pub struct Offer {
 /// after the shards stopped accepting.
 pub type SharedOffer = Arc<std::sync::Mutex<Option<Offer>>>;
 
+/// Whether the listeners are still on offer (not handed over, not draining).
+fn offered(offer: &SharedOffer) -> bool {
+    offer.lock().is_ok_and(|o| o.is_some())
+}
+
 /// Predecessor side: serves `listener` on a thread. For each successor that
 /// connects, sends the sockets and waits for `READY`; then calls
 /// `on_ready(pid)` (which starts the drain), answers `DRAINING`, and stops
-/// serving the socket (the successor serves it from then on). `stop` ends
-/// the thread early (the process is draining for another reason); an
-/// emptied `offer` refuses successors.
+/// serving the socket (the successor serves it from then on). The thread
+/// ends once `offer` is emptied: after a hand-over, or when the process
+/// drains for another reason.
 pub fn serve(
     listener: UnixListener,
     offer: SharedOffer,
-    stop: Arc<AtomicBool>,
     on_ready: impl Fn(u32) + Send + Sync + 'static,
 ) -> std::io::Result<()> {
-    // accept(2) honours SO_RCVTIMEO: wake every 200 ms to look at `stop`.
+    // accept(2) honours SO_RCVTIMEO: wake every 200 ms to look at `offer`.
     socket2::SockRef::from(&listener).set_read_timeout(Some(Duration::from_millis(200)))?;
     let on_ready = Arc::new(on_ready);
     // One hand-over at a time; a second successor is told at once.
@@ -303,15 +306,14 @@ pub fn serve(
     std::thread::Builder::new()
         .name("control-socket".into())
         .spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
+            while offered(&offer) {
                 let Ok((conn, _)) = listener.accept() else {
                     continue;
                 };
                 // Each connection on its own thread: a client that sends
                 // nothing (or never says READY) cannot hold up the next one.
-                let (offer, stop, on_ready, exchange, listener) = (
+                let (offer, on_ready, exchange, listener) = (
                     offer.clone(),
-                    stop.clone(),
                     on_ready.clone(),
                     exchange.clone(),
                     listener.clone(),
@@ -327,13 +329,12 @@ pub fn serve(
                             }
                         };
                         match result {
-                            Ok(pid) if !stop.load(Ordering::Relaxed) => {
+                            Ok(pid) if offered(&offer) => {
                                 on_ready(pid);
                                 let _ = (&conn).write_all(b"DRAINING\n");
                                 crate::info!(
                                     "hand-over: process {pid} accepts on our listeners; draining"
                                 );
-                                stop.store(true, Ordering::Relaxed);
                                 if let Ok(mut o) = offer.lock() {
                                     *o = None;
                                 }
