@@ -144,11 +144,6 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         }
     };
     let per_shard = shard_listeners(&cfg, inherited.as_mut())?;
-    // A successor accepts the hellos its predecessor would have: some may
-    // already wait in the shared accept queues.
-    let not_before = inherited
-        .as_ref()
-        .map_or(started_unix, |i| i.not_before.min(started_unix));
     if let Some(got) = &inherited {
         crate::info!(
             "taking over from process {}: {} listener(s){}{}",
@@ -233,7 +228,8 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         Arc::new(std::sync::Mutex::new(control_listener.as_ref().map(|_| {
             crate::handover::Offer {
                 role: cfg.role().as_str(),
-                not_before,
+                // Until a hand-over completes (below): our own start.
+                not_before: started_unix,
                 proxy: offer_proxy,
                 metrics: offer_metrics,
             }
@@ -256,8 +252,17 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         offer: offer.clone(),
     });
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let replay = matches!(cfg.mode, crate::config::Mode::Exit(_))
-        .then(|| crate::replay::mesh(cfg.cores.len()));
+    let is_exit = matches!(cfg.mode, crate::config::Mode::Exit(_));
+    let replay = is_exit.then(|| crate::replay::mesh(cfg.cores.len()));
+    // An exit's shards send their replay sets here when a successor takes
+    // over; the control-socket thread forwards them.
+    let (export_tx, export_rx) = match (is_exit, &control_listener) {
+        (true, Some(_)) => {
+            let (tx, rx) = std::sync::mpsc::channel();
+            (Some(tx), Some((rx, cfg.cores.len())))
+        }
+        _ => (None, None),
+    };
     let mut handles = Vec::with_capacity(cfg.cores.len());
     for (id, ((core, listeners), control)) in
         cfg.cores.iter().zip(per_shard).zip(shard_ends).enumerate()
@@ -271,7 +276,9 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
             board: board.clone(),
             ready: ready_tx.clone(),
             replay: replay.clone(),
-            not_before,
+            not_before: started_unix,
+            gated: inherited.is_some(),
+            export: export_tx.clone(),
         })?);
     }
     drop(ready_tx);
@@ -284,18 +291,32 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         ]);
         if let Some(inherited) = inherited.take() {
             let from = inherited.from_pid;
-            match inherited.confirm() {
-                Ok(()) => crate::info!("hand-over complete: process {from} is draining"),
-                Err(e) => crate::warn!(
-                    "hand-over: process {from} did not confirm ({e}); both processes accept"
-                ),
+            let got = match inherited.confirm() {
+                Ok(got) => {
+                    crate::info!("hand-over complete: process {from} is draining");
+                    got
+                }
+                Err(e) => {
+                    crate::warn!(
+                        "hand-over: process {from} did not confirm ({e}); both processes accept"
+                    );
+                    crate::handover::InheritedSalts::default()
+                }
+            };
+            if is_exit {
+                let not_before = inherit_replay_set(&signals, got, started_unix, cfg.cores.len());
+                if let Ok(mut o) = offer.lock() {
+                    if let Some(o) = o.as_mut() {
+                        o.not_before = not_before;
+                    }
+                }
             }
         }
         if let Some(listener) = control_listener {
             let plane = signals.handle();
-            if let Err(e) =
-                crate::handover::serve(listener, offer, move |pid| plane.handed_over(pid))
-            {
+            if let Err(e) = crate::handover::serve(listener, offer, export_rx, move |pid| {
+                plane.handed_over(pid)
+            }) {
                 crate::warn!("control socket not served: {e}");
             }
         }
@@ -312,6 +333,40 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         b.wait_answered(Duration::from_secs(3));
     }
     Ok(())
+}
+
+/// A successor exit: hands each shard its share (by owner) of the
+/// predecessor's replay set, which opens their replay checks. With a
+/// complete set the predecessor's `not_before` is kept (hellos queued on the
+/// shared listeners stay acceptable); otherwise hellos stamped before this
+/// process started are refused (fail closed). Returns the limit in force.
+fn inherit_replay_set(
+    signals: &SignalPlane,
+    got: crate::handover::InheritedSalts,
+    started_unix: u64,
+    shards: usize,
+) -> u64 {
+    let not_before = if got.complete {
+        got.not_before.min(started_unix)
+    } else {
+        crate::warn!(
+            "hand-over: the predecessor's replay set is incomplete; refusing hellos stamped before this process started"
+        );
+        started_unix
+    };
+    let n = got.salts.len();
+    let mut per_shard: Vec<Vec<crate::replay::Remembered>> = vec![Vec::new(); shards];
+    for salt in got.salts {
+        per_shard[crate::replay::owner(salt.0, shards)].push(salt);
+    }
+    signals.send_each(
+        per_shard
+            .into_iter()
+            .map(|salts| crate::control::Message::Salts { not_before, salts })
+            .collect(),
+    );
+    crate::info!("hand-over: replay set of {n} salt(s) inherited");
+    not_before
 }
 
 /// `a` is `want`, or `want` asks for port 0 on the same IP.

@@ -148,6 +148,11 @@ impl ShardCtx {
         self.sessions.borrow().clone()
     }
 
+    /// Pending (unauthenticated) handshakes now.
+    pub fn pending_handshakes(&self) -> usize {
+        self.pending.borrow().len()
+    }
+
     /// Installs the exit's replay filter (once, before accepting).
     pub fn set_replay(&self, guard: Rc<crate::replay::Guard>) {
         *self.replay.borrow_mut() = Some(guard);

@@ -3,7 +3,8 @@
 //! As in libevent, a signal handler does nothing but note the signal
 //! (signal-hook's self-pipe); a plain thread turns each one into a
 //! [`Message`] and writes it to every shard's socketpair: `D` (drain, one
-//! byte) or `K` with the reloaded keys. Each shard reads its end as an
+//! byte), `H` (drain after a hand-over), `K` with the reloaded keys, or `S`
+//! with a successor's share of the inherited replay set. Each shard reads its end as an
 //! ordinary async socket on its own loop. No lock and nothing on the data
 //! path is shared; the one atomic is the metrics board's "draining" flag,
 //! set once by this thread and read by scrapes.
@@ -30,16 +31,45 @@ use crate::metrics::Board;
 pub enum Message {
     /// Stop accepting, let connections finish, then stop.
     Drain,
+    /// A successor took the listeners: drain, and send the replay set
+    /// toward it (exit; see [`crate::replay`]).
+    HandOver,
     /// Use these keys for new connections (SIGHUP reload).
     Keys(KeySet),
+    /// A successor's share of its predecessor's replay set: refuse hellos
+    /// stamped before `not_before` (Unix milliseconds), remember `salts`,
+    /// and start answering replay checks.
+    Salts {
+        /// The oldest hello timestamp accepted.
+        not_before: u64,
+        /// The inherited salts this shard owns.
+        salts: Vec<crate::replay::Remembered>,
+    },
 }
 
+/// Bytes per inherited salt on the socketpair: the 16-byte key and the
+/// remaining lifetime in milliseconds (u32 LE).
+const SALT_WIRE: usize = 20;
+
 impl Message {
-    /// Wire form on the socketpair: `D`, or `K`, a count, then 32 bytes per key.
+    /// Wire form on the socketpair: `D`; `H`; `K`, a count, then 32 bytes per
+    /// key; or `S`, `not_before` (u64 LE), a count (u32 LE), then 20 bytes
+    /// per salt.
     fn encode(&self) -> Zeroizing<Vec<u8>> {
         let mut out = Zeroizing::new(Vec::new());
         match self {
             Message::Drain => out.push(b'D'),
+            Message::HandOver => out.push(b'H'),
+            Message::Salts { not_before, salts } => {
+                out.reserve(13 + SALT_WIRE * salts.len());
+                out.push(b'S');
+                out.extend_from_slice(&not_before.to_le_bytes());
+                out.extend_from_slice(&(salts.len() as u32).to_le_bytes());
+                for (k, ms) in salts {
+                    out.extend_from_slice(&k.to_le_bytes());
+                    out.extend_from_slice(&ms.to_le_bytes());
+                }
+            }
             Message::Keys(set) => {
                 out.push(b'K');
                 out.push(set.all().len() as u8);
@@ -75,6 +105,13 @@ impl Controller {
         let bytes = cmd.encode();
         for s in &mut self.shards {
             let _ = s.write_all(&bytes);
+        }
+    }
+
+    /// Sends `msgs[i]` to shard `i`.
+    pub fn send_each(&mut self, msgs: Vec<Message>) {
+        for (s, msg) in self.shards.iter_mut().zip(msgs) {
+            let _ = s.write_all(&msg.encode());
         }
     }
 }
@@ -226,7 +263,20 @@ impl SignalPlane {
                 // take it for the whole service stopping, and kill the
                 // successor after TimeoutStopSec.
                 r.start_drain(&format!("handed over to process {pid}"), false);
-                r.drain_now();
+                r.s.controller.broadcast(Message::HandOver);
+            }
+        }
+    }
+
+    /// Sends `msgs[i]` to shard `i` (a successor's inherited replay set).
+    /// Nothing is sent once the process drains.
+    pub fn send_each(&self, msgs: Vec<Message>) {
+        let Ok(mut phase) = self.state.lock() else {
+            return;
+        };
+        if let Phase::Running(r) = &mut *phase {
+            if !r.draining {
+                r.s.controller.send_each(msgs);
             }
         }
     }
@@ -415,24 +465,56 @@ impl Running {
 /// Waits for the next message on a shard's end. EOF (the control plane is
 /// gone) or anything malformed means drain: a shard never runs unsupervised.
 pub async fn recv(stream: &mut glommio::net::UnixStream) -> Message {
-    let mut head = [0u8; 2];
-    if stream.read_exact(&mut head[..1]).await.is_err() || head[0] != b'K' {
+    let mut tag = [0u8; 1];
+    if stream.read_exact(&mut tag).await.is_err() {
         return Message::Drain;
     }
-    if stream.read_exact(&mut head[1..]).await.is_err() {
-        return Message::Drain;
-    }
-    let n = head[1] as usize;
+    let got = match tag[0] {
+        b'H' => Some(Message::HandOver),
+        b'K' => recv_keys(stream).await,
+        b'S' => recv_salts(stream).await,
+        _ => None,
+    };
+    got.unwrap_or(Message::Drain)
+}
+
+async fn recv_keys(stream: &mut glommio::net::UnixStream) -> Option<Message> {
+    let mut count = [0u8; 1];
+    stream.read_exact(&mut count).await.ok()?;
+    let n = count[0] as usize;
     if n == 0 || n > MAX_KEYS {
-        return Message::Drain;
+        return None;
     }
     let mut keys = Vec::with_capacity(n);
     let mut raw = Zeroizing::new([0u8; PSK_LEN]);
     for _ in 0..n {
-        if stream.read_exact(&mut raw[..]).await.is_err() {
-            return Message::Drain;
-        }
+        stream.read_exact(&mut raw[..]).await.ok()?;
         keys.push(Psk::from_bytes(*raw));
     }
-    Message::Keys(KeySet::new(keys))
+    Some(Message::Keys(KeySet::new(keys)))
+}
+
+async fn recv_salts(stream: &mut glommio::net::UnixStream) -> Option<Message> {
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).await.ok()?;
+    let not_before = u64::from_le_bytes(head[..8].try_into().ok()?);
+    let n = u32::from_le_bytes(head[8..].try_into().ok()?) as usize;
+    // Our own control plane sends this; bound it all the same.
+    if n > crate::replay::MAX_SALTS_PER_SHARD * crate::handover::MAX_LISTENERS {
+        return None;
+    }
+    // One read for the whole payload, not one per salt.
+    let mut raw = vec![0u8; n * SALT_WIRE];
+    stream.read_exact(&mut raw).await.ok()?;
+    let salts = raw
+        .chunks_exact(SALT_WIRE)
+        .map(|c| {
+            let mut k = [0u8; 16];
+            k.copy_from_slice(&c[..16]);
+            let mut ms = [0u8; 4];
+            ms.copy_from_slice(&c[16..]);
+            (u128::from_le_bytes(k), u32::from_le_bytes(ms))
+        })
+        .collect();
+    Some(Message::Salts { not_before, salts })
 }

@@ -22,15 +22,25 @@
 //! Protocol, one text line each way, then one message with the descriptors:
 //!
 //! ```text
-//! successor   -> predecessor   TAKEOVER 1\n
+//! successor   -> predecessor   TAKEOVER 2\n
 //! predecessor -> successor     LISTENERS <pid> <role> <not_before> <proxy> <metrics 0|1> <control 0|1>\n  + fds
 //! successor   -> predecessor   READY <pid>\n        (its shards accept)
+//! predecessor -> successor     SALTS <count> <not_before> <complete 0|1>\n + count × 20 bytes
 //! predecessor -> successor     DRAINING\n           (it stopped accepting)
 //! ```
 //!
 //! The fds come in that order: `<proxy>` listeners, then the metrics
 //! listener, then the control socket. If the successor goes away before
 //! `READY`, the predecessor logs why and keeps serving.
+//!
+//! `SALTS` carries an exit's replay set (empty for other roles): each salt
+//! as its 16-byte key and its remaining lifetime in milliseconds (u32 LE);
+//! `not_before` is the oldest hello timestamp (Unix ms) the predecessor
+//! accepted; `complete` says whether every shard exported its set in time
+//! (see [`crate::replay`]). A successor keeps the predecessor's
+//! `not_before` only with a complete set, else it refuses hellos stamped
+//! before its own start. Version 1 of the exchange (`TAKEOVER 1`, no
+//! `SALTS`) is still served, and used when the running process is older.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -51,6 +61,21 @@ pub const MAX_LISTENERS: usize = 200;
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Deadline for each line of the exchange other than `READY`.
 const LINE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the predecessor collects its shards' replay sets after `READY`.
+pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(4);
+/// Most salts one hand-over carries.
+const MAX_SALTS: usize = crate::replay::MAX_SALTS_PER_SHARD * MAX_LISTENERS;
+
+/// A predecessor's replay set, as the successor received it.
+#[derive(Debug, Default)]
+pub struct InheritedSalts {
+    /// The oldest hello timestamp (Unix ms) the predecessor accepted.
+    pub not_before: u64,
+    /// Whether every shard of the predecessor exported its set in time.
+    pub complete: bool,
+    /// Every salt, with its remaining lifetime in milliseconds.
+    pub salts: Vec<crate::replay::Remembered>,
+}
 
 /// Why a hand-over failed. One line each.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +114,8 @@ pub struct Inherited {
     pub not_before: u64,
     conn: BufReader<UnixStream>,
     path: PathBuf,
+    /// The exchange's version: 1 (an older predecessor, no `SALTS`) or 2.
+    version: u8,
 }
 
 impl Inherited {
@@ -101,22 +128,73 @@ impl Inherited {
     }
 
     /// Tells the predecessor that this process now accepts on the sockets,
-    /// and waits until it confirms that it drains.
-    pub fn confirm(mut self) -> Result<(), HandoverError> {
+    /// receives its replay set, and waits until it confirms that it drains.
+    /// A version 1 predecessor sends no set: the result is empty and not
+    /// complete.
+    pub fn confirm(mut self) -> Result<InheritedSalts, HandoverError> {
         let path = self.path.clone();
         let io = |source| HandoverError::Io {
             path: path.clone(),
             source,
         };
+        let bad = |reason: String| HandoverError::Protocol {
+            path: path.clone(),
+            reason,
+        };
         writeln!(self.conn.get_mut(), "READY {}", std::process::id()).map_err(io)?;
+        let mut salts = InheritedSalts::default();
+        if self.version >= 2 {
+            // The predecessor first waits for its shards' sets.
+            self.conn
+                .get_ref()
+                .set_read_timeout(Some(LINE_TIMEOUT + EXPORT_TIMEOUT))
+                .map_err(io)?;
+            let line = read_line(&mut self.conn).map_err(io)?;
+            let fields: Vec<&str> = line.split(' ').collect();
+            let parsed = match fields[..] {
+                ["SALTS", count, not_before, complete] => count
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|&n| n <= MAX_SALTS)
+                    .zip(not_before.parse::<u64>().ok())
+                    .zip(match complete {
+                        "0" => Some(false),
+                        "1" => Some(true),
+                        _ => None,
+                    }),
+                _ => None,
+            };
+            let Some(((count, not_before), complete)) = parsed else {
+                return Err(bad(format!(
+                    "expected SALTS, got `{}`",
+                    crate::log::one_line(&line)
+                )));
+            };
+            let mut raw = vec![0u8; count * 20];
+            std::io::Read::read_exact(&mut self.conn, &mut raw).map_err(io)?;
+            salts = InheritedSalts {
+                not_before,
+                complete,
+                salts: raw
+                    .chunks_exact(20)
+                    .map(|c| {
+                        let mut k = [0u8; 16];
+                        k.copy_from_slice(&c[..16]);
+                        let mut ms = [0u8; 4];
+                        ms.copy_from_slice(&c[16..]);
+                        (u128::from_le_bytes(k), u32::from_le_bytes(ms))
+                    })
+                    .collect(),
+            };
+        }
         let line = read_line(&mut self.conn).map_err(io)?;
         if line != "DRAINING" {
             return Err(HandoverError::Protocol {
                 path,
-                reason: format!("expected DRAINING, got `{line}`"),
+                reason: format!("expected DRAINING, got `{}`", crate::log::one_line(&line)),
             });
         }
-        Ok(())
+        Ok(salts)
     }
 }
 
@@ -143,8 +221,23 @@ fn read_line(conn: &mut BufReader<UnixStream>) -> std::io::Result<String> {
 
 /// Successor side: connects to `path` and receives the sockets. The
 /// running process must have the same `role` (`forward`, `entry`, `exit`):
-/// an exit's listeners carry tunnel clients, not plain ones.
+/// an exit's listeners carry tunnel clients, not plain ones. Speaks version
+/// 2 of the exchange, and version 1 to a process that does not know 2.
 pub fn take_over(path: &Path, role: &str) -> Result<Inherited, HandoverError> {
+    match take_over_with(path, role, 2) {
+        Err(HandoverError::Protocol { reason, .. })
+            if reason == "the running process refused: unsupported request" =>
+        {
+            crate::warn!(
+                "the running process speaks hand-over version 1: its replay set is not carried over, hellos stamped before this process started are refused"
+            );
+            take_over_with(path, role, 1)
+        }
+        other => other,
+    }
+}
+
+fn take_over_with(path: &Path, role: &str, version: u8) -> Result<Inherited, HandoverError> {
     let io = |source| HandoverError::Io {
         path: path.to_path_buf(),
         source,
@@ -156,7 +249,7 @@ pub fn take_over(path: &Path, role: &str) -> Result<Inherited, HandoverError> {
     let stream = UnixStream::connect(path).map_err(io)?;
     stream.set_read_timeout(Some(LINE_TIMEOUT)).map_err(io)?;
     stream.set_write_timeout(Some(LINE_TIMEOUT)).map_err(io)?;
-    (&stream).write_all(b"TAKEOVER 1\n").map_err(io)?;
+    writeln!(&stream, "TAKEOVER {version}").map_err(io)?;
     let mut head = [0u8; 128];
     let mut raw: Vec<RawFd> = vec![-1; MAX_LISTENERS + 2];
     // A socket call with SO_RCVTIMEO is not restarted after a signal
@@ -230,6 +323,7 @@ pub fn take_over(path: &Path, role: &str) -> Result<Inherited, HandoverError> {
         not_before,
         conn: BufReader::new(stream),
         path: path.to_path_buf(),
+        version,
     })
 }
 
@@ -292,16 +386,21 @@ fn offered(offer: &SharedOffer) -> bool {
 /// serving the socket (the successor serves it from then on). The thread
 /// ends once `offer` is emptied: after a hand-over, or when the process
 /// drains for another reason.
+///
+/// `salts` (an exit's) receives the shards' replay sets once they drain
+/// after a hand-over; `shards` of them are awaited (at most
+/// [`EXPORT_TIMEOUT`]) and sent to the successor before `DRAINING`.
 pub fn serve(
     listener: UnixListener,
     offer: SharedOffer,
+    salts: Option<(std::sync::mpsc::Receiver<crate::replay::Export>, usize)>,
     on_ready: impl Fn(u32) + Send + Sync + 'static,
 ) -> std::io::Result<()> {
     // accept(2) honours SO_RCVTIMEO: wake every 200 ms to look at `offer`.
     socket2::SockRef::from(&listener).set_read_timeout(Some(Duration::from_millis(200)))?;
     let on_ready = Arc::new(on_ready);
     // One hand-over at a time; a second successor is told at once.
-    let exchange = Arc::new(std::sync::Mutex::new(()));
+    let exchange = Arc::new(std::sync::Mutex::new(salts));
     let listener = Arc::new(listener);
     std::thread::Builder::new()
         .name("control-socket".into())
@@ -321,16 +420,28 @@ pub fn serve(
                 let spawned = std::thread::Builder::new()
                     .name("control-conn".into())
                     .spawn(move || {
-                        let result = match exchange.try_lock() {
-                            Ok(_guard) => offer_to(&conn, &offer, &listener),
+                        let mut exchange = match exchange.try_lock() {
+                            Ok(guard) => guard,
                             Err(_) => {
                                 let _ = (&conn).write_all(b"ERROR busy: another hand-over is in progress\n");
-                                Err("a second successor arrived during a hand-over".into())
+                                crate::warn!("hand-over failed, still serving: a second successor arrived during a hand-over");
+                                return;
                             }
                         };
-                        match result {
-                            Ok(pid) if offered(&offer) => {
+                        match offer_to(&conn, &offer, &listener) {
+                            Ok((pid, version, not_before)) if offered(&offer) => {
                                 on_ready(pid);
+                                if version >= 2 {
+                                    let set = collect_salts(exchange.as_mut());
+                                    let n = set.salts.len();
+                                    match send_salts(&conn, &set, not_before) {
+                                        Ok(()) => crate::info!(
+                                            "hand-over: sent the replay set ({n} salt(s){})",
+                                            if set.complete { "" } else { ", incomplete" }
+                                        ),
+                                        Err(e) => crate::warn!("hand-over: sending the replay set: {e}"),
+                                    }
+                                }
                                 let _ = (&conn).write_all(b"DRAINING\n");
                                 crate::info!(
                                     "hand-over: process {pid} accepts on our listeners; draining"
@@ -339,7 +450,7 @@ pub fn serve(
                                     *o = None;
                                 }
                             }
-                            Ok(pid) => {
+                            Ok((pid, _, _)) => {
                                 // We started draining meanwhile: the successor
                                 // serves alone; it hears no DRAINING.
                                 crate::warn!("hand-over: process {pid} became ready while we were already draining");
@@ -358,10 +469,68 @@ pub fn serve(
     Ok(())
 }
 
-/// One exchange with a successor; returns its PID once it is `READY`. The
-/// offer is locked only while the sockets are sent (the kernel duplicates
-/// them then), never while waiting for `READY`, so a drain can empty it.
-fn offer_to(conn: &UnixStream, offer: &SharedOffer, control: &UnixListener) -> Result<u32, String> {
+/// Collects the shards' replay sets (see [`crate::replay`]): every shard's
+/// [`crate::replay::Export::Set`], and the deltas sent meanwhile, for at
+/// most [`EXPORT_TIMEOUT`]. Without a receiver (not an exit) the set is
+/// empty and complete.
+fn collect_salts(
+    salts: Option<&mut (std::sync::mpsc::Receiver<crate::replay::Export>, usize)>,
+) -> InheritedSalts {
+    use crate::replay::Export;
+    let Some((rx, shards)) = salts else {
+        return InheritedSalts {
+            complete: true,
+            ..InheritedSalts::default()
+        };
+    };
+    let deadline = std::time::Instant::now() + EXPORT_TIMEOUT;
+    let mut got = InheritedSalts::default();
+    let mut sets = 0;
+    while sets < *shards {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(Export::Set { salts, .. }) => {
+                sets += 1;
+                got.salts.extend(salts);
+            }
+            Ok(Export::Delta(salt)) => got.salts.push(salt),
+            Err(_) => break,
+        }
+        if got.salts.len() > MAX_SALTS {
+            break;
+        }
+    }
+    got.complete = sets == *shards && got.salts.len() <= MAX_SALTS;
+    got.salts.truncate(MAX_SALTS);
+    got
+}
+
+/// Writes the `SALTS` line and its payload.
+fn send_salts(conn: &UnixStream, set: &InheritedSalts, not_before: u64) -> std::io::Result<()> {
+    let mut out = Vec::with_capacity(40 + 20 * set.salts.len());
+    writeln!(
+        out,
+        "SALTS {} {not_before} {}",
+        set.salts.len(),
+        u8::from(set.complete)
+    )?;
+    for (k, ms) in &set.salts {
+        out.extend_from_slice(&k.to_le_bytes());
+        out.extend_from_slice(&ms.to_le_bytes());
+    }
+    let mut w = conn;
+    w.write_all(&out)
+}
+
+/// One exchange with a successor; returns its PID, the exchange's version
+/// and our `not_before` once it is `READY`. The offer is locked only while
+/// the sockets are sent (the kernel duplicates them then), never while
+/// waiting for `READY`, so a drain can empty it.
+fn offer_to(
+    conn: &UnixStream,
+    offer: &SharedOffer,
+    control: &UnixListener,
+) -> Result<(u32, u8, u64), String> {
     conn.set_read_timeout(Some(LINE_TIMEOUT))
         .and_then(|()| conn.set_write_timeout(Some(LINE_TIMEOUT)))
         .map_err(|e| e.to_string())?;
@@ -373,14 +542,18 @@ fn offer_to(conn: &UnixStream, offer: &SharedOffer, control: &UnixListener) -> R
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(String::new()),
         Err(e) => return Err(format!("reading the request: {e}")),
     };
-    if request != "TAKEOVER 1" {
-        let _ = (&*conn).write_all(b"ERROR unsupported request\n");
-        return Err(format!(
-            "unsupported request `{}`",
-            crate::log::one_line(&request)
-        ));
-    }
-    {
+    let version = match request.as_str() {
+        "TAKEOVER 1" => 1,
+        "TAKEOVER 2" => 2,
+        _ => {
+            let _ = (&*conn).write_all(b"ERROR unsupported request\n");
+            return Err(format!(
+                "unsupported request `{}`",
+                crate::log::one_line(&request)
+            ));
+        }
+    };
+    let not_before = {
         let guard = offer.lock().map_err(|_| "offer unavailable".to_string())?;
         let Some(offer) = guard.as_ref() else {
             let _ = (&*conn).write_all(b"ERROR draining\n");
@@ -399,13 +572,15 @@ fn offer_to(conn: &UnixStream, offer: &SharedOffer, control: &UnixListener) -> R
         );
         conn.send_with_fd(head.as_bytes(), &fds)
             .map_err(|e| format!("sending the sockets: {e}"))?;
-    }
+        offer.not_before
+    };
     conn.set_read_timeout(Some(READY_TIMEOUT))
         .map_err(|e| e.to_string())?;
     let ready =
         read_line(&mut reader).map_err(|e| format!("the successor did not become ready: {e}"))?;
-    ready
+    let pid = ready
         .strip_prefix("READY ")
         .and_then(|pid| pid.parse().ok())
-        .ok_or_else(|| format!("expected READY, got `{}`", crate::log::one_line(&ready)))
+        .ok_or_else(|| format!("expected READY, got `{}`", crate::log::one_line(&ready)))?;
+    Ok((pid, version, not_before))
 }

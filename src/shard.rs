@@ -35,8 +35,13 @@ pub struct Setup {
     /// The exit's replay-filter mesh (every shard joins it).
     pub replay: Option<crate::replay::Mesh>,
     /// The exit refuses hellos stamped before this (Unix milliseconds): the
-    /// process start, or its predecessor's limit after a hand-over.
+    /// process start. After a hand-over, the inherited set replaces it.
     pub not_before: u64,
+    /// A successor's exit: answer no replay check until the predecessor's
+    /// set arrives (`Message::Salts`).
+    pub gated: bool,
+    /// Where an exit's replay set goes when a successor takes over.
+    pub export: Option<std::sync::mpsc::Sender<crate::replay::Export>>,
 }
 
 /// Starts a shard on its core.
@@ -62,6 +67,8 @@ async fn run(setup: Setup) {
         ready,
         replay,
         not_before,
+        gated,
+        export,
     } = setup;
     let listeners: Vec<_> = listeners
         .into_iter()
@@ -94,6 +101,7 @@ async fn run(setup: Setup) {
             shards,
             2 * skew + crate::replay::WINDOW_MARGIN,
             not_before,
+            gated,
         )
         .await
         {
@@ -123,16 +131,35 @@ async fn run(setup: Setup) {
         spawn_publisher(ctx.clone());
     }
 
-    while let Message::Keys(keys) = control::recv(&mut control).await {
-        let n = keys.all().len();
-        ctx.replace_keys(keys);
-        // After the keys are in place: tests and operators wait for this line.
-        crate::info!("shard {id}: keys replaced ({n} key(s))");
-    }
+    let handed_over = loop {
+        match control::recv(&mut control).await {
+            Message::Keys(keys) => {
+                let n = keys.all().len();
+                ctx.replace_keys(keys);
+                // After the keys are in place: tests and operators wait for this line.
+                crate::info!("shard {id}: keys replaced ({n} key(s))");
+            }
+            Message::Salts { not_before, salts } => {
+                if let Some(guard) = ctx.replay() {
+                    let n = salts.len();
+                    if guard.inherit(not_before, salts) {
+                        crate::info!("shard {id}: replay set inherited ({n} salt(s))");
+                    } else {
+                        crate::warn!("shard {id}: the inherited replay set does not fit; refusing hellos stamped before this process started");
+                    }
+                }
+            }
+            Message::HandOver => break true,
+            Message::Drain => break false,
+        }
+    };
 
     ctx.begin_drain();
     for accept in accepts {
         accept.await;
+    }
+    if let (true, Some(guard), Some(tx)) = (handed_over, ctx.replay(), export) {
+        export_replay_set(&ctx, &guard, tx).await;
     }
     let live = ctx.stats().active.get();
     crate::info!("shard {id} draining: stopped accepting, {live} live connections");
@@ -156,6 +183,36 @@ async fn run(setup: Setup) {
     }
     ctx.publish();
     crate::info!("shard {id} core {core} summary: {}", ctx.stats());
+}
+
+/// Hand-over: once this shard's pending handshakes have passed their replay
+/// check (or [`crate::replay::EXPORT_WAIT`] passed), sends its replay set
+/// toward the successor and seals it (see [`crate::replay`]).
+async fn export_replay_set(
+    ctx: &ShardCtx,
+    guard: &crate::replay::Guard,
+    tx: std::sync::mpsc::Sender<crate::replay::Export>,
+) {
+    let until = std::time::Instant::now() + crate::replay::EXPORT_WAIT;
+    // Sessions accepted just before the stop register as pending on their
+    // first poll: the first tick lets them. No event fires when the last
+    // pending handshake leaves, and this runs once per hand-over, so a
+    // short poll is enough.
+    loop {
+        glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
+        if ctx.pending_handshakes() == 0 || std::time::Instant::now() >= until {
+            break;
+        }
+    }
+    let left = ctx.pending_handshakes();
+    if left > 0 {
+        crate::warn!(
+            "shard {}: {left} handshake(s) still pending after {:?}; they are refused (the replay set is handed over)",
+            ctx.id(),
+            crate::replay::EXPORT_WAIT
+        );
+    }
+    guard.export(tx);
 }
 
 /// Publishes a snapshot every `--metrics-interval` from a task queue with

@@ -649,3 +649,182 @@ fn joining_a_group_warns_when_queued_connections_would_be_reset() {
         first.log()
     );
 }
+
+/// The client hello's length on the wire (docs/PROTOCOL.md §2).
+const CLIENT_HELLO: usize = 124;
+
+/// The exit's replay set crosses a hand-over (issue #13, docs/PROTOCOL.md
+/// §7): a hello the predecessor accepted gets silence from the successor,
+/// on whichever shard it lands, while tunnel clients under load lose no
+/// connection (the successor holds its replay checks until the set
+/// arrives).
+fn exit_takeover_carries_the_replay_set(from: usize, to: usize) {
+    let origin = echo_origin();
+    let key = key_file(&[&keygen()]);
+    let ctl = control_path(&format!("exit-{from}-{to}"));
+    let mut old = Proxy::exit(origin, &key)
+        .shards(from)
+        .args(["--control-socket", &ctl, "--handshake-timeout", "1s"])
+        .start();
+    // Sessions recorded by a man in the middle, before the hand-over.
+    let (tap, recording) = mitm(old.addr, Tamper::Record);
+    let recorder = Proxy::entry(tap, &key).start();
+    one(recorder.addr, &random_bytes(1024, 7)).unwrap();
+    let hello = recording.lock().unwrap()[..CLIENT_HELLO].to_vec();
+    let entry = Proxy::entry(old.addr, &key).start();
+    let load = Load::start(entry.addr, TOTAL / 2, SECS);
+    load.wait_done(TOTAL / 4);
+    let new = Proxy::exit(origin, &key)
+        .listen(old.addr)
+        .shards(to)
+        .args(["--takeover", &ctl, "--handshake-timeout", "1s"])
+        .start();
+    let line = new.wait_for_log(
+        |l| l.contains("replay set of") && l.contains("inherited"),
+        Duration::from_secs(15),
+    );
+    let inherited: usize = line
+        .split("replay set of ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    // The recorded session and the load's first quarter, at least.
+    assert!(inherited > TOTAL / 4, "{line}");
+    assert_eq!(
+        wait_exited(&mut old, Duration::from_secs(30)),
+        Some(0),
+        "{:?}",
+        old.log()
+    );
+    let (done, failed) = load.finish();
+    assert_eq!(done, TOTAL / 2);
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    // Replays, in parallel so that the kernel spreads them over the shards.
+    let replays: Vec<_> = (0..10)
+        .map(|_| {
+            let (addr, hello) = (new.addr, hello.clone());
+            thread::spawn(move || {
+                let mut c = TcpStream::connect(addr).unwrap();
+                c.write_all(&hello).unwrap();
+                read_until_end(&mut c, Duration::from_secs(10))
+            })
+        })
+        .collect();
+    for r in replays {
+        let (end, n) = r.join().unwrap();
+        assert_eq!(n, 0, "a replay after the hand-over got {n} bytes back");
+        assert_ne!(end, End::Open);
+    }
+    // A fresh session still works.
+    one(entry.addr, &random_bytes(1024, 8)).unwrap();
+    let (status, lines) = new.terminate();
+    assert!(status.success(), "{lines:?}");
+    let failures: u64 = summaries(&lines)
+        .iter()
+        .map(|s| s.get("handshake_failures"))
+        .sum();
+    assert_eq!(failures, 10, "{lines:?}");
+}
+
+#[test]
+fn an_exit_takeover_carries_the_replay_set_two_to_two() {
+    exit_takeover_carries_the_replay_set(2, 2);
+}
+
+#[test]
+fn an_exit_takeover_carries_the_replay_set_two_to_one() {
+    exit_takeover_carries_the_replay_set(2, 1);
+}
+
+/// Reads one `\n`-terminated line, a byte at a time (so that nothing after
+/// it is consumed).
+fn line_from(conn: &mut impl Read) -> String {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while conn.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
+        line.push(b[0]);
+    }
+    String::from_utf8_lossy(&line).into_owned()
+}
+
+/// A successor of this version taking over from a process that speaks only
+/// version 1 of the hand-over (no replay set): it falls back, says so,
+/// refuses hellos stamped before its own start (fail closed) and serves.
+#[test]
+fn a_takeover_from_a_version_1_process_falls_back_and_serves() {
+    use sendfd::SendWithFd;
+    use std::os::fd::AsRawFd;
+    let origin = echo_origin();
+    let key = key_file(&[&keygen()]);
+    let ctl = control_path("v1-predecessor");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let control = std::os::unix::net::UnixListener::bind(&ctl).unwrap();
+    let fake = thread::spawn(move || {
+        let mut seen = Vec::new();
+        // First the successor asks for version 2; a version 1 process
+        // refuses the request.
+        let (mut c, _) = control.accept().unwrap();
+        seen.push(line_from(&mut c));
+        c.write_all(b"ERROR unsupported request\n").unwrap();
+        drop(c);
+        let (mut c, _) = control.accept().unwrap();
+        seen.push(line_from(&mut c));
+        let head = format!("LISTENERS {} exit 0 1 0 1\n", std::process::id());
+        c.send_with_fd(
+            head.as_bytes(),
+            &[listener.as_raw_fd(), control.as_raw_fd()],
+        )
+        .unwrap();
+        seen.push(line_from(&mut c));
+        c.write_all(b"DRAINING\n").unwrap();
+        seen
+    });
+    let new = Proxy::exit(origin, &key)
+        .listen(addr)
+        .args(["--takeover", &ctl])
+        .start();
+    new.wait_for_log(
+        |l| l.contains("replay set of 0 salt(s) inherited"),
+        Duration::from_secs(15),
+    );
+    let seen = fake.join().unwrap();
+    assert_eq!(seen[..2], ["TAKEOVER 2", "TAKEOVER 1"]);
+    assert!(seen[2].starts_with("READY "), "{seen:?}");
+    let log = new.log().join("\n");
+    assert!(log.contains("speaks hand-over version 1"), "{log}");
+    assert!(log.contains("replay set is incomplete"), "{log}");
+    let entry = Proxy::entry(addr, &key).start();
+    one(entry.addr, &random_bytes(1024, 9)).unwrap();
+    let (status, lines) = new.terminate();
+    assert!(status.success(), "{lines:?}");
+}
+
+/// A successor that speaks only version 1 (an older binary) still takes the
+/// listeners over from this version: no `SALTS` line, then `DRAINING`.
+#[test]
+fn a_version_1_successor_is_still_served() {
+    use sendfd::RecvWithFd;
+    let origin = echo_origin();
+    let key = key_file(&[&keygen()]);
+    let ctl = control_path("v1-successor");
+    let mut old = Proxy::exit(origin, &key)
+        .args(["--control-socket", &ctl])
+        .start();
+    let mut c = std::os::unix::net::UnixStream::connect(&ctl).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(b"TAKEOVER 1\n").unwrap();
+    let mut head = [0u8; 128];
+    let mut fds = [-1; 8];
+    let (n, nfds) = c.recv_with_fd(&mut head, &mut fds).unwrap();
+    let head = String::from_utf8_lossy(&head[..n]).into_owned();
+    assert!(
+        head.starts_with("LISTENERS ") && head.contains(" exit "),
+        "{head}"
+    );
+    assert_eq!(nfds, 2, "{head}");
+    c.write_all(b"READY 1\n").unwrap();
+    assert_eq!(line_from(&mut c), "DRAINING");
+    assert_eq!(wait_exited(&mut old, Duration::from_secs(30)), Some(0));
+}
