@@ -46,6 +46,23 @@ const HAPROXY: &str = "haproxy tcp ×2";
 const ENCRYPTED: &str = "shardproxy entry+exit";
 const SS2022: &str = "ss-rust 2022-chacha20";
 const SS_AEAD: &str = "ss-rust chacha20-ietf-poly1305";
+const FORWARD_LOG: &str = "shardproxy forward ×2 + access log";
+const FORWARD_PROXY: &str = "shardproxy forward ×2 + PROXY v2";
+const ENCRYPTED_LOG: &str = "shardproxy entry+exit + access log";
+
+/// The scenarios the per-connection features (access log, PROXY protocol)
+/// are measured in: bulk moves the same bytes per connection either way.
+fn per_connection(scenario: &str) -> bool {
+    !scenario.starts_with("bulk")
+}
+
+/// `--access-log` to a fresh file (on the temp dir's disk) for proxy `who`.
+fn access_log(who: &str) -> Vec<String> {
+    let path =
+        std::env::temp_dir().join(format!("shardproxy-bench-{}-{who}.log", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    vec!["--access-log".into(), path.to_str().unwrap().into()]
+}
 
 /// One measurement: CPU per unit, the rate, and p99 where it applies.
 #[derive(Clone, Copy)]
@@ -145,6 +162,39 @@ fn main() {
                 }
             }
             run(ENCRYPTED, Some(encrypted_pair(origin)));
+            if per_connection(scenario) {
+                // Issue #12's costs: each proxy logs every connection; A
+                // sends a PROXY v2 header that B reads.
+                run(
+                    FORWARD_LOG,
+                    Some(shardproxy_pair_with(
+                        origin,
+                        &access_log("a"),
+                        &access_log("b"),
+                    )),
+                );
+                let proxy_in = vec![
+                    "--accept-proxy".to_string(),
+                    "--proxy-trusted-cidrs".to_string(),
+                    "127.0.0.1".to_string(),
+                ];
+                run(
+                    FORWARD_PROXY,
+                    Some(shardproxy_pair_with(
+                        origin,
+                        &["--send-proxy-v2".to_string()],
+                        &proxy_in,
+                    )),
+                );
+                run(
+                    ENCRYPTED_LOG,
+                    Some(encrypted_pair_with(
+                        origin,
+                        &access_log("entry"),
+                        &access_log("exit"),
+                    )),
+                );
+            }
             if let Some(ss) = shadowsocks_pair(origin, "2022-blake3-chacha20-poly1305", SS2022) {
                 run(SS2022, Some(ss));
             }
@@ -212,6 +262,24 @@ fn main() {
             ratio(ENCRYPTED, SS_AEAD),
             p99(FORWARD, HAPROXY),
             p99(ENCRYPTED, SS2022)
+        );
+    }
+    println!();
+    println!("| scenario | forward + access log / forward | forward + PROXY v2 / forward | entry+exit + access log / entry+exit |");
+    println!("|---|---|---|---|");
+    for (si, scenario) in SCENARIOS.iter().enumerate() {
+        if !per_connection(scenario) {
+            continue;
+        }
+        let ratio = |a: &str, b: &str| match (medians.get(&(si, a)), medians.get(&(si, b))) {
+            (Some(x), Some(y)) if y.0 > 0.0 => format!("{:.3}×", x.0 / y.0),
+            _ => "-".into(),
+        };
+        println!(
+            "| {scenario} | {} | {} | {} |",
+            ratio(FORWARD_LOG, FORWARD),
+            ratio(FORWARD_PROXY, FORWARD),
+            ratio(ENCRYPTED_LOG, ENCRYPTED)
         );
     }
 }

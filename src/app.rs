@@ -132,8 +132,12 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
+    crate::log::set(cfg.log_level, cfg.log_format);
     preflight()?;
     raise_fd_limit(cfg.fds_needed());
+    if let Some(log) = &cfg.access_log {
+        check_access_log(&log.path)?;
+    }
     let exe = std::env::current_exe().ok();
     let mut inherited = match &cfg.lifecycle.takeover {
         None => None,
@@ -367,6 +371,25 @@ fn inherit_replay_set(
     );
     crate::info!("hand-over: replay set of {n} salt(s) inherited");
     not_before
+}
+
+/// Opens the access log once before any shard starts, so a path that
+/// cannot be written is a start-up error, not a per-shard one.
+fn check_access_log(path: &str) -> Result<(), StartupError> {
+    if path == "-" {
+        return Ok(());
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)
+        .map(drop)
+        .map_err(|e| StartupError::AccessLog {
+            path: path.to_string(),
+            reason: e.to_string(),
+        })
 }
 
 /// `a` is `want`, or `want` asks for port 0 on the same IP.

@@ -115,6 +115,33 @@ pub struct ProxyArgs {
     /// How often each shard publishes its counters and histograms for scrapes (100ms-60s).
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
     pub metrics_interval: Duration,
+    /// forward, entry: read a PROXY protocol header (v1 or v2, e.g. from a load balancer) at the start of each connection and use its client address; peers outside --proxy-trusted-cidrs and connections without a valid header are closed (close reason bad_proxy_header). --accept-proxy=false turns a config file's setting off.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub accept_proxy: bool,
+    /// With --accept-proxy: the peers allowed to send a PROXY header, as a comma-separated list of CIDRs or addresses, e.g. 10.0.0.0/8,192.0.2.7 (required with --accept-proxy).
+    #[arg(long, value_name = "CIDRS")]
+    pub proxy_trusted_cidrs: Option<String>,
+    /// With --accept-proxy: close a connection whose PROXY header is not complete this long after accept (100ms-60s).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub proxy_header_timeout: Duration,
+    /// forward, exit: send a PROXY protocol v2 header first on each upstream connection, with the original client's address and the connection ID (TLV 0xE0). --send-proxy-v2=false turns a config file's setting off.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub send_proxy_v2: bool,
+    /// Write one line per connection, when it closes, to this file (`-` for stderr); off by default. The file is reopened on SIGUSR1 (for logrotate).
+    #[arg(long, value_name = "PATH")]
+    pub access_log: Option<String>,
+    /// Access-log line format.
+    #[arg(long, value_name = "FORMAT", default_value = "json", value_parser = ["json", "logfmt"])]
+    pub access_log_format: String,
+    /// Also write an access-log line for each live connection this often, e.g. 1m (1s-24h); off by default.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub access_log_interval: Option<Duration>,
+    /// Process log: the least severe level written.
+    #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = ["error", "warn", "info", "debug"])]
+    pub log_level: String,
+    /// Process log line format (lines start with an RFC 3339 UTC timestamp in both).
+    #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
 }
 
 /// Flags of `run` and `check`.

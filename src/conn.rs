@@ -41,6 +41,11 @@ impl Conn {
         }
     }
 
+    /// The socket's peer address (`getpeername`), if it still has one.
+    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+        self.stream.borrow().peer_addr().ok()
+    }
+
     /// Which side this socket reaches.
     pub fn peer(&self) -> Peer {
         self.peer

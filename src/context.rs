@@ -45,6 +45,11 @@ pub struct ShardCtx {
     /// Session permits (`--max-connections`), shared with the accept loops;
     /// the exit takes one only once a handshake has authenticated.
     sessions: RefCell<Option<Rc<glommio::sync::Semaphore>>>,
+    /// This shard's end of the access log, when it is on.
+    access_log: RefCell<Option<crate::access_log::ShardLog>>,
+    /// Whether sessions look up their peer and local addresses (the access
+    /// log, the PROXY protocol and the entry's `meta` need them).
+    wants_addresses: bool,
 }
 
 /// A pending handshake's place in its shard's registry; leaving it (drop)
@@ -84,6 +89,10 @@ impl ShardCtx {
     /// The context of shard `id`; `board` is where metrics snapshots go.
     pub fn new(id: usize, cfg: Config, board: Option<Board>) -> Self {
         let keys = cfg.tunnel().map(|t| Rc::new(t.keys.clone()));
+        let wants_addresses = cfg.access_log.is_some()
+            || cfg.identity.accept_proxy.is_some()
+            || cfg.identity.send_proxy_v2
+            || matches!(cfg.mode, crate::config::Mode::Entry(_));
         ShardCtx {
             id,
             timings: Timings::new(board.is_some()),
@@ -101,6 +110,8 @@ impl ShardCtx {
             pending: RefCell::new(std::collections::VecDeque::new()),
             next_pending: Cell::new(0),
             sessions: RefCell::new(None),
+            access_log: RefCell::new(None),
+            wants_addresses,
         }
     }
 
@@ -203,6 +214,14 @@ impl ShardCtx {
         self.salts.borrow_mut().salt()
     }
 
+    /// A fresh connection ID (128 random bits from the shard's CSPRNG; 0 if
+    /// the OS could not seed it).
+    pub fn connection_id(&self) -> u128 {
+        self.salt()
+            .map(|s| u128::from_le_bytes(s[..16].try_into().unwrap_or([0; 16])))
+            .unwrap_or(0)
+    }
+
     /// A relay buffer of `len` bytes: a pooled one, or a new zeroed one. A
     /// pooled buffer holds bytes of an earlier connection; the relay only
     /// ever sends what it read into a buffer, never what was there. `None`
@@ -270,6 +289,39 @@ impl ShardCtx {
         if self.draining.get() && self.stats.active.get() == 0 {
             self.all_closed.fire();
         }
+    }
+
+    /// Installs this shard's access log (once, before accepting).
+    pub fn set_access_log(&self, log: crate::access_log::ShardLog) {
+        *self.access_log.borrow_mut() = Some(log);
+    }
+
+    /// Logs `rec` to the access log, if it is on: closed with `reason`, or
+    /// still open (`None`, an `--access-log-interval` line). Never blocks.
+    pub fn log_access(&self, rec: &crate::access_log::Record, reason: Option<CloseReason>) {
+        if let Some(log) = self.access_log.borrow().as_ref() {
+            log.log(rec, reason, &self.stats);
+        }
+    }
+
+    /// Hands buffered access-log lines to the writer (periodic).
+    pub fn flush_access_log(&self) {
+        if let Some(log) = self.access_log.borrow().as_ref() {
+            log.flush();
+        }
+    }
+
+    /// Ends the access log: every buffered line is written (blocking; the
+    /// shard is done).
+    pub fn close_access_log(&self) {
+        if let Some(log) = self.access_log.borrow_mut().take() {
+            log.finish();
+        }
+    }
+
+    /// Whether sessions look up their addresses (see the field).
+    pub fn wants_addresses(&self) -> bool {
+        self.wants_addresses
     }
 
     /// Whether a metrics board receives snapshots.

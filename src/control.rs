@@ -127,7 +127,7 @@ impl Controller {
 /// | SIGTERM, SIGINT | exit 0 at once: nothing is accepted yet | first: drain (after `--drain-delay`); second: reset every connection (RST) and exit 1 |
 /// | SIGHUP | remembered, applied once started | re-read the key file (ignored while draining) |
 /// | SIGUSR2 | logged, ignored | re-execute the binary with `--takeover` (needs a control socket: `--control-socket`, or the one inherited with `--takeover`): the new process takes the listeners, this one drains |
-/// | SIGUSR1 | logged, ignored | logged, ignored (reserved: reopen the access log) |
+/// | SIGUSR1 | reopen the access log | reopen the access log (after logrotate renamed it) |
 ///
 /// SIGPIPE is ignored by the Rust runtime, and the signals in [`IGNORED`]
 /// explicitly; SIGQUIT (core dump) and the synchronous faults keep their
@@ -308,7 +308,8 @@ fn on_signal(phase: &mut Phase, sig: i32, shared: &Arc<Mutex<Phase>>) {
                 crate::info!("SIGHUP during start-up: will reload once started");
                 *reload_pending = true;
             }
-            SIGUSR1 | SIGUSR2 => ignored(sig, "during start-up"),
+            SIGUSR1 => reopen_access_log(),
+            SIGUSR2 => ignored(sig, "during start-up"),
             _ => {
                 // No shard runs yet and nothing was accepted: a clean exit.
                 crate::info!("termination signal during start-up: exiting");
@@ -327,7 +328,7 @@ fn on_signal(phase: &mut Phase, sig: i32, shared: &Arc<Mutex<Phase>>) {
             }
             SIGUSR2 if r.draining => ignored(sig, "while draining"),
             SIGUSR2 => r.upgrade(),
-            SIGUSR1 => ignored(sig, "in this version"),
+            SIGUSR1 => reopen_access_log(),
             _ if r.draining => {
                 let n = crate::sys::abandon_connections();
                 crate::warn!(
@@ -365,12 +366,15 @@ fn on_signal(phase: &mut Phase, sig: i32, shared: &Arc<Mutex<Phase>>) {
 }
 
 fn ignored(sig: i32, when: &str) {
-    let (name, what) = if sig == SIGUSR1 {
-        ("SIGUSR1", "reserved for reopening the access log")
-    } else {
-        ("SIGUSR2", "upgrades by re-executing the binary")
-    };
-    crate::info!("{name}: ignored {when} ({name} {what})");
+    let name = if sig == SIGUSR1 { "SIGUSR1" } else { "SIGUSR2" };
+    crate::info!("{name}: ignored {when} ({name} upgrades by re-executing the binary)");
+}
+
+/// SIGUSR1: every access-log writer reopens its path (a no-op without
+/// `--access-log`).
+fn reopen_access_log() {
+    crate::access_log::reopen();
+    crate::info!("SIGUSR1: reopening the access log");
 }
 
 impl Running {

@@ -40,6 +40,14 @@ pub enum StartupError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// `--access-log` cannot be opened for appending.
+    #[error("cannot open --access-log {path}: {reason}")]
+    AccessLog {
+        /// The path.
+        path: String,
+        /// The OS error.
+        reason: String,
+    },
     /// The metrics endpoint cannot listen.
     #[error("cannot listen on --metrics-listen {addr}: {source}")]
     MetricsListen {
@@ -204,6 +212,10 @@ pub enum SessionError {
     /// The relay buffers (this many bytes each) could not be allocated.
     #[error("cannot allocate a {0}-byte relay buffer")]
     OutOfMemory(usize),
+    /// `--accept-proxy`: the client is not trusted to send a PROXY header,
+    /// or its header was missing, malformed, too long or late.
+    #[error("downstream PROXY protocol header: {0}")]
+    BadProxyHeader(&'static str),
 }
 
 impl SessionError {
@@ -217,6 +229,7 @@ impl SessionError {
             | SessionError::HandshakeTimeout(peer)
             | SessionError::Proto { peer, .. }
             | SessionError::Truncated(peer) => Side::from(*peer),
+            SessionError::BadProxyHeader(_) => Side::Downstream,
             SessionError::Connect(e) if is_fd_exhaustion(e) => Side::Internal,
             SessionError::Connect(_) | SessionError::ConnectTimeout => Side::Upstream,
             // Silence is both peers'; the timer is ours.
@@ -254,6 +267,7 @@ impl SessionError {
             SessionError::Rng(_) | SessionError::NoKeys | SessionError::OutOfMemory(_) => {
                 CloseReason::Internal
             }
+            SessionError::BadProxyHeader(_) => CloseReason::BadProxyHeader,
         }
     }
 

@@ -30,6 +30,7 @@
 //! Data never crosses cores: each shard accepts on its own listener, pairs
 //! and relays its own connections, and counts into its own `Cell`s.
 
+pub mod access_log;
 pub mod app;
 pub mod cli;
 pub mod config;
@@ -43,6 +44,7 @@ pub mod listener;
 pub mod log;
 pub mod metrics;
 pub mod proto;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod replay;
 pub mod rng;

@@ -10,6 +10,7 @@ use glommio::net::TcpListener;
 use glommio::sync::Semaphore;
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::access_log::Record;
 use crate::config::Config;
 use crate::context::ShardCtx;
 use crate::error::{SessionError, Side, StartupError};
@@ -124,6 +125,14 @@ struct AcceptState {
     /// Tunnel handshakes and authentication that failed (a wrong key, a
     /// probe), logged rate-limited so a key mismatch shows in the log.
     auth: RefCell<RateLimitedLog>,
+    /// Upstream connects that failed or timed out.
+    connect: RefCell<RateLimitedLog>,
+    /// Handshakes that timed out, and idle connections closed.
+    timeout: RefCell<RateLimitedLog>,
+    /// Connections reset or failed by a peer mid-stream.
+    reset: RefCell<RateLimitedLog>,
+    /// Clients refused for their PROXY protocol header.
+    proxy_header: RefCell<RateLimitedLog>,
 }
 
 /// Accepts until the shard stops accepting, then drops the listener so the
@@ -142,6 +151,10 @@ pub async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>, permits: Rc<S
         fd_exhausted: Cell::new(false),
         internal: RefCell::new(RateLimitedLog::new()),
         auth: RefCell::new(RateLimitedLog::new()),
+        connect: RefCell::new(RateLimitedLog::new()),
+        timeout: RefCell::new(RateLimitedLog::new()),
+        reset: RefCell::new(RateLimitedLog::new()),
+        proxy_header: RefCell::new(RateLimitedLog::new()),
     });
     let stop = ctx.accepting_stopped().clone();
     let gated = !matches!(ctx.config().mode, crate::config::Mode::Exit(_));
@@ -180,12 +193,15 @@ pub async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>, permits: Rc<S
                     ctx.on_accept();
                     let (ctx, state) = (ctx.clone(), state.clone());
                     glommio::spawn_local(async move {
-                        let result = crate::session::run(stream, &ctx).await;
+                        let rec = Record::new(ctx.connection_id());
+                        let result = crate::session::run(stream, &ctx, &rec).await;
                         drop(permit);
+                        let reason = CloseReason::from(&result);
                         if let Err(e) = &result {
-                            state.report(ctx.id(), e);
+                            state.report(ctx.id(), e, &rec);
                         }
-                        ctx.on_close(CloseReason::from(&result));
+                        ctx.log_access(&rec, Some(reason));
+                        ctx.on_close(reason);
                     })
                     .detach();
                     None
@@ -211,21 +227,55 @@ pub async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>, permits: Rc<S
 }
 
 impl AcceptState {
-    /// Takes in what a finished session reports. Peers' failures are counted
-    /// by close reason; this process's own are also logged (rate-limited).
-    fn report(&self, shard: usize, e: &SessionError) {
+    /// Takes in what a finished session reports. Every failure is counted
+    /// by close reason; each kind also gets a log line (at most one per
+    /// second per kind and accept loop, with the count of those
+    /// suppressed) naming the side that failed and the client.
+    fn report(&self, shard: usize, e: &SessionError, rec: &Record) {
+        let client = match (rec.client(), rec.peer.get()) {
+            (Some(c), Some(p)) if c != p => format!("client {c} via {p}"),
+            (Some(c), _) => format!("client {c}"),
+            (None, _) => "client address unknown".to_string(),
+        };
+        let line = |n: u64, what: String| {
+            format!("shard {shard}: {what} ({client}; {n} similar suppressed)")
+        };
         if e.is_fd_exhaustion() {
             self.fd_exhausted.set(true);
-        } else if e.reason() == CloseReason::AuthFailed {
-            self.auth.borrow_mut().log(|n| {
-                format!("shard {shard}: tunnel handshake or authentication failed: {e} ({n} similar suppressed; a wrong key on one side looks like this)")
-            });
-        } else if e.side() == Side::Internal
-            && !matches!(e, SessionError::Drained | SessionError::Idle)
-        {
-            self.internal.borrow_mut().log(|n| {
-                format!("shard {shard}: session failed: {e} ({n} similar errors suppressed)")
-            });
+            return;
+        }
+        match e {
+            SessionError::Connect(_) | SessionError::ConnectTimeout => {
+                let upstream = rec
+                    .upstream
+                    .get()
+                    .map_or_else(|| "?".to_string(), |u| u.to_string());
+                self.connect
+                    .borrow_mut()
+                    .log(|n| line(n, format!("upstream {upstream}: {e}")));
+            }
+            SessionError::HandshakeTimeout(_) | SessionError::Idle => {
+                self.timeout.borrow_mut().log(|n| line(n, e.to_string()));
+            }
+            SessionError::BadProxyHeader(_) => {
+                self.proxy_header
+                    .borrow_mut()
+                    .log(|n| line(n, format!("{e}; closed")));
+            }
+            SessionError::Io { .. } | SessionError::Truncated(_) => {
+                self.reset.borrow_mut().log(|n| line(n, e.to_string()));
+            }
+            _ if e.reason() == CloseReason::AuthFailed => {
+                self.auth.borrow_mut().log(|n| {
+                    line(n, format!("tunnel handshake or authentication failed: {e} (a wrong key on one side looks like this)"))
+                });
+            }
+            _ if e.side() == Side::Internal && !matches!(e, SessionError::Drained) => {
+                self.internal
+                    .borrow_mut()
+                    .log(|n| line(n, format!("session failed: {e}")));
+            }
+            _ => {}
         }
     }
 }

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use futures_lite::future;
 
+use crate::access_log::Record;
 use crate::conn::{Conn, Peer};
 use crate::context::ShardCtx;
 use crate::error::SessionError;
@@ -63,14 +64,14 @@ enum Transform<'a> {
 
 /// Relays `client` ⇄ `upstream` until both directions have ended (`Ok`), one
 /// fails, the pair is idle for `--idle-timeout`, or the shard aborts
-/// connections at the end of its drain. `accepted_at` feeds the
-/// first-byte histogram. Closing the sockets is the caller's.
+/// connections at the end of its drain. Bytes and the first byte's time
+/// go into `rec` too (the access log). Closing the sockets is the caller's.
 pub async fn run(
     client: &Conn,
     upstream: &Conn,
     mut framing: Framing,
     ctx: &ShardCtx,
-    accepted_at: Instant,
+    rec: &Record,
 ) -> Result<(), SessionError> {
     let limits = ctx.limits();
     let read_size = limits.buffer_size.get();
@@ -102,7 +103,7 @@ pub async fn run(
         activity: Cell::new(0),
         stats: ctx.stats(),
         timings: ctx.timings(),
-        accepted_at,
+        rec,
         first_byte_done: Cell::new(false),
         read_size: read_size.clamp(1, MAX_PAYLOAD),
     };
@@ -128,7 +129,9 @@ pub async fn run(
                 .map(|_| ())
             },
             async {
-                pumps.idle(limits.idle_timeout).await;
+                pumps
+                    .idle(limits.idle_timeout, ctx.config().access_log_interval(), ctx)
+                    .await;
                 Err(SessionError::Idle)
             },
         ),
@@ -147,7 +150,8 @@ struct Pumps<'a> {
     activity: Cell<u64>,
     stats: &'a ShardStats,
     timings: &'a Timings,
-    accepted_at: Instant,
+    /// The connection's own record: bytes, first byte.
+    rec: &'a Record,
     first_byte_done: Cell<bool>,
     /// Plaintext read per chunk when sealing.
     read_size: usize,
@@ -160,13 +164,26 @@ impl Pumps<'_> {
 
     /// Completes once nothing has moved for at least `idle`. Sampled every
     /// quarter of the period, so a pair is closed after between `idle` and
-    /// `1.25 × idle` of silence.
-    async fn idle(&self, idle: Duration) {
-        let tick = (idle / 4).max(Duration::from_millis(1));
+    /// `1.25 × idle` of silence. With `--access-log-interval`, also writes
+    /// the connection's interval line every `interval` (the tick is then at
+    /// most `interval`).
+    async fn idle(&self, idle: Duration, interval: Option<Duration>, ctx: &ShardCtx) {
+        let mut tick = (idle / 4).max(Duration::from_millis(1));
+        if let Some(i) = interval {
+            tick = tick.min(i);
+        }
         let mut seen = self.activity.get();
         let mut quiet = Duration::ZERO;
+        let mut since_line = Duration::ZERO;
         loop {
             glommio::timer::sleep(tick).await;
+            if let Some(i) = interval {
+                since_line += tick;
+                if since_line >= i {
+                    since_line = Duration::ZERO;
+                    ctx.log_access(self.rec, None);
+                }
+            }
             let now = self.activity.get();
             if now == seen {
                 quiet += tick;
@@ -177,6 +194,22 @@ impl Pumps<'_> {
                 seen = now;
                 quiet = Duration::ZERO;
             }
+        }
+    }
+
+    /// Counts `n` plaintext bytes moved, for the shard and the connection.
+    fn count(&self, up: bool, n: usize) {
+        self.stats.add_bytes(up, n);
+        self.rec.add_bytes(up, n);
+    }
+
+    /// A chunk was written on the other side: the first one downstream is
+    /// the connection's first byte (access log).
+    fn delivered(&self, up: bool) {
+        if !up && self.rec.first_byte.get().is_none() {
+            self.rec
+                .first_byte
+                .set(Some(self.rec.accepted_at.elapsed()));
         }
     }
 
@@ -192,7 +225,8 @@ impl Pumps<'_> {
         let which = if up { Hist::RelayUp } else { Hist::RelayDown };
         self.timings.record(which, now - read_at);
         if up && !self.first_byte_done.replace(true) {
-            self.timings.record(Hist::FirstByte, now - self.accepted_at);
+            self.timings
+                .record(Hist::FirstByte, now - self.rec.accepted_at);
         }
     }
 
@@ -232,8 +266,9 @@ impl Pumps<'_> {
                 return to.shutdown_write();
             }
             let read_at = self.now();
-            self.stats.add_bytes(up, n);
+            self.count(up, n);
             self.write_all(to, &buf[..n]).await?;
+            self.delivered(up);
             self.chunk_done(up, read_at);
         }
     }
@@ -262,9 +297,10 @@ impl Pumps<'_> {
                 return tunnel.shutdown_write();
             }
             let read_at = self.now();
-            self.stats.add_bytes(up, n);
+            self.count(up, n);
             let total = enc.seal_in_place(frame, n).map_err(SessionError::Limit)?;
             self.write_all(tunnel, &frame[..total]).await?;
+            self.delivered(up);
             self.chunk_done(up, read_at);
         }
     }
@@ -298,8 +334,9 @@ impl Pumps<'_> {
                     len,
                 } => {
                     let at = start + s;
-                    self.stats.add_bytes(up, len);
+                    self.count(up, len);
                     self.write_all(plain, &buf[at..at + len]).await?;
+                    self.delivered(up);
                     self.chunk_done(up, read_at);
                     start += consumed;
                 }

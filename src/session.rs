@@ -12,42 +12,156 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use glommio::net::TcpStream;
 
-use crate::config::{Mode, TunnelConfig};
+use crate::access_log::Record;
+use crate::config::{AcceptProxy, Mode, TunnelConfig};
 use crate::conn::{Conn, Peer};
 use crate::context::ShardCtx;
 use crate::error::SessionError;
 use crate::metrics::Hist;
 use crate::proto::{
-    accept_hello, ClientHandshake, ProtoError, CLIENT_HELLO_LEN, CONFIRM_LEN, SALT_LEN,
-    SERVER_HELLO_LEN,
+    accept_hello, ClientHandshake, Meta, ProtoError, CLIENT_HELLO_LEN, CONFIRM_LEN, LEN_LEN,
+    SALT_LEN, SERVER_HELLO_LEN, TAG_LEN,
 };
+use crate::proxy_protocol::{self, Parsed};
 use crate::relay::Framing;
 use crate::replay::Verdict;
 use crate::trigger::{bounded, Interrupted, Trigger};
 
-/// Runs one accepted connection to completion. `Ok` means both directions
-/// ended with FIN; on any error the client is reset (RST), never closed
-/// cleanly, and the error says which side failed.
-pub async fn run(client: TcpStream, ctx: &ShardCtx) -> Result<(), SessionError> {
-    let accepted_at = Instant::now();
+/// Runs one accepted connection to completion, filling in `rec` as it
+/// goes. `Ok` means both directions ended with FIN; on any error the
+/// client is reset (RST), never closed cleanly, and the error says which
+/// side failed.
+pub async fn run(client: TcpStream, ctx: &ShardCtx, rec: &Record) -> Result<(), SessionError> {
+    let accepted_at = rec.accepted_at;
+    if ctx.wants_addresses() {
+        rec.peer.set(client.peer_addr().ok());
+        rec.destination.set(client.local_addr().ok());
+    }
     let client = Conn::new(client, Peer::Downstream);
-    let result = match &ctx.config().mode {
-        Mode::Forward => forward(&client, ctx, accepted_at).await,
-        Mode::Entry(tun) => entry(&client, ctx, tun, accepted_at).await,
-        Mode::Exit(tun) => exit(&client, ctx, tun, accepted_at).await,
-    };
+    let result = async {
+        // `--accept-proxy`: the header first; what followed it in the same
+        // reads is the client's first data.
+        let early = match &ctx.config().identity.accept_proxy {
+            Some(trusted) => proxy_header(&client, ctx, trusted, rec).await?,
+            None => Vec::new(),
+        };
+        match &ctx.config().mode {
+            Mode::Forward => forward(&client, ctx, rec, &early).await,
+            Mode::Entry(tun) => entry(&client, ctx, tun, rec, &early).await,
+            Mode::Exit(tun) => exit(&client, ctx, tun, rec).await,
+        }
+    }
+    .await;
     ctx.timings()
         .record(Hist::ConnectionDuration, accepted_at.elapsed());
     if result.is_err() {
+        // For the failure's log line.
+        if rec.peer.get().is_none() {
+            rec.peer.set(client.peer_addr());
+        }
         client.abort();
     }
     result
 }
 
+/// `--accept-proxy`: refuses a peer outside `--proxy-trusted-cidrs`, then
+/// reads the PROXY protocol header (v1 or v2, at most
+/// [`proxy_protocol::MAX_HEADER`] bytes, within `--proxy-header-timeout` of
+/// accept) and records the client's addresses in `rec`. Returns the bytes
+/// read past the header (the client's first data). Nothing is forwarded
+/// before the header is complete and valid.
+async fn proxy_header(
+    client: &Conn,
+    ctx: &ShardCtx,
+    trusted: &AcceptProxy,
+    rec: &Record,
+) -> Result<Vec<u8>, SessionError> {
+    if !rec.peer.get().is_some_and(|p| trusted.trusts(p.ip())) {
+        return Err(SessionError::BadProxyHeader(
+            "peer not in --proxy-trusted-cidrs",
+        ));
+    }
+    let deadline = rec.accepted_at + trusted.timeout;
+    let mut buf = vec![0u8; proxy_protocol::MAX_HEADER];
+    let mut filled = 0;
+    loop {
+        let n = match bounded(
+            ctx.aborted(),
+            Some(deadline),
+            client.read(&mut buf[filled..]),
+        )
+        .await
+        {
+            Ok(read) => read?,
+            Err(Interrupted::Stopped) => return Err(SessionError::Drained),
+            Err(Interrupted::Deadline) => {
+                return Err(SessionError::BadProxyHeader(
+                    "not complete within --proxy-header-timeout",
+                ))
+            }
+        };
+        if n == 0 {
+            return Err(match filled {
+                0 => SessionError::Empty(Peer::Downstream),
+                _ => SessionError::BadProxyHeader("closed within the header"),
+            });
+        }
+        filled += n;
+        match proxy_protocol::parse(&buf[..filled]) {
+            Parsed::Header { len, addresses } => {
+                // LOCAL (a balancer's health check) and UNKNOWN: the
+                // connection is the balancer's own.
+                if let Some(a) = addresses {
+                    rec.client.set(Some(a.source));
+                    rec.destination.set(Some(a.destination));
+                }
+                buf.copy_within(len..filled, 0);
+                buf.truncate(filled - len);
+                return Ok(buf);
+            }
+            Parsed::Incomplete => {}
+            Parsed::Invalid(why) => return Err(SessionError::BadProxyHeader(why)),
+        }
+    }
+}
+
+/// The PROXY protocol v2 header a `forward` or an `exit` sends upstream
+/// (`--send-proxy-v2`), or nothing.
+fn proxy_header_out(ctx: &ShardCtx, rec: &Record) -> Vec<u8> {
+    if !ctx.config().identity.send_proxy_v2 {
+        return Vec::new();
+    }
+    match (rec.client(), rec.destination.get()) {
+        (Some(source), Some(destination)) => {
+            proxy_protocol::header_v2(source, destination, rec.id.get())
+        }
+        // The addresses could not be looked up (the client is already
+        // gone): say nothing about it rather than something wrong.
+        _ => proxy_protocol::header_v2_local(),
+    }
+}
+
 /// `forward`: plain both ways.
-async fn forward(client: &Conn, ctx: &ShardCtx, accepted_at: Instant) -> Result<(), SessionError> {
-    let upstream = connect(ctx).await?;
-    relay(client, &upstream, Framing::Plain, ctx, accepted_at).await
+async fn forward(
+    client: &Conn,
+    ctx: &ShardCtx,
+    rec: &Record,
+    early: &[u8],
+) -> Result<(), SessionError> {
+    let upstream = connect(ctx, rec).await?;
+    let mut first = proxy_header_out(ctx, rec);
+    if !early.is_empty() {
+        first.extend_from_slice(early);
+        ctx.stats().add_bytes(true, early.len());
+        rec.add_bytes(true, early.len());
+    }
+    if !first.is_empty() {
+        if let Err(e) = upstream.write_all(&first, || ()).await {
+            upstream.abort();
+            return Err(e);
+        }
+    }
+    relay(client, &upstream, Framing::Plain, ctx, rec).await
 }
 
 /// `entry`: connect to the exit, say hello, verify its answer, then seal
@@ -56,26 +170,38 @@ async fn entry(
     client: &Conn,
     ctx: &ShardCtx,
     tun: &TunnelConfig,
-    accepted_at: Instant,
+    rec: &Record,
+    early: &[u8],
 ) -> Result<(), SessionError> {
     let keys = ctx.keys().ok_or(SessionError::NoKeys)?;
     let salt = ctx.salt().map_err(SessionError::Rng)?;
-    let upstream = connect(ctx).await?;
+    // Who the client is, for the exit (docs/PROTOCOL.md §2.1).
+    let (meta, meta_len) = Meta {
+        client: rec.client(),
+        destination: rec.destination.get(),
+        id: Some(rec.id.get()),
+    }
+    .encode();
+    let upstream = connect(ctx, rec).await?;
     let deadline = Instant::now() + tun.handshake_timeout;
     let handshake = async {
         let rejected = |source| SessionError::Proto {
             peer: Peer::Upstream,
             source,
         };
-        // An empty `meta` cannot exceed its limit: this never fails.
-        let (hs, hello) = ClientHandshake::start(keys.primary(), salt, unix_now(), b"")
-            .map_err(SessionError::Limit)?;
-        upstream.write_all(&hello, || ()).await?;
+        // `Meta::encode` fits its block: this never fails.
+        let (hs, hello) =
+            ClientHandshake::start(keys.primary(), salt, unix_now(), &meta[..meta_len])
+                .map_err(SessionError::Limit)?;
+        // Timed from before the write: its completion may be seen only
+        // together with the answer.
         let sent_at = Instant::now();
+        upstream.write_all(&hello, || ()).await?;
         let mut answer = [0u8; SERVER_HELLO_LEN];
         upstream.read_exact(&mut answer).await?;
         let (mut encoder, decoder) = hs.finish(&answer).map_err(rejected)?;
         ctx.timings().record(Hist::Handshake, sent_at.elapsed());
+        rec.handshake.set(Some(sent_at.elapsed()));
         // Key confirmation (protocol v2): the exit contacts its origin only
         // once this chunk verified. Sent at once, so a protocol whose server
         // speaks first works without waiting for client data.
@@ -83,7 +209,23 @@ async fn entry(
         encoder
             .seal_confirm(&mut confirm)
             .map_err(SessionError::Limit)?;
-        upstream.write_all(&confirm, || ()).await?;
+        if early.is_empty() {
+            upstream.write_all(&confirm, || ()).await?;
+        } else {
+            // Client data that came with its PROXY header: sealed as the
+            // first data chunk, in the same write (at most
+            // `proxy_protocol::MAX_HEADER` bytes, below one chunk).
+            let mut out = vec![0u8; CONFIRM_LEN + LEN_LEN + early.len() + TAG_LEN];
+            out[..CONFIRM_LEN].copy_from_slice(&confirm);
+            let chunk = &mut out[CONFIRM_LEN..];
+            chunk[LEN_LEN..LEN_LEN + early.len()].copy_from_slice(early);
+            encoder
+                .seal_in_place(chunk, early.len())
+                .map_err(SessionError::Limit)?;
+            ctx.stats().add_bytes(true, early.len());
+            rec.add_bytes(true, early.len());
+            upstream.write_all(&out, || ()).await?;
+        }
         Ok((encoder, decoder))
     };
     let (encoder, decoder) =
@@ -99,7 +241,7 @@ async fn entry(
         encoder,
         decoder,
     };
-    relay(client, &upstream, framing, ctx, accepted_at).await
+    relay(client, &upstream, framing, ctx, rec).await
 }
 
 /// `exit`: verify the hello before saying anything, answer, connect to the
@@ -108,8 +250,9 @@ async fn exit(
     client: &Conn,
     ctx: &ShardCtx,
     tun: &TunnelConfig,
-    accepted_at: Instant,
+    rec: &Record,
 ) -> Result<(), SessionError> {
+    let accepted_at = rec.accepted_at;
     let deadline = accepted_at + tun.handshake_timeout;
     let keys = ctx.keys().ok_or(SessionError::NoKeys)?;
     let server_salt = ctx.salt().map_err(SessionError::Rng)?;
@@ -211,13 +354,33 @@ async fn exit(
         });
     }
     ctx.timings().record(Hist::Handshake, hello_at.elapsed());
-    let upstream = connect(ctx).await?;
+    rec.handshake.set(Some(hello_at.elapsed()));
+    // Who the client is, as the entry saw it (an older entry sends nothing:
+    // the entry's own address and a fresh ID stand in).
+    let meta = Meta::decode(&accepted.meta[..accepted.meta_len]);
+    if let Some(id) = meta.id {
+        rec.id.set(id);
+    }
+    if meta.client.is_some() {
+        rec.client.set(meta.client);
+    }
+    if meta.destination.is_some() {
+        rec.destination.set(meta.destination);
+    }
+    let upstream = connect(ctx, rec).await?;
+    let header = proxy_header_out(ctx, rec);
+    if !header.is_empty() {
+        if let Err(e) = upstream.write_all(&header, || ()).await {
+            upstream.abort();
+            return Err(e);
+        }
+    }
     let framing = Framing::Tunnel {
         tunnel: Peer::Downstream,
         encoder: accepted.encoder,
         decoder: accepted.decoder,
     };
-    relay(client, &upstream, framing, ctx, accepted_at).await
+    relay(client, &upstream, framing, ctx, rec).await
 }
 
 /// The relay phase, in a heap allocation of its own: its state (both
@@ -231,15 +394,9 @@ fn relay<'a>(
     upstream: &'a Conn,
     framing: Framing,
     ctx: &'a ShardCtx,
-    accepted_at: Instant,
+    rec: &'a Record,
 ) -> impl Future<Output = Result<(), SessionError>> + 'a {
-    let relay = Box::pin(crate::relay::run(
-        client,
-        upstream,
-        framing,
-        ctx,
-        accepted_at,
-    ));
+    let relay = Box::pin(crate::relay::run(client, upstream, framing, ctx, rec));
     async move { relay.await.inspect_err(|_| upstream.abort()) }
 }
 
@@ -248,13 +405,16 @@ fn relay<'a>(
 ///
 /// The deadline is io_uring's own (`IORING_OP_LINK_TIMEOUT` linked to the
 /// connect), so a connection costs no reactor timer for it.
-async fn connect(ctx: &ShardCtx) -> Result<Conn, SessionError> {
+async fn connect(ctx: &ShardCtx, rec: &Record) -> Result<Conn, SessionError> {
     let started = Instant::now();
-    let attempt = TcpStream::connect_timeout(ctx.config().upstream, ctx.limits().connect_timeout);
+    let upstream = ctx.config().upstream;
+    rec.upstream.set(Some(upstream));
+    let attempt = TcpStream::connect_timeout(upstream, ctx.limits().connect_timeout);
     match bounded(ctx.aborted(), None, attempt).await {
         Ok(Ok(stream)) => {
-            ctx.timings()
-                .record(Hist::UpstreamConnect, started.elapsed());
+            let took = started.elapsed();
+            ctx.timings().record(Hist::UpstreamConnect, took);
+            rec.connect.set(Some(took));
             Ok(Conn::new(stream, Peer::Upstream))
         }
         Ok(Err(e)) => {

@@ -111,6 +111,20 @@ async fn run(setup: Setup) {
             }
         }
     }
+    if let Some(log) = ctx.config().access_log.clone() {
+        match crate::access_log::ShardLog::start(
+            &log.path,
+            log.format,
+            id,
+            ctx.config().role().as_str(),
+        ) {
+            Ok(shard_log) => {
+                ctx.set_access_log(shard_log);
+                spawn_access_log_flusher(ctx.clone());
+            }
+            Err(e) => crate::error!("shard {id}: access log {} not opened: {e}", log.path),
+        }
+    }
     let permits = Rc::new(glommio::sync::Semaphore::new(
         ctx.limits().max_connections.get() as u64,
     ));
@@ -181,8 +195,31 @@ async fn run(setup: Setup) {
         ctx.abort_all();
         ctx.all_closed().await;
     }
+    ctx.close_access_log();
     ctx.publish();
     crate::info!("shard {id} core {core} summary: {}", ctx.stats());
+}
+
+/// Hands the shard's access-log lines to its writer every
+/// [`crate::access_log::FLUSH_EVERY`], from a task queue with small shares.
+fn spawn_access_log_flusher(ctx: Rc<ShardCtx>) {
+    let task = async move {
+        loop {
+            glommio::timer::sleep(crate::access_log::FLUSH_EVERY).await;
+            ctx.flush_access_log();
+        }
+    };
+    let queue = glommio::executor().create_task_queue(
+        glommio::Shares::Static(10),
+        glommio::Latency::NotImportant,
+        "access-log",
+    );
+    match glommio::spawn_local_into(task, queue) {
+        Ok(t) => {
+            t.detach();
+        }
+        Err(e) => crate::warn!("access-log flusher not started: {e}"),
+    }
 }
 
 /// Hand-over: once this shard's pending handshakes have passed their replay

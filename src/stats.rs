@@ -35,11 +35,14 @@ pub enum CloseReason {
     Empty,
     /// A tunnel handshake did not complete within `--handshake-timeout`.
     HandshakeTimeout,
+    /// `--accept-proxy`: the peer is not in `--proxy-trusted-cidrs`, or its
+    /// PROXY protocol header was missing, malformed, too long or late.
+    BadProxyHeader,
 }
 
 impl CloseReason {
     /// Every reason, in label order.
-    pub const ALL: [CloseReason; 13] = [
+    pub const ALL: [CloseReason; 14] = [
         CloseReason::Clean,
         CloseReason::IdleTimeout,
         CloseReason::ConnectError,
@@ -53,6 +56,7 @@ impl CloseReason {
         CloseReason::Internal,
         CloseReason::Empty,
         CloseReason::HandshakeTimeout,
+        CloseReason::BadProxyHeader,
     ];
 
     /// The label used in logs and metrics.
@@ -71,6 +75,7 @@ impl CloseReason {
             CloseReason::Internal => "internal",
             CloseReason::Empty => "empty",
             CloseReason::HandshakeTimeout => "handshake_timeout",
+            CloseReason::BadProxyHeader => "bad_proxy_header",
         }
     }
 
@@ -94,6 +99,8 @@ pub struct ShardStats {
     pub accept_errors: Cell<u64>,
     /// Tunnel handshakes that failed (bad hello, timeout, bad answer).
     pub handshake_failures: Cell<u64>,
+    /// Access-log lines dropped because the shard's buffer was full.
+    pub access_log_dropped: Cell<u64>,
     closed: [Cell<u64>; CloseReason::ALL.len()],
 }
 
@@ -159,6 +166,9 @@ impl fmt::Display for ShardStats {
             if n > 0 {
                 write!(f, " {}={n}", reason.as_str())?;
             }
+        }
+        if self.access_log_dropped.get() > 0 {
+            write!(f, " access_log_dropped={}", self.access_log_dropped.get())?;
         }
         Ok(())
     }

@@ -3,7 +3,8 @@
 # then runs every test. This is the README's test command; .ci/run calls it.
 #
 # Needs: promtool (Debian `prometheus`), iproute2 and nftables (network
-# namespace fault tests), qemu-user (the binary on a pre-AVX2 CPU model), Python's `cryptography` (the independent protocol
+# namespace fault tests), qemu-user (the binary on a pre-AVX2 CPU model), haproxy
+# (the PROXY protocol against a real load balancer), Python's `cryptography` (the independent protocol
 # client) and `hdrhistogram` (the independent histogram decoder). Installing
 # needs root (apt-get); without it, the missing pieces are listed with the
 # command that installs them, and the run fails. Tests never skip silently:
@@ -19,6 +20,7 @@ command -v promtool >/dev/null 2>&1 || missing_apt+=(prometheus)
 command -v ip >/dev/null 2>&1 || missing_apt+=(iproute2)
 command -v nft >/dev/null 2>&1 || missing_apt+=(nftables)
 command -v qemu-x86_64 >/dev/null 2>&1 || missing_apt+=(qemu-user)
+command -v haproxy >/dev/null 2>&1 || missing_apt+=(haproxy)
 if [ ${#missing_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "tests/all.sh: installing ${missing_apt[*]} (apt-get)"

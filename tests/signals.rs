@@ -205,10 +205,13 @@ fn sigterm_during_start_up_exits_zero_and_promptly() {
 }
 
 #[test]
-fn sigusr1_is_ignored_and_sigusr2_without_a_control_socket_is_refused() {
+fn sigusr1_reopens_the_access_log_and_sigusr2_without_a_control_socket_is_refused() {
     let p = Proxy::forward(echo_origin()).shards(1).start();
     p.signal("USR1");
-    p.wait_for_log(|l| l.contains("SIGUSR1: ignored"), Duration::from_secs(10));
+    p.wait_for_log(
+        |l| l.contains("SIGUSR1: reopening the access log"),
+        Duration::from_secs(10),
+    );
     p.signal("USR2");
     p.wait_for_log(
         |l| l.contains("SIGUSR2: cannot upgrade without --control-socket"),

@@ -416,7 +416,7 @@ fn world_readable_key_file_gets_a_warning_and_the_documented_mode_does_not() {
         exit.wait_for_log(|l| l.contains("keys from"), Duration::from_secs(10));
         let log = exit.log();
         log.iter()
-            .any(|l| l.starts_with("WARN") && l.contains("chmod 640"))
+            .any(|l| l.contains(" WARN ") && l.contains("chmod 640"))
     };
     assert!(warned(0o644), "0644 key file not warned about");
     assert!(warned(0o660), "group-writable key file not warned about");

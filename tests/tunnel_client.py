@@ -74,6 +74,27 @@ def client_hello(psk, client_salt, unix_time, meta=b""):
     return key, client_salt + ChaCha20Poly1305(key).encrypt(nonce(0), pt, client_salt)
 
 
+def meta_block(client=None, destination=None, conn_id=None):
+    """The hello's meta block (PROTOCOL.md 2.1): type, length, value.
+    Addresses are (ip string, port); the ID is 16 bytes."""
+    import ipaddress
+
+    def addr(a):
+        ip = ipaddress.ip_address(a[0])
+        return ip.packed + struct.pack(">H", a[1])
+
+    out = b""
+    if client:
+        v = addr(client)
+        out += bytes([0x01, len(v)]) + v
+    if destination:
+        v = addr(destination)
+        out += bytes([0x02, len(v)]) + v
+    if conn_id:
+        out += bytes([0x03, len(conn_id)]) + conn_id
+    return out
+
+
 def session(psk, client_salt, server_salt):
     prk = hkdf_extract(client_salt + server_salt, psk)
     return {
@@ -174,6 +195,9 @@ def vectors(doc_path):
         "first_chunk": sealer.chunk(b"hello"),
         "end_chunk": sealer.end(),
     }
+    meta = meta_block(("192.0.2.1", 40000), ("2001:db8::7", 443), bytes(range(0xA0, 0xB0)))
+    values["meta"] = meta
+    values["client_hello_with_meta"] = client_hello(psk, cs, 1800000000000, meta)[1]
     doc = open(doc_path).read()
     missing = [k for k, v in values.items() if "%s: %s" % (k, v.hex()) not in doc]
     if missing:

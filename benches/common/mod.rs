@@ -131,8 +131,13 @@ pub fn wait_listening(addr: SocketAddr) {
 }
 
 pub fn shardproxy_pair(origin: SocketAddr) -> Target {
+    shardproxy_pair_with(origin, &[], &[])
+}
+
+/// The forward pair with extra flags for proxy A (the client's) and B.
+pub fn shardproxy_pair_with(origin: SocketAddr, a_extra: &[String], b_extra: &[String]) -> Target {
     let (a, b) = (free_port(), free_port());
-    let start = |listen: SocketAddr, up: SocketAddr, cpu: &str| {
+    let start = |listen: SocketAddr, up: SocketAddr, cpu: &str, extra: &[String]| {
         Command::new(BIN)
             .args([
                 "forward",
@@ -142,12 +147,13 @@ pub fn shardproxy_pair(origin: SocketAddr) -> Target {
                 &up.to_string(),
             ])
             .args(["--cpu-list", cpu, "--max-connections", "100000"])
+            .args(extra)
             .stderr(Stdio::null())
             .spawn()
             .unwrap()
     };
-    let cb = start(b, origin, "1");
-    let ca = start(a, b, "0");
+    let cb = start(b, origin, "1", b_extra);
+    let ca = start(a, b, "0", a_extra);
     wait_listening(b);
     wait_listening(a);
     Target {

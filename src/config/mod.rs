@@ -96,6 +96,55 @@ pub struct Config {
     pub metrics_interval: Duration,
     /// Process lifecycle: hand-over and drain settings.
     pub lifecycle: Lifecycle,
+    /// Client identity: PROXY protocol in and out.
+    pub identity: Identity,
+    /// The access log, if on.
+    pub access_log: Option<AccessLog>,
+    /// Process log level.
+    pub log_level: crate::log::Level,
+    /// Process log format.
+    pub log_format: crate::log::Format,
+}
+
+/// How the client's identity is learned and passed on.
+#[derive(Debug, Clone, Default)]
+pub struct Identity {
+    /// `--accept-proxy` (forward, entry).
+    pub accept_proxy: Option<AcceptProxy>,
+    /// `--send-proxy-v2` (forward, exit).
+    pub send_proxy_v2: bool,
+}
+
+/// `--accept-proxy` settings.
+#[derive(Debug, Clone)]
+pub struct AcceptProxy {
+    /// Peers allowed to send a header.
+    pub trusted: Vec<ipnet::IpNet>,
+    /// The header must be complete this long after accept.
+    pub timeout: Duration,
+}
+
+impl AcceptProxy {
+    /// Whether `peer` may send a PROXY header. An IPv4-mapped IPv6 peer (a
+    /// dual-stack listener) is matched as IPv4.
+    pub fn trusts(&self, peer: std::net::IpAddr) -> bool {
+        let peer = match peer {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        self.trusted.iter().any(|net| net.contains(&peer))
+    }
+}
+
+/// `--access-log` settings.
+#[derive(Debug, Clone)]
+pub struct AccessLog {
+    /// The file, or `-` for stderr.
+    pub path: String,
+    /// Line format.
+    pub format: crate::access_log::Format,
+    /// A line per live connection this often, if set.
+    pub interval: Option<Duration>,
 }
 
 /// How the process starts, hands over and stops.
@@ -194,6 +243,20 @@ pub enum ConfigError {
     /// The upstream's port is 0, which nothing can connect to.
     #[error("bad --upstream `{0}`: port 0 cannot be connected to")]
     UpstreamPortZero(String),
+    /// A flag given to a role it does not apply to.
+    #[error("{flag} applies to {roles} only")]
+    NotForRole {
+        /// The flag.
+        flag: &'static str,
+        /// The roles it applies to.
+        roles: &'static str,
+    },
+    /// `--accept-proxy` without `--proxy-trusted-cidrs`.
+    #[error("--accept-proxy needs --proxy-trusted-cidrs: the peers (load balancers) allowed to send a PROXY header, e.g. 10.0.0.0/8")]
+    NoTrustedCidrs,
+    /// `--proxy-trusted-cidrs` has an entry that is no CIDR or address.
+    #[error("bad --proxy-trusted-cidrs entry `{0}`: expected a CIDR such as 10.0.0.0/8 or an address such as 192.0.2.7")]
+    BadCidr(String),
     /// A setting given in the config file was rejected: names the file and key.
     #[error("config {path}: key `{key}`: {message}")]
     InFile {
@@ -218,6 +281,8 @@ impl ConfigError {
             ConfigError::BadMetricsListen(_) => Some("--metrics-listen"),
             ConfigError::TooManyCores { .. } | ConfigError::ZeroCores => Some("--cores"),
             ConfigError::BadCpuList(_) | ConfigError::CoreNotAllowed { .. } => Some("--cpu-list"),
+            ConfigError::NotForRole { flag, .. } => Some(flag),
+            ConfigError::NoTrustedCidrs | ConfigError::BadCidr(_) => Some("--proxy-trusted-cidrs"),
             _ => None,
         }
     }
@@ -231,6 +296,11 @@ impl Config {
             Mode::Entry(_) => Role::Entry,
             Mode::Exit(_) => Role::Exit,
         }
+    }
+
+    /// `--access-log-interval`, when the access log is on.
+    pub fn access_log_interval(&self) -> Option<Duration> {
+        self.access_log.as_ref().and_then(|l| l.interval)
     }
 
     /// The tunnel settings, in `entry` and `exit`.
@@ -285,6 +355,28 @@ impl Config {
             cores,
             metrics_listen,
             metrics_interval: ranges::METRICS_INTERVAL.check(args.metrics_interval)?,
+            identity: Identity {
+                accept_proxy: accept_proxy(args)?,
+                send_proxy_v2: args.send_proxy_v2,
+            },
+            access_log: match &args.access_log {
+                None => None,
+                Some(path) => Some(AccessLog {
+                    path: path.clone(),
+                    format: crate::access_log::Format::parse(&args.access_log_format)
+                        .unwrap_or(crate::access_log::Format::Json),
+                    interval: args
+                        .access_log_interval
+                        .map(|i| ranges::ACCESS_LOG_INTERVAL.check(i))
+                        .transpose()?,
+                }),
+            },
+            log_level: crate::log::Level::parse(&args.log_level).unwrap_or(crate::log::Level::Info),
+            log_format: if args.log_format == "json" {
+                crate::log::Format::Json
+            } else {
+                crate::log::Format::Text
+            },
             lifecycle: Lifecycle {
                 drain_delay: ranges::DRAIN_DELAY.check(args.drain_delay)?,
                 control_socket: args.control_socket.as_ref().map(Into::into),
@@ -455,6 +547,18 @@ impl Config {
             );
             cfg.limits.max_connections = NonZeroUsize::new(fit).unwrap_or(NonZeroUsize::MIN);
         }
+        if exit && cfg.identity.accept_proxy.is_some() {
+            return Err(ConfigError::NotForRole {
+                flag: "--accept-proxy",
+                roles: "forward and entry (an exit's clients are entries; the entry carries the client's address in the tunnel)",
+            });
+        }
+        if !exit && cfg.identity.send_proxy_v2 {
+            return Err(ConfigError::NotForRole {
+                flag: "--send-proxy-v2",
+                roles: "forward and exit (the entry carries the client's address to the exit inside the tunnel)",
+            });
+        }
         cfg.mode = if exit {
             Mode::Exit(tunnel)
         } else {
@@ -462,6 +566,32 @@ impl Config {
         };
         Ok((cfg, warning))
     }
+}
+
+/// `--accept-proxy` and its settings, validated.
+fn accept_proxy(args: &ProxyArgs) -> Result<Option<AcceptProxy>, ConfigError> {
+    if !args.accept_proxy {
+        return Ok(None);
+    }
+    let list = args
+        .proxy_trusted_cidrs
+        .as_deref()
+        .ok_or(ConfigError::NoTrustedCidrs)?;
+    let mut trusted = Vec::new();
+    for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let net = entry
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .map_err(|_| ConfigError::BadCidr(crate::log::one_line(entry).into_owned()))?;
+        trusted.push(net);
+    }
+    if trusted.is_empty() {
+        return Err(ConfigError::NoTrustedCidrs);
+    }
+    Ok(Some(AcceptProxy {
+        trusted,
+        timeout: ranges::PROXY_HEADER_TIMEOUT.check(args.proxy_header_timeout)?,
+    }))
 }
 
 /// Whether connecting to `upstream` reaches the listener on `listen`: the

@@ -93,6 +93,18 @@ pub const MAX_CLOCK_SKEW: Bound<Duration> = Bound {
     min: secs(1),
     max: secs(300),
 };
+/// `--proxy-header-timeout` (with `--accept-proxy`).
+pub const PROXY_HEADER_TIMEOUT: Bound<Duration> = Bound {
+    flag: "--proxy-header-timeout",
+    min: ms(100),
+    max: secs(60),
+};
+/// `--access-log-interval`: a line per live connection this often.
+pub const ACCESS_LOG_INTERVAL: Bound<Duration> = Bound {
+    flag: "--access-log-interval",
+    min: secs(1),
+    max: secs(24 * 3600),
+};
 /// `--metrics-interval`: below 100ms the publisher costs CPU while idle;
 /// above a minute the metrics look frozen.
 pub const METRICS_INTERVAL: Bound<Duration> = Bound {

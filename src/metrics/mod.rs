@@ -179,6 +179,8 @@ pub struct Snapshot {
     pub handshake_failures: u64,
     /// accept(2) failures.
     pub accept_errors: u64,
+    /// Access-log lines dropped (buffer full).
+    pub access_log_dropped: u64,
     /// Histograms in [`Hist::ALL`] order (empty when metrics are off).
     pub hists: Vec<Recorded>,
 }
@@ -214,6 +216,7 @@ impl Snapshot {
             bytes_down: stats.bytes_down.get(),
             handshake_failures: stats.handshake_failures.get(),
             accept_errors: stats.accept_errors.get(),
+            access_log_dropped: stats.access_log_dropped.get(),
             hists: Vec::new(),
         }
     }

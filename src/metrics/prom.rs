@@ -158,6 +158,13 @@ pub fn render(snaps: &[&Snapshot], info: &ProcessInfo) -> String {
         "counter",
         &|s| s.accept_errors,
     );
+    counter(
+        w,
+        "shardproxy_access_log_dropped_total",
+        "Access-log lines dropped because the shard's log buffer was full (the writer could not keep up).",
+        "counter",
+        &|s| s.access_log_dropped,
+    );
 
     let _ = writeln!(
         w,

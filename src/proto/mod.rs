@@ -32,6 +32,7 @@ pub mod frame;
 pub mod fuzz;
 pub mod handshake;
 pub mod keys;
+pub mod meta;
 mod schedule;
 #[cfg(test)]
 mod tests;
@@ -39,6 +40,7 @@ mod tests;
 pub use frame::{Decoded, Decoder, Encoder};
 pub use handshake::{accept_hello, Accepted, ClientHandshake};
 pub use keys::{KeyFileError, KeySet, Psk};
+pub use meta::Meta;
 
 /// Protocol version carried (authenticated) in both hellos.
 pub const VERSION: u8 = 2;

@@ -407,6 +407,18 @@ fn documented_test_vector() {
     expect("confirm_chunk", hex(&confirm));
     expect("first_chunk", hex(&chunk));
     expect("end_chunk", hex(&end));
+    // The same hello with a `meta` block (§2.1).
+    let meta = crate::proto::Meta {
+        client: Some("192.0.2.1:40000".parse().unwrap()),
+        destination: Some("[2001:db8::7]:443".parse().unwrap()),
+        id: Some(u128::from_be_bytes(std::array::from_fn(|i| 0xa0 + i as u8))),
+    };
+    let (block, len) = meta.encode();
+    expect("meta", hex(&block[..len]));
+    let (_, with_meta) = ClientHandshake::start(&key, client_salt, ts, &block[..len]).unwrap();
+    expect("client_hello_with_meta", hex(&with_meta));
+    let acc = accept_hello(std::slice::from_ref(&key), &with_meta, server_salt, ts, 120).unwrap();
+    assert_eq!(crate::proto::Meta::decode(&acc.meta[..acc.meta_len]), meta);
     assert!(
         missing.is_empty(),
         "docs/PROTOCOL.md lacks:\n{}",

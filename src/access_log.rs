@@ -1,0 +1,466 @@
+//! One line per connection (`--access-log`), and what a connection knows
+//! about itself ([`Record`]).
+//!
+//! Writing never blocks a shard. Each shard appends lines to its own
+//! buffer ([`ShardLog`], at most [`BUFFER_BYTES`]) and hands full buffers,
+//! and every [`FLUSH_EVERY`] what it has, to its own writer thread over a
+//! bounded channel ([`QUEUED_BATCHES`] batches). When both are full (the
+//! disk or the pipe behind the log is slower than the traffic), lines are
+//! dropped and counted (`shardproxy_access_log_dropped_total`), never waited
+//! for. Each batch is whole lines written with one `write(2)` in append
+//! mode, so the shards' lines never interleave within a line. `SIGUSR1`
+//! makes every writer reopen the path (after logrotate renamed it), as
+//! nginx does.
+//!
+//! Formats (`--access-log-format`): `json` (one object per line) or
+//! `logfmt` (`key=value` pairs). Fields, in order:
+//!
+//! | field | meaning |
+//! |---|---|
+//! | `time` | when the line was written (RFC 3339, UTC, ms) |
+//! | `event` | `close`, or `open` for an `--access-log-interval` line of a live connection |
+//! | `id` | connection ID, 32 hex digits; the same in the entry's and the exit's line |
+//! | `shard`, `role` | which shard, which role |
+//! | `client` | original client address: from the PROXY header or the tunnel's `meta`, else the peer |
+//! | `peer` | the socket's peer, only when it differs from `client` (a balancer, an entry) |
+//! | `destination` | the address the client connected to |
+//! | `upstream` | the endpoint connected to (absent if none was) |
+//! | `duration_ms` | since accept |
+//! | `bytes_up`, `bytes_down` | plaintext bytes client → upstream and back, as the metrics count them |
+//! | `reason` | close reason (`docs/METRICS.md`); absent on `open` lines |
+//! | `connect_ms` | upstream connect time |
+//! | `handshake_ms` | tunnel handshake time (entry, exit) |
+//! | `first_byte_ms` | from accept to the first upstream byte delivered to the client |
+//!
+//! Times are milliseconds with microsecond precision; a field whose phase
+//! never happened is absent.
+
+use std::cell::{Cell, RefCell};
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::stats::{CloseReason, ShardStats};
+
+/// Most bytes of lines a shard holds before handing them to its writer.
+pub const BUFFER_BYTES: usize = 64 * 1024;
+/// Batches a shard's writer may have queued; beyond, lines are dropped.
+pub const QUEUED_BATCHES: usize = 16;
+/// How long a stopping shard waits for its writer.
+pub const FINISH_WAIT: Duration = Duration::from_secs(2);
+/// How often a shard hands what it has to its writer.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
+
+/// Bumped on SIGUSR1; each writer reopens the path when it changes.
+static REOPEN: AtomicU64 = AtomicU64::new(0);
+
+/// Asks every access-log writer to reopen its file (SIGUSR1).
+pub fn reopen() {
+    REOPEN.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Line format of the access log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// One JSON object per line.
+    Json,
+    /// `key=value` pairs separated by spaces.
+    Logfmt,
+}
+
+impl Format {
+    /// Parses `--access-log-format`.
+    pub fn parse(s: &str) -> Option<Format> {
+        match s {
+            "json" => Some(Format::Json),
+            "logfmt" => Some(Format::Logfmt),
+            _ => None,
+        }
+    }
+}
+
+/// What one connection knows about itself, filled in phase by phase. It
+/// lives in the connection's task, so it costs no allocation. Plain
+/// `Cell`s: a connection never leaves its shard.
+pub struct Record {
+    /// When it was accepted.
+    pub accepted_at: Instant,
+    /// Its ID (random, 128 bits; the entry's, carried to the exit).
+    pub id: Cell<u128>,
+    /// The socket's peer, once looked up.
+    pub peer: Cell<Option<SocketAddr>>,
+    /// The original client, when it differs from the peer.
+    pub client: Cell<Option<SocketAddr>>,
+    /// The address the client connected to.
+    pub destination: Cell<Option<SocketAddr>>,
+    /// The upstream endpoint, once connected.
+    pub upstream: Cell<Option<SocketAddr>>,
+    /// Plaintext bytes client → upstream.
+    pub bytes_up: Cell<u64>,
+    /// Plaintext bytes upstream → client.
+    pub bytes_down: Cell<u64>,
+    /// Upstream connect time.
+    pub connect: Cell<Option<Duration>>,
+    /// Tunnel handshake time.
+    pub handshake: Cell<Option<Duration>>,
+    /// Accept → first upstream byte delivered to the client.
+    pub first_byte: Cell<Option<Duration>>,
+}
+
+impl Record {
+    /// A record for a connection accepted now, with ID `id`.
+    pub fn new(id: u128) -> Record {
+        Record {
+            accepted_at: Instant::now(),
+            id: Cell::new(id),
+            peer: Cell::new(None),
+            client: Cell::new(None),
+            destination: Cell::new(None),
+            upstream: Cell::new(None),
+            bytes_up: Cell::new(0),
+            bytes_down: Cell::new(0),
+            connect: Cell::new(None),
+            handshake: Cell::new(None),
+            first_byte: Cell::new(None),
+        }
+    }
+
+    /// Counts `n` relayed plaintext bytes.
+    pub fn add_bytes(&self, up: bool, n: usize) {
+        let cell = if up { &self.bytes_up } else { &self.bytes_down };
+        cell.set(cell.get() + n as u64);
+    }
+
+    /// The original client: from a PROXY header or the tunnel's `meta`,
+    /// else the peer.
+    pub fn client(&self) -> Option<SocketAddr> {
+        self.client.get().or(self.peer.get())
+    }
+
+    /// Appends this record's line to `out`: a close line with `reason`, or
+    /// an interval line (`None`) for a live connection.
+    pub fn line(
+        &self,
+        out: &mut String,
+        format: Format,
+        shard: usize,
+        role: &str,
+        reason: Option<CloseReason>,
+    ) {
+        let time = humantime::format_rfc3339_millis(SystemTime::now());
+        let mut w = Fields::new(out, format);
+        w.str("time", &time.to_string());
+        w.str("event", if reason.is_some() { "close" } else { "open" });
+        w.str("id", &format!("{:032x}", self.id.get()));
+        w.num("shard", shard as u64);
+        w.str("role", role);
+        let client = self.client();
+        if let Some(c) = client {
+            w.str("client", &c.to_string());
+        }
+        if let Some(p) = self.peer.get().filter(|p| Some(*p) != client) {
+            w.str("peer", &p.to_string());
+        }
+        if let Some(d) = self.destination.get() {
+            w.str("destination", &d.to_string());
+        }
+        if let Some(u) = self.upstream.get() {
+            w.str("upstream", &u.to_string());
+        }
+        w.ms("duration_ms", Some(self.accepted_at.elapsed()));
+        w.num("bytes_up", self.bytes_up.get());
+        w.num("bytes_down", self.bytes_down.get());
+        if let Some(r) = reason {
+            w.str("reason", r.as_str());
+        }
+        w.ms("connect_ms", self.connect.get());
+        w.ms("handshake_ms", self.handshake.get());
+        w.ms("first_byte_ms", self.first_byte.get());
+        w.end();
+    }
+}
+
+/// Writes `key=value` or `"key":value` pairs. Values here are numbers,
+/// addresses, hex IDs, timestamps and fixed labels: none needs quoting in
+/// logfmt, and the JSON strings are escaped all the same.
+struct Fields<'a> {
+    out: &'a mut String,
+    format: Format,
+    first: bool,
+}
+
+impl<'a> Fields<'a> {
+    fn new(out: &'a mut String, format: Format) -> Self {
+        if format == Format::Json {
+            out.push('{');
+        }
+        Fields {
+            out,
+            format,
+            first: true,
+        }
+    }
+
+    fn key(&mut self, k: &str) {
+        match (self.format, self.first) {
+            (Format::Json, false) => self.out.push(','),
+            (Format::Logfmt, false) => self.out.push(' '),
+            _ => {}
+        }
+        self.first = false;
+        match self.format {
+            Format::Json => {
+                let _ = write!(self.out, "\"{k}\":");
+            }
+            Format::Logfmt => {
+                let _ = write!(self.out, "{k}=");
+            }
+        }
+    }
+
+    fn str(&mut self, k: &str, v: &str) {
+        self.key(k);
+        match self.format {
+            Format::Json => crate::log::json_string(self.out, v),
+            Format::Logfmt => self.out.push_str(v),
+        }
+    }
+
+    fn num(&mut self, k: &str, v: u64) {
+        self.key(k);
+        let _ = write!(self.out, "{v}");
+    }
+
+    fn ms(&mut self, k: &str, v: Option<Duration>) {
+        if let Some(d) = v {
+            self.key(k);
+            let _ = write!(self.out, "{:.3}", d.as_secs_f64() * 1000.0);
+        }
+    }
+
+    fn end(self) {
+        if self.format == Format::Json {
+            self.out.push('}');
+        }
+        self.out.push('\n');
+    }
+}
+
+/// One shard's end of the access log.
+pub struct ShardLog {
+    format: Format,
+    role: &'static str,
+    shard: usize,
+    buffer: RefCell<String>,
+    to_writer: SyncSender<String>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl ShardLog {
+    /// Starts shard `shard`'s writer thread on `path` (`-` is stderr).
+    /// Errors if the file cannot be opened (start-up reports it).
+    pub fn start(
+        path: &str,
+        format: Format,
+        shard: usize,
+        role: &'static str,
+    ) -> std::io::Result<ShardLog> {
+        let file = open(path)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUED_BATCHES);
+        let path = path.to_string();
+        let thread = std::thread::Builder::new()
+            .name(format!("access-log-{shard}"))
+            .spawn(move || writer(path, file, rx))?;
+        Ok(ShardLog {
+            format,
+            role,
+            shard,
+            buffer: RefCell::new(String::with_capacity(BUFFER_BYTES)),
+            to_writer: tx,
+            thread,
+        })
+    }
+
+    /// Logs `rec` (closed with `reason`, or still open: `None`). Never
+    /// blocks: a line that does not fit is dropped and counted in `stats`.
+    pub fn log(&self, rec: &Record, reason: Option<CloseReason>, stats: &ShardStats) {
+        let mut line = String::with_capacity(384);
+        rec.line(&mut line, self.format, self.shard, self.role, reason);
+        let mut buffer = self.buffer.borrow_mut();
+        if buffer.len() + line.len() > BUFFER_BYTES {
+            self.hand_over(&mut buffer);
+        }
+        if buffer.len() + line.len() > BUFFER_BYTES {
+            stats
+                .access_log_dropped
+                .set(stats.access_log_dropped.get() + 1);
+            return;
+        }
+        buffer.push_str(&line);
+    }
+
+    /// Hands what the buffer holds to the writer, if it has room.
+    pub fn flush(&self) {
+        let mut buffer = self.buffer.borrow_mut();
+        self.hand_over(&mut buffer);
+    }
+
+    /// The shard is done: hands over what is left and waits until the
+    /// writer has written everything, for at most [`FINISH_WAIT`] (stop
+    /// always wins: a writer blocked on a full pipe does not hold the
+    /// process up; what it could not write is reported).
+    pub fn finish(self) {
+        let deadline = Instant::now() + FINISH_WAIT;
+        let mut rest = Some(self.buffer.into_inner()).filter(|r| !r.is_empty());
+        while let Some(batch) = rest.take() {
+            match self.to_writer.try_send(batch) {
+                Ok(()) => {}
+                Err(TrySendError::Full(b)) if Instant::now() < deadline => {
+                    rest = Some(b);
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(TrySendError::Full(b)) | Err(TrySendError::Disconnected(b)) => {
+                    crate::warn!(
+                        "access log: shard {}: {} line(s) not written at exit (the writer is blocked)",
+                        self.shard,
+                        b.matches('\n').count()
+                    );
+                }
+            }
+        }
+        drop(self.to_writer);
+        while !self.thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if !self.thread.is_finished() {
+            crate::warn!(
+                "access log: shard {}: the writer is blocked; lines it still holds are lost at exit",
+                self.shard
+            );
+        }
+    }
+
+    fn hand_over(&self, buffer: &mut String) {
+        if buffer.is_empty() {
+            return;
+        }
+        let batch = std::mem::replace(buffer, String::with_capacity(BUFFER_BYTES));
+        match self.to_writer.try_send(batch) {
+            Ok(()) => {}
+            // The writer is behind (or gone): keep the lines; new ones are
+            // dropped while the buffer stays full.
+            Err(TrySendError::Full(batch)) | Err(TrySendError::Disconnected(batch)) => {
+                *buffer = batch;
+            }
+        }
+    }
+}
+
+/// The log's destination.
+enum Sink {
+    Stderr,
+    File(std::fs::File),
+}
+
+fn open(path: &str) -> std::io::Result<Sink> {
+    if path == "-" {
+        return Ok(Sink::Stderr);
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)
+        .map(Sink::File)
+}
+
+/// A shard's writer thread: writes each batch in one call; reopens the path
+/// when SIGUSR1 asked; ends when the shard is gone.
+fn writer(path: String, mut sink: Sink, rx: Receiver<String>) {
+    let mut generation = REOPEN.load(Ordering::Relaxed);
+    let mut failed = false;
+    loop {
+        let batch = rx.recv_timeout(Duration::from_millis(250));
+        let now = REOPEN.load(Ordering::Relaxed);
+        if now != generation {
+            generation = now;
+            match open(&path) {
+                Ok(s) => sink = s,
+                Err(e) => crate::warn!("access log: cannot reopen {path}: {e}"),
+            }
+        }
+        let batch = match batch {
+            Ok(b) => b,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        let written = match &mut sink {
+            Sink::Stderr => std::io::stderr().lock().write_all(batch.as_bytes()),
+            Sink::File(f) => f.write_all(batch.as_bytes()),
+        };
+        match written {
+            Err(e) if !failed => {
+                crate::warn!("access log: writing {path}: {e}");
+                failed = true;
+            }
+            Ok(()) => failed = false,
+            Err(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> Record {
+        let r = Record::new(0x1234);
+        r.peer.set(Some("10.0.0.1:5000".parse().unwrap()));
+        r.client.set(Some("192.0.2.9:40000".parse().unwrap()));
+        r.upstream.set(Some("127.0.0.1:80".parse().unwrap()));
+        r.add_bytes(true, 100);
+        r.add_bytes(false, 2000);
+        r.connect.set(Some(Duration::from_micros(1500)));
+        r
+    }
+
+    #[test]
+    fn json_lines_carry_every_known_field_and_omit_unknown_ones() {
+        let mut out = String::new();
+        record().line(&mut out, Format::Json, 1, "exit", Some(CloseReason::Clean));
+        assert!(out.ends_with("}\n"), "{out}");
+        for want in [
+            r#""event":"close""#,
+            r#""id":"00000000000000000000000000001234""#,
+            r#""shard":1"#,
+            r#""role":"exit""#,
+            r#""client":"192.0.2.9:40000""#,
+            r#""peer":"10.0.0.1:5000""#,
+            r#""upstream":"127.0.0.1:80""#,
+            r#""bytes_up":100"#,
+            r#""bytes_down":2000"#,
+            r#""reason":"clean""#,
+            r#""connect_ms":1.500"#,
+        ] {
+            assert!(out.contains(want), "{want} missing: {out}");
+        }
+        assert!(!out.contains("handshake_ms"), "{out}");
+    }
+
+    #[test]
+    fn logfmt_lines_are_key_value_pairs_and_the_peer_is_omitted_when_it_is_the_client() {
+        let r = Record::new(7);
+        r.peer.set(Some("10.0.0.1:5000".parse().unwrap()));
+        let mut out = String::new();
+        r.line(&mut out, Format::Logfmt, 0, "forward", None);
+        assert!(out.contains(" event=open "), "{out}");
+        assert!(out.contains(" client=10.0.0.1:5000 "), "{out}");
+        assert!(!out.contains("peer="), "{out}");
+        assert!(!out.contains("reason="), "{out}");
+        assert!(out.starts_with("time="), "{out}");
+    }
+}

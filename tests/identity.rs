@@ -1,0 +1,627 @@
+//! Client identity (issue #12): the PROXY protocol in (`--accept-proxy`,
+//! against real HAProxy) and out (`--send-proxy-v2`, read by an origin with
+//! its own PROXY v2 parser, written here from the spec), the connection ID
+//! across the tunnel, and the access log.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// What a PROXY-v2-reading origin saw on one connection.
+#[derive(Debug)]
+struct Proxied {
+    /// `None` for a LOCAL command.
+    source: Option<SocketAddr>,
+    destination: Option<SocketAddr>,
+    /// TLV 0xE0, shardproxy's connection ID.
+    id: Option<u128>,
+    data: Vec<u8>,
+}
+
+/// An origin that requires a PROXY protocol v2 header, parses it with its
+/// own code (HAProxy's proxy-protocol.txt, section 2.2, independent of the
+/// `ppp` crate the proxy uses), then echoes the payload and reports.
+fn ppv2_origin() -> (SocketAddr, mpsc::Receiver<Result<Proxied, String>>) {
+    let (tx, rx) = mpsc::channel();
+    let tx = Arc::new(Mutex::new(tx));
+    let addr = serve(move |mut s| {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let got = read_ppv2(&mut s).and_then(|(source, destination, id)| {
+            let mut data = Vec::new();
+            s.read_to_end(&mut data).map_err(|e| e.to_string())?;
+            s.write_all(&data).map_err(|e| e.to_string())?;
+            let _ = s.shutdown(Shutdown::Write);
+            Ok(Proxied {
+                source,
+                destination,
+                id,
+                data,
+            })
+        });
+        let _ = tx.lock().unwrap().send(got);
+    });
+    (addr, rx)
+}
+
+type Header = (Option<SocketAddr>, Option<SocketAddr>, Option<u128>);
+
+fn read_ppv2(s: &mut TcpStream) -> Result<Header, String> {
+    let mut head = [0u8; 16];
+    s.read_exact(&mut head)
+        .map_err(|e| format!("header: {e}"))?;
+    if &head[..12] != b"\r\n\r\n\x00\r\nQUIT\n" {
+        return Err(format!("no v2 signature: {head:02x?}"));
+    }
+    let (ver_cmd, fam) = (head[12], head[13]);
+    if ver_cmd >> 4 != 2 {
+        return Err(format!("version {ver_cmd:#x}"));
+    }
+    let len = u16::from_be_bytes([head[14], head[15]]) as usize;
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).map_err(|e| format!("body: {e}"))?;
+    if ver_cmd & 0x0f == 0 {
+        return Ok((None, None, None));
+    }
+    let (source, destination, rest) = match fam {
+        0x11 => {
+            let ip = |o: usize| {
+                IpAddr::V4(Ipv4Addr::new(
+                    body[o],
+                    body[o + 1],
+                    body[o + 2],
+                    body[o + 3],
+                ))
+            };
+            let port = |o: usize| u16::from_be_bytes([body[o], body[o + 1]]);
+            (
+                SocketAddr::new(ip(0), port(8)),
+                SocketAddr::new(ip(4), port(10)),
+                &body[12..],
+            )
+        }
+        0x21 => {
+            let ip = |o: usize| {
+                let b: [u8; 16] = body[o..o + 16].try_into().unwrap();
+                IpAddr::V6(Ipv6Addr::from(b))
+            };
+            let port = |o: usize| u16::from_be_bytes([body[o], body[o + 1]]);
+            (
+                SocketAddr::new(ip(0), port(32)),
+                SocketAddr::new(ip(16), port(34)),
+                &body[36..],
+            )
+        }
+        other => return Err(format!("family/protocol {other:#x}")),
+    };
+    let mut id = None;
+    let mut tlvs = rest;
+    while tlvs.len() >= 3 {
+        let (kind, n) = (tlvs[0], u16::from_be_bytes([tlvs[1], tlvs[2]]) as usize);
+        let value = tlvs.get(3..3 + n).ok_or("TLV past the header")?;
+        if kind == 0xE0 {
+            id = Some(u128::from_be_bytes(
+                value.try_into().map_err(|_| "ID length")?,
+            ));
+        }
+        tlvs = &tlvs[3 + n..];
+    }
+    Ok((Some(source), Some(destination), id))
+}
+
+/// Sends `data`, half-closes, and returns what came back before EOF.
+fn exchange(c: &mut TcpStream, data: &[u8]) -> Vec<u8> {
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(data).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).unwrap();
+    back
+}
+
+fn temp(name: &str) -> String {
+    let p = std::env::temp_dir().join(format!("shardproxy-id-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    p.to_str().unwrap().to_string()
+}
+
+/// The access log's lines once it holds `n` (the shards flush every 200 ms
+/// and at exit).
+fn log_lines(path: &str, n: usize) -> Vec<String> {
+    poll_until(Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        if lines.len() >= n {
+            Ok(lines)
+        } else {
+            Err(format!("{} of {n} lines in {path}", lines.len()))
+        }
+    })
+}
+
+/// The value of `"key":` in a JSON line (strings unquoted).
+fn field(line: &str, key: &str) -> Option<String> {
+    let at = line.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = &line[at..];
+    if let Some(s) = rest.strip_prefix('"') {
+        Some(s[..s.find('"')?].to_string())
+    } else {
+        let end = rest.find([',', '}']).unwrap_or(rest.len());
+        Some(rest[..end].to_string())
+    }
+}
+
+struct Haproxy(std::process::Child);
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// HAProxy in TCP mode on a free port, sending a PROXY v2 header to
+/// `backend` (`send-proxy-v2`).
+fn haproxy_send_proxy_v2(backend: SocketAddr) -> Option<(Haproxy, SocketAddr)> {
+    if Command::new("haproxy").arg("-v").output().is_err() {
+        missing("haproxy (Debian's `haproxy` package)");
+        return None;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let cfg = temp("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  nbthread 1\n\
+             defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+             frontend f\n  bind {port}\n  default_backend b\n\
+             backend b\n  server s {backend} send-proxy-v2\n"
+        ),
+    )
+    .unwrap();
+    let child = Command::new("haproxy")
+        .args(["-db", "-f", &cfg])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let guard = Haproxy(child);
+    poll_until(Duration::from_secs(10), || {
+        TcpStream::connect(port)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    });
+    Some((guard, port))
+}
+
+/// HAProxy (send-proxy-v2) → entry (--accept-proxy) → exit
+/// (--send-proxy-v2) → an origin with its own PROXY v2 parser: the
+/// client's address and port arrive exactly, and the connection ID in the
+/// origin's header is the one both proxies log.
+#[test]
+fn the_client_address_crosses_haproxy_the_tunnel_and_reaches_the_origin() {
+    let (origin, seen) = ppv2_origin();
+    let key = key_file(&[&keygen()]);
+    let (exit_log, entry_log) = (temp("exit.log"), temp("entry.log"));
+    let exit = Proxy::exit(origin, &key)
+        .args(["--send-proxy-v2", "--access-log", &exit_log])
+        .start();
+    let entry = Proxy::entry(exit.addr, &key)
+        .args([
+            "--accept-proxy",
+            "--proxy-trusted-cidrs",
+            "127.0.0.1/32",
+            "--access-log",
+            &entry_log,
+        ])
+        .start();
+    let Some((_haproxy, front)) = haproxy_send_proxy_v2(entry.addr) else {
+        return;
+    };
+    let mut clients = Vec::new();
+    for i in 0..3u8 {
+        let mut c = TcpStream::connect(front).unwrap();
+        let me = c.local_addr().unwrap();
+        let data = vec![b'a' + i; 1000 * (i as usize + 1)];
+        assert_eq!(exchange(&mut c, &data), data);
+        // Skip the connections of the readiness probe (no data).
+        let got = poll_until(Duration::from_secs(10), || {
+            match seen.recv_timeout(Duration::from_secs(10)) {
+                Ok(Ok(p)) if p.data.is_empty() => Err("a probe".to_string()),
+                Ok(got) => Ok(got),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .expect("the origin could not read the PROXY header");
+        assert_eq!(
+            got.source,
+            Some(me),
+            "the origin saw another client address"
+        );
+        assert_eq!(got.destination, Some(front));
+        assert_eq!(got.data, data);
+        clients.push((me, got.id.expect("no connection ID TLV"), data.len()));
+    }
+    let (s1, _) = entry.terminate();
+    let (s2, _) = exit.terminate();
+    assert!(s1.success() && s2.success());
+    let entry_lines = log_lines(&entry_log, 3);
+    let exit_lines = log_lines(&exit_log, 3);
+    for (me, id, len) in clients {
+        let id = format!("{id:032x}");
+        for (role, lines) in [("entry", &entry_lines), ("exit", &exit_lines)] {
+            let line = lines
+                .iter()
+                .find(|l| field(l, "id").as_deref() == Some(id.as_str()))
+                .unwrap_or_else(|| panic!("no {role} line with id {id}: {lines:?}"));
+            assert_eq!(field(line, "client"), Some(me.to_string()), "{line}");
+            assert_eq!(field(line, "reason").as_deref(), Some("clean"), "{line}");
+            assert_eq!(field(line, "bytes_up"), Some(len.to_string()), "{line}");
+            assert_eq!(field(line, "bytes_down"), Some(len.to_string()), "{line}");
+            assert_eq!(field(line, "role").as_deref(), Some(role), "{line}");
+        }
+    }
+}
+
+/// A peer outside the trusted ranges, a truncated header, a v2 header with
+/// a bad signature, and a header that trickles in past the deadline: each
+/// is closed (RST), counted as `bad_proxy_header`, and nothing reaches the
+/// origin.
+#[test]
+fn bad_proxy_headers_are_closed_counted_and_never_forwarded() {
+    let (origin, seen) = recording_origin();
+    let untrusting = Proxy::forward(origin)
+        .args(["--accept-proxy", "--proxy-trusted-cidrs", "10.0.0.0/8"])
+        .start();
+    let trusting = Proxy::forward(origin)
+        .args([
+            "--accept-proxy",
+            "--proxy-trusted-cidrs",
+            "192.0.2.0/24,127.0.0.1",
+            "--proxy-header-timeout",
+            "500ms",
+        ])
+        .start();
+    let valid = b"PROXY TCP4 198.51.100.1 203.0.113.9 56324 443\r\nsecret".to_vec();
+    let mut v2 = b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    v2.extend_from_slice(&[192, 0, 2, 1, 192, 0, 2, 2, 0x1f, 0x90, 0x01, 0xbb]);
+    let mut bad_signature = v2.clone();
+    bad_signature[9] = b'X';
+    bad_signature.extend_from_slice(b"secret");
+    let mut truncated = v2[..20].to_vec();
+    truncated.truncate(20);
+    let attempt = |addr: SocketAddr, bytes: &[u8], close: bool| {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.write_all(bytes).unwrap();
+        if close {
+            c.shutdown(Shutdown::Write).unwrap();
+        }
+        read_until_end(&mut c, Duration::from_secs(10))
+    };
+    // A valid header, but from a peer nobody trusts.
+    assert_eq!(attempt(untrusting.addr, &valid, false), (End::Reset, 0));
+    assert_eq!(
+        attempt(trusting.addr, &bad_signature, false),
+        (End::Reset, 0)
+    );
+    assert_eq!(attempt(trusting.addr, &truncated, true), (End::Reset, 0));
+    // One byte every 100 ms: still incomplete at the 500 ms deadline.
+    let started = Instant::now();
+    let mut c = TcpStream::connect(trusting.addr).unwrap();
+    let trickler = {
+        let mut c = c.try_clone().unwrap();
+        let valid = valid.clone();
+        thread::spawn(move || {
+            for b in valid {
+                if c.write_all(&[b]).is_err() {
+                    return;
+                }
+                // The trickle is the input under test.
+                thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let (end, n) = read_until_end(&mut c, Duration::from_secs(10));
+    let took = started.elapsed();
+    assert_eq!((end, n), (End::Reset, 0));
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "closed after {took:?}"
+    );
+    drop(c);
+    trickler.join().unwrap();
+    let (_, l1) = untrusting.terminate();
+    let (_, l2) = trusting.terminate();
+    let bad: u64 = summaries(&l1)
+        .iter()
+        .chain(summaries(&l2).iter())
+        .map(|s| s.get("bad_proxy_header"))
+        .sum();
+    assert_eq!(bad, 4, "{l1:?} {l2:?}");
+    assert!(
+        l1.iter()
+            .chain(&l2)
+            .any(|l| l.contains("PROXY protocol header")),
+        "no log line names the refused header: {l1:?} {l2:?}"
+    );
+    assert!(
+        seen.recv_timeout(Duration::from_millis(500)).is_err(),
+        "something reached the origin"
+    );
+}
+
+/// A v1 header with the client's first data in the same segment: the data
+/// reaches the origin exactly once, after a v2 header with the v1 header's
+/// addresses. A v2 LOCAL header (a balancer's health check) is served as a
+/// connection from the balancer itself.
+#[test]
+fn v1_headers_early_data_and_local_commands_on_forward() {
+    let (origin, seen) = ppv2_origin();
+    let fwd = Proxy::forward(origin)
+        .args([
+            "--accept-proxy",
+            "--proxy-trusted-cidrs",
+            "127.0.0.0/8",
+            "--send-proxy-v2",
+        ])
+        .start();
+    let mut c = TcpStream::connect(fwd.addr).unwrap();
+    let header = b"PROXY TCP4 198.51.100.1 203.0.113.9 56324 443\r\n";
+    let mut first = header.to_vec();
+    first.extend_from_slice(b"early data, ");
+    first.extend_from_slice(&random_bytes(100_000, 3));
+    let payload = &first[header.len()..];
+    let back = exchange(&mut c, &first);
+    assert!(
+        back == payload,
+        "{} bytes back, not the {} sent",
+        back.len(),
+        payload.len()
+    );
+    let got = seen.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+    assert_eq!(got.source, Some("198.51.100.1:56324".parse().unwrap()));
+    assert_eq!(got.destination, Some("203.0.113.9:443".parse().unwrap()));
+    assert!(
+        got.data == payload,
+        "the origin got {} bytes",
+        got.data.len()
+    );
+    assert!(got.id.is_some());
+
+    let mut c = TcpStream::connect(fwd.addr).unwrap();
+    let me = c.local_addr().unwrap();
+    let mut local = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00".to_vec();
+    local.extend_from_slice(b"health");
+    assert_eq!(exchange(&mut c, &local), b"health");
+    let got = seen.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+    assert_eq!(
+        got.source,
+        Some(me),
+        "a LOCAL connection is the balancer's own"
+    );
+    assert_eq!(got.destination, Some(fwd.addr));
+    let (status, lines) = fwd.terminate();
+    assert!(status.success(), "{lines:?}");
+}
+
+/// An entry that sends no `meta` (an older one; here the independent
+/// client): the exit still serves it, and its PROXY header names the
+/// entry's own address.
+#[test]
+fn an_exit_serves_hellos_without_meta() {
+    if Command::new("python3")
+        .args(["-c", "import cryptography"])
+        .output()
+        .map(|o| !o.status.success())
+        .unwrap_or(true)
+    {
+        missing("python3 with the `cryptography` package (pip install cryptography)");
+        return;
+    }
+    let (origin, seen) = ppv2_origin();
+    let key = keygen();
+    let exit = Proxy::exit(origin, &key_file(&[&key]))
+        .arg("--send-proxy-v2")
+        .start();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tunnel_client.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args(["send", &exit.addr.to_string(), &key, "no meta here"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("len 12 ended=True"), "{stdout}");
+    let got = seen.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+    assert_eq!(got.data, b"no meta here");
+    assert_eq!(
+        got.source.map(|s| s.ip()),
+        Some(IpAddr::V4(Ipv4Addr::LOCALHOST))
+    );
+    assert_eq!(got.destination, Some(exit.addr));
+    assert!(got.id.is_some());
+}
+
+/// One JSON line per connection, with exact byte counts that add up to the
+/// shard counters (the same counters the metrics export).
+#[test]
+fn the_access_log_has_one_exact_line_per_connection() {
+    let path = temp("forward.log");
+    let fwd = Proxy::forward(echo_origin())
+        .shards(2)
+        .args(["--access-log", &path])
+        .start();
+    for i in 1..=20usize {
+        let mut c = TcpStream::connect(fwd.addr).unwrap();
+        let data = random_bytes(i * 1000, i as u64);
+        assert_eq!(exchange(&mut c, &data), data);
+    }
+    let (status, lines) = fwd.terminate();
+    assert!(status.success(), "{lines:?}");
+    let log = log_lines(&path, 20);
+    assert_eq!(log.len(), 20, "{log:?}");
+    let mut sizes: Vec<u64> = log
+        .iter()
+        .map(|l| {
+            assert_eq!(field(l, "event").as_deref(), Some("close"), "{l}");
+            assert_eq!(field(l, "reason").as_deref(), Some("clean"), "{l}");
+            assert_eq!(field(l, "bytes_up"), field(l, "bytes_down"), "{l}");
+            assert!(field(l, "first_byte_ms").is_some(), "{l}");
+            assert!(field(l, "connect_ms").is_some(), "{l}");
+            assert!(field(l, "time").is_some_and(|t| t.ends_with('Z')), "{l}");
+            field(l, "bytes_up").unwrap().parse().unwrap()
+        })
+        .collect();
+    sizes.sort_unstable();
+    assert_eq!(sizes, (1..=20).map(|i| i * 1000).collect::<Vec<u64>>());
+    let counted: u64 = summaries(&lines).iter().map(|s| s.get("bytes_up")).sum();
+    assert_eq!(counted, sizes.iter().sum::<u64>());
+    let ids: std::collections::HashSet<_> = log.iter().map(|l| field(l, "id")).collect();
+    assert_eq!(ids.len(), 20, "connection IDs repeat");
+}
+
+/// SIGUSR1 reopens the access log after logrotate renamed it.
+#[test]
+fn sigusr1_reopens_a_renamed_access_log() {
+    let path = temp("rotate.log");
+    let fwd = Proxy::forward(echo_origin())
+        .shards(1)
+        .args(["--access-log", &path, "--access-log-format", "logfmt"])
+        .start();
+    let mut c = TcpStream::connect(fwd.addr).unwrap();
+    assert_eq!(exchange(&mut c, b"one"), b"one");
+    log_lines(&path, 1);
+    let rotated = format!("{path}.1");
+    std::fs::rename(&path, &rotated).unwrap();
+    fwd.signal("USR1");
+    fwd.wait_for_log(
+        |l| l.contains("SIGUSR1: reopening the access log"),
+        Duration::from_secs(10),
+    );
+    let mut c = TcpStream::connect(fwd.addr).unwrap();
+    assert_eq!(exchange(&mut c, b"two"), b"two");
+    let fresh = log_lines(&path, 1);
+    assert_eq!(fresh.len(), 1, "{fresh:?}");
+    assert!(fresh[0].contains(" bytes_up=3 "), "{fresh:?}");
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    assert_eq!(old.lines().count(), 1, "{old}");
+    let _ = fwd.terminate();
+    let _ = std::fs::remove_file(rotated);
+}
+
+/// An access log on a pipe nobody reads: lines are dropped and counted,
+/// every connection is still served, and the process still stops.
+#[test]
+fn a_blocked_access_log_drops_and_counts_lines_and_never_blocks_traffic() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = temp("blocked.fifo");
+    let made = Command::new("mkfifo").arg(&path).status().unwrap();
+    assert!(made.success());
+    // A reader that never reads: the pipe fills after 64 KiB.
+    let _reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&path)
+        .unwrap();
+    let fwd = Proxy::forward(echo_origin())
+        .args(["--access-log", &path])
+        .start();
+    let addr = fwd.addr;
+    let workers: Vec<_> = (0..8)
+        .map(|w| {
+            thread::spawn(move || {
+                for i in 0..1000 {
+                    let mut c = TcpStream::connect(addr).unwrap();
+                    let data = [w as u8, (i % 251) as u8];
+                    assert_eq!(exchange(&mut c, &data), data);
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let started = Instant::now();
+    let (status, lines) = fwd.terminate();
+    assert!(status.success(), "{lines:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "stopping took {:?}",
+        started.elapsed()
+    );
+    let dropped: u64 = summaries(&lines)
+        .iter()
+        .map(|s| s.get("access_log_dropped"))
+        .sum();
+    let served: u64 = summaries(&lines).iter().map(|s| s.get("clean")).sum();
+    assert_eq!(served, 8000, "{lines:?}");
+    assert!(dropped > 0, "no line was dropped: {lines:?}");
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Process logs: a dead upstream gets a (rate-limited) line naming the
+/// upstream and the client; `--log-format json` lines are JSON objects with
+/// an RFC 3339 time; `--log-level error` drops everything less severe.
+#[test]
+fn process_logs_name_the_failure_side_and_client_with_timestamps() {
+    let dead = dead_port();
+    let p = Proxy::forward(dead).args(["--log-format", "json"]).start();
+    let c = TcpStream::connect(p.addr).unwrap();
+    let me = c.local_addr().unwrap();
+    let line = p.wait_for_log(
+        |l| l.contains("upstream") && l.contains("connect"),
+        Duration::from_secs(10),
+    );
+    assert!(line.contains(&dead.to_string()), "{line}");
+    assert!(line.contains(&format!("client {me}")), "{line}");
+    assert!(line.starts_with(r#"{"time":"20"#), "{line}");
+    assert!(line.contains(r#""level":"warn""#), "{line}");
+    assert!(line.ends_with('}'), "{line}");
+    let (_, lines) = p.terminate();
+    for l in &lines {
+        assert!(
+            l.starts_with(r#"{"time":""#) && l.ends_with('}'),
+            "not a JSON line: {l}"
+        );
+    }
+
+    // `--log-level error`: not even the start-up lines (the harness waits
+    // for those, so this one is started by hand).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let quiet = Command::new(env!("CARGO_BIN_EXE_shardproxy"))
+        .args(["forward", "--listen", &port.to_string(), "--upstream"])
+        .arg(dead.to_string())
+        .args(["--cores", "1", "--log-level", "error"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    poll_until(Duration::from_secs(10), || {
+        TcpStream::connect(port)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    });
+    let killed = Command::new("kill")
+        .args(["-TERM", &quiet.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = quiet.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        !text.contains(" INFO ") && !text.contains(" WARN "),
+        "{text}"
+    );
+}
