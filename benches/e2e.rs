@@ -20,7 +20,8 @@
 //! rounds.
 //!
 //! Run: `cargo bench --bench e2e` (`BENCH_SECS=N` per cell, default 3;
-//! `BENCH_ROUNDS=N`). HAProxy: `apt-get install haproxy`; shadowsocks-rust:
+//! `BENCH_ROUNDS=N`; `BENCH_SCENARIOS=connect,1 KiB` runs only the
+//! scenarios whose names contain one of those). HAProxy: `apt-get install haproxy`; shadowsocks-rust:
 //! `cargo install shadowsocks-rust --locked --root /opt/ssrust`. A missing
 //! peer's rows are skipped with a message. Every loop is bounded in time and
 //! count; every address is 127.0.0.1.
@@ -144,6 +145,13 @@ fn main() {
     for round in 0..rounds {
         eprintln!("round {}/{rounds}", round + 1);
         for (si, scenario) in SCENARIOS.iter().enumerate() {
+            // `BENCH_SCENARIOS=connect,1 KiB`: only scenarios containing one
+            // of these (a targeted re-measurement).
+            if let Ok(only) = std::env::var("BENCH_SCENARIOS") {
+                if !only.split(',').any(|o| scenario.contains(o.trim())) {
+                    continue;
+                }
+            }
             let origin = if scenario.starts_with("bulk") {
                 sink
             } else {

@@ -46,6 +46,13 @@ impl Conn {
         self.stream.borrow().peer_addr().ok()
     }
 
+    /// Reads what the socket already holds into `buf`, without waiting:
+    /// `Ok(0)` is "nothing yet" or EOF (either way the relay's next read
+    /// finds out which), errors are left for that read too.
+    pub fn read_now(&self, buf: &mut [u8]) -> usize {
+        crate::sys::recv_now(&*self.stream.borrow(), buf).unwrap_or(0)
+    }
+
     /// Which side this socket reaches.
     pub fn peer(&self) -> Peer {
         self.peer

@@ -141,6 +141,9 @@ fn proxy_header_out(ctx: &ShardCtx, rec: &Record) -> Vec<u8> {
     }
 }
 
+/// Most client bytes a `forward` sends along with its PROXY header.
+const FIRST_DATA: usize = 16 * 1024;
+
 /// `forward`: plain both ways.
 async fn forward(
     client: &Conn,
@@ -154,6 +157,16 @@ async fn forward(
         first.extend_from_slice(early);
         ctx.stats().add_bytes(true, early.len());
         rec.add_bytes(true, early.len());
+    } else if !first.is_empty() {
+        // The header goes out at once (an upstream that speaks first waits
+        // for it), and in the same segment as whatever the client already
+        // sent: one segment instead of two, without waiting for data.
+        let at = first.len();
+        first.resize(at + FIRST_DATA, 0);
+        let n = client.read_now(&mut first[at..]);
+        first.truncate(at + n);
+        ctx.stats().add_bytes(true, n);
+        rec.add_bytes(true, n);
     }
     if !first.is_empty() {
         if let Err(e) = upstream.write_all(&first, || ()).await {

@@ -202,3 +202,24 @@ pub fn own_received_fds(fds: &[std::os::fd::RawFd]) -> Vec<std::os::fd::OwnedFd>
         })
         .collect()
 }
+
+/// Reads what `socket` (a connected socket) already holds, without waiting
+/// (`recv(2)` with `MSG_DONTWAIT`): `Ok(0)` is EOF, `WouldBlock` means
+/// nothing has arrived yet.
+pub fn recv_now(socket: &impl std::os::fd::AsRawFd, buf: &mut [u8]) -> std::io::Result<usize> {
+    // SAFETY: `buf` is a live, writable buffer of `buf.len()` bytes for the
+    // duration of the call, and the descriptor stays open because `socket`
+    // is borrowed for it.
+    let n = unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}

@@ -413,6 +413,26 @@ fn v1_headers_early_data_and_local_commands_on_forward() {
     assert!(status.success(), "{lines:?}");
 }
 
+/// `--send-proxy-v2` on a forward without `--accept-proxy`: the header
+/// names the client's socket, and the client's bytes (some of which may
+/// travel in the header's segment) arrive exactly once, in order.
+#[test]
+fn a_forward_sends_the_header_then_every_client_byte_once() {
+    let (origin, seen) = ppv2_origin();
+    let fwd = Proxy::forward(origin).arg("--send-proxy-v2").start();
+    for seed in 0..5u64 {
+        let mut c = TcpStream::connect(fwd.addr).unwrap();
+        let me = c.local_addr().unwrap();
+        let data = random_bytes(50_000 + seed as usize * 7_000, seed);
+        let back = exchange(&mut c, &data);
+        assert!(back == data, "{} bytes back of {}", back.len(), data.len());
+        let got = seen.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+        assert_eq!(got.source, Some(me));
+        assert_eq!(got.destination, Some(fwd.addr));
+        assert!(got.data == data, "the origin got {} bytes", got.data.len());
+    }
+}
+
 /// An entry that sends no `meta` (an older one; here the independent
 /// client): the exit still serves it, and its PROXY header names the
 /// entry's own address.
