@@ -257,6 +257,13 @@ pub struct ShardLog {
     buffer: RefCell<String>,
     to_writer: SyncSender<String>,
     thread: std::thread::JoinHandle<()>,
+    /// Lines dropped because the buffer was full.
+    dropped: std::cell::Cell<u64>,
+    /// Lines the writer could not write (an error such as ENOSPC), or that
+    /// were still queued when the shard stopped: counted by the writer
+    /// thread, read by the shard when it publishes (once per flush, never
+    /// per connection).
+    lost: std::sync::Arc<AtomicU64>,
 }
 
 impl ShardLog {
@@ -271,9 +278,11 @@ impl ShardLog {
         let file = open(path)?;
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUED_BATCHES);
         let path = path.to_string();
+        let lost = std::sync::Arc::new(AtomicU64::new(0));
+        let writer_lost = lost.clone();
         let thread = std::thread::Builder::new()
             .name(format!("access-log-{shard}"))
-            .spawn(move || writer(path, file, rx))?;
+            .spawn(move || writer(path, file, rx, writer_lost))?;
         Ok(ShardLog {
             format,
             role,
@@ -281,6 +290,8 @@ impl ShardLog {
             buffer: RefCell::new(String::with_capacity(BUFFER_BYTES)),
             to_writer: tx,
             thread,
+            dropped: std::cell::Cell::new(0),
+            lost,
         })
     }
 
@@ -294,25 +305,32 @@ impl ShardLog {
             self.hand_over(&mut buffer);
         }
         if buffer.len() + line.len() > BUFFER_BYTES {
-            stats
-                .access_log_dropped
-                .set(stats.access_log_dropped.get() + 1);
+            self.dropped.set(self.dropped.get() + 1);
+            self.count(stats);
             return;
         }
         buffer.push_str(&line);
     }
 
-    /// Hands what the buffer holds to the writer, if it has room.
-    pub fn flush(&self) {
+    /// Hands what the buffer holds to the writer, if it has room, and
+    /// brings the shard's count of lost lines up to date.
+    pub fn flush(&self, stats: &ShardStats) {
         let mut buffer = self.buffer.borrow_mut();
         self.hand_over(&mut buffer);
+        self.count(stats);
+    }
+
+    fn count(&self, stats: &ShardStats) {
+        stats
+            .access_log_dropped
+            .set(self.dropped.get() + self.lost.load(Ordering::Relaxed));
     }
 
     /// The shard is done: hands over what is left and waits until the
     /// writer has written everything, for at most [`FINISH_WAIT`] (stop
     /// always wins: a writer blocked on a full pipe does not hold the
     /// process up; what it could not write is reported).
-    pub fn finish(self) {
+    pub fn finish(self, stats: &ShardStats) {
         let deadline = Instant::now() + FINISH_WAIT;
         let mut rest = Some(self.buffer.into_inner()).filter(|r| !r.is_empty());
         while let Some(batch) = rest.take() {
@@ -323,10 +341,11 @@ impl ShardLog {
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 Err(TrySendError::Full(b)) | Err(TrySendError::Disconnected(b)) => {
+                    let n = b.matches('\n').count() as u64;
+                    self.lost.fetch_add(n, Ordering::Relaxed);
                     crate::warn!(
-                        "access log: shard {}: {} line(s) not written at exit (the writer is blocked)",
-                        self.shard,
-                        b.matches('\n').count()
+                        "access log: shard {}: {n} line(s) not written at exit (the writer is blocked)",
+                        self.shard
                     );
                 }
             }
@@ -341,6 +360,9 @@ impl ShardLog {
                 self.shard
             );
         }
+        stats
+            .access_log_dropped
+            .set(self.dropped.get() + self.lost.load(Ordering::Relaxed));
     }
 
     fn hand_over(&self, buffer: &mut String) {
@@ -369,18 +391,33 @@ fn open(path: &str) -> std::io::Result<Sink> {
     if path == "-" {
         return Ok(Sink::Stderr);
     }
+    open_file(path).map(Sink::File)
+}
+
+/// Opens `path` for appending without ever waiting: a FIFO nobody reads is
+/// an error (ENXIO, "no reader") at once, not a hang; the file is then
+/// switched to blocking writes (the writer thread may block, a shard never).
+pub fn open_file(path: &str) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o640)
+        .custom_flags(libc::O_NONBLOCK)
         .open(path)
-        .map(Sink::File)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENXIO) => {
+                std::io::Error::new(e.kind(), "a FIFO with no reader (start the reader first)")
+            }
+            _ => e,
+        })?;
+    crate::sys::set_blocking(&file)?;
+    Ok(file)
 }
 
 /// A shard's writer thread: writes each batch in one call; reopens the path
 /// when SIGUSR1 asked; ends when the shard is gone.
-fn writer(path: String, mut sink: Sink, rx: Receiver<String>) {
+fn writer(path: String, mut sink: Sink, rx: Receiver<String>, lost: std::sync::Arc<AtomicU64>) {
     let mut generation = REOPEN.load(Ordering::Relaxed);
     let mut failed = false;
     loop {
@@ -390,7 +427,9 @@ fn writer(path: String, mut sink: Sink, rx: Receiver<String>) {
             generation = now;
             match open(&path) {
                 Ok(s) => sink = s,
-                Err(e) => crate::warn!("access log: cannot reopen {path}: {e}"),
+                Err(e) => crate::warn!(
+                    "access log: cannot reopen {path}: {e}; still writing to the old file"
+                ),
             }
         }
         let batch = match batch {
@@ -403,12 +442,16 @@ fn writer(path: String, mut sink: Sink, rx: Receiver<String>) {
             Sink::File(f) => f.write_all(batch.as_bytes()),
         };
         match written {
-            Err(e) if !failed => {
-                crate::warn!("access log: writing {path}: {e}");
-                failed = true;
-            }
             Ok(()) => failed = false,
-            Err(_) => {}
+            Err(e) => {
+                // The batch is lost (a partial write may have left part of
+                // it): every line of it is counted.
+                lost.fetch_add(batch.matches('\n').count() as u64, Ordering::Relaxed);
+                if !failed {
+                    crate::warn!("access log: writing {path}: {e}; lines are dropped and counted until writing works again");
+                    failed = true;
+                }
+            }
         }
     }
 }

@@ -102,11 +102,11 @@ pub fn check(path: &str) -> Result<String, StartupError> {
         .map(|t| format!(", keys from {}: {}", t.key_file, t.keys.describe()))
         .unwrap_or_default();
     Ok(format!(
-        "config {path} OK: role {}, listen {}, upstream {} ({}), {} shard(s) on cores {}{keys}",
+        "config {path} OK: role {}, listen {}, upstream {} (balance {}), {} shard(s) on cores {}{keys}",
         cfg.role().as_str(),
         cfg.listen,
-        cfg.upstream_name,
-        cfg.upstream,
+        cfg.upstreams.describe(),
+        cfg.upstreams.balance.as_str(),
         cfg.cores.len(),
         crate::config::format_cpu_list(&cfg.cores)
     ))
@@ -207,6 +207,11 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
             (Some(board), offer)
         }
     };
+    if let Some(b) = &board {
+        if let Ok(mut names) = b.info.upstreams.lock() {
+            *names = cfg.upstreams.specs.iter().map(|s| s.name.clone()).collect();
+        }
+    }
     if let Some(t) = cfg.tunnel() {
         if let Some(b) = &board {
             b.set_keys(t.keys.fingerprints());
@@ -255,6 +260,7 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         drain_delay: cfg.lifecycle.drain_delay,
         offer: offer.clone(),
     });
+    spawn_upstream_manager(&cfg, &signals, board.clone());
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let is_exit = matches!(cfg.mode, crate::config::Mode::Exit(_));
     let replay = is_exit.then(|| crate::replay::mesh(cfg.cores.len()));
@@ -373,18 +379,52 @@ fn inherit_replay_set(
     not_before
 }
 
+/// Starts the upstream manager (DNS re-resolution, active health checks),
+/// which reaches the shards through the signal plane's control sockets.
+fn spawn_upstream_manager(cfg: &Config, signals: &SignalPlane, board: Option<Board>) {
+    use crate::upstream::manager::{Manager, Probe};
+    let ups = &cfg.upstreams;
+    let probe = match &cfg.mode {
+        crate::config::Mode::Entry(t) => Probe::Tunnel {
+            key_file: t.key_file.clone(),
+            keys: t.keys.clone(),
+        },
+        _ => Probe::Connect,
+    };
+    let timeout = cfg.limits.connect_timeout
+        + match &cfg.mode {
+            crate::config::Mode::Entry(t) => t.handshake_timeout,
+            _ => Duration::ZERO,
+        };
+    let plane = signals.handle();
+    let manager = Manager {
+        specs: ups.specs.clone(),
+        endpoints: ups.endpoints.clone(),
+        dns_refresh: ups.has_names().then_some(ups.dns_refresh),
+        health: ups.health,
+        timeout,
+        probe,
+        send: Box::new(move |u| plane.broadcast(crate::control::Message::Upstream(u))),
+        any_up: Box::new(move |up| {
+            if let Some(b) = &board {
+                b.info
+                    .no_upstream_up
+                    .store(!up, std::sync::atomic::Ordering::Relaxed);
+            }
+        }),
+    };
+    if let Err(e) = crate::upstream::manager::spawn(manager) {
+        crate::warn!("upstream manager not started (no DNS refresh, no health checks): {e}");
+    }
+}
+
 /// Opens the access log once before any shard starts, so a path that
 /// cannot be written is a start-up error, not a per-shard one.
 fn check_access_log(path: &str) -> Result<(), StartupError> {
     if path == "-" {
         return Ok(());
     }
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o640)
-        .open(path)
+    crate::access_log::open_file(path)
         .map(drop)
         .map_err(|e| StartupError::AccessLog {
             path: path.to_string(),

@@ -56,9 +56,33 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "ADDR")]
     pub listen: String,
 
-    /// Where to connect for each client, HOST:PORT. A hostname is resolved once, at start-up.
-    #[arg(long, value_name = "HOST:PORT")]
-    pub upstream: String,
+    /// Where to connect for each client: HOST:PORT, optionally followed by ` weight=N` (1-1000). Give it several times for a pool; a hostname stands for all its A/AAAA records and is re-resolved every --dns-refresh.
+    #[arg(long, value_name = "HOST:PORT", required = true, action = clap::ArgAction::Append)]
+    pub upstream: Vec<String>,
+    /// How each shard picks an endpoint: round-robin (weighted), least-connections (counted per shard), random-two (power of two choices) or source-hash (client IP).
+    #[arg(long, value_name = "POLICY", default_value = "random-two", value_parser = ["round-robin", "least-connections", "random-two", "source-hash"])]
+    pub balance: String,
+    /// Endpoints tried per client before it is reset (close reason no_upstream): a failed or timed-out connect, or (entry) a failed tunnel handshake, moves on to another endpoint (1-10).
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub connect_attempts: u32,
+    /// Consecutive failed attempts that eject an endpoint from a shard's rotation (1-100).
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub max_fails: u32,
+    /// How long an endpoint stays ejected the first time; each further ejection in a row doubles it, up to 32 times this (1s-1h).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub fail_timeout: Duration,
+    /// Probe every endpoint this often (a TCP connect; an entry does a full tunnel handshake), from one thread per process; off by default (1s-1h).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub health_check_interval: Option<Duration>,
+    /// Consecutive failed probes before an endpoint is marked down (1-100).
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub health_check_fails: u32,
+    /// Consecutive passed probes before a down endpoint is marked up (1-100).
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub health_check_passes: u32,
+    /// Resolve upstream hostnames again this often, off the shards' threads; a failed lookup keeps the last good endpoints (1s-24h).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub dns_refresh: Duration,
 
     /// Run this many shards, on the first N cores this process may use [default: all of them].
     #[arg(long, value_name = "N", conflicts_with = "cpu_list")]

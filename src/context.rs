@@ -45,6 +45,10 @@ pub struct ShardCtx {
     /// Session permits (`--max-connections`), shared with the accept loops;
     /// the exit takes one only once a handshake has authenticated.
     sessions: RefCell<Option<Rc<glommio::sync::Semaphore>>>,
+    /// This shard's view of the upstream endpoints.
+    pool: crate::upstream::pool::Pool,
+    /// Counters per configured upstream.
+    upstream_stats: Vec<crate::stats::UpstreamStats>,
     /// This shard's end of the access log, when it is on.
     access_log: RefCell<Option<crate::access_log::ShardLog>>,
     /// Whether sessions look up their peer and local addresses (the access
@@ -89,13 +93,28 @@ impl ShardCtx {
     /// The context of shard `id`; `board` is where metrics snapshots go.
     pub fn new(id: usize, cfg: Config, board: Option<Board>) -> Self {
         let keys = cfg.tunnel().map(|t| Rc::new(t.keys.clone()));
+        let mut salts = SaltRng::new();
+        let seed = salts
+            .salt()
+            .map(|s| u64::from_le_bytes(s[..8].try_into().unwrap_or([1; 8])))
+            .unwrap_or(id as u64 + 1);
+        let ups = &cfg.upstreams;
+        let pool = crate::upstream::pool::Pool::new(
+            &ups.endpoints,
+            ups.balance,
+            ups.max_fails,
+            ups.fail_timeout,
+            seed,
+        );
+        let upstream_stats = ups.specs.iter().map(|_| Default::default()).collect();
         let wants_addresses = cfg.access_log.is_some()
+            || cfg.upstreams.balance == crate::upstream::Balance::SourceHash
             || cfg.identity.accept_proxy.is_some()
             || cfg.identity.send_proxy_v2
             || matches!(cfg.mode, crate::config::Mode::Entry(_));
         ShardCtx {
             id,
-            timings: Timings::new(board.is_some()),
+            timings: Timings::new(board.is_some(), cfg.upstreams.specs.len()),
             board,
             keys: RefCell::new(keys),
             cfg,
@@ -104,7 +123,7 @@ impl ShardCtx {
             abort: Trigger::new(),
             all_closed: Trigger::new(),
             draining: Cell::new(false),
-            salts: RefCell::new(SaltRng::new()),
+            salts: RefCell::new(salts),
             buffers: RefCell::new(Vec::new()),
             replay: RefCell::new(None),
             pending: RefCell::new(std::collections::VecDeque::new()),
@@ -112,6 +131,8 @@ impl ShardCtx {
             sessions: RefCell::new(None),
             access_log: RefCell::new(None),
             wants_addresses,
+            pool,
+            upstream_stats,
         }
     }
 
@@ -291,6 +312,71 @@ impl ShardCtx {
         }
     }
 
+    /// Picks the endpoint for a connection's next attempt (see
+    /// [`crate::upstream::pool::Pool::pick`]).
+    pub fn pick_upstream(
+        &self,
+        rec: &crate::access_log::Record,
+        tried: &[std::net::SocketAddr],
+    ) -> Option<crate::upstream::pool::Lease> {
+        self.pool.pick(
+            rec.client().map(|a| a.ip()),
+            tried,
+            std::time::Instant::now(),
+        )
+    }
+
+    /// An attempt on `lease`'s endpoint succeeded.
+    pub fn upstream_ok(&self, lease: &crate::upstream::pool::Lease) {
+        let e = lease.endpoint();
+        self.pool.on_success(e);
+        if let Some(s) = self.upstream_stats.get(e.spec) {
+            s.connects.set(s.connects.get() + 1);
+        }
+    }
+
+    /// An attempt on `lease`'s endpoint failed with `err`: counted by
+    /// reason, and the endpoint ejected after `--max-fails` in a row.
+    pub fn upstream_failed(
+        &self,
+        lease: &crate::upstream::pool::Lease,
+        err: &crate::error::SessionError,
+    ) {
+        use crate::error::SessionError;
+        let e = lease.endpoint();
+        if let Some(s) = self.upstream_stats.get(e.spec) {
+            let cell = match err {
+                SessionError::Connect(_) => &s.refused,
+                SessionError::ConnectTimeout => &s.timeouts,
+                _ => &s.handshakes,
+            };
+            cell.set(cell.get() + 1);
+        }
+        if let crate::upstream::pool::Failed::Ejected(d) =
+            self.pool.on_failure(e, std::time::Instant::now())
+        {
+            if let Some(s) = self.upstream_stats.get(e.spec) {
+                s.ejections.set(s.ejections.get() + 1);
+            }
+            crate::warn!(
+                "shard {}: upstream {} ejected for {} after {} failed attempt(s) in a row (last: {err})",
+                self.id,
+                e.addr,
+                crate::units::format_duration(d),
+                self.cfg.upstreams.max_fails
+            );
+        }
+    }
+
+    /// The upstream manager's news: a new endpoint set, or health verdicts.
+    pub fn upstream_update(&self, update: crate::upstream::manager::Update) {
+        use crate::upstream::manager::Update;
+        match update {
+            Update::Endpoints(e) => self.pool.replace(&e),
+            Update::Health(h) => self.pool.set_health(&h),
+        }
+    }
+
     /// Installs this shard's access log (once, before accepting).
     pub fn set_access_log(&self, log: crate::access_log::ShardLog) {
         *self.access_log.borrow_mut() = Some(log);
@@ -307,15 +393,16 @@ impl ShardCtx {
     /// Hands buffered access-log lines to the writer (periodic).
     pub fn flush_access_log(&self) {
         if let Some(log) = self.access_log.borrow().as_ref() {
-            log.flush();
+            log.flush(&self.stats);
         }
     }
 
     /// Ends the access log: every buffered line is written (blocking; the
     /// shard is done).
     pub fn close_access_log(&self) {
-        if let Some(log) = self.access_log.borrow_mut().take() {
-            log.finish();
+        let log = self.access_log.borrow_mut().take();
+        if let Some(log) = log {
+            log.finish(&self.stats);
         }
     }
 
@@ -332,12 +419,37 @@ impl ShardCtx {
     /// Publishes a snapshot of this shard's counters and histograms.
     pub fn publish(&self) {
         if let Some(board) = &self.board {
-            board.publish(Publish::take(
+            let mut publish = Publish::take(
                 self.id,
                 &self.stats,
                 &self.timings,
                 self.cfg.limits.max_connections.get() as u64,
-            ));
+            );
+            publish.counters.upstreams = self.upstream_snapshot();
+            board.publish(publish);
         }
+    }
+
+    /// Per configured upstream: counters, and its endpoints' state now.
+    fn upstream_snapshot(&self) -> Vec<crate::metrics::UpstreamSnapshot> {
+        let now = std::time::Instant::now();
+        let endpoints = self.pool.endpoints();
+        self.upstream_stats
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let mine = endpoints.iter().filter(|e| e.spec == i);
+                crate::metrics::UpstreamSnapshot {
+                    connects: s.connects.get(),
+                    refused: s.refused.get(),
+                    timeouts: s.timeouts.get(),
+                    handshakes: s.handshakes.get(),
+                    ejections: s.ejections.get(),
+                    active: mine.clone().map(|e| u64::from(e.active())).sum(),
+                    endpoints: mine.clone().count() as u64,
+                    available: mine.filter(|e| e.healthy() && !e.ejected(now)).count() as u64,
+                }
+            })
+            .collect()
     }
 }

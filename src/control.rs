@@ -36,6 +36,8 @@ pub enum Message {
     HandOver,
     /// Use these keys for new connections (SIGHUP reload).
     Keys(KeySet),
+    /// News from the upstream manager (DNS, health checks).
+    Upstream(crate::upstream::manager::Update),
     /// A successor's share of its predecessor's replay set: refuse hellos
     /// stamped before `not_before` (Unix milliseconds), remember `salts`,
     /// and start answering replay checks.
@@ -45,6 +47,31 @@ pub enum Message {
         /// The inherited salts this shard owns.
         salts: Vec<crate::replay::Remembered>,
     },
+}
+
+/// An address on the socketpair: 16 bytes of IP (IPv4 mapped), the port
+/// (u16 LE), 4 or 6.
+fn put_addr(out: &mut Vec<u8>, a: std::net::SocketAddr) {
+    let (ip, family) = match a.ip() {
+        std::net::IpAddr::V4(v4) => (v4.to_ipv6_mapped(), 4u8),
+        std::net::IpAddr::V6(v6) => (v6, 6u8),
+    };
+    out.extend_from_slice(&ip.octets());
+    out.extend_from_slice(&a.port().to_le_bytes());
+    out.push(family);
+}
+
+const ADDR_WIRE: usize = 19;
+
+fn get_addr(b: &[u8]) -> Option<std::net::SocketAddr> {
+    let ip = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(&b[..16]).ok()?);
+    let port = u16::from_le_bytes([b[16], b[17]]);
+    let ip = match b[18] {
+        4 => std::net::IpAddr::V4(ip.to_ipv4_mapped()?),
+        6 => std::net::IpAddr::V6(ip),
+        _ => return None,
+    };
+    Some(std::net::SocketAddr::new(ip, port))
 }
 
 /// Bytes per inherited salt on the socketpair: the 16-byte key and the
@@ -60,6 +87,23 @@ impl Message {
         match self {
             Message::Drain => out.push(b'D'),
             Message::HandOver => out.push(b'H'),
+            Message::Upstream(crate::upstream::manager::Update::Endpoints(eps)) => {
+                out.push(b'E');
+                out.extend_from_slice(&(eps.len() as u32).to_le_bytes());
+                for e in eps {
+                    put_addr(&mut out, e.addr);
+                    out.extend_from_slice(&e.weight.to_le_bytes());
+                    out.extend_from_slice(&(e.spec as u32).to_le_bytes());
+                }
+            }
+            Message::Upstream(crate::upstream::manager::Update::Health(h)) => {
+                out.push(b'A');
+                out.extend_from_slice(&(h.len() as u32).to_le_bytes());
+                for (a, up) in h {
+                    put_addr(&mut out, *a);
+                    out.push(u8::from(*up));
+                }
+            }
             Message::Salts { not_before, salts } => {
                 out.reserve(13 + SALT_WIRE * salts.len());
                 out.push(b'S');
@@ -264,6 +308,19 @@ impl SignalPlane {
                 // successor after TimeoutStopSec.
                 r.start_drain(&format!("handed over to process {pid}"), false);
                 r.s.controller.broadcast(Message::HandOver);
+            }
+        }
+    }
+
+    /// Sends `msg` to every shard (the upstream manager's news). Nothing is
+    /// sent once the process drains.
+    pub fn broadcast(&self, msg: Message) {
+        let Ok(mut phase) = self.state.lock() else {
+            return;
+        };
+        if let Phase::Running(r) = &mut *phase {
+            if !r.draining {
+                r.s.controller.broadcast(msg);
             }
         }
     }
@@ -477,6 +534,7 @@ pub async fn recv(stream: &mut glommio::net::UnixStream) -> Message {
         b'H' => Some(Message::HandOver),
         b'K' => recv_keys(stream).await,
         b'S' => recv_salts(stream).await,
+        b'E' | b'A' => recv_upstream(stream, tag[0]).await,
         _ => None,
     };
     got.unwrap_or(Message::Drain)
@@ -496,6 +554,41 @@ async fn recv_keys(stream: &mut glommio::net::UnixStream) -> Option<Message> {
         keys.push(Psk::from_bytes(*raw));
     }
     Some(Message::Keys(KeySet::new(keys)))
+}
+
+async fn recv_upstream(stream: &mut glommio::net::UnixStream, tag: u8) -> Option<Message> {
+    use crate::upstream::manager::Update;
+    let mut count = [0u8; 4];
+    stream.read_exact(&mut count).await.ok()?;
+    let n = u32::from_le_bytes(count) as usize;
+    if n > crate::upstream::MAX_ENDPOINTS {
+        return None;
+    }
+    let each = if tag == b'E' {
+        ADDR_WIRE + 8
+    } else {
+        ADDR_WIRE + 1
+    };
+    let mut raw = vec![0u8; n * each];
+    stream.read_exact(&mut raw).await.ok()?;
+    let update = if tag == b'E' {
+        let mut eps = Vec::with_capacity(n);
+        for c in raw.chunks_exact(each) {
+            eps.push(crate::upstream::Endpoint {
+                addr: get_addr(c)?,
+                weight: u32::from_le_bytes(c[ADDR_WIRE..ADDR_WIRE + 4].try_into().ok()?),
+                spec: u32::from_le_bytes(c[ADDR_WIRE + 4..].try_into().ok()?) as usize,
+            });
+        }
+        Update::Endpoints(eps)
+    } else {
+        let mut h = Vec::with_capacity(n);
+        for c in raw.chunks_exact(each) {
+            h.push((get_addr(c)?, c[ADDR_WIRE] == 1));
+        }
+        Update::Health(h)
+    };
+    Some(Message::Upstream(update))
 }
 
 async fn recv_salts(stream: &mut glommio::net::UnixStream) -> Option<Message> {

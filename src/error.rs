@@ -212,6 +212,15 @@ pub enum SessionError {
     /// The relay buffers (this many bytes each) could not be allocated.
     #[error("cannot allocate a {0}-byte relay buffer")]
     OutOfMemory(usize),
+    /// Every attempt (`--connect-attempts`) to reach an upstream endpoint
+    /// failed; `last` is the last attempt's error.
+    #[error("no upstream: {attempts} attempt(s) failed{}", last.as_ref().map(|e| format!("; last: {e}")).unwrap_or_default())]
+    NoUpstream {
+        /// Endpoints tried.
+        attempts: usize,
+        /// The last failure.
+        last: Option<Box<SessionError>>,
+    },
     /// `--accept-proxy`: the client is not trusted to send a PROXY header,
     /// or its header was missing, malformed, too long or late.
     #[error("downstream PROXY protocol header: {0}")]
@@ -230,6 +239,7 @@ impl SessionError {
             | SessionError::Proto { peer, .. }
             | SessionError::Truncated(peer) => Side::from(*peer),
             SessionError::BadProxyHeader(_) => Side::Downstream,
+            SessionError::NoUpstream { .. } => Side::Upstream,
             SessionError::Connect(e) if is_fd_exhaustion(e) => Side::Internal,
             SessionError::Connect(_) | SessionError::ConnectTimeout => Side::Upstream,
             // Silence is both peers'; the timer is ours.
@@ -268,12 +278,27 @@ impl SessionError {
                 CloseReason::Internal
             }
             SessionError::BadProxyHeader(_) => CloseReason::BadProxyHeader,
+            SessionError::NoUpstream { .. } => CloseReason::NoUpstream,
         }
     }
 
     /// Whether the process ran out of file descriptors (EMFILE/ENFILE) for
     /// the upstream socket: the accept loop backs off instead of accepting
     /// clients it could only reset.
+    /// An error after which no other endpoint is tried: the shard is
+    /// stopping, or this process is out of file descriptors.
+    pub fn is_final(&self) -> bool {
+        matches!(self, SessionError::Drained) || self.is_fd_exhaustion()
+    }
+
+    /// All attempts failed (`attempts` of them; `last` the last error).
+    pub fn no_upstream(attempts: usize, last: Option<SessionError>) -> SessionError {
+        SessionError::NoUpstream {
+            attempts,
+            last: last.map(Box::new),
+        }
+    }
+
     pub fn is_fd_exhaustion(&self) -> bool {
         matches!(self, SessionError::Connect(e) if is_fd_exhaustion(e))
     }

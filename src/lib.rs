@@ -54,3 +54,4 @@ pub mod stats;
 pub mod sys;
 pub mod trigger;
 pub mod units;
+pub mod upstream;

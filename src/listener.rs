@@ -245,7 +245,9 @@ impl AcceptState {
             return;
         }
         match e {
-            SessionError::Connect(_) | SessionError::ConnectTimeout => {
+            SessionError::Connect(_)
+            | SessionError::ConnectTimeout
+            | SessionError::NoUpstream { .. } => {
                 let upstream = rec
                     .upstream
                     .get()

@@ -12,6 +12,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use glommio::net::TcpStream;
 
+use std::net::SocketAddr;
+
 use crate::access_log::Record;
 use crate::config::{AcceptProxy, Mode, TunnelConfig};
 use crate::conn::{Conn, Peer};
@@ -26,6 +28,7 @@ use crate::proxy_protocol::{self, Parsed};
 use crate::relay::Framing;
 use crate::replay::Verdict;
 use crate::trigger::{bounded, Interrupted, Trigger};
+use crate::upstream::pool::Lease;
 
 /// Runs one accepted connection to completion, filling in `rec` as it
 /// goes. `Ok` means both directions ended with FIN; on any error the
@@ -92,7 +95,12 @@ async fn proxy_header(
         )
         .await
         {
-            Ok(read) => read?,
+            Ok(Ok(n)) => n,
+            // Reset (or any error) before a valid header: a bad header.
+            Ok(Err(_)) if filled > 0 => {
+                return Err(SessionError::BadProxyHeader("reset within the header"))
+            }
+            Ok(Err(_)) => return Err(SessionError::Empty(Peer::Downstream)),
             Err(Interrupted::Stopped) => return Err(SessionError::Drained),
             Err(Interrupted::Deadline) => {
                 return Err(SessionError::BadProxyHeader(
@@ -151,7 +159,7 @@ async fn forward(
     rec: &Record,
     early: &[u8],
 ) -> Result<(), SessionError> {
-    let upstream = connect(ctx, rec).await?;
+    let (upstream, lease) = connect_pool(ctx, rec).await?;
     let mut first = proxy_header_out(ctx, rec);
     if !early.is_empty() {
         first.extend_from_slice(early);
@@ -174,7 +182,9 @@ async fn forward(
             return Err(e);
         }
     }
-    relay(client, &upstream, Framing::Plain, ctx, rec).await
+    let result = relay(client, &upstream, Framing::Plain, ctx, rec).await;
+    drop(lease);
+    result
 }
 
 /// `entry`: connect to the exit, say hello, verify its answer, then seal
@@ -187,7 +197,6 @@ async fn entry(
     early: &[u8],
 ) -> Result<(), SessionError> {
     let keys = ctx.keys().ok_or(SessionError::NoKeys)?;
-    let salt = ctx.salt().map_err(SessionError::Rng)?;
     // Who the client is, for the exit (docs/PROTOCOL.md §2.1).
     let (meta, meta_len) = Meta {
         client: rec.client(),
@@ -195,66 +204,109 @@ async fn entry(
         id: Some(rec.id.get()),
     }
     .encode();
-    let upstream = connect(ctx, rec).await?;
-    let deadline = Instant::now() + tun.handshake_timeout;
-    let handshake = async {
-        let rejected = |source| SessionError::Proto {
-            peer: Peer::Upstream,
-            source,
+    // Each attempt is a connect and a handshake with one exit: a refused
+    // connect, a wrong key or a silent exit moves on to the next one. No
+    // byte of the client's has been read yet (the relay has not started)
+    // and `early` is sent only with a verified session, so nothing is lost
+    // or sent twice.
+    let mut tried = Tried::new();
+    let mut last = None;
+    for _ in 0..ctx.config().upstreams.connect_attempts {
+        let Some(lease) = ctx.pick_upstream(rec, tried.as_slice()) else {
+            break;
         };
-        // `Meta::encode` fits its block: this never fails.
-        let (hs, hello) =
-            ClientHandshake::start(keys.primary(), salt, unix_now(), &meta[..meta_len])
-                .map_err(SessionError::Limit)?;
-        // Timed from before the write: its completion may be seen only
-        // together with the answer.
-        let sent_at = Instant::now();
-        upstream.write_all(&hello, || ()).await?;
-        let mut answer = [0u8; SERVER_HELLO_LEN];
-        upstream.read_exact(&mut answer).await?;
-        let (mut encoder, decoder) = hs.finish(&answer).map_err(rejected)?;
-        ctx.timings().record(Hist::Handshake, sent_at.elapsed());
-        rec.handshake.set(Some(sent_at.elapsed()));
-        // Key confirmation (protocol v2): the exit contacts its origin only
-        // once this chunk verified. Sent at once, so a protocol whose server
-        // speaks first works without waiting for client data.
-        let mut confirm = [0u8; CONFIRM_LEN];
-        encoder
-            .seal_confirm(&mut confirm)
-            .map_err(SessionError::Limit)?;
-        if early.is_empty() {
-            upstream.write_all(&confirm, || ()).await?;
-        } else {
-            // Client data that came with its PROXY header: sealed as the
-            // first data chunk, in the same write (at most
-            // `proxy_protocol::MAX_HEADER` bytes, below one chunk).
-            let mut out = vec![0u8; CONFIRM_LEN + LEN_LEN + early.len() + TAG_LEN];
-            out[..CONFIRM_LEN].copy_from_slice(&confirm);
-            let chunk = &mut out[CONFIRM_LEN..];
-            chunk[LEN_LEN..LEN_LEN + early.len()].copy_from_slice(early);
-            encoder
-                .seal_in_place(chunk, early.len())
-                .map_err(SessionError::Limit)?;
-            ctx.stats().add_bytes(true, early.len());
-            rec.add_bytes(true, early.len());
-            upstream.write_all(&out, || ()).await?;
-        }
-        Ok((encoder, decoder))
-    };
-    let (encoder, decoder) =
-        match counted(ctx, within(ctx, deadline, Peer::Upstream, handshake).await) {
-            Ok(session) => session,
+        tried.push(lease.endpoint().addr);
+        let upstream = match connect_to(ctx, rec, &lease).await {
+            Ok(conn) => conn,
+            Err(e) if e.is_final() => return Err(e),
             Err(e) => {
-                upstream.abort();
-                return Err(e);
+                ctx.upstream_failed(&lease, &e);
+                last = Some(e);
+                continue;
             }
         };
-    let framing = Framing::Tunnel {
-        tunnel: Peer::Upstream,
-        encoder,
-        decoder,
+        let salt = ctx.salt().map_err(SessionError::Rng)?;
+        let deadline = Instant::now() + tun.handshake_timeout;
+        let handshake =
+            tunnel_handshake(&upstream, ctx, rec, &keys, salt, &meta[..meta_len], early);
+        match counted(ctx, within(ctx, deadline, Peer::Upstream, handshake).await) {
+            Ok((encoder, decoder)) => {
+                ctx.upstream_ok(&lease);
+                let framing = Framing::Tunnel {
+                    tunnel: Peer::Upstream,
+                    encoder,
+                    decoder,
+                };
+                let result = relay(client, &upstream, framing, ctx, rec).await;
+                drop(lease);
+                return result;
+            }
+            Err(e) => {
+                upstream.abort();
+                if e.is_final() {
+                    return Err(e);
+                }
+                ctx.upstream_failed(&lease, &e);
+                last = Some(e);
+            }
+        }
+    }
+    Err(SessionError::no_upstream(tried.len(), last))
+}
+
+/// The entry's side of one tunnel handshake on `upstream`: the hello (with
+/// `meta`), the exit's answer verified, then the key confirmation, with
+/// `early` client data sealed into the same write.
+async fn tunnel_handshake(
+    upstream: &Conn,
+    ctx: &ShardCtx,
+    rec: &Record,
+    keys: &crate::proto::KeySet,
+    salt: [u8; SALT_LEN],
+    meta: &[u8],
+    early: &[u8],
+) -> Result<(crate::proto::Encoder, crate::proto::Decoder), SessionError> {
+    let rejected = |source| SessionError::Proto {
+        peer: Peer::Upstream,
+        source,
     };
-    relay(client, &upstream, framing, ctx, rec).await
+    // `Meta::encode` fits its block: this never fails.
+    let (hs, hello) = ClientHandshake::start(keys.primary(), salt, unix_now(), meta)
+        .map_err(SessionError::Limit)?;
+    // Timed from before the write: its completion may be seen only
+    // together with the answer.
+    let sent_at = Instant::now();
+    upstream.write_all(&hello, || ()).await?;
+    let mut answer = [0u8; SERVER_HELLO_LEN];
+    upstream.read_exact(&mut answer).await?;
+    let (mut encoder, decoder) = hs.finish(&answer).map_err(rejected)?;
+    ctx.timings().record(Hist::Handshake, sent_at.elapsed());
+    rec.handshake.set(Some(sent_at.elapsed()));
+    // Key confirmation (protocol v2): the exit contacts its origin only
+    // once this chunk verified. Sent at once, so a protocol whose server
+    // speaks first works without waiting for client data.
+    let mut confirm = [0u8; CONFIRM_LEN];
+    encoder
+        .seal_confirm(&mut confirm)
+        .map_err(SessionError::Limit)?;
+    if early.is_empty() {
+        upstream.write_all(&confirm, || ()).await?;
+    } else {
+        // Client data that came with its PROXY header: sealed as the
+        // first data chunk, in the same write (at most
+        // `proxy_protocol::MAX_HEADER` bytes, below one chunk).
+        let mut out = vec![0u8; CONFIRM_LEN + LEN_LEN + early.len() + TAG_LEN];
+        out[..CONFIRM_LEN].copy_from_slice(&confirm);
+        let chunk = &mut out[CONFIRM_LEN..];
+        chunk[LEN_LEN..LEN_LEN + early.len()].copy_from_slice(early);
+        encoder
+            .seal_in_place(chunk, early.len())
+            .map_err(SessionError::Limit)?;
+        upstream.write_all(&out, || ()).await?;
+        ctx.stats().add_bytes(true, early.len());
+        rec.add_bytes(true, early.len());
+    }
+    Ok((encoder, decoder))
 }
 
 /// `exit`: verify the hello before saying anything, answer, connect to the
@@ -380,7 +432,7 @@ async fn exit(
     if meta.destination.is_some() {
         rec.destination.set(meta.destination);
     }
-    let upstream = connect(ctx, rec).await?;
+    let (upstream, lease) = connect_pool(ctx, rec).await?;
     let header = proxy_header_out(ctx, rec);
     if !header.is_empty() {
         if let Err(e) = upstream.write_all(&header, || ()).await {
@@ -393,7 +445,9 @@ async fn exit(
         encoder: accepted.encoder,
         decoder: accepted.decoder,
     };
-    relay(client, &upstream, framing, ctx, rec).await
+    let result = relay(client, &upstream, framing, ctx, rec).await;
+    drop(lease);
+    result
 }
 
 /// The relay phase, in a heap allocation of its own: its state (both
@@ -413,20 +467,78 @@ fn relay<'a>(
     async move { relay.await.inspect_err(|_| upstream.abort()) }
 }
 
-/// Connects upstream within `--connect-timeout`, giving up at once if the
-/// shard aborts; records the connect time.
+/// The endpoints one connection has tried, without an allocation
+/// (`--connect-attempts` is at most 10).
+struct Tried {
+    addrs: [SocketAddr; 10],
+    len: usize,
+}
+
+impl Tried {
+    fn new() -> Self {
+        Tried {
+            addrs: [SocketAddr::from(([0, 0, 0, 0], 0)); 10],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, a: SocketAddr) {
+        if self.len < self.addrs.len() {
+            self.addrs[self.len] = a;
+            self.len += 1;
+        }
+    }
+
+    fn as_slice(&self) -> &[SocketAddr] {
+        &self.addrs[..self.len]
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// `forward` and `exit`: connects to the pool, trying up to
+/// `--connect-attempts` endpoints (another one after each failed or
+/// timed-out connect). All failed: [`SessionError::NoUpstream`].
+async fn connect_pool(ctx: &ShardCtx, rec: &Record) -> Result<(Conn, Lease), SessionError> {
+    let mut tried = Tried::new();
+    let mut last = None;
+    for _ in 0..ctx.config().upstreams.connect_attempts {
+        let Some(lease) = ctx.pick_upstream(rec, tried.as_slice()) else {
+            break;
+        };
+        tried.push(lease.endpoint().addr);
+        match connect_to(ctx, rec, &lease).await {
+            Ok(conn) => {
+                ctx.upstream_ok(&lease);
+                return Ok((conn, lease));
+            }
+            Err(e) if e.is_final() => return Err(e),
+            Err(e) => {
+                ctx.upstream_failed(&lease, &e);
+                last = Some(e);
+            }
+        }
+    }
+    Err(SessionError::no_upstream(tried.len(), last))
+}
+
+/// One connect to the endpoint `lease` holds, within `--connect-timeout`,
+/// giving up at once if the shard aborts; records the connect time.
 ///
 /// The deadline is io_uring's own (`IORING_OP_LINK_TIMEOUT` linked to the
 /// connect), so a connection costs no reactor timer for it.
-async fn connect(ctx: &ShardCtx, rec: &Record) -> Result<Conn, SessionError> {
+async fn connect_to(ctx: &ShardCtx, rec: &Record, lease: &Lease) -> Result<Conn, SessionError> {
     let started = Instant::now();
-    let upstream = ctx.config().upstream;
+    let upstream = lease.endpoint().addr;
     rec.upstream.set(Some(upstream));
     let attempt = TcpStream::connect_timeout(upstream, ctx.limits().connect_timeout);
     match bounded(ctx.aborted(), None, attempt).await {
         Ok(Ok(stream)) => {
             let took = started.elapsed();
             ctx.timings().record(Hist::UpstreamConnect, took);
+            ctx.timings().record_upstream(lease.endpoint().spec, took);
             rec.connect.set(Some(took));
             Ok(Conn::new(stream, Peer::Upstream))
         }

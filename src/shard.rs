@@ -85,10 +85,9 @@ async fn run(setup: Setup) {
         n => format!(" ({n} inherited listeners)"),
     };
     crate::info!(
-        "shard {id} core {core} listening on {addr} role {} upstream {} ({}){extra}",
+        "shard {id} core {core} listening on {addr} role {} upstream {}{extra}",
         cfg.role().as_str(),
-        cfg.upstream_name,
-        cfg.upstream
+        cfg.upstreams.describe()
     );
     let skew = cfg.tunnel().map(|t| t.max_clock_skew);
     let shards = cfg.cores.len();
@@ -163,6 +162,7 @@ async fn run(setup: Setup) {
                     }
                 }
             }
+            Message::Upstream(update) => ctx.upstream_update(update),
             Message::HandOver => break true,
             Message::Drain => break false,
         }

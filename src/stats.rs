@@ -38,11 +38,14 @@ pub enum CloseReason {
     /// `--accept-proxy`: the peer is not in `--proxy-trusted-cidrs`, or its
     /// PROXY protocol header was missing, malformed, too long or late.
     BadProxyHeader,
+    /// Every attempt to reach an upstream endpoint failed
+    /// (`--connect-attempts`).
+    NoUpstream,
 }
 
 impl CloseReason {
     /// Every reason, in label order.
-    pub const ALL: [CloseReason; 14] = [
+    pub const ALL: [CloseReason; 15] = [
         CloseReason::Clean,
         CloseReason::IdleTimeout,
         CloseReason::ConnectError,
@@ -57,6 +60,7 @@ impl CloseReason {
         CloseReason::Empty,
         CloseReason::HandshakeTimeout,
         CloseReason::BadProxyHeader,
+        CloseReason::NoUpstream,
     ];
 
     /// The label used in logs and metrics.
@@ -76,12 +80,28 @@ impl CloseReason {
             CloseReason::Empty => "empty",
             CloseReason::HandshakeTimeout => "handshake_timeout",
             CloseReason::BadProxyHeader => "bad_proxy_header",
+            CloseReason::NoUpstream => "no_upstream",
         }
     }
 
     fn index(self) -> usize {
         self as usize
     }
+}
+
+/// One configured upstream's counters, in one shard.
+#[derive(Debug, Default)]
+pub struct UpstreamStats {
+    /// Connects that succeeded (entry: connect and tunnel handshake).
+    pub connects: Cell<u64>,
+    /// Connects refused or failed.
+    pub refused: Cell<u64>,
+    /// Connects that timed out.
+    pub timeouts: Cell<u64>,
+    /// Entry: tunnel handshakes that failed or timed out.
+    pub handshakes: Cell<u64>,
+    /// Times one of its endpoints was ejected (passive health).
+    pub ejections: Cell<u64>,
 }
 
 /// Counters owned by one shard.

@@ -223,3 +223,21 @@ pub fn recv_now(socket: &impl std::os::fd::AsRawFd, buf: &mut [u8]) -> std::io::
     }
     Ok(n as usize)
 }
+
+/// Clears `O_NONBLOCK` on `file` (opened non-blocking so that opening a
+/// FIFO without a reader fails at once instead of waiting for one).
+pub fn set_blocking(file: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl(2) with F_GETFL/F_SETFL reads and writes only the flags
+    // of `fd`, which `file` keeps open for the duration of both calls.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -100,7 +100,7 @@ fn refused_upstream_closes_client_promptly_and_keeps_serving() {
     }
     let (status, lines) = proxy.terminate();
     assert!(status.success());
-    assert_eq!(summaries(&lines)[0].get("connect_error"), 3, "{lines:?}");
+    assert_eq!(summaries(&lines)[0].get("no_upstream"), 3, "{lines:?}");
 }
 
 #[test]

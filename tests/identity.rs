@@ -645,3 +645,45 @@ fn process_logs_name_the_failure_side_and_client_with_timestamps() {
         "{text}"
     );
 }
+
+/// An access log that cannot take lines: a FIFO nobody reads is a one-line
+/// start-up error (never a hang), and on /dev/full every line is counted as
+/// dropped while traffic goes on.
+#[test]
+fn unwritable_access_logs_fail_fast_or_count_every_lost_line() {
+    let fifo = temp("noreader.fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardproxy"));
+    cmd.args([
+        "forward",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        "127.0.0.1:9",
+    ])
+    .args(["--cores", "1", "--access-log", &fifo]);
+    let (status, stderr) = run_bounded(cmd, Duration::from_secs(20)).expect("hung on the FIFO");
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no reader"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    let _ = std::fs::remove_file(&fifo);
+
+    let fwd = Proxy::forward(echo_origin())
+        .args(["--access-log", "/dev/full"])
+        .start();
+    for i in 0..50u64 {
+        let mut c = TcpStream::connect(fwd.addr).unwrap();
+        assert_eq!(exchange(&mut c, &i.to_le_bytes()), i.to_le_bytes());
+    }
+    let (status, lines) = fwd.terminate();
+    assert!(status.success(), "{lines:?}");
+    let dropped: u64 = summaries(&lines)
+        .iter()
+        .map(|s| s.get("access_log_dropped"))
+        .sum();
+    assert_eq!(dropped, 50, "{lines:?}");
+}

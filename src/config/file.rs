@@ -307,6 +307,29 @@ pub fn translate(
             key: key.clone(),
             want,
         };
+        // `upstream` may be a list of `"HOST:PORT"` strings and
+        // `{ address = "HOST:PORT", weight = N }` tables: one flag each.
+        if key == "upstream" {
+            if let toml::Value::Array(items) = value {
+                if items.is_empty() {
+                    return Err(bad("a non-empty list"));
+                }
+                for item in items {
+                    args.push(format!(
+                        "--{flag}={}",
+                        upstream_item(item).ok_or_else(|| bad(UPSTREAM_ITEM))?
+                    ));
+                }
+                continue;
+            }
+            if let toml::Value::Table(_) = value {
+                args.push(format!(
+                    "--{flag}={}",
+                    upstream_item(value).ok_or_else(|| bad(UPSTREAM_ITEM))?
+                ));
+                continue;
+            }
+        }
         match (value, takes_value) {
             // A switch with an optional value (`--dual-stack[=false]`).
             (toml::Value::Boolean(on), true) => args.push(format!("--{flag}={on}")),
@@ -327,6 +350,27 @@ pub fn translate(
         role: file_role,
         args,
     })
+}
+
+const UPSTREAM_ITEM: &str =
+    "\"HOST:PORT\", { address = \"HOST:PORT\", weight = N }, or a list of them";
+
+/// One `upstream` entry as its flag value (`HOST:PORT weight=N`).
+fn upstream_item(item: &toml::Value) -> Option<String> {
+    match item {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Table(t) => {
+            if t.keys().any(|k| k != "address" && k != "weight") {
+                return None;
+            }
+            let address = t.get("address")?.as_str()?;
+            match t.get("weight") {
+                None => Some(address.to_string()),
+                Some(w) => Some(format!("{address} weight={}", w.as_integer()?)),
+            }
+        }
+        _ => None,
+    }
 }
 
 /// Levenshtein distance, for "did you mean" hints on short keys.
@@ -398,12 +442,17 @@ pub fn expand_argv(argv: Vec<String>) -> Result<(Vec<String>, Option<Supplied>),
         kept.iter()
             .any(|k| k == &format!("--{flag}") || k.starts_with(&format!("--{flag}=")))
     };
+    // A flag given several times (`upstream`) is replaced as a whole by the
+    // command line's, not added to.
+    const REPEATED: [&str; 1] = ["upstream"];
     let file_args: Vec<String> = file
         .args
         .iter()
         .filter(|a| {
             let flag = a.trim_start_matches("--").split('=').next().unwrap_or("");
-            !EXCLUDES.iter().any(|(f, other)| *f == flag && given(other))
+            let excluded = EXCLUDES.iter().any(|(f, other)| *f == flag && given(other));
+            let replaced = REPEATED.contains(&flag) && given(flag);
+            !excluded && !replaced
         })
         .cloned()
         .collect();
@@ -536,7 +585,7 @@ mod tests {
             panic!()
         };
         assert_eq!(a.listen, "127.0.0.1:3");
-        assert_eq!(a.upstream, "127.0.0.1:2");
+        assert_eq!(a.upstream, ["127.0.0.1:2"]);
         // Untouched when there is no --config.
         assert_eq!(
             expand_argv(argv(&["sp", "keygen"])).unwrap(),

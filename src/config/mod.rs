@@ -13,7 +13,7 @@ pub mod file;
 mod load;
 pub mod ranges;
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
@@ -82,10 +82,8 @@ pub struct Config {
     pub dual_stack: bool,
     /// Listen backlog per shard.
     pub backlog: u32,
-    /// Upstream as the operator wrote it (for logs).
-    pub upstream_name: String,
-    /// Upstream, resolved once at start-up.
-    pub upstream: SocketAddr,
+    /// The upstream pool: endpoints, balancing, retries, health.
+    pub upstreams: crate::upstream::Upstreams,
     /// The cores to run one shard on each, in shard order.
     pub cores: Vec<usize>,
     /// Per-connection limits.
@@ -327,9 +325,12 @@ impl Config {
             .listen
             .parse()
             .map_err(|_| ConfigError::BadListen(args.listen.clone()))?;
-        let upstream = resolve_once(&args.upstream)?;
-        if is_loop(listen, upstream) {
-            return Err(ConfigError::LoopedUpstream { listen, upstream });
+        let upstreams = upstreams(args)?;
+        if let Some(e) = upstreams.endpoints.iter().find(|e| is_loop(listen, e.addr)) {
+            return Err(ConfigError::LoopedUpstream {
+                listen,
+                upstream: e.addr,
+            });
         }
         let metrics_listen = match &args.metrics_listen {
             None => None,
@@ -350,8 +351,7 @@ impl Config {
             listen,
             dual_stack: args.dual_stack,
             backlog: ranges::BACKLOG.check(args.backlog)?,
-            upstream_name: args.upstream.clone(),
-            upstream,
+            upstreams,
             cores,
             metrics_listen,
             metrics_interval: ranges::METRICS_INTERVAL.check(args.metrics_interval)?,
@@ -605,25 +605,48 @@ fn is_loop(listen: SocketAddr, upstream: SocketAddr) -> bool {
     listen.ip() == up || (listen.ip().is_unspecified() && (up.is_loopback() || up.is_unspecified()))
 }
 
-/// Resolves `HOST:PORT` once. The first address wins; see the README for
-/// what that means when DNS changes later.
-fn resolve_once(text: &str) -> Result<SocketAddr, ConfigError> {
-    let bad = |why: String| ConfigError::BadUpstream(text.to_string(), why);
-    let addr = if let Ok(addr) = text.parse::<SocketAddr>() {
-        addr
-    } else {
-        if !text.contains(':') {
-            return Err(bad("expected HOST:PORT".into()));
-        }
-        text.to_socket_addrs()
-            .map_err(|e| bad(format!("cannot resolve: {e}")))?
-            .next()
-            .ok_or_else(|| bad("name resolved to no addresses".into()))?
-    };
-    if addr.port() == 0 {
-        return Err(ConfigError::UpstreamPortZero(text.to_string()));
+/// The `--upstream` pool and its settings, validated and resolved (every
+/// A/AAAA record of a hostname is an endpoint).
+fn upstreams(args: &ProxyArgs) -> Result<crate::upstream::Upstreams, ConfigError> {
+    use crate::upstream::{Balance, HealthCheck, UpstreamSpec, Upstreams, MAX_ENDPOINTS};
+    let mut specs = Vec::with_capacity(args.upstream.len());
+    for text in &args.upstream {
+        let spec = UpstreamSpec::parse(text).map_err(|why| {
+            ConfigError::BadUpstream(crate::log::one_line(text).into_owned(), why)
+        })?;
+        specs.push(spec);
     }
-    Ok(addr)
+    let endpoints = crate::upstream::resolve_all(&specs).map_err(|(i, why)| {
+        if why.starts_with("port 0") {
+            ConfigError::UpstreamPortZero(specs[i].name.clone())
+        } else {
+            ConfigError::BadUpstream(crate::log::one_line(&specs[i].name).into_owned(), why)
+        }
+    })?;
+    if endpoints.len() >= MAX_ENDPOINTS {
+        return Err(ConfigError::BadUpstream(
+            args.upstream.join(" "),
+            format!("more than {MAX_ENDPOINTS} endpoints"),
+        ));
+    }
+    let health = match args.health_check_interval {
+        None => None,
+        Some(interval) => Some(HealthCheck {
+            interval: ranges::HEALTH_CHECK_INTERVAL.check(interval)?,
+            fails: ranges::HEALTH_CHECK_FAILS.check(args.health_check_fails)?,
+            passes: ranges::HEALTH_CHECK_PASSES.check(args.health_check_passes)?,
+        }),
+    };
+    Ok(Upstreams {
+        specs,
+        endpoints,
+        balance: Balance::parse(&args.balance).unwrap_or(Balance::RandomTwo),
+        connect_attempts: ranges::CONNECT_ATTEMPTS.check(args.connect_attempts)?,
+        max_fails: ranges::MAX_FAILS.check(args.max_fails)?,
+        fail_timeout: ranges::FAIL_TIMEOUT.check(args.fail_timeout)?,
+        health,
+        dns_refresh: ranges::DNS_REFRESH.check(args.dns_refresh)?,
+    })
 }
 
 /// Picks the cores: all allowed ones, the first N, or an explicit list.
@@ -774,12 +797,11 @@ mod tests {
 
     #[test]
     fn addresses() {
-        assert_eq!(resolve_once("127.0.0.1:80").unwrap().port(), 80);
-        assert_eq!(resolve_once("localhost:81").unwrap().port(), 81);
-        assert!(matches!(
-            resolve_once("nocolon"),
-            Err(ConfigError::BadUpstream(..))
-        ));
+        use crate::upstream::UpstreamSpec;
+        let port = |t: &str| UpstreamSpec::parse(t).unwrap().resolve().unwrap()[0].port();
+        assert_eq!(port("127.0.0.1:80"), 80);
+        assert_eq!(port("localhost:81"), 81);
+        assert!(UpstreamSpec::parse("nocolon").is_err());
         let msg = ConfigError::BadListen("x".into()).to_string();
         assert!(!msg.contains('\n'));
     }

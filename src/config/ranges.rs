@@ -93,6 +93,48 @@ pub const MAX_CLOCK_SKEW: Bound<Duration> = Bound {
     min: secs(1),
     max: secs(300),
 };
+/// `--connect-attempts`: endpoints tried per client.
+pub const CONNECT_ATTEMPTS: Bound<u32> = Bound {
+    flag: "--connect-attempts",
+    min: 1,
+    max: 10,
+};
+/// `--max-fails`: consecutive failures before an ejection.
+pub const MAX_FAILS: Bound<u32> = Bound {
+    flag: "--max-fails",
+    min: 1,
+    max: 100,
+};
+/// `--fail-timeout`: the first ejection's length.
+pub const FAIL_TIMEOUT: Bound<Duration> = Bound {
+    flag: "--fail-timeout",
+    min: secs(1),
+    max: secs(3600),
+};
+/// `--health-check-interval`.
+pub const HEALTH_CHECK_INTERVAL: Bound<Duration> = Bound {
+    flag: "--health-check-interval",
+    min: secs(1),
+    max: secs(3600),
+};
+/// `--health-check-fails`.
+pub const HEALTH_CHECK_FAILS: Bound<u32> = Bound {
+    flag: "--health-check-fails",
+    min: 1,
+    max: 100,
+};
+/// `--health-check-passes`.
+pub const HEALTH_CHECK_PASSES: Bound<u32> = Bound {
+    flag: "--health-check-passes",
+    min: 1,
+    max: 100,
+};
+/// `--dns-refresh`.
+pub const DNS_REFRESH: Bound<Duration> = Bound {
+    flag: "--dns-refresh",
+    min: secs(1),
+    max: secs(24 * 3600),
+};
 /// `--proxy-header-timeout` (with `--accept-proxy`).
 pub const PROXY_HEADER_TIMEOUT: Bound<Duration> = Bound {
     flag: "--proxy-header-timeout",

@@ -167,6 +167,11 @@ pub fn respond(req: &Request<'_>, board: &Board) -> (u16, &'static str, String) 
         // that still reaches this process learns that, not our drain.
         "/healthz" if board.handed_over() => (200, TEXT, "ok (handed over)\n".into()),
         "/healthz" if board.draining() => (503, TEXT, "draining\n".into()),
+        "/healthz" if board.no_upstream_up() => (
+            503,
+            TEXT,
+            "no upstream endpoint passes its health check\n".into(),
+        ),
         "/healthz" => (200, TEXT, "ok\n".into()),
         // Liveness: 200 for as long as the process serves HTTP, draining or
         // not, so a liveness probe never kills a pod mid-drain and never

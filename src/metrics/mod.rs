@@ -124,13 +124,25 @@ impl Recorded {
     }
 }
 
-/// A shard's histograms; present only when metrics are enabled.
+/// A shard's histograms; present only when metrics are enabled: the
+/// [`Hist::ALL`] ones, then one upstream-connect histogram per configured
+/// upstream.
 pub struct Timings(Option<RefCell<Vec<Recorded>>>);
 
 impl Timings {
-    /// Histograms that record (`enabled`) or a no-op.
-    pub fn new(enabled: bool) -> Self {
-        Timings(enabled.then(|| RefCell::new(Hist::ALL.iter().map(|_| Recorded::new()).collect())))
+    /// Histograms that record (`enabled`) or a no-op; `upstreams` is the
+    /// number of configured upstreams.
+    pub fn new(enabled: bool, upstreams: usize) -> Self {
+        Timings(enabled.then(|| RefCell::new(fresh(upstreams))))
+    }
+
+    /// Records one connect time to configured upstream `spec`.
+    pub fn record_upstream(&self, spec: usize, d: Duration) {
+        if let Some(h) = &self.0 {
+            if let Some(r) = h.borrow_mut().get_mut(Hist::ALL.len() + spec) {
+                r.record(d);
+            }
+        }
     }
 
     /// Whether anything is recorded (callers skip clock reads otherwise).
@@ -153,9 +165,36 @@ impl Timings {
         if hists.iter().all(|h| h.hist.is_empty()) {
             return None;
         }
-        let fresh = Hist::ALL.iter().map(|_| Recorded::new()).collect();
-        Some(std::mem::replace(&mut *hists, fresh))
+        let n = hists.len() - Hist::ALL.len();
+        Some(std::mem::replace(&mut *hists, fresh(n)))
     }
+}
+
+fn fresh(upstreams: usize) -> Vec<Recorded> {
+    (0..Hist::ALL.len() + upstreams)
+        .map(|_| Recorded::new())
+        .collect()
+}
+
+/// One configured upstream in one shard, as scrapes see it.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamSnapshot {
+    /// Successful attempts.
+    pub connects: u64,
+    /// Refused or failed connects.
+    pub refused: u64,
+    /// Timed-out connects.
+    pub timeouts: u64,
+    /// Failed tunnel handshakes (entry).
+    pub handshakes: u64,
+    /// Ejections of its endpoints.
+    pub ejections: u64,
+    /// Connections open to its endpoints.
+    pub active: u64,
+    /// Its endpoints (resolved addresses).
+    pub endpoints: u64,
+    /// Of those, healthy and not ejected.
+    pub available: u64,
 }
 
 /// A shard's state as scrapes see it: counters and cumulative histograms.
@@ -181,6 +220,8 @@ pub struct Snapshot {
     pub accept_errors: u64,
     /// Access-log lines dropped (buffer full).
     pub access_log_dropped: u64,
+    /// Per configured upstream, in spec order.
+    pub upstreams: Vec<UpstreamSnapshot>,
     /// Histograms in [`Hist::ALL`] order (empty when metrics are off).
     pub hists: Vec<Recorded>,
 }
@@ -217,6 +258,7 @@ impl Snapshot {
             handshake_failures: stats.handshake_failures.get(),
             accept_errors: stats.accept_errors.get(),
             access_log_dropped: stats.access_log_dropped.get(),
+            upstreams: Vec::new(),
             hists: Vec::new(),
         }
     }
@@ -273,6 +315,12 @@ pub struct ProcessInfo {
     pub serving: std::sync::atomic::AtomicUsize,
     /// Set when the metrics thread stopped accepting (after a hand-over).
     pub metrics_stopped: std::sync::atomic::AtomicBool,
+    /// The configured upstreams' names (`--upstream` as written), in spec
+    /// order: the `upstream` label of the per-upstream series.
+    pub upstreams: Mutex<Vec<String>>,
+    /// Set by the upstream manager when active health checks find no
+    /// endpoint up (`/healthz` then says 503).
+    pub no_upstream_up: std::sync::atomic::AtomicBool,
 }
 
 impl Board {
@@ -293,6 +341,8 @@ impl Board {
                 handed_over: std::sync::atomic::AtomicBool::new(false),
                 serving: std::sync::atomic::AtomicUsize::new(0),
                 metrics_stopped: std::sync::atomic::AtomicBool::new(false),
+                no_upstream_up: std::sync::atomic::AtomicBool::new(false),
+                upstreams: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -369,6 +419,13 @@ impl Board {
     pub fn handed_over(&self) -> bool {
         self.info
             .handed_over
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether active health checks find every upstream endpoint down.
+    pub fn no_upstream_up(&self) -> bool {
+        self.info
+            .no_upstream_up
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 

@@ -195,6 +195,7 @@ pub fn render(snaps: &[&Snapshot], info: &ProcessInfo) -> String {
     }
 
     let bounds = bucket_bounds_micros();
+    render_upstreams(w, snaps, info, &bounds);
     let mut seen_metric = Vec::new();
     for which in Hist::ALL {
         let name = which.metric();
@@ -229,6 +230,86 @@ pub fn render(snaps: &[&Snapshot], info: &ProcessInfo) -> String {
         }
     }
     out
+}
+
+/// A Prometheus label value, escaped (text format 0.0.4).
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The per-upstream series: one `upstream` label value per configured
+/// `--upstream` (not per resolved address), so cardinality is bounded by
+/// the configuration whatever DNS returns.
+fn render_upstreams(w: &mut String, snaps: &[&Snapshot], info: &ProcessInfo, bounds: &[u64]) {
+    let role = info.role;
+    let names = info.upstreams.lock().map(|n| n.clone()).unwrap_or_default();
+    if names.is_empty() {
+        return;
+    }
+    type Get = fn(&super::UpstreamSnapshot) -> u64;
+    let series: [(&str, &str, &str, Get); 6] = [
+        ("shardproxy_upstream_connects_total", "counter", "Attempts that reached the upstream (entry: connect and tunnel handshake).", |u| u.connects),
+        ("shardproxy_upstream_ejections_total", "counter", "Times one of the upstream's endpoints was ejected after --max-fails failures in a row.", |u| u.ejections),
+        ("shardproxy_upstream_active_connections", "gauge", "Connections open to the upstream's endpoints.", |u| u.active),
+        ("shardproxy_upstream_endpoints", "gauge", "The upstream's endpoints (addresses it resolved to).", |u| u.endpoints),
+        ("shardproxy_upstream_endpoints_available", "gauge", "Of those, the ones healthy (active checks) and not ejected: 0 means the upstream is down in this shard.", |u| u.available),
+        ("shardproxy_upstream_connect_failures_total", "counter", "Failed attempts, by reason: refused (or any connect error), timeout, handshake (entry: the tunnel handshake failed or timed out).", |_| 0),
+    ];
+    for (name, kind, help, get) in series {
+        let _ = writeln!(w, "# HELP {name} {help}");
+        let _ = writeln!(w, "# TYPE {name} {kind}");
+        for s in snaps {
+            for (i, u) in s.upstreams.iter().enumerate() {
+                let Some(up) = names.get(i) else { continue };
+                let labels = format!(
+                    "shard=\"{}\",role=\"{role}\",upstream=\"{}\"",
+                    s.shard,
+                    label(up)
+                );
+                if name == "shardproxy_upstream_connect_failures_total" {
+                    for (reason, v) in [
+                        ("refused", u.refused),
+                        ("timeout", u.timeouts),
+                        ("handshake", u.handshakes),
+                    ] {
+                        let _ = writeln!(w, "{name}{{{labels},reason=\"{reason}\"}} {v}");
+                    }
+                } else {
+                    let _ = writeln!(w, "{name}{{{labels}}} {}", get(u));
+                }
+            }
+        }
+    }
+    let name = "shardproxy_upstream_endpoint_connect_seconds";
+    let _ = writeln!(
+        w,
+        "# HELP {name} Upstream connect time, per configured upstream."
+    );
+    let _ = writeln!(w, "# TYPE {name} histogram");
+    for s in snaps {
+        for (i, up) in names.iter().enumerate() {
+            let Some(rec) = s.hists.get(Hist::ALL.len() + i) else {
+                continue;
+            };
+            let labels = format!(
+                "shard=\"{}\",role=\"{role}\",upstream=\"{}\"",
+                s.shard,
+                label(up)
+            );
+            for (b, c) in bounds.iter().zip(cumulative(rec, bounds)) {
+                let _ = writeln!(w, "{name}_bucket{{{labels},le=\"{}\"}} {c}", seconds(*b));
+            }
+            let _ = writeln!(
+                w,
+                "{name}_bucket{{{labels},le=\"+Inf\"}} {}",
+                rec.hist.len()
+            );
+            let _ = writeln!(w, "{name}_sum{{{labels}}} {}", seconds(rec.sum_micros));
+            let _ = writeln!(w, "{name}_count{{{labels}}} {}", rec.hist.len());
+        }
+    }
 }
 
 /// Renders `/histograms`: one line per shard and histogram,
@@ -269,7 +350,7 @@ mod tests {
     fn board(shards: &[&[u64]]) -> super::super::Board {
         let board = super::super::Board::new(shards.len(), "entry");
         for (i, samples) in shards.iter().enumerate() {
-            let timings = super::super::Timings::new(true);
+            let timings = super::super::Timings::new(true, 0);
             for &us in *samples {
                 timings.record(Hist::RelayUp, Duration::from_micros(us));
             }
@@ -357,7 +438,7 @@ mod tests {
     #[test]
     fn deltas_accumulate_across_publishes() {
         let board = super::super::Board::new(1, "exit");
-        let timings = super::super::Timings::new(true);
+        let timings = super::super::Timings::new(true, 0);
         let stats = crate::stats::ShardStats::default();
         for round in 1..=3u64 {
             for _ in 0..round {

@@ -105,6 +105,7 @@ pub struct ProxyBuilder {
     extra: Vec<String>,
     ulimits: Vec<(&'static str, u64)>,
     env: Vec<(String, String)>,
+    hosts: Option<String>,
 }
 
 impl ProxyBuilder {
@@ -116,6 +117,7 @@ impl ProxyBuilder {
             extra: Vec::new(),
             ulimits: Vec::new(),
             env: Vec::new(),
+            hosts: None,
         }
     }
 
@@ -162,6 +164,15 @@ impl ProxyBuilder {
         self
     }
 
+    /// Runs the proxy in a mount namespace of its own in which `path` is
+    /// bind-mounted over `/etc/hosts` (`unshare --mount`, root only): name
+    /// resolution tests change that file, never the machine's. Edit it in
+    /// place (same inode) for the proxy to see the change.
+    pub fn hosts_file(mut self, path: &str) -> Self {
+        self.hosts = Some(path.to_string());
+        self
+    }
+
     /// The full argument list `start` passes to the binary.
     pub fn argv(&self) -> Vec<String> {
         let mut argv = self.head.clone();
@@ -177,7 +188,15 @@ impl ProxyBuilder {
     /// address. Panics (with the log) if that does not happen in 20 s.
     pub fn start(self) -> Proxy {
         let argv = self.argv();
-        let mut cmd = if self.ulimits.is_empty() {
+        let mut cmd = if let Some(hosts) = &self.hosts {
+            let mut c = Command::new("unshare");
+            c.args(["--mount", "--", "sh", "-c"])
+                .arg("mount --bind \"$SHARDPROXY_HOSTS\" /etc/hosts && exec \"$0\" \"$@\"")
+                .arg(BIN)
+                .args(&argv)
+                .env("SHARDPROXY_HOSTS", hosts);
+            c
+        } else if self.ulimits.is_empty() {
             let mut c = Command::new(BIN);
             c.args(&argv);
             c

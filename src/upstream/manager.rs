@@ -1,0 +1,269 @@
+//! The process's one upstream manager thread: DNS re-resolution and active
+//! health checks, off the shards' threads, with results sent to every shard
+//! by message (see [`crate::upstream`]).
+//!
+//! * Every `--dns-refresh` it resolves each hostname again. A new endpoint
+//!   set goes to every shard; connections to endpoints that went away keep
+//!   running. A failed lookup keeps the last good set and is logged at most
+//!   once a minute.
+//! * Every `--health-check-interval` it probes every endpoint, all at once
+//!   (one short-lived thread each, at most [`super::MAX_ENDPOINTS`]): a TCP
+//!   connect for origins, a full tunnel handshake for an entry's exits (the
+//!   hello, the server hello verified with the current primary key, the key
+//!   confirmation and an empty stream, so the exit sees a clean, empty
+//!   tunnel). An endpoint goes down after `--health-check-fails` failures
+//!   in a row and comes back after `--health-check-passes` passes; every
+//!   change goes to every shard. With no endpoint up, `/healthz` says 503.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use super::{resolve_all, Endpoint, HealthCheck, UpstreamSpec};
+use crate::proto::{ClientHandshake, KeySet, CONFIRM_LEN, END_LEN, SALT_LEN, SERVER_HELLO_LEN};
+
+/// What the manager tells the shards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Update {
+    /// The endpoint set changed (DNS).
+    Endpoints(Vec<Endpoint>),
+    /// Active health verdicts, by address.
+    Health(Vec<(SocketAddr, bool)>),
+}
+
+/// How endpoints are probed.
+#[derive(Debug, Clone)]
+pub enum Probe {
+    /// A TCP connect (origins).
+    Connect,
+    /// A full tunnel handshake (an entry's exits), with the keys read from
+    /// this file at each round (so a SIGHUP-reloaded key is used too).
+    Tunnel {
+        /// The key file.
+        key_file: String,
+        /// The keys loaded at start-up, used if the file does not parse.
+        keys: KeySet,
+    },
+}
+
+/// The manager's settings.
+pub struct Manager {
+    /// As configured.
+    pub specs: Vec<UpstreamSpec>,
+    /// As resolved at start-up.
+    pub endpoints: Vec<Endpoint>,
+    /// `--dns-refresh`, if any spec is a hostname.
+    pub dns_refresh: Option<Duration>,
+    /// Active checks, if on.
+    pub health: Option<HealthCheck>,
+    /// Probe deadline (`--connect-timeout`, plus the handshake for tunnels).
+    pub timeout: Duration,
+    /// How to probe.
+    pub probe: Probe,
+    /// Delivers an update to every shard.
+    pub send: Box<dyn Fn(Update) + Send>,
+    /// Tells `/healthz` whether any endpoint is up.
+    pub any_up: Box<dyn Fn(bool) + Send>,
+}
+
+/// Starts the manager's thread, if it has anything to do.
+pub fn spawn(m: Manager) -> std::io::Result<()> {
+    if m.dns_refresh.is_none() && m.health.is_none() {
+        return Ok(());
+    }
+    std::thread::Builder::new()
+        .name("upstreams".into())
+        .spawn(move || run(m))
+        .map(drop)
+}
+
+#[derive(Clone, Copy)]
+struct Verdict {
+    up: bool,
+    fails: u32,
+    passes: u32,
+}
+
+fn run(mut m: Manager) {
+    let start = Instant::now();
+    let mut next_dns = m.dns_refresh.map(|d| start + d);
+    // The first round of checks at once: a dead endpoint is found within
+    // `fails` intervals of start-up.
+    let mut next_check = m.health.map(|_| start);
+    let mut verdicts: HashMap<SocketAddr, Verdict> = HashMap::new();
+    let mut last_dns_error: Option<Instant> = None;
+    loop {
+        let wake = [next_dns, next_check].into_iter().flatten().min();
+        let Some(wake) = wake else { return };
+        std::thread::sleep(wake.saturating_duration_since(Instant::now()));
+        let now = Instant::now();
+        if let (Some(at), Some(every)) = (next_dns, m.dns_refresh) {
+            if now >= at {
+                next_dns = Some(now + every);
+                match resolve_all(&m.specs) {
+                    Ok(fresh) if fresh != m.endpoints => {
+                        crate::info!(
+                            "upstreams re-resolved: {} endpoint(s) now ({})",
+                            fresh.len(),
+                            fresh
+                                .iter()
+                                .map(|e| e.addr.to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        );
+                        m.endpoints = fresh.clone();
+                        verdicts.retain(|a, _| fresh.iter().any(|e| e.addr == *a));
+                        (m.send)(Update::Endpoints(fresh));
+                        if !verdicts.is_empty() {
+                            (m.send)(Update::Health(current(&verdicts)));
+                        }
+                    }
+                    Ok(_) => {}
+                    Err((i, e)) => {
+                        if last_dns_error
+                            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60))
+                        {
+                            crate::warn!(
+                                "upstream {}: {e}; keeping the last good endpoints",
+                                crate::log::one_line(&m.specs[i].name)
+                            );
+                            last_dns_error = Some(now);
+                        }
+                    }
+                }
+            }
+        }
+        if let (Some(at), Some(hc)) = (next_check, m.health) {
+            if now >= at {
+                next_check = Some(now + hc.interval);
+                let keys = match &m.probe {
+                    Probe::Connect => None,
+                    Probe::Tunnel { key_file, keys } => Some(
+                        crate::config::load_key_file(key_file)
+                            .map(|(k, _)| k)
+                            .unwrap_or_else(|_| keys.clone()),
+                    ),
+                };
+                let results = probe_all(&m.endpoints, m.timeout, keys.as_ref());
+                let mut changed = false;
+                for (addr, result) in results {
+                    let v = verdicts.entry(addr).or_insert(Verdict {
+                        up: true,
+                        fails: 0,
+                        passes: 0,
+                    });
+                    match result {
+                        Ok(()) => {
+                            v.fails = 0;
+                            v.passes = v.passes.saturating_add(1);
+                            if !v.up && v.passes >= hc.passes {
+                                v.up = true;
+                                changed = true;
+                                crate::info!(
+                                    "upstream {addr}: health check passed {} time(s); up",
+                                    v.passes
+                                );
+                            }
+                        }
+                        Err(why) => {
+                            v.passes = 0;
+                            v.fails = v.fails.saturating_add(1);
+                            if v.up && v.fails >= hc.fails {
+                                v.up = false;
+                                changed = true;
+                                crate::warn!(
+                                    "upstream {addr}: health check failed {} time(s) ({}); down",
+                                    v.fails,
+                                    crate::log::one_line(&why)
+                                );
+                            }
+                        }
+                    }
+                }
+                (m.any_up)(verdicts.values().any(|v| v.up));
+                if changed {
+                    (m.send)(Update::Health(current(&verdicts)));
+                }
+            }
+        }
+    }
+}
+
+fn current(verdicts: &HashMap<SocketAddr, Verdict>) -> Vec<(SocketAddr, bool)> {
+    let mut v: Vec<(SocketAddr, bool)> = verdicts.iter().map(|(a, v)| (*a, v.up)).collect();
+    v.sort();
+    v
+}
+
+/// Probes every endpoint at once; each result within about `timeout`.
+fn probe_all(
+    endpoints: &[Endpoint],
+    timeout: Duration,
+    keys: Option<&KeySet>,
+) -> Vec<(SocketAddr, Result<(), String>)> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = endpoints
+            .iter()
+            .map(|e| {
+                let addr = e.addr;
+                (addr, s.spawn(move || probe(addr, timeout, keys)))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|(addr, h)| {
+                (
+                    addr,
+                    h.join().unwrap_or_else(|_| Err("probe panicked".into())),
+                )
+            })
+            .collect()
+    })
+}
+
+/// One probe: a TCP connect, or with `keys` a full tunnel handshake.
+pub fn probe(addr: SocketAddr, timeout: Duration, keys: Option<&KeySet>) -> Result<(), String> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+    let Some(keys) = keys else {
+        return Ok(());
+    };
+    let io = |what: &str, e: std::io::Error| format!("{what}: {e}");
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| io("socket", e))?;
+    s.set_write_timeout(Some(timeout))
+        .map_err(|e| io("socket", e))?;
+    let mut salt = [0u8; SALT_LEN];
+    getrandom::fill(&mut salt).map_err(|e| format!("random: {e}"))?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let (hs, hello) =
+        ClientHandshake::start(keys.primary(), salt, now_ms, b"").map_err(|e| e.to_string())?;
+    s.write_all(&hello).map_err(|e| io("hello", e))?;
+    let mut answer = [0u8; SERVER_HELLO_LEN];
+    s.read_exact(&mut answer)
+        .map_err(|e| io("no server hello (a wrong key gets none)", e))?;
+    let (mut enc, _) = hs
+        .finish(&answer)
+        .map_err(|e| format!("server hello: {e}"))?;
+    // Close the tunnel cleanly: the key confirmation and an empty stream.
+    let mut confirm = [0u8; CONFIRM_LEN];
+    let mut end = [0u8; END_LEN];
+    enc.seal_confirm(&mut confirm).map_err(|e| e.to_string())?;
+    enc.seal_end(&mut end).map_err(|e| e.to_string())?;
+    let mut out = confirm.to_vec();
+    out.extend_from_slice(&end);
+    s.write_all(&out).map_err(|e| io("confirmation", e))?;
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut sink = [0u8; 256];
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        match s.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    Ok(())
+}

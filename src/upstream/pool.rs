@@ -1,0 +1,464 @@
+//! A shard's view of its endpoints, sans I/O (time is passed in): which
+//! endpoint the next connection tries, and what failures and health checks
+//! did to each. See the module docs of [`crate::upstream`].
+
+use std::cell::{Cell, RefCell};
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use super::{Balance, Endpoint, MAX_EJECTION_FACTOR};
+
+/// One endpoint, as one shard sees it.
+#[derive(Debug)]
+pub struct EndpointState {
+    /// Where to connect.
+    pub addr: SocketAddr,
+    /// Relative share.
+    pub weight: u32,
+    /// Its spec's index (the metrics label).
+    pub spec: usize,
+    active: Cell<u32>,
+    fails: Cell<u32>,
+    ejected_until: Cell<Option<Instant>>,
+    ejections_in_a_row: Cell<u32>,
+    healthy: Cell<bool>,
+    current: Cell<i64>,
+}
+
+impl EndpointState {
+    fn new(e: &Endpoint) -> Self {
+        EndpointState {
+            addr: e.addr,
+            weight: e.weight.max(1),
+            spec: e.spec,
+            active: Cell::new(0),
+            fails: Cell::new(0),
+            ejected_until: Cell::new(None),
+            ejections_in_a_row: Cell::new(0),
+            healthy: Cell::new(true),
+            current: Cell::new(0),
+        }
+    }
+
+    /// Connections to it from this shard now.
+    pub fn active(&self) -> u32 {
+        self.active.get()
+    }
+
+    /// Whether the active checker says it is up (true without checks).
+    pub fn healthy(&self) -> bool {
+        self.healthy.get()
+    }
+
+    /// Whether passive health has it ejected at `now`.
+    pub fn ejected(&self, now: Instant) -> bool {
+        self.ejected_until.get().is_some_and(|t| t > now)
+    }
+}
+
+/// A connection's hold on its endpoint: counts as active until dropped.
+pub struct Lease(Rc<EndpointState>);
+
+impl Lease {
+    /// The endpoint.
+    pub fn endpoint(&self) -> &Rc<EndpointState> {
+        &self.0
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.0.active.set(self.0.active.get().saturating_sub(1));
+    }
+}
+
+/// What a failure did to an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failed {
+    /// Counted; the endpoint stays in rotation.
+    Counted,
+    /// The endpoint is now ejected for this long.
+    Ejected(Duration),
+}
+
+/// One shard's endpoints and balancer state.
+pub struct Pool {
+    endpoints: RefCell<Vec<Rc<EndpointState>>>,
+    balance: Balance,
+    max_fails: u32,
+    fail_timeout: Duration,
+    rng: Cell<u64>,
+    rotate: Cell<usize>,
+}
+
+impl Pool {
+    /// A pool over `endpoints`. `seed` seeds the random choices (any value
+    /// but zero).
+    pub fn new(
+        endpoints: &[Endpoint],
+        balance: Balance,
+        max_fails: u32,
+        fail_timeout: Duration,
+        seed: u64,
+    ) -> Pool {
+        Pool {
+            endpoints: RefCell::new(
+                endpoints
+                    .iter()
+                    .map(|e| Rc::new(EndpointState::new(e)))
+                    .collect(),
+            ),
+            balance,
+            max_fails: max_fails.max(1),
+            fail_timeout,
+            rng: Cell::new(seed | 1),
+            rotate: Cell::new(0),
+        }
+    }
+
+    /// Every endpoint now.
+    pub fn endpoints(&self) -> Vec<Rc<EndpointState>> {
+        self.endpoints.borrow().clone()
+    }
+
+    /// Picks the endpoint for the next attempt of a connection from
+    /// `client`, avoiding the addresses in `tried`. Prefers endpoints that
+    /// are healthy and not ejected; if none is, any untried one (as nginx
+    /// does when every server is down: a guess beats a certain failure);
+    /// if every endpoint was tried, any. `None` only for an empty pool.
+    pub fn pick(
+        &self,
+        client: Option<IpAddr>,
+        tried: &[SocketAddr],
+        now: Instant,
+    ) -> Option<Lease> {
+        let all = self.endpoints.borrow();
+        let untried = |e: &&Rc<EndpointState>| !tried.contains(&e.addr);
+        let mut candidates: Vec<&Rc<EndpointState>> = all
+            .iter()
+            .filter(untried)
+            .filter(|e| e.healthy() && !e.ejected(now))
+            .collect();
+        if candidates.is_empty() {
+            candidates = all.iter().filter(untried).collect();
+        }
+        if candidates.is_empty() {
+            candidates = all.iter().collect();
+        }
+        let chosen = match candidates.len() {
+            0 => return None,
+            1 => candidates[0],
+            _ => match self.balance {
+                Balance::RoundRobin => smooth_weighted(&candidates),
+                Balance::LeastConnections => self.least_connections(&candidates),
+                Balance::RandomTwo => self.random_two(&candidates),
+                Balance::SourceHash => match client {
+                    Some(ip) => rendezvous(&candidates, ip),
+                    None => self.random_two(&candidates),
+                },
+            },
+        };
+        chosen.active.set(chosen.active.get() + 1);
+        Some(Lease(chosen.clone()))
+    }
+
+    fn next_random(&self) -> u64 {
+        let mut x = self.rng.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng.set(x);
+        x
+    }
+
+    fn least_connections<'a>(&self, c: &[&'a Rc<EndpointState>]) -> &'a Rc<EndpointState> {
+        // Ties go round the candidates, so equal endpoints share the load.
+        let start = self.rotate.get() % c.len();
+        self.rotate.set(self.rotate.get().wrapping_add(1));
+        let mut best = c[start];
+        for i in 1..c.len() {
+            let e = c[(start + i) % c.len()];
+            if fewer(e, best) {
+                best = e;
+            }
+        }
+        best
+    }
+
+    fn random_two<'a>(&self, c: &[&'a Rc<EndpointState>]) -> &'a Rc<EndpointState> {
+        let n = c.len() as u64;
+        let a = (self.next_random() % n) as usize;
+        let mut b = (self.next_random() % (n - 1)) as usize;
+        if b >= a {
+            b += 1;
+        }
+        if fewer(c[b], c[a]) {
+            c[b]
+        } else {
+            c[a]
+        }
+    }
+
+    /// A connection to `e` was established (or its handshake completed).
+    pub fn on_success(&self, e: &EndpointState) {
+        e.fails.set(0);
+        e.ejections_in_a_row.set(0);
+    }
+
+    /// A connect (or an entry's tunnel handshake) to `e` failed at `now`.
+    /// After `--max-fails` in a row the endpoint is ejected for
+    /// `--fail-timeout`, doubled for each ejection in a row (up to
+    /// [`MAX_EJECTION_FACTOR`] times); the first success resets both.
+    pub fn on_failure(&self, e: &EndpointState, now: Instant) -> Failed {
+        let fails = e.fails.get() + 1;
+        if fails < self.max_fails {
+            e.fails.set(fails);
+            return Failed::Counted;
+        }
+        e.fails.set(0);
+        let n = e.ejections_in_a_row.get();
+        e.ejections_in_a_row.set(n.saturating_add(1));
+        let factor = 1u32
+            .checked_shl(n)
+            .unwrap_or(u32::MAX)
+            .min(MAX_EJECTION_FACTOR);
+        let length = self.fail_timeout.saturating_mul(factor);
+        e.ejected_until.set(Some(now + length));
+        Failed::Ejected(length)
+    }
+
+    /// The active checker's verdicts, by address. An endpoint that comes
+    /// back up is also forgiven its passive ejection: its checks passed
+    /// since, so it is used again at once.
+    pub fn set_health(&self, verdicts: &[(SocketAddr, bool)]) {
+        for e in self.endpoints.borrow().iter() {
+            if let Some((_, up)) = verdicts.iter().find(|(a, _)| *a == e.addr) {
+                if *up && !e.healthy.get() {
+                    e.ejected_until.set(None);
+                    e.fails.set(0);
+                    e.ejections_in_a_row.set(0);
+                }
+                e.healthy.set(*up);
+            }
+        }
+    }
+
+    /// A new endpoint set (DNS re-resolution). Endpoints still present keep
+    /// their state; connections to removed ones keep running (they hold
+    /// their endpoint).
+    pub fn replace(&self, endpoints: &[Endpoint]) {
+        let mut all = self.endpoints.borrow_mut();
+        let next: Vec<Rc<EndpointState>> = endpoints
+            .iter()
+            .map(
+                |e| match all.iter().find(|s| s.addr == e.addr && s.spec == e.spec) {
+                    Some(s) => s.clone(),
+                    None => Rc::new(EndpointState::new(e)),
+                },
+            )
+            .collect();
+        *all = next;
+    }
+}
+
+/// Whether `a` has fewer active connections than `b`, relative to weight.
+fn fewer(a: &EndpointState, b: &EndpointState) -> bool {
+    u64::from(a.active()) * u64::from(b.weight) < u64::from(b.active()) * u64::from(a.weight)
+}
+
+/// nginx's smooth weighted round robin (ngx_http_upstream_round_robin.c):
+/// every candidate gains its weight, the largest is chosen and loses the
+/// total. Over any `total` picks each gets exactly its weight.
+fn smooth_weighted<'a>(c: &[&'a Rc<EndpointState>]) -> &'a Rc<EndpointState> {
+    let total: i64 = c.iter().map(|e| i64::from(e.weight)).sum();
+    let mut best = c[0];
+    for e in c {
+        e.current.set(e.current.get() + i64::from(e.weight));
+        if e.current.get() > best.current.get() {
+            best = e;
+        }
+    }
+    best.current.set(best.current.get() - total);
+    best
+}
+
+/// Weighted rendezvous hashing (Thaler and Ravishankar; the weighted form
+/// `-w / ln(u)` from Schindelhauer and Schomaker): the candidate with the
+/// highest score for this client wins.
+fn rendezvous<'a>(c: &[&'a Rc<EndpointState>], client: IpAddr) -> &'a Rc<EndpointState> {
+    let key = match client {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)),
+        IpAddr::V6(v6) => u128::from(v6),
+    };
+    let mut best = c[0];
+    let mut best_score = f64::MIN;
+    for e in c {
+        let addr = match e.addr.ip() {
+            IpAddr::V4(v4) => u128::from(u32::from(v4)),
+            IpAddr::V6(v6) => u128::from(v6),
+        };
+        let h = mix(mix(key as u64 ^ (key >> 64) as u64)
+            ^ mix(addr as u64 ^ (addr >> 64) as u64 ^ u64::from(e.addr.port())));
+        // A uniform value in (0, 1).
+        let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        let score = -f64::from(e.weight) / u.ln();
+        if score > best_score {
+            best_score = score;
+            best = e;
+        }
+    }
+    best
+}
+
+/// splitmix64's finaliser: a fixed, well-mixed 64-bit hash, the same in
+/// every shard and process.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(port: u16, weight: u32) -> Endpoint {
+        Endpoint {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            weight,
+            spec: 0,
+        }
+    }
+
+    fn pool(eps: &[Endpoint], balance: Balance) -> Pool {
+        Pool::new(eps, balance, 3, Duration::from_secs(10), 42)
+    }
+
+    #[test]
+    fn round_robin_gives_each_endpoint_exactly_its_weight() {
+        let p = pool(&[ep(1, 3), ep(2, 1)], Balance::RoundRobin);
+        let now = Instant::now();
+        let mut counts = [0; 2];
+        for i in 1..=400 {
+            let lease = p.pick(None, &[], now).unwrap();
+            counts[(lease.endpoint().addr.port() - 1) as usize] += 1;
+            // Exact after every full cycle, within one in between.
+            if i % 4 == 0 {
+                assert_eq!(counts, [3 * i / 4, i / 4]);
+            }
+        }
+    }
+
+    #[test]
+    fn least_connections_and_random_two_prefer_the_idle_endpoint() {
+        for balance in [Balance::LeastConnections, Balance::RandomTwo] {
+            let p = pool(&[ep(1, 1), ep(2, 1)], balance);
+            let now = Instant::now();
+            let held: Vec<Lease> = (0..5)
+                .map(|_| {
+                    p.pick(None, &[SocketAddr::from(([127, 0, 0, 1], 2))], now)
+                        .unwrap()
+                })
+                .collect();
+            assert!(held.iter().all(|l| l.endpoint().addr.port() == 1));
+            let next = p.pick(None, &[], now).unwrap();
+            assert_eq!(next.endpoint().addr.port(), 2, "{balance:?}");
+            drop(held);
+            assert_eq!(p.endpoints()[0].active(), 0);
+        }
+    }
+
+    #[test]
+    fn source_hash_is_stable_and_spreads_clients() {
+        let eps: Vec<Endpoint> = (1..=4).map(|p| ep(p, 1)).collect();
+        let (a, b) = (
+            pool(&eps, Balance::SourceHash),
+            pool(&eps, Balance::SourceHash),
+        );
+        let now = Instant::now();
+        let mut used = std::collections::HashSet::new();
+        for i in 0..200u32 {
+            let ip = IpAddr::from([10, 0, (i >> 8) as u8, i as u8]);
+            let first = a.pick(Some(ip), &[], now).unwrap().endpoint().addr;
+            for _ in 0..3 {
+                assert_eq!(a.pick(Some(ip), &[], now).unwrap().endpoint().addr, first);
+            }
+            // Another shard (another pool) agrees.
+            assert_eq!(b.pick(Some(ip), &[], now).unwrap().endpoint().addr, first);
+            used.insert(first);
+        }
+        assert_eq!(used.len(), 4);
+    }
+
+    #[test]
+    fn failures_eject_with_a_doubling_backoff_and_a_success_resets() {
+        let p = pool(&[ep(1, 1), ep(2, 1)], Balance::RoundRobin);
+        let t = Instant::now();
+        let e = p.endpoints()[0].clone();
+        assert_eq!(p.on_failure(&e, t), Failed::Counted);
+        assert_eq!(p.on_failure(&e, t), Failed::Counted);
+        assert_eq!(
+            p.on_failure(&e, t),
+            Failed::Ejected(Duration::from_secs(10))
+        );
+        assert!(e.ejected(t + Duration::from_secs(9)));
+        // While ejected it is skipped.
+        for _ in 0..4 {
+            assert_eq!(p.pick(None, &[], t).unwrap().endpoint().addr.port(), 2);
+        }
+        let later = t + Duration::from_secs(11);
+        assert!(!e.ejected(later));
+        for _ in 0..3 {
+            p.on_failure(&e, later);
+        }
+        assert!(e.ejected(later + Duration::from_secs(19)));
+        p.on_success(&e);
+        for _ in 0..3 {
+            p.on_failure(&e, later);
+        }
+        assert!(!e.ejected(later + Duration::from_secs(11)));
+    }
+
+    #[test]
+    fn when_everything_is_down_an_untried_endpoint_is_still_tried() {
+        let p = pool(&[ep(1, 1), ep(2, 1)], Balance::RandomTwo);
+        let now = Instant::now();
+        p.set_health(&[(ep(1, 1).addr, false), (ep(2, 1).addr, false)]);
+        let first = p.pick(None, &[], now).unwrap().endpoint().addr;
+        let second = p.pick(None, &[first], now).unwrap().endpoint().addr;
+        assert_ne!(first, second);
+        // Both tried: either may be tried again (one endpoint, N attempts).
+        assert!(p.pick(None, &[first, second], now).is_some());
+    }
+
+    #[test]
+    fn an_endpoint_whose_checks_pass_again_is_used_at_once() {
+        let p = pool(&[ep(1, 1), ep(2, 1)], Balance::RoundRobin);
+        let t = Instant::now();
+        let e = p.endpoints()[0].clone();
+        for _ in 0..3 {
+            p.on_failure(&e, t);
+        }
+        p.set_health(&[(e.addr, false)]);
+        assert!(e.ejected(t));
+        p.set_health(&[(e.addr, true)]);
+        assert!(!e.ejected(t) && e.healthy());
+    }
+
+    #[test]
+    fn a_new_endpoint_set_keeps_the_state_of_endpoints_that_stay() {
+        let p = pool(&[ep(1, 1), ep(2, 1)], Balance::RoundRobin);
+        let now = Instant::now();
+        let held = p
+            .pick(None, &[SocketAddr::from(([127, 0, 0, 1], 2))], now)
+            .unwrap();
+        p.replace(&[ep(1, 1), ep(3, 1)]);
+        let ports: Vec<u16> = p.endpoints().iter().map(|e| e.addr.port()).collect();
+        assert_eq!(ports, [1, 3]);
+        assert_eq!(p.endpoints()[0].active(), 1);
+        drop(held);
+        assert_eq!(p.endpoints()[0].active(), 0);
+    }
+}

@@ -1,0 +1,457 @@
+//! Upstream pools (issue #11): several endpoints, balancing, retries before
+//! the client notices, passive and active health, DNS re-resolution. Real
+//! sockets on loopback; the DNS test runs the proxy in a mount namespace of
+//! its own with a bind-mounted `/etc/hosts`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+
+/// An echo origin that counts its connections.
+fn counting_origin() -> (SocketAddr, Arc<AtomicUsize>) {
+    counting_origin_on("127.0.0.1:0")
+}
+
+fn counting_origin_on(addr: &str) -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind(addr).unwrap();
+    let addr = l.local_addr().unwrap();
+    let n = Arc::new(AtomicUsize::new(0));
+    let count = n.clone();
+    thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            count.fetch_add(1, Ordering::SeqCst);
+            thread::spawn(move || {
+                let mut buf = [0u8; 16 * 1024];
+                loop {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if c.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = c.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    (addr, n)
+}
+
+/// One client: sends `len` bytes of a pattern, half-closes, expects them
+/// back exactly.
+fn client(addr: SocketAddr, len: usize, seed: u64) -> Result<(), String> {
+    client_from(None, addr, len, seed)
+}
+
+fn client_from(from: Option<&str>, addr: SocketAddr, len: usize, seed: u64) -> Result<(), String> {
+    let mut c = match from {
+        None => TcpStream::connect(addr).map_err(|e| e.to_string())?,
+        Some(ip) => {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                .map_err(|e| e.to_string())?;
+            s.bind(&format!("{ip}:0").parse::<SocketAddr>().unwrap().into())
+                .map_err(|e| e.to_string())?;
+            s.connect(&addr.into()).map_err(|e| e.to_string())?;
+            TcpStream::from(s)
+        }
+    };
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let data = random_bytes(len, seed);
+    c.write_all(&data).map_err(|e| e.to_string())?;
+    c.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).map_err(|e| e.to_string())?;
+    if back != data {
+        return Err(format!("{} bytes back of {len}", back.len()));
+    }
+    Ok(())
+}
+
+/// `n` clients from `threads` threads; the failures.
+fn clients(addr: SocketAddr, n: usize, threads: usize) -> Vec<String> {
+    let failed = Arc::new(Mutex::new(Vec::new()));
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            let failed = failed.clone();
+            thread::spawn(move || {
+                for i in 0..n / threads {
+                    let seed = (t * 100_000 + i) as u64;
+                    if let Err(e) = client(addr, 1000 + i % 3000, seed) {
+                        failed.lock().unwrap().push(format!("client {t}/{i}: {e}"));
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let out = failed.lock().unwrap().clone();
+    out
+}
+
+/// `/metrics` of a proxy started with `--metrics-listen`.
+fn metrics(p: &Proxy) -> String {
+    let mut c = TcpStream::connect(p.metrics_addr()).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// Sum of a metric's samples whose labels contain every `want`.
+fn sample(text: &str, name: &str, want: &[&str]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| want.iter().all(|w| l.contains(w)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn a_refusing_origin_is_retried_around_and_ejected() {
+    let (live, served) = counting_origin();
+    let dead = dead_port();
+    let p = Proxy::forward(live)
+        .shards(2)
+        .args(["--upstream", &dead.to_string(), "--connect-attempts", "2"])
+        .args([
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--metrics-interval",
+            "100ms",
+        ])
+        .start();
+    let failed = clients(p.addr, 200, 4);
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    assert_eq!(served.load(Ordering::SeqCst), 200);
+    let dead_label = format!("upstream=\"{dead}\"");
+    let text = poll_until(Duration::from_secs(10), || {
+        let m = metrics(&p);
+        if sample(&m, "shardproxy_upstream_ejections_total", &[&dead_label]) > 0 {
+            Ok(m)
+        } else {
+            Err("no ejection yet".to_string())
+        }
+    });
+    assert!(
+        sample(
+            &text,
+            "shardproxy_upstream_connect_failures_total",
+            &[&dead_label, "reason=\"refused\""]
+        ) > 0,
+        "{text}"
+    );
+    let (status, lines) = p.terminate();
+    assert!(status.success());
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(&format!("upstream {dead} ejected"))),
+        "{lines:?}"
+    );
+    let lost: u64 = summaries(&lines).iter().map(|s| s.get("no_upstream")).sum();
+    assert_eq!(lost, 0, "{lines:?}");
+}
+
+#[test]
+fn weighted_round_robin_splits_exactly_per_shard() {
+    let (a, a_served) = counting_origin();
+    let (b, b_served) = counting_origin();
+    let p = Proxy::command(["forward", "--listen", "127.0.0.1:0"])
+        .shards(2)
+        .args([
+            "--upstream",
+            &format!("{a} weight=3"),
+            "--upstream",
+            &b.to_string(),
+        ])
+        .args(["--balance", "round-robin"])
+        .args([
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--metrics-interval",
+            "100ms",
+        ])
+        .start();
+    let failed = clients(p.addr, 400, 4);
+    assert!(failed.is_empty(), "{failed:?}");
+    let (na, nb) = (
+        a_served.load(Ordering::SeqCst),
+        b_served.load(Ordering::SeqCst),
+    );
+    assert_eq!(na + nb, 400);
+    let share = na as f64 / 400.0;
+    assert!((share - 0.75).abs() <= 0.02, "{na}:{nb}");
+    let la = format!("upstream=\"{a}\"");
+    let lb = format!("upstream=\"{b}\"");
+    let text = poll_until(Duration::from_secs(10), || {
+        let m = metrics(&p);
+        let total = sample(&m, "shardproxy_upstream_connects_total", &[]);
+        if total == 400 {
+            Ok(m)
+        } else {
+            Err(format!("{total} of 400 published"))
+        }
+    });
+    for shard in 0..2 {
+        let s = format!("shard=\"{shard}\"");
+        let x = sample(&text, "shardproxy_upstream_connects_total", &[&s, &la]);
+        let y = sample(&text, "shardproxy_upstream_connects_total", &[&s, &lb]);
+        // Smooth weighted round robin: within one pick of 3:1 on each shard.
+        let want = 3.0 * (x + y) as f64 / 4.0;
+        assert!((x as f64 - want).abs() <= 1.0, "shard {shard}: {x}:{y}");
+    }
+}
+
+#[test]
+fn source_hash_keeps_a_client_address_on_one_endpoint() {
+    let (a, a_served) = counting_origin();
+    let (b, b_served) = counting_origin();
+    let p = Proxy::forward(a)
+        .shards(2)
+        .args(["--upstream", &b.to_string(), "--balance", "source-hash"])
+        .start();
+    let mut seen = Vec::new();
+    for ip in ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"] {
+        let before = (
+            a_served.load(Ordering::SeqCst),
+            b_served.load(Ordering::SeqCst),
+        );
+        for i in 0..20 {
+            client_from(Some(ip), p.addr, 100, i).unwrap();
+        }
+        let after = (
+            a_served.load(Ordering::SeqCst),
+            b_served.load(Ordering::SeqCst),
+        );
+        let (da, db) = (after.0 - before.0, after.1 - before.1);
+        assert!(
+            (da, db) == (20, 0) || (da, db) == (0, 20),
+            "{ip} was spread: {da} to {a}, {db} to {b}"
+        );
+        seen.push(da == 20);
+    }
+    let _ = p.terminate();
+}
+
+/// A tunnel exit in front of `origin`, with `key`, on `listen` (or a fresh
+/// port).
+fn exit(origin: SocketAddr, key: &str, listen: Option<SocketAddr>) -> Proxy {
+    let b = Proxy::exit(origin, key).args(["--handshake-timeout", "2s"]);
+    match listen {
+        Some(l) => b.listen(l).start(),
+        None => b.start(),
+    }
+}
+
+#[test]
+fn an_exit_with_the_wrong_key_is_retried_around_and_marked_down() {
+    let (origin, _) = counting_origin();
+    let key = key_file(&[&keygen()]);
+    let other = key_file(&[&keygen()]);
+    let good = exit(origin, &key, None);
+    let wrong = exit(origin, &other, None);
+    // Without active checks: the failed handshake is retried on the good
+    // exit, so no client sees it.
+    let entry = Proxy::entry(good.addr, &key)
+        .args([
+            "--upstream",
+            &wrong.addr.to_string(),
+            "--balance",
+            "round-robin",
+        ])
+        .start();
+    let failed = clients(entry.addr, 100, 4);
+    assert!(failed.is_empty(), "{failed:?}");
+    let (_, lines) = entry.terminate();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(&format!("upstream {} ejected", wrong.addr))),
+        "{lines:?}"
+    );
+    // With active checks: the wrong-key exit is marked down by the checker
+    // (a full handshake), and no client fails meanwhile.
+    let entry = Proxy::entry(good.addr, &key)
+        .args([
+            "--upstream",
+            &wrong.addr.to_string(),
+            "--balance",
+            "round-robin",
+        ])
+        .args(["--health-check-interval", "1s", "--health-check-fails", "2"])
+        .start();
+    let load = {
+        let addr = entry.addr;
+        thread::spawn(move || clients(addr, 200, 2))
+    };
+    entry.wait_for_log(
+        |l| {
+            l.contains(&format!("upstream {}: health check failed", wrong.addr))
+                && l.contains("down")
+        },
+        Duration::from_secs(15),
+    );
+    let failed = load.join().unwrap();
+    assert!(failed.is_empty(), "{failed:?}");
+    let (_, lines) = entry.terminate();
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.contains(&format!("upstream {}: health check failed", good.addr))),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn new_clients_survive_the_loss_of_an_exit_and_it_is_used_again_when_back() {
+    let (origin, _) = counting_origin();
+    let key = key_file(&[&keygen()]);
+    let a = exit(origin, &key, None);
+    let b = exit(origin, &key, None);
+    let a_addr = a.addr;
+    let entry = Proxy::entry(a.addr, &key)
+        .shards(2)
+        .args(["--upstream", &b.addr.to_string()])
+        .args([
+            "--health-check-interval",
+            "1s",
+            "--health-check-fails",
+            "1",
+            "--health-check-passes",
+            "1",
+        ])
+        .args(["--fail-timeout", "1s"])
+        .start();
+    assert!(clients(entry.addr, 50, 2).is_empty());
+    // A live tunnel through each exit, then one exit dies.
+    let mut live: Vec<TcpStream> = (0..6)
+        .map(|_| {
+            let mut c = TcpStream::connect(entry.addr).unwrap();
+            c.write_all(b"ping").unwrap();
+            let mut buf = [0u8; 4];
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            c.read_exact(&mut buf).unwrap();
+            c
+        })
+        .collect();
+    let mut a = a;
+    a.kill();
+    // New clients: every one succeeds, on the other exit.
+    let failed = clients(entry.addr, 200, 4);
+    assert!(
+        failed.is_empty(),
+        "{} failed after the exit died: {failed:?}",
+        failed.len()
+    );
+    // The tunnels that went through the dead exit were aborted (reset),
+    // never ended cleanly.
+    let mut reset = 0;
+    for c in &mut live {
+        let (end, _) = read_until_end(c, Duration::from_millis(500));
+        if end == End::Reset {
+            reset += 1;
+        } else {
+            assert_eq!(
+                end,
+                End::Open,
+                "a tunnel through the dead exit ended cleanly"
+            );
+        }
+    }
+    assert!(reset > 0, "no live tunnel went through the killed exit");
+    entry.wait_for_log(
+        |l| l.contains(&format!("upstream {a_addr}: health check failed")),
+        Duration::from_secs(10),
+    );
+    // It comes back on the same address and is used again once its check
+    // passes.
+    let back = exit(origin, &key, Some(a_addr));
+    entry.wait_for_log(
+        |l| l.contains(&format!("upstream {a_addr}: health check passed")),
+        Duration::from_secs(10),
+    );
+    assert!(clients(entry.addr, 100, 2).is_empty());
+    let (_, lines) = back.terminate();
+    let served: u64 = summaries(&lines).iter().map(|s| s.get("accepted")).sum();
+    // The health probes reach it too; clients must have as well.
+    let probes = 10;
+    assert!(
+        served > probes,
+        "the returning exit served {served}: {lines:?}"
+    );
+    drop(live);
+    let _ = entry.terminate();
+    let _ = b.terminate();
+}
+
+#[test]
+fn dns_re_resolution_picks_up_added_and_removed_endpoints() {
+    let hosts = std::env::temp_dir().join(format!("shardproxy-hosts-{}", std::process::id()));
+    let write_hosts = |ips: &[&str]| {
+        // In place (truncate and write), so the bind mount sees it.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .create(true)
+            .open(&hosts)
+            .unwrap();
+        let mut text = String::from("127.0.0.1 localhost\n");
+        for ip in ips {
+            text.push_str(&format!("{ip} pool.shardproxy.test\n"));
+        }
+        f.write_all(text.as_bytes()).unwrap();
+    };
+    // Two origins on the same port of two loopback addresses.
+    let (two, two_served) = counting_origin_on("127.0.0.2:0");
+    let port = two.port();
+    let (_, three_served) = counting_origin_on(&format!("127.0.0.3:{port}"));
+    write_hosts(&["127.0.0.2"]);
+    let p = Proxy::command(["forward", "--listen", "127.0.0.1:0"])
+        .args(["--upstream", &format!("pool.shardproxy.test:{port}")])
+        .args(["--dns-refresh", "1s"])
+        .hosts_file(hosts.to_str().unwrap())
+        .start();
+    assert!(clients(p.addr, 10, 1).is_empty());
+    assert_eq!(two_served.load(Ordering::SeqCst), 10);
+    // Added: both addresses.
+    write_hosts(&["127.0.0.2", "127.0.0.3"]);
+    p.wait_for_log(
+        |l| l.contains("upstreams re-resolved: 2 endpoint(s)"),
+        Duration::from_secs(10),
+    );
+    assert!(clients(p.addr, 40, 2).is_empty());
+    assert!(three_served.load(Ordering::SeqCst) > 0);
+    // Removed: only the new one is left.
+    write_hosts(&["127.0.0.3"]);
+    p.wait_for_log(
+        |l| l.contains("upstreams re-resolved: 1 endpoint(s) now (127.0.0.3"),
+        Duration::from_secs(10),
+    );
+    let before = two_served.load(Ordering::SeqCst);
+    assert!(clients(p.addr, 20, 2).is_empty());
+    assert_eq!(
+        two_served.load(Ordering::SeqCst),
+        before,
+        "a removed endpoint was used"
+    );
+    // A failed lookup keeps the last good set.
+    write_hosts(&[]);
+    p.wait_for_log(
+        |l| l.contains("keeping the last good endpoints"),
+        Duration::from_secs(10),
+    );
+    assert!(clients(p.addr, 10, 1).is_empty());
+    let _ = p.terminate();
+    let _ = std::fs::remove_file(&hosts);
+}
