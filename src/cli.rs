@@ -145,9 +145,9 @@ pub struct ProxyArgs {
     /// With --accept-proxy: the peers allowed to send a PROXY header, as a comma-separated list of CIDRs or addresses, e.g. 10.0.0.0/8,192.0.2.7 (required with --accept-proxy).
     #[arg(long, value_name = "CIDRS")]
     pub proxy_trusted_cidrs: Option<String>,
-    /// With --accept-proxy: close a connection whose PROXY header is not complete this long after accept (100ms-60s).
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
-    pub proxy_header_timeout: Duration,
+    /// With --accept-proxy: close a connection whose PROXY header is not complete this long after accept (100ms-60s) [default: 5s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub proxy_header_timeout: Option<Duration>,
     /// forward, exit: send a PROXY protocol v2 header first on each upstream connection, with the original client's address and the connection ID (TLV 0xE0). --send-proxy-v2=false turns a config file's setting off.
     #[arg(long, num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub send_proxy_v2: bool,

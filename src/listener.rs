@@ -200,6 +200,17 @@ pub async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>, permits: Rc<S
                         if let Err(e) = &result {
                             state.report(ctx.id(), e, &rec);
                         }
+                        crate::debug!(
+                            "shard {}: connection {:032x} from {} closed: {} after {:?}, {} B up, {} B down{}",
+                            ctx.id(),
+                            rec.id.get(),
+                            rec.client().map_or_else(|| "?".to_string(), |c| c.to_string()),
+                            reason.as_str(),
+                            rec.accepted_at.elapsed(),
+                            rec.bytes_up.get(),
+                            rec.bytes_down.get(),
+                            result.as_ref().err().map(|e| format!(" ({e})")).unwrap_or_default()
+                        );
                         ctx.log_access(&rec, Some(reason));
                         ctx.on_close(reason);
                     })

@@ -687,3 +687,65 @@ fn unwritable_access_logs_fail_fast_or_count_every_lost_line() {
         .sum();
     assert_eq!(dropped, 50, "{lines:?}");
 }
+
+/// Settings of the wrong role, or of a feature that is off, are one-line
+/// errors naming the right flag; `check` rejects what start-up would.
+#[test]
+fn proxy_settings_are_checked_against_the_role_and_the_feature() {
+    let key = key_file(&[&keygen()]);
+    let run = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardproxy"));
+        cmd.args(args);
+        let (status, stderr) = run_bounded(cmd, Duration::from_secs(20)).expect("it started");
+        assert_eq!(status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        stderr
+    };
+    let base = ["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9"];
+    let exit: Vec<&str> = ["exit", "--key-file", key.as_str()]
+        .into_iter()
+        .chain(base)
+        .collect();
+    let with = |head: &[&str], more: &[&'static str]| -> Vec<String> {
+        head.iter().chain(more).map(|s| s.to_string()).collect()
+    };
+    let e = run(&with(&exit, &["--accept-proxy"])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    assert!(
+        e.contains("--accept-proxy applies to forward and entry"),
+        "{e}"
+    );
+    let e = run(&with(&exit, &["--proxy-trusted-cidrs", "10.0.0.0/8"])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    assert!(
+        e.contains("--proxy-trusted-cidrs applies to forward and entry"),
+        "{e}"
+    );
+    let fwd: Vec<&str> = ["forward"].into_iter().chain(base).collect();
+    let e = run(&with(&fwd, &["--proxy-trusted-cidrs", "10.0.0.0/8"])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    assert!(
+        e.contains("--proxy-trusted-cidrs needs --accept-proxy"),
+        "{e}"
+    );
+    let e = run(&with(&fwd, &["--access-log", "/nonexistent-dir/x.log"])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    assert!(e.contains("--access-log"), "{e}");
+    // `check` says the same about a config file.
+    let cfg = temp("check.toml");
+    std::fs::write(
+        &cfg,
+        "role = \"forward\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\naccess_log = \"/nonexistent-dir/x.log\"\n",
+    )
+    .unwrap();
+    let e = run(&["check", "--config", &cfg]);
+    assert!(e.contains("access_log"), "{e}");
+}

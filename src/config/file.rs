@@ -330,6 +330,15 @@ pub fn translate(
                 continue;
             }
         }
+        // A list flag written as a TOML array of strings.
+        if key == "proxy_trusted_cidrs" {
+            if let toml::Value::Array(items) = value {
+                let list: Option<Vec<&str>> = items.iter().map(toml::Value::as_str).collect();
+                let list = list.ok_or_else(|| bad("a string or a list of strings"))?;
+                args.push(format!("--{flag}={}", list.join(",")));
+                continue;
+            }
+        }
         match (value, takes_value) {
             // A switch with an optional value (`--dual-stack[=false]`).
             (toml::Value::Boolean(on), true) => args.push(format!("--{flag}={on}")),

@@ -249,6 +249,17 @@ pub enum ConfigError {
         /// The roles it applies to.
         roles: &'static str,
     },
+    /// A setting of a feature that is not turned on.
+    #[error("{flag} needs {needs}")]
+    Needs {
+        /// The flag given.
+        flag: &'static str,
+        /// The flag that turns its feature on.
+        needs: &'static str,
+    },
+    /// `--access-log` cannot be written.
+    #[error("cannot open --access-log {0}: {1}")]
+    BadAccessLog(String, String),
     /// `--accept-proxy` without `--proxy-trusted-cidrs`.
     #[error("--accept-proxy needs --proxy-trusted-cidrs: the peers (load balancers) allowed to send a PROXY header, e.g. 10.0.0.0/8")]
     NoTrustedCidrs,
@@ -279,8 +290,9 @@ impl ConfigError {
             ConfigError::BadMetricsListen(_) => Some("--metrics-listen"),
             ConfigError::TooManyCores { .. } | ConfigError::ZeroCores => Some("--cores"),
             ConfigError::BadCpuList(_) | ConfigError::CoreNotAllowed { .. } => Some("--cpu-list"),
-            ConfigError::NotForRole { flag, .. } => Some(flag),
+            ConfigError::NotForRole { flag, .. } | ConfigError::Needs { flag, .. } => Some(flag),
             ConfigError::NoTrustedCidrs | ConfigError::BadCidr(_) => Some("--proxy-trusted-cidrs"),
+            ConfigError::BadAccessLog(..) => Some("--access-log"),
             _ => None,
         }
     }
@@ -362,7 +374,7 @@ impl Config {
             access_log: match &args.access_log {
                 None => None,
                 Some(path) => Some(AccessLog {
-                    path: path.clone(),
+                    path: access_log_path(path)?,
                     format: crate::access_log::Format::parse(&args.access_log_format)
                         .unwrap_or(crate::access_log::Format::Json),
                     interval: args
@@ -528,6 +540,31 @@ impl Config {
         args: &TunnelArgs,
         allowed_cores: &[usize],
     ) -> Result<(Config, Option<String>), ConfigError> {
+        // Flags of another role first: the advice of a later error (such as
+        // "--accept-proxy needs --proxy-trusted-cidrs") would be wrong.
+        let p = &args.proxy;
+        if exit
+            && (p.accept_proxy
+                || p.proxy_trusted_cidrs.is_some()
+                || p.proxy_header_timeout.is_some())
+        {
+            return Err(ConfigError::NotForRole {
+                flag: if p.accept_proxy {
+                    "--accept-proxy"
+                } else if p.proxy_trusted_cidrs.is_some() {
+                    "--proxy-trusted-cidrs"
+                } else {
+                    "--proxy-header-timeout"
+                },
+                roles: "forward and entry (an exit's clients are entries; the entry carries the client's address in the tunnel)",
+            });
+        }
+        if !exit && p.send_proxy_v2 {
+            return Err(ConfigError::NotForRole {
+                flag: "--send-proxy-v2",
+                roles: "forward and exit (the entry carries the client's address to the exit inside the tunnel)",
+            });
+        }
         // The shared flags are checked first, as for `forward`.
         let mut cfg = Config::from_args(Mode::Forward, &args.proxy, allowed_cores)?;
         let (keys, warning) = load_key_file(&args.key_file)?;
@@ -547,18 +584,6 @@ impl Config {
             );
             cfg.limits.max_connections = NonZeroUsize::new(fit).unwrap_or(NonZeroUsize::MIN);
         }
-        if exit && cfg.identity.accept_proxy.is_some() {
-            return Err(ConfigError::NotForRole {
-                flag: "--accept-proxy",
-                roles: "forward and entry (an exit's clients are entries; the entry carries the client's address in the tunnel)",
-            });
-        }
-        if !exit && cfg.identity.send_proxy_v2 {
-            return Err(ConfigError::NotForRole {
-                flag: "--send-proxy-v2",
-                roles: "forward and exit (the entry carries the client's address to the exit inside the tunnel)",
-            });
-        }
         cfg.mode = if exit {
             Mode::Exit(tunnel)
         } else {
@@ -568,9 +593,48 @@ impl Config {
     }
 }
 
+/// `--access-log`: `-`, an existing file (or FIFO) this process can open
+/// for appending, or a new file in an existing directory. Checked here so
+/// that `check` and start-up agree; start-up opens it once more.
+fn access_log_path(path: &str) -> Result<String, ConfigError> {
+    let bad =
+        |reason: String| ConfigError::BadAccessLog(crate::log::one_line(path).into_owned(), reason);
+    if path == "-" {
+        return Ok(path.to_string());
+    }
+    if std::path::Path::new(path).exists() {
+        crate::access_log::open_file(path).map_err(|e| bad(e.to_string()))?;
+    } else {
+        let parent = std::path::Path::new(path)
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        if !parent.is_dir() {
+            return Err(bad(format!(
+                "directory {} does not exist",
+                parent.display()
+            )));
+        }
+    }
+    Ok(path.to_string())
+}
+
 /// `--accept-proxy` and its settings, validated.
 fn accept_proxy(args: &ProxyArgs) -> Result<Option<AcceptProxy>, ConfigError> {
     if !args.accept_proxy {
+        // Settings of a feature that is off are a mistake, not a no-op.
+        if args.proxy_trusted_cidrs.is_some() {
+            return Err(ConfigError::Needs {
+                flag: "--proxy-trusted-cidrs",
+                needs: "--accept-proxy",
+            });
+        }
+        if args.proxy_header_timeout.is_some() {
+            return Err(ConfigError::Needs {
+                flag: "--proxy-header-timeout",
+                needs: "--accept-proxy",
+            });
+        }
         return Ok(None);
     }
     let list = args
@@ -590,7 +654,8 @@ fn accept_proxy(args: &ProxyArgs) -> Result<Option<AcceptProxy>, ConfigError> {
     }
     Ok(Some(AcceptProxy {
         trusted,
-        timeout: ranges::PROXY_HEADER_TIMEOUT.check(args.proxy_header_timeout)?,
+        timeout: ranges::PROXY_HEADER_TIMEOUT
+            .check(args.proxy_header_timeout.unwrap_or(Duration::from_secs(5)))?,
     }))
 }
 
