@@ -50,6 +50,7 @@ const SS_AEAD: &str = "ss-rust chacha20-ietf-poly1305";
 const FORWARD_LOG: &str = "shardproxy forward ×2 + access log";
 const FORWARD_PROXY: &str = "shardproxy forward ×2 + PROXY v2";
 const ENCRYPTED_LOG: &str = "shardproxy entry+exit + access log";
+const ENCRYPTED_POOL: &str = "shardproxy entry + 4 exits";
 
 /// The scenarios the per-connection features (access log, PROXY protocol)
 /// are measured in: bulk moves the same bytes per connection either way.
@@ -289,5 +290,17 @@ fn main() {
             ratio(FORWARD_PROXY, FORWARD),
             ratio(ENCRYPTED_LOG, ENCRYPTED)
         );
+    }
+    if let Some(si) = SCENARIOS.iter().position(|s| s.starts_with("connect")) {
+        if let (Some(x), Some(y)) = (
+            medians.get(&(si, ENCRYPTED_POOL)),
+            medians.get(&(si, ENCRYPTED)),
+        ) {
+            println!();
+            println!(
+                "entry + 4 exits / entry+exit, CPU per 100k connections: {:.3}×",
+                x.0 / y.0
+            );
+        }
     }
 }

@@ -385,10 +385,13 @@ fn spawn_upstream_manager(cfg: &Config, signals: &SignalPlane, board: Option<Boa
     use crate::upstream::manager::{Manager, Probe};
     let ups = &cfg.upstreams;
     let probe = match &cfg.mode {
-        crate::config::Mode::Entry(t) => Probe::Tunnel {
-            key_file: t.key_file.clone(),
-            keys: t.keys.clone(),
-        },
+        crate::config::Mode::Entry(t) => {
+            let path = t.key_file.clone();
+            Probe::Tunnel {
+                keys: t.keys.clone(),
+                reload: Box::new(move || crate::config::load_key_file(&path).ok().map(|(k, _)| k)),
+            }
+        }
         _ => Probe::Connect,
     };
     let timeout = cfg.limits.connect_timeout

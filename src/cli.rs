@@ -62,7 +62,7 @@ pub struct ProxyArgs {
     /// How each shard picks an endpoint: round-robin (weighted), least-connections (counted per shard), random-two (power of two choices) or source-hash (client IP).
     #[arg(long, value_name = "POLICY", default_value = "random-two", value_parser = ["round-robin", "least-connections", "random-two", "source-hash"])]
     pub balance: String,
-    /// Endpoints tried per client before it is reset (close reason no_upstream): a failed or timed-out connect, or (entry) a failed tunnel handshake, moves on to another endpoint (1-10).
+    /// Endpoints tried per client before it is reset (close reason no_upstream): a failed or timed-out connect, or (entry) a failed tunnel handshake, moves on to another endpoint; each endpoint is tried at most once per client (1-10).
     #[arg(long, value_name = "N", default_value_t = 3)]
     pub connect_attempts: u32,
     /// Consecutive failed attempts that eject an endpoint from a shard's rotation (1-100).

@@ -38,7 +38,16 @@ pub async fn run(client: TcpStream, ctx: &ShardCtx, rec: &Record) -> Result<(), 
     let accepted_at = rec.accepted_at;
     if ctx.wants_addresses() {
         rec.peer.set(client.peer_addr().ok());
-        rec.destination.set(client.local_addr().ok());
+        // The address the client connected to: the listen address, unless
+        // that is a wildcard or port 0 (one `getsockname` saved per
+        // connection).
+        let listen = ctx.config().listen;
+        rec.destination
+            .set(if listen.ip().is_unspecified() || listen.port() == 0 {
+                client.local_addr().ok()
+            } else {
+                Some(listen)
+            });
     }
     let client = Conn::new(client, Peer::Downstream);
     let result = async {
@@ -86,8 +95,24 @@ async fn proxy_header(
     }
     let deadline = rec.accepted_at + trusted.timeout;
     let mut buf = vec![0u8; proxy_protocol::MAX_HEADER];
-    let mut filled = 0;
+    // The header has usually arrived with the connection (a balancer sends
+    // it at once): take it without arming a deadline timer.
+    let mut filled = client.read_now(&mut buf);
+    if filled > 0 {
+        if let Parsed::Header { len, addresses } = proxy_protocol::parse(&buf[..filled]) {
+            if let Some(a) = addresses {
+                rec.client.set(Some(a.source));
+                rec.destination.set(Some(a.destination));
+            }
+            buf.copy_within(len..filled, 0);
+            buf.truncate(filled - len);
+            return Ok(buf);
+        }
+    }
     loop {
+        if let Parsed::Invalid(why) = proxy_protocol::parse(&buf[..filled]) {
+            return Err(SessionError::BadProxyHeader(why));
+        }
         let n = match bounded(
             ctx.aborted(),
             Some(deadline),

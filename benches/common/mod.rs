@@ -201,6 +201,41 @@ pub fn encrypted_pair(origin: SocketAddr) -> Target {
     encrypted_pair_with(origin, &[], &[])
 }
 
+/// An entry (core 0) balancing over `n` exits (all on core 1), each in
+/// front of `origin`: what an upstream pool costs per connection.
+pub fn encrypted_pool(origin: SocketAddr, n: usize) -> Target {
+    let dir = std::env::temp_dir().join(format!("shardproxy-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("bench.key");
+    keygen_to(&key);
+    let base = ["--cpu-list", "1", "--max-connections", "100000"];
+    let exits: Vec<SocketAddr> = (0..n).map(|_| free_port()).collect();
+    let mut children: Vec<Child> = exits
+        .iter()
+        .map(|&e| spawn_role("exit", e, origin, &key, &base))
+        .collect();
+    let entry = free_port();
+    let mut args: Vec<String> = ["--cpu-list", "0", "--max-connections", "100000"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for e in &exits[1..] {
+        args.push("--upstream".into());
+        args.push(e.to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    children.insert(0, spawn_role("entry", entry, exits[0], &key, &args));
+    for e in &exits {
+        wait_listening(*e);
+    }
+    wait_listening(entry);
+    Target {
+        name: "shardproxy entry + 4 exits",
+        addr: entry,
+        children,
+    }
+}
+
 /// The encrypted pair with extra flags for the entry and the exit.
 pub fn encrypted_pair_with(
     origin: SocketAddr,

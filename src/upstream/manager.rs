@@ -33,17 +33,16 @@ pub enum Update {
 }
 
 /// How endpoints are probed.
-#[derive(Debug, Clone)]
 pub enum Probe {
     /// A TCP connect (origins).
     Connect,
-    /// A full tunnel handshake (an entry's exits), with the keys read from
-    /// this file at each round (so a SIGHUP-reloaded key is used too).
+    /// A full tunnel handshake (an entry's exits).
     Tunnel {
-        /// The key file.
-        key_file: String,
-        /// The keys loaded at start-up, used if the file does not parse.
+        /// The keys loaded at start-up, used if `reload` has none.
         keys: KeySet,
+        /// Reads the key file again at each round (so a SIGHUP-reloaded
+        /// primary key is the one probed with); `None` if it does not parse.
+        reload: Box<dyn Fn() -> Option<KeySet> + Send>,
     },
 }
 
@@ -139,11 +138,9 @@ fn run(mut m: Manager) {
                 next_check = Some(now + hc.interval);
                 let keys = match &m.probe {
                     Probe::Connect => None,
-                    Probe::Tunnel { key_file, keys } => Some(
-                        crate::config::load_key_file(key_file)
-                            .map(|(k, _)| k)
-                            .unwrap_or_else(|_| keys.clone()),
-                    ),
+                    Probe::Tunnel { keys, reload } => {
+                        Some(reload().unwrap_or_else(|| keys.clone()))
+                    }
                 };
                 let results = probe_all(&m.endpoints, m.timeout, keys.as_ref());
                 let mut changed = false;

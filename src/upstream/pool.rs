@@ -123,10 +123,13 @@ impl Pool {
     }
 
     /// Picks the endpoint for the next attempt of a connection from
-    /// `client`, avoiding the addresses in `tried`. Prefers endpoints that
-    /// are healthy and not ejected; if none is, any untried one (as nginx
-    /// does when every server is down: a guess beats a certain failure);
-    /// if every endpoint was tried, any. `None` only for an empty pool.
+    /// `client`, never one in `tried`: as in nginx, a connection tries each
+    /// endpoint at most once (retrying a refusing endpoint, or one with the
+    /// wrong key, at once only triples its failures), so `--connect-attempts`
+    /// is capped by the endpoint count. Prefers endpoints that are healthy
+    /// and not ejected; if none is, any untried one (as nginx does when
+    /// every server is down: a guess beats a certain failure). `None` once
+    /// every endpoint was tried.
     pub fn pick(
         &self,
         client: Option<IpAddr>,
@@ -142,9 +145,6 @@ impl Pool {
             .collect();
         if candidates.is_empty() {
             candidates = all.iter().filter(untried).collect();
-        }
-        if candidates.is_empty() {
-            candidates = all.iter().collect();
         }
         let chosen = match candidates.len() {
             0 => return None,
@@ -429,8 +429,8 @@ mod tests {
         let first = p.pick(None, &[], now).unwrap().endpoint().addr;
         let second = p.pick(None, &[first], now).unwrap().endpoint().addr;
         assert_ne!(first, second);
-        // Both tried: either may be tried again (one endpoint, N attempts).
-        assert!(p.pick(None, &[first, second], now).is_some());
+        // Both tried: no third attempt on either.
+        assert!(p.pick(None, &[first, second], now).is_none());
     }
 
     #[test]
