@@ -50,7 +50,7 @@ const SS_AEAD: &str = "ss-rust chacha20-ietf-poly1305";
 const FORWARD_LOG: &str = "shardproxy forward ×2 + access log";
 const FORWARD_PROXY: &str = "shardproxy forward ×2 + PROXY v2";
 const ENCRYPTED_LOG: &str = "shardproxy entry+exit + access log";
-const ENCRYPTED_POOL: &str = "shardproxy entry + 4 exits";
+const ENCRYPTED_POOL: &str = "shardproxy entry, 4 exit endpoints";
 
 /// The scenarios the per-connection features (access log, PROXY protocol)
 /// are measured in: bulk moves the same bytes per connection either way.
@@ -70,6 +70,8 @@ fn access_log(who: &str) -> Vec<String> {
 #[derive(Clone, Copy)]
 struct Cell {
     cpu: f64,
+    /// Proxy A's share (the entry's, for the pool comparison).
+    first_cpu: f64,
     rate: f64,
     p99_us: Option<u64>,
 }
@@ -93,6 +95,7 @@ fn rate_unit(scenario: &str) -> &'static str {
 fn measure(target: Option<&Target>, direct: SocketAddr, scenario: &str) -> Cell {
     let addr = target.map(|t| t.addr).unwrap_or(direct);
     let cpu0 = target.map(Target::cpu_secs).unwrap_or(0.0);
+    let first0 = target.map(Target::first_cpu_secs).unwrap_or(0.0);
     let start = Instant::now();
     let (units, rate, p99_us) = match scenario {
         "bulk 1 stream" | "bulk 8 streams" => {
@@ -116,7 +119,15 @@ fn measure(target: Option<&Target>, direct: SocketAddr, scenario: &str) -> Cell 
         }
     };
     let cpu = target.map(|t| (t.cpu_secs() - cpu0) / units).unwrap_or(0.0);
-    Cell { cpu, rate, p99_us }
+    let first_cpu = target
+        .map(|t| (t.first_cpu_secs() - first0) / units)
+        .unwrap_or(0.0);
+    Cell {
+        cpu,
+        first_cpu,
+        rate,
+        p99_us,
+    }
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -203,6 +214,11 @@ fn main() {
                         &access_log("exit"),
                     )),
                 );
+            }
+            if scenario.starts_with("connect") {
+                // Issue #11: balancing over four exit endpoints
+                // (random-two), all one exit process.
+                run(ENCRYPTED_POOL, Some(encrypted_pool(origin, 4)));
             }
             if let Some(ss) = shadowsocks_pair(origin, "2022-blake3-chacha20-poly1305", SS2022) {
                 run(SS2022, Some(ss));
@@ -292,15 +308,17 @@ fn main() {
         );
     }
     if let Some(si) = SCENARIOS.iter().position(|s| s.starts_with("connect")) {
-        if let (Some(x), Some(y)) = (
-            medians.get(&(si, ENCRYPTED_POOL)),
-            medians.get(&(si, ENCRYPTED)),
-        ) {
+        let entry_cpu = |name: &str| {
+            cells.get(&(si, name)).map(|v| {
+                let mut c: Vec<f64> = v.iter().map(|c| c.first_cpu).collect();
+                median(&mut c)
+            })
+        };
+        if let (Some(x), Some(y)) = (entry_cpu(ENCRYPTED_POOL), entry_cpu(ENCRYPTED)) {
             println!();
-            println!(
-                "entry + 4 exits / entry+exit, CPU per 100k connections: {:.3}×",
-                x.0 / y.0
-            );
+            println!("| connect + 1 KiB + close | entry's CPU, 1 endpoint | entry's CPU, 4 endpoints (random-two) | ratio |");
+            println!("|---|---|---|---|");
+            println!("| CPU-s/100k conn | {y:.3} | {x:.3} | {:.3}× |", x / y);
         }
     }
 }

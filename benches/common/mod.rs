@@ -76,6 +76,12 @@ impl Target {
     pub fn cpu_secs(&self) -> f64 {
         self.children.iter().map(|c| proc_cpu_secs(c.id())).sum()
     }
+
+    /// CPU of the first process only (proxy A: the client's side, e.g. the
+    /// entry that balances over a pool).
+    pub fn first_cpu_secs(&self) -> f64 {
+        self.children.first().map_or(0.0, |c| proc_cpu_secs(c.id()))
+    }
 }
 
 impl Drop for Target {
@@ -201,38 +207,43 @@ pub fn encrypted_pair(origin: SocketAddr) -> Target {
     encrypted_pair_with(origin, &[], &[])
 }
 
-/// An entry (core 0) balancing over `n` exits (all on core 1), each in
-/// front of `origin`: what an upstream pool costs per connection.
+/// An entry (core 0) balancing over `n` endpoints (1 ≤ n ≤ 250) that are
+/// all one exit (core 1), listening on every loopback address: the
+/// endpoints are `127.0.0.1..n` on its port. The exit side is then the
+/// same process as in the single-exit pair, so the difference is the
+/// entry's balancing over a pool, not more processes sharing a core.
 pub fn encrypted_pool(origin: SocketAddr, n: usize) -> Target {
     let dir = std::env::temp_dir().join(format!("shardproxy-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let key = dir.join("bench.key");
     keygen_to(&key);
-    let base = ["--cpu-list", "1", "--max-connections", "100000"];
-    let exits: Vec<SocketAddr> = (0..n).map(|_| free_port()).collect();
-    let mut children: Vec<Child> = exits
-        .iter()
-        .map(|&e| spawn_role("exit", e, origin, &key, &base))
-        .collect();
+    let port = free_port().port();
+    let exit_listen = SocketAddr::from(([0, 0, 0, 0], port));
+    let cx = spawn_role(
+        "exit",
+        exit_listen,
+        origin,
+        &key,
+        &["--cpu-list", "1", "--max-connections", "100000"],
+    );
     let entry = free_port();
     let mut args: Vec<String> = ["--cpu-list", "0", "--max-connections", "100000"]
         .iter()
         .map(|s| s.to_string())
         .collect();
-    for e in &exits[1..] {
+    for i in 2..=n {
         args.push("--upstream".into());
-        args.push(e.to_string());
+        args.push(format!("127.0.0.{i}:{port}"));
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    children.insert(0, spawn_role("entry", entry, exits[0], &key, &args));
-    for e in &exits {
-        wait_listening(*e);
-    }
+    let first = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_listening(first);
+    let ce = spawn_role("entry", entry, first, &key, &args);
     wait_listening(entry);
     Target {
         name: "shardproxy entry + 4 exits",
         addr: entry,
-        children,
+        children: vec![ce, cx],
     }
 }
 
