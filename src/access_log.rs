@@ -47,6 +47,10 @@ use crate::stats::{CloseReason, ShardStats};
 
 /// Most bytes of lines a shard holds before handing them to its writer.
 pub const BUFFER_BYTES: usize = 64 * 1024;
+/// Room kept for one line: longer than any line (two IPv6 addresses with
+/// ports, a 32-digit ID, six numbers, a timestamp and the labels come to
+/// under 450 bytes).
+const MAX_LINE: usize = 1024;
 /// Batches a shard's writer may have queued; beyond, lines are dropped.
 pub const QUEUED_BATCHES: usize = 16;
 /// How long a stopping shard waits for its writer.
@@ -152,29 +156,30 @@ impl Record {
     ) {
         let time = humantime::format_rfc3339_millis(SystemTime::now());
         let mut w = Fields::new(out, format);
-        w.str("time", &time.to_string());
-        w.str("event", if reason.is_some() { "close" } else { "open" });
-        w.str("id", &format!("{:032x}", self.id.get()));
+        // Values are written straight into `out`: no string per field.
+        w.disp("time", time);
+        w.disp("event", if reason.is_some() { "close" } else { "open" });
+        w.disp("id", format_args!("{:032x}", self.id.get()));
         w.num("shard", shard as u64);
-        w.str("role", role);
+        w.disp("role", role);
         let client = self.client();
         if let Some(c) = client {
-            w.str("client", &c.to_string());
+            w.disp("client", c);
         }
         if let Some(p) = self.peer.get().filter(|p| Some(*p) != client) {
-            w.str("peer", &p.to_string());
+            w.disp("peer", p);
         }
         if let Some(d) = self.destination.get() {
-            w.str("destination", &d.to_string());
+            w.disp("destination", d);
         }
         if let Some(u) = self.upstream.get() {
-            w.str("upstream", &u.to_string());
+            w.disp("upstream", u);
         }
         w.ms("duration_ms", Some(self.accepted_at.elapsed()));
         w.num("bytes_up", self.bytes_up.get());
         w.num("bytes_down", self.bytes_down.get());
         if let Some(r) = reason {
-            w.str("reason", r.as_str());
+            w.disp("reason", r.as_str());
         }
         w.ms("connect_ms", self.connect.get());
         w.ms("handshake_ms", self.handshake.get());
@@ -221,12 +226,14 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn str(&mut self, k: &str, v: &str) {
+    /// A value that needs no escaping (an address, a hex ID, a timestamp,
+    /// a fixed label), quoted in JSON.
+    fn disp(&mut self, k: &str, v: impl std::fmt::Display) {
         self.key(k);
-        match self.format {
-            Format::Json => crate::log::json_string(self.out, v),
-            Format::Logfmt => self.out.push_str(v),
-        }
+        let _ = match self.format {
+            Format::Json => write!(self.out, "\"{v}\""),
+            Format::Logfmt => write!(self.out, "{v}"),
+        };
     }
 
     fn num(&mut self, k: &str, v: u64) {
@@ -298,18 +305,18 @@ impl ShardLog {
     /// Logs `rec` (closed with `reason`, or still open: `None`). Never
     /// blocks: a line that does not fit is dropped and counted in `stats`.
     pub fn log(&self, rec: &Record, reason: Option<CloseReason>, stats: &ShardStats) {
-        let mut line = String::with_capacity(384);
-        rec.line(&mut line, self.format, self.shard, self.role, reason);
         let mut buffer = self.buffer.borrow_mut();
-        if buffer.len() + line.len() > BUFFER_BYTES {
+        // A line is at most a few hundred bytes: make room for the longest
+        // first, then format it in place (no string per line).
+        if buffer.len() + MAX_LINE > BUFFER_BYTES {
             self.hand_over(&mut buffer);
         }
-        if buffer.len() + line.len() > BUFFER_BYTES {
+        if buffer.len() + MAX_LINE > BUFFER_BYTES {
             self.dropped.set(self.dropped.get() + 1);
             self.count(stats);
             return;
         }
-        buffer.push_str(&line);
+        rec.line(&mut buffer, self.format, self.shard, self.role, reason);
     }
 
     /// Hands what the buffer holds to the writer, if it has room, and
