@@ -243,6 +243,12 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
                 metrics: offer_metrics,
             }
         })));
+    // The keys the tunnel health checks use (entry): the shards' keys,
+    // replaced by the same SIGHUP.
+    let probe_keys = match &cfg.mode {
+        crate::config::Mode::Entry(t) => Some(Arc::new(std::sync::Mutex::new(t.keys.clone()))),
+        _ => None,
+    };
     // From here a termination signal drains: a shard that has not started
     // yet finds the drain message waiting on its control socket.
     signals.started(Started {
@@ -259,8 +265,9 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         },
         drain_delay: cfg.lifecycle.drain_delay,
         offer: offer.clone(),
+        probe_keys: probe_keys.clone(),
     });
-    spawn_upstream_manager(&cfg, &signals, board.clone());
+    spawn_upstream_manager(&cfg, &signals, board.clone(), probe_keys);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let is_exit = matches!(cfg.mode, crate::config::Mode::Exit(_));
     let replay = is_exit.then(|| crate::replay::mesh(cfg.cores.len()));
@@ -381,18 +388,17 @@ fn inherit_replay_set(
 
 /// Starts the upstream manager (DNS re-resolution, active health checks),
 /// which reaches the shards through the signal plane's control sockets.
-fn spawn_upstream_manager(cfg: &Config, signals: &SignalPlane, board: Option<Board>) {
+fn spawn_upstream_manager(
+    cfg: &Config,
+    signals: &SignalPlane,
+    board: Option<Board>,
+    probe_keys: Option<Arc<std::sync::Mutex<crate::proto::KeySet>>>,
+) {
     use crate::upstream::manager::{Manager, Probe};
     let ups = &cfg.upstreams;
-    let probe = match &cfg.mode {
-        crate::config::Mode::Entry(t) => {
-            let path = t.key_file.clone();
-            Probe::Tunnel {
-                keys: t.keys.clone(),
-                reload: Box::new(move || crate::config::load_key_file(&path).ok().map(|(k, _)| k)),
-            }
-        }
-        _ => Probe::Connect,
+    let probe = match probe_keys {
+        Some(keys) => Probe::Tunnel { keys },
+        None => Probe::Connect,
     };
     let timeout = cfg.limits.connect_timeout
         + match &cfg.mode {
@@ -404,6 +410,7 @@ fn spawn_upstream_manager(cfg: &Config, signals: &SignalPlane, board: Option<Boa
         specs: ups.specs.clone(),
         endpoints: ups.endpoints.clone(),
         dns_refresh: ups.has_names().then_some(ups.dns_refresh),
+        listen: cfg.listen,
         health: ups.health,
         timeout,
         probe,

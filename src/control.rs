@@ -228,6 +228,9 @@ pub struct Started {
     /// draining starts, so that they do not keep the sockets open (and the
     /// control-socket thread stops offering them).
     pub offer: crate::handover::SharedOffer,
+    /// The keys the upstream manager's tunnel health checks use: replaced
+    /// on SIGHUP together with the shards' (entry).
+    pub probe_keys: Option<Arc<Mutex<KeySet>>>,
 }
 
 struct Running {
@@ -476,6 +479,11 @@ impl Running {
                     b.set_keys(keys.fingerprints());
                 }
                 crate::info!("SIGHUP: reloaded {} from {path}", keys.describe());
+                if let Some(slot) = &self.s.probe_keys {
+                    if let Ok(mut k) = slot.lock() {
+                        *k = keys.clone();
+                    }
+                }
                 self.s.controller.broadcast(Message::Keys(keys));
             }
             Err(e) => crate::error!("SIGHUP: {e}; keeping the current keys"),

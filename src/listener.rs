@@ -263,9 +263,10 @@ impl AcceptState {
                     .upstream
                     .get()
                     .map_or_else(|| "?".to_string(), |u| u.to_string());
+                // `e` counts the attempts and names the last failure.
                 self.connect
                     .borrow_mut()
-                    .log(|n| line(n, format!("upstream {upstream}: {e}")));
+                    .log(|n| line(n, format!("{e} (last endpoint tried: {upstream})")));
             }
             SessionError::HandshakeTimeout(_) | SessionError::Idle => {
                 self.timeout.borrow_mut().log(|n| line(n, e.to_string()));

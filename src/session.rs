@@ -36,8 +36,10 @@ use crate::upstream::pool::Lease;
 /// side failed.
 pub async fn run(client: TcpStream, ctx: &ShardCtx, rec: &Record) -> Result<(), SessionError> {
     let accepted_at = rec.accepted_at;
+    // The peer always (one `getpeername`): every failure's log line names
+    // the client, and after a reset the socket no longer knows it.
+    rec.peer.set(client.peer_addr().ok());
     if ctx.wants_addresses() {
-        rec.peer.set(client.peer_addr().ok());
         // The address the client connected to: the listen address, unless
         // that is a wildcard or port 0 (one `getsockname` saved per
         // connection).
@@ -67,10 +69,6 @@ pub async fn run(client: TcpStream, ctx: &ShardCtx, rec: &Record) -> Result<(), 
     ctx.timings()
         .record(Hist::ConnectionDuration, accepted_at.elapsed());
     if result.is_err() {
-        // For the failure's log line.
-        if rec.peer.get().is_none() {
-            rec.peer.set(client.peer_addr());
-        }
         client.abort();
     }
     result

@@ -361,8 +361,7 @@ pub fn translate(
     })
 }
 
-const UPSTREAM_ITEM: &str =
-    "\"HOST:PORT\", { address = \"HOST:PORT\", weight = N }, or a list of them";
+const UPSTREAM_ITEM: &str = "\"HOST:PORT\", \"HOST:PORT weight=N\", a table with exactly the keys address = \"HOST:PORT\" and (optionally) weight = N, or a list of them";
 
 /// One `upstream` entry as its flag value (`HOST:PORT weight=N`).
 fn upstream_item(item: &toml::Value) -> Option<String> {
@@ -373,6 +372,10 @@ fn upstream_item(item: &toml::Value) -> Option<String> {
                 return None;
             }
             let address = t.get("address")?.as_str()?;
+            // The weight goes in its own key, not in the address.
+            if address.split_whitespace().count() != 1 {
+                return None;
+            }
             match t.get("weight") {
                 None => Some(address.to_string()),
                 Some(w) => Some(format!("{address} weight={}", w.as_integer()?)),

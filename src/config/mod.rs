@@ -659,15 +659,8 @@ fn accept_proxy(args: &ProxyArgs) -> Result<Option<AcceptProxy>, ConfigError> {
     }))
 }
 
-/// Whether connecting to `upstream` reaches the listener on `listen`: the
-/// same address, or the same port on a local address when `listen` is a
-/// wildcard. (A loop through a second proxy cannot be seen from here.)
 fn is_loop(listen: SocketAddr, upstream: SocketAddr) -> bool {
-    if listen.port() != upstream.port() {
-        return false;
-    }
-    let up = upstream.ip();
-    listen.ip() == up || (listen.ip().is_unspecified() && (up.is_loopback() || up.is_unspecified()))
+    crate::upstream::loops_to(listen, upstream)
 }
 
 /// The `--upstream` pool and its settings, validated and resolved (every
@@ -679,6 +672,13 @@ fn upstreams(args: &ProxyArgs) -> Result<crate::upstream::Upstreams, ConfigError
         let spec = UpstreamSpec::parse(text).map_err(|why| {
             ConfigError::BadUpstream(crate::log::one_line(text).into_owned(), why)
         })?;
+        // Each configured upstream is one metrics label value.
+        if specs.iter().any(|s: &UpstreamSpec| s.name == spec.name) {
+            return Err(ConfigError::BadUpstream(
+                crate::log::one_line(&spec.name).into_owned(),
+                "given twice (give it once, with a weight if it should get more)".into(),
+            ));
+        }
         specs.push(spec);
     }
     let endpoints = crate::upstream::resolve_all(&specs).map_err(|(i, why)| {
@@ -688,7 +688,7 @@ fn upstreams(args: &ProxyArgs) -> Result<crate::upstream::Upstreams, ConfigError
             ConfigError::BadUpstream(crate::log::one_line(&specs[i].name).into_owned(), why)
         }
     })?;
-    if endpoints.len() >= MAX_ENDPOINTS {
+    if endpoints.len() > MAX_ENDPOINTS {
         return Err(ConfigError::BadUpstream(
             args.upstream.join(" "),
             format!("more than {MAX_ENDPOINTS} endpoints"),

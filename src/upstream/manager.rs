@@ -36,13 +36,11 @@ pub enum Update {
 pub enum Probe {
     /// A TCP connect (origins).
     Connect,
-    /// A full tunnel handshake (an entry's exits).
+    /// A full tunnel handshake (an entry's exits) with the primary of these
+    /// keys: the shards' keys, replaced by the same SIGHUP.
     Tunnel {
-        /// The keys loaded at start-up, used if `reload` has none.
-        keys: KeySet,
-        /// Reads the key file again at each round (so a SIGHUP-reloaded
-        /// primary key is the one probed with); `None` if it does not parse.
-        reload: Box<dyn Fn() -> Option<KeySet> + Send>,
+        /// The keys now.
+        keys: std::sync::Arc<std::sync::Mutex<KeySet>>,
     },
 }
 
@@ -54,6 +52,9 @@ pub struct Manager {
     pub endpoints: Vec<Endpoint>,
     /// `--dns-refresh`, if any spec is a hostname.
     pub dns_refresh: Option<Duration>,
+    /// The proxy's own listen address: a re-resolved endpoint that loops
+    /// back to it is dropped, as at start-up.
+    pub listen: SocketAddr,
     /// Active checks, if on.
     pub health: Option<HealthCheck>,
     /// Probe deadline (`--connect-timeout`, plus the handshake for tunnels).
@@ -100,7 +101,15 @@ fn run(mut m: Manager) {
         if let (Some(at), Some(every)) = (next_dns, m.dns_refresh) {
             if now >= at {
                 next_dns = Some(now + every);
-                match resolve_all(&m.specs) {
+                let resolved = resolve_all(&m.specs).map(|all| {
+                    keep_usable(all, m.listen, |dropped, why| {
+                        crate::warn!("upstream endpoint {dropped} dropped: {why}");
+                    })
+                });
+                match resolved {
+                    Ok(fresh) if fresh.is_empty() => {
+                        crate::warn!("upstreams re-resolved to no usable endpoint; keeping the last good endpoints");
+                    }
                     Ok(fresh) if fresh != m.endpoints => {
                         crate::info!(
                             "upstreams re-resolved: {} endpoint(s) now ({})",
@@ -138,9 +147,7 @@ fn run(mut m: Manager) {
                 next_check = Some(now + hc.interval);
                 let keys = match &m.probe {
                     Probe::Connect => None,
-                    Probe::Tunnel { keys, reload } => {
-                        Some(reload().unwrap_or_else(|| keys.clone()))
-                    }
+                    Probe::Tunnel { keys } => keys.lock().ok().map(|k| k.clone()),
                 };
                 let results = probe_all(&m.endpoints, m.timeout, keys.as_ref());
                 let mut changed = false;
@@ -185,6 +192,27 @@ fn run(mut m: Manager) {
             }
         }
     }
+}
+
+/// The endpoints a re-resolution may use: none that loops back to the
+/// proxy's own listener, at most [`super::MAX_ENDPOINTS`]; each one left
+/// out is reported to `dropped`.
+pub fn keep_usable(
+    all: Vec<Endpoint>,
+    listen: SocketAddr,
+    mut dropped: impl FnMut(SocketAddr, &str),
+) -> Vec<Endpoint> {
+    let mut out = Vec::with_capacity(all.len().min(super::MAX_ENDPOINTS));
+    for e in all {
+        if super::loops_to(listen, e.addr) {
+            dropped(e.addr, "it is this proxy's own listen address");
+        } else if out.len() >= super::MAX_ENDPOINTS {
+            dropped(e.addr, "more than 256 endpoints");
+        } else {
+            out.push(e);
+        }
+    }
+    out
 }
 
 fn current(verdicts: &HashMap<SocketAddr, Verdict>) -> Vec<(SocketAddr, bool)> {
@@ -239,9 +267,24 @@ pub fn probe(addr: SocketAddr, timeout: Duration, keys: Option<&KeySet>) -> Resu
     let (hs, hello) =
         ClientHandshake::start(keys.primary(), salt, now_ms, b"").map_err(|e| e.to_string())?;
     s.write_all(&hello).map_err(|e| io("hello", e))?;
+    // One deadline for the whole answer: a peer trickling a byte at a time
+    // cannot hold the probe (and the round) beyond `timeout`.
+    let deadline = Instant::now() + timeout;
     let mut answer = [0u8; SERVER_HELLO_LEN];
-    s.read_exact(&mut answer)
-        .map_err(|e| io("no server hello (a wrong key gets none)", e))?;
+    let mut got = 0;
+    while got < answer.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err("no server hello within the timeout (a wrong key gets none)".into());
+        }
+        s.set_read_timeout(Some(left))
+            .map_err(|e| io("socket", e))?;
+        match s.read(&mut answer[got..]) {
+            Ok(0) => return Err("closed before the server hello (a wrong key gets none)".into()),
+            Ok(n) => got += n,
+            Err(e) => return Err(io("no server hello (a wrong key gets none)", e)),
+        }
+    }
     let (mut enc, _) = hs
         .finish(&answer)
         .map_err(|e| format!("server hello: {e}"))?;
@@ -257,10 +300,76 @@ pub fn probe(addr: SocketAddr, timeout: Duration, keys: Option<&KeySet>) -> Resu
     let mut sink = [0u8; 256];
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
+        let _ = s.set_read_timeout(Some(
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1)),
+        ));
         match s.read(&mut sink) {
             Ok(0) | Err(_) => break,
             Ok(_) => {}
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_re_resolved_endpoint_that_loops_back_is_dropped() {
+        let listen: SocketAddr = "127.0.0.1:8000".parse().unwrap();
+        let e = |a: &str| Endpoint {
+            addr: a.parse().unwrap(),
+            weight: 1,
+            spec: 0,
+        };
+        let mut dropped = Vec::new();
+        let kept = keep_usable(
+            vec![e("127.0.0.1:8000"), e("127.0.0.2:8000")],
+            listen,
+            |a, _| dropped.push(a),
+        );
+        assert_eq!(kept, vec![e("127.0.0.2:8000")]);
+        assert_eq!(
+            dropped,
+            vec!["127.0.0.1:8000".parse::<SocketAddr>().unwrap()]
+        );
+        let many: Vec<Endpoint> = (0..300u16)
+            .map(|p| e(&format!("127.0.0.9:{}", p + 1)))
+            .collect();
+        let mut n = 0;
+        assert_eq!(
+            keep_usable(many, listen, |_, _| n += 1).len(),
+            super::super::MAX_ENDPOINTS
+        );
+        assert_eq!(n, 300 - super::super::MAX_ENDPOINTS);
+    }
+
+    #[test]
+    fn a_peer_trickling_its_answer_cannot_hold_a_tunnel_probe_past_its_timeout() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            if let Ok((mut c, _)) = l.accept() {
+                for _ in 0..52 {
+                    if c.write_all(b"x").is_err() {
+                        return;
+                    }
+                    // The trickle is the input under test.
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        });
+        let keys = KeySet::new(vec![crate::proto::Psk::from_bytes([7; 32])]);
+        let started = Instant::now();
+        let r = probe(addr, Duration::from_millis(700), Some(&keys));
+        assert!(r.is_err());
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+    }
 }

@@ -138,6 +138,17 @@ pub struct Endpoint {
     pub spec: usize,
 }
 
+/// Whether connecting to `upstream` reaches the listener on `listen`: the
+/// same address, or the same port on a local address when `listen` is a
+/// wildcard. (A loop through a second proxy cannot be seen from here.)
+pub fn loops_to(listen: SocketAddr, upstream: SocketAddr) -> bool {
+    if listen.port() != upstream.port() {
+        return false;
+    }
+    let up = upstream.ip();
+    listen.ip() == up || (listen.ip().is_unspecified() && (up.is_loopback() || up.is_unspecified()))
+}
+
 /// Resolves every spec: the endpoint set, in spec order.
 pub fn resolve_all(specs: &[UpstreamSpec]) -> Result<Vec<Endpoint>, (usize, String)> {
     let mut out = Vec::new();
@@ -150,7 +161,6 @@ pub fn resolve_all(specs: &[UpstreamSpec]) -> Result<Vec<Endpoint>, (usize, Stri
             });
         }
     }
-    out.truncate(MAX_ENDPOINTS);
     Ok(out)
 }
 

@@ -204,6 +204,9 @@ impl Pool {
     pub fn on_success(&self, e: &EndpointState) {
         e.fails.set(0);
         e.ejections_in_a_row.set(0);
+        // It works: back in rotation at once (a success can happen while
+        // ejected, when every endpoint was down and it was tried anyway).
+        e.ejected_until.set(None);
     }
 
     /// A connect (or an entry's tunnel handshake) to `e` failed at `now`.
@@ -211,6 +214,11 @@ impl Pool {
     /// `--fail-timeout`, doubled for each ejection in a row (up to
     /// [`MAX_EJECTION_FACTOR`] times); the first success resets both.
     pub fn on_failure(&self, e: &EndpointState, now: Instant) -> Failed {
+        // Attempts that were under way when it was ejected change nothing:
+        // one outage must not count as several ejections in a row.
+        if e.ejected(now) {
+            return Failed::Counted;
+        }
         let fails = e.fails.get() + 1;
         if fails < self.max_fails {
             e.fails.set(fails);
@@ -262,9 +270,13 @@ impl Pool {
     }
 }
 
-/// Whether `a` has fewer active connections than `b`, relative to weight.
+/// Whether `a` is less loaded than `b` relative to weight, counting the
+/// connection about to be placed: `(active + 1) / weight`, so that between
+/// idle endpoints the heavier one wins (a plain `active / weight` calls
+/// every idle endpoint equal and ignores weights under light load).
 fn fewer(a: &EndpointState, b: &EndpointState) -> bool {
-    u64::from(a.active()) * u64::from(b.weight) < u64::from(b.active()) * u64::from(a.weight)
+    (u64::from(a.active()) + 1) * u64::from(b.weight)
+        < (u64::from(b.active()) + 1) * u64::from(a.weight)
 }
 
 /// nginx's smooth weighted round robin (ngx_http_upstream_round_robin.c):
@@ -431,6 +443,41 @@ mod tests {
         assert_ne!(first, second);
         // Both tried: no third attempt on either.
         assert!(p.pick(None, &[first, second], now).is_none());
+    }
+
+    #[test]
+    fn weights_count_for_the_load_aware_balancers_even_when_idle() {
+        for balance in [Balance::LeastConnections, Balance::RandomTwo] {
+            let p = pool(&[ep(1, 1), ep(2, 1000)], balance);
+            let now = Instant::now();
+            let heavy = (0..300)
+                .filter(|_| p.pick(None, &[], now).unwrap().endpoint().addr.port() == 2)
+                .count();
+            assert_eq!(heavy, 300, "{balance:?}");
+        }
+    }
+
+    #[test]
+    fn failures_already_under_way_do_not_stack_ejections_and_a_success_ends_one() {
+        let p = Pool::new(
+            &[ep(1, 1), ep(2, 1)],
+            Balance::RoundRobin,
+            1,
+            Duration::from_secs(1),
+            7,
+        );
+        let t = Instant::now();
+        let e = p.endpoints()[0].clone();
+        assert_eq!(p.on_failure(&e, t), Failed::Ejected(Duration::from_secs(1)));
+        // Twenty more attempts that were in flight fail: still 1 s.
+        for _ in 0..20 {
+            assert_eq!(p.on_failure(&e, t), Failed::Counted);
+        }
+        assert!(!e.ejected(t + Duration::from_millis(1001)));
+        p.on_failure(&e, t + Duration::from_secs(2));
+        assert!(e.ejected(t + Duration::from_secs(3)));
+        p.on_success(&e);
+        assert!(!e.ejected(t + Duration::from_secs(2)));
     }
 
     #[test]
