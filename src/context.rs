@@ -372,7 +372,19 @@ impl ShardCtx {
     pub fn upstream_update(&self, update: crate::upstream::manager::Update) {
         use crate::upstream::manager::Update;
         match update {
-            Update::Endpoints(e) => self.pool.replace(&e),
+            Update::Endpoints(e) => {
+                self.pool.replace(&e);
+                // After the set is in place: tests and operators wait for it.
+                crate::info!(
+                    "shard {}: upstream endpoints now {} ({})",
+                    self.id,
+                    e.len(),
+                    e.iter()
+                        .map(|e| e.addr.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
             Update::Health(h) => self.pool.set_health(&h),
         }
     }

@@ -426,8 +426,9 @@ fn dns_re_resolution_picks_up_added_and_removed_endpoints() {
     assert_eq!(two_served.load(Ordering::SeqCst), 10);
     // Added: both addresses.
     write_hosts(&["127.0.0.2", "127.0.0.3"]);
+    // Once the shard has the new set (not only the manager).
     p.wait_for_log(
-        |l| l.contains("upstreams re-resolved: 2 endpoint(s)"),
+        |l| l.contains("shard 0: upstream endpoints now 2"),
         Duration::from_secs(10),
     );
     assert!(clients(p.addr, 40, 2).is_empty());
@@ -435,7 +436,7 @@ fn dns_re_resolution_picks_up_added_and_removed_endpoints() {
     // Removed: only the new one is left.
     write_hosts(&["127.0.0.3"]);
     p.wait_for_log(
-        |l| l.contains("upstreams re-resolved: 1 endpoint(s) now (127.0.0.3"),
+        |l| l.contains("shard 0: upstream endpoints now 1 (127.0.0.3"),
         Duration::from_secs(10),
     );
     let before = two_served.load(Ordering::SeqCst);
