@@ -29,6 +29,13 @@ const TABLE: &[(&str, &str, &[&str], bool)] = &[
     ("metrics_interval", "60s", &["99ms", "61s", "1h"], false),
     ("handshake_timeout", "5m", &["99ms", "301s"], true),
     ("max_clock_skew", "5m", &["0s", "301s"], true),
+    ("connect_attempts", "10", &["0", "11"], false),
+    ("max_fails", "100", &["0", "101"], false),
+    ("fail_timeout", "1h", &["999ms", "3601s"], false),
+    ("health_check_interval", "1h", &["999ms", "3601s"], false),
+    ("health_check_fails", "100", &["0", "101"], false),
+    ("health_check_passes", "100", &["0", "101"], false),
+    ("dns_refresh", "24h", &["999ms", "86401s"], false),
 ];
 
 fn write(name: &str, body: &str) -> String {

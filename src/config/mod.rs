@@ -372,6 +372,12 @@ impl Config {
                 send_proxy_v2: args.send_proxy_v2,
             },
             access_log: match &args.access_log {
+                None if args.access_log_interval.is_some() => {
+                    return Err(ConfigError::Needs {
+                        flag: "--access-log-interval",
+                        needs: "--access-log",
+                    })
+                }
                 None => None,
                 Some(path) => Some(AccessLog {
                     path: access_log_path(path)?,
@@ -694,12 +700,15 @@ fn upstreams(args: &ProxyArgs) -> Result<crate::upstream::Upstreams, ConfigError
             format!("more than {MAX_ENDPOINTS} endpoints"),
         ));
     }
+    // Checked whether or not checks are on: a bad value is a mistake either way.
+    let fails = ranges::HEALTH_CHECK_FAILS.check(args.health_check_fails)?;
+    let passes = ranges::HEALTH_CHECK_PASSES.check(args.health_check_passes)?;
     let health = match args.health_check_interval {
         None => None,
         Some(interval) => Some(HealthCheck {
             interval: ranges::HEALTH_CHECK_INTERVAL.check(interval)?,
-            fails: ranges::HEALTH_CHECK_FAILS.check(args.health_check_fails)?,
-            passes: ranges::HEALTH_CHECK_PASSES.check(args.health_check_passes)?,
+            fails,
+            passes,
         }),
     };
     Ok(Upstreams {
