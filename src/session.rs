@@ -92,21 +92,32 @@ async fn proxy_header(
         ));
     }
     let deadline = rec.accepted_at + trusted.timeout;
-    let mut buf = vec![0u8; proxy_protocol::MAX_HEADER];
     // The header has usually arrived with the connection (a balancer sends
-    // it at once): take it without arming a deadline timer.
-    let mut filled = client.read_now(&mut buf);
-    if filled > 0 {
-        if let Parsed::Header { len, addresses } = proxy_protocol::parse(&buf[..filled]) {
+    // it at once), often with the client's first data: take both in one
+    // read, into a pooled relay buffer, without arming a deadline timer.
+    let mut first = relay_buffer(ctx)?;
+    let room = first.len().min(FIRST_DATA);
+    let got = client.read_now(&mut first[..room]);
+    let fast = match proxy_protocol::parse(&first[..got]) {
+        Parsed::Header { len, addresses } if got > 0 => {
             if let Some(a) = addresses {
                 rec.client.set(Some(a.source));
                 rec.destination.set(Some(a.destination));
             }
-            buf.copy_within(len..filled, 0);
-            buf.truncate(filled - len);
-            return Ok(buf);
+            Some(Ok(first[len..got].to_vec()))
         }
+        Parsed::Invalid(why) => Some(Err(SessionError::BadProxyHeader(why))),
+        // Incomplete: less than a header, so at most `MAX_HEADER` bytes.
+        _ => None,
+    };
+    if let Some(done) = fast {
+        ctx.recycle(first);
+        return done;
     }
+    let mut buf = vec![0u8; proxy_protocol::MAX_HEADER];
+    let mut filled = got.min(buf.len());
+    buf[..filled].copy_from_slice(&first[..filled]);
+    ctx.recycle(first);
     loop {
         if let Parsed::Invalid(why) = proxy_protocol::parse(&buf[..filled]) {
             return Err(SessionError::BadProxyHeader(why));
@@ -172,8 +183,20 @@ fn proxy_header_out(ctx: &ShardCtx, rec: &Record) -> Vec<u8> {
     }
 }
 
-/// Most client bytes a `forward` sends along with its PROXY header.
-const FIRST_DATA: usize = 16 * 1024;
+/// A buffer of the size the relay uses (so the shard's pool serves it and
+/// keeps serving the relay).
+fn relay_buffer(ctx: &ShardCtx) -> Result<Vec<u8>, SessionError> {
+    let len = match ctx.config().mode {
+        Mode::Forward => ctx.limits().buffer_size.get(),
+        Mode::Entry(_) | Mode::Exit(_) => crate::proto::MAX_FRAME,
+    };
+    ctx.buffer(len).ok_or(SessionError::OutOfMemory(len))
+}
+
+/// Most client bytes read at once at the start of a connection: sent along
+/// with a `forward`'s PROXY header, or read with an accepted one. At most
+/// one tunnel chunk, so an entry seals them into one.
+const FIRST_DATA: usize = crate::proto::MAX_PAYLOAD;
 
 /// `forward`: plain both ways.
 async fn forward(
@@ -192,10 +215,11 @@ async fn forward(
         // The header goes out at once (an upstream that speaks first waits
         // for it), and in the same segment as whatever the client already
         // sent: one segment instead of two, without waiting for data.
-        let at = first.len();
-        first.resize(at + FIRST_DATA, 0);
-        let n = client.read_now(&mut first[at..]);
-        first.truncate(at + n);
+        let mut data = relay_buffer(ctx)?;
+        let room = data.len().min(FIRST_DATA);
+        let n = client.read_now(&mut data[..room]);
+        first.extend_from_slice(&data[..n]);
+        ctx.recycle(data);
         ctx.stats().add_bytes(true, n);
         rec.add_bytes(true, n);
     }
