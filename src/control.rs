@@ -74,10 +74,6 @@ fn get_addr(b: &[u8]) -> Option<std::net::SocketAddr> {
     Some(std::net::SocketAddr::new(ip, port))
 }
 
-/// Bytes per inherited salt on the socketpair: the 16-byte key and the
-/// remaining lifetime in milliseconds (u32 LE).
-const SALT_WIRE: usize = 20;
-
 impl Message {
     /// Wire form on the socketpair: `D`; `H`; `K`, a count, then 32 bytes per
     /// key; or `S`, `not_before` (u64 LE), a count (u32 LE), then 20 bytes
@@ -105,14 +101,10 @@ impl Message {
                 }
             }
             Message::Salts { not_before, salts } => {
-                out.reserve(13 + SALT_WIRE * salts.len());
                 out.push(b'S');
                 out.extend_from_slice(&not_before.to_le_bytes());
                 out.extend_from_slice(&(salts.len() as u32).to_le_bytes());
-                for (k, ms) in salts {
-                    out.extend_from_slice(&k.to_le_bytes());
-                    out.extend_from_slice(&ms.to_le_bytes());
-                }
+                crate::replay::put_remembered(&mut out, salts);
             }
             Message::Keys(set) => {
                 out.push(b'K');
@@ -609,17 +601,8 @@ async fn recv_salts(stream: &mut glommio::net::UnixStream) -> Option<Message> {
         return None;
     }
     // One read for the whole payload, not one per salt.
-    let mut raw = vec![0u8; n * SALT_WIRE];
+    let mut raw = vec![0u8; n * crate::replay::REMEMBERED_WIRE];
     stream.read_exact(&mut raw).await.ok()?;
-    let salts = raw
-        .chunks_exact(SALT_WIRE)
-        .map(|c| {
-            let mut k = [0u8; 16];
-            k.copy_from_slice(&c[..16]);
-            let mut ms = [0u8; 4];
-            ms.copy_from_slice(&c[16..]);
-            (u128::from_le_bytes(k), u32::from_le_bytes(ms))
-        })
-        .collect();
+    let salts = crate::replay::get_remembered(&raw);
     Some(Message::Salts { not_before, salts })
 }

@@ -34,7 +34,8 @@
 //! `READY`, the predecessor logs why and keeps serving.
 //!
 //! `SALTS` carries an exit's replay set (empty for other roles): each salt
-//! as its 16-byte key and its remaining lifetime in milliseconds (u32 LE);
+//! as its 16-byte key and its remaining lifetime in milliseconds (u32 LE;
+//! [`crate::replay::put_remembered`]);
 //! `not_before` is the oldest hello timestamp (Unix ms) the predecessor
 //! accepted; `complete` says whether every shard exported its set in time
 //! (see [`crate::replay`]). A successor keeps the predecessor's
@@ -170,21 +171,12 @@ impl Inherited {
                     crate::log::one_line(&line)
                 )));
             };
-            let mut raw = vec![0u8; count * 20];
+            let mut raw = vec![0u8; count * crate::replay::REMEMBERED_WIRE];
             std::io::Read::read_exact(&mut self.conn, &mut raw).map_err(io)?;
             salts = InheritedSalts {
                 not_before,
                 complete,
-                salts: raw
-                    .chunks_exact(20)
-                    .map(|c| {
-                        let mut k = [0u8; 16];
-                        k.copy_from_slice(&c[..16]);
-                        let mut ms = [0u8; 4];
-                        ms.copy_from_slice(&c[16..]);
-                        (u128::from_le_bytes(k), u32::from_le_bytes(ms))
-                    })
-                    .collect(),
+                salts: crate::replay::get_remembered(&raw),
             };
         }
         let line = read_line(&mut self.conn).map_err(io)?;
@@ -507,17 +499,14 @@ fn collect_salts(
 
 /// Writes the `SALTS` line and its payload.
 fn send_salts(conn: &UnixStream, set: &InheritedSalts, not_before: u64) -> std::io::Result<()> {
-    let mut out = Vec::with_capacity(40 + 20 * set.salts.len());
+    let mut out = Vec::new();
     writeln!(
         out,
         "SALTS {} {not_before} {}",
         set.salts.len(),
         u8::from(set.complete)
     )?;
-    for (k, ms) in &set.salts {
-        out.extend_from_slice(&k.to_le_bytes());
-        out.extend_from_slice(&ms.to_le_bytes());
-    }
+    crate::replay::put_remembered(&mut out, &set.salts);
     let mut w = conn;
     w.write_all(&out)
 }

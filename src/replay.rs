@@ -94,6 +94,33 @@ pub fn owner(k: Key, shards: usize) -> usize {
 /// processes).
 pub type Remembered = (Key, u32);
 
+/// Bytes of one [`Remembered`] on the wire (a hand-over's `SALTS`, a
+/// shard's control socket): the 16-byte key, then the remaining lifetime
+/// in milliseconds, both little-endian.
+pub const REMEMBERED_WIRE: usize = 20;
+
+/// Appends `salts` in their wire form ([`REMEMBERED_WIRE`] bytes each).
+pub fn put_remembered(out: &mut Vec<u8>, salts: &[Remembered]) {
+    out.reserve(REMEMBERED_WIRE * salts.len());
+    for (k, ms) in salts {
+        out.extend_from_slice(&k.to_le_bytes());
+        out.extend_from_slice(&ms.to_le_bytes());
+    }
+}
+
+/// Reads salts in their wire form; a trailing partial entry is ignored.
+pub fn get_remembered(raw: &[u8]) -> Vec<Remembered> {
+    raw.chunks_exact(REMEMBERED_WIRE)
+        .map(|c| {
+            let mut k = [0u8; 16];
+            k.copy_from_slice(&c[..16]);
+            let mut ms = [0u8; 4];
+            ms.copy_from_slice(&c[16..]);
+            (u128::from_le_bytes(k), u32::from_le_bytes(ms))
+        })
+        .collect()
+}
+
 /// What a predecessor's shard sends toward the control socket during a
 /// hand-over.
 #[derive(Debug)]
@@ -517,6 +544,15 @@ mod tests {
         let salts = (1..=3).map(|n| (key(&salt(n)), 1000)).collect();
         assert!(!set.inherit(salts, t));
         assert_eq!(set.len(), 2);
+    }
+
+    #[test]
+    fn salts_cross_the_wire_unchanged() {
+        let salts = vec![(key(&salt(1)), 5), (u128::MAX, u32::MAX)];
+        let mut out = Vec::new();
+        put_remembered(&mut out, &salts);
+        assert_eq!(out.len(), 2 * REMEMBERED_WIRE);
+        assert_eq!(get_remembered(&out), salts);
     }
 
     #[test]
