@@ -215,21 +215,27 @@ pub fn render(snaps: &[&Snapshot], info: &ProcessInfo) -> String {
                         }
                         None => format!("shard=\"{}\",role=\"{role}\"", s.shard),
                     };
-                    for (b, c) in bounds.iter().zip(cumulative(rec, &bounds)) {
-                        let _ = writeln!(w, "{name}_bucket{{{labels},le=\"{}\"}} {c}", seconds(*b));
-                    }
-                    let _ = writeln!(
-                        w,
-                        "{name}_bucket{{{labels},le=\"+Inf\"}} {}",
-                        rec.hist.len()
-                    );
-                    let _ = writeln!(w, "{name}_sum{{{labels}}} {}", seconds(rec.sum_micros));
-                    let _ = writeln!(w, "{name}_count{{{labels}}} {}", rec.hist.len());
+                    histogram(w, name, &labels, rec, &bounds);
                 }
             }
         }
     }
     out
+}
+
+/// One histogram series: its cumulative buckets at `bounds`, `+Inf`, sum
+/// and count, all with `labels`.
+fn histogram(w: &mut String, name: &str, labels: &str, rec: &Recorded, bounds: &[u64]) {
+    for (b, c) in bounds.iter().zip(cumulative(rec, bounds)) {
+        let _ = writeln!(w, "{name}_bucket{{{labels},le=\"{}\"}} {c}", seconds(*b));
+    }
+    let _ = writeln!(
+        w,
+        "{name}_bucket{{{labels},le=\"+Inf\"}} {}",
+        rec.hist.len()
+    );
+    let _ = writeln!(w, "{name}_sum{{{labels}}} {}", seconds(rec.sum_micros));
+    let _ = writeln!(w, "{name}_count{{{labels}}} {}", rec.hist.len());
 }
 
 /// A Prometheus label value, escaped (text format 0.0.4).
@@ -248,38 +254,46 @@ fn render_upstreams(w: &mut String, snaps: &[&Snapshot], info: &ProcessInfo, bou
     if names.is_empty() {
         return;
     }
+    let labels = |shard: usize, up: &str| {
+        format!(
+            "shard=\"{shard}\",role=\"{role}\",upstream=\"{}\"",
+            label(up)
+        )
+    };
+    // Every (shard, configured upstream) pair with its counters.
+    let each = || {
+        snaps.iter().flat_map(|s| {
+            s.upstreams
+                .iter()
+                .zip(names.iter())
+                .map(move |(u, up)| (s.shard, up.as_str(), u))
+        })
+    };
     type Get = fn(&super::UpstreamSnapshot) -> u64;
-    let series: [(&str, &str, &str, Get); 6] = [
+    let series: [(&str, &str, &str, Get); 5] = [
         ("shardproxy_upstream_connects_total", "counter", "Attempts that reached the upstream (entry: connect and tunnel handshake).", |u| u.connects),
         ("shardproxy_upstream_ejections_total", "counter", "Times one of the upstream's endpoints was ejected after --max-fails failures in a row.", |u| u.ejections),
         ("shardproxy_upstream_active_connections", "gauge", "Connections open to the upstream's endpoints.", |u| u.active),
         ("shardproxy_upstream_endpoints", "gauge", "The upstream's endpoints (addresses it resolved to).", |u| u.endpoints),
         ("shardproxy_upstream_endpoints_available", "gauge", "Of those, the ones healthy (active checks) and not ejected: 0 means the upstream is down in this shard.", |u| u.available),
-        ("shardproxy_upstream_connect_failures_total", "counter", "Failed attempts, by reason: refused (or any connect error), timeout, handshake (entry: the tunnel handshake failed or timed out).", |_| 0),
     ];
     for (name, kind, help, get) in series {
         let _ = writeln!(w, "# HELP {name} {help}");
         let _ = writeln!(w, "# TYPE {name} {kind}");
-        for s in snaps {
-            for (i, u) in s.upstreams.iter().enumerate() {
-                let Some(up) = names.get(i) else { continue };
-                let labels = format!(
-                    "shard=\"{}\",role=\"{role}\",upstream=\"{}\"",
-                    s.shard,
-                    label(up)
-                );
-                if name == "shardproxy_upstream_connect_failures_total" {
-                    for (reason, v) in [
-                        ("refused", u.refused),
-                        ("timeout", u.timeouts),
-                        ("handshake", u.handshakes),
-                    ] {
-                        let _ = writeln!(w, "{name}{{{labels},reason=\"{reason}\"}} {v}");
-                    }
-                } else {
-                    let _ = writeln!(w, "{name}{{{labels}}} {}", get(u));
-                }
-            }
+        for (shard, up, u) in each() {
+            let _ = writeln!(w, "{name}{{{}}} {}", labels(shard, up), get(u));
+        }
+    }
+    let name = "shardproxy_upstream_connect_failures_total";
+    let _ = writeln!(w, "# HELP {name} Failed attempts, by reason: refused (or any connect error), timeout, handshake (entry: the tunnel handshake failed or timed out).");
+    let _ = writeln!(w, "# TYPE {name} counter");
+    for (shard, up, u) in each() {
+        for (reason, v) in [
+            ("refused", u.refused),
+            ("timeout", u.timeouts),
+            ("handshake", u.handshakes),
+        ] {
+            let _ = writeln!(w, "{name}{{{},reason=\"{reason}\"}} {v}", labels(shard, up));
         }
     }
     let name = "shardproxy_upstream_endpoint_connect_seconds";
@@ -290,24 +304,9 @@ fn render_upstreams(w: &mut String, snaps: &[&Snapshot], info: &ProcessInfo, bou
     let _ = writeln!(w, "# TYPE {name} histogram");
     for s in snaps {
         for (i, up) in names.iter().enumerate() {
-            let Some(rec) = s.hists.get(Hist::ALL.len() + i) else {
-                continue;
-            };
-            let labels = format!(
-                "shard=\"{}\",role=\"{role}\",upstream=\"{}\"",
-                s.shard,
-                label(up)
-            );
-            for (b, c) in bounds.iter().zip(cumulative(rec, bounds)) {
-                let _ = writeln!(w, "{name}_bucket{{{labels},le=\"{}\"}} {c}", seconds(*b));
+            if let Some(rec) = s.hists.get(Hist::ALL.len() + i) {
+                histogram(w, name, &labels(s.shard, up), rec, bounds);
             }
-            let _ = writeln!(
-                w,
-                "{name}_bucket{{{labels},le=\"+Inf\"}} {}",
-                rec.hist.len()
-            );
-            let _ = writeln!(w, "{name}_sum{{{labels}}} {}", seconds(rec.sum_micros));
-            let _ = writeln!(w, "{name}_count{{{labels}}} {}", rec.hist.len());
         }
     }
 }
