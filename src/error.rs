@@ -286,9 +286,10 @@ impl SessionError {
     /// the upstream socket: the accept loop backs off instead of accepting
     /// clients it could only reset.
     /// An error after which no other endpoint is tried: the shard is
-    /// stopping, or this process is out of file descriptors.
+    /// stopping, this process is out of file descriptors, or its random
+    /// number generator failed (no endpoint can help with those).
     pub fn is_final(&self) -> bool {
-        matches!(self, SessionError::Drained) || self.is_fd_exhaustion()
+        matches!(self, SessionError::Drained | SessionError::Rng(_)) || self.is_fd_exhaustion()
     }
 
     /// All attempts failed (`attempts` of them; `last` the last error).

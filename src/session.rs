@@ -98,30 +98,16 @@ async fn proxy_header(
     let mut first = relay_buffer(ctx)?;
     let room = first.len().min(FIRST_DATA);
     let got = client.read_now(&mut first[..room]);
-    let fast = match proxy_protocol::parse(&first[..got]) {
-        Parsed::Header { len, addresses } if got > 0 => {
-            if let Some(a) = addresses {
-                rec.client.set(Some(a.source));
-                rec.destination.set(Some(a.destination));
-            }
-            Some(Ok(first[len..got].to_vec()))
-        }
-        Parsed::Invalid(why) => Some(Err(SessionError::BadProxyHeader(why))),
-        // Incomplete: less than a header, so at most `MAX_HEADER` bytes.
-        _ => None,
-    };
-    if let Some(done) = fast {
+    if let Some(done) = header_read(rec, &first[..got]) {
         ctx.recycle(first);
         return done;
     }
+    // Incomplete: less than a header, so at most `MAX_HEADER` bytes.
     let mut buf = vec![0u8; proxy_protocol::MAX_HEADER];
     let mut filled = got.min(buf.len());
     buf[..filled].copy_from_slice(&first[..filled]);
     ctx.recycle(first);
     loop {
-        if let Parsed::Invalid(why) = proxy_protocol::parse(&buf[..filled]) {
-            return Err(SessionError::BadProxyHeader(why));
-        }
         let n = match bounded(
             ctx.aborted(),
             Some(deadline),
@@ -149,21 +135,27 @@ async fn proxy_header(
             });
         }
         filled += n;
-        match proxy_protocol::parse(&buf[..filled]) {
-            Parsed::Header { len, addresses } => {
-                // LOCAL (a balancer's health check) and UNKNOWN: the
-                // connection is the balancer's own.
-                if let Some(a) = addresses {
-                    rec.client.set(Some(a.source));
-                    rec.destination.set(Some(a.destination));
-                }
-                buf.copy_within(len..filled, 0);
-                buf.truncate(filled - len);
-                return Ok(buf);
-            }
-            Parsed::Incomplete => {}
-            Parsed::Invalid(why) => return Err(SessionError::BadProxyHeader(why)),
+        if let Some(done) = header_read(rec, &buf[..filled]) {
+            return done;
         }
+    }
+}
+
+/// What the bytes read so far mean: a complete header puts its client
+/// addresses into `rec` (none for a v2 `LOCAL` or v1 `UNKNOWN` header: the
+/// connection is then the balancer's own) and yields the bytes after it;
+/// an invalid one is the connection's error; `None` while incomplete.
+fn header_read(rec: &Record, read: &[u8]) -> Option<Result<Vec<u8>, SessionError>> {
+    match proxy_protocol::parse(read) {
+        Parsed::Header { len, addresses } => {
+            if let Some(a) = addresses {
+                rec.client.set(Some(a.source));
+                rec.destination.set(Some(a.destination));
+            }
+            Some(Ok(read[len..].to_vec()))
+        }
+        Parsed::Invalid(why) => Some(Err(SessionError::BadProxyHeader(why))),
+        Parsed::Incomplete => None,
     }
 }
 
@@ -205,7 +197,7 @@ async fn forward(
     rec: &Record,
     early: &[u8],
 ) -> Result<(), SessionError> {
-    let (upstream, lease) = connect_pool(ctx, rec).await?;
+    let (upstream, lease, ()) = connect_pool(ctx, rec, async |_| Ok(())).await?;
     let mut first = proxy_header_out(ctx, rec);
     if !early.is_empty() {
         first.extend_from_slice(early);
@@ -256,49 +248,21 @@ async fn entry(
     // byte of the client's has been read yet (the relay has not started)
     // and `early` is sent only with a verified session, so nothing is lost
     // or sent twice.
-    let mut tried = Tried::new();
-    let mut last = None;
-    for _ in 0..ctx.config().upstreams.connect_attempts {
-        let Some(lease) = ctx.pick_upstream(rec, tried.as_slice()) else {
-            break;
-        };
-        tried.push(lease.endpoint().addr);
-        let upstream = match connect_to(ctx, rec, &lease).await {
-            Ok(conn) => conn,
-            Err(e) if e.is_final() => return Err(e),
-            Err(e) => {
-                ctx.upstream_failed(&lease, &e);
-                last = Some(e);
-                continue;
-            }
-        };
+    let handshake = async |upstream: &Conn| {
         let salt = ctx.salt().map_err(SessionError::Rng)?;
         let deadline = Instant::now() + tun.handshake_timeout;
-        let handshake =
-            tunnel_handshake(&upstream, ctx, rec, &keys, salt, &meta[..meta_len], early);
-        match counted(ctx, within(ctx, deadline, Peer::Upstream, handshake).await) {
-            Ok((encoder, decoder)) => {
-                ctx.upstream_ok(&lease);
-                let framing = Framing::Tunnel {
-                    tunnel: Peer::Upstream,
-                    encoder,
-                    decoder,
-                };
-                let result = relay(client, &upstream, framing, ctx, rec).await;
-                drop(lease);
-                return result;
-            }
-            Err(e) => {
-                upstream.abort();
-                if e.is_final() {
-                    return Err(e);
-                }
-                ctx.upstream_failed(&lease, &e);
-                last = Some(e);
-            }
-        }
-    }
-    Err(SessionError::no_upstream(tried.len(), last))
+        let step = tunnel_handshake(upstream, ctx, rec, &keys, salt, &meta[..meta_len], early);
+        counted(ctx, within(ctx, deadline, Peer::Upstream, step).await)
+    };
+    let (upstream, lease, (encoder, decoder)) = connect_pool(ctx, rec, handshake).await?;
+    let framing = Framing::Tunnel {
+        tunnel: Peer::Upstream,
+        encoder,
+        decoder,
+    };
+    let result = relay(client, &upstream, framing, ctx, rec).await;
+    drop(lease);
+    result
 }
 
 /// The entry's side of one tunnel handshake on `upstream`: the hello (with
@@ -479,7 +443,7 @@ async fn exit(
     if meta.destination.is_some() {
         rec.destination.set(meta.destination);
     }
-    let (upstream, lease) = connect_pool(ctx, rec).await?;
+    let (upstream, lease, ()) = connect_pool(ctx, rec, async |_| Ok(())).await?;
     let header = proxy_header_out(ctx, rec);
     if !header.is_empty() {
         if let Err(e) = upstream.write_all(&header, || ()).await {
@@ -545,10 +509,17 @@ impl Tried {
     }
 }
 
-/// `forward` and `exit`: connects to the pool, trying up to
-/// `--connect-attempts` endpoints (another one after each failed or
-/// timed-out connect). All failed: [`SessionError::NoUpstream`].
-async fn connect_pool(ctx: &ShardCtx, rec: &Record) -> Result<(Conn, Lease), SessionError> {
+/// Connects to the pool, trying up to `--connect-attempts` endpoints: after
+/// each connect, `then` runs on the new connection (the entry's tunnel
+/// handshake; nothing for `forward` and `exit`), and a failed connect or a
+/// failed `then` moves on to another endpoint. All failed:
+/// [`SessionError::NoUpstream`]. Returns the connection, its endpoint's
+/// lease (held for the connection's life) and what `then` returned.
+async fn connect_pool<T>(
+    ctx: &ShardCtx,
+    rec: &Record,
+    mut then: impl AsyncFnMut(&Conn) -> Result<T, SessionError>,
+) -> Result<(Conn, Lease, T), SessionError> {
     let mut tried = Tried::new();
     let mut last = None;
     for _ in 0..ctx.config().upstreams.connect_attempts {
@@ -556,17 +527,24 @@ async fn connect_pool(ctx: &ShardCtx, rec: &Record) -> Result<(Conn, Lease), Ses
             break;
         };
         tried.push(lease.endpoint().addr);
-        match connect_to(ctx, rec, &lease).await {
-            Ok(conn) => {
-                ctx.upstream_ok(&lease);
-                return Ok((conn, lease));
-            }
-            Err(e) if e.is_final() => return Err(e),
-            Err(e) => {
-                ctx.upstream_failed(&lease, &e);
-                last = Some(e);
-            }
+        let failed = match connect_to(ctx, rec, &lease).await {
+            Ok(conn) => match then(&conn).await {
+                Ok(done) => {
+                    ctx.upstream_ok(&lease);
+                    return Ok((conn, lease, done));
+                }
+                Err(e) => {
+                    conn.abort();
+                    e
+                }
+            },
+            Err(e) => e,
+        };
+        if failed.is_final() {
+            return Err(failed);
         }
+        ctx.upstream_failed(&lease, &failed);
+        last = Some(failed);
     }
     Err(SessionError::no_upstream(tried.len(), last))
 }
