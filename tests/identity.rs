@@ -438,13 +438,7 @@ fn a_forward_sends_the_header_then_every_client_byte_once() {
 /// entry's own address.
 #[test]
 fn an_exit_serves_hellos_without_meta() {
-    if Command::new("python3")
-        .args(["-c", "import cryptography"])
-        .output()
-        .map(|o| !o.status.success())
-        .unwrap_or(true)
-    {
-        missing("python3 with the `cryptography` package (pip install cryptography)");
+    if !python_cryptography() {
         return;
     }
     let (origin, seen) = ppv2_origin();
@@ -452,14 +446,10 @@ fn an_exit_serves_hellos_without_meta() {
     let exit = Proxy::exit(origin, &key_file(&[&key]))
         .arg("--send-proxy-v2")
         .start();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tunnel_client.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .args(["send", &exit.addr.to_string(), &key, "no meta here"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}");
+    let Some(stdout) = tunnel_client(&["send", &exit.addr.to_string(), &key, "no meta here"])
+    else {
+        return;
+    };
     assert!(stdout.contains("len 12 ended=True"), "{stdout}");
     let got = seen.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
     assert_eq!(got.data, b"no meta here");

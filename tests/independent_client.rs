@@ -10,38 +10,10 @@ use std::time::Duration;
 
 use common::*;
 
-/// Runs the Python client; `None` (with a reason printed) if Python or
-/// `cryptography` is missing outside CI. In CI (`CI=true`) that is a failure:
-/// `.ci/run` installs them.
-fn python(args: &[&str]) -> Option<String> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tunnel_client.py");
-    let probe = Command::new("python3")
-        .args(["-c", "import cryptography"])
-        .output();
-    if !probe.map(|o| o.status.success()).unwrap_or(false) {
-        let why =
-            "python3 with the `cryptography` package is not installed (pip install cryptography)";
-        missing(why);
-        return None;
-    }
-    let out = Command::new("python3")
-        .arg(script)
-        .args(args)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "python client failed: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some(stdout)
-}
-
 #[test]
 fn python_recomputes_the_documented_vector() {
     let doc = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/PROTOCOL.md");
-    if let Some(out) = python(&["vectors", doc]) {
+    if let Some(out) = tunnel_client(&["vectors", doc]) {
         assert!(out.contains("vectors ok"), "{out}");
     }
 }
@@ -55,7 +27,7 @@ fn python_client_talks_to_a_live_exit() {
     let unit = "hello from python, ".repeat(50); // 950 bytes
     let repeat = (10 << 20) / unit.len();
     let expected = unit.repeat(repeat);
-    let Some(out) = python(&[
+    let Some(out) = tunnel_client(&[
         "send",
         &exit.addr.to_string(),
         &key,
@@ -80,7 +52,8 @@ fn data_after_the_end_chunk_resets_the_exit_and_its_origin() {
     let key = keygen();
     let (origin, seen) = recording_origin();
     let exit = Proxy::exit(origin, &key_file(&[&key])).start();
-    let Some(out) = python(&["after-end", &exit.addr.to_string(), &key, "before the end"]) else {
+    let Some(out) = tunnel_client(&["after-end", &exit.addr.to_string(), &key, "before the end"])
+    else {
         return;
     };
     assert_eq!(out.trim(), "exit ended the connection: reset");
@@ -97,13 +70,7 @@ fn data_after_the_end_chunk_resets_the_entry_and_its_client() {
     let port_file = std::env::temp_dir().join(format!("sp-fake-exit-{}", std::process::id()));
     let _ = std::fs::remove_file(&port_file);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tunnel_client.py");
-    if Command::new("python3")
-        .args(["-c", "import cryptography"])
-        .output()
-        .map(|o| !o.status.success())
-        .unwrap_or(true)
-    {
-        missing("python3 with the `cryptography` package (pip install cryptography)");
+    if !python_cryptography() {
         return;
     }
     let fake = Command::new("python3")
@@ -150,7 +117,7 @@ fn without_the_key_confirmation_the_origin_is_never_contacted() {
     let key = keygen();
     let (origin, seen) = recording_origin();
     let exit = Proxy::exit(origin, &key_file(&[&key])).start();
-    let Some(out) = python(&["no-confirm", &exit.addr.to_string(), &key, "smuggled"]) else {
+    let Some(out) = tunnel_client(&["no-confirm", &exit.addr.to_string(), &key, "smuggled"]) else {
         return;
     };
     assert_ne!(out.trim(), "exit ended the connection: open", "{out}");
@@ -175,7 +142,7 @@ fn a_hello_stamped_ahead_cannot_be_replayed_late_in_its_window() {
         .args(["--max-clock-skew", "1s", "--handshake-timeout", "1s"])
         .start();
     // Stamped 1 s ahead: still accepted.
-    let Some(out) = python(&["stamped", &exit.addr.to_string(), &key, "999"]) else {
+    let Some(out) = tunnel_client(&["stamped", &exit.addr.to_string(), &key, "999"]) else {
         return;
     };
     let hello: Vec<u8> = (0..out.trim().len())

@@ -765,6 +765,42 @@ pub fn mitm(target: SocketAddr, tamper: Tamper) -> (SocketAddr, Arc<Mutex<Vec<u8
     (addr, record)
 }
 
+/// Whether python3 with `cryptography` (what the independent tunnel
+/// client, `tests/tunnel_client.py`, needs) is here; if not, says so with
+/// [`missing`] (a failure unless skips are allowed on purpose).
+pub fn python_cryptography() -> bool {
+    let here = Command::new("python3")
+        .args(["-c", "import cryptography"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !here {
+        missing("python3 with the `cryptography` package (pip install cryptography)");
+    }
+    here
+}
+
+/// Runs the independent tunnel client (`tests/tunnel_client.py`) with
+/// `args` and returns its stdout; it must exit 0. `None` if Python or
+/// `cryptography` is missing (see [`python_cryptography`]).
+pub fn tunnel_client(args: &[&str]) -> Option<String> {
+    if !python_cryptography() {
+        return None;
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tunnel_client.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "python client failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(stdout)
+}
+
 /// A prerequisite of a test is missing. Fails the test, naming what is
 /// missing and how to get it: a check must never be skipped silently on a
 /// fresh machine (`bash tests/all.sh` installs the suite's tools). Only with
