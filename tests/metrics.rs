@@ -14,20 +14,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut c = TcpStream::connect(addr).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut raw = String::new();
-    c.read_to_string(&mut raw).unwrap();
-    let status = raw[9..12].parse().unwrap();
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
 /// Sums a metric's samples over shards, keyed by the other labels.
 fn sum_by(text: &str, metric: &str, label: Option<&str>) -> HashMap<String, f64> {
     let mut out = HashMap::new();

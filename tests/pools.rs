@@ -99,14 +99,18 @@ fn clients(addr: SocketAddr, n: usize, threads: usize) -> Vec<String> {
     out
 }
 
-/// `/metrics` of a proxy started with `--metrics-listen`.
+/// `/metrics` of a proxy started with [`FAST_METRICS`].
 fn metrics(p: &Proxy) -> String {
-    let mut c = TcpStream::connect(p.metrics_addr()).unwrap();
-    c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut out = String::new();
-    c.read_to_string(&mut out).unwrap();
-    out
+    http_get(p.metrics_addr(), "/metrics").1
 }
+
+/// Metrics on, published every 100 ms (tests poll them).
+const FAST_METRICS: [&str; 4] = [
+    "--metrics-listen",
+    "127.0.0.1:0",
+    "--metrics-interval",
+    "100ms",
+];
 
 /// Sum of a metric's samples whose labels contain every `want`.
 fn sample(text: &str, name: &str, want: &[&str]) -> u64 {
@@ -124,12 +128,7 @@ fn a_refusing_origin_is_retried_around_and_ejected() {
     let p = Proxy::forward(live)
         .shards(2)
         .args(["--upstream", &dead.to_string(), "--connect-attempts", "2"])
-        .args([
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--metrics-interval",
-            "100ms",
-        ])
+        .args(FAST_METRICS)
         .start();
     let failed = clients(p.addr, 200, 4);
     assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
@@ -176,12 +175,7 @@ fn weighted_round_robin_splits_exactly_per_shard() {
             &b.to_string(),
         ])
         .args(["--balance", "round-robin"])
-        .args([
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--metrics-interval",
-            "100ms",
-        ])
+        .args(FAST_METRICS)
         .start();
     let failed = clients(p.addr, 400, 4);
     assert!(failed.is_empty(), "{failed:?}");
