@@ -44,6 +44,25 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::stats::{CloseReason, ShardStats};
 
+/// A field name as both formats write it, spelled out at compile time.
+#[derive(Clone, Copy)]
+struct Key {
+    /// `"name":`
+    json: &'static str,
+    /// `name=`
+    logfmt: &'static str,
+}
+
+/// `key!("name")`: the [`Key`] for field `name`.
+macro_rules! key {
+    ($name:literal) => {
+        Key {
+            json: concat!("\"", $name, "\":"),
+            logfmt: concat!($name, "="),
+        }
+    };
+}
+
 /// Most bytes of lines a shard holds before handing them to its writer.
 pub const BUFFER_BYTES: usize = 64 * 1024;
 /// Room kept for one line: longer than any line (two IPv6 addresses with
@@ -158,33 +177,36 @@ impl Record {
         // without `core::fmt`: formatting this line with `write!` cost about
         // 15k instructions (callgrind), more than the proxy's own work for a
         // short connection (benches/instructions.sh).
-        w.time("time", SystemTime::now());
-        w.label("event", if reason.is_some() { "close" } else { "open" });
-        w.hex_id("id", self.id.get());
-        w.num("shard", shard as u64);
-        w.label("role", role);
+        w.time(key!("time"), SystemTime::now());
+        w.label(
+            key!("event"),
+            if reason.is_some() { "close" } else { "open" },
+        );
+        w.hex_id(key!("id"), self.id.get());
+        w.num(key!("shard"), shard as u64);
+        w.label(key!("role"), role);
         let client = self.client();
         if let Some(c) = client {
-            w.addr("client", c);
+            w.addr(key!("client"), c);
         }
         if let Some(p) = self.peer.get().filter(|p| Some(*p) != client) {
-            w.addr("peer", p);
+            w.addr(key!("peer"), p);
         }
         if let Some(d) = self.destination.get() {
-            w.addr("destination", d);
+            w.addr(key!("destination"), d);
         }
         if let Some(u) = self.upstream.get() {
-            w.addr("upstream", u);
+            w.addr(key!("upstream"), u);
         }
-        w.ms("duration_ms", Some(self.accepted_at.elapsed()));
-        w.num("bytes_up", self.bytes_up.get());
-        w.num("bytes_down", self.bytes_down.get());
+        w.ms(key!("duration_ms"), Some(self.accepted_at.elapsed()));
+        w.num(key!("bytes_up"), self.bytes_up.get());
+        w.num(key!("bytes_down"), self.bytes_down.get());
         if let Some(r) = reason {
-            w.label("reason", r.as_str());
+            w.label(key!("reason"), r.as_str());
         }
-        w.ms("connect_ms", self.connect.get());
-        w.ms("handshake_ms", self.handshake.get());
-        w.ms("first_byte_ms", self.first_byte.get());
+        w.ms(key!("connect_ms"), self.connect.get());
+        w.ms(key!("handshake_ms"), self.handshake.get());
+        w.ms(key!("first_byte_ms"), self.first_byte.get());
         w.end();
     }
 }
@@ -210,24 +232,17 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn key(&mut self, k: &str) {
+    fn key(&mut self, k: Key) {
         match (self.format, self.first) {
             (Format::Json, false) => self.out.push(b','),
             (Format::Logfmt, false) => self.out.push(b' '),
             _ => {}
         }
         self.first = false;
-        match self.format {
-            Format::Json => {
-                self.out.push(b'"');
-                self.out.extend_from_slice(k.as_bytes());
-                self.out.extend_from_slice(b"\":");
-            }
-            Format::Logfmt => {
-                self.out.extend_from_slice(k.as_bytes());
-                self.out.push(b'=');
-            }
-        }
+        self.out.extend_from_slice(match self.format {
+            Format::Json => k.json.as_bytes(),
+            Format::Logfmt => k.logfmt.as_bytes(),
+        });
     }
 
     /// Opens (JSON) a quoted value.
@@ -246,7 +261,7 @@ impl<'a> Fields<'a> {
 
     /// An RFC 3339 UTC timestamp with milliseconds, quoted in JSON. The
     /// part up to the second is formatted once per second per thread.
-    fn time(&mut self, k: &str, now: SystemTime) {
+    fn time(&mut self, k: Key, now: SystemTime) {
         thread_local! {
             /// The second formatted last, and `YYYY-MM-DDTHH:MM:SS.` for it.
             static SECOND: Cell<(u64, [u8; 20])> = const { Cell::new((u64::MAX, [0; 20])) };
@@ -276,7 +291,7 @@ impl<'a> Fields<'a> {
     }
 
     /// A fixed label (a role, a close reason), quoted in JSON.
-    fn label(&mut self, k: &str, v: &str) {
+    fn label(&mut self, k: Key, v: &str) {
         self.key(k);
         self.open_quote();
         self.out.extend_from_slice(v.as_bytes());
@@ -284,7 +299,7 @@ impl<'a> Fields<'a> {
     }
 
     /// A 128-bit ID as 32 lowercase hex digits, quoted in JSON.
-    fn hex_id(&mut self, k: &str, id: u128) {
+    fn hex_id(&mut self, k: Key, id: u128) {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         self.key(k);
         self.open_quote();
@@ -295,7 +310,7 @@ impl<'a> Fields<'a> {
     }
 
     /// A socket address (`1.2.3.4:80`, `[::1]:80`), quoted in JSON.
-    fn addr(&mut self, k: &str, a: SocketAddr) {
+    fn addr(&mut self, k: Key, a: SocketAddr) {
         self.key(k);
         self.open_quote();
         match a {
@@ -320,14 +335,14 @@ impl<'a> Fields<'a> {
         self.close_quote();
     }
 
-    fn num(&mut self, k: &str, v: u64) {
+    fn num(&mut self, k: Key, v: u64) {
         self.key(k);
         self.out
             .extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
     }
 
     /// A duration in milliseconds with three decimals (microseconds).
-    fn ms(&mut self, k: &str, v: Option<Duration>) {
+    fn ms(&mut self, k: Key, v: Option<Duration>) {
         if let Some(d) = v {
             self.key(k);
             // No u128 arithmetic (`as_micros`): a library call per division.
@@ -658,7 +673,7 @@ mod tests {
         for _ in 0..2 {
             let mut line = Vec::new();
             let mut w = Fields::new(&mut line, Format::Json);
-            w.time("time", at);
+            w.time(key!("time"), at);
             w.end();
             assert_eq!(line, b"{\"time\":\"2025-11-29T22:47:09.007Z\"}\n");
         }
