@@ -26,6 +26,14 @@ fn round_trip_64_mib_is_byte_exact() {
 }
 
 #[test]
+fn a_fin_right_behind_the_data_is_never_missed() {
+    let proxy = Proxy::forward(echo_origin()).shards(2).start();
+    fin_behind_data(proxy.addr, 1500, 50);
+    let (status, lines) = proxy.terminate();
+    assert!(status.success(), "{lines:?}");
+}
+
+#[test]
 fn two_hundred_concurrent_connections_use_both_shards() {
     let proxy = Proxy::forward(echo_origin()).shards(2).start();
     let addr = proxy.addr;

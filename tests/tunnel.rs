@@ -19,6 +19,18 @@ fn send_and_drain(addr: SocketAddr, data: &[u8]) -> (End, usize) {
 }
 
 #[test]
+fn a_fin_right_behind_the_data_is_never_missed_through_the_tunnel() {
+    let key = key_file(&[&keygen()]);
+    let exit = Proxy::exit(echo_origin(), &key).shards(2).start();
+    let entry = Proxy::entry(exit.addr, &key).shards(2).start();
+    fin_behind_data(entry.addr, 1500, 50);
+    for p in [entry, exit] {
+        let (status, lines) = p.terminate();
+        assert!(status.success(), "{lines:?}");
+    }
+}
+
+#[test]
 fn round_trip_64_mib_with_two_shards_each_side() {
     let key = key_file(&[&keygen()]);
     let exit = Proxy::exit(echo_origin(), &key).shards(2).start();

@@ -221,6 +221,11 @@ pub(crate) struct NonBufferedStream<S> {
     stream: S,
     source_tx: Option<Source>,
     source_rx: Option<Source>,
+    /// shardproxy patch: data may be queued (see `poll_read`).
+    readable: bool,
+    /// shardproxy patch: the peer shut down or the socket failed: EOF or an
+    /// error is queued, which raises no further poll completion.
+    peer_gone: bool,
     write_timeout: Timeout,
     read_timeout: Timeout,
 }
@@ -229,7 +234,7 @@ impl<S: AsRawFd> NonBufferedStream<S> {
     fn init(&mut self) {
         let reactor = self.reactor.upgrade().unwrap();
         let stream_fd = self.stream.as_raw_fd();
-        self.source_rx = Some(reactor.poll_read_ready(stream_fd));
+        self.source_rx = Some(reactor.poll_read_ready_multishot(stream_fd));
     }
 
     pub(crate) fn try_peek(&self, buf: &mut [u8]) -> Option<io::Result<usize>> {
@@ -253,6 +258,20 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         Ok(sz)
     }
 
+    /// shardproxy patch: reads through one persistent multishot poll.
+    ///
+    /// Upstream re-armed a one-shot `POLL_ADD` (a new `Source`, an SQE and a
+    /// CQE) after every short read. Here the socket has one multishot poll
+    /// for its whole life, which posts a completion on every wake-up of the
+    /// socket (new data, FIN, RST). `readable` is a hint: set when a read
+    /// filled the buffer (more may be queued), cleared when a read came back
+    /// short or with `EAGAIN`. The completion is taken *before* `recv`, so
+    /// data that arrives after the `recv` always posts a new one.
+    ///
+    /// A short read does not drain a socket whose peer has shut down: the
+    /// EOF (or error) queued behind the data raises no new wake-up. So once
+    /// a completion reports `POLLRDHUP`, `POLLHUP` or `POLLERR`, the stream
+    /// never waits again and reads until `recv` says EOF or fails.
     pub(crate) fn poll_read(
         &mut self,
         cx: &Context<'_>,
@@ -261,35 +280,36 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         let reactor = self.reactor.upgrade().unwrap();
         let reactor = reactor.as_ref();
 
-        let no_pending_poll = self
+        let armed = self
             .source_rx
             .as_ref()
-            .map(|src| src.result().is_some())
-            .unwrap_or(true);
-
-        if no_pending_poll {
+            .map(|src| src.is_in_flight())
+            .unwrap_or(false);
+        let completion = self.source_rx.as_ref().and_then(|src| src.take_result());
+        let completed = completion.is_some();
+        if let Some(Ok(mask)) = completion {
+            let gone = (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) as usize;
+            if mask & gone != 0 {
+                self.peer_gone = true;
+            }
+        }
+        // A poll the kernel ended (or none yet) gives no more events: try the
+        // socket, and re-arm below if it has nothing.
+        if self.readable || self.peer_gone || completed || !armed {
+            self.readable = false;
             if let Some(result) = super::yolo_recv(self.stream.as_raw_fd(), buf) {
-                self.source_rx.take();
                 self.read_timeout.cancel_timer(reactor);
                 let result = poll_err!(result);
-                // Start an early poll if the buffer is not fully filled. So when
-                // the next time `poll_read` is called, it will be known immediately
-                // whether the underlying stream is ready for reading.
-                if result > 0 && result < buf.len() {
-                    self.source_rx = Some(reactor.poll_read_ready(self.stream.as_raw_fd()));
-                    // The `rush_dispatch`s here and after could be removed to
-                    // improve performance if #458 is handled appropriately.
-                    // reactor.rush_dispatch(self.source_rx.as_ref().unwrap());
-                }
+                // A full buffer means more may be queued: read again at once.
+                self.readable = result == buf.len() && result > 0;
                 return Poll::Ready(Ok(result));
             }
         }
 
         poll_err!(self.read_timeout.check(reactor));
 
-        if no_pending_poll {
-            self.source_rx = Some(reactor.poll_read_ready(self.stream.as_raw_fd()));
-            // reactor.rush_dispatch(self.source_rx.as_ref().unwrap());
+        if !armed {
+            self.source_rx = Some(reactor.poll_read_ready_multishot(self.stream.as_raw_fd()));
         }
 
         let source = self.source_rx.as_ref().unwrap();
@@ -366,6 +386,8 @@ where
             stream: socket.into(),
             source_tx: None,
             source_rx: None,
+            readable: false,
+            peer_gone: false,
             write_timeout: Timeout::new(reactor.register_timer()),
             read_timeout: Timeout::new(reactor.register_timer()),
         };

@@ -230,6 +230,12 @@ impl Source {
         self.inner.borrow().enqueued.is_some()
     }
 
+    /// shardproxy patch: takes the latest completion of a multishot poll,
+    /// leaving `None` until the next one arrives.
+    pub(crate) fn take_result(&self) -> Option<io::Result<usize>> {
+        self.inner.borrow_mut().wakers.result.take()
+    }
+
     pub(crate) fn result(&self) -> Option<io::Result<usize>> {
         let mut inner = self.inner.borrow_mut();
         let ret = inner

@@ -583,9 +583,21 @@ where
 
         let mut woke = false;
         if try_process(src.borrow()).is_none() {
-            let res = Some(post_process(src.borrow_mut(), transmute_error(result)));
+            let res = post_process(src.borrow_mut(), transmute_error(result));
             let mut inner_source = src.borrow_mut();
-            inner_source.wakers.result = res;
+            // shardproxy patch: a poll's completions accumulate until taken.
+            // A multishot poll's mask is that of the one wake-up it reports
+            // (a data wake-up says `POLLIN` even after the FIN arrived), so a
+            // later completion must not erase an earlier `POLLRDHUP` that
+            // nobody has read yet: the stream would miss the EOF.
+            inner_source.wakers.result = match (inner_source.wakers.result.take(), res) {
+                (Some(Ok(earlier)), Ok(mask))
+                    if matches!(inner_source.source_type, SourceType::PollAdd) =>
+                {
+                    Some(Ok(earlier | mask))
+                }
+                (_, res) => Some(res),
+            };
             woke = inner_source.wakers.wake_waiters();
         }
         return Some(Completed { woke, last });
@@ -1511,6 +1523,20 @@ impl Reactor {
 
     pub(crate) fn read_buffered(&self, source: &Source, pos: u64, size: usize) {
         let op = UringOpDescriptor::Read(pos, size);
+        queue_request_into_ring(
+            &mut *self.ring_for_source(source),
+            source,
+            op,
+            &mut self.source_map.borrow_mut(),
+        );
+    }
+
+    /// shardproxy patch: arms a multishot poll. Each readiness event posts a
+    /// completion that stores its result in the source and wakes its waiter,
+    /// and the source stays in flight until the kernel ends the poll (a CQE
+    /// without `IORING_CQE_F_MORE`) or the source is dropped (cancelled).
+    pub(crate) fn poll_ready_multishot(&self, source: &Source, flags: PollFlags) {
+        let op = UringOpDescriptor::PollAddMulti(flags);
         queue_request_into_ring(
             &mut *self.ring_for_source(source),
             source,
