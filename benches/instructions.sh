@@ -145,12 +145,37 @@ for f in a b c d; do
     fi
 done
 
+# attributed NAME SYMBOL...: instructions per connection spent inside the
+# named functions (inclusive, both proxies), from run NAME's profiles: the
+# feature's own cost, free of the run-to-run noise of the totals (about ±1%:
+# how often a shard loops or sleeps depends on timing even under valgrind).
+attributed() {
+    local name=$1 f sym total=0 found=0 ir
+    shift
+    for f in "$W/$name".a.*.1 "$W/$name".b.*.1; do
+        for sym in "$@"; do
+            ir=$(callgrind_annotate --inclusive=yes --threshold=100 "$f" 2>/dev/null |
+                grep -F ":$sym [$BIN]" | awk '{gsub(",", "", $1); if ($1 > m) m = $1} END {print m + 0}')
+            if [ "$ir" -gt 0 ]; then found=1; fi
+            total=$((total + ir))
+        done
+    done
+    if [ $found = 1 ]; then echo $((total / CONNS)); else echo "n/a"; fi
+}
+log_syms=(shardproxy::context::ShardCtx::log_access shardproxy::context::ShardCtx::flush_access_log)
+pp_syms=(shardproxy::proxy_protocol::header_v2)
+att_fwd_log=$(attributed fwd_log "${log_syms[@]}")
+att_enc_log=$(attributed enc_log "${log_syms[@]}")
+att_fwd_pp=$(attributed fwd_pp "${pp_syms[@]}")
+att_enc_pp=$(attributed enc_pp "${pp_syms[@]}")
+
 ratio() { python3 -c "print(f'{$1/$2:.3f}×')"; }
+share() { case $1 in n/a) echo n/a ;; *) python3 -c "print(f'{100*$1/$2:.1f}%')" ;; esac; }
 echo "user-space instructions per connection (both proxies, valgrind callgrind, $CONNS connections)"
 echo
-echo "| pair | feature | off | on | on / off |"
-echo "|---|---|---|---|---|"
-echo "| forward ×2 | access log (both) | ${ir[fwd]} | ${ir[fwd_log]} | $(ratio ${ir[fwd_log]} ${ir[fwd]}) |"
-echo "| forward ×2 | --send-proxy-v2 (second) | ${ir[fwd]} | ${ir[fwd_pp]} | $(ratio ${ir[fwd_pp]} ${ir[fwd]}) |"
-echo "| entry+exit | access log (both) | ${ir[enc]} | ${ir[enc_log]} | $(ratio ${ir[enc_log]} ${ir[enc]}) |"
-echo "| entry+exit | --send-proxy-v2 (exit) | ${ir[enc]} | ${ir[enc_pp]} | $(ratio ${ir[enc_pp]} ${ir[enc]}) |"
+echo "| pair | feature | off | on | on / off | in the feature's code | its share of off |"
+echo "|---|---|---|---|---|---|---|"
+echo "| forward ×2 | access log (both) | ${ir[fwd]} | ${ir[fwd_log]} | $(ratio ${ir[fwd_log]} ${ir[fwd]}) | $att_fwd_log | $(share $att_fwd_log ${ir[fwd]}) |"
+echo "| forward ×2 | --send-proxy-v2 (second) | ${ir[fwd]} | ${ir[fwd_pp]} | $(ratio ${ir[fwd_pp]} ${ir[fwd]}) | $att_fwd_pp | $(share $att_fwd_pp ${ir[fwd]}) |"
+echo "| entry+exit | access log (both) | ${ir[enc]} | ${ir[enc_log]} | $(ratio ${ir[enc_log]} ${ir[enc]}) | $att_enc_log | $(share $att_enc_log ${ir[enc]}) |"
+echo "| entry+exit | --send-proxy-v2 (exit) | ${ir[enc]} | ${ir[enc_pp]} | $(ratio ${ir[enc_pp]} ${ir[enc]}) | $att_enc_pp | $(share $att_enc_pp ${ir[enc]}) |"

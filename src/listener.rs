@@ -184,9 +184,12 @@ pub async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>, permits: Rc<S
             } else {
                 None
             };
-            match bounded(&stop, None, listener.accept()).await {
+            match bounded(&stop, None, listener.shared_accept()).await {
                 Err(_) => break,
-                Ok(Ok(stream)) => {
+                Ok(Ok(accepted)) => {
+                    // The peer as `accept4` returned it: no `getpeername`.
+                    let peer = accepted.peer_addr().ok();
+                    let stream = accepted.bind_to_executor();
                     if !state.fd_exhausted.get() {
                         backoff = MIN_BACKOFF;
                     }
@@ -194,6 +197,7 @@ pub async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>, permits: Rc<S
                     let (ctx, state) = (ctx.clone(), state.clone());
                     glommio::spawn_local(async move {
                         let rec = Record::new(ctx.connection_id());
+                        rec.peer.set(peer);
                         let result = crate::session::run(stream, &ctx, &rec).await;
                         drop(permit);
                         let reason = CloseReason::from(&result);

@@ -36,9 +36,12 @@ use crate::upstream::pool::Lease;
 /// side failed.
 pub async fn run(client: TcpStream, ctx: &ShardCtx, rec: &Record) -> Result<(), SessionError> {
     let accepted_at = rec.accepted_at;
-    // The peer always (one `getpeername`): every failure's log line names
-    // the client, and after a reset the socket no longer knows it.
-    rec.peer.set(client.peer_addr().ok());
+    // The peer always: every failure's log line names the client, and after
+    // a reset the socket no longer knows it. The listener passes the one
+    // `accept4` returned; otherwise one `getpeername`.
+    if rec.peer.get().is_none() {
+        rec.peer.set(client.peer_addr().ok());
+    }
     if ctx.wants_addresses() {
         // The address the client connected to: the listen address, unless
         // that is a wildcard or port 0 (one `getsockname` saved per

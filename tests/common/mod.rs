@@ -617,7 +617,8 @@ pub fn echo_round_trip(addr: SocketAddr, data: Arc<Vec<u8>>) -> Vec<u8> {
 
 /// `conns` echo round trips through `addr` from `parallel` threads, each
 /// sending its data and its FIN back to back (sizes from 1 byte to 40 KiB,
-/// so reads end full and short). Panics naming the first connection whose
+/// so reads end full and short; every other connection after eight small
+/// exchanges). Panics naming the first connection whose
 /// echo did not come back whole, followed by EOF, within 10 s.
 ///
 /// This is the pattern that once lost an EOF in the proxy: the FIN's poll
@@ -635,6 +636,17 @@ pub fn fin_behind_data(addr: SocketAddr, conns: usize, parallel: usize) {
                         .set_read_timeout(Some(Duration::from_secs(10)))
                         .unwrap();
                     let mut writer = stream.try_clone().unwrap();
+                    // Every other connection first exchanges a few small
+                    // messages, so its sockets have left the proxy's first
+                    // (one-shot) read polls for the multishot one.
+                    if i % 2 == 1 {
+                        for round in 0..8u8 {
+                            writer.write_all(&[round; 100]).unwrap();
+                            let mut echo = [0u8; 100];
+                            (&stream).read_exact(&mut echo).unwrap();
+                            assert_eq!(echo, [round; 100], "connection {i}");
+                        }
+                    }
                     let sent = data.clone();
                     let sender = thread::spawn(move || {
                         writer.write_all(&sent).unwrap();

@@ -8,23 +8,29 @@ use crate::sys;
 use nix::sys::socket::{MsgFlags, SockaddrLike};
 use std::{io, os::unix::io::RawFd};
 
-fn yolo_accept(fd: RawFd) -> Option<io::Result<RawFd>> {
+fn yolo_accept(
+    fd: RawFd,
+    nonblocking: &std::cell::Cell<bool>,
+) -> Option<io::Result<(RawFd, Option<std::net::SocketAddr>)>> {
     // shardproxy patch: make the listener non-blocking once and leave it so,
     // instead of setting O_NONBLOCK around every accept and restoring it.
     // O_NONBLOCK belongs to the open file description, which a listener
     // handed to another process shares: the old toggle let one process put
     // the socket back in blocking mode while the other was about to accept
     // on it, blocking that shard's whole thread. (It also cost two fcntl
-    // calls per accept.)
-    let flags = nix::fcntl::fcntl(fd, nix::fcntl::F_GETFL)
-        .ok()
-        .and_then(nix::fcntl::OFlag::from_bits);
-    if let Some(flags) = flags {
-        if !flags.contains(nix::fcntl::OFlag::O_NONBLOCK) {
-            let _ = nix::fcntl::fcntl(
-                fd,
-                nix::fcntl::F_SETFL(flags | nix::fcntl::OFlag::O_NONBLOCK),
-            );
+    // calls per accept.) Checked once per listener: no process clears it.
+    if !nonblocking.get() {
+        let flags = nix::fcntl::fcntl(fd, nix::fcntl::F_GETFL)
+            .ok()
+            .and_then(nix::fcntl::OFlag::from_bits);
+        if let Some(flags) = flags {
+            let set = flags.contains(nix::fcntl::OFlag::O_NONBLOCK)
+                || nix::fcntl::fcntl(
+                    fd,
+                    nix::fcntl::F_SETFL(flags | nix::fcntl::OFlag::O_NONBLOCK),
+                )
+                .is_ok();
+            nonblocking.set(set);
         }
     }
     let r = sys::accept_syscall(fd);

@@ -215,6 +215,14 @@ impl Timeout {
     }
 }
 
+/// shardproxy patch: a stream's read polls are one-shot (upstream's) for
+/// this many polls, then one multishot poll for the rest of its life. A
+/// short-lived connection needs two or three polls per socket, and a
+/// multishot poll would add its cancellation at close (an SQE and two
+/// CQEs); a long-lived one saves an SQE, a CQE and a wait-queue entry per
+/// message.
+const MULTISHOT_AFTER: u8 = 4;
+
 #[derive(Debug)]
 pub(crate) struct NonBufferedStream<S> {
     reactor: Weak<Reactor>,
@@ -226,6 +234,10 @@ pub(crate) struct NonBufferedStream<S> {
     /// shardproxy patch: the peer shut down or the socket failed: EOF or an
     /// error is queued, which raises no further poll completion.
     peer_gone: bool,
+    /// shardproxy patch: `source_rx` is the stream's multishot poll.
+    multishot: bool,
+    /// shardproxy patch: one-shot read polls armed so far.
+    one_shots: u8,
     write_timeout: Timeout,
     read_timeout: Timeout,
 }
@@ -234,7 +246,22 @@ impl<S: AsRawFd> NonBufferedStream<S> {
     fn init(&mut self) {
         let reactor = self.reactor.upgrade().unwrap();
         let stream_fd = self.stream.as_raw_fd();
-        self.source_rx = Some(reactor.poll_read_ready_multishot(stream_fd));
+        self.source_rx = Some(reactor.poll_read_ready(stream_fd));
+        self.one_shots = 1;
+    }
+
+    /// shardproxy patch: arms the next read poll: one-shot for a stream's
+    /// first [`MULTISHOT_AFTER`] polls, then its multishot poll for good.
+    fn arm_read_poll(&mut self, reactor: &Reactor) {
+        let fd = self.stream.as_raw_fd();
+        if self.one_shots < MULTISHOT_AFTER {
+            self.one_shots += 1;
+            self.source_rx = Some(reactor.poll_read_ready(fd));
+        } else {
+            self.multishot = true;
+            self.readable = false;
+            self.source_rx = Some(reactor.poll_read_ready_multishot(fd));
+        }
     }
 
     pub(crate) fn try_peek(&self, buf: &mut [u8]) -> Option<io::Result<usize>> {
@@ -258,7 +285,53 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         Ok(sz)
     }
 
-    /// shardproxy patch: reads through one persistent multishot poll.
+    pub(crate) fn poll_read(
+        &mut self,
+        cx: &Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.multishot {
+            return self.poll_read_multishot(cx, buf);
+        }
+        // Upstream's one-shot read poll, re-armed after each short read (its
+        // "early poll"), for the stream's first polls; see `arm_read_poll`.
+        let reactor = self.reactor.upgrade().unwrap();
+        let reactor = reactor.as_ref();
+
+        let no_pending_poll = self
+            .source_rx
+            .as_ref()
+            .map(|src| src.result().is_some())
+            .unwrap_or(true);
+
+        if no_pending_poll {
+            if let Some(result) = super::yolo_recv(self.stream.as_raw_fd(), buf) {
+                self.source_rx.take();
+                self.read_timeout.cancel_timer(reactor);
+                let result = poll_err!(result);
+                // Start an early poll if the buffer is not fully filled. So when
+                // the next time `poll_read` is called, it will be known immediately
+                // whether the underlying stream is ready for reading.
+                if result > 0 && result < buf.len() {
+                    self.arm_read_poll(reactor);
+                }
+                return Poll::Ready(Ok(result));
+            }
+        }
+
+        poll_err!(self.read_timeout.check(reactor));
+
+        if no_pending_poll {
+            self.arm_read_poll(reactor);
+        }
+
+        let source = self.source_rx.as_ref().unwrap();
+        source.add_waiter_single(cx.waker());
+        self.read_timeout.maybe_set_timer(reactor, cx.waker());
+        Poll::Pending
+    }
+
+    /// shardproxy patch: reads through the stream's multishot poll.
     ///
     /// Upstream re-armed a one-shot `POLL_ADD` (a new `Source`, an SQE and a
     /// CQE) after every short read. Here the socket has one multishot poll
@@ -272,7 +345,7 @@ impl<S: AsRawFd> NonBufferedStream<S> {
     /// EOF (or error) queued behind the data raises no new wake-up. So once
     /// a completion reports `POLLRDHUP`, `POLLHUP` or `POLLERR`, the stream
     /// never waits again and reads until `recv` says EOF or fails.
-    pub(crate) fn poll_read(
+    fn poll_read_multishot(
         &mut self,
         cx: &Context<'_>,
         buf: &mut [u8],
@@ -388,6 +461,8 @@ where
             source_rx: None,
             readable: false,
             peer_gone: false,
+            multishot: false,
+            one_shots: 0,
             write_timeout: Timeout::new(reactor.register_timer()),
             read_timeout: Timeout::new(reactor.register_timer()),
         };

@@ -75,6 +75,8 @@ type Result<T> = crate::Result<T, ()>;
 pub struct TcpListener {
     reactor: Weak<Reactor>,
     listener: net::TcpListener,
+    /// shardproxy patch: `O_NONBLOCK` is known to be set (see `yolo_accept`).
+    nonblocking: std::cell::Cell<bool>,
 }
 
 impl FromRawFd for TcpListener {
@@ -86,6 +88,7 @@ impl FromRawFd for TcpListener {
         TcpListener {
             reactor: Rc::downgrade(&crate::executor().reactor()),
             listener,
+            nonblocking: std::cell::Cell::new(false),
         }
     }
 }
@@ -132,6 +135,7 @@ impl TcpListener {
         Ok(TcpListener {
             reactor: Rc::downgrade(&crate::executor().reactor()),
             listener,
+            nonblocking: std::cell::Cell::new(false),
         })
     }
 
@@ -173,9 +177,9 @@ impl TcpListener {
         // cancelled accept op that had already completed would lose the
         // connection it accepted.
         loop {
-            if let Some(r) = yolo_accept(raw_fd) {
+            if let Some(r) = yolo_accept(raw_fd, &self.nonblocking) {
                 return match r {
-                    Ok(fd) => Ok(AcceptedTcpStream { fd }),
+                    Ok((fd, peer)) => Ok(AcceptedTcpStream { fd, peer }),
                     Err(err) => Err(GlommioError::IoError(err)),
                 };
             }
@@ -311,11 +315,19 @@ impl TcpListener {
 /// [`bind_to_executor`]: AcceptedTcpStream::bind_to_executor
 pub struct AcceptedTcpStream {
     fd: RawFd,
+    /// shardproxy patch: the peer's address as `accept4` returned it.
+    peer: Option<SocketAddr>,
 }
 
 impl AcceptedTcpStream {
     /// Returns the socket address of the remote peer
+    ///
+    /// shardproxy patch: the address `accept4` returned, without a system
+    /// call; `getpeername` only if there was none.
     pub fn peer_addr(&self) -> Result<SocketAddr> {
+        if let Some(peer) = self.peer {
+            return Ok(peer);
+        }
         let socket = unsafe { Socket::from_raw_fd(self.fd) };
         let sock_addr = socket.peer_addr()?;
         let _ = socket.into_raw_fd();

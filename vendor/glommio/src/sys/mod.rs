@@ -93,18 +93,24 @@ pub(crate) fn recv_syscall(fd: RawFd, buf: *mut u8, len: usize, flags: i32) -> i
     syscall!(recv(fd, buf as _, len, flags)).map(|x| x as usize)
 }
 
-pub(crate) fn accept_syscall(fd: RawFd) -> io::Result<RawFd> {
-    let mut addr: MaybeUninit<libc::sockaddr_storage> = MaybeUninit::uninit();
+/// shardproxy patch: also returns the peer's address, which `accept4`
+/// writes anyway (saves a `getpeername` per connection).
+pub(crate) fn accept_syscall(fd: RawFd) -> io::Result<(RawFd, Option<std::net::SocketAddr>)> {
+    let mut addr: MaybeUninit<libc::sockaddr_storage> = MaybeUninit::zeroed();
     let mut length = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     // shardproxy patch: accept4 with SOCK_CLOEXEC, so an accepted
     // connection is never inherited by a program this process executes
     // (shardproxy's SIGUSR2 upgrade).
-    syscall!(accept4(
+    let fd = syscall!(accept4(
         fd,
         addr.as_mut_ptr() as *mut _,
         &mut length,
         libc::SOCK_CLOEXEC
-    ))
+    ))?;
+    // SAFETY: zero-initialised, and the kernel wrote at most `length` bytes
+    // of a valid address into it.
+    let peer = unsafe { socket2::SockAddr::new(addr.assume_init(), length) }.as_socket();
+    Ok((fd, peer))
 }
 
 pub(crate) fn direct_io_ify(fd: RawFd, flags: libc::c_int) -> io::Result<()> {
