@@ -303,9 +303,11 @@ impl<'a> Fields<'a> {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         self.key(k);
         self.open_quote();
-        for shift in (0..32).rev() {
-            self.out.push(HEX[(id >> (shift * 4)) as usize & 0xf]);
+        let mut digits = [0u8; 32];
+        for (i, digit) in digits.iter_mut().enumerate() {
+            *digit = HEX[(id >> ((31 - i) * 4)) as usize & 0xf];
         }
+        self.out.extend_from_slice(&digits);
         self.close_quote();
     }
 
