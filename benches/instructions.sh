@@ -24,7 +24,7 @@
 # docs/BENCHMARKS.md for the syscall counts).
 #
 # Run: bash benches/instructions.sh        (CONNS=2000 WARM=200 by default;
-#      about 2 minutes; needs valgrind, nginx, python3: installed if missing)
+#      about 9 minutes; needs valgrind, nginx, python3: installed if missing)
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
