@@ -387,6 +387,11 @@ fn put_decimal(buf: &mut [u8], at: usize, n: u32) -> usize {
     at + count
 }
 
+/// Lines in a batch (each ends with `\n`).
+fn lines_in(batch: &[u8]) -> u64 {
+    batch.iter().filter(|&&c| c == b'\n').count() as u64
+}
+
 /// One shard's end of the access log.
 pub struct ShardLog {
     format: Format,
@@ -479,7 +484,7 @@ impl ShardLog {
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 Err(TrySendError::Full(b)) | Err(TrySendError::Disconnected(b)) => {
-                    let n = b.iter().filter(|&&c| c == b'\n').count() as u64;
+                    let n = lines_in(&b);
                     self.lost.fetch_add(n, Ordering::Relaxed);
                     crate::warn!(
                         "access log: shard {}: {n} line(s) not written at exit (the writer is blocked)",
@@ -584,10 +589,7 @@ fn writer(path: String, mut sink: Sink, rx: Receiver<Vec<u8>>, lost: std::sync::
             Err(e) => {
                 // The batch is lost (a partial write may have left part of
                 // it): every line of it is counted.
-                lost.fetch_add(
-                    batch.iter().filter(|&&c| c == b'\n').count() as u64,
-                    Ordering::Relaxed,
-                );
+                lost.fetch_add(lines_in(&batch), Ordering::Relaxed);
                 if !failed {
                     crate::warn!("access log: writing {path}: {e}; lines are dropped and counted until writing works again");
                     failed = true;

@@ -209,17 +209,7 @@ fn spawn_access_log_flusher(ctx: Rc<ShardCtx>) {
             ctx.flush_access_log();
         }
     };
-    let queue = glommio::executor().create_task_queue(
-        glommio::Shares::Static(10),
-        glommio::Latency::NotImportant,
-        "access-log",
-    );
-    match glommio::spawn_local_into(task, queue) {
-        Ok(t) => {
-            t.detach();
-        }
-        Err(e) => crate::warn!("access-log flusher not started: {e}"),
-    }
+    spawn_background("access-log", task);
 }
 
 /// Hand-over: once this shard's pending handshakes have passed their replay
@@ -252,6 +242,23 @@ async fn export_replay_set(
     guard.export(tx);
 }
 
+/// Runs `task` (a shard's periodic housekeeping) in its own task queue
+/// `name` with small shares, so it yields to connection work whenever both
+/// are ready.
+fn spawn_background(name: &str, task: impl std::future::Future<Output = ()> + 'static) {
+    let queue = glommio::executor().create_task_queue(
+        glommio::Shares::Static(10),
+        glommio::Latency::NotImportant,
+        name,
+    );
+    match glommio::spawn_local_into(task, queue) {
+        Ok(t) => {
+            t.detach();
+        }
+        Err(e) => crate::warn!("{name} task not started: {e}"),
+    }
+}
+
 /// Publishes a snapshot every `--metrics-interval` from a task queue with
 /// small shares, so it yields to connection work whenever both are ready.
 fn spawn_publisher(ctx: Rc<ShardCtx>) {
@@ -262,15 +269,5 @@ fn spawn_publisher(ctx: Rc<ShardCtx>) {
             glommio::timer::sleep(every).await;
         }
     };
-    let queue = glommio::executor().create_task_queue(
-        glommio::Shares::Static(10),
-        glommio::Latency::NotImportant,
-        "metrics",
-    );
-    match glommio::spawn_local_into(task, queue) {
-        Ok(t) => {
-            t.detach();
-        }
-        Err(e) => crate::warn!("metrics publisher not started: {e}"),
-    }
+    spawn_background("metrics", task);
 }

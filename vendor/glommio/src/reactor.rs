@@ -427,15 +427,14 @@ impl Reactor {
         source
     }
 
-    #[allow(dead_code)] // shardproxy: streams use poll_read_ready_multishot
     pub(crate) fn poll_read_ready(&self, fd: RawFd) -> Source {
         let source = self.new_source(fd, SourceType::PollAdd, None);
         self.sys.poll_ready(&source, common_flags() | read_flags());
         source
     }
 
-    /// shardproxy patch: one persistent readiness source per socket instead
-    /// of a one-shot poll re-armed after every short read (see PATCHED.md).
+    /// shardproxy patch: one persistent readiness source for a socket past
+    /// its first one-shot polls (see PATCHED.md).
     pub(crate) fn poll_read_ready_multishot(&self, fd: RawFd) -> Source {
         let source = self.new_source(fd, SourceType::PollAdd, None);
         // POLLRDHUP: a peer's FIN must show in the completion's mask, since

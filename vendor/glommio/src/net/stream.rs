@@ -382,7 +382,7 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         poll_err!(self.read_timeout.check(reactor));
 
         if !armed {
-            self.source_rx = Some(reactor.poll_read_ready_multishot(self.stream.as_raw_fd()));
+            self.arm_read_poll(reactor);
         }
 
         let source = self.source_rx.as_ref().unwrap();
