@@ -354,6 +354,7 @@ fn sighup_during_drain_cannot_hold_off_the_second_signal() {
     exit.signal("TERM");
     let started = Instant::now();
     let status = exit.wait_exit(Duration::from_secs(10));
+    let _ = std::fs::remove_file(&key);
     assert_eq!(status.code(), Some(1), "the second signal exits at once");
     assert!(started.elapsed() < Duration::from_secs(5));
 }

@@ -717,10 +717,13 @@ pub fn key_file(keys: &[&str]) -> String {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     ));
+    // A file left at this path by an earlier run whose process had the same
+    // PID (a test turns its key file into a FIFO, and opening a FIFO for
+    // writing blocks until a reader comes) is removed, never opened.
+    let _ = std::fs::remove_file(&path);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&path)
         .unwrap();
