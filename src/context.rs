@@ -54,6 +54,8 @@ pub struct ShardCtx {
     /// Whether sessions look up their peer and local addresses (the access
     /// log, the PROXY protocol and the entry's `meta` need them).
     wants_addresses: bool,
+    /// Live relays, for the idle sweep and the end of a drain.
+    watchdog: crate::watchdog::Watchdog,
 }
 
 /// A pending handshake's place in its shard's registry; leaving it (drop)
@@ -112,8 +114,11 @@ impl ShardCtx {
             || cfg.identity.accept_proxy.is_some()
             || cfg.identity.send_proxy_v2
             || matches!(cfg.mode, crate::config::Mode::Entry(_));
+        let watchdog =
+            crate::watchdog::Watchdog::new(cfg.limits.idle_timeout, cfg.access_log_interval());
         ShardCtx {
             id,
+            watchdog,
             timings: Timings::new(board.is_some(), cfg.upstreams.specs.len()),
             board,
             keys: RefCell::new(keys),
@@ -292,6 +297,12 @@ impl ShardCtx {
     /// Ends the drain: every live connection is aborted (RST).
     pub fn abort_all(&self) {
         self.abort.fire();
+        self.watchdog.abort_all();
+    }
+
+    /// Live relays: registration, the idle sweep, the drain's abort.
+    pub fn watchdog(&self) -> &crate::watchdog::Watchdog {
+        &self.watchdog
     }
 
     /// Completes once draining and no connection is left.

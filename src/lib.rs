@@ -55,3 +55,4 @@ pub mod sys;
 pub mod trigger;
 pub mod units;
 pub mod upstream;
+pub mod watchdog;

@@ -16,10 +16,11 @@
 //!   propagated); the pair ends when both directions have finished.
 //! * An error on either side ends both directions at once; the session then
 //!   closes both sockets with RST so neither peer mistakes it for a clean end.
-//! * No bytes in either direction for `idle_timeout` ends the pair.
+//! * No bytes in either direction for `idle_timeout` ends the pair (the
+//!   shard's idle sweep, [`crate::watchdog`], decides and wakes it).
 
 use std::cell::Cell;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures_lite::future;
 
@@ -32,7 +33,7 @@ use crate::proto::{
     Decoded, Decoder, Encoder, ProtoError, END_LEN, LEN_LEN, MAX_FRAME, MAX_PAYLOAD,
 };
 use crate::stats::ShardStats;
-use crate::trigger::bounded;
+use crate::watchdog::{watched, Verdict, Watch};
 
 /// How the bytes of a pair are framed.
 // Built once per connection and moved once into `run`: boxing the cipher
@@ -99,8 +100,9 @@ pub async fn run(
             MAX_FRAME,
         ),
     };
+    let guard = ctx.watchdog().watch();
     let pumps = Pumps {
-        activity: Cell::new(0),
+        watch: guard.watch(),
         stats: ctx.stats(),
         timings: ctx.timings(),
         rec,
@@ -116,28 +118,22 @@ pub async fn run(
             .ok_or(SessionError::OutOfMemory(buf_size))
     };
     let (mut up_buf, mut down_buf) = (take()?, take()?);
-    let result = bounded(
-        ctx.aborted(),
-        None,
-        future::or(
-            async {
-                future::try_zip(
-                    pumps.pump(client, upstream, up, &mut up_buf),
-                    pumps.pump(upstream, client, down, &mut down_buf),
-                )
-                .await
-                .map(|_| ())
-            },
-            async {
-                pumps
-                    .idle(limits.idle_timeout, ctx.config().access_log_interval(), ctx)
-                    .await;
-                Err(SessionError::Idle)
-            },
+    // The idle timeout and the drain's abort come from the shard's sweep
+    // (`crate::watchdog`): no timer or trigger is polled per message.
+    let result = watched(
+        guard.watch(),
+        || ctx.log_access(rec, None),
+        future::try_zip(
+            pumps.pump(client, upstream, up, &mut up_buf),
+            pumps.pump(upstream, client, down, &mut down_buf),
         ),
     )
     .await
-    .unwrap_or(Err(SessionError::Drained));
+    .map_err(|v| match v {
+        Verdict::Idle => SessionError::Idle,
+        Verdict::Drained => SessionError::Drained,
+    })
+    .and_then(|r| r.map(|_| ()));
     ctx.recycle(up_buf);
     ctx.recycle(down_buf);
     result
@@ -146,8 +142,8 @@ pub async fn run(
 /// What both pumps of one pair share.
 struct Pumps<'a> {
     /// Progress in either direction, for the idle timeout. The hot path only
-    /// bumps this counter (no clock read per chunk); [`Pumps::idle`] samples it.
-    activity: Cell<u64>,
+    /// bumps its counter (no clock read per chunk); the shard's sweep samples it.
+    watch: &'a Watch,
     stats: &'a ShardStats,
     timings: &'a Timings,
     /// The connection's own record: bytes, first byte.
@@ -159,42 +155,7 @@ struct Pumps<'a> {
 
 impl Pumps<'_> {
     fn touch(&self) {
-        self.activity.set(self.activity.get().wrapping_add(1));
-    }
-
-    /// Completes once nothing has moved for at least `idle`. Sampled every
-    /// quarter of the period, so a pair is closed after between `idle` and
-    /// `1.25 × idle` of silence. With `--access-log-interval`, also writes
-    /// the connection's interval line every `interval` (the tick is then at
-    /// most `interval`).
-    async fn idle(&self, idle: Duration, interval: Option<Duration>, ctx: &ShardCtx) {
-        let mut tick = (idle / 4).max(Duration::from_millis(1));
-        if let Some(i) = interval {
-            tick = tick.min(i);
-        }
-        let mut seen = self.activity.get();
-        let mut quiet = Duration::ZERO;
-        let mut since_line = Duration::ZERO;
-        loop {
-            glommio::timer::sleep(tick).await;
-            if let Some(i) = interval {
-                since_line += tick;
-                if since_line >= i {
-                    since_line = Duration::ZERO;
-                    ctx.log_access(self.rec, None);
-                }
-            }
-            let now = self.activity.get();
-            if now == seen {
-                quiet += tick;
-                if quiet >= idle {
-                    return;
-                }
-            } else {
-                seen = now;
-                quiet = Duration::ZERO;
-            }
-        }
+        self.watch.touch();
     }
 
     /// Counts `n` plaintext bytes moved, for the shard and the connection.

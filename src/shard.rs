@@ -139,6 +139,7 @@ async fn run(setup: Setup) {
             .detach()
         })
         .collect();
+    spawn_idle_sweep(ctx.clone());
     let _ = ready.send(id);
     if ctx.publishes() {
         spawn_publisher(ctx.clone());
@@ -198,6 +199,19 @@ async fn run(setup: Setup) {
     ctx.close_access_log();
     ctx.publish();
     crate::info!("shard {id} core {core} summary: {}", ctx.stats());
+}
+
+/// Runs the shard's idle sweep (see [`crate::watchdog`]) every tick, from a
+/// task queue with small shares.
+fn spawn_idle_sweep(ctx: Rc<ShardCtx>) {
+    let task = async move {
+        let tick = ctx.watchdog().tick();
+        loop {
+            glommio::timer::sleep(tick).await;
+            ctx.watchdog().sweep();
+        }
+    };
+    spawn_background("idle-sweep", task);
 }
 
 /// Hands the shard's access-log lines to its writer every

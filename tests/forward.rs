@@ -231,6 +231,29 @@ fn sigterm_drains_in_flight_transfer_and_refuses_new_connections() {
     );
 }
 
+/// At the end of `--drain-timeout`, a pair still open is aborted (RST on
+/// both sides), counted as `drained`, and the process exits.
+#[test]
+fn the_end_of_the_drain_aborts_live_pairs_with_a_reset() {
+    let mut proxy = Proxy::forward(echo_origin())
+        .shards(1)
+        .args(["--drain-timeout", "1s"])
+        .start();
+    let mut c = TcpStream::connect(proxy.addr).unwrap();
+    c.write_all(b"ping").unwrap();
+    let mut b = [0u8; 4];
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.read_exact(&mut b).unwrap();
+    proxy.signal("TERM");
+    let (end, _) = read_until_end(&mut c, Duration::from_secs(10));
+    assert_eq!(end, End::Reset, "an aborted pair must not look like a clean end");
+    let status = proxy.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0));
+    let lines = proxy.log();
+    let sums = summaries(&lines);
+    assert_eq!(sums.iter().map(|s| s.get("drained")).sum::<u64>(), 1, "{lines:?}");
+}
+
 #[test]
 fn slow_reader_stalls_the_sender_with_bounded_memory() {
     // The origin pushes up to 512 MiB; the client never reads.

@@ -499,6 +499,48 @@ fn the_access_log_has_one_exact_line_per_connection() {
     assert_eq!(ids.len(), 20, "connection IDs repeat");
 }
 
+/// `--access-log-interval`: a live connection gets `event=open` lines with
+/// its bytes so far, then one `close` line; the interval lines stop with it.
+#[test]
+fn a_live_connection_gets_interval_lines_then_its_close_line() {
+    let path = temp("interval.log");
+    let fwd = Proxy::forward(echo_origin())
+        .shards(1)
+        .args(["--access-log", &path, "--access-log-interval", "1s"])
+        .start();
+    let mut c = TcpStream::connect(fwd.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let data = random_bytes(3000, 7);
+    c.write_all(&data).unwrap();
+    let mut back = vec![0u8; data.len()];
+    c.read_exact(&mut back).unwrap();
+    assert_eq!(back, data);
+    // Two interval lines while the connection lives (a second apart).
+    let open = log_lines(&path, 2);
+    assert!(open.len() >= 2, "{open:?}");
+    for l in &open {
+        assert_eq!(field(l, "event").as_deref(), Some("open"), "{l}");
+        assert_eq!(field(l, "bytes_up").as_deref(), Some("3000"), "{l}");
+        assert_eq!(field(l, "reason"), None, "{l}");
+    }
+    assert_eq!(field(&open[0], "id"), field(&open[1], "id"));
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(c.read(&mut back).unwrap(), 0, "the echo's FIN comes back");
+    let (status, lines) = fwd.terminate();
+    assert!(status.success(), "{lines:?}");
+    let all = log_lines(&path, 3);
+    let closes: Vec<_> = all
+        .iter()
+        .filter(|l| field(l, "event").as_deref() == Some("close"))
+        .collect();
+    assert_eq!(closes.len(), 1, "{all:?}");
+    assert_eq!(
+        all.last().map(|l| field(l, "event")),
+        Some(Some("close".into())),
+        "{all:?}"
+    );
+}
+
 /// SIGUSR1 reopens the access log after logrotate renamed it.
 #[test]
 fn sigusr1_reopens_a_renamed_access_log() {
