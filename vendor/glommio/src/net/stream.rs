@@ -298,11 +298,23 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         let reactor = self.reactor.upgrade().unwrap();
         let reactor = reactor.as_ref();
 
-        let no_pending_poll = self
-            .source_rx
-            .as_ref()
-            .map(|src| src.result().is_some())
-            .unwrap_or(true);
+        // shardproxy patch: a completed poll whose mask says the peer shut
+        // down (or the socket failed) means EOF or an error is queued behind
+        // whatever data is there. Then the stream reads on without another
+        // poll, so that a FIN that came with the last data is seen (and
+        // passed on) in the same task poll as the data, not a loop
+        // iteration later, as the multishot path already does.
+        let completion = match self.source_rx.as_ref() {
+            Some(src) => src.result(),
+            None => None,
+        };
+        if let Some(Ok(mask)) = &completion {
+            let gone = (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) as usize;
+            if mask & gone != 0 {
+                self.peer_gone = true;
+            }
+        }
+        let no_pending_poll = self.peer_gone || self.source_rx.is_none() || completion.is_some();
 
         if no_pending_poll {
             if let Some(result) = super::yolo_recv(self.stream.as_raw_fd(), buf) {
@@ -312,7 +324,7 @@ impl<S: AsRawFd> NonBufferedStream<S> {
                 // Start an early poll if the buffer is not fully filled. So when
                 // the next time `poll_read` is called, it will be known immediately
                 // whether the underlying stream is ready for reading.
-                if result > 0 && result < buf.len() {
+                if result > 0 && result < buf.len() && !self.peer_gone {
                     self.arm_read_poll(reactor);
                 }
                 return Poll::Ready(Ok(result));

@@ -941,6 +941,10 @@ impl UringCommon for PollRing {
 
 struct SleepableRing {
     ring: iou::IoUring,
+    /// shardproxy patch: created with `IORING_SETUP_DEFER_TASKRUN`; its
+    /// completions are posted only when this thread asks for them
+    /// (`get_deferred_events`).
+    deferred: bool,
     size: usize,
     submission_queue: ReactorQueue,
     name: &'static str,
@@ -951,25 +955,48 @@ struct SleepableRing {
     in_kernel: usize,
 }
 
+// io_uring setup and ring flags (include/uapi/linux/io_uring.h).
+const SETUP_COOP_TASKRUN: u32 = 1 << 8;
+const SETUP_TASKRUN_FLAG: u32 = 1 << 9;
+const SETUP_SINGLE_ISSUER: u32 = 1 << 12;
+const SETUP_DEFER_TASKRUN: u32 = 1 << 13;
+const SQ_TASKRUN: u32 = 1 << 2;
+const ENTER_GETEVENTS: u32 = 1 << 0;
+
 impl SleepableRing {
     fn new(
         size: usize,
         name: &'static str,
         allocator: Rc<UringBufferAllocator>,
         source_map: Rc<RefCell<SourceMap>>,
+        defer: bool,
     ) -> io::Result<Self> {
         assert!(*IO_URING_RECENT_ENOUGH);
-        Ok(SleepableRing {
-            ring: {
-                // IORING_SETUP_COOP_TASKRUN (Linux 5.19+): deliver completions
-                // on our next kernel entry instead of by IPI. Fall back if the
-                // kernel does not know the flag.
-                let coop = iou::SetupFlags::from_bits_retain(1 << 8);
-                match iou::IoUring::new_with_flags(size as _, coop, iou::SetupFeatures::empty()) {
-                    Ok(r) => r,
-                    Err(_) => iou::IoUring::new(size as _)?,
-                }
+        // IORING_SETUP_COOP_TASKRUN (Linux 5.19+): deliver completions
+        // on our next kernel entry instead of by IPI. Fall back if the
+        // kernel does not know the flag.
+        let coop = iou::SetupFlags::from_bits_retain(SETUP_COOP_TASKRUN);
+        // shardproxy patch: with `defer`, also SINGLE_ISSUER and
+        // DEFER_TASKRUN (Linux 6.1+), and TASKRUN_FLAG so that the ring
+        // says when deferred work waits. Falls back to COOP_TASKRUN alone.
+        let deferred = iou::SetupFlags::from_bits_retain(
+            SETUP_COOP_TASKRUN
+                | SETUP_TASKRUN_FLAG
+                | SETUP_SINGLE_ISSUER
+                | SETUP_DEFER_TASKRUN,
+        );
+        let (ring, deferred) = match defer
+            .then(|| iou::IoUring::new_with_flags(size as _, deferred, iou::SetupFeatures::empty()))
+        {
+            Some(Ok(r)) => (r, true),
+            _ => match iou::IoUring::new_with_flags(size as _, coop, iou::SetupFeatures::empty()) {
+                Ok(r) => (r, false),
+                Err(_) => (iou::IoUring::new(size as _)?, false),
             },
+        };
+        Ok(SleepableRing {
+            ring,
+            deferred,
             size,
             submission_queue: UringQueueState::with_capacity(size * 4),
             name,
@@ -979,6 +1006,34 @@ impl SleepableRing {
             source_map,
             in_kernel: 0,
         })
+    }
+
+    /// shardproxy patch: on a DEFER_TASKRUN ring, runs the deferred task
+    /// work (which posts the completions) if the kernel flagged any. One
+    /// `io_uring_enter(GETEVENTS)` without waiting; nothing otherwise.
+    fn get_deferred_events(&mut self) -> bool {
+        if !self.deferred {
+            return false;
+        }
+        let raw = self.ring.raw();
+        // SAFETY: `kflags` points into the SQ ring mapped for the lifetime
+        // of `self.ring`; the kernel updates it concurrently, hence the
+        // volatile read of an aligned u32.
+        let flags = unsafe { std::ptr::read_volatile(raw.sq.kflags) };
+        if flags & SQ_TASKRUN == 0 {
+            return false;
+        }
+        // SAFETY: a plain syscall on our own ring fd, no pointers passed.
+        let ret = unsafe {
+            crate::uring_sys::syscalls::io_uring_enter(
+                raw.ring_fd,
+                0,
+                0,
+                ENTER_GETEVENTS,
+                std::ptr::null(),
+            )
+        };
+        ret >= 0
     }
 
     fn ring_fd(&self) -> RawFd {
@@ -1248,8 +1303,12 @@ impl UringCommon for SleepableRing {
 
     fn consume_one_event(&mut self) -> Option<bool> {
         let source_map = self.source_map.clone();
+        let cqe = match self.ring.peek_for_cqe() {
+            None if self.get_deferred_events() => self.ring.peek_for_cqe(),
+            cqe => cqe,
+        };
         process_one_event(
-            self.ring.peek_for_cqe(),
+            cqe,
             |source| match source.source_type {
                 SourceType::LinkRings => Some(()),
                 _ => None,
@@ -1403,10 +1462,10 @@ impl Reactor {
         let registry = vec![allocator.as_bytes()];
 
         let main_ring =
-            SleepableRing::new(ring_depth, "main", allocator.clone(), source_map.clone())?;
+            SleepableRing::new(ring_depth, "main", allocator.clone(), source_map.clone(), true)?;
         let poll_ring = PollRing::new(ring_depth, allocator.clone(), source_map.clone())?;
         let mut latency_ring =
-            SleepableRing::new(ring_depth, "latency", allocator.clone(), source_map.clone())?;
+            SleepableRing::new(ring_depth, "latency", allocator.clone(), source_map.clone(), false)?;
 
         match main_ring.registrar().register_buffers_by_ref(&registry) {
             Err(x) => warn!("Error: registering buffers in the main ring. Skipping{x:#?}"),
@@ -2344,7 +2403,7 @@ mod tests {
     fn sqe_link_chain() {
         let allocator = Rc::new(UringBufferAllocator::new(65536));
         let source_map = Rc::new(RefCell::new(SourceMap::default()));
-        let mut ring = SleepableRing::new(4, "main", allocator, source_map).unwrap();
+        let mut ring = SleepableRing::new(4, "main", allocator, source_map, false).unwrap();
         let q = ring.submission_queue();
         let mut queue = q.borrow_mut();
 
@@ -2378,7 +2437,7 @@ mod tests {
     fn unterminated_sqe_link_chain() {
         let allocator = Rc::new(UringBufferAllocator::new(65536));
         let source_map = Rc::new(RefCell::new(SourceMap::default()));
-        let mut ring = SleepableRing::new(2, "main", allocator, source_map).unwrap();
+        let mut ring = SleepableRing::new(2, "main", allocator, source_map, false).unwrap();
         let q = ring.submission_queue();
         let mut queue = q.borrow_mut();
 
@@ -2398,7 +2457,7 @@ mod tests {
     fn sqe_link_chain_overflow() {
         let allocator = Rc::new(UringBufferAllocator::new(65536));
         let source_map = Rc::new(RefCell::new(SourceMap::default()));
-        let mut ring = SleepableRing::new(2, "main", allocator, source_map).unwrap();
+        let mut ring = SleepableRing::new(2, "main", allocator, source_map, false).unwrap();
         let q = ring.submission_queue();
         let mut queue = q.borrow_mut();
 
