@@ -1079,6 +1079,7 @@ impl SleepableRing {
     /// CQEs are available on the main ring. This timer is linked with a write
     /// to the latency ring's event fd such that this timer triggers a
     /// preemption via the latency ring.
+    #[allow(dead_code)] // shardproxy patch: no longer armed (see `Reactor::wait`)
     fn prepare_throughput_preemption_timer(&mut self, min_events: u32, event_fd: RawFd) -> Source {
         assert!(min_events >= 1, "min_events should be at least 1");
         let timer_source = Source::new(
@@ -2033,21 +2034,16 @@ impl Reactor {
             self.latency_preemption_armed_at.set(None);
         }
 
-        // Schedule the throughput-based timeout immediately: it won't matter if we end
-        // up sleeping.
-        //
-        // shardproxy patch: only when the previous one has fired. It counts
-        // completions since it was armed, so keeping it can only make a task
-        // queue yield earlier.
-        let throughput = self.throughput_preemption_timeout_src.take();
-        let throughput = match throughput {
-            Some(src) if src.is_in_flight() => src,
-            _ => main_ring.prepare_throughput_preemption_timer(
-                self.ring_depth() as u32,
-                self.eventfd_src.raw(),
-            ),
-        };
-        self.throughput_preemption_timeout_src.replace(Some(throughput));
+        // shardproxy patch: no throughput-based preemption timer. Upstream
+        // armed a timeout that completes after `ring_depth` completions,
+        // linked to a write to the latency ring's eventfd, so that a task
+        // queue yields after that much I/O. Each firing cost a timeout
+        // completion, an eventfd write, the eventfd's poll completion in the
+        // latency ring, the ring link's completion in the main ring and the
+        // poll's re-installation: in a proxy, every 16 or so requests. The
+        // time-based (latency) preemption timer still makes a busy task
+        // queue yield to the others within its period.
+        let _ = &self.throughput_preemption_timeout_src;
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
