@@ -124,12 +124,19 @@ impl Timers {
     fn process_timers(&mut self) -> (Option<Duration>, usize) {
         let now = Instant::now();
 
-        // Split timers into ready and pending timers.
-        let pending = self.timers.split_off(&(now, 0));
-        let ready = mem::replace(&mut self.timers, pending);
-        let woke = ready.len();
-        for (_, waker) in ready {
+        // shardproxy patch: pop the ready timers (those due before `now`)
+        // from the front. Upstream split the map at `now` on every call,
+        // which allocates a node for the pending part: an allocation and a
+        // free per loop iteration whenever any timer is registered (a
+        // shard always has its periodic housekeeping timers).
+        let mut woke = 0;
+        while let Some(entry) = self.timers.first_entry() {
+            if entry.key().0 >= now {
+                break;
+            }
+            let waker = entry.remove();
             wake!(waker);
+            woke += 1;
         }
 
         // Calculate the duration until the next event.
