@@ -1,10 +1,11 @@
 //! Cipher and framing micro-benchmark, single core, in one run:
 //!
-//! * raw `chacha20poly1305` (the crate we ship) sealing a buffer in place;
-//! * `ring` 0.17 (assembly, run-time CPU detection) doing the same;
+//! * raw `chacha20poly1305` (the pure-Rust crate, `--no-default-features`)
+//!   sealing a buffer in place;
+//! * `ring` 0.17 (assembly, run-time CPU detection; the default) doing the same;
 //! * our framing (`Encoder::seal_in_place`), and the seal+open round trip
 //!   (`Decoder::decode`) against raw encrypt+decrypt, with the AEAD backend
-//!   this build selected (`--features ring` switches it).
+//!   this build selected (`--no-default-features` switches to the crate).
 //!
 //! "16 KiB" framing rows seal the relay's full chunk: `MAX_PAYLOAD` (16384)
 //! payload bytes behind a 2-byte masked length, with a 16-byte tag after it

@@ -246,12 +246,20 @@ fn the_end_of_the_drain_aborts_live_pairs_with_a_reset() {
     c.read_exact(&mut b).unwrap();
     proxy.signal("TERM");
     let (end, _) = read_until_end(&mut c, Duration::from_secs(10));
-    assert_eq!(end, End::Reset, "an aborted pair must not look like a clean end");
+    assert_eq!(
+        end,
+        End::Reset,
+        "an aborted pair must not look like a clean end"
+    );
     let status = proxy.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(0));
     let lines = proxy.log();
     let sums = summaries(&lines);
-    assert_eq!(sums.iter().map(|s| s.get("drained")).sum::<u64>(), 1, "{lines:?}");
+    assert_eq!(
+        sums.iter().map(|s| s.get("drained")).sum::<u64>(),
+        1,
+        "{lines:?}"
+    );
 }
 
 #[test]
