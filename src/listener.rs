@@ -60,6 +60,10 @@ pub fn bind_more(
 
 /// Whether something already listens on `addr` (a bind without
 /// `SO_REUSEPORT` fails): then `bind_all` joins another process's group.
+///
+/// The probe sets `SO_REUSEADDR`, as our listeners do: on Linux that bind
+/// still fails against a listening socket, but not against the `TIME_WAIT`
+/// connections a previous run left on the port, which are no group to join.
 pub fn port_taken(addr: SocketAddr) -> bool {
     if addr.port() == 0 {
         return false;
@@ -68,6 +72,9 @@ pub fn port_taken(addr: SocketAddr) -> bool {
     else {
         return false;
     };
+    if socket.set_reuse_address(true).is_err() {
+        return false;
+    }
     matches!(socket.bind(&addr.into()), Err(e) if e.kind() == io::ErrorKind::AddrInUse)
 }
 
@@ -295,5 +302,48 @@ impl AcceptState {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    /// A live listener is a group to join; the `TIME_WAIT` connections a
+    /// stopped process left on its port are not (a restart after traffic
+    /// used to warn that it joined another process's group).
+    #[test]
+    fn time_wait_leftovers_are_not_a_listener() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut client = TcpStream::connect(addr).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        assert!(port_taken(addr), "a live listener");
+        // The server side closes first, so its end (on the listening port)
+        // goes to TIME_WAIT once the client has closed too.
+        server.write_all(b"bye").unwrap();
+        drop(server);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).unwrap();
+        assert_eq!(rest, b"bye");
+        drop(client);
+        drop(listener);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let in_time_wait = || {
+            std::fs::read_to_string("/proc/net/tcp")
+                .unwrap_or_default()
+                .lines()
+                .any(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    f.len() > 3 && f[1].ends_with(&format!(":{:04X}", addr.port())) && f[3] == "06"
+                })
+        };
+        while !in_time_wait() {
+            assert!(Instant::now() < deadline, "no TIME_WAIT on {addr}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!port_taken(addr), "only TIME_WAIT is left on {addr}");
     }
 }
