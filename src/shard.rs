@@ -201,17 +201,18 @@ async fn run(setup: Setup) {
     crate::info!("shard {id} core {core} summary: {}", ctx.stats());
 }
 
-/// Runs the shard's idle sweep (see [`crate::watchdog`]) every tick, from a
-/// task queue with small shares.
+/// Runs the shard's idle sweep (see [`crate::watchdog`]) every tick, in
+/// the connections' own task queue: a busy shard delays it no more than it
+/// delays them (from a low-share queue, idle closes ran late under load).
 fn spawn_idle_sweep(ctx: Rc<ShardCtx>) {
-    let task = async move {
+    glommio::spawn_local(async move {
         let tick = ctx.watchdog().tick();
         loop {
             glommio::timer::sleep(tick).await;
             ctx.watchdog().sweep();
         }
-    };
-    spawn_background("idle-sweep", task);
+    })
+    .detach();
 }
 
 /// Hands the shard's access-log lines to its writer every

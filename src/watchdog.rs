@@ -19,9 +19,11 @@
 //! instead.
 //!
 //! Timing: a pair silent for `idle` is closed after between `idle` and
-//! `idle + tick`, with `tick` a quarter of `idle` (1 ms at least) or
-//! `--access-log-interval` if that is shorter; interval lines come every
-//! `interval` rounded up to whole ticks.
+//! `idle + tick`, with `tick` at most a quarter of `idle` (1 ms at least).
+//! With `--access-log-interval`, `tick` also divides the interval, so
+//! interval lines come exactly every `interval`. The sweep runs in the
+//! connections' own task queue, so a busy shard delays it no more than it
+//! delays its connections.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -92,15 +94,23 @@ impl Watchdog {
     /// A watchdog for `idle` (`--idle-timeout`) and, when the access log
     /// writes interval lines, `interval` (`--access-log-interval`).
     pub fn new(idle: Duration, interval: Option<Duration>) -> Self {
-        let mut tick = (idle / 4).max(Duration::from_millis(1));
-        if let Some(i) = interval {
-            tick = tick.min(i);
-        }
+        let base = (idle / 4).max(Duration::from_millis(1));
+        // With interval lines: the largest tick up to `base` that divides
+        // the interval (to the nanosecond), so the lines come every
+        // `interval` (rounding the interval up to whole ticks of `base`
+        // made them up to twice as far apart).
+        let (tick, line_ticks) = match interval {
+            Some(i) => {
+                let k = ticks(i, base);
+                (i / k, Some(k))
+            }
+            None => (base, None),
+        };
         Watchdog {
             watches: RefCell::new(Vec::new()),
             tick,
             idle_ticks: ticks(idle, tick),
-            line_ticks: interval.map(|i| ticks(i, tick)),
+            line_ticks,
             aborted: Cell::new(false),
         }
     }
@@ -289,6 +299,36 @@ mod tests {
         let later = dog.watch();
         let mut l = Box::pin(watched(later.watch(), || {}, async { 7 }));
         assert_eq!(poll_once(&mut l), Some(Err(Verdict::Drained)));
+    }
+
+    #[test]
+    fn the_tick_divides_the_interval_and_stays_within_a_quarter_of_idle() {
+        for (idle_ms, interval_ms) in [
+            (1_500u64, 1_000u64),
+            (3_000, 1_000),
+            (3_960, 1_000),
+            (7_000, 2_000),
+            (239_000, 60_000),
+            (300_000, 1_000),
+            (100, 1_000),
+            (3_600_000, 86_400_000),
+        ] {
+            let (idle, interval) = (
+                Duration::from_millis(idle_ms),
+                Duration::from_millis(interval_ms),
+            );
+            let dog = Watchdog::new(idle, Some(interval));
+            let tick = dog.tick();
+            assert!(tick <= idle / 4, "{idle:?} {interval:?}: tick {tick:?}");
+            let lines = dog.line_ticks.unwrap();
+            // Every `interval`, to within a nanosecond per tick.
+            let every = tick * lines;
+            assert!(every <= interval, "{idle:?} {interval:?}: {every:?}");
+            assert!(interval - every < Duration::from_nanos(lines.into()));
+            // Closed after at least `idle` and less than `idle + tick`.
+            assert!(tick * dog.idle_ticks >= idle);
+            assert!(tick * (dog.idle_ticks - 1) < idle);
+        }
     }
 
     #[test]

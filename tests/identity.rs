@@ -500,13 +500,16 @@ fn the_access_log_has_one_exact_line_per_connection() {
 }
 
 /// `--access-log-interval`: a live connection gets `event=open` lines with
-/// its bytes so far, then one `close` line; the interval lines stop with it.
+/// its bytes so far, every interval, then one `close` line; the interval
+/// lines stop with it. The idle timeout (7 s, whose quarter does not divide
+/// 2 s) must not stretch the interval: lines once came every 3.5 s here.
 #[test]
 fn a_live_connection_gets_interval_lines_then_its_close_line() {
     let path = temp("interval.log");
     let fwd = Proxy::forward(echo_origin())
         .shards(1)
-        .args(["--access-log", &path, "--access-log-interval", "1s"])
+        .args(["--access-log", &path, "--access-log-interval", "2s"])
+        .args(["--idle-timeout", "7s"])
         .start();
     let mut c = TcpStream::connect(fwd.addr).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -524,6 +527,16 @@ fn a_live_connection_gets_interval_lines_then_its_close_line() {
         assert_eq!(field(l, "reason"), None, "{l}");
     }
     assert_eq!(field(&open[0], "id"), field(&open[1], "id"));
+    // `"time":"…T12:34:56.789Z"`: seconds of the day.
+    let at = |l: &str| -> f64 {
+        let t = field(l, "time").unwrap();
+        let hms = &t[t.find('T').unwrap() + 1..t.len() - 1];
+        hms.split(':')
+            .map(|x| x.parse::<f64>().unwrap())
+            .fold(0.0, |acc, x| acc * 60.0 + x)
+    };
+    let gap = (at(&open[1]) - at(&open[0])).rem_euclid(86_400.0); // across midnight
+    assert!((1.5..2.9).contains(&gap), "interval lines {gap:.3} s apart");
     c.shutdown(Shutdown::Write).unwrap();
     assert_eq!(c.read(&mut back).unwrap(), 0, "the echo's FIN comes back");
     let (status, lines) = fwd.terminate();
