@@ -264,6 +264,16 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         }
     }
 
+    /// shardproxy patch: a read poll's completion whose mask says the peer
+    /// shut down or the socket failed: EOF or an error is queued, and no
+    /// further wake-up will say so (`peer_gone`).
+    fn note_peer_gone(&mut self, completion: &Option<io::Result<usize>>) {
+        let gone = (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) as usize;
+        if matches!(completion, Some(Ok(mask)) if mask & gone != 0) {
+            self.peer_gone = true;
+        }
+    }
+
     pub(crate) fn try_peek(&self, buf: &mut [u8]) -> Option<io::Result<usize>> {
         super::yolo_peek(self.stream.as_raw_fd(), buf)
     }
@@ -308,12 +318,7 @@ impl<S: AsRawFd> NonBufferedStream<S> {
             Some(src) => src.result(),
             None => None,
         };
-        if let Some(Ok(mask)) = &completion {
-            let gone = (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) as usize;
-            if mask & gone != 0 {
-                self.peer_gone = true;
-            }
-        }
+        self.note_peer_gone(&completion);
         let no_pending_poll = self.peer_gone || self.source_rx.is_none() || completion.is_some();
 
         if no_pending_poll {
@@ -372,12 +377,7 @@ impl<S: AsRawFd> NonBufferedStream<S> {
             .unwrap_or(false);
         let completion = self.source_rx.as_ref().and_then(|src| src.take_result());
         let completed = completion.is_some();
-        if let Some(Ok(mask)) = completion {
-            let gone = (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) as usize;
-            if mask & gone != 0 {
-                self.peer_gone = true;
-            }
-        }
+        self.note_peer_gone(&completion);
         // A poll the kernel ended (or none yet) gives no more events: try the
         // socket, and re-arm below if it has nothing.
         if self.readable || self.peer_gone || completed || !armed {

@@ -1378,7 +1378,6 @@ pub(crate) struct Reactor {
     /// shardproxy patch: the multishot poll that links the latency ring to
     /// the main ring, armed once instead of once per sleep.
     link_rings_src: RefCell<Option<Source>>,
-    throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
 
@@ -1513,7 +1512,6 @@ impl Reactor {
             user_timer_src: Cell::new(None),
             user_timer_at: Cell::new(None),
             link_rings_src: RefCell::new(None),
-            throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
             link_fd,
             notifier,
@@ -2043,7 +2041,6 @@ impl Reactor {
         // poll's re-installation: in a proxy, every 16 or so requests. The
         // time-based (latency) preemption timer still makes a busy task
         // queue yield to the others within its period.
-        let _ = &self.throughput_preemption_timeout_src;
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
