@@ -14,6 +14,9 @@
 # (/opt/ssrust/bin, see the e2e bench). SCEN="1k" or SCEN="churn" runs one
 # scenario (default both): 1 KiB keep-alive requests, or the same with
 # `Connection: close` (one connection per request).
+# PLACE="split" pins proxy A to core 0 and proxy B to core 1 and leaves wrk
+# and nginx unpinned, as benches/e2e.rs places its pairs (default "one": the
+# layout above, which separates levers more reliably).
 # Prints the proxies' CPU-seconds (utime+stime) per 100k requests.
 # Needs: nginx, wrk, haproxy (apt-get install nginx wrk haproxy); root for
 # nothing. Uses ports 18401, 18402 and 18080 on 127.0.0.1.
@@ -36,7 +39,9 @@ http {
   server { listen 127.0.0.1:18080 reuseport; root $dir; }
 }
 CONF
-taskset -c 0 nginx -c "$dir/nginx.conf" &
+# Cores: load and origin (LOAD), proxy A (CA), proxy B (CB).
+if [ "${PLACE:-one}" = split ]; then LOAD=0,1 CA=0 CB=1; else LOAD=0 CA=1 CB=1; fi
+taskset -c $LOAD nginx -c "$dir/nginx.conf" &
 nginx_pid=$!
 key=MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=
 echo "$key" > "$dir/key"
@@ -52,21 +57,21 @@ run_pair() { # label kind scenario
     haproxy)
       printf 'global\n  nbthread 1\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\nlisten b\n  bind 127.0.0.1:18402\n  server s 127.0.0.1:18080\n' > "$dir/hb.cfg"
       sed 's/18402/18401/; s/18080/18402/; s/listen b/listen a/' "$dir/hb.cfg" > "$dir/ha.cfg"
-      taskset -c 1 haproxy -f "$dir/hb.cfg" & pb=$!
-      taskset -c 1 haproxy -f "$dir/ha.cfg" & pa=$!
+      taskset -c $CB haproxy -f "$dir/hb.cfg" & pb=$!
+      taskset -c $CA haproxy -f "$dir/ha.cfg" & pa=$!
       ;;
     ss2022)
-      taskset -c 1 /opt/ssrust/bin/ssserver --single-threaded -s 127.0.0.1:18402 -m 2022-blake3-chacha20-poly1305 -k $key >/dev/null 2>&1 & pb=$!
-      taskset -c 1 /opt/ssrust/bin/sslocal --single-threaded --protocol tunnel -b 127.0.0.1:18401 --forward-addr 127.0.0.1:18080 -s 127.0.0.1:18402 -m 2022-blake3-chacha20-poly1305 -k $key >/dev/null 2>&1 & pa=$!
+      taskset -c $CB /opt/ssrust/bin/ssserver --single-threaded -s 127.0.0.1:18402 -m 2022-blake3-chacha20-poly1305 -k $key >/dev/null 2>&1 & pb=$!
+      taskset -c $CA /opt/ssrust/bin/sslocal --single-threaded --protocol tunnel -b 127.0.0.1:18401 --forward-addr 127.0.0.1:18080 -s 127.0.0.1:18402 -m 2022-blake3-chacha20-poly1305 -k $key >/dev/null 2>&1 & pa=$!
       ;;
     enc:*)
       local bin=${kind#enc:}
-      "$bin" exit --listen 127.0.0.1:18402 --upstream 127.0.0.1:18080 --cpu-list 1 --key-file "$dir/key" --metrics-listen 127.0.0.1:0 >/dev/null 2>&1 & pb=$!
-      "$bin" entry --listen 127.0.0.1:18401 --upstream 127.0.0.1:18402 --cpu-list 1 --key-file "$dir/key" --metrics-listen 127.0.0.1:0 >/dev/null 2>&1 & pa=$!
+      "$bin" exit --listen 127.0.0.1:18402 --upstream 127.0.0.1:18080 --cpu-list $CB --key-file "$dir/key" --metrics-listen 127.0.0.1:0 >/dev/null 2>&1 & pb=$!
+      "$bin" entry --listen 127.0.0.1:18401 --upstream 127.0.0.1:18402 --cpu-list $CA --key-file "$dir/key" --metrics-listen 127.0.0.1:0 >/dev/null 2>&1 & pa=$!
       ;;
     *)
-      "$kind" forward --listen 127.0.0.1:18402 --upstream 127.0.0.1:18080 --cpu-list 1 --metrics-listen 127.0.0.1:0 >/dev/null 2>&1 & pb=$!
-      "$kind" forward --listen 127.0.0.1:18401 --upstream 127.0.0.1:18402 --cpu-list 1 --metrics-listen 127.0.0.1:0 >/dev/null 2>&1 & pa=$!
+      "$kind" forward --listen 127.0.0.1:18402 --upstream 127.0.0.1:18080 --cpu-list $CB --metrics-listen 127.0.0.1:0 >/dev/null 2>&1 & pb=$!
+      "$kind" forward --listen 127.0.0.1:18401 --upstream 127.0.0.1:18402 --cpu-list $CA --metrics-listen 127.0.0.1:0 >/dev/null 2>&1 & pa=$!
       ;;
   esac
   for _ in $(seq 1 50); do curl -s -m1 127.0.0.1:18401/one.k >/dev/null && break; sleep 0.1; done
@@ -74,7 +79,7 @@ run_pair() { # label kind scenario
   [ "$sc" = churn ] && hdr=(-H "Connection: close")
   local c0a c0b c1a c1b reqs
   c0a=$(cpu $pa); c0b=$(cpu $pb)
-  reqs=$(taskset -c 0 wrk -c50 -t1 -d5s "${hdr[@]}" http://127.0.0.1:18401/one.k | awk '/requests in/ {print $1}')
+  reqs=$(taskset -c $LOAD wrk -c50 -t1 -d5s "${hdr[@]}" http://127.0.0.1:18401/one.k | awk '/requests in/ {print $1}')
   c1a=$(cpu $pa); c1b=$(cpu $pb)
   kill $pa $pb; wait $pa $pb 2>/dev/null || true
   python3 -c "print(f'$sc $label reqs={$reqs} cpu_per_100k={($c1a-$c0a+$c1b-$c0b)/$reqs*1e5:.3f}')"
