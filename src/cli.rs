@@ -100,6 +100,10 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "SIZE", default_value = "16KiB", value_parser = parse_size)]
     pub buffer_size: usize,
 
+    /// forward: move a transfer's bytes socket → pipe → socket with splice(2), never copying them through user space: `auto` switches a direction to splice once a read fills --buffer-size (a transfer, not a request), with at most a quarter of --max-connections pipes per shard, and only as file descriptors allow; `never` always copies. The tunnel roles seal or open every byte and never splice [default: auto].
+    #[arg(long, value_name = "MODE", value_parser = ["auto", "never"])]
+    pub splice: Option<String>,
+
     /// Give up connecting upstream after this long, e.g. 5s (10ms-10m).
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub connect_timeout: Duration,

@@ -99,6 +99,61 @@ impl Conn {
         Ok(())
     }
 
+    /// Splices what the socket holds into `pipe` (at most
+    /// [`crate::splice::PIPE_CHUNK`] bytes), waiting until it holds
+    /// something; `Ok(0)` is EOF. The pipe must be empty. Errors name this
+    /// side.
+    pub async fn splice_in(
+        &self,
+        pipe: &mut crate::splice::Pipe<'_>,
+    ) -> Result<usize, SessionError> {
+        debug_assert_eq!(pipe.held(), 0);
+        let to = pipe.write_end();
+        let n = poll_fn(|cx| {
+            // `want` 1: a splice can stop short with data left in the
+            // socket (the pipe's slots filled), so any bytes mean "try again".
+            self.stream.borrow_mut().poll_read_with(cx, 1, |fd| {
+                crate::sys::splice(fd, to, crate::splice::PIPE_CHUNK)
+            })
+        })
+        .await
+        .map_err(|e| self.fail("read", e))?;
+        pipe.filled(n);
+        Ok(n)
+    }
+
+    /// Splices what `pipe` holds into the socket, waiting for room; returns
+    /// the bytes moved (at least one). Errors name this side.
+    pub async fn splice_out(
+        &self,
+        pipe: &mut crate::splice::Pipe<'_>,
+    ) -> Result<usize, SessionError> {
+        let (from, len) = (pipe.read_end(), pipe.held());
+        let n = poll_fn(|cx| {
+            self.stream
+                .borrow_mut()
+                .poll_write_with(cx, |fd| crate::sys::splice(from, fd, len))
+        })
+        .await
+        .map_err(|e| self.fail("write", e))?;
+        if n == 0 {
+            let e = io::Error::new(io::ErrorKind::WriteZero, "peer accepted no bytes");
+            return Err(self.fail("write", e));
+        }
+        pipe.drained(n);
+        Ok(n)
+    }
+
+    /// Puts the socket in non-blocking mode (`O_NONBLOCK`), which
+    /// `splice(2)` on a TCP socket needs: it waits on a blocking socket
+    /// whatever its flags say. glommio's own calls pass `MSG_DONTWAIT`.
+    pub fn set_nonblocking(&self) -> Result<(), SessionError> {
+        let stream = self.stream.borrow();
+        socket2::SockRef::from(&*stream)
+            .set_nonblocking(true)
+            .map_err(|e| self.fail("fcntl", e))
+    }
+
     /// Sends FIN: shuts down our write half.
     pub fn shutdown_write(&self) -> Result<(), SessionError> {
         let stream = self.stream.borrow();

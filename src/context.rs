@@ -36,6 +36,8 @@ pub struct ShardCtx {
     salts: RefCell<SaltRng>,
     /// Relay buffers of finished connections, for the next ones.
     buffers: RefCell<Vec<Vec<u8>>>,
+    /// Pipes for `--splice auto` (`forward`).
+    pipes: crate::splice::PipePool,
     /// The exit's replay filter (this shard's end of it).
     replay: RefCell<Option<Rc<crate::replay::Guard>>>,
     /// The exit's pending (unauthenticated) handshakes, oldest first, each
@@ -116,6 +118,7 @@ impl ShardCtx {
             || matches!(cfg.mode, crate::config::Mode::Entry(_));
         let watchdog =
             crate::watchdog::Watchdog::new(cfg.limits.idle_timeout, cfg.access_log_interval());
+        let pipes = crate::splice::PipePool::new(cfg.limits.splice_pipes);
         ShardCtx {
             id,
             watchdog,
@@ -130,6 +133,7 @@ impl ShardCtx {
             draining: Cell::new(false),
             salts: RefCell::new(salts),
             buffers: RefCell::new(Vec::new()),
+            pipes,
             replay: RefCell::new(None),
             pending: RefCell::new(std::collections::VecDeque::new()),
             next_pending: Cell::new(0),
@@ -246,6 +250,11 @@ impl ShardCtx {
         self.salt()
             .map(|s| u128::from_le_bytes(s[..16].try_into().unwrap_or([0; 16])))
             .unwrap_or(0)
+    }
+
+    /// The shard's pipes for splicing (`forward`, `--splice auto`).
+    pub fn pipes(&self) -> &crate::splice::PipePool {
+        &self.pipes
     }
 
     /// A relay buffer of `len` bytes: a pooled one, or a new zeroed one. A

@@ -50,6 +50,7 @@ pub mod replay;
 pub mod rng;
 pub mod session;
 pub mod shard;
+pub mod splice;
 pub mod stats;
 pub mod sys;
 pub mod trigger;

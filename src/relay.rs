@@ -79,6 +79,7 @@ pub async fn run(
     // Futures are built inline, never bound to locals: a named future would
     // keep its own slot in this function's state next to the combinator it
     // is moved into, and this state is most of a connection's memory.
+    let plain = matches!(framing, Framing::Plain);
     let (up, down, buf_size) = match &mut framing {
         Framing::Plain => (Transform::Copy, Transform::Copy, read_size),
         Framing::Tunnel {
@@ -101,7 +102,9 @@ pub async fn run(
         ),
     };
     let guard = ctx.watchdog().watch();
+    let pipes = ctx.pipes();
     let pumps = Pumps {
+        pipes: (plain && pipes.enabled()).then_some(pipes),
         watch: guard.watch(),
         stats: ctx.stats(),
         timings: ctx.timings(),
@@ -151,6 +154,8 @@ struct Pumps<'a> {
     first_byte_done: Cell<bool>,
     /// Plaintext read per chunk when sealing.
     read_size: usize,
+    /// Pipes to splice through (`forward` with `--splice auto`).
+    pipes: Option<&'a crate::splice::PipePool>,
 }
 
 impl Pumps<'_> {
@@ -218,7 +223,9 @@ impl Pumps<'_> {
         }
     }
 
-    /// Plain copy.
+    /// Plain copy. A read that fills `buf` marks a transfer: then, with
+    /// `--splice auto` and a pipe to spare, the rest of this direction is
+    /// spliced (see [`crate::splice`]).
     async fn copy(&self, from: &Conn, to: &Conn, buf: &mut [u8]) -> Result<(), SessionError> {
         let up = from.peer() == Peer::Downstream;
         loop {
@@ -229,6 +236,42 @@ impl Pumps<'_> {
             let read_at = self.now();
             self.count(up, n);
             self.write_all(to, &buf[..n]).await?;
+            self.delivered(up);
+            self.chunk_done(up, read_at);
+            if n == buf.len() {
+                if let Some(pipe) = self.pipes.and_then(|p| p.take()) {
+                    return self.splice(from, to, pipe).await;
+                }
+            }
+        }
+    }
+
+    /// `from` → `pipe` → `to` until EOF (then FIN to `to`) or error. The
+    /// pipe is emptied into `to` before the next splice from `from`, so a
+    /// slow reader stalls its writer exactly as with copying, and at most a
+    /// pipe's capacity is in flight.
+    async fn splice(
+        &self,
+        from: &Conn,
+        to: &Conn,
+        mut pipe: crate::splice::Pipe<'_>,
+    ) -> Result<(), SessionError> {
+        let up = from.peer() == Peer::Downstream;
+        from.set_nonblocking()?;
+        to.set_nonblocking()?;
+        loop {
+            let n = from.splice_in(&mut pipe).await?;
+            if n == 0 {
+                return to.shutdown_write();
+            }
+            self.touch();
+            let read_at = self.now();
+            self.count(up, n);
+            self.stats.add_spliced(n);
+            while pipe.held() > 0 {
+                to.splice_out(&mut pipe).await?;
+                self.touch();
+            }
             self.delivered(up);
             self.chunk_done(up, read_at);
         }

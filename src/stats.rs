@@ -121,6 +121,9 @@ pub struct ShardStats {
     pub handshake_failures: Cell<u64>,
     /// Access-log lines dropped because the shard's buffer was full.
     pub access_log_dropped: Cell<u64>,
+    /// Of `bytes_up + bytes_down`, those moved by `splice(2)` (`forward`,
+    /// `--splice auto`), never copied through user space.
+    pub spliced: Cell<u64>,
     closed: [Cell<u64>; CloseReason::ALL.len()],
 }
 
@@ -156,6 +159,11 @@ impl ShardStats {
         bump(if up { &self.bytes_up } else { &self.bytes_down }, n as u64);
     }
 
+    /// `n` of the relayed bytes went through a pipe.
+    pub fn add_spliced(&self, n: usize) {
+        bump(&self.spliced, n as u64);
+    }
+
     /// An accept(2) failed.
     pub fn on_accept_error(&self) {
         bump(&self.accept_errors, 1);
@@ -189,6 +197,9 @@ impl fmt::Display for ShardStats {
         }
         if self.access_log_dropped.get() > 0 {
             write!(f, " access_log_dropped={}", self.access_log_dropped.get())?;
+        }
+        if self.spliced.get() > 0 {
+            write!(f, " spliced={}", self.spliced.get())?;
         }
         Ok(())
     }

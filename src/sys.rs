@@ -241,3 +241,52 @@ pub fn set_blocking(file: &std::fs::File) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// A pipe for `splice(2)`: `(read end, write end)`, both non-blocking and
+/// close-on-exec (`pipe2(2)`). Errors are the OS's (`EMFILE` when the
+/// process is out of descriptors).
+pub fn splice_pipe() -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2(2) writes two descriptors into `fds`, a live local
+    // array of two `c_int`s.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created by pipe2 and are owned by
+    // nothing else.
+    Ok(unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    })
+}
+
+/// Moves up to `len` bytes from descriptor `from` to descriptor `to`, one of
+/// which is a pipe, without copying them through user space (`splice(2)`
+/// with `SPLICE_F_MOVE | SPLICE_F_NONBLOCK`, no offsets). Returns the bytes
+/// moved; `Ok(0)` is EOF on `from`. `WouldBlock` means `from` has nothing
+/// or `to` has no room. The caller keeps both descriptors open for the call.
+pub fn splice(
+    from: std::os::fd::RawFd,
+    to: std::os::fd::RawFd,
+    len: usize,
+) -> std::io::Result<usize> {
+    // SAFETY: splice(2) with null offsets reads and writes no user memory;
+    // it only operates on the two descriptors, which the caller keeps open.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}

@@ -23,6 +23,86 @@ fn round_trip_64_mib_is_byte_exact() {
     let total_down: u64 = summaries(&lines).iter().map(|s| s.get("bytes_down")).sum();
     assert_eq!(total_up, 64 << 20);
     assert_eq!(total_down, 64 << 20);
+    // A transfer this size switches both directions to splice(2) (`--splice
+    // auto`, the default): most bytes went through pipes, none counted twice.
+    let spliced: u64 = summaries(&lines).iter().map(|s| s.get("spliced")).sum();
+    assert!(
+        spliced > 64 << 20 && spliced <= 2 * (64 << 20),
+        "spliced {spliced} of {} bytes: {lines:?}",
+        2 * (64 << 20)
+    );
+}
+
+#[test]
+fn with_splice_never_every_byte_is_copied() {
+    let proxy = Proxy::forward(echo_origin())
+        .args(["--splice", "never"])
+        .start();
+    let data = Arc::new(random_bytes(8 << 20, 2));
+    let back = echo_round_trip(proxy.addr, data.clone());
+    assert_eq!(sha256(&back), sha256(&data));
+    let (status, lines) = proxy.terminate();
+    assert!(status.success(), "{lines:?}");
+    assert_eq!(summaries(&lines)[0].get("bytes_up"), 8 << 20);
+    assert_eq!(summaries(&lines)[0].get("spliced"), 0, "{lines:?}");
+}
+
+/// An upstream that resets in the middle of a spliced transfer: the client
+/// sees a reset, never a clean end, and the close is counted.
+#[test]
+fn an_upstream_reset_mid_splice_resets_the_client() {
+    let origin = serve(|mut s| {
+        let mut buf = vec![0u8; 1 << 20];
+        let _ = s.read_exact(&mut buf);
+        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+    });
+    let proxy = Proxy::forward(origin).start();
+    // More than the origin reads, then only read (a pending RST goes to
+    // the first syscall after it, so no write may take it).
+    let mut c = TcpStream::connect(proxy.addr).unwrap();
+    c.write_all(&random_bytes(4 << 20, 3)).unwrap();
+    assert_eq!(
+        read_until_end(&mut c, Duration::from_secs(10)).0,
+        End::Reset
+    );
+    let (_, lines) = proxy.terminate();
+    let sums = summaries(&lines);
+    assert_eq!(sums[0].get("upstream_reset"), 1, "{lines:?}");
+    assert!(
+        sums[0].get("spliced") > 0,
+        "the transfer was not spliced: {lines:?}"
+    );
+}
+
+/// A client that resets in the middle of a spliced upload: the upstream
+/// sees a reset, never a clean end.
+#[test]
+fn a_client_reset_mid_splice_resets_the_upstream() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let origin = serve(move |mut s| {
+        let _ = tx.send(read_until_end(&mut s, Duration::from_secs(10)));
+    });
+    let proxy = Proxy::forward(origin).start();
+    let mut c = TcpStream::connect(proxy.addr).unwrap();
+    c.write_all(&random_bytes(4 << 20, 4)).unwrap();
+    socket2::SockRef::from(&c)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(c);
+    let (end, n) = rx.recv_timeout(Duration::from_secs(15)).unwrap();
+    assert_eq!(
+        end,
+        End::Reset,
+        "the upstream saw a clean end after {n} bytes"
+    );
+    assert!(n <= 4 << 20);
+    let (_, lines) = proxy.terminate();
+    let sums = summaries(&lines);
+    assert_eq!(sums[0].get("downstream_reset"), 1, "{lines:?}");
+    assert!(
+        sums[0].get("spliced") > 0,
+        "the upload was not spliced: {lines:?}"
+    );
 }
 
 #[test]

@@ -57,6 +57,9 @@ pub struct Limits {
     pub drain_timeout: Duration,
     /// Live connections per shard.
     pub max_connections: NonZeroUsize,
+    /// Pipes per shard for `--splice auto` (`forward` only; 0: never
+    /// splice). Each is two file descriptors; see [`crate::splice`].
+    pub splice_pipes: usize,
 }
 
 /// What a proxy does with the bytes, with the settings only that mode has.
@@ -102,6 +105,11 @@ pub struct Config {
     pub log_level: crate::log::Level,
     /// Process log format.
     pub log_format: crate::log::Format,
+    /// `--splice` was given (a warning in the tunnel roles, where it does
+    /// nothing).
+    pub splice_set: bool,
+    /// `--splice auto` was given (a warning if no pipe fits).
+    pub splice_auto_set: bool,
 }
 
 /// How the client's identity is learned and passed on.
@@ -354,9 +362,17 @@ impl Config {
         let cores = select_cores(args.cores, args.cpu_list.as_deref(), allowed_cores)?;
         let nz = |v: usize| NonZeroUsize::new(v).expect("ranges start at 1");
         let buffer_size = nz(ranges::BUFFER_SIZE.check_size(args.buffer_size)?);
+        // `tunnel_role` passes `Forward` too, and turns splicing off after.
+        let splicing = matches!(mode, Mode::Forward) && args.splice.as_deref() != Some("never");
         let max_connections = match args.max_connections {
             Some(n) => nz(ranges::MAX_CONNECTIONS.check(n)?),
+            None if splicing => nz(default_max_connections_splicing(cores.len(), fd_limit())),
             None => nz(default_max_connections(cores.len(), fd_limit())),
+        };
+        let splice_pipes = if splicing {
+            splice_pipes(max_connections.get(), cores.len(), fd_limit())
+        } else {
+            0
         };
         Ok(Config {
             mode,
@@ -406,7 +422,10 @@ impl Config {
                 idle_timeout: ranges::IDLE_TIMEOUT.check(args.idle_timeout)?,
                 drain_timeout: ranges::DRAIN_TIMEOUT.check(args.drain_timeout)?,
                 max_connections,
+                splice_pipes,
             },
+            splice_set: args.splice.is_some(),
+            splice_auto_set: args.splice.as_deref() == Some("auto"),
         })
     }
 
@@ -420,7 +439,9 @@ impl Config {
             Mode::Exit(t) => 2 * t.max_handshakes as u64,
             _ => 0,
         };
-        (2 * self.limits.max_connections.get() as u64 + pending) * self.cores.len() as u64 + 64
+        let pipes = 2 * self.limits.splice_pipes as u64;
+        (2 * self.limits.max_connections.get() as u64 + pending + pipes) * self.cores.len() as u64
+            + 64
     }
 
     /// One-line warnings about settings that are accepted but cannot do all
@@ -452,6 +473,22 @@ impl Config {
                     self.cores.len()
                 ));
             }
+        }
+        if matches!(self.mode, Mode::Forward)
+            && self.limits.splice_pipes == 0
+            && self.splice_auto_set
+        {
+            out.push(format!(
+                "--splice auto has no spare file descriptors for pipes at --max-connections {} on {} shards: every connection copies; raise the hard `ulimit -n` or lower --max-connections",
+                self.limits.max_connections,
+                self.cores.len()
+            ));
+        }
+        if self.tunnel().is_some() && self.splice_set {
+            out.push(
+                "--splice has no effect in the tunnel roles: entry and exit seal or open every byte"
+                    .to_string(),
+            );
         }
         if self.tunnel().is_some() && self.limits.buffer_size.get() > crate::proto::MAX_PAYLOAD {
             out.push(format!(
@@ -513,6 +550,35 @@ pub fn default_max_connections_reserving(shards: usize, fds: Option<u64>, reserv
         .map(|f| f.saturating_sub(64).saturating_sub(reserved * shards) / (2 * shards))
         .unwrap_or(DEFAULT);
     DEFAULT.min(fit).max(1) as usize
+}
+
+/// [`default_max_connections`] for `forward` with `--splice auto`: each
+/// connection is counted at two and a half descriptors, its share of the
+/// pipes [`splice_pipes`] allows (one per four connections, two
+/// descriptors each), as HAProxy's automatic `maxconn` counts `maxpipes`.
+pub fn default_max_connections_splicing(shards: usize, fds: Option<u64>) -> usize {
+    const DEFAULT: u64 = 10_000;
+    let shards = shards.max(1) as u64;
+    let fit = fds
+        .map(|f| f.saturating_sub(64).saturating_mul(2) / (5 * shards))
+        .unwrap_or(DEFAULT);
+    DEFAULT.min(fit).max(1) as usize
+}
+
+/// Pipes per shard for `--splice auto`: a quarter of `max_connections`
+/// (HAProxy's `maxpipes` default), at least one, and no more than the
+/// descriptors `fds` (the hard `RLIMIT_NOFILE`, if known) leave spare beyond
+/// two per connection and a margin of 64: 0 when there are none, so pipes
+/// never take a connection's descriptors.
+pub fn splice_pipes(max_connections: usize, shards: usize, fds: Option<u64>) -> usize {
+    let shards = shards.max(1) as u64;
+    let want = (max_connections as u64 / 4).max(1);
+    let spare = fds.map_or(want, |f| {
+        f.saturating_sub(64)
+            .saturating_sub(2 * max_connections as u64 * shards)
+            / (2 * shards)
+    });
+    want.min(spare) as usize
 }
 
 /// The file descriptors this process may open: the hard RLIMIT_NOFILE,
@@ -581,13 +647,16 @@ impl Config {
             max_clock_skew: ranges::MAX_CLOCK_SKEW.check(args.max_clock_skew)?,
             max_handshakes: ranges::MAX_HANDSHAKES.check(args.max_handshakes)?,
         };
-        if exit && args.proxy.max_connections.is_none() {
-            // The pending handshakes need descriptors of their own.
-            let fit = default_max_connections_reserving(
-                cfg.cores.len(),
-                fd_limit(),
-                2 * tunnel.max_handshakes as u64,
-            );
+        // The tunnel roles transform every byte: no pipes.
+        cfg.limits.splice_pipes = 0;
+        if args.proxy.max_connections.is_none() {
+            // The exit's pending handshakes need descriptors of their own.
+            let reserved = if exit {
+                2 * tunnel.max_handshakes as u64
+            } else {
+                0
+            };
+            let fit = default_max_connections_reserving(cfg.cores.len(), fd_limit(), reserved);
             cfg.limits.max_connections = NonZeroUsize::new(fit).unwrap_or(NonZeroUsize::MIN);
         }
         cfg.mode = if exit {
@@ -862,6 +931,16 @@ mod tests {
         assert_eq!(default_max_connections(2, Some(20_000)), 4_984);
         assert_eq!(default_max_connections(4, Some(1024)), 120);
         assert_eq!(default_max_connections(8, Some(10)), 1);
+        // forward with --splice auto: 2.5 descriptors per connection, and
+        // the pipes fit in what is left.
+        assert_eq!(default_max_connections_splicing(1, Some(20_000)), 7_974);
+        assert_eq!(splice_pipes(7_974, 1, Some(20_000)), 1_993);
+        assert!(2 * 7_974 + 2 * 1_993 + 64 <= 20_000);
+        assert_eq!(default_max_connections_splicing(2, None), 10_000);
+        assert_eq!(splice_pipes(10_000, 2, None), 2_500);
+        // An explicit --max-connections that uses every descriptor: no pipes.
+        assert_eq!(splice_pipes(9_968, 1, Some(20_000)), 0);
+        assert_eq!(splice_pipes(3, 1, None), 1, "at least one");
         // An exit sets 1024 descriptors per shard aside for handshakes.
         assert_eq!(
             default_max_connections_reserving(2, Some(20_000), 1024),

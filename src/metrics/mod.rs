@@ -264,6 +264,8 @@ pub struct Snapshot {
     pub accept_errors: u64,
     /// Access-log lines dropped (buffer full).
     pub access_log_dropped: u64,
+    /// Relayed bytes moved by `splice(2)`.
+    pub spliced: u64,
     /// Per configured upstream, in spec order.
     pub upstreams: Vec<UpstreamSnapshot>,
     /// Histograms in [`Hist::ALL`] order (empty when metrics are off).
@@ -302,6 +304,7 @@ impl Snapshot {
             handshake_failures: stats.handshake_failures.get(),
             accept_errors: stats.accept_errors.get(),
             access_log_dropped: stats.access_log_dropped.get(),
+            spliced: stats.spliced.get(),
             upstreams: Vec::new(),
             hists: Vec::new(),
         }

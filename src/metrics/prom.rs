@@ -165,6 +165,13 @@ pub fn render(snaps: &[&Snapshot], info: &ProcessInfo) -> String {
         "counter",
         &|s| s.access_log_dropped,
     );
+    counter(
+        w,
+        "shardproxy_spliced_bytes_total",
+        "Of shardproxy_bytes_total, the bytes moved socket to pipe to socket by splice(2), never copied through user space (forward, --splice auto).",
+        "counter",
+        &|s| s.spliced,
+    );
 
     let _ = writeln!(
         w,

@@ -300,8 +300,27 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         cx: &Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
+        let want = buf.len();
+        self.poll_read_op(cx, want, |fd| super::yolo_recv(fd, buf))
+    }
+
+    /// shardproxy patch: `poll_read` with the read itself supplied by the
+    /// caller: `op` gets the socket's descriptor, is called at most once,
+    /// and returns `None` when the socket has nothing (`EAGAIN`), else the
+    /// bytes it took (`0` = EOF) or the error. A result of at least `want`
+    /// bytes means more may be queued (`recv` passes its buffer's size; a
+    /// `splice` into a pipe, which can stop short of the pipe's size with
+    /// data left in the socket, passes 1). Readiness (the one-shot
+    /// and multishot polls, FIN tracking, the read timeout) is exactly
+    /// `poll_read`'s, so a `splice(2)` from the socket waits like a `recv`.
+    pub(crate) fn poll_read_op(
+        &mut self,
+        cx: &Context<'_>,
+        want: usize,
+        op: impl FnOnce(RawFd) -> Option<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
         if self.multishot {
-            return self.poll_read_multishot(cx, buf);
+            return self.poll_read_multishot(cx, want, op);
         }
         // Upstream's one-shot read poll, re-armed after each short read (its
         // "early poll"), for the stream's first polls; see `arm_read_poll`.
@@ -322,14 +341,14 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         let no_pending_poll = self.peer_gone || self.source_rx.is_none() || completion.is_some();
 
         if no_pending_poll {
-            if let Some(result) = super::yolo_recv(self.stream.as_raw_fd(), buf) {
+            if let Some(result) = op(self.stream.as_raw_fd()) {
                 self.source_rx.take();
                 self.read_timeout.cancel_timer(reactor);
                 let result = poll_err!(result);
                 // Start an early poll if the buffer is not fully filled. So when
                 // the next time `poll_read` is called, it will be known immediately
                 // whether the underlying stream is ready for reading.
-                if result > 0 && result < buf.len() && !self.peer_gone {
+                if result > 0 && result < want.max(1) && !self.peer_gone {
                     self.arm_read_poll(reactor);
                 }
                 return Poll::Ready(Ok(result));
@@ -365,7 +384,8 @@ impl<S: AsRawFd> NonBufferedStream<S> {
     fn poll_read_multishot(
         &mut self,
         cx: &Context<'_>,
-        buf: &mut [u8],
+        want: usize,
+        op: impl FnOnce(RawFd) -> Option<io::Result<usize>>,
     ) -> Poll<io::Result<usize>> {
         let reactor = self.reactor.upgrade().unwrap();
         let reactor = reactor.as_ref();
@@ -382,11 +402,11 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         // socket, and re-arm below if it has nothing.
         if self.readable || self.peer_gone || completed || !armed {
             self.readable = false;
-            if let Some(result) = super::yolo_recv(self.stream.as_raw_fd(), buf) {
+            if let Some(result) = op(self.stream.as_raw_fd()) {
                 self.read_timeout.cancel_timer(reactor);
                 let result = poll_err!(result);
                 // A full buffer means more may be queued: read again at once.
-                self.readable = result == buf.len() && result > 0;
+                self.readable = result >= want.max(1);
                 return Poll::Ready(Ok(result));
             }
         }
@@ -404,11 +424,22 @@ impl<S: AsRawFd> NonBufferedStream<S> {
     }
 
     pub(crate) fn poll_write(&mut self, cx: &Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.poll_write_op(cx, |fd| super::yolo_send(fd, buf))
+    }
+
+    /// shardproxy patch: `poll_write` with the write supplied by the caller
+    /// (called at most once; `None` means the socket is full, `EAGAIN`), so
+    /// a `splice(2)` into the socket waits for room like a `send`.
+    pub(crate) fn poll_write_op(
+        &mut self,
+        cx: &Context<'_>,
+        op: impl FnOnce(RawFd) -> Option<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
         // On the write path, we always start with calling `yolo_send`, because
         // it is very likely to success. It could be a waste if it already timed
         // out since the last `poll_write`, but it would not cost much more to
         // give it one last chance in this case.
-        if let Some(result) = super::yolo_send(self.stream.as_raw_fd(), buf) {
+        if let Some(result) = op(self.stream.as_raw_fd()) {
             let reactor = self.reactor.upgrade().unwrap();
             self.write_timeout.cancel_timer(reactor.as_ref());
             self.source_tx.take();
@@ -500,6 +531,27 @@ where
     unsafe fn from_raw_fd(fd: RawFd) -> Self {
         let socket = socket2::Socket::from_raw_fd(fd);
         GlommioStream::from(socket)
+    }
+}
+
+impl<S: AsRawFd> GlommioStream<S, NonBuffered> {
+    /// shardproxy patch: see `NonBufferedStream::poll_read_op`.
+    pub(crate) fn poll_read_op(
+        &mut self,
+        cx: &Context<'_>,
+        want: usize,
+        op: impl FnOnce(RawFd) -> Option<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        self.stream.poll_read_op(cx, want, op)
+    }
+
+    /// shardproxy patch: see `NonBufferedStream::poll_write_op`.
+    pub(crate) fn poll_write_op(
+        &mut self,
+        cx: &Context<'_>,
+        op: impl FnOnce(RawFd) -> Option<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        self.stream.poll_write_op(cx, op)
     }
 }
 

@@ -514,6 +514,47 @@ impl TcpStream {
     }
 }
 
+/// shardproxy patch: reads and writes whose operation the caller supplies
+/// (a `splice(2)` between the socket and a pipe), with the stream's own
+/// readiness tracking. See `NonBufferedStream::poll_read_op`.
+impl TcpStream {
+    /// Polls `op` for reading: `op` gets the socket's descriptor, is called
+    /// at most once per poll, and returns `Err(WouldBlock)` when the socket
+    /// has nothing yet; then this waits for the socket to become readable
+    /// (or to report FIN or an error) and returns `Pending`. `Ok(0)` is
+    /// EOF. A result of at least `want` bytes means more may be queued, so
+    /// the next poll tries `op` again without waiting: a `recv` passes its
+    /// buffer's size; an operation that can stop short with data left (a
+    /// `splice` into a pipe) passes 1.
+    pub fn poll_read_with(
+        &mut self,
+        cx: &mut Context<'_>,
+        want: usize,
+        op: impl FnOnce(RawFd) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        self.stream
+            .poll_read_op(cx, want, |fd| would_block_is_none(op(fd)))
+    }
+
+    /// Polls `op` for writing, as [`TcpStream::poll_read_with`]: on
+    /// `Err(WouldBlock)` it waits until the socket has room.
+    pub fn poll_write_with(
+        &mut self,
+        cx: &mut Context<'_>,
+        op: impl FnOnce(RawFd) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        self.stream
+            .poll_write_op(cx, |fd| would_block_is_none(op(fd)))
+    }
+}
+
+fn would_block_is_none(result: io::Result<usize>) -> Option<io::Result<usize>> {
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+        other => Some(other),
+    }
+}
+
 impl<B: RxBuf> TcpStream<B> {
     /// Sets the read timeout to the timeout specified.
     ///
