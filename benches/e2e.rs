@@ -10,7 +10,10 @@
 //!   `chacha20-ietf-poly1305` (SIP004).
 //!
 //! Every pair runs A pinned to core 0 and B to core 1, one shard or thread
-//! each, so the two proxies' busiest threads never share a core. The load
+//! each, so the two proxies' busiest threads never share a core. Otherwise
+//! shardproxy runs with its defaults (so `forward` splices transfers,
+//! `--splice auto`, with the pipes its default `--max-connections` leaves
+//! room for). The load
 //! generator is unpinned. Workloads: bulk over 1 and 8 streams, 1 KiB and
 //! 64 KiB request/response over 50 keep-alive connections, and connect +
 //! 1 KiB + close. The robust figure on a noisy machine is the proxies'

@@ -152,7 +152,7 @@ pub fn shardproxy_pair_with(origin: SocketAddr, a_extra: &[String], b_extra: &[S
                 "--upstream",
                 &up.to_string(),
             ])
-            .args(["--cpu-list", cpu, "--max-connections", "100000"])
+            .args(["--cpu-list", cpu])
             .args(extra)
             .stderr(Stdio::null())
             .spawn()
@@ -224,10 +224,10 @@ pub fn encrypted_pool(origin: SocketAddr, n: usize) -> Target {
         exit_listen,
         origin,
         &key,
-        &["--cpu-list", "1", "--max-connections", "100000"],
+        &["--cpu-list", "1"],
     );
     let entry = free_port();
-    let mut args: Vec<String> = ["--cpu-list", "0", "--max-connections", "100000"]
+    let mut args: Vec<String> = ["--cpu-list", "0"]
         .iter()
         .map(|s| s.to_string())
         .collect();
@@ -264,7 +264,7 @@ pub fn encrypted_pair_with(
         } else {
             exit_extra
         };
-        let mut args = vec!["--cpu-list", cpu, "--max-connections", "100000"];
+        let mut args = vec!["--cpu-list", cpu];
         args.extend(extra.iter().map(String::as_str));
         spawn_role(role, listen, up, &key, &args)
     };
