@@ -100,12 +100,12 @@ impl Conn {
     }
 
     /// Splices what the socket holds into `pipe` (at most
-    /// [`crate::splice::PIPE_CHUNK`] bytes), waiting until it holds
+    /// [`crate::transfer::PIPE_CHUNK`] bytes), waiting until it holds
     /// something; `Ok(0)` is EOF. The pipe must be empty. Errors name this
     /// side.
     pub async fn splice_in(
         &self,
-        pipe: &mut crate::splice::Pipe<'_>,
+        pipe: &mut crate::transfer::Pipe<'_>,
     ) -> Result<usize, SessionError> {
         debug_assert_eq!(pipe.held(), 0);
         let to = pipe.write_end();
@@ -113,7 +113,7 @@ impl Conn {
             // `want` 1: a splice can stop short with data left in the
             // socket (the pipe's slots filled), so any bytes mean "try again".
             self.stream.borrow_mut().poll_read_with(cx, 1, |fd| {
-                crate::sys::splice(fd, to, crate::splice::PIPE_CHUNK)
+                crate::sys::splice(fd, to, crate::transfer::PIPE_CHUNK)
             })
         })
         .await
@@ -126,7 +126,7 @@ impl Conn {
     /// the bytes moved (at least one). Errors name this side.
     pub async fn splice_out(
         &self,
-        pipe: &mut crate::splice::Pipe<'_>,
+        pipe: &mut crate::transfer::Pipe<'_>,
     ) -> Result<usize, SessionError> {
         let (from, len) = (pipe.read_end(), pipe.held());
         let n = poll_fn(|cx| {
@@ -141,6 +141,40 @@ impl Conn {
             return Err(self.fail("write", e));
         }
         pipe.drained(n);
+        Ok(n)
+    }
+
+    /// Reads into `bufs` in order with one call, waiting until the socket
+    /// holds something; `Ok(0)` is EOF. Errors name this side.
+    pub async fn read_vectored(
+        &self,
+        bufs: &mut [io::IoSliceMut<'_>],
+    ) -> Result<usize, SessionError> {
+        let want: usize = bufs.iter().map(|b| b.len()).sum();
+        poll_fn(|cx| {
+            self.stream
+                .borrow_mut()
+                .poll_read_with(cx, want, |fd| crate::sys::recv_vectored(fd, bufs))
+        })
+        .await
+        .map_err(|e| self.fail("read", e))
+    }
+
+    /// Writes from `bufs` in order with one call, waiting for room; returns
+    /// the bytes written (at least one, maybe fewer than all). Errors name
+    /// this side.
+    pub async fn write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> Result<usize, SessionError> {
+        let n = poll_fn(|cx| {
+            self.stream
+                .borrow_mut()
+                .poll_write_with(cx, |fd| crate::sys::send_vectored(fd, bufs))
+        })
+        .await
+        .map_err(|e| self.fail("write", e))?;
+        if n == 0 {
+            let e = io::Error::new(io::ErrorKind::WriteZero, "peer accepted no bytes");
+            return Err(self.fail("write", e));
+        }
         Ok(n)
     }
 

@@ -37,7 +37,9 @@ pub struct ShardCtx {
     /// Relay buffers of finished connections, for the next ones.
     buffers: RefCell<Vec<Vec<u8>>>,
     /// Pipes for `--splice auto` (`forward`).
-    pipes: crate::splice::PipePool,
+    pipes: crate::transfer::PipePool,
+    /// Batch buffers for transfers (tunnel roles).
+    batches: crate::transfer::BatchPool,
     /// The exit's replay filter (this shard's end of it).
     replay: RefCell<Option<Rc<crate::replay::Guard>>>,
     /// The exit's pending (unauthenticated) handshakes, oldest first, each
@@ -118,7 +120,8 @@ impl ShardCtx {
             || matches!(cfg.mode, crate::config::Mode::Entry(_));
         let watchdog =
             crate::watchdog::Watchdog::new(cfg.limits.idle_timeout, cfg.access_log_interval());
-        let pipes = crate::splice::PipePool::new(cfg.limits.splice_pipes);
+        let pipes = crate::transfer::PipePool::new(cfg.limits.splice_pipes);
+        let batches = crate::transfer::BatchPool::new(cfg.batch_buffers());
         ShardCtx {
             id,
             watchdog,
@@ -134,6 +137,7 @@ impl ShardCtx {
             salts: RefCell::new(salts),
             buffers: RefCell::new(Vec::new()),
             pipes,
+            batches,
             replay: RefCell::new(None),
             pending: RefCell::new(std::collections::VecDeque::new()),
             next_pending: Cell::new(0),
@@ -253,8 +257,13 @@ impl ShardCtx {
     }
 
     /// The shard's pipes for splicing (`forward`, `--splice auto`).
-    pub fn pipes(&self) -> &crate::splice::PipePool {
+    pub fn pipes(&self) -> &crate::transfer::PipePool {
         &self.pipes
+    }
+
+    /// The shard's batch buffers for transfers (tunnel roles).
+    pub fn batches(&self) -> &crate::transfer::BatchPool {
+        &self.batches
     }
 
     /// A relay buffer of `len` bytes: a pooled one, or a new zeroed one. A

@@ -30,8 +30,12 @@ use crate::context::ShardCtx;
 use crate::error::SessionError;
 use crate::metrics::{Hist, Timings};
 use crate::proto::{
-    Decoded, Decoder, Encoder, ProtoError, END_LEN, LEN_LEN, MAX_FRAME, MAX_PAYLOAD,
+    Decoded, Decoder, Encoder, ProtoError, END_LEN, LEN_LEN, MAX_FRAME, MAX_PAYLOAD, TAG_LEN,
 };
+use crate::transfer::BATCH;
+
+/// Chunks whose plaintext one gathered write sends at most.
+const GATHER: usize = 8;
 use crate::stats::ShardStats;
 use crate::watchdog::{watched, Verdict, Watch};
 
@@ -105,6 +109,7 @@ pub async fn run(
     let pipes = ctx.pipes();
     let pumps = Pumps {
         pipes: (plain && pipes.enabled()).then_some(pipes),
+        batches: (!plain).then(|| ctx.batches()),
         watch: guard.watch(),
         stats: ctx.stats(),
         timings: ctx.timings(),
@@ -155,7 +160,9 @@ struct Pumps<'a> {
     /// Plaintext read per chunk when sealing.
     read_size: usize,
     /// Pipes to splice through (`forward` with `--splice auto`).
-    pipes: Option<&'a crate::splice::PipePool>,
+    pipes: Option<&'a crate::transfer::PipePool>,
+    /// Batch buffers for transfers (tunnel roles).
+    batches: Option<&'a crate::transfer::BatchPool>,
 }
 
 impl Pumps<'_> {
@@ -225,7 +232,7 @@ impl Pumps<'_> {
 
     /// Plain copy. A read that fills `buf` marks a transfer: then, with
     /// `--splice auto` and a pipe to spare, the rest of this direction is
-    /// spliced (see [`crate::splice`]).
+    /// spliced (see [`crate::transfer`]).
     async fn copy(&self, from: &Conn, to: &Conn, buf: &mut [u8]) -> Result<(), SessionError> {
         let up = from.peer() == Peer::Downstream;
         loop {
@@ -254,7 +261,7 @@ impl Pumps<'_> {
         &self,
         from: &Conn,
         to: &Conn,
-        mut pipe: crate::splice::Pipe<'_>,
+        mut pipe: crate::transfer::Pipe<'_>,
     ) -> Result<(), SessionError> {
         let up = from.peer() == Peer::Downstream;
         from.set_nonblocking()?;
@@ -281,7 +288,9 @@ impl Pumps<'_> {
     ///
     /// Plaintext is read straight into the payload slot of `frame` (one
     /// [`MAX_FRAME`] buffer) and sealed in place. EOF on `plain` becomes the
-    /// authenticated end chunk followed by FIN.
+    /// authenticated end chunk followed by FIN. A read that fills the slot
+    /// marks a transfer: the direction then takes a batch buffer, if the
+    /// shard has one to spare, and goes on in [`Pumps::seal_batched`].
     async fn seal(
         &self,
         plain: &Conn,
@@ -295,10 +304,7 @@ impl Pumps<'_> {
                 .read(plain, &mut frame[LEN_LEN..LEN_LEN + self.read_size])
                 .await?;
             if n == 0 {
-                let mut end = [0u8; END_LEN];
-                enc.seal_end(&mut end).map_err(SessionError::Limit)?;
-                self.write_all(tunnel, &end).await?;
-                return tunnel.shutdown_write();
+                return self.seal_end(tunnel, enc).await;
             }
             let read_at = self.now();
             self.count(up, n);
@@ -306,69 +312,198 @@ impl Pumps<'_> {
             self.write_all(tunnel, &frame[..total]).await?;
             self.delivered(up);
             self.chunk_done(up, read_at);
+            if n == self.read_size {
+                let stride = LEN_LEN + self.read_size + TAG_LEN;
+                if let Some(batch) = self.batches.and_then(|b| b.take(BATCH * stride)) {
+                    return self.seal_batched(plain, tunnel, enc, batch).await;
+                }
+            }
         }
+    }
+
+    /// [`Pumps::seal`] for a transfer: one read fills up to [`BATCH`]
+    /// payload slots, laid out so that the sealed chunks are contiguous,
+    /// and one write sends them all.
+    async fn seal_batched(
+        &self,
+        plain: &Conn,
+        tunnel: &Conn,
+        enc: &mut Encoder,
+        mut batch: crate::transfer::BatchBuf<'_>,
+    ) -> Result<(), SessionError> {
+        let up = plain.peer() == Peer::Downstream;
+        let size = self.read_size;
+        let stride = LEN_LEN + size + TAG_LEN;
+        loop {
+            let n = {
+                let mut slots = batch.chunks_mut(stride);
+                let mut bufs: [std::io::IoSliceMut<'_>; BATCH] = std::array::from_fn(|_| {
+                    let slot = slots.next().expect("BATCH slots");
+                    std::io::IoSliceMut::new(&mut slot[LEN_LEN..LEN_LEN + size])
+                });
+                plain.read_vectored(&mut bufs).await?
+            };
+            if n == 0 {
+                return self.seal_end(tunnel, enc).await;
+            }
+            self.touch();
+            let read_at = self.now();
+            self.count(up, n);
+            self.stats.add_batched(n);
+            let (mut at, mut left, mut total) = (0, n, 0);
+            while left > 0 {
+                let len = left.min(size);
+                total = at
+                    + enc
+                        .seal_in_place(&mut batch[at..at + stride], len)
+                        .map_err(SessionError::Limit)?;
+                at += stride;
+                left -= len;
+            }
+            self.write_all(tunnel, &batch[..total]).await?;
+            self.delivered(up);
+            self.chunk_done(up, read_at);
+        }
+    }
+
+    /// The end chunk, then FIN.
+    async fn seal_end(&self, tunnel: &Conn, enc: &mut Encoder) -> Result<(), SessionError> {
+        let mut end = [0u8; END_LEN];
+        enc.seal_end(&mut end).map_err(SessionError::Limit)?;
+        self.write_all(tunnel, &end).await?;
+        tunnel.shutdown_write()
     }
 
     /// Sealed chunks from `tunnel` → plaintext to `plain`.
     ///
-    /// `buf` is one [`MAX_FRAME`] buffer: the decoder authenticates each
-    /// header before waiting for its body, so a whole chunk always fits. Only
-    /// authenticated plaintext is written. The end chunk becomes FIN; EOF
-    /// without it is [`SessionError::Truncated`].
+    /// `small` is one [`MAX_FRAME`] buffer: the decoder authenticates each
+    /// header before waiting for its body, so a whole chunk always fits.
+    /// Only authenticated plaintext is written; the plaintext of every whole
+    /// chunk in the buffer goes out in one gathered write. The end chunk
+    /// becomes FIN; EOF without it is [`SessionError::Truncated`]. A read
+    /// that fills the buffer marks a transfer: the direction then reads into
+    /// a [`BATCH`]-chunk buffer, if the shard has one to spare.
     async fn open(
         &self,
         tunnel: &Conn,
         plain: &Conn,
         dec: &mut Decoder,
-        buf: &mut [u8],
+        small: &mut [u8],
     ) -> Result<(), SessionError> {
-        debug_assert!(buf.len() >= MAX_FRAME);
+        debug_assert!(small.len() >= MAX_FRAME);
         let up = tunnel.peer() == Peer::Downstream;
         let rejected = |source| SessionError::Proto {
             peer: tunnel.peer(),
             source,
         };
+        let mut batch: Option<crate::transfer::BatchBuf<'_>> = None;
         let (mut start, mut end) = (0usize, 0usize);
         let mut read_at = None;
         loop {
-            match dec.decode(&mut buf[start..end]).map_err(rejected)? {
-                Decoded::Data {
-                    consumed,
-                    start: s,
-                    len,
-                } => {
-                    let at = start + s;
-                    self.count(up, len);
-                    self.write_all(plain, &buf[at..at + len]).await?;
-                    self.delivered(up);
-                    self.chunk_done(up, read_at);
-                    start += consumed;
-                }
-                Decoded::End { consumed } => {
-                    // PROTOCOL.md §4: nothing may follow the end chunk. The
-                    // plain side's FIN waits for the tunnel's own FIN, so
-                    // that a byte after the end chunk aborts both plain
-                    // sides (RST) instead of following a clean end.
-                    if start + consumed < end {
-                        return Err(rejected(ProtoError::DataAfterEnd));
+            let batched = batch.is_some();
+            let buf: &mut [u8] = match batch.as_mut() {
+                Some(b) => b,
+                None => &mut *small,
+            };
+            // Open the whole chunks there (at most GATHER per write).
+            let mut out = [(0usize, 0usize); GATHER];
+            let mut opened = 0;
+            let mut ended = None;
+            while opened < GATHER {
+                match dec.decode(&mut buf[start..end]).map_err(rejected)? {
+                    Decoded::Data {
+                        consumed,
+                        start: s,
+                        len,
+                    } => {
+                        out[opened] = (start + s, len);
+                        opened += 1;
+                        start += consumed;
                     }
+                    Decoded::End { consumed } => {
+                        // PROTOCOL.md §4: nothing may follow the end chunk.
+                        ended = Some(start + consumed < end);
+                        start += consumed;
+                        break;
+                    }
+                    Decoded::NeedMore => break,
+                }
+            }
+            if opened > 0 {
+                let bytes: usize = out[..opened].iter().map(|&(_, len)| len).sum();
+                self.count(up, bytes);
+                if batched {
+                    self.stats.add_batched(bytes);
+                }
+                self.write_gathered(plain, buf, &out[..opened]).await?;
+                self.delivered(up);
+                self.chunk_done(up, read_at);
+            }
+            match ended {
+                Some(true) => return Err(rejected(ProtoError::DataAfterEnd)),
+                // The plain side's FIN waits for the tunnel's own FIN, so
+                // that a byte after the end chunk aborts both plain sides
+                // (RST) instead of following a clean end.
+                Some(false) => {
                     return match self.read(tunnel, buf).await? {
                         0 => plain.shutdown_write(),
                         _ => Err(rejected(ProtoError::DataAfterEnd)),
                     };
                 }
-                Decoded::NeedMore => {
-                    buf.copy_within(start..end, 0);
-                    end -= start;
-                    start = 0;
-                    let n = self.read(tunnel, &mut buf[end..]).await?;
-                    if n == 0 {
-                        return Err(SessionError::Truncated(tunnel.peer()));
-                    }
-                    read_at = self.now();
-                    end += n;
+                None if opened == GATHER => continue,
+                None => {}
+            }
+            buf.copy_within(start..end, 0);
+            end -= start;
+            start = 0;
+            let n = self.read(tunnel, &mut buf[end..]).await?;
+            if n == 0 {
+                return Err(SessionError::Truncated(tunnel.peer()));
+            }
+            read_at = self.now();
+            end += n;
+            if end == buf.len() && batch.is_none() {
+                if let Some(mut b) = self.batches.and_then(|p| p.take(BATCH * MAX_FRAME)) {
+                    b[..end].copy_from_slice(&small[..end]);
+                    batch = Some(b);
                 }
             }
         }
+    }
+
+    /// Writes the `(offset, len)` ranges of `buf`, in order, with as few
+    /// gathered writes as the socket allows.
+    async fn write_gathered(
+        &self,
+        to: &Conn,
+        buf: &[u8],
+        ranges: &[(usize, usize)],
+    ) -> Result<(), SessionError> {
+        if let [(at, len)] = ranges {
+            return self.write_all(to, &buf[*at..*at + *len]).await;
+        }
+        let (mut i, mut skip) = (0, 0);
+        while i < ranges.len() {
+            let mut iov = [std::io::IoSlice::new(&[]); GATHER];
+            let k = ranges.len() - i;
+            for (j, &(at, len)) in ranges[i..].iter().enumerate() {
+                let from = if j == 0 { skip } else { 0 };
+                iov[j] = std::io::IoSlice::new(&buf[at + from..at + len]);
+            }
+            let mut n = to.write_vectored(&iov[..k]).await?;
+            self.touch();
+            while n > 0 {
+                let left = ranges[i].1 - skip;
+                if n >= left {
+                    n -= left;
+                    i += 1;
+                    skip = 0;
+                } else {
+                    skip += n;
+                    n = 0;
+                }
+            }
+        }
+        Ok(())
     }
 }

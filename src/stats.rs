@@ -124,6 +124,9 @@ pub struct ShardStats {
     /// Of `bytes_up + bytes_down`, those moved by `splice(2)` (`forward`,
     /// `--splice auto`), never copied through user space.
     pub spliced: Cell<u64>,
+    /// Of `bytes_up + bytes_down`, those a tunnel role moved in batches of
+    /// several chunks per syscall ([`crate::transfer`]).
+    pub batched: Cell<u64>,
     closed: [Cell<u64>; CloseReason::ALL.len()],
 }
 
@@ -164,6 +167,11 @@ impl ShardStats {
         bump(&self.spliced, n as u64);
     }
 
+    /// `n` of the relayed bytes were moved in batches.
+    pub fn add_batched(&self, n: usize) {
+        bump(&self.batched, n as u64);
+    }
+
     /// An accept(2) failed.
     pub fn on_accept_error(&self) {
         bump(&self.accept_errors, 1);
@@ -200,6 +208,9 @@ impl fmt::Display for ShardStats {
         }
         if self.spliced.get() > 0 {
             write!(f, " spliced={}", self.spliced.get())?;
+        }
+        if self.batched.get() > 0 {
+            write!(f, " batched={}", self.batched.get())?;
         }
         Ok(())
     }

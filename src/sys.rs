@@ -290,3 +290,47 @@ pub fn splice(
     }
     Ok(n as usize)
 }
+
+/// Reads into several buffers with one `recvmsg(2)` (`MSG_DONTWAIT`), in
+/// order. Returns the bytes read, `Ok(0)` at EOF; `WouldBlock` when the
+/// socket has nothing. The caller keeps `fd`, a connected socket, open.
+pub fn recv_vectored(
+    fd: std::os::fd::RawFd,
+    bufs: &mut [std::io::IoSliceMut<'_>],
+) -> std::io::Result<usize> {
+    // SAFETY: an all-zero msghdr is valid (no name, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    // `IoSliceMut` is ABI-compatible with `struct iovec` on Unix (std's
+    // documented guarantee), and each points at a live, writable buffer.
+    msg.msg_iov = bufs.as_mut_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = bufs.len() as _;
+    // SAFETY: `msg` points at `bufs.len()` iovecs over buffers that stay
+    // borrowed (mutably) for the call; the kernel writes only within them.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Writes several buffers with one `sendmsg(2)` (`MSG_DONTWAIT |
+/// MSG_NOSIGNAL`), in order. Returns the bytes written (possibly fewer
+/// than all); `WouldBlock` when the socket has no room.
+pub fn send_vectored(
+    fd: std::os::fd::RawFd,
+    bufs: &[std::io::IoSlice<'_>],
+) -> std::io::Result<usize> {
+    // SAFETY: an all-zero msghdr is valid (no name, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    // `IoSlice` is ABI-compatible with `struct iovec` on Unix; the kernel
+    // only reads through these pointers for sendmsg.
+    msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = bufs.len() as _;
+    // SAFETY: `msg` points at `bufs.len()` iovecs over buffers borrowed for
+    // the call; sendmsg reads them and writes no user memory.
+    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}

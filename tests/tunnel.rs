@@ -52,6 +52,13 @@ fn round_trip_64_mib_with_two_shards_each_side() {
             1,
             "{lines:?}"
         );
+        // A transfer this size is moved in batches of chunks both ways,
+        // every byte counted once.
+        let batched: u64 = sums.iter().map(|s| s.get("batched")).sum();
+        assert!(
+            batched > 64 << 20 && batched <= 2 * (64 << 20),
+            "batched {batched}: {lines:?}"
+        );
     }
 }
 
@@ -128,6 +135,8 @@ fn flipped_byte_aborts_both_sides_and_forwards_only_earlier_chunks() {
     );
     let (_, lines) = exit.terminate();
     assert_eq!(summaries(&lines)[0].get("auth_failed"), 1, "{lines:?}");
+    // The flipped chunk came in batch mode (it switches after 16 KiB).
+    assert!(summaries(&lines)[0].get("batched") > 0, "{lines:?}");
 }
 
 #[test]
@@ -149,6 +158,8 @@ fn truncated_tunnel_is_an_abort_not_an_end() {
     assert_eq!(end, End::Reset, "client saw a clean EOF from a cut tunnel");
     let (_, lines) = exit.terminate();
     assert_eq!(summaries(&lines)[0].get("truncated"), 1, "{lines:?}");
+    // The cut came in batch mode (it switches after 16 KiB).
+    assert!(summaries(&lines)[0].get("batched") > 0, "{lines:?}");
 }
 
 /// A recorded hello replayed, to any shard, any number of times: no byte

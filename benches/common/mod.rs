@@ -219,18 +219,9 @@ pub fn encrypted_pool(origin: SocketAddr, n: usize) -> Target {
     keygen_to(&key);
     let port = free_port().port();
     let exit_listen = SocketAddr::from(([0, 0, 0, 0], port));
-    let cx = spawn_role(
-        "exit",
-        exit_listen,
-        origin,
-        &key,
-        &["--cpu-list", "1"],
-    );
+    let cx = spawn_role("exit", exit_listen, origin, &key, &["--cpu-list", "1"]);
     let entry = free_port();
-    let mut args: Vec<String> = ["--cpu-list", "0"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut args: Vec<String> = ["--cpu-list", "0"].iter().map(|s| s.to_string()).collect();
     for i in 2..=n {
         args.push("--upstream".into());
         args.push(format!("127.0.0.{i}:{port}"));

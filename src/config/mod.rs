@@ -58,7 +58,7 @@ pub struct Limits {
     /// Live connections per shard.
     pub max_connections: NonZeroUsize,
     /// Pipes per shard for `--splice auto` (`forward` only; 0: never
-    /// splice). Each is two file descriptors; see [`crate::splice`].
+    /// splice). Each is two file descriptors; see [`crate::transfer`].
     pub splice_pipes: usize,
 }
 
@@ -444,6 +444,16 @@ impl Config {
             + 64
     }
 
+    /// Batch buffers per shard for the tunnel roles' transfers (see
+    /// [`crate::transfer`]): a quarter of `max_connections`, at least one;
+    /// none for `forward`, which splices or copies.
+    pub fn batch_buffers(&self) -> usize {
+        match self.mode {
+            Mode::Forward => 0,
+            Mode::Entry(_) | Mode::Exit(_) => (self.limits.max_connections.get() / 4).max(1),
+        }
+    }
+
     /// One-line warnings about settings that are accepted but cannot do all
     /// that was asked: logged at start-up and printed by `check`.
     pub fn warnings(&self) -> Vec<String> {
@@ -499,7 +509,12 @@ impl Config {
         // Relay buffers at the connection limit, every shard full.
         let per_conn = match self.mode {
             Mode::Forward => 2 * self.limits.buffer_size.get() as u64,
-            Mode::Entry(_) | Mode::Exit(_) => 2 * crate::proto::MAX_FRAME as u64,
+            // Two chunk buffers, and a share of the batch buffers (one per
+            // four connections).
+            Mode::Entry(_) | Mode::Exit(_) => {
+                2 * crate::proto::MAX_FRAME as u64
+                    + (crate::transfer::BATCH * crate::proto::MAX_FRAME / 4) as u64
+            }
         };
         let worst = per_conn
             .saturating_mul(self.limits.max_connections.get() as u64)
@@ -934,8 +949,12 @@ mod tests {
         // forward with --splice auto: 2.5 descriptors per connection, and
         // the pipes fit in what is left.
         assert_eq!(default_max_connections_splicing(1, Some(20_000)), 7_974);
-        assert_eq!(splice_pipes(7_974, 1, Some(20_000)), 1_993);
-        assert!(2 * 7_974 + 2 * 1_993 + 64 <= 20_000);
+        let (conns, pipes) = (
+            default_max_connections_splicing(1, Some(20_000)),
+            splice_pipes(7_974, 1, Some(20_000)),
+        );
+        assert_eq!(pipes, 1_993);
+        assert!(2 * conns + 2 * pipes + 64 <= 20_000, "{conns} {pipes}");
         assert_eq!(default_max_connections_splicing(2, None), 10_000);
         assert_eq!(splice_pipes(10_000, 2, None), 2_500);
         // An explicit --max-connections that uses every descriptor: no pipes.

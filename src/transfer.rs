@@ -1,0 +1,237 @@
+//! Transfer mode: what a relay direction switches to once a read fills its
+//! buffer, the sign of a transfer rather than a request-sized message.
+//!
+//! * `forward` splices (`--splice auto`): socket → pipe → socket with
+//!   `splice(2)`, so bulk bytes never pass through user space. A copy costs
+//!   the kernel a `copy_to_user` on `recv` and a `copy_from_user` on `send`,
+//!   about a fifth of a forwarding proxy's CPU on a bulk stream (`perf`,
+//!   docs/BENCHMARKS.md); `splice` moves page references instead, up to a
+//!   pipe's capacity (64 KiB) per call.
+//! * The tunnel roles, which must see every byte, batch: a direction takes a
+//!   [`BATCH`]-chunk buffer, so one `recvmsg` fills several chunks' payload
+//!   slots (sealing) or reads several chunks (opening), and one `sendmsg`
+//!   writes them all: a quarter of the syscalls, and of the peer's wake-ups.
+//!
+//! Both cost something per connection: a pipe two file descriptors, a batch
+//! buffer [`BATCH`] × 16 KiB. So, as HAProxy's `maxpipes`, each shard has a
+//! budget of each, a quarter of `--max-connections` (pipes also only within
+//! the spare descriptors of `RLIMIT_NOFILE`); a direction that finds none
+//! left keeps working as before. Resources go back to the shard's pool when
+//! the direction ends, and a pipe that still holds bytes (its pair failed
+//! mid-move) is closed instead.
+
+use std::cell::{Cell, RefCell};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+/// Chunks per batch buffer (tunnel roles).
+pub const BATCH: usize = 4;
+
+/// Bytes asked of one `splice` from a socket: a default pipe's capacity
+/// (16 pages, pipe(7)). A call moves less when the pipe's slots fill first.
+pub const PIPE_CHUNK: usize = 64 * 1024;
+
+/// A shard's pipes: a budget and the idle ones.
+pub struct PipePool {
+    idle: RefCell<Vec<(OwnedFd, OwnedFd)>>,
+    live: Cell<usize>,
+    budget: usize,
+}
+
+impl PipePool {
+    /// A pool of at most `budget` pipes (0: splicing is off).
+    pub fn new(budget: usize) -> Self {
+        PipePool {
+            idle: RefCell::new(Vec::new()),
+            live: Cell::new(0),
+            budget,
+        }
+    }
+
+    /// Whether splicing is on at all.
+    pub fn enabled(&self) -> bool {
+        self.budget > 0
+    }
+
+    /// Pipes in use (not idle in the pool).
+    pub fn live(&self) -> usize {
+        self.live.get()
+    }
+
+    /// An empty pipe, from the pool or new; `None` when the budget is spent
+    /// or the OS refuses one (then the caller copies instead).
+    pub fn take(&self) -> Option<Pipe<'_>> {
+        if self.live.get() >= self.budget {
+            return None;
+        }
+        let fds = match self.idle.borrow_mut().pop() {
+            Some(fds) => fds,
+            None => crate::sys::splice_pipe().ok()?,
+        };
+        self.live.set(self.live.get() + 1);
+        Some(Pipe {
+            fds: Some(fds),
+            pool: self,
+            held: 0,
+        })
+    }
+}
+
+/// One pipe lent to a relay direction. Dropping it returns it to the pool
+/// if it is empty and closes it otherwise.
+pub struct Pipe<'a> {
+    fds: Option<(OwnedFd, OwnedFd)>,
+    pool: &'a PipePool,
+    /// Bytes spliced in and not yet spliced out.
+    held: usize,
+}
+
+impl Pipe<'_> {
+    /// The write end (a socket splices into it).
+    pub fn write_end(&self) -> RawFd {
+        self.fds.as_ref().map_or(-1, |(_, w)| w.as_raw_fd())
+    }
+
+    /// The read end (it splices into a socket).
+    pub fn read_end(&self) -> RawFd {
+        self.fds.as_ref().map_or(-1, |(r, _)| r.as_raw_fd())
+    }
+
+    /// Bytes in the pipe.
+    pub fn held(&self) -> usize {
+        self.held
+    }
+
+    /// `n` bytes were spliced in.
+    pub fn filled(&mut self, n: usize) {
+        self.held += n;
+    }
+
+    /// `n` bytes were spliced out.
+    pub fn drained(&mut self, n: usize) {
+        self.held = self.held.saturating_sub(n);
+    }
+}
+
+impl Drop for Pipe<'_> {
+    fn drop(&mut self) {
+        self.pool.live.set(self.pool.live.get() - 1);
+        if let Some(fds) = self.fds.take() {
+            if self.held == 0 {
+                self.pool.idle.borrow_mut().push(fds);
+            }
+        }
+    }
+}
+
+/// A shard's batch buffers (tunnel roles): a budget and the idle ones.
+pub struct BatchPool {
+    idle: RefCell<Vec<Vec<u8>>>,
+    live: Cell<usize>,
+    budget: usize,
+}
+
+impl BatchPool {
+    /// A pool of at most `budget` buffers in use at once.
+    pub fn new(budget: usize) -> Self {
+        BatchPool {
+            idle: RefCell::new(Vec::new()),
+            live: Cell::new(0),
+            budget,
+        }
+    }
+
+    /// A buffer of exactly `len` bytes (its contents are an earlier
+    /// connection's: write before reading), or `None` when the budget is
+    /// spent or the allocation fails.
+    pub fn take(&self, len: usize) -> Option<BatchBuf<'_>> {
+        if self.live.get() >= self.budget {
+            return None;
+        }
+        let buf = match self.idle.borrow_mut().pop() {
+            Some(buf) if buf.len() == len => buf,
+            _ => {
+                let mut buf = Vec::new();
+                buf.try_reserve_exact(len).ok()?;
+                buf.resize(len, 0);
+                buf
+            }
+        };
+        self.live.set(self.live.get() + 1);
+        Some(BatchBuf { buf, pool: self })
+    }
+}
+
+/// A batch buffer lent to a relay direction; back to the pool on drop.
+pub struct BatchBuf<'a> {
+    buf: Vec<u8>,
+    pool: &'a BatchPool,
+}
+
+impl std::ops::Deref for BatchBuf<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl std::ops::DerefMut for BatchBuf<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+}
+
+impl Drop for BatchBuf<'_> {
+    fn drop(&mut self) {
+        self.pool.live.set(self.pool.live.get() - 1);
+        let mut idle = self.pool.idle.borrow_mut();
+        // Keep at most a budget's worth (they are all one size).
+        if idle.len() < self.pool.budget {
+            idle.push(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_buffers_are_bounded_and_reused() {
+        let pool = BatchPool::new(1);
+        let mut a = pool.take(100).unwrap();
+        a[0] = 7;
+        assert!(pool.take(100).is_none(), "over budget");
+        drop(a);
+        let b = pool.take(100).unwrap();
+        assert_eq!(b.len(), 100);
+        assert_eq!(b[0], 7, "the idle buffer was reused");
+        drop(b);
+        assert!(BatchPool::new(0).take(100).is_none());
+    }
+
+    #[test]
+    fn the_budget_bounds_live_pipes_and_only_empty_pipes_are_reused() {
+        let pool = PipePool::new(2);
+        let a = pool.take().unwrap();
+        let mut b = pool.take().unwrap();
+        assert!(pool.take().is_none(), "over budget");
+        assert_eq!(pool.live(), 2);
+        let a_fd = a.read_end();
+        drop(a);
+        assert_eq!(pool.live(), 1);
+        assert_eq!(
+            pool.take().unwrap().read_end(),
+            a_fd,
+            "an empty pipe is reused"
+        );
+        b.filled(10);
+        drop(b);
+        assert_eq!(
+            pool.idle.borrow().len(),
+            1,
+            "a pipe holding bytes is closed"
+        );
+        assert!(!PipePool::new(0).enabled());
+        assert!(PipePool::new(0).take().is_none());
+    }
+}
