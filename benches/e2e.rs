@@ -47,6 +47,8 @@ const SCENARIOS: [&str; 5] = [
 
 const FORWARD: &str = "shardproxy forward ×2";
 const HAPROXY: &str = "haproxy tcp ×2";
+/// HAProxy with its kernel splicing on (off by default), for transfers.
+const HAPROXY_SPLICE: &str = "haproxy tcp ×2 + splice-auto";
 const ENCRYPTED: &str = "shardproxy entry+exit";
 const SS2022: &str = "ss-rust 2022-chacha20";
 const SS_AEAD: &str = "ss-rust chacha20-ietf-poly1305";
@@ -184,6 +186,13 @@ fn main() {
                     eprintln!("haproxy not installed: skipping its row (apt-get install haproxy)")
                 }
             }
+            if !per_connection(scenario) || scenario.starts_with("64") {
+                // shardproxy splices transfers by default (`--splice
+                // auto`); HAProxy can too, with `option splice-auto`.
+                if let Some(h) = haproxy_pair_with(origin, "  option splice-auto\n", HAPROXY_SPLICE) {
+                    run(HAPROXY_SPLICE, Some(h));
+                }
+            }
             run(ENCRYPTED, Some(encrypted_pair(origin)));
             if per_connection(scenario) {
                 // Issue #12's costs: each proxy logs every connection; A
@@ -291,6 +300,14 @@ fn main() {
             p99(FORWARD, HAPROXY),
             p99(ENCRYPTED, SS2022)
         );
+    }
+    println!();
+    println!("| scenario | forward ×2 / HAProxy ×2 with splice-auto |");
+    println!("|---|---|");
+    for (si, scenario) in SCENARIOS.iter().enumerate() {
+        if let (Some(x), Some(y)) = (medians.get(&(si, FORWARD)), medians.get(&(si, HAPROXY_SPLICE))) {
+            println!("| {scenario} | {:.2}× |", x.0 / y.0);
+        }
     }
     println!();
     println!("| scenario | forward + access log / forward | forward + PROXY v2 / forward | entry+exit + access log / entry+exit |");

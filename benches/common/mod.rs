@@ -294,6 +294,12 @@ pub fn aead_cpu_per_gb() -> f64 {
 }
 
 pub fn haproxy_pair(origin: SocketAddr) -> Option<Target> {
+    haproxy_pair_with(origin, "", "haproxy tcp ×2")
+}
+
+/// [`haproxy_pair`] with `extra` lines in its `defaults` section (e.g.
+/// `option splice-auto`), reported as `name`.
+pub fn haproxy_pair_with(origin: SocketAddr, extra: &str, name: &'static str) -> Option<Target> {
     Command::new("haproxy").arg("-v").output().ok()?;
     let (a, b) = (free_port(), free_port());
     let dir = std::env::temp_dir().join(format!("shardproxy-bench-{}", std::process::id()));
@@ -304,7 +310,7 @@ pub fn haproxy_pair(origin: SocketAddr) -> Option<Target> {
             &cfg,
             format!(
                 "global\n  nbthread 1\n  maxconn 8000\n\
-                 defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 5m\n  timeout server 5m\n\
+                 defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 5m\n  timeout server 5m\n{extra}\
                  frontend f\n  bind {listen}\n  default_backend b\n\
                  backend b\n  server s {up}\n"
             ),
@@ -323,7 +329,7 @@ pub fn haproxy_pair(origin: SocketAddr) -> Option<Target> {
     wait_listening(b);
     wait_listening(a);
     Some(Target {
-        name: "haproxy tcp ×2",
+        name,
         addr: a,
         children: vec![ca, cb],
     })
