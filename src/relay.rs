@@ -12,6 +12,13 @@
 //!   read again until everything it read has been written, so a slow reader
 //!   stalls its writer (TCP backpressure) and memory per connection is
 //!   bounded whatever the peers do.
+//! * A read that fills the buffer marks a transfer ([`crate::transfer`]):
+//!   `forward` then splices that direction through a pipe (no copy through
+//!   user space), and the tunnel roles move it in batches of [`BATCH`]
+//!   chunks per syscall, each while the shard's budget of pipes or batch
+//!   buffers lasts. The same rule holds: nothing more is read until all of
+//!   it has been written, so a pipe or a batch buffer bounds what is in
+//!   flight.
 //! * EOF on one side shuts down the *write half* of the other side (FIN is
 //!   propagated); the pair ends when both directions have finished.
 //! * An error on either side ends both directions at once; the session then
