@@ -298,7 +298,9 @@ pub fn haproxy_pair(origin: SocketAddr) -> Option<Target> {
 }
 
 /// [`haproxy_pair`] with `extra` lines in its `defaults` section (e.g.
-/// `option splice-auto`), reported as `name`.
+/// `option splice-auto`), reported as `name`. `maxpipes 1000`: HAProxy's
+/// default (a quarter of `maxconn`) would need more descriptors than this
+/// machine's hard `RLIMIT_NOFILE` of 20000, and it refuses to start.
 pub fn haproxy_pair_with(origin: SocketAddr, extra: &str, name: &'static str) -> Option<Target> {
     Command::new("haproxy").arg("-v").output().ok()?;
     let (a, b) = (free_port(), free_port());
@@ -309,7 +311,7 @@ pub fn haproxy_pair_with(origin: SocketAddr, extra: &str, name: &'static str) ->
         std::fs::write(
             &cfg,
             format!(
-                "global\n  nbthread 1\n  maxconn 8000\n\
+                "global\n  nbthread 1\n  maxconn 8000\n  maxpipes 1000\n\
                  defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 5m\n  timeout server 5m\n{extra}\
                  frontend f\n  bind {listen}\n  default_backend b\n\
                  backend b\n  server s {up}\n"
