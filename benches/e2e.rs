@@ -189,7 +189,8 @@ fn main() {
             if !per_connection(scenario) || scenario.starts_with("64") {
                 // shardproxy splices transfers by default (`--splice
                 // auto`); HAProxy can too, with `option splice-auto`.
-                if let Some(h) = haproxy_pair_with(origin, "  option splice-auto\n", HAPROXY_SPLICE) {
+                if let Some(h) = haproxy_pair_with(origin, "  option splice-auto\n", HAPROXY_SPLICE)
+                {
                     run(HAPROXY_SPLICE, Some(h));
                 }
             }
@@ -305,7 +306,10 @@ fn main() {
     println!("| scenario | forward ×2 / HAProxy ×2 with splice-auto |");
     println!("|---|---|");
     for (si, scenario) in SCENARIOS.iter().enumerate() {
-        if let (Some(x), Some(y)) = (medians.get(&(si, FORWARD)), medians.get(&(si, HAPROXY_SPLICE))) {
+        if let (Some(x), Some(y)) = (
+            medians.get(&(si, FORWARD)),
+            medians.get(&(si, HAPROXY_SPLICE)),
+        ) {
             println!("| {scenario} | {:.2}× |", x.0 / y.0);
         }
     }
