@@ -47,6 +47,28 @@ fn with_splice_never_every_byte_is_copied() {
     assert_eq!(summaries(&lines)[0].get("spliced"), 0, "{lines:?}");
 }
 
+/// An explicit --max-connections that takes every descriptor leaves none
+/// for pipes: splicing is off, and the operator is told so at start-up.
+#[test]
+fn splicing_without_spare_descriptors_is_a_warning() {
+    // 2 × 118 connections + 64 = 300: not one descriptor spare.
+    let proxy = Proxy::forward(echo_origin())
+        .ulimit("-n", 300)
+        .args(["--max-connections", "118"])
+        .start();
+    proxy.wait_for_log(
+        |l| l.contains("--splice auto (the default) has no spare file descriptors"),
+        Duration::from_secs(10),
+    );
+    let data = Arc::new(random_bytes(1 << 20, 6));
+    assert_eq!(
+        sha256(&echo_round_trip(proxy.addr, data.clone())),
+        sha256(&data)
+    );
+    let (_, lines) = proxy.terminate();
+    assert_eq!(summaries(&lines)[0].get("spliced"), 0, "{lines:?}");
+}
+
 /// An upstream that resets in the middle of a spliced transfer: the client
 /// sees a reset, never a clean end, and the close is counted.
 #[test]

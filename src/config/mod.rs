@@ -108,8 +108,9 @@ pub struct Config {
     /// `--splice` was given (a warning in the tunnel roles, where it does
     /// nothing).
     pub splice_set: bool,
-    /// `--splice auto` was given (a warning if no pipe fits).
-    pub splice_auto_set: bool,
+    /// `--splice` is `auto`, given or by default (a warning in `forward`
+    /// if no pipe fits).
+    pub splice_requested: bool,
 }
 
 /// How the client's identity is learned and passed on.
@@ -425,7 +426,7 @@ impl Config {
                 splice_pipes,
             },
             splice_set: args.splice.is_some(),
-            splice_auto_set: args.splice.as_deref() == Some("auto"),
+            splice_requested: args.splice.as_deref() != Some("never"),
         })
     }
 
@@ -486,10 +487,10 @@ impl Config {
         }
         if matches!(self.mode, Mode::Forward)
             && self.limits.splice_pipes == 0
-            && self.splice_auto_set
+            && self.splice_requested
         {
             out.push(format!(
-                "--splice auto has no spare file descriptors for pipes at --max-connections {} on {} shards: every connection copies; raise the hard `ulimit -n` or lower --max-connections",
+                "--splice auto (the default) has no spare file descriptors for pipes at --max-connections {} on {} shards: every connection copies; raise the hard `ulimit -n`, lower --max-connections, or say --splice never",
                 self.limits.max_connections,
                 self.cores.len()
             ));
