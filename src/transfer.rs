@@ -123,6 +123,10 @@ impl Drop for Pipe<'_> {
     }
 }
 
+/// Bytes of idle batch buffers a shard keeps for reuse (about 128 of
+/// them); the rest are freed when their direction ends.
+const IDLE_BATCH_BYTES: usize = 8 << 20;
+
 /// A shard's batch buffers (tunnel roles): a budget and the idle ones.
 pub struct BatchPool {
     idle: RefCell<Vec<Vec<u8>>>,
@@ -184,8 +188,9 @@ impl Drop for BatchBuf<'_> {
     fn drop(&mut self) {
         self.pool.live.set(self.pool.live.get() - 1);
         let mut idle = self.pool.idle.borrow_mut();
-        // Keep at most a budget's worth (they are all one size).
-        if idle.len() < self.pool.budget {
+        // Keep at most IDLE_BATCH_BYTES' worth, as the shard's pool of
+        // chunk buffers does: a burst of transfers must not pin its peak.
+        if (idle.len() + 1) * self.buf.len() <= IDLE_BATCH_BYTES && idle.len() < self.pool.budget {
             idle.push(std::mem::take(&mut self.buf));
         }
     }
@@ -207,6 +212,12 @@ mod tests {
         assert_eq!(b[0], 7, "the idle buffer was reused");
         drop(b);
         assert!(BatchPool::new(0).take(100).is_none());
+        // Idle buffers are kept up to IDLE_BATCH_BYTES, not up to the budget.
+        let pool = BatchPool::new(1000);
+        let len = 1 << 20;
+        let taken: Vec<_> = (0..20).map(|_| pool.take(len).unwrap()).collect();
+        drop(taken);
+        assert_eq!(pool.idle.borrow().len(), IDLE_BATCH_BYTES / len);
     }
 
     #[test]
