@@ -489,8 +489,10 @@ impl Config {
             && self.limits.splice_pipes == 0
             && self.splice_requested
         {
+            let mc = self.limits.max_connections.get() as u64;
+            let with_pipes = (2 * mc + 2 * (mc / 4).max(1)) * self.cores.len() as u64 + 64;
             out.push(format!(
-                "--splice auto (the default) has no spare file descriptors for pipes at --max-connections {} on {} shards: every connection copies; raise the hard `ulimit -n`, lower --max-connections, or say --splice never",
+                "--splice auto (the default) has no spare file descriptors for pipes at --max-connections {} on {} shards: every connection copies; splicing needs a hard `ulimit -n` of about {with_pipes} (or a lower --max-connections); --splice never silences this",
                 self.limits.max_connections,
                 self.cores.len()
             ));
