@@ -38,6 +38,10 @@ fn with_splice_never_every_byte_is_copied() {
     let proxy = Proxy::forward(echo_origin())
         .args(["--splice", "never"])
         .start();
+    proxy.wait_for_log(
+        |l| l.contains("per shard: --max-connections ") && l.contains(", splicing off"),
+        Duration::from_secs(10),
+    );
     let data = Arc::new(random_bytes(8 << 20, 2));
     let back = echo_round_trip(proxy.addr, data.clone());
     assert_eq!(sha256(&back), sha256(&data));
@@ -58,6 +62,10 @@ fn splicing_without_spare_descriptors_is_a_warning() {
         .start();
     proxy.wait_for_log(
         |l| l.contains("--splice auto (the default) has no spare file descriptors"),
+        Duration::from_secs(10),
+    );
+    proxy.wait_for_log(
+        |l| l.contains("per shard: --max-connections 118, no splice pipes"),
         Duration::from_secs(10),
     );
     let data = Arc::new(random_bytes(1 << 20, 6));

@@ -445,6 +445,28 @@ impl Config {
             + 64
     }
 
+    /// The per-shard limits in effect, for the start-up log: the
+    /// connection limit (which a default lowers to fit `RLIMIT_NOFILE`) and
+    /// the transfer budget ([`crate::transfer`]).
+    pub fn limits_line(&self) -> String {
+        let transfers = match self.mode {
+            Mode::Forward if self.limits.splice_pipes > 0 => {
+                format!("up to {} splice pipes", self.limits.splice_pipes)
+            }
+            Mode::Forward if self.splice_requested => {
+                "no splice pipes (no spare file descriptors)".to_string()
+            }
+            Mode::Forward => "splicing off (--splice never)".to_string(),
+            Mode::Entry(_) | Mode::Exit(_) => {
+                format!("up to {} batch buffers", self.batch_buffers())
+            }
+        };
+        format!(
+            "per shard: --max-connections {}, {transfers}",
+            self.limits.max_connections
+        )
+    }
+
     /// Batch buffers per shard for the tunnel roles' transfers (see
     /// [`crate::transfer`]): a quarter of `max_connections`, at least one;
     /// none for `forward`, which splices or copies.
