@@ -218,6 +218,8 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         }
         crate::info!("keys from {}: {}", t.key_file, t.keys.describe());
     }
+    // Logged once the listeners are bound (a failed start stays one line).
+    crate::info!("{}", cfg.limits_line());
     let control_listener = match &control_path {
         None => None,
         Some(path) => {

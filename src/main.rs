@@ -48,7 +48,6 @@ fn main() -> ExitCode {
             for w in warnings {
                 shardproxy::warn!("{w}");
             }
-            shardproxy::info!("{}", config.limits_line());
             match signals {
                 Some(signals) => shardproxy::app::run(*config, signals),
                 // Not reached: load() returns a proxy only for these commands.
