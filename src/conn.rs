@@ -86,13 +86,9 @@ impl Conn {
         mut progress: impl FnMut(),
     ) -> Result<(), SessionError> {
         while !buf.is_empty() {
-            let n = poll_fn(|cx| Pin::new(&mut *self.stream.borrow_mut()).poll_write(cx, buf))
-                .await
-                .map_err(|e| self.fail("write", e))?;
-            if n == 0 {
-                let e = io::Error::new(io::ErrorKind::WriteZero, "peer accepted no bytes");
-                return Err(self.fail("write", e));
-            }
+            let n = self.wrote(
+                poll_fn(|cx| Pin::new(&mut *self.stream.borrow_mut()).poll_write(cx, buf)).await,
+            )?;
             progress();
             buf = &buf[n..];
         }
@@ -109,15 +105,13 @@ impl Conn {
     ) -> Result<usize, SessionError> {
         debug_assert_eq!(pipe.held(), 0);
         let to = pipe.write_end();
-        let n = poll_fn(|cx| {
-            // `want` 1: a splice can stop short with data left in the
-            // socket (the pipe's slots filled), so any bytes mean "try again".
-            self.stream.borrow_mut().poll_read_with(cx, 1, |fd| {
+        // `want` 1: a splice can stop short with data left in the socket
+        // (the pipe's slots filled), so any bytes mean "try again".
+        let n = self
+            .read_op(1, |fd| {
                 crate::sys::splice(fd, to, crate::transfer::PIPE_CHUNK)
             })
-        })
-        .await
-        .map_err(|e| self.fail("read", e))?;
+            .await?;
         pipe.filled(n);
         Ok(n)
     }
@@ -129,17 +123,9 @@ impl Conn {
         pipe: &mut crate::transfer::Pipe<'_>,
     ) -> Result<usize, SessionError> {
         let (from, len) = (pipe.read_end(), pipe.held());
-        let n = poll_fn(|cx| {
-            self.stream
-                .borrow_mut()
-                .poll_write_with(cx, |fd| crate::sys::splice(from, fd, len))
-        })
-        .await
-        .map_err(|e| self.fail("write", e))?;
-        if n == 0 {
-            let e = io::Error::new(io::ErrorKind::WriteZero, "peer accepted no bytes");
-            return Err(self.fail("write", e));
-        }
+        let n = self
+            .write_op(|fd| crate::sys::splice(from, fd, len))
+            .await?;
         pipe.drained(n);
         Ok(n)
     }
@@ -151,31 +137,51 @@ impl Conn {
         bufs: &mut [io::IoSliceMut<'_>],
     ) -> Result<usize, SessionError> {
         let want: usize = bufs.iter().map(|b| b.len()).sum();
-        poll_fn(|cx| {
-            self.stream
-                .borrow_mut()
-                .poll_read_with(cx, want, |fd| crate::sys::recv_vectored(fd, bufs))
-        })
-        .await
-        .map_err(|e| self.fail("read", e))
+        self.read_op(want, |fd| crate::sys::recv_vectored(fd, bufs))
+            .await
     }
 
     /// Writes from `bufs` in order with one call, waiting for room; returns
     /// the bytes written (at least one, maybe fewer than all). Errors name
     /// this side.
     pub async fn write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> Result<usize, SessionError> {
-        let n = poll_fn(|cx| {
-            self.stream
-                .borrow_mut()
-                .poll_write_with(cx, |fd| crate::sys::send_vectored(fd, bufs))
-        })
-        .await
-        .map_err(|e| self.fail("write", e))?;
-        if n == 0 {
-            let e = io::Error::new(io::ErrorKind::WriteZero, "peer accepted no bytes");
-            return Err(self.fail("write", e));
+        self.write_op(|fd| crate::sys::send_vectored(fd, bufs))
+            .await
+    }
+
+    /// One read-like operation on the socket's descriptor, with the
+    /// stream's readiness (`TcpStream::poll_read_with`: `want` is what a
+    /// result must reach to mean "more may be queued").
+    async fn read_op(
+        &self,
+        want: usize,
+        mut op: impl FnMut(std::os::fd::RawFd) -> io::Result<usize>,
+    ) -> Result<usize, SessionError> {
+        poll_fn(|cx| self.stream.borrow_mut().poll_read_with(cx, want, &mut op))
+            .await
+            .map_err(|e| self.fail("read", e))
+    }
+
+    /// One write-like operation on the socket's descriptor, waiting for
+    /// room (`TcpStream::poll_write_with`).
+    async fn write_op(
+        &self,
+        mut op: impl FnMut(std::os::fd::RawFd) -> io::Result<usize>,
+    ) -> Result<usize, SessionError> {
+        self.wrote(poll_fn(|cx| self.stream.borrow_mut().poll_write_with(cx, &mut op)).await)
+    }
+
+    /// A write's result: at least one byte, or an error naming this side (a
+    /// peer that accepts zero bytes is one).
+    fn wrote(&self, result: io::Result<usize>) -> Result<usize, SessionError> {
+        match result {
+            Ok(0) => {
+                let e = io::Error::new(io::ErrorKind::WriteZero, "peer accepted no bytes");
+                Err(self.fail("write", e))
+            }
+            Ok(n) => Ok(n),
+            Err(e) => Err(self.fail("write", e)),
         }
-        Ok(n)
     }
 
     /// Puts the socket in non-blocking mode (`O_NONBLOCK`), which

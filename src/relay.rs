@@ -39,12 +39,12 @@ use crate::metrics::{Hist, Timings};
 use crate::proto::{
     Decoded, Decoder, Encoder, ProtoError, END_LEN, LEN_LEN, MAX_FRAME, MAX_PAYLOAD, TAG_LEN,
 };
+use crate::stats::ShardStats;
 use crate::transfer::BATCH;
+use crate::watchdog::{watched, Verdict, Watch};
 
 /// Chunks whose plaintext one gathered write sends at most.
 const GATHER: usize = 8;
-use crate::stats::ShardStats;
-use crate::watchdog::{watched, Verdict, Watch};
 
 /// How the bytes of a pair are framed.
 // Built once per connection and moved once into `run`: boxing the cipher
@@ -90,7 +90,6 @@ pub async fn run(
     // Futures are built inline, never bound to locals: a named future would
     // keep its own slot in this function's state next to the combinator it
     // is moved into, and this state is most of a connection's memory.
-    let plain = matches!(framing, Framing::Plain);
     let (up, down, buf_size) = match &mut framing {
         Framing::Plain => (Transform::Copy, Transform::Copy, read_size),
         Framing::Tunnel {
@@ -113,10 +112,9 @@ pub async fn run(
         ),
     };
     let guard = ctx.watchdog().watch();
-    let pipes = ctx.pipes();
     let pumps = Pumps {
-        pipes: (plain && pipes.enabled()).then_some(pipes),
-        batches: (!plain).then(|| ctx.batches()),
+        pipes: ctx.pipes(),
+        batches: ctx.batches(),
         watch: guard.watch(),
         stats: ctx.stats(),
         timings: ctx.timings(),
@@ -166,10 +164,11 @@ struct Pumps<'a> {
     first_byte_done: Cell<bool>,
     /// Plaintext read per chunk when sealing.
     read_size: usize,
-    /// Pipes to splice through (`forward` with `--splice auto`).
-    pipes: Option<&'a crate::transfer::PipePool>,
-    /// Batch buffers for transfers (tunnel roles).
-    batches: Option<&'a crate::transfer::BatchPool>,
+    /// Pipes to splice through (a budget only in `forward` with `--splice
+    /// auto`).
+    pipes: &'a crate::transfer::PipePool,
+    /// Batch buffers for transfers (a budget only in the tunnel roles).
+    batches: &'a crate::transfer::BatchPool,
 }
 
 impl Pumps<'_> {
@@ -253,7 +252,7 @@ impl Pumps<'_> {
             self.delivered(up);
             self.chunk_done(up, read_at);
             if n == buf.len() {
-                if let Some(pipe) = self.pipes.and_then(|p| p.take()) {
+                if let Some(pipe) = self.pipes.take() {
                     return self.splice(from, to, pipe).await;
                 }
             }
@@ -321,7 +320,7 @@ impl Pumps<'_> {
             self.chunk_done(up, read_at);
             if n == self.read_size {
                 let stride = LEN_LEN + self.read_size + TAG_LEN;
-                if let Some(batch) = self.batches.and_then(|b| b.take(BATCH * stride)) {
+                if let Some(batch) = self.batches.take(BATCH * stride) {
                     return self.seal_batched(plain, tunnel, enc, batch).await;
                 }
             }
@@ -470,7 +469,7 @@ impl Pumps<'_> {
             read_at = self.now();
             end += n;
             if end == buf.len() && batch.is_none() {
-                if let Some(mut b) = self.batches.and_then(|p| p.take(BATCH * MAX_FRAME)) {
+                if let Some(mut b) = self.batches.take(BATCH * MAX_FRAME) {
                     b[..end].copy_from_slice(&small[..end]);
                     batch = Some(b);
                 }

@@ -47,16 +47,6 @@ impl PipePool {
         }
     }
 
-    /// Whether splicing is on at all.
-    pub fn enabled(&self) -> bool {
-        self.budget > 0
-    }
-
-    /// Pipes in use (not idle in the pool).
-    pub fn live(&self) -> usize {
-        self.live.get()
-    }
-
     /// An empty pipe, from the pool or new; `None` when the budget is spent
     /// or the OS refuses one (then the caller copies instead).
     pub fn take(&self) -> Option<Pipe<'_>> {
@@ -226,10 +216,10 @@ mod tests {
         let a = pool.take().unwrap();
         let mut b = pool.take().unwrap();
         assert!(pool.take().is_none(), "over budget");
-        assert_eq!(pool.live(), 2);
+        assert_eq!(pool.live.get(), 2);
         let a_fd = a.read_end();
         drop(a);
-        assert_eq!(pool.live(), 1);
+        assert_eq!(pool.live.get(), 1);
         assert_eq!(
             pool.take().unwrap().read_end(),
             a_fd,
@@ -242,7 +232,6 @@ mod tests {
             1,
             "a pipe holding bytes is closed"
         );
-        assert!(!PipePool::new(0).enabled());
         assert!(PipePool::new(0).take().is_none());
     }
 }
