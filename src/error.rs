@@ -270,6 +270,10 @@ impl SessionError {
                 ..
             }
             | SessionError::Limit(_) => CloseReason::Limit,
+            SessionError::Proto {
+                source: ProtoError::SealFailed,
+                ..
+            } => CloseReason::Internal,
             SessionError::Proto { .. } => CloseReason::AuthFailed,
             SessionError::Truncated(_) => CloseReason::Truncated,
             SessionError::Idle => CloseReason::IdleTimeout,

@@ -21,6 +21,9 @@ command -v ip >/dev/null 2>&1 || missing_apt+=(iproute2)
 command -v nft >/dev/null 2>&1 || missing_apt+=(nftables)
 command -v qemu-x86_64 >/dev/null 2>&1 || missing_apt+=(qemu-user)
 command -v haproxy >/dev/null 2>&1 || missing_apt+=(haproxy)
+# The build links the system's OpenSSL 3 (Cargo.toml, feature `openssl`).
+command -v pkg-config >/dev/null 2>&1 || missing_apt+=(pkg-config)
+pkg-config --exists 'openssl >= 3' 2>/dev/null || missing_apt+=(libssl-dev)
 if [ ${#missing_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "tests/all.sh: installing ${missing_apt[*]} (apt-get)"

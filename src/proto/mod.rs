@@ -113,6 +113,10 @@ pub enum ProtoError {
     /// The replay filter is full: the hello is refused (fail closed).
     #[error("replay filter full: hello refused")]
     ReplayFilterFull,
+    /// The AEAD library failed while sealing (out of memory in OpenSSL):
+    /// the chunk is lost, so the connection must be aborted.
+    #[error("the AEAD library failed to seal a chunk")]
+    SealFailed,
     /// Metadata larger than [`META_LEN`].
     #[error("metadata longer than {META_LEN} bytes")]
     MetaTooLong,
