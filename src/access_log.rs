@@ -130,6 +130,9 @@ pub struct Record {
     pub handshake: Cell<Option<Duration>>,
     /// Accept → first upstream byte delivered to the client.
     pub first_byte: Cell<Option<Duration>>,
+    /// Whether a client byte has been delivered upstream and timed (the
+    /// `first_byte_seconds` histogram counts each connection once).
+    pub first_up_timed: Cell<bool>,
 }
 
 impl Record {
@@ -147,6 +150,7 @@ impl Record {
             connect: Cell::new(None),
             handshake: Cell::new(None),
             first_byte: Cell::new(None),
+            first_up_timed: Cell::new(false),
         }
     }
 

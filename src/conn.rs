@@ -95,6 +95,24 @@ impl Conn {
         Ok(())
     }
 
+    /// Writes all of `buf`, then sends FIN, in one segment where it fits:
+    /// the bytes are queued with `MSG_MORE` (the last partial segment is held
+    /// back) and `shutdown(2)` sends them with FIN set. The peer then reads
+    /// "last bytes, then end" on one wake instead of two. `progress` as in
+    /// [`Conn::write_all`].
+    pub async fn write_all_then_fin(
+        &self,
+        mut buf: &[u8],
+        mut progress: impl FnMut(),
+    ) -> Result<(), SessionError> {
+        while !buf.is_empty() {
+            let n = self.write_op(|fd| crate::sys::send_more(fd, buf)).await?;
+            progress();
+            buf = &buf[n..];
+        }
+        self.shutdown_write()
+    }
+
     /// Splices what the socket holds into `pipe` (at most
     /// [`crate::transfer::PIPE_CHUNK`] bytes), waiting until it holds
     /// something; `Ok(0)` is EOF. The pipe must be empty. Errors name this

@@ -26,7 +26,6 @@
 //! * No bytes in either direction for `idle_timeout` ends the pair (the
 //!   shard's idle sweep, [`crate::watchdog`], decides and wakes it).
 
-use std::cell::Cell;
 use std::time::Instant;
 
 use futures_lite::future;
@@ -119,7 +118,6 @@ pub async fn run(
         stats: ctx.stats(),
         timings: ctx.timings(),
         rec,
-        first_byte_done: Cell::new(false),
         read_size: read_size.clamp(1, MAX_PAYLOAD),
     };
     // A failed allocation is this connection's error, never the process's
@@ -152,6 +150,21 @@ pub async fn run(
     result
 }
 
+/// A chunk read at `read_at` (`None`: timings are off) has been fully
+/// written on the other side: its relay latency, and for the connection's
+/// first chunk upstream, the time from accept (`first_byte_seconds`). The
+/// session calls it for client bytes it sends before the relay starts (with
+/// a PROXY header, or with the entry's key confirmation).
+pub fn chunk_done(timings: &Timings, rec: &Record, up: bool, read_at: Option<Instant>) {
+    let Some(read_at) = read_at else { return };
+    let now = Instant::now();
+    let which = if up { Hist::RelayUp } else { Hist::RelayDown };
+    timings.record(which, now - read_at);
+    if up && !rec.first_up_timed.replace(true) {
+        timings.record(Hist::FirstByte, now - rec.accepted_at);
+    }
+}
+
 /// What both pumps of one pair share.
 struct Pumps<'a> {
     /// Progress in either direction, for the idle timeout. The hot path only
@@ -161,7 +174,6 @@ struct Pumps<'a> {
     timings: &'a Timings,
     /// The connection's own record: bytes, first byte.
     rec: &'a Record,
-    first_byte_done: Cell<bool>,
     /// Plaintext read per chunk when sealing.
     read_size: usize,
     /// Pipes to splice through (a budget only in `forward` with `--splice
@@ -199,14 +211,7 @@ impl Pumps<'_> {
 
     /// A chunk read at `read_at` has been fully written on the other side.
     fn chunk_done(&self, up: bool, read_at: Option<Instant>) {
-        let Some(read_at) = read_at else { return };
-        let now = Instant::now();
-        let which = if up { Hist::RelayUp } else { Hist::RelayDown };
-        self.timings.record(which, now - read_at);
-        if up && !self.first_byte_done.replace(true) {
-            self.timings
-                .record(Hist::FirstByte, now - self.rec.accepted_at);
-        }
+        chunk_done(self.timings, self.rec, up, read_at);
     }
 
     async fn read(&self, from: &Conn, buf: &mut [u8]) -> Result<usize, SessionError> {
@@ -372,12 +377,11 @@ impl Pumps<'_> {
         }
     }
 
-    /// The end chunk, then FIN.
+    /// The end chunk, then FIN, in one segment.
     async fn seal_end(&self, tunnel: &Conn, enc: &mut Encoder) -> Result<(), SessionError> {
         let mut end = [0u8; END_LEN];
         enc.seal_end(&mut end).map_err(SessionError::Limit)?;
-        self.write_all(tunnel, &end).await?;
-        tunnel.shutdown_write()
+        tunnel.write_all_then_fin(&end, || self.touch()).await
     }
 
     /// Sealed chunks from `tunnel` → plaintext to `plain`.

@@ -22,7 +22,7 @@ use crate::error::SessionError;
 use crate::metrics::Hist;
 use crate::proto::{
     accept_hello, ClientHandshake, Meta, ProtoError, CLIENT_HELLO_LEN, CONFIRM_LEN, LEN_LEN,
-    SALT_LEN, SERVER_HELLO_LEN, TAG_LEN,
+    SALT_LEN, SERVER_HELLO_LEN,
 };
 use crate::proxy_protocol::{self, Parsed};
 use crate::relay::Framing;
@@ -207,6 +207,7 @@ async fn forward(
 ) -> Result<(), SessionError> {
     let (upstream, lease, ()) = connect_pool(ctx, rec, async |_| Ok(())).await?;
     let mut first = proxy_header_out(ctx, rec);
+    let mut data_len = early.len();
     if !early.is_empty() {
         first.extend_from_slice(early);
         ctx.stats().add_bytes(true, early.len());
@@ -218,15 +219,20 @@ async fn forward(
         let mut data = relay_buffer(ctx)?;
         let room = data.len().min(FIRST_DATA);
         let n = client.read_now(&mut data[..room]);
+        data_len = n;
         first.extend_from_slice(&data[..n]);
         ctx.recycle(data);
         ctx.stats().add_bytes(true, n);
         rec.add_bytes(true, n);
     }
     if !first.is_empty() {
+        let read_at = ctx.timings().enabled().then(Instant::now);
         if let Err(e) = upstream.write_all(&first, || ()).await {
             upstream.abort();
             return Err(e);
+        }
+        if data_len > 0 {
+            crate::relay::chunk_done(ctx.timings(), rec, true, read_at);
         }
     }
     let result = relay(client, &upstream, Framing::Plain, ctx, rec).await;
@@ -253,16 +259,20 @@ async fn entry(
     .encode();
     // Each attempt is a connect and a handshake with one exit: a refused
     // connect, a wrong key or a silent exit moves on to the next one. No
-    // byte of the client's has been read yet (the relay has not started)
-    // and `early` is sent only with a verified session, so nothing is lost
-    // or sent twice.
+    // byte of the client's has been read yet (the relay has not started),
+    // so nothing is lost or sent twice.
     let handshake = async |upstream: &Conn| {
         let salt = ctx.salt().map_err(SessionError::Rng)?;
         let deadline = Instant::now() + tun.handshake_timeout;
-        let step = tunnel_handshake(upstream, ctx, rec, &keys, salt, &meta[..meta_len], early);
+        let step = tunnel_handshake(upstream, ctx, rec, &keys, salt, &meta[..meta_len]);
         counted(ctx, within(ctx, deadline, Peer::Upstream, step).await)
     };
-    let (upstream, lease, (encoder, decoder)) = connect_pool(ctx, rec, handshake).await?;
+    let (upstream, lease, (mut encoder, decoder, confirm)) =
+        connect_pool(ctx, rec, handshake).await?;
+    if let Err(e) = first_flight(client, &upstream, ctx, rec, &mut encoder, &confirm, early).await {
+        upstream.abort();
+        return Err(e);
+    }
     let framing = Framing::Tunnel {
         tunnel: Peer::Upstream,
         encoder,
@@ -274,8 +284,8 @@ async fn entry(
 }
 
 /// The entry's side of one tunnel handshake on `upstream`: the hello (with
-/// `meta`), the exit's answer verified, then the key confirmation, with
-/// `early` client data sealed into the same write.
+/// `meta`), then the exit's answer verified. Returns the session's cipher
+/// states and the sealed key confirmation, which [`first_flight`] sends.
 async fn tunnel_handshake(
     upstream: &Conn,
     ctx: &ShardCtx,
@@ -283,8 +293,14 @@ async fn tunnel_handshake(
     keys: &crate::proto::KeySet,
     salt: [u8; SALT_LEN],
     meta: &[u8],
-    early: &[u8],
-) -> Result<(crate::proto::Encoder, crate::proto::Decoder), SessionError> {
+) -> Result<
+    (
+        crate::proto::Encoder,
+        crate::proto::Decoder,
+        [u8; CONFIRM_LEN],
+    ),
+    SessionError,
+> {
     let rejected = |source| SessionError::Proto {
         peer: Peer::Upstream,
         source,
@@ -301,31 +317,59 @@ async fn tunnel_handshake(
     let (mut encoder, decoder) = hs.finish(&answer).map_err(rejected)?;
     ctx.timings().record(Hist::Handshake, sent_at.elapsed());
     rec.handshake.set(Some(sent_at.elapsed()));
-    // Key confirmation (protocol v2): the exit contacts its origin only
-    // once this chunk verified. Sent at once, so a protocol whose server
-    // speaks first works without waiting for client data.
     let mut confirm = [0u8; CONFIRM_LEN];
     encoder
         .seal_confirm(&mut confirm)
         .map_err(SessionError::Limit)?;
-    if early.is_empty() {
-        upstream.write_all(&confirm, || ()).await?;
+    Ok((encoder, decoder, confirm))
+}
+
+/// The entry's first write on a verified session: the key confirmation
+/// (protocol v2: the exit contacts its origin only once this chunk
+/// verified), and in the same write, sealed as the first data chunk, the
+/// client's first bytes: `early` (what came with its PROXY header), or else
+/// what the client socket already holds. That read does not wait: a protocol
+/// whose server speaks first gets the confirmation at once. A client that
+/// sent its request with its connect (most do) costs one segment to the exit
+/// instead of two, and the exit reads the confirmation and the request
+/// together.
+async fn first_flight(
+    client: &Conn,
+    upstream: &Conn,
+    ctx: &ShardCtx,
+    rec: &Record,
+    encoder: &mut crate::proto::Encoder,
+    confirm: &[u8; CONFIRM_LEN],
+    early: &[u8],
+) -> Result<(), SessionError> {
+    // One relay buffer (`MAX_FRAME`) holds the confirmation and a chunk of
+    // up to `MAX_PAYLOAD - CONFIRM_LEN` bytes (`early` is at most
+    // `proxy_protocol::MAX_HEADER` bytes, far below).
+    let mut out = relay_buffer(ctx)?;
+    out[..CONFIRM_LEN].copy_from_slice(confirm);
+    let at = CONFIRM_LEN + LEN_LEN;
+    let len = if early.is_empty() {
+        let room = (crate::proto::MAX_PAYLOAD - CONFIRM_LEN).min(FIRST_DATA);
+        client.read_now(&mut out[at..at + room])
     } else {
-        // Client data that came with its PROXY header: sealed as the
-        // first data chunk, in the same write (at most
-        // `proxy_protocol::MAX_HEADER` bytes, below one chunk).
-        let mut out = vec![0u8; CONFIRM_LEN + LEN_LEN + early.len() + TAG_LEN];
-        out[..CONFIRM_LEN].copy_from_slice(&confirm);
-        let chunk = &mut out[CONFIRM_LEN..];
-        chunk[LEN_LEN..LEN_LEN + early.len()].copy_from_slice(early);
-        encoder
-            .seal_in_place(chunk, early.len())
+        out[at..at + early.len()].copy_from_slice(early);
+        early.len()
+    };
+    let read_at = (len > 0).then(|| ctx.timings().enabled().then(Instant::now));
+    let mut total = CONFIRM_LEN;
+    if len > 0 {
+        total += encoder
+            .seal_in_place(&mut out[CONFIRM_LEN..], len)
             .map_err(SessionError::Limit)?;
-        upstream.write_all(&out, || ()).await?;
-        ctx.stats().add_bytes(true, early.len());
-        rec.add_bytes(true, early.len());
+        ctx.stats().add_bytes(true, len);
+        rec.add_bytes(true, len);
     }
-    Ok((encoder, decoder))
+    let sent = upstream.write_all(&out[..total], || ()).await;
+    ctx.recycle(out);
+    if let (Ok(()), Some(read_at)) = (&sent, read_at) {
+        crate::relay::chunk_done(ctx.timings(), rec, true, read_at);
+    }
+    sent
 }
 
 /// `exit`: verify the hello before saying anything, answer, connect to the

@@ -313,6 +313,29 @@ pub fn recv_vectored(
     Ok(n as usize)
 }
 
+/// Writes `buf` with `send(2)` and `MSG_DONTWAIT | MSG_NOSIGNAL |
+/// MSG_MORE`: the kernel holds back the last partial segment (as with
+/// `TCP_CORK`) until more bytes or a `shutdown(2)`, which sends it with FIN
+/// set. Returns the bytes written (possibly fewer than all); `WouldBlock`
+/// when the socket has no room. The caller keeps `fd`, a connected socket,
+/// open.
+pub fn send_more(fd: std::os::fd::RawFd, buf: &[u8]) -> std::io::Result<usize> {
+    // SAFETY: `buf` is a live buffer of `buf.len()` bytes for the duration
+    // of the call; send reads it and writes no user memory.
+    let n = unsafe {
+        libc::send(
+            fd,
+            buf.as_ptr() as *const libc::c_void,
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL | libc::MSG_MORE,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
 /// Writes several buffers with one `sendmsg(2)` (`MSG_DONTWAIT |
 /// MSG_NOSIGNAL`), in order. Returns the bytes written (possibly fewer
 /// than all); `WouldBlock` when the socket has no room.

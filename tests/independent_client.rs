@@ -109,6 +109,54 @@ fn data_after_the_end_chunk_resets_the_entry_and_its_client() {
     assert_eq!(out.trim(), "entry ended the connection: reset");
 }
 
+/// The entry's first flight: a client that sent its request before the
+/// exit answered gets it carried in the same segment as the key
+/// confirmation: one TCP segment with data reaches the exit for both,
+/// counted by the fake exit's `TCP_INFO` (`tcpi_data_segs_in`), where a
+/// separate confirmation makes two.
+#[test]
+fn the_key_confirmation_carries_the_clients_first_data() {
+    let key = keygen();
+    let port_file = std::env::temp_dir().join(format!("sp-first-flight-{}", std::process::id()));
+    let _ = std::fs::remove_file(&port_file);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tunnel_client.py");
+    if !python_cryptography() {
+        return;
+    }
+    let mut fake = Command::new("python3")
+        .arg(script)
+        .args([
+            "first-flight",
+            port_file.to_str().unwrap(),
+            &key,
+            "GET / HTTP/1.0",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let port: u16 = poll_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&port_file)
+            .map_err(|e| e.to_string())
+            .and_then(|p| p.trim().parse::<u16>().map_err(|e| e.to_string()))
+    });
+    let entry = Proxy::entry(
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        &key_file(&[&key]),
+    )
+    .start();
+    let mut c = std::net::TcpStream::connect(entry.addr).unwrap();
+    // On loopback the write has reached the entry's socket when it returns.
+    c.write_all(b"GET / HTTP/1.0").unwrap();
+    // The fake exit has the hello once the entry is connected to it; it
+    // answers now, with the request already waiting at the entry.
+    fake.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let out = fake.wait_with_output().unwrap();
+    let _ = std::fs::remove_file(&port_file);
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.trim(), "1 segment(s): confirmation + 'GET / HTTP/1.0'");
+}
+
 /// Protocol v2: an entry that never sends the key confirmation (here a valid
 /// hello followed by a data chunk in its place) never makes the exit open an
 /// origin connection, and its data goes nowhere.

@@ -331,7 +331,72 @@ def fake_exit(port_file, key_b64, message):
     return 0
 
 
+def data_segments_in(s):
+    # struct tcp_info (linux/tcp.h): tcpi_data_segs_in, the segments with
+    # data this socket received, is the u32 at byte 152 (Linux 4.6+).
+    info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return struct.unpack_from("I", info, 152)[0]
+
+
+def first_flight(port_file, key_b64, want):
+    """A fake exit that answers the hello only when told to (a line on
+    stdin, once the test's client has sent its request to the entry), reads
+    the key confirmation and then the client's data up to `want`, and
+    reports how many TCP segments with data that took."""
+    psk = base64.b64decode(key_b64)
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(1)
+    with open(port_file + ".tmp", "w") as f:
+        f.write(str(ls.getsockname()[1]))
+    os.rename(port_file + ".tmp", port_file)
+    ls.settimeout(20)
+    s, _ = ls.accept()
+    s.settimeout(10)
+    hello = b""
+    while len(hello) < 124:
+        got = s.recv(124 - len(hello))
+        if not got:
+            print("closed before the hello")
+            return 1
+        hello += got
+    sys.stdin.readline()
+    before = data_segments_in(s)
+    cs, ss = hello[:32], os.urandom(32)
+    keys = session(psk, cs, ss)
+    s.sendall(ss + ChaCha20Poly1305(keys["server_hello_key"]).encrypt(nonce(0), bytes([VERSION, 0, 0, 0]), cs))
+    got = b""
+    while len(got) < 18:
+        more = s.recv(65536)
+        if not more:
+            print("closed before the confirmation")
+            return 1
+        got += more
+    # PROTOCOL.md §4: the confirmation is chunk 0, length value 0xffff.
+    (field,) = struct.unpack(">H", mask_length(keys["c2s_length_key"], 0, got[:2]))
+    if field != CONFIRM_FIELD:
+        print("first chunk is not the key confirmation")
+        return 1
+    ChaCha20Poly1305(keys["c2s_key"]).decrypt(chunk_nonce(0, CONFIRM_FIELD), got[2:18], b"")
+    opener = Opener(keys["c2s_key"], keys["c2s_length_key"])
+    opener.n = 1
+    data, _ = opener.feed(got[18:])
+    while data != want.encode():
+        more = s.recv(65536)
+        if not more:
+            print("closed after %r" % data)
+            return 1
+        plain, _ = opener.feed(more)
+        data += plain
+    segments = data_segments_in(s) - before
+    print("%d segment(s): confirmation + %r" % (segments, data.decode()))
+    s.close()
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "first-flight":
+        sys.exit(first_flight(sys.argv[2], sys.argv[3], sys.argv[4]))
     if sys.argv[1] == "vectors":
         sys.exit(vectors(sys.argv[2]))
     if sys.argv[1] == "after-end":
