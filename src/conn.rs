@@ -53,6 +53,17 @@ impl Conn {
         crate::sys::recv_now(&*self.stream.borrow(), buf).unwrap_or(0)
     }
 
+    /// Turns off quick ACKs (`TCP_QUICKACK` 0) for the handshake: a new
+    /// connection ACKs its first segments at once, so each hello cost a
+    /// segment of its own for its ACK; with delayed ACKs the ACK rides on
+    /// the answer (the server hello, or the key confirmation), sent within
+    /// microseconds. Best effort: the kernel re-enters quick-ACK mode on its
+    /// own when it sees fit.
+    pub fn delay_acks(&self) {
+        let stream = self.stream.borrow();
+        let _ = socket2::SockRef::from(&*stream).set_quickack(false);
+    }
+
     /// Which side this socket reaches.
     pub fn peer(&self) -> Peer {
         self.peer

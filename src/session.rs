@@ -262,6 +262,7 @@ async fn entry(
     // byte of the client's has been read yet (the relay has not started),
     // so nothing is lost or sent twice.
     let handshake = async |upstream: &Conn| {
+        upstream.delay_acks();
         let salt = ctx.salt().map_err(SessionError::Rng)?;
         let deadline = Instant::now() + tun.handshake_timeout;
         let step = tunnel_handshake(upstream, ctx, rec, &keys, salt, &meta[..meta_len]);

@@ -157,6 +157,31 @@ fn the_key_confirmation_carries_the_clients_first_data() {
     assert_eq!(out.trim(), "1 segment(s): confirmation + 'GET / HTTP/1.0'");
 }
 
+/// The exit does not ACK a hello on its own: the ACK rides on the server
+/// hello (quick ACKs are off on the exit's listener), so the entry receives
+/// one segment for "ACK + answer", not two. Five handshakes, and at least one
+/// must show it: a delayed-ACK timer (40 ms) firing before a busy machine's
+/// answer may add the separate ACK back now and then, but a build with
+/// quick ACKs sends it every time.
+#[test]
+fn the_exit_acks_the_hello_with_its_answer() {
+    let key = keygen();
+    let (origin, _seen) = recording_origin();
+    let exit = Proxy::exit(origin, &key_file(&[&key])).start();
+    let Some(out) = tunnel_client(&["hello-acks", &exit.addr.to_string(), &key, "5"]) else {
+        return;
+    };
+    let counts: Vec<u32> = out
+        .trim()
+        .strip_prefix("segments per server hello: ")
+        .unwrap_or_else(|| panic!("{out}"))
+        .split(' ')
+        .map(|c| c.parse().unwrap())
+        .collect();
+    assert_eq!(counts.len(), 5, "{out}");
+    assert_eq!(counts.iter().min(), Some(&1), "{out}");
+}
+
 /// Protocol v2: an entry that never sends the key confirmation (here a valid
 /// hello followed by a data chunk in its place) never makes the exit open an
 /// origin connection, and its data goes nowhere.

@@ -338,6 +338,40 @@ def data_segments_in(s):
     return struct.unpack_from("I", info, 152)[0]
 
 
+def segments_in(s):
+    # struct tcp_info: tcpi_segs_in, every segment received, ACKs included,
+    # is the u32 at byte 140 (Linux 4.2+).
+    info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return struct.unpack_from("I", info, 140)[0]
+
+
+def hello_acks(addr, key_b64, tries):
+    """As an entry, `tries` times: send a hello and count the segments that
+    arrive until the server hello is in (1 if the hello's ACK rode on it, 2
+    if it came on its own). Prints the counts."""
+    host, port = addr.rsplit(":", 1)
+    psk = base64.b64decode(key_b64)
+    counts = []
+    for _ in range(int(tries)):
+        cs = os.urandom(32)
+        _, hello = client_hello(psk, cs, int(time.time() * 1000))
+        s = socket.create_connection((host, int(port)), timeout=10)
+        before = segments_in(s)
+        s.sendall(hello)
+        answer = b""
+        while len(answer) < 52:
+            got = s.recv(52 - len(answer))
+            if not got:
+                print("closed before server hello")
+                return 1
+            answer += got
+        verify_server_hello(session(psk, cs, answer[:32]), cs, answer)
+        counts.append(segments_in(s) - before)
+        s.close()
+    print("segments per server hello: " + " ".join(map(str, counts)))
+    return 0
+
+
 def first_flight(port_file, key_b64, want):
     """A fake exit that answers the hello only when told to (a line on
     stdin, once the test's client has sent its request to the entry), reads
@@ -395,6 +429,8 @@ def first_flight(port_file, key_b64, want):
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "hello-acks":
+        sys.exit(hello_acks(sys.argv[2], sys.argv[3], sys.argv[4]))
     if sys.argv[1] == "first-flight":
         sys.exit(first_flight(sys.argv[2], sys.argv[3], sys.argv[4]))
     if sys.argv[1] == "vectors":
