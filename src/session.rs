@@ -344,14 +344,24 @@ async fn first_flight(
     early: &[u8],
 ) -> Result<(), SessionError> {
     // One relay buffer (`MAX_FRAME`) holds the confirmation and a chunk of
-    // up to `MAX_PAYLOAD - CONFIRM_LEN` bytes (`early` is at most
-    // `proxy_protocol::MAX_HEADER` bytes, far below).
-    let mut out = relay_buffer(ctx)?;
+    // up to `MAX_PAYLOAD - CONFIRM_LEN` bytes. `early` can be longer: up to
+    // `FIRST_DATA` less the shortest PROXY header (15 bytes, v1 `UNKNOWN`),
+    // and then it gets a buffer of its own.
+    let fits = crate::proto::MAX_PAYLOAD - CONFIRM_LEN;
+    let mut out = if early.len() <= fits {
+        relay_buffer(ctx)?
+    } else {
+        let len = CONFIRM_LEN + LEN_LEN + early.len() + crate::proto::TAG_LEN;
+        let mut own = Vec::new();
+        own.try_reserve_exact(len)
+            .map_err(|_| SessionError::OutOfMemory(len))?;
+        own.resize(len, 0);
+        own
+    };
     out[..CONFIRM_LEN].copy_from_slice(confirm);
     let at = CONFIRM_LEN + LEN_LEN;
     let len = if early.is_empty() {
-        let room = (crate::proto::MAX_PAYLOAD - CONFIRM_LEN).min(FIRST_DATA);
-        client.read_now(&mut out[at..at + room])
+        client.read_now(&mut out[at..at + fits.min(FIRST_DATA)])
     } else {
         out[at..at + early.len()].copy_from_slice(early);
         early.len()
@@ -366,7 +376,9 @@ async fn first_flight(
         rec.add_bytes(true, len);
     }
     let sent = upstream.write_all(&out[..total], || ()).await;
-    ctx.recycle(out);
+    if early.len() <= fits {
+        ctx.recycle(out);
+    }
     if let (Ok(()), Some(read_at)) = (&sent, read_at) {
         crate::relay::chunk_done(ctx.timings(), rec, true, read_at);
     }

@@ -376,6 +376,35 @@ fn bad_proxy_headers_are_closed_counted_and_never_forwarded() {
     );
 }
 
+/// An entry whose balancer sends a short PROXY header (v1 `UNKNOWN`, 15
+/// bytes) and a lot of data at once: the bytes after the header fill
+/// almost the whole first read, more than fits beside the key
+/// confirmation in one relay buffer. Every byte still arrives, once, in
+/// order. Ten connections, so that some first reads find all of it queued.
+#[test]
+fn a_short_header_and_a_full_first_read_through_the_entry() {
+    let key = key_file(&[&keygen()]);
+    let exit = Proxy::exit(echo_origin(), &key).start();
+    let entry = Proxy::entry(exit.addr, &key)
+        .args(["--accept-proxy", "--proxy-trusted-cidrs", "127.0.0.0/8"])
+        .start();
+    for i in 0..10 {
+        let mut c = TcpStream::connect(entry.addr).unwrap();
+        let mut first = b"PROXY UNKNOWN\r\n".to_vec();
+        let payload = random_bytes(100_000, i);
+        first.extend_from_slice(&payload);
+        let back = exchange(&mut c, &first);
+        assert!(
+            back == payload,
+            "connection {i}: {} bytes back, not the {} sent",
+            back.len(),
+            payload.len()
+        );
+    }
+    let (status, lines) = entry.terminate();
+    assert!(status.success(), "{lines:?}");
+}
+
 /// A v1 header with the client's first data in the same segment: the data
 /// reaches the origin exactly once, after a v2 header with the v1 header's
 /// addresses. A v2 LOCAL header (a balancer's health check) is served as a
