@@ -128,6 +128,36 @@ fn run_workload(p: &Pair) -> (String, String) {
     })
 }
 
+/// A transfer through the tunnel runs in batch mode: the bytes it moved so
+/// show on `/metrics` as `shardproxy_batched_bytes_total`, the same count
+/// as the summary line's `batched=` (issue #15's transfer batching).
+#[test]
+fn batched_bytes_are_exported_and_match_the_summary() {
+    let p = pair(&[]);
+    let data = Arc::new(random_bytes(4 << 20, 99));
+    assert_eq!(echo_round_trip(p.entry.addr, data.clone()), *data);
+    let batched = |t: &str| sum_by(t, "shardproxy_batched_bytes_total", None)[""];
+    let exported = poll_until(Duration::from_secs(10), || {
+        let (_, text) = http_get(p.entry_metrics, "/metrics");
+        let done = sum_by(&text, "shardproxy_connections_closed_total", Some("reason"))
+            .get("clean")
+            == Some(&1.0);
+        match done {
+            true => Ok(batched(&text)),
+            false => Err(format!("the connection never closed:\n{text}")),
+        }
+    });
+    let (_, lines) = p.entry.terminate();
+    let summed: u64 = summaries(&lines).iter().map(|s| s.get("batched")).sum();
+    assert!(summed > 0, "the transfer was not batched: {lines:?}");
+    assert_eq!(exported, summed as f64, "{lines:?}");
+    let (_, text) = http_get(p.exit_metrics, "/metrics");
+    assert!(
+        text.contains("# TYPE shardproxy_batched_bytes_total counter"),
+        "{text}"
+    );
+}
+
 #[test]
 fn metrics_show_exact_counts_pass_promtool_and_match_hdr_histograms() {
     let p = pair(&[]);

@@ -266,6 +266,8 @@ pub struct Snapshot {
     pub access_log_dropped: u64,
     /// Relayed bytes moved by `splice(2)`.
     pub spliced: u64,
+    /// Relayed bytes moved in batch mode (tunnel roles).
+    pub batched: u64,
     /// Per configured upstream, in spec order.
     pub upstreams: Vec<UpstreamSnapshot>,
     /// Histograms in [`Hist::ALL`] order (empty when metrics are off).
@@ -305,6 +307,7 @@ impl Snapshot {
             accept_errors: stats.accept_errors.get(),
             access_log_dropped: stats.access_log_dropped.get(),
             spliced: stats.spliced.get(),
+            batched: stats.batched.get(),
             upstreams: Vec::new(),
             hists: Vec::new(),
         }

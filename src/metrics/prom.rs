@@ -172,6 +172,13 @@ pub fn render(snaps: &[&Snapshot], info: &ProcessInfo) -> String {
         "counter",
         &|s| s.spliced,
     );
+    counter(
+        w,
+        "shardproxy_batched_bytes_total",
+        "Of shardproxy_bytes_total, the bytes a tunnel role moved four chunks per syscall (a transfer in batch mode; entry and exit).",
+        "counter",
+        &|s| s.batched,
+    );
 
     let _ = writeln!(
         w,
