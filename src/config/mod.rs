@@ -501,7 +501,7 @@ impl Config {
         if let Some(limit) = fd_limit() {
             if fds > limit {
                 out.push(format!(
-                    "--max-connections {} on {} shards needs about {fds} file descriptors but RLIMIT_NOFILE is {limit}: connections beyond it are reset; raise the hard `ulimit -n` (LimitNOFILE= in systemd) or lower --max-connections",
+                    "--max-connections {} on {} shards needs about {fds} file descriptors but the hard RLIMIT_NOFILE is {limit}: beyond it, accepts back off and a client whose upstream socket cannot be opened is reset; raise the hard `ulimit -n` (LimitNOFILE= in systemd) or lower --max-connections",
                     self.limits.max_connections,
                     self.cores.len()
                 ));
