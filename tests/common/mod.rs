@@ -707,12 +707,14 @@ pub fn read_until_end(stream: &mut TcpStream, limit: Duration) -> (End, usize) {
     (End::Open, total)
 }
 
-/// Writes key lines to a fresh 0600 file in the temp dir; returns its path.
+/// Writes key lines to a fresh 0600 file in cargo's per-build temp dir
+/// (`target/tmp`, so runs do not pile key files up in /tmp); returns its
+/// path.
 pub fn key_file(keys: &[&str]) -> String {
     use std::os::unix::fs::OpenOptionsExt;
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    let path = std::env::temp_dir().join(format!(
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
         "shardproxy-test-{}-{}.key",
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
