@@ -70,7 +70,22 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
                 &key_path,
             ])
             .args(["--cores", &cores, "--drain-timeout", "5s"])
+            .stderr(std::process::Stdio::piped())
             .spawn()
+            .map(|mut child| {
+                // Both proxies log the same kinds of lines ("shard 0 core 0
+                // summary: ..."): each line gets its role in front.
+                if let Some(err) = child.stderr.take() {
+                    std::thread::spawn(move || {
+                        use std::io::BufRead;
+                        for line in std::io::BufReader::new(err).lines() {
+                            let Ok(line) = line else { break };
+                            eprintln!("[{role}] {line}");
+                        }
+                    });
+                }
+                child
+            })
             .map_err(|source| StartupError::Demo { what: role, source })
     };
     let mut children: Vec<Child> = vec![
