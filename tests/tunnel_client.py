@@ -304,8 +304,10 @@ def stamped_session(addr, key_b64, offset_ms):
     return 0
 
 
-def fake_exit(port_file, key_b64, message):
-    psk = base64.b64decode(key_b64)
+def accept_hello(port_file):
+    """As an exit: listen on a free loopback port, write it to `port_file`,
+    accept one entry and read its 124-byte hello. Returns (socket, hello),
+    or (None, None) if the entry closed first."""
     ls = socket.socket()
     ls.bind(("127.0.0.1", 0))
     ls.listen(1)
@@ -319,9 +321,17 @@ def fake_exit(port_file, key_b64, message):
     while len(hello) < 124:
         got = s.recv(124 - len(hello))
         if not got:
-            print("closed before the hello")
-            return 1
+            return None, None
         hello += got
+    return s, hello
+
+
+def fake_exit(port_file, key_b64, message):
+    psk = base64.b64decode(key_b64)
+    s, hello = accept_hello(port_file)
+    if s is None:
+        print("closed before the hello")
+        return 1
     cs, ss = hello[:32], os.urandom(32)
     keys = session(psk, cs, ss)
     server_hello = ss + ChaCha20Poly1305(keys["server_hello_key"]).encrypt(nonce(0), bytes([VERSION, 0, 0, 0]), cs)
@@ -378,22 +388,10 @@ def first_flight(port_file, key_b64, want):
     the key confirmation and then the client's data up to `want`, and
     reports how many TCP segments with data that took."""
     psk = base64.b64decode(key_b64)
-    ls = socket.socket()
-    ls.bind(("127.0.0.1", 0))
-    ls.listen(1)
-    with open(port_file + ".tmp", "w") as f:
-        f.write(str(ls.getsockname()[1]))
-    os.rename(port_file + ".tmp", port_file)
-    ls.settimeout(20)
-    s, _ = ls.accept()
-    s.settimeout(10)
-    hello = b""
-    while len(hello) < 124:
-        got = s.recv(124 - len(hello))
-        if not got:
-            print("closed before the hello")
-            return 1
-        hello += got
+    s, hello = accept_hello(port_file)
+    if s is None:
+        print("closed before the hello")
+        return 1
     sys.stdin.readline()
     before = data_segments_in(s)
     cs, ss = hello[:32], os.urandom(32)
