@@ -47,10 +47,16 @@ impl Conn {
     }
 
     /// Reads what the socket already holds into `buf`, without waiting:
-    /// `Ok(0)` is "nothing yet" or EOF (either way the relay's next read
-    /// finds out which), errors are left for that read too.
-    pub fn read_now(&self, buf: &mut [u8]) -> usize {
-        crate::sys::recv_now(&*self.stream.borrow(), buf).unwrap_or(0)
+    /// `Ok(0)` is "nothing yet" or EOF (EOF stays, so the relay's next read
+    /// finds out which). An error (a reset) is returned, never dropped: the
+    /// kernel reports a socket error once, so the next read would see a
+    /// clean EOF where the peer reset.
+    pub fn read_now(&self, buf: &mut [u8]) -> Result<usize, SessionError> {
+        match crate::sys::recv_now(&*self.stream.borrow(), buf) {
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) => Err(self.fail("read", e)),
+        }
     }
 
     /// Turns off quick ACKs (`TCP_QUICKACK` 0) for the handshake: a new

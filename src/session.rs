@@ -105,7 +105,14 @@ async fn proxy_header(
     // read, into a pooled relay buffer, without arming a deadline timer.
     let mut first = relay_buffer(ctx)?;
     let room = first.len().min(FIRST_DATA);
-    let got = client.read_now(&mut first[..room]);
+    let got = match client.read_now(&mut first[..room]) {
+        Ok(got) => got,
+        // Reset before a byte arrived (a probe), as in the loop below.
+        Err(_) => {
+            ctx.recycle(first);
+            return Err(SessionError::Empty(Peer::Downstream));
+        }
+    };
     if let Some(done) = header_read(rec, &first[..got]) {
         ctx.recycle(first);
         return done;
@@ -218,7 +225,14 @@ async fn forward(
         // sent: one segment instead of two, without waiting for data.
         let mut data = relay_buffer(ctx)?;
         let room = data.len().min(FIRST_DATA);
-        let n = client.read_now(&mut data[..room]);
+        let n = match client.read_now(&mut data[..room]) {
+            Ok(n) => n,
+            Err(e) => {
+                ctx.recycle(data);
+                upstream.abort();
+                return Err(e);
+            }
+        };
         data_len = n;
         first.extend_from_slice(&data[..n]);
         ctx.recycle(data);
@@ -361,7 +375,13 @@ async fn first_flight(
     out[..CONFIRM_LEN].copy_from_slice(confirm);
     let at = CONFIRM_LEN + LEN_LEN;
     let len = if early.is_empty() {
-        client.read_now(&mut out[at..at + fits.min(FIRST_DATA)])
+        match client.read_now(&mut out[at..at + fits.min(FIRST_DATA)]) {
+            Ok(n) => n,
+            Err(e) => {
+                ctx.recycle(out);
+                return Err(e);
+            }
+        }
     } else {
         out[at..at + early.len()].copy_from_slice(early);
         early.len()

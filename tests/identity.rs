@@ -376,6 +376,33 @@ fn bad_proxy_headers_are_closed_counted_and_never_forwarded() {
     );
 }
 
+/// `--send-proxy-v2` on a forward reads what the client already sent to
+/// put it in the header's segment; a client that reset before that must
+/// reach the upstream as a reset, never as the header followed by a clean
+/// end (the kernel reports a reset once: a read that dropped it left the
+/// relay a clean EOF). Twenty clients that connect and reset at once.
+#[test]
+fn a_client_reset_before_the_header_goes_out_is_a_reset_upstream() {
+    let (origin, seen) = recording_origin();
+    let fwd = Proxy::forward(origin).args(["--send-proxy-v2"]).start();
+    for _ in 0..20 {
+        let c = TcpStream::connect(fwd.addr).unwrap();
+        socket2::SockRef::from(&c)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(c);
+        let got = seen.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_ne!(
+            got.end,
+            End::Eof,
+            "the upstream saw a clean end after {} bytes",
+            got.bytes.len()
+        );
+    }
+    let (status, lines) = fwd.terminate();
+    assert!(status.success(), "{lines:?}");
+}
+
 /// An entry whose balancer sends a short PROXY header (v1 `UNKNOWN`, 15
 /// bytes) and a lot of data at once: the bytes after the header fill
 /// almost the whole first read, more than fits beside the key

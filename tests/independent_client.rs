@@ -157,6 +157,53 @@ fn the_key_confirmation_carries_the_clients_first_data() {
     assert_eq!(out.trim(), "1 segment(s): confirmation + 'GET / HTTP/1.0'");
 }
 
+/// A client that resets while the entry's handshake is under way: the
+/// entry's look for early data meets the reset, and the tunnel is aborted
+/// (RST), never ended cleanly with an end chunk. The kernel reports a
+/// socket's reset once, so a read that dropped it left the next read a
+/// clean EOF (found by a break-it run of the first flight).
+#[test]
+fn a_client_reset_during_the_handshake_is_never_a_clean_end() {
+    let key = keygen();
+    let port_file = std::env::temp_dir().join(format!("sp-ff-reset-{}", std::process::id()));
+    let _ = std::fs::remove_file(&port_file);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tunnel_client.py");
+    if !python_cryptography() {
+        return;
+    }
+    let mut fake = Command::new("python3")
+        .arg(script)
+        .args(["first-flight-end", port_file.to_str().unwrap(), &key])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let port: u16 = poll_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&port_file)
+            .map_err(|e| e.to_string())
+            .and_then(|p| p.trim().parse::<u16>().map_err(|e| e.to_string()))
+    });
+    let entry = Proxy::entry(
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        &key_file(&[&key]),
+    )
+    .start();
+    let c = std::net::TcpStream::connect(entry.addr).unwrap();
+    // Close with SO_LINGER 0: on loopback the RST is at the entry's socket
+    // when this returns, before the fake exit answers the hello.
+    socket2::SockRef::from(&c)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(c);
+    fake.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let out = fake.wait_with_output().unwrap();
+    let _ = std::fs::remove_file(&port_file);
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.trim().starts_with("reset after"), "{out}");
+    let (_, lines) = entry.terminate();
+    assert_eq!(summaries(&lines)[0].get("downstream_reset"), 1, "{lines:?}");
+}
+
 /// The exit does not ACK a hello on its own: the ACK rides on the server
 /// hello (quick ACKs are off on the exit's listener), so the entry receives
 /// one segment for "ACK + answer", not two. Five handshakes, and at least one

@@ -426,7 +426,40 @@ def first_flight(port_file, key_b64, want):
     return 0
 
 
+def first_flight_end(port_file, key_b64):
+    """A fake exit that answers the hello when told to (a line on stdin),
+    then reads to the end and says how the entry ended the tunnel: "reset",
+    or "clean end" (the key confirmation, then the end chunk and EOF), or
+    what else it saw."""
+    psk = base64.b64decode(key_b64)
+    s, hello = accept_hello(port_file)
+    if s is None:
+        print("closed before the hello")
+        return 1
+    sys.stdin.readline()
+    cs, ss = hello[:32], os.urandom(32)
+    keys = session(psk, cs, ss)
+    s.sendall(ss + ChaCha20Poly1305(keys["server_hello_key"]).encrypt(nonce(0), bytes([VERSION, 0, 0, 0]), cs))
+    got = b""
+    try:
+        while True:
+            more = s.recv(65536)
+            if not more:
+                break
+            got += more
+    except ConnectionResetError:
+        print("reset after %d bytes" % len(got))
+        return 0
+    opener = Opener(keys["c2s_key"], keys["c2s_length_key"])
+    opener.n = 1
+    data, ended = opener.feed(got[18:]) if len(got) >= 18 else (b"", False)
+    print("clean end" if ended and not data else "eof after %d bytes" % len(got))
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "first-flight-end":
+        sys.exit(first_flight_end(sys.argv[2], sys.argv[3]))
     if sys.argv[1] == "hello-acks":
         sys.exit(hello_acks(sys.argv[2], sys.argv[3], sys.argv[4]))
     if sys.argv[1] == "first-flight":
