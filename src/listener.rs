@@ -38,11 +38,12 @@ pub fn bind_all(cfg: &Config, shards: usize) -> Result<Vec<Socket>, StartupError
                 .and_then(|a| a.as_socket())
                 .ok_or(StartupError::AddrNotAvail(addr))?;
         }
-        if matches!(cfg.mode, crate::config::Mode::Exit(_)) && cfg.identity.accept_proxy.is_none() {
-            // The peer is an entry (ours, with TCP_NODELAY), not a load
-            // balancer that might wait on our ACKs: its hello's ACK can ride
-            // on the server hello (see `Conn::delay_acks`). Accepted sockets
-            // inherit this from the listener.
+        if matches!(cfg.mode, crate::config::Mode::Exit(_)) {
+            // The peer is an entry (ours, with TCP_NODELAY; an exit takes no
+            // PROXY header, so no balancer speaks to it on a client's
+            // behalf): its hello's ACK can ride on the server hello (see
+            // `Conn::delay_acks`). Accepted sockets inherit this from the
+            // listener.
             let _ = socket.set_quickack(false);
         }
         sockets.push(socket);

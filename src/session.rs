@@ -375,7 +375,9 @@ async fn first_flight(
     out[..CONFIRM_LEN].copy_from_slice(confirm);
     let at = CONFIRM_LEN + LEN_LEN;
     let len = if early.is_empty() {
-        match client.read_now(&mut out[at..at + fits.min(FIRST_DATA)]) {
+        // At most `--buffer-size`, as every chunk the relay seals.
+        let room = fits.min(FIRST_DATA).min(ctx.limits().buffer_size.get());
+        match client.read_now(&mut out[at..at + room]) {
             Ok(n) => n,
             Err(e) => {
                 ctx.recycle(out);

@@ -109,28 +109,25 @@ fn data_after_the_end_chunk_resets_the_entry_and_its_client() {
     assert_eq!(out.trim(), "entry ended the connection: reset");
 }
 
-/// The entry's first flight: a client that sent its request before the
-/// exit answered gets it carried in the same segment as the key
-/// confirmation: one TCP segment with data reaches the exit for both,
-/// counted by the fake exit's `TCP_INFO` (`tcpi_data_segs_in`), where a
-/// separate confirmation makes two.
-#[test]
-fn the_key_confirmation_carries_the_clients_first_data() {
+/// The entry's first flight, through a fake exit that answers the hello
+/// only once the client's bytes wait at the entry: returns what the fake
+/// exit reports (data segments it received for them, the first chunk's
+/// size, whether the data arrived intact).
+fn first_flight(entry_args: &[&str], data: &str) -> Option<String> {
     let key = keygen();
-    let port_file = std::env::temp_dir().join(format!("sp-first-flight-{}", std::process::id()));
+    let port_file = std::env::temp_dir().join(format!(
+        "sp-first-flight-{}-{}",
+        std::process::id(),
+        data.len()
+    ));
     let _ = std::fs::remove_file(&port_file);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tunnel_client.py");
     if !python_cryptography() {
-        return;
+        return None;
     }
     let mut fake = Command::new("python3")
         .arg(script)
-        .args([
-            "first-flight",
-            port_file.to_str().unwrap(),
-            &key,
-            "GET / HTTP/1.0",
-        ])
+        .args(["first-flight", port_file.to_str().unwrap(), &key, data])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -144,17 +141,41 @@ fn the_key_confirmation_carries_the_clients_first_data() {
         std::net::SocketAddr::from(([127, 0, 0, 1], port)),
         &key_file(&[&key]),
     )
+    .args(entry_args)
     .start();
     let mut c = std::net::TcpStream::connect(entry.addr).unwrap();
     // On loopback the write has reached the entry's socket when it returns.
-    c.write_all(b"GET / HTTP/1.0").unwrap();
+    c.write_all(data.as_bytes()).unwrap();
     // The fake exit has the hello once the entry is connected to it; it
-    // answers now, with the request already waiting at the entry.
+    // answers now, with the data already waiting at the entry.
     fake.stdin.take().unwrap().write_all(b"go\n").unwrap();
     let out = fake.wait_with_output().unwrap();
     let _ = std::fs::remove_file(&port_file);
-    let out = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.trim(), "1 segment(s): confirmation + 'GET / HTTP/1.0'");
+    Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// A client that sent its request before the exit answered gets it carried
+/// in the same segment as the key confirmation: one TCP segment with data
+/// reaches the exit for both, counted by the fake exit's `TCP_INFO`
+/// (`tcpi_data_segs_in`), where a separate confirmation makes two.
+#[test]
+fn the_key_confirmation_carries_the_clients_first_data() {
+    if let Some(out) = first_flight(&[], "GET / HTTP/1.0") {
+        assert_eq!(out, "1 segment(s): confirmation + 14-byte chunk, data ok");
+    }
+}
+
+/// The first flight's chunk is capped by `--buffer-size`, as every chunk
+/// the relay seals (it took up to 16 KiB whatever the setting).
+#[test]
+fn the_first_flight_honours_buffer_size() {
+    let data = "x".repeat(3000);
+    if let Some(out) = first_flight(&["--buffer-size", "1KiB"], &data) {
+        assert!(
+            out.ends_with("confirmation + 1024-byte chunk, data ok"),
+            "{out}"
+        );
+    }
 }
 
 /// A client that resets while the entry's handshake is under way: the

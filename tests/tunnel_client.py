@@ -386,7 +386,8 @@ def first_flight(port_file, key_b64, want):
     """A fake exit that answers the hello only when told to (a line on
     stdin, once the test's client has sent its request to the entry), reads
     the key confirmation and then the client's data up to `want`, and
-    reports how many TCP segments with data that took."""
+    reports how many TCP segments with data that took and the size of the
+    first data chunk."""
     psk = base64.b64decode(key_b64)
     s, hello = accept_hello(port_file)
     if s is None:
@@ -421,7 +422,9 @@ def first_flight(port_file, key_b64, want):
         plain, _ = opener.feed(more)
         data += plain
     segments = data_segments_in(s) - before
-    print("%d segment(s): confirmation + %r" % (segments, data.decode()))
+    (first_chunk,) = struct.unpack(">H", mask_length(keys["c2s_length_key"], 1, got[18:20]))
+    print("%d segment(s): confirmation + %d-byte chunk, %s" % (
+        segments, first_chunk, "data ok" if data == want.encode() else "data wrong"))
     s.close()
     return 0
 
