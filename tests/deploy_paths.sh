@@ -484,8 +484,9 @@ def pod(kind, name):
 
 # Sizing: the connection limit is reached before the memory limit. Per
 # session and at start, as measured by benches/memory.rs (docs/BENCHMARKS.md,
-# "Memory per connection"): ~45 KiB and ~15 MiB, with 64 MiB kept for kernel
-# socket buffers.
+# "Memory per connection"): ~80 KiB at the limit in the tunnel roles (50 KiB
+# idle, a quarter of a 64 KiB batch buffer, OpenSSL contexts while busy) and
+# ~17 MiB, with 64 MiB kept for kernel socket buffers.
 import tomllib
 units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
 for kind, name, cfg in [("Deployment", "shardproxy-exit", "exit.toml"), ("DaemonSet", "shardproxy-entry", "entry.toml")]:
@@ -493,7 +494,7 @@ for kind, name, cfg in [("Deployment", "shardproxy-exit", "exit.toml"), ("Daemon
     limit = c["resources"]["limits"]["memory"]
     limit = int(limit[:-2]) * units[limit[-2:]]
     conf = tomllib.loads(cm[cfg])
-    need = 15 * (1 << 20) + conf["cores"] * conf["max_connections"] * 45 * 1024 + 64 * (1 << 20)
+    need = 17 * (1 << 20) + conf["cores"] * conf["max_connections"] * 80 * 1024 + 64 * (1 << 20)
     assert need <= limit, f"{name}: {conf['cores']} x {conf['max_connections']} sessions need {need >> 20} MiB > limit {limit >> 20} MiB"
     print(f"{name}: {conf['cores']} shard(s) x {conf['max_connections']} sessions: {need >> 20} MiB <= limit {limit >> 20} MiB")
 
