@@ -178,6 +178,51 @@ fn the_first_flight_honours_buffer_size() {
     }
 }
 
+/// A client's FIN becomes the end chunk and the tunnel's FIN in one TCP
+/// segment (`MSG_MORE`, then `shutdown`): the fake exit counts every
+/// segment (ACKs included) that brings them, where a separate FIN makes
+/// two.
+#[test]
+fn the_end_chunk_and_fin_share_a_segment() {
+    let key = keygen();
+    let port_file = std::env::temp_dir().join(format!("sp-end-fin-{}", std::process::id()));
+    let _ = std::fs::remove_file(&port_file);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tunnel_client.py");
+    if !python_cryptography() {
+        return;
+    }
+    let mut fake = Command::new("python3")
+        .arg(script)
+        .args(["end-fin", port_file.to_str().unwrap(), &key, "last words"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let port: u16 = poll_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&port_file)
+            .map_err(|e| e.to_string())
+            .and_then(|p| p.trim().parse::<u16>().map_err(|e| e.to_string()))
+    });
+    let entry = Proxy::entry(
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        &key_file(&[&key]),
+    )
+    .start();
+    let mut c = std::net::TcpStream::connect(entry.addr).unwrap();
+    c.write_all(b"last words").unwrap();
+    // Half-close only once the data is at the fake exit, so that what it
+    // counts next is the end chunk and FIN alone.
+    let mut out = std::io::BufReader::new(fake.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "data in");
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let _ = fake.wait();
+    let _ = std::fs::remove_file(&port_file);
+    assert_eq!(rest.trim(), "end chunk and FIN in 1 segment(s)");
+}
+
 /// A client that resets while the entry's handshake is under way: the
 /// entry's look for early data meets the reset, and the tunnel is aborted
 /// (RST), never ended cleanly with an end chunk. The kernel reports a

@@ -460,7 +460,56 @@ def first_flight_end(port_file, key_b64):
     return 0
 
 
+def end_fin(port_file, key_b64, want):
+    """A fake exit that answers at once, reads the confirmation and the
+    client's data up to `want`, then counts the TCP segments (ACKs included,
+    via tcpi_segs_in) that bring the end chunk and FIN, and checks the end
+    chunk. Prints "end chunk and FIN in N segment(s)"."""
+    psk = base64.b64decode(key_b64)
+    s, hello = accept_hello(port_file)
+    if s is None:
+        print("closed before the hello")
+        return 1
+    cs, ss = hello[:32], os.urandom(32)
+    keys = session(psk, cs, ss)
+    s.sendall(ss + ChaCha20Poly1305(keys["server_hello_key"]).encrypt(nonce(0), bytes([VERSION, 0, 0, 0]), cs))
+    got = b""
+    while len(got) < 18:
+        more = s.recv(65536)
+        if not more:
+            print("closed before the confirmation")
+            return 1
+        got += more
+    opener = Opener(keys["c2s_key"], keys["c2s_length_key"])
+    opener.n = 1
+    data, ended = opener.feed(got[18:])
+    while data != want.encode() and not ended:
+        more = s.recv(65536)
+        if not more:
+            print("closed after %r" % data)
+            return 1
+        plain, ended = opener.feed(more)
+        data += plain
+    before = segments_in(s)
+    # The test half-closes its client only after this line.
+    print("data in", flush=True)
+    while not ended:
+        more = s.recv(65536)
+        if not more:
+            print("EOF without the end chunk")
+            return 1
+        _, ended = opener.feed(more)
+    if s.recv(65536) != b"":
+        print("bytes after the end chunk")
+        return 1
+    print("end chunk and FIN in %d segment(s)" % (segments_in(s) - before))
+    s.close()
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "end-fin":
+        sys.exit(end_fin(sys.argv[2], sys.argv[3], sys.argv[4]))
     if sys.argv[1] == "first-flight-end":
         sys.exit(first_flight_end(sys.argv[2], sys.argv[3]))
     if sys.argv[1] == "hello-acks":
