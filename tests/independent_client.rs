@@ -62,72 +62,31 @@ fn data_after_the_end_chunk_resets_the_exit_and_its_origin() {
     assert_eq!(s.bytes, b"before the end");
 }
 
-/// The same in the other direction: an exit (the independent client acting
-/// as one) that sends a chunk after its end chunk resets the entry's client.
-#[test]
-fn data_after_the_end_chunk_resets_the_entry_and_its_client() {
-    let key = keygen();
-    let port_file = std::env::temp_dir().join(format!("sp-fake-exit-{}", std::process::id()));
-    let _ = std::fs::remove_file(&port_file);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tunnel_client.py");
-    if !python_cryptography() {
-        return;
-    }
-    let fake = Command::new("python3")
-        .arg(script)
-        .args([
-            "fake-exit",
-            port_file.to_str().unwrap(),
-            &key,
-            "from the fake exit",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let port: u16 = poll_until(Duration::from_secs(10), || {
-        std::fs::read_to_string(&port_file)
-            .map_err(|e| e.to_string())
-            .and_then(|p| p.trim().parse::<u16>().map_err(|e| e.to_string()))
-    });
-    let entry = Proxy::entry(
-        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-        &key_file(&[&key]),
-    )
-    .start();
-    let mut c = std::net::TcpStream::connect(entry.addr).unwrap();
-    c.write_all(b"hi").unwrap();
-    let (end, n) = read_until_end(&mut c, Duration::from_secs(10));
-    assert_eq!(
-        end,
-        End::Reset,
-        "the entry's client saw {end:?} after {n} bytes"
-    );
-    assert!(n <= b"from the fake exit".len(), "{n} bytes");
-    let out = fake.wait_with_output().unwrap();
-    let _ = std::fs::remove_file(&port_file);
-    let out = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.trim(), "entry ended the connection: reset");
-}
-
-/// The entry's first flight, through a fake exit that answers the hello
-/// only once the client's bytes wait at the entry: returns what the fake
-/// exit reports (data segments it received for them, the first chunk's
-/// size, whether the data arrived intact).
-fn first_flight(entry_args: &[&str], data: &str) -> Option<String> {
-    let key = keygen();
-    let port_file = std::env::temp_dir().join(format!(
-        "sp-first-flight-{}-{}",
-        std::process::id(),
-        data.len()
-    ));
-    let _ = std::fs::remove_file(&port_file);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tunnel_client.py");
+/// tests/tunnel_client.py as a fake exit in `mode` (`args` after its port
+/// file and key; stdin and stdout piped), and an entry (with `entry_args`)
+/// in front of it. `None` if Python's `cryptography` is missing.
+fn fake_exit(
+    mode: &str,
+    args: &[&str],
+    entry_args: &[&str],
+) -> Option<(std::process::Child, Proxy)> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
     if !python_cryptography() {
         return None;
     }
-    let mut fake = Command::new("python3")
+    let key = keygen();
+    let port_file = std::env::temp_dir().join(format!(
+        "sp-fake-exit-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_file(&port_file);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tunnel_client.py");
+    let fake = Command::new("python3")
         .arg(script)
-        .args(["first-flight", port_file.to_str().unwrap(), &key, data])
+        .args([mode, port_file.to_str().unwrap(), &key])
+        .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -137,21 +96,59 @@ fn first_flight(entry_args: &[&str], data: &str) -> Option<String> {
             .map_err(|e| e.to_string())
             .and_then(|p| p.trim().parse::<u16>().map_err(|e| e.to_string()))
     });
+    let _ = std::fs::remove_file(&port_file);
     let entry = Proxy::entry(
         std::net::SocketAddr::from(([127, 0, 0, 1], port)),
         &key_file(&[&key]),
     )
     .args(entry_args)
     .start();
+    Some((fake, entry))
+}
+
+/// What a fake exit printed, once it has exited.
+fn fake_output(fake: std::process::Child) -> String {
+    let out = fake.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Tells a fake exit waiting on stdin to answer the hello.
+fn go(fake: &mut std::process::Child) {
+    fake.stdin.take().unwrap().write_all(b"go\n").unwrap();
+}
+
+/// The same in the other direction: an exit (the independent client acting
+/// as one) that sends a chunk after its end chunk resets the entry's client.
+#[test]
+fn data_after_the_end_chunk_resets_the_entry_and_its_client() {
+    let Some((fake, entry)) = fake_exit("fake-exit", &["from the fake exit"], &[]) else {
+        return;
+    };
+    let mut c = std::net::TcpStream::connect(entry.addr).unwrap();
+    c.write_all(b"hi").unwrap();
+    let (end, n) = read_until_end(&mut c, Duration::from_secs(10));
+    assert_eq!(
+        end,
+        End::Reset,
+        "the entry's client saw {end:?} after {n} bytes"
+    );
+    assert!(n <= b"from the fake exit".len(), "{n} bytes");
+    assert_eq!(fake_output(fake), "entry ended the connection: reset");
+}
+
+/// The entry's first flight, through a fake exit that answers the hello
+/// only once the client's bytes wait at the entry: returns what the fake
+/// exit reports (data segments it received for them, the first chunk's
+/// size, whether the data arrived intact).
+fn first_flight(entry_args: &[&str], data: &str) -> Option<String> {
+    let (mut fake, entry) = fake_exit("first-flight", &[data], entry_args)?;
     let mut c = std::net::TcpStream::connect(entry.addr).unwrap();
     // On loopback the write has reached the entry's socket when it returns.
     c.write_all(data.as_bytes()).unwrap();
     // The fake exit has the hello once the entry is connected to it; it
     // answers now, with the data already waiting at the entry.
-    fake.stdin.take().unwrap().write_all(b"go\n").unwrap();
-    let out = fake.wait_with_output().unwrap();
-    let _ = std::fs::remove_file(&port_file);
-    Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    go(&mut fake);
+    Some(fake_output(fake))
 }
 
 /// A client that sent its request before the exit answered gets it carried
@@ -184,29 +181,9 @@ fn the_first_flight_honours_buffer_size() {
 /// two.
 #[test]
 fn the_end_chunk_and_fin_share_a_segment() {
-    let key = keygen();
-    let port_file = std::env::temp_dir().join(format!("sp-end-fin-{}", std::process::id()));
-    let _ = std::fs::remove_file(&port_file);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tunnel_client.py");
-    if !python_cryptography() {
+    let Some((mut fake, entry)) = fake_exit("end-fin", &["last words"], &[]) else {
         return;
-    }
-    let mut fake = Command::new("python3")
-        .arg(script)
-        .args(["end-fin", port_file.to_str().unwrap(), &key, "last words"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let port: u16 = poll_until(Duration::from_secs(10), || {
-        std::fs::read_to_string(&port_file)
-            .map_err(|e| e.to_string())
-            .and_then(|p| p.trim().parse::<u16>().map_err(|e| e.to_string()))
-    });
-    let entry = Proxy::entry(
-        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-        &key_file(&[&key]),
-    )
-    .start();
+    };
     let mut c = std::net::TcpStream::connect(entry.addr).unwrap();
     c.write_all(b"last words").unwrap();
     // Half-close only once the data is at the fake exit, so that what it
@@ -219,7 +196,6 @@ fn the_end_chunk_and_fin_share_a_segment() {
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
     let _ = fake.wait();
-    let _ = std::fs::remove_file(&port_file);
     assert_eq!(rest.trim(), "end chunk and FIN in 1 segment(s)");
 }
 
@@ -230,30 +206,9 @@ fn the_end_chunk_and_fin_share_a_segment() {
 /// clean EOF (found by a break-it run of the first flight).
 #[test]
 fn a_client_reset_during_the_handshake_is_never_a_clean_end() {
-    let key = keygen();
-    let port_file = std::env::temp_dir().join(format!("sp-ff-reset-{}", std::process::id()));
-    let _ = std::fs::remove_file(&port_file);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tunnel_client.py");
-    if !python_cryptography() {
+    let Some((mut fake, entry)) = fake_exit("first-flight-end", &[], &[]) else {
         return;
-    }
-    let mut fake = Command::new("python3")
-        .arg(script)
-        .args(["first-flight-end", port_file.to_str().unwrap(), &key])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let port: u16 = poll_until(Duration::from_secs(10), || {
-        std::fs::read_to_string(&port_file)
-            .map_err(|e| e.to_string())
-            .and_then(|p| p.trim().parse::<u16>().map_err(|e| e.to_string()))
-    });
-    let entry = Proxy::entry(
-        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-        &key_file(&[&key]),
-    )
-    .start();
+    };
     let c = std::net::TcpStream::connect(entry.addr).unwrap();
     // Close with SO_LINGER 0: on loopback the RST is at the entry's socket
     // when this returns, before the fake exit answers the hello.
@@ -261,11 +216,9 @@ fn a_client_reset_during_the_handshake_is_never_a_clean_end() {
         .set_linger(Some(Duration::ZERO))
         .unwrap();
     drop(c);
-    fake.stdin.take().unwrap().write_all(b"go\n").unwrap();
-    let out = fake.wait_with_output().unwrap();
-    let _ = std::fs::remove_file(&port_file);
-    let out = String::from_utf8_lossy(&out.stdout);
-    assert!(out.trim().starts_with("reset after"), "{out}");
+    go(&mut fake);
+    let out = fake_output(fake);
+    assert!(out.starts_with("reset after"), "{out}");
     let (_, lines) = entry.terminate();
     assert_eq!(summaries(&lines)[0].get("downstream_reset"), 1, "{lines:?}");
 }

@@ -326,15 +326,43 @@ def accept_hello(port_file):
     return s, hello
 
 
+def server_hello_for(psk, hello):
+    """The exit's answer to `hello` (PROTOCOL.md §3) under a fresh server
+    salt. Returns (session keys, server hello bytes)."""
+    cs, ss = hello[:32], os.urandom(32)
+    keys = session(psk, cs, ss)
+    return keys, ss + ChaCha20Poly1305(keys["server_hello_key"]).encrypt(nonce(0), bytes([VERSION, 0, 0, 0]), cs)
+
+
+def read_confirmation(s, keys):
+    """Reads and verifies the entry's key confirmation (PROTOCOL.md §4:
+    chunk 0, length value 0xffff, empty payload). Returns an Opener for the
+    chunks after it and the bytes already read past it, or None (printed)
+    if the entry closed first or sent another chunk."""
+    got = b""
+    while len(got) < 18:
+        more = s.recv(65536)
+        if not more:
+            print("closed before the confirmation")
+            return None
+        got += more
+    (field,) = struct.unpack(">H", mask_length(keys["c2s_length_key"], 0, got[:2]))
+    if field != CONFIRM_FIELD:
+        print("first chunk is not the key confirmation")
+        return None
+    ChaCha20Poly1305(keys["c2s_key"]).decrypt(chunk_nonce(0, CONFIRM_FIELD), got[2:18], b"")
+    opener = Opener(keys["c2s_key"], keys["c2s_length_key"])
+    opener.n = 1
+    return opener, got[18:]
+
+
 def fake_exit(port_file, key_b64, message):
     psk = base64.b64decode(key_b64)
     s, hello = accept_hello(port_file)
     if s is None:
         print("closed before the hello")
         return 1
-    cs, ss = hello[:32], os.urandom(32)
-    keys = session(psk, cs, ss)
-    server_hello = ss + ChaCha20Poly1305(keys["server_hello_key"]).encrypt(nonce(0), bytes([VERSION, 0, 0, 0]), cs)
+    keys, server_hello = server_hello_for(psk, hello)
     sealer = Sealer(keys["s2c_key"], keys["s2c_length_key"])
     s.sendall(server_hello + sealer.chunk(message.encode()) + sealer.end() + sealer.chunk(b"after the end"))
     print("entry ended the connection: " + how_it_ended(s))
@@ -395,25 +423,13 @@ def first_flight(port_file, key_b64, want):
         return 1
     sys.stdin.readline()
     before = data_segments_in(s)
-    cs, ss = hello[:32], os.urandom(32)
-    keys = session(psk, cs, ss)
-    s.sendall(ss + ChaCha20Poly1305(keys["server_hello_key"]).encrypt(nonce(0), bytes([VERSION, 0, 0, 0]), cs))
-    got = b""
-    while len(got) < 18:
-        more = s.recv(65536)
-        if not more:
-            print("closed before the confirmation")
-            return 1
-        got += more
-    # PROTOCOL.md §4: the confirmation is chunk 0, length value 0xffff.
-    (field,) = struct.unpack(">H", mask_length(keys["c2s_length_key"], 0, got[:2]))
-    if field != CONFIRM_FIELD:
-        print("first chunk is not the key confirmation")
+    keys, answer = server_hello_for(psk, hello)
+    s.sendall(answer)
+    confirmed = read_confirmation(s, keys)
+    if confirmed is None:
         return 1
-    ChaCha20Poly1305(keys["c2s_key"]).decrypt(chunk_nonce(0, CONFIRM_FIELD), got[2:18], b"")
-    opener = Opener(keys["c2s_key"], keys["c2s_length_key"])
-    opener.n = 1
-    data, _ = opener.feed(got[18:])
+    opener, rest = confirmed
+    data, _ = opener.feed(rest)
     while data != want.encode():
         more = s.recv(65536)
         if not more:
@@ -422,7 +438,7 @@ def first_flight(port_file, key_b64, want):
         plain, _ = opener.feed(more)
         data += plain
     segments = data_segments_in(s) - before
-    (first_chunk,) = struct.unpack(">H", mask_length(keys["c2s_length_key"], 1, got[18:20]))
+    (first_chunk,) = struct.unpack(">H", mask_length(keys["c2s_length_key"], 1, rest[:2]))
     print("%d segment(s): confirmation + %d-byte chunk, %s" % (
         segments, first_chunk, "data ok" if data == want.encode() else "data wrong"))
     s.close()
@@ -440,9 +456,8 @@ def first_flight_end(port_file, key_b64):
         print("closed before the hello")
         return 1
     sys.stdin.readline()
-    cs, ss = hello[:32], os.urandom(32)
-    keys = session(psk, cs, ss)
-    s.sendall(ss + ChaCha20Poly1305(keys["server_hello_key"]).encrypt(nonce(0), bytes([VERSION, 0, 0, 0]), cs))
+    keys, answer = server_hello_for(psk, hello)
+    s.sendall(answer)
     got = b""
     try:
         while True:
@@ -470,19 +485,13 @@ def end_fin(port_file, key_b64, want):
     if s is None:
         print("closed before the hello")
         return 1
-    cs, ss = hello[:32], os.urandom(32)
-    keys = session(psk, cs, ss)
-    s.sendall(ss + ChaCha20Poly1305(keys["server_hello_key"]).encrypt(nonce(0), bytes([VERSION, 0, 0, 0]), cs))
-    got = b""
-    while len(got) < 18:
-        more = s.recv(65536)
-        if not more:
-            print("closed before the confirmation")
-            return 1
-        got += more
-    opener = Opener(keys["c2s_key"], keys["c2s_length_key"])
-    opener.n = 1
-    data, ended = opener.feed(got[18:])
+    keys, answer = server_hello_for(psk, hello)
+    s.sendall(answer)
+    confirmed = read_confirmation(s, keys)
+    if confirmed is None:
+        return 1
+    opener, rest = confirmed
+    data, ended = opener.feed(rest)
     while data != want.encode() and not ended:
         more = s.recv(65536)
         if not more:

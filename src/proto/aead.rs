@@ -289,6 +289,41 @@ impl OpenSsl {
         }
     }
 
+    /// Runs one seal (`sealing`) or open over `buf` under `nonce`, with
+    /// `aad`: the context's set-up, the associated data and the in-place
+    /// update, then `finish` (tag out, or tag in and check). `None` when the
+    /// context could not be set up (`buf` untouched). On an error `buf` is
+    /// zeroed, never left half sealed or as unauthenticated plaintext, and
+    /// the next call makes a fresh context.
+    fn crypt<T>(
+        &self,
+        sealing: bool,
+        nonce: &[u8; 12],
+        aad: &[u8],
+        buf: &mut [u8],
+        finish: impl FnOnce(
+            &mut openssl::cipher_ctx::CipherCtxRef,
+        ) -> Result<T, openssl::error::ErrorStack>,
+    ) -> Option<Result<T, openssl::error::ErrorStack>> {
+        let mut slot = self.ctx.borrow_mut();
+        self.start(&mut slot, sealing, nonce)?;
+        let (ctx, _) = slot.as_mut()?;
+        let run = || {
+            if !aad.is_empty() {
+                ctx.cipher_update(aad, None)?;
+            }
+            let len = buf.len();
+            ctx.cipher_update_inplace(buf, len)?;
+            finish(ctx)
+        };
+        let done = run();
+        if done.is_err() {
+            *slot = None;
+            buf.fill(0);
+        }
+        Some(done)
+    }
+
     /// Encrypts `buf` in place; returns the tag. `Some(Err)` when OpenSSL
     /// failed part way: `buf` is then zeroed (part of it may already be
     /// ciphertext, so no backend can seal it again).
@@ -298,25 +333,13 @@ impl OpenSsl {
         aad: &[u8],
         buf: &mut [u8],
     ) -> Option<Result<[u8; TAG_LEN], ProtoError>> {
-        let mut slot = self.ctx.borrow_mut();
-        self.start(&mut slot, true, &nonce)?;
-        let (ctx, _) = slot.as_mut()?;
-        let sealed = (|| {
-            if !aad.is_empty() {
-                ctx.cipher_update(aad, None)?;
-            }
-            let len = buf.len();
-            ctx.cipher_update_inplace(buf, len)?;
+        let sealed = self.crypt(true, &nonce, aad, buf, |ctx| {
             ctx.cipher_final(&mut [])?;
             let mut tag = [0u8; TAG_LEN];
             ctx.tag(&mut tag)?;
-            Ok::<_, openssl::error::ErrorStack>(tag)
-        })();
-        Some(sealed.map_err(|_| {
-            *slot = None;
-            buf.fill(0);
-            ProtoError::SealFailed
-        }))
+            Ok(tag)
+        })?;
+        Some(sealed.map_err(|_| ProtoError::SealFailed))
     }
 
     /// Verifies `tag` and decrypts `buf` in place. `Some(Err)` when the tag
@@ -332,25 +355,11 @@ impl OpenSsl {
         if tag.len() != TAG_LEN {
             return Some(Err(ProtoError::BadTag));
         }
-        let mut slot = self.ctx.borrow_mut();
-        self.start(&mut slot, false, &nonce)?;
-        let (ctx, _) = slot.as_mut()?;
-        let opened = (|| {
-            if !aad.is_empty() {
-                ctx.cipher_update(aad, None)?;
-            }
-            let len = buf.len();
-            ctx.cipher_update_inplace(buf, len)?;
+        let opened = self.crypt(false, &nonce, aad, buf, |ctx| {
             ctx.set_tag(tag)?;
-            ctx.cipher_final(&mut [])
-        })();
-        Some(match opened {
-            Ok(_) => Ok(()),
-            Err(_) => {
-                buf.fill(0);
-                Err(ProtoError::BadTag)
-            }
-        })
+            ctx.cipher_final(&mut []).map(|_| ())
+        })?;
+        Some(opened.map_err(|_| ProtoError::BadTag))
     }
 }
 
