@@ -241,7 +241,7 @@ async fn forward(
     }
     if !first.is_empty() {
         let read_at = ctx.timings().enabled().then(Instant::now);
-        if let Err(e) = upstream.write_all(&first, || ()).await {
+        if let Err(e) = abortable(ctx, upstream.write_all(&first, || ())).await {
             upstream.abort();
             return Err(e);
         }
@@ -397,7 +397,7 @@ async fn first_flight(
         ctx.stats().add_bytes(true, len);
         rec.add_bytes(true, len);
     }
-    let sent = upstream.write_all(&out[..total], || ()).await;
+    let sent = abortable(ctx, upstream.write_all(&out[..total], || ())).await;
     if early.len() <= fits {
         ctx.recycle(out);
     }
@@ -533,7 +533,7 @@ async fn exit(
     let (upstream, lease, ()) = connect_pool(ctx, rec, async |_| Ok(())).await?;
     let header = proxy_header_out(ctx, rec);
     if !header.is_empty() {
-        if let Err(e) = upstream.write_all(&header, || ()).await {
+        if let Err(e) = abortable(ctx, upstream.write_all(&header, || ())).await {
             upstream.abort();
             return Err(e);
         }
@@ -664,6 +664,18 @@ async fn connect_to(ctx: &ShardCtx, rec: &Record, lease: &Lease) -> Result<Conn,
         }
         Err(_) => Err(SessionError::Drained),
     }
+}
+
+/// Runs a write made before the relay (and its drain watchdog) takes over
+/// the pair, until it completes or the shard aborts everything: stop wins
+/// even over a peer that never reads.
+async fn abortable(
+    ctx: &ShardCtx,
+    write: impl Future<Output = Result<(), SessionError>>,
+) -> Result<(), SessionError> {
+    bounded(ctx.aborted(), None, write)
+        .await
+        .unwrap_or(Err(SessionError::Drained))
 }
 
 /// Runs a handshake step with `peer` until `deadline`, or until the shard
