@@ -409,12 +409,14 @@ fn slow_clients_cannot_hold_the_metrics_endpoint() {
     let (_proxy, m) = forward_with_metrics();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let cut = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let connected = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
     let tricklers: Vec<_> = (0..100)
         .map(|_| {
-            let (stop, cut) = (stop.clone(), cut.clone());
+            let (stop, cut, connected) = (stop.clone(), cut.clone(), connected.clone());
             thread::spawn(move || {
                 let mut c = TcpStream::connect(m).unwrap();
+                connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let opened = Instant::now();
                 // Bounded: at most 40 bytes, 100 ms apart (4 s), far past
                 // the 2 s head deadline.
@@ -440,6 +442,15 @@ fn slow_clients_cannot_hold_the_metrics_endpoint() {
             })
         })
         .collect();
+    // Probe once all are in: a probe accepted while 64 newer connections
+    // arrive is evicted by design (the oldest goes at the cap), and that
+    // race with the tricklers' connects is not what this test is about.
+    poll_until(Duration::from_secs(10), || {
+        match connected.load(std::sync::atomic::Ordering::Relaxed) {
+            100 => Ok(()),
+            n => Err(format!("{n} of 100 tricklers connected")),
+        }
+    });
     // While they trickle: probes and scrapes still answer at once.
     let mut worst = Duration::ZERO;
     let mut probes = 0;
