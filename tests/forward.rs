@@ -320,10 +320,13 @@ fn sigterm_drains_in_flight_transfer_and_refuses_new_connections() {
     proxy.wait_for_every_shard(" draining: stopped accepting", Duration::from_secs(10));
     // New connections are refused once every shard closed its listener. The
     // kernel lets go of the socket when io_uring drops its last reference,
-    // just after the log line, so this waits for the port itself.
+    // just after the log line, so this waits for the port itself. A connect
+    // that races the close can be reset (it reached the closing listener's
+    // queue); the wait goes on until one is refused outright.
     let refused = poll_until(Duration::from_secs(5), || match TcpStream::connect(addr) {
-        Err(e) => Ok(e),
-        Ok(_) => Err("listener still open after SIGTERM"),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(e),
+        Err(e) => Err(format!("connect during the close: {e}")),
+        Ok(_) => Err("listener still open after SIGTERM".to_string()),
     });
     assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
     go.send(()).unwrap();
