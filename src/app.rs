@@ -124,6 +124,7 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         crate::error!("panic in thread {}: {info}", thread.name().unwrap_or("?"));
         let n = crate::sys::abandon_connections();
         crate::error!("exiting after the panic: {n} socket(s) reset");
+        crate::log::flush();
         std::process::exit(101);
     }));
     // Before anything else that takes time: hellos stamped earlier than
@@ -133,6 +134,11 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
     crate::log::set(cfg.log_level, cfg.log_format);
+    // From here on no thread blocks on stderr (see crate::log); main()
+    // flushes before the process exits.
+    if let Err(e) = crate::log::start_writer() {
+        crate::warn!("log writer thread not started ({e}): lines are written in place");
+    }
     preflight()?;
     raise_fd_limit(cfg.fds_needed());
     if let Some(log) = &cfg.access_log {

@@ -365,6 +365,7 @@ fn on_signal(phase: &mut Phase, sig: i32, shared: &Arc<Mutex<Phase>>) {
             _ => {
                 // No shard runs yet and nothing was accepted: a clean exit.
                 crate::info!("termination signal during start-up: exiting");
+                crate::log::flush();
                 std::process::exit(0);
             }
         },
@@ -386,6 +387,7 @@ fn on_signal(phase: &mut Phase, sig: i32, shared: &Arc<Mutex<Phase>>) {
                 crate::warn!(
                     "second termination signal: exiting now, {n} socket(s) reset (RST, not FIN)"
                 );
+                crate::log::flush();
                 std::process::exit(1);
             }
             _ => {

@@ -4,11 +4,26 @@
 //! (`--log-format json`). Timestamps are RFC 3339, UTC, milliseconds.
 //!
 //! Deliberately tiny (no `log`/`tracing` facade): the proxy logs start-up,
-//! shard lifecycle and rate-limited failures, never per byte. The level
-//! (`--log-level`) and format are two process-wide atomics, read once per
-//! line, never on the data path.
+//! shard lifecycle and rate-limited failures, never per byte (at `debug`,
+//! one line per closed connection). The level (`--log-level`) and format
+//! are two process-wide atomics, read once per line, never on the data path.
+//!
+//! **A slow or stuck stderr never holds up a shard.** Once a proxy has
+//! started ([`start_writer`]), lines go through a bounded queue
+//! ([`QUEUED_LINES`]) to one writer thread, which alone blocks on stderr.
+//! A line that finds the queue full is dropped and counted
+//! (`shardproxy_log_lines_dropped_total`); the writer says how many were
+//! dropped once it is writing again. This is what HAProxy does for
+//! `log stdout` (non-blocking, lines dropped), and it matters for the
+//! places where stderr is a pipe that can stop: Docker's default
+//! (blocking) log mode, a paused pager, a journald that is restarting.
+//! Before [`start_writer`] (start-up errors, tools) and after the writer
+//! stopped, lines are written in place. [`flush`] waits, bounded, for the
+//! queue to drain: the process calls it before it exits.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::Duration;
 
 /// How severe a line is; a line is written if it is at most the level set
 /// with [`set`] (`Error` < `Warn` < `Info` < `Debug`).
@@ -118,22 +133,142 @@ macro_rules! error {
     };
 }
 
+/// Lines the writer thread's queue holds; a line that finds it full is
+/// dropped and counted. At about 150 bytes a line, 4096 lines are 600 KiB:
+/// several seconds of the busiest logging (`debug`, a line per connection)
+/// behind a stalled stderr, and tens of seconds of warnings.
+pub const QUEUED_LINES: usize = 4096;
+
+/// How long [`flush`] waits for the queue to drain: the process is exiting,
+/// and a stderr that does not move must not keep it alive (stop wins).
+pub const FLUSH_WAIT: Duration = Duration::from_secs(2);
+
+/// The writer thread's queue, once started.
+static QUEUE: OnceLock<std::sync::mpsc::SyncSender<String>> = OnceLock::new();
+/// Lines dropped because the queue was full: since start, and not yet
+/// reported in the log.
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+static DROPPED_UNREPORTED: AtomicU64 = AtomicU64::new(0);
+/// Lines queued (counted by the senders) and lines the writer is done with.
+static QUEUED: AtomicU64 = AtomicU64::new(0);
+static WRITTEN: Mutex<u64> = Mutex::new(0);
+static WRITTEN_MOVED: Condvar = Condvar::new();
+
+/// Starts the writer thread (a proxy, once, before its shards start): from
+/// then on [`write_line`] only queues. Errors: the thread could not be
+/// spawned; lines are then written in place, as before.
+pub fn start_writer() -> std::io::Result<()> {
+    if QUEUE.get().is_some() {
+        return Ok(());
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel::<String>(QUEUED_LINES);
+    std::thread::Builder::new()
+        .name("log-writer".into())
+        .spawn(move || {
+            use std::sync::mpsc::RecvTimeoutError;
+            loop {
+                // The drop notice goes out before the next line, or after a
+                // second without one: a burst that overflowed the queue is
+                // reported even if nothing is logged after it.
+                let next = rx.recv_timeout(Duration::from_secs(1));
+                let dropped = DROPPED_UNREPORTED.swap(0, Ordering::Relaxed);
+                if dropped > 0 {
+                    emit(&format_line(
+                        Level::Warn,
+                        &format!(
+                            "log: {dropped} line(s) dropped: stderr was not keeping up \
+                             (shardproxy_log_lines_dropped_total)"
+                        ),
+                    ));
+                }
+                match next {
+                    Ok(line) => emit(&line),
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+                if let Ok(mut n) = WRITTEN.lock() {
+                    *n += 1;
+                }
+                WRITTEN_MOVED.notify_all();
+            }
+        })?;
+    let _ = QUEUE.set(tx);
+    Ok(())
+}
+
+/// Lines dropped because the writer's queue was full, since start.
+pub fn dropped_lines() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
+
+/// Waits until the lines queued so far are written, at most [`FLUSH_WAIT`].
+/// Call before the process exits; a no-op without a writer thread.
+pub fn flush() {
+    if QUEUE.get().is_none() {
+        return;
+    }
+    let target = QUEUED.load(Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + FLUSH_WAIT;
+    let Ok(mut written) = WRITTEN.lock() else {
+        return;
+    };
+    while *written < target {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        match WRITTEN_MOVED.wait_timeout(written, left) {
+            Ok((w, _)) => written = w,
+            Err(_) => return,
+        }
+    }
+}
+
 /// Writes one line to stderr in one `write` (so lines from several
-/// threads never interleave), with control characters escaped.
+/// threads never interleave), with control characters escaped: through
+/// the writer thread once one runs ([`start_writer`]; never blocks, drops
+/// and counts the line when the queue is full), else in place.
 /// Failures are ignored: a full disk, a closed pipe or a vanished journal
 /// must not stop the proxy (`eprintln!` would panic on them).
 pub fn write_line(level: Level, message: &str) {
+    let line = format_line(level, message);
+    let Some(queue) = QUEUE.get() else {
+        return emit(&line);
+    };
+    // Counted before the send, so that a flush that starts after this line
+    // was queued waits for it.
+    QUEUED.fetch_add(1, Ordering::SeqCst);
+    match queue.try_send(line) {
+        Ok(()) => {}
+        Err(std::sync::mpsc::TrySendError::Full(_)) => {
+            QUEUED.fetch_sub(1, Ordering::SeqCst);
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+            DROPPED_UNREPORTED.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(std::sync::mpsc::TrySendError::Disconnected(line)) => {
+            QUEUED.fetch_sub(1, Ordering::SeqCst);
+            emit(&line);
+        }
+    }
+}
+
+/// One `write` of a whole line to stderr; errors ignored (see [`write_line`]).
+fn emit(line: &str) {
     use std::io::Write;
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
+/// The text or JSON line for `message`, newline included.
+fn format_line(level: Level, message: &str) -> String {
     let time = humantime::format_rfc3339_millis(std::time::SystemTime::now());
-    let line = if FORMAT.load(Ordering::Relaxed) == Format::Json as u8 {
+    if FORMAT.load(Ordering::Relaxed) == Format::Json as u8 {
         let mut line = format!(r#"{{"time":"{time}","level":"{}","msg":"#, level.as_str());
         json_string(&mut line, message);
         line.push_str("}\n");
         line
     } else {
         format!("{time} {} {}\n", level.tag(), one_line(message))
-    };
-    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    }
 }
 
 /// Appends `s` to `out` as a JSON string (RFC 8259 §7): quoted, with `"`,

@@ -83,6 +83,9 @@ fn main() -> ExitCode {
         }
         Loaded::Tool(Tool::Demo(args)) => shardproxy::demo::run(&args),
     };
+    // A proxy's last lines (drain, summaries) are queued for the log
+    // writer: out before the process ends, or after a bounded wait.
+    shardproxy::log::flush();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

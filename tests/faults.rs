@@ -1,6 +1,7 @@
 //! Peers that fail, on loopback: an origin that resets, an exit that is
 //! killed and comes back, an upstream that never reads, file-descriptor
-//! exhaustion, and a flood of half-finished handshakes.
+//! exhaustion, a flood of half-finished handshakes, and a log consumer
+//! that stops reading.
 
 mod common;
 
@@ -436,4 +437,58 @@ fn sigint_ends_an_fd_exhausted_process_within_the_drain_timeout() {
         sent.elapsed()
     );
     assert!(sa.success() && sb.success(), "{sa:?} {sb:?}");
+}
+
+/// A stderr that stops moving (Docker's blocking log mode, a paused pager)
+/// never holds up a shard. With `--log-level debug` (a line per closed
+/// connection) and the log's reader paused, 8000 connections still
+/// complete: their lines overflow the pipe (64 KiB) and the log writer's
+/// queue (4096 lines), and the rest are dropped, counted in
+/// `shardproxy_log_lines_dropped_total` and reported once stderr moves
+/// again. With shard threads writing stderr themselves, the shard blocks
+/// in `write(2)` after some 400 lines and the connections time out.
+#[test]
+fn a_stuck_stderr_never_holds_up_the_shards() {
+    let origin = echo_origin();
+    let proxy = Proxy::forward(origin)
+        .args(["--log-level", "debug", "--metrics-listen", "127.0.0.1:0"])
+        .start();
+    let metrics = proxy.metrics_addr();
+    proxy.pause_log();
+    let payload = b"ping".to_vec();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for i in 0..8000 {
+        assert!(
+            Instant::now() < deadline,
+            "8000 short connections did not complete in 120 s (at {i})"
+        );
+        let mut c = TcpStream::connect(proxy.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(&payload).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        c.read_to_end(&mut back)
+            .unwrap_or_else(|e| panic!("connection {i} with stderr stuck: {e}"));
+        assert_eq!(back, payload, "connection {i}");
+    }
+    let (_, body) = http_get(metrics, "/metrics");
+    let dropped: u64 = body
+        .lines()
+        .find(|l| l.starts_with("shardproxy_log_lines_dropped_total{"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no shardproxy_log_lines_dropped_total in {body}"));
+    assert!(dropped > 0, "no line counted as dropped: {body}");
+    proxy.resume_log();
+    let notice = proxy.wait_for_log(|l| l.contains("line(s) dropped"), Duration::from_secs(20));
+    let n: u64 = notice
+        .split("log: ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("bad notice: {notice}"));
+    assert!(
+        n > 0 && n <= dropped,
+        "notice {n} against the counter {dropped}"
+    );
 }

@@ -94,6 +94,16 @@ pub fn render(snaps: &[&Snapshot], info: &ProcessInfo) -> String {
         "shardproxy_draining{{role=\"{role}\"}} {}",
         u8::from(info.draining.load(std::sync::atomic::Ordering::Relaxed))
     );
+    let _ = writeln!(
+        w,
+        "# HELP shardproxy_log_lines_dropped_total Process log lines dropped because stderr was not keeping up."
+    );
+    let _ = writeln!(w, "# TYPE shardproxy_log_lines_dropped_total counter");
+    let _ = writeln!(
+        w,
+        "shardproxy_log_lines_dropped_total{{role=\"{role}\"}} {}",
+        crate::log::dropped_lines()
+    );
     if let Ok(keys) = info.keys.lock() {
         if !keys.is_empty() {
             let _ = writeln!(

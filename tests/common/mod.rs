@@ -42,6 +42,9 @@ struct LogState {
     lines: Vec<String>,
     /// The pipe reached EOF: the process exited, no line will follow.
     closed: bool,
+    /// The reader stops reading the pipe (`Proxy::pause_log`), as a stuck
+    /// log consumer would.
+    paused: bool,
 }
 
 impl Log {
@@ -226,7 +229,15 @@ impl ProxyBuilder {
         let log = Arc::new(Log::default());
         let sink = log.clone();
         let reader = thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let mut lines = BufReader::new(stderr).lines();
+            loop {
+                {
+                    let mut state = sink.state.lock().unwrap();
+                    while state.paused {
+                        state = sink.changed.wait(state).unwrap();
+                    }
+                }
+                let Some(Ok(line)) = lines.next() else { break };
                 sink.state.lock().unwrap().lines.push(line);
                 sink.changed.notify_all();
             }
@@ -360,6 +371,7 @@ impl Proxy {
     }
 
     fn join_reader(&mut self) {
+        self.resume_log();
         if let Some(reader) = self.reader.take() {
             reader.join().expect("stderr reader panicked");
         }
@@ -384,6 +396,19 @@ impl Proxy {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
         self.join_reader();
+    }
+
+    /// Stops reading the process's stderr (after the line being read), so
+    /// that its pipe fills up: a log consumer that stopped.
+    pub fn pause_log(&self) {
+        self.log.state.lock().unwrap().paused = true;
+        self.log.changed.notify_all();
+    }
+
+    /// Reads stderr again after [`Proxy::pause_log`].
+    pub fn resume_log(&self) {
+        self.log.state.lock().unwrap().paused = false;
+        self.log.changed.notify_all();
     }
 
     /// Every stderr line so far.
@@ -465,6 +490,7 @@ impl Drop for Proxy {
         let _ = self.child.wait();
         // The pipe closed with the process; don't turn a reader panic into
         // a double panic while unwinding.
+        self.resume_log();
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
         }
