@@ -10,7 +10,9 @@
 //!   `chacha20-ietf-poly1305` (SIP004).
 //!
 //! Every pair runs A pinned to core 0 and B to core 1, one shard or thread
-//! each, so the two proxies' busiest threads never share a core. Otherwise
+//! each, so the two proxies' busiest threads never share a core
+//! (`BENCH_PLACEMENT=shared`: both on core 1, and the bench's client and
+//! origins on core 0; the issue asks for one placement or both). Otherwise
 //! shardproxy runs with its defaults (so `forward` splices transfers,
 //! `--splice auto`, with the pipes its default `--max-connections` leaves
 //! room for). The load
@@ -150,6 +152,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    pin_load();
     let rounds: usize = std::env::var("BENCH_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -242,10 +245,15 @@ fn main() {
         }
     }
     println!(
-        "AEAD backend {}: seal+open costs {:.3} CPU-s/GB on one core (16 KiB chunks); {rounds} round(s) of {} s per cell",
+        "AEAD backend {}: seal+open costs {:.3} CPU-s/GB on one core (16 KiB chunks); {rounds} round(s) of {} s per cell; placement: {}",
         shardproxy::proto::aead::backend_name(),
         aead_cpu_per_gb(),
-        secs().as_secs()
+        secs().as_secs(),
+        if shared_placement() {
+            "shared (both proxies on core 1, client and origins on core 0)"
+        } else {
+            "split (proxy A on core 0, B on core 1, client and origins unpinned)"
+        }
     );
     println!("| scenario | path | rate (median) | p99 (median) | proxies' CPU, median [min–max] |");
     println!("|---|---|---|---|---|");

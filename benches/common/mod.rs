@@ -136,6 +136,38 @@ pub fn wait_listening(addr: SocketAddr) {
     }
 }
 
+/// Where the pairs run (`BENCH_PLACEMENT`): `split` (default) pins proxy
+/// A (the client's side: forward A, entry, HAProxy A, sslocal) to core 0
+/// and proxy B to core 1, so their busiest threads never share a core;
+/// `shared` pins both to core 1, and [`pin_load`] puts the bench's own
+/// client and origin threads on core 0.
+pub fn shared_placement() -> bool {
+    std::env::var("BENCH_PLACEMENT").is_ok_and(|p| p == "shared")
+}
+
+/// Proxy A's core (see [`shared_placement`]).
+pub fn core_a() -> &'static str {
+    if shared_placement() {
+        "1"
+    } else {
+        "0"
+    }
+}
+
+/// Proxy B's core (see [`shared_placement`]).
+pub fn core_b() -> &'static str {
+    "1"
+}
+
+/// With `BENCH_PLACEMENT=shared`, pins the calling thread, and so every
+/// thread it starts after (the client and the origins), to core 0; the
+/// default placement leaves them unpinned. Call first thing in `main`.
+pub fn pin_load() {
+    if shared_placement() {
+        core_affinity::set_for_current(core_affinity::CoreId { id: 0 });
+    }
+}
+
 pub fn shardproxy_pair(origin: SocketAddr) -> Target {
     shardproxy_pair_with(origin, &[], &[])
 }
@@ -158,8 +190,8 @@ pub fn shardproxy_pair_with(origin: SocketAddr, a_extra: &[String], b_extra: &[S
             .spawn()
             .unwrap()
     };
-    let cb = start(b, origin, "1", b_extra);
-    let ca = start(a, b, "0", a_extra);
+    let cb = start(b, origin, core_b(), b_extra);
+    let ca = start(a, b, core_a(), a_extra);
     wait_listening(b);
     wait_listening(a);
     Target {
@@ -219,9 +251,9 @@ pub fn encrypted_pool(origin: SocketAddr, n: usize) -> Target {
     keygen_to(&key);
     let port = free_port().port();
     let exit_listen = SocketAddr::from(([0, 0, 0, 0], port));
-    let cx = spawn_role("exit", exit_listen, origin, &key, &["--cpu-list", "1"]);
+    let cx = spawn_role("exit", exit_listen, origin, &key, &["--cpu-list", core_b()]);
     let entry = free_port();
-    let mut args: Vec<String> = ["--cpu-list", "0"].iter().map(|s| s.to_string()).collect();
+    let mut args: Vec<String> = ["--cpu-list", core_a()].iter().map(|s| s.to_string()).collect();
     for i in 2..=n {
         args.push("--upstream".into());
         args.push(format!("127.0.0.{i}:{port}"));
@@ -259,8 +291,8 @@ pub fn encrypted_pair_with(
         args.extend(extra.iter().map(String::as_str));
         spawn_role(role, listen, up, &key, &args)
     };
-    let cx = start("exit", exit, origin, "1");
-    let ce = start("entry", entry, exit, "0");
+    let cx = start("exit", exit, origin, core_b());
+    let ce = start("entry", entry, exit, core_a());
     wait_listening(exit);
     wait_listening(entry);
     Target {
@@ -326,8 +358,8 @@ pub fn haproxy_pair_with(origin: SocketAddr, extra: &str, name: &'static str) ->
             .spawn()
             .unwrap()
     };
-    let cb = start("b", b, origin, "1");
-    let ca = start("a", a, b, "0");
+    let cb = start("b", b, origin, core_b());
+    let ca = start("a", a, b, core_a());
     wait_listening(b);
     wait_listening(a);
     Some(Target {
@@ -372,12 +404,12 @@ pub fn shadowsocks_pair(origin: SocketAddr, method: &str, name: &'static str) ->
     };
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let cb = spawn(
-        "1",
+        core_b(),
         &server,
         s(&["-s", &b.to_string(), "-m", method, "-k", key]),
     );
     let ca = spawn(
-        "0",
+        core_a(),
         &local,
         s(&[
             "--protocol",
