@@ -145,6 +145,21 @@ pub fn shared_placement() -> bool {
     std::env::var("BENCH_PLACEMENT").is_ok_and(|p| p == "shared")
 }
 
+/// A command that runs shardproxy. With `BENCH_PLACEMENT=shared` it goes
+/// through `taskset -c 0,1`: the bench pinned itself to core 0
+/// ([`pin_load`]), children inherit that, and shardproxy refuses a
+/// `--cpu-list` outside the cores it is allowed (as it should, under
+/// `taskset` or a cpuset).
+fn proxy_command() -> Command {
+    if shared_placement() {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "0,1", BIN]);
+        c
+    } else {
+        Command::new(BIN)
+    }
+}
+
 /// Proxy A's core (see [`shared_placement`]).
 pub fn core_a() -> &'static str {
     if shared_placement() {
@@ -176,7 +191,7 @@ pub fn shardproxy_pair(origin: SocketAddr) -> Target {
 pub fn shardproxy_pair_with(origin: SocketAddr, a_extra: &[String], b_extra: &[String]) -> Target {
     let (a, b) = (free_port(), free_port());
     let start = |listen: SocketAddr, up: SocketAddr, cpu: &str, extra: &[String]| {
-        Command::new(BIN)
+        proxy_command()
             .args([
                 "forward",
                 "--listen",
@@ -220,7 +235,7 @@ pub fn spawn_role(
     key: &std::path::Path,
     extra: &[&str],
 ) -> Child {
-    Command::new(BIN)
+    proxy_command()
         .args([
             role,
             "--listen",
