@@ -94,6 +94,14 @@ pub enum Format {
 }
 
 impl Format {
+    /// The `--access-log-format` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Logfmt => "logfmt",
+        }
+    }
+
     /// Parses `--access-log-format`.
     pub fn parse(s: &str) -> Option<Format> {
         match s {

@@ -101,8 +101,29 @@ pub fn check(path: &str) -> Result<String, StartupError> {
         .tunnel()
         .map(|t| format!(", keys from {}: {}", t.key_file, t.keys.describe()))
         .unwrap_or_default();
+    // Client identity and the access log: what changes what the upstream
+    // and the operator see about a client.
+    let mut identity = String::new();
+    if let Some(a) = &cfg.identity.accept_proxy {
+        let trusted: Vec<String> = a.trusted.iter().map(ToString::to_string).collect();
+        identity.push_str(&format!(
+            ", PROXY headers accepted from {} (timeout {})",
+            trusted.join(" "),
+            crate::units::format_duration(a.timeout)
+        ));
+    }
+    if cfg.identity.send_proxy_v2 {
+        identity.push_str(", PROXY v2 header sent upstream");
+    }
+    if let Some(log) = &cfg.access_log {
+        identity.push_str(&format!(
+            ", access log {} ({})",
+            log.path,
+            log.format.as_str()
+        ));
+    }
     Ok(format!(
-        "config {path} OK: role {}, listen {}, upstream {} (balance {}), {} shard(s) on cores {}{keys}",
+        "config {path} OK: role {}, listen {}, upstream {} (balance {}), {} shard(s) on cores {}{keys}{identity}",
         cfg.role().as_str(),
         cfg.listen,
         cfg.upstreams.describe(),

@@ -864,3 +864,40 @@ fn proxy_settings_are_checked_against_the_role_and_the_feature() {
     let e = run(&["check", "--config", &cfg]);
     assert!(e.contains("access_log"), "{e}");
 }
+
+/// `check` names what changes what the upstream and the operator learn
+/// about a client: accepted PROXY headers (from whom, how long to wait),
+/// a PROXY v2 header sent upstream, and the access log. Without them in
+/// the summary, a config that silently lacks `accept_proxy` looks the same
+/// as one that has it.
+#[test]
+fn check_summarises_the_client_identity_settings() {
+    let run = |cfg: &str| {
+        let path = temp("summary.toml");
+        std::fs::write(&path, cfg).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_shardproxy"))
+            .args(["check", "--config", &path])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let base = "role = \"forward\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n";
+    let plain = run(base);
+    for absent in ["PROXY", "access log"] {
+        assert!(!plain.contains(absent), "{plain}");
+    }
+    let log = temp("summary-access.log");
+    let full = run(&format!(
+        "{base}accept_proxy = true\nproxy_trusted_cidrs = \"10.0.0.0/8,192.0.2.7\"\n\
+         proxy_header_timeout = \"2s\"\nsend_proxy_v2 = true\n\
+         access_log = \"{log}\"\naccess_log_format = \"logfmt\"\n"
+    ));
+    for want in [
+        "PROXY headers accepted from 10.0.0.0/8 192.0.2.7/32 (timeout 2s)",
+        "PROXY v2 header sent upstream",
+        &format!("access log {log} (logfmt)"),
+    ] {
+        assert!(full.contains(want), "{want:?} missing: {full}");
+    }
+}

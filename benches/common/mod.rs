@@ -268,7 +268,10 @@ pub fn encrypted_pool(origin: SocketAddr, n: usize) -> Target {
     let exit_listen = SocketAddr::from(([0, 0, 0, 0], port));
     let cx = spawn_role("exit", exit_listen, origin, &key, &["--cpu-list", core_b()]);
     let entry = free_port();
-    let mut args: Vec<String> = ["--cpu-list", core_a()].iter().map(|s| s.to_string()).collect();
+    let mut args: Vec<String> = ["--cpu-list", core_a()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     for i in 2..=n {
         args.push("--upstream".into());
         args.push(format!("127.0.0.{i}:{port}"));
