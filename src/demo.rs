@@ -110,6 +110,7 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
             terminate(&children);
             crate::warn!("demo: second termination signal: exiting now");
             let _ = std::fs::remove_file(&key_path);
+            crate::log::flush();
             std::process::exit(1);
         }
         if stop.load(Ordering::Relaxed) && !forwarded {

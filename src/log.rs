@@ -13,13 +13,14 @@
 //! ([`QUEUED_LINES`]) to one writer thread, which alone blocks on stderr.
 //! A line that finds the queue full is dropped and counted
 //! (`shardproxy_log_lines_dropped_total`); the writer says how many were
-//! dropped once it is writing again. This is what HAProxy does for
+//! dropped, in place of the gap, once it is writing again. This is what HAProxy does for
 //! `log stdout` (non-blocking, lines dropped), and it matters for the
 //! places where stderr is a pipe that can stop: Docker's default
 //! (blocking) log mode, a paused pager, a journald that is restarting.
-//! Before [`start_writer`] (start-up errors, tools) and after the writer
-//! stopped, lines are written in place. [`flush`] waits, bounded, for the
-//! queue to drain: the process calls it before it exits.
+//! `main` starts the writer first thing, so even a start-up error cannot
+//! hang on a stuck stderr; [`flush`] waits, bounded, for the queue to
+//! drain: the process calls it before it exits. Without a writer thread
+//! (it could not be spawned), lines are written in place.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
@@ -143,47 +144,54 @@ pub const QUEUED_LINES: usize = 4096;
 /// and a stderr that does not move must not keep it alive (stop wins).
 pub const FLUSH_WAIT: Duration = Duration::from_secs(2);
 
+/// One queued line, and how many lines were dropped just before it (the
+/// writer reports them in place, where the gap is).
+struct Queued {
+    dropped_before: u64,
+    line: String,
+}
+
 /// The writer thread's queue, once started.
-static QUEUE: OnceLock<std::sync::mpsc::SyncSender<String>> = OnceLock::new();
-/// Lines dropped because the queue was full: since start, and not yet
-/// reported in the log.
+static QUEUE: OnceLock<std::sync::mpsc::SyncSender<Queued>> = OnceLock::new();
+/// Lines dropped since start: the queue was full, or writing failed.
 static DROPPED: AtomicU64 = AtomicU64::new(0);
-static DROPPED_UNREPORTED: AtomicU64 = AtomicU64::new(0);
+/// Dropped lines not yet reported in the log.
+static PENDING_DROPS: AtomicU64 = AtomicU64::new(0);
 /// Lines queued (counted by the senders) and lines the writer is done with.
 static QUEUED: AtomicU64 = AtomicU64::new(0);
 static WRITTEN: Mutex<u64> = Mutex::new(0);
 static WRITTEN_MOVED: Condvar = Condvar::new();
 
-/// Starts the writer thread (a proxy, once, before its shards start): from
-/// then on [`write_line`] only queues. Errors: the thread could not be
-/// spawned; lines are then written in place, as before.
+/// Starts the writer thread (first thing in `main`, idempotent): from then
+/// on [`write_line`] and [`write_raw`] only queue. Errors: the thread could
+/// not be spawned; lines are then written in place, as before.
 pub fn start_writer() -> std::io::Result<()> {
     if QUEUE.get().is_some() {
         return Ok(());
     }
-    let (tx, rx) = std::sync::mpsc::sync_channel::<String>(QUEUED_LINES);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Queued>(QUEUED_LINES);
     std::thread::Builder::new()
         .name("log-writer".into())
         .spawn(move || {
             use std::sync::mpsc::RecvTimeoutError;
             loop {
-                // The drop notice goes out before the next line, or after a
-                // second without one: a burst that overflowed the queue is
-                // reported even if nothing is logged after it.
-                let next = rx.recv_timeout(Duration::from_secs(1));
-                let dropped = DROPPED_UNREPORTED.swap(0, Ordering::Relaxed);
-                if dropped > 0 {
-                    emit(&format_line(
-                        Level::Warn,
-                        &format!(
-                            "log: {dropped} line(s) dropped: stderr was not keeping up \
-                             (shardproxy_log_lines_dropped_total)"
-                        ),
-                    ));
-                }
-                match next {
-                    Ok(line) => emit(&line),
-                    Err(RecvTimeoutError::Timeout) => continue,
+                match rx.recv_timeout(Duration::from_secs(1)) {
+                    Ok(q) => {
+                        if q.dropped_before > 0 {
+                            emit_or_count(&drop_notice(q.dropped_before));
+                        }
+                        emit_or_count(&q.line);
+                    }
+                    // Idle with nothing queued: every earlier line is out,
+                    // so drops that no later line carried are reported
+                    // here, in place.
+                    Err(RecvTimeoutError::Timeout) => {
+                        let n = PENDING_DROPS.swap(0, Ordering::Relaxed);
+                        if n > 0 {
+                            emit_or_count(&drop_notice(n));
+                        }
+                        continue;
+                    }
                     Err(RecvTimeoutError::Disconnected) => return,
                 }
                 if let Ok(mut n) = WRITTEN.lock() {
@@ -196,7 +204,28 @@ pub fn start_writer() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Lines dropped because the writer's queue was full, since start.
+/// The line that stands for `n` dropped lines, where they were dropped.
+fn drop_notice(n: u64) -> String {
+    format_line(
+        Level::Warn,
+        &format!(
+            "log: {n} line(s) dropped here: stderr was not keeping up \
+             (shardproxy_log_lines_dropped_total)"
+        ),
+    )
+}
+
+/// Writes `line`; a failed write (a full disk, a closed pipe) counts as a
+/// dropped line.
+fn emit_or_count(line: &str) {
+    if !emit(line) {
+        DROPPED.fetch_add(1, Ordering::Relaxed);
+        PENDING_DROPS.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Lines dropped since start: the writer's queue was full or stderr
+/// refused the write.
 pub fn dropped_lines() -> u64 {
     DROPPED.load(Ordering::Relaxed)
 }
@@ -231,31 +260,45 @@ pub fn flush() {
 /// Failures are ignored: a full disk, a closed pipe or a vanished journal
 /// must not stop the proxy (`eprintln!` would panic on them).
 pub fn write_line(level: Level, message: &str) {
-    let line = format_line(level, message);
+    write_raw(format_line(level, message));
+}
+
+/// Like [`write_line`] for a line already formatted (newline included),
+/// such as `main`'s final `error: ...` line.
+pub fn write_raw(line: String) {
     let Some(queue) = QUEUE.get() else {
-        return emit(&line);
+        emit(&line);
+        return;
     };
     // Counted before the send, so that a flush that starts after this line
     // was queued waits for it.
     QUEUED.fetch_add(1, Ordering::SeqCst);
-    match queue.try_send(line) {
+    let dropped_before = PENDING_DROPS.swap(0, Ordering::Relaxed);
+    match queue.try_send(Queued {
+        dropped_before,
+        line,
+    }) {
         Ok(()) => {}
         Err(std::sync::mpsc::TrySendError::Full(_)) => {
             QUEUED.fetch_sub(1, Ordering::SeqCst);
             DROPPED.fetch_add(1, Ordering::Relaxed);
-            DROPPED_UNREPORTED.fetch_add(1, Ordering::Relaxed);
+            PENDING_DROPS.fetch_add(dropped_before + 1, Ordering::Relaxed);
         }
-        Err(std::sync::mpsc::TrySendError::Disconnected(line)) => {
+        Err(std::sync::mpsc::TrySendError::Disconnected(q)) => {
             QUEUED.fetch_sub(1, Ordering::SeqCst);
-            emit(&line);
+            if q.dropped_before > 0 {
+                emit(&drop_notice(q.dropped_before));
+            }
+            emit(&q.line);
         }
     }
 }
 
-/// One `write` of a whole line to stderr; errors ignored (see [`write_line`]).
-fn emit(line: &str) {
+/// One `write` of a whole line to stderr; whether it was written (see
+/// [`write_line`] for why failures are not errors).
+fn emit(line: &str) -> bool {
     use std::io::Write;
-    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    std::io::stderr().lock().write_all(line.as_bytes()).is_ok()
 }
 
 /// The text or JSON line for `message`, newline included.

@@ -9,6 +9,16 @@ fn main() -> ExitCode {
     // First, before any code that may use them: the CPU features this build
     // was compiled to assume. Without them the process would die of SIGILL.
     shardproxy::sys::require_cpu_features();
+    // Then the log writer: from here on no line, not even a start-up
+    // error, can hang the process on a stderr that does not move; every
+    // way out of `run` ends with a bounded flush.
+    let _ = shardproxy::log::start_writer();
+    let code = run();
+    shardproxy::log::flush();
+    code
+}
+
+fn run() -> ExitCode {
     // Then, for a proxy, the signal disposition: before the config is read,
     // names resolved or ports bound, so that a SIGHUP from a quick `systemctl
     // reload` or a SIGTERM during start-up never meets the default action.
@@ -83,9 +93,6 @@ fn main() -> ExitCode {
         }
         Loaded::Tool(Tool::Demo(args)) => shardproxy::demo::run(&args),
     };
-    // A proxy's last lines (drain, summaries) are queued for the log
-    // writer: out before the process ends, or after a bounded wait.
-    shardproxy::log::flush();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -98,8 +105,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// `eprintln!` without its panic when stderr is closed or full.
+/// `eprintln!` without its panic when stderr is closed or full, and
+/// without blocking on a stderr that does not move (through the log
+/// writer, flushed with a bound before the process exits).
 fn eprintln_safe(line: &str) {
-    use std::io::Write;
-    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
+    shardproxy::log::write_raw(format!("{line}\n"));
 }

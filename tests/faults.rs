@@ -7,6 +7,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -444,24 +445,29 @@ fn sigint_ends_an_fd_exhausted_process_within_the_drain_timeout() {
 /// connection) and the log's reader paused, 8000 connections still
 /// complete: their lines overflow the pipe (64 KiB) and the log writer's
 /// queue (4096 lines), and the rest are dropped, counted in
-/// `shardproxy_log_lines_dropped_total` and reported once stderr moves
-/// again. With shard threads writing stderr themselves, the shard blocks
-/// in `write(2)` after some 400 lines and the connections time out.
+/// `shardproxy_log_lines_dropped_total` and reported, once stderr moves
+/// again, where the gap is. With shard threads writing stderr themselves,
+/// the shard blocks in `write(2)` after some 400 lines and the connections
+/// time out; with the notice written before the next line the writer
+/// dequeued, it came some 4000 lines before the gap.
 #[test]
 fn a_stuck_stderr_never_holds_up_the_shards() {
+    const CONNS: usize = 8000;
     let origin = echo_origin();
     let proxy = Proxy::forward(origin)
+        .shards(1)
         .args(["--log-level", "debug", "--metrics-listen", "127.0.0.1:0"])
         .start();
     let metrics = proxy.metrics_addr();
     proxy.pause_log();
-    let payload = b"ping".to_vec();
     let deadline = Instant::now() + Duration::from_secs(120);
-    for i in 0..8000 {
+    // Connection i sends i + 1 bytes: its log line ("N B up") names it.
+    for i in 0..CONNS {
         assert!(
             Instant::now() < deadline,
-            "8000 short connections did not complete in 120 s (at {i})"
+            "{CONNS} short connections did not complete in 120 s (at {i})"
         );
+        let payload = vec![b'p'; i + 1];
         let mut c = TcpStream::connect(proxy.addr).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         c.write_all(&payload).unwrap();
@@ -469,10 +475,10 @@ fn a_stuck_stderr_never_holds_up_the_shards() {
         let mut back = Vec::new();
         c.read_to_end(&mut back)
             .unwrap_or_else(|e| panic!("connection {i} with stderr stuck: {e}"));
-        assert_eq!(back, payload, "connection {i}");
+        assert_eq!(back.len(), payload.len(), "connection {i}");
     }
     let (_, body) = http_get(metrics, "/metrics");
-    let dropped: u64 = body
+    let dropped: usize = body
         .lines()
         .find(|l| l.starts_with("shardproxy_log_lines_dropped_total{"))
         .and_then(|l| l.rsplit(' ').next())
@@ -480,15 +486,105 @@ fn a_stuck_stderr_never_holds_up_the_shards() {
         .unwrap_or_else(|| panic!("no shardproxy_log_lines_dropped_total in {body}"));
     assert!(dropped > 0, "no line counted as dropped: {body}");
     proxy.resume_log();
-    let notice = proxy.wait_for_log(|l| l.contains("line(s) dropped"), Duration::from_secs(20));
-    let n: u64 = notice
+    // Every connection's line is either in the log or among the dropped.
+    let closed = |l: &str| l.contains(" closed: ") && l.contains(" B up");
+    proxy.wait_for_lines(closed, CONNS - dropped, Duration::from_secs(30));
+    let notice = proxy.wait_for_log(
+        |l| l.contains("line(s) dropped here"),
+        Duration::from_secs(20),
+    );
+    let n: usize = notice
         .split("log: ")
         .nth(1)
         .and_then(|r| r.split(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("bad notice: {notice}"));
+    assert_eq!(n, dropped, "one gap, reported whole: {notice}");
+    // The notice stands where the gap is: the connections logged before it
+    // come before the dropped ones, those after it after them (within a
+    // couple of lines: consecutive sessions may log out of order).
+    let log = proxy.log();
+    let at = log.iter().position(|l| l == &notice).unwrap();
+    let index = |l: &String| -> Option<usize> {
+        let up = l.split(" B up").next()?.rsplit(' ').next()?;
+        up.parse::<usize>().ok().map(|b| b - 1)
+    };
+    let before: Vec<usize> = log[..at]
+        .iter()
+        .filter(|l| closed(l))
+        .filter_map(index)
+        .collect();
+    let after: Vec<usize> = log[at..]
+        .iter()
+        .filter(|l| closed(l))
+        .filter_map(index)
+        .collect();
+    assert_eq!(before.len() + after.len() + dropped, CONNS);
+    let mut seen = vec![false; CONNS];
+    for &i in before.iter().chain(&after) {
+        seen[i] = true;
+    }
+    let missing: Vec<usize> = (0..CONNS).filter(|&i| !seen[i]).collect();
+    let (lo, hi) = (missing[0], missing[missing.len() - 1]);
+    let late_before = before.iter().filter(|&&i| i > lo).count();
+    let early_after = after.iter().filter(|&&i| i < hi).count();
     assert!(
-        n > 0 && n <= dropped,
-        "notice {n} against the counter {dropped}"
+        late_before <= 2 && early_after <= 2,
+        "the notice ({notice}) is at line {at}, but the dropped lines are connections {lo}..={hi}: \
+         {late_before} later connection(s) logged before it, {early_after} earlier ones after it"
     );
+}
+
+/// A start-up error is one line, and the process exits with it even when
+/// stderr is a pipe that is already full and never read: that line too
+/// goes through the log writer, with the bounded flush at exit. (Written
+/// in place, it blocked the process for as long as the pipe stayed full.)
+#[test]
+fn a_start_up_error_exits_even_with_stderr_stuck() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    // Python fills a pipe (non-blocking while filling, blocking again
+    // after, as a stuck consumer's pipe is) and starts the proxy on it.
+    let script = r#"
+import os, subprocess, sys, time
+r, w = os.pipe()
+os.set_blocking(w, False)
+try:
+    while True:
+        os.write(w, b"x" * 4096)
+except BlockingIOError:
+    pass
+os.set_blocking(w, True)
+t = time.time()
+p = subprocess.Popen([sys.argv[1], "forward", "--listen", "127.0.0.1:" + sys.argv[2],
+                      "--upstream", "127.0.0.1:9"], stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=w)
+try:
+    rc = p.wait(timeout=30)
+except subprocess.TimeoutExpired:
+    p.kill()
+    p.wait()
+    print("hung")
+    sys.exit(0)
+print(rc, round(time.time() - t, 2))
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script, env!("CARGO_BIN_EXE_shardproxy"), &port])
+        .output()
+        .expect("python3");
+    let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let mut parts = said.split(' ');
+    let rc = parts.next().unwrap_or("");
+    let secs: f64 = parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(f64::MAX);
+    assert_eq!(
+        rc,
+        "2",
+        "exit code, or hung: {said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(secs < 10.0, "took {secs} s with stderr stuck");
+    drop(taken);
 }

@@ -96,7 +96,7 @@ pub fn render(snaps: &[&Snapshot], info: &ProcessInfo) -> String {
     );
     let _ = writeln!(
         w,
-        "# HELP shardproxy_log_lines_dropped_total Process log lines dropped because stderr was not keeping up."
+        "# HELP shardproxy_log_lines_dropped_total Process log lines dropped: stderr was not keeping up, or refused the write."
     );
     let _ = writeln!(w, "# TYPE shardproxy_log_lines_dropped_total counter");
     let _ = writeln!(
