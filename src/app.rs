@@ -108,7 +108,7 @@ pub fn check(path: &str) -> Result<String, StartupError> {
         let trusted: Vec<String> = a.trusted.iter().map(ToString::to_string).collect();
         identity.push_str(&format!(
             ", PROXY headers accepted from {} (timeout {})",
-            trusted.join(" "),
+            trusted.join(","),
             crate::units::format_duration(a.timeout)
         ));
     }
@@ -116,9 +116,22 @@ pub fn check(path: &str) -> Result<String, StartupError> {
         identity.push_str(", PROXY v2 header sent upstream");
     }
     if let Some(log) = &cfg.access_log {
+        let to = if log.path == "-" {
+            "stderr"
+        } else {
+            log.path.as_str()
+        };
+        let every = log
+            .interval
+            .map(|d| {
+                format!(
+                    ", live connections every {}",
+                    crate::units::format_duration(d)
+                )
+            })
+            .unwrap_or_default();
         identity.push_str(&format!(
-            ", access log {} ({})",
-            log.path,
+            ", access log {to} ({}{every})",
             log.format.as_str()
         ));
     }
@@ -144,7 +157,7 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         let thread = std::thread::current();
         crate::error!("panic in thread {}: {info}", thread.name().unwrap_or("?"));
         let n = crate::sys::abandon_connections();
-        crate::error!("exiting after the panic: {n} socket(s) reset");
+        crate::error!("exiting after the panic: {n} connection(s) reset");
         crate::log::flush();
         std::process::exit(101);
     }));

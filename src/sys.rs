@@ -159,8 +159,9 @@ pub fn require_cpu_features() {}
 /// than FIN: a peer never mistakes an abandoned stream for a clean end.
 /// Called on the way out (second termination signal, panic); other threads
 /// may still run, so an fd can be closed or reused meanwhile, which at
-/// worst resets another socket of this exiting process. Returns how many
-/// sockets were set (listeners and Unix sockets included).
+/// worst resets another socket of this exiting process. Every socket is
+/// set (listeners and Unix sockets too); the count returned is of the
+/// TCP connections (an IP peer address): the connections reset.
 pub fn abandon_connections() -> usize {
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
         return 0;
@@ -174,10 +175,10 @@ pub fn abandon_connections() -> usize {
         // is only borrowed for one setsockopt, which fails harmlessly
         // (ENOTSOCK, EBADF) if it is not a socket or was closed since.
         let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        if socket2::SockRef::from(&fd)
-            .set_linger(Some(std::time::Duration::ZERO))
-            .is_ok()
-        {
+        let socket = socket2::SockRef::from(&fd);
+        let set = socket.set_linger(Some(std::time::Duration::ZERO)).is_ok();
+        // A TCP connection: an IP peer (Unix socket pairs have peers too).
+        if set && socket.peer_addr().is_ok_and(|p| p.as_socket().is_some()) {
             n += 1;
         }
     }

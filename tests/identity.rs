@@ -893,8 +893,15 @@ fn check_summarises_the_client_identity_settings() {
          proxy_header_timeout = \"2s\"\nsend_proxy_v2 = true\n\
          access_log = \"{log}\"\naccess_log_format = \"logfmt\"\n"
     ));
+    let stderr_log = run(&format!(
+        "{base}access_log = \"-\"\naccess_log_interval = \"30s\"\n"
+    ));
+    assert!(
+        stderr_log.contains("access log stderr (json, live connections every 30s)"),
+        "{stderr_log}"
+    );
     for want in [
-        "PROXY headers accepted from 10.0.0.0/8 192.0.2.7/32 (timeout 2s)",
+        "PROXY headers accepted from 10.0.0.0/8,192.0.2.7/32 (timeout 2s)",
         "PROXY v2 header sent upstream",
         &format!("access log {log} (logfmt)"),
     ] {
