@@ -1,6 +1,8 @@
 //! Every numeric setting: the largest valid value passes `check`, and the
 //! smallest invalid one (on each side) is rejected by `check` and at
-//! start-up, each with a one-line error and exit code 2. Encodings of the
+//! start-up, each with a one-line error and exit code 2; so is a negative
+//! value, which must reach the value's parser and name the flag (clap read
+//! `--idle-timeout -1s` as short flags). Encodings of the
 //! files the proxy reads. The kind of fault: an accepted setting that crashes
 //! the proxy later (`--buffer-size 64GiB` aborted the process on the first
 //! client).
@@ -17,25 +19,35 @@ const TABLE: &[(&str, &str, &[&str], bool)] = &[
     (
         "buffer_size",
         "16MiB",
-        &["1023", "16777217", "64GiB"],
+        &["-1KiB", "1023", "16777217", "64GiB"],
         false,
     ),
-    ("max_connections", "1000000", &["0", "1000001"], false),
-    ("backlog", "65535", &["0", "65536"], false),
-    ("connect_timeout", "10m", &["9ms", "601s"], false),
-    ("idle_timeout", "168h", &["99ms", "169h"], false),
-    ("drain_timeout", "1h", &["3601s"], false),
-    ("drain_delay", "5m", &["301s"], false),
-    ("metrics_interval", "60s", &["99ms", "61s", "1h"], false),
-    ("handshake_timeout", "5m", &["99ms", "301s"], true),
-    ("max_clock_skew", "5m", &["0s", "301s"], true),
-    ("connect_attempts", "10", &["0", "11"], false),
-    ("max_fails", "100", &["0", "101"], false),
-    ("fail_timeout", "1h", &["999ms", "3601s"], false),
-    ("health_check_interval", "1h", &["999ms", "3601s"], false),
-    ("health_check_fails", "100", &["0", "101"], false),
-    ("health_check_passes", "100", &["0", "101"], false),
-    ("dns_refresh", "24h", &["999ms", "86401s"], false),
+    ("max_connections", "1000000", &["-1", "0", "1000001"], false),
+    ("backlog", "65535", &["-1", "0", "65536"], false),
+    ("connect_timeout", "10m", &["-1s", "9ms", "601s"], false),
+    ("idle_timeout", "168h", &["-1s", "99ms", "169h"], false),
+    ("drain_timeout", "1h", &["-1s", "3601s"], false),
+    ("drain_delay", "5m", &["-1s", "301s"], false),
+    (
+        "metrics_interval",
+        "60s",
+        &["-1s", "99ms", "61s", "1h"],
+        false,
+    ),
+    ("handshake_timeout", "5m", &["-1s", "99ms", "301s"], true),
+    ("max_clock_skew", "5m", &["-1s", "0s", "301s"], true),
+    ("connect_attempts", "10", &["-1", "0", "11"], false),
+    ("max_fails", "100", &["-1", "0", "101"], false),
+    ("fail_timeout", "1h", &["-1s", "999ms", "3601s"], false),
+    (
+        "health_check_interval",
+        "1h",
+        &["-1s", "999ms", "3601s"],
+        false,
+    ),
+    ("health_check_fails", "100", &["-1", "0", "101"], false),
+    ("health_check_passes", "100", &["-1", "0", "101"], false),
+    ("dns_refresh", "24h", &["-1s", "999ms", "86401s"], false),
 ];
 
 fn write(name: &str, body: &str) -> String {

@@ -46,7 +46,7 @@ pub enum Tool {
 /// config file is reported against the file, since that is where most
 /// settings come from.
 pub fn load(argv: Vec<String>) -> Result<Loaded, ConfigError> {
-    let (argv, supplied) = file::expand_argv(argv)?;
+    let (argv, supplied) = file::expand_argv(join_negative_values(argv))?;
     let cli = match Cli::try_parse_from(&argv) {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => return Ok(Loaded::Help(e)),
@@ -137,6 +137,35 @@ pub fn load_file(path: &str) -> Result<(Config, Vec<String>), ConfigError> {
         }
         .into()),
     }
+}
+
+/// `--flag -1s` becomes `--flag=-1s`: a value that starts with `-` and a
+/// digit (a negative duration, size or count) reaches the flag's own parser
+/// and its range error, where clap would read `-1s` as short flags and
+/// report "unexpected argument '-1'". No flag of ours has a digit for a
+/// short name, so nothing else is joined; a missing value (`--idle-timeout
+/// --cores 1`) still gets clap's "a value is required".
+fn join_negative_values(argv: Vec<String>) -> Vec<String> {
+    let mut out = Vec::with_capacity(argv.len());
+    let mut args = argv.into_iter().peekable();
+    while let Some(arg) = args.next() {
+        if arg == "--" {
+            out.push(arg);
+            out.extend(args);
+            break;
+        }
+        let negative = |v: &String| {
+            let b = v.as_bytes();
+            b.len() >= 2 && b[0] == b'-' && b[1].is_ascii_digit()
+        };
+        if arg.starts_with("--") && !arg.contains('=') && args.peek().is_some_and(negative) {
+            let value = args.next().unwrap_or_default();
+            out.push(format!("{arg}={value}"));
+        } else {
+            out.push(arg);
+        }
+    }
+    out
 }
 
 /// The cores this process may run on (respects taskset and cpusets).
