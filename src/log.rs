@@ -8,13 +8,14 @@
 //! one line per closed connection). The level (`--log-level`) and format
 //! are two process-wide atomics, read once per line, never on the data path.
 //!
-//! **A slow or stuck stderr never holds up a shard.** Once a proxy has
-//! started ([`start_writer`]), lines go through a bounded queue
+//! **A slow or stuck stderr never holds up a shard.** Once `main` has
+//! started the writer ([`start_writer`]), lines go through a bounded queue
 //! ([`QUEUED_LINES`]) to one writer thread, which alone blocks on stderr.
 //! A line that finds the queue full is dropped and counted
 //! (`shardproxy_log_lines_dropped_total`); the writer says how many were
-//! dropped, in place of the gap, once it is writing again. This is what HAProxy does for
-//! `log stdout` (non-blocking, lines dropped), and it matters for the
+//! dropped, in place of the gap, once it is writing again. This is what
+//! HAProxy does for `log stdout` (non-blocking, lines dropped), and it
+//! matters for the
 //! places where stderr is a pipe that can stop: Docker's default
 //! (blocking) log mode, a paused pager, a journald that is restarting.
 //! `main` starts the writer first thing, so even a start-up error cannot
@@ -136,8 +137,9 @@ macro_rules! error {
 
 /// Lines the writer thread's queue holds; a line that finds it full is
 /// dropped and counted. At about 150 bytes a line, 4096 lines are 600 KiB:
-/// several seconds of the busiest logging (`debug`, a line per connection)
-/// behind a stalled stderr, and tens of seconds of warnings.
+/// about a second of the busiest logging (`debug` under connection churn,
+/// a line per connection) behind a stalled stderr, and minutes of the
+/// rate-limited warnings.
 pub const QUEUED_LINES: usize = 4096;
 
 /// How long [`flush`] waits for the queue to drain: the process is exiting,
