@@ -116,10 +116,12 @@ pub fn check(path: &str) -> Result<String, StartupError> {
         identity.push_str(", PROXY v2 header sent upstream");
     }
     if let Some(log) = &cfg.access_log {
+        // Quoted, so that a file named `stderr`, or one with spaces or
+        // commas in its name, is not mistaken for something else.
         let to = if log.path == "-" {
-            "stderr"
+            "on stderr".to_string()
         } else {
-            log.path.as_str()
+            format!("{:?}", log.path)
         };
         let every = log
             .interval

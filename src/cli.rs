@@ -37,7 +37,7 @@ pub enum Command {
     Keygen(KeygenArgs),
     /// Print latency percentiles scraped from a running instance's metrics endpoint.
     Stats(StatsArgs),
-    /// Run the role named by `role = ...` in a TOML config file.
+    /// Run the role named by `role = ...` in a TOML config file; any of the role's flags given after it override the file (`run --config F --idle-timeout 1s`).
     Run(ConfigArgs),
     /// Validate a config file (and its key file) without binding anything; exit 0 or 2.
     Check(ConfigArgs),

@@ -87,7 +87,10 @@ fn run() -> ExitCode {
                         "error: {}",
                         shardproxy::log::one_line(&e.to_string())
                     ));
-                    ExitCode::from(1)
+                    // A malformed --from is bad input (2, as every other
+                    // argument error); a scrape that failed is 1.
+                    let usage = matches!(e, shardproxy::metrics::stats_cmd::StatsError::BadUrl(_));
+                    ExitCode::from(if usage { 2 } else { 1 })
                 }
             };
         }

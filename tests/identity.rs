@@ -897,13 +897,17 @@ fn check_summarises_the_client_identity_settings() {
         "{base}access_log = \"-\"\naccess_log_interval = \"30s\"\n"
     ));
     assert!(
-        stderr_log.contains("access log stderr (json, live connections every 30s)"),
+        stderr_log.contains("access log on stderr (json, live connections every 30s)"),
         "{stderr_log}"
     );
+    // A file that happens to be named `stderr` is a file: quoted.
+    let named = run(&format!("{base}access_log = \"stderr\"\n"));
+    assert!(named.contains("access log \"stderr\" (json)"), "{named}");
+    let _ = std::fs::remove_file("stderr");
     for want in [
         "PROXY headers accepted from 10.0.0.0/8,192.0.2.7/32 (timeout 2s)",
         "PROXY v2 header sent upstream",
-        &format!("access log {log} (logfmt)"),
+        &format!("access log {log:?} (logfmt)"),
     ] {
         assert!(full.contains(want), "{want:?} missing: {full}");
     }

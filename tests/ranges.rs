@@ -397,3 +397,30 @@ fn demo_rejects_more_cores_than_allowed() {
     ]);
     assert_one_line_error(&out, "--cores", "demo --cores");
 }
+
+/// A config-file error names the key even when clap rejects the value (a
+/// boolean: its flag is spelt `--dual-stack[=<DUAL_STACK>]` in clap's error)
+/// and when the setting at fault asks for one that is missing.
+#[test]
+fn config_errors_name_the_key_for_booleans_and_missing_partners() {
+    let key = key_file(&[&keygen()]);
+    for (name, line, want) in [
+        ("bool-forward", "dual_stack = -1", "key `dual_stack`"),
+        (
+            "bool-exit",
+            "send_proxy_v2 = \"yes\"",
+            "key `send_proxy_v2`",
+        ),
+        ("partner", "accept_proxy = true", "key `accept_proxy`"),
+    ] {
+        let role = if name == "bool-exit" {
+            "exit"
+        } else {
+            "forward"
+        };
+        let path = write(&format!("{name}.toml"), &config(role, &key, line));
+        assert_one_line_error(&check(&path), want, line);
+        let out = run(&["run", "--config", &path]);
+        assert_one_line_error(&out, want, &format!("run: {line}"));
+    }
+}

@@ -49,6 +49,16 @@ fn bad_input_is_one_line_and_exit_code_2() {
     // Held for the whole table: no SO_REUSEPORT, so the proxy cannot share it.
     let other = TcpListener::bind("127.0.0.1:0").unwrap();
     let held = other.local_addr().unwrap().to_string();
+    let valid_config = std::env::temp_dir()
+        .join(format!("shardproxy-startup-{}.toml", std::process::id()))
+        .to_str()
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        &valid_config,
+        format!("role = \"forward\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{UP}\"\n"),
+    )
+    .unwrap();
     let cases = [
         case("unknown flag", forward(&["--bogus"]), &["--bogus"]),
         case(
@@ -92,6 +102,23 @@ fn bad_input_is_one_line_and_exit_code_2() {
                 .map(String::from)
                 .to_vec(),
             &["already in use"],
+        ),
+        case(
+            "empty access log path",
+            forward(&["--access-log", ""]),
+            &["--access-log", "empty path"],
+        ),
+        case(
+            "malformed stats source is bad input, not a failed scrape",
+            ["stats", "--from", "-1"].map(String::from).to_vec(),
+            &["--from"],
+        ),
+        case(
+            "run reads no --config after -- (it served this valid file)",
+            ["run", "--", "--config", &valid_config]
+                .map(String::from)
+                .to_vec(),
+            &["unexpected argument '--config'"],
         ),
         Case {
             memlock_kib: Some(64),

@@ -425,6 +425,12 @@ pub fn expand_argv(argv: Vec<String>) -> Result<(Vec<String>, Option<Supplied>),
     let mut kept = Vec::new();
     let mut i = 0;
     while i < rest.len() {
+        // After `--` nothing is a flag, `--config` included (clap then
+        // rejects what follows, as it does for every other command).
+        if rest[i] == "--" {
+            kept.extend_from_slice(&rest[i..]);
+            break;
+        }
         if rest[i] == "--config" && i + 1 < rest.len() {
             path = Some(rest[i + 1].clone());
             i += 2;

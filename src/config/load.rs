@@ -53,8 +53,10 @@ pub fn load(argv: Vec<String>) -> Result<Loaded, ConfigError> {
         Err(e) => {
             let message = one_line(&e.to_string());
             let flag = match e.get(clap::error::ContextKind::InvalidArg) {
+                // `--idle-timeout <DURATION>`, `--dual-stack[=<DUAL_STACK>]`:
+                // the flag is the name before the value's placeholder.
                 Some(clap::error::ContextValue::String(arg)) => {
-                    arg.split(' ').next().map(String::from)
+                    arg.split([' ', '[', '=']).next().map(String::from)
                 }
                 _ => None,
             };
@@ -70,7 +72,10 @@ pub fn load(argv: Vec<String>) -> Result<Loaded, ConfigError> {
         }
     };
     let in_file = |e: ConfigError| match (&supplied, e.flag()) {
-        (Some(s), Some(flag)) => match s.key_for(flag) {
+        (Some(s), Some(flag)) => match s
+            .key_for(flag)
+            .or_else(|| e.asked_by().and_then(|f| s.key_for(f)))
+        {
             Some(key) => ConfigError::InFile {
                 path: s.path.clone(),
                 key,

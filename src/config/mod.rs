@@ -305,6 +305,15 @@ impl ConfigError {
             _ => None,
         }
     }
+
+    /// The setting that asked for what is missing, when [`ConfigError::flag`]
+    /// names a setting that is absent (a config file then has no key for it).
+    pub fn asked_by(&self) -> Option<&'static str> {
+        match self {
+            ConfigError::NoTrustedCidrs => Some("--accept-proxy"),
+            _ => None,
+        }
+    }
 }
 
 impl Config {
@@ -716,6 +725,9 @@ fn access_log_path(path: &str) -> Result<String, ConfigError> {
         |reason: String| ConfigError::BadAccessLog(crate::log::one_line(path).into_owned(), reason);
     if path == "-" {
         return Ok(path.to_string());
+    }
+    if path.is_empty() {
+        return Err(bad("empty path (use - for stderr)".into()));
     }
     if std::path::Path::new(path).exists() {
         crate::access_log::open_file(path).map_err(|e| bad(e.to_string()))?;
