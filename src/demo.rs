@@ -19,6 +19,14 @@ use crate::error::StartupError;
 pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
     let cores = crate::config::allowed_cores();
     crate::config::select_cores(Some(args.cores), None, &cores)?;
+    let ports = [args.port, args.origin_port, args.exit_port];
+    if ports[0] == ports[1] || ports[0] == ports[2] || ports[1] == ports[2] {
+        return Err(crate::config::ConfigError::Args(format!(
+            "--port, --origin-port and --exit-port must be three different ports (got {}, {}, {}) (see --help)",
+            ports[0], ports[1], ports[2]
+        ))
+        .into());
+    }
     let origin_addr = SocketAddr::from(([127, 0, 0, 1], args.origin_port));
     let origin = TcpListener::bind(origin_addr).map_err(|e| listen_error(origin_addr, e))?;
     std::thread::spawn(move || {

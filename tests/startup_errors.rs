@@ -104,6 +104,11 @@ fn bad_input_is_one_line_and_exit_code_2() {
             &["already in use"],
         ),
         case(
+            "demo ports that collide are refused before anything starts",
+            ["demo", "--port", "7000"].map(String::from).to_vec(),
+            &["three different ports"],
+        ),
+        case(
             "empty access log path",
             forward(&["--access-log", ""]),
             &["--access-log", "empty path"],
