@@ -508,6 +508,25 @@ async fn exit(
         client.read_exact(&mut confirm),
     )
     .await;
+    // The hello was authenticated and fresh: a peer that now closes or
+    // resets holds the key and gave up, which is what an entry does when
+    // its own client goes away (a load balancer's connect-and-reset health
+    // check, say). That is counted apart, not as a failed handshake that
+    // an operator would read as probing or a key mismatch. A timeout or a
+    // bad confirmation still is one.
+    // Its close reason is `downstream_reset` for an RST, `truncated` (the
+    // tunnel ended without its end chunk) for a FIN, never `auth_failed`.
+    match read {
+        Err(e @ SessionError::Io { .. }) => {
+            ctx.stats().on_handshake_abandoned();
+            return Err(e);
+        }
+        Err(SessionError::HandshakeClosed(peer)) => {
+            ctx.stats().on_handshake_abandoned();
+            return Err(SessionError::Truncated(peer));
+        }
+        _ => {}
+    }
     counted(ctx, read)?;
     if let Err(source) = accepted.decoder.open_confirm(&mut confirm) {
         ctx.stats().on_handshake_failure();

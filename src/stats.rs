@@ -119,6 +119,10 @@ pub struct ShardStats {
     pub accept_errors: Cell<u64>,
     /// Tunnel handshakes that failed (bad hello, timeout, bad answer).
     pub handshake_failures: Cell<u64>,
+    /// Exit: tunnel handshakes whose peer, after an authenticated and fresh
+    /// hello, closed or reset before its key confirmation (typically the
+    /// entry's own client going away); not failures.
+    pub handshakes_abandoned: Cell<u64>,
     /// Access-log lines dropped because the shard's buffer was full.
     pub access_log_dropped: Cell<u64>,
     /// Of `bytes_up + bytes_down`, those moved by `splice(2)` (`forward`,
@@ -181,6 +185,11 @@ impl ShardStats {
     pub fn on_handshake_failure(&self) {
         bump(&self.handshake_failures, 1);
     }
+
+    /// An authenticated tunnel handshake was abandoned by its peer.
+    pub fn on_handshake_abandoned(&self) {
+        bump(&self.handshakes_abandoned, 1);
+    }
 }
 
 /// The one-line summary a shard prints when it stops.
@@ -202,6 +211,13 @@ impl fmt::Display for ShardStats {
             if n > 0 {
                 write!(f, " {}={n}", reason.as_str())?;
             }
+        }
+        if self.handshakes_abandoned.get() > 0 {
+            write!(
+                f,
+                " handshakes_abandoned={}",
+                self.handshakes_abandoned.get()
+            )?;
         }
         if self.access_log_dropped.get() > 0 {
             write!(f, " access_log_dropped={}", self.access_log_dropped.get())?;

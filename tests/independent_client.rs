@@ -269,6 +269,67 @@ fn without_the_key_confirmation_the_origin_is_never_contacted() {
     assert_eq!(summaries(&lines)[0].get("auth_failed"), 1, "{lines:?}");
 }
 
+/// An entry that gives up after an authenticated hello (its own client went
+/// away: a FIN, or an RST as from a load balancer's connect-and-reset health
+/// check) is counted as an abandoned handshake, not as a failed one: an
+/// operator reads `handshake_failures` as probing or a key mismatch. A bad
+/// confirmation still counts as a failure, and no origin is contacted in
+/// either case.
+#[test]
+fn an_entry_that_gives_up_after_its_hello_is_not_a_handshake_failure() {
+    let key = keygen();
+    let (origin, seen) = recording_origin();
+    let exit = Proxy::exit(origin, &key_file(&[&key]))
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .start();
+    let metrics = exit.metrics_addr();
+    let addr = exit.addr.to_string();
+    for how in ["close", "reset"] {
+        let Some(out) = tunnel_client(&["abandon", &addr, &key, how]) else {
+            return;
+        };
+        assert_eq!(out.trim(), format!("abandoned with a {how}"), "{out}");
+    }
+    tunnel_client(&["no-confirm", &addr, &key, "smuggled"]).expect("python client");
+    let value = |body: &str, name: &str| -> u64 {
+        body.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    // The exit counts each one once it has seen its end: wait for all three.
+    let body = poll_until(Duration::from_secs(10), || {
+        let (_, body) = http_get(metrics, "/metrics");
+        let done = value(&body, "shardproxy_handshakes_abandoned_total")
+            + value(&body, "shardproxy_handshake_failures_total");
+        if done >= 3 {
+            Ok(body)
+        } else {
+            Err(format!("{done} of 3 handshakes counted"))
+        }
+    });
+    assert_eq!(
+        value(&body, "shardproxy_handshakes_abandoned_total"),
+        2,
+        "{body}"
+    );
+    assert_eq!(
+        value(&body, "shardproxy_handshake_failures_total"),
+        1,
+        "{body}"
+    );
+    let (_, lines) = exit.terminate();
+    assert!(
+        seen.recv_timeout(Duration::from_secs(3)).is_err(),
+        "the origin was contacted: {lines:?}"
+    );
+    let abandoned: u64 = summaries(&lines)
+        .iter()
+        .map(|s| s.get("handshakes_abandoned"))
+        .sum();
+    assert_eq!(abandoned, 2, "{lines:?}");
+}
+
 /// A hello stamped as far ahead as the exit allows (an entry whose clock
 /// runs `--max-clock-skew` fast) passes the clock check for up to twice the
 /// skew after it was first seen, so the replay set must remember it that

@@ -18,6 +18,11 @@ Usage:
   tunnel_client.py no-confirm ADDR KEYB64 MSG
                                          as an entry: a valid hello, then data
                                          without the key confirmation
+  tunnel_client.py abandon ADDR KEYB64 close|reset
+                                         as an entry whose client went away: a
+                                         valid hello, the server hello verified,
+                                         then a FIN or an RST instead of the key
+                                         confirmation
   tunnel_client.py stamped ADDR KEYB64 OFFSET_MS
                                          a valid session whose hello is stamped
                                          now + OFFSET_MS; prints the hello (hex)
@@ -289,6 +294,20 @@ def no_confirm(addr, key_b64, message):
     return 0
 
 
+def abandon(addr, key_b64, how):
+    """A valid hello, the server hello verified, then a close (FIN) or a
+    reset (SO_LINGER 0) before the key confirmation."""
+    done = handshake(addr, key_b64)
+    if done is None:
+        return 1
+    s = done[0]
+    if how == "reset":
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+    print("abandoned with a " + ("reset" if how == "reset" else "close"))
+    return 0
+
+
 def stamped_session(addr, key_b64, offset_ms):
     """A full, valid session whose hello is stamped now + offset_ms (an
     entry whose clock runs ahead or behind); prints the hello as hex."""
@@ -531,6 +550,8 @@ if __name__ == "__main__":
         sys.exit(after_end(sys.argv[2], sys.argv[3], sys.argv[4]))
     if sys.argv[1] == "no-confirm":
         sys.exit(no_confirm(sys.argv[2], sys.argv[3], sys.argv[4]))
+    if sys.argv[1] == "abandon":
+        sys.exit(abandon(sys.argv[2], sys.argv[3], sys.argv[4]))
     if sys.argv[1] == "stamped":
         sys.exit(stamped_session(sys.argv[2], sys.argv[3], sys.argv[4]))
     if sys.argv[1] == "fake-exit":

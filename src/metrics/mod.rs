@@ -260,6 +260,8 @@ pub struct Snapshot {
     pub bytes_down: u64,
     /// Failed tunnel handshakes.
     pub handshake_failures: u64,
+    /// Authenticated tunnel handshakes abandoned by the peer (exit).
+    pub handshakes_abandoned: u64,
     /// accept(2) failures.
     pub accept_errors: u64,
     /// Access-log lines dropped (buffer full).
@@ -304,6 +306,7 @@ impl Snapshot {
             bytes_up: stats.bytes_up.get(),
             bytes_down: stats.bytes_down.get(),
             handshake_failures: stats.handshake_failures.get(),
+            handshakes_abandoned: stats.handshakes_abandoned.get(),
             accept_errors: stats.accept_errors.get(),
             access_log_dropped: stats.access_log_dropped.get(),
             spliced: stats.spliced.get(),

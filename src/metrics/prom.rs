@@ -163,6 +163,13 @@ pub fn render(snaps: &[&Snapshot], info: &ProcessInfo) -> String {
     );
     counter(
         w,
+        "shardproxy_handshakes_abandoned_total",
+        "Exit: authenticated, fresh tunnel hellos whose peer closed or reset before the key confirmation (not failures).",
+        "counter",
+        &|s| s.handshakes_abandoned,
+    );
+    counter(
+        w,
         "shardproxy_accept_errors_total",
         "accept(2) failures (EMFILE, ENFILE, ENOBUFS, ...).",
         "counter",
