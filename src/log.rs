@@ -92,6 +92,18 @@ pub fn set(level: Level, format: Format) {
     FORMAT.store(format as u8, Ordering::Relaxed);
 }
 
+/// Sets only the line format: `main` does so from the command line before
+/// the config is read, so that a start-up error under `--log-format json`
+/// is a JSON line too.
+pub fn set_format(format: Format) {
+    FORMAT.store(format as u8, Ordering::Relaxed);
+}
+
+/// Whether lines are JSON objects (`--log-format json`).
+pub fn is_json() -> bool {
+    FORMAT.load(Ordering::Relaxed) == Format::Json as u8
+}
+
 /// Whether lines of `level` are written.
 pub fn enabled(level: Level) -> bool {
     level as u8 <= LEVEL.load(Ordering::Relaxed)

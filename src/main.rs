@@ -19,6 +19,17 @@ fn main() -> ExitCode {
 }
 
 fn run() -> ExitCode {
+    // `--log-format json` on the command line applies to start-up errors
+    // too (a log pipeline that expects one JSON object per line). A format
+    // set only in a config file applies once that file has been read.
+    let args: Vec<String> = std::env::args().collect();
+    let json = args
+        .windows(2)
+        .any(|w| w[0] == "--log-format" && w[1] == "json")
+        || args.iter().any(|a| a == "--log-format=json");
+    if json {
+        shardproxy::log::set_format(shardproxy::log::Format::Json);
+    }
     // Then, for a proxy, the signal disposition: before the config is read,
     // names resolved or ports bound, so that a SIGHUP from a quick `systemctl
     // reload` or a SIGTERM during start-up never meets the default action.
@@ -110,7 +121,14 @@ fn run() -> ExitCode {
 
 /// `eprintln!` without its panic when stderr is closed or full, and
 /// without blocking on a stderr that does not move (through the log
-/// writer, flushed with a bound before the process exits).
+/// writer, flushed with a bound before the process exits). Under
+/// `--log-format json` an `error: ...` line is a JSON object with level
+/// `error` instead.
 fn eprintln_safe(line: &str) {
-    shardproxy::log::write_raw(format!("{line}\n"));
+    match line.strip_prefix("error: ") {
+        Some(message) if shardproxy::log::is_json() => {
+            shardproxy::log::write_line(shardproxy::log::Level::Error, message)
+        }
+        _ => shardproxy::log::write_raw(format!("{line}\n")),
+    }
 }

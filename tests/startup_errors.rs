@@ -188,3 +188,44 @@ fn bad_input_is_one_line_and_exit_code_2() {
     drop(other);
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
 }
+
+/// Under `--log-format json` a start-up error is one JSON object (level
+/// `error`), like every other line, for log pipelines that parse each line;
+/// exit code 2 as always. Before the config is read (a bad flag value) and
+/// after (a port in use).
+#[test]
+fn start_up_errors_follow_log_format_json() {
+    let other = TcpListener::bind("127.0.0.1:0").unwrap();
+    let held = other.local_addr().unwrap().to_string();
+    for (args, want) in [
+        (
+            vec![
+                "--log-format",
+                "json",
+                "--listen",
+                "127.0.0.1:0",
+                "--idle-timeout",
+                "-1s",
+            ],
+            "--idle-timeout",
+        ),
+        (
+            vec!["--log-format=json", "--listen", &held],
+            "already in use",
+        ),
+    ] {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("forward").args(&args).args(["--upstream", UP]);
+        let (status, stderr) = run_bounded(cmd, LIMIT).expect("it exited");
+        assert_eq!(status.code(), Some(2), "{args:?}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {stderr}");
+        let line = lines[0];
+        assert!(
+            line.starts_with("{\"time\":\"") && line.ends_with("\"}"),
+            "{args:?}: not a JSON line: {line}"
+        );
+        assert!(line.contains("\"level\":\"error\""), "{line}");
+        assert!(line.contains(want), "{line}");
+    }
+}
