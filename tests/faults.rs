@@ -478,12 +478,7 @@ fn a_stuck_stderr_never_holds_up_the_shards() {
         assert_eq!(back.len(), payload.len(), "connection {i}");
     }
     let (_, body) = http_get(metrics, "/metrics");
-    let dropped: usize = body
-        .lines()
-        .find(|l| l.starts_with("shardproxy_log_lines_dropped_total{"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no shardproxy_log_lines_dropped_total in {body}"));
+    let dropped = metric_sum(&body, "shardproxy_log_lines_dropped_total", &[]) as usize;
     assert!(dropped > 0, "no line counted as dropped: {body}");
     proxy.resume_log();
     // Every connection's line is either in the log or among the dropped.
@@ -493,12 +488,8 @@ fn a_stuck_stderr_never_holds_up_the_shards() {
         |l| l.contains("line(s) dropped here"),
         Duration::from_secs(20),
     );
-    let n: usize = notice
-        .split("log: ")
-        .nth(1)
-        .and_then(|r| r.split(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("bad notice: {notice}"));
+    let n =
+        number_after(&notice, "log: ").unwrap_or_else(|| panic!("bad notice: {notice}")) as usize;
     assert_eq!(n, dropped, "one gap, reported whole: {notice}");
     // The notice stands where the gap is: the connections logged before it
     // come before the dropped ones, those after it after them (within a

@@ -683,12 +683,7 @@ fn exit_takeover_carries_the_replay_set(from: usize, to: usize) {
         |l| l.contains("replay set of") && l.contains("inherited"),
         Duration::from_secs(15),
     );
-    let inherited: usize = line
-        .split("replay set of ")
-        .nth(1)
-        .and_then(|r| r.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
+    let inherited = number_after(&line, "replay set of ").unwrap_or(0) as usize;
     // The recorded session and the load's first quarter, at least.
     assert!(inherited > TOTAL / 4, "{line}");
     assert_eq!(

@@ -291,12 +291,7 @@ fn an_entry_that_gives_up_after_its_hello_is_not_a_handshake_failure() {
         assert_eq!(out.trim(), format!("abandoned with a {how}"), "{out}");
     }
     tunnel_client(&["no-confirm", &addr, &key, "smuggled"]).expect("python client");
-    let value = |body: &str, name: &str| -> u64 {
-        body.lines()
-            .filter(|l| l.starts_with(&format!("{name}{{")))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
-    };
+    let value = |body: &str, name: &str| metric_sum(body, name, &[]);
     // The exit counts each one once it has seen its end: wait for all three.
     let body = poll_until(Duration::from_secs(10), || {
         let (_, body) = http_get(metrics, "/metrics");
@@ -316,6 +311,21 @@ fn an_entry_that_gives_up_after_its_hello_is_not_a_handshake_failure() {
     assert_eq!(
         value(&body, "shardproxy_handshake_failures_total"),
         1,
+        "{body}"
+    );
+    // Closed as what they were: the FIN a truncated tunnel, the RST a
+    // reset; only the bad confirmation is an authentication failure.
+    let reason = |r: &str| {
+        let label = format!("reason=\"{r}\"");
+        metric_sum(&body, "shardproxy_connections_closed_total", &[&label])
+    };
+    assert_eq!(
+        (
+            reason("truncated"),
+            reason("downstream_reset"),
+            reason("auth_failed")
+        ),
+        (1, 1, 1),
         "{body}"
     );
     let (_, lines) = exit.terminate();

@@ -112,15 +112,6 @@ const FAST_METRICS: [&str; 4] = [
     "100ms",
 ];
 
-/// Sum of a metric's samples whose labels contain every `want`.
-fn sample(text: &str, name: &str, want: &[&str]) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter(|l| want.iter().all(|w| l.contains(w)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 #[test]
 fn a_refusing_origin_is_retried_around_and_ejected() {
     let (live, served) = counting_origin();
@@ -136,14 +127,14 @@ fn a_refusing_origin_is_retried_around_and_ejected() {
     let dead_label = format!("upstream=\"{dead}\"");
     let text = poll_until(Duration::from_secs(10), || {
         let m = metrics(&p);
-        if sample(&m, "shardproxy_upstream_ejections_total", &[&dead_label]) > 0 {
+        if metric_sum(&m, "shardproxy_upstream_ejections_total", &[&dead_label]) > 0 {
             Ok(m)
         } else {
             Err("no ejection yet".to_string())
         }
     });
     assert!(
-        sample(
+        metric_sum(
             &text,
             "shardproxy_upstream_connect_failures_total",
             &[&dead_label, "reason=\"refused\""]
@@ -190,7 +181,7 @@ fn weighted_round_robin_splits_exactly_per_shard() {
     let lb = format!("upstream=\"{b}\"");
     let text = poll_until(Duration::from_secs(10), || {
         let m = metrics(&p);
-        let total = sample(&m, "shardproxy_upstream_connects_total", &[]);
+        let total = metric_sum(&m, "shardproxy_upstream_connects_total", &[]);
         if total == 400 {
             Ok(m)
         } else {
@@ -199,8 +190,8 @@ fn weighted_round_robin_splits_exactly_per_shard() {
     });
     for shard in 0..2 {
         let s = format!("shard=\"{shard}\"");
-        let x = sample(&text, "shardproxy_upstream_connects_total", &[&s, &la]);
-        let y = sample(&text, "shardproxy_upstream_connects_total", &[&s, &lb]);
+        let x = metric_sum(&text, "shardproxy_upstream_connects_total", &[&s, &la]);
+        let y = metric_sum(&text, "shardproxy_upstream_connects_total", &[&s, &lb]);
         // Smooth weighted round robin: within one pick of 3:1 on each shard.
         let want = 3.0 * (x + y) as f64 / 4.0;
         assert!((x as f64 - want).abs() <= 1.0, "shard {shard}: {x}:{y}");

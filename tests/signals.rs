@@ -295,12 +295,7 @@ fn second_sigterm_resets_live_downloads_never_a_clean_eof() {
             .into_iter()
             .find(|l| l.contains("connection(s) reset"))
             .unwrap_or_else(|| panic!("{role}: {:?}", front.log()));
-        let n: usize = line
-            .split("exiting now, ")
-            .nth(1)
-            .and_then(|r| r.split(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{role}: {line}"));
+        let n = number_after(&line, "exiting now, ").unwrap_or_else(|| panic!("{role}: {line}"));
         assert_eq!(n, 2, "{role}: {line}");
     }
 }

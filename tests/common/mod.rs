@@ -543,6 +543,22 @@ pub fn poll_until<T, E: std::fmt::Display>(
     }
 }
 
+/// Sum of a metric's samples in a `/metrics` text whose labels contain
+/// every `want` (0 when there are none).
+pub fn metric_sum(text: &str, name: &str, want: &[&str]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| want.iter().all(|w| l.contains(w)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The number right after `marker` in a log line (`"exiting now, 2
+/// connection(s)"` with marker `"exiting now, "` gives 2).
+pub fn number_after(line: &str, marker: &str) -> Option<u64> {
+    line.split(marker).nth(1)?.split(' ').next()?.parse().ok()
+}
+
 /// One shard's drain summary, parsed from its log line.
 #[derive(Debug, Default, Clone)]
 pub struct Summary {
