@@ -190,12 +190,7 @@ pub fn start_writer() -> std::io::Result<()> {
             use std::sync::mpsc::RecvTimeoutError;
             loop {
                 match rx.recv_timeout(Duration::from_secs(1)) {
-                    Ok(q) => {
-                        if q.dropped_before > 0 {
-                            emit_or_count(&drop_notice(q.dropped_before));
-                        }
-                        emit_or_count(&q.line);
-                    }
+                    Ok(q) => write_out(&q),
                     // Idle with nothing queued: every earlier line is out,
                     // so drops that no later line carried are reported
                     // here, in place.
@@ -216,6 +211,14 @@ pub fn start_writer() -> std::io::Result<()> {
         })?;
     let _ = QUEUE.set(tx);
     Ok(())
+}
+
+/// Writes a queued line, after the notice of the lines dropped before it.
+fn write_out(q: &Queued) {
+    if q.dropped_before > 0 {
+        emit_or_count(&drop_notice(q.dropped_before));
+    }
+    emit_or_count(&q.line);
 }
 
 /// The line that stands for `n` dropped lines, where they were dropped.
@@ -300,10 +303,7 @@ pub fn write_raw(line: String) {
         }
         Err(std::sync::mpsc::TrySendError::Disconnected(q)) => {
             QUEUED.fetch_sub(1, Ordering::SeqCst);
-            if q.dropped_before > 0 {
-                emit(&drop_notice(q.dropped_before));
-            }
-            emit(&q.line);
+            write_out(&q);
         }
     }
 }
