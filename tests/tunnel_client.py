@@ -212,6 +212,19 @@ def vectors(doc_path):
     return 0
 
 
+def read_server_hello(s):
+    """Reads the exit's 52-byte server hello, or returns None (printed) if
+    the exit closed first."""
+    answer = b""
+    while len(answer) < 52:
+        got = s.recv(52 - len(answer))
+        if not got:
+            print("closed before server hello")
+            return None
+        answer += got
+    return answer
+
+
 def handshake(addr, key_b64, offset_ms=0):
     """As an entry: connect, send a hello stamped now + offset_ms, verify the
     server hello. Returns (socket, session keys, hello), or None (printed)
@@ -222,13 +235,9 @@ def handshake(addr, key_b64, offset_ms=0):
     _, hello = client_hello(psk, cs, int(time.time() * 1000) + offset_ms)
     s = socket.create_connection((host, int(port)), timeout=10)
     s.sendall(hello)
-    answer = b""
-    while len(answer) < 52:
-        got = s.recv(52 - len(answer))
-        if not got:
-            print("closed before server hello")
-            return None
-        answer += got
+    answer = read_server_hello(s)
+    if answer is None:
+        return None
     keys = session(psk, cs, answer[:32])
     verify_server_hello(keys, cs, answer)
     return s, keys, hello
@@ -326,7 +335,7 @@ def stamped_session(addr, key_b64, offset_ms):
 def accept_hello(port_file):
     """As an exit: listen on a free loopback port, write it to `port_file`,
     accept one entry and read its 124-byte hello. Returns (socket, hello),
-    or (None, None) if the entry closed first."""
+    or (None, None) (printed) if the entry closed first."""
     ls = socket.socket()
     ls.bind(("127.0.0.1", 0))
     ls.listen(1)
@@ -340,6 +349,7 @@ def accept_hello(port_file):
     while len(hello) < 124:
         got = s.recv(124 - len(hello))
         if not got:
+            print("closed before the hello")
             return None, None
         hello += got
     return s, hello
@@ -375,11 +385,25 @@ def read_confirmation(s, keys):
     return opener, got[18:]
 
 
+def read_data(s, opener, rest, want):
+    """Opens the entry's chunks (`rest`, then what follows) until the data
+    reads `want` or the end chunk came. Returns (data, ended), or None
+    (printed) if the entry closed first."""
+    data, ended = opener.feed(rest)
+    while data != want.encode() and not ended:
+        more = s.recv(65536)
+        if not more:
+            print("closed after %r" % data)
+            return None
+        plain, ended = opener.feed(more)
+        data += plain
+    return data, ended
+
+
 def fake_exit(port_file, key_b64, message):
     psk = base64.b64decode(key_b64)
     s, hello = accept_hello(port_file)
     if s is None:
-        print("closed before the hello")
         return 1
     keys, server_hello = server_hello_for(psk, hello)
     sealer = Sealer(keys["s2c_key"], keys["s2c_length_key"])
@@ -415,13 +439,9 @@ def hello_acks(addr, key_b64, tries):
         s = socket.create_connection((host, int(port)), timeout=10)
         before = segments_in(s)
         s.sendall(hello)
-        answer = b""
-        while len(answer) < 52:
-            got = s.recv(52 - len(answer))
-            if not got:
-                print("closed before server hello")
-                return 1
-            answer += got
+        answer = read_server_hello(s)
+        if answer is None:
+            return 1
         verify_server_hello(session(psk, cs, answer[:32]), cs, answer)
         counts.append(segments_in(s) - before)
         s.close()
@@ -438,7 +458,6 @@ def first_flight(port_file, key_b64, want):
     psk = base64.b64decode(key_b64)
     s, hello = accept_hello(port_file)
     if s is None:
-        print("closed before the hello")
         return 1
     sys.stdin.readline()
     before = data_segments_in(s)
@@ -448,14 +467,10 @@ def first_flight(port_file, key_b64, want):
     if confirmed is None:
         return 1
     opener, rest = confirmed
-    data, _ = opener.feed(rest)
-    while data != want.encode():
-        more = s.recv(65536)
-        if not more:
-            print("closed after %r" % data)
-            return 1
-        plain, _ = opener.feed(more)
-        data += plain
+    got = read_data(s, opener, rest, want)
+    if got is None:
+        return 1
+    data, _ = got
     segments = data_segments_in(s) - before
     (first_chunk,) = struct.unpack(">H", mask_length(keys["c2s_length_key"], 1, rest[:2]))
     print("%d segment(s): confirmation + %d-byte chunk, %s" % (
@@ -472,7 +487,6 @@ def first_flight_end(port_file, key_b64):
     psk = base64.b64decode(key_b64)
     s, hello = accept_hello(port_file)
     if s is None:
-        print("closed before the hello")
         return 1
     sys.stdin.readline()
     keys, answer = server_hello_for(psk, hello)
@@ -502,7 +516,6 @@ def end_fin(port_file, key_b64, want):
     psk = base64.b64decode(key_b64)
     s, hello = accept_hello(port_file)
     if s is None:
-        print("closed before the hello")
         return 1
     keys, answer = server_hello_for(psk, hello)
     s.sendall(answer)
@@ -510,14 +523,10 @@ def end_fin(port_file, key_b64, want):
     if confirmed is None:
         return 1
     opener, rest = confirmed
-    data, ended = opener.feed(rest)
-    while data != want.encode() and not ended:
-        more = s.recv(65536)
-        if not more:
-            print("closed after %r" % data)
-            return 1
-        plain, ended = opener.feed(more)
-        data += plain
+    got = read_data(s, opener, rest, want)
+    if got is None:
+        return 1
+    data, ended = got
     before = segments_in(s)
     # The test half-closes its client only after this line.
     print("data in", flush=True)
