@@ -30,32 +30,26 @@ fn run() -> ExitCode {
     if json {
         shardproxy::log::set_format(shardproxy::log::Format::Json);
     }
-    // Then, for a proxy, the signal disposition: before the config is read,
+    // For a proxy, the signal disposition: before the config is read,
     // names resolved or ports bound, so that a SIGHUP from a quick `systemctl
     // reload` or a SIGTERM during start-up never meets the default action.
     // Tools (check, keygen, stats, demo) keep the default dispositions.
-    let signals = match std::env::args().nth(1).as_deref() {
+    let signals = match args.get(1).map(String::as_str) {
         Some("forward" | "entry" | "exit" | "run") => {
             match shardproxy::control::SignalPlane::install() {
                 Ok(s) => Some(s),
                 Err(e) => {
-                    eprintln_safe(&format!(
-                        "error: {}",
-                        shardproxy::log::one_line(&e.to_string())
-                    ));
+                    report_error(&e);
                     return ExitCode::from(2);
                 }
             }
         }
         _ => None,
     };
-    let loaded = match shardproxy::config::load(std::env::args().collect()) {
+    let loaded = match shardproxy::config::load(args) {
         Ok(loaded) => loaded,
         Err(e) => {
-            eprintln_safe(&format!(
-                "error: {}",
-                shardproxy::log::one_line(&e.to_string())
-            ));
+            report_error(&e);
             return ExitCode::from(2);
         }
     };
@@ -89,15 +83,12 @@ fn run() -> ExitCode {
                 Ok(table) => match shardproxy::app::print_stdout(&table) {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
-                        eprintln_safe(&format!("error: cannot write to stdout: {e}"));
+                        report_error(&format!("cannot write to stdout: {e}"));
                         ExitCode::from(1)
                     }
                 },
                 Err(e) => {
-                    eprintln_safe(&format!(
-                        "error: {}",
-                        shardproxy::log::one_line(&e.to_string())
-                    ));
+                    report_error(&e);
                     // A malformed --from is bad input (2, as every other
                     // argument error); a scrape that failed is 1.
                     let usage = matches!(e, shardproxy::metrics::stats_cmd::StatsError::BadUrl(_));
@@ -110,25 +101,22 @@ fn run() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln_safe(&format!(
-                "error: {}",
-                shardproxy::log::one_line(&e.to_string())
-            ));
+            report_error(&e);
             ExitCode::from(e.exit_code())
         }
     }
 }
 
-/// `eprintln!` without its panic when stderr is closed or full, and
-/// without blocking on a stderr that does not move (through the log
-/// writer, flushed with a bound before the process exits). Under
-/// `--log-format json` an `error: ...` line is a JSON object with level
-/// `error` instead.
-fn eprintln_safe(line: &str) {
-    match line.strip_prefix("error: ") {
-        Some(message) if shardproxy::log::is_json() => {
-            shardproxy::log::write_line(shardproxy::log::Level::Error, message)
-        }
-        _ => shardproxy::log::write_raw(format!("{line}\n")),
+/// Writes `error: MESSAGE` (one line, control characters escaped) to
+/// stderr, or under `--log-format json` a JSON line with level `error`:
+/// through the log writer, so never panicking on a closed or full stderr
+/// and never blocking on one that does not move (`main` flushes it, with a
+/// bound, before the process exits).
+fn report_error(message: &dyn std::fmt::Display) {
+    let message = message.to_string();
+    if shardproxy::log::is_json() {
+        shardproxy::log::write_line(shardproxy::log::Level::Error, &message);
+    } else {
+        shardproxy::log::write_raw(format!("error: {}\n", shardproxy::log::one_line(&message)));
     }
 }
