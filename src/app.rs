@@ -169,12 +169,9 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
+    // The log writer runs already (`main` starts it first and flushes it
+    // before the process exits): no thread blocks on stderr.
     crate::log::set(cfg.log_level, cfg.log_format);
-    // From here on no thread blocks on stderr (see crate::log); main()
-    // flushes before the process exits.
-    if let Err(e) = crate::log::start_writer() {
-        crate::warn!("log writer thread not started ({e}): lines are written in place");
-    }
     preflight()?;
     raise_fd_limit(cfg.fds_needed());
     if let Some(log) = &cfg.access_log {

@@ -12,7 +12,9 @@ fn main() -> ExitCode {
     // Then the log writer: from here on no line, not even a start-up
     // error, can hang the process on a stderr that does not move; every
     // way out of `run` ends with a bounded flush.
-    let _ = shardproxy::log::start_writer();
+    if let Err(e) = shardproxy::log::start_writer() {
+        shardproxy::warn!("log writer thread not started ({e}): lines are written in place");
+    }
     let code = run();
     shardproxy::log::flush();
     code
