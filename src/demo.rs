@@ -67,7 +67,13 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
     let exit_addr = format!("127.0.0.1:{}", args.exit_port);
     let entry_addr = format!("127.0.0.1:{}", args.port);
     let spawn = |role: &'static str, listen: &str, upstream: &str| {
+        use std::os::unix::process::CommandExt;
         Command::new(&exe)
+            // A process group of their own: a terminal's Ctrl-C signals the
+            // whole foreground job, and a proxy that got it as well as the
+            // SIGTERM we forward would take that as a second signal and
+            // reset every connection. We alone pass the stop on.
+            .process_group(0)
             .args([
                 role,
                 "--listen",
@@ -124,6 +130,7 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
         if stop.load(Ordering::Relaxed) && !forwarded {
             forwarded = true;
             terminate(&children);
+            crate::info!("demo: both proxies told to drain (a second Ctrl-C stops them at once)");
         }
         children.retain_mut(|c| match c.try_wait() {
             Ok(Some(status)) => {

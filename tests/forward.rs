@@ -517,3 +517,59 @@ fn demo_second_signal_exits_at_once() {
         started.elapsed()
     );
 }
+
+/// Ctrl-C in a terminal signals the whole foreground job: the demo and, if
+/// they shared its process group, both proxies, which then also got the
+/// demo's forwarded SIGTERM as a second signal and reset every connection
+/// ("second termination signal: exiting now"). The proxies run in their own
+/// process group: a Ctrl-C drains, a held connection ends cleanly, exit 0.
+#[test]
+fn demo_ctrl_c_to_the_whole_job_drains_cleanly() {
+    let ports: Vec<String> = (0..3).map(|_| dead_port().port().to_string()).collect();
+    let mut demo = Proxy::command([
+        "demo",
+        "--port",
+        &ports[0],
+        "--origin-port",
+        &ports[1],
+        "--exit-port",
+        &ports[2],
+    ])
+    .shards(1)
+    .own_process_group()
+    .start();
+    demo.wait_for_lines(|l| l.contains("listening on"), 2, Duration::from_secs(20));
+    demo.wait_for_log(|l| l.contains("demo: try"), Duration::from_secs(10));
+    let entry: SocketAddr = format!("127.0.0.1:{}", ports[0]).parse().unwrap();
+    let mut held = TcpStream::connect(entry).unwrap();
+    held.write_all(b"ping").unwrap();
+    let mut b = [0u8; 4];
+    held.read_exact(&mut b).unwrap();
+    demo.signal_group("INT");
+    // The demo has passed the stop on (so a proxy that also got the
+    // terminal's signal has had two by now).
+    demo.wait_for_log(
+        |l| l.contains("demo: both proxies told to drain"),
+        Duration::from_secs(10),
+    );
+    demo.wait_for_lines(
+        |l| l.contains("draining: stopped accepting"),
+        2,
+        Duration::from_secs(10),
+    );
+    // The held connection still works during the drain, then ends cleanly.
+    held.write_all(b"pong").unwrap();
+    held.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"pong");
+    held.shutdown(Shutdown::Write).unwrap();
+    let (end, _) = read_until_end(&mut held, Duration::from_secs(10));
+    assert_eq!(end, End::Eof);
+    let status = demo.wait_exit(Duration::from_secs(20));
+    let log = demo.log();
+    assert_eq!(status.code(), Some(0), "{log:?}");
+    assert!(
+        !log.iter()
+            .any(|l| l.contains("second termination signal: exiting now")),
+        "{log:?}"
+    );
+}

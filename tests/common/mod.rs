@@ -109,6 +109,7 @@ pub struct ProxyBuilder {
     ulimits: Vec<(&'static str, u64)>,
     env: Vec<(String, String)>,
     hosts: Option<String>,
+    own_group: bool,
 }
 
 impl ProxyBuilder {
@@ -121,7 +122,16 @@ impl ProxyBuilder {
             ulimits: Vec::new(),
             env: Vec::new(),
             hosts: None,
+            own_group: false,
         }
+    }
+
+    /// Starts it in a process group of its own, as a shell starts a
+    /// foreground job, so that [`Proxy::signal_group`] can signal the whole
+    /// job the way a terminal's Ctrl-C does.
+    pub fn own_process_group(mut self) -> Self {
+        self.own_group = true;
+        self
     }
 
     /// Number of shards (`--cores N`); `start` waits for each to listen.
@@ -218,6 +228,10 @@ impl ProxyBuilder {
         };
         for (k, v) in &self.env {
             cmd.env(k, v);
+        }
+        if self.own_group {
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
         }
         let mut child = cmd
             .stdin(Stdio::null())
@@ -352,6 +366,17 @@ impl Proxy {
             .unwrap()
             .success();
         assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Sends `sig` to its whole process group (started with
+    /// [`ProxyBuilder::own_process_group`]): what a terminal's Ctrl-C does.
+    pub fn signal_group(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), "--", &format!("-{}", self.pid())])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} -- -{} failed", self.pid());
     }
 
     /// Waits (bounded) for the process to exit on its own, then for the
