@@ -160,7 +160,7 @@ impl Controller {
 ///
 /// | signal | while starting | once shards run |
 /// |---|---|---|
-/// | SIGTERM, SIGINT | exit 0 at once: nothing is accepted yet | first: drain (after `--drain-delay`); second: reset every connection (RST) and exit 1 |
+/// | SIGTERM, SIGINT | exit 0 at once: nothing is accepted yet | first: drain (after `--drain-delay`); second: reset every connection (RST) and exit 1. After a hand-over (already draining) the first one lets the drain go on |
 /// | SIGHUP | remembered, applied once started | re-read the key file (ignored while draining) |
 /// | SIGUSR2 | logged, ignored | re-execute the binary with `--takeover` (needs a control socket: `--control-socket`, or the one inherited with `--takeover`): the new process takes the listeners, this one drains |
 /// | SIGUSR1 | reopen the access log | reopen the access log (after logrotate renamed it) |
@@ -228,6 +228,11 @@ pub struct Started {
 struct Running {
     s: Started,
     draining: bool,
+    /// A termination signal arrived: the next one exits at once. A drain
+    /// that a hand-over started does not count as one, so the first
+    /// SIGTERM after it (`systemctl stop` signals every process of the
+    /// unit, the draining predecessor too) lets the drain go on.
+    signalled: bool,
 }
 
 impl SignalPlane {
@@ -278,6 +283,7 @@ impl SignalPlane {
         *phase = Phase::Running(Running {
             s: started,
             draining: false,
+            signalled: false,
         });
         if reload {
             crate::info!("applying the SIGHUP received during start-up");
@@ -382,6 +388,12 @@ fn on_signal(phase: &mut Phase, sig: i32, shared: &Arc<Mutex<Phase>>) {
             SIGUSR2 if r.draining => ignored(sig, "while draining"),
             SIGUSR2 => r.upgrade(),
             SIGUSR1 => reopen_access_log(),
+            _ if r.draining && !r.signalled => {
+                r.signalled = true;
+                crate::info!(
+                    "termination signal while draining after the hand-over: the drain goes on (a second one exits at once)"
+                );
+            }
             _ if r.draining => {
                 let n = crate::sys::abandon_connections();
                 crate::warn!(
@@ -391,6 +403,7 @@ fn on_signal(phase: &mut Phase, sig: i32, shared: &Arc<Mutex<Phase>>) {
                 std::process::exit(1);
             }
             _ => {
+                r.signalled = true;
                 r.start_drain("termination signal", true);
                 let delay = r.s.drain_delay;
                 if delay.is_zero() {
@@ -436,7 +449,7 @@ impl Running {
     /// `STOPPING=1`, no more hand-overs are offered. The shards keep
     /// accepting until [`Running::drain_now`].
     fn start_drain(&mut self, why: &str, tell_systemd: bool) {
-        crate::info!("{why}: draining (send a termination signal again to exit at once)");
+        crate::info!("{why}: draining (a second termination signal exits at once)");
         self.draining = true;
         if let Ok(mut offer) = self.s.offer.lock() {
             *offer = None;

@@ -529,6 +529,64 @@ fn drain_delay_says_503_while_still_accepting_then_stops() {
 
 /// The process a SIGUSR2 upgrade executes inherits none of the old
 /// process's connections: the old one's drain timeout still resets them.
+/// A predecessor draining after a hand-over is not stopped by the first
+/// SIGTERM it gets: `systemctl stop` (KillMode=control-group, the default)
+/// signals every process of the unit, the draining one too, and a stop
+/// drains. It used to take that signal as the second one and reset the
+/// connections it was draining. A second SIGTERM still exits at once.
+#[test]
+fn a_stop_during_the_hand_over_drain_lets_the_drain_finish() {
+    let origin = echo_origin();
+    let ctl = control_path("stopdrain");
+    let mut old = Proxy::forward(origin)
+        .shards(1)
+        .args(["--control-socket", &ctl, "--drain-timeout", "30s"])
+        .start();
+    let mut held = TcpStream::connect(old.addr).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut b = [0u8; 4];
+    held.write_all(b"ping").unwrap();
+    held.read_exact(&mut b).unwrap();
+    // The successor shares old's stderr: it must be gone before old's log
+    // reader can finish, also when an assertion below fails.
+    struct Successor(u32);
+    impl Drop for Successor {
+        fn drop(&mut self) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &self.0.to_string()])
+                .status();
+        }
+    }
+    let successor = Successor(sigusr2_successor(&old));
+    old.wait_for_log(
+        |l| l.contains("hand-over complete"),
+        Duration::from_secs(20),
+    );
+    old.signal("TERM");
+    old.wait_for_log(
+        |l| l.contains("termination signal while draining after the hand-over"),
+        Duration::from_secs(10),
+    );
+    // Still draining: the held connection works, then ends cleanly, and
+    // with it the drain (exit 0).
+    held.write_all(b"pong").unwrap();
+    held.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"pong");
+    held.shutdown(std::net::Shutdown::Write).unwrap();
+    let (end, _) = read_until_end(&mut held, Duration::from_secs(10));
+    drop(successor);
+    assert_eq!(end, End::Eof, "{:?}", old.log());
+    assert_eq!(wait_exited(&mut old, Duration::from_secs(30)), Some(0));
+    assert!(
+        !old.log()
+            .iter()
+            .any(|l| l.contains("second termination signal: exiting now")),
+        "{:?}",
+        old.log()
+    );
+}
+
 #[test]
 fn a_reexecuted_successor_inherits_no_client_connection() {
     let origin = echo_origin();
