@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::units::{parse_duration, parse_size};
+use crate::units::{parse_count, parse_duration, parse_size};
 
 /// A thread-per-core, sharded TCP proxy: one pinned io_uring executor per core.
 #[derive(Debug, Parser)]
@@ -63,11 +63,11 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "POLICY", default_value = "random-two", value_parser = ["round-robin", "least-connections", "random-two", "source-hash"])]
     pub balance: String,
     /// Endpoints tried per client before it is reset (close reason no_upstream): a failed or timed-out connect, or (entry) a failed tunnel handshake, moves on to another endpoint; each endpoint is tried at most once per client (1-10).
-    #[arg(long, value_name = "N", default_value_t = 3)]
-    pub connect_attempts: u32,
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = parse_count)]
+    pub connect_attempts: i64,
     /// Consecutive failed attempts that eject an endpoint from a shard's rotation (1-100).
-    #[arg(long, value_name = "N", default_value_t = 3)]
-    pub max_fails: u32,
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = parse_count)]
+    pub max_fails: i64,
     /// How long an endpoint stays ejected the first time; each further ejection in a row doubles it, up to 32 times this (1s-1h).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub fail_timeout: Duration,
@@ -75,26 +75,26 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub health_check_interval: Option<Duration>,
     /// Consecutive failed probes before an endpoint is marked down (1-100).
-    #[arg(long, value_name = "N", default_value_t = 3)]
-    pub health_check_fails: u32,
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = parse_count)]
+    pub health_check_fails: i64,
     /// Consecutive passed probes before a down endpoint is marked up (1-100).
-    #[arg(long, value_name = "N", default_value_t = 2)]
-    pub health_check_passes: u32,
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = parse_count)]
+    pub health_check_passes: i64,
     /// Resolve upstream hostnames again this often, off the shards' threads; a failed lookup keeps the last good endpoints (1s-24h).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub dns_refresh: Duration,
 
-    /// Run this many shards, on the first N cores this process may use [default: all of them].
-    #[arg(long, value_name = "N", conflicts_with = "cpu_list")]
-    pub cores: Option<usize>,
+    /// Run this many shards, on the first N cores this process may use (1 to the number of those cores) [default: all of them].
+    #[arg(long, value_name = "N", conflicts_with = "cpu_list", value_parser = parse_count)]
+    pub cores: Option<i64>,
 
     /// Run one shard on each listed core, e.g. 0,2-5 (must be within this process's CPU mask).
     #[arg(long, value_name = "LIST")]
     pub cpu_list: Option<String>,
 
     /// Listen backlog for each shard's socket (1-65535; the kernel caps it at net.core.somaxconn).
-    #[arg(long, value_name = "N", default_value_t = 4096)]
-    pub backlog: u32,
+    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = parse_count)]
+    pub backlog: i64,
 
     /// Relay buffer per direction per connection. forward: memory per connection is twice this. entry/exit: each direction always holds one full 16 KiB chunk (16402 B), and this caps the plaintext read per chunk (at most 16KiB). Range 1KiB-16MiB.
     #[arg(long, value_name = "SIZE", default_value = "16KiB", value_parser = parse_size)]
@@ -129,8 +129,8 @@ pub struct ProxyArgs {
     pub takeover: Option<String>,
 
     /// Connections per shard; at the limit the shard stops accepting until one closes (1-1000000) [default: 10000, lowered to fit RLIMIT_NOFILE].
-    #[arg(long, value_name = "N")]
-    pub max_connections: Option<usize>,
+    #[arg(long, value_name = "N", value_parser = parse_count)]
+    pub max_connections: Option<i64>,
 
     /// With an IPv6 listen address such as [::]:8000, accept IPv4 clients too (IPV6_V6ONLY off); --dual-stack=false turns a config file's setting off.
     #[arg(long, num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
@@ -208,8 +208,8 @@ pub struct TunnelArgs {
     pub handshake_timeout: Duration,
 
     /// exit: unauthenticated connections (pending handshakes) per shard, counted apart from --max-connections; past it the oldest pending one is closed (1-1000000).
-    #[arg(long, value_name = "N", default_value_t = 1024)]
-    pub max_handshakes: usize,
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = parse_count)]
+    pub max_handshakes: i64,
 
     /// Reject hellos whose timestamp differs from our clock by more than this (1s-5m; SIP022's window is 30s). The exit remembers accepted hellos for twice this, to refuse replays.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
@@ -240,8 +240,8 @@ pub struct DemoArgs {
     pub exit_port: u16,
 
     /// Shards for each proxy (1 to the number of cores this process may use).
-    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
-    pub cores: usize,
+    #[arg(long, default_value_t = 1, value_parser = parse_count)]
+    pub cores: i64,
 }
 
 #[cfg(test)]

@@ -73,6 +73,23 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("`{text}` is too large"))
 }
 
+/// Parses a count setting's whole number: `3`, `+3`, and also `-1`.
+///
+/// A negative or oversized value parses, so that the setting's own range
+/// check (`config::ranges`) reports it against the documented range ("must
+/// be between 1 and 100") instead of the integer type's.
+///
+/// Errors: not a whole number (`1e3`, `1.5`, `ten`), or beyond ±2^63.
+pub fn parse_count(text: &str) -> Result<i64, String> {
+    let text = text.trim();
+    let digits = text.strip_prefix(['+', '-']).unwrap_or(text);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("`{text}` is not a whole number"));
+    }
+    text.parse()
+        .map_err(|_| format!("`{text}` is far out of range"))
+}
+
 /// The message for a unit that does not parse, naming the likely slip.
 fn unit_error(text: &str, unit: &str, units: &str) -> String {
     if unit.starts_with(char::is_whitespace) {

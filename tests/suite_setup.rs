@@ -16,7 +16,10 @@ fn a_python_that_refuses_pip_gets_a_virtualenv() {
         .args(["-c", "command -v python3"])
         .output()
         .unwrap();
-    assert!(real.status.success(), "python3 is needed (apt-get install python3)");
+    assert!(
+        real.status.success(),
+        "python3 is needed (apt-get install python3)"
+    );
     let real = String::from_utf8(real.stdout).unwrap().trim().to_string();
     // What `pip install` says on Debian 12's own python3.
     let fake = format!(
@@ -24,8 +27,16 @@ fn a_python_that_refuses_pip_gets_a_virtualenv() {
     );
     let fake_path = dir.join("bin/python3");
     std::fs::write(&fake_path, fake).unwrap();
-    Command::new("chmod").arg("+x").arg(&fake_path).status().unwrap();
-    let path = format!("{}:{}", dir.join("bin").display(), std::env::var("PATH").unwrap());
+    Command::new("chmod")
+        .arg("+x")
+        .arg(&fake_path)
+        .status()
+        .unwrap();
+    let path = format!(
+        "{}:{}",
+        dir.join("bin").display(),
+        std::env::var("PATH").unwrap()
+    );
     let venv = dir.join("venv");
     // tomli-w: a small pure-Python package nothing else here installs; the
     // command check uses one a package puts on PATH.
@@ -51,7 +62,10 @@ fn a_python_that_refuses_pip_gets_a_virtualenv() {
         "{text}"
     );
     // A command the package does not install is reported, not passed over.
-    assert!(text.contains("tomli-w-absent-probe is still missing"), "{text}");
+    assert!(
+        text.contains("tomli-w-absent-probe is still missing"),
+        "{text}"
+    );
     assert!(text.contains("rc=1"), "{text}");
     // The module itself is there, through the virtualenv first on PATH.
     let venv_python = format!("{}", Path::new(&venv).join("bin/python3").display());

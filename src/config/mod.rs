@@ -196,11 +196,11 @@ pub enum ConfigError {
     #[error("--cores {asked}: only {available} cores are available to this process (see taskset/cpuset); use --cores {available} or fewer")]
     TooManyCores {
         /// What was asked.
-        asked: usize,
+        asked: i64,
         /// What the CPU mask allows.
         available: usize,
     },
-    /// `--cores 0`.
+    /// `--cores 0` or a negative count.
     #[error("--cores must be at least 1")]
     ZeroCores,
     /// `--cpu-list` has a syntax error.
@@ -375,7 +375,7 @@ impl Config {
         // `tunnel_role` passes `Forward` too, and turns splicing off after.
         let splicing = matches!(mode, Mode::Forward) && args.splice.as_deref() != Some("never");
         let max_connections = match args.max_connections {
-            Some(n) => nz(ranges::MAX_CONNECTIONS.check(n)?),
+            Some(n) => nz(ranges::MAX_CONNECTIONS.check_count(n)?),
             None if splicing => nz(default_max_connections_splicing(cores.len(), fd_limit())),
             None => nz(default_max_connections(cores.len(), fd_limit())),
         };
@@ -388,7 +388,7 @@ impl Config {
             mode,
             listen,
             dual_stack: args.dual_stack,
-            backlog: ranges::BACKLOG.check(args.backlog)?,
+            backlog: ranges::BACKLOG.check_count(args.backlog)?,
             upstreams,
             cores,
             metrics_listen,
@@ -694,7 +694,7 @@ impl Config {
             keys,
             handshake_timeout: ranges::HANDSHAKE_TIMEOUT.check(args.handshake_timeout)?,
             max_clock_skew: ranges::MAX_CLOCK_SKEW.check(args.max_clock_skew)?,
-            max_handshakes: ranges::MAX_HANDSHAKES.check(args.max_handshakes)?,
+            max_handshakes: ranges::MAX_HANDSHAKES.check_count(args.max_handshakes)?,
         };
         // The tunnel roles transform every byte: no pipes.
         cfg.limits.splice_pipes = 0;
@@ -822,8 +822,8 @@ fn upstreams(args: &ProxyArgs) -> Result<crate::upstream::Upstreams, ConfigError
         ));
     }
     // Checked whether or not checks are on: a bad value is a mistake either way.
-    let fails = ranges::HEALTH_CHECK_FAILS.check(args.health_check_fails)?;
-    let passes = ranges::HEALTH_CHECK_PASSES.check(args.health_check_passes)?;
+    let fails = ranges::HEALTH_CHECK_FAILS.check_count(args.health_check_fails)?;
+    let passes = ranges::HEALTH_CHECK_PASSES.check_count(args.health_check_passes)?;
     let health = match args.health_check_interval {
         None => None,
         Some(interval) => Some(HealthCheck {
@@ -836,8 +836,8 @@ fn upstreams(args: &ProxyArgs) -> Result<crate::upstream::Upstreams, ConfigError
         specs,
         endpoints,
         balance: Balance::parse(&args.balance).unwrap_or(Balance::RandomTwo),
-        connect_attempts: ranges::CONNECT_ATTEMPTS.check(args.connect_attempts)?,
-        max_fails: ranges::MAX_FAILS.check(args.max_fails)?,
+        connect_attempts: ranges::CONNECT_ATTEMPTS.check_count(args.connect_attempts)?,
+        max_fails: ranges::MAX_FAILS.check_count(args.max_fails)?,
         fail_timeout: ranges::FAIL_TIMEOUT.check(args.fail_timeout)?,
         health,
         dns_refresh: ranges::DNS_REFRESH.check(args.dns_refresh)?,
@@ -846,7 +846,7 @@ fn upstreams(args: &ProxyArgs) -> Result<crate::upstream::Upstreams, ConfigError
 
 /// Picks the cores: all allowed ones, the first N, or an explicit list.
 pub fn select_cores(
-    count: Option<usize>,
+    count: Option<i64>,
     list: Option<&str>,
     allowed: &[usize],
 ) -> Result<Vec<usize>, ConfigError> {
@@ -854,12 +854,14 @@ pub fn select_cores(
         return Err(ConfigError::NoCores);
     }
     match (count, list) {
-        (Some(0), _) => Err(ConfigError::ZeroCores),
-        (Some(n), _) if n > allowed.len() => Err(ConfigError::TooManyCores {
-            asked: n,
-            available: allowed.len(),
-        }),
-        (Some(n), _) => Ok(allowed[..n].to_vec()),
+        (Some(n), _) if n < 1 => Err(ConfigError::ZeroCores),
+        (Some(n), _) => match usize::try_from(n) {
+            Ok(n) if n <= allowed.len() => Ok(allowed[..n].to_vec()),
+            _ => Err(ConfigError::TooManyCores {
+                asked: n,
+                available: allowed.len(),
+            }),
+        },
         (None, Some(list)) => {
             let cores = parse_cpu_list(list)?;
             for &core in &cores {

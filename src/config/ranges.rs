@@ -216,6 +216,23 @@ impl<T: Show> Bound<T> {
     }
 }
 
+impl<T: Show + TryFrom<i64>> Bound<T> {
+    /// As [`Bound::check`], for a count parsed as any whole number
+    /// ([`crate::units::parse_count`]): a negative value, or one beyond
+    /// the setting's integer type, gets the same documented-range error.
+    pub fn check_count(&self, value: i64) -> Result<T, ConfigError> {
+        match T::try_from(value) {
+            Ok(v) => self.check(v),
+            Err(_) => Err(ConfigError::OutOfRange {
+                flag: self.flag,
+                value: value.to_string(),
+                min: self.min.show(),
+                max: self.max.show(),
+            }),
+        }
+    }
+}
+
 impl Bound<usize> {
     /// As [`Bound::check`], for a size in bytes.
     pub fn check_size(&self, value: usize) -> Result<usize, ConfigError> {
@@ -246,5 +263,18 @@ mod tests {
         assert!(METRICS_INTERVAL.check(secs(3600)).is_err());
         assert!(BACKLOG.check(0).is_err());
         assert_eq!(Bytes(1536).to_string(), "1536B");
+        assert_eq!(MAX_FAILS.check_count(100), Ok(100));
+        assert_eq!(
+            MAX_FAILS.check_count(-1).unwrap_err().to_string(),
+            "--max-fails -1 is out of range: must be between 1 and 100"
+        );
+        assert_eq!(
+            MAX_CONNECTIONS
+                .check_count(i64::MIN)
+                .unwrap_err()
+                .to_string(),
+            "--max-connections -9223372036854775808 is out of range: must be between 1 and 1000000"
+        );
+        assert!(BACKLOG.check_count(i64::MAX).is_err());
     }
 }
