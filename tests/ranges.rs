@@ -415,7 +415,8 @@ fn demo_rejects_more_cores_than_allowed() {
 
 /// A config-file error names the key even when clap rejects the value (a
 /// boolean: its flag is spelt `--dual-stack[=<DUAL_STACK>]` in clap's error)
-/// and when the setting at fault asks for one that is missing.
+/// and when the setting at fault asks for one that is missing; a value of the
+/// wrong TOML type is refused for its type.
 #[test]
 fn config_errors_name_the_key_for_booleans_and_missing_partners() {
     let key = key_file(&[&keygen()]);
@@ -427,6 +428,24 @@ fn config_errors_name_the_key_for_booleans_and_missing_partners() {
             "key `send_proxy_v2`",
         ),
         ("partner", "accept_proxy = true", "key `accept_proxy`"),
+        // A number where a path, a list or a duration is meant is refused
+        // for its type: `access_log = -1` wrote to a file named `-1`.
+        (
+            "path-integer",
+            "access_log = -1",
+            "key `access_log` must be a string",
+        ),
+        (
+            "list-integer",
+            "cpu_list = 0",
+            "key `cpu_list` must be a string",
+        ),
+        ("duration-integer", "idle_timeout = 30", "such as \"30s\""),
+        (
+            "count-float",
+            "max_fails = 1.5",
+            "key `max_fails` must be an integer",
+        ),
     ] {
         let role = if name == "bool-exit" {
             "exit"

@@ -266,10 +266,20 @@ pub fn translate(
         .ok_or_else(|| FileError::BadRole {
             path: path.to_string(),
         })?;
-    let flags: Vec<(&str, bool)> = sub
+    // (flag, takes a value, the kind of value a TOML integer may stand for)
+    let flags: Vec<(&str, bool, Numeric)> = sub
         .get_arguments()
-        .filter_map(|a| a.get_long().map(|l| (l, a.get_action().takes_values())))
-        .filter(|(l, _)| !matches!(*l, "config" | "help" | "version"))
+        .filter_map(|a| {
+            let numeric = match a.get_value_names().unwrap_or_default() {
+                [n] if n.as_str() == "N" => Numeric::Count,
+                [n] if n.as_str() == "SIZE" => Numeric::Size,
+                [n] if n.as_str() == "DURATION" => Numeric::Duration,
+                _ => Numeric::No,
+            };
+            a.get_long()
+                .map(|l| (l, a.get_action().takes_values(), numeric))
+        })
+        .filter(|(l, _, _)| !matches!(*l, "config" | "help" | "version"))
         .collect();
     let mut args = Vec::new();
     for (key, value) in &table {
@@ -279,12 +289,12 @@ pub fn translate(
         let flag = key.replace('_', "-");
         // Keys are written with `_`; `dual-stack` is not silently accepted.
         let known = (!key.contains('-'))
-            .then(|| flags.iter().find(|(l, _)| *l == flag))
+            .then(|| flags.iter().find(|(l, _, _)| *l == flag))
             .flatten();
-        let Some(&(_, takes_value)) = known else {
+        let Some(&(_, takes_value, numeric)) = known else {
             let hint = flags
                 .iter()
-                .map(|(l, _)| l.replace('-', "_"))
+                .map(|(l, _, _)| l.replace('-', "_"))
                 .find(|k| edit_distance(k, &key.replace('-', "_")) <= 2)
                 .map(|k| format!(" (did you mean `{k}`?)"))
                 .or_else(|| {
@@ -351,8 +361,22 @@ pub fn translate(
             // `--flag=value`, so a value such as `-1` is read as a value
             // (and rejected with the key's own message), never as a flag.
             (toml::Value::String(s), true) => args.push(format!("--{flag}={s}")),
-            (toml::Value::Integer(i), true) => args.push(format!("--{flag}={i}")),
-            (_, true) => return Err(bad("a string or an integer")),
+            // An integer only where a number is meant: `access_log = -1`
+            // must not become a file named `-1`, nor `cpu_list = 3` pass
+            // for a list.
+            (toml::Value::Integer(i), true) => match numeric {
+                Numeric::Count | Numeric::Size => args.push(format!("--{flag}={i}")),
+                Numeric::Duration => return Err(bad(DURATION_VALUE)),
+                Numeric::No => return Err(bad("a string")),
+            },
+            (_, true) => {
+                return Err(bad(match numeric {
+                    Numeric::Count => "an integer",
+                    Numeric::Size => "an integer (bytes) or a string such as \"16KiB\"",
+                    Numeric::Duration => DURATION_VALUE,
+                    Numeric::No => "a string",
+                }))
+            }
         }
     }
     Ok(FileArgs {
@@ -360,6 +384,21 @@ pub fn translate(
         args,
     })
 }
+
+/// What a TOML integer may stand for in a key's value.
+#[derive(Debug, Clone, Copy)]
+enum Numeric {
+    /// A count (`N`): an integer.
+    Count,
+    /// A size (`SIZE`): an integer number of bytes, or a string with a unit.
+    Size,
+    /// A duration (`DURATION`): only a string with a unit.
+    Duration,
+    /// Anything else (paths, addresses, names): only a string.
+    No,
+}
+
+const DURATION_VALUE: &str = "a string with a unit, such as \"30s\" or \"500ms\"";
 
 const UPSTREAM_ITEM: &str = "\"HOST:PORT\", \"HOST:PORT weight=N\", a table with exactly the keys address = \"HOST:PORT\" and (optionally) weight = N, or a list of them";
 
@@ -535,6 +574,20 @@ mod tests {
             translate("listen = [1]", "f", Some("forward")),
             Err(FileError::BadValue { .. })
         ));
+        // Integers only where a number is meant.
+        for (text, want) in [
+            ("access_log = -1", "a string"),
+            ("cpu_list = 3", "a string"),
+            ("idle_timeout = 30", DURATION_VALUE),
+            ("max_fails = 2.5", "an integer"),
+        ] {
+            match translate(text, "f", Some("forward")) {
+                Err(FileError::BadValue { want: w, .. }) => assert_eq!(w, want, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        let f = translate("max_fails = 3\nbuffer_size = 16384", "f", Some("forward")).unwrap();
+        assert_eq!(f.args, ["--buffer-size=16384", "--max-fails=3"]);
         assert!(matches!(
             translate("listen = \"x\"", "f", None),
             Err(FileError::BadRole { .. })
