@@ -48,8 +48,9 @@ pub enum StartupError {
         /// The OS error.
         reason: String,
     },
-    /// The metrics endpoint cannot listen.
-    #[error("cannot listen on --metrics-listen {addr}: {source}")]
+    /// The metrics endpoint cannot listen. Worded as the listen errors
+    /// above for the same OS errors.
+    #[error("cannot listen on --metrics-listen {addr}: {}", listen_reason(.source))]
     MetricsListen {
         /// The address.
         addr: SocketAddr,
@@ -90,7 +91,7 @@ pub enum StartupError {
         reason: String,
     },
     /// `--takeover` failed; the running process keeps serving.
-    #[error("cannot take over (the running process keeps serving): {0}")]
+    #[error("--takeover: cannot take over (the running process keeps serving): {0}")]
     Takeover(String),
     /// `demo` could not start one of its processes.
     #[error("demo: cannot start {what}: {source}")]
@@ -100,6 +101,22 @@ pub enum StartupError {
         /// The OS error.
         source: std::io::Error,
     },
+}
+
+/// The reason part of a failed listen, in the words of
+/// [`StartupError::AddrInUse`], [`StartupError::AddrAccess`] and
+/// [`StartupError::AddrNotAvail`], so every listening flag says the same.
+fn listen_reason(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::AddrInUse => {
+            "address already in use by another program (stop it or pick another port)".into()
+        }
+        io::ErrorKind::PermissionDenied => {
+            "permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)".into()
+        }
+        io::ErrorKind::AddrNotAvailable => "address not available on this host".into(),
+        _ => e.to_string(),
+    }
 }
 
 impl StartupError {

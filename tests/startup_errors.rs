@@ -104,6 +104,19 @@ fn bad_input_is_one_line_and_exit_code_2() {
             &["already in use"],
         ),
         case(
+            "metrics port held by another program, worded as for --listen",
+            forward(&["--metrics-listen", &held]),
+            &[
+                "--metrics-listen",
+                "address already in use by another program (stop it or pick another port)",
+            ],
+        ),
+        case(
+            "a takeover names its flag",
+            forward(&["--takeover", "/nonexistent/shardproxy.sock"]),
+            &["--takeover", "/nonexistent/shardproxy.sock"],
+        ),
+        case(
             "demo ports that collide are refused before anything starts",
             ["demo", "--port", "7000"].map(String::from).to_vec(),
             &["three different ports"],
