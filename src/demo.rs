@@ -68,7 +68,12 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
     let entry_addr = format!("127.0.0.1:{}", args.port);
     let spawn = |role: &'static str, listen: &str, upstream: &str| {
         use std::os::unix::process::CommandExt;
-        Command::new(&exe)
+        let mut cmd = Command::new(&exe);
+        // A demo killed outright (SIGKILL, an OOM kill) must not leave both
+        // proxies running on its ports: they get SIGTERM and drain. This
+        // runs on the main thread, which lives as long as the demo.
+        crate::sys::stop_with_parent(&mut cmd);
+        cmd
             // A process group of their own: a terminal's Ctrl-C signals the
             // whole foreground job, and a proxy that got it as well as the
             // SIGTERM we forward would take that as a second signal and

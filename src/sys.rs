@@ -185,6 +185,32 @@ pub fn abandon_connections() -> usize {
     n
 }
 
+/// Makes the child `cmd` starts receive SIGTERM when this thread's process
+/// dies (`prctl(PR_SET_PDEATHSIG)`, prctl(2)), so a parent that is
+/// SIGKILLed leaves no orphan behind: the child drains and exits as on any
+/// stop. The kernel ties this to the *thread* that forks, so call it from a
+/// thread that lives as long as the process. If the parent died before the
+/// child set it, the child stops at once (it sees a new parent).
+pub fn stop_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the child between fork and exec, where
+    // only async-signal-safe calls are allowed: it makes three syscalls
+    // (prctl, getppid, kill) and allocates nothing; the error it may return
+    // is built from errno without allocating (`io::Error::last_os_error`).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                libc::kill(libc::getpid(), libc::SIGTERM);
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Takes ownership of file descriptors received with `SCM_RIGHTS`
 /// (the listener hand-over): each becomes an [`std::os::fd::OwnedFd`]
 /// closed on drop, with `FD_CLOEXEC` set (recvmsg without

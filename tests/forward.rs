@@ -4,6 +4,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::process::Command;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -572,4 +573,59 @@ fn demo_ctrl_c_to_the_whole_job_drains_cleanly() {
             .any(|l| l.contains("second termination signal: exiting now")),
         "{log:?}"
     );
+}
+
+/// A demo killed outright (SIGKILL: no chance to pass the stop on) leaves
+/// no proxy behind: each gets SIGTERM from the kernel (parent-death signal)
+/// and exits. They used to run on as orphans, holding the demo's ports.
+#[test]
+fn a_killed_demo_leaves_no_proxy_running() {
+    let ports: Vec<String> = (0..3).map(|_| dead_port().port().to_string()).collect();
+    let mut demo = Proxy::command([
+        "demo",
+        "--port",
+        &ports[0],
+        "--origin-port",
+        &ports[1],
+        "--exit-port",
+        &ports[2],
+    ])
+    .shards(1)
+    .start();
+    demo.wait_for_lines(|l| l.contains("listening on"), 2, Duration::from_secs(20));
+    demo.wait_for_log(|l| l.contains("demo: try"), Duration::from_secs(10));
+    let pid = demo.pid();
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    let children: Vec<u32> = children
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(children.len(), 2, "{children:?}");
+    demo.signal("KILL");
+    demo.wait_exit(Duration::from_secs(10));
+    // Gone, or a zombie waiting for whoever adopted it to reap it.
+    let running = |p: &u32| {
+        std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| !r.trim_start().starts_with('Z'))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while children.iter().any(running) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left: Vec<&u32> = children.iter().filter(|p| running(p)).collect();
+    for p in &left {
+        let _ = Command::new("kill")
+            .args(["-KILL", &p.to_string()])
+            .status();
+    }
+    assert!(
+        left.is_empty(),
+        "still running after the demo was killed: {left:?}"
+    );
+    // Its ports are free again.
+    let entry: SocketAddr = format!("127.0.0.1:{}", ports[0]).parse().unwrap();
+    assert!(TcpStream::connect(entry).is_err());
 }
