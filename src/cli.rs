@@ -11,13 +11,7 @@ use crate::units::{parse_count, parse_duration, parse_size};
 
 /// A thread-per-core, sharded TCP proxy: one pinned io_uring executor per core.
 #[derive(Debug, Parser)]
-#[command(
-    name = "shardproxy",
-    version,
-    about,
-    propagate_version = true,
-    args_override_self = true
-)]
+#[command(name = "shardproxy", version, about, propagate_version = true)]
 pub struct Cli {
     /// What to run.
     #[command(subcommand)]

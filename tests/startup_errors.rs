@@ -112,6 +112,11 @@ fn bad_input_is_one_line_and_exit_code_2() {
             ],
         ),
         case(
+            "a flag given twice is an error, not silently its last value",
+            forward(&["--idle-timeout", "1s", "--idle-timeout", "2s"]),
+            &["--idle-timeout", "cannot be used multiple times"],
+        ),
+        case(
             "a takeover names its flag",
             forward(&["--takeover", "/nonexistent/shardproxy.sock"]),
             &["--takeover", "/nonexistent/shardproxy.sock"],

@@ -499,17 +499,17 @@ pub fn expand_argv(argv: Vec<String>) -> Result<(Vec<String>, Option<Supplied>),
         kept.iter()
             .any(|k| k == &format!("--{flag}") || k.starts_with(&format!("--{flag}=")))
     };
-    // A flag given several times (`upstream`) is replaced as a whole by the
-    // command line's, not added to.
-    const REPEATED: [&str; 1] = ["upstream"];
+    // A flag on the command line replaces the file's setting as a whole
+    // (a list such as `upstream` too, not added to). The file's copy is
+    // dropped here rather than overridden by clap, so that a flag the
+    // command line itself repeats stays an error.
     let file_args: Vec<String> = file
         .args
         .iter()
         .filter(|a| {
             let flag = a.trim_start_matches("--").split('=').next().unwrap_or("");
             let excluded = EXCLUDES.iter().any(|(f, other)| *f == flag && given(other));
-            let replaced = REPEATED.contains(&flag) && given(flag);
-            !excluded && !replaced
+            !excluded && !given(flag)
         })
         .cloned()
         .collect();
@@ -518,12 +518,6 @@ pub fn expand_argv(argv: Vec<String>) -> Result<(Vec<String>, Option<Supplied>),
         .iter()
         .filter_map(|a| a.strip_prefix("--"))
         .map(|a| a.split('=').next().unwrap_or(a).to_string())
-        .filter(|flag| {
-            // A flag also given on the command line overrides the file's.
-            !kept
-                .iter()
-                .any(|k| k == &format!("--{flag}") || k.starts_with(&format!("--{flag}=")))
-        })
         .collect();
     out.extend(kept);
     Ok((out, Some(Supplied { path, flags })))
@@ -645,7 +639,6 @@ mod tests {
             argv(&[
                 "sp",
                 "forward",
-                "--listen=127.0.0.1:1",
                 "--upstream=127.0.0.1:2",
                 "--listen",
                 "127.0.0.1:3"
