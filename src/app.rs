@@ -105,7 +105,7 @@ pub fn check(path: &str) -> Result<String, StartupError> {
     // and the operator see about a client.
     let mut identity = String::new();
     if let Some(a) = &cfg.identity.accept_proxy {
-        let trusted: Vec<String> = a.trusted.iter().map(ToString::to_string).collect();
+        let trusted: Vec<String> = a.trusted.iter().map(|n| n.trunc().to_string()).collect();
         identity.push_str(&format!(
             ", PROXY headers accepted from {} (timeout {})",
             trusted.join(","),

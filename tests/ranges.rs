@@ -213,6 +213,36 @@ fn settings_that_cannot_work_are_errors_or_warnings() {
     if somaxconn < 65535 {
         assert!(stderr.contains("above net.core.somaxconn"), "{stderr}");
     }
+    // A trusted CIDR with host bits set (nginx: "low address bits ... are
+    // meaningless"): a warning, and `check` shows the network it means.
+    let path = write(
+        "hostbits.toml",
+        &config(
+            "forward",
+            "",
+            "accept_proxy = true\nproxy_trusted_cidrs = [\"10.1.2.3/8\", \"::1/128\"]",
+        ),
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config", &path])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "--proxy-trusted-cidrs 10.1.2.3/8 has host bits set: it trusts all of 10.0.0.0/8"
+        ),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("::1/128 has host bits"), "{stderr}");
+    assert!(
+        stdout.contains("PROXY headers accepted from 10.0.0.0/8,::1/128 "),
+        "{stdout}"
+    );
     // Lower-case size units are accepted like upper-case ones.
     let path = write("k.toml", &config("forward", "", "buffer_size = \"16k\""));
     let out = check(&path);

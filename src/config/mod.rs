@@ -498,6 +498,17 @@ impl Config {
                 self.listen.port()
             ));
         }
+        // As nginx's "low address bits of 10.1.2.3/8 are meaningless": the
+        // operator may have meant the one address.
+        for net in self.identity.accept_proxy.iter().flat_map(|a| &a.trusted) {
+            if *net != net.trunc() {
+                out.push(format!(
+                    "--proxy-trusted-cidrs {net} has host bits set: it trusts all of {} (write that, or /{} for the one address)",
+                    net.trunc(),
+                    net.max_prefix_len()
+                ));
+            }
+        }
         if let Some(max) = read_number("/proc/sys/net/core/somaxconn") {
             if u64::from(self.backlog) > max {
                 out.push(format!(
