@@ -66,6 +66,10 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
     let cores = args.cores.to_string();
     let exit_addr = format!("127.0.0.1:{}", args.exit_port);
     let entry_addr = format!("127.0.0.1:{}", args.port);
+    // Proxies that have loaded the key (they read it before their shards
+    // log "listening on"): once both have, the key file goes, so a demo
+    // killed outright leaves no key behind.
+    let loaded = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let spawn = |role: &'static str, listen: &str, upstream: &str| {
         use std::os::unix::process::CommandExt;
         let mut cmd = Command::new(&exe);
@@ -95,11 +99,17 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
                 // Both proxies log the same kinds of lines ("shard 0 core 0
                 // summary: ..."): each line gets its role in front.
                 if let Some(err) = child.stderr.take() {
+                    let loaded = loaded.clone();
                     std::thread::spawn(move || {
                         use std::io::BufRead;
+                        let mut listening = false;
                         for line in std::io::BufReader::new(err).lines() {
                             let Ok(line) = line else { break };
                             eprintln!("[{role}] {line}");
+                            if !listening && line.contains(" listening on ") {
+                                listening = true;
+                                loaded.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                     });
                 }
@@ -122,7 +132,12 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
     let mut forwarded = false;
     // A proxy that failed before anyone asked the demo to stop.
     let mut failed = false;
+    let mut key_removed = false;
     while !children.is_empty() {
+        if !key_removed && loaded.load(Ordering::Relaxed) >= 2 {
+            key_removed = true;
+            let _ = std::fs::remove_file(&key_path);
+        }
         if signals.load(Ordering::Relaxed) >= 2 {
             // Second signal: the proxies' own second signal exits them at
             // once (connections reset); so do we.

@@ -577,7 +577,8 @@ fn demo_ctrl_c_to_the_whole_job_drains_cleanly() {
 
 /// A demo killed outright (SIGKILL: no chance to pass the stop on) leaves
 /// no proxy behind: each gets SIGTERM from the kernel (parent-death signal)
-/// and exits. They used to run on as orphans, holding the demo's ports.
+/// and exits. They used to run on as orphans, holding the demo's ports; the
+/// key file stayed in the temporary directory.
 #[test]
 fn a_killed_demo_leaves_no_proxy_running() {
     let ports: Vec<String> = (0..3).map(|_| dead_port().port().to_string()).collect();
@@ -601,6 +602,14 @@ fn a_killed_demo_leaves_no_proxy_running() {
         .map(|p| p.parse().unwrap())
         .collect();
     assert_eq!(children.len(), 2, "{children:?}");
+    // The demo's key file goes once both proxies have loaded it, so a kill
+    // leaves no key behind either.
+    let key = std::env::temp_dir().join(format!("shardproxy-demo-{pid}.key"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while key.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!key.exists(), "{} is still there", key.display());
     demo.signal("KILL");
     demo.wait_exit(Duration::from_secs(10));
     // Gone, or a zombie waiting for whoever adopted it to reap it.
