@@ -24,7 +24,21 @@ fn run() -> ExitCode {
     // `--log-format json` on the command line applies to start-up errors
     // too (a log pipeline that expects one JSON object per line). A format
     // set only in a config file applies once that file has been read.
-    let args: Vec<String> = std::env::args().collect();
+    // Every argument must be UTF-8 (flags, addresses and paths alike):
+    // `std::env::args()` would panic on one that is not.
+    let mut args = Vec::new();
+    for (i, arg) in std::env::args_os().enumerate() {
+        match arg.into_string() {
+            Ok(a) => args.push(a),
+            Err(raw) => {
+                report_error(&format!(
+                    "argument {i} (`{}`) is not valid UTF-8; shardproxy takes UTF-8 arguments and paths only",
+                    raw.to_string_lossy()
+                ));
+                return ExitCode::from(2);
+            }
+        }
+    }
     let json = args
         .windows(2)
         .any(|w| w[0] == "--log-format" && w[1] == "json")

@@ -247,3 +247,38 @@ fn start_up_errors_follow_log_format_json() {
         assert!(line.contains(want), "{line}");
     }
 }
+
+/// An argument that is not UTF-8 (a path from a non-UTF-8 file system, a
+/// stray byte) is one line and exit 2, in every position: it panicked in
+/// `std::env::args()` with exit code 101 and a backtrace.
+#[test]
+fn arguments_that_are_not_utf8_are_one_line_errors() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let bad = OsStr::from_bytes(b"/tmp/\xff.toml");
+    let runs: [Vec<&OsStr>; 4] = [
+        vec![OsStr::new("check"), OsStr::new("--config"), bad],
+        vec![
+            OsStr::new("forward"),
+            OsStr::new("--listen"),
+            OsStr::new("127.0.0.1:0"),
+            OsStr::new("--upstream"),
+            OsStr::new(UP),
+            OsStr::new("--access-log"),
+            bad,
+        ],
+        vec![OsStr::new("keygen"), OsStr::new("--out"), bad],
+        vec![bad],
+    ];
+    for args in runs {
+        let mut cmd = Command::new(BIN);
+        cmd.args(&args).env("RUST_BACKTRACE", "1");
+        let (status, stderr) = run_bounded(cmd, LIMIT).expect("it exited");
+        assert_eq!(status.code(), Some(2), "{args:?}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {stderr}");
+        assert!(lines[0].starts_with("error: argument "), "{stderr}");
+        assert!(lines[0].contains("is not valid UTF-8"), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
