@@ -270,7 +270,12 @@ pub fn translate(
     let flags: Vec<(&str, bool, Numeric)> = sub
         .get_arguments()
         .filter_map(|a| {
+            // A switch: no value (`--accept-proxy`), or an optional one
+            // (`--dual-stack[=false]`).
+            let switch = !a.get_action().takes_values()
+                || a.get_num_args().is_some_and(|n| n.min_values() == 0);
             let numeric = match a.get_value_names().unwrap_or_default() {
+                _ if switch => Numeric::Switch,
                 [n] if n.as_str() == "N" => Numeric::Count,
                 [n] if n.as_str() == "SIZE" => Numeric::Size,
                 [n] if n.as_str() == "DURATION" => Numeric::Duration,
@@ -351,12 +356,18 @@ pub fn translate(
         }
         match (value, takes_value) {
             // A switch with an optional value (`--dual-stack[=false]`).
-            (toml::Value::Boolean(on), true) => args.push(format!("--{flag}={on}")),
+            (toml::Value::Boolean(on), true) if numeric == Numeric::Switch => {
+                args.push(format!("--{flag}={on}"))
+            }
             (toml::Value::Boolean(on), false) => {
                 if *on {
                     args.push(format!("--{flag}"));
                 }
             }
+            // Only a TOML boolean for a switch (not `1` or `"yes"`), and a
+            // boolean for nothing else: `access_log = false` made a file
+            // named `false`, `control_socket = true` a socket named `true`.
+            (_, _) if numeric == Numeric::Switch => return Err(bad("true or false")),
             (_, false) => return Err(bad("true or false")),
             // `--flag=value`, so a value such as `-1` is read as a value
             // (and rejected with the key's own message), never as a flag.
@@ -367,14 +378,14 @@ pub fn translate(
             (toml::Value::Integer(i), true) => match numeric {
                 Numeric::Count | Numeric::Size => args.push(format!("--{flag}={i}")),
                 Numeric::Duration => return Err(bad(DURATION_VALUE)),
-                Numeric::No => return Err(bad("a string")),
+                Numeric::No | Numeric::Switch => return Err(bad("a string")),
             },
             (_, true) => {
                 return Err(bad(match numeric {
                     Numeric::Count => "an integer",
                     Numeric::Size => "an integer (bytes) or a string such as \"16KiB\"",
                     Numeric::Duration => DURATION_VALUE,
-                    Numeric::No => "a string",
+                    Numeric::No | Numeric::Switch => "a string",
                 }))
             }
         }
@@ -385,9 +396,11 @@ pub fn translate(
     })
 }
 
-/// What a TOML integer may stand for in a key's value.
-#[derive(Debug, Clone, Copy)]
+/// What a TOML integer (or boolean) may stand for in a key's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Numeric {
+    /// A switch: only a boolean.
+    Switch,
     /// A count (`N`): an integer.
     Count,
     /// A size (`SIZE`): an integer number of bytes, or a string with a unit.
@@ -574,6 +587,11 @@ mod tests {
             ("cpu_list = 3", "a string"),
             ("idle_timeout = 30", DURATION_VALUE),
             ("max_fails = 2.5", "an integer"),
+            ("access_log = false", "a string"),
+            ("control_socket = true", "a string"),
+            ("dual_stack = 1", "true or false"),
+            ("dual_stack = \"true\"", "true or false"),
+            ("accept_proxy = \"yes\"", "true or false"),
         ] {
             match translate(text, "f", Some("forward")) {
                 Err(FileError::BadValue { want: w, .. }) => assert_eq!(w, want, "{text}"),
