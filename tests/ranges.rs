@@ -476,6 +476,23 @@ fn config_errors_name_the_key_for_booleans_and_missing_partners() {
             "max_fails = 1.5",
             "key `max_fails` must be an integer",
         ),
+        // A boolean only for a switch: `access_log = false` made a file
+        // named `false`; a switch takes only a boolean.
+        (
+            "path-bool",
+            "access_log = false",
+            "key `access_log` must be a string",
+        ),
+        (
+            "socket-bool",
+            "control_socket = true",
+            "key `control_socket` must be a string",
+        ),
+        (
+            "switch-integer",
+            "dual_stack = 1",
+            "key `dual_stack` must be true or false",
+        ),
     ] {
         let role = if name == "bool-exit" {
             "exit"
