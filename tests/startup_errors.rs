@@ -117,6 +117,48 @@ fn bad_input_is_one_line_and_exit_code_2() {
             &["--idle-timeout", "cannot be used multiple times"],
         ),
         case(
+            "metrics on the proxy's own port (SO_REUSEPORT would let both bind)",
+            [
+                "forward",
+                "--listen",
+                "127.0.0.1:19123",
+                "--metrics-listen",
+                "127.0.0.1:19123",
+                "--upstream",
+                UP,
+            ]
+            .map(String::from)
+            .to_vec(),
+            &["--metrics-listen 127.0.0.1:19123 overlaps --listen 127.0.0.1:19123"],
+        ),
+        case(
+            "metrics on a wildcard of the proxy's port",
+            [
+                "forward",
+                "--listen",
+                "127.0.0.1:19123",
+                "--metrics-listen",
+                "0.0.0.0:19123",
+                "--upstream",
+                UP,
+            ]
+            .map(String::from)
+            .to_vec(),
+            &["overlaps --listen"],
+        ),
+        case(
+            "--config twice: not the last one silently",
+            [
+                "run",
+                "--config",
+                "/nonexistent/a.toml",
+                "--config=/nonexistent/b.toml",
+            ]
+            .map(String::from)
+            .to_vec(),
+            &["--config given twice (/nonexistent/a.toml and /nonexistent/b.toml)"],
+        ),
+        case(
             "a takeover names its flag",
             forward(&["--takeover", "/nonexistent/shardproxy.sock"]),
             &["--takeover", "/nonexistent/shardproxy.sock"],

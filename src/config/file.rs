@@ -22,6 +22,14 @@ use crate::cli::Cli;
 /// Why a config file was rejected. One line each.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FileError {
+    /// `--config` was given more than once.
+    #[error("--config given twice ({first} and {second}): one file per process; flags on the command line override its keys")]
+    Twice {
+        /// The first path.
+        first: String,
+        /// The second path.
+        second: String,
+    },
     /// Not readable.
     #[error("cannot read config {path}: {reason}")]
     Unreadable {
@@ -483,12 +491,21 @@ pub fn expand_argv(argv: Vec<String>) -> Result<(Vec<String>, Option<Supplied>),
             kept.extend_from_slice(&rest[i..]);
             break;
         }
-        if rest[i] == "--config" && i + 1 < rest.len() {
-            path = Some(rest[i + 1].clone());
-            i += 2;
+        let (given, step) = if rest[i] == "--config" && i + 1 < rest.len() {
+            (Some(rest[i + 1].clone()), 2)
         } else if let Some(p) = rest[i].strip_prefix("--config=") {
-            path = Some(p.to_string());
-            i += 1;
+            (Some(p.to_string()), 1)
+        } else {
+            (None, 1)
+        };
+        if let Some(given) = given {
+            if let Some(first) = path.replace(given.clone()) {
+                return Err(FileError::Twice {
+                    first,
+                    second: given,
+                });
+            }
+            i += step;
         } else {
             kept.push(rest[i].clone());
             i += 1;

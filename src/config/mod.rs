@@ -186,6 +186,16 @@ pub enum ConfigError {
     /// `--metrics-listen` is not an IP:port.
     #[error("bad --metrics-listen address `{0}`: expected IP:PORT such as 127.0.0.1:9100")]
     BadMetricsListen(String),
+    /// `--metrics-listen` would take connections meant for `--listen`: both
+    /// sockets use `SO_REUSEPORT`, so the kernel would split clients between
+    /// the proxy and the metrics endpoint.
+    #[error("--metrics-listen {metrics} overlaps --listen {listen} (same port): clients would reach the metrics endpoint; pick another port")]
+    MetricsOnListen {
+        /// The metrics address.
+        metrics: SocketAddr,
+        /// The proxy's listen address.
+        listen: SocketAddr,
+    },
     /// `--listen` is not an IP:port.
     #[error("bad --listen address `{0}`: expected IP:PORT such as 127.0.0.1:8000 or [::]:8000")]
     BadListen(String),
@@ -296,7 +306,9 @@ impl ConfigError {
             ConfigError::BadUpstream(..)
             | ConfigError::UpstreamPortZero(_)
             | ConfigError::LoopedUpstream { .. } => Some("--upstream"),
-            ConfigError::BadMetricsListen(_) => Some("--metrics-listen"),
+            ConfigError::BadMetricsListen(_) | ConfigError::MetricsOnListen { .. } => {
+                Some("--metrics-listen")
+            }
             ConfigError::TooManyCores { .. } | ConfigError::ZeroCores => Some("--cores"),
             ConfigError::BadCpuList(_) | ConfigError::CoreNotAllowed { .. } => Some("--cpu-list"),
             ConfigError::NotForRole { flag, .. } | ConfigError::Needs { flag, .. } => Some(flag),
@@ -369,6 +381,9 @@ impl Config {
                     .map_err(|_| ConfigError::BadMetricsListen(text.clone()))?,
             ),
         };
+        if let Some(metrics) = metrics_listen.filter(|m| overlaps(*m, listen)) {
+            return Err(ConfigError::MetricsOnListen { metrics, listen });
+        }
         let cores = select_cores(args.cores, args.cpu_list.as_deref(), allowed_cores)?;
         let nz = |v: usize| NonZeroUsize::new(v).expect("ranges start at 1");
         let buffer_size = nz(ranges::BUFFER_SIZE.check_size(args.buffer_size)?);
@@ -795,6 +810,14 @@ fn accept_proxy(args: &ProxyArgs) -> Result<Option<AcceptProxy>, ConfigError> {
         timeout: ranges::PROXY_HEADER_TIMEOUT
             .check(args.proxy_header_timeout.unwrap_or(Duration::from_secs(5)))?,
     }))
+}
+
+/// Whether two listening addresses would share connections: the same
+/// (non-zero) port on the same address, or with either one a wildcard.
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 fn is_loop(listen: SocketAddr, upstream: SocketAddr) -> bool {
