@@ -15,6 +15,8 @@
 
 ensure_python() {
   local venv=${TEST_PYTHON_VENV:-$PWD/target/test-python}
+  # PATH must keep working after a `cd`.
+  [[ $venv == /* ]] || venv=$PWD/$venv
   # A venv made by an earlier run comes first.
   if [ -x "$venv/bin/python3" ] && [[ ":$PATH:" != *":$venv/bin:"* ]]; then
     export PATH="$venv/bin:$PATH"
@@ -27,7 +29,8 @@ ensure_python() {
   echo "python_env: installing ${missing[*]} (pip)"
   local err
   if err=$(python3 -m pip install --quiet --disable-pip-version-check "${missing[@]}" 2>&1); then
-    return 0
+    _python_env_check "${wanted[@]}"
+    return
   fi
   echo "python_env: the python3 on PATH refused it ($(printf '%s' "$err" | grep -m1 -E 'error|No module' || echo "pip failed")); using a virtualenv at $venv"
   if ! python3 -m venv --system-site-packages "$venv" >/dev/null 2>&1; then
@@ -46,7 +49,14 @@ ensure_python() {
     return 1
   }
   [[ ":$PATH:" == *":$venv/bin:"* ]] || export PATH="$venv/bin:$PATH"
-  for spec in "${wanted[@]}"; do
+  _python_env_check "${wanted[@]}"
+}
+
+# Whether everything installed is there now: pip succeeding is not proof
+# (a package that does not provide the module or command asked for).
+_python_env_check() {
+  local spec
+  for spec in "$@"; do
     _python_env_has "$spec" || { echo "python_env: $spec is still missing after installing" >&2; return 1; }
   done
 }

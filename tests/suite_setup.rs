@@ -40,15 +40,20 @@ fn a_python_that_refuses_pip_gets_a_virtualenv() {
     let venv = dir.join("venv");
     // tomli-w: a small pure-Python package nothing else here installs; the
     // command check uses one a package puts on PATH.
+    // Run from `dir` with a relative venv path: PATH must still work after
+    // a `cd`. The second call goes through the venv's own pip, which takes
+    // the package; what it asked for must still be checked.
+    let script = format!(
+        ". {root}/tests/python_env.sh; \
+         ensure_python tomli_w=tomli-w cmd:tomli-w-absent-probe=tomli-w 2>&1; echo \"rc=$?\"; \
+         ensure_python cmd:tomli-w-absent-probe=tomli-w 2>&1; echo \"again rc=$?\"; \
+         ensure_python tomli_w=tomli-w && cd / && command -v python3 && python3 -c 'import tomli_w; print(\"imported\")'"
+    );
     let out = Command::new("bash")
-        .current_dir(root)
+        .current_dir(&dir)
         .env("PATH", &path)
-        .env("TEST_PYTHON_VENV", &venv)
-        .args([
-            "-c",
-            ". tests/python_env.sh; ensure_python tomli_w=tomli-w cmd:tomli-w-absent-probe=tomli-w 2>&1; echo \"rc=$?\"; \
-             ensure_python tomli_w=tomli-w && command -v python3 && python3 -c 'import tomli_w; print(\"imported\")'",
-        ])
+        .env("TEST_PYTHON_VENV", "venv")
+        .args(["-c", &script])
         .output()
         .unwrap();
     let text = format!(
@@ -66,7 +71,8 @@ fn a_python_that_refuses_pip_gets_a_virtualenv() {
         text.contains("tomli-w-absent-probe is still missing"),
         "{text}"
     );
-    assert!(text.contains("rc=1"), "{text}");
+    assert!(text.contains("\nrc=1"), "{text}");
+    assert!(text.contains("again rc=1"), "{text}");
     // The module itself is there, through the virtualenv first on PATH.
     let venv_python = format!("{}", Path::new(&venv).join("bin/python3").display());
     assert!(text.contains(&venv_python), "{text}");
