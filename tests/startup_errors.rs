@@ -159,6 +159,21 @@ fn bad_input_is_one_line_and_exit_code_2() {
             &["--config given twice (/nonexistent/a.toml and /nonexistent/b.toml)"],
         ),
         case(
+            "a control socket whose directory does not exist",
+            forward(&["--control-socket", "/nonexistent/dir/sp.sock"]),
+            &["bad --control-socket `/nonexistent/dir/sp.sock`: directory /nonexistent/dir does not exist"],
+        ),
+        case(
+            "a control socket path that is a directory",
+            forward(&["--control-socket", "/tmp"]),
+            &["--control-socket `/tmp`: the path exists and is not a socket"],
+        ),
+        case(
+            "an empty control socket path",
+            forward(&["--control-socket="]),
+            &["--control-socket ``: empty path"],
+        ),
+        case(
             "a takeover names its flag",
             forward(&["--takeover", "/nonexistent/shardproxy.sock"]),
             &["--takeover", "/nonexistent/shardproxy.sock"],

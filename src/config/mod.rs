@@ -279,6 +279,9 @@ pub enum ConfigError {
     /// `--access-log` cannot be written.
     #[error("cannot open --access-log {0}: {1}")]
     BadAccessLog(String, String),
+    /// `--control-socket` cannot be bound there.
+    #[error("bad --control-socket {0}: {1}")]
+    BadControlSocket(String, String),
     /// `--accept-proxy` without `--proxy-trusted-cidrs`.
     #[error("--accept-proxy needs --proxy-trusted-cidrs: the peers (load balancers) allowed to send a PROXY header, e.g. 10.0.0.0/8")]
     NoTrustedCidrs,
@@ -314,6 +317,7 @@ impl ConfigError {
             ConfigError::NotForRole { flag, .. } | ConfigError::Needs { flag, .. } => Some(flag),
             ConfigError::NoTrustedCidrs | ConfigError::BadCidr(_) => Some("--proxy-trusted-cidrs"),
             ConfigError::BadAccessLog(..) => Some("--access-log"),
+            ConfigError::BadControlSocket(..) => Some("--control-socket"),
             _ => None,
         }
     }
@@ -438,7 +442,11 @@ impl Config {
             },
             lifecycle: Lifecycle {
                 drain_delay: ranges::DRAIN_DELAY.check(args.drain_delay)?,
-                control_socket: args.control_socket.as_ref().map(Into::into),
+                control_socket: args
+                    .control_socket
+                    .as_deref()
+                    .map(control_socket_path)
+                    .transpose()?,
                 takeover: args.takeover.as_ref().map(Into::into),
             },
             limits: Limits {
@@ -770,6 +778,44 @@ fn access_log_path(path: &str) -> Result<String, ConfigError> {
         }
     }
     Ok(path.to_string())
+}
+
+/// `--control-socket`: a path a Unix socket can be bound at, so that
+/// `check` finds what start-up would (which binds it, replacing a stale
+/// socket, in `handover::bind_control`).
+fn control_socket_path(path: &str) -> Result<std::path::PathBuf, ConfigError> {
+    let bad = |reason: String| {
+        ConfigError::BadControlSocket(format!("`{}`", crate::log::one_line(path)), reason)
+    };
+    if path.is_empty() {
+        return Err(bad("empty path".into()));
+    }
+    // sockaddr_un's sun_path holds 108 bytes with the terminating NUL.
+    if path.len() > 107 {
+        return Err(bad(format!(
+            "{} bytes long; a Unix socket path holds at most 107",
+            path.len()
+        )));
+    }
+    let p = std::path::Path::new(path);
+    if let Ok(meta) = std::fs::symlink_metadata(p) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(bad("the path exists and is not a socket".into()));
+        }
+    } else {
+        let parent = p
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        if !parent.is_dir() {
+            return Err(bad(format!(
+                "directory {} does not exist",
+                parent.display()
+            )));
+        }
+    }
+    Ok(p.to_path_buf())
 }
 
 /// `--accept-proxy` and its settings, validated.
