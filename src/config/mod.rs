@@ -524,7 +524,12 @@ impl Config {
         // As nginx's "low address bits of 10.1.2.3/8 are meaningless": the
         // operator may have meant the one address.
         for net in self.identity.accept_proxy.iter().flat_map(|a| &a.trusted) {
-            if *net != net.trunc() {
+            if net.prefix_len() == 0 {
+                out.push(format!(
+                    "--proxy-trusted-cidrs {net} trusts every {} address: any such client can set the address it is logged and passed on as with a PROXY header; list the load balancers' addresses instead",
+                    if net.addr().is_ipv4() { "IPv4" } else { "IPv6" }
+                ));
+            } else if *net != net.trunc() {
                 out.push(format!(
                     "--proxy-trusted-cidrs {net} has host bits set: it trusts all of {} (write that, or /{} for the one address)",
                     net.trunc(),

@@ -84,15 +84,19 @@ impl UpstreamSpec {
     pub fn parse(text: &str) -> Result<UpstreamSpec, String> {
         let mut parts = text.split_whitespace();
         let name = parts.next().ok_or("empty")?.to_string();
-        let mut weight = 1;
+        let mut weight = None;
         for option in parts {
             match option.split_once('=') {
+                Some(("weight", _)) if weight.is_some() => {
+                    return Err("weight given twice".into());
+                }
                 Some(("weight", n)) => {
-                    weight = n
-                        .parse::<u32>()
-                        .ok()
-                        .filter(|w| (1..=MAX_WEIGHT).contains(w))
-                        .ok_or_else(|| format!("weight `{n}` must be 1 to {MAX_WEIGHT}"))?;
+                    weight = Some(
+                        n.parse::<u32>()
+                            .ok()
+                            .filter(|w| (1..=MAX_WEIGHT).contains(w))
+                            .ok_or_else(|| format!("weight `{n}` must be 1 to {MAX_WEIGHT}"))?,
+                    );
                 }
                 _ => return Err(format!("unknown option `{option}` (expected weight=N)")),
             }
@@ -100,7 +104,10 @@ impl UpstreamSpec {
         if !name.contains(':') {
             return Err("expected HOST:PORT".into());
         }
-        Ok(UpstreamSpec { name, weight })
+        Ok(UpstreamSpec {
+            name,
+            weight: weight.unwrap_or(1),
+        })
     }
 
     /// Every address the name stands for now (all A/AAAA records, sorted,
@@ -252,6 +259,10 @@ mod tests {
         assert_eq!(UpstreamSpec::parse("h:80 weight=3").unwrap().weight, 3);
         assert!(UpstreamSpec::parse("h:80 weight=0").is_err());
         assert!(UpstreamSpec::parse("h:80 weight=1001").is_err());
+        assert_eq!(
+            UpstreamSpec::parse("h:80 weight=5 weight=6").unwrap_err(),
+            "weight given twice"
+        );
         assert!(UpstreamSpec::parse("h:80 wait=3").is_err());
         assert!(UpstreamSpec::parse("h").is_err());
         assert!(UpstreamSpec::parse("").is_err());
