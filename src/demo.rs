@@ -117,9 +117,9 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
             })
             .map_err(|source| StartupError::Demo { what: role, source })
     };
-    let mut children: Vec<Child> = vec![
-        spawn("exit", &exit_addr, &origin_addr.to_string())?,
-        spawn("entry", &entry_addr, &exit_addr)?,
+    let mut children: Vec<(&'static str, Child)> = vec![
+        ("exit", spawn("exit", &exit_addr, &origin_addr.to_string())?),
+        ("entry", spawn("entry", &entry_addr, &exit_addr)?),
     ];
     crate::info!(
         "demo: client → entry {entry_addr} → (ChaCha20-Poly1305) → exit {exit_addr} → origin {origin_addr}"
@@ -131,7 +131,7 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
     // Wait for the children; forward a termination signal sent only to us.
     let mut forwarded = false;
     // A proxy that failed before anyone asked the demo to stop.
-    let mut failed = false;
+    let mut failed: Option<&'static str> = None;
     let mut key_removed = false;
     while !children.is_empty() {
         if !key_removed && loaded.load(Ordering::Relaxed) >= 2 {
@@ -152,32 +152,33 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
             terminate(&children);
             crate::info!("demo: both proxies told to drain (a second Ctrl-C stops them at once)");
         }
-        children.retain_mut(|c| match c.try_wait() {
+        children.retain_mut(|(role, c)| match c.try_wait() {
             Ok(Some(status)) => {
-                failed |= !status.success() && !forwarded;
+                if !status.success() && !forwarded && failed.is_none() {
+                    failed = Some(role);
+                }
                 false
             }
             _ => true,
         });
         // A proxy that exits on its own (bad port, ...) stops the demo.
-        if failed && !forwarded {
-            stop.store(true, Ordering::Relaxed);
+        if let Some(role) = failed.filter(|_| !forwarded) {
+            forwarded = true;
+            terminate(&children);
+            crate::warn!("demo: the {role} proxy exited with an error (its lines above say why); stopping the demo");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = std::fs::remove_file(&key_path);
-    if failed {
-        return Err(StartupError::Shard {
-            core: 0,
-            reason: "a demo proxy exited with an error (see above)".into(),
-        });
+    if let Some(role) = failed {
+        return Err(StartupError::DemoProxy(role));
     }
     Ok(())
 }
 
 /// Sends SIGTERM to each demo proxy (a second one makes it exit at once).
-fn terminate(children: &[Child]) {
-    for c in children {
+fn terminate(children: &[(&'static str, Child)]) {
+    for (_, c) in children {
         let _ = Command::new("kill")
             .args(["-TERM", &c.id().to_string()])
             .status();

@@ -638,3 +638,40 @@ fn a_killed_demo_leaves_no_proxy_running() {
     let entry: SocketAddr = format!("127.0.0.1:{}", ports[0]).parse().unwrap();
     assert!(TcpStream::connect(entry).is_err());
 }
+
+/// A demo proxy that fails on its own (here the exit's port is taken) ends
+/// the demo with an error naming that proxy, without claiming a drain was
+/// asked for; it said "both proxies told to drain" and then "cannot start
+/// shard on core 0".
+#[test]
+fn a_demo_proxy_that_fails_is_named() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let exit_port = held.local_addr().unwrap().port().to_string();
+    let ports: Vec<String> = (0..2).map(|_| dead_port().port().to_string()).collect();
+    let mut demo = Proxy::command([
+        "demo",
+        "--port",
+        &ports[0],
+        "--origin-port",
+        &ports[1],
+        "--exit-port",
+        &exit_port,
+    ])
+    .shards(1)
+    .start();
+    let status = demo.wait_exit(Duration::from_secs(20));
+    let log = demo.log();
+    assert_eq!(status.code(), Some(2), "{log:?}");
+    assert!(
+        log.iter()
+            .any(|l| l.contains("[exit]") && l.contains("already in use")),
+        "{log:?}"
+    );
+    assert!(
+        log.iter().any(|l| l.contains(
+            "error: demo: the exit proxy exited with an error (see its [exit] lines above)"
+        )),
+        "{log:?}"
+    );
+    assert!(!log.iter().any(|l| l.contains("told to drain")), "{log:?}");
+}
