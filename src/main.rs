@@ -39,10 +39,17 @@ fn run() -> ExitCode {
             }
         }
     }
-    let json = args
-        .windows(2)
-        .any(|w| w[0] == "--log-format" && w[1] == "json")
-        || args.iter().any(|a| a == "--log-format=json");
+    // Only for the commands that take the flag: `keygen --log-format=json`
+    // is a usage error, reported as text like any other.
+    let takes_it = matches!(
+        args.get(1).map(String::as_str),
+        Some("forward" | "entry" | "exit" | "run")
+    );
+    let json = takes_it
+        && (args
+            .windows(2)
+            .any(|w| w[0] == "--log-format" && w[1] == "json")
+            || args.iter().any(|a| a == "--log-format=json"));
     if json {
         shardproxy::log::set_format(shardproxy::log::Format::Json);
     }

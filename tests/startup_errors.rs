@@ -174,6 +174,11 @@ fn bad_input_is_one_line_and_exit_code_2() {
             &["--control-socket ``: empty path"],
         ),
         case(
+            "a tool that does not take --log-format reports it as text",
+            ["keygen", "--log-format=json"].map(String::from).to_vec(),
+            &["unexpected argument '--log-format'"],
+        ),
+        case(
             "a takeover names its flag",
             forward(&["--takeover", "/nonexistent/shardproxy.sock"]),
             &["--takeover", "/nonexistent/shardproxy.sock"],
@@ -240,6 +245,9 @@ fn bad_input_is_one_line_and_exit_code_2() {
         }
         if stderr.lines().count() != 1 {
             wrong.push(format!("{} lines, not 1", stderr.lines().count()));
+        }
+        if !stderr.starts_with("error: ") {
+            wrong.push("does not start with `error: `".into());
         }
         for bad in ["panicked", "backtrace"] {
             if stderr.to_lowercase().contains(bad) {
