@@ -179,6 +179,16 @@ fn bad_input_is_one_line_and_exit_code_2() {
             &["unexpected argument '--log-format'"],
         ),
         case(
+            "a switch's value without `=` names the switch",
+            forward(&["--dual-stack", "false"]),
+            &["unexpected argument 'false'", "--dual-stack takes a value only after `=`: --dual-stack=false"],
+        ),
+        case(
+            "a value that starts with `-` names its flag",
+            forward(&["--max-fails", "-x"]),
+            &["a value of --max-fails that starts with `-` is written --max-fails=-x"],
+        ),
+        case(
             "a takeover names its flag",
             forward(&["--takeover", "/nonexistent/shardproxy.sock"]),
             &["--takeover", "/nonexistent/shardproxy.sock"],

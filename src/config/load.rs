@@ -51,7 +51,10 @@ pub fn load(argv: Vec<String>) -> Result<Loaded, ConfigError> {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => return Ok(Loaded::Help(e)),
         Err(e) => {
-            let message = one_line(&e.to_string());
+            let mut message = one_line(&e.to_string());
+            if let Some(hint) = unexpected_value_hint(&argv, &e) {
+                message.push_str(&hint);
+            }
             let flag = match e.get(clap::error::ContextKind::InvalidArg) {
                 // `--idle-timeout <DURATION>`, `--dual-stack[=<DUAL_STACK>]`:
                 // the flag is the name before the value's placeholder.
@@ -141,6 +144,42 @@ pub fn load_file(path: &str) -> Result<(Config, Vec<String>), ConfigError> {
             path: path.to_string(),
         }
         .into()),
+    }
+}
+
+/// For clap's "unexpected argument 'X'" where X follows one of our long
+/// flags: the likely slip, naming that flag. `--dual-stack false` (a switch
+/// takes its value only after `=`) and `--max-fails -x` (clap reads a value
+/// that starts with `-` as flags).
+fn unexpected_value_hint(argv: &[String], e: &clap::Error) -> Option<String> {
+    use clap::CommandFactory;
+    if e.kind() != clap::error::ErrorKind::UnknownArgument {
+        return None;
+    }
+    let Some(clap::error::ContextValue::String(value)) =
+        e.get(clap::error::ContextKind::InvalidArg)
+    else {
+        return None;
+    };
+    let at = argv.iter().position(|a| a == value)?;
+    let flag = argv.get(at.checked_sub(1)?)?.strip_prefix("--")?;
+    let sub = argv.iter().skip(1).find(|a| !a.starts_with('-'))?;
+    let command = Cli::command();
+    let arg = command
+        .find_subcommand(sub)?
+        .get_arguments()
+        .find(|a| a.get_long() == Some(flag))?;
+    let optional = arg.get_num_args().is_some_and(|n| n.min_values() == 0);
+    if arg.get_action().takes_values() && optional {
+        Some(format!(
+            " (--{flag} takes a value only after `=`: --{flag}={value})"
+        ))
+    } else if arg.get_action().takes_values() && value.starts_with('-') {
+        Some(format!(
+            " (a value of --{flag} that starts with `-` is written --{flag}={value})"
+        ))
+    } else {
+        None
     }
 }
 
