@@ -634,9 +634,8 @@ fn a_killed_demo_leaves_no_proxy_running() {
         left.is_empty(),
         "still running after the demo was killed: {left:?}"
     );
-    // Its ports are free again.
-    let entry: SocketAddr = format!("127.0.0.1:{}", ports[0]).parse().unwrap();
-    assert!(TcpStream::connect(entry).is_err());
+    // (Not checked: that the entry's port refuses connections now. Tests
+    // running alongside may be given that port for their own listeners.)
 }
 
 /// A demo proxy that fails on its own (here the exit's port is taken) ends

@@ -211,8 +211,8 @@ pub enum ConfigError {
         available: usize,
     },
     /// `--cores 0` or a negative count.
-    #[error("--cores must be at least 1")]
-    ZeroCores,
+    #[error("--cores {0} is out of range: must be at least 1")]
+    ZeroCores(i64),
     /// `--cpu-list` has a syntax error.
     #[error("bad --cpu-list `{0}`: expected a list such as 0,2-5")]
     BadCpuList(String),
@@ -312,7 +312,7 @@ impl ConfigError {
             ConfigError::BadMetricsListen(_) | ConfigError::MetricsOnListen { .. } => {
                 Some("--metrics-listen")
             }
-            ConfigError::TooManyCores { .. } | ConfigError::ZeroCores => Some("--cores"),
+            ConfigError::TooManyCores { .. } | ConfigError::ZeroCores(_) => Some("--cores"),
             ConfigError::BadCpuList(_) | ConfigError::CoreNotAllowed { .. } => Some("--cpu-list"),
             ConfigError::NotForRole { flag, .. } | ConfigError::Needs { flag, .. } => Some(flag),
             ConfigError::NoTrustedCidrs | ConfigError::BadCidr(_) => Some("--proxy-trusted-cidrs"),
@@ -939,7 +939,7 @@ pub fn select_cores(
         return Err(ConfigError::NoCores);
     }
     match (count, list) {
-        (Some(n), _) if n < 1 => Err(ConfigError::ZeroCores),
+        (Some(n), _) if n < 1 => Err(ConfigError::ZeroCores(n)),
         (Some(n), _) => match usize::try_from(n) {
             Ok(n) if n <= allowed.len() => Ok(allowed[..n].to_vec()),
             _ => Err(ConfigError::TooManyCores {
@@ -1042,7 +1042,13 @@ mod tests {
         );
         assert_eq!(
             select_cores(Some(0), None, &allowed),
-            Err(ConfigError::ZeroCores)
+            Err(ConfigError::ZeroCores(0))
+        );
+        assert_eq!(
+            select_cores(Some(-1), None, &allowed)
+                .unwrap_err()
+                .to_string(),
+            "--cores -1 is out of range: must be at least 1"
         );
         assert!(matches!(
             select_cores(None, Some("0,7"), &allowed),
