@@ -485,22 +485,26 @@ fn ipv6_listener_is_v6_only_unless_dual_stack() {
     assert_eq!(&b, b"four");
 }
 
+/// `demo` on the given ports (entry, origin, exit), one shard per proxy.
+fn demo_command(port: &str, origin_port: &str, exit_port: &str) -> ProxyBuilder {
+    Proxy::command([
+        "demo",
+        "--port",
+        port,
+        "--origin-port",
+        origin_port,
+        "--exit-port",
+        exit_port,
+    ])
+    .shards(1)
+}
+
 /// The demo honours the README: the first Ctrl-C drains, a second one exits
 /// at once with code 1 (it used to wait out the drain and exit 0).
 #[test]
 fn demo_second_signal_exits_at_once() {
     let ports: Vec<String> = (0..3).map(|_| dead_port().port().to_string()).collect();
-    let mut demo = Proxy::command([
-        "demo",
-        "--port",
-        &ports[0],
-        "--origin-port",
-        &ports[1],
-        "--exit-port",
-        &ports[2],
-    ])
-    .shards(1)
-    .start();
+    let mut demo = demo_command(&ports[0], &ports[1], &ports[2]).start();
     demo.wait_for_lines(|l| l.contains("listening on"), 2, Duration::from_secs(20));
     let entry: SocketAddr = format!("127.0.0.1:{}", ports[0]).parse().unwrap();
     // A live connection keeps the drain going.
@@ -527,18 +531,9 @@ fn demo_second_signal_exits_at_once() {
 #[test]
 fn demo_ctrl_c_to_the_whole_job_drains_cleanly() {
     let ports: Vec<String> = (0..3).map(|_| dead_port().port().to_string()).collect();
-    let mut demo = Proxy::command([
-        "demo",
-        "--port",
-        &ports[0],
-        "--origin-port",
-        &ports[1],
-        "--exit-port",
-        &ports[2],
-    ])
-    .shards(1)
-    .own_process_group()
-    .start();
+    let mut demo = demo_command(&ports[0], &ports[1], &ports[2])
+        .own_process_group()
+        .start();
     demo.wait_for_lines(|l| l.contains("listening on"), 2, Duration::from_secs(20));
     demo.wait_for_log(|l| l.contains("demo: try"), Duration::from_secs(10));
     let entry: SocketAddr = format!("127.0.0.1:{}", ports[0]).parse().unwrap();
@@ -582,17 +577,7 @@ fn demo_ctrl_c_to_the_whole_job_drains_cleanly() {
 #[test]
 fn a_killed_demo_leaves_no_proxy_running() {
     let ports: Vec<String> = (0..3).map(|_| dead_port().port().to_string()).collect();
-    let mut demo = Proxy::command([
-        "demo",
-        "--port",
-        &ports[0],
-        "--origin-port",
-        &ports[1],
-        "--exit-port",
-        &ports[2],
-    ])
-    .shards(1)
-    .start();
+    let mut demo = demo_command(&ports[0], &ports[1], &ports[2]).start();
     demo.wait_for_lines(|l| l.contains("listening on"), 2, Duration::from_secs(20));
     demo.wait_for_log(|l| l.contains("demo: try"), Duration::from_secs(10));
     let pid = demo.pid();
@@ -647,17 +632,7 @@ fn a_demo_proxy_that_fails_is_named() {
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let exit_port = held.local_addr().unwrap().port().to_string();
     let ports: Vec<String> = (0..2).map(|_| dead_port().port().to_string()).collect();
-    let mut demo = Proxy::command([
-        "demo",
-        "--port",
-        &ports[0],
-        "--origin-port",
-        &ports[1],
-        "--exit-port",
-        &exit_port,
-    ])
-    .shards(1)
-    .start();
+    let mut demo = demo_command(&ports[0], &ports[1], &exit_port).start();
     let status = demo.wait_exit(Duration::from_secs(20));
     let log = demo.log();
     assert_eq!(status.code(), Some(2), "{log:?}");

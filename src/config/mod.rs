@@ -771,18 +771,23 @@ fn access_log_path(path: &str) -> Result<String, ConfigError> {
     if std::path::Path::new(path).exists() {
         crate::access_log::open_file(path).map_err(|e| bad(e.to_string()))?;
     } else {
-        let parent = std::path::Path::new(path)
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(std::path::Path::new("."));
-        if !parent.is_dir() {
-            return Err(bad(format!(
-                "directory {} does not exist",
-                parent.display()
-            )));
-        }
+        directory_exists(std::path::Path::new(path)).map_err(bad)?;
     }
     Ok(path.to_string())
+}
+
+/// `Ok` if the directory a new file at `path` would go in exists (the
+/// current one for a bare name), else the reason.
+fn directory_exists(path: &std::path::Path) -> Result<(), String> {
+    let parent = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    if parent.is_dir() {
+        Ok(())
+    } else {
+        Err(format!("directory {} does not exist", parent.display()))
+    }
 }
 
 /// `--control-socket`: a path a Unix socket can be bound at, so that
@@ -809,16 +814,7 @@ fn control_socket_path(path: &str) -> Result<std::path::PathBuf, ConfigError> {
             return Err(bad("the path exists and is not a socket".into()));
         }
     } else {
-        let parent = p
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(std::path::Path::new("."));
-        if !parent.is_dir() {
-            return Err(bad(format!(
-                "directory {} does not exist",
-                parent.display()
-            )));
-        }
+        directory_exists(p).map_err(bad)?;
     }
     Ok(p.to_path_buf())
 }
