@@ -124,19 +124,20 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
     crate::info!(
         "demo: client → entry {entry_addr} → (ChaCha20-Poly1305) → exit {exit_addr} → origin {origin_addr}"
     );
-    crate::info!(
-        "demo: try `curl http://{entry_addr}/` or `nc 127.0.0.1 {}` (echo); Ctrl-C drains and stops",
-        args.port
-    );
     // Wait for the children; forward a termination signal sent only to us.
     let mut forwarded = false;
     // A proxy that failed before anyone asked the demo to stop.
     let mut failed: Option<&'static str> = None;
     let mut key_removed = false;
     while !children.is_empty() {
+        // Both proxies listen: the demo is ready, and the key file goes.
         if !key_removed && loaded.load(Ordering::Relaxed) >= 2 {
             key_removed = true;
             let _ = std::fs::remove_file(&key_path);
+            crate::info!(
+                "demo: ready: try `curl http://{entry_addr}/` or `nc -N 127.0.0.1 {}` (echo); Ctrl-C drains and stops",
+                args.port
+            );
         }
         if signals.load(Ordering::Relaxed) >= 2 {
             // Second signal: the proxies' own second signal exits them at

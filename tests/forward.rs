@@ -509,7 +509,7 @@ fn demo_second_signal_exits_at_once() {
     let entry: SocketAddr = format!("127.0.0.1:{}", ports[0]).parse().unwrap();
     // A live connection keeps the drain going.
     let _held = TcpStream::connect(entry).unwrap();
-    demo.wait_for_log(|l| l.contains("demo: try"), Duration::from_secs(10));
+    demo.wait_for_log(|l| l.contains("demo: ready"), Duration::from_secs(10));
     demo.signal("INT");
     demo.wait_for_log(|l| l.contains("draining"), Duration::from_secs(10));
     let started = Instant::now();
@@ -535,7 +535,7 @@ fn demo_ctrl_c_to_the_whole_job_drains_cleanly() {
         .own_process_group()
         .start();
     demo.wait_for_lines(|l| l.contains("listening on"), 2, Duration::from_secs(20));
-    demo.wait_for_log(|l| l.contains("demo: try"), Duration::from_secs(10));
+    demo.wait_for_log(|l| l.contains("demo: ready"), Duration::from_secs(10));
     let entry: SocketAddr = format!("127.0.0.1:{}", ports[0]).parse().unwrap();
     let mut held = TcpStream::connect(entry).unwrap();
     held.write_all(b"ping").unwrap();
@@ -578,8 +578,22 @@ fn demo_ctrl_c_to_the_whole_job_drains_cleanly() {
 fn a_killed_demo_leaves_no_proxy_running() {
     let ports: Vec<String> = (0..3).map(|_| dead_port().port().to_string()).collect();
     let mut demo = demo_command(&ports[0], &ports[1], &ports[2]).start();
-    demo.wait_for_lines(|l| l.contains("listening on"), 2, Duration::from_secs(20));
-    demo.wait_for_log(|l| l.contains("demo: try"), Duration::from_secs(10));
+    // "ready" comes once both proxies listen (it came before either did),
+    // so a client may connect at once.
+    demo.wait_for_log(|l| l.contains("demo: ready"), Duration::from_secs(20));
+    let listening = demo
+        .log()
+        .iter()
+        .filter(|l| l.contains("listening on"))
+        .count();
+    assert_eq!(listening, 2, "{:?}", demo.log());
+    let entry: SocketAddr = format!("127.0.0.1:{}", ports[0]).parse().unwrap();
+    let mut c = TcpStream::connect(entry).unwrap();
+    c.write_all(b"ready?").unwrap();
+    let mut b = [0u8; 6];
+    c.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"ready?");
+    drop(c);
     let pid = demo.pid();
     let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
     let children: Vec<u32> = children
