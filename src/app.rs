@@ -234,8 +234,20 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
                 .filter(|l| l.local_addr().is_ok_and(|a| same_address(a, addr)));
             let metrics = match inherited_metrics {
                 Some(l) => l,
-                None => crate::metrics::http::bind(addr)
-                    .map_err(|source| StartupError::MetricsListen { addr, source })?,
+                None => {
+                    // SO_REUSEPORT lets a second process bind it too (a
+                    // surge pod beside the old one); anything else is a
+                    // mistake that makes scrapes land on either at random.
+                    let shared = crate::listener::port_taken(addr);
+                    let l = crate::metrics::http::bind(addr)
+                        .map_err(|source| StartupError::MetricsListen { addr, source })?;
+                    if shared {
+                        crate::warn!(
+                            "--metrics-listen {addr} is also served by another process (SO_REUSEPORT): each scrape reaches one of the two at random; expected only while a surge pod runs beside the old one, otherwise give each process its own port"
+                        );
+                    }
+                    l
+                }
             };
             let offer = control_path.as_ref().and_then(|_| metrics.try_clone().ok());
             let board = Board::new(cfg.cores.len(), cfg.role().as_str());

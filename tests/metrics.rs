@@ -602,3 +602,32 @@ fn key_fingerprints_are_logged_and_exported_through_a_rotation() {
         "{stdout}"
     );
 }
+
+/// A second process on the same metrics port binds it (SO_REUSEPORT, for
+/// surge pods) but says so: scrapes would land on either process at random.
+/// It started without a word (found by a new-user helper).
+#[test]
+fn a_metrics_port_shared_with_another_process_is_warned_about() {
+    let (first, m) = forward_with_metrics();
+    let second = Proxy::forward(echo_origin())
+        .shards(1)
+        .args(["--metrics-listen", &m.to_string()])
+        .start();
+    second.wait_for_log(
+        |l| {
+            l.contains(&format!(
+                "--metrics-listen {m} is also served by another process"
+            ))
+        },
+        Duration::from_secs(10),
+    );
+    // The first one, alone on its port when it started, said nothing.
+    assert!(
+        !first
+            .log()
+            .iter()
+            .any(|l| l.contains("also served by another process")),
+        "{:?}",
+        first.log()
+    );
+}
