@@ -76,7 +76,12 @@ pub fn keygen(args: &KeygenArgs) -> Result<(), StartupError> {
             .map(|()| {
                 let _ = print_stdout(&format!("wrote key {} to {path}\n", key.fingerprint()));
             })
-            .map_err(|e| StartupError::Keygen(format!("cannot write {path}: {e}"))),
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => StartupError::Keygen(format!(
+                    "{path} exists, and keygen never overwrites a key: choose another path or remove it first (to rotate keys, see deploy/README.md)"
+                )),
+                _ => StartupError::Keygen(format!("cannot write {path}: {e}")),
+            }),
     }
 }
 

@@ -463,6 +463,12 @@ fn config_errors_name_the_key_for_booleans_and_missing_partners() {
             "key `send_proxy_v2`",
         ),
         ("partner", "accept_proxy = true", "key `accept_proxy`"),
+        // A required key the file lacks is named as a key.
+        (
+            "no-upstream",
+            "REMOVE upstream",
+            "lacks `upstream` (--upstream)",
+        ),
         // A number where a path, a list or a duration is meant is refused
         // for its type: `access_log = -1` wrote to a file named `-1`.
         (
@@ -504,7 +510,15 @@ fn config_errors_name_the_key_for_booleans_and_missing_partners() {
         } else {
             "forward"
         };
-        let path = write(&format!("{name}.toml"), &config(role, &key, line));
+        let text = match line.strip_prefix("REMOVE ") {
+            Some(k) => config(role, &key, "")
+                .lines()
+                .filter(|l| !l.starts_with(&format!("{k} =")))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            None => config(role, &key, line),
+        };
+        let path = write(&format!("{name}.toml"), &text);
         assert_one_line_error(&check(&path), want, line);
         let out = run(&["run", "--config", &path]);
         assert_one_line_error(&out, want, &format!("run: {line}"));

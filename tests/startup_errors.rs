@@ -189,6 +189,18 @@ fn bad_input_is_one_line_and_exit_code_2() {
             &["a value of --max-fails that starts with `-` is written --max-fails=-x"],
         ),
         case(
+            "keygen onto an existing file says it never overwrites",
+            ["keygen", "--out", &valid_config].map(String::from).to_vec(),
+            &[".toml exists, and keygen never overwrites a key"],
+        ),
+        case(
+            "a missing key file says how to make one",
+            ["exit", "--listen", "127.0.0.1:0", "--upstream", UP, "--key-file", "/nonexistent/psk"]
+                .map(String::from)
+                .to_vec(),
+            &["cannot read key file /nonexistent/psk", "make one with `shardproxy keygen --out /nonexistent/psk`"],
+        ),
+        case(
             "a takeover names its flag",
             forward(&["--takeover", "/nonexistent/shardproxy.sock"]),
             &["--takeover", "/nonexistent/shardproxy.sock"],

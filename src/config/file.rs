@@ -76,9 +76,15 @@ pub enum FileError {
         /// What it must be.
         want: &'static str,
     },
-    /// `role` missing or not a role.
+    /// `role` is not a role.
     #[error("config {path}: `role` must be one of \"entry\", \"exit\", \"forward\"")]
     BadRole {
+        /// The path.
+        path: String,
+    },
+    /// No `role`, and the command (`run`, `check`) names none either.
+    #[error("config {path} has no `role` key: add role = \"entry\", \"exit\" or \"forward\" (or start the role's command with --config)")]
+    NoRole {
         /// The path.
         path: String,
     },
@@ -263,7 +269,7 @@ pub fn translate(
         (_, Some(c)) => c.to_string(),
         (Some(f), None) => f.to_string(),
         (None, None) => {
-            return Err(FileError::BadRole {
+            return Err(FileError::NoRole {
                 path: path.to_string(),
             })
         }
@@ -519,7 +525,7 @@ pub fn expand_argv(argv: Vec<String>) -> Result<(Vec<String>, Option<Supplied>),
     let role = command_role
         .map(str::to_string)
         .or(file.role)
-        .ok_or_else(|| FileError::BadRole { path: path.clone() })?;
+        .ok_or_else(|| FileError::NoRole { path: path.clone() })?;
     let mut out = argv[..sub_at].to_vec();
     out.push(role);
     // A flag on the command line also overrides the file's settings it
@@ -617,10 +623,12 @@ mod tests {
         }
         let f = translate("max_fails = 3\nbuffer_size = 16384", "f", Some("forward")).unwrap();
         assert_eq!(f.args, ["--buffer-size=16384", "--max-fails=3"]);
-        assert!(matches!(
-            translate("listen = \"x\"", "f", None),
-            Err(FileError::BadRole { .. })
-        ));
+        assert_eq!(
+            translate("listen = \"x\"", "f", None)
+                .unwrap_err()
+                .to_string(),
+            "config f has no `role` key: add role = \"entry\", \"exit\" or \"forward\" (or start the role's command with --config)"
+        );
         assert!(matches!(
             translate("role = \"proxy\"", "f", None),
             Err(FileError::BadRole { .. })

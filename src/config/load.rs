@@ -63,6 +63,29 @@ pub fn load(argv: Vec<String>) -> Result<Loaded, ConfigError> {
                 }
                 _ => None,
             };
+            // A required setting that neither the file nor the command
+            // line gave: name the file's key, not only the flag.
+            if e.kind() == clap::error::ErrorKind::MissingRequiredArgument {
+                if let (Some(s), Some(clap::error::ContextValue::Strings(missing))) =
+                    (&supplied, e.get(clap::error::ContextKind::InvalidArg))
+                {
+                    let keys: Vec<String> = missing
+                        .iter()
+                        .filter_map(|m| m.strip_prefix("--"))
+                        .map(|m| {
+                            let flag = m.split([' ', '[', '=']).next().unwrap_or(m);
+                            format!("`{}` (--{flag})", flag.replace('-', "_"))
+                        })
+                        .collect();
+                    if !keys.is_empty() {
+                        return Err(ConfigError::Args(format!(
+                            "config {} lacks {}, and the command line does not give it",
+                            s.path,
+                            keys.join(", ")
+                        )));
+                    }
+                }
+            }
             // Blame the file only for a value it supplied.
             let from_file = supplied
                 .as_ref()
@@ -244,6 +267,12 @@ pub fn load_key_file(path: &str) -> Result<(KeySet, Option<String>), KeyFileErro
             path: path.to_string(),
             cap,
         },
+        file::ReadError::Io(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            KeyFileError::Unreadable {
+                path: path.to_string(),
+                reason: format!("{e}; make one with `shardproxy keygen --out {path}`"),
+            }
+        }
         e => KeyFileError::Unreadable {
             path: path.to_string(),
             reason: e.to_string(),
