@@ -201,6 +201,11 @@ fn bad_input_is_one_line_and_exit_code_2() {
             &["cannot read key file /nonexistent/psk", "make one with `shardproxy keygen --out /nonexistent/psk`"],
         ),
         case(
+            "an empty trusted CIDR entry is an error, not dropped",
+            forward(&["--accept-proxy", "--proxy-trusted-cidrs", "10.0.0.0/8,,192.168.0.0/16"]),
+            &["bad --proxy-trusted-cidrs entry ``"],
+        ),
+        case(
             "a takeover names its flag",
             forward(&["--takeover", "/nonexistent/shardproxy.sock"]),
             &["--takeover", "/nonexistent/shardproxy.sock"],

@@ -842,7 +842,9 @@ fn accept_proxy(args: &ProxyArgs) -> Result<Option<AcceptProxy>, ConfigError> {
         .as_deref()
         .ok_or(ConfigError::NoTrustedCidrs)?;
     let mut trusted = Vec::new();
-    for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+    // An empty entry (`10.0.0.0/8,,x`, a stray comma) is an error like any
+    // other bad one: it most likely lost the address meant there.
+    for entry in list.split(',').map(str::trim) {
         let net = entry
             .parse::<ipnet::IpNet>()
             .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
