@@ -206,6 +206,20 @@ fn bad_input_is_one_line_and_exit_code_2() {
             &["bad --proxy-trusted-cidrs entry ``"],
         ),
         case(
+            "metrics on the proxy's port written as an IPv4-mapped IPv6 address",
+            ["forward", "--listen", "127.0.0.1:19123", "--metrics-listen", "[::ffff:127.0.0.1]:19123", "--upstream", UP]
+                .map(String::from)
+                .to_vec(),
+            &["overlaps --listen"],
+        ),
+        case(
+            "an upstream that is the listen address written as IPv4-mapped IPv6",
+            ["forward", "--listen", "127.0.0.1:19124", "--upstream", "[::ffff:127.0.0.1]:19124"]
+                .map(String::from)
+                .to_vec(),
+            &["--upstream"],
+        ),
+        case(
             "a takeover names its flag",
             forward(&["--takeover", "/nonexistent/shardproxy.sock"]),
             &["--takeover", "/nonexistent/shardproxy.sock"],

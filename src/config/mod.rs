@@ -864,9 +864,9 @@ fn accept_proxy(args: &ProxyArgs) -> Result<Option<AcceptProxy>, ConfigError> {
 /// Whether two listening addresses would share connections: the same
 /// (non-zero) port on the same address, or with either one a wildcard.
 fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() != 0
-        && a.port() == b.port()
-        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    // `[::ffff:127.0.0.1]` is 127.0.0.1: compare the canonical forms.
+    let (x, y) = (a.ip().to_canonical(), b.ip().to_canonical());
+    a.port() != 0 && a.port() == b.port() && (x == y || x.is_unspecified() || y.is_unspecified())
 }
 
 fn is_loop(listen: SocketAddr, upstream: SocketAddr) -> bool {

@@ -152,8 +152,10 @@ pub fn loops_to(listen: SocketAddr, upstream: SocketAddr) -> bool {
     if listen.port() != upstream.port() {
         return false;
     }
-    let up = upstream.ip();
-    listen.ip() == up || (listen.ip().is_unspecified() && (up.is_loopback() || up.is_unspecified()))
+    // `[::ffff:127.0.0.1]` is 127.0.0.1 written as IPv6: compare the
+    // canonical forms.
+    let (l, up) = (listen.ip().to_canonical(), upstream.ip().to_canonical());
+    l == up || (l.is_unspecified() && (up.is_loopback() || up.is_unspecified()))
 }
 
 /// Resolves every spec: the endpoint set, in spec order.
