@@ -238,9 +238,15 @@ pub fn translate(
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
         let first = e.message().lines().next().unwrap_or("syntax error");
         // Name the line: "duplicate key" alone does not say which.
-        let line = e
-            .span()
-            .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+        // 1-based: the newlines before the span, plus one (`lines()` would
+        // miss the line a span opens at column 0).
+        let line = e.span().map(|span| {
+            text.as_bytes()[..span.start.min(text.len())]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                + 1
+        });
         FileError::Syntax {
             path: path.to_string(),
             reason: match line {
@@ -582,6 +588,30 @@ mod tests {
                 "--listen=0.0.0.0:9000"
             ]
         );
+    }
+
+    #[test]
+    fn syntax_errors_name_the_right_line() {
+        let e = translate(
+            "role = \"forward\"\nlisten = \"x\"\nlisten = \"y\"\n",
+            "f",
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("line 3: duplicate key"), "{e}");
+        let e = translate(
+            "role = \"forward\"\n  listen = \"x\"\n  listen = \"y\"\n",
+            "f",
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("line 3: duplicate key"), "{e}");
+        let e = translate("listen = = 1\n", "f", None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 1:"), "{e}");
     }
 
     #[test]
