@@ -463,6 +463,18 @@ fn config_errors_name_the_key_for_booleans_and_missing_partners() {
             "key `send_proxy_v2`",
         ),
         ("partner", "accept_proxy = true", "key `accept_proxy`"),
+        // A NUL byte in a path passed check and failed at start-up.
+        (
+            "nul-access-log",
+            "access_log = \"a\\u0000b\"",
+            "key `access_log`",
+        ),
+        (
+            "nul-control",
+            "control_socket = \"s\\u0000x\"",
+            "key `control_socket`",
+        ),
+        ("empty-takeover", "takeover = \"\"", "key `takeover`"),
         // A required key the file lacks is named as a key.
         (
             "no-upstream",

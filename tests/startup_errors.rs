@@ -220,6 +220,16 @@ fn bad_input_is_one_line_and_exit_code_2() {
             &["--upstream"],
         ),
         case(
+            "a switch given a word that is no boolean",
+            forward(&["--accept-proxy", "no"]),
+            &["--accept-proxy is a switch: write --accept-proxy, or --accept-proxy=false"],
+        ),
+        case(
+            "--config followed by a flag, not a path",
+            ["run", "--config", "--listen", "127.0.0.1:0"].map(String::from).to_vec(),
+            &["--config needs a file path, but `--listen` follows it"],
+        ),
+        case(
             "a takeover names its flag",
             forward(&["--takeover", "/nonexistent/shardproxy.sock"]),
             &["--takeover", "/nonexistent/shardproxy.sock"],

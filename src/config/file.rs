@@ -22,6 +22,12 @@ use crate::cli::Cli;
 /// Why a config file was rejected. One line each.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FileError {
+    /// `--config` is followed by another flag, not a path.
+    #[error("--config needs a file path, but `{next}` follows it (write --config=PATH for a path that starts with -)")]
+    NoPath {
+        /// What followed `--config`.
+        next: String,
+    },
     /// `--config` was given more than once.
     #[error("--config given twice ({first} and {second}): one file per process; flags on the command line override its keys")]
     Twice {
@@ -504,6 +510,12 @@ pub fn expand_argv(argv: Vec<String>) -> Result<(Vec<String>, Option<Supplied>),
             break;
         }
         let (given, step) = if rest[i] == "--config" && i + 1 < rest.len() {
+            // `run --config --listen ...`: the path was left out.
+            if rest[i + 1].starts_with('-') && rest[i + 1] != "-" {
+                return Err(FileError::NoPath {
+                    next: rest[i + 1].clone(),
+                });
+            }
             (Some(rest[i + 1].clone()), 2)
         } else if let Some(p) = rest[i].strip_prefix("--config=") {
             (Some(p.to_string()), 1)

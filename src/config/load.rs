@@ -194,9 +194,11 @@ fn unexpected_value_hint(argv: &[String], e: &clap::Error) -> Option<String> {
         .find(|a| a.get_long() == Some(flag))?;
     let optional = arg.get_num_args().is_some_and(|n| n.min_values() == 0);
     if arg.get_action().takes_values() && optional {
-        Some(format!(
-            " (--{flag} takes a value only after `=`: --{flag}={value})"
-        ))
+        Some(if matches!(value.as_str(), "true" | "false") {
+            format!(" (--{flag} takes a value only after `=`: --{flag}={value})")
+        } else {
+            format!(" (--{flag} is a switch: write --{flag}, or --{flag}=false to turn it off)")
+        })
     } else if arg.get_action().takes_values() && value.starts_with('-') {
         Some(format!(
             " (a value of --{flag} that starts with `-` is written --{flag}={value})"

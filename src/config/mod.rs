@@ -282,6 +282,9 @@ pub enum ConfigError {
     /// `--control-socket` cannot be bound there.
     #[error("bad --control-socket {0}: {1}")]
     BadControlSocket(String, String),
+    /// `--takeover` is no Unix socket path.
+    #[error("bad --takeover {0}: {1}")]
+    BadTakeover(String, String),
     /// `--accept-proxy` without `--proxy-trusted-cidrs`.
     #[error("--accept-proxy needs --proxy-trusted-cidrs: the peers (load balancers) allowed to send a PROXY header, e.g. 10.0.0.0/8")]
     NoTrustedCidrs,
@@ -318,6 +321,7 @@ impl ConfigError {
             ConfigError::NoTrustedCidrs | ConfigError::BadCidr(_) => Some("--proxy-trusted-cidrs"),
             ConfigError::BadAccessLog(..) => Some("--access-log"),
             ConfigError::BadControlSocket(..) => Some("--control-socket"),
+            ConfigError::BadTakeover(..) => Some("--takeover"),
             _ => None,
         }
     }
@@ -447,7 +451,7 @@ impl Config {
                     .as_deref()
                     .map(control_socket_path)
                     .transpose()?,
-                takeover: args.takeover.as_ref().map(Into::into),
+                takeover: args.takeover.as_deref().map(takeover_path).transpose()?,
             },
             limits: Limits {
                 buffer_size,
@@ -768,6 +772,9 @@ fn access_log_path(path: &str) -> Result<String, ConfigError> {
     if path.is_empty() {
         return Err(bad("empty path (use - for stderr)".into()));
     }
+    if path.contains('\0') {
+        return Err(bad("a path cannot contain a NUL byte".into()));
+    }
     if std::path::Path::new(path).exists() {
         crate::access_log::open_file(path).map_err(|e| bad(e.to_string()))?;
     } else {
@@ -797,16 +804,7 @@ fn control_socket_path(path: &str) -> Result<std::path::PathBuf, ConfigError> {
     let bad = |reason: String| {
         ConfigError::BadControlSocket(format!("`{}`", crate::log::one_line(path)), reason)
     };
-    if path.is_empty() {
-        return Err(bad("empty path".into()));
-    }
-    // sockaddr_un's sun_path holds 108 bytes with the terminating NUL.
-    if path.len() > 107 {
-        return Err(bad(format!(
-            "{} bytes long; a Unix socket path holds at most 107",
-            path.len()
-        )));
-    }
+    unix_socket_path(path).map_err(bad)?;
     let p = std::path::Path::new(path);
     if let Ok(meta) = std::fs::symlink_metadata(p) {
         use std::os::unix::fs::FileTypeExt;
@@ -817,6 +815,33 @@ fn control_socket_path(path: &str) -> Result<std::path::PathBuf, ConfigError> {
         directory_exists(p).map_err(bad)?;
     }
     Ok(p.to_path_buf())
+}
+
+/// What any Unix socket path must be: not empty, no NUL byte, and at most
+/// 107 bytes (`sockaddr_un`'s `sun_path` holds 108 with the terminating NUL).
+fn unix_socket_path(path: &str) -> Result<(), String> {
+    if path.is_empty() {
+        return Err("empty path".into());
+    }
+    if path.contains('\0') {
+        return Err("a path cannot contain a NUL byte".into());
+    }
+    if path.len() > 107 {
+        return Err(format!(
+            "{} bytes long; a Unix socket path holds at most 107",
+            path.len()
+        ));
+    }
+    Ok(())
+}
+
+/// `--takeover`: the predecessor's control socket. Only its form is checked
+/// here (`check` runs while the predecessor may not); start-up connects.
+fn takeover_path(path: &str) -> Result<std::path::PathBuf, ConfigError> {
+    unix_socket_path(path).map_err(|reason| {
+        ConfigError::BadTakeover(format!("`{}`", crate::log::one_line(path)), reason)
+    })?;
+    Ok(path.into())
 }
 
 /// `--accept-proxy` and its settings, validated.
