@@ -27,6 +27,21 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
         ))
         .into());
     }
+    // A port another process listens on with SO_REUSEPORT (a running
+    // shardproxy) would let a demo proxy bind it too and take part of that
+    // process's clients: never what a demo is for.
+    for (flag, port) in [
+        ("--port", args.port),
+        ("--exit-port", args.exit_port),
+        ("--origin-port", args.origin_port),
+    ] {
+        if crate::listener::port_taken(SocketAddr::from(([127, 0, 0, 1], port))) {
+            return Err(crate::config::ConfigError::Args(format!(
+                "demo {flag} {port}: 127.0.0.1:{port} is already in use by another program (stop it or pick another port)"
+            ))
+            .into());
+        }
+    }
     let origin_addr = SocketAddr::from(([127, 0, 0, 1], args.origin_port));
     let origin = TcpListener::bind(origin_addr).map_err(|e| listen_error(origin_addr, e))?;
     std::thread::spawn(move || {
@@ -34,11 +49,28 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
             std::thread::spawn(move || serve_origin(conn));
         }
     });
-    let key_path = std::env::temp_dir().join(format!("shardproxy-demo-{}.key", std::process::id()));
+    let tmp = std::env::temp_dir();
+    let Some(tmp_text) = tmp.to_str() else {
+        return Err(crate::config::ConfigError::Args(format!(
+            "demo: the temporary directory `{}` (TMPDIR) is not valid UTF-8; set TMPDIR to another directory",
+            tmp.display()
+        ))
+        .into());
+    };
+    remove_stale_keys(&tmp);
+    let key_path = format!(
+        "{}/shardproxy-demo-{}.key",
+        tmp_text.trim_end_matches('/'),
+        std::process::id()
+    );
     let _ = std::fs::remove_file(&key_path);
-    let key_path = key_path.to_string_lossy().into_owned();
     crate::app::keygen(&crate::cli::KeygenArgs {
         out: Some(key_path.clone()),
+    })
+    .map_err(|e| {
+        crate::config::ConfigError::Args(format!(
+            "demo: cannot write its key in the temporary directory {tmp_text} (TMPDIR): {e}"
+        ))
     })?;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -175,6 +207,28 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
         return Err(StartupError::DemoProxy(role));
     }
     Ok(())
+}
+
+/// Removes the key files of earlier demos that are no longer running (a
+/// demo killed before both proxies had read its key leaves it behind).
+fn remove_stale_keys(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("shardproxy-demo-"))
+            .and_then(|n| n.strip_suffix(".key"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Sends SIGTERM to each demo proxy (a second one makes it exit at once).

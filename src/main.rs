@@ -30,6 +30,9 @@ fn run() -> ExitCode {
     for (i, arg) in std::env::args_os().enumerate() {
         match arg.into_string() {
             Ok(a) => args.push(a),
+            // The program's own path is never used as a value: a binary in a
+            // directory whose name is not UTF-8 still runs.
+            Err(raw) if i == 0 => args.push(raw.to_string_lossy().into_owned()),
             Err(raw) => {
                 report_error(&format!(
                     "argument {i} (`{}`) is not valid UTF-8; shardproxy takes UTF-8 arguments and paths only",
