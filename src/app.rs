@@ -63,9 +63,17 @@ pub fn keygen(args: &KeygenArgs) -> Result<(), StartupError> {
     use std::os::unix::fs::OpenOptionsExt;
     let key = Psk::generate().map_err(|e| StartupError::Keygen(format!("no randomness: {e}")))?;
     let line = zeroize::Zeroizing::new(format!("{}\n", key.to_base64()));
-    match &args.out {
-        None => print_stdout(&line)
-            .map_err(|e| StartupError::Keygen(format!("cannot write the key to stdout: {e}"))),
+    match args.out.as_deref() {
+        // `-` is stdout, as `--access-log -` is stderr.
+        None | Some("-") => {
+            if stdout_is_dev_null() {
+                return Err(StartupError::Keygen(
+                    "stdout is /dev/null (or was closed, which the runtime turns into /dev/null): the key would be lost; give --out PATH".into(),
+                ));
+            }
+            print_stdout(&line)
+                .map_err(|e| StartupError::Keygen(format!("cannot write the key to stdout: {e}")))
+        }
         Some(path) => std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -83,6 +91,23 @@ pub fn keygen(args: &KeygenArgs) -> Result<(), StartupError> {
                 _ => StartupError::Keygen(format!("cannot write {path}: {e}")),
             }),
     }
+}
+
+/// Whether stdout is `/dev/null`: a closed stdout is reopened there by the
+/// Rust runtime at start-up, so a key "printed" there is silently lost.
+fn stdout_is_dev_null() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let Ok(fd) = std::io::stdout().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    let (Ok(out), Ok(null)) = (
+        std::fs::File::from(fd).metadata(),
+        std::fs::metadata("/dev/null"),
+    ) else {
+        return false;
+    };
+    out.file_type().is_char_device() && out.rdev() == null.rdev()
 }
 
 /// Writes `text` to stdout, returning the error where `print!` would panic

@@ -5,6 +5,7 @@
 mod common;
 
 use std::net::TcpListener;
+use std::os::unix::ffi::OsStringExt;
 use std::process::Command;
 use std::time::Duration;
 
@@ -397,4 +398,64 @@ fn arguments_that_are_not_utf8_are_one_line_errors() {
         assert!(lines[0].contains("is not valid UTF-8"), "{stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
+}
+
+/// `keygen` never loses a key silently: with stdout closed (the runtime
+/// reopens it on /dev/null) or on /dev/null it is an error, where it printed
+/// the key into nothing and exited 0; `--out -` is stdout (it made a file
+/// named `-`).
+#[test]
+fn keygen_never_writes_a_key_into_nothing() {
+    use std::process::Stdio;
+    for closed in [false, true] {
+        let mut cmd = Command::new("sh");
+        let redirect = if closed { ">&-" } else { ">/dev/null" };
+        cmd.arg("-c")
+            .arg(format!("exec \"$0\" keygen {redirect}"))
+            .arg(BIN);
+        let (status, stderr) = run_bounded(cmd, LIMIT).expect("it exited");
+        assert_eq!(status.code(), Some(2), "{redirect}: {stderr}");
+        assert!(
+            stderr.starts_with("error: keygen: stdout is /dev/null"),
+            "{redirect}: {stderr}"
+        );
+    }
+    let dir = std::env::temp_dir().join(format!("sp-keygen-dash-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = Command::new(BIN)
+        .current_dir(&dir)
+        .args(["keygen", "--out", "-"])
+        .stdout(Stdio::piped())
+        .output()
+        .unwrap();
+    let made_dash_file = dir.join("-").exists();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim().len(), 44);
+    assert!(!made_dash_file);
+}
+
+/// The program's own path need not be UTF-8 (a binary under a directory
+/// whose name is not): every command failed with "argument 0 is not valid
+/// UTF-8".
+#[test]
+fn a_program_path_that_is_not_utf8_still_runs() {
+    let mut raw = std::env::temp_dir()
+        .join(format!("sp-argv0-{}-", std::process::id()))
+        .into_os_string()
+        .into_vec();
+    raw.push(0xff);
+    let dir = std::path::PathBuf::from(std::ffi::OsString::from_vec(raw));
+    std::fs::create_dir_all(&dir).unwrap();
+    let link = dir.join("shardproxy");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(BIN, &link).unwrap();
+    let out = Command::new(&link).arg("--version").output().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("shardproxy "));
 }
