@@ -273,7 +273,7 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
                         .map_err(|source| StartupError::MetricsListen { addr, source })?;
                     if shared {
                         crate::warn!(
-                            "--metrics-listen {addr} is also served by another process (SO_REUSEPORT): each scrape reaches one of the two at random; expected only while a surge pod runs beside the old one, otherwise give each process its own port"
+                            "--metrics-listen {addr} is also served by another process (SO_REUSEPORT): connections to it (scrapes, and clients if it is that process's proxy port) are split between the two at random; expected only while a surge pod runs beside the old one, otherwise give each process its own port"
                         );
                     }
                     l

@@ -30,7 +30,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => 1_000,
         "m" => 60_000,
         "h" => 3_600_000,
-        _ => return Err(unit_error(text, unit, "ms, s, m or h, e.g. 500ms or 30s")),
+        _ => {
+            return Err(unit_error(
+                text,
+                unit,
+                "ms, s, m or h, e.g. 500ms or 30s",
+                "write 1500ms for 1.5s",
+            ))
+        }
     };
     value
         .checked_mul(millis_per_unit)
@@ -65,6 +72,7 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
                 text,
                 unit,
                 "B, K/KiB, M/MiB or G/GiB (any case), e.g. 16KiB",
+                "write 1536KiB for 1.5MiB",
             ))
         }
     };
@@ -91,11 +99,12 @@ pub fn parse_count(text: &str) -> Result<i64, String> {
 }
 
 /// The message for a unit that does not parse, naming the likely slip.
-fn unit_error(text: &str, unit: &str, units: &str) -> String {
+/// `example` shows a fraction written whole, in the setting's own units.
+fn unit_error(text: &str, unit: &str, units: &str, example: &str) -> String {
     if unit.starts_with(char::is_whitespace) {
         format!("`{text}`: write the unit right after the number, without a space; use {units}")
     } else if unit.starts_with(['.', ',']) {
-        format!("`{text}`: whole numbers only (write 1500ms for 1.5s); use {units}")
+        format!("`{text}`: whole numbers only ({example}); use {units}")
     } else {
         format!("`{text}` has unknown unit `{unit}`; use {units}")
     }
@@ -152,7 +161,10 @@ mod tests {
         assert!(parse_size("16 KiB")
             .unwrap_err()
             .contains("without a space"));
-        assert!(parse_size("1.5MiB").unwrap_err().contains("whole numbers"));
+        // The example is a size, not a duration ("write 1500ms" it said).
+        assert!(parse_size("1.5MiB")
+            .unwrap_err()
+            .contains("whole numbers only (write 1536KiB for 1.5MiB)"));
         assert!(parse_size("-1").is_err());
     }
 

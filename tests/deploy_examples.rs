@@ -89,7 +89,7 @@ fn example_configs_run_a_working_pair() {
 #[test]
 fn check_rejects_bad_configs_with_one_line() {
     let cases = [
-        ("role = \"exit\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:1\"\nkey_file = \"/nonexistent\"\n", "key file"),
+        ("role = \"exit\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:1\"\nkey_file = \"/nonexistent\"\n", "key `key_file`: cannot read key file /nonexistent"),
         ("role = \"forward\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:1\"\nidle_timeout = 30\n", "key `idle_timeout` must be a string with a unit"),
         ("role = \"forward\"\nlisten = \"nowhere\"\nupstream = \"127.0.0.1:1\"\n", "bad --listen"),
         ("role = \"forward\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:1\"\ncpu_list = \"4000\"\n", "core 4000"),

@@ -79,9 +79,10 @@ pub fn load(argv: Vec<String>) -> Result<Loaded, ConfigError> {
                         .collect();
                     if !keys.is_empty() {
                         return Err(ConfigError::Args(format!(
-                            "config {} lacks {}, and the command line does not give it",
+                            "config {} lacks {}, and the command line does not give {}",
                             s.path,
-                            keys.join(", ")
+                            keys.join(", "),
+                            if keys.len() == 1 { "it" } else { "them" }
                         )));
                     }
                 }

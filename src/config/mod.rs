@@ -321,6 +321,7 @@ impl ConfigError {
             ConfigError::NoTrustedCidrs | ConfigError::BadCidr(_) => Some("--proxy-trusted-cidrs"),
             ConfigError::BadAccessLog(..) => Some("--access-log"),
             ConfigError::BadControlSocket(..) => Some("--control-socket"),
+            ConfigError::Keys(_) => Some("--key-file"),
             ConfigError::BadTakeover(..) => Some("--takeover"),
             _ => None,
         }
