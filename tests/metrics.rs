@@ -273,7 +273,8 @@ fn metrics_show_exact_counts_pass_promtool_and_match_hdr_histograms() {
         .args([
             "stats",
             "--from",
-            &format!("http://{}", p.entry_metrics),
+            // The URL as the proxy logs it ("metrics on http://.../metrics").
+            &format!("http://{}/metrics", p.entry_metrics),
             "--per-shard",
         ])
         .output()
@@ -630,4 +631,33 @@ fn a_metrics_port_shared_with_another_process_is_warned_about() {
         "{:?}",
         first.log()
     );
+}
+
+/// `stats --from` a server that trickles its answer (a byte a second, never
+/// finishing the head) gives up at its deadline with one line and exit 1; it
+/// waited for as long as the bytes came (a per-read timeout only).
+#[test]
+fn stats_from_a_trickling_server_ends_at_its_deadline() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        let _ = c.write_all(b"HTTP/1.1 200 OK\r\n");
+        // Bounded: at most 40 s of trickle, ending when the client leaves.
+        for _ in 0..80 {
+            if c.write_all(b"x").is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
+    let started = Instant::now();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["stats", "--from", &format!("http://{addr}")]);
+    let (status, stderr) = run_bounded(cmd, Duration::from_secs(30)).expect("stats hung");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("no complete answer within 10s"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let _ = server.join();
 }

@@ -11,8 +11,11 @@ use base64::Engine;
 use hdrhistogram::serialization::Deserializer;
 use hdrhistogram::Histogram;
 
-/// Largest `/histograms` body we accept (a few KiB per shard in practice).
-const MAX_BODY: u64 = 64 << 20;
+/// Largest `/histograms` answer we accept (a few KiB per shard in practice).
+const MAX_BODY: u64 = 8 << 20;
+/// The whole scrape (connect, request, answer) must finish within this,
+/// however the server trickles its bytes.
+const DEADLINE: Duration = Duration::from_secs(10);
 
 /// Why `stats` failed. One line each.
 #[derive(Debug, thiserror::Error)]
@@ -144,21 +147,49 @@ pub fn table(lines: &[Line], per_shard: bool) -> String {
     out
 }
 
-/// Fetches `path` from `url` (`http://HOST:PORT`), returning the body.
+/// Fetches `path` from `url` (`http://HOST:PORT`, optionally followed by
+/// the endpoint's own `/metrics` or `/histograms` path, as the proxy logs
+/// it), returning the body. The whole scrape is bounded by [`DEADLINE`] and
+/// the answer by [`MAX_BODY`].
 pub fn fetch(url: &str, path: &str) -> Result<String, StatsError> {
     let authority = url
         .strip_prefix("http://")
-        .map(|r| r.trim_end_matches('/'))
+        .map(|r| {
+            r.strip_suffix("/metrics")
+                .or_else(|| r.strip_suffix("/histograms"))
+                .unwrap_or(r)
+                .trim_end_matches('/')
+        })
         .filter(|a| !a.is_empty() && !a.contains('/'))
         .ok_or_else(|| StatsError::BadUrl(url.to_string()))?;
     let io = |e| StatsError::Io(url.to_string(), e);
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let timed_out = || {
+        StatsError::Io(
+            url.to_string(),
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no complete answer within {}s", DEADLINE.as_secs()),
+            ),
+        )
+    };
+    // A name that does not resolve is not a malformed URL.
     let addr = authority
         .to_socket_addrs()
-        .map_err(|_| StatsError::BadUrl(url.to_string()))?
+        .map_err(|e| {
+            if authority
+                .rsplit_once(':')
+                .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+            {
+                io(e)
+            } else {
+                StatsError::BadUrl(url.to_string())
+            }
+        })?
         .next()
         .ok_or_else(|| StatsError::BadUrl(url.to_string()))?;
     let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(io)?;
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
+    conn.set_write_timeout(Some(Duration::from_secs(5)))
         .map_err(io)?;
     write!(
         conn,
@@ -166,7 +197,36 @@ pub fn fetch(url: &str, path: &str) -> Result<String, StatsError> {
     )
     .map_err(io)?;
     let mut raw = Vec::new();
-    conn.take(MAX_BODY).read_to_end(&mut raw).map_err(io)?;
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        let left = deadline
+            .checked_duration_since(std::time::Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(timed_out)?;
+        conn.set_read_timeout(Some(left)).map_err(io)?;
+        match conn.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if raw.len() as u64 + n as u64 > MAX_BODY {
+                    return Err(StatsError::Status(
+                        url.to_string(),
+                        format!("an answer larger than {} MiB", MAX_BODY >> 20),
+                    ));
+                }
+                raw.extend_from_slice(&buf[..n]);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(timed_out())
+            }
+            Err(e) => return Err(io(e)),
+        }
+    }
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text
         .split_once("\r\n\r\n")
