@@ -233,6 +233,12 @@ struct Running {
     /// SIGTERM after it (`systemctl stop` signals every process of the
     /// unit, the draining predecessor too) lets the drain go on.
     signalled: bool,
+    /// A SIGUSR2 successor that has not said it is ready yet: its PID, and
+    /// whether it has been reaped (its PID may be reused after that). A
+    /// stop before the hand-over completes stops it too: stop wins over an
+    /// upgrade in flight, which would otherwise leave the successor serving
+    /// after the process that was told to stop has gone.
+    upgrading: Option<(u32, Arc<std::sync::atomic::AtomicBool>)>,
 }
 
 impl SignalPlane {
@@ -284,6 +290,7 @@ impl SignalPlane {
             s: started,
             draining: false,
             signalled: false,
+            upgrading: None,
         });
         if reload {
             crate::info!("applying the SIGHUP received during start-up");
@@ -299,6 +306,8 @@ impl SignalPlane {
             return;
         };
         if let Phase::Running(r) = &mut *phase {
+            // The successor is the service now: a stop of ours is not its.
+            r.upgrading = None;
             notify(&[sd_notify::NotifyState::MainPid(pid)]);
             if let Some(b) = &r.s.board {
                 b.info.handed_over.store(true, Ordering::Relaxed);
@@ -404,6 +413,16 @@ fn on_signal(phase: &mut Phase, sig: i32, shared: &Arc<Mutex<Phase>>) {
             }
             _ => {
                 r.signalled = true;
+                if let Some((pid, reaped)) = r.upgrading.take() {
+                    // Unreaped, the PID is still that child's (a PID is
+                    // reused only after its process has been reaped).
+                    if !reaped.load(Ordering::SeqCst) {
+                        crate::sys::terminate(pid);
+                        crate::info!(
+                            "termination signal during the upgrade: process {pid}, not ready yet, told to stop too"
+                        );
+                    }
+                }
                 r.start_drain("termination signal", true);
                 let delay = r.s.drain_delay;
                 if delay.is_zero() {
@@ -519,15 +538,23 @@ impl Running {
                     "SIGUSR2: started {} as process {pid} to take the listeners over",
                     up.exe.display()
                 );
+                let reaped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                self.upgrading = Some((pid, reaped.clone()));
                 // Reap it; say so if it ends (a failed start) while we live.
                 let _ = std::thread::Builder::new()
                     .name("upgrade-child".into())
-                    .spawn(move || match child.wait() {
-                        Ok(status) if status.success() => {
-                            crate::info!("upgrade: process {pid} exited ({status})")
+                    .spawn(move || {
+                        let status = child.wait();
+                        reaped.store(true, Ordering::SeqCst);
+                        match status {
+                            Ok(status) if status.success() => {
+                                crate::info!("upgrade: process {pid} exited ({status})")
+                            }
+                            Ok(status) => {
+                                crate::warn!("upgrade: process {pid} exited ({status})")
+                            }
+                            Err(_) => {}
                         }
-                        Ok(status) => crate::warn!("upgrade: process {pid} exited ({status})"),
-                        Err(_) => {}
                     });
             }
             Err(e) => crate::error!(

@@ -211,6 +211,22 @@ pub fn stop_with_parent(cmd: &mut std::process::Command) {
     }
 }
 
+/// Sends SIGTERM to process `pid` (kill(2)); errors (it is gone) are
+/// ignored. The caller makes sure `pid` is still its own unreaped child.
+pub fn terminate(pid: u32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    if pid <= 0 {
+        return;
+    }
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours;
+    // `pid` is positive, so it names one process, never a group.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+}
+
 /// Takes ownership of file descriptors received with `SCM_RIGHTS`
 /// (the listener hand-over): each becomes an [`std::os::fd::OwnedFd`]
 /// closed on drop, with `FD_CLOEXEC` set (recvmsg without

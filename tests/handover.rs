@@ -881,3 +881,63 @@ fn a_version_1_successor_is_still_served() {
     assert_eq!(line_from(&mut c), "DRAINING");
     assert_eq!(wait_exited(&mut old, Duration::from_secs(30)), Some(0));
 }
+
+/// Stop wins over an upgrade in flight: a termination signal that reaches
+/// the old process after SIGUSR2 started a successor but before the
+/// successor said it was ready stops the successor too. It used to take
+/// the listeners over and keep serving after the process told to stop had
+/// gone (found by break-it testing: 6 of 10 tries with the stop 6-8 ms
+/// after SIGUSR2).
+#[test]
+fn a_stop_during_an_upgrade_stops_the_successor_too() {
+    let origin = echo_origin();
+    let ctl = control_path("stopupgrade");
+    let mut old = Proxy::forward(origin)
+        .shards(1)
+        .args(["--control-socket", &ctl])
+        .start();
+    let pid = sigusr2_successor(&old);
+    // The successor holds the listeners now (it shares old's stderr) but
+    // has not said it is ready: the window.
+    old.wait_for_log(
+        |l| l.contains("taking over from process"),
+        Duration::from_secs(20),
+    );
+    old.signal("TERM");
+    assert_eq!(wait_exited(&mut old, Duration::from_secs(30)), Some(0));
+    let log = old.log();
+    let running = |p: u32| {
+        std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| !r.trim_start().starts_with('Z'))
+        })
+    };
+    if log
+        .iter()
+        .any(|l| l.contains("termination signal while draining after the hand-over"))
+    {
+        // The successor was ready first: it is the service now, rightly.
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while running(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let survived = running(pid);
+    if survived {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
+    assert!(!survived, "successor {pid} still serving: {log:?}");
+    assert!(
+        log.iter().any(|l| l.contains(&format!(
+            "termination signal during the upgrade: process {pid}, not ready yet, told to stop too"
+        ))),
+        "{log:?}"
+    );
+}
