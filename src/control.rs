@@ -239,6 +239,9 @@ struct Running {
     /// upgrade in flight, which would otherwise leave the successor serving
     /// after the process that was told to stop has gone.
     upgrading: Option<(u32, Arc<std::sync::atomic::AtomicBool>)>,
+    /// Set when the SIGUSR2 successor says it is ready (read by its reaper
+    /// thread, which then knows whether an exit was a failed upgrade).
+    upgraded: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl SignalPlane {
@@ -291,6 +294,7 @@ impl SignalPlane {
             draining: false,
             signalled: false,
             upgrading: None,
+            upgraded: None,
         });
         if reload {
             crate::info!("applying the SIGHUP received during start-up");
@@ -308,6 +312,9 @@ impl SignalPlane {
         if let Phase::Running(r) = &mut *phase {
             // The successor is the service now: a stop of ours is not its.
             r.upgrading = None;
+            if let Some(done) = r.upgraded.take() {
+                done.store(true, Ordering::SeqCst);
+            }
             notify(&[sd_notify::NotifyState::MainPid(pid)]);
             if let Some(b) = &r.s.board {
                 b.info.handed_over.store(true, Ordering::Relaxed);
@@ -539,7 +546,9 @@ impl Running {
                     up.exe.display()
                 );
                 let reaped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
                 self.upgrading = Some((pid, reaped.clone()));
+                self.upgraded = Some(ready.clone());
                 // Reap it; say so if it ends (a failed start) while we live.
                 let _ = std::thread::Builder::new()
                     .name("upgrade-child".into())
@@ -547,6 +556,11 @@ impl Running {
                         let status = child.wait();
                         reaped.store(true, Ordering::SeqCst);
                         match status {
+                            // Whatever its exit status, an exit before it
+                            // said it was ready is a failed upgrade.
+                            Ok(status) if !ready.load(Ordering::SeqCst) => crate::warn!(
+                                "upgrade: process {pid} exited ({status}) before taking the listeners over: the upgrade failed"
+                            ),
                             Ok(status) if status.success() => {
                                 crate::info!("upgrade: process {pid} exited ({status})")
                             }

@@ -941,3 +941,41 @@ fn a_stop_during_an_upgrade_stops_the_successor_too() {
         "{log:?}"
     );
 }
+
+/// A SIGUSR2 successor that exits before taking the listeners over, even
+/// with status 0, is reported as a failed upgrade; it was an INFO line
+/// ("exited (exit status: 0)") with nothing saying the upgrade had failed.
+#[test]
+fn a_successor_that_exits_before_taking_over_is_a_failed_upgrade() {
+    // A hard link of the binary (same file system as target/), replaced by
+    // a script once the proxy runs: SIGUSR2 executes the path it started
+    // from, which now exits 0 at once.
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("upgrade-exit0-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join("shardproxy");
+    let _ = std::fs::remove_file(&exe);
+    std::fs::hard_link(BIN, &exe).unwrap();
+    let origin = echo_origin();
+    let ctl = control_path("exit0");
+    let old = Proxy::forward(origin)
+        .shards(1)
+        .binary(&exe)
+        .args(["--control-socket", &ctl])
+        .start();
+    std::fs::remove_file(&exe).unwrap();
+    std::fs::write(&exe, "#!/bin/sh\nexit 0\n").unwrap();
+    Command::new("chmod").arg("755").arg(&exe).status().unwrap();
+    old.signal("USR2");
+    old.wait_for_log(
+        |l| l.contains("before taking the listeners over: the upgrade failed"),
+        Duration::from_secs(20),
+    );
+    // Still serving.
+    let mut c = TcpStream::connect(old.addr).unwrap();
+    c.write_all(b"still").unwrap();
+    let mut b = [0u8; 5];
+    c.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"still");
+    let _ = std::fs::remove_dir_all(&dir);
+}

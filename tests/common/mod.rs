@@ -110,6 +110,7 @@ pub struct ProxyBuilder {
     env: Vec<(String, String)>,
     hosts: Option<String>,
     own_group: bool,
+    bin: Option<std::path::PathBuf>,
 }
 
 impl ProxyBuilder {
@@ -123,7 +124,15 @@ impl ProxyBuilder {
             env: Vec::new(),
             hosts: None,
             own_group: false,
+            bin: None,
         }
+    }
+
+    /// Runs this file instead of the built binary (a copy or hard link a
+    /// test can replace while the proxy runs).
+    pub fn binary(mut self, path: &std::path::Path) -> Self {
+        self.bin = Some(path.to_path_buf());
+        self
     }
 
     /// Starts it in a process group of its own, as a shell starts a
@@ -201,16 +210,20 @@ impl ProxyBuilder {
     /// address. Panics (with the log) if that does not happen in 20 s.
     pub fn start(self) -> Proxy {
         let argv = self.argv();
+        let bin = self
+            .bin
+            .clone()
+            .unwrap_or_else(|| std::path::PathBuf::from(BIN));
         let mut cmd = if let Some(hosts) = &self.hosts {
             let mut c = Command::new("unshare");
             c.args(["--mount", "--", "sh", "-c"])
                 .arg("mount --bind \"$SHARDPROXY_HOSTS\" /etc/hosts && exec \"$0\" \"$@\"")
-                .arg(BIN)
+                .arg(&bin)
                 .args(&argv)
                 .env("SHARDPROXY_HOSTS", hosts);
             c
         } else if self.ulimits.is_empty() {
-            let mut c = Command::new(BIN);
+            let mut c = Command::new(&bin);
             c.args(&argv);
             c
         } else {
@@ -222,7 +235,7 @@ impl ProxyBuilder {
             let mut c = Command::new("sh");
             c.arg("-c")
                 .arg(format!("{} && exec \"$0\" \"$@\"", limits.join(" && ")))
-                .arg(BIN)
+                .arg(&bin)
                 .args(&argv);
             c
         };
