@@ -233,15 +233,23 @@ struct Running {
     /// SIGTERM after it (`systemctl stop` signals every process of the
     /// unit, the draining predecessor too) lets the drain go on.
     signalled: bool,
-    /// A SIGUSR2 successor that has not said it is ready yet: its PID, and
-    /// whether it has been reaped (its PID may be reused after that). A
-    /// stop before the hand-over completes stops it too: stop wins over an
+    /// A SIGUSR2 successor that has not said it is ready yet. A stop
+    /// before the hand-over completes stops it too: stop wins over an
     /// upgrade in flight, which would otherwise leave the successor serving
     /// after the process that was told to stop has gone.
-    upgrading: Option<(u32, Arc<std::sync::atomic::AtomicBool>)>,
-    /// Set when the SIGUSR2 successor says it is ready (read by its reaper
-    /// thread, which then knows whether an exit was a failed upgrade).
-    upgraded: Option<Arc<std::sync::atomic::AtomicBool>>,
+    upgrading: Option<Box<InFlight>>,
+}
+
+/// A SIGUSR2 successor that has not said it is ready yet.
+struct InFlight {
+    /// Its PID.
+    pid: u32,
+    /// Set by its reaper thread once it has exited (its PID may be reused
+    /// after that).
+    reaped: Arc<std::sync::atomic::AtomicBool>,
+    /// Set when it says it is ready (its reaper then knows whether an exit
+    /// was a failed upgrade).
+    ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl SignalPlane {
@@ -294,7 +302,6 @@ impl SignalPlane {
             draining: false,
             signalled: false,
             upgrading: None,
-            upgraded: None,
         });
         if reload {
             crate::info!("applying the SIGHUP received during start-up");
@@ -311,9 +318,8 @@ impl SignalPlane {
         };
         if let Phase::Running(r) = &mut *phase {
             // The successor is the service now: a stop of ours is not its.
-            r.upgrading = None;
-            if let Some(done) = r.upgraded.take() {
-                done.store(true, Ordering::SeqCst);
+            if let Some(up) = r.upgrading.take() {
+                up.ready.store(true, Ordering::SeqCst);
             }
             notify(&[sd_notify::NotifyState::MainPid(pid)]);
             if let Some(b) = &r.s.board {
@@ -420,10 +426,11 @@ fn on_signal(phase: &mut Phase, sig: i32, shared: &Arc<Mutex<Phase>>) {
             }
             _ => {
                 r.signalled = true;
-                if let Some((pid, reaped)) = r.upgrading.take() {
+                if let Some(up) = r.upgrading.take() {
+                    let pid = up.pid;
                     // Unreaped, the PID is still that child's (a PID is
                     // reused only after its process has been reaped).
-                    if !reaped.load(Ordering::SeqCst) {
+                    if !up.reaped.load(Ordering::SeqCst) {
                         crate::sys::terminate(pid);
                         crate::info!(
                             "termination signal during the upgrade: process {pid}, not ready yet, told to stop too"
@@ -547,8 +554,11 @@ impl Running {
                 );
                 let reaped = Arc::new(std::sync::atomic::AtomicBool::new(false));
                 let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                self.upgrading = Some((pid, reaped.clone()));
-                self.upgraded = Some(ready.clone());
+                self.upgrading = Some(Box::new(InFlight {
+                    pid,
+                    reaped: reaped.clone(),
+                    ready: ready.clone(),
+                }));
                 // Reap it; say so if it ends (a failed start) while we live.
                 let _ = std::thread::Builder::new()
                     .name("upgrade-child".into())
