@@ -397,9 +397,22 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
                     got
                 }
                 Err(e) => {
-                    crate::warn!(
-                        "hand-over: process {from} did not confirm ({e}); both processes accept"
-                    );
+                    // A predecessor that stopped meanwhile accepts nothing.
+                    let alive =
+                        std::fs::read_to_string(format!("/proc/{from}/stat")).is_ok_and(|st| {
+                            st.rsplit(')')
+                                .next()
+                                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+                        });
+                    if alive {
+                        crate::warn!(
+                            "hand-over: process {from} did not confirm ({e}); both processes accept"
+                        );
+                    } else {
+                        crate::warn!(
+                            "hand-over: process {from} did not confirm ({e}) and has exited; this process accepts alone"
+                        );
+                    }
                     crate::handover::InheritedSalts::default()
                 }
             };

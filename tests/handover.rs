@@ -979,3 +979,43 @@ fn a_successor_that_exits_before_taking_over_is_a_failed_upgrade() {
     assert_eq!(&b, b"still");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A successor whose predecessor dies before confirming the hand-over says
+/// it accepts alone; it said "both processes accept" (found by break-it
+/// testing, after a stop during an upgrade).
+#[test]
+fn a_successor_whose_predecessor_died_says_it_accepts_alone() {
+    let origin = echo_origin();
+    let ctl = control_path("diedmid");
+    let old = Proxy::forward(origin)
+        .shards(1)
+        .args(["--control-socket", &ctl])
+        .start();
+    let pid = sigusr2_successor(&old);
+    struct Successor(u32);
+    impl Drop for Successor {
+        fn drop(&mut self) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &self.0.to_string()])
+                .status();
+        }
+    }
+    let _successor = Successor(pid);
+    old.wait_for_log(
+        |l| l.contains("taking over from process"),
+        Duration::from_secs(20),
+    );
+    old.signal("KILL");
+    // The successor shares old's stderr, so its lines are in old's log.
+    let line = old.wait_for_log(
+        |l| l.contains("did not confirm") || l.contains("hand-over complete"),
+        Duration::from_secs(20),
+    );
+    if line.contains("hand-over complete") {
+        return; // it confirmed before the kill: nothing to check
+    }
+    assert!(
+        line.contains("and has exited; this process accepts alone"),
+        "{line}"
+    );
+}
