@@ -329,6 +329,11 @@ pub fn bind_control(path: &Path) -> Result<UnixListener, StartupError> {
     };
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
+        if meta.file_type().is_symlink() {
+            return Err(err(
+                "the path is a symbolic link; give the socket's own path".into(),
+            ));
+        }
         if !meta.file_type().is_socket() {
             return Err(err("the path exists and is not a socket".into()));
         }

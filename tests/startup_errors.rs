@@ -170,6 +170,11 @@ fn bad_input_is_one_line_and_exit_code_2() {
             &["--control-socket `/tmp`: the path exists and is not a socket"],
         ),
         case(
+            "a control socket path that is a symbolic link",
+            forward(&["--control-socket", "/proc/self/exe"]),
+            &["--control-socket `/proc/self/exe`: the path is a symbolic link"],
+        ),
+        case(
             "an empty control socket path",
             forward(&["--control-socket="]),
             &["--control-socket ``: empty path"],

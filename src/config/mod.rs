@@ -809,6 +809,11 @@ fn control_socket_path(path: &str) -> Result<std::path::PathBuf, ConfigError> {
     let p = std::path::Path::new(path);
     if let Ok(meta) = std::fs::symlink_metadata(p) {
         use std::os::unix::fs::FileTypeExt;
+        if meta.file_type().is_symlink() {
+            return Err(bad(
+                "the path is a symbolic link; give the socket's own path".into(),
+            ));
+        }
         if !meta.file_type().is_socket() {
             return Err(bad("the path exists and is not a socket".into()));
         }
