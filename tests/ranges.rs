@@ -220,7 +220,7 @@ fn settings_that_cannot_work_are_errors_or_warnings() {
         &config(
             "forward",
             "",
-            "accept_proxy = true\nproxy_trusted_cidrs = [\"10.1.2.3/8\", \"::1/128\", \"1.2.3.4/0\"]",
+            "accept_proxy = true\nproxy_trusted_cidrs = [\"10.1.2.3/8\", \"::1/128\", \"1.2.3.4/0\", \"10.0.0.0/8\"]",
         ),
     );
     let out = Command::new(BIN)
@@ -239,13 +239,18 @@ fn settings_that_cannot_work_are_errors_or_warnings() {
         "{stderr}"
     );
     assert!(!stderr.contains("::1/128 has host bits"), "{stderr}");
+    // 10.1.2.3/8 and 10.0.0.0/8 are the same network.
+    assert!(
+        stderr.contains("--proxy-trusted-cidrs lists 10.0.0.0/8 more than once"),
+        "{stderr}"
+    );
     // /0 trusts everyone: a warning of its own.
     assert!(
         stderr.contains("--proxy-trusted-cidrs 1.2.3.4/0 trusts every IPv4 address"),
         "{stderr}"
     );
     assert!(
-        stdout.contains("PROXY headers accepted from 10.0.0.0/8,::1/128,0.0.0.0/0 "),
+        stdout.contains("PROXY headers accepted from 10.0.0.0/8,::1/128,0.0.0.0/0,10.0.0.0/8 "),
         "{stdout}"
     );
     // Lower-case size units are accepted like upper-case ones.

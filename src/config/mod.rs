@@ -528,7 +528,15 @@ impl Config {
         }
         // As nginx's "low address bits of 10.1.2.3/8 are meaningless": the
         // operator may have meant the one address.
+        let mut seen: Vec<ipnet::IpNet> = Vec::new();
         for net in self.identity.accept_proxy.iter().flat_map(|a| &a.trusted) {
+            if seen.contains(&net.trunc()) {
+                out.push(format!(
+                    "--proxy-trusted-cidrs lists {} more than once",
+                    net.trunc()
+                ));
+            }
+            seen.push(net.trunc());
             if net.prefix_len() == 0 {
                 out.push(format!(
                     "--proxy-trusted-cidrs {net} trusts every {} address: any such client can set the address it is logged and passed on as with a PROXY header; list the load balancers' addresses instead",
