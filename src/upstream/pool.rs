@@ -172,6 +172,24 @@ impl Pool {
         x
     }
 
+    /// An index into `c`, drawn with probability proportional to weight,
+    /// never `skip`; `total` is the sum of the weights that may be drawn.
+    fn weighted_index(&self, c: &[&Rc<EndpointState>], total: u64, skip: Option<usize>) -> usize {
+        let mut r = self.next_random() % total.max(1);
+        for (i, e) in c.iter().enumerate() {
+            if Some(i) == skip {
+                continue;
+            }
+            let w = u64::from(e.weight);
+            if r < w {
+                return i;
+            }
+            r -= w;
+        }
+        // Not reached while `total` is the sum; the last eligible one.
+        (0..c.len()).rev().find(|&i| Some(i) != skip).unwrap_or(0)
+    }
+
     fn least_connections<'a>(&self, c: &[&'a Rc<EndpointState>]) -> &'a Rc<EndpointState> {
         // Ties go round the candidates, so equal endpoints share the load.
         let start = self.rotate.get() % c.len();
@@ -186,13 +204,15 @@ impl Pool {
         best
     }
 
+    /// Power of two choices, weighted: two distinct candidates drawn with
+    /// probability proportional to their weights, then the less loaded
+    /// one relative to its weight. Drawing them uniformly let weights count
+    /// only between the two: a weight-1 endpoint among three took about a
+    /// sixth of the connections next to one of weight 1000.
     fn random_two<'a>(&self, c: &[&'a Rc<EndpointState>]) -> &'a Rc<EndpointState> {
-        let n = c.len() as u64;
-        let a = (self.next_random() % n) as usize;
-        let mut b = (self.next_random() % (n - 1)) as usize;
-        if b >= a {
-            b += 1;
-        }
+        let total: u64 = c.iter().map(|e| u64::from(e.weight)).sum();
+        let a = self.weighted_index(c, total, None);
+        let b = self.weighted_index(c, total - u64::from(c[a].weight), Some(a));
         if fewer(c[b], c[a]) {
             c[b]
         } else {
@@ -305,13 +325,18 @@ fn rendezvous<'a>(c: &[&'a Rc<EndpointState>], client: IpAddr) -> &'a Rc<Endpoin
     };
     let mut best = c[0];
     let mut best_score = f64::MIN;
+    let client_hash = mix(mix(key as u64) ^ (key >> 64) as u64);
     for e in c {
         let addr = match e.addr.ip() {
             IpAddr::V4(v4) => u128::from(u32::from(v4)),
             IpAddr::V6(v6) => u128::from(v6),
         };
-        let h = mix(mix(key as u64 ^ (key >> 64) as u64)
-            ^ mix(addr as u64 ^ (addr >> 64) as u64 ^ u64::from(e.addr.port())));
+        // Address and port are mixed in one after the other, never XORed
+        // together first: 127.0.0.5:51140 and 127.0.0.6:51143 (equal
+        // `address ^ port`) hashed alike, and the later one never won.
+        let endpoint_hash =
+            mix(mix(mix(addr as u64) ^ (addr >> 64) as u64) ^ u64::from(e.addr.port()));
+        let h = mix(client_hash ^ endpoint_hash);
         // A uniform value in (0, 1).
         let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
         let score = -f64::from(e.weight) / u.ln();
@@ -443,6 +468,59 @@ mod tests {
         assert_ne!(first, second);
         // Both tried: no third attempt on either.
         assert!(p.pick(None, &[first, second], now).is_none());
+    }
+
+    #[test]
+    fn random_two_draws_its_candidates_by_weight() {
+        // Uniform draws gave the weight-1000 endpoint 2/3 of the picks
+        // among three (the pairs without it).
+        let p = pool(&[ep(1, 1), ep(2, 1), ep(3, 1000)], Balance::RandomTwo);
+        let now = Instant::now();
+        let heavy = (0..3000)
+            .filter(|_| p.pick(None, &[], now).unwrap().endpoint().addr.port() == 3)
+            .count();
+        assert!(heavy > 2950, "{heavy}");
+        // Equal weights still spread evenly.
+        let p = pool(&[ep(1, 1), ep(2, 1), ep(3, 1)], Balance::RandomTwo);
+        let mut n = [0usize; 3];
+        for _ in 0..3000 {
+            let lease = p.pick(None, &[], now).unwrap();
+            n[usize::from(lease.endpoint().addr.port()) - 1] += 1;
+        }
+        assert!(n.iter().all(|&k| k > 800), "{n:?}");
+    }
+
+    #[test]
+    fn source_hash_gives_every_endpoint_clients_even_with_equal_address_xor_port() {
+        // 5 ^ 51140 == 6 ^ 51143: the second endpoint got no client.
+        let eps = [
+            Endpoint {
+                addr: SocketAddr::from(([127, 0, 0, 5], 51140)),
+                weight: 1,
+                spec: 0,
+            },
+            Endpoint {
+                addr: SocketAddr::from(([127, 0, 0, 6], 51143)),
+                weight: 1,
+                spec: 0,
+            },
+            Endpoint {
+                addr: SocketAddr::from(([127, 0, 0, 3], 51012)),
+                weight: 1,
+                spec: 0,
+            },
+        ];
+        let p = pool(&eps, Balance::SourceHash);
+        let now = Instant::now();
+        let mut used = std::collections::HashMap::new();
+        for i in 0..384u32 {
+            let ip = IpAddr::from([127, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
+            *used
+                .entry(p.pick(Some(ip), &[], now).unwrap().endpoint().addr)
+                .or_insert(0) += 1;
+        }
+        assert_eq!(used.len(), 3, "{used:?}");
+        assert!(used.values().all(|&k| k > 60), "{used:?}");
     }
 
     #[test]
