@@ -93,6 +93,9 @@ fn run(mut m: Manager) {
     let mut next_check = m.health.map(|_| start);
     let mut verdicts: HashMap<SocketAddr, Verdict> = HashMap::new();
     let mut last_dns_error: Option<Instant> = None;
+    // Endpoints left out at the last refresh: each is reported once, when
+    // it starts being left out, not at every refresh.
+    let mut left_out: Vec<(SocketAddr, &'static str)> = Vec::new();
     loop {
         let wake = [next_dns, next_check].into_iter().flatten().min();
         let Some(wake) = wake else { return };
@@ -101,11 +104,18 @@ fn run(mut m: Manager) {
         if let (Some(at), Some(every)) = (next_dns, m.dns_refresh) {
             if now >= at {
                 next_dns = Some(now + every);
+                let mut now_left_out = Vec::new();
                 let resolved = resolve_all(&m.specs).map(|all| {
                     keep_usable(all, m.listen, |dropped, why| {
-                        crate::warn!("upstream endpoint {dropped} dropped: {why}");
+                        now_left_out.push((dropped, why))
                     })
                 });
+                if resolved.is_ok() {
+                    for line in newly_left_out(&left_out, &now_left_out) {
+                        crate::warn!("{line}");
+                    }
+                    left_out = now_left_out;
+                }
                 match resolved {
                     Ok(fresh) if fresh.is_empty() => {
                         crate::warn!("upstreams re-resolved to no usable endpoint; keeping the last good endpoints");
@@ -194,13 +204,50 @@ fn run(mut m: Manager) {
     }
 }
 
+/// The warnings for endpoints left out now that were not at the last
+/// refresh, one line per reason (a name with 300 records gave 44 lines a
+/// second at `--dns-refresh 1s`, every refresh).
+fn newly_left_out(
+    before: &[(SocketAddr, &'static str)],
+    now: &[(SocketAddr, &'static str)],
+) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut reasons: Vec<&'static str> = Vec::new();
+    for (_, why) in now {
+        if !reasons.contains(why) {
+            reasons.push(why);
+        }
+    }
+    for why in reasons {
+        let new: Vec<String> = now
+            .iter()
+            .filter(|d| d.1 == why && !before.contains(d))
+            .map(|(a, _)| a.to_string())
+            .collect();
+        match new.len() {
+            0 => {}
+            1 => lines.push(format!("upstream endpoint {} dropped: {why}", new[0])),
+            n if n <= 4 => lines.push(format!(
+                "upstream endpoints {} dropped: {why}",
+                new.join(", ")
+            )),
+            n => lines.push(format!(
+                "upstream endpoints {} and {} more dropped: {why}",
+                new[..3].join(", "),
+                n - 3
+            )),
+        }
+    }
+    lines
+}
+
 /// The endpoints a re-resolution may use: none that loops back to the
 /// proxy's own listener, at most [`super::MAX_ENDPOINTS`]; each one left
 /// out is reported to `dropped`.
 pub fn keep_usable(
     all: Vec<Endpoint>,
     listen: SocketAddr,
-    mut dropped: impl FnMut(SocketAddr, &str),
+    mut dropped: impl FnMut(SocketAddr, &'static str),
 ) -> Vec<Endpoint> {
     let mut out = Vec::with_capacity(all.len().min(super::MAX_ENDPOINTS));
     for e in all {
@@ -315,6 +362,33 @@ pub fn probe(addr: SocketAddr, timeout: Duration, keys: Option<&KeySet>) -> Resu
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn left_out_endpoints_are_reported_once_and_summed_up() {
+        let a = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        const MANY: &str = "more than 256 endpoints";
+        const SELF: &str = "it is this proxy's own listen address";
+        let first: Vec<(SocketAddr, &'static str)> = (1..=10)
+            .map(|p| (a(p), MANY))
+            .chain([(a(99), SELF)])
+            .collect();
+        assert_eq!(
+            newly_left_out(&[], &first),
+            [
+                format!("upstream endpoints 127.0.0.1:1, 127.0.0.1:2, 127.0.0.1:3 and 7 more dropped: {MANY}"),
+                format!("upstream endpoint 127.0.0.1:99 dropped: {SELF}"),
+            ]
+        );
+        // The next refresh leaves out the same: nothing to say.
+        assert!(newly_left_out(&first, &first).is_empty());
+        // One more is left out: only that one.
+        let mut second = first.clone();
+        second.push((a(11), MANY));
+        assert_eq!(
+            newly_left_out(&first, &second),
+            [format!("upstream endpoint 127.0.0.1:11 dropped: {MANY}")]
+        );
+    }
+
     use super::*;
 
     #[test]
