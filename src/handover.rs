@@ -327,16 +327,8 @@ pub fn bind_control(path: &Path) -> Result<UnixListener, StartupError> {
         path: path.display().to_string(),
         reason,
     };
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        use std::os::unix::fs::FileTypeExt;
-        if meta.file_type().is_symlink() {
-            return Err(err(
-                "the path is a symbolic link; give the socket's own path".into(),
-            ));
-        }
-        if !meta.file_type().is_socket() {
-            return Err(err("the path exists and is not a socket".into()));
-        }
+    if let Some(existing) = crate::config::existing_socket(path) {
+        existing.map_err(|why| err(why.into()))?;
         if UnixStream::connect(path).is_ok() {
             return Err(err(
                 "a running shardproxy serves it; start with --takeover to replace that process"

@@ -815,20 +815,28 @@ fn control_socket_path(path: &str) -> Result<std::path::PathBuf, ConfigError> {
     };
     unix_socket_path(path).map_err(bad)?;
     let p = std::path::Path::new(path);
-    if let Ok(meta) = std::fs::symlink_metadata(p) {
-        use std::os::unix::fs::FileTypeExt;
-        if meta.file_type().is_symlink() {
-            return Err(bad(
-                "the path is a symbolic link; give the socket's own path".into(),
-            ));
-        }
-        if !meta.file_type().is_socket() {
-            return Err(bad("the path exists and is not a socket".into()));
-        }
-    } else {
-        directory_exists(p).map_err(bad)?;
+    match existing_socket(p) {
+        Some(Err(why)) => return Err(bad(why.into())),
+        Some(Ok(())) => {}
+        None => directory_exists(p).map_err(bad)?,
     }
     Ok(p.to_path_buf())
+}
+
+/// What is at a control socket's `path`: `None` if nothing, `Some(Ok)` if
+/// a socket (live or stale), else why it cannot be one. Shared by `check`
+/// and the bind at start-up (`handover::bind_control`), so both say the
+/// same.
+pub fn existing_socket(path: &std::path::Path) -> Option<Result<(), &'static str>> {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = std::fs::symlink_metadata(path).ok()?.file_type();
+    Some(if kind.is_symlink() {
+        Err("the path is a symbolic link; give the socket's own path")
+    } else if !kind.is_socket() {
+        Err("the path exists and is not a socket")
+    } else {
+        Ok(())
+    })
 }
 
 /// What any Unix socket path must be: not empty, no NUL byte, and at most
