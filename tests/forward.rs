@@ -603,36 +603,22 @@ fn a_killed_demo_leaves_no_proxy_running() {
     assert_eq!(children.len(), 2, "{children:?}");
     // The demo's key file goes once both proxies have loaded it, so a kill
     // leaves no key behind either.
+    let _guards: Vec<KillOnDrop> = children.iter().map(|&p| KillOnDrop(p)).collect();
     let key = std::env::temp_dir().join(format!("shardproxy-demo-{pid}.key"));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while key.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(!key.exists(), "{} is still there", key.display());
+    poll_until(Duration::from_secs(10), || match key.exists() {
+        true => Err(format!("{} is still there", key.display())),
+        false => Ok(()),
+    });
     demo.signal("KILL");
     demo.wait_exit(Duration::from_secs(10));
     // Gone, or a zombie waiting for whoever adopted it to reap it.
-    let running = |p: &u32| {
-        std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|r| !r.trim_start().starts_with('Z'))
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while children.iter().any(running) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let left: Vec<&u32> = children.iter().filter(|p| running(p)).collect();
-    for p in &left {
-        let _ = Command::new("kill")
-            .args(["-KILL", &p.to_string()])
-            .status();
-    }
-    assert!(
-        left.is_empty(),
-        "still running after the demo was killed: {left:?}"
-    );
+    poll_until(Duration::from_secs(15), || {
+        let left: Vec<&u32> = children.iter().filter(|&&p| process_running(p)).collect();
+        match left.is_empty() {
+            true => Ok(()),
+            false => Err(format!("still running after the demo was killed: {left:?}")),
+        }
+    });
     // (Not checked: that the entry's port refuses connections now. Tests
     // running alongside may be given that port for their own listeners.)
 }

@@ -550,15 +550,7 @@ fn a_stop_during_the_hand_over_drain_lets_the_drain_finish() {
     held.read_exact(&mut b).unwrap();
     // The successor shares old's stderr: it must be gone before old's log
     // reader can finish, also when an assertion below fails.
-    struct Successor(u32);
-    impl Drop for Successor {
-        fn drop(&mut self) {
-            let _ = Command::new("kill")
-                .args(["-KILL", &self.0.to_string()])
-                .status();
-        }
-    }
-    let successor = Successor(sigusr2_successor(&old));
+    let successor = KillOnDrop(sigusr2_successor(&old));
     old.wait_for_log(
         |l| l.contains("hand-over complete"),
         Duration::from_secs(20),
@@ -897,6 +889,7 @@ fn a_stop_during_an_upgrade_stops_the_successor_too() {
         .args(["--control-socket", &ctl])
         .start();
     let pid = sigusr2_successor(&old);
+    let _successor = KillOnDrop(pid);
     // The successor holds the listeners now (it shares old's stderr) but
     // has not said it is ready: the window.
     old.wait_for_log(
@@ -906,34 +899,17 @@ fn a_stop_during_an_upgrade_stops_the_successor_too() {
     old.signal("TERM");
     assert_eq!(wait_exited(&mut old, Duration::from_secs(30)), Some(0));
     let log = old.log();
-    let running = |p: u32| {
-        std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|r| !r.trim_start().starts_with('Z'))
-        })
-    };
     if log
         .iter()
         .any(|l| l.contains("termination signal while draining after the hand-over"))
     {
         // The successor was ready first: it is the service now, rightly.
-        let _ = Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status();
         return;
     }
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while running(pid) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let survived = running(pid);
-    if survived {
-        let _ = Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status();
-    }
-    assert!(!survived, "successor {pid} still serving: {log:?}");
+    poll_until(Duration::from_secs(15), || match process_running(pid) {
+        true => Err(format!("successor {pid} still serving: {log:?}")),
+        false => Ok(()),
+    });
     assert!(
         log.iter().any(|l| l.contains(&format!(
             "termination signal during the upgrade: process {pid}, not ready yet, told to stop too"
@@ -991,16 +967,7 @@ fn a_successor_whose_predecessor_died_says_it_accepts_alone() {
         .shards(1)
         .args(["--control-socket", &ctl])
         .start();
-    let pid = sigusr2_successor(&old);
-    struct Successor(u32);
-    impl Drop for Successor {
-        fn drop(&mut self) {
-            let _ = Command::new("kill")
-                .args(["-KILL", &self.0.to_string()])
-                .status();
-        }
-    }
-    let _successor = Successor(pid);
+    let _successor = KillOnDrop(sigusr2_successor(&old));
     old.wait_for_log(
         |l| l.contains("taking over from process"),
         Duration::from_secs(20),

@@ -581,6 +581,30 @@ pub fn poll_until<T, E: std::fmt::Display>(
     }
 }
 
+/// Whether process `pid` still runs: it exists and is not a zombie (one
+/// that has exited and waits for whoever adopted it to reap it; this
+/// container's PID 1 reaps nothing).
+pub fn process_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit(')')
+            .next()
+            .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+    })
+}
+
+/// SIGKILLs process `pid` when dropped: a process the test did not start
+/// itself (a proxy's successor, a demo's child) never outlives the test,
+/// also when an assertion fails first.
+pub struct KillOnDrop(pub u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .status();
+    }
+}
+
 /// Sum of a metric's samples in a `/metrics` text whose labels contain
 /// every `want` (0 when there are none).
 pub fn metric_sum(text: &str, name: &str, want: &[&str]) -> u64 {
