@@ -232,11 +232,11 @@ fn remove_stale_keys(dir: &std::path::Path) {
 }
 
 /// Sends SIGTERM to each demo proxy (a second one makes it exit at once).
+/// The children are unreaped while listed (`try_wait` removes them from
+/// the list once it reaps them), so each PID is still theirs.
 fn terminate(children: &[(&'static str, Child)]) {
     for (_, c) in children {
-        let _ = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status();
+        crate::sys::terminate(c.id());
     }
 }
 
