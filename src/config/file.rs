@@ -298,8 +298,7 @@ pub fn translate(
         .filter_map(|a| {
             // A switch: no value (`--accept-proxy`), or an optional one
             // (`--dual-stack[=false]`).
-            let switch = !a.get_action().takes_values()
-                || a.get_num_args().is_some_and(|n| n.min_values() == 0);
+            let switch = !a.get_action().takes_values() || optional_value(a);
             let numeric = match a.get_value_names().unwrap_or_default() {
                 _ if switch => Numeric::Switch,
                 [n] if n.as_str() == "N" => Numeric::Count,
@@ -420,6 +419,12 @@ pub fn translate(
         role: file_role,
         args,
     })
+}
+
+/// Whether `arg` takes its value optionally (`--dual-stack[=false]`): the
+/// switches that can also be turned off.
+pub(super) fn optional_value(arg: &clap::Arg) -> bool {
+    arg.get_num_args().is_some_and(|n| n.min_values() == 0)
 }
 
 /// What a TOML integer (or boolean) may stand for in a key's value.

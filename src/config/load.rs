@@ -58,9 +58,7 @@ pub fn load(argv: Vec<String>) -> Result<Loaded, ConfigError> {
             let flag = match e.get(clap::error::ContextKind::InvalidArg) {
                 // `--idle-timeout <DURATION>`, `--dual-stack[=<DUAL_STACK>]`:
                 // the flag is the name before the value's placeholder.
-                Some(clap::error::ContextValue::String(arg)) => {
-                    arg.split([' ', '[', '=']).next().map(String::from)
-                }
+                Some(clap::error::ContextValue::String(arg)) => Some(flag_name(arg).to_string()),
                 _ => None,
             };
             // A required setting that neither the file nor the command
@@ -73,7 +71,7 @@ pub fn load(argv: Vec<String>) -> Result<Loaded, ConfigError> {
                         .iter()
                         .filter_map(|m| m.strip_prefix("--"))
                         .map(|m| {
-                            let flag = m.split([' ', '[', '=']).next().unwrap_or(m);
+                            let flag = flag_name(m);
                             format!("`{}` (--{flag})", flag.replace('-', "_"))
                         })
                         .collect();
@@ -171,6 +169,13 @@ pub fn load_file(path: &str) -> Result<(Config, Vec<String>), ConfigError> {
     }
 }
 
+/// The flag in how clap spells an argument, the name before its value's
+/// placeholder: `--idle-timeout` in `--idle-timeout <DURATION>` and in
+/// `--dual-stack[=<DUAL_STACK>]`.
+fn flag_name(spelt: &str) -> &str {
+    spelt.split([' ', '[', '=']).next().unwrap_or(spelt)
+}
+
 /// For clap's "unexpected argument 'X'" where X follows one of our long
 /// flags: the likely slip, naming that flag. `--dual-stack false` (a switch
 /// takes its value only after `=`) and `--max-fails -x` (clap reads a value
@@ -193,8 +198,7 @@ fn unexpected_value_hint(argv: &[String], e: &clap::Error) -> Option<String> {
         .find_subcommand(sub)?
         .get_arguments()
         .find(|a| a.get_long() == Some(flag))?;
-    let optional = arg.get_num_args().is_some_and(|n| n.min_values() == 0);
-    if arg.get_action().takes_values() && optional {
+    if arg.get_action().takes_values() && file::optional_value(arg) {
         Some(if matches!(value.as_str(), "true" | "false") {
             format!(" (--{flag} takes a value only after `=`: --{flag}={value})")
         } else {
