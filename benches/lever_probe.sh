@@ -9,7 +9,9 @@
 # Usage (about 25 s per pair and scenario, three interleaved rounds):
 #   bash benches/lever_probe.sh LABEL=PATH_TO_SHARDPROXY [LABEL=enc:PATH] [haproxy=haproxy] [ss=ss2022] ...
 # A plain PATH runs two `forward` proxies; `enc:PATH` an entry+exit pair;
-# `haproxy` two HAProxy 2.x (`nbthread 1`, `mode tcp`); `ss2022` sslocal
+# `haproxy` two HAProxy 2.x (`nbthread 1`, `mode tcp`); `floor` two copies
+# of benches/floor/relay.c, the least work a user-space relay can do per
+# message (built with cc; see docs/BENCHMARKS.md, "The floor"); `ss2022` sslocal
 # (tunnel mode) + ssserver with 2022-blake3-chacha20-poly1305
 # (/opt/ssrust/bin, see the e2e bench). SCEN="1k" or SCEN="churn" runs one
 # scenario (default both): 1 KiB keep-alive requests, or the same with
@@ -59,6 +61,11 @@ run_pair() { # label kind scenario
       sed 's/18402/18401/; s/18080/18402/; s/listen b/listen a/' "$dir/hb.cfg" > "$dir/ha.cfg"
       taskset -c $CB haproxy -f "$dir/hb.cfg" & pb=$!
       taskset -c $CA haproxy -f "$dir/ha.cfg" & pa=$!
+      ;;
+    floor)
+      [ -x "$dir/floor-relay" ] || cc -O2 -o "$dir/floor-relay" "$(dirname "$0")/floor/relay.c"
+      taskset -c $CB "$dir/floor-relay" 18402 18080 & pb=$!
+      taskset -c $CA "$dir/floor-relay" 18401 18402 & pa=$!
       ;;
     ss2022)
       taskset -c $CB /opt/ssrust/bin/ssserver --single-threaded -s 127.0.0.1:18402 -m 2022-blake3-chacha20-poly1305 -k $key >/dev/null 2>&1 & pb=$!
