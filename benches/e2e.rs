@@ -5,6 +5,9 @@
 //!
 //! * direct (no proxy);
 //! * the plain `forward` pair, and two chained HAProxy in TCP mode;
+//! * the floor relay (`benches/floor/relay.c`, built with `cc`): the least
+//!   work a user-space relay can do per message, so that the tables say how
+//!   far below HAProxy any such relay can get;
 //! * the encrypted `entry` + `exit` pair, and shadowsocks-rust in tunnel mode
 //!   with `2022-blake3-chacha20-poly1305` (SIP022) and
 //!   `chacha20-ietf-poly1305` (SIP004).
@@ -49,6 +52,8 @@ const SCENARIOS: [&str; 5] = [
 
 const FORWARD: &str = "shardproxy forward ×2";
 const HAPROXY: &str = "haproxy tcp ×2";
+/// `benches/floor/relay.c` ×2: the floor of a user-space relay.
+const FLOOR: &str = "floor relay ×2";
 /// HAProxy with its kernel splicing on (off by default), for transfers.
 const HAPROXY_SPLICE: &str = "haproxy tcp ×2 + splice-auto";
 const ENCRYPTED: &str = "shardproxy entry+exit";
@@ -189,6 +194,9 @@ fn main() {
                     eprintln!("haproxy not installed: skipping its row (apt-get install haproxy)")
                 }
             }
+            if let Some(f) = floor_pair(origin) {
+                run(FLOOR, Some(f));
+            }
             if !per_connection(scenario) || scenario.starts_with("64") {
                 // shardproxy splices transfers by default (`--splice
                 // auto`); HAProxy can too, with `option splice-auto`.
@@ -308,6 +316,20 @@ fn main() {
             ratio(ENCRYPTED, SS_AEAD),
             p99(FORWARD, HAPROXY),
             p99(ENCRYPTED, SS2022)
+        );
+    }
+    println!();
+    println!("| scenario | floor relay ×2 / HAProxy ×2 | forward ×2 / floor relay ×2 |");
+    println!("|---|---|---|");
+    for (si, scenario) in SCENARIOS.iter().enumerate() {
+        let ratio = |a: &str, b: &str| match (medians.get(&(si, a)), medians.get(&(si, b))) {
+            (Some(x), Some(y)) if y.0 > 0.0 => format!("{:.2}×", x.0 / y.0),
+            _ => "-".into(),
+        };
+        println!(
+            "| {scenario} | {} | {} |",
+            ratio(FLOOR, HAPROXY),
+            ratio(FORWARD, FLOOR)
         );
     }
     println!();

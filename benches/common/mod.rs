@@ -387,6 +387,52 @@ pub fn haproxy_pair_with(origin: SocketAddr, extra: &str, name: &'static str) ->
     })
 }
 
+/// The floor relay (`benches/floor/relay.c`, built with `cc -O2` once per
+/// run): the least work a user-space relay can do per message, as a pair
+/// placed like the others. Not a product; the reference that tells how far
+/// below HAProxy any relay that moves bytes through user space can get.
+/// `None` (with a message) without a C compiler.
+pub fn floor_pair(origin: SocketAddr) -> Option<Target> {
+    static BUILT: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    let bin = BUILT.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("shardproxy-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok()?;
+        let bin = dir.join("floor-relay");
+        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/floor/relay.c");
+        let ok = Command::new("cc")
+            .args(["-O2", "-o"])
+            .arg(&bin)
+            .arg(src)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("no C compiler (cc): skipping the floor relay's row (apt-get install gcc)");
+        }
+        ok.then_some(bin)
+    });
+    let bin = bin.as_ref()?;
+    let (a, b) = (free_port(), free_port());
+    let start = |listen: SocketAddr, up: SocketAddr, cpu: &str| {
+        Command::new("taskset")
+            .args(["-c", cpu])
+            .arg(bin)
+            .args([listen.port().to_string(), up.port().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let cb = start(b, origin, core_b());
+    let ca = start(a, b, core_a());
+    wait_listening(b);
+    wait_listening(a);
+    Some(Target {
+        name: "floor relay ×2",
+        addr: a,
+        children: vec![ca, cb],
+    })
+}
+
 /// shadowsocks-rust's binary `name`, on PATH or where
 /// `cargo install shadowsocks-rust --locked --root /opt/ssrust` puts it.
 pub fn ss_binary(name: &str) -> Option<String> {

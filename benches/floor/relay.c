@@ -31,6 +31,8 @@ struct half { /* bytes read from `from`, not yet written to `to` */
     int off, len;
     int eof;  /* `from` sent FIN */
     int shut; /* FIN passed on to `to` */
+    int gone; /* an event reported RDHUP/HUP on `from`: read to EOF, no
+               * short-read shortcut (no edge follows a FIN already seen) */
 };
 struct conn {
     int fd[2];          /* 0: downstream (client), 1: upstream */
@@ -55,7 +57,7 @@ static void kill_conn(struct conn *c) {
 }
 
 /* Move bytes from side `s` to the other side. Returns -1 on error. */
-static int pump(struct conn *c, int s, int rdhup) {
+static int pump(struct conn *c, int s) {
     struct half *h = &c->h[s];
     int from = c->fd[s], to = c->fd[!s];
     for (;;) {
@@ -74,7 +76,7 @@ static int pump(struct conn *c, int s, int rdhup) {
         if (n == 0) { h->eof = 1; continue; }
         if (n < 0) return (errno == EAGAIN) ? 0 : -1;
         h->len = n;
-        if (n < BUF && !rdhup) {
+        if (n < BUF && !h->gone) {
             /* short read: drained; send it and stop */
             ssize_t w = send(to, h->buf, n, MSG_NOSIGNAL);
             if (w < 0) return (errno == EAGAIN) ? 0 : -1;
@@ -86,23 +88,29 @@ static int pump(struct conn *c, int s, int rdhup) {
 
 static void on_event(struct tag *t, uint32_t ev) {
     struct conn *c = t->c;
+    int s = t->side;
     if (c->dead) return;
     if (ev & EPOLLERR) { kill_conn(c); return; }
-    if (t->side == 1 && !c->connected) {
+    if (ev & (EPOLLRDHUP | EPOLLHUP)) c->h[s].gone = 1;
+    if (s == 1 && !c->connected) {
         if (!(ev & EPOLLOUT)) return;
         int err = 0; socklen_t l = sizeof err;
         getsockopt(c->fd[1], SOL_SOCKET, SO_ERROR, &err, &l);
         if (err) { kill_conn(c); return; }
         c->connected = 1;
-        if (pump(c, 0, 1) < 0) { kill_conn(c); return; }
+        /* what the client sent before the connect completed: its edges
+         * were ignored, so read it to EAGAIN (or EOF) now */
+        int gone = c->h[0].gone;
+        c->h[0].gone = 1;
+        if (pump(c, 0) < 0) { kill_conn(c); return; }
+        c->h[0].gone = gone;
     }
     if (!c->connected) return;
-    int s = t->side, rdhup = (ev & (EPOLLRDHUP | EPOLLHUP)) != 0;
     /* readable: pump from this side; bytes waiting to be written into this
      * side (blocked on a full buffer): flush them and read on */
-    if ((ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP)) && pump(c, s, rdhup) < 0) { kill_conn(c); return; }
+    if ((ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP)) && pump(c, s) < 0) { kill_conn(c); return; }
     struct half *o = &c->h[!s];
-    if ((o->len > o->off || (o->eof && !o->shut)) && pump(c, !s, 0) < 0) { kill_conn(c); return; }
+    if ((o->len > o->off || (o->eof && !o->shut)) && pump(c, !s) < 0) { kill_conn(c); return; }
     if (c->h[0].shut && c->h[1].shut) kill_conn(c);
 }
 
