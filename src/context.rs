@@ -355,6 +355,17 @@ impl ShardCtx {
         )
     }
 
+    /// How many upstream endpoints this shard has now.
+    pub fn upstream_count(&self) -> usize {
+        self.pool.len()
+    }
+
+    /// Whether any upstream endpoint is up now (see
+    /// [`crate::upstream::pool::Pool::any_up`]).
+    pub fn upstream_up(&self) -> bool {
+        self.pool.any_up(std::time::Instant::now())
+    }
+
     /// An attempt on `lease`'s endpoint succeeded.
     pub fn upstream_ok(&self, lease: &crate::upstream::pool::Lease) {
         let e = lease.endpoint();
@@ -375,7 +386,11 @@ impl ShardCtx {
         let e = lease.endpoint();
         if let Some(s) = self.upstream_stats.get(e.spec) {
             let cell = match err {
-                SessionError::Connect(_) => &s.refused,
+                SessionError::Connect(_)
+                | SessionError::Proto {
+                    source: crate::proto::ProtoError::Refused(_),
+                    ..
+                } => &s.refused,
                 SessionError::ConnectTimeout => &s.timeouts,
                 _ => &s.handshakes,
             };

@@ -241,6 +241,12 @@ pub enum SessionError {
         /// The last failure.
         last: Option<Box<SessionError>>,
     },
+    /// The exit refused an authenticated tunnel whose entry can try another
+    /// exit: none of its own upstream endpoints is up (docs/PROTOCOL.md §3).
+    #[error(
+        "refused the tunnel: none of the upstream endpoints is up (the entry tries another exit)"
+    )]
+    Refused,
     /// `--accept-proxy`: the client is not trusted to send a PROXY header,
     /// or its header was missing, malformed, too long or late.
     #[error("downstream PROXY protocol header: {0}")]
@@ -259,7 +265,7 @@ impl SessionError {
             | SessionError::Proto { peer, .. }
             | SessionError::Truncated(peer) => Side::from(*peer),
             SessionError::BadProxyHeader(_) => Side::Downstream,
-            SessionError::NoUpstream { .. } => Side::Upstream,
+            SessionError::NoUpstream { .. } | SessionError::Refused => Side::Upstream,
             SessionError::Connect(e) if is_fd_exhaustion(e) => Side::Internal,
             SessionError::Connect(_) | SessionError::ConnectTimeout => Side::Upstream,
             // Silence is both peers'; the timer is ours.
@@ -294,6 +300,11 @@ impl SessionError {
                 source: ProtoError::SealFailed,
                 ..
             } => CloseReason::Internal,
+            SessionError::Proto {
+                source: ProtoError::Refused(_),
+                ..
+            }
+            | SessionError::Refused => CloseReason::NoUpstream,
             SessionError::Proto { .. } => CloseReason::AuthFailed,
             SessionError::Truncated(_) => CloseReason::Truncated,
             SessionError::Idle => CloseReason::IdleTimeout,

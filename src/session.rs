@@ -21,8 +21,8 @@ use crate::context::ShardCtx;
 use crate::error::SessionError;
 use crate::metrics::Hist;
 use crate::proto::{
-    accept_hello, ClientHandshake, Meta, ProtoError, CLIENT_HELLO_LEN, CONFIRM_LEN, LEN_LEN,
-    SALT_LEN, SERVER_HELLO_LEN,
+    accept_hello_with, ClientHandshake, Meta, ProtoError, CLIENT_HELLO_LEN, CONFIRM_LEN,
+    FLAG_MAY_REFUSE, LEN_LEN, SALT_LEN, SERVER_HELLO_LEN, STATUS_NO_UPSTREAM, STATUS_OK,
 };
 use crate::proxy_protocol::{self, Parsed};
 use crate::relay::Framing;
@@ -76,7 +76,9 @@ pub async fn run(client: TcpStream, ctx: &ShardCtx, rec: &Record) -> Result<(), 
     .await;
     ctx.timings()
         .record(Hist::ConnectionDuration, accepted_at.elapsed());
-    if result.is_err() {
+    // A refusal has just written its server hello and FIN: a reset could
+    // overtake them. Every other failure resets the client.
+    if result.is_err() && !matches!(result, Err(SessionError::Refused)) {
         client.abort();
     }
     result
@@ -212,7 +214,7 @@ async fn forward(
     rec: &Record,
     early: &[u8],
 ) -> Result<(), SessionError> {
-    let (upstream, lease, ()) = connect_pool(ctx, rec, async |_| Ok(())).await?;
+    let (upstream, lease, ()) = connect_pool(ctx, rec, async |_, _| Ok(())).await?;
     let mut first = proxy_header_out(ctx, rec);
     let mut data_len = early.len();
     if !early.is_empty() {
@@ -275,11 +277,14 @@ async fn entry(
     // connect, a wrong key or a silent exit moves on to the next one. No
     // byte of the client's has been read yet (the relay has not started),
     // so nothing is lost or sent twice.
-    let handshake = async |upstream: &Conn| {
+    // `more`: another exit may be tried after this one, so this one may
+    // refuse when none of its upstreams is up (docs/PROTOCOL.md §3).
+    let handshake = async |upstream: &Conn, more: bool| {
         upstream.delay_acks();
         let salt = ctx.salt().map_err(SessionError::Rng)?;
         let deadline = Instant::now() + tun.handshake_timeout;
-        let step = tunnel_handshake(upstream, ctx, rec, &keys, salt, &meta[..meta_len]);
+        let flags = if more { FLAG_MAY_REFUSE } else { 0 };
+        let step = tunnel_handshake(upstream, ctx, rec, &keys, salt, &meta[..meta_len], flags);
         counted(ctx, within(ctx, deadline, Peer::Upstream, step).await)
     };
     let (upstream, lease, (mut encoder, decoder, confirm)) =
@@ -308,6 +313,7 @@ async fn tunnel_handshake(
     keys: &crate::proto::KeySet,
     salt: [u8; SALT_LEN],
     meta: &[u8],
+    flags: u8,
 ) -> Result<
     (
         crate::proto::Encoder,
@@ -321,8 +327,9 @@ async fn tunnel_handshake(
         source,
     };
     // `Meta::encode` fits its block: this never fails.
-    let (hs, hello) = ClientHandshake::start(keys.primary(), salt, unix_now(), meta)
-        .map_err(SessionError::Limit)?;
+    let (hs, hello) =
+        ClientHandshake::start_with_flags(keys.primary(), salt, unix_now(), meta, flags)
+            .map_err(SessionError::Limit)?;
     // Timed from before the write: its completion may be seen only
     // together with the answer.
     let sent_at = Instant::now();
@@ -449,7 +456,26 @@ async fn exit(
     let skew = tun.max_clock_skew.as_secs();
     // Boxed before any await: the cipher state would otherwise sit in this
     // future's state for the whole session (see the module docs).
-    let verified = accept_hello(keys.all(), &hello, server_salt, unix_now(), skew).map(Box::new);
+    // A hello whose entry has another exit to try is refused (after it
+    // verified and proved fresh) while none of our upstreams is up, so that
+    // the entry moves on before it sends any client byte; without the flag
+    // we accept and try anyway (docs/PROTOCOL.md §3).
+    let status_for = |flags: u8| {
+        if flags & FLAG_MAY_REFUSE != 0 && !ctx.upstream_up() {
+            STATUS_NO_UPSTREAM
+        } else {
+            STATUS_OK
+        }
+    };
+    let verified = accept_hello_with(
+        keys.all(),
+        &hello,
+        server_salt,
+        unix_now(),
+        skew,
+        status_for,
+    )
+    .map(Box::new);
     // A verified hello is new only if no shard accepted its salt before.
     let verified = match (verified, ctx.replay()) {
         (Ok(a), Some(guard)) => {
@@ -480,6 +506,12 @@ async fn exit(
             });
         }
     };
+    if accepted.status != STATUS_OK {
+        drop(pending);
+        let answer = client.write_all_then_fin(&accepted.server_hello, || ());
+        within(ctx, deadline, Peer::Downstream, answer).await?;
+        return Err(SessionError::Refused);
+    }
     // Authenticated: now it needs a session slot (`--max-connections`).
     let _permit = match ctx.sessions() {
         None => None,
@@ -549,7 +581,7 @@ async fn exit(
     if meta.destination.is_some() {
         rec.destination.set(meta.destination);
     }
-    let (upstream, lease, ()) = connect_pool(ctx, rec, async |_| Ok(())).await?;
+    let (upstream, lease, ()) = connect_pool(ctx, rec, async |_, _| Ok(())).await?;
     let header = proxy_header_out(ctx, rec);
     if !header.is_empty() {
         if let Err(e) = abortable(ctx, upstream.write_all(&header, || ())).await {
@@ -624,17 +656,20 @@ impl Tried {
 async fn connect_pool<T>(
     ctx: &ShardCtx,
     rec: &Record,
-    mut then: impl AsyncFnMut(&Conn) -> Result<T, SessionError>,
+    mut then: impl AsyncFnMut(&Conn, bool) -> Result<T, SessionError>,
 ) -> Result<(Conn, Lease, T), SessionError> {
     let mut tried = Tried::new();
     let mut last = None;
-    for _ in 0..ctx.config().upstreams.connect_attempts {
+    let attempts = ctx.config().upstreams.connect_attempts;
+    for attempt in 0..attempts {
         let Some(lease) = ctx.pick_upstream(rec, tried.as_slice()) else {
             break;
         };
         tried.push(lease.endpoint().addr);
+        // Whether another endpoint may be tried after this one.
+        let more = attempt + 1 < attempts && tried.len() < ctx.upstream_count();
         let failed = match connect_to(ctx, rec, &lease).await {
-            Ok(conn) => match then(&conn).await {
+            Ok(conn) => match then(&conn, more).await {
                 Ok(done) => {
                     ctx.upstream_ok(&lease);
                     return Ok((conn, lease, done));
@@ -715,7 +750,14 @@ async fn within<T>(
 /// Counts a failed handshake (anything but the end of a drain).
 fn counted<T>(ctx: &ShardCtx, r: Result<T, SessionError>) -> Result<T, SessionError> {
     if let Err(e) = &r {
-        if !matches!(e, SessionError::Drained | SessionError::Evicted(_)) {
+        let refused = matches!(
+            e,
+            SessionError::Proto {
+                source: crate::proto::ProtoError::Refused(_),
+                ..
+            }
+        );
+        if !refused && !matches!(e, SessionError::Drained | SessionError::Evicted(_)) {
             ctx.stats().on_handshake_failure();
         }
     }

@@ -441,3 +441,81 @@ fn dns_re_resolution_picks_up_added_and_removed_endpoints() {
     let _ = p.terminate();
     let _ = std::fs::remove_file(&hosts);
 }
+
+/// An address nothing listens on (connects are refused).
+fn dead_address() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+#[test]
+fn an_exit_whose_origins_are_down_refuses_tunnels_so_the_entry_moves_on() {
+    // Exit A's only origin refuses connections; exit B's works. Before the
+    // status byte, A accepted every tunnel (its handshake is fine), then
+    // failed to reach its origin and reset the client: about half the
+    // clients failed, and the entry never counted A as failing.
+    let (origin, _) = counting_origin();
+    let dead = dead_address();
+    let key = key_file(&[&keygen()]);
+    let a = Proxy::exit(dead, &key)
+        .shards(1)
+        .args(["--max-fails", "1", "--fail-timeout", "1h"])
+        .start();
+    let b = exit(origin, &key, None);
+    let entry = Proxy::entry(a.addr, &key)
+        .args(["--upstream", &b.addr.to_string()])
+        .args(["--balance", "round-robin", "--max-fails", "1"])
+        .start();
+    // The first client sent to A loses its connection: A learns that its
+    // origin is down only by failing to reach it (then ejects it).
+    for i in 0..4 {
+        let _ = client(entry.addr, 100, i);
+    }
+    let failed = clients(entry.addr, 100, 4);
+    assert!(
+        failed.is_empty(),
+        "{} of 100 clients failed: {failed:?}",
+        failed.len()
+    );
+    // The entry saw A refuse (authenticated status, not an auth failure)
+    // and ejected it.
+    entry.wait_for_log(
+        |l| l.contains(&format!("upstream {} ejected", a.addr)) && l.contains("refused the tunnel"),
+        Duration::from_secs(10),
+    );
+    // The entry's health probe allows a refusal: A is marked down.
+    let checked = Proxy::entry(a.addr, &key)
+        .args(["--upstream", &b.addr.to_string()])
+        .args(["--health-check-interval", "1s", "--health-check-fails", "1"])
+        .start();
+    checked.wait_for_log(
+        |l| {
+            l.contains(&format!("upstream {}: health check failed", a.addr))
+                && l.contains("refused the tunnel")
+        },
+        Duration::from_secs(15),
+    );
+    let _ = checked.terminate();
+    // Without another exit to go to, the hello does not allow a refusal:
+    // A tries its (ejected) origin anyway, as a pool with every endpoint
+    // down does, and a client gets through once the origin is back.
+    let (_revived, revived_count) = counting_origin_on(&dead.to_string());
+    let only_a = Proxy::entry(a.addr, &key).start();
+    let r = client(only_a.addr, 1000, 7);
+    assert!(r.is_ok(), "the only exit refused or failed: {r:?}");
+    assert_eq!(revived_count.load(Ordering::SeqCst), 1);
+    let (_, lines) = a.terminate();
+    let refused: u64 = summaries(&lines).iter().map(|s| s.get("no_upstream")).sum();
+    assert!(refused > 0, "A refused nothing: {lines:?}");
+    let (_, entry_lines) = entry.terminate();
+    let auth: u64 = summaries(&entry_lines)
+        .iter()
+        .map(|s| s.get("auth_failed"))
+        .sum();
+    assert_eq!(
+        auth, 0,
+        "refusals counted as auth failures: {entry_lines:?}"
+    );
+    let _ = only_a.terminate();
+    let _ = b.terminate();
+}

@@ -316,7 +316,7 @@ fn render_upstreams(w: &mut String, snaps: &[&Snapshot], info: &ProcessInfo, bou
         }
     }
     let name = "shardproxy_upstream_connect_failures_total";
-    let _ = writeln!(w, "# HELP {name} Failed attempts, by reason: refused (or any connect error), timeout, handshake (entry: the tunnel handshake failed or timed out).");
+    let _ = writeln!(w, "# HELP {name} Failed attempts, by reason: refused (a connect error, or an exit that refused the tunnel because none of its upstreams was up), timeout, handshake (entry: the tunnel handshake failed or timed out).");
     let _ = writeln!(w, "# TYPE {name} counter");
     for (shard, up, u) in each() {
         for (reason, v) in [

@@ -7,7 +7,7 @@ use super::keys::Psk;
 use super::schedule;
 use super::{
     ProtoError, CLIENT_HELLO_LEN, CLIENT_HELLO_PT, META_LEN, SALT_LEN, SERVER_HELLO_LEN,
-    SERVER_HELLO_PT, TAG_LEN, VERSION,
+    SERVER_HELLO_PT, STATUS_OK, TAG_LEN, VERSION,
 };
 
 /// The entry's side of the handshake, between sending its hello and
@@ -27,6 +27,18 @@ impl ClientHandshake {
         now_unix_ms: u64,
         meta: &[u8],
     ) -> Result<(ClientHandshake, [u8; CLIENT_HELLO_LEN]), ProtoError> {
+        Self::start_with_flags(psk, client_salt, now_unix_ms, meta, 0)
+    }
+
+    /// [`ClientHandshake::start`] with the hello's `flags` byte
+    /// ([`super::FLAG_MAY_REFUSE`]; docs/PROTOCOL.md §2).
+    pub fn start_with_flags(
+        psk: &Psk,
+        client_salt: [u8; SALT_LEN],
+        now_unix_ms: u64,
+        meta: &[u8],
+        flags: u8,
+    ) -> Result<(ClientHandshake, [u8; CLIENT_HELLO_LEN]), ProtoError> {
         if meta.len() > META_LEN {
             return Err(ProtoError::MetaTooLong);
         }
@@ -34,7 +46,7 @@ impl ClientHandshake {
         hello[..SALT_LEN].copy_from_slice(&client_salt);
         let pt = &mut hello[SALT_LEN..SALT_LEN + CLIENT_HELLO_PT];
         pt[0] = VERSION;
-        pt[1] = 0; // flags, reserved
+        pt[1] = flags;
         pt[2..10].copy_from_slice(&now_unix_ms.to_be_bytes());
         pt[10..12].copy_from_slice(&(meta.len() as u16).to_be_bytes());
         pt[12..12 + meta.len()].copy_from_slice(meta);
@@ -53,7 +65,8 @@ impl ClientHandshake {
     }
 
     /// Verifies the exit's hello and derives the session: an encoder for
-    /// entry→exit and a decoder for exit→entry.
+    /// entry→exit and a decoder for exit→entry. An authentic hello whose
+    /// status is not [`STATUS_OK`] is [`ProtoError::Refused`].
     pub fn finish(
         self,
         server_hello: &[u8; SERVER_HELLO_LEN],
@@ -70,6 +83,9 @@ impl ClientHandshake {
             .map_err(|_| ProtoError::BadServerHello)?;
         if pt[0] != VERSION {
             return Err(ProtoError::Version(pt[0]));
+        }
+        if pt[1] != STATUS_OK {
+            return Err(ProtoError::Refused(pt[1]));
         }
         Ok((Encoder::new(ciphers.c2s), Decoder::new(ciphers.s2c)))
     }
@@ -91,6 +107,11 @@ pub struct Accepted {
     pub meta_len: usize,
     /// The hello's authenticated timestamp (Unix milliseconds).
     pub unix_ms: u64,
+    /// The hello's flags byte ([`super::FLAG_MAY_REFUSE`]).
+    pub flags: u8,
+    /// The status `server_hello` carries ([`STATUS_OK`] unless the caller
+    /// of [`accept_hello_with`] refused).
+    pub status: u8,
 }
 
 /// Verifies a client hello against every key, checks its clock (both
@@ -104,6 +125,22 @@ pub fn accept_hello(
     server_salt: [u8; SALT_LEN],
     now_unix_ms: u64,
     max_skew_secs: u64,
+) -> Result<Accepted, ProtoError> {
+    accept_hello_with(keys, hello, server_salt, now_unix_ms, max_skew_secs, |_| {
+        STATUS_OK
+    })
+}
+
+/// [`accept_hello`], with the answer's status chosen by `status_for` from
+/// the verified hello's flags (docs/PROTOCOL.md §3). It is called only for
+/// a valid hello.
+pub fn accept_hello_with(
+    keys: &[Psk],
+    hello: &[u8; CLIENT_HELLO_LEN],
+    server_salt: [u8; SALT_LEN],
+    now_unix_ms: u64,
+    max_skew_secs: u64,
+    status_for: impl FnOnce(u8) -> u8,
 ) -> Result<Accepted, ProtoError> {
     let mut client_salt = [0u8; SALT_LEN];
     client_salt.copy_from_slice(&hello[..SALT_LEN]);
@@ -135,12 +172,15 @@ pub fn accept_hello(
     }
     let mut meta = [0u8; META_LEN];
     meta.copy_from_slice(&pt[12..12 + META_LEN]);
+    let flags = pt[1];
+    let status = status_for(flags);
 
     let ciphers = schedule::session(psk, &client_salt, &server_salt);
     let mut server_hello = [0u8; SERVER_HELLO_LEN];
     server_hello[..SALT_LEN].copy_from_slice(&server_salt);
     let body = &mut server_hello[SALT_LEN..SALT_LEN + SERVER_HELLO_PT];
     body[0] = VERSION;
+    body[1] = status;
     let tag = ciphers
         .server_hello
         .seal(nonce_bytes(0), &client_salt, body)
@@ -155,5 +195,7 @@ pub fn accept_hello(
         meta,
         meta_len,
         unix_ms: ts,
+        flags,
+        status,
     })
 }

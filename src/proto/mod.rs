@@ -38,7 +38,7 @@ mod schedule;
 mod tests;
 
 pub use frame::{Decoded, Decoder, Encoder};
-pub use handshake::{accept_hello, Accepted, ClientHandshake};
+pub use handshake::{accept_hello, accept_hello_with, Accepted, ClientHandshake};
 pub use keys::{KeyFileError, KeySet, Psk};
 pub use meta::Meta;
 
@@ -76,6 +76,18 @@ pub const MAX_FRAME: usize = LEN_LEN + MAX_PAYLOAD + TAG_LEN;
 /// Chunks a direction may send before the connection must close. The nonce
 /// never wraps; 2^62 chunks is far beyond any connection's life.
 pub const NONCE_LIMIT: u64 = 1 << 62;
+
+/// Client hello flag (docs/PROTOCOL.md §2): the entry has another exit to
+/// try for this client, so the exit may refuse the tunnel (server hello
+/// status [`STATUS_NO_UPSTREAM`]) instead of accepting it while none of its
+/// own upstreams is up. Without it the exit accepts and tries anyway.
+pub const FLAG_MAY_REFUSE: u8 = 0x01;
+/// Server hello status (docs/PROTOCOL.md §3): the session is accepted.
+pub const STATUS_OK: u8 = 0x00;
+/// Server hello status: refused, because every upstream endpoint of the
+/// exit is down (ejected by passive health or failing its health checks).
+/// Sent only to a hello with [`FLAG_MAY_REFUSE`].
+pub const STATUS_NO_UPSTREAM: u8 = 0x01;
 
 /// Why the protocol rejected input. Every variant is fatal to its connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -117,6 +129,10 @@ pub enum ProtoError {
     /// the chunk is lost, so the connection must be aborted.
     #[error("the AEAD library failed to seal a chunk")]
     SealFailed,
+    /// The exit answered with a status other than [`STATUS_OK`]: it refused
+    /// the tunnel ([`STATUS_NO_UPSTREAM`]: none of its upstreams is up).
+    #[error("the exit refused the tunnel (status {0}: none of its upstreams is up)")]
+    Refused(u8),
     /// Metadata larger than [`META_LEN`].
     #[error("metadata longer than {META_LEN} bytes")]
     MetaTooLong,

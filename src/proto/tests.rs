@@ -628,3 +628,48 @@ fn a_version_1_hello_is_refused() {
         Err(ProtoError::Version(1))
     ));
 }
+
+#[test]
+fn a_refusal_is_authenticated_and_only_offered_to_a_hello_that_allows_it() {
+    use crate::proto::{accept_hello_with, FLAG_MAY_REFUSE, STATUS_NO_UPSTREAM, STATUS_OK};
+    let key = psk(9);
+    let keys = std::slice::from_ref(&key);
+    // The exit sees the hello's flags and refuses (docs/PROTOCOL.md §3).
+    let (client, hello) =
+        ClientHandshake::start_with_flags(&key, [1; 32], 10, b"", FLAG_MAY_REFUSE).unwrap();
+    let mut seen = None;
+    let acc = accept_hello_with(keys, &hello, [2; 32], 10, 120, |f| {
+        seen = Some(f);
+        STATUS_NO_UPSTREAM
+    })
+    .unwrap();
+    assert_eq!(seen, Some(FLAG_MAY_REFUSE));
+    assert_eq!(
+        (acc.flags, acc.status),
+        (FLAG_MAY_REFUSE, STATUS_NO_UPSTREAM)
+    );
+    assert!(matches!(
+        client.finish(&acc.server_hello),
+        Err(ProtoError::Refused(STATUS_NO_UPSTREAM))
+    ));
+    // The status is sealed: a man in the middle cannot turn a refusal into
+    // an acceptance, or the reverse (any flipped bit fails the tag).
+    let (client, hello) = ClientHandshake::start(&key, [3; 32], 10, b"").unwrap();
+    let acc = accept_hello_with(keys, &hello, [4; 32], 10, 120, |_| STATUS_OK).unwrap();
+    assert_eq!(acc.flags, 0, "start() sends no flags");
+    let mut flipped = acc.server_hello;
+    flipped[SALT_LEN + 1] ^= STATUS_NO_UPSTREAM;
+    let (client2, _) = ClientHandshake::start(&key, [3; 32], 10, b"").unwrap();
+    assert!(matches!(
+        client2.finish(&flipped),
+        Err(ProtoError::BadServerHello)
+    ));
+    assert!(client.finish(&acc.server_hello).is_ok());
+    // The plain accept_hello never refuses.
+    let (_, hello) =
+        ClientHandshake::start_with_flags(&key, [5; 32], 10, b"", FLAG_MAY_REFUSE).unwrap();
+    assert_eq!(
+        accept_hello(keys, &hello, [6; 32], 10, 120).unwrap().status,
+        STATUS_OK
+    );
+}

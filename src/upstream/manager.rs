@@ -311,8 +311,17 @@ pub fn probe(addr: SocketAddr, timeout: Duration, keys: Option<&KeySet>) -> Resu
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
-    let (hs, hello) =
-        ClientHandshake::start(keys.primary(), salt, now_ms, b"").map_err(|e| e.to_string())?;
+    // A probe may be refused: an exit none of whose upstreams is up then
+    // says so (docs/PROTOCOL.md §3), and is marked down like one that is
+    // unreachable, so that clients go to the other exits.
+    let (hs, hello) = ClientHandshake::start_with_flags(
+        keys.primary(),
+        salt,
+        now_ms,
+        b"",
+        crate::proto::FLAG_MAY_REFUSE,
+    )
+    .map_err(|e| e.to_string())?;
     s.write_all(&hello).map_err(|e| io("hello", e))?;
     // One deadline for the whole answer: a peer trickling a byte at a time
     // cannot hold the probe (and the round) beyond `timeout`.

@@ -117,6 +117,26 @@ impl Pool {
         }
     }
 
+    /// How many endpoints there are now.
+    pub fn len(&self) -> usize {
+        self.endpoints.borrow().len()
+    }
+
+    /// Whether there are no endpoints (a name that resolved to nothing).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether any endpoint is up at `now`: not marked down by the active
+    /// checker and not ejected by passive health. An exit refuses a tunnel
+    /// that may be refused when none is (docs/PROTOCOL.md §3).
+    pub fn any_up(&self, now: Instant) -> bool {
+        self.endpoints
+            .borrow()
+            .iter()
+            .any(|e| e.healthy() && !e.ejected(now))
+    }
+
     /// Every endpoint now.
     pub fn endpoints(&self) -> Vec<Rc<EndpointState>> {
         self.endpoints.borrow().clone()
