@@ -242,11 +242,10 @@ pub enum SessionError {
         last: Option<Box<SessionError>>,
     },
     /// The exit refused an authenticated tunnel whose entry can try another
-    /// exit: none of its own upstream endpoints is up (docs/PROTOCOL.md §3).
-    #[error(
-        "refused the tunnel: none of the upstream endpoints is up (the entry tries another exit)"
-    )]
-    Refused,
+    /// exit, with this server hello status (docs/PROTOCOL.md §3): none of
+    /// its own upstream endpoints is up, or it is at `--max-connections`.
+    #[error("refused the tunnel: {} (the entry tries another exit)", crate::proto::refusal(*.0))]
+    Refused(u8),
     /// `--accept-proxy`: the client is not trusted to send a PROXY header,
     /// or its header was missing, malformed, too long or late.
     #[error("downstream PROXY protocol header: {0}")]
@@ -265,7 +264,7 @@ impl SessionError {
             | SessionError::Proto { peer, .. }
             | SessionError::Truncated(peer) => Side::from(*peer),
             SessionError::BadProxyHeader(_) => Side::Downstream,
-            SessionError::NoUpstream { .. } | SessionError::Refused => Side::Upstream,
+            SessionError::NoUpstream { .. } | SessionError::Refused(_) => Side::Upstream,
             SessionError::Connect(e) if is_fd_exhaustion(e) => Side::Internal,
             SessionError::Connect(_) | SessionError::ConnectTimeout => Side::Upstream,
             // Silence is both peers'; the timer is ours.
@@ -300,11 +299,12 @@ impl SessionError {
                 source: ProtoError::SealFailed,
                 ..
             } => CloseReason::Internal,
+            SessionError::Refused(crate::proto::STATUS_BUSY) => CloseReason::Limit,
             SessionError::Proto {
                 source: ProtoError::Refused(_),
                 ..
             }
-            | SessionError::Refused => CloseReason::NoUpstream,
+            | SessionError::Refused(_) => CloseReason::NoUpstream,
             SessionError::Proto { .. } => CloseReason::AuthFailed,
             SessionError::Truncated(_) => CloseReason::Truncated,
             SessionError::Idle => CloseReason::IdleTimeout,

@@ -22,7 +22,8 @@ use crate::error::SessionError;
 use crate::metrics::Hist;
 use crate::proto::{
     accept_hello_with, ClientHandshake, Meta, ProtoError, CLIENT_HELLO_LEN, CONFIRM_LEN,
-    FLAG_MAY_REFUSE, LEN_LEN, SALT_LEN, SERVER_HELLO_LEN, STATUS_NO_UPSTREAM, STATUS_OK,
+    FLAG_MAY_REFUSE, LEN_LEN, SALT_LEN, SERVER_HELLO_LEN, STATUS_BUSY, STATUS_NO_UPSTREAM,
+    STATUS_OK,
 };
 use crate::proxy_protocol::{self, Parsed};
 use crate::relay::Framing;
@@ -78,7 +79,7 @@ pub async fn run(client: TcpStream, ctx: &ShardCtx, rec: &Record) -> Result<(), 
         .record(Hist::ConnectionDuration, accepted_at.elapsed());
     // A refusal has just written its server hello and FIN: a reset could
     // overtake them. Every other failure resets the client.
-    if result.is_err() && !matches!(result, Err(SessionError::Refused)) {
+    if result.is_err() && !matches!(result, Err(SessionError::Refused(_))) {
         client.abort();
     }
     result
@@ -460,9 +461,14 @@ async fn exit(
     // verified and proved fresh) while none of our upstreams is up, so that
     // the entry moves on before it sends any client byte; without the flag
     // we accept and try anyway (docs/PROTOCOL.md §3).
+    // So is one that would only wait for a session slot.
     let status_for = |flags: u8| {
-        if flags & FLAG_MAY_REFUSE != 0 && !ctx.upstream_up() {
+        if flags & FLAG_MAY_REFUSE == 0 {
+            STATUS_OK
+        } else if !ctx.upstream_up() {
             STATUS_NO_UPSTREAM
+        } else if ctx.sessions().is_some_and(|p| p.available() == 0) {
+            STATUS_BUSY
         } else {
             STATUS_OK
         }
@@ -510,7 +516,7 @@ async fn exit(
         drop(pending);
         let answer = client.write_all_then_fin(&accepted.server_hello, || ());
         within(ctx, deadline, Peer::Downstream, answer).await?;
-        return Err(SessionError::Refused);
+        return Err(SessionError::Refused(accepted.status));
     }
     // Authenticated: now it needs a session slot (`--max-connections`).
     let _permit = match ctx.sessions() {

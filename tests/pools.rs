@@ -519,3 +519,48 @@ fn an_exit_whose_origins_are_down_refuses_tunnels_so_the_entry_moves_on() {
     let _ = only_a.terminate();
     let _ = b.terminate();
 }
+
+#[test]
+fn an_exit_at_its_connection_limit_refuses_so_the_entry_moves_on() {
+    // Exit A takes one session at a time (`--max-connections 1`) and one is
+    // held open through it. Before the busy status, a tunnel to A waited
+    // for a slot until A's handshake timeout (60 s here), so its client
+    // waited too (and failed at the client's 20 s read timeout).
+    let (origin, _) = counting_origin();
+    let key = key_file(&[&keygen()]);
+    let a = Proxy::exit(origin, &key)
+        .shards(1)
+        .args(["--max-connections", "1", "--handshake-timeout", "60s"])
+        .start();
+    let b = Proxy::exit(origin, &key)
+        .args(["--handshake-timeout", "60s"])
+        .start();
+    let only_a = Proxy::entry(a.addr, &key).start();
+    let mut held = TcpStream::connect(only_a.addr).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    held.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    held.read_exact(&mut buf).unwrap();
+    let entry = Proxy::entry(a.addr, &key)
+        .args(["--upstream", &b.addr.to_string()])
+        .args(["--balance", "round-robin", "--handshake-timeout", "60s"])
+        .start();
+    let failed = clients(entry.addr, 40, 4);
+    assert!(
+        failed.is_empty(),
+        "{} of 40 clients failed: {failed:?}",
+        failed.len()
+    );
+    entry.wait_for_log(
+        |l| l.contains(&format!("upstream {}", a.addr)) && l.contains("connection limit"),
+        Duration::from_secs(10),
+    );
+    drop(held);
+    let _ = only_a.terminate();
+    let (_, lines) = a.terminate();
+    let refused: u64 = summaries(&lines).iter().map(|s| s.get("limit")).sum();
+    assert!(refused > 0, "A refused nothing: {lines:?}");
+    let _ = entry.terminate();
+    let _ = b.terminate();
+}

@@ -88,6 +88,19 @@ pub const STATUS_OK: u8 = 0x00;
 /// exit is down (ejected by passive health or failing its health checks).
 /// Sent only to a hello with [`FLAG_MAY_REFUSE`].
 pub const STATUS_NO_UPSTREAM: u8 = 0x01;
+/// Server hello status: refused, because the exit is at its connection
+/// limit (`--max-connections`) and would only queue the session. Sent only
+/// to a hello with [`FLAG_MAY_REFUSE`].
+pub const STATUS_BUSY: u8 = 0x02;
+
+/// Why an exit refused, for logs: the meaning of a non-zero status.
+pub fn refusal(status: u8) -> std::borrow::Cow<'static, str> {
+    match status {
+        STATUS_NO_UPSTREAM => "none of its upstreams is up".into(),
+        STATUS_BUSY => "it is at its connection limit".into(),
+        s => format!("status {s}").into(),
+    }
+}
 
 /// Why the protocol rejected input. Every variant is fatal to its connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -130,8 +143,8 @@ pub enum ProtoError {
     #[error("the AEAD library failed to seal a chunk")]
     SealFailed,
     /// The exit answered with a status other than [`STATUS_OK`]: it refused
-    /// the tunnel ([`STATUS_NO_UPSTREAM`]: none of its upstreams is up).
-    #[error("the exit refused the tunnel (status {0}: none of its upstreams is up)")]
+    /// the tunnel ([`STATUS_NO_UPSTREAM`], [`STATUS_BUSY`]).
+    #[error("the exit refused the tunnel: {}", refusal(*.0))]
     Refused(u8),
     /// Metadata larger than [`META_LEN`].
     #[error("metadata longer than {META_LEN} bytes")]
