@@ -355,9 +355,9 @@ impl ShardCtx {
         )
     }
 
-    /// How many upstream endpoints this shard has now.
-    pub fn upstream_count(&self) -> usize {
-        self.pool.len()
+    /// Whether an upstream endpoint other than those in `tried` is up now.
+    pub fn upstream_up_except(&self, tried: &[std::net::SocketAddr]) -> bool {
+        self.pool.any_up_except(tried, std::time::Instant::now())
     }
 
     /// Whether any upstream endpoint is up now (see

@@ -672,8 +672,10 @@ async fn connect_pool<T>(
             break;
         };
         tried.push(lease.endpoint().addr);
-        // Whether another endpoint may be tried after this one.
-        let more = attempt + 1 < attempts && tried.len() < ctx.upstream_count();
+        // Whether another endpoint that is up may be tried after this one
+        // (then an exit may refuse: docs/PROTOCOL.md §3). With none, the
+        // exit had better try its best than refuse.
+        let more = attempt + 1 < attempts && ctx.upstream_up_except(tried.as_slice());
         let failed = match connect_to(ctx, rec, &lease).await {
             Ok(conn) => match then(&conn, more).await {
                 Ok(done) => {

@@ -117,16 +117,6 @@ impl Pool {
         }
     }
 
-    /// How many endpoints there are now.
-    pub fn len(&self) -> usize {
-        self.endpoints.borrow().len()
-    }
-
-    /// Whether there are no endpoints (a name that resolved to nothing).
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Whether any endpoint is up at `now`: not marked down by the active
     /// checker and not ejected by passive health. An exit refuses a tunnel
     /// that may be refused when none is (docs/PROTOCOL.md §3).
@@ -135,6 +125,16 @@ impl Pool {
             .borrow()
             .iter()
             .any(|e| e.healthy() && !e.ejected(now))
+    }
+
+    /// Whether an endpoint not in `tried` is up at `now` (see
+    /// [`Pool::any_up`]): an entry lets an exit refuse only when it has
+    /// such an alternative (docs/PROTOCOL.md §3).
+    pub fn any_up_except(&self, tried: &[SocketAddr], now: Instant) -> bool {
+        self.endpoints
+            .borrow()
+            .iter()
+            .any(|e| !tried.contains(&e.addr) && e.healthy() && !e.ejected(now))
     }
 
     /// Every endpoint now.
@@ -391,6 +391,28 @@ mod tests {
 
     fn pool(eps: &[Endpoint], balance: Balance) -> Pool {
         Pool::new(eps, balance, 3, Duration::from_secs(10), 42)
+    }
+
+    #[test]
+    fn up_means_neither_ejected_nor_marked_down() {
+        let p = pool(&[ep(1, 1), ep(2, 1)], Balance::RoundRobin);
+        let now = Instant::now();
+        let a = SocketAddr::from(([127, 0, 0, 1], 1));
+        let b = SocketAddr::from(([127, 0, 0, 1], 2));
+        assert!(p.any_up(now) && p.any_up_except(&[a], now));
+        // Endpoint 2: ejected after three failures in a row.
+        let e2 = p.endpoints()[1].clone();
+        for _ in 0..3 {
+            p.on_failure(&e2, now);
+        }
+        assert!(p.any_up(now), "endpoint 1 is still up");
+        assert!(!p.any_up_except(&[a], now), "the only other one is ejected");
+        assert!(p.any_up_except(&[b], now));
+        // Endpoint 1: marked down by the checker. Nothing is up.
+        p.set_health(&[(a, false)]);
+        assert!(!p.any_up(now));
+        // The ejection ends: endpoint 2 is up again.
+        assert!(p.any_up(now + Duration::from_secs(11)));
     }
 
     #[test]
