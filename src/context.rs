@@ -355,6 +355,42 @@ impl ShardCtx {
         )
     }
 
+    /// Probes, with a TCP connect each, the endpoints whose ejection has
+    /// lapsed with no success since (at most one probe per endpoint and
+    /// shard at a time). A refusing exit calls this instead of trying such
+    /// an endpoint with a client's tunnel: a probe that connects puts it
+    /// back in rotation, one that fails ejects it again (for twice as
+    /// long). Stop wins: a shard that starts draining drops its probes.
+    pub fn probe_lapsed_upstreams(&self) {
+        let now = std::time::Instant::now();
+        for e in self.pool.claim_lapsed_probes(now) {
+            let (id, stop) = (self.id, self.stop_accepting.clone());
+            let (timeout, fail_timeout) = (self.limits().connect_timeout, self.pool.fail_timeout());
+            glommio::spawn_local(async move {
+                let connect = glommio::net::TcpStream::connect_timeout(e.addr, timeout);
+                match crate::trigger::bounded(&stop, None, connect).await {
+                    Ok(Ok(_)) => {
+                        e.probe_passed();
+                        crate::info!(
+                            "shard {id}: upstream {} answers again (a connect probe after its ejection)",
+                            e.addr
+                        );
+                    }
+                    Ok(Err(err)) => {
+                        let d = e.probe_failed(std::time::Instant::now(), fail_timeout);
+                        crate::info!(
+                            "shard {id}: upstream {} still down ({err}); ejected again for {}",
+                            e.addr,
+                            crate::units::format_duration(d)
+                        );
+                    }
+                    Err(_) => {}
+                }
+            })
+            .detach();
+        }
+    }
+
     /// Whether an upstream endpoint other than those in `tried` is up now.
     pub fn upstream_up_except(&self, tried: &[std::net::SocketAddr]) -> bool {
         self.pool.any_up_except(tried, std::time::Instant::now())
@@ -396,19 +432,25 @@ impl ShardCtx {
             };
             cell.set(cell.get() + 1);
         }
-        if let crate::upstream::pool::Failed::Ejected(d) =
-            self.pool.on_failure(e, std::time::Instant::now())
-        {
+        let now = std::time::Instant::now();
+        if let crate::upstream::pool::Failed::Ejected(d) = self.pool.on_failure(e, now) {
             if let Some(s) = self.upstream_stats.get(e.spec) {
                 s.ejections.set(s.ejections.get() + 1);
             }
-            crate::warn!(
-                "shard {}: upstream {} ejected for {} after {} failed attempt(s) in a row (last: {err})",
-                self.id,
-                e.addr,
-                crate::units::format_duration(d),
-                self.cfg.upstreams.max_fails
-            );
+            if let Some(since) = e.eject_log_due(now) {
+                let more = if since > 0 {
+                    format!("; {since} more ejection(s) of it since the last such line")
+                } else {
+                    String::new()
+                };
+                crate::warn!(
+                    "shard {}: upstream {} ejected for {} after {} failed attempt(s) in a row (last: {err}){more}",
+                    self.id,
+                    e.addr,
+                    crate::units::format_duration(d),
+                    self.cfg.upstreams.max_fails
+                );
+            }
         }
     }
 

@@ -299,12 +299,11 @@ impl SessionError {
                 source: ProtoError::SealFailed,
                 ..
             } => CloseReason::Internal,
-            SessionError::Refused(crate::proto::STATUS_BUSY) => CloseReason::Limit,
+            SessionError::Refused(_) => CloseReason::Refused,
             SessionError::Proto {
                 source: ProtoError::Refused(_),
                 ..
-            }
-            | SessionError::Refused(_) => CloseReason::NoUpstream,
+            } => CloseReason::NoUpstream,
             SessionError::Proto { .. } => CloseReason::AuthFailed,
             SessionError::Truncated(_) => CloseReason::Truncated,
             SessionError::Idle => CloseReason::IdleTimeout,

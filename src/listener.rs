@@ -102,20 +102,20 @@ fn bind_one(addr: SocketAddr, backlog: u32, dual_stack: bool) -> io::Result<Sock
 }
 
 /// Logs at most once per second, counting the rest.
-struct RateLimitedLog {
+pub(crate) struct RateLimitedLog {
     last: Option<Instant>,
     suppressed: u64,
 }
 
 impl RateLimitedLog {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         RateLimitedLog {
             last: None,
             suppressed: 0,
         }
     }
 
-    fn log(&mut self, line: impl FnOnce(u64) -> String) {
+    pub(crate) fn log(&mut self, line: impl FnOnce(u64) -> String) {
         let now = Instant::now();
         match self.last {
             Some(t) if now.duration_since(t) < Duration::from_secs(1) => self.suppressed += 1,
@@ -275,6 +275,11 @@ impl AcceptState {
             return;
         }
         match e {
+            SessionError::Refused(_) => {
+                self.connect
+                    .borrow_mut()
+                    .log(|n| line(n, format!("an entry's tunnel {e}")));
+            }
             SessionError::Connect(_)
             | SessionError::ConnectTimeout
             | SessionError::NoUpstream { .. } => {

@@ -41,11 +41,15 @@ pub enum CloseReason {
     /// Every attempt to reach an upstream endpoint failed
     /// (`--connect-attempts`).
     NoUpstream,
+    /// The exit refused an authenticated tunnel whose entry had another
+    /// exit to try: none of its upstreams was up, or it was at
+    /// `--max-connections` (docs/PROTOCOL.md §3).
+    Refused,
 }
 
 impl CloseReason {
     /// Every reason, in label order.
-    pub const ALL: [CloseReason; 15] = [
+    pub const ALL: [CloseReason; 16] = [
         CloseReason::Clean,
         CloseReason::IdleTimeout,
         CloseReason::ConnectError,
@@ -61,6 +65,7 @@ impl CloseReason {
         CloseReason::HandshakeTimeout,
         CloseReason::BadProxyHeader,
         CloseReason::NoUpstream,
+        CloseReason::Refused,
     ];
 
     /// The label used in logs and metrics.
@@ -81,6 +86,7 @@ impl CloseReason {
             CloseReason::HandshakeTimeout => "handshake_timeout",
             CloseReason::BadProxyHeader => "bad_proxy_header",
             CloseReason::NoUpstream => "no_upstream",
+            CloseReason::Refused => "refused",
         }
     }
 

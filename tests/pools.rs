@@ -505,7 +505,7 @@ fn an_exit_whose_origins_are_down_refuses_tunnels_so_the_entry_moves_on() {
     assert!(r.is_ok(), "the only exit refused or failed: {r:?}");
     assert_eq!(revived_count.load(Ordering::SeqCst), 1);
     let (_, lines) = a.terminate();
-    let refused: u64 = summaries(&lines).iter().map(|s| s.get("no_upstream")).sum();
+    let refused: u64 = summaries(&lines).iter().map(|s| s.get("refused")).sum();
     assert!(refused > 0, "A refused nothing: {lines:?}");
     let (_, entry_lines) = entry.terminate();
     let auth: u64 = summaries(&entry_lines)
@@ -559,8 +559,89 @@ fn an_exit_at_its_connection_limit_refuses_so_the_entry_moves_on() {
     drop(held);
     let _ = only_a.terminate();
     let (_, lines) = a.terminate();
-    let refused: u64 = summaries(&lines).iter().map(|s| s.get("limit")).sum();
+    let refused: u64 = summaries(&lines).iter().map(|s| s.get("refused")).sum();
     assert!(refused > 0, "A refused nothing: {lines:?}");
     let _ = entry.terminate();
+    let _ = b.terminate();
+}
+
+#[test]
+fn an_exit_probes_an_origin_whose_ejection_ran_out_instead_of_losing_clients_on_it() {
+    // Exit A's origin is dead; A ejects it for 1 s, then 2 s, 4 s, ... Each
+    // time an ejection ran out, A used to take tunnels again and lose
+    // `--max-fails` clients on the dead origin before ejecting it again,
+    // although exit B was fine. Now A probes the origin with a connect of
+    // its own and refuses meanwhile.
+    let (origin, _) = counting_origin();
+    let dead = dead_address();
+    let key = key_file(&[&keygen()]);
+    let a = Proxy::exit(dead, &key)
+        .shards(1)
+        .args(["--max-fails", "1", "--fail-timeout", "1s"])
+        .start();
+    let b = exit(origin, &key, None);
+    let entry = Proxy::entry(a.addr, &key)
+        .args(["--upstream", &b.addr.to_string()])
+        .args(["--balance", "round-robin", "--fail-timeout", "1s"])
+        .start();
+    // Warm-up: A learns that its origin is down by losing a client.
+    for i in 0..4 {
+        let _ = client(entry.addr, 100, i);
+    }
+    // Clients for 4 s (at most 4000): A's ejection runs out at least twice.
+    let start = std::time::Instant::now();
+    let mut failed = Vec::new();
+    let mut n = 0;
+    while start.elapsed() < Duration::from_secs(4) && n < 4000 {
+        if let Err(e) = client(entry.addr, 100, 10 + n) {
+            failed.push(format!("{:?}: {e}", start.elapsed()));
+        }
+        n += 1;
+        thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {n} lost: {failed:?}",
+        failed.len()
+    );
+    a.wait_for_log(
+        |l| l.contains(&format!("upstream {dead} still down")),
+        Duration::from_secs(5),
+    );
+    // The origin comes back: a probe finds it, and A serves again.
+    let (_revived, served) = counting_origin_on(&dead.to_string());
+    let keep = {
+        let addr = entry.addr;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let h = thread::spawn(move || {
+            let mut lost = 0;
+            for i in 0..20_000u64 {
+                if flag.load(Ordering::SeqCst) {
+                    break;
+                }
+                if client(addr, 100, 100_000 + i).is_err() {
+                    lost += 1;
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
+            lost
+        });
+        (stop, h)
+    };
+    a.wait_for_log(
+        |l| l.contains(&format!("upstream {dead} answers again")),
+        Duration::from_secs(40),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while served.load(Ordering::SeqCst) == 0 && std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    keep.0.store(true, Ordering::SeqCst);
+    let lost = keep.1.join().unwrap();
+    assert_eq!(lost, 0, "clients lost while the origin came back");
+    assert!(served.load(Ordering::SeqCst) > 0, "A never served again");
+    let _ = entry.terminate();
+    let _ = a.terminate();
     let _ = b.terminate();
 }

@@ -24,6 +24,11 @@ pub struct EndpointState {
     ejections_in_a_row: Cell<u32>,
     healthy: Cell<bool>,
     current: Cell<i64>,
+    /// A lapsed ejection's probe is under way (see [`EndpointState::lapsed`]).
+    probing: Cell<bool>,
+    /// When its last ejection was logged, and the ejections since.
+    eject_logged: Cell<Option<Instant>>,
+    ejects_unlogged: Cell<u64>,
 }
 
 impl EndpointState {
@@ -38,6 +43,9 @@ impl EndpointState {
             ejections_in_a_row: Cell::new(0),
             healthy: Cell::new(true),
             current: Cell::new(0),
+            probing: Cell::new(false),
+            eject_logged: Cell::new(None),
+            ejects_unlogged: Cell::new(0),
         }
     }
 
@@ -54,6 +62,74 @@ impl EndpointState {
     /// Whether passive health has it ejected at `now`.
     pub fn ejected(&self, now: Instant) -> bool {
         self.ejected_until.get().is_some_and(|t| t > now)
+    }
+
+    /// Whether its ejection has run out at `now` with no success since: it
+    /// is back in rotation, but nothing has shown that it works again.
+    pub fn lapsed(&self, now: Instant) -> bool {
+        self.ejected_until.get().is_some_and(|t| t <= now)
+    }
+
+    /// Up, as far as this shard knows at `now`: not marked down by the
+    /// active checker, not ejected, and not merely back from an ejection
+    /// that nothing has shown to be over ([`EndpointState::lapsed`]).
+    pub fn up(&self, now: Instant) -> bool {
+        self.healthy() && self.ejected_until.get().is_none() && !self.ejected(now)
+    }
+
+    /// Whether an ejection at `now` gets a log line: at most one a second
+    /// per endpoint (an outage of every endpoint can eject and forgive one
+    /// many times a second). `Some(n)`: log it, with `n` ejections since
+    /// the last line; `None`: counted for the next line.
+    pub fn eject_log_due(&self, now: Instant) -> Option<u64> {
+        match self.eject_logged.get() {
+            Some(t) if now.saturating_duration_since(t) < Duration::from_secs(1) => {
+                self.ejects_unlogged.set(self.ejects_unlogged.get() + 1);
+                None
+            }
+            _ => {
+                self.eject_logged.set(Some(now));
+                Some(self.ejects_unlogged.replace(0))
+            }
+        }
+    }
+
+    /// Claims the probe of a lapsed ejection (see
+    /// [`Pool::claim_lapsed_probes`]); false if one is under way.
+    fn claim_probe(&self) -> bool {
+        !self.probing.replace(true)
+    }
+
+    /// A lapsed ejection's probe (a TCP connect) succeeded: back in
+    /// rotation, as after any success.
+    pub fn probe_passed(&self) {
+        self.probing.set(false);
+        self.fails.set(0);
+        self.ejections_in_a_row.set(0);
+        self.ejected_until.set(None);
+    }
+
+    /// A lapsed ejection's probe failed at `now`: ejected again at once,
+    /// for twice as long as the last time (as a `--max-fails` run of
+    /// failures would). Returns how long.
+    pub fn probe_failed(&self, now: Instant, fail_timeout: Duration) -> Duration {
+        self.probing.set(false);
+        self.eject(now, fail_timeout)
+    }
+
+    /// Ejects it from `now`, for `fail_timeout` doubled for each ejection
+    /// in a row (up to [`MAX_EJECTION_FACTOR`] times).
+    fn eject(&self, now: Instant, fail_timeout: Duration) -> Duration {
+        self.fails.set(0);
+        let n = self.ejections_in_a_row.get();
+        self.ejections_in_a_row.set(n.saturating_add(1));
+        let factor = 1u32
+            .checked_shl(n)
+            .unwrap_or(u32::MAX)
+            .min(MAX_EJECTION_FACTOR);
+        let length = fail_timeout.saturating_mul(factor);
+        self.ejected_until.set(Some(now + length));
+        length
     }
 }
 
@@ -117,14 +193,30 @@ impl Pool {
         }
     }
 
-    /// Whether any endpoint is up at `now`: not marked down by the active
-    /// checker and not ejected by passive health. An exit refuses a tunnel
-    /// that may be refused when none is (docs/PROTOCOL.md §3).
+    /// Whether any endpoint is up at `now` ([`EndpointState::up`]). An exit
+    /// refuses a tunnel that may be refused when none is
+    /// (docs/PROTOCOL.md §3).
     pub fn any_up(&self, now: Instant) -> bool {
+        self.endpoints.borrow().iter().any(|e| e.up(now))
+    }
+
+    /// The endpoints whose ejection has lapsed ([`EndpointState::lapsed`])
+    /// and that no probe is testing yet, each now claimed for one: a
+    /// refusing exit probes them (a TCP connect) instead of trying them with
+    /// a client's tunnel. The caller reports each result with
+    /// [`EndpointState::probe_passed`] or [`EndpointState::probe_failed`].
+    pub fn claim_lapsed_probes(&self, now: Instant) -> Vec<Rc<EndpointState>> {
         self.endpoints
             .borrow()
             .iter()
-            .any(|e| e.healthy() && !e.ejected(now))
+            .filter(|e| e.healthy() && e.lapsed(now) && e.claim_probe())
+            .cloned()
+            .collect()
+    }
+
+    /// `--fail-timeout`.
+    pub fn fail_timeout(&self) -> Duration {
+        self.fail_timeout
     }
 
     /// Whether an endpoint not in `tried` is up at `now` (see
@@ -134,7 +226,7 @@ impl Pool {
         self.endpoints
             .borrow()
             .iter()
-            .any(|e| !tried.contains(&e.addr) && e.healthy() && !e.ejected(now))
+            .any(|e| !tried.contains(&e.addr) && e.up(now))
     }
 
     /// Every endpoint now.
@@ -264,16 +356,7 @@ impl Pool {
             e.fails.set(fails);
             return Failed::Counted;
         }
-        e.fails.set(0);
-        let n = e.ejections_in_a_row.get();
-        e.ejections_in_a_row.set(n.saturating_add(1));
-        let factor = 1u32
-            .checked_shl(n)
-            .unwrap_or(u32::MAX)
-            .min(MAX_EJECTION_FACTOR);
-        let length = self.fail_timeout.saturating_mul(factor);
-        e.ejected_until.set(Some(now + length));
-        Failed::Ejected(length)
+        Failed::Ejected(e.eject(now, self.fail_timeout))
     }
 
     /// The active checker's verdicts, by address. An endpoint that comes
@@ -411,8 +494,29 @@ mod tests {
         // Endpoint 1: marked down by the checker. Nothing is up.
         p.set_health(&[(a, false)]);
         assert!(!p.any_up(now));
-        // The ejection ends: endpoint 2 is up again.
-        assert!(p.any_up(now + Duration::from_secs(11)));
+        // Endpoint 2's ejection runs out: it is back in rotation (`pick`
+        // tries it) but not up until something shows it works. A probe
+        // claims it once; a failed probe ejects it again for twice as long.
+        let later = now + Duration::from_secs(11);
+        p.set_health(&[(a, true)]);
+        assert!(p.any_up(later), "endpoint 1 is up again");
+        p.set_health(&[(a, false)]);
+        assert!(!p.any_up(later) && e2.lapsed(later));
+        let claimed = p.claim_lapsed_probes(later);
+        assert_eq!(claimed.len(), 1);
+        assert!(
+            p.claim_lapsed_probes(later).is_empty(),
+            "one probe at a time"
+        );
+        assert_eq!(
+            e2.probe_failed(later, p.fail_timeout()),
+            Duration::from_secs(20)
+        );
+        assert!(e2.ejected(later + Duration::from_secs(19)));
+        let much_later = later + Duration::from_secs(21);
+        assert_eq!(p.claim_lapsed_probes(much_later).len(), 1);
+        e2.probe_passed();
+        assert!(p.any_up(much_later) && !e2.lapsed(much_later));
     }
 
     #[test]
