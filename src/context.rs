@@ -86,6 +86,10 @@ impl Drop for Pending<'_> {
     }
 }
 
+/// How long an entry passes over an exit that refused a tunnel
+/// (docs/PROTOCOL.md §3) before offering it tunnels again.
+pub const REFUSAL_PASS_OVER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A pending handshake younger than this is not closed to make room while
 /// the shard holds fewer than twice `--max-handshakes` (see
 /// [`ShardCtx::begin_handshake`]).
@@ -355,15 +359,16 @@ impl ShardCtx {
         )
     }
 
-    /// Probes, with a TCP connect each, the endpoints whose ejection has
-    /// lapsed with no success since (at most one probe per endpoint and
-    /// shard at a time). A refusing exit calls this instead of trying such
-    /// an endpoint with a client's tunnel: a probe that connects puts it
-    /// back in rotation, one that fails ejects it again (for twice as
-    /// long). Stop wins: a shard that starts draining drops its probes.
-    pub fn probe_lapsed_upstreams(&self) {
+    /// Probes, with a TCP connect each, the endpoints that passive health
+    /// holds down (see [`crate::upstream::pool::Pool::claim_probes`]: at
+    /// most one probe per endpoint and second). A refusing exit calls this
+    /// instead of trying such an endpoint with a client's tunnel: a probe
+    /// that connects puts it back in rotation; one that fails re-ejects an
+    /// endpoint whose ejection had run out, for twice as long. Stop wins: a
+    /// shard that starts draining drops its probes.
+    pub fn probe_down_upstreams(&self) {
         let now = std::time::Instant::now();
-        for e in self.pool.claim_lapsed_probes(now) {
+        for e in self.pool.claim_probes(now) {
             let (id, stop) = (self.id, self.stop_accepting.clone());
             let (timeout, fail_timeout) = (self.limits().connect_timeout, self.pool.fail_timeout());
             glommio::spawn_local(async move {
@@ -372,14 +377,14 @@ impl ShardCtx {
                     Ok(Ok(_)) => {
                         e.probe_passed();
                         crate::info!(
-                            "shard {id}: upstream {} answers again (a connect probe after its ejection)",
+                            "shard {id}: upstream {} answers again (a connect probe while it was held down)",
                             e.addr
                         );
                     }
                     Ok(Err(err)) => {
                         let d = e.probe_failed(std::time::Instant::now(), fail_timeout);
                         crate::info!(
-                            "shard {id}: upstream {} still down ({err}); ejected again for {}",
+                            "shard {id}: upstream {} still down ({err}); ejected for {} more",
                             e.addr,
                             crate::units::format_duration(d)
                         );
@@ -433,6 +438,17 @@ impl ShardCtx {
             cell.set(cell.get() + 1);
         }
         let now = std::time::Instant::now();
+        if let SessionError::Proto {
+            source: crate::proto::ProtoError::Refused(_),
+            ..
+        } = err
+        {
+            // An exit that refused can serve again as soon as its origins
+            // are back or a slot frees: passed over for a moment, never
+            // ejected (an ejection doubles, up to minutes).
+            e.pass_over(now, REFUSAL_PASS_OVER);
+            return;
+        }
         if let crate::upstream::pool::Failed::Ejected(d) = self.pool.on_failure(e, now) {
             if let Some(s) = self.upstream_stats.get(e.spec) {
                 s.ejections.set(s.ejections.get() + 1);

@@ -466,9 +466,9 @@ async fn exit(
         if flags & FLAG_MAY_REFUSE == 0 {
             STATUS_OK
         } else if !ctx.upstream_up() {
-            // An endpoint back from an ejection is probed, not tried with
-            // this tunnel; the next hellos are accepted once it answers.
-            ctx.probe_lapsed_upstreams();
+            // The endpoints held down are probed, not tried with this
+            // tunnel; the next hellos are accepted once one answers.
+            ctx.probe_down_upstreams();
             STATUS_NO_UPSTREAM
         } else if ctx.sessions().is_some_and(|p| p.available() == 0) {
             STATUS_BUSY

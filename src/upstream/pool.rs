@@ -9,6 +9,10 @@ use std::time::{Duration, Instant};
 
 use super::{Balance, Endpoint, MAX_EJECTION_FACTOR};
 
+/// How often a refusing exit probes each of its down endpoints at most
+/// (see [`Pool::claim_probes`]).
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+
 /// One endpoint, as one shard sees it.
 #[derive(Debug)]
 pub struct EndpointState {
@@ -24,8 +28,10 @@ pub struct EndpointState {
     ejections_in_a_row: Cell<u32>,
     healthy: Cell<bool>,
     current: Cell<i64>,
-    /// A lapsed ejection's probe is under way (see [`EndpointState::lapsed`]).
+    /// A probe of a refusing exit's down endpoint is under way, and when the
+    /// last one started (see [`Pool::claim_probes`]).
     probing: Cell<bool>,
+    probed_at: Cell<Option<Instant>>,
     /// When its last ejection was logged, and the ejections since.
     eject_logged: Cell<Option<Instant>>,
     ejects_unlogged: Cell<u64>,
@@ -44,6 +50,7 @@ impl EndpointState {
             healthy: Cell::new(true),
             current: Cell::new(0),
             probing: Cell::new(false),
+            probed_at: Cell::new(None),
             eject_logged: Cell::new(None),
             ejects_unlogged: Cell::new(0),
         }
@@ -94,14 +101,34 @@ impl EndpointState {
         }
     }
 
-    /// Claims the probe of a lapsed ejection (see
-    /// [`Pool::claim_lapsed_probes`]); false if one is under way.
-    fn claim_probe(&self) -> bool {
-        !self.probing.replace(true)
+    /// Claims a probe at `now` (see [`Pool::claim_probes`]): false if one
+    /// is under way or the last one started less than [`PROBE_EVERY`] ago.
+    fn claim_probe(&self, now: Instant) -> bool {
+        let recent = self
+            .probed_at
+            .get()
+            .is_some_and(|t| now.saturating_duration_since(t) < PROBE_EVERY);
+        if self.probing.get() || recent {
+            return false;
+        }
+        self.probing.set(true);
+        self.probed_at.set(Some(now));
+        true
     }
 
-    /// A lapsed ejection's probe (a TCP connect) succeeded: back in
-    /// rotation, as after any success.
+    /// An exit refused a tunnel to it (docs/PROTOCOL.md §3): it is passed
+    /// over until `now + d` (or the end of a longer ejection). Not a
+    /// failure: no ejection is counted or doubled, so the exit is used again
+    /// soon after it can serve.
+    pub fn pass_over(&self, now: Instant, d: Duration) {
+        let until = now + d;
+        if self.ejected_until.get().is_none_or(|t| t < until) {
+            self.ejected_until.set(Some(until));
+        }
+    }
+
+    /// A probe (a TCP connect) succeeded: back in rotation, as after any
+    /// success.
     pub fn probe_passed(&self) {
         self.probing.set(false);
         self.fails.set(0);
@@ -109,12 +136,16 @@ impl EndpointState {
         self.ejected_until.set(None);
     }
 
-    /// A lapsed ejection's probe failed at `now`: ejected again at once,
-    /// for twice as long as the last time (as a `--max-fails` run of
-    /// failures would). Returns how long.
+    /// A probe failed at `now`. An endpoint whose ejection had lapsed is
+    /// ejected again at once, for twice as long as the last time (as a
+    /// `--max-fails` run of failures would); one still ejected stays so.
+    /// Returns how long it stays ejected from `now`.
     pub fn probe_failed(&self, now: Instant, fail_timeout: Duration) -> Duration {
         self.probing.set(false);
-        self.eject(now, fail_timeout)
+        match self.ejected_until.get() {
+            Some(t) if t > now => t - now,
+            _ => self.eject(now, fail_timeout),
+        }
     }
 
     /// Ejects it from `now`, for `fail_timeout` doubled for each ejection
@@ -200,16 +231,20 @@ impl Pool {
         self.endpoints.borrow().iter().any(|e| e.up(now))
     }
 
-    /// The endpoints whose ejection has lapsed ([`EndpointState::lapsed`])
-    /// and that no probe is testing yet, each now claimed for one: a
-    /// refusing exit probes them (a TCP connect) instead of trying them with
-    /// a client's tunnel. The caller reports each result with
+    /// The endpoints that are not up only because of passive health
+    /// (ejected, or back from an ejection with no success since), each now
+    /// claimed for a probe: at most one at a time per endpoint, one every
+    /// [`PROBE_EVERY`]. A refusing exit probes them (a TCP connect) instead
+    /// of trying them with a client's tunnel, so it serves again within
+    /// about a second of its origin's return, not at the end of an ejection
+    /// that may have doubled to minutes. Endpoints the active checker marks
+    /// down are left to it. The caller reports each result with
     /// [`EndpointState::probe_passed`] or [`EndpointState::probe_failed`].
-    pub fn claim_lapsed_probes(&self, now: Instant) -> Vec<Rc<EndpointState>> {
+    pub fn claim_probes(&self, now: Instant) -> Vec<Rc<EndpointState>> {
         self.endpoints
             .borrow()
             .iter()
-            .filter(|e| e.healthy() && e.lapsed(now) && e.claim_probe())
+            .filter(|e| e.healthy() && !e.up(now) && e.claim_probe(now))
             .cloned()
             .collect()
     }
@@ -502,21 +537,53 @@ mod tests {
         assert!(p.any_up(later), "endpoint 1 is up again");
         p.set_health(&[(a, false)]);
         assert!(!p.any_up(later) && e2.lapsed(later));
-        let claimed = p.claim_lapsed_probes(later);
+        let claimed = p.claim_probes(later);
         assert_eq!(claimed.len(), 1);
-        assert!(
-            p.claim_lapsed_probes(later).is_empty(),
-            "one probe at a time"
-        );
+        assert!(p.claim_probes(later).is_empty(), "one probe at a time");
         assert_eq!(
             e2.probe_failed(later, p.fail_timeout()),
             Duration::from_secs(20)
         );
         assert!(e2.ejected(later + Duration::from_secs(19)));
-        let much_later = later + Duration::from_secs(21);
-        assert_eq!(p.claim_lapsed_probes(much_later).len(), 1);
+        // Still ejected: probed again a second later, and a failure there
+        // does not extend the ejection.
+        let next = later + PROBE_EVERY;
+        assert!(p
+            .claim_probes(later + Duration::from_millis(500))
+            .is_empty());
+        assert_eq!(p.claim_probes(next).len(), 1);
+        assert_eq!(
+            e2.probe_failed(next, p.fail_timeout()),
+            Duration::from_secs(19)
+        );
+        // A probe that connects ends the ejection at once.
+        let much_later = next + PROBE_EVERY;
+        assert_eq!(p.claim_probes(much_later).len(), 1);
         e2.probe_passed();
         assert!(p.any_up(much_later) && !e2.lapsed(much_later));
+    }
+
+    #[test]
+    fn a_refusal_passes_an_endpoint_over_without_counting_a_failure() {
+        let p = pool(&[ep(1, 1), ep(2, 1)], Balance::RoundRobin);
+        let now = Instant::now();
+        let e1 = p.endpoints()[0].clone();
+        for _ in 0..10 {
+            e1.pass_over(now, Duration::from_secs(1));
+        }
+        assert!(e1.ejected(now) && !e1.ejected(now + Duration::from_secs(1)));
+        // No failure was counted: the next real failure is the first of
+        // three, and its ejection is the first (not doubled).
+        let later = now + Duration::from_secs(2);
+        assert_eq!(p.on_failure(&e1, later), Failed::Counted);
+        p.on_failure(&e1, later);
+        assert_eq!(
+            p.on_failure(&e1, later),
+            Failed::Ejected(Duration::from_secs(10))
+        );
+        // Passing over never shortens an ejection.
+        e1.pass_over(later, Duration::from_secs(1));
+        assert!(e1.ejected(later + Duration::from_secs(9)));
     }
 
     #[test]
