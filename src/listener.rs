@@ -276,9 +276,7 @@ impl AcceptState {
         }
         match e {
             SessionError::Refused(_) => {
-                self.connect
-                    .borrow_mut()
-                    .log(|n| line(n, format!("an entry's tunnel {e}")));
+                self.connect.borrow_mut().log(|n| line(n, e.to_string()));
             }
             SessionError::Connect(_)
             | SessionError::ConnectTimeout
