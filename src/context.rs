@@ -561,7 +561,7 @@ impl ShardCtx {
                     ejections: s.ejections.get(),
                     active: mine.clone().map(|e| u64::from(e.active())).sum(),
                     endpoints: mine.clone().count() as u64,
-                    available: mine.filter(|e| e.healthy() && !e.ejected(now)).count() as u64,
+                    available: mine.filter(|e| e.up(now)).count() as u64,
                 }
             })
             .collect()

@@ -306,7 +306,7 @@ fn render_upstreams(w: &mut String, snaps: &[&Snapshot], info: &ProcessInfo, bou
         ("shardproxy_upstream_ejections_total", "counter", "Times one of the upstream's endpoints was ejected after --max-fails failures in a row.", |u| u.ejections),
         ("shardproxy_upstream_active_connections", "gauge", "Connections open to the upstream's endpoints.", |u| u.active),
         ("shardproxy_upstream_endpoints", "gauge", "The upstream's endpoints (addresses it resolved to).", |u| u.endpoints),
-        ("shardproxy_upstream_endpoints_available", "gauge", "Of those, the ones healthy (active checks) and not ejected: 0 means the upstream is down in this shard.", |u| u.available),
+        ("shardproxy_upstream_endpoints_available", "gauge", "Of those, the ones up: healthy (active checks), not ejected, and not back from an ejection with no success since. 0 means the upstream is down in this shard.", |u| u.available),
     ];
     for (name, kind, help, get) in series {
         let _ = writeln!(w, "# HELP {name} {help}");
