@@ -398,13 +398,13 @@ impl ShardCtx {
 
     /// Whether an upstream endpoint other than those in `tried` is up now.
     pub fn upstream_up_except(&self, tried: &[std::net::SocketAddr]) -> bool {
-        self.pool.any_up_except(tried, std::time::Instant::now())
+        self.pool.any_up_except(tried)
     }
 
     /// Whether any upstream endpoint is up now (see
     /// [`crate::upstream::pool::Pool::any_up`]).
     pub fn upstream_up(&self) -> bool {
-        self.pool.any_up(std::time::Instant::now())
+        self.pool.any_up()
     }
 
     /// An attempt on `lease`'s endpoint succeeded.
@@ -427,22 +427,15 @@ impl ShardCtx {
         let e = lease.endpoint();
         if let Some(s) = self.upstream_stats.get(e.spec) {
             let cell = match err {
-                SessionError::Connect(_)
-                | SessionError::Proto {
-                    source: crate::proto::ProtoError::Refused(_),
-                    ..
-                } => &s.refused,
+                _ if err.is_refusal() => &s.refused,
+                SessionError::Connect(_) => &s.refused,
                 SessionError::ConnectTimeout => &s.timeouts,
                 _ => &s.handshakes,
             };
             cell.set(cell.get() + 1);
         }
         let now = std::time::Instant::now();
-        if let SessionError::Proto {
-            source: crate::proto::ProtoError::Refused(_),
-            ..
-        } = err
-        {
+        if err.is_refusal() {
             // An exit that refused can serve again as soon as its origins
             // are back or a slot frees: passed over for a moment, never
             // ejected (an ejection doubles, up to minutes).
@@ -546,7 +539,6 @@ impl ShardCtx {
 
     /// Per configured upstream: counters, and its endpoints' state now.
     fn upstream_snapshot(&self) -> Vec<crate::metrics::UpstreamSnapshot> {
-        let now = std::time::Instant::now();
         let endpoints = self.pool.endpoints();
         self.upstream_stats
             .iter()
@@ -561,7 +553,7 @@ impl ShardCtx {
                     ejections: s.ejections.get(),
                     active: mine.clone().map(|e| u64::from(e.active())).sum(),
                     endpoints: mine.clone().count() as u64,
-                    available: mine.filter(|e| e.up(now)).count() as u64,
+                    available: mine.filter(|e| e.up()).count() as u64,
                 }
             })
             .collect()

@@ -334,6 +334,18 @@ impl SessionError {
         }
     }
 
+    /// Whether an exit refused the tunnel (its authenticated server hello
+    /// said so, docs/PROTOCOL.md §3): not a failed handshake.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            SessionError::Proto {
+                source: ProtoError::Refused(_),
+                ..
+            }
+        )
+    }
+
     pub fn is_fd_exhaustion(&self) -> bool {
         matches!(self, SessionError::Connect(e) if is_fd_exhaustion(e))
     }

@@ -102,20 +102,20 @@ fn bind_one(addr: SocketAddr, backlog: u32, dual_stack: bool) -> io::Result<Sock
 }
 
 /// Logs at most once per second, counting the rest.
-pub(crate) struct RateLimitedLog {
+struct RateLimitedLog {
     last: Option<Instant>,
     suppressed: u64,
 }
 
 impl RateLimitedLog {
-    pub(crate) fn new() -> Self {
+    fn new() -> Self {
         RateLimitedLog {
             last: None,
             suppressed: 0,
         }
     }
 
-    pub(crate) fn log(&mut self, line: impl FnOnce(u64) -> String) {
+    fn log(&mut self, line: impl FnOnce(u64) -> String) {
         let now = Instant::now();
         match self.last {
             Some(t) if now.duration_since(t) < Duration::from_secs(1) => self.suppressed += 1,

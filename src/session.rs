@@ -458,10 +458,10 @@ async fn exit(
     // Boxed before any await: the cipher state would otherwise sit in this
     // future's state for the whole session (see the module docs).
     // A hello whose entry has another exit to try is refused (after it
-    // verified and proved fresh) while none of our upstreams is up, so that
-    // the entry moves on before it sends any client byte; without the flag
-    // we accept and try anyway (docs/PROTOCOL.md §3).
-    // So is one that would only wait for a session slot.
+    // verified and proved fresh) while none of our upstreams is up, or when
+    // it would only wait for a session slot, so that the entry moves on
+    // before it sends any client byte; without the flag we accept and try
+    // anyway (docs/PROTOCOL.md §3).
     let status_for = |flags: u8| {
         if flags & FLAG_MAY_REFUSE == 0 {
             STATUS_OK
@@ -761,14 +761,7 @@ async fn within<T>(
 /// Counts a failed handshake (anything but the end of a drain).
 fn counted<T>(ctx: &ShardCtx, r: Result<T, SessionError>) -> Result<T, SessionError> {
     if let Err(e) = &r {
-        let refused = matches!(
-            e,
-            SessionError::Proto {
-                source: crate::proto::ProtoError::Refused(_),
-                ..
-            }
-        );
-        if !refused && !matches!(e, SessionError::Drained | SessionError::Evicted(_)) {
+        if !e.is_refusal() && !matches!(e, SessionError::Drained | SessionError::Evicted(_)) {
             ctx.stats().on_handshake_failure();
         }
     }

@@ -80,8 +80,8 @@ impl EndpointState {
     /// Up, as far as this shard knows at `now`: not marked down by the
     /// active checker, not ejected, and not merely back from an ejection
     /// that nothing has shown to be over ([`EndpointState::lapsed`]).
-    pub fn up(&self, now: Instant) -> bool {
-        self.healthy() && self.ejected_until.get().is_none() && !self.ejected(now)
+    pub fn up(&self) -> bool {
+        self.healthy() && self.ejected_until.get().is_none()
     }
 
     /// Whether an ejection at `now` gets a log line: at most one a second
@@ -131,6 +131,13 @@ impl EndpointState {
     /// success.
     pub fn probe_passed(&self) {
         self.probing.set(false);
+        self.succeeded();
+    }
+
+    /// It works: failures and ejections forgotten, back in rotation at once
+    /// (a success can happen while ejected, when every endpoint was down and
+    /// it was tried anyway).
+    fn succeeded(&self) {
         self.fails.set(0);
         self.ejections_in_a_row.set(0);
         self.ejected_until.set(None);
@@ -227,8 +234,8 @@ impl Pool {
     /// Whether any endpoint is up at `now` ([`EndpointState::up`]). An exit
     /// refuses a tunnel that may be refused when none is
     /// (docs/PROTOCOL.md §3).
-    pub fn any_up(&self, now: Instant) -> bool {
-        self.endpoints.borrow().iter().any(|e| e.up(now))
+    pub fn any_up(&self) -> bool {
+        self.any_up_except(&[])
     }
 
     /// The endpoints that are not up only because of passive health
@@ -244,7 +251,7 @@ impl Pool {
         self.endpoints
             .borrow()
             .iter()
-            .filter(|e| e.healthy() && !e.up(now) && e.claim_probe(now))
+            .filter(|e| e.healthy() && !e.up() && e.claim_probe(now))
             .cloned()
             .collect()
     }
@@ -257,11 +264,11 @@ impl Pool {
     /// Whether an endpoint not in `tried` is up at `now` (see
     /// [`Pool::any_up`]): an entry lets an exit refuse only when it has
     /// such an alternative (docs/PROTOCOL.md §3).
-    pub fn any_up_except(&self, tried: &[SocketAddr], now: Instant) -> bool {
+    pub fn any_up_except(&self, tried: &[SocketAddr]) -> bool {
         self.endpoints
             .borrow()
             .iter()
-            .any(|e| !tried.contains(&e.addr) && e.up(now))
+            .any(|e| !tried.contains(&e.addr) && e.up())
     }
 
     /// Every endpoint now.
@@ -369,11 +376,7 @@ impl Pool {
 
     /// A connection to `e` was established (or its handshake completed).
     pub fn on_success(&self, e: &EndpointState) {
-        e.fails.set(0);
-        e.ejections_in_a_row.set(0);
-        // It works: back in rotation at once (a success can happen while
-        // ejected, when every endpoint was down and it was tried anyway).
-        e.ejected_until.set(None);
+        e.succeeded();
     }
 
     /// A connect (or an entry's tunnel handshake) to `e` failed at `now`.
@@ -517,26 +520,26 @@ mod tests {
         let now = Instant::now();
         let a = SocketAddr::from(([127, 0, 0, 1], 1));
         let b = SocketAddr::from(([127, 0, 0, 1], 2));
-        assert!(p.any_up(now) && p.any_up_except(&[a], now));
+        assert!(p.any_up() && p.any_up_except(&[a]));
         // Endpoint 2: ejected after three failures in a row.
         let e2 = p.endpoints()[1].clone();
         for _ in 0..3 {
             p.on_failure(&e2, now);
         }
-        assert!(p.any_up(now), "endpoint 1 is still up");
-        assert!(!p.any_up_except(&[a], now), "the only other one is ejected");
-        assert!(p.any_up_except(&[b], now));
+        assert!(p.any_up(), "endpoint 1 is still up");
+        assert!(!p.any_up_except(&[a]), "the only other one is ejected");
+        assert!(p.any_up_except(&[b]));
         // Endpoint 1: marked down by the checker. Nothing is up.
         p.set_health(&[(a, false)]);
-        assert!(!p.any_up(now));
+        assert!(!p.any_up());
         // Endpoint 2's ejection runs out: it is back in rotation (`pick`
         // tries it) but not up until something shows it works. A probe
         // claims it once; a failed probe ejects it again for twice as long.
         let later = now + Duration::from_secs(11);
         p.set_health(&[(a, true)]);
-        assert!(p.any_up(later), "endpoint 1 is up again");
+        assert!(p.any_up(), "endpoint 1 is up again");
         p.set_health(&[(a, false)]);
-        assert!(!p.any_up(later) && e2.lapsed(later));
+        assert!(!p.any_up() && e2.lapsed(later));
         let claimed = p.claim_probes(later);
         assert_eq!(claimed.len(), 1);
         assert!(p.claim_probes(later).is_empty(), "one probe at a time");
@@ -560,7 +563,7 @@ mod tests {
         let much_later = next + PROBE_EVERY;
         assert_eq!(p.claim_probes(much_later).len(), 1);
         e2.probe_passed();
-        assert!(p.any_up(much_later) && !e2.lapsed(much_later));
+        assert!(p.any_up() && !e2.lapsed(much_later));
     }
 
     #[test]
