@@ -70,6 +70,13 @@ impl Conn {
         let _ = socket2::SockRef::from(&*stream).set_quickack(false);
     }
 
+    /// The socket's descriptor, for [`crate::engine`] (valid while this
+    /// `Conn` lives).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.stream.borrow().as_raw_fd()
+    }
+
     /// Which side this socket reaches.
     pub fn peer(&self) -> Peer {
         self.peer

@@ -60,6 +60,8 @@ pub struct ShardCtx {
     wants_addresses: bool,
     /// Live relays, for the idle sweep and the end of a drain.
     watchdog: crate::watchdog::Watchdog,
+    /// The completion-driven relays (`forward`).
+    engine: crate::engine::Engine,
 }
 
 /// A pending handshake's place in its shard's registry; leaving it (drop)
@@ -129,6 +131,7 @@ impl ShardCtx {
         ShardCtx {
             id,
             watchdog,
+            engine: crate::engine::Engine::default(),
             timings: Timings::new(board.is_some(), cfg.upstreams.specs.len()),
             board,
             keys: RefCell::new(keys),
@@ -325,6 +328,11 @@ impl ShardCtx {
     /// Live relays: registration, the idle sweep, the drain's abort.
     pub fn watchdog(&self) -> &crate::watchdog::Watchdog {
         &self.watchdog
+    }
+
+    /// The shard's completion-driven relays.
+    pub fn engine(&self) -> &crate::engine::Engine {
+        &self.engine
     }
 
     /// Completes once draining and no connection is left.
@@ -557,5 +565,23 @@ impl ShardCtx {
                 }
             })
             .collect()
+    }
+}
+
+impl crate::engine::Host for ShardCtx {
+    fn engine(&self) -> &crate::engine::Engine {
+        &self.engine
+    }
+    fn stats(&self) -> &ShardStats {
+        &self.stats
+    }
+    fn timings(&self) -> &Timings {
+        &self.timings
+    }
+    fn pipes(&self) -> &crate::transfer::PipePool {
+        &self.pipes
+    }
+    fn recycle(&self, buf: Vec<u8>) {
+        ShardCtx::recycle(self, buf)
     }
 }

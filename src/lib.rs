@@ -38,6 +38,7 @@ pub mod conn;
 pub mod context;
 pub mod control;
 pub mod demo;
+pub mod engine;
 pub mod error;
 pub mod handover;
 pub mod listener;

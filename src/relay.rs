@@ -68,7 +68,6 @@ pub enum Framing {
 /// What one direction does to the bytes it moves. Borrows the cipher state
 /// from the [`Framing`], so it is stored once in the relay's future.
 enum Transform<'a> {
-    Copy,
     Seal(&'a mut Encoder),
     Open(&'a mut Decoder),
 }
@@ -86,33 +85,52 @@ pub async fn run(
 ) -> Result<(), SessionError> {
     let limits = ctx.limits();
     let read_size = limits.buffer_size.get();
+    let take = |len| ctx.buffer(len).ok_or(SessionError::OutOfMemory(len));
     // Futures are built inline, never bound to locals: a named future would
     // keep its own slot in this function's state next to the combinator it
     // is moved into, and this state is most of a connection's memory.
-    let (up, down, buf_size) = match &mut framing {
-        Framing::Plain => (Transform::Copy, Transform::Copy, read_size),
+    let (up, down) = match &mut framing {
+        Framing::Plain => {
+            // `forward`: the shard's completion-driven relay
+            // (`crate::engine`), with the same rules.
+            let guard = ctx.watchdog().watch();
+            let bufs = [take(read_size)?, take(read_size)?];
+            let relay = crate::engine::Relay::start(
+                ctx,
+                rec,
+                [client.raw_fd(), upstream.raw_fd()],
+                bufs,
+                guard.shared(),
+            );
+            let idx = relay.index();
+            return watched(
+                guard.watch(),
+                || {
+                    ctx.engine().sync(idx, rec);
+                    ctx.log_access(rec, None)
+                },
+                relay,
+            )
+            .await
+            .map_err(|v| match v {
+                Verdict::Idle => SessionError::Idle,
+                Verdict::Drained => SessionError::Drained,
+            })
+            .and_then(|r| r);
+        }
         Framing::Tunnel {
             tunnel: Peer::Upstream,
             encoder,
             decoder,
-        } => (
-            Transform::Seal(encoder),
-            Transform::Open(decoder),
-            MAX_FRAME,
-        ),
+        } => (Transform::Seal(encoder), Transform::Open(decoder)),
         Framing::Tunnel {
             tunnel: Peer::Downstream,
             encoder,
             decoder,
-        } => (
-            Transform::Open(decoder),
-            Transform::Seal(encoder),
-            MAX_FRAME,
-        ),
+        } => (Transform::Open(decoder), Transform::Seal(encoder)),
     };
     let guard = ctx.watchdog().watch();
     let pumps = Pumps {
-        pipes: ctx.pipes(),
         batches: ctx.batches(),
         watch: guard.watch(),
         stats: ctx.stats(),
@@ -124,11 +142,7 @@ pub async fn run(
     // abort (a large --buffer-size under a memory limit). Buffers come from
     // and go back to the shard's pool: no allocation or zeroing per
     // connection once the shard is warm.
-    let take = || {
-        ctx.buffer(buf_size)
-            .ok_or(SessionError::OutOfMemory(buf_size))
-    };
-    let (mut up_buf, mut down_buf) = (take()?, take()?);
+    let (mut up_buf, mut down_buf) = (take(MAX_FRAME)?, take(MAX_FRAME)?);
     // The idle timeout and the drain's abort come from the shard's sweep
     // (`crate::watchdog`): no timer or trigger is polled per message.
     let result = watched(
@@ -176,9 +190,6 @@ struct Pumps<'a> {
     rec: &'a Record,
     /// Plaintext read per chunk when sealing.
     read_size: usize,
-    /// Pipes to splice through (a budget only in `forward` with `--splice
-    /// auto`).
-    pipes: &'a crate::transfer::PipePool,
     /// Batch buffers for transfers (a budget only in the tunnel roles).
     batches: &'a crate::transfer::BatchPool,
 }
@@ -235,63 +246,8 @@ impl Pumps<'_> {
         buf: &mut [u8],
     ) -> Result<(), SessionError> {
         match transform {
-            Transform::Copy => self.copy(from, to, buf).await,
             Transform::Seal(enc) => self.seal(from, to, enc, buf).await,
             Transform::Open(dec) => self.open(from, to, dec, buf).await,
-        }
-    }
-
-    /// Plain copy. A read that fills `buf` marks a transfer: then, with
-    /// `--splice auto` and a pipe to spare, the rest of this direction is
-    /// spliced (see [`crate::transfer`]).
-    async fn copy(&self, from: &Conn, to: &Conn, buf: &mut [u8]) -> Result<(), SessionError> {
-        let up = from.peer() == Peer::Downstream;
-        loop {
-            let n = self.read(from, buf).await?;
-            if n == 0 {
-                return to.shutdown_write();
-            }
-            let read_at = self.now();
-            self.count(up, n);
-            self.write_all(to, &buf[..n]).await?;
-            self.delivered(up);
-            self.chunk_done(up, read_at);
-            if n == buf.len() {
-                if let Some(pipe) = self.pipes.take() {
-                    return self.splice(from, to, pipe).await;
-                }
-            }
-        }
-    }
-
-    /// `from` → `pipe` → `to` until EOF (then FIN to `to`) or error. The
-    /// pipe is emptied into `to` before the next splice from `from`, so a
-    /// slow reader stalls its writer exactly as with copying, and at most a
-    /// pipe's capacity is in flight.
-    async fn splice(
-        &self,
-        from: &Conn,
-        to: &Conn,
-        mut pipe: crate::transfer::Pipe<'_>,
-    ) -> Result<(), SessionError> {
-        let up = from.peer() == Peer::Downstream;
-        from.set_nonblocking()?;
-        to.set_nonblocking()?;
-        loop {
-            let n = from.splice_in(&mut pipe).await?;
-            if n == 0 {
-                return to.shutdown_write();
-            }
-            self.touch();
-            let read_at = self.now();
-            self.count(up, n);
-            self.stats.add_spliced(n);
-            while pipe.held() > 0 {
-                to.splice_out(&mut pipe).await?;
-                self.touch();
-            }
-            self.delivered(up);
-            self.chunk_done(up, read_at);
         }
     }
 

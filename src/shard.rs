@@ -140,6 +140,7 @@ async fn run(setup: Setup) {
         })
         .collect();
     spawn_idle_sweep(ctx.clone());
+    glommio::spawn_local(crate::engine::drive(ctx.clone())).detach();
     let _ = ready.send(id);
     if ctx.publishes() {
         spawn_publisher(ctx.clone());

@@ -400,3 +400,98 @@ pub fn send_vectored(
     }
     Ok(n as usize)
 }
+
+/// `recv(2)` on a connected, non-blocking socket `fd`, through the generic
+/// `syscall(2)` (glibc's `recv` is a thread-cancellation point, with two
+/// extra calls around the syscall; nothing here cancels threads). `Ok(0)`
+/// is EOF; `WouldBlock` when nothing is queued. The caller keeps `fd` open.
+pub fn recv_fd(fd: std::os::fd::RawFd, buf: &mut [u8]) -> std::io::Result<usize> {
+    // SAFETY: `buf` is a live, writable buffer of `buf.len()` bytes for the
+    // duration of the call; the null address arguments ask for no address.
+    let n = unsafe {
+        libc::syscall(
+            libc::SYS_recvfrom,
+            fd,
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+            libc::MSG_DONTWAIT,
+            std::ptr::null_mut::<libc::sockaddr>(),
+            std::ptr::null_mut::<libc::socklen_t>(),
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// `send(2)` (`MSG_DONTWAIT | MSG_NOSIGNAL`) on a connected socket `fd`,
+/// through `syscall(2)` as [`recv_fd`]. Returns the bytes written (possibly
+/// fewer than all); `WouldBlock` when the socket has no room.
+pub fn send_fd(fd: std::os::fd::RawFd, buf: &[u8]) -> std::io::Result<usize> {
+    // SAFETY: `buf` is a live buffer of `buf.len()` bytes for the duration
+    // of the call; send reads it and writes no user memory.
+    let n = unsafe {
+        libc::syscall(
+            libc::SYS_sendto,
+            fd,
+            buf.as_ptr() as *const libc::c_void,
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            std::ptr::null::<libc::sockaddr>(),
+            0 as libc::socklen_t,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// `shutdown(fd, SHUT_WR)`: sends FIN on a connected socket.
+pub fn shutdown_write_fd(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    // SAFETY: a plain syscall on a descriptor the caller keeps open; no
+    // pointers.
+    if unsafe { libc::shutdown(fd, libc::SHUT_WR) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The pending error of socket `fd` (`SO_ERROR`, which clears it), if any.
+pub fn take_socket_error(fd: std::os::fd::RawFd) -> Option<std::io::Error> {
+    let mut err: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `err` and `len` are live locals of the sizes passed.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            &mut err as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    match r {
+        0 if err == 0 => None,
+        0 => Some(std::io::Error::from_raw_os_error(err)),
+        _ => Some(std::io::Error::last_os_error()),
+    }
+}
+
+/// Sets `O_NONBLOCK` on `fd` (splicing from a socket waits on its own
+/// flag, whatever `SPLICE_F_NONBLOCK` says).
+pub fn set_nonblocking_fd(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    // SAFETY: plain fcntl calls on a descriptor the caller keeps open.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if flags & libc::O_NONBLOCK == 0 {
+        // SAFETY: as above.
+        if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

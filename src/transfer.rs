@@ -50,6 +50,18 @@ impl PipePool {
     /// An empty pipe, from the pool or new; `None` when the budget is spent
     /// or the OS refuses one (then the caller copies instead).
     pub fn take(&self) -> Option<Pipe<'_>> {
+        let fds = self.take_owned()?;
+        Some(Pipe {
+            fds: Some(fds),
+            pool: self,
+            held: 0,
+        })
+    }
+
+    /// [`PipePool::take`] without the guard: an empty pipe (read end,
+    /// write end) that counts against the budget until
+    /// [`PipePool::give_back`].
+    pub fn take_owned(&self) -> Option<(OwnedFd, OwnedFd)> {
         if self.live.get() >= self.budget {
             return None;
         }
@@ -58,11 +70,16 @@ impl PipePool {
             None => crate::sys::splice_pipe().ok()?,
         };
         self.live.set(self.live.get() + 1);
-        Some(Pipe {
-            fds: Some(fds),
-            pool: self,
-            held: 0,
-        })
+        Some(fds)
+    }
+
+    /// Returns a pipe from [`PipePool::take_owned`] that still holds `held`
+    /// bytes: kept for reuse if empty, closed otherwise.
+    pub fn give_back(&self, fds: (OwnedFd, OwnedFd), held: usize) {
+        self.live.set(self.live.get() - 1);
+        if held == 0 {
+            self.idle.borrow_mut().push(fds);
+        }
     }
 }
 
@@ -104,11 +121,8 @@ impl Pipe<'_> {
 
 impl Drop for Pipe<'_> {
     fn drop(&mut self) {
-        self.pool.live.set(self.pool.live.get() - 1);
         if let Some(fds) = self.fds.take() {
-            if self.held == 0 {
-                self.pool.idle.borrow_mut().push(fds);
-            }
+            self.pool.give_back(fds, self.held);
         }
     }
 }

@@ -198,6 +198,11 @@ impl WatchGuard<'_> {
     pub fn watch(&self) -> &Watch {
         &self.watch
     }
+
+    /// The relay's watch, for a relay that outlives a borrow.
+    pub fn shared(&self) -> Rc<Watch> {
+        self.watch.clone()
+    }
 }
 
 impl Drop for WatchGuard<'_> {

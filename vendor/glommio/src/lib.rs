@@ -299,6 +299,7 @@ mod uring_sys;
 #[cfg(feature = "bench")]
 #[doc(hidden)]
 pub mod nop;
+pub mod raw;
 
 /// Unwraps a Result to Poll<T>: if error returns right away.
 ///

@@ -55,7 +55,7 @@ const MSG_ZEROCOPY: i32 = 0x4000000;
 
 #[allow(dead_code)]
 #[derive(Debug)]
-enum UringOpDescriptor {
+pub(crate) enum UringOpDescriptor {
     PollAdd(PollFlags),
     /// shardproxy patch: a multishot `POLL_ADD` (see `Reactor::poll_ready_multishot`).
     PollAddMulti(PollFlags),
@@ -80,6 +80,11 @@ enum UringOpDescriptor {
     SockRecv(usize, i32),
     SockRecvMsg(usize, i32),
     Nop,
+    /// shardproxy patch: a `POLL_ADD` of `crate::raw` (its own user data,
+    /// no `Source`); `true`: multishot.
+    RawPollAdd(PollFlags, bool),
+    /// shardproxy patch: removes the raw poll with this user data.
+    RawPollRemove(u64),
 }
 
 #[derive(Debug)]
@@ -436,6 +441,16 @@ fn fill_sqe<F>(
                 });
             }
             UringOpDescriptor::Nop => sqe.prep_nop(),
+            UringOpDescriptor::RawPollAdd(events, multishot) => {
+                sqe.prep_poll_add(op.fd, events);
+                if multishot {
+                    sqe.set_poll_multishot();
+                }
+            }
+            UringOpDescriptor::RawPollRemove(target) => {
+                user_data = 0;
+                sqe.prep_poll_remove(target);
+            }
         }
         sqe.set_user_data(user_data);
         sqe.set_flags(op.flags);
@@ -525,7 +540,8 @@ fn extract_one_chain(
     queue
         .drain(chain)
         .filter(move |op| {
-            if op.user_data > 0 {
+            // shardproxy patch: raw requests have no source.
+            if op.user_data > 0 && op.user_data & crate::raw::RAW_USER_DATA == 0 {
                 let id = from_user_data(op.user_data);
                 let status = source_map.peek_source_mut(from_user_data(op.user_data), |mut x| {
                     if collects_latency(&x) {
@@ -582,8 +598,13 @@ where
             });
         }
 
-        let id = from_user_data(value.user_data());
         let last = value.raw_flags() & CQE_F_MORE == 0;
+        // shardproxy patch: a raw request's completion goes to `crate::raw`.
+        if value.user_data() & crate::raw::RAW_USER_DATA != 0 {
+            crate::raw::complete(value.user_data(), value.raw_result(), !last);
+            return Some(Completed { woke: true, last });
+        }
+        let id = from_user_data(value.user_data());
 
         let src = if last {
             source_map.borrow_mut().consume_source(id)
@@ -673,6 +694,16 @@ impl UringQueueState {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.submissions.is_empty() && self.cancellations.is_empty()
+    }
+
+    /// shardproxy patch: queues a raw request (see `crate::raw`).
+    pub(crate) fn push_raw(&mut self, fd: RawFd, args: UringOpDescriptor, user_data: u64) {
+        self.submissions.push_back(UringDescriptor {
+            args,
+            fd,
+            flags: SubmissionFlags::empty(),
+            user_data,
+        });
     }
 
     pub(crate) fn cancel_request(&mut self, id: SourceId) {
@@ -1503,6 +1534,7 @@ impl Reactor {
             latency_ring.install_eventfd(&eventfd_src);
         }
 
+        crate::raw::set_queue(main_ring.submission_queue.clone());
         Ok(Reactor {
             main_ring: RefCell::new(main_ring),
             latency_ring: RefCell::new(latency_ring),

@@ -1,0 +1,607 @@
+//! The completion-driven relay: `forward`'s copy loop as one state machine
+//! per shard, driven straight from io_uring completions.
+//!
+//! [`crate::relay`] is a chain of futures per connection: each readiness
+//! event is a glommio `Source` completion, a task wake, a task run, and a
+//! poll through the session's futures down to the socket. For request-sized
+//! messages that user-space work per event is most of what a relay costs
+//! above the kernel's own (docs/BENCHMARKS.md, "The floor"). Here each
+//! socket has one multishot poll (`glommio::raw`, no `Source`), and the
+//! shard's one driver task hands each batch of completions to
+//! [`Engine::on_completion`], which reads and writes with plain syscalls:
+//! the shape of an epoll relay (benches/floor/relay.c), on io_uring.
+//!
+//! The rules are [`crate::relay`]'s:
+//!
+//! * Each direction owns one buffer; nothing more is read from a side
+//!   until what was read from it has been written to the other, so a slow
+//!   reader stalls its writer and memory per connection is bounded.
+//! * EOF from one side becomes FIN to the other; the pair ends when both
+//!   directions have ended.
+//! * An error on either side ends both at once, with the side named; the
+//!   session then resets both sockets.
+//! * Idle timeout and the drain's abort come from the shard's sweep, which
+//!   wakes the session; dropping the [`Relay`] ends the pair.
+//!
+//! A short read is taken as "drained" (no `recv` until the next completion)
+//! until a completion reports the peer's FIN (`POLLRDHUP`/`POLLHUP`): no
+//! wake-up follows a FIN already seen, so from then on the side is read to
+//! EOF. Every data wake-up after a completion was posted posts another, so
+//! no data is left unread.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+use glommio::raw::{self, Completion};
+
+use crate::access_log::Record;
+use crate::error::{Peer, SessionError};
+use crate::metrics::{Hist, Timings};
+use crate::stats::ShardStats;
+use crate::transfer::PipePool;
+use crate::watchdog::Watch;
+
+const POLLIN: i16 = libc::POLLIN;
+const POLLOUT: i16 = libc::POLLOUT;
+const POLLERR: i16 = libc::POLLERR;
+const POLLHUP: i16 = libc::POLLHUP;
+const POLLRDHUP: i16 = libc::POLLRDHUP;
+/// What a side's multishot read poll waits for.
+const READ_EVENTS: i16 = POLLIN | POLLRDHUP | POLLERR | POLLHUP;
+
+/// Side 0 is the client (downstream), side 1 the upstream.
+fn peer(side: usize) -> Peer {
+    if side == 0 {
+        Peer::Downstream
+    } else {
+        Peer::Upstream
+    }
+}
+
+/// One direction: bytes read from side `s`, to be written to side `1 - s`.
+struct Half {
+    buf: Vec<u8>,
+    /// `buf[off..len]` is read and not yet written.
+    off: usize,
+    len: usize,
+    /// The side sent FIN.
+    eof: bool,
+    /// FIN passed on to the other side.
+    shut: bool,
+    /// A completion reported the side's FIN or hang-up: read to EOF.
+    gone: bool,
+    /// Bytes read from the side (and counted in the shard's stats).
+    bytes: u64,
+    /// Bytes of `bytes` already added to the connection's record.
+    synced: u64,
+    /// Transfer mode: the pipe this direction splices through (read end,
+    /// write end), and the bytes it holds.
+    pipe: Option<(OwnedFd, OwnedFd)>,
+    held: usize,
+    /// When the bytes in flight were read, if chunks are timed.
+    read_at: Option<Instant>,
+}
+
+impl Half {
+    fn new(buf: Vec<u8>) -> Self {
+        Half {
+            buf,
+            off: 0,
+            len: 0,
+            eof: false,
+            shut: false,
+            gone: false,
+            bytes: 0,
+            synced: 0,
+            pipe: None,
+            held: 0,
+            read_at: None,
+        }
+    }
+}
+
+struct Pair {
+    gen: u32,
+    fds: [RawFd; 2],
+    half: [Half; 2],
+    /// A multishot read poll is armed on the side.
+    reading: [bool; 2],
+    /// A one-shot `POLLOUT` poll is armed on the side.
+    writing: [bool; 2],
+    /// Polls whose last completion has not arrived.
+    live_polls: u32,
+    /// Set once: how the pair ended. Taken by the [`Relay`].
+    outcome: Option<Result<(), SessionError>>,
+    finished: bool,
+    /// The [`Relay`] is gone: free the slot once no poll is live.
+    detached: bool,
+    waker: Option<Waker>,
+    watch: Rc<Watch>,
+    /// When the first upstream bytes were written to the client.
+    first_down: Option<Instant>,
+    /// The connection's accept time, and whether its first upstream chunk
+    /// has been timed (`first_byte_seconds`), as in its [`Record`].
+    accepted_at: Instant,
+    first_up_timed: bool,
+}
+
+/// Token layout: slot index (bits 32..62), generation (bits 2..32, mod
+/// 2^30), kind (bits 0..2: bit 1 set for a `POLLOUT` poll, bit 0 the side).
+fn token(idx: usize, gen: u32, write: bool, side: usize) -> u64 {
+    ((idx as u64) << 32)
+        | (u64::from(gen & 0x3fff_ffff) << 2)
+        | (u64::from(write) << 1)
+        | side as u64
+}
+
+/// What the engine needs of its shard: `crate::context::ShardCtx`
+/// implements it (a trait, so that this module does not depend on the
+/// context that holds it).
+pub trait Host {
+    /// The shard's engine.
+    fn engine(&self) -> &Engine;
+    /// Byte counters.
+    fn stats(&self) -> &ShardStats;
+    /// Latency histograms.
+    fn timings(&self) -> &Timings;
+    /// Pipes for transfers.
+    fn pipes(&self) -> &PipePool;
+    /// Takes back a relay buffer.
+    fn recycle(&self, buf: Vec<u8>);
+}
+
+/// A shard's completion-driven relays.
+#[derive(Default)]
+pub struct Engine {
+    slots: RefCell<Vec<Option<Box<Pair>>>>,
+    free: RefCell<Vec<usize>>,
+    gen: Cell<u32>,
+}
+
+impl Engine {
+    /// Starts relaying between two connected, non-blocking sockets (`fds[0]`
+    /// the client, `fds[1]` the upstream), each direction with its own
+    /// buffer. The sockets stay the caller's; it must keep them open until
+    /// the returned [`Relay`] is dropped.
+    pub fn start(
+        &self,
+        fds: [RawFd; 2],
+        bufs: [Vec<u8>; 2],
+        watch: Rc<Watch>,
+        rec: &Record,
+    ) -> (usize, u32) {
+        let gen = self.gen.get().wrapping_add(1);
+        self.gen.set(gen);
+        let [b0, b1] = bufs;
+        let pair = Box::new(Pair {
+            gen,
+            fds,
+            half: [Half::new(b0), Half::new(b1)],
+            reading: [true, true],
+            writing: [false, false],
+            live_polls: 2,
+            outcome: None,
+            finished: false,
+            detached: false,
+            waker: None,
+            watch,
+            first_down: None,
+            accepted_at: rec.accepted_at,
+            first_up_timed: rec.first_up_timed.get(),
+        });
+        let mut slots = self.slots.borrow_mut();
+        let idx = match self.free.borrow_mut().pop() {
+            Some(i) => {
+                slots[i] = Some(pair);
+                i
+            }
+            None => {
+                slots.push(Some(pair));
+                slots.len() - 1
+            }
+        };
+        for (s, &fd) in fds.iter().enumerate() {
+            raw::poll_add(fd, READ_EVENTS, true, token(idx, gen, false, s));
+        }
+        (idx, gen)
+    }
+
+    /// Handles one batch of completions.
+    pub fn on_completions(&self, batch: &[Completion], ctx: &impl Host) {
+        for c in batch {
+            self.on_completion(*c, ctx);
+        }
+    }
+
+    fn on_completion(&self, c: Completion, ctx: &impl Host) {
+        let idx = (c.token >> 32) as usize;
+        let gen = ((c.token >> 2) & 0x3fff_ffff) as u32;
+        let write = c.token & 2 != 0;
+        let side = (c.token & 1) as usize;
+        let mut slots = self.slots.borrow_mut();
+        let Some(Some(p)) = slots.get_mut(idx) else {
+            return;
+        };
+        if p.gen & 0x3fff_ffff != gen {
+            return;
+        }
+        if !c.more {
+            p.live_polls -= 1;
+            if write {
+                p.writing[side] = false;
+            } else {
+                p.reading[side] = false;
+            }
+        }
+        if !p.finished {
+            let r = if write {
+                // Room on `side` (or the poll failed: then the write finds
+                // out why): flush the direction that writes into it.
+                pump(p, 1 - side, idx, ctx)
+            } else if c.result < 0 {
+                // The kernel ended the read poll: it is re-armed below.
+                Ok(())
+            } else {
+                let mask = c.result as i16;
+                if mask & (POLLRDHUP | POLLHUP | POLLERR) != 0 {
+                    p.half[side].gone = true;
+                }
+                pump(p, side, idx, ctx)
+            };
+            match r {
+                Err(e) => finish(p, idx, Err(e)),
+                Ok(()) if p.half[0].shut && p.half[1].shut => finish(p, idx, Ok(())),
+                Ok(()) => {
+                    for s in 0..2 {
+                        if !p.reading[s] {
+                            p.reading[s] = true;
+                            p.live_polls += 1;
+                            raw::poll_add(p.fds[s], READ_EVENTS, true, token(idx, p.gen, false, s));
+                        }
+                    }
+                }
+            }
+        }
+        if p.detached && p.live_polls == 0 {
+            let pair = slots[idx].take().expect("checked above");
+            drop(slots);
+            self.release(idx, pair, ctx);
+        }
+    }
+
+    /// The session's side of a pair: bytes into `rec`, the outcome once.
+    fn poll_pair(
+        &self,
+        idx: usize,
+        gen: u32,
+        rec: &Record,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), SessionError>> {
+        let mut slots = self.slots.borrow_mut();
+        let p = slots[idx].as_mut().expect("the relay holds its slot");
+        debug_assert_eq!(p.gen, gen);
+        sync(p, rec);
+        match p.outcome.take() {
+            Some(r) => Poll::Ready(r),
+            None => {
+                match &p.waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => p.waker = Some(cx.waker().clone()),
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    /// Copies the pair's byte counts into `rec`.
+    pub fn sync(&self, idx: usize, rec: &Record) {
+        if let Some(Some(p)) = self.slots.borrow_mut().get_mut(idx) {
+            sync(p, rec);
+        }
+    }
+
+    fn detach(&self, idx: usize, ctx: &impl Host) {
+        let mut slots = self.slots.borrow_mut();
+        let p = slots[idx].as_mut().expect("the relay holds its slot");
+        p.detached = true;
+        if !p.finished {
+            finish(p, idx, Ok(()));
+        }
+        if p.live_polls == 0 {
+            let pair = slots[idx].take().expect("checked above");
+            drop(slots);
+            self.release(idx, pair, ctx);
+        }
+    }
+
+    /// Frees a slot whose polls are all gone: buffers and empty pipes back
+    /// to the shard's pools.
+    fn release(&self, idx: usize, pair: Box<Pair>, ctx: &impl Host) {
+        self.free.borrow_mut().push(idx);
+        let [a, b] = pair.half;
+        for h in [a, b] {
+            ctx.recycle(h.buf);
+            if let Some(pipe) = h.pipe {
+                ctx.pipes().give_back(pipe, h.held);
+            }
+        }
+    }
+}
+
+fn sync(p: &mut Pair, rec: &Record) {
+    for s in 0..2 {
+        let h = &mut p.half[s];
+        if h.bytes > h.synced {
+            rec.add_bytes(s == 0, (h.bytes - h.synced) as usize);
+            h.synced = h.bytes;
+        }
+    }
+    if p.first_up_timed {
+        rec.first_up_timed.set(true);
+    }
+    if rec.first_byte.get().is_none() {
+        if let Some(at) = p.first_down {
+            rec.first_byte
+                .set(Some(at.saturating_duration_since(rec.accepted_at)));
+        }
+    }
+}
+
+/// Ends the pair: no more events are handled, its polls are removed, and
+/// the session is woken with `outcome`.
+fn finish(p: &mut Pair, idx: usize, outcome: Result<(), SessionError>) {
+    p.finished = true;
+    p.outcome = Some(outcome);
+    for s in 0..2 {
+        if p.reading[s] {
+            raw::poll_remove(token(idx, p.gen, false, s));
+        }
+        if p.writing[s] {
+            raw::poll_remove(token(idx, p.gen, true, s));
+        }
+    }
+    if let Some(w) = p.waker.take() {
+        w.wake();
+    }
+}
+
+fn io_err(side: usize, op: &'static str, source: io::Error) -> SessionError {
+    SessionError::Io {
+        peer: peer(side),
+        op,
+        source,
+    }
+}
+
+/// Arms a one-shot `POLLOUT` poll on side `s`, unless one is armed.
+fn want_room(p: &mut Pair, s: usize, idx: usize) {
+    if !p.writing[s] {
+        p.writing[s] = true;
+        p.live_polls += 1;
+        raw::poll_add(p.fds[s], POLLOUT, false, token(idx, p.gen, true, s));
+    }
+}
+
+/// The bytes read from side `s` have all been written to the other side:
+/// the chunk's relay latency, the connection's first byte each way.
+fn delivered(p: &mut Pair, s: usize, ctx: &impl Host) {
+    if s == 1 && p.first_down.is_none() {
+        p.first_down = Some(Instant::now());
+    }
+    if let Some(read_at) = p.half[s].read_at.take() {
+        let now = Instant::now();
+        let timings = ctx.timings();
+        timings.record(
+            if s == 0 {
+                Hist::RelayUp
+            } else {
+                Hist::RelayDown
+            },
+            now - read_at,
+        );
+        if s == 0 && !p.first_up_timed {
+            p.first_up_timed = true;
+            timings.record(Hist::FirstByte, now - p.accepted_at);
+        }
+    }
+}
+
+/// Bytes were read from side `s`.
+fn read(p: &mut Pair, s: usize, n: usize, ctx: &impl Host) {
+    let h = &mut p.half[s];
+    h.bytes += n as u64;
+    h.read_at = ctx.timings().enabled().then(Instant::now);
+    ctx.stats().add_bytes(s == 0, n);
+    p.watch.touch();
+}
+
+/// Moves bytes from side `s` to the other side until `s` is drained or the
+/// other side has no room (then a `POLLOUT` poll waits for it). A read that
+/// fills the buffer marks a transfer: with a pipe to spare (`--splice
+/// auto`), the direction then splices ([`crate::transfer`]).
+fn pump(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), SessionError> {
+    if p.half[s].pipe.is_some() {
+        return splice(p, s, idx, ctx);
+    }
+    let (from, to) = (p.fds[s], p.fds[1 - s]);
+    loop {
+        let h = &mut p.half[s];
+        if h.len > h.off {
+            match crate::sys::send_fd(to, &h.buf[h.off..h.len]) {
+                Ok(n) => {
+                    h.off += n;
+                    p.watch.touch();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(io_err(1 - s, "write", e)),
+            }
+            let h = &mut p.half[s];
+            if h.off < h.len {
+                want_room(p, 1 - s, idx);
+                return Ok(());
+            }
+            let full = h.len == h.buf.len();
+            h.off = 0;
+            h.len = 0;
+            delivered(p, s, ctx);
+            if full {
+                if let Some(pipe) = ctx.pipes().take_owned() {
+                    for (side, fd) in [(s, from), (1 - s, to)] {
+                        crate::sys::set_nonblocking_fd(fd).map_err(|e| io_err(side, "fcntl", e))?;
+                    }
+                    p.half[s].pipe = Some(pipe);
+                    return splice(p, s, idx, ctx);
+                }
+            }
+        }
+        let h = &mut p.half[s];
+        if h.eof {
+            if !h.shut {
+                crate::sys::shutdown_write_fd(to).map_err(|e| io_err(1 - s, "shutdown", e))?;
+                h.shut = true;
+            }
+            return Ok(());
+        }
+        match crate::sys::recv_fd(from, &mut h.buf) {
+            Ok(0) => h.eof = true,
+            Ok(n) => {
+                h.len = n;
+                let short = n < h.buf.len() && !h.gone;
+                read(p, s, n, ctx);
+                if short {
+                    // A short read drained the socket: write, and wait for
+                    // the next completion before reading again.
+                    let h = &mut p.half[s];
+                    match crate::sys::send_fd(to, &h.buf[..n]) {
+                        Ok(w) => h.off = w,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(io_err(1 - s, "write", e)),
+                    }
+                    if h.off < h.len {
+                        p.watch.touch();
+                        want_room(p, 1 - s, idx);
+                    } else {
+                        h.off = 0;
+                        h.len = 0;
+                        delivered(p, s, ctx);
+                    }
+                    return Ok(());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(io_err(s, "read", e)),
+        }
+    }
+}
+
+/// [`pump`] in transfer mode: side `s` → pipe → the other side. The pipe
+/// is emptied before the next splice from `s`, so at most its capacity is
+/// in flight. Every wake-up is read to `EAGAIN` (a splice can stop short
+/// with data left: the pipe's slots fill first).
+fn splice(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), SessionError> {
+    let (from, to) = (p.fds[s], p.fds[1 - s]);
+    loop {
+        let h = &mut p.half[s];
+        let (r, w) = match &h.pipe {
+            Some((r, w)) => (r.as_raw_fd(), w.as_raw_fd()),
+            None => unreachable!("splice without a pipe"),
+        };
+        if h.held > 0 {
+            match crate::sys::splice(r, to, h.held) {
+                Ok(n) => {
+                    h.held -= n.min(h.held);
+                    p.watch.touch();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(io_err(1 - s, "write", e)),
+            }
+            if p.half[s].held > 0 {
+                want_room(p, 1 - s, idx);
+                return Ok(());
+            }
+            delivered(p, s, ctx);
+        }
+        let h = &mut p.half[s];
+        if h.eof {
+            if !h.shut {
+                crate::sys::shutdown_write_fd(to).map_err(|e| io_err(1 - s, "shutdown", e))?;
+                h.shut = true;
+            }
+            return Ok(());
+        }
+        match crate::sys::splice(from, w, crate::transfer::PIPE_CHUNK) {
+            Ok(0) => h.eof = true,
+            Ok(n) => {
+                h.held = n;
+                ctx.stats().add_spliced(n);
+                read(p, s, n, ctx);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(io_err(s, "read", e)),
+        }
+    }
+}
+
+/// A running pair, as its session sees it: ready with the outcome;
+/// dropping it ends the pair (its buffers go back to the shard's pool once
+/// the kernel has released its polls).
+pub struct Relay<'a, H: Host> {
+    ctx: &'a H,
+    rec: &'a Record,
+    idx: usize,
+    gen: u32,
+}
+
+impl<'a, H: Host> Relay<'a, H> {
+    /// See [`Engine::start`].
+    pub fn start(
+        ctx: &'a H,
+        rec: &'a Record,
+        fds: [RawFd; 2],
+        bufs: [Vec<u8>; 2],
+        watch: Rc<Watch>,
+    ) -> Self {
+        let (idx, gen) = ctx.engine().start(fds, bufs, watch, rec);
+        Relay { ctx, rec, idx, gen }
+    }
+
+    /// The slot, for [`Engine::sync`].
+    pub fn index(&self) -> usize {
+        self.idx
+    }
+}
+
+impl<H: Host> Future for Relay<'_, H> {
+    type Output = Result<(), SessionError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.ctx
+            .engine()
+            .poll_pair(self.idx, self.gen, self.rec, cx)
+    }
+}
+
+impl<H: Host> Drop for Relay<'_, H> {
+    fn drop(&mut self) {
+        self.ctx.engine().sync(self.idx, self.rec);
+        self.ctx.engine().detach(self.idx, self.ctx);
+    }
+}
+
+/// The shard's driver: hands every batch of raw completions to the engine.
+/// Runs for the shard's life.
+pub async fn drive<H: Host>(ctx: Rc<H>) {
+    let mut batch = Vec::with_capacity(64);
+    loop {
+        futures_lite::future::poll_fn(raw::poll_completions).await;
+        raw::take_completions(&mut batch);
+        ctx.engine().on_completions(&batch, &*ctx);
+        batch.clear();
+    }
+}
