@@ -7,8 +7,15 @@
 //! of its own and reads the completions back in batches.
 //!
 //! * [`poll_add`] arms `IORING_OP_POLL_ADD` (one-shot or multishot) with a
-//!   token below 2^63; [`poll_remove`] removes it (the poll then posts a
-//!   last completion with `-ECANCELED`, or none if it had already ended).
+//!   token below 2^62; [`poll_remove`] cancels it with
+//!   `IORING_OP_ASYNC_CANCEL` (the poll then posts a last completion with
+//!   `-ECANCELED`, or none if it had already ended). The cancel's own
+//!   result comes back as a [`Completion`] with `removal` set: `0`, or
+//!   `-ENOENT` (the poll had ended). Not `IORING_OP_POLL_REMOVE`: that one
+//!   fails with `-EALREADY` when it finds the poll running, and leaves it
+//!   armed (`io_poll_disarm` in io_uring/poll.c), so a multishot poll whose
+//!   socket was hanging up at that instant was never removed; its file and
+//!   its owner's state were held for good.
 //! * Completions are queued per thread; [`poll_completions`] is ready when
 //!   any is queued, and registers one waker otherwise; [`take_completions`]
 //!   moves them out.
@@ -28,6 +35,8 @@ use crate::sys::{ReactorQueue, UringOpDescriptor};
 
 /// The bit that marks a raw request's user data.
 pub(crate) const RAW_USER_DATA: u64 = 1 << 63;
+/// With [`RAW_USER_DATA`]: the completion of a [`poll_remove`].
+pub(crate) const REMOVAL_USER_DATA: u64 = RAW_USER_DATA | 1 << 62;
 
 /// One completion of a raw request.
 #[derive(Debug, Clone, Copy)]
@@ -38,6 +47,9 @@ pub struct Completion {
     pub result: i32,
     /// `IORING_CQE_F_MORE`: a multishot poll that stays armed.
     pub more: bool,
+    /// The result of [`poll_remove`] for the poll armed with `token`, not
+    /// of the poll itself.
+    pub removal: bool,
 }
 
 #[derive(Default)]
@@ -59,9 +71,10 @@ pub(crate) fn complete(user_data: u64, result: i32, more: bool) {
     let waker = STATE.with(|s| {
         let mut s = s.borrow_mut();
         s.completions.push(Completion {
-            token: user_data & !RAW_USER_DATA,
+            token: user_data & !REMOVAL_USER_DATA,
             result,
             more,
+            removal: user_data & REMOVAL_USER_DATA == REMOVAL_USER_DATA,
         });
         s.waker.take()
     });
@@ -79,11 +92,11 @@ fn push(fd: RawFd, args: UringOpDescriptor, user_data: u64) {
 }
 
 /// Arms a poll for `events` (`libc::POLLIN` …, as `i16`) on `fd`, tagged
-/// with `token` (below 2^63). Multishot: it stays armed and posts a
+/// with `token` (below 2^62). Multishot: it stays armed and posts a
 /// completion with [`Completion::more`] per readiness event until removed,
 /// or until the kernel ends it (a completion without `more`).
 pub fn poll_add(fd: RawFd, events: i16, multishot: bool, token: u64) {
-    debug_assert_eq!(token & RAW_USER_DATA, 0);
+    debug_assert_eq!(token & REMOVAL_USER_DATA, 0);
     let flags = PollFlags::from_bits_retain(events);
     push(
         fd,
@@ -92,8 +105,9 @@ pub fn poll_add(fd: RawFd, events: i16, multishot: bool, token: u64) {
     );
 }
 
-/// Removes the poll armed with `token`. Its last completion (`-ECANCELED`,
-/// without `more`) follows, unless it had already ended.
+/// Cancels the poll armed with `token`. Its last completion (`-ECANCELED`,
+/// without `more`) follows, unless it had already ended. The cancel's own
+/// result follows as a completion with `removal` set.
 pub fn poll_remove(token: u64) {
     push(
         -1,

@@ -448,8 +448,13 @@ fn fill_sqe<F>(
                 }
             }
             UringOpDescriptor::RawPollRemove(target) => {
-                user_data = 0;
-                sqe.prep_poll_remove(target);
+                // `ASYNC_CANCEL`, not `POLL_REMOVE`: a `POLL_REMOVE` that
+                // finds the poll running fails with `-EALREADY` and leaves
+                // it armed (`io_poll_disarm`), where a cancel marks it
+                // cancelled whatever it is doing (`io_poll_cancel_req`).
+                // Its own completion is reported too (`Completion::removal`).
+                user_data = target | crate::raw::REMOVAL_USER_DATA;
+                sqe.prep_cancel(target, 0);
             }
         }
         sqe.set_user_data(user_data);
