@@ -581,6 +581,9 @@ impl crate::engine::Host for ShardCtx {
     fn pipes(&self) -> &crate::transfer::PipePool {
         &self.pipes
     }
+    fn batches(&self) -> &crate::transfer::BatchPool {
+        &self.batches
+    }
     fn recycle(&self, buf: Vec<u8>) {
         ShardCtx::recycle(self, buf)
     }

@@ -43,8 +43,9 @@ use glommio::raw::{self, Completion};
 use crate::access_log::Record;
 use crate::error::{Peer, SessionError};
 use crate::metrics::{Hist, Timings};
+use crate::proto::{Decoded, Decoder, Encoder, ProtoError, END_LEN, LEN_LEN, MAX_FRAME, TAG_LEN};
 use crate::stats::ShardStats;
-use crate::transfer::PipePool;
+use crate::transfer::{BatchPool, PipePool, BATCH};
 use crate::watchdog::Watch;
 
 const POLLIN: i16 = libc::POLLIN;
@@ -64,9 +65,47 @@ fn peer(side: usize) -> Peer {
     }
 }
 
+/// What a direction does to the bytes it moves.
+pub enum Mode {
+    /// `forward`: unchanged (and spliced in transfers).
+    Copy,
+    /// Plaintext in, sealed chunks out (toward the tunnel side).
+    Seal(Encoder),
+    /// Sealed chunks in (from the tunnel side), plaintext out.
+    Open(Decoder),
+}
+
+/// Chunks whose plaintext one gathered write sends at most.
+const GATHER: usize = 8;
+
 /// One direction: bytes read from side `s`, to be written to side `1 - s`.
 struct Half {
+    mode: Mode,
+    /// The direction's own buffer: `--buffer-size` (copy), one chunk
+    /// (tunnel roles).
     buf: Vec<u8>,
+    /// Transfer mode in the tunnel roles: a [`BATCH`]-chunk buffer that
+    /// replaces `buf` (see [`crate::transfer`]).
+    batch: Option<Vec<u8>>,
+    /// Sealing: the end chunk is queued; FIN follows it.
+    ending: bool,
+    /// Opening: undecoded input is `start..end` of the buffer; opened
+    /// plaintext ranges `out[out_i..out_n]` (the first `skip` bytes of
+    /// `out[out_i]` written) wait to be written; `end_seen`: the end chunk
+    /// was decoded, the tunnel's FIN is next.
+    start: usize,
+    end: usize,
+    out: [(usize, usize); GATHER],
+    out_i: usize,
+    out_n: usize,
+    skip: usize,
+    end_seen: bool,
+    /// Bytes followed the end chunk: an error once what came before it is
+    /// written.
+    after_end: bool,
+    /// A read came back short: the socket is drained until the next
+    /// completion.
+    drained: bool,
     /// `buf[off..len]` is read and not yet written.
     off: usize,
     len: usize,
@@ -89,9 +128,21 @@ struct Half {
 }
 
 impl Half {
-    fn new(buf: Vec<u8>) -> Self {
+    fn new(mode: Mode, buf: Vec<u8>) -> Self {
         Half {
+            mode,
             buf,
+            batch: None,
+            ending: false,
+            start: 0,
+            end: 0,
+            out: [(0, 0); GATHER],
+            out_i: 0,
+            out_n: 0,
+            skip: 0,
+            end_seen: false,
+            after_end: false,
+            drained: false,
             off: 0,
             len: 0,
             eof: false,
@@ -109,6 +160,8 @@ impl Half {
 struct Pair {
     gen: u32,
     fds: [RawFd; 2],
+    /// Plaintext read per chunk when sealing.
+    read_size: usize,
     half: [Half; 2],
     /// A multishot read poll is armed on the side.
     reading: [bool; 2],
@@ -150,8 +203,10 @@ pub trait Host {
     fn stats(&self) -> &ShardStats;
     /// Latency histograms.
     fn timings(&self) -> &Timings;
-    /// Pipes for transfers.
+    /// Pipes for transfers (`forward`).
     fn pipes(&self) -> &PipePool;
+    /// Batch buffers for transfers (tunnel roles).
+    fn batches(&self) -> &BatchPool;
     /// Takes back a relay buffer.
     fn recycle(&self, buf: Vec<u8>);
 }
@@ -173,16 +228,20 @@ impl Engine {
         &self,
         fds: [RawFd; 2],
         bufs: [Vec<u8>; 2],
+        modes: [Mode; 2],
+        read_size: usize,
         watch: Rc<Watch>,
         rec: &Record,
     ) -> (usize, u32) {
         let gen = self.gen.get().wrapping_add(1);
         self.gen.set(gen);
         let [b0, b1] = bufs;
+        let [m0, m1] = modes;
         let pair = Box::new(Pair {
             gen,
             fds,
-            half: [Half::new(b0), Half::new(b1)],
+            read_size,
+            half: [Half::new(m0, b0), Half::new(m1, b1)],
             reading: [true, true],
             writing: [false, false],
             live_polls: 2,
@@ -273,6 +332,7 @@ impl Engine {
                 if mask & (POLLRDHUP | POLLHUP | POLLERR) != 0 {
                     p.half[side].gone = true;
                 }
+                p.half[side].drained = false;
                 pump(p, side, idx, ctx)
             };
             match r {
@@ -350,6 +410,9 @@ impl Engine {
             ctx.recycle(h.buf);
             if let Some(pipe) = h.pipe {
                 ctx.pipes().give_back(pipe, h.held);
+            }
+            if let Some(batch) = h.batch {
+                ctx.batches().give_back(batch);
             }
         }
     }
@@ -436,10 +499,286 @@ fn delivered(p: &mut Pair, s: usize, ctx: &impl Host) {
 /// Bytes were read from side `s`.
 fn read(p: &mut Pair, s: usize, n: usize, ctx: &impl Host) {
     let h = &mut p.half[s];
-    h.bytes += n as u64;
     h.read_at = ctx.timings().enabled().then(Instant::now);
+    if matches!(h.mode, Mode::Open(_)) {
+        // Counted when opened: plaintext only.
+        p.watch.touch();
+        return;
+    }
+    counted(p, s, n, ctx);
+}
+
+/// `n` plaintext bytes moved in direction `s`.
+fn counted(p: &mut Pair, s: usize, n: usize, ctx: &impl Host) {
+    p.half[s].bytes += n as u64;
     ctx.stats().add_bytes(s == 0, n);
     p.watch.touch();
+}
+
+/// Writes `h`'s pending bytes (`buf[off..len]` of its active buffer) to
+/// `to`; `Ok(true)` when all are written. `more`: `MSG_MORE` (the end
+/// chunk, whose FIN follows in the same segment).
+fn flush(h: &mut Half, to: RawFd, more: bool) -> io::Result<bool> {
+    let buf = match &h.batch {
+        Some(b) => &b[h.off..h.len],
+        None => &h.buf[h.off..h.len],
+    };
+    let r = if more {
+        crate::sys::send_more(to, buf)
+    } else {
+        crate::sys::send_fd(to, buf)
+    };
+    match r {
+        Ok(n) => h.off += n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        Err(e) => return Err(e),
+    }
+    Ok(h.off == h.len)
+}
+
+/// [`pump`] for sealing: plaintext from side `s` → sealed chunks to the
+/// other side, whose end chunk and FIN follow EOF. A read that fills a
+/// chunk marks a transfer: with a batch buffer to spare, one read then
+/// fills up to [`BATCH`] payload slots, laid out so that the sealed chunks
+/// are contiguous, and one write sends them all.
+fn seal(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), SessionError> {
+    let (from, to) = (p.fds[s], p.fds[1 - s]);
+    let size = p.read_size;
+    let stride = LEN_LEN + size + TAG_LEN;
+    loop {
+        let h = &mut p.half[s];
+        if h.len > h.off {
+            let ending = h.ending;
+            match flush(h, to, ending) {
+                Ok(true) => {}
+                Ok(false) => {
+                    p.watch.touch();
+                    want_room(p, 1 - s, idx);
+                    return Ok(());
+                }
+                Err(e) => return Err(io_err(1 - s, "write", e)),
+            }
+            p.watch.touch();
+            let h = &mut p.half[s];
+            h.off = 0;
+            h.len = 0;
+            if ending {
+                crate::sys::shutdown_write_fd(to).map_err(|e| io_err(1 - s, "shutdown", e))?;
+                h.shut = true;
+                return Ok(());
+            }
+            delivered(p, s, ctx);
+        }
+        let h = &mut p.half[s];
+        if h.shut || h.ending {
+            return Ok(());
+        }
+        if h.drained {
+            return Ok(());
+        }
+        let (n, room) = match &mut h.batch {
+            Some(batch) => {
+                let mut slots = batch.chunks_mut(stride);
+                let mut bufs: [std::io::IoSliceMut<'_>; BATCH] = std::array::from_fn(|_| {
+                    let slot = slots.next().expect("BATCH slots");
+                    std::io::IoSliceMut::new(&mut slot[LEN_LEN..LEN_LEN + size])
+                });
+                (crate::sys::recv_vectored(from, &mut bufs), BATCH * size)
+            }
+            None => (
+                crate::sys::recv_fd(from, &mut h.buf[LEN_LEN..LEN_LEN + size]),
+                size,
+            ),
+        };
+        let n = match n {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(io_err(s, "read", e)),
+        };
+        let Mode::Seal(enc) = &mut h.mode else {
+            unreachable!("seal on a sealing half")
+        };
+        if n == 0 {
+            let mut end = [0u8; END_LEN];
+            enc.seal_end(&mut end).map_err(SessionError::Limit)?;
+            let out = h.batch.as_mut().unwrap_or(&mut h.buf);
+            out[..END_LEN].copy_from_slice(&end);
+            h.off = 0;
+            h.len = END_LEN;
+            h.ending = true;
+            continue;
+        }
+        h.drained = n < room && !h.gone;
+        let total = match &mut h.batch {
+            Some(batch) => {
+                let (mut at, mut left, mut total) = (0, n, 0);
+                while left > 0 {
+                    let len = left.min(size);
+                    total = at
+                        + enc
+                            .seal_in_place(&mut batch[at..at + stride], len)
+                            .map_err(SessionError::Limit)?;
+                    at += stride;
+                    left -= len;
+                }
+                ctx.stats().add_batched(n);
+                total
+            }
+            None => enc
+                .seal_in_place(&mut h.buf, n)
+                .map_err(SessionError::Limit)?,
+        };
+        h.off = 0;
+        h.len = total;
+        let full = h.batch.is_none() && n == size;
+        read(p, s, n, ctx);
+        if full {
+            if let Some(batch) = ctx.batches().take_owned(BATCH * stride) {
+                // The sealed chunk moves to the batch buffer's first slot.
+                let h = &mut p.half[s];
+                let mut batch = batch;
+                batch[..total].copy_from_slice(&h.buf[..total]);
+                h.batch = Some(batch);
+            }
+        }
+    }
+}
+
+/// [`pump`] for opening: sealed chunks from side `s` → plaintext to the
+/// other side. Only authenticated plaintext is written; the plaintext of
+/// every whole chunk in the buffer goes out in one gathered write. The end
+/// chunk becomes FIN once the tunnel's own FIN follows it (a byte after it
+/// aborts both sides); EOF without it is [`SessionError::Truncated`].
+fn open(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), SessionError> {
+    let (from, to) = (p.fds[s], p.fds[1 - s]);
+    let rejected = |source| SessionError::Proto {
+        peer: peer(s),
+        source,
+    };
+    loop {
+        // 1. Opened plaintext waiting to be written.
+        let h = &mut p.half[s];
+        if h.out_i < h.out_n {
+            let buf: &[u8] = h.batch.as_deref().unwrap_or(&h.buf);
+            let mut iov = [std::io::IoSlice::new(&[]); GATHER];
+            let k = h.out_n - h.out_i;
+            for (j, &(at, len)) in h.out[h.out_i..h.out_n].iter().enumerate() {
+                let from = if j == 0 { h.skip } else { 0 };
+                iov[j] = std::io::IoSlice::new(&buf[at + from..at + len]);
+            }
+            let mut n = match crate::sys::send_vectored(to, &iov[..k]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Err(io_err(1 - s, "write", e)),
+            };
+            if n > 0 {
+                p.watch.touch();
+            }
+            let h = &mut p.half[s];
+            while n > 0 {
+                let left = h.out[h.out_i].1 - h.skip;
+                if n >= left {
+                    n -= left;
+                    h.out_i += 1;
+                    h.skip = 0;
+                } else {
+                    h.skip += n;
+                    n = 0;
+                }
+            }
+            if h.out_i < h.out_n {
+                want_room(p, 1 - s, idx);
+                return Ok(());
+            }
+            h.out_i = 0;
+            h.out_n = 0;
+            delivered(p, s, ctx);
+        }
+        let h = &mut p.half[s];
+        // 2. After the end chunk: the tunnel's FIN, and nothing else.
+        if h.end_seen {
+            if h.after_end {
+                return Err(rejected(ProtoError::DataAfterEnd));
+            }
+            if h.shut {
+                return Ok(());
+            }
+            let mut probe = [0u8; 1];
+            return match crate::sys::recv_fd(from, &mut probe) {
+                Ok(0) => {
+                    crate::sys::shutdown_write_fd(to).map_err(|e| io_err(1 - s, "shutdown", e))?;
+                    p.half[s].shut = true;
+                    Ok(())
+                }
+                Ok(_) => Err(rejected(ProtoError::DataAfterEnd)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+                Err(e) => Err(io_err(s, "read", e)),
+            };
+        }
+        // 3. Open the whole chunks in the buffer (at most GATHER a write).
+        let Mode::Open(dec) = &mut h.mode else {
+            unreachable!("open on an opening half")
+        };
+        let buf: &mut [u8] = match h.batch.as_mut() {
+            Some(b) => b,
+            None => &mut h.buf,
+        };
+        let mut bytes = 0;
+        while h.out_n < GATHER {
+            match dec.decode(&mut buf[h.start..h.end]).map_err(rejected)? {
+                Decoded::Data {
+                    consumed,
+                    start: at,
+                    len,
+                } => {
+                    h.out[h.out_n] = (h.start + at, len);
+                    h.out_n += 1;
+                    bytes += len;
+                    h.start += consumed;
+                }
+                Decoded::End { consumed } => {
+                    // PROTOCOL.md §4: nothing may follow the end chunk.
+                    h.after_end = h.start + consumed < h.end;
+                    h.start += consumed;
+                    h.end_seen = true;
+                    break;
+                }
+                Decoded::NeedMore => break,
+            }
+        }
+        if h.out_n > 0 || h.end_seen {
+            if bytes > 0 {
+                if h.batch.is_some() {
+                    ctx.stats().add_batched(bytes);
+                }
+                counted(p, s, bytes, ctx);
+            }
+            continue;
+        }
+        // 4. Read more, unless the socket is drained until its next event.
+        if h.drained {
+            return Ok(());
+        }
+        buf.copy_within(h.start..h.end, 0);
+        h.end -= h.start;
+        h.start = 0;
+        let room = buf.len() - h.end;
+        let n = match crate::sys::recv_fd(from, &mut buf[h.end..]) {
+            Ok(0) => return Err(SessionError::Truncated(peer(s))),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(io_err(s, "read", e)),
+        };
+        h.end += n;
+        h.drained = n < room && !h.gone;
+        if h.end == buf.len() && h.batch.is_none() {
+            if let Some(mut b) = ctx.batches().take_owned(BATCH * MAX_FRAME) {
+                b[..h.end].copy_from_slice(&h.buf[..h.end]);
+                h.batch = Some(b);
+            }
+        }
+        read(p, s, n, ctx);
+    }
 }
 
 /// Moves bytes from side `s` to the other side until `s` is drained or the
@@ -447,9 +786,16 @@ fn read(p: &mut Pair, s: usize, n: usize, ctx: &impl Host) {
 /// fills the buffer marks a transfer: with a pipe to spare (`--splice
 /// auto`), the direction then splices ([`crate::transfer`]).
 fn pump(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), SessionError> {
-    if p.half[s].pipe.is_some() {
-        return splice(p, s, idx, ctx);
+    match p.half[s].mode {
+        Mode::Copy if p.half[s].pipe.is_some() => splice(p, s, idx, ctx),
+        Mode::Copy => copy(p, s, idx, ctx),
+        Mode::Seal(_) => seal(p, s, idx, ctx),
+        Mode::Open(_) => open(p, s, idx, ctx),
     }
+}
+
+/// [`pump`] for a plain copy.
+fn copy(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), SessionError> {
     let (from, to) = (p.fds[s], p.fds[1 - s]);
     loop {
         let h = &mut p.half[s];
@@ -586,9 +932,11 @@ impl<'a, H: Host> Relay<'a, H> {
         rec: &'a Record,
         fds: [RawFd; 2],
         bufs: [Vec<u8>; 2],
+        modes: [Mode; 2],
+        read_size: usize,
         watch: Rc<Watch>,
     ) -> Self {
-        let (idx, gen) = ctx.engine().start(fds, bufs, watch, rec);
+        let (idx, gen) = ctx.engine().start(fds, bufs, modes, read_size, watch, rec);
         Relay { ctx, rec, idx, gen }
     }
 
@@ -640,6 +988,7 @@ mod tests {
         stats: ShardStats,
         timings: Timings,
         pipes: PipePool,
+        batches: BatchPool,
     }
 
     impl Host for TestHost {
@@ -654,6 +1003,9 @@ mod tests {
         }
         fn pipes(&self) -> &PipePool {
             &self.pipes
+        }
+        fn batches(&self) -> &BatchPool {
+            &self.batches
         }
         fn recycle(&self, _: Vec<u8>) {}
     }
@@ -684,6 +1036,7 @@ mod tests {
                     stats: ShardStats::default(),
                     timings: Timings::new(false, 0),
                     pipes: PipePool::new(0),
+                    batches: BatchPool::new(0),
                 });
                 glommio::spawn_local(drive(host.clone())).detach();
                 let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -713,6 +1066,8 @@ mod tests {
                         &rec,
                         [client_ours.as_raw_fd(), upstream_ours.as_raw_fd()],
                         [vec![0; 4096], vec![0; 4096]],
+                        [Mode::Copy, Mode::Copy],
+                        4096,
                         Rc::new(Watch::default()),
                     );
                     relay.await.unwrap();

@@ -152,6 +152,13 @@ impl BatchPool {
     /// connection's: write before reading), or `None` when the budget is
     /// spent or the allocation fails.
     pub fn take(&self, len: usize) -> Option<BatchBuf<'_>> {
+        let buf = self.take_owned(len)?;
+        Some(BatchBuf { buf, pool: self })
+    }
+
+    /// [`BatchPool::take`] without the guard: the buffer counts against the
+    /// budget until [`BatchPool::give_back`].
+    pub fn take_owned(&self, len: usize) -> Option<Vec<u8>> {
         if self.live.get() >= self.budget {
             return None;
         }
@@ -165,7 +172,18 @@ impl BatchPool {
             }
         };
         self.live.set(self.live.get() + 1);
-        Some(BatchBuf { buf, pool: self })
+        Some(buf)
+    }
+
+    /// Returns a buffer from [`BatchPool::take_owned`].
+    pub fn give_back(&self, buf: Vec<u8>) {
+        self.live.set(self.live.get() - 1);
+        let mut idle = self.idle.borrow_mut();
+        // Keep at most IDLE_BATCH_BYTES' worth, as the shard's pool of
+        // chunk buffers does: a burst of transfers must not pin its peak.
+        if (idle.len() + 1) * buf.len() <= IDLE_BATCH_BYTES && idle.len() < self.budget {
+            idle.push(buf);
+        }
     }
 }
 
@@ -190,13 +208,7 @@ impl std::ops::DerefMut for BatchBuf<'_> {
 
 impl Drop for BatchBuf<'_> {
     fn drop(&mut self) {
-        self.pool.live.set(self.pool.live.get() - 1);
-        let mut idle = self.pool.idle.borrow_mut();
-        // Keep at most IDLE_BATCH_BYTES' worth, as the shard's pool of
-        // chunk buffers does: a burst of transfers must not pin its peak.
-        if (idle.len() + 1) * self.buf.len() <= IDLE_BATCH_BYTES && idle.len() < self.pool.budget {
-            idle.push(std::mem::take(&mut self.buf));
-        }
+        self.pool.give_back(std::mem::take(&mut self.buf));
     }
 }
 
