@@ -137,73 +137,6 @@ impl Conn {
         self.shutdown_write()
     }
 
-    /// Splices what the socket holds into `pipe` (at most
-    /// [`crate::transfer::PIPE_CHUNK`] bytes), waiting until it holds
-    /// something; `Ok(0)` is EOF. The pipe must be empty. Errors name this
-    /// side.
-    pub async fn splice_in(
-        &self,
-        pipe: &mut crate::transfer::Pipe<'_>,
-    ) -> Result<usize, SessionError> {
-        debug_assert_eq!(pipe.held(), 0);
-        let to = pipe.write_end();
-        // `want` 1: a splice can stop short with data left in the socket
-        // (the pipe's slots filled), so any bytes mean "try again".
-        let n = self
-            .read_op(1, |fd| {
-                crate::sys::splice(fd, to, crate::transfer::PIPE_CHUNK)
-            })
-            .await?;
-        pipe.filled(n);
-        Ok(n)
-    }
-
-    /// Splices what `pipe` holds into the socket, waiting for room; returns
-    /// the bytes moved (at least one). Errors name this side.
-    pub async fn splice_out(
-        &self,
-        pipe: &mut crate::transfer::Pipe<'_>,
-    ) -> Result<usize, SessionError> {
-        let (from, len) = (pipe.read_end(), pipe.held());
-        let n = self
-            .write_op(|fd| crate::sys::splice(from, fd, len))
-            .await?;
-        pipe.drained(n);
-        Ok(n)
-    }
-
-    /// Reads into `bufs` in order with one call, waiting until the socket
-    /// holds something; `Ok(0)` is EOF. Errors name this side.
-    pub async fn read_vectored(
-        &self,
-        bufs: &mut [io::IoSliceMut<'_>],
-    ) -> Result<usize, SessionError> {
-        let want: usize = bufs.iter().map(|b| b.len()).sum();
-        self.read_op(want, |fd| crate::sys::recv_vectored(fd, bufs))
-            .await
-    }
-
-    /// Writes from `bufs` in order with one call, waiting for room; returns
-    /// the bytes written (at least one, maybe fewer than all). Errors name
-    /// this side.
-    pub async fn write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> Result<usize, SessionError> {
-        self.write_op(|fd| crate::sys::send_vectored(fd, bufs))
-            .await
-    }
-
-    /// One read-like operation on the socket's descriptor, with the
-    /// stream's readiness (`TcpStream::poll_read_with`: `want` is what a
-    /// result must reach to mean "more may be queued").
-    async fn read_op(
-        &self,
-        want: usize,
-        mut op: impl FnMut(std::os::fd::RawFd) -> io::Result<usize>,
-    ) -> Result<usize, SessionError> {
-        poll_fn(|cx| self.stream.borrow_mut().poll_read_with(cx, want, &mut op))
-            .await
-            .map_err(|e| self.fail("read", e))
-    }
-
     /// One write-like operation on the socket's descriptor, waiting for
     /// room (`TcpStream::poll_write_with`).
     async fn write_op(
@@ -224,16 +157,6 @@ impl Conn {
             Ok(n) => Ok(n),
             Err(e) => Err(self.fail("write", e)),
         }
-    }
-
-    /// Puts the socket in non-blocking mode (`O_NONBLOCK`), which
-    /// `splice(2)` on a TCP socket needs: it waits on a blocking socket
-    /// whatever its flags say. glommio's own calls pass `MSG_DONTWAIT`.
-    pub fn set_nonblocking(&self) -> Result<(), SessionError> {
-        let stream = self.stream.borrow();
-        socket2::SockRef::from(&*stream)
-            .set_nonblocking(true)
-            .map_err(|e| self.fail("fcntl", e))
     }
 
     /// Sends FIN: shuts down our write half.

@@ -1,33 +1,53 @@
-//! The completion-driven relay: `forward`'s copy loop as one state machine
-//! per shard, driven straight from io_uring completions.
+//! The completion-driven relay: every pair's two directions as one state
+//! machine per shard, driven straight from io_uring completions.
 //!
-//! [`crate::relay`] is a chain of futures per connection: each readiness
-//! event is a glommio `Source` completion, a task wake, a task run, and a
-//! poll through the session's futures down to the socket. For request-sized
-//! messages that user-space work per event is most of what a relay costs
-//! above the kernel's own (docs/BENCHMARKS.md, "The floor"). Here each
-//! socket has one multishot poll (`glommio::raw`, no `Source`), and the
-//! shard's one driver task hands each batch of completions to
-//! [`Engine::on_completion`], which reads and writes with plain syscalls:
-//! the shape of an epoll relay (benches/floor/relay.c), on io_uring.
+//! ```text
+//!   client ──read──▶ [buf] ──(copy/seal/open)──write──▶ upstream   (half 0)
+//!   client ◀──write──(copy/seal/open)── [buf] ◀──read── upstream   (half 1)
+//! ```
 //!
-//! The rules are [`crate::relay`]'s:
+//! Why not a future per direction (what [`crate::relay`] ran until
+//! session 11): each readiness event was then a glommio `Source`
+//! completion, a task wake, a task run and a poll through the session's
+//! futures down to the socket. For request-sized messages that user-space
+//! work per event was most of what a relay cost above the kernel's own
+//! (docs/BENCHMARKS.md, "The floor"). Here each socket has one multishot
+//! poll (`glommio::raw`, no `Source`), and the shard's one driver task
+//! ([`drive`]) hands each batch of completions to
+//! [`Engine::on_completions`], which reads, writes, seals, opens and splices
+//! with plain syscalls: the shape of an epoll relay
+//! (benches/floor/relay.c), on io_uring.
+//!
+//! The rules are those of [`crate::relay`]:
 //!
 //! * Each direction owns one buffer; nothing more is read from a side
 //!   until what was read from it has been written to the other, so a slow
-//!   reader stalls its writer and memory per connection is bounded.
-//! * EOF from one side becomes FIN to the other; the pair ends when both
-//!   directions have ended.
+//!   reader stalls its writer and memory per connection is bounded. A
+//!   write that finds no room arms a one-shot `POLLOUT` poll.
+//! * A read that fills the buffer marks a transfer ([`crate::transfer`]):
+//!   a plain direction then splices through a pipe, a sealing or opening
+//!   one moves [`BATCH`] chunks per syscall, while the shard's budget
+//!   lasts.
+//! * EOF from one side becomes FIN to the other (after the end chunk, when
+//!   sealing; an opening direction passes FIN on only once the tunnel's own
+//!   FIN follows the end chunk, and EOF without it is
+//!   [`SessionError::Truncated`]); the pair ends when both directions have
+//!   ended.
 //! * An error on either side ends both at once, with the side named; the
 //!   session then resets both sockets.
 //! * Idle timeout and the drain's abort come from the shard's sweep, which
 //!   wakes the session; dropping the [`Relay`] ends the pair.
 //!
-//! A short read is taken as "drained" (no `recv` until the next completion)
-//! until a completion reports the peer's FIN (`POLLRDHUP`/`POLLHUP`): no
-//! wake-up follows a FIN already seen, so from then on the side is read to
-//! EOF. Every data wake-up after a completion was posted posts another, so
-//! no data is left unread.
+//! A short read is taken as "drained" (no `recv` until the next
+//! completion) until a completion reports the peer's FIN
+//! (`POLLRDHUP`/`POLLHUP`): no wake-up follows a FIN already seen, so from
+//! then on the side is read to EOF. A data wake-up after a completion was
+//! posted posts another, so no data is left unread.
+//!
+//! A pair's slot is freed only after the last completion of each of its
+//! polls (cancelled with `IORING_OP_ASYNC_CANCEL` when the pair ends), so a
+//! late completion never reaches a reused slot; tokens carry a generation
+//! too.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;

@@ -2,7 +2,7 @@
 //!
 //! Module map, in import order: each module uses only those below it, so the
 //! list reads like a connection's lifecycle (app → shard → listener →
-//! session → relay → conn → proto).
+//! session → relay → engine → conn → proto).
 //!
 //! | module       | what it owns                                                |
 //! |--------------|-------------------------------------------------------------|
@@ -12,8 +12,9 @@
 //! | [`shard`]    | one pinned executor per core: its run loop and drain         |
 //! | [`listener`] | `SO_REUSEPORT` sockets and the accept loop with permits      |
 //! | [`session`]  | one client + one upstream: handshake, connect, relay         |
-//! | [`relay`]    | the one relay entry point: bounded half-duplex pumps         |
+//! | [`relay`]    | the one relay entry point: a pair's framing and lifetime     |
 //! | [`context`]  | one shard's `Rc` state: config, counters, keys, triggers     |
+//! | [`engine`]   | every pair's bounded half-duplex relay, from completions     |
 //! | [`conn`]     | one socket tagged with its side (downstream / upstream)      |
 //! | [`error`]    | start-up errors; session errors that name the failing side   |
 //! | [`trigger`]  | shard-local stop events and the stop-first `bounded` race    |
@@ -24,7 +25,7 @@
 //! | [`cli`]      | clap structs only                                           |
 //! | [`units`]    | `500ms` / `16KiB` parsers shared by flags and config         |
 //! | [`log`]      | one-line stderr logging macros                               |
-//! | [`sys`]      | the only `unsafe`: adopting fds into glommio, io_uring probe |
+//! | [`sys`]      | the only `unsafe`: adopting fds, io_uring probe, raw syscalls |
 //! | [`proto`]    | sans-io tunnel protocol: keys, hellos, chunk framing         |
 //!
 //! Data never crosses cores: each shard accepts on its own listener, pairs

@@ -21,7 +21,7 @@
 //! mid-move) is closed instead.
 
 use std::cell::{Cell, RefCell};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::OwnedFd;
 
 /// Chunks per batch buffer (tunnel roles).
 pub const BATCH: usize = 4;
@@ -47,20 +47,10 @@ impl PipePool {
         }
     }
 
-    /// An empty pipe, from the pool or new; `None` when the budget is spent
-    /// or the OS refuses one (then the caller copies instead).
-    pub fn take(&self) -> Option<Pipe<'_>> {
-        let fds = self.take_owned()?;
-        Some(Pipe {
-            fds: Some(fds),
-            pool: self,
-            held: 0,
-        })
-    }
-
-    /// [`PipePool::take`] without the guard: an empty pipe (read end,
-    /// write end) that counts against the budget until
-    /// [`PipePool::give_back`].
+    /// An empty pipe (read end, write end), from the pool or new, that
+    /// counts against the budget until [`PipePool::give_back`]; `None` when
+    /// the budget is spent or the OS refuses one (then the caller copies
+    /// instead).
     pub fn take_owned(&self) -> Option<(OwnedFd, OwnedFd)> {
         if self.live.get() >= self.budget {
             return None;
@@ -79,50 +69,6 @@ impl PipePool {
         self.live.set(self.live.get() - 1);
         if held == 0 {
             self.idle.borrow_mut().push(fds);
-        }
-    }
-}
-
-/// One pipe lent to a relay direction. Dropping it returns it to the pool
-/// if it is empty and closes it otherwise.
-pub struct Pipe<'a> {
-    fds: Option<(OwnedFd, OwnedFd)>,
-    pool: &'a PipePool,
-    /// Bytes spliced in and not yet spliced out.
-    held: usize,
-}
-
-impl Pipe<'_> {
-    /// The write end (a socket splices into it).
-    pub fn write_end(&self) -> RawFd {
-        self.fds.as_ref().map_or(-1, |(_, w)| w.as_raw_fd())
-    }
-
-    /// The read end (it splices into a socket).
-    pub fn read_end(&self) -> RawFd {
-        self.fds.as_ref().map_or(-1, |(r, _)| r.as_raw_fd())
-    }
-
-    /// Bytes in the pipe.
-    pub fn held(&self) -> usize {
-        self.held
-    }
-
-    /// `n` bytes were spliced in.
-    pub fn filled(&mut self, n: usize) {
-        self.held += n;
-    }
-
-    /// `n` bytes were spliced out.
-    pub fn drained(&mut self, n: usize) {
-        self.held = self.held.saturating_sub(n);
-    }
-}
-
-impl Drop for Pipe<'_> {
-    fn drop(&mut self) {
-        if let Some(fds) = self.fds.take() {
-            self.pool.give_back(fds, self.held);
         }
     }
 }
@@ -149,15 +95,9 @@ impl BatchPool {
     }
 
     /// A buffer of exactly `len` bytes (its contents are an earlier
-    /// connection's: write before reading), or `None` when the budget is
-    /// spent or the allocation fails.
-    pub fn take(&self, len: usize) -> Option<BatchBuf<'_>> {
-        let buf = self.take_owned(len)?;
-        Some(BatchBuf { buf, pool: self })
-    }
-
-    /// [`BatchPool::take`] without the guard: the buffer counts against the
-    /// budget until [`BatchPool::give_back`].
+    /// connection's: write before reading) that counts against the budget
+    /// until [`BatchPool::give_back`], or `None` when the budget is spent or
+    /// the allocation fails.
     pub fn take_owned(&self, len: usize) -> Option<Vec<u8>> {
         if self.live.get() >= self.budget {
             return None;
@@ -187,77 +127,53 @@ impl BatchPool {
     }
 }
 
-/// A batch buffer lent to a relay direction; back to the pool on drop.
-pub struct BatchBuf<'a> {
-    buf: Vec<u8>,
-    pool: &'a BatchPool,
-}
-
-impl std::ops::Deref for BatchBuf<'_> {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        &self.buf
-    }
-}
-
-impl std::ops::DerefMut for BatchBuf<'_> {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.buf
-    }
-}
-
-impl Drop for BatchBuf<'_> {
-    fn drop(&mut self) {
-        self.pool.give_back(std::mem::take(&mut self.buf));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
 
     #[test]
     fn batch_buffers_are_bounded_and_reused() {
         let pool = BatchPool::new(1);
-        let mut a = pool.take(100).unwrap();
+        let mut a = pool.take_owned(100).unwrap();
         a[0] = 7;
-        assert!(pool.take(100).is_none(), "over budget");
-        drop(a);
-        let b = pool.take(100).unwrap();
+        assert!(pool.take_owned(100).is_none(), "over budget");
+        pool.give_back(a);
+        let b = pool.take_owned(100).unwrap();
         assert_eq!(b.len(), 100);
         assert_eq!(b[0], 7, "the idle buffer was reused");
-        drop(b);
-        assert!(BatchPool::new(0).take(100).is_none());
+        pool.give_back(b);
+        assert!(BatchPool::new(0).take_owned(100).is_none());
         // Idle buffers are kept up to IDLE_BATCH_BYTES, not up to the budget.
         let pool = BatchPool::new(1000);
         let len = 1 << 20;
-        let taken: Vec<_> = (0..20).map(|_| pool.take(len).unwrap()).collect();
-        drop(taken);
+        let taken: Vec<_> = (0..20).map(|_| pool.take_owned(len).unwrap()).collect();
+        for b in taken {
+            pool.give_back(b);
+        }
         assert_eq!(pool.idle.borrow().len(), IDLE_BATCH_BYTES / len);
     }
 
     #[test]
     fn the_budget_bounds_live_pipes_and_only_empty_pipes_are_reused() {
         let pool = PipePool::new(2);
-        let a = pool.take().unwrap();
-        let mut b = pool.take().unwrap();
-        assert!(pool.take().is_none(), "over budget");
+        let a = pool.take_owned().unwrap();
+        let b = pool.take_owned().unwrap();
+        assert!(pool.take_owned().is_none(), "over budget");
         assert_eq!(pool.live.get(), 2);
-        let a_fd = a.read_end();
-        drop(a);
+        let a_fd = a.0.as_raw_fd();
+        pool.give_back(a, 0);
         assert_eq!(pool.live.get(), 1);
-        assert_eq!(
-            pool.take().unwrap().read_end(),
-            a_fd,
-            "an empty pipe is reused"
-        );
-        b.filled(10);
-        drop(b);
+        let again = pool.take_owned().unwrap();
+        assert_eq!(again.0.as_raw_fd(), a_fd, "an empty pipe is reused");
+        pool.give_back(b, 10);
         assert_eq!(
             pool.idle.borrow().len(),
-            1,
+            0,
             "a pipe holding bytes is closed"
         );
-        assert!(PipePool::new(0).take().is_none());
+        pool.give_back(again, 0);
+        assert_eq!(pool.idle.borrow().len(), 1);
+        assert!(PipePool::new(0).take_owned().is_none());
     }
 }
