@@ -353,7 +353,18 @@ impl Engine {
                     p.half[side].gone = true;
                 }
                 p.half[side].drained = false;
-                pump(p, side, idx, ctx)
+                match (mask & POLLERR != 0)
+                    .then(|| crate::sys::take_socket_error(p.fds[side]))
+                    .flatten()
+                {
+                    // A reset (or any socket error) ends the pair now,
+                    // whatever its directions are doing: one whose bytes
+                    // wait for room, or one that already ended, would not
+                    // touch this socket again, and the other peer would
+                    // not hear of it until its own idle timeout.
+                    Some(e) => Err(io_err(side, "read", e)),
+                    None => pump(p, side, idx, ctx),
+                }
             };
             match r {
                 Err(e) => finish(p, idx, Err(e)),
@@ -895,6 +906,24 @@ fn splice(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), Ses
     let (from, to) = (p.fds[s], p.fds[1 - s]);
     loop {
         let h = &mut p.half[s];
+        // Bytes read with `recv` past an urgent mark (below) go first.
+        if h.len > h.off {
+            match flush(h, to, false) {
+                Ok(true) => {}
+                Ok(false) => {
+                    p.watch.touch();
+                    want_room(p, 1 - s, idx);
+                    return Ok(());
+                }
+                Err(e) => return Err(io_err(1 - s, "write", e)),
+            }
+            p.watch.touch();
+            let h = &mut p.half[s];
+            h.off = 0;
+            h.len = 0;
+            delivered(p, s, ctx);
+        }
+        let h = &mut p.half[s];
         let (r, w) = match &h.pipe {
             Some((r, w)) => (r.as_raw_fd(), w.as_raw_fd()),
             None => unreachable!("splice without a pipe"),
@@ -922,7 +951,29 @@ fn splice(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), Ses
             }
             return Ok(());
         }
-        match crate::sys::splice(from, w, crate::transfer::PIPE_CHUNK) {
+        let r = crate::sys::splice(from, w, crate::transfer::PIPE_CHUNK);
+        let stuck = match &r {
+            Ok(0) => true,
+            Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+            Ok(_) => false,
+        };
+        // `splice` stops at TCP's urgent mark (`MSG_OOB`): EAGAIN, or 0 once
+        // a FIN is queued, with data behind it. `recv` steps over the urgent
+        // byte, as a direct connection's reader does, and reads on.
+        if stuck && crate::sys::at_urgent_mark(from).map_err(|e| io_err(s, "read", e))? {
+            match crate::sys::recv_fd(from, &mut h.buf) {
+                Ok(0) => h.eof = true,
+                Ok(n) => {
+                    h.off = 0;
+                    h.len = n;
+                    read(p, s, n, ctx);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(io_err(s, "read", e)),
+            }
+            continue;
+        }
+        match r {
             Ok(0) => h.eof = true,
             Ok(n) => {
                 h.held = n;

@@ -495,3 +495,19 @@ pub fn set_nonblocking_fd(fd: std::os::fd::RawFd) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// Whether socket `fd`'s next byte is at the TCP urgent mark
+/// (`ioctl(SIOCATMARK)`, tcp(7)). `splice(2)` from a TCP socket never reads
+/// past that mark: it answers `EAGAIN`, or 0 once a FIN is queued, although
+/// data follows; a `recv(2)` steps over the urgent byte.
+pub fn at_urgent_mark(fd: std::os::fd::RawFd) -> std::io::Result<bool> {
+    /// `SIOCATMARK` (include/uapi/asm-generic/sockios.h), which the `libc`
+    /// crate does not export.
+    const SIOCATMARK: libc::Ioctl = 0x8905;
+    let mut at: libc::c_int = 0;
+    // SAFETY: SIOCATMARK writes one int to the pointer, a live local.
+    if unsafe { libc::ioctl(fd, SIOCATMARK, &mut at as *mut libc::c_int) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(at != 0)
+}

@@ -23,6 +23,10 @@
 use std::cell::{Cell, RefCell};
 use std::os::fd::OwnedFd;
 
+/// Idle pipes a shard keeps for reuse (two descriptors each); the rest are
+/// closed when their direction ends.
+const IDLE_PIPES: usize = 64;
+
 /// Chunks per batch buffer (tunnel roles).
 pub const BATCH: usize = 4;
 
@@ -67,8 +71,11 @@ impl PipePool {
     /// bytes: kept for reuse if empty, closed otherwise.
     pub fn give_back(&self, fds: (OwnedFd, OwnedFd), held: usize) {
         self.live.set(self.live.get() - 1);
-        if held == 0 {
-            self.idle.borrow_mut().push(fds);
+        let mut idle = self.idle.borrow_mut();
+        // At most IDLE_PIPES kept: a burst of transfers must not hold its
+        // peak of descriptors for good.
+        if held == 0 && idle.len() < IDLE_PIPES {
+            idle.push(fds);
         }
     }
 }
@@ -175,5 +182,14 @@ mod tests {
         pool.give_back(again, 0);
         assert_eq!(pool.idle.borrow().len(), 1);
         assert!(PipePool::new(0).take_owned().is_none());
+        // After a burst, at most IDLE_PIPES stay open.
+        let pool = PipePool::new(1000);
+        let taken: Vec<_> = (0..IDLE_PIPES + 10)
+            .map(|_| pool.take_owned().unwrap())
+            .collect();
+        for p in taken {
+            pool.give_back(p, 0);
+        }
+        assert_eq!(pool.idle.borrow().len(), IDLE_PIPES);
     }
 }

@@ -688,3 +688,76 @@ fn a_demo_refuses_ports_in_use_and_clears_stale_keys() {
     demo.signal("INT");
     assert_eq!(demo.wait_exit(Duration::from_secs(20)).code(), Some(0));
 }
+
+/// A client that resets after its request and FIN while the origin is
+/// silent, or while its upload waits for an origin that does not read: the
+/// origin sees a reset at once, as it would without the proxy, not at the
+/// idle timeout. (Found by a break-it round on the completion-driven relay:
+/// a reset on a side whose direction had ended, or was waiting for room,
+/// was not looked at until that direction moved again.)
+#[test]
+fn a_client_reset_reaches_the_origin_whatever_the_relay_is_doing() {
+    for how in [ResetAfter::Fin, ResetAfter::BlockedUpload] {
+        let (origin, run) = client_reset_reaches_the_origin(how);
+        let proxy = Proxy::forward(origin).start();
+        let seen = run(proxy.addr);
+        assert!(seen.is_some(), "{how:?}: the origin never saw the reset");
+        let (_, lines) = proxy.terminate();
+        assert_eq!(
+            summaries(&lines)[0].get("downstream_reset"),
+            1,
+            "{how:?}: {lines:?}"
+        );
+    }
+}
+
+/// An urgent byte (`MSG_OOB`) in the middle of a spliced transfer, each
+/// way: every ordinary byte arrives and the end is clean, as on a direct
+/// connection (whose reader never asks for the urgent byte). `splice(2)`
+/// stops at the urgent mark; before the relay stepped over it with a
+/// `recv`, the bytes behind it were lost under a clean end, or the
+/// connection hung (found by a break-it round).
+#[test]
+fn an_urgent_byte_mid_splice_loses_nothing_either_way() {
+    let (a, b) = (random_bytes(200_000, 11), random_bytes(200_000, 12));
+    let whole: Vec<u8> = a.iter().chain(b.iter()).copied().collect();
+    let send = {
+        let (a, b) = (a.clone(), b.clone());
+        move |s: &mut TcpStream| {
+            s.write_all(&a).unwrap();
+            socket2::SockRef::from(&*s).send_out_of_band(b"!").unwrap();
+            s.write_all(&b).unwrap();
+            s.shutdown(Shutdown::Write).unwrap();
+        }
+    };
+    let receive = |s: &mut TcpStream| {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = Vec::new();
+        let clean = s.read_to_end(&mut got).is_ok();
+        (clean, got)
+    };
+    // Upload.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let origin = serve(move |mut s| {
+        let _ = tx.send(receive(&mut s));
+    });
+    let proxy = Proxy::forward(origin).start();
+    let mut c = TcpStream::connect(proxy.addr).unwrap();
+    send(&mut c);
+    let (clean, got) = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(clean, "upload: no clean end after {} bytes", got.len());
+    assert_eq!(got.len(), whole.len(), "upload");
+    assert!(got == whole, "upload: bytes differ");
+    let (_, lines) = proxy.terminate();
+    assert!(summaries(&lines)[0].get("spliced") > 0, "{lines:?}");
+    // Download.
+    let origin = serve(move |mut s| send(&mut s));
+    let proxy = Proxy::forward(origin).start();
+    let mut c = TcpStream::connect(proxy.addr).unwrap();
+    let (clean, got) = receive(&mut c);
+    assert!(clean, "download: no clean end after {} bytes", got.len());
+    assert_eq!(got.len(), whole.len(), "download");
+    assert!(got == whole, "download: bytes differ");
+    let (_, lines) = proxy.terminate();
+    assert!(summaries(&lines)[0].get("spliced") > 0, "{lines:?}");
+}

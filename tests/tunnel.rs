@@ -622,3 +622,25 @@ fn a_restarted_exit_refuses_hellos_recorded_before_it_started() {
         "the replay reached the origin: {lines:?}"
     );
 }
+
+/// A client reset reaches the origin through the tunnel at once, after the
+/// client's FIN or while its upload waits for room (see the `forward` test
+/// of the same name).
+#[test]
+fn a_client_reset_reaches_the_origin_through_the_tunnel() {
+    let key = key_file(&[&keygen()]);
+    for how in [ResetAfter::Fin, ResetAfter::BlockedUpload] {
+        let (origin, run) = client_reset_reaches_the_origin(how);
+        let exit = Proxy::exit(origin, &key).start();
+        let entry = Proxy::entry(exit.addr, &key).start();
+        let seen = run(entry.addr);
+        assert!(seen.is_some(), "{how:?}: the origin never saw the reset");
+        let (_, lines) = entry.terminate();
+        assert_eq!(
+            summaries(&lines)[0].get("downstream_reset"),
+            1,
+            "{how:?}: {lines:?}"
+        );
+        drop(exit);
+    }
+}

@@ -993,3 +993,80 @@ pub fn missing(what: &str) {
         "missing prerequisite: {what}. `bash tests/all.sh` installs the suite's tools; set SHARDPROXY_ALLOW_SKIP=1 to skip such checks on purpose"
     );
 }
+
+/// How a client resets its connection in [`client_reset_reaches_the_origin`].
+#[derive(Clone, Copy, Debug)]
+pub enum ResetAfter {
+    /// After a request and its FIN; the origin reads both and stays silent.
+    Fin,
+    /// While its upload waits for room: the origin never reads.
+    BlockedUpload,
+}
+
+/// A client connects through `front`, which relays to the origin this
+/// returns first (pass it to the proxies, then call the returned closure
+/// with the front address): the client resets as `how` says, and the
+/// closure returns how long the origin took to see the reset (`SO_ERROR`
+/// set), or `None` if it did not within 5 s (idle timeouts are minutes).
+pub fn client_reset_reaches_the_origin(
+    how: ResetAfter,
+) -> (SocketAddr, impl FnOnce(SocketAddr) -> Option<Duration>) {
+    let (tx, rx) = mpsc::channel::<Option<Duration>>();
+    let (reset_tx, reset_rx) = mpsc::channel::<Instant>();
+    let reset_rx = Arc::new(Mutex::new(reset_rx));
+    let (fin_tx, fin_rx) = mpsc::channel::<()>();
+    let fin_tx = Arc::new(Mutex::new(fin_tx));
+    let origin = serve(move |mut s| {
+        if matches!(how, ResetAfter::Fin) {
+            let mut req = Vec::new();
+            let _ = s.read_to_end(&mut req);
+            let _ = fin_tx.lock().unwrap().send(());
+        }
+        // When the client reset.
+        let Ok(at) = reset_rx
+            .lock()
+            .unwrap()
+            .recv_timeout(Duration::from_secs(30))
+        else {
+            return;
+        };
+        let seen = loop {
+            match s.take_error() {
+                Ok(Some(_)) | Err(_) => break Some(at.elapsed()),
+                Ok(None) if at.elapsed() > Duration::from_secs(5) => break None,
+                Ok(None) => thread::sleep(Duration::from_millis(5)),
+            }
+        };
+        let _ = tx.send(seen);
+    });
+    let run = move |front: SocketAddr| {
+        let mut c = TcpStream::connect(front).unwrap();
+        match how {
+            ResetAfter::Fin => {
+                c.write_all(b"request").unwrap();
+                c.shutdown(Shutdown::Write).unwrap();
+                // The request and the FIN reach the origin before the reset.
+                fin_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            }
+            ResetAfter::BlockedUpload => {
+                // Write until every buffer on the path is full.
+                c.set_write_timeout(Some(Duration::from_millis(300)))
+                    .unwrap();
+                let chunk = vec![7u8; 64 * 1024];
+                let start = Instant::now();
+                while start.elapsed() < Duration::from_secs(20) {
+                    if c.write(&chunk).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        socket2::SockRef::from(&c)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(c);
+        reset_tx.send(Instant::now()).unwrap();
+        rx.recv_timeout(Duration::from_secs(30)).unwrap()
+    };
+    (origin, run)
+}
