@@ -240,10 +240,14 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts relaying between two connected, non-blocking sockets (`fds[0]`
-    /// the client, `fds[1]` the upstream), each direction with its own
-    /// buffer. The sockets stay the caller's; it must keep them open until
-    /// the returned [`Relay`] is dropped.
+    /// Starts relaying between two connected sockets (`fds[0]` the client,
+    /// `fds[1]` the upstream; blocking or not: every `recv`/`send` passes
+    /// `MSG_DONTWAIT`, and a direction that starts splicing sets
+    /// `O_NONBLOCK`), each direction with its own buffer (`bufs[s]` for the
+    /// bytes read from side `s`), moving them as `modes[s]` says; a sealing
+    /// direction reads at most `read_size` bytes per chunk. The sockets stay
+    /// the caller's; it must keep them open until the returned [`Relay`] is
+    /// dropped. Returns the pair's slot and generation.
     pub fn start(
         &self,
         fds: [RawFd; 2],
