@@ -571,36 +571,51 @@ fn flush(h: &mut Half, to: RawFd, more: bool) -> io::Result<bool> {
     Ok(h.off == h.len)
 }
 
+/// Writes direction `s`'s pending bytes to the other side. `Ok(true)`:
+/// all written, the buffer is empty again; `Ok(false)`: the rest waits for
+/// room (a `POLLOUT` poll is armed). `more` as in [`flush`].
+fn write_pending(p: &mut Pair, s: usize, idx: usize, more: bool) -> Result<bool, SessionError> {
+    let to = p.fds[1 - s];
+    let done = flush(&mut p.half[s], to, more).map_err(|e| io_err(1 - s, "write", e))?;
+    p.watch.touch();
+    if done {
+        let h = &mut p.half[s];
+        h.off = 0;
+        h.len = 0;
+    } else {
+        want_room(p, 1 - s, idx);
+    }
+    Ok(done)
+}
+
+/// Direction `s` has ended: FIN to the other side, once.
+fn pass_fin(p: &mut Pair, s: usize) -> Result<(), SessionError> {
+    let h = &mut p.half[s];
+    if !h.shut {
+        crate::sys::shutdown_write_fd(p.fds[1 - s]).map_err(|e| io_err(1 - s, "shutdown", e))?;
+        h.shut = true;
+    }
+    Ok(())
+}
+
 /// [`pump`] for sealing: plaintext from side `s` → sealed chunks to the
 /// other side, whose end chunk and FIN follow EOF. A read that fills a
 /// chunk marks a transfer: with a batch buffer to spare, one read then
 /// fills up to [`BATCH`] payload slots, laid out so that the sealed chunks
 /// are contiguous, and one write sends them all.
 fn seal(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), SessionError> {
-    let (from, to) = (p.fds[s], p.fds[1 - s]);
+    let from = p.fds[s];
     let size = p.read_size;
     let stride = LEN_LEN + size + TAG_LEN;
     loop {
         let h = &mut p.half[s];
         if h.len > h.off {
             let ending = h.ending;
-            match flush(h, to, ending) {
-                Ok(true) => {}
-                Ok(false) => {
-                    p.watch.touch();
-                    want_room(p, 1 - s, idx);
-                    return Ok(());
-                }
-                Err(e) => return Err(io_err(1 - s, "write", e)),
-            }
-            p.watch.touch();
-            let h = &mut p.half[s];
-            h.off = 0;
-            h.len = 0;
-            if ending {
-                crate::sys::shutdown_write_fd(to).map_err(|e| io_err(1 - s, "shutdown", e))?;
-                h.shut = true;
+            if !write_pending(p, s, idx, ending)? {
                 return Ok(());
+            }
+            if ending {
+                return pass_fin(p, s);
             }
             delivered(p, s, ctx);
         }
@@ -835,22 +850,10 @@ fn copy(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), Sessi
     loop {
         let h = &mut p.half[s];
         if h.len > h.off {
-            match crate::sys::send_fd(to, &h.buf[h.off..h.len]) {
-                Ok(n) => {
-                    h.off += n;
-                    p.watch.touch();
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(io_err(1 - s, "write", e)),
-            }
-            let h = &mut p.half[s];
-            if h.off < h.len {
-                want_room(p, 1 - s, idx);
+            let full = h.len == h.buf.len();
+            if !write_pending(p, s, idx, false)? {
                 return Ok(());
             }
-            let full = h.len == h.buf.len();
-            h.off = 0;
-            h.len = 0;
             delivered(p, s, ctx);
             if full {
                 if let Some(pipe) = ctx.pipes().take_owned() {
@@ -862,14 +865,10 @@ fn copy(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), Sessi
                 }
             }
         }
-        let h = &mut p.half[s];
-        if h.eof {
-            if !h.shut {
-                crate::sys::shutdown_write_fd(to).map_err(|e| io_err(1 - s, "shutdown", e))?;
-                h.shut = true;
-            }
-            return Ok(());
+        if p.half[s].eof {
+            return pass_fin(p, s);
         }
+        let h = &mut p.half[s];
         match crate::sys::recv_fd(from, &mut h.buf) {
             Ok(0) => h.eof = true,
             Ok(n) => {
@@ -909,22 +908,11 @@ fn copy(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), Sessi
 fn splice(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), SessionError> {
     let (from, to) = (p.fds[s], p.fds[1 - s]);
     loop {
-        let h = &mut p.half[s];
         // Bytes read with `recv` past an urgent mark (below) go first.
-        if h.len > h.off {
-            match flush(h, to, false) {
-                Ok(true) => {}
-                Ok(false) => {
-                    p.watch.touch();
-                    want_room(p, 1 - s, idx);
-                    return Ok(());
-                }
-                Err(e) => return Err(io_err(1 - s, "write", e)),
+        if p.half[s].len > p.half[s].off {
+            if !write_pending(p, s, idx, false)? {
+                return Ok(());
             }
-            p.watch.touch();
-            let h = &mut p.half[s];
-            h.off = 0;
-            h.len = 0;
             delivered(p, s, ctx);
         }
         let h = &mut p.half[s];
@@ -947,14 +935,10 @@ fn splice(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), Ses
             }
             delivered(p, s, ctx);
         }
-        let h = &mut p.half[s];
-        if h.eof {
-            if !h.shut {
-                crate::sys::shutdown_write_fd(to).map_err(|e| io_err(1 - s, "shutdown", e))?;
-                h.shut = true;
-            }
-            return Ok(());
+        if p.half[s].eof {
+            return pass_fin(p, s);
         }
+        let h = &mut p.half[s];
         let r = crate::sys::splice(from, w, crate::transfer::PIPE_CHUNK);
         let stuck = match &r {
             Ok(0) => true,
