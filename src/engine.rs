@@ -755,11 +755,7 @@ fn open(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), Sessi
             }
             let mut probe = [0u8; 1];
             return match crate::sys::recv_fd(from, &mut probe) {
-                Ok(0) => {
-                    crate::sys::shutdown_write_fd(to).map_err(|e| io_err(1 - s, "shutdown", e))?;
-                    p.half[s].shut = true;
-                    Ok(())
-                }
+                Ok(0) => pass_fin(p, s),
                 Ok(_) => Err(rejected(ProtoError::DataAfterEnd)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
                 Err(e) => Err(io_err(s, "read", e)),
