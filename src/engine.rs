@@ -44,6 +44,19 @@
 //! then on the side is read to EOF. A data wake-up after a completion was
 //! posted posts another, so no data is left unread.
 //!
+//! **Known limitation: TCP urgent data** (`MSG_OOB`). `recv(2)` stops short
+//! just before the urgent mark when it has read anything, so the short-read
+//! rule above takes the socket as drained while the bytes behind the mark
+//! are queued, and no wake-up follows for them: the direction stalls until
+//! more data, a FIN, or the idle timeout (which resets both sides and
+//! counts `idle_timeout`). `splice(2)` stops there too, and that case is
+//! handled (a `recv` steps over the mark). Checking `SIOCATMARK` after
+//! every short read would cost a syscall per message; signalling urgent
+//! data per shard (`F_SETOWN_EX` + a `SIGURG` signalfd) and re-reading the
+//! drained directions would cost nothing per message but needs a rate limit
+//! against urgent-byte floods. Neither is built. The futures relay this
+//! replaced had the same limitation (glommio's multishot read poll).
+//!
 //! A pair's slot is freed only after the last completion of each of its
 //! polls (cancelled with `IORING_OP_ASYNC_CANCEL` when the pair ends), so a
 //! late completion never reaches a reused slot; tokens carry a generation
