@@ -357,13 +357,15 @@ impl Engine {
             }
         }
         if !p.finished {
-            let r = if write {
-                // Room on `side` (or the poll failed: then the write finds
-                // out why): flush the direction that writes into it.
+            let r = if c.result < 0 {
+                // The kernel refused or failed the poll itself (a kernel
+                // without multishot polls answers `EINVAL`): end the pair,
+                // never re-arm a poll that will fail the same way again.
+                let e = io::Error::from_raw_os_error(-c.result);
+                Err(io_err(side, "poll", e))
+            } else if write {
+                // Room on `side`: flush the direction that writes into it.
                 pump(p, 1 - side, idx, ctx)
-            } else if c.result < 0 {
-                // The kernel ended the read poll: it is re-armed below.
-                Ok(())
             } else {
                 let mask = c.result as i16;
                 if mask & (POLLRDHUP | POLLHUP | POLLERR) != 0 {
