@@ -398,12 +398,8 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
                 }
                 Err(e) => {
                     // A predecessor that stopped meanwhile accepts nothing.
-                    let alive =
-                        std::fs::read_to_string(format!("/proc/{from}/stat")).is_ok_and(|st| {
-                            st.rsplit(')')
-                                .next()
-                                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
-                        });
+                    let alive = std::fs::read_to_string(format!("/proc/{from}/stat"))
+                        .is_ok_and(|st| process_alive(&st));
                     if alive {
                         crate::warn!(
                             "hand-over: process {from} did not confirm ({e}); both processes accept"
@@ -618,4 +614,46 @@ fn shard_listeners(
 
 fn read_sysctl(path: &str) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Whether `/proc/PID/stat` (proc(5)) describes a process that is neither a
+/// zombie (`Z`) or dead (`X`) nor exiting (`PF_EXITING`, 0x4, in the
+/// `flags` field). A killed process closes its sockets in the middle of its
+/// exit, before it becomes a zombie: its hand-over partner sees the reset
+/// while the state still says running, but the flag is already set.
+fn process_alive(stat: &str) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
+        return false;
+    };
+    let mut fields = rest.split_whitespace();
+    let state = fields.next().unwrap_or("X");
+    // After the state: ppid, pgrp, session, tty_nr, tpgid, then flags.
+    let flags = fields
+        .nth(5)
+        .and_then(|f| f.parse::<u64>().ok())
+        .unwrap_or(0);
+    !matches!(state, "Z" | "X" | "x") && flags & PF_EXITING == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::process_alive;
+
+    #[test]
+    fn a_process_is_alive_unless_it_is_exiting_or_a_zombie() {
+        let line = |state: &str, flags: u64| {
+            format!("42 (shard proxy) {state} 1 42 42 0 -1 {flags} 0 0 0 0 1 2 0 0 20 0 9")
+        };
+        assert!(process_alive(&line("S", 0x400140)));
+        assert!(process_alive(&line("R", 0)));
+        assert!(!process_alive(&line("Z", 0x400140)));
+        assert!(!process_alive(&line("X", 0)));
+        // Killed, closing its files, not yet a zombie.
+        assert!(!process_alive(&line("R", 0x400144)));
+        assert!(!process_alive(&line("D", 0x4)));
+        assert!(!process_alive("garbage"));
+        let me = std::fs::read_to_string("/proc/self/stat").unwrap();
+        assert!(process_alive(&me), "{me}");
+    }
 }
