@@ -51,11 +51,13 @@
 //! more data, a FIN, or the idle timeout (which resets both sides and
 //! counts `idle_timeout`). `splice(2)` stops there too, and that case is
 //! handled (a `recv` steps over the mark). Checking `SIOCATMARK` after
-//! every short read would cost a syscall per message; signalling urgent
-//! data per shard (`F_SETOWN_EX` + a `SIGURG` signalfd) and re-reading the
-//! drained directions would cost nothing per message but needs a rate limit
-//! against urgent-byte floods. Neither is built. The futures relay this
-//! replaced had the same limitation (glommio's multishot read poll).
+//! every short read would cost a syscall per message. The likely fix is
+//! `TCP_INQ` (tcp(7), Linux 4.18+): with it, `recvmsg` returns the bytes
+//! still queued in a control message, so "drained" becomes exact instead
+//! of a guess (no extra syscall; a `setsockopt` per socket and a `recvmsg`
+//! with a control buffer instead of `recvfrom`, whose cost is unmeasured).
+//! Not built. The futures relay this replaced had the same limitation
+//! (glommio's multishot read poll).
 //!
 //! A pair's slot is freed only after the last completion of each of its
 //! polls (cancelled with `IORING_OP_ASYNC_CANCEL` when the pair ends), so a
