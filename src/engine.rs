@@ -305,6 +305,7 @@ impl Engine {
             }
         };
         for (s, &fd) in fds.iter().enumerate() {
+            crate::sys::enable_inq(fd);
             raw::poll_add(fd, READ_EVENTS, true, token(idx, gen, false, s));
         }
         (idx, gen)
@@ -515,6 +516,16 @@ fn io_err(side: usize, op: &'static str, source: io::Error) -> SessionError {
     }
 }
 
+/// Whether a read of `n` bytes into `room` left the socket drained, so
+/// that the next read waits for the socket's next completion. A short read
+/// is taken as drained, unless the kernel said bytes stay queued (`inq`,
+/// `TCP_INQ`: a read stops short before TCP's urgent mark, with the bytes
+/// behind it already queued and no wake-up to come for them), or the peer's
+/// FIN was seen (`gone`: no wake-up follows it either, so read to EOF).
+fn drained(n: usize, room: usize, inq: Option<usize>, gone: bool) -> bool {
+    n < room && !gone && inq.is_none_or(|q| q == 0)
+}
+
 /// Arms a one-shot `POLLOUT` poll on side `s`, unless one is armed.
 fn want_room(p: &mut Pair, s: usize, idx: usize) {
     if !p.writing[s] {
@@ -650,15 +661,16 @@ fn seal(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), Sessi
                     let slot = slots.next().expect("BATCH slots");
                     std::io::IoSliceMut::new(&mut slot[LEN_LEN..LEN_LEN + size])
                 });
-                (crate::sys::recv_vectored(from, &mut bufs), BATCH * size)
+                (crate::sys::recv_inq(from, &mut bufs), BATCH * size)
             }
-            None => (
-                crate::sys::recv_fd(from, &mut h.buf[LEN_LEN..LEN_LEN + size]),
-                size,
-            ),
+            None => {
+                let slot = &mut h.buf[LEN_LEN..LEN_LEN + size];
+                let mut bufs = [std::io::IoSliceMut::new(slot)];
+                (crate::sys::recv_inq(from, &mut bufs), size)
+            }
         };
-        let n = match n {
-            Ok(n) => n,
+        let (n, inq) = match n {
+            Ok(r) => r,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
             Err(e) => return Err(io_err(s, "read", e)),
         };
@@ -675,7 +687,7 @@ fn seal(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), Sessi
             h.ending = true;
             continue;
         }
-        h.drained = n < room && !h.gone;
+        h.drained = drained(n, room, inq, h.gone);
         let total = match &mut h.batch {
             Some(batch) => {
                 let (mut at, mut left, mut total) = (0, n, 0);
@@ -826,14 +838,15 @@ fn open(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), Sessi
         h.end -= h.start;
         h.start = 0;
         let room = buf.len() - h.end;
-        let n = match crate::sys::recv_fd(from, &mut buf[h.end..]) {
-            Ok(0) => return Err(SessionError::Truncated(peer(s))),
-            Ok(n) => n,
+        let mut bufs = [std::io::IoSliceMut::new(&mut buf[h.end..])];
+        let (n, inq) = match crate::sys::recv_inq(from, &mut bufs) {
+            Ok((0, _)) => return Err(SessionError::Truncated(peer(s))),
+            Ok(r) => r,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
             Err(e) => return Err(io_err(s, "read", e)),
         };
         h.end += n;
-        h.drained = n < room && !h.gone;
+        h.drained = drained(n, room, inq, h.gone);
         if h.end == buf.len() && h.batch.is_none() {
             if let Some(mut b) = ctx.batches().take_owned(BATCH * MAX_FRAME) {
                 b[..h.end].copy_from_slice(&h.buf[..h.end]);
@@ -882,11 +895,12 @@ fn copy(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), Sessi
             return pass_fin(p, s);
         }
         let h = &mut p.half[s];
-        match crate::sys::recv_fd(from, &mut h.buf) {
-            Ok(0) => h.eof = true,
-            Ok(n) => {
+        let room = h.buf.len();
+        match crate::sys::recv_inq(from, &mut [std::io::IoSliceMut::new(&mut h.buf)]) {
+            Ok((0, _)) => h.eof = true,
+            Ok((n, inq)) => {
                 h.len = n;
-                let short = n < h.buf.len() && !h.gone;
+                let short = drained(n, room, inq, h.gone);
                 read(p, s, n, ctx);
                 if short {
                     // A short read drained the socket: write, and wait for

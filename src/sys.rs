@@ -511,3 +511,69 @@ pub fn at_urgent_mark(fd: std::os::fd::RawFd) -> std::io::Result<bool> {
     }
     Ok(at != 0)
 }
+
+/// `TCP_INQ` (tcp(7), Linux 4.18+), which `libc` does not export on every
+/// target; also the control message's type (`TCP_CM_INQ`).
+const TCP_INQ: libc::c_int = 36;
+
+/// Asks the kernel to report, with every [`recv_inq`], how many bytes stay
+/// queued on socket `fd` (`TCP_INQ`). Best effort: an older kernel refuses
+/// it, and [`recv_inq`] then reports nothing.
+pub fn enable_inq(fd: std::os::fd::RawFd) {
+    let one: libc::c_int = 1;
+    // SAFETY: `one` is a live int of the size passed; the result is ignored
+    // on purpose (best effort).
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            TCP_INQ,
+            &one as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+/// Reads into `bufs` in order with one `recvmsg(2)` (`MSG_DONTWAIT`, through
+/// `syscall(2)` as [`recv_fd`]). Returns the bytes read (`Ok(0)` at EOF) and,
+/// when [`enable_inq`] took, the bytes still queued after them
+/// (`TCP_CM_INQ`); `WouldBlock` when the socket has nothing. The caller keeps
+/// `fd`, a connected socket, open.
+pub fn recv_inq(
+    fd: std::os::fd::RawFd,
+    bufs: &mut [std::io::IoSliceMut<'_>],
+) -> std::io::Result<(usize, Option<usize>)> {
+    // Room for one control message with an int: CMSG_SPACE(4) is 24 bytes
+    // on 64-bit Linux; u64 gives the alignment cmsghdr needs.
+    let mut control = [0u64; 4];
+    // SAFETY: an all-zero msghdr is valid (no name, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    // `IoSliceMut` is ABI-compatible with `struct iovec` on Unix (std's
+    // documented guarantee), and each points at a live, writable buffer.
+    msg.msg_iov = bufs.as_mut_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = bufs.len() as _;
+    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: `msg` points at `bufs.len()` iovecs over buffers that stay
+    // borrowed (mutably) for the call, and at `control`, a live local of
+    // the length given; the kernel writes only within them.
+    let n = unsafe { libc::syscall(libc::SYS_recvmsg, fd, &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut inq = None;
+    // SAFETY: the CMSG_* macros walk the control buffer the kernel filled,
+    // within `msg_controllen`; a TCP_CM_INQ message carries one int, read
+    // unaligned.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_TCP && (*c).cmsg_type == TCP_INQ {
+                let v = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::c_int);
+                inq = usize::try_from(v).ok();
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok((n as usize, inq))
+}

@@ -761,3 +761,21 @@ fn an_urgent_byte_mid_splice_loses_nothing_either_way() {
     let (_, lines) = proxy.terminate();
     assert!(summaries(&lines)[0].get("spliced") > 0, "{lines:?}");
 }
+
+/// Bytes behind an urgent byte (`MSG_OOB`) arrive at once, as on a direct
+/// connection, without waiting for more data or a FIN: with copying and
+/// with splicing, each way. `recv(2)` stops short just before the urgent
+/// mark; the relay took that short read as "drained" and waited for a
+/// wake-up that never came for the bytes already queued, until the idle
+/// timeout (found by a break-it round; `TCP_INQ` now says what is left).
+#[test]
+fn bytes_behind_an_urgent_byte_are_never_stranded() {
+    let sizes = [(1000, 1000), (16383, 1000), (20000, 5000)];
+    for splice in ["auto", "never"] {
+        let (up, up_got, down) = urgent_origins();
+        let a = Proxy::forward(up).args(["--splice", splice]).start();
+        let b = Proxy::forward(down).args(["--splice", splice]).start();
+        let stalled = urgent_bursts(a.addr, &up_got, b.addr, &sizes, 4);
+        assert!(stalled.is_empty(), "--splice {splice}: stalled {stalled:?}");
+    }
+}

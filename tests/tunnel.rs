@@ -644,3 +644,18 @@ fn a_client_reset_reaches_the_origin_through_the_tunnel() {
         drop(exit);
     }
 }
+
+/// Bytes behind an urgent byte arrive at once through the tunnel, each way
+/// (see the `forward` test of the same name).
+#[test]
+fn bytes_behind_an_urgent_byte_are_never_stranded_in_the_tunnel() {
+    let key = key_file(&[&keygen()]);
+    let (up, up_got, down) = urgent_origins();
+    let exit_up = Proxy::exit(up, &key).start();
+    let entry_up = Proxy::entry(exit_up.addr, &key).start();
+    let exit_down = Proxy::exit(down, &key).start();
+    let entry_down = Proxy::entry(exit_down.addr, &key).start();
+    let sizes = [(1000, 1000), (16383, 1000), (20000, 5000)];
+    let stalled = urgent_bursts(entry_up.addr, &up_got, entry_down.addr, &sizes, 4);
+    assert!(stalled.is_empty(), "stalled {stalled:?}");
+}

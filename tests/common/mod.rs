@@ -1070,3 +1070,92 @@ pub fn client_reset_reaches_the_origin(
     };
     (origin, run)
 }
+
+/// Sends `a` ordinary bytes, one urgent byte (`MSG_OOB`), then `b` ordinary
+/// bytes, in one burst and without a FIN.
+pub fn urgent_burst(s: &TcpStream, a: usize, b: usize) {
+    let mut w = s;
+    w.write_all(&vec![b'a'; a]).unwrap();
+    socket2::SockRef::from(s).send_out_of_band(b"!").unwrap();
+    w.write_all(&vec![b'b'; b]).unwrap();
+}
+
+/// Reads until `want` bytes came, EOF, an error, or 5 s of silence;
+/// returns how many came.
+pub fn read_up_to(s: &mut TcpStream, want: usize) -> usize {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0;
+    while got < want {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    got
+}
+
+/// [`urgent_burst`]s of `(a, b)` bytes through `front`, `trials` times each
+/// way (client → origin, then origin → client), against origins from
+/// `origin_up` (reads, sends what it got on the channel) and `origin_down`
+/// (sends the burst): returns the transfers that stalled, as
+/// `(a, b, direction, bytes received)`.
+pub fn urgent_bursts(
+    front_up: SocketAddr,
+    up_got: &mpsc::Receiver<usize>,
+    front_down: SocketAddr,
+    sizes: &[(usize, usize)],
+    trials: usize,
+) -> Vec<(usize, usize, &'static str, usize)> {
+    let mut stalled = Vec::new();
+    for &(a, b) in sizes {
+        for _ in 0..trials {
+            let mut c = TcpStream::connect(front_up).unwrap();
+            c.write_all(&(a as u64).to_be_bytes()).unwrap();
+            c.write_all(&(b as u64).to_be_bytes()).unwrap();
+            urgent_burst(&c, a, b);
+            let got = up_got.recv_timeout(Duration::from_secs(15)).unwrap();
+            if got != a + b {
+                stalled.push((a, b, "up", got));
+            }
+            drop(c);
+            let mut c = TcpStream::connect(front_down).unwrap();
+            c.write_all(&(a as u64).to_be_bytes()).unwrap();
+            c.write_all(&(b as u64).to_be_bytes()).unwrap();
+            let got = read_up_to(&mut c, a + b);
+            if got != a + b {
+                stalled.push((a, b, "down", got));
+            }
+        }
+    }
+    stalled
+}
+
+/// The origins for [`urgent_bursts`], each told `(a, b)` first (two
+/// big-endian u64): one reads the burst and reports how much came, the
+/// other sends the burst back and waits for the client to close.
+pub fn urgent_origins() -> (SocketAddr, mpsc::Receiver<usize>, SocketAddr) {
+    let (tx, rx) = mpsc::channel();
+    let tx = Arc::new(Mutex::new(tx));
+    let up = serve(move |mut s| {
+        let mut sizes = [0u8; 16];
+        if s.read_exact(&mut sizes).is_err() {
+            return;
+        }
+        let a = u64::from_be_bytes(sizes[..8].try_into().unwrap()) as usize;
+        let b = u64::from_be_bytes(sizes[8..].try_into().unwrap()) as usize;
+        let got = read_up_to(&mut s, a + b);
+        let _ = tx.lock().unwrap().send(got);
+    });
+    let down = serve(|mut s| {
+        let mut sizes = [0u8; 16];
+        if s.read_exact(&mut sizes).is_err() {
+            return;
+        }
+        let a = u64::from_be_bytes(sizes[..8].try_into().unwrap()) as usize;
+        let b = u64::from_be_bytes(sizes[8..].try_into().unwrap()) as usize;
+        urgent_burst(&s, a, b);
+        let _ = read_up_to(&mut s, 1);
+    });
+    (up, rx, down)
+}
