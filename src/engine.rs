@@ -39,25 +39,14 @@
 //!   wakes the session; dropping the [`Relay`] ends the pair.
 //!
 //! A short read is taken as "drained" (no `recv` until the next
-//! completion) until a completion reports the peer's FIN
-//! (`POLLRDHUP`/`POLLHUP`): no wake-up follows a FIN already seen, so from
-//! then on the side is read to EOF. A data wake-up after a completion was
-//! posted posts another, so no data is left unread.
-//!
-//! **Known limitation: TCP urgent data** (`MSG_OOB`). `recv(2)` stops short
-//! just before the urgent mark when it has read anything, so the short-read
-//! rule above takes the socket as drained while the bytes behind the mark
-//! are queued, and no wake-up follows for them: the direction stalls until
-//! more data, a FIN, or the idle timeout (which resets both sides and
-//! counts `idle_timeout`). `splice(2)` stops there too, and that case is
-//! handled (a `recv` steps over the mark). Checking `SIOCATMARK` after
-//! every short read would cost a syscall per message. The likely fix is
-//! `TCP_INQ` (tcp(7), Linux 4.18+): with it, `recvmsg` returns the bytes
-//! still queued in a control message, so "drained" becomes exact instead
-//! of a guess (no extra syscall; a `setsockopt` per socket and a `recvmsg`
-//! with a control buffer instead of `recvfrom`, whose cost is unmeasured).
-//! Not built. The futures relay this replaced had the same limitation
-//! (glommio's multishot read poll).
+//! completion), unless the kernel says bytes stay queued (`TCP_INQ`, see
+//! `drained`: `recv` stops short just before TCP's urgent mark, with the
+//! bytes behind it already queued and no wake-up to come for them), or a
+//! completion reported the peer's FIN (`POLLRDHUP`/`POLLHUP`): no wake-up
+//! follows a FIN already seen, so from then on the side is read to EOF. A
+//! data wake-up after a completion was posted posts another, so no data is
+//! left unread. `splice(2)` stops at the urgent mark too, without a way
+//! past it: there a `recv` steps over the urgent byte (see `splice`).
 //!
 //! A pair's slot is freed only after the last completion of each of its
 //! polls (cancelled with `IORING_OP_ASYNC_CANCEL` when the pair ends), so a
@@ -305,7 +294,15 @@ impl Engine {
             }
         };
         for (s, &fd) in fds.iter().enumerate() {
-            crate::sys::enable_inq(fd);
+            // `TCP_INQ` (see `drained`) where a peer may send urgent data:
+            // not on a tunnel side, whose peer is our own exit or entry
+            // (there `recvmsg` with a control buffer would only cost).
+            if !matches!(
+                slots[idx].as_ref().map(|p| &p.half[s].mode),
+                Some(Mode::Open(_))
+            ) {
+                crate::sys::enable_inq(fd);
+            }
             raw::poll_add(fd, READ_EVENTS, true, token(idx, gen, false, s));
         }
         (idx, gen)
@@ -838,15 +835,15 @@ fn open(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), Sessi
         h.end -= h.start;
         h.start = 0;
         let room = buf.len() - h.end;
-        let mut bufs = [std::io::IoSliceMut::new(&mut buf[h.end..])];
-        let (n, inq) = match crate::sys::recv_inq(from, &mut bufs) {
-            Ok((0, _)) => return Err(SessionError::Truncated(peer(s))),
-            Ok(r) => r,
+        // The tunnel side: no `TCP_INQ` (see `Engine::start`).
+        let n = match crate::sys::recv_fd(from, &mut buf[h.end..]) {
+            Ok(0) => return Err(SessionError::Truncated(peer(s))),
+            Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
             Err(e) => return Err(io_err(s, "read", e)),
         };
         h.end += n;
-        h.drained = drained(n, room, inq, h.gone);
+        h.drained = drained(n, room, None, h.gone);
         if h.end == buf.len() && h.batch.is_none() {
             if let Some(mut b) = ctx.batches().take_owned(BATCH * MAX_FRAME) {
                 b[..h.end].copy_from_slice(&h.buf[..h.end]);
