@@ -250,21 +250,7 @@ pub fn own_received_fds(fds: &[std::os::fd::RawFd]) -> Vec<std::os::fd::OwnedFd>
 /// (`recv(2)` with `MSG_DONTWAIT`): `Ok(0)` is EOF, `WouldBlock` means
 /// nothing has arrived yet.
 pub fn recv_now(socket: &impl std::os::fd::AsRawFd, buf: &mut [u8]) -> std::io::Result<usize> {
-    // SAFETY: `buf` is a live, writable buffer of `buf.len()` bytes for the
-    // duration of the call, and the descriptor stays open because `socket`
-    // is borrowed for it.
-    let n = unsafe {
-        libc::recv(
-            socket.as_raw_fd(),
-            buf.as_mut_ptr() as *mut libc::c_void,
-            buf.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(n as usize)
+    recv_fd(socket.as_raw_fd(), buf)
 }
 
 /// Clears `O_NONBLOCK` on `file` (opened non-blocking so that opening a
@@ -328,28 +314,6 @@ pub fn splice(
             libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
         )
     };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(n as usize)
-}
-
-/// Reads into several buffers with one `recvmsg(2)` (`MSG_DONTWAIT`), in
-/// order. Returns the bytes read, `Ok(0)` at EOF; `WouldBlock` when the
-/// socket has nothing. The caller keeps `fd`, a connected socket, open.
-pub fn recv_vectored(
-    fd: std::os::fd::RawFd,
-    bufs: &mut [std::io::IoSliceMut<'_>],
-) -> std::io::Result<usize> {
-    // SAFETY: an all-zero msghdr is valid (no name, no control data).
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    // `IoSliceMut` is ABI-compatible with `struct iovec` on Unix (std's
-    // documented guarantee), and each points at a live, writable buffer.
-    msg.msg_iov = bufs.as_mut_ptr() as *mut libc::iovec;
-    msg.msg_iovlen = bufs.len() as _;
-    // SAFETY: `msg` points at `bufs.len()` iovecs over buffers that stay
-    // borrowed (mutably) for the call; the kernel writes only within them.
-    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
     if n < 0 {
         return Err(std::io::Error::last_os_error());
     }
