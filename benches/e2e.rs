@@ -29,7 +29,9 @@
 //!
 //! Run: `cargo bench --bench e2e` (`BENCH_SECS=N` per cell, default 3;
 //! `BENCH_ROUNDS=N`; `BENCH_SCENARIOS=connect,1 KiB` runs only the
-//! scenarios whose names contain one of those). HAProxy: `apt-get install haproxy`; shadowsocks-rust:
+//! scenarios whose names contain one of those; `BENCH_WAKE_BATCH=1,100us`
+//! adds both shardproxy pairs with `--wake-batch 1 --wake-batch-wait
+//! 100us`, coalescing off, as extra rows). HAProxy: `apt-get install haproxy`; shadowsocks-rust:
 //! `cargo install shadowsocks-rust --locked --root /opt/ssrust`. A missing
 //! peer's rows are skipped with a message. Every loop is bounded in time and
 //! count; every address is 127.0.0.1.
@@ -63,6 +65,22 @@ const FORWARD_LOG: &str = "shardproxy forward ×2 + access log";
 const FORWARD_PROXY: &str = "shardproxy forward ×2 + PROXY v2";
 const ENCRYPTED_LOG: &str = "shardproxy entry+exit + access log";
 const ENCRYPTED_POOL: &str = "shardproxy entry, 4 exit endpoints";
+const FORWARD_WAKE: &str = "shardproxy forward ×2, BENCH_WAKE_BATCH";
+const ENCRYPTED_WAKE: &str = "shardproxy entry+exit, BENCH_WAKE_BATCH";
+
+/// `BENCH_WAKE_BATCH=1,100us`: also run both shardproxy pairs with
+/// `--wake-batch 1 --wake-batch-wait 100us` (coalescing off; the default
+/// is 16), as extra rows.
+fn wake_batch_args() -> Option<Vec<String>> {
+    let v = std::env::var("BENCH_WAKE_BATCH").ok()?;
+    let (count, wait) = v.split_once(',')?;
+    Some(vec![
+        "--wake-batch".into(),
+        count.trim().into(),
+        "--wake-batch-wait".into(),
+        wait.trim().into(),
+    ])
+}
 
 /// The scenarios the per-connection features (access log, PROXY protocol)
 /// are measured in: bulk moves the same bytes per connection either way.
@@ -206,6 +224,16 @@ fn main() {
                 }
             }
             run(ENCRYPTED, Some(encrypted_pair(origin)));
+            if let Some(wake) = wake_batch_args() {
+                run(
+                    FORWARD_WAKE,
+                    Some(shardproxy_pair_with(origin, &wake, &wake)),
+                );
+                run(
+                    ENCRYPTED_WAKE,
+                    Some(encrypted_pair_with(origin, &wake, &wake)),
+                );
+            }
             if per_connection(scenario) {
                 // Issue #12's costs: each proxy logs every connection; A
                 // sends a PROXY v2 header that B reads.
@@ -317,6 +345,33 @@ fn main() {
             p99(FORWARD, HAPROXY),
             p99(ENCRYPTED, SS2022)
         );
+    }
+    if let Some(wake) = wake_batch_args() {
+        println!();
+        println!(
+            "| scenario | forward {0} / HAProxy ×2 | entry+exit {0} / ss-rust 2022 | p99 ratio (fwd/HAProxy, enc/ss2022) | forward, {0} / defaults | entry+exit, {0} / defaults |",
+            wake.join(" ")
+        );
+        println!("|---|---|---|---|---|---|");
+        for (si, scenario) in SCENARIOS.iter().enumerate() {
+            let ratio = |a: &str, b: &str| match (medians.get(&(si, a)), medians.get(&(si, b))) {
+                (Some(x), Some(y)) if y.0 > 0.0 => format!("{:.2}×", x.0 / y.0),
+                _ => "-".into(),
+            };
+            let p99 = |a: &str, b: &str| match (medians.get(&(si, a)), medians.get(&(si, b))) {
+                (Some((_, Some(x))), Some((_, Some(y)))) if *y > 0.0 => format!("{:.2}×", x / y),
+                _ => "-".into(),
+            };
+            println!(
+                "| {scenario} | {} | {} | {}, {} | {} | {} |",
+                ratio(FORWARD_WAKE, HAPROXY),
+                ratio(ENCRYPTED_WAKE, SS2022),
+                p99(FORWARD_WAKE, HAPROXY),
+                p99(ENCRYPTED_WAKE, SS2022),
+                ratio(FORWARD_WAKE, FORWARD),
+                ratio(ENCRYPTED_WAKE, ENCRYPTED)
+            );
+        }
     }
     println!();
     println!("| scenario | floor relay ×2 / HAProxy ×2 | forward ×2 / floor relay ×2 |");

@@ -90,6 +90,14 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "N", default_value_t = 4096, value_parser = parse_count)]
     pub backlog: i64,
 
+    /// Wake-up coalescing, while a shard carries a bulk transfer (a read filled the buffer: what forward splices and entry/exit batch): as long as events keep arriving within --wake-batch-wait, the shard sleeps until up to this many are ready (the number adapts to the rate), or --wake-batch-wait has passed, instead of waking for each. Fewer wake-ups and context switches per GB; events may wait up to --wake-batch-wait meanwhile. After a quiet spell the shard wakes at the first event, and without a transfer it never waits. 1 turns it off. Needs Linux 6.12 (off on older kernels) (1-256).
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = parse_count)]
+    pub wake_batch: i64,
+
+    /// The longest a shard holds a wake-up back under --wake-batch, e.g. 100us (1us-1ms).
+    #[arg(long, value_name = "DURATION", default_value = "100us", value_parser = parse_duration)]
+    pub wake_batch_wait: Duration,
+
     /// Relay buffer per direction per connection. forward: memory per connection is twice this. entry/exit: each direction always holds one full 16 KiB chunk (16402 B), and this caps the plaintext read per chunk (at most 16KiB). Range 1KiB-16MiB.
     #[arg(long, value_name = "SIZE", default_value = "16KiB", value_parser = parse_size)]
     pub buffer_size: usize,

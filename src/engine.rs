@@ -1055,6 +1055,11 @@ pub async fn drive<H: Host>(ctx: Rc<H>) {
         raw::take_completions(&mut batch);
         ctx.engine().on_completions(&batch, &*ctx);
         batch.clear();
+        // Wake-up coalescing (`--wake-batch`) pays only in transfers: it
+        // spares the wake-ups of a pipeline whose reads fill buffers, and
+        // would hold back latency-bound exchanges for nothing. A transfer
+        // holds a pipe or a batch buffer until its pair ends.
+        raw::set_wake_batch_active(ctx.pipes().in_use() + ctx.batches().in_use() > 0);
     }
 }
 

@@ -70,6 +70,10 @@ async fn run(setup: Setup) {
         gated,
         export,
     } = setup;
+    let wake_batch = cfg.limits.wake_batch;
+    if let Some((count, wait)) = wake_batch {
+        glommio::raw::set_wake_batch(count, wait);
+    }
     let listeners: Vec<_> = listeners
         .into_iter()
         .map(crate::sys::adopt_listener)
@@ -199,7 +203,18 @@ async fn run(setup: Setup) {
     }
     ctx.close_access_log();
     ctx.publish();
-    crate::info!("shard {id} core {core} summary: {}", ctx.stats());
+    // With --wake-batch: how often the shard slept for a batch of events,
+    // and how often such a sleep held events back for all of
+    // --wake-batch-wait (0 on a kernel without the support, or when events
+    // never came fast).
+    let coalesced = match wake_batch {
+        Some(_) => {
+            let (all, held) = glommio::raw::coalesced_sleeps();
+            format!(" coalesced_sleeps={all} held_back_sleeps={held}")
+        }
+        None => String::new(),
+    };
+    crate::info!("shard {id} core {core} summary: {}{coalesced}", ctx.stats());
 }
 
 /// Runs the shard's idle sweep (see [`crate::watchdog`]) every tick, in

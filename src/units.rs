@@ -1,5 +1,5 @@
 //! Parsers for the human units every CLI flag and config key uses:
-//! durations (`500ms`, `30s`, `2m`, `1h`) and sizes (`16KiB`, `1MiB`, `4096`).
+//! durations (`100us`, `500ms`, `30s`, `2m`, `1h`) and sizes (`16KiB`, `1MiB`, `4096`).
 //!
 //! Pure functions, so clap's `value_parser` and the config file (which is
 //! translated into flags) share one implementation and one set of error
@@ -7,7 +7,8 @@
 
 use std::time::Duration;
 
-/// Parses a duration with a mandatory unit: `ms`, `s`, `m` or `h`.
+/// Parses a duration with a mandatory unit: `us` (or `µs`), `ms`, `s`, `m`
+/// or `h`.
 ///
 /// A bare number is rejected on purpose: `--idle-timeout 30` is ambiguous
 /// (seconds? milliseconds?) and an operator should never have to guess.
@@ -25,23 +26,24 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let value: u64 = digits
         .parse()
         .map_err(|_| format!("`{text}` is too large"))?;
-    let millis_per_unit: u64 = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
+    let micros_per_unit: u64 = match unit {
+        "us" | "µs" => 1,
+        "ms" => 1_000,
+        "s" => 1_000_000,
+        "m" => 60_000_000,
+        "h" => 3_600_000_000,
         _ => {
             return Err(unit_error(
                 text,
                 unit,
-                "ms, s, m or h, e.g. 500ms or 30s",
+                "us, ms, s, m or h, e.g. 500ms or 30s",
                 "write 1500ms for 1.5s",
             ))
         }
     };
     value
-        .checked_mul(millis_per_unit)
-        .map(Duration::from_millis)
+        .checked_mul(micros_per_unit)
+        .map(Duration::from_micros)
         .ok_or_else(|| format!("`{text}` is too large"))
 }
 
@@ -112,6 +114,9 @@ fn unit_error(text: &str, unit: &str, units: &str, example: &str) -> String {
 
 /// Formats a duration the way [`parse_duration`] reads it back.
 pub fn format_duration(d: Duration) -> String {
+    if d.subsec_nanos() % 1_000_000 != 0 {
+        return format!("{}us", d.as_micros());
+    }
     let ms = d.as_millis();
     if ms % 3_600_000 == 0 && ms > 0 {
         format!("{}h", ms / 3_600_000)
@@ -145,6 +150,21 @@ mod tests {
             .contains("whole numbers"));
         assert!(parse_duration("99999999999999999999s").is_err());
         assert!(parse_duration("18446744073709551615h").is_err());
+        // Microseconds, for --wake-batch-wait.
+        assert_eq!(parse_duration("100us"), Ok(Duration::from_micros(100)));
+        assert_eq!(parse_duration("7µs"), Ok(Duration::from_micros(7)));
+        assert!(parse_duration("5ns")
+            .unwrap_err()
+            .contains("us, ms, s, m or h"));
+    }
+
+    #[test]
+    fn durations_print_as_they_parse() {
+        for text in ["100us", "1500us", "500ms", "30s", "2m", "1h", "0s"] {
+            let d = parse_duration(text).unwrap();
+            assert_eq!(format_duration(d), text);
+            assert_eq!(parse_duration(&format_duration(d)), Ok(d));
+        }
     }
 
     #[test]

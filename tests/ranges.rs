@@ -49,6 +49,8 @@ const TABLE: &[(&str, &str, &[&str], bool)] = &[
     ("health_check_fails", "100", &["-1", "0", "101"], false),
     ("health_check_passes", "100", &["-1", "0", "101"], false),
     ("dns_refresh", "24h", &["-1s", "999ms", "86401s"], false),
+    ("wake_batch", "256", &["-1", "0", "257"], false),
+    ("wake_batch_wait", "1ms", &["-1us", "0us", "1001us"], false),
 ];
 
 fn write(name: &str, body: &str) -> String {

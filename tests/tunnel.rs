@@ -30,6 +30,42 @@ fn a_fin_right_behind_the_data_is_never_missed_through_the_tunnel() {
     }
 }
 
+/// `--wake-batch` on both ends of the tunnel: as in `forward.rs`.
+#[test]
+fn with_wake_batching_nothing_is_lost_or_held_back_in_the_tunnel() {
+    let key = key_file(&[&keygen()]);
+    let exit = Proxy::exit(echo_origin(), &key).args(WAKE_BATCH).start();
+    let entry = Proxy::entry(exit.addr, &key).args(WAKE_BATCH).start();
+    fin_behind_data(entry.addr, 600, 50);
+    let data = Arc::new(random_bytes(8 << 20, 13));
+    let back = echo_round_trip(entry.addr, data.clone());
+    assert_eq!(sha256(&back), sha256(&data));
+    for p in [entry, exit] {
+        let (status, lines) = p.terminate();
+        assert!(status.success(), "{lines:?}");
+        let coalesced: u64 = summaries(&lines)
+            .iter()
+            .map(|s| s.get("coalesced_sleeps"))
+            .sum();
+        assert_eq!(coalesced > 0, kernel_coalesces_wake_ups(), "{lines:?}");
+    }
+
+    let exit = Proxy::exit(slow_echo_origin(Duration::from_micros(300)), &key)
+        .args(WAKE_BATCH)
+        .start();
+    let entry = Proxy::entry(exit.addr, &key).args(WAKE_BATCH).start();
+    quiet_round_trips(entry.addr);
+    for p in [entry, exit] {
+        let (status, lines) = p.terminate();
+        assert!(status.success(), "{lines:?}");
+        let held: u64 = summaries(&lines)
+            .iter()
+            .map(|s| s.get("held_back_sleeps"))
+            .sum();
+        assert!(held <= 3, "{held} sleeps held events back: {lines:?}");
+    }
+}
+
 #[test]
 fn round_trip_64_mib_with_two_shards_each_side() {
     let key = key_file(&[&keygen()]);

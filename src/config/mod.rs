@@ -57,6 +57,10 @@ pub struct Limits {
     pub drain_timeout: Duration,
     /// Live connections per shard.
     pub max_connections: NonZeroUsize,
+    /// Wake-up coalescing (`--wake-batch`, `--wake-batch-wait`): at most
+    /// this many completions per wake-up, held back at most this long; `None`
+    /// when off. See `glommio::raw::set_wake_batch`.
+    pub wake_batch: Option<(u32, Duration)>,
     /// Pipes per shard for `--splice auto` (`forward` only; 0: never
     /// splice). Each is two file descriptors; see [`crate::transfer`].
     pub splice_pipes: usize,
@@ -460,6 +464,11 @@ impl Config {
                 idle_timeout: ranges::IDLE_TIMEOUT.check(args.idle_timeout)?,
                 drain_timeout: ranges::DRAIN_TIMEOUT.check(args.drain_timeout)?,
                 max_connections,
+                wake_batch: {
+                    let count = ranges::WAKE_BATCH.check_count(args.wake_batch)?;
+                    let wait = ranges::WAKE_BATCH_WAIT.check(args.wake_batch_wait)?;
+                    (count > 1).then_some((count, wait))
+                },
                 splice_pipes,
             },
             splice_set: args.splice.is_some(),
@@ -547,6 +556,15 @@ impl Config {
                     "--proxy-trusted-cidrs {net} has host bits set: it trusts all of {} (write that, or /{} for the one address)",
                     net.trunc(),
                     net.max_prefix_len()
+                ));
+            }
+        }
+        if let Some((count, _)) = self.limits.wake_batch {
+            let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+            if !kernel_at_least(&release, 6, 12) {
+                out.push(format!(
+                    "--wake-batch {count} needs Linux 6.12 or later (this kernel: {}): wake-ups are not coalesced",
+                    release.trim()
                 ));
             }
         }
@@ -687,6 +705,17 @@ pub fn splice_pipes(max_connections: usize, shards: usize, fds: Option<u64>) -> 
 /// ([`Config::fds_needed`]).
 fn fd_limit() -> Option<u64> {
     rlimit::Resource::NOFILE.get().ok().map(|(_, hard)| hard)
+}
+
+/// Whether a kernel release string (`/proc/sys/kernel/osrelease`, e.g.
+/// `6.12.3-arch1`) is at least `major.minor`. An unreadable one is not.
+fn kernel_at_least(release: &str, major: u32, minor: u32) -> bool {
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    let mut next = || parts.next().and_then(|p| p.parse::<u32>().ok());
+    match (next(), next()) {
+        (Some(a), Some(b)) => (a, b) >= (major, minor),
+        _ => false,
+    }
 }
 
 fn read_number(path: &str) -> Option<u64> {
@@ -1062,6 +1091,17 @@ pub fn format_cpu_list(cores: &[usize]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_releases_compare_by_major_then_minor() {
+        assert!(kernel_at_least("6.12.0", 6, 12));
+        assert!(kernel_at_least("6.18.44-fc-v769\n", 6, 12));
+        assert!(kernel_at_least("7.0-rc1", 6, 12));
+        assert!(!kernel_at_least("6.11.9", 6, 12));
+        assert!(!kernel_at_least("5.19.17-generic", 6, 12));
+        assert!(!kernel_at_least("", 6, 12));
+        assert!(!kernel_at_least("garbage", 6, 12));
+    }
 
     #[test]
     fn cpu_lists() {

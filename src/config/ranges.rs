@@ -49,6 +49,18 @@ pub const BACKLOG: Bound<u32> = Bound {
     min: 1,
     max: 65_535,
 };
+/// `--wake-batch`: completions per wake-up (1: off).
+pub const WAKE_BATCH: Bound<u32> = Bound {
+    flag: "--wake-batch",
+    min: 1,
+    max: 256,
+};
+/// `--wake-batch-wait`: the added latency a coalesced wake-up may cost.
+pub const WAKE_BATCH_WAIT: Bound<Duration> = Bound {
+    flag: "--wake-batch-wait",
+    min: Duration::from_micros(1),
+    max: ms(1),
+};
 /// `--connect-timeout`.
 pub const CONNECT_TIMEOUT: Bound<Duration> = Bound {
     flag: "--connect-timeout",

@@ -1159,3 +1159,67 @@ pub fn urgent_origins() -> (SocketAddr, mpsc::Receiver<usize>, SocketAddr) {
     });
     (up, rx, down)
 }
+
+/// The flags that turn wake-up coalescing on at its longest hold-back.
+pub const WAKE_BATCH: [&str; 4] = ["--wake-batch", "16", "--wake-batch-wait", "1ms"];
+
+/// Whether this kernel has io_uring's `min_wait_usec` (Linux 6.12), which
+/// `--wake-batch` needs.
+pub fn kernel_coalesces_wake_ups() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    let mut next = || parts.next().and_then(|p| p.parse::<u32>().ok());
+    matches!((next(), next()), (Some(a), Some(b)) if (a, b) >= (6, 12))
+}
+
+/// An origin that answers each read with the same bytes `delay` later: long
+/// enough for a proxy to go to sleep waiting for the answer.
+pub fn slow_echo_origin(delay: Duration) -> SocketAddr {
+    serve(move |mut s| {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    thread::sleep(delay);
+                    if s.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Through proxies run with [`WAKE_BATCH`] in front of a
+/// [`slow_echo_origin`]: 21 small request/response round trips, each after
+/// a 20 ms quiet spell, while another connection that carried a transfer
+/// (which turns coalescing on) stays open. Returns when all came back
+/// intact.
+///
+/// What the caller checks in the proxies' summaries: a proxy that has been
+/// quiet must not wait for a batch while the answer is on its way; it did
+/// if its sleeps were "held back" (waited out the whole 1 ms with the batch
+/// unfilled: one connection never makes 16 events).
+pub fn quiet_round_trips(addr: SocketAddr) {
+    // 64 KiB fills a 16 KiB relay buffer: a transfer, in every role.
+    let mut bulk = TcpStream::connect(addr).unwrap();
+    bulk.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let data = random_bytes(64 << 10, 21);
+    bulk.write_all(&data).unwrap();
+    let mut back = vec![0u8; data.len()];
+    bulk.read_exact(&mut back).unwrap();
+    assert!(back == data, "the transfer came back altered");
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_nodelay(true).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    for i in 0..21u8 {
+        // A quiet spell: the proxies' shards go to sleep with nothing to do.
+        thread::sleep(Duration::from_millis(20));
+        c.write_all(&[i; 64]).unwrap();
+        let mut back = [0u8; 64];
+        c.read_exact(&mut back).unwrap();
+        assert_eq!(back, [i; 64]);
+    }
+}

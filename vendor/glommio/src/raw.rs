@@ -26,7 +26,8 @@
 //! Only for the thread's own executor: a request queued on a thread
 //! without one is dropped (and never completes).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::time::Duration;
 use std::os::unix::io::RawFd;
 use std::task::{Context, Poll, Waker};
 
@@ -133,4 +134,81 @@ pub fn poll_completions(cx: &mut Context<'_>) -> Poll<()> {
 /// Moves the queued completions to `out` (appended, in completion order).
 pub fn take_completions(out: &mut Vec<Completion>) {
     STATE.with(|s| out.append(&mut s.borrow_mut().completions));
+}
+
+thread_local! {
+    /// (count, wait) of [`set_wake_batch`]; `None`: off.
+    static WAKE_BATCH: Cell<Option<(u32, Duration)>> = const { Cell::new(None) };
+    /// [`set_wake_batch_active`].
+    static WAKE_BATCH_ACTIVE: Cell<bool> = const { Cell::new(true) };
+    /// Completions the next sleep waits for (see
+    /// `SleepableRing::wait_coalesced`); 1: an ordinary sleep.
+    static WAKE_BATCH_TARGET: Cell<u32> = const { Cell::new(1) };
+    /// Sleeps that waited for a batch, and those of them that waited the
+    /// whole `wait` (see [`coalesced_sleeps`]).
+    static COALESCED: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+}
+
+/// Wake-up coalescing for this thread's executor (Linux 6.12 or later, with
+/// the main ring's `DEFER_TASKRUN`; otherwise nothing changes). While
+/// completions arrive fast, the executor sleeps until a batch of them (up
+/// to `count`; the size adapts to the rate) is ready or `wait` has passed,
+/// instead of waking for each: fewer sleeps and wake-ups (context switches)
+/// per completion under load, at the cost of up to `wait` of added latency
+/// per wake-up. After a quiet spell (a sleep longer than `wait`) it wakes at
+/// the first completion, as without coalescing. `count` ≤ 1 or a zero
+/// `wait` turns it off.
+pub fn set_wake_batch(count: u32, wait: Duration) {
+    let on = count > 1 && !wait.is_zero();
+    WAKE_BATCH.with(|w| w.set(on.then_some((count, wait))));
+}
+
+/// Turns coalescing set up by [`set_wake_batch`] on (the default) or off
+/// for now, e.g. only while the traffic it pays for is there. Cheap enough
+/// to call after every batch of completions.
+pub fn set_wake_batch_active(active: bool) {
+    WAKE_BATCH_ACTIVE.with(|a| {
+        if a.get() != active {
+            a.set(active);
+            // Start again from ordinary sleeps.
+            WAKE_BATCH_TARGET.with(|t| t.set(1));
+        }
+    });
+}
+
+pub(crate) fn wake_batch() -> Option<(u32, Duration)> {
+    if WAKE_BATCH_ACTIVE.with(|a| a.get()) {
+        WAKE_BATCH.with(|w| w.get())
+    } else {
+        None
+    }
+}
+
+pub(crate) fn disable_wake_batch() {
+    WAKE_BATCH.with(|w| w.set(None));
+}
+
+pub(crate) fn wake_batch_target() -> u32 {
+    WAKE_BATCH_TARGET.with(|b| b.get())
+}
+
+pub(crate) fn set_wake_batch_target(target: u32) {
+    WAKE_BATCH_TARGET.with(|b| b.set(target));
+}
+
+pub(crate) fn count_coalesced_sleep(waited_out: bool) {
+    COALESCED.with(|c| {
+        let (all, out) = c.get();
+        c.set((all + 1, out + u64::from(waited_out)));
+    });
+}
+
+/// How many times this thread's executor has slept waiting for a batch of
+/// completions (see [`set_wake_batch`]) rather than for one, and how many
+/// of those sleeps held completions back for the whole `wait` (the batch
+/// did not fill). Both stay 0 while coalescing is off, when completions
+/// never came fast enough for it, and on a kernel without `min_wait_usec`
+/// (before Linux 6.12).
+pub fn coalesced_sleeps() -> (u64, u64) {
+    COALESCED.with(|c| c.get())
 }

@@ -1244,6 +1244,10 @@ impl SleepableRing {
                 Err(io::Error::from_raw_os_error(libc::EBUSY))
             } else {
                 // The rings are linked. Goodnight!
+                // shardproxy patch: not coalesced (see `wait_coalesced`):
+                // this sleep follows a re-link, which timer activity
+                // causes, and coalescing it too cost connection churn about
+                // 2-3% more CPU in the lever probe.
                 self.ring
                     .cq()
                     .wait(1)
@@ -1273,6 +1277,11 @@ impl SleepableRing {
             0,
             "sleeping with pending SQEs"
         );
+        if self.deferred {
+            if let Some((count, wait)) = crate::raw::wake_batch() {
+                return self.wait_coalesced(count, wait);
+            }
+        }
         self.ring
             .cq()
             .wait(1)
@@ -1281,7 +1290,124 @@ impl SleepableRing {
             .or_else(Reactor::again_ok)
             .or_else(Reactor::intr_ok)
     }
+
+    /// shardproxy patch: wake-up coalescing (`crate::raw::set_wake_batch`).
+    ///
+    /// The sleep waits for `target` completions, or until `wait` has passed
+    /// and at least one is there; `target` 1 is an ordinary sleep. The
+    /// target adapts, as interrupt moderation does: it doubles (up to
+    /// `count`) after a sleep that ended within `wait`, because completions
+    /// are coming fast; it halves after a sleep that waited out `wait`
+    /// without reaching it, because they are not coming that fast; and it
+    /// drops to 1 after a sleep longer than twice `wait` (a quiet spell), so
+    /// a shard that was quiet does not hold back what follows the first
+    /// completion (the answer to a lone request, on its way). The first
+    /// completion after a quiet spell is never held back anyway: once the
+    /// minimum wait has passed with nothing, the kernel wakes at the next
+    /// one. A connection-per-request load with few clients thus settles on
+    /// small batches, and only a busy shard waits for large ones.
+    ///
+    /// This works because the kernel defers the wake-up of a
+    /// `DEFER_TASKRUN` ring's waiter for "lazy" task work (poll-driven
+    /// completions, multishot polls included, unless `EPOLLEXCLUSIVE`) until
+    /// as many are queued as the waiter asked for (`io_req_local_work_add`,
+    /// `__io_poll_execute` in io_uring/). The bound is Linux 6.12's
+    /// `min_wait_usec` (`IORING_FEAT_MIN_TIMEOUT`); a kernel without it
+    /// rejects the argument with `EINVAL`, and this thread then stops
+    /// coalescing for good.
+    fn wait_coalesced(&mut self, count: u32, wait: std::time::Duration) -> io::Result<usize> {
+        let target = crate::raw::wake_batch_target();
+        let start = std::time::Instant::now();
+        let slept = if target > 1 {
+            match self.wait_batched(target, wait.as_micros() as u32) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    crate::raw::disable_wake_batch();
+                    self.ring.cq().wait(1).map(|_| 1)
+                }
+                other => other,
+            }
+        } else {
+            self.ring.cq().wait(1).map(|_| 1)
+        };
+        // The kernel's return value does not say whether the batch filled
+        // (it may answer 0 or `-ETIME` when the minimum wait ran out), so
+        // the time slept does: under `wait`, the batch filled; from `wait`
+        // to twice that, the minimum wait ran out with completions held
+        // back; longer, nothing came during it (a quiet spell).
+        let elapsed = start.elapsed();
+        let held = elapsed >= wait && elapsed < 2 * wait;
+        if target > 1 && slept.is_ok() && crate::raw::wake_batch().is_some() {
+            crate::raw::count_coalesced_sleep(held);
+        }
+        let next = if elapsed < wait {
+            target.saturating_mul(2).min(count)
+        } else if held {
+            target / 2
+        } else {
+            1
+        };
+        crate::raw::set_wake_batch_target(next.max(1));
+        slept
+            .or_else(Reactor::busy_ok)
+            .or_else(Reactor::again_ok)
+            .or_else(Reactor::intr_ok)
+    }
+
+    /// One `io_uring_enter` that waits for `nr` completions, or for
+    /// `min_wait_usec` and then for any (at most 1 s in all).
+    fn wait_batched(&mut self, nr: u32, min_wait_usec: u32) -> io::Result<usize> {
+        #[repr(C)]
+        struct GeteventsArg {
+            sigmask: u64,
+            sigmask_sz: u32,
+            min_wait_usec: u32,
+            ts: u64,
+        }
+        // A general timeout is needed: without one the kernel ends the
+        // whole wait when the minimum wait runs out, events or not
+        // (`io_cqring_min_timer_wakeup`), and an idle shard would wake
+        // every `min_wait_usec`. With one, the wait goes on for a single
+        // completion after the minimum.
+        let ts = libc::timespec {
+            tv_sec: 1,
+            tv_nsec: 0,
+        };
+        let arg = GeteventsArg {
+            sigmask: 0,
+            sigmask_sz: 0,
+            min_wait_usec,
+            ts: &ts as *const libc::timespec as u64,
+        };
+        let fd = self.ring.raw().ring_fd;
+        // SAFETY: io_uring_enter on our own ring fd, submitting nothing;
+        // `arg` and the `ts` it points to outlive the call, and its size is
+        // passed (`io_uring_getevents_arg`, include/uapi/linux/io_uring.h).
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_io_uring_enter,
+                fd,
+                0u32,
+                nr,
+                ENTER_GETEVENTS | ENTER_EXT_ARG,
+                &arg as *const GeteventsArg,
+                std::mem::size_of::<GeteventsArg>(),
+            )
+        };
+        if ret < 0 {
+            let e = io::Error::last_os_error();
+            // The minimum wait, or the general timeout, ran out.
+            if e.raw_os_error() == Some(libc::ETIME) {
+                return Ok(1);
+            }
+            Err(e)
+        } else {
+            Ok(1)
+        }
+    }
 }
+
+const ENTER_EXT_ARG: u32 = 1 << 3;
+
 
 impl UringCommon for SleepableRing {
     fn name(&self) -> &'static str {
@@ -2511,3 +2637,4 @@ mod tests {
         ring.submit_one_event(&mut queue.submissions);
     }
 }
+
