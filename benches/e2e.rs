@@ -170,6 +170,25 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
+/// Median CPU (and p99) per (scenario, path).
+type Medians = BTreeMap<(usize, &'static str), (f64, Option<f64>)>;
+
+/// `a`'s median CPU over `b`'s in scenario `si`, as "0.93×", or "-".
+fn cpu_ratio(medians: &Medians, si: usize, a: &str, b: &str) -> String {
+    match (medians.get(&(si, a)), medians.get(&(si, b))) {
+        (Some(x), Some(y)) if y.0 > 0.0 => format!("{:.2}×", x.0 / y.0),
+        _ => "-".into(),
+    }
+}
+
+/// `a`'s median p99 over `b`'s in scenario `si`, as "0.93×", or "-".
+fn p99_ratio(medians: &Medians, si: usize, a: &str, b: &str) -> String {
+    match (medians.get(&(si, a)), medians.get(&(si, b))) {
+        (Some((_, Some(x))), Some((_, Some(y)))) if *y > 0.0 => format!("{:.2}×", x / y),
+        _ => "-".into(),
+    }
+}
+
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` passes nothing we need.
     if std::env::args().any(|a| a == "--list") {
@@ -293,7 +312,7 @@ fn main() {
     );
     println!("| scenario | path | rate (median) | p99 (median) | proxies' CPU, median [min–max] |");
     println!("|---|---|---|---|---|");
-    let mut medians: BTreeMap<(usize, &'static str), (f64, Option<f64>)> = BTreeMap::new();
+    let mut medians: Medians = BTreeMap::new();
     for (&(si, name), v) in &cells {
         let scenario = SCENARIOS[si];
         let mut rate: Vec<f64> = v.iter().map(|c| c.rate).collect();
@@ -329,14 +348,8 @@ fn main() {
     println!("| scenario | forward ×2 / HAProxy ×2 | entry+exit / ss-rust 2022 | entry+exit / ss-rust chacha20-ietf-poly1305 | p99 ratio (fwd/HAProxy, enc/ss2022) |");
     println!("|---|---|---|---|---|");
     for (si, scenario) in SCENARIOS.iter().enumerate() {
-        let ratio = |a: &str, b: &str| match (medians.get(&(si, a)), medians.get(&(si, b))) {
-            (Some(x), Some(y)) if y.0 > 0.0 => format!("{:.2}×", x.0 / y.0),
-            _ => "-".into(),
-        };
-        let p99 = |a: &str, b: &str| match (medians.get(&(si, a)), medians.get(&(si, b))) {
-            (Some((_, Some(x))), Some((_, Some(y)))) if *y > 0.0 => format!("{:.2}×", x / y),
-            _ => "-".into(),
-        };
+        let ratio = |a: &str, b: &str| cpu_ratio(&medians, si, a, b);
+        let p99 = |a: &str, b: &str| p99_ratio(&medians, si, a, b);
         println!(
             "| {scenario} | {} | {} | {} | {}, {} |",
             ratio(FORWARD, HAPROXY),
@@ -354,14 +367,8 @@ fn main() {
         );
         println!("|---|---|---|---|---|---|");
         for (si, scenario) in SCENARIOS.iter().enumerate() {
-            let ratio = |a: &str, b: &str| match (medians.get(&(si, a)), medians.get(&(si, b))) {
-                (Some(x), Some(y)) if y.0 > 0.0 => format!("{:.2}×", x.0 / y.0),
-                _ => "-".into(),
-            };
-            let p99 = |a: &str, b: &str| match (medians.get(&(si, a)), medians.get(&(si, b))) {
-                (Some((_, Some(x))), Some((_, Some(y)))) if *y > 0.0 => format!("{:.2}×", x / y),
-                _ => "-".into(),
-            };
+            let ratio = |a: &str, b: &str| cpu_ratio(&medians, si, a, b);
+            let p99 = |a: &str, b: &str| p99_ratio(&medians, si, a, b);
             println!(
                 "| {scenario} | {} | {} | {}, {} | {} | {} |",
                 ratio(FORWARD_WAKE, HAPROXY),

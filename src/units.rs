@@ -27,7 +27,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("`{text}` is too large"))?;
     let micros_per_unit: u64 = match unit {
-        "us" | "µs" => 1,
+        // Also the micro sign (U+00B5) and the Greek mu (U+03BC).
+        "us" | "\u{b5}s" | "\u{3bc}s" => 1,
         "ms" => 1_000,
         "s" => 1_000_000,
         "m" => 60_000_000,
@@ -37,7 +38,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
                 text,
                 unit,
                 "us, ms, s, m or h, e.g. 500ms or 30s",
-                "write 1500ms for 1.5s",
+                if unit.ends_with("ms") {
+                    "write 1500us for 1.5ms"
+                } else {
+                    "write 1500ms for 1.5s"
+                },
             ))
         }
     };
@@ -152,7 +157,14 @@ mod tests {
         assert!(parse_duration("18446744073709551615h").is_err());
         // Microseconds, for --wake-batch-wait.
         assert_eq!(parse_duration("100us"), Ok(Duration::from_micros(100)));
-        assert_eq!(parse_duration("7µs"), Ok(Duration::from_micros(7)));
+        assert_eq!(parse_duration("7\u{b5}s"), Ok(Duration::from_micros(7)));
+        assert_eq!(parse_duration("7\u{3bc}s"), Ok(Duration::from_micros(7)));
+        assert!(parse_duration("1.5ms")
+            .unwrap_err()
+            .contains("1500us for 1.5ms"));
+        assert!(parse_duration("1.5s")
+            .unwrap_err()
+            .contains("1500ms for 1.5s"));
         assert!(parse_duration("5ns")
             .unwrap_err()
             .contains("us, ms, s, m or h"));

@@ -160,10 +160,7 @@ fn with_wake_batching_nothing_is_lost_or_held_back() {
     assert_eq!(sha256(&back), sha256(&data));
     let (status, lines) = proxy.terminate();
     assert!(status.success(), "{lines:?}");
-    let coalesced: u64 = summaries(&lines)
-        .iter()
-        .map(|s| s.get("coalesced_sleeps"))
-        .sum();
+    let coalesced: u64 = summary_total(&lines, "coalesced_sleeps");
     if kernel_coalesces_wake_ups() {
         assert!(coalesced > 0, "never slept for a batch: {lines:?}");
     } else {
@@ -182,10 +179,7 @@ fn with_wake_batching_nothing_is_lost_or_held_back() {
     assert!(status.success(), "{lines:?}");
     // 21 answers, each waited for after a quiet spell; a timer firing just
     // after a sleep began may account for the odd one.
-    let held: u64 = summaries(&lines)
-        .iter()
-        .map(|s| s.get("held_back_sleeps"))
-        .sum();
+    let held: u64 = summary_total(&lines, "held_back_sleeps");
     assert!(held <= 3, "{held} sleeps held events back: {lines:?}");
 }
 

@@ -43,10 +43,7 @@ fn with_wake_batching_nothing_is_lost_or_held_back_in_the_tunnel() {
     for p in [entry, exit] {
         let (status, lines) = p.terminate();
         assert!(status.success(), "{lines:?}");
-        let coalesced: u64 = summaries(&lines)
-            .iter()
-            .map(|s| s.get("coalesced_sleeps"))
-            .sum();
+        let coalesced: u64 = summary_total(&lines, "coalesced_sleeps");
         assert_eq!(coalesced > 0, kernel_coalesces_wake_ups(), "{lines:?}");
     }
 
@@ -58,10 +55,7 @@ fn with_wake_batching_nothing_is_lost_or_held_back_in_the_tunnel() {
     for p in [entry, exit] {
         let (status, lines) = p.terminate();
         assert!(status.success(), "{lines:?}");
-        let held: u64 = summaries(&lines)
-            .iter()
-            .map(|s| s.get("held_back_sleeps"))
-            .sum();
+        let held: u64 = summary_total(&lines, "held_back_sleeps");
         assert!(held <= 3, "{held} sleeps held events back: {lines:?}");
     }
 }

@@ -633,6 +633,11 @@ impl Summary {
     }
 }
 
+/// The sum of one summary field over every shard's summary line.
+pub fn summary_total(lines: &[String], key: &str) -> u64 {
+    summaries(lines).iter().map(|s| s.get(key)).sum()
+}
+
 pub fn summaries(lines: &[String]) -> Vec<Summary> {
     lines
         .iter()
