@@ -90,7 +90,7 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "N", default_value_t = 4096, value_parser = parse_count)]
     pub backlog: i64,
 
-    /// Wake-up coalescing, while a shard carries a bulk transfer (a read filled the buffer: what forward splices and entry/exit batch): as long as events keep arriving within --wake-batch-wait, the shard sleeps until up to this many are ready (the number adapts to the rate), or --wake-batch-wait has passed, instead of waking for each. Fewer wake-ups and context switches per GB; events may wait up to --wake-batch-wait meanwhile. After a quiet spell the shard wakes at the first event, and without a transfer it never waits. 1 turns it off. Needs Linux 6.12 (off on older kernels) (1-256).
+    /// Wake-up coalescing, while a shard's bulk transfers are moving (directions whose reads filled the buffer: what forward splices and entry/exit batch): as long as events keep arriving within --wake-batch-wait, the shard sleeps until up to this many are ready (the number adapts to the rate), or --wake-batch-wait has passed, instead of waking for each. Fewer wake-ups and context switches per GB; events may wait up to --wake-batch-wait meanwhile. After a quiet spell the shard wakes at the first event, and while no transfer moves it never waits. 1 turns it off. Needs Linux 6.12 (off on older kernels) (1-256).
     #[arg(long, value_name = "N", default_value_t = 16, value_parser = parse_count)]
     pub wake_batch: i64,
 

@@ -1050,6 +1050,10 @@ impl<H: Host> Drop for Relay<'_, H> {
 /// Runs for the shard's life.
 pub async fn drive<H: Host>(ctx: Rc<H>) {
     let mut batch = Vec::with_capacity(64);
+    // Transfer bytes (spliced or batched) seen so far, and the driver's
+    // rounds since they last grew.
+    let mut moved = 0u64;
+    let mut still = u32::MAX;
     loop {
         futures_lite::future::poll_fn(raw::poll_completions).await;
         raw::take_completions(&mut batch);
@@ -1057,11 +1061,30 @@ pub async fn drive<H: Host>(ctx: Rc<H>) {
         batch.clear();
         // Wake-up coalescing (`--wake-batch`) pays only in transfers: it
         // spares the wake-ups of a pipeline whose reads fill buffers, and
-        // would hold back latency-bound exchanges for nothing. A transfer
-        // holds a pipe or a batch buffer until its pair ends.
-        raw::set_wake_batch_active(ctx.pipes().in_use() + ctx.batches().in_use() > 0);
+        // would hold back latency-bound exchanges for nothing. So it is on
+        // only while transfer bytes are moving: within TRANSFER_ROUNDS
+        // rounds of the last. (Holding a pipe or batch buffer is not
+        // enough: a keep-alive connection that once carried a transfer
+        // keeps its buffer while it idles, and every other connection of
+        // the shard then paid for batches that never filled; found by a
+        // break-it round.)
+        let now = ctx.stats().spliced.get() + ctx.stats().batched.get();
+        if now != moved {
+            moved = now;
+            still = 0;
+        } else {
+            still = still.saturating_add(1);
+        }
+        raw::set_wake_batch_active(still < TRANSFER_ROUNDS);
     }
 }
+
+/// Driver rounds without transfer bytes after which wake-up coalescing
+/// stops (see [`drive`]): long enough to span a pipeline's rounds that only
+/// write or only see a peer's window open, short enough that a shard whose
+/// transfers went quiet stops holding other connections' events within a
+/// few milliseconds of traffic.
+const TRANSFER_ROUNDS: u32 = 16;
 
 #[cfg(test)]
 mod tests {

@@ -51,11 +51,6 @@ impl PipePool {
         }
     }
 
-    /// How many are taken and not yet given back: the shard's transfers.
-    pub fn in_use(&self) -> usize {
-        self.live.get()
-    }
-
     /// An empty pipe (read end, write end), from the pool or new, that
     /// counts against the budget until [`PipePool::give_back`]; `None` when
     /// the budget is spent or the OS refuses one (then the caller copies
@@ -104,11 +99,6 @@ impl BatchPool {
             live: Cell::new(0),
             budget,
         }
-    }
-
-    /// How many are taken and not yet given back: the shard's transfers.
-    pub fn in_use(&self) -> usize {
-        self.live.get()
     }
 
     /// A buffer of exactly `len` bytes (its contents are an earlier

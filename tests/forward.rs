@@ -149,8 +149,8 @@ fn a_fin_right_behind_the_data_is_never_missed() {
 
 /// `--wake-batch`: under load the shards sleep for batches of events (on
 /// Linux 6.12+), and every byte and every FIN right behind the data still
-/// arrives; a proxy that has been quiet does not hold the answer to a lone
-/// request back waiting for a batch.
+/// arrives; once the transfer stops moving, the shard does not hold other
+/// connections' requests back waiting for a batch.
 #[test]
 fn with_wake_batching_nothing_is_lost_or_held_back() {
     let proxy = Proxy::forward(echo_origin()).args(WAKE_BATCH).start();
@@ -174,13 +174,13 @@ fn with_wake_batching_nothing_is_lost_or_held_back() {
     let quiet = Proxy::forward(slow_echo_origin(Duration::from_micros(300)))
         .args(WAKE_BATCH)
         .start();
-    quiet_round_trips(quiet.addr);
+    idle_transfer_round_trips(quiet.addr);
     let (status, lines) = quiet.terminate();
     assert!(status.success(), "{lines:?}");
-    // 21 answers, each waited for after a quiet spell; a timer firing just
-    // after a sleep began may account for the odd one.
+    // 105 answers; the transfer itself, or a timer firing just after a
+    // sleep began, may account for a few.
     let held: u64 = summary_total(&lines, "held_back_sleeps");
-    assert!(held <= 3, "{held} sleeps held events back: {lines:?}");
+    assert!(held <= 8, "{held} sleeps held events back: {lines:?}");
 }
 
 #[test]

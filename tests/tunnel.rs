@@ -51,12 +51,12 @@ fn with_wake_batching_nothing_is_lost_or_held_back_in_the_tunnel() {
         .args(WAKE_BATCH)
         .start();
     let entry = Proxy::entry(exit.addr, &key).args(WAKE_BATCH).start();
-    quiet_round_trips(entry.addr);
+    idle_transfer_round_trips(entry.addr);
     for p in [entry, exit] {
         let (status, lines) = p.terminate();
         assert!(status.success(), "{lines:?}");
         let held: u64 = summary_total(&lines, "held_back_sleeps");
-        assert!(held <= 3, "{held} sleeps held events back: {lines:?}");
+        assert!(held <= 8, "{held} sleeps held events back: {lines:?}");
     }
 }
 

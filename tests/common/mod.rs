@@ -1197,16 +1197,18 @@ pub fn slow_echo_origin(delay: Duration) -> SocketAddr {
 }
 
 /// Through proxies run with [`WAKE_BATCH`] in front of a
-/// [`slow_echo_origin`]: 21 small request/response round trips, each after
-/// a 20 ms quiet spell, while another connection that carried a transfer
-/// (which turns coalescing on) stays open. Returns when all came back
-/// intact.
+/// [`slow_echo_origin`]: one connection carries a 64 KiB transfer (which
+/// turns coalescing on) and then idles, open; another then makes 100 small
+/// request/response round trips back to back, and 5 more after 20 ms quiet
+/// spells. Returns when all came back intact.
 ///
-/// What the caller checks in the proxies' summaries: a proxy that has been
-/// quiet must not wait for a batch while the answer is on its way; it did
-/// if its sleeps were "held back" (waited out the whole 1 ms with the batch
-/// unfilled: one connection never makes 16 events).
-pub fn quiet_round_trips(addr: SocketAddr) {
+/// What the caller checks in the proxies' summaries: once the transfer has
+/// stopped moving, the shard must not hold other connections' events back
+/// for batches. It did if its sleeps were "held back" (waited out the whole
+/// 1 ms with the batch unfilled: one connection never makes 16 events).
+/// With coalescing on for as long as a transfer's connection stayed open,
+/// nearly every round trip was held back (found by a break-it round).
+pub fn idle_transfer_round_trips(addr: SocketAddr) {
     // 64 KiB fills a 16 KiB relay buffer: a transfer, in every role.
     let mut bulk = TcpStream::connect(addr).unwrap();
     bulk.set_read_timeout(Some(Duration::from_secs(10)))
@@ -1219,12 +1221,15 @@ pub fn quiet_round_trips(addr: SocketAddr) {
     let mut c = TcpStream::connect(addr).unwrap();
     c.set_nodelay(true).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    for i in 0..21u8 {
-        // A quiet spell: the proxies' shards go to sleep with nothing to do.
-        thread::sleep(Duration::from_millis(20));
+    for i in 0..105u8 {
+        if i >= 100 {
+            // A quiet spell: the proxies' shards go to sleep.
+            thread::sleep(Duration::from_millis(20));
+        }
         c.write_all(&[i; 64]).unwrap();
         let mut back = [0u8; 64];
         c.read_exact(&mut back).unwrap();
         assert_eq!(back, [i; 64]);
     }
+    drop(bulk);
 }
