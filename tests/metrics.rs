@@ -156,6 +156,14 @@ fn batched_bytes_are_exported_and_match_the_summary() {
         text.contains("# TYPE shardproxy_batched_bytes_total counter"),
         "{text}"
     );
+    // Wake-up coalescing (on by default) is exported with the summary's
+    // counts: a scrape taken before the end can only be behind them.
+    let (_, text) = http_get(p.exit_metrics, "/metrics");
+    let exported = sum_by(&text, "shardproxy_coalesced_sleeps_total", None)[""];
+    let held = sum_by(&text, "shardproxy_held_back_sleeps_total", None)[""];
+    let (_, lines) = p.exit.terminate();
+    let summed = summary_total(&lines, "coalesced_sleeps") as f64;
+    assert!(exported <= summed && held <= exported, "{text}\n{lines:?}");
 }
 
 #[test]

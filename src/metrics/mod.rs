@@ -270,6 +270,9 @@ pub struct Snapshot {
     pub spliced: u64,
     /// Relayed bytes moved in batch mode (tunnel roles).
     pub batched: u64,
+    /// Sleeps that waited for a batch of events (`--wake-batch`), and those
+    /// of them that waited out the whole `--wake-batch-wait`.
+    pub coalesced_sleeps: (u64, u64),
     /// Per configured upstream, in spec order.
     pub upstreams: Vec<UpstreamSnapshot>,
     /// Histograms in [`Hist::ALL`] order (empty when metrics are off).
@@ -311,6 +314,8 @@ impl Snapshot {
             access_log_dropped: stats.access_log_dropped.get(),
             spliced: stats.spliced.get(),
             batched: stats.batched.get(),
+            // The shard's own executor's counts: this runs on its thread.
+            coalesced_sleeps: glommio::raw::coalesced_sleeps(),
             upstreams: Vec::new(),
             hists: Vec::new(),
         }

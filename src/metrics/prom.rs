@@ -196,6 +196,20 @@ pub fn render(snaps: &[&Snapshot], info: &ProcessInfo) -> String {
         "counter",
         &|s| s.batched,
     );
+    counter(
+        w,
+        "shardproxy_coalesced_sleeps_total",
+        "Sleeps in which the shard waited for a batch of events instead of one (--wake-batch; only while its transfers move bytes; 0 before Linux 6.12).",
+        "counter",
+        &|s| s.coalesced_sleeps.0,
+    );
+    counter(
+        w,
+        "shardproxy_held_back_sleeps_total",
+        "Of shardproxy_coalesced_sleeps_total, the sleeps that waited out the whole --wake-batch-wait with the batch unfilled (events held back up to that long).",
+        "counter",
+        &|s| s.coalesced_sleeps.1,
+    );
 
     let _ = writeln!(
         w,
