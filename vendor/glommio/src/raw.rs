@@ -155,8 +155,8 @@ thread_local! {
 /// to `count`; the size adapts to the rate) is ready or `wait` has passed,
 /// instead of waking for each: fewer sleeps and wake-ups (context switches)
 /// per completion under load, at the cost of up to `wait` of added latency
-/// per wake-up. After a quiet spell (a sleep longer than `wait`) it wakes at
-/// the first completion, as without coalescing. `count` ≤ 1 or a zero
+/// per wake-up. After a quiet spell (a sleep longer than `2 × wait`) it
+/// wakes at the first completion, as without coalescing. `count` ≤ 1 or a zero
 /// `wait` turns it off.
 pub fn set_wake_batch(count: u32, wait: Duration) {
     let on = count > 1 && !wait.is_zero();

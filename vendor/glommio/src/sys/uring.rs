@@ -998,6 +998,7 @@ const SETUP_SINGLE_ISSUER: u32 = 1 << 12;
 const SETUP_DEFER_TASKRUN: u32 = 1 << 13;
 const SQ_TASKRUN: u32 = 1 << 2;
 const ENTER_GETEVENTS: u32 = 1 << 0;
+const ENTER_EXT_ARG: u32 = 1 << 3;
 
 impl SleepableRing {
     fn new(
@@ -1405,9 +1406,6 @@ impl SleepableRing {
         }
     }
 }
-
-const ENTER_EXT_ARG: u32 = 1 << 3;
-
 
 impl UringCommon for SleepableRing {
     fn name(&self) -> &'static str {
@@ -2637,4 +2635,3 @@ mod tests {
         ring.submit_one_event(&mut queue.submissions);
     }
 }
-
