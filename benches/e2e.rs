@@ -31,7 +31,9 @@
 //! `BENCH_ROUNDS=N`; `BENCH_SCENARIOS=connect,1 KiB` runs only the
 //! scenarios whose names contain one of those; `BENCH_WAKE_BATCH=1,100us`
 //! adds both shardproxy pairs with `--wake-batch 1 --wake-batch-wait
-//! 100us`, coalescing off, as extra rows). HAProxy: `apt-get install haproxy`; shadowsocks-rust:
+//! 100us`, coalescing off, as extra rows; `BENCH_ENC_ARGS="--large-chunks=false"`
+//! adds the encrypted pair with those flags on both proxies as an extra
+//! row). HAProxy: `apt-get install haproxy`; shadowsocks-rust:
 //! `cargo install shadowsocks-rust --locked --root /opt/ssrust`. A missing
 //! peer's rows are skipped with a message. Every loop is bounded in time and
 //! count; every address is 127.0.0.1.
@@ -67,6 +69,15 @@ const ENCRYPTED_LOG: &str = "shardproxy entry+exit + access log";
 const ENCRYPTED_POOL: &str = "shardproxy entry, 4 exit endpoints";
 const FORWARD_WAKE: &str = "shardproxy forward ×2, BENCH_WAKE_BATCH";
 const ENCRYPTED_WAKE: &str = "shardproxy entry+exit, BENCH_WAKE_BATCH";
+const ENCRYPTED_ALT: &str = "shardproxy entry+exit, BENCH_ENC_ARGS";
+
+/// `BENCH_ENC_ARGS="--large-chunks=false"`: also run the encrypted pair
+/// with these flags (whitespace-separated) on both proxies, as an extra row.
+fn enc_alt_args() -> Option<Vec<String>> {
+    let v = std::env::var("BENCH_ENC_ARGS").ok()?;
+    let args: Vec<String> = v.split_whitespace().map(String::from).collect();
+    (!args.is_empty()).then_some(args)
+}
 
 /// `BENCH_WAKE_BATCH=1,100us`: also run both shardproxy pairs with
 /// `--wake-batch 1 --wake-batch-wait 100us` (coalescing off; the default
@@ -243,6 +254,9 @@ fn main() {
                 }
             }
             run(ENCRYPTED, Some(encrypted_pair(origin)));
+            if let Some(alt) = enc_alt_args() {
+                run(ENCRYPTED_ALT, Some(encrypted_pair_with(origin, &alt, &alt)));
+            }
             if let Some(wake) = wake_batch_args() {
                 run(
                     FORWARD_WAKE,
@@ -377,6 +391,22 @@ fn main() {
                 p99(ENCRYPTED_WAKE, SS2022),
                 ratio(FORWARD_WAKE, FORWARD),
                 ratio(ENCRYPTED_WAKE, ENCRYPTED)
+            );
+        }
+    }
+    if let Some(alt) = enc_alt_args() {
+        println!();
+        println!(
+            "| scenario | entry+exit {0} / ss-rust 2022 | p99 ratio (enc {0}/ss2022) | entry+exit, defaults / {0} |",
+            alt.join(" ")
+        );
+        println!("|---|---|---|---|");
+        for (si, scenario) in SCENARIOS.iter().enumerate() {
+            println!(
+                "| {scenario} | {} | {} | {} |",
+                cpu_ratio(&medians, si, ENCRYPTED_ALT, SS2022),
+                p99_ratio(&medians, si, ENCRYPTED_ALT, SS2022),
+                cpu_ratio(&medians, si, ENCRYPTED, ENCRYPTED_ALT)
             );
         }
     }

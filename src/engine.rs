@@ -67,7 +67,9 @@ use glommio::raw::{self, Completion};
 use crate::access_log::Record;
 use crate::error::{Peer, SessionError};
 use crate::metrics::{Hist, Timings};
-use crate::proto::{Decoded, Decoder, Encoder, ProtoError, END_LEN, LEN_LEN, MAX_FRAME, TAG_LEN};
+use crate::proto::{
+    Decoded, Decoder, Encoder, ProtoError, END_LEN, LEN_LEN, MAX_FRAME, MAX_PAYLOAD, TAG_LEN,
+};
 use crate::stats::ShardStats;
 use crate::transfer::{BatchPool, PipePool, BATCH};
 use crate::watchdog::Watch;
@@ -98,6 +100,10 @@ pub enum Mode {
     /// Sealed chunks in (from the tunnel side), plaintext out.
     Open(Decoder),
 }
+
+// A batch buffer holds one large chunk (an opening direction's room for
+// one, `open`; a sealing direction's one slot, `large_slot`).
+const _: () = assert!(BATCH * MAX_FRAME >= crate::proto::LARGE_FRAME);
 
 /// Chunks whose plaintext one gathered write sends at most.
 const GATHER: usize = 8;
@@ -651,7 +657,18 @@ fn seal(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), Sessi
         if h.drained {
             return Ok(());
         }
+        // With large chunks agreed, a batch buffer is one slot: the whole
+        // read becomes one chunk (docs/PROTOCOL.md §4).
+        let large = match &h.mode {
+            Mode::Seal(enc) => large_slot(enc, h.batch.as_deref()),
+            _ => unreachable!("seal on a sealing half"),
+        };
         let (n, room) = match &mut h.batch {
+            Some(batch) if large > size => {
+                let slot = &mut batch[LEN_LEN..LEN_LEN + large];
+                let mut bufs = [std::io::IoSliceMut::new(slot)];
+                (crate::sys::recv_inq(from, &mut bufs), large)
+            }
             Some(batch) => {
                 let mut slots = batch.chunks_mut(stride);
                 let mut bufs: [std::io::IoSliceMut<'_>; BATCH] = std::array::from_fn(|_| {
@@ -686,6 +703,11 @@ fn seal(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), Sessi
         }
         h.drained = drained(n, room, inq, h.gone);
         let total = match &mut h.batch {
+            Some(batch) if large > size => {
+                let total = enc.seal_in_place(batch, n).map_err(SessionError::Limit)?;
+                ctx.stats().add_batched(n);
+                total
+            }
             Some(batch) => {
                 let (mut at, mut left, mut total) = (0, n, 0);
                 while left > 0 {
@@ -717,6 +739,18 @@ fn seal(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), Sessi
                 h.batch = Some(batch);
             }
         }
+    }
+}
+
+/// The payload room of a sealing direction's batch buffer used as one large
+/// chunk: the encoder's maximum, within the buffer (0 without large chunks
+/// or a batch buffer).
+fn large_slot(enc: &Encoder, batch: Option<&[u8]>) -> usize {
+    match batch {
+        Some(b) if enc.max_payload() > MAX_PAYLOAD => {
+            enc.max_payload().min(b.len() - LEN_LEN - TAG_LEN)
+        }
+        _ => 0,
     }
 }
 
@@ -835,6 +869,24 @@ fn open(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), Sessi
         h.end -= h.start;
         h.start = 0;
         let room = buf.len() - h.end;
+        if room == 0 {
+            // A full buffer without a whole chunk: only a large chunk
+            // (docs/PROTOCOL.md §4) outgrows the one-chunk buffer, and a
+            // batch buffer holds one. The peer sends them only in its
+            // transfers, so this direction takes one from the pool, or, with
+            // the budget spent, one over it: never more than one per
+            // direction, so memory stays bounded per connection.
+            debug_assert!(h.batch.is_none(), "a batch buffer holds a large chunk");
+            let len = BATCH * MAX_FRAME;
+            let pool = ctx.batches();
+            let mut b = pool
+                .take_owned(len)
+                .or_else(|| pool.take_over_budget(len))
+                .ok_or(SessionError::OutOfMemory(len))?;
+            b[..h.end].copy_from_slice(&h.buf[..h.end]);
+            h.batch = Some(b);
+            continue;
+        }
         // The tunnel side: no `TCP_INQ` (see `Engine::start`).
         let n = match crate::sys::recv_fd(from, &mut buf[h.end..]) {
             Ok(0) => return Err(SessionError::Truncated(peer(s))),
@@ -1198,6 +1250,82 @@ mod tests {
                     0,
                     "slots still taken after {CONNS} connections"
                 );
+            });
+    }
+
+    /// docs/PROTOCOL.md §4, large chunks: an opening direction whose peer
+    /// sends a chunk larger than its one-chunk buffer takes a batch buffer,
+    /// past the shard's budget if it must (here the budget is 0), instead of
+    /// waiting for room that never comes; every byte arrives and the end is
+    /// clean. Without it the relay stalls: a full buffer and no whole chunk.
+    #[test]
+    fn a_large_chunk_is_opened_even_with_the_batch_budget_spent() {
+        use crate::proto::{accept_hello, ClientHandshake, Psk, FLAG_LARGE_CHUNKS, LARGE_PAYLOAD};
+        glommio::LocalExecutorBuilder::default()
+            .make()
+            .unwrap()
+            .run(async {
+                let host = Rc::new(TestHost {
+                    engine: Engine::default(),
+                    stats: ShardStats::default(),
+                    timings: Timings::new(false, 0),
+                    pipes: PipePool::new(0),
+                    batches: BatchPool::new(0),
+                });
+                glommio::spawn_local(drive(host.clone())).detach();
+                let key = Psk::from_bytes([3; 32]);
+                let (hs, hello) =
+                    ClientHandshake::start_with_flags(&key, [1; 32], 10, b"", FLAG_LARGE_CHUNKS)
+                        .unwrap();
+                let acc =
+                    accept_hello(std::slice::from_ref(&key), &hello, [2; 32], 10, 120).unwrap();
+                let (enc, dec) = hs.finish(&acc.server_hello).unwrap();
+                let (mut exit_enc, mut exit_dec) = (acc.encoder, acc.decoder);
+                assert_eq!(exit_enc.max_payload(), LARGE_PAYLOAD);
+                let l = TcpListener::bind("127.0.0.1:0").unwrap();
+                let (client_ours, client) = pair(&l);
+                let (tunnel_ours, tunnel) = pair(&l);
+                let down: Vec<u8> = (0..3 * LARGE_PAYLOAD + 5)
+                    .map(|i| (i % 253) as u8)
+                    .collect();
+                let up = b"request".to_vec();
+                let (want_down, want_up) = (down.clone(), up.clone());
+                // The exit's end: large chunks down, then the end chunk and
+                // FIN; the entry's chunks up, opened to their end chunk.
+                let peers = std::thread::spawn(move || {
+                    let (mut client, mut tunnel) = (client, tunnel);
+                    let mut wire = Vec::new();
+                    exit_enc.seal_to_vec(&down, &mut wire).unwrap();
+                    exit_enc.end_to_vec(&mut wire).unwrap();
+                    tunnel.write_all(&wire).unwrap();
+                    tunnel.shutdown(Shutdown::Write).unwrap();
+                    client.write_all(&up).unwrap();
+                    client.shutdown(Shutdown::Write).unwrap();
+                    let mut got = Vec::new();
+                    client.read_to_end(&mut got).unwrap();
+                    let mut sealed = Vec::new();
+                    tunnel.read_to_end(&mut sealed).unwrap();
+                    (got, exit_dec.open_all(sealed).unwrap())
+                });
+                let rec = Record::new(1);
+                let relay = Relay::start(
+                    &*host,
+                    &rec,
+                    [client_ours.as_raw_fd(), tunnel_ours.as_raw_fd()],
+                    [vec![0; MAX_FRAME], vec![0; MAX_FRAME]],
+                    [Mode::Seal(enc), Mode::Open(dec)],
+                    MAX_PAYLOAD,
+                    Rc::new(Watch::default()),
+                );
+                glommio::timer::timeout(Duration::from_secs(20), async { Ok(relay.await) })
+                    .await
+                    .expect("the relay stalled on a large chunk")
+                    .unwrap();
+                drop((client_ours, tunnel_ours));
+                let (got, (opened, ended, rest)) = peers.join().unwrap();
+                assert!(got == want_down, "{} bytes down", got.len());
+                assert_eq!((opened, ended, rest), (want_up, true, 0));
+                assert_eq!(rec.bytes_down.get(), want_down.len() as u64);
             });
     }
 }

@@ -22,8 +22,8 @@ use crate::error::SessionError;
 use crate::metrics::Hist;
 use crate::proto::{
     accept_hello_with, ClientHandshake, Meta, ProtoError, CLIENT_HELLO_LEN, CONFIRM_LEN,
-    FLAG_MAY_REFUSE, LEN_LEN, SALT_LEN, SERVER_HELLO_LEN, STATUS_BUSY, STATUS_NO_UPSTREAM,
-    STATUS_OK,
+    FLAG_LARGE_CHUNKS, FLAG_MAY_REFUSE, LEN_LEN, SALT_LEN, SERVER_HELLO_LEN, STATUS_BUSY,
+    STATUS_NO_UPSTREAM, STATUS_OK,
 };
 use crate::proxy_protocol::{self, Parsed};
 use crate::relay::Framing;
@@ -274,6 +274,10 @@ async fn entry(
         id: Some(rec.id.get()),
     }
     .encode();
+    // Large chunks are offered only with a reservation to receive them
+    // (the shard's budget, `crate::transfer::BatchPool`).
+    let mut large = ctx.batches().reserve_large(tun.large_chunks);
+    let offer = if large.held() { FLAG_LARGE_CHUNKS } else { 0 };
     // Each attempt is a connect and a handshake with one exit: a refused
     // connect, a wrong key or a silent exit moves on to the next one. No
     // byte of the client's has been read yet (the relay has not started),
@@ -284,12 +288,16 @@ async fn entry(
         upstream.delay_acks();
         let salt = ctx.salt().map_err(SessionError::Rng)?;
         let deadline = Instant::now() + tun.handshake_timeout;
-        let flags = if more { FLAG_MAY_REFUSE } else { 0 };
+        let flags = offer | if more { FLAG_MAY_REFUSE } else { 0 };
         let step = tunnel_handshake(upstream, ctx, rec, &keys, salt, &meta[..meta_len], flags);
         counted(ctx, within(ctx, deadline, Peer::Upstream, step).await)
     };
     let (upstream, lease, (mut encoder, decoder, confirm)) =
         connect_pool(ctx, rec, handshake).await?;
+    if decoder.max_payload() <= crate::proto::MAX_PAYLOAD {
+        // The exit did not agree (an older one, or `--large-chunks=false`).
+        large.release();
+    }
     if let Err(e) = first_flight(client, &upstream, ctx, rec, &mut encoder, &confirm, early).await {
         upstream.abort();
         return Err(e);
@@ -476,15 +484,23 @@ async fn exit(
             STATUS_OK
         }
     };
+    // Large chunks are agreed to only with a reservation to receive them
+    // (the shard's budget, `crate::transfer::BatchPool`), held for the
+    // session's life.
+    let mut large = ctx.batches().reserve_large(tun.large_chunks);
     let verified = accept_hello_with(
         keys.all(),
         &hello,
         server_salt,
         unix_now(),
         skew,
+        large.held(),
         status_for,
     )
     .map(Box::new);
+    if !matches!(&verified, Ok(a) if a.flags & FLAG_LARGE_CHUNKS != 0) {
+        large.release();
+    }
     // A verified hello is new only if no shard accepted its salt before.
     let verified = match (verified, ctx.replay()) {
         (Ok(a), Some(guard)) => {

@@ -85,20 +85,69 @@ impl PipePool {
 const IDLE_BATCH_BYTES: usize = 8 << 20;
 
 /// A shard's batch buffers (tunnel roles): a budget and the idle ones.
+///
+/// Large chunks (docs/PROTOCOL.md §4) have a budget of their own, of the
+/// same size: a session may agree to receive them only with one of
+/// [`BatchPool::reserve_large`]'s reservations, because its peer, not this
+/// shard, decides when to send one, and its opening direction then needs a
+/// batch buffer whatever the budget (`take_over_budget`). So at the
+/// connection limit at most a quarter of the sessions hold a batch buffer
+/// for their transfers and another quarter one for large chunks received.
 pub struct BatchPool {
     idle: RefCell<Vec<Vec<u8>>>,
     live: Cell<usize>,
     budget: usize,
+    /// Sessions holding a large-chunk reservation.
+    large: Cell<usize>,
+}
+
+/// A session's right to receive large chunks, from
+/// [`BatchPool::reserve_large`]; given back when dropped.
+pub struct LargeReservation<'a> {
+    pool: Option<&'a BatchPool>,
+}
+
+impl LargeReservation<'_> {
+    /// Whether the reservation was granted.
+    pub fn held(&self) -> bool {
+        self.pool.is_some()
+    }
+
+    /// Gives the reservation back early (the peer did not agree).
+    pub fn release(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            pool.large.set(pool.large.get() - 1);
+        }
+    }
+}
+
+impl Drop for LargeReservation<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 impl BatchPool {
-    /// A pool of at most `budget` buffers in use at once.
+    /// A pool of at most `budget` buffers in use at once, and as many
+    /// large-chunk reservations.
     pub fn new(budget: usize) -> Self {
         BatchPool {
             idle: RefCell::new(Vec::new()),
             live: Cell::new(0),
             budget,
+            large: Cell::new(0),
         }
+    }
+
+    /// A reservation to receive large chunks if `wanted` and the budget
+    /// allows; otherwise one that is not [`LargeReservation::held`] (the
+    /// session then keeps to 16 KiB chunks).
+    pub fn reserve_large(&self, wanted: bool) -> LargeReservation<'_> {
+        if !wanted || self.large.get() >= self.budget {
+            return LargeReservation { pool: None };
+        }
+        self.large.set(self.large.get() + 1);
+        LargeReservation { pool: Some(self) }
     }
 
     /// A buffer of exactly `len` bytes (its contents are an earlier
@@ -109,6 +158,16 @@ impl BatchPool {
         if self.live.get() >= self.budget {
             return None;
         }
+        self.take_over_budget(len)
+    }
+
+    /// [`BatchPool::take_owned`] past the budget: for an opening direction
+    /// whose peer sent a chunk larger than its one-chunk buffer (large
+    /// chunks, docs/PROTOCOL.md §4), which cannot go on without room for
+    /// it. Only sessions holding a [`LargeReservation`] agree to large
+    /// chunks, so these are bounded by that budget. `None` only when the
+    /// allocation fails.
+    pub fn take_over_budget(&self, len: usize) -> Option<Vec<u8>> {
         let buf = match self.idle.borrow_mut().pop() {
             Some(buf) if buf.len() == len => buf,
             _ => {
@@ -122,7 +181,8 @@ impl BatchPool {
         Some(buf)
     }
 
-    /// Returns a buffer from [`BatchPool::take_owned`].
+    /// Returns a buffer from [`BatchPool::take_owned`] or
+    /// [`BatchPool::take_over_budget`].
     pub fn give_back(&self, buf: Vec<u8>) {
         self.live.set(self.live.get() - 1);
         let mut idle = self.idle.borrow_mut();
@@ -159,6 +219,25 @@ mod tests {
             pool.give_back(b);
         }
         assert_eq!(pool.idle.borrow().len(), IDLE_BATCH_BYTES / len);
+    }
+
+    #[test]
+    fn large_chunk_reservations_are_bounded_and_given_back() {
+        let pool = BatchPool::new(2);
+        assert!(!pool.reserve_large(false).held(), "not wanted");
+        let a = pool.reserve_large(true);
+        let mut b = pool.reserve_large(true);
+        assert!(a.held() && b.held());
+        assert!(!pool.reserve_large(true).held(), "over budget");
+        b.release();
+        assert!(!b.held());
+        drop(b);
+        assert_eq!(pool.large.get(), 1, "released once, not twice");
+        let c = pool.reserve_large(true);
+        assert!(c.held());
+        drop((a, c));
+        assert_eq!(pool.large.get(), 0);
+        assert!(!BatchPool::new(0).reserve_large(true).held());
     }
 
     #[test]

@@ -376,3 +376,119 @@ fn a_hello_stamped_ahead_cannot_be_replayed_late_in_its_window() {
     }
     assert_eq!(replay(), 0, "a replay 1.5 s later was answered");
 }
+
+/// The byte pattern tests/tunnel_client.py's `pattern()` sends.
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| ((i * 7 + (i >> 8)) & 0xff) as u8).collect()
+}
+
+fn hex(d: [u8; 32]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The number after `key=` in a line of tunnel_client.py's output.
+fn field(out: &str, key: &str) -> usize {
+    let at = out.find(key).unwrap_or_else(|| panic!("no {key} in {out}")) + key.len();
+    out[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number after {key} in {out}"))
+}
+
+/// PROTOCOL.md §2–§4, large chunks, against the independent implementation
+/// as an entry: an exit accepts them when the hello offers them, and then
+/// sends its own transfer's bytes in chunks above 16 KiB, every byte intact
+/// and the end clean; an exit run with `--large-chunks=false`, or a hello
+/// that does not offer them (an older entry), keeps both directions at
+/// 16 KiB (the independent decoder rejects anything larger).
+#[test]
+fn an_exit_agrees_to_large_chunks_only_when_both_sides_offer_them() {
+    let key = keygen();
+    let n = 4 << 20;
+    let want = format!(
+        "reply sha256 {} len {n} ended=True error=None",
+        hex(sha256(&pattern(n)))
+    );
+    for (exit_args, offer, agreed) in [
+        (&[][..], "on", true),
+        (&["--large-chunks=false"][..], "on", false),
+        (&[][..], "off", false),
+    ] {
+        let exit = Proxy::exit(echo_origin(), &key_file(&[&key]))
+            .args(exit_args)
+            .start();
+        let Some(out) =
+            tunnel_client(&["large", &exit.addr.to_string(), &key, &n.to_string(), offer])
+        else {
+            return;
+        };
+        let case = format!("exit {exit_args:?}, offer {offer}: {out}");
+        assert!(
+            out.contains(&format!("agreed={}", if agreed { "True" } else { "False" })),
+            "{case}"
+        );
+        assert!(out.contains(&want), "{case}");
+        let largest = field(&out, "largest_received=");
+        if agreed {
+            // The echo is a transfer: the exit seals whole 64 KiB reads.
+            assert!((16385..=65472).contains(&largest), "{case}");
+            assert_eq!(field(&out, "largest_sent="), 65472, "{case}");
+        } else {
+            assert!((1..=16384).contains(&largest), "{case}");
+        }
+    }
+}
+
+/// The same, with the independent implementation as the exit: an entry
+/// offers large chunks (unless `--large-chunks=false`), opens the exit's
+/// 64 KiB chunks for its client intact, and sends its own client's transfer
+/// in chunks above 16 KiB once agreed.
+#[test]
+fn an_entry_offers_large_chunks_and_uses_them_once_agreed() {
+    use std::io::Read;
+    let (down, up) = (3 << 20, 2 << 20);
+    for (entry_args, offered) in [(&[][..], true), (&["--large-chunks=false"][..], false)] {
+        let Some((fake, entry)) = fake_exit("fake-exit-large", &[&down.to_string()], entry_args)
+        else {
+            return;
+        };
+        let mut c = std::net::TcpStream::connect(entry.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut w = c.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            w.write_all(&pattern(up)).unwrap();
+            w.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).expect("a clean end from the entry");
+        writer.join().unwrap();
+        assert!(
+            got == pattern(down),
+            "{} bytes, not the fake exit's {down}",
+            got.len()
+        );
+        let out = fake_output(fake);
+        let case = format!("entry {entry_args:?}: {out}");
+        assert!(
+            out.contains(&format!(
+                "offered={}",
+                if offered { "True" } else { "False" }
+            )),
+            "{case}"
+        );
+        assert!(
+            out.contains(&format!(
+                "received sha256 {} len {up}",
+                hex(sha256(&pattern(up)))
+            )),
+            "{case}"
+        );
+        let largest = field(&out, "largest_received=");
+        if offered {
+            assert!((16385..=65472).contains(&largest), "{case}");
+        } else {
+            assert!((1..=16384).contains(&largest), "{case}");
+        }
+    }
+}

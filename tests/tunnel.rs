@@ -695,3 +695,68 @@ fn bytes_behind_an_urgent_byte_are_never_stranded_in_the_tunnel() {
     let stalled = urgent_bursts(entry_up.addr, &up_got, entry_down.addr, &sizes, 4);
     assert!(stalled.is_empty(), "stalled {stalled:?}");
 }
+
+/// A hello offering large chunks to `exit`, answered and verified; the
+/// connection stays open (the key confirmation sent) until dropped.
+/// Returns it and whether the exit agreed (docs/PROTOCOL.md §3).
+fn offer_large_chunks(exit: SocketAddr, key: &str) -> (TcpStream, bool) {
+    use base64::Engine as _;
+    use shardproxy::proto::{ClientHandshake, Psk, FLAG_LARGE_CHUNKS, MAX_PAYLOAD};
+    let bytes: [u8; 32] = base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let psk = Psk::from_bytes(bytes);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let mut salt = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut salt)
+        .unwrap();
+    let (hs, hello) =
+        ClientHandshake::start_with_flags(&psk, salt, now, b"", FLAG_LARGE_CHUNKS).unwrap();
+    let mut s = TcpStream::connect(exit).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&hello).unwrap();
+    let mut answer = [0u8; shardproxy::proto::SERVER_HELLO_LEN];
+    s.read_exact(&mut answer).unwrap();
+    let (mut enc, dec) = hs.finish(&answer).unwrap();
+    let mut confirm = [0u8; shardproxy::proto::CONFIRM_LEN];
+    enc.seal_confirm(&mut confirm).unwrap();
+    s.write_all(&confirm).unwrap();
+    (s, dec.max_payload() > MAX_PAYLOAD)
+}
+
+/// A session agrees to large chunks only with one of its shard's
+/// reservations (a quarter of --max-connections): its peer decides when to
+/// send one, and each needs a 64 KiB buffer, so the reservations are what
+/// keeps memory at the connection limit bounded (docs/CONFIG.md,
+/// `large_chunks`). At --max-connections 4 the budget is one session; once
+/// it ends the next session may agree again.
+#[test]
+fn large_chunks_are_agreed_only_within_the_shards_budget() {
+    let key = keygen();
+    let exit = Proxy::exit(echo_origin(), &key_file(&[&key]))
+        .args(["--max-connections", "4"])
+        .start();
+    let (first, agreed) = offer_large_chunks(exit.addr, &key);
+    assert!(agreed, "the first session has the shard's one reservation");
+    let (second, agreed) = offer_large_chunks(exit.addr, &key);
+    assert!(!agreed, "no reservation left: 16 KiB chunks");
+    drop((first, second));
+    // The reservation comes back when the first session ends (an event the
+    // exit sees soon after the close, not at a known instant).
+    poll_until(Duration::from_secs(10), || {
+        let (s, agreed) = offer_large_chunks(exit.addr, &key);
+        drop(s);
+        if agreed {
+            Ok(())
+        } else {
+            Err("still no reservation".to_string())
+        }
+    });
+}

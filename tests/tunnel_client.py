@@ -26,6 +26,18 @@ Usage:
   tunnel_client.py stamped ADDR KEYB64 OFFSET_MS
                                          a valid session whose hello is stamped
                                          now + OFFSET_MS; prints the hello (hex)
+  tunnel_client.py large ADDR KEYB64 NBYTES [off]
+                                         as an entry offering large chunks (unless
+                                         `off`): send NBYTES in chunks as large as
+                                         agreed, half-close; print the exit's flag,
+                                         the reply's SHA-256 and length, the
+                                         largest chunk each way, how it ended
+  tunnel_client.py fake-exit-large PORTFILE KEYB64 NBYTES
+                                         as an exit: accept large chunks if the
+                                         hello offers them, send NBYTES in chunks
+                                         as large as agreed and the end chunk; read
+                                         the entry's data to its end chunk; print
+                                         what was agreed and the SHA-256 received
   tunnel_client.py fake-exit PORTFILE KEYB64 MSG
                                          as an exit, on 127.0.0.1 (port written to
                                          PORTFILE): answer one hello, send MSG, the
@@ -45,6 +57,10 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 MAX_PAYLOAD = 16384
+# PROTOCOL.md §4: the largest payload once both hellos agreed on large chunks.
+LARGE_PAYLOAD = 65472
+FLAG_LARGE_CHUNKS = 0x02
+SERVER_FLAG_LARGE_CHUNKS = 0x01
 VERSION = 2
 CONFIRM_FIELD = 0xFFFF
 
@@ -72,9 +88,9 @@ def chunk_nonce(n, length):
     return struct.pack("<Q", n) + struct.pack(">H", length) + b"\x00\x00"
 
 
-def client_hello(psk, client_salt, unix_time, meta=b""):
+def client_hello(psk, client_salt, unix_time, meta=b"", flags=0):
     key = hkdf(client_salt, psk, b"shardproxy/1 client hello")
-    pt = bytes([VERSION, 0]) + struct.pack(">Q", unix_time) + struct.pack(">H", len(meta))
+    pt = bytes([VERSION, flags]) + struct.pack(">Q", unix_time) + struct.pack(">H", len(meta))
     pt += meta.ljust(64, b"\x00")
     return key, client_salt + ChaCha20Poly1305(key).encrypt(nonce(0), pt, client_salt)
 
@@ -122,14 +138,17 @@ def mask_length(length_key, n, two_bytes):
 
 
 def verify_server_hello(keys, client_salt, answer):
+    """Returns the answer's flags byte (PROTOCOL.md §3, byte 2)."""
     pt = ChaCha20Poly1305(keys["server_hello_key"]).decrypt(nonce(0), answer[32:], client_salt)
     if pt[0] != VERSION:
         raise ValueError("server hello version %d" % pt[0])
+    return pt[2]
 
 
 class Sealer:
-    def __init__(self, key, length_key):
+    def __init__(self, key, length_key, max_payload=MAX_PAYLOAD):
         self.aead, self.length_key, self.n = ChaCha20Poly1305(key), length_key, 0
+        self.max = max_payload
 
     def _chunk(self, payload):
         enc_len = mask_length(self.length_key, self.n, struct.pack(">H", len(payload)))
@@ -138,7 +157,7 @@ class Sealer:
         return out
 
     def chunk(self, payload):
-        assert 1 <= len(payload) <= MAX_PAYLOAD
+        assert 1 <= len(payload) <= self.max
         return self._chunk(payload)
 
     def end(self):
@@ -155,8 +174,9 @@ class Sealer:
 
 
 class Opener:
-    def __init__(self, key, length_key):
+    def __init__(self, key, length_key, max_payload=MAX_PAYLOAD):
         self.aead, self.length_key, self.n, self.buf = ChaCha20Poly1305(key), length_key, 0, b""
+        self.max, self.largest = max_payload, 0
 
     def feed(self, data):
         """Returns (plaintext, ended). Raises on any authentication failure."""
@@ -165,11 +185,12 @@ class Opener:
         while len(self.buf) >= 2:
             enc_len = self.buf[:2]
             (length,) = struct.unpack(">H", mask_length(self.length_key, self.n, enc_len))
-            if length > MAX_PAYLOAD:
-                raise ValueError("bad length")
+            if length > self.max:
+                raise ValueError("bad length %d" % length)
             if len(self.buf) < 2 + length + 16:
                 break
             out += self.aead.decrypt(chunk_nonce(self.n, length), self.buf[2:2 + length + 16], b"")
+            self.largest = max(self.largest, length)
             self.n += 1
             self.buf = self.buf[2 + length + 16:]
             if length == 0:
@@ -225,29 +246,122 @@ def read_server_hello(s):
     return answer
 
 
-def handshake(addr, key_b64, offset_ms=0):
-    """As an entry: connect, send a hello stamped now + offset_ms, verify the
-    server hello. Returns (socket, session keys, hello), or None (printed)
-    if the exit closed before answering."""
+def handshake(addr, key_b64, offset_ms=0, flags=0):
+    """As an entry: connect, send a hello stamped now + offset_ms with
+    `flags`, verify the server hello. Returns (socket, session keys, hello,
+    the answer's flags), or None (printed) if the exit closed before
+    answering."""
     host, port = addr.rsplit(":", 1)
     psk = base64.b64decode(key_b64)
     cs = os.urandom(32)
-    _, hello = client_hello(psk, cs, int(time.time() * 1000) + offset_ms)
+    _, hello = client_hello(psk, cs, int(time.time() * 1000) + offset_ms, flags=flags)
     s = socket.create_connection((host, int(port)), timeout=10)
     s.sendall(hello)
     answer = read_server_hello(s)
     if answer is None:
         return None
     keys = session(psk, cs, answer[:32])
-    verify_server_hello(keys, cs, answer)
-    return s, keys, hello
+    server_flags = verify_server_hello(keys, cs, answer)
+    return s, keys, hello, server_flags
+
+
+def pattern(n):
+    """n bytes of a fixed, non-repeating-looking pattern (the tests recompute
+    its SHA-256)."""
+    return bytes((i * 7 + (i >> 8)) & 0xFF for i in range(n))
+
+
+def large(addr, key_b64, nbytes, offer="on"):
+    """PROTOCOL.md §2-§4: offer large chunks, send with the agreed maximum,
+    read the echo on a thread (so neither side's buffers fill), and report
+    the largest chunk in each direction."""
+    import hashlib
+    import threading
+    flags = FLAG_LARGE_CHUNKS if offer != "off" else 0
+    done = handshake(addr, key_b64, flags=flags)
+    if done is None:
+        return 1
+    s, keys, _, server_flags = done
+    agreed = bool(flags) and bool(server_flags & SERVER_FLAG_LARGE_CHUNKS)
+    most = LARGE_PAYLOAD if agreed else MAX_PAYLOAD
+    sealer = Sealer(keys["c2s_key"], keys["c2s_length_key"], most)
+    opener = Opener(keys["s2c_key"], keys["s2c_length_key"], most)
+    result = {"reply": [], "ended": False, "error": None}
+
+    def reader():
+        try:
+            while not result["ended"]:
+                got = s.recv(1 << 20)
+                if not got:
+                    break
+                pt, result["ended"] = opener.feed(got)
+                result["reply"].append(pt)
+        except Exception as e:  # reported below, never swallowed
+            result["error"] = repr(e)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    data = pattern(int(nbytes))
+    s.sendall(sealer.confirm())
+    for i in range(0, len(data), most):
+        s.sendall(sealer.chunk(data[i:i + most]))
+    s.sendall(sealer.end())
+    s.shutdown(socket.SHUT_WR)
+    t.join(60)
+    reply = b"".join(result["reply"])
+    print("agreed=%s largest_sent=%d largest_received=%d reply sha256 %s len %d ended=%s error=%s" % (
+        agreed, min(most, len(data)), opener.largest, hashlib.sha256(reply).hexdigest(),
+        len(reply), result["ended"], result["error"]))
+    return 0
+
+
+def fake_exit_large(port_file, key_b64, nbytes):
+    """As an exit: agree to large chunks if the hello offers them (PROTOCOL.md
+    §3), send `nbytes` of pattern() in chunks as large as agreed, then the
+    end chunk; read the entry's data up to its end chunk."""
+    import hashlib
+    psk = base64.b64decode(key_b64)
+    s, hello = accept_hello(port_file)
+    if s is None:
+        return 1
+    cs = hello[:32]
+    hello_key = hkdf(cs, psk, b"shardproxy/1 client hello")
+    pt = ChaCha20Poly1305(hello_key).decrypt(nonce(0), hello[32:], cs)
+    offered = bool(pt[1] & FLAG_LARGE_CHUNKS)
+    ss = os.urandom(32)
+    keys = session(psk, cs, ss)
+    answer = bytes([VERSION, 0, SERVER_FLAG_LARGE_CHUNKS if offered else 0, 0])
+    s.sendall(ss + ChaCha20Poly1305(keys["server_hello_key"]).encrypt(nonce(0), answer, cs))
+    confirmed = read_confirmation(s, keys)
+    if confirmed is None:
+        return 1
+    opener, rest = confirmed
+    most = LARGE_PAYLOAD if offered else MAX_PAYLOAD
+    opener.max = most
+    sealer = Sealer(keys["s2c_key"], keys["s2c_length_key"], most)
+    data = pattern(int(nbytes))
+    for i in range(0, len(data), most):
+        s.sendall(sealer.chunk(data[i:i + most]))
+    s.sendall(sealer.end())
+    s.shutdown(socket.SHUT_WR)
+    got, ended = opener.feed(rest)
+    while not ended:
+        more = s.recv(1 << 20)
+        if not more:
+            print("EOF without the end chunk")
+            return 1
+        plain, ended = opener.feed(more)
+        got += plain
+    print("offered=%s largest_received=%d received sha256 %s len %d" % (
+        offered, opener.largest, hashlib.sha256(got).hexdigest(), len(got)))
+    return 0
 
 
 def send(addr, key_b64, message, repeat=1):
     done = handshake(addr, key_b64)
     if done is None:
         return 1
-    s, keys, hello = done
+    s, keys, hello, _ = done
     sealer = Sealer(keys["c2s_key"], keys["c2s_length_key"])
     opener = Opener(keys["s2c_key"], keys["s2c_length_key"])
     s.sendall(sealer.confirm())
@@ -283,7 +397,7 @@ def after_end(addr, key_b64, message):
     done = handshake(addr, key_b64)
     if done is None:
         return 1
-    s, keys, hello = done
+    s, keys, hello, _ = done
     sealer = Sealer(keys["c2s_key"], keys["c2s_length_key"])
     s.sendall(sealer.confirm() + sealer.chunk(message.encode()) + sealer.end() + sealer.chunk(b"after the end"))
     print("exit ended the connection: " + how_it_ended(s))
@@ -296,7 +410,7 @@ def no_confirm(addr, key_b64, message):
     done = handshake(addr, key_b64)
     if done is None:
         return 1
-    s, keys, hello = done
+    s, keys, hello, _ = done
     sealer = Sealer(keys["c2s_key"], keys["c2s_length_key"])
     s.sendall(sealer.chunk(message.encode()) + sealer.end())
     print("exit ended the connection: " + how_it_ended(s))
@@ -323,7 +437,7 @@ def stamped_session(addr, key_b64, offset_ms):
     done = handshake(addr, key_b64, int(offset_ms))
     if done is None:
         return 1
-    s, keys, hello = done
+    s, keys, hello, _ = done
     sealer = Sealer(keys["c2s_key"], keys["c2s_length_key"])
     s.sendall(sealer.confirm() + sealer.chunk(b"stamped") + sealer.end())
     s.shutdown(socket.SHUT_WR)
@@ -563,6 +677,10 @@ if __name__ == "__main__":
         sys.exit(abandon(sys.argv[2], sys.argv[3], sys.argv[4]))
     if sys.argv[1] == "stamped":
         sys.exit(stamped_session(sys.argv[2], sys.argv[3], sys.argv[4]))
+    if sys.argv[1] == "large":
+        sys.exit(large(*sys.argv[2:]))
+    if sys.argv[1] == "fake-exit-large":
+        sys.exit(fake_exit_large(sys.argv[2], sys.argv[3], sys.argv[4]))
     if sys.argv[1] == "fake-exit":
         sys.exit(fake_exit(sys.argv[2], sys.argv[3], sys.argv[4]))
     repeat = int(sys.argv[5]) if len(sys.argv) > 5 else 1

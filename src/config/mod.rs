@@ -182,6 +182,9 @@ pub struct TunnelConfig {
     pub max_clock_skew: Duration,
     /// Pending (unauthenticated) handshakes per shard (exit).
     pub max_handshakes: usize,
+    /// Offer (entry) or accept (exit) chunks of up to
+    /// [`crate::proto::LARGE_PAYLOAD`] bytes (docs/PROTOCOL.md §4).
+    pub large_chunks: bool,
 }
 
 /// Why a configuration was rejected. Every message is one line.
@@ -614,10 +617,12 @@ impl Config {
         let per_conn = match self.mode {
             Mode::Forward => 2 * self.limits.buffer_size.get() as u64,
             // Two chunk buffers, and a share of the batch buffers (one per
-            // four connections).
+            // four connections); with large chunks, another share for the
+            // sessions that may receive them (`transfer::BatchPool`).
             Mode::Entry(_) | Mode::Exit(_) => {
-                2 * crate::proto::MAX_FRAME as u64
-                    + (crate::transfer::BATCH * crate::proto::MAX_FRAME / 4) as u64
+                let batch = (crate::transfer::BATCH * crate::proto::MAX_FRAME) as u64;
+                let large = self.tunnel().is_some_and(|t| t.large_chunks);
+                2 * crate::proto::MAX_FRAME as u64 + batch / 4 + if large { batch / 4 } else { 0 }
             }
         };
         let worst = per_conn
@@ -626,12 +631,17 @@ impl Config {
         if let Some(total) = memory_limit() {
             if worst > total {
                 out.push(format!(
-                    "relay buffers at --max-connections would need {} MiB ({} per connection × {} connections × {} shards) but this process may use {} MiB (RAM, cgroup and RLIMIT_AS): lower --max-connections or --buffer-size",
+                    "relay buffers at --max-connections would need {} MiB ({} per connection × {} connections × {} shards) but this process may use {} MiB (RAM, cgroup and RLIMIT_AS): lower --max-connections or --buffer-size{}",
                     worst >> 20,
                     ranges::Bytes(per_conn as usize),
                     self.limits.max_connections,
                     self.cores.len(),
-                    total >> 20
+                    total >> 20,
+                    if self.tunnel().is_some_and(|t| t.large_chunks) {
+                        ", or set --large-chunks=false"
+                    } else {
+                        ""
+                    }
                 ));
             }
         }
@@ -776,6 +786,7 @@ impl Config {
             handshake_timeout: ranges::HANDSHAKE_TIMEOUT.check(args.handshake_timeout)?,
             max_clock_skew: ranges::MAX_CLOCK_SKEW.check(args.max_clock_skew)?,
             max_handshakes: ranges::MAX_HANDSHAKES.check_count(args.max_handshakes)?,
+            large_chunks: args.large_chunks,
         };
         // The tunnel roles transform every byte: no pipes.
         cfg.limits.splice_pipes = 0;

@@ -13,7 +13,8 @@
 //! masked, so an observer cannot find chunk boundaries, and it is bound into
 //! the nonce, so it is authenticated: a receiver that unmasks a different
 //! length computes a different nonce and the tag fails. A receiver unmasks
-//! the length, rejects anything above [`MAX_PAYLOAD`] at once, waits for
+//! the length, rejects anything above its maximum ([`MAX_PAYLOAD`], or
+//! [`LARGE_PAYLOAD`] once the hellos agreed on large chunks) at once, waits for
 //! exactly one chunk, and only then verifies; a forged length costs it at
 //! most one chunk of buffer. `len = 0` is the authenticated end of stream.
 //!
@@ -34,7 +35,8 @@ use zeroize::Zeroizing;
 use super::aead::{chunk_nonce, nonce_bytes, Aead, AeadBackend};
 
 use super::{
-    ProtoError, CONFIRM_FIELD, CONFIRM_LEN, END_LEN, LEN_LEN, MAX_PAYLOAD, NONCE_LIMIT, TAG_LEN,
+    ProtoError, CONFIRM_FIELD, CONFIRM_LEN, END_LEN, LARGE_PAYLOAD, LEN_LEN, MAX_PAYLOAD,
+    NONCE_LIMIT, TAG_LEN,
 };
 
 /// Length masks per ChaCha20 nonce (two bytes each): chunk `n`'s mask is in
@@ -122,6 +124,8 @@ pub struct Encoder {
     masks: Masks,
     counter: Counter,
     ended: bool,
+    /// Largest payload the peer accepts: [`MAX_PAYLOAD`] or [`LARGE_PAYLOAD`].
+    max: usize,
 }
 
 impl Encoder {
@@ -134,7 +138,20 @@ impl Encoder {
                 limit: NONCE_LIMIT,
             },
             ended: false,
+            max: MAX_PAYLOAD,
         }
+    }
+
+    /// The peer accepts chunks of up to [`LARGE_PAYLOAD`] bytes (both hellos
+    /// agreed, docs/PROTOCOL.md §4).
+    pub(crate) fn allow_large(&mut self) {
+        self.max = LARGE_PAYLOAD;
+    }
+
+    /// Largest payload one chunk may carry, in bytes: [`MAX_PAYLOAD`], or
+    /// [`LARGE_PAYLOAD`] once both hellos agreed on large chunks.
+    pub fn max_payload(&self) -> usize {
+        self.max
     }
 
     #[cfg(any(test, fuzzing))]
@@ -148,9 +165,10 @@ impl Encoder {
     /// `frame[LEN_LEN..LEN_LEN + len]`, writing the lengths in front
     /// and the tag behind. Returns the chunk's length on the wire.
     ///
-    /// Callers guarantee `1 <= len <= MAX_PAYLOAD` and room for the chunk.
+    /// Callers guarantee `1 <= len <= self.max_payload()` and room for the
+    /// chunk.
     pub fn seal_in_place(&mut self, frame: &mut [u8], len: usize) -> Result<usize, ProtoError> {
-        assert!((1..=MAX_PAYLOAD).contains(&len), "payload length {len}");
+        assert!((1..=self.max).contains(&len), "payload length {len}");
         assert!(!self.ended, "seal after end of stream");
         let total = LEN_LEN + len + TAG_LEN;
         self.seal(&mut frame[..total], len)?;
@@ -203,8 +221,8 @@ impl Encoder {
     /// Convenience for tests and tools: seals `data` (split into chunks)
     /// and appends the chunks to `out`.
     pub fn seal_to_vec(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), ProtoError> {
-        let mut frame = vec![0u8; super::MAX_FRAME];
-        for chunk in data.chunks(MAX_PAYLOAD) {
+        let mut frame = vec![0u8; LEN_LEN + self.max + TAG_LEN];
+        for chunk in data.chunks(self.max) {
             frame[LEN_LEN..LEN_LEN + chunk.len()].copy_from_slice(chunk);
             let n = self.seal_in_place(&mut frame, chunk.len())?;
             out.extend_from_slice(&frame[..n]);
@@ -263,6 +281,8 @@ pub struct Decoder {
     masks: Masks,
     counter: Counter,
     state: State,
+    /// Largest payload accepted: [`MAX_PAYLOAD`] or [`LARGE_PAYLOAD`].
+    max: usize,
 }
 
 impl Decoder {
@@ -275,7 +295,21 @@ impl Decoder {
                 limit: NONCE_LIMIT,
             },
             state: State::Header,
+            max: MAX_PAYLOAD,
         }
+    }
+
+    /// Accepts chunks of up to [`LARGE_PAYLOAD`] bytes (both hellos agreed,
+    /// docs/PROTOCOL.md §4).
+    pub(crate) fn allow_large(&mut self) {
+        self.max = LARGE_PAYLOAD;
+    }
+
+    /// Largest payload one chunk may carry, in bytes (see
+    /// [`Encoder::max_payload`]); a chunk above it is
+    /// [`ProtoError::BadLength`] from its header alone.
+    pub fn max_payload(&self) -> usize {
+        self.max
     }
 
     #[cfg(any(test, fuzzing))]
@@ -316,7 +350,8 @@ impl Decoder {
 
     /// Bytes of input the next step needs in total: the masked length, or
     /// the whole chunk once its length is known. Never more than
-    /// [`super::MAX_FRAME`].
+    /// `LEN_LEN + self.max_payload() + TAG_LEN` ([`super::MAX_FRAME`] or
+    /// [`super::LARGE_FRAME`]).
     pub fn needed(&self) -> usize {
         match self.state {
             State::Body(len) => LEN_LEN + len + TAG_LEN,
@@ -345,7 +380,7 @@ impl Decoder {
             self.masks.apply(self.counter.next, &mut field);
             let len = u16::from_be_bytes(field) as usize;
             // Checked before a single body byte is waited for.
-            if len > MAX_PAYLOAD {
+            if len > self.max {
                 return Err(ProtoError::BadLength(len));
             }
             self.state = State::Body(len);

@@ -6,7 +6,7 @@
 use super::frame::{Decoded, Decoder};
 use super::handshake::accept_hello;
 use super::keys::Psk;
-use super::{CLIENT_HELLO_LEN, CONFIRM_LEN, MAX_FRAME};
+use super::{CLIENT_HELLO_LEN, CONFIRM_LEN};
 
 /// The fixed key, salts and clock the fuzz entry point uses.
 pub const FUZZ_PSK: [u8; 32] = [0x42; 32];
@@ -69,14 +69,16 @@ pub fn exit_side(data: &[u8], read_sizes: &[usize]) -> FuzzOutcome {
 }
 
 /// Runs the relay's decrypting loop over `stream` with a fixed buffer of
-/// [`MAX_FRAME`] bytes. Returns false on a protocol error.
+/// one largest chunk ([`super::MAX_FRAME`], or [`super::LARGE_FRAME`] once the
+/// hellos agreed on large chunks). Returns false on a protocol error.
 pub fn drive_decoder(
     mut decoder: Decoder,
     stream: &[u8],
     read_sizes: &[usize],
     out: &mut FuzzOutcome,
 ) -> bool {
-    let mut buf = vec![0u8; MAX_FRAME];
+    let frame = super::LEN_LEN + decoder.max_payload() + super::TAG_LEN;
+    let mut buf = vec![0u8; frame];
     let (mut start, mut end, mut pos, mut i) = (0usize, 0usize, 0usize, 0usize);
     loop {
         match decoder.decode(&mut buf[start..end]) {
@@ -102,14 +104,14 @@ pub fn drive_decoder(
                 buf.copy_within(start..end, 0);
                 end -= start;
                 start = 0;
-                assert!(end < decoder.needed() && decoder.needed() <= MAX_FRAME);
+                assert!(end < decoder.needed() && decoder.needed() <= frame);
                 let want = read_sizes
                     .get(i % read_sizes.len().max(1))
                     .copied()
                     .unwrap_or(4096)
                     .max(1);
                 i += 1;
-                let n = want.min(MAX_FRAME - end).min(stream.len() - pos);
+                let n = want.min(frame - end).min(stream.len() - pos);
                 buf[end..end + n].copy_from_slice(&stream[pos..pos + n]);
                 end += n;
                 pos += n;
@@ -129,7 +131,14 @@ pub fn entry_side(data: &[u8], read_sizes: &[usize]) -> FuzzOutcome {
     use super::{handshake::ClientHandshake, SERVER_HELLO_LEN};
     let mut out = FuzzOutcome::default();
     let key = Psk::from_bytes(FUZZ_PSK);
-    let Ok((hs, _hello)) = ClientHandshake::start(&key, FUZZ_CLIENT_SALT, FUZZ_NOW, b"") else {
+    // Offering large chunks, as the entry does by default.
+    let Ok((hs, _hello)) = ClientHandshake::start_with_flags(
+        &key,
+        FUZZ_CLIENT_SALT,
+        FUZZ_NOW,
+        b"",
+        super::FLAG_LARGE_CHUNKS,
+    ) else {
         return out;
     };
     let Some(answer) = data.get(..SERVER_HELLO_LEN) else {

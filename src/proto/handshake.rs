@@ -6,8 +6,8 @@ use super::frame::{Decoder, Encoder};
 use super::keys::Psk;
 use super::schedule;
 use super::{
-    ProtoError, CLIENT_HELLO_LEN, CLIENT_HELLO_PT, META_LEN, SALT_LEN, SERVER_HELLO_LEN,
-    SERVER_HELLO_PT, STATUS_OK, TAG_LEN, VERSION,
+    ProtoError, CLIENT_HELLO_LEN, CLIENT_HELLO_PT, FLAG_LARGE_CHUNKS, META_LEN, SALT_LEN,
+    SERVER_FLAG_LARGE_CHUNKS, SERVER_HELLO_LEN, SERVER_HELLO_PT, STATUS_OK, TAG_LEN, VERSION,
 };
 
 /// The entry's side of the handshake, between sending its hello and
@@ -15,6 +15,8 @@ use super::{
 pub struct ClientHandshake {
     psk: Psk,
     client_salt: [u8; SALT_LEN],
+    /// The hello's flags ([`FLAG_LARGE_CHUNKS`] is honoured only if sent).
+    flags: u8,
 }
 
 impl ClientHandshake {
@@ -31,7 +33,8 @@ impl ClientHandshake {
     }
 
     /// [`ClientHandshake::start`] with the hello's `flags` byte
-    /// ([`super::FLAG_MAY_REFUSE`]; docs/PROTOCOL.md §2).
+    /// ([`super::FLAG_MAY_REFUSE`], [`FLAG_LARGE_CHUNKS`]; docs/PROTOCOL.md
+    /// §2).
     pub fn start_with_flags(
         psk: &Psk,
         client_salt: [u8; SALT_LEN],
@@ -59,14 +62,18 @@ impl ClientHandshake {
             ClientHandshake {
                 psk: psk.clone(),
                 client_salt,
+                flags,
             },
             hello,
         ))
     }
 
     /// Verifies the exit's hello and derives the session: an encoder for
-    /// entry→exit and a decoder for exit→entry. An authentic hello whose
-    /// status is not [`STATUS_OK`] is [`ProtoError::Refused`].
+    /// entry→exit and a decoder for exit→entry, both allowing chunks of up
+    /// to [`super::LARGE_PAYLOAD`] bytes if our hello offered them and the
+    /// answer carries [`SERVER_FLAG_LARGE_CHUNKS`] (docs/PROTOCOL.md §3). An
+    /// authentic hello whose status is not [`STATUS_OK`] is
+    /// [`ProtoError::Refused`].
     pub fn finish(
         self,
         server_hello: &[u8; SERVER_HELLO_LEN],
@@ -87,7 +94,14 @@ impl ClientHandshake {
         if pt[1] != STATUS_OK {
             return Err(ProtoError::Refused(pt[1]));
         }
-        Ok((Encoder::new(ciphers.c2s), Decoder::new(ciphers.s2c)))
+        let (mut encoder, mut decoder) = (Encoder::new(ciphers.c2s), Decoder::new(ciphers.s2c));
+        // Byte 2 is the exit's flags; an older exit sends 0 there. Byte 3
+        // stays reserved and is ignored.
+        if self.flags & FLAG_LARGE_CHUNKS != 0 && pt[2] & SERVER_FLAG_LARGE_CHUNKS != 0 {
+            encoder.allow_large();
+            decoder.allow_large();
+        }
+        Ok((encoder, decoder))
     }
 }
 
@@ -107,7 +121,8 @@ pub struct Accepted {
     pub meta_len: usize,
     /// The hello's authenticated timestamp (Unix milliseconds).
     pub unix_ms: u64,
-    /// The hello's flags byte ([`super::FLAG_MAY_REFUSE`]).
+    /// The hello's flags byte ([`super::FLAG_MAY_REFUSE`],
+    /// [`FLAG_LARGE_CHUNKS`]).
     pub flags: u8,
     /// The status `server_hello` carries ([`STATUS_OK`] unless the caller
     /// of [`accept_hello_with`] refused).
@@ -126,20 +141,30 @@ pub fn accept_hello(
     now_unix_ms: u64,
     max_skew_secs: u64,
 ) -> Result<Accepted, ProtoError> {
-    accept_hello_with(keys, hello, server_salt, now_unix_ms, max_skew_secs, |_| {
-        STATUS_OK
-    })
+    accept_hello_with(
+        keys,
+        hello,
+        server_salt,
+        now_unix_ms,
+        max_skew_secs,
+        true,
+        |_| STATUS_OK,
+    )
 }
 
 /// [`accept_hello`], with the answer's status chosen by `status_for` from
 /// the verified hello's flags (docs/PROTOCOL.md §3). It is called only for
-/// a valid hello.
+/// a valid hello. With `accept_large`, a hello with [`FLAG_LARGE_CHUNKS`]
+/// is answered with [`SERVER_FLAG_LARGE_CHUNKS`], and both directions'
+/// encoder and decoder then allow chunks of up to
+/// [`super::LARGE_PAYLOAD`] bytes ([`accept_hello`] accepts them).
 pub fn accept_hello_with(
     keys: &[Psk],
     hello: &[u8; CLIENT_HELLO_LEN],
     server_salt: [u8; SALT_LEN],
     now_unix_ms: u64,
     max_skew_secs: u64,
+    accept_large: bool,
     status_for: impl FnOnce(u8) -> u8,
 ) -> Result<Accepted, ProtoError> {
     let mut client_salt = [0u8; SALT_LEN];
@@ -181,16 +206,25 @@ pub fn accept_hello_with(
     let body = &mut server_hello[SALT_LEN..SALT_LEN + SERVER_HELLO_PT];
     body[0] = VERSION;
     body[1] = status;
+    let large = accept_large && flags & FLAG_LARGE_CHUNKS != 0;
+    if large {
+        body[2] = SERVER_FLAG_LARGE_CHUNKS;
+    }
     let tag = ciphers
         .server_hello
         .seal(nonce_bytes(0), &client_salt, body)
         .map_err(|_| ProtoError::BadHello)?;
     server_hello[SALT_LEN + SERVER_HELLO_PT..SALT_LEN + SERVER_HELLO_PT + TAG_LEN]
         .copy_from_slice(&tag);
+    let (mut encoder, mut decoder) = (Encoder::new(ciphers.s2c), Decoder::new(ciphers.c2s));
+    if large {
+        encoder.allow_large();
+        decoder.allow_large();
+    }
     Ok(Accepted {
         server_hello,
-        encoder: Encoder::new(ciphers.s2c),
-        decoder: Decoder::new(ciphers.c2s),
+        encoder,
+        decoder,
         key_index,
         meta,
         meta_len,

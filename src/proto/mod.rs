@@ -23,7 +23,8 @@
 //!   | enc_len (2) | AEAD(data_key, nonce(n, len), payload)    | tag(16) |
 //!   +-------------+------------------------------------------+---------+
 //!   enc_len = len (BE) XOR mask(n), masks from ChaCha20(length_key)
-//!   n += 1 per chunk; len 1..=16384; len = 0 is the authenticated end.
+//!   n += 1 per chunk; len 1..=16384 (1..=65472 once both hellos agreed
+//!   on large chunks); len = 0 is the authenticated end.
 //! ```
 
 pub mod aead;
@@ -71,8 +72,18 @@ pub const CONFIRM_FIELD: u16 = 0xffff;
 /// Largest payload of one chunk: exactly 16 KiB, a whole number of ChaCha20
 /// blocks, so SIMD backends never fall into their tail path on bulk data.
 pub const MAX_PAYLOAD: usize = 16 * 1024;
-/// Largest chunk on the wire; a decoder never needs more buffer than this.
+/// Largest chunk on the wire without large chunks; a decoder that did not
+/// agree to them never needs more buffer than this.
 pub const MAX_FRAME: usize = LEN_LEN + MAX_PAYLOAD + TAG_LEN;
+/// Largest payload of one chunk once both hellos agreed on large chunks
+/// ([`FLAG_LARGE_CHUNKS`], docs/PROTOCOL.md §4): 1,023 ChaCha20 blocks, the
+/// most below `0xffff` ([`CONFIRM_FIELD`]). A transfer then seals a whole
+/// 64 KiB read as one chunk instead of four: a quarter of the AEAD calls,
+/// whose fixed cost in OpenSSL's `EVP` layer is about a microsecond each
+/// (docs/BENCHMARKS.md, "Large chunks").
+pub const LARGE_PAYLOAD: usize = 1023 * 64;
+/// Largest chunk on the wire with large chunks.
+pub const LARGE_FRAME: usize = LEN_LEN + LARGE_PAYLOAD + TAG_LEN;
 /// Chunks a direction may send before the connection must close. The nonce
 /// never wraps; 2^62 chunks is far beyond any connection's life.
 pub const NONCE_LIMIT: u64 = 1 << 62;
@@ -82,6 +93,14 @@ pub const NONCE_LIMIT: u64 = 1 << 62;
 /// status [`STATUS_NO_UPSTREAM`]) instead of accepting it while none of its
 /// own upstreams is up. Without it the exit accepts and tries anyway.
 pub const FLAG_MAY_REFUSE: u8 = 0x01;
+/// Client hello flag (docs/PROTOCOL.md §2): the entry accepts data chunks
+/// of up to [`LARGE_PAYLOAD`] bytes. An exit that accepts them too answers
+/// with [`SERVER_FLAG_LARGE_CHUNKS`], and both directions may then send
+/// them; otherwise both keep to [`MAX_PAYLOAD`].
+pub const FLAG_LARGE_CHUNKS: u8 = 0x02;
+/// Server hello flag (byte 2 of its plaintext, docs/PROTOCOL.md §3): the
+/// answer to [`FLAG_LARGE_CHUNKS`], set only in reply to it.
+pub const SERVER_FLAG_LARGE_CHUNKS: u8 = 0x01;
 /// Server hello status (docs/PROTOCOL.md §3): the session is accepted.
 pub const STATUS_OK: u8 = 0x00;
 /// Server hello status: refused, because every upstream endpoint of the

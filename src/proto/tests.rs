@@ -1,6 +1,7 @@
 //! Unit tests of the sans-io protocol: round trips, truncation, tampering,
 //! limits, re-chunking, and the documented test vector.
 
+use super::aead::AeadBackend;
 use super::fuzz::{drive_decoder, exit_side, FuzzOutcome, FUZZ_NOW, FUZZ_PSK, FUZZ_SERVER_SALT};
 use super::*;
 
@@ -638,7 +639,7 @@ fn a_refusal_is_authenticated_and_only_offered_to_a_hello_that_allows_it() {
     let (client, hello) =
         ClientHandshake::start_with_flags(&key, [1; 32], 10, b"", FLAG_MAY_REFUSE).unwrap();
     let mut seen = None;
-    let acc = accept_hello_with(keys, &hello, [2; 32], 10, 120, |f| {
+    let acc = accept_hello_with(keys, &hello, [2; 32], 10, 120, true, |f| {
         seen = Some(f);
         STATUS_NO_UPSTREAM
     })
@@ -655,7 +656,7 @@ fn a_refusal_is_authenticated_and_only_offered_to_a_hello_that_allows_it() {
     // The status is sealed: a man in the middle cannot turn a refusal into
     // an acceptance, or the reverse (any flipped bit fails the tag).
     let (client, hello) = ClientHandshake::start(&key, [3; 32], 10, b"").unwrap();
-    let acc = accept_hello_with(keys, &hello, [4; 32], 10, 120, |_| STATUS_OK).unwrap();
+    let acc = accept_hello_with(keys, &hello, [4; 32], 10, 120, true, |_| STATUS_OK).unwrap();
     assert_eq!(acc.flags, 0, "start() sends no flags");
     let mut flipped = acc.server_hello;
     flipped[SALT_LEN + 1] ^= STATUS_NO_UPSTREAM;
@@ -671,5 +672,83 @@ fn a_refusal_is_authenticated_and_only_offered_to_a_hello_that_allows_it() {
     assert_eq!(
         accept_hello(keys, &hello, [6; 32], 10, 120).unwrap().status,
         STATUS_OK
+    );
+}
+
+/// Large chunks (docs/PROTOCOL.md §2–§4) only when the hello offers them and
+/// the exit accepts: both directions then carry up to LARGE_PAYLOAD, and a
+/// side that did not agree rejects a large length from the header alone.
+#[test]
+fn large_chunks_only_when_both_hellos_agree() {
+    use crate::proto::{
+        accept_hello_with, FLAG_LARGE_CHUNKS, FLAG_MAY_REFUSE, LARGE_FRAME, LARGE_PAYLOAD,
+        SERVER_FLAG_LARGE_CHUNKS, STATUS_OK,
+    };
+    let key = psk(11);
+    let keys = std::slice::from_ref(&key);
+    for (offer, accept) in [(false, false), (true, false), (false, true), (true, true)] {
+        let flags = FLAG_MAY_REFUSE | if offer { FLAG_LARGE_CHUNKS } else { 0 };
+        let (client, hello) =
+            ClientHandshake::start_with_flags(&key, [1; 32], 10, b"", flags).unwrap();
+        let acc = accept_hello_with(keys, &hello, [2; 32], 10, 120, accept, |_| STATUS_OK).unwrap();
+        let both = offer && accept;
+        // The answer's flag byte, as an independent reader would see it.
+        let schedule = super::schedule::session(&key, &[1; 32], &[2; 32]);
+        let mut pt = [0u8; SERVER_HELLO_PT];
+        pt.copy_from_slice(&acc.server_hello[SALT_LEN..SALT_LEN + SERVER_HELLO_PT]);
+        schedule
+            .server_hello
+            .open(
+                super::aead::nonce_bytes(0),
+                &[1; 32],
+                &mut pt,
+                &acc.server_hello[SALT_LEN + SERVER_HELLO_PT..],
+            )
+            .unwrap();
+        let want = if both { SERVER_FLAG_LARGE_CHUNKS } else { 0 };
+        assert_eq!((pt[2], pt[3]), (want, 0), "offer {offer} accept {accept}");
+        let (mut ce, mut cd) = client.finish(&acc.server_hello).unwrap();
+        let (mut se, mut sd) = (acc.encoder, acc.decoder);
+        let max = if both { LARGE_PAYLOAD } else { MAX_PAYLOAD };
+        for m in [
+            ce.max_payload(),
+            cd.max_payload(),
+            se.max_payload(),
+            sd.max_payload(),
+        ] {
+            assert_eq!(m, max, "offer {offer} accept {accept}");
+        }
+        // The confirmation, then the largest chunk each way, in one piece.
+        let mut confirm = [0u8; CONFIRM_LEN];
+        ce.seal_confirm(&mut confirm).unwrap();
+        sd.open_confirm(&mut confirm).unwrap();
+        let data = Rng(u64::from(max as u32)).bytes(max);
+        for (enc, dec) in [(&mut ce, &mut sd), (&mut se, &mut cd)] {
+            let mut wire = Vec::new();
+            enc.seal_to_vec(&data, &mut wire).unwrap();
+            assert_eq!(wire.len(), LEN_LEN + max + TAG_LEN, "one chunk");
+            assert!(wire.len() <= LARGE_FRAME);
+            assert_eq!(dec.open_all(wire).unwrap(), (data.clone(), false, 0));
+            // One byte above the maximum is refused before any body byte.
+            let mut field = enc.forge_length((max + 1) as u16);
+            assert_eq!(dec.decode(&mut field), Err(ProtoError::BadLength(max + 1)));
+        }
+    }
+}
+
+/// A peer that sends a large chunk to a decoder that did not agree to them
+/// (an older exit or entry, or `--large-chunks=false`) is cut off at the
+/// header: large chunks never reach a side that has no room for them.
+#[test]
+fn a_large_chunk_to_a_side_that_did_not_agree_is_refused() {
+    use crate::proto::LARGE_PAYLOAD;
+    let (mut ce, _, _, mut sd) = pair(&psk(12));
+    ce.allow_large();
+    let mut wire = Vec::new();
+    ce.seal_to_vec(&vec![7u8; LARGE_PAYLOAD], &mut wire)
+        .unwrap();
+    assert_eq!(
+        sd.decode(&mut wire),
+        Err(ProtoError::BadLength(LARGE_PAYLOAD))
     );
 }
