@@ -43,7 +43,15 @@
 //! `drained`: `recv` stops short just before TCP's urgent mark, with the
 //! bytes behind it already queued and no wake-up to come for them), or a
 //! completion reported the peer's FIN (`POLLRDHUP`/`POLLHUP`): no wake-up
-//! follows a FIN already seen, so from then on the side is read to EOF. A
+//! follows a FIN already seen, so from then on the side is read to EOF.
+//! Asking for `TCP_INQ` costs every read (`recvmsg` with a control message
+//! instead of `recv`: 2–8% of a `forward` pair's CPU at 1 KiB requests) and
+//! a `setsockopt` per socket, for data almost no peer sends; so a plaintext
+//! side's poll also reports `POLLPRI`, which the kernel raises while an
+//! urgent mark is pending, and only a side that reported it reads with
+//! `TCP_INQ` from then on. The completion that carries `POLLPRI` is posted
+//! after the urgent byte was queued, so a read that stopped at the mark
+//! before it is always followed by one that steps over. A
 //! data wake-up after a completion was posted posts another, so no data is
 //! left unread. `splice(2)` stops at the urgent mark too, without a way
 //! past it: there a `recv` steps over the urgent byte (see `splice`).
@@ -79,8 +87,20 @@ const POLLOUT: i16 = libc::POLLOUT;
 const POLLERR: i16 = libc::POLLERR;
 const POLLHUP: i16 = libc::POLLHUP;
 const POLLRDHUP: i16 = libc::POLLRDHUP;
+const POLLPRI: i16 = libc::POLLPRI;
 /// What a side's multishot read poll waits for.
 const READ_EVENTS: i16 = POLLIN | POLLRDHUP | POLLERR | POLLHUP;
+
+/// The read poll's events for the side `h` reads: a plaintext side also
+/// reports urgent data (`POLLPRI`, raised while TCP's urgent mark is
+/// pending), which makes its reads exact from then on (`Half::urgent`,
+/// `drained`). Not a tunnel side, whose peer is our own exit or entry.
+fn read_events(h: &Half) -> i16 {
+    match h.mode {
+        Mode::Open(_) => READ_EVENTS,
+        _ => READ_EVENTS | POLLPRI,
+    }
+}
 
 /// Side 0 is the client (downstream), side 1 the upstream.
 fn peer(side: usize) -> Peer {
@@ -145,6 +165,9 @@ struct Half {
     shut: bool,
     /// A completion reported the side's FIN or hang-up: read to EOF.
     gone: bool,
+    /// A completion reported urgent data (`POLLPRI`) on the side: its reads
+    /// ask how much stays queued (`TCP_INQ`) from then on (see `drained`).
+    urgent: bool,
     /// Bytes read from the side (and counted in the shard's stats).
     bytes: u64,
     /// Bytes of `bytes` already added to the connection's record.
@@ -178,6 +201,7 @@ impl Half {
             eof: false,
             shut: false,
             gone: false,
+            urgent: false,
             bytes: 0,
             synced: 0,
             pipe: None,
@@ -299,17 +323,14 @@ impl Engine {
                 slots.len() - 1
             }
         };
+        let pair = slots[idx].as_ref().expect("just placed");
         for (s, &fd) in fds.iter().enumerate() {
-            // `TCP_INQ` (see `drained`) where a peer may send urgent data:
-            // not on a tunnel side, whose peer is our own exit or entry
-            // (there `recvmsg` with a control buffer would only cost).
-            if !matches!(
-                slots[idx].as_ref().map(|p| &p.half[s].mode),
-                Some(Mode::Open(_))
-            ) {
-                crate::sys::enable_inq(fd);
-            }
-            raw::poll_add(fd, READ_EVENTS, true, token(idx, gen, false, s));
+            raw::poll_add(
+                fd,
+                read_events(&pair.half[s]),
+                true,
+                token(idx, gen, false, s),
+            );
         }
         (idx, gen)
     }
@@ -377,6 +398,12 @@ impl Engine {
                 if mask & (POLLRDHUP | POLLHUP | POLLERR) != 0 {
                     p.half[side].gone = true;
                 }
+                if mask & POLLPRI != 0 && !p.half[side].urgent {
+                    // Urgent data: from now on reads say what stays
+                    // queued behind the urgent mark (see `drained`).
+                    p.half[side].urgent = true;
+                    crate::sys::enable_inq(p.fds[side]);
+                }
                 p.half[side].drained = false;
                 match (mask & POLLERR != 0)
                     .then(|| crate::sys::take_socket_error(p.fds[side]))
@@ -399,7 +426,8 @@ impl Engine {
                         if !p.reading[s] {
                             p.reading[s] = true;
                             p.live_polls += 1;
-                            raw::poll_add(p.fds[s], READ_EVENTS, true, token(idx, p.gen, false, s));
+                            let events = read_events(&p.half[s]);
+                            raw::poll_add(p.fds[s], events, true, token(idx, p.gen, false, s));
                         }
                     }
                 }
@@ -522,9 +550,10 @@ fn io_err(side: usize, op: &'static str, source: io::Error) -> SessionError {
 /// Whether a read of `n` bytes into `room` left the socket drained, so
 /// that the next read waits for the socket's next completion. A short read
 /// is taken as drained, unless the kernel said bytes stay queued (`inq`,
-/// `TCP_INQ`: a read stops short before TCP's urgent mark, with the bytes
-/// behind it already queued and no wake-up to come for them), or the peer's
-/// FIN was seen (`gone`: no wake-up follows it either, so read to EOF).
+/// `TCP_INQ`, asked for once the side reported urgent data: a read stops
+/// short before TCP's urgent mark, with the bytes behind it already queued
+/// and no wake-up to come for them), or the peer's FIN was seen (`gone`: no
+/// wake-up follows it either, so read to EOF).
 fn drained(n: usize, room: usize, inq: Option<usize>, gone: bool) -> bool {
     n < room && !gone && inq.is_none_or(|q| q == 0)
 }
@@ -667,7 +696,7 @@ fn seal(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), Sessi
             Some(batch) if large > size => {
                 let slot = &mut batch[LEN_LEN..LEN_LEN + large];
                 let mut bufs = [std::io::IoSliceMut::new(slot)];
-                (crate::sys::recv_inq(from, &mut bufs), large)
+                (crate::sys::recv_inq(from, &mut bufs, h.urgent), large)
             }
             Some(batch) => {
                 let mut slots = batch.chunks_mut(stride);
@@ -675,12 +704,15 @@ fn seal(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), Sessi
                     let slot = slots.next().expect("BATCH slots");
                     std::io::IoSliceMut::new(&mut slot[LEN_LEN..LEN_LEN + size])
                 });
-                (crate::sys::recv_inq(from, &mut bufs), BATCH * size)
+                (
+                    crate::sys::recv_inq(from, &mut bufs, h.urgent),
+                    BATCH * size,
+                )
             }
             None => {
                 let slot = &mut h.buf[LEN_LEN..LEN_LEN + size];
                 let mut bufs = [std::io::IoSliceMut::new(slot)];
-                (crate::sys::recv_inq(from, &mut bufs), size)
+                (crate::sys::recv_inq(from, &mut bufs, h.urgent), size)
             }
         };
         let (n, inq) = match n {
@@ -945,7 +977,7 @@ fn copy(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), Sessi
         }
         let h = &mut p.half[s];
         let room = h.buf.len();
-        match crate::sys::recv_inq(from, &mut [std::io::IoSliceMut::new(&mut h.buf)]) {
+        match crate::sys::recv_inq(from, &mut [std::io::IoSliceMut::new(&mut h.buf)], h.urgent) {
             Ok((0, _)) => h.eof = true,
             Ok((n, inq)) => {
                 h.len = n;

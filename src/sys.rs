@@ -500,13 +500,21 @@ pub fn enable_inq(fd: std::os::fd::RawFd) {
 
 /// Reads into `bufs` in order with one `recvmsg(2)` (`MSG_DONTWAIT`, through
 /// `syscall(2)` as [`recv_fd`]). Returns the bytes read (`Ok(0)` at EOF) and,
-/// when [`enable_inq`] took, the bytes still queued after them
-/// (`TCP_CM_INQ`); `WouldBlock` when the socket has nothing. The caller keeps
-/// `fd`, a connected socket, open.
+/// with `inq` once [`enable_inq`] took, the bytes still queued after them
+/// (`TCP_CM_INQ`); `WouldBlock` when the socket has nothing. Without `inq`
+/// there is no control buffer, and one buffer is read with [`recv_fd`]: the
+/// cheapest read, for sockets that never had urgent data (see
+/// `engine::drained`). The caller keeps `fd`, a connected socket, open.
 pub fn recv_inq(
     fd: std::os::fd::RawFd,
     bufs: &mut [std::io::IoSliceMut<'_>],
+    inq: bool,
 ) -> std::io::Result<(usize, Option<usize>)> {
+    if !inq {
+        if let [one] = bufs {
+            return recv_fd(fd, one).map(|n| (n, None));
+        }
+    }
     // Room for one control message with an int: CMSG_SPACE(4) is 24 bytes
     // on 64-bit Linux; u64 gives the alignment cmsghdr needs.
     let mut control = [0u64; 4];
@@ -516,8 +524,10 @@ pub fn recv_inq(
     // documented guarantee), and each points at a live, writable buffer.
     msg.msg_iov = bufs.as_mut_ptr() as *mut libc::iovec;
     msg.msg_iovlen = bufs.len() as _;
-    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    if inq {
+        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    }
     // SAFETY: `msg` points at `bufs.len()` iovecs over buffers that stay
     // borrowed (mutably) for the call, and at `control`, a live local of
     // the length given; the kernel writes only within them.
@@ -525,19 +535,19 @@ pub fn recv_inq(
     if n < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let mut inq = None;
+    let mut queued = None;
     // SAFETY: the CMSG_* macros walk the control buffer the kernel filled,
-    // within `msg_controllen`; a TCP_CM_INQ message carries one int, read
-    // unaligned.
+    // within `msg_controllen` (0 without `inq`: no message); a TCP_CM_INQ
+    // message carries one int, read unaligned.
     unsafe {
         let mut c = libc::CMSG_FIRSTHDR(&msg);
         while !c.is_null() {
             if (*c).cmsg_level == libc::SOL_TCP && (*c).cmsg_type == TCP_INQ {
                 let v = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::c_int);
-                inq = usize::try_from(v).ok();
+                queued = usize::try_from(v).ok();
             }
             c = libc::CMSG_NXTHDR(&msg, c);
         }
     }
-    Ok((n as usize, inq))
+    Ok((n as usize, queued))
 }

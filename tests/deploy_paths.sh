@@ -484,8 +484,9 @@ def pod(kind, name):
 
 # Sizing: the connection limit is reached before the memory limit. Per
 # session and at start, as measured by benches/memory.rs (docs/BENCHMARKS.md,
-# "Memory per connection"): ~80 KiB at the limit in the tunnel roles (50 KiB
-# idle, a quarter of a 64 KiB batch buffer, OpenSSL contexts while busy) and
+# "Memory per connection"): ~96 KiB at the limit in the tunnel roles (50 KiB
+# idle, a quarter of a 64 KiB batch buffer for transfers and another quarter
+# for large chunks received, OpenSSL contexts while busy) and
 # ~17 MiB, with 64 MiB kept for kernel socket buffers.
 import tomllib
 units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
@@ -494,7 +495,7 @@ for kind, name, cfg in [("Deployment", "shardproxy-exit", "exit.toml"), ("Daemon
     limit = c["resources"]["limits"]["memory"]
     limit = int(limit[:-2]) * units[limit[-2:]]
     conf = tomllib.loads(cm[cfg])
-    need = 17 * (1 << 20) + conf["cores"] * conf["max_connections"] * 80 * 1024 + 64 * (1 << 20)
+    need = 17 * (1 << 20) + conf["cores"] * conf["max_connections"] * 96 * 1024 + 64 * (1 << 20)
     assert need <= limit, f"{name}: {conf['cores']} x {conf['max_connections']} sessions need {need >> 20} MiB > limit {limit >> 20} MiB"
     print(f"{name}: {conf['cores']} shard(s) x {conf['max_connections']} sessions: {need >> 20} MiB <= limit {limit >> 20} MiB")
 

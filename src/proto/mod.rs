@@ -13,7 +13,8 @@
 //!
 //! exit → entry   server hello, 52 bytes (only after the client hello verified)
 //!   +-------------------+------------------------------+---------+
-//!   | server_salt (32)  | sealed: ver(1) status(1) 0(2)| tag(16) |
+//!   | server_salt (32)  | sealed: ver(1) status(1)     | tag(16) |
+//!   |                   |         flags(1) 0(1)        |         |
 //!   +-------------------+------------------------------+---------+
 //!   prk = HKDF-Extract(salt=client_salt‖server_salt, ikm=PSK)
 //!   key = HKDF-Expand(prk, "shardproxy/1 server hello"), aad = client_salt
@@ -55,7 +56,7 @@ pub const META_LEN: usize = 64;
 pub const CLIENT_HELLO_PT: usize = 1 + 1 + 8 + 2 + META_LEN;
 /// Bytes of the client hello on the wire.
 pub const CLIENT_HELLO_LEN: usize = SALT_LEN + CLIENT_HELLO_PT + TAG_LEN;
-/// Plaintext of the server hello: version, status, two reserved bytes.
+/// Plaintext of the server hello: version, status, flags, a reserved byte.
 pub const SERVER_HELLO_PT: usize = 4;
 /// Bytes of the server hello on the wire.
 pub const SERVER_HELLO_LEN: usize = SALT_LEN + SERVER_HELLO_PT + TAG_LEN;
