@@ -294,9 +294,15 @@ async fn entry(
     };
     let (upstream, lease, (mut encoder, decoder, confirm)) =
         connect_pool(ctx, rec, handshake).await?;
-    if decoder.max_payload() <= crate::proto::MAX_PAYLOAD {
-        // The exit did not agree (an older one, or `--large-chunks=false`).
+    if decoder.max_payload() > crate::proto::MAX_PAYLOAD {
+        ctx.stats().on_large_chunks(true);
+    } else {
+        // The exit did not agree (an older one, or `--large-chunks=false`,
+        // or its reservations were spent).
         large.release();
+        if tun.large_chunks && offer == 0 {
+            ctx.stats().on_large_chunks(false);
+        }
     }
     if let Err(e) = first_flight(client, &upstream, ctx, rec, &mut encoder, &confirm, early).await {
         upstream.abort();
@@ -536,6 +542,10 @@ async fn exit(
         let answer = client.write_all_then_fin(&accepted.server_hello, || ());
         within(ctx, deadline, Peer::Downstream, answer).await?;
         return Err(SessionError::Refused(accepted.status));
+    }
+    if accepted.flags & FLAG_LARGE_CHUNKS != 0 && tun.large_chunks {
+        // Counted once the hello proved fresh and was accepted.
+        ctx.stats().on_large_chunks(large.held());
     }
     // Authenticated: now it needs a session slot (`--max-connections`).
     let _permit = match ctx.sessions() {

@@ -137,6 +137,12 @@ pub struct ShardStats {
     /// Of `bytes_up + bytes_down`, those a tunnel role moved in batches of
     /// several chunks per syscall ([`crate::transfer`]).
     pub batched: Cell<u64>,
+    /// Tunnel sessions that agreed on large chunks (docs/PROTOCOL.md §4).
+    pub large_chunks: Cell<u64>,
+    /// Tunnel sessions that would have offered (entry) or accepted (exit)
+    /// large chunks but found the shard's reservations spent
+    /// ([`crate::transfer::BatchPool::reserve_large`]): 16 KiB chunks.
+    pub large_chunks_denied: Cell<u64>,
     closed: [Cell<u64>; CloseReason::ALL.len()],
 }
 
@@ -180,6 +186,19 @@ impl ShardStats {
     /// `n` of the relayed bytes were moved in batches.
     pub fn add_batched(&self, n: usize) {
         bump(&self.batched, n as u64);
+    }
+
+    /// A tunnel session agreed on large chunks (`true`), or wanted them
+    /// and found no reservation left (`false`).
+    pub fn on_large_chunks(&self, agreed: bool) {
+        bump(
+            if agreed {
+                &self.large_chunks
+            } else {
+                &self.large_chunks_denied
+            },
+            1,
+        );
     }
 
     /// An accept(2) failed.
@@ -233,6 +252,12 @@ impl fmt::Display for ShardStats {
         }
         if self.batched.get() > 0 {
             write!(f, " batched={}", self.batched.get())?;
+        }
+        if self.large_chunks.get() > 0 {
+            write!(f, " large_chunks={}", self.large_chunks.get())?;
+        }
+        if self.large_chunks_denied.get() > 0 {
+            write!(f, " large_chunks_denied={}", self.large_chunks_denied.get())?;
         }
         Ok(())
     }

@@ -156,6 +156,21 @@ fn batched_bytes_are_exported_and_match_the_summary() {
         text.contains("# TYPE shardproxy_batched_bytes_total counter"),
         "{text}"
     );
+    // The one session agreed on large chunks, on both sides, and none was
+    // denied (docs/PROTOCOL.md §4).
+    assert_eq!(summary_total(&lines, "large_chunks"), 1, "{lines:?}");
+    assert_eq!(summary_total(&lines, "large_chunks_denied"), 0, "{lines:?}");
+    // The exit publishes every --metrics-interval: wait for its count.
+    let text = poll_until(Duration::from_secs(10), || {
+        let (_, text) = http_get(p.exit_metrics, "/metrics");
+        let sums = sum_by(&text, "shardproxy_large_chunk_sessions_total", None);
+        match sums.get("").copied().unwrap_or(0.0) {
+            n if n == 1.0 => Ok(text),
+            n => Err(format!("{n} large-chunk sessions:\n{text}")),
+        }
+    });
+    let denied = sum_by(&text, "shardproxy_large_chunk_denied_total", None)[""];
+    assert_eq!(denied, 0.0, "{text}");
     // Wake-up coalescing (on by default) is exported with the summary's
     // counts: a scrape taken before the end can only be behind them.
     let (_, text) = http_get(p.exit_metrics, "/metrics");

@@ -759,4 +759,12 @@ fn large_chunks_are_agreed_only_within_the_shards_budget() {
             Err("still no reservation".to_string())
         }
     });
+    // Both outcomes are counted (summary line, and /metrics from the same
+    // counters): the two that agreed, and at least the one denied.
+    let (_, lines) = exit.terminate();
+    assert_eq!(summary_total(&lines, "large_chunks"), 2, "{lines:?}");
+    assert!(
+        summary_total(&lines, "large_chunks_denied") >= 1,
+        "{lines:?}"
+    );
 }

@@ -498,7 +498,7 @@ impl Config {
     /// connection limit (which a default lowers to fit `RLIMIT_NOFILE`) and
     /// the transfer budget ([`crate::transfer`]).
     pub fn limits_line(&self) -> String {
-        let transfers = match self.mode {
+        let transfers = match &self.mode {
             Mode::Forward if self.limits.splice_pipes > 0 => {
                 format!("up to {} splice pipes", self.limits.splice_pipes)
             }
@@ -506,8 +506,13 @@ impl Config {
                 "no splice pipes (no spare file descriptors)".to_string()
             }
             Mode::Forward => "splicing off (--splice never)".to_string(),
-            Mode::Entry(_) | Mode::Exit(_) => {
-                format!("up to {} batch buffers", self.batch_buffers())
+            Mode::Entry(t) | Mode::Exit(t) => {
+                let large = if t.large_chunks {
+                    format!("large chunks for up to {} sessions", self.batch_buffers())
+                } else {
+                    "large chunks off".to_string()
+                };
+                format!("up to {} batch buffers, {large}", self.batch_buffers())
             }
         };
         format!(

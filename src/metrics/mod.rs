@@ -270,6 +270,9 @@ pub struct Snapshot {
     pub spliced: u64,
     /// Relayed bytes moved in batch mode (tunnel roles).
     pub batched: u64,
+    /// Tunnel sessions that agreed on large chunks, and those that wanted
+    /// them but found the shard's reservations spent.
+    pub large_chunks: (u64, u64),
     /// Sleeps that waited for a batch of events (`--wake-batch`), and those
     /// of them that waited out the whole `--wake-batch-wait`.
     pub coalesced_sleeps: (u64, u64),
@@ -314,6 +317,7 @@ impl Snapshot {
             access_log_dropped: stats.access_log_dropped.get(),
             spliced: stats.spliced.get(),
             batched: stats.batched.get(),
+            large_chunks: (stats.large_chunks.get(), stats.large_chunks_denied.get()),
             // The shard's own executor's counts: this runs on its thread.
             coalesced_sleeps: glommio::raw::coalesced_sleeps(),
             upstreams: Vec::new(),

@@ -198,6 +198,20 @@ pub fn render(snaps: &[&Snapshot], info: &ProcessInfo) -> String {
     );
     counter(
         w,
+        "shardproxy_large_chunk_sessions_total",
+        "Tunnel sessions that agreed on chunks of up to 64 KiB (--large-chunks; entry and exit).",
+        "counter",
+        &|s| s.large_chunks.0,
+    );
+    counter(
+        w,
+        "shardproxy_large_chunk_denied_total",
+        "Tunnel sessions that would have used chunks of up to 64 KiB but found the shard's reservations (a quarter of --max-connections) spent: they used 16 KiB chunks.",
+        "counter",
+        &|s| s.large_chunks.1,
+    );
+    counter(
+        w,
         "shardproxy_coalesced_sleeps_total",
         "Sleeps in which the shard waited for a batch of events instead of one (--wake-batch; only while its transfers move bytes; 0 before Linux 6.12).",
         "counter",
