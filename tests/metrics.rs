@@ -164,9 +164,11 @@ fn batched_bytes_are_exported_and_match_the_summary() {
     let text = poll_until(Duration::from_secs(10), || {
         let (_, text) = http_get(p.exit_metrics, "/metrics");
         let sums = sum_by(&text, "shardproxy_large_chunk_sessions_total", None);
-        match sums.get("").copied().unwrap_or(0.0) {
-            n if n == 1.0 => Ok(text),
-            n => Err(format!("{n} large-chunk sessions:\n{text}")),
+        let n = sums.get("").copied().unwrap_or(0.0);
+        if n == 1.0 {
+            Ok(text)
+        } else {
+            Err(format!("{n} large-chunk sessions:\n{text}"))
         }
     });
     let denied = sum_by(&text, "shardproxy_large_chunk_denied_total", None)[""];
