@@ -46,7 +46,7 @@
 //! follows a FIN already seen, so from then on the side is read to EOF.
 //! Asking for `TCP_INQ` costs every read (`recvmsg` with a control message
 //! instead of `recv`: 2–8% of a `forward` pair's CPU at 1 KiB requests) and
-//! a `setsockopt` per socket, for data almost no peer sends; so a plaintext
+//! a `setsockopt` per socket, for data almost no peer sends; so every
 //! side's poll also reports `POLLPRI`, which the kernel raises while an
 //! urgent mark is pending, and only a side that reported it reads with
 //! `TCP_INQ` from then on. The completion that carries `POLLPRI` is posted
@@ -91,16 +91,14 @@ const POLLPRI: i16 = libc::POLLPRI;
 /// What a side's multishot read poll waits for.
 const READ_EVENTS: i16 = POLLIN | POLLRDHUP | POLLERR | POLLHUP;
 
-/// The read poll's events for the side `h` reads: a plaintext side also
-/// reports urgent data (`POLLPRI`, raised while TCP's urgent mark is
-/// pending), which makes its reads exact from then on (`Half::urgent`,
-/// `drained`). Not a tunnel side, whose peer is our own exit or entry.
-fn read_events(h: &Half) -> i16 {
-    match h.mode {
-        Mode::Open(_) => READ_EVENTS,
-        _ => READ_EVENTS | POLLPRI,
-    }
-}
+/// What a side's multishot read poll waits for, urgent data included
+/// (`POLLPRI`, raised while TCP's urgent mark is pending), which makes the
+/// side's reads exact from then on (`Half::urgent`, `drained`). On every
+/// side: a tunnel side's peer is our own entry or exit, but an urgent byte
+/// slipped into its stream (by a peer holding the key, or injected on the
+/// path; the kernel strips it, so every chunk stays valid) would otherwise
+/// stall the session until its idle timeout.
+const READ_POLL: i16 = READ_EVENTS | POLLPRI;
 
 /// Side 0 is the client (downstream), side 1 the upstream.
 fn peer(side: usize) -> Peer {
@@ -323,14 +321,8 @@ impl Engine {
                 slots.len() - 1
             }
         };
-        let pair = slots[idx].as_ref().expect("just placed");
         for (s, &fd) in fds.iter().enumerate() {
-            raw::poll_add(
-                fd,
-                read_events(&pair.half[s]),
-                true,
-                token(idx, gen, false, s),
-            );
+            raw::poll_add(fd, READ_POLL, true, token(idx, gen, false, s));
         }
         (idx, gen)
     }
@@ -426,8 +418,7 @@ impl Engine {
                         if !p.reading[s] {
                             p.reading[s] = true;
                             p.live_polls += 1;
-                            let events = read_events(&p.half[s]);
-                            raw::poll_add(p.fds[s], events, true, token(idx, p.gen, false, s));
+                            raw::poll_add(p.fds[s], READ_POLL, true, token(idx, p.gen, false, s));
                         }
                     }
                 }
@@ -919,15 +910,15 @@ fn open(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), Sessi
             h.batch = Some(b);
             continue;
         }
-        // The tunnel side: no `TCP_INQ` (see `Engine::start`).
-        let n = match crate::sys::recv_fd(from, &mut buf[h.end..]) {
-            Ok(0) => return Err(SessionError::Truncated(peer(s))),
-            Ok(n) => n,
+        let into = &mut [std::io::IoSliceMut::new(&mut buf[h.end..])];
+        let (n, inq) = match crate::sys::recv_inq(from, into, h.urgent) {
+            Ok((0, _)) => return Err(SessionError::Truncated(peer(s))),
+            Ok(r) => r,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
             Err(e) => return Err(io_err(s, "read", e)),
         };
         h.end += n;
-        h.drained = drained(n, room, None, h.gone);
+        h.drained = drained(n, room, inq, h.gone);
         if h.end == buf.len() && h.batch.is_none() {
             if let Some(mut b) = ctx.batches().take_owned(BATCH * MAX_FRAME) {
                 b[..h.end].copy_from_slice(&h.buf[..h.end]);

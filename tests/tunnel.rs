@@ -696,12 +696,20 @@ fn bytes_behind_an_urgent_byte_are_never_stranded_in_the_tunnel() {
     assert!(stalled.is_empty(), "stalled {stalled:?}");
 }
 
-/// A hello offering large chunks to `exit`, answered and verified; the
-/// connection stays open (the key confirmation sent) until dropped.
-/// Returns it and whether the exit agreed (docs/PROTOCOL.md §3).
-fn offer_large_chunks(exit: SocketAddr, key: &str) -> (TcpStream, bool) {
+/// A session with `exit` as an entry would open it (hello with `flags`,
+/// answer verified, key confirmation sent), in this process: the socket and
+/// the session's encoder and decoder.
+fn tunnel_session(
+    exit: SocketAddr,
+    key: &str,
+    flags: u8,
+) -> (
+    TcpStream,
+    shardproxy::proto::Encoder,
+    shardproxy::proto::Decoder,
+) {
     use base64::Engine as _;
-    use shardproxy::proto::{ClientHandshake, Psk, FLAG_LARGE_CHUNKS, MAX_PAYLOAD};
+    use shardproxy::proto::{ClientHandshake, Psk};
     let bytes: [u8; 32] = base64::engine::general_purpose::STANDARD
         .decode(key)
         .unwrap()
@@ -717,8 +725,7 @@ fn offer_large_chunks(exit: SocketAddr, key: &str) -> (TcpStream, bool) {
         .unwrap()
         .read_exact(&mut salt)
         .unwrap();
-    let (hs, hello) =
-        ClientHandshake::start_with_flags(&psk, salt, now, b"", FLAG_LARGE_CHUNKS).unwrap();
+    let (hs, hello) = ClientHandshake::start_with_flags(&psk, salt, now, b"", flags).unwrap();
     let mut s = TcpStream::connect(exit).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(&hello).unwrap();
@@ -728,7 +735,68 @@ fn offer_large_chunks(exit: SocketAddr, key: &str) -> (TcpStream, bool) {
     let mut confirm = [0u8; shardproxy::proto::CONFIRM_LEN];
     enc.seal_confirm(&mut confirm).unwrap();
     s.write_all(&confirm).unwrap();
+    (s, enc, dec)
+}
+
+/// A hello offering large chunks to `exit`, answered and verified; the
+/// connection stays open (the key confirmation sent) until dropped.
+/// Returns it and whether the exit agreed (docs/PROTOCOL.md §3).
+fn offer_large_chunks(exit: SocketAddr, key: &str) -> (TcpStream, bool) {
+    use shardproxy::proto::{FLAG_LARGE_CHUNKS, MAX_PAYLOAD};
+    let (s, _, dec) = tunnel_session(exit, key, FLAG_LARGE_CHUNKS);
     (s, dec.max_payload() > MAX_PAYLOAD)
+}
+
+/// An urgent byte (`MSG_OOB`) slipped into the tunnel's own stream, between
+/// two chunks, strands nothing at the exit: the kernel strips it, so both
+/// chunks are valid, but `recv` stops short at its mark, and the exit took
+/// that short read as "drained" and waited for a wake-up that never came
+/// (found by a break-it round: 3 stalls in 15 tries, the session ending at
+/// its idle timeout as `truncated`). Each try must echo both chunks back
+/// at once.
+#[test]
+fn an_urgent_byte_in_the_tunnel_stream_strands_nothing() {
+    use shardproxy::proto::Decoded;
+    let key = keygen();
+    let exit = Proxy::exit(echo_origin(), &key_file(&[&key])).start();
+    let mut stalled = Vec::new();
+    for attempt in 0..20 {
+        let (mut s, mut enc, mut dec) = tunnel_session(exit.addr, &key, 0);
+        let (first, second) = (vec![1u8; 3000], vec![2u8; 3000]);
+        let mut seal = |data: &[u8]| {
+            let mut frame = vec![0u8; shardproxy::proto::MAX_FRAME];
+            frame[2..2 + data.len()].copy_from_slice(data);
+            let n = enc.seal_in_place(&mut frame, data.len()).unwrap();
+            frame.truncate(n);
+            frame
+        };
+        let (a, b) = (seal(&first), seal(&second));
+        s.write_all(&a).unwrap();
+        socket2::SockRef::from(&s).send_out_of_band(b"!").unwrap();
+        s.write_all(&b).unwrap();
+        // The echo of both chunks, opened as it comes, within 3 s.
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let (mut wire, mut echoed) = (Vec::new(), 0usize);
+        let mut buf = [0u8; 65536];
+        while echoed < first.len() + second.len() {
+            let n = match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            wire.extend_from_slice(&buf[..n]);
+            while let Ok(Decoded::Data { consumed, len, .. }) = dec.decode(&mut wire) {
+                echoed += len;
+                wire.drain(..consumed);
+            }
+        }
+        if echoed < first.len() + second.len() {
+            stalled.push((attempt, echoed));
+        }
+    }
+    assert!(
+        stalled.is_empty(),
+        "(attempt, bytes echoed) that stalled: {stalled:?}"
+    );
 }
 
 /// A session agrees to large chunks only with one of its shard's
