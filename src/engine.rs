@@ -684,7 +684,7 @@ fn seal(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), Sessi
             _ => unreachable!("seal on a sealing half"),
         };
         let (n, room) = match &mut h.batch {
-            Some(batch) if large > size => {
+            Some(batch) if large > 0 => {
                 let slot = &mut batch[LEN_LEN..LEN_LEN + large];
                 let mut bufs = [std::io::IoSliceMut::new(slot)];
                 (crate::sys::recv_inq(from, &mut bufs, h.urgent), large)
@@ -726,7 +726,7 @@ fn seal(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), Sessi
         }
         h.drained = drained(n, room, inq, h.gone);
         let total = match &mut h.batch {
-            Some(batch) if large > size => {
+            Some(batch) if large > 0 => {
                 let total = enc.seal_in_place(batch, n).map_err(SessionError::Limit)?;
                 ctx.stats().add_batched(n);
                 total
@@ -766,12 +766,18 @@ fn seal(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), Sessi
 }
 
 /// The payload room of a sealing direction's batch buffer used as one large
-/// chunk: the encoder's maximum, within the buffer (0 without large chunks
-/// or a batch buffer).
+/// chunk: the encoder's maximum, within the buffer; 0 without large chunks
+/// or a batch buffer, or when the buffer holds no more than a 16 KiB chunk
+/// (a small `--buffer-size`, which then keeps capping each chunk).
 fn large_slot(enc: &Encoder, batch: Option<&[u8]>) -> usize {
     match batch {
         Some(b) if enc.max_payload() > MAX_PAYLOAD => {
-            enc.max_payload().min(b.len() - LEN_LEN - TAG_LEN)
+            let room = enc.max_payload().min(b.len() - LEN_LEN - TAG_LEN);
+            if room > MAX_PAYLOAD {
+                room
+            } else {
+                0
+            }
         }
         _ => 0,
     }
@@ -899,7 +905,11 @@ fn open(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), Sessi
             // transfers, so this direction takes one from the pool, or, with
             // the budget spent, one over it: never more than one per
             // direction, so memory stays bounded per connection.
-            debug_assert!(h.batch.is_none(), "a batch buffer holds a large chunk");
+            if h.batch.is_some() {
+                // Cannot happen (a batch buffer holds the largest chunk, see
+                // the assertion by `GATHER`); never read into no room.
+                return Err(rejected(ProtoError::BadLength(dec.needed())));
+            }
             let len = BATCH * MAX_FRAME;
             let pool = ctx.batches();
             let mut b = pool
@@ -1350,5 +1360,28 @@ mod tests {
                 assert_eq!((opened, ended, rest), (want_up, true, 0));
                 assert_eq!(rec.bytes_down.get(), want_down.len() as u64);
             });
+    }
+
+    /// A sealing direction seals a whole read as one large chunk only with
+    /// large chunks agreed and a batch buffer that holds more than 16 KiB:
+    /// with a small `--buffer-size` (a small batch buffer) it keeps the
+    /// four-slot layout, so `--buffer-size` still caps each chunk.
+    #[test]
+    fn a_large_slot_needs_agreement_and_room() {
+        use crate::proto::{accept_hello, ClientHandshake, Psk, FLAG_LARGE_CHUNKS, LARGE_PAYLOAD};
+        let key = Psk::from_bytes([5; 32]);
+        let (hs, hello) =
+            ClientHandshake::start_with_flags(&key, [1; 32], 10, b"", FLAG_LARGE_CHUNKS).unwrap();
+        let acc = accept_hello(std::slice::from_ref(&key), &hello, [2; 32], 10, 120).unwrap();
+        let (large, _) = hs.finish(&acc.server_hello).unwrap();
+        let (hs, hello) = ClientHandshake::start(&key, [3; 32], 10, b"").unwrap();
+        let acc = accept_hello(std::slice::from_ref(&key), &hello, [4; 32], 10, 120).unwrap();
+        let (small, _) = hs.finish(&acc.server_hello).unwrap();
+        let full = vec![0u8; BATCH * MAX_FRAME];
+        let tiny = vec![0u8; BATCH * (LEN_LEN + 1024 + TAG_LEN)];
+        assert_eq!(large_slot(&large, Some(&full)), LARGE_PAYLOAD);
+        assert_eq!(large_slot(&large, Some(&tiny)), 0, "--buffer-size 1KiB");
+        assert_eq!(large_slot(&large, None), 0, "no batch buffer");
+        assert_eq!(large_slot(&small, Some(&full)), 0, "not agreed");
     }
 }
