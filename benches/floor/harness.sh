@@ -11,7 +11,8 @@
 #   BULK=1   bulk.c: one stream into sink.c; prints CPU-s per GB
 #   SECS=N   load seconds (default 5; bounded to 60)
 #   PERF=1   also `perf record -F 1000 -g -p A,B -- sleep 5` into
-#            perf.KIND.data in the current directory (8 s of load)
+#            perf.KIND.data in the current directory (8 s of load);
+#            PERF_CALLGRAPH="--call-graph dwarf" unwinds with DWARF instead
 #   SP=PATH  the shardproxy binary (default target/release/shardproxy)
 #
 # Also prints the pair's context switches (voluntary and not) during the
@@ -70,7 +71,7 @@ if [ -n "${BULK:-}" ]; then client=("$d/bulk" 18401); else client=("$d/churn" 18
 if [ -n "${PERF:-}" ]; then
   "${client[@]}" 8 > "$d/n" & cp=$!
   sleep 1
-  perf record -F 1000 -g -o "perf.$kind.data" -p "$pa,$pb" -- sleep 5 >/dev/null 2>&1
+  perf record -F 1000 ${PERF_CALLGRAPH:--g} -o "perf.$kind.data" -p "$pa,$pb" -- sleep 5 >/dev/null 2>&1
   wait $cp
 else
   "${client[@]}" "$secs" > "$d/n"
