@@ -40,8 +40,15 @@ fn pair(key: &Psk) -> (Encoder, Decoder, Encoder, Decoder) {
 const BODY: usize = CLIENT_HELLO_LEN + CONFIRM_LEN;
 
 fn fuzz_stream(plaintext: &[u8]) -> Vec<u8> {
+    fuzz_stream_with(plaintext, 0)
+}
+
+/// [`fuzz_stream`] from a hello with `flags` ([`FLAG_LARGE_CHUNKS`]: its
+/// chunks are then up to [`LARGE_PAYLOAD`] bytes).
+fn fuzz_stream_with(plaintext: &[u8], flags: u8) -> Vec<u8> {
     let key = Psk::from_bytes(FUZZ_PSK);
-    let (client, hello) = ClientHandshake::start(&key, [7; 32], FUZZ_NOW, b"meta").unwrap();
+    let (client, hello) =
+        ClientHandshake::start_with_flags(&key, [7; 32], FUZZ_NOW, b"meta", flags).unwrap();
     let acc = accept_hello(
         std::slice::from_ref(&key),
         &hello,
@@ -454,7 +461,21 @@ fn write_fuzz_seeds() {
         seed.extend(entry_fuzz_stream(&data));
         std::fs::write(format!("{dir}/valid-{i}"), seed).unwrap();
     }
+    // Large chunks agreed (docs/PROTOCOL.md §4): 65,472-byte chunks.
+    let data = Rng(LARGE_SEED).bytes(LARGE_SEED_LEN);
+    let mut seed = vec![0x2a];
+    seed.extend(entry_fuzz_stream_with(&data, true));
+    std::fs::write(format!("{dir}/valid-large"), seed).unwrap();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fuzz/corpus/exit_stream");
+    let mut seed = vec![0x2a];
+    seed.extend(fuzz_stream_with(&data, FLAG_LARGE_CHUNKS));
+    std::fs::write(format!("{dir}/valid-large"), seed).unwrap();
 }
+
+/// The plaintext of the `valid-large` seeds: a generator seed and a length
+/// that takes two full large chunks and a partial one.
+const LARGE_SEED: u64 = 7;
+const LARGE_SEED_LEN: usize = 2 * LARGE_PAYLOAD + 1000;
 
 /// Replays the checked-in entry-side seeds.
 #[test]
@@ -472,7 +493,7 @@ fn entry_fuzz_corpus_replays_cleanly() {
         let out = entry_side(stream, &[s + 1, s * 61 + 7, MAX_FRAME]);
         ended += usize::from(out.ended);
     }
-    assert!(ended >= 5, "seeds no longer decode: {ended}");
+    assert!(ended >= 6, "seeds no longer decode: {ended}");
 }
 
 /// Replays every checked-in seed through the fuzz entry point. The
@@ -499,7 +520,11 @@ fn fuzz_corpus_replays_cleanly() {
         let Some(i) = name.strip_prefix("valid-") else {
             continue;
         };
-        let plaintext = &expected[i.parse::<usize>().unwrap()];
+        let large = Rng(LARGE_SEED).bytes(LARGE_SEED_LEN);
+        let plaintext = match i {
+            "large" => &large,
+            i => &expected[i.parse::<usize>().unwrap()],
+        };
         assert!(
             out.answered && out.ended && !out.failed,
             "{name}: answered {} ended {} failed {}",
@@ -515,14 +540,22 @@ fn fuzz_corpus_replays_cleanly() {
         );
         valid += 1;
     }
-    assert_eq!(valid, expected.len(), "valid seeds missing");
+    assert_eq!(valid, expected.len() + 1, "valid seeds missing");
 }
 
 /// A valid exit→entry stream for [`entry_side`]: server hello + chunks + end.
 fn entry_fuzz_stream(plaintext: &[u8]) -> Vec<u8> {
+    entry_fuzz_stream_with(plaintext, false)
+}
+
+/// [`entry_fuzz_stream`], the exit agreeing to large chunks (`large`) or
+/// not; [`entry_side`]'s entry offers them.
+fn entry_fuzz_stream_with(plaintext: &[u8], large: bool) -> Vec<u8> {
     use super::fuzz::FUZZ_CLIENT_SALT;
     let key = Psk::from_bytes(FUZZ_PSK);
-    let (_, hello) = ClientHandshake::start(&key, FUZZ_CLIENT_SALT, FUZZ_NOW, b"").unwrap();
+    let flags = if large { FLAG_LARGE_CHUNKS } else { 0 };
+    let (_, hello) =
+        ClientHandshake::start_with_flags(&key, FUZZ_CLIENT_SALT, FUZZ_NOW, b"", flags).unwrap();
     let acc = accept_hello(
         std::slice::from_ref(&key),
         &hello,
@@ -540,18 +573,25 @@ fn entry_fuzz_stream(plaintext: &[u8]) -> Vec<u8> {
 
 #[test]
 fn entry_fuzz_entry_point_on_valid_truncated_and_mutated_replies() {
-    use super::fuzz::entry_side;
     let mut rng = Rng(4321);
-    let data = rng.bytes(30_000);
-    let stream = entry_fuzz_stream(&data);
-    let clean = entry_side(&stream, &[777]);
+    // Without and with large chunks (docs/PROTOCOL.md §4).
+    for (len, large) in [(30_000, false), (2 * LARGE_PAYLOAD + 300, true)] {
+        let data = rng.bytes(len);
+        let stream = entry_fuzz_stream_with(&data, large);
+        mutated_replies(&mut rng, &data, &stream);
+    }
+}
+
+fn mutated_replies(rng: &mut Rng, data: &[u8], stream: &[u8]) {
+    use super::fuzz::entry_side;
+    let clean = entry_side(stream, &[777]);
     assert!(clean.answered && clean.ended && !clean.failed && clean.plaintext == data);
     for cut in (0..stream.len()).step_by(101) {
         let out = entry_side(&stream[..cut], &[500]);
         assert!(!out.ended && data.starts_with(&out.plaintext));
     }
     for _ in 0..300 {
-        let mut s = stream.clone();
+        let mut s = stream.to_vec();
         let i = rng.below(s.len());
         let v = rng.next() as u8 | 1;
         s[i] ^= v;
