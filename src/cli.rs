@@ -217,7 +217,7 @@ pub struct TunnelArgs {
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub max_clock_skew: Duration,
 
-    /// Offer (entry) and accept (exit) tunnel chunks of up to 65472 bytes instead of 16 KiB, sent only while a direction carries a transfer: a quarter of the AEAD calls, 1-19% less CPU per GB for a tunnelled stream. Both ends must agree per connection (an older peer keeps 16 KiB chunks), and a shard agrees for at most a quarter of --max-connections sessions at once, since each must then be able to hold a 64 KiB chunk whenever its peer sends one: about 96 KiB per session at the connection limit instead of 80. --large-chunks=false turns it off.
+    /// Offer (entry) and accept (exit) tunnel chunks of up to 65472 bytes instead of 16 KiB, sent only while a direction carries a transfer: a quarter of the AEAD calls, 2-22% less CPU per GB for a tunnelled stream. Both ends must agree per connection (an older peer keeps 16 KiB chunks), and a shard agrees for at most a quarter of --max-connections sessions at once, since each must then be able to hold a 64 KiB chunk whenever its peer sends one: about 96 KiB per session at the connection limit instead of 80. --large-chunks=false turns it off.
     #[arg(long, num_args = 0..=1, require_equals = true, default_value_t = true, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub large_chunks: bool,
 }
