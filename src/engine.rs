@@ -1206,6 +1206,20 @@ mod tests {
         fn recycle(&self, _: Vec<u8>) {}
     }
 
+    /// A host with no pipes or batch buffers to lend, and its driver task
+    /// (on the current executor).
+    fn start_host() -> Rc<TestHost> {
+        let host = Rc::new(TestHost {
+            engine: Engine::default(),
+            stats: ShardStats::default(),
+            timings: Timings::new(false, 0),
+            pipes: PipePool::new(0),
+            batches: BatchPool::new(0),
+        });
+        glommio::spawn_local(drive(host.clone())).detach();
+        host
+    }
+
     /// A connected pair of loopback sockets: (our end, the peer's end).
     fn pair(l: &TcpListener) -> (TcpStream, TcpStream) {
         let peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
@@ -1227,14 +1241,7 @@ mod tests {
             .make()
             .unwrap()
             .run(async {
-                let host = Rc::new(TestHost {
-                    engine: Engine::default(),
-                    stats: ShardStats::default(),
-                    timings: Timings::new(false, 0),
-                    pipes: PipePool::new(0),
-                    batches: BatchPool::new(0),
-                });
-                glommio::spawn_local(drive(host.clone())).detach();
+                let host = start_host();
                 let l = TcpListener::bind("127.0.0.1:0").unwrap();
                 for i in 0..CONNS {
                     let (client_ours, client) = pair(&l);
@@ -1298,14 +1305,7 @@ mod tests {
             .make()
             .unwrap()
             .run(async {
-                let host = Rc::new(TestHost {
-                    engine: Engine::default(),
-                    stats: ShardStats::default(),
-                    timings: Timings::new(false, 0),
-                    pipes: PipePool::new(0),
-                    batches: BatchPool::new(0),
-                });
-                glommio::spawn_local(drive(host.clone())).detach();
+                let host = start_host();
                 let key = Psk::from_bytes([3; 32]);
                 let (hs, hello) =
                     ClientHandshake::start_with_flags(&key, [1; 32], 10, b"", FLAG_LARGE_CHUNKS)

@@ -36,10 +36,7 @@ fn python_client_talks_to_a_live_exit() {
     ]) else {
         return;
     };
-    let digest: String = sha256(expected.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let digest = hex(sha256(expected.as_bytes()));
     let want = format!("reply sha256 {digest} len {} ended=True", expected.len());
     assert_eq!(out.trim(), want);
 }

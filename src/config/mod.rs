@@ -619,6 +619,7 @@ impl Config {
             ));
         }
         // Relay buffers at the connection limit, every shard full.
+        let large = self.tunnel().is_some_and(|t| t.large_chunks);
         let per_conn = match self.mode {
             Mode::Forward => 2 * self.limits.buffer_size.get() as u64,
             // Two chunk buffers, and a share of the batch buffers (one per
@@ -626,7 +627,6 @@ impl Config {
             // sessions that may receive them (`transfer::BatchPool`).
             Mode::Entry(_) | Mode::Exit(_) => {
                 let batch = (crate::transfer::BATCH * crate::proto::MAX_FRAME) as u64;
-                let large = self.tunnel().is_some_and(|t| t.large_chunks);
                 2 * crate::proto::MAX_FRAME as u64 + batch / 4 + if large { batch / 4 } else { 0 }
             }
         };
@@ -642,7 +642,7 @@ impl Config {
                     self.limits.max_connections,
                     self.cores.len(),
                     total >> 20,
-                    if self.tunnel().is_some_and(|t| t.large_chunks) {
+                    if large {
                         ", or set --large-chunks=false"
                     } else {
                         ""
