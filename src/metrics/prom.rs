@@ -199,14 +199,14 @@ pub fn render(snaps: &[&Snapshot], info: &ProcessInfo) -> String {
     counter(
         w,
         "shardproxy_large_chunk_sessions_total",
-        "Tunnel sessions that agreed on chunks of up to 64 KiB (--large-chunks; entry and exit).",
+        "Tunnel sessions that agreed on chunks of up to 65472 bytes (--large-chunks; entry and exit).",
         "counter",
         &|s| s.large_chunks.0,
     );
     counter(
         w,
         "shardproxy_large_chunk_denied_total",
-        "Tunnel sessions that would have used chunks of up to 64 KiB but found the shard's reservations (a quarter of --max-connections) spent: they used 16 KiB chunks.",
+        "Tunnel sessions that would have used chunks of up to 65472 bytes but found the shard's reservations (a quarter of --max-connections) spent: they used 16 KiB chunks.",
         "counter",
         &|s| s.large_chunks.1,
     );
