@@ -215,9 +215,14 @@ pub async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>, permits: Rc<S
                         rec.peer.set(peer);
                         let result = crate::session::run(stream, &ctx, &rec).await;
                         drop(permit);
-                        let reason = CloseReason::from(&result);
-                        if let Err(e) = &result {
-                            state.report(ctx.id(), e, &rec);
+                        let reason =
+                            crate::session::close_reason(&result, &rec, &ctx.config().mode);
+                        match &result {
+                            // A probe's reset is not worth a warning.
+                            Err(e) if reason != CloseReason::Empty => {
+                                state.report(ctx.id(), e, &rec)
+                            }
+                            _ => {}
                         }
                         crate::debug!(
                             "shard {}: connection {:032x} from {} closed: {} after {:?}, {} B up, {} B down{}",

@@ -28,6 +28,7 @@ use crate::proto::{
 use crate::proxy_protocol::{self, Parsed};
 use crate::relay::Framing;
 use crate::replay::Verdict;
+use crate::stats::CloseReason;
 use crate::trigger::{bounded, Interrupted, Trigger};
 use crate::upstream::pool::Lease;
 
@@ -83,6 +84,29 @@ pub async fn run(client: TcpStream, ctx: &ShardCtx, rec: &Record) -> Result<(), 
         client.abort();
     }
     result
+}
+
+/// The close reason of a session that [`run`] finished with `result`.
+///
+/// A connection on which no byte moved either way and which its client
+/// ended, with a FIN or a reset, is `empty`: a TCP health check or a port
+/// probe, as the exit already counts one that closes before its hello.
+/// `forward` and `entry` connect upstream (and the entry completes its
+/// tunnel handshake) before the client's first byte, so without this such
+/// a probe ended as `clean` or `downstream_reset`, and a load balancer's
+/// checks looked like traffic or like client failures. The exit's
+/// downstream is an entry, not a client: its reasons are unchanged.
+pub fn close_reason(result: &Result<(), SessionError>, rec: &Record, mode: &Mode) -> CloseReason {
+    let client_facing = !matches!(mode, Mode::Exit(_));
+    let nothing = rec.bytes_up.get() == 0 && rec.bytes_down.get() == 0;
+    match result {
+        Ok(())
+        | Err(SessionError::Io {
+            peer: Peer::Downstream,
+            ..
+        }) if client_facing && nothing => CloseReason::Empty,
+        _ => CloseReason::from(result),
+    }
 }
 
 /// `--accept-proxy`: refuses a peer outside `--proxy-trusted-cidrs`, then

@@ -30,8 +30,11 @@ pub enum CloseReason {
     Limit,
     /// A local failure that is no peer's fault (e.g. the OS RNG failed).
     Internal,
-    /// The client closed or reset before sending a single byte (a TCP
-    /// health check or port probe): not a failed handshake.
+    /// A TCP health check or port probe, not a failed handshake: on an
+    /// exit, the peer closed or reset before sending a single byte; on a
+    /// forward or an entry (which connect upstream first), no byte moved
+    /// either way and the client ended the connection with a FIN or a
+    /// reset (`crate::session::close_reason`).
     Empty,
     /// A tunnel handshake did not complete within `--handshake-timeout`.
     HandshakeTimeout,

@@ -815,3 +815,33 @@ fn bytes_behind_an_urgent_byte_are_never_stranded() {
         assert!(stalled.is_empty(), "--splice {splice}: stalled {stalled:?}");
     }
 }
+
+/// A TCP health check or port probe (connect, then a FIN or a reset
+/// without a byte) is `empty`, with or without `--send-proxy-v2`; a
+/// connection that carried bytes is `clean`. The forward connects upstream
+/// before the client's first byte, so such a probe used to end as `clean`
+/// (FIN) or `downstream_reset` (reset, or always with `--send-proxy-v2`),
+/// counting health checks as traffic or as client failures.
+#[test]
+fn probes_are_empty_not_clean_or_resets() {
+    for extra in [&[][..], &["--send-proxy-v2"][..]] {
+        // Reads to its end, then closes: a probe's upstream connection
+        // ends cleanly, and the header (if any) is not echoed.
+        let origin = serve(|mut s| {
+            read_until_end(&mut s, Duration::from_secs(10));
+        });
+        let proxy = Proxy::forward(origin).args(extra.iter().copied()).start();
+        probe(proxy.addr, 10);
+        let mut c = TcpStream::connect(proxy.addr).unwrap();
+        c.write_all(b"ping").unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(read_until_end(&mut c, Duration::from_secs(10)).0, End::Eof);
+        let (_, lines) = proxy.terminate();
+        let sum = |k: &str| summaries(&lines).iter().map(|s| s.get(k)).sum::<u64>();
+        assert_eq!(
+            (sum("empty"), sum("clean"), sum("downstream_reset")),
+            (10, 1, 0),
+            "{extra:?}: {lines:?}"
+        );
+    }
+}

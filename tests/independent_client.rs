@@ -216,8 +216,9 @@ fn a_client_reset_during_the_handshake_is_never_a_clean_end() {
     go(&mut fake);
     let out = fake_output(fake);
     assert!(out.starts_with("reset after"), "{out}");
+    // Nothing moved either way: a probe, whatever the tunnel was doing.
     let (_, lines) = entry.terminate();
-    assert_eq!(summaries(&lines)[0].get("downstream_reset"), 1, "{lines:?}");
+    assert_eq!(summaries(&lines)[0].get("empty"), 1, "{lines:?}");
 }
 
 /// The exit does not ACK a hello on its own: the ACK rides on the server

@@ -836,3 +836,24 @@ fn large_chunks_are_agreed_only_within_the_shards_budget() {
         "{lines:?}"
     );
 }
+
+/// The entry counts probes (connect, then a FIN or a reset without a
+/// byte) as `empty`, as the exit does: it completes its tunnel handshake
+/// before the client's first byte, so they used to end as `clean` or
+/// `downstream_reset`. A connection that carried bytes stays `clean`.
+#[test]
+fn the_entry_counts_probes_as_empty() {
+    let key = key_file(&[&keygen()]);
+    let exit = Proxy::exit(echo_origin(), &key).start();
+    let entry = Proxy::entry(exit.addr, &key).start();
+    probe(entry.addr, 10);
+    assert_eq!(send_and_drain(entry.addr, b"ping"), (End::Eof, 4));
+    let (_, lines) = entry.terminate();
+    let sum = |k: &str| summaries(&lines).iter().map(|s| s.get(k)).sum::<u64>();
+    assert_eq!(
+        (sum("empty"), sum("clean"), sum("downstream_reset")),
+        (10, 1, 0),
+        "{lines:?}"
+    );
+    drop(exit);
+}

@@ -1233,3 +1233,17 @@ pub fn idle_transfer_round_trips(addr: SocketAddr) {
     }
     drop(bulk);
 }
+
+/// `n` probes: connect, then a FIN (even) or a reset (odd) without a
+/// byte, as a load balancer's TCP health check or a port scan does.
+pub fn probe(addr: SocketAddr, n: usize) {
+    for i in 0..n {
+        let c = TcpStream::connect(addr).unwrap();
+        if i % 2 == 1 {
+            socket2::SockRef::from(&c)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+        }
+        drop(c);
+    }
+}
