@@ -119,47 +119,101 @@ fn assert_one_line_error(ran: &Ran, must_name: &str, what: &str) {
     assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"));
 }
 
+/// Settings whose range is enforced only together with the setting they
+/// need: (config key, largest valid, smallest invalid values, the partner
+/// as a config line and as flags).
+const PARTNERED: &[(&str, &str, &[&str], &str, &[&str])] = &[
+    (
+        "proxy_header_timeout",
+        "60s",
+        &["-1s", "99ms", "61s"],
+        "accept_proxy = true\nproxy_trusted_cidrs = \"127.0.0.1/32\"",
+        &["--accept-proxy", "--proxy-trusted-cidrs", "127.0.0.1/32"],
+    ),
+    (
+        "access_log_interval",
+        "24h",
+        &["-1s", "999ms", "86401s"],
+        "access_log = \"-\"",
+        &["--access-log", "-"],
+    ),
+];
+
 #[test]
 fn every_numeric_setting_has_an_enforced_range() {
     let key = key_file(&[&keygen()]);
     for &(name, max_valid, invalid, tunnel_only) in TABLE {
         let role = if tunnel_only { "exit" } else { "forward" };
-        let flag = format!("--{}", name.replace('_', "-"));
-        // The largest valid value passes check.
-        let path = write(
-            &format!("{name}-ok.toml"),
-            &config(role, &key, &value_line(name, max_valid)),
-        );
-        let out = check(&path);
-        assert_ok(&out, &format!("{name} = {max_valid} rejected"));
-        for bad in invalid {
-            // check: the file and key are named.
-            let path = write(
-                &format!("{name}-bad.toml"),
-                &config(role, &key, &value_line(name, bad)),
-            );
-            let out = check(&path);
-            assert_one_line_error(
-                &out,
-                &format!("key `{name}`"),
-                &format!("check {name} = {bad}"),
-            );
-            // start-up: the flag is named, and nothing starts.
-            let mut args = vec![role, "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9"];
-            if tunnel_only {
-                args.extend(["--key-file", &key]);
-            }
-            args.extend([flag.as_str(), bad]);
-            let out = run(&args);
-            assert_one_line_error(&out, &flag, &format!("{flag} {bad}"));
-            // A count out of range, negative included, is reported against
-            // the documented range, not the integer type's (`--max-fails -1`
-            // said "-1 is not in 0..=4294967295").
-            if is_whole(bad) && name != "buffer_size" {
-                let range = format!("{flag} {bad} is out of range: must be between ");
-                assert!(out.1.contains(&range), "{flag} {bad}: {}", out.1);
-            }
+        enforced_range(&key, role, name, max_valid, invalid, ("", &[]));
+    }
+    for &(name, max_valid, invalid, line, flags) in PARTNERED {
+        enforced_range(&key, "forward", name, max_valid, invalid, (line, flags));
+    }
+}
+
+/// One setting of [`TABLE`] or [`PARTNERED`], in `role`, with `partner` (a
+/// config line and the same as flags) set too.
+fn enforced_range(
+    key: &str,
+    role: &str,
+    name: &str,
+    max_valid: &str,
+    invalid: &[&str],
+    partner: (&str, &[&str]),
+) {
+    let flag = format!("--{}", name.replace('_', "-"));
+    let line = |value: &str| format!("{}\n{}", partner.0, value_line(name, value));
+    // The largest valid value passes check.
+    let path = write(
+        &format!("{name}-ok.toml"),
+        &config(role, key, &line(max_valid)),
+    );
+    let out = check(&path);
+    assert_ok(&out, &format!("{name} = {max_valid} rejected"));
+    let args_with = |value: &str| -> Vec<String> {
+        let mut args: Vec<String> = [role, "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        if role != "forward" {
+            args.extend(["--key-file".to_string(), key.to_string()]);
         }
+        args.extend(partner.1.iter().map(|s| s.to_string()));
+        args.push(format!("{flag}={value}"));
+        args
+    };
+    let run_with = |value: &str| {
+        let args = args_with(value);
+        run(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    for &bad in invalid {
+        // check: the file and key are named.
+        let path = write(&format!("{name}-bad.toml"), &config(role, key, &line(bad)));
+        let out = check(&path);
+        assert_one_line_error(
+            &out,
+            &format!("key `{name}`"),
+            &format!("check {name} = {bad}"),
+        );
+        // start-up: the flag is named, and nothing starts.
+        let out = run_with(bad);
+        assert_one_line_error(&out, &flag, &format!("{flag} {bad}"));
+        // A count out of range, negative included, is reported against
+        // the documented range, not the integer type's (`--max-fails -1`
+        // said "-1 is not in 0..=4294967295").
+        if is_whole(bad) && name != "buffer_size" {
+            let range = format!("{flag} {bad} is out of range: must be between ");
+            assert!(out.1.contains(&range), "{flag} {bad}: {}", out.1);
+        }
+    }
+    // A value that does not even parse into the setting's type (beyond
+    // ±2^63, too large for a duration or a size, or not a number) still
+    // names the range (it said only "far out of range" or "too large").
+    let unit = max_valid.trim_start_matches(|c: char| c.is_ascii_digit());
+    let huge = format!("99999999999999999999{unit}");
+    for bad in [huge.as_str(), "-99999999999999999999", "1e5"] {
+        let out = run_with(bad);
+        assert_one_line_error(&out, "must be between ", &format!("{flag} {bad}"));
     }
 }
 
@@ -179,6 +233,20 @@ fn cores_are_bounded_by_the_cpu_mask() {
         );
         let out = check(&path);
         assert_one_line_error(&out, "key `cores`", &format!("cores = {bad}"));
+    }
+    // Beyond ±2^63 or not a number: the range is the cores available.
+    for bad in ["99999999999999999999", "1e5"] {
+        let arg = format!("--cores={bad}");
+        let out = run(&[
+            "forward",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "127.0.0.1:9",
+            &arg,
+        ]);
+        let range = format!("must be between 1 and {n} (the cores this process may use)");
+        assert_one_line_error(&out, &range, &arg);
     }
 }
 

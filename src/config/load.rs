@@ -61,6 +61,21 @@ pub fn load(argv: Vec<String>) -> Result<Loaded, ConfigError> {
                 Some(clap::error::ContextValue::String(arg)) => Some(flag_name(arg).to_string()),
                 _ => None,
             };
+            // A value that did not even parse (`1e5`, a count beyond ±2^63,
+            // a duration too large for its type) still learns the range.
+            if e.kind() == clap::error::ErrorKind::ValueValidation {
+                let range = match flag.as_deref() {
+                    Some("--cores") => Some(format!(
+                        "must be between 1 and {} (the cores this process may use)",
+                        allowed_cores().len()
+                    )),
+                    Some(f) => super::ranges::range_of(f),
+                    None => None,
+                };
+                if let Some(range) = range {
+                    message.push_str(&format!("; {range}"));
+                }
+            }
             // A required setting that neither the file nor the command
             // line gave: name the file's key, not only the flag.
             if e.kind() == clap::error::ErrorKind::MissingRequiredArgument {

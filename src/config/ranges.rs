@@ -167,6 +167,36 @@ pub const METRICS_INTERVAL: Bound<Duration> = Bound {
     max: secs(60),
 };
 
+/// The documented range of a bounded setting, by its flag as spelt on the
+/// command line (`--max-connections`), worded as range errors word it:
+/// `must be between 1 and 1000000`. `None` for a flag without a range.
+///
+/// For errors raised before a value reaches its range check: a count
+/// beyond ±2^63, a duration or size too large for its type, or text that
+/// is not a number at all still gets the setting's range in its message.
+pub fn range_of(flag: &str) -> Option<String> {
+    fn text<T: Show>(b: &Bound<T>) -> String {
+        format!("must be between {} and {}", b.min.show(), b.max.show())
+    }
+    macro_rules! table {
+        ($($bound:ident),* ; sizes: $($size:ident),*) => {
+            $(if flag == $bound.flag { return Some(text(&$bound)); })*
+            $(if flag == $size.flag {
+                return Some(format!("must be between {} and {}", Bytes($size.min), Bytes($size.max)));
+            })*
+        };
+    }
+    table!(
+        MAX_CONNECTIONS, BACKLOG, WAKE_BATCH, WAKE_BATCH_WAIT, CONNECT_TIMEOUT, IDLE_TIMEOUT,
+        DRAIN_TIMEOUT, DRAIN_DELAY, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES, MAX_CLOCK_SKEW,
+        CONNECT_ATTEMPTS, MAX_FAILS, FAIL_TIMEOUT, HEALTH_CHECK_INTERVAL, HEALTH_CHECK_FAILS,
+        HEALTH_CHECK_PASSES, DNS_REFRESH, PROXY_HEADER_TIMEOUT, ACCESS_LOG_INTERVAL,
+        METRICS_INTERVAL;
+        sizes: BUFFER_SIZE
+    );
+    None
+}
+
 /// How a bound's values are written in messages.
 pub trait Show: Copy + PartialOrd {
     /// The value as the operator would write it.
@@ -288,5 +318,31 @@ mod tests {
             "--max-connections -9223372036854775808 is out of range: must be between 1 and 1000000"
         );
         assert!(BACKLOG.check_count(i64::MAX).is_err());
+    }
+
+    /// Every bound in this module is in [`range_of`]'s table: counted from
+    /// the source, so a new bound cannot be left out of it.
+    #[test]
+    fn every_bound_has_its_range_by_flag() {
+        let source = include_str!("ranges.rs");
+        let flags: Vec<&str> = source
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("flag: \"--"))
+            .map(|l| l.trim_end_matches("\","))
+            .collect();
+        assert!(flags.len() >= 22, "{flags:?}");
+        for flag in flags {
+            let flag = format!("--{flag}");
+            assert!(range_of(&flag).is_some(), "{flag} is not in range_of");
+        }
+        assert_eq!(
+            range_of("--buffer-size").as_deref(),
+            Some("must be between 1KiB and 16MiB")
+        );
+        assert_eq!(
+            range_of("--wake-batch-wait").as_deref(),
+            Some("must be between 1us and 1ms")
+        );
+        assert_eq!(range_of("--listen"), None);
     }
 }
