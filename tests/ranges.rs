@@ -119,10 +119,19 @@ fn assert_one_line_error(ran: &Ran, must_name: &str, what: &str) {
     assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"));
 }
 
+/// A [`PARTNERED`] row.
+type Partnered = (
+    &'static str,
+    &'static str,
+    &'static [&'static str],
+    &'static str,
+    &'static [&'static str],
+);
+
 /// Settings whose range is enforced only together with the setting they
 /// need: (config key, largest valid, smallest invalid values, the partner
 /// as a config line and as flags).
-const PARTNERED: &[(&str, &str, &[&str], &str, &[&str])] = &[
+const PARTNERED: &[Partnered] = &[
     (
         "proxy_header_timeout",
         "60s",
