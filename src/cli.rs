@@ -209,13 +209,13 @@ pub struct TunnelArgs {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
 
-    /// exit: unauthenticated connections (pending handshakes) per shard, counted apart from --max-connections; past it the oldest pending one is closed (1-1000000).
-    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = parse_count)]
-    pub max_handshakes: i64,
+    /// exit: unauthenticated connections (pending handshakes) per shard, counted apart from --max-connections; past it the oldest pending one is closed (1-1000000). No effect on an entry (a warning) [default: 1024].
+    #[arg(long, value_name = "N", value_parser = parse_count)]
+    pub max_handshakes: Option<i64>,
 
-    /// Reject hellos whose timestamp differs from our clock by more than this (1s-5m; SIP022's window is 30s). The exit remembers accepted hellos for twice this, to refuse replays.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
-    pub max_clock_skew: Duration,
+    /// exit: reject hellos whose timestamp differs from our clock by more than this (1s-5m; SIP022's window is 30s), and remember accepted hellos for twice this, to refuse replays. No effect on an entry (a warning): its hellos carry its clock [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub max_clock_skew: Option<Duration>,
 
     /// Offer (entry) and accept (exit) tunnel chunks of up to 65472 bytes instead of 16 KiB, sent only while a direction carries a transfer: a quarter of the AEAD calls, 2-22% less CPU per GB for a tunnelled stream. Both ends must agree per connection (an older peer keeps 16 KiB chunks), and a shard agrees for at most a quarter of --max-connections sessions at once, since each must then be able to hold a 64 KiB chunk whenever its peer sends one: about 96 KiB per session at the connection limit instead of 80. --large-chunks=false turns it off.
     #[arg(long, num_args = 0..=1, require_equals = true, default_value_t = true, default_missing_value = "true", action = clap::ArgAction::Set)]

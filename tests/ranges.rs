@@ -284,6 +284,29 @@ fn settings_that_cannot_work_are_errors_or_warnings() {
         stderr.contains("--dual-stack has no effect on 127.0.0.1:0"),
         "{stderr}"
     );
+    // Flags of another role that the shared tunnel flags let through: a
+    // warning each, in an entry (`--splice` in both tunnel roles); an exit
+    // takes them silently, as they are its own.
+    let key = key_file(&[&keygen()]);
+    let exit_only = "max_handshakes = 5\nmax_clock_skew = \"10s\"\nsplice = \"never\"";
+    for role in ["entry", "exit"] {
+        let path = write("other-role.toml", &config(role, &key, exit_only));
+        let out = check(&path);
+        let stderr = &out.1;
+        assert!(out.0.success(), "{role}: {stderr}");
+        for flag in ["--max-handshakes", "--max-clock-skew"] {
+            let warned = format!("{flag} has no effect on an entry");
+            assert_eq!(
+                stderr.contains(&warned),
+                role == "entry",
+                "{role}: {stderr}"
+            );
+        }
+        assert!(
+            stderr.contains("--splice has no effect"),
+            "{role}: {stderr}"
+        );
+    }
     let somaxconn: u64 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
         .unwrap()
         .trim()

@@ -112,6 +112,8 @@ pub struct Config {
     /// `--splice` was given (a warning in the tunnel roles, where it does
     /// nothing).
     pub splice_set: bool,
+    /// Flags that only an exit uses, given to an entry (a warning each).
+    pub exit_only_given: Vec<&'static str>,
     /// `--splice` is `auto`, given or by default (a warning in `forward`
     /// if no pipe fits).
     pub splice_requested: bool,
@@ -169,6 +171,11 @@ pub struct Lifecycle {
     pub takeover: Option<std::path::PathBuf>,
 }
 
+/// `--max-clock-skew` unless given: SIP022's window.
+pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(30);
+/// `--max-handshakes` unless given, per shard.
+pub const DEFAULT_MAX_HANDSHAKES: i64 = 1024;
+
 /// Settings of the encrypted roles.
 #[derive(Debug, Clone)]
 pub struct TunnelConfig {
@@ -178,7 +185,7 @@ pub struct TunnelConfig {
     pub keys: KeySet,
     /// Deadline for the handshake, from accept (exit) or connect (entry).
     pub handshake_timeout: Duration,
-    /// Allowed difference between the hello's clock and ours.
+    /// Allowed difference between the hello's clock and ours (exit).
     pub max_clock_skew: Duration,
     /// Pending (unauthenticated) handshakes per shard (exit).
     pub max_handshakes: usize,
@@ -475,6 +482,7 @@ impl Config {
                 splice_pipes,
             },
             splice_set: args.splice.is_some(),
+            exit_only_given: Vec::new(),
             splice_requested: args.splice.as_deref() != Some("never"),
         })
     }
@@ -604,6 +612,11 @@ impl Config {
                 "--splice auto (the default) has no spare file descriptors for pipes at --max-connections {} on {} shards: every connection copies; splicing needs a hard `ulimit -n` of about {with_pipes} (or a lower --max-connections); --splice never silences this",
                 self.limits.max_connections,
                 self.cores.len()
+            ));
+        }
+        for flag in &self.exit_only_given {
+            out.push(format!(
+                "{flag} has no effect on an entry: it applies to the hellos an exit accepts"
             ));
         }
         if self.tunnel().is_some() && self.splice_set {
@@ -789,10 +802,21 @@ impl Config {
             key_file: args.key_file.clone(),
             keys,
             handshake_timeout: ranges::HANDSHAKE_TIMEOUT.check(args.handshake_timeout)?,
-            max_clock_skew: ranges::MAX_CLOCK_SKEW.check(args.max_clock_skew)?,
-            max_handshakes: ranges::MAX_HANDSHAKES.check_count(args.max_handshakes)?,
+            max_clock_skew: ranges::MAX_CLOCK_SKEW
+                .check(args.max_clock_skew.unwrap_or(DEFAULT_MAX_CLOCK_SKEW))?,
+            max_handshakes: ranges::MAX_HANDSHAKES
+                .check_count(args.max_handshakes.unwrap_or(DEFAULT_MAX_HANDSHAKES))?,
             large_chunks: args.large_chunks,
         };
+        // Settings of the exit's handshakes, given to an entry (say, in a
+        // config file shared by both roles): checked, then a warning.
+        if !exit {
+            let given = [
+                (args.max_handshakes.is_some(), "--max-handshakes"),
+                (args.max_clock_skew.is_some(), "--max-clock-skew"),
+            ];
+            cfg.exit_only_given = given.iter().filter(|g| g.0).map(|g| g.1).collect();
+        }
         // The tunnel roles transform every byte: no pipes.
         cfg.limits.splice_pipes = 0;
         if args.proxy.max_connections.is_none() {
