@@ -337,7 +337,7 @@ pub fn json_string(out: &mut String, s: &str) {
         match c {
             '"' => out.push_str("\\\""),
             '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+            c if (c as u32) < 0x20 || c == '\u{7f}' || deceptive(c) => {
                 let _ = write!(out, "\\u{:04x}", c as u32);
             }
             c => out.push(c),
@@ -346,22 +346,44 @@ pub fn json_string(out: &mut String, s: &str) {
     out.push('"');
 }
 
-/// Escapes control characters (`\n`, `\r`, ESC, ...) so that a message
-/// that quotes operator or peer input stays one line and cannot forge
-/// another log line.
+/// Escapes control characters (`\n`, `\r`, ESC, ...) and the
+/// [`deceptive`] format characters, so that a message that quotes operator
+/// or peer input stays one line, cannot forge another log line, and reads
+/// in the order it was written.
 pub fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
+    let escaped = |c: char| c.is_control() || deceptive(c);
+    if !text.chars().any(escaped) {
         return std::borrow::Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len() + 8);
     for c in text.chars() {
-        if c.is_control() {
+        if escaped(c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);
         }
     }
     std::borrow::Cow::Owned(out)
+}
+
+/// Characters that are not controls but change how the text around them
+/// is shown: the bidirectional formatting characters (Unicode's
+/// `Bidi_Control` property, UAX #9: U+061C, U+200E, U+200F, U+202A to
+/// U+202E, U+2066 to U+2069), which can make quoted input display in
+/// another order ("Trojan Source", CVE-2021-42574), and the line and
+/// paragraph separators U+2028 and U+2029, which some viewers break lines
+/// at.
+pub fn deceptive(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061c}'
+            | '\u{200e}'
+            | '\u{200f}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{2028}'
+            | '\u{2029}'
+    )
 }
 
 #[cfg(test)]
@@ -373,6 +395,11 @@ mod tests {
             "a\\nINFO  forged\\r\\u{1b}"
         );
         assert_eq!(super::one_line("plain"), "plain");
+        // Bidirectional overrides and line separators too.
+        assert_eq!(
+            super::one_line("a\u{202e}b\u{2066}c\u{2028}d\u{200f}é"),
+            "a\\u{202e}b\\u{2066}c\\u{2028}d\\u{200f}é"
+        );
     }
 
     #[test]
@@ -380,5 +407,8 @@ mod tests {
         let mut out = String::new();
         super::json_string(&mut out, "a\"b\\c\nd\u{1b}é");
         assert_eq!(out, r#""a\"b\\c\u000ad\u001bé""#);
+        let mut out = String::new();
+        super::json_string(&mut out, "x\u{202e}y\u{2029}");
+        assert_eq!(out, r#""x\u202ey\u2029""#);
     }
 }

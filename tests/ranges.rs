@@ -498,6 +498,21 @@ fn errors_quoting_input_stay_one_line() {
     );
     let out = run(&["check", "--config", &path]);
     assert_one_line_error(&out, "\\r\\nWARN  spoofed", "CRLF in upstream");
+    // A right-to-left override or a line separator is shown escaped, so
+    // the quoted input reads in the order it was written.
+    let out = run(&[
+        "forward",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        "evil\u{202e}moc.example:80\u{2028}x",
+    ]);
+    assert_one_line_error(
+        &out,
+        "evil\\u{202e}moc.example:80\\u{2028}x",
+        "bidi in upstream",
+    );
+    assert!(!out.1.contains('\u{202e}'), "{}", out.1);
 }
 
 /// Flags override the file, including the settings a flag excludes, and a
