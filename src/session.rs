@@ -524,7 +524,7 @@ async fn exit(
         server_salt,
         unix_now(),
         skew,
-        large.held(),
+        if large.held() { FLAG_LARGE_CHUNKS } else { 0 },
         status_for,
     )
     .map(Box::new);

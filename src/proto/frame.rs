@@ -175,6 +175,16 @@ impl Encoder {
         Ok(total)
     }
 
+    /// After the end chunk, on a keep-alive tunnel (docs/PROTOCOL.md §4.1):
+    /// the next session goes on with the same keys and counter.
+    ///
+    /// Panics if the end chunk was not sealed: only a session boundary
+    /// allows this.
+    pub fn next_session(&mut self) {
+        assert!(self.ended, "next session before the end chunk");
+        self.ended = false;
+    }
+
     /// Seals the authenticated end of stream.
     pub fn seal_end(&mut self, out: &mut [u8; END_LEN]) -> Result<(), ProtoError> {
         self.ended = true;
@@ -341,6 +351,17 @@ impl Decoder {
             self.state = State::Failed;
         }
         opened
+    }
+
+    /// After the end chunk, on a keep-alive tunnel (docs/PROTOCOL.md §4.1):
+    /// the chunks that follow it belong to the next session, with the same
+    /// keys and counter, instead of being [`ProtoError::DataAfterEnd`].
+    ///
+    /// Panics unless the end chunk was seen: only a session boundary
+    /// allows this.
+    pub fn next_session(&mut self) {
+        assert!(self.state == State::Ended, "next session before the end chunk");
+        self.state = State::Header;
     }
 
     /// Whether the end-of-stream chunk has been seen.

@@ -6,9 +6,21 @@ use super::frame::{Decoder, Encoder};
 use super::keys::Psk;
 use super::schedule;
 use super::{
-    ProtoError, CLIENT_HELLO_LEN, CLIENT_HELLO_PT, FLAG_LARGE_CHUNKS, META_LEN, SALT_LEN,
-    SERVER_FLAG_LARGE_CHUNKS, SERVER_HELLO_LEN, SERVER_HELLO_PT, STATUS_OK, TAG_LEN, VERSION,
+    ProtoError, CLIENT_HELLO_LEN, CLIENT_HELLO_PT, FLAG_KEEPALIVE, FLAG_LARGE_CHUNKS, META_LEN,
+    SALT_LEN, SERVER_FLAG_KEEPALIVE, SERVER_FLAG_LARGE_CHUNKS, SERVER_HELLO_LEN, SERVER_HELLO_PT,
+    STATUS_OK, TAG_LEN, VERSION,
 };
+
+/// A verified session, as the entry derives it from the exit's answer.
+pub struct Session {
+    /// entry→exit.
+    pub encoder: Encoder,
+    /// exit→entry.
+    pub decoder: Decoder,
+    /// Both hellos agreed on keep-alive ([`FLAG_KEEPALIVE`]): the
+    /// connection may carry further sessions (docs/PROTOCOL.md §4.1).
+    pub keepalive: bool,
+}
 
 /// The entry's side of the handshake, between sending its hello and
 /// receiving the exit's.
@@ -78,6 +90,17 @@ impl ClientHandshake {
         self,
         server_hello: &[u8; SERVER_HELLO_LEN],
     ) -> Result<(Encoder, Decoder), ProtoError> {
+        self.finish_session(server_hello)
+            .map(|s| (s.encoder, s.decoder))
+    }
+
+    /// [`ClientHandshake::finish`], also saying whether both hellos agreed
+    /// on keep-alive: our hello set [`FLAG_KEEPALIVE`] and the answer
+    /// carries [`SERVER_FLAG_KEEPALIVE`].
+    pub fn finish_session(
+        self,
+        server_hello: &[u8; SERVER_HELLO_LEN],
+    ) -> Result<Session, ProtoError> {
         let mut server_salt = [0u8; SALT_LEN];
         server_salt.copy_from_slice(&server_hello[..SALT_LEN]);
         let ciphers = schedule::session(&self.psk, &self.client_salt, &server_salt);
@@ -101,7 +124,11 @@ impl ClientHandshake {
             encoder.allow_large();
             decoder.allow_large();
         }
-        Ok((encoder, decoder))
+        Ok(Session {
+            encoder,
+            decoder,
+            keepalive: self.flags & FLAG_KEEPALIVE != 0 && pt[2] & SERVER_FLAG_KEEPALIVE != 0,
+        })
     }
 }
 
@@ -127,6 +154,8 @@ pub struct Accepted {
     /// The status `server_hello` carries ([`STATUS_OK`] unless the caller
     /// of [`accept_hello_with`] refused).
     pub status: u8,
+    /// The answer agrees to keep-alive ([`SERVER_FLAG_KEEPALIVE`]).
+    pub keepalive: bool,
 }
 
 /// Verifies a client hello against every key, checks its clock (both
@@ -147,24 +176,27 @@ pub fn accept_hello(
         server_salt,
         now_unix_ms,
         max_skew_secs,
-        true,
+        FLAG_LARGE_CHUNKS | FLAG_KEEPALIVE,
         |_| STATUS_OK,
     )
 }
 
 /// [`accept_hello`], with the answer's status chosen by `status_for` from
 /// the verified hello's flags (docs/PROTOCOL.md §3). It is called only for
-/// a valid hello. With `accept_large`, a hello with [`FLAG_LARGE_CHUNKS`]
-/// is answered with [`SERVER_FLAG_LARGE_CHUNKS`], and both directions'
-/// encoder and decoder then allow chunks of up to
-/// [`super::LARGE_PAYLOAD`] bytes ([`accept_hello`] accepts them).
+/// a valid hello. `accept` holds the client hello flags the exit agrees to
+/// when offered ([`accept_hello`] agrees to both): with
+/// [`FLAG_LARGE_CHUNKS`], an offer of large chunks is answered with
+/// [`SERVER_FLAG_LARGE_CHUNKS`], and both directions' encoder and decoder
+/// then allow chunks of up to [`super::LARGE_PAYLOAD`] bytes; with
+/// [`FLAG_KEEPALIVE`], an offer of keep-alive is answered with
+/// [`SERVER_FLAG_KEEPALIVE`] ([`Accepted::keepalive`]).
 pub fn accept_hello_with(
     keys: &[Psk],
     hello: &[u8; CLIENT_HELLO_LEN],
     server_salt: [u8; SALT_LEN],
     now_unix_ms: u64,
     max_skew_secs: u64,
-    accept_large: bool,
+    accept: u8,
     status_for: impl FnOnce(u8) -> u8,
 ) -> Result<Accepted, ProtoError> {
     let mut client_salt = [0u8; SALT_LEN];
@@ -206,9 +238,14 @@ pub fn accept_hello_with(
     let body = &mut server_hello[SALT_LEN..SALT_LEN + SERVER_HELLO_PT];
     body[0] = VERSION;
     body[1] = status;
-    let large = accept_large && flags & FLAG_LARGE_CHUNKS != 0;
+    let agreed = flags & accept;
+    let large = agreed & FLAG_LARGE_CHUNKS != 0;
+    let keepalive = agreed & FLAG_KEEPALIVE != 0;
     if large {
-        body[2] = SERVER_FLAG_LARGE_CHUNKS;
+        body[2] |= SERVER_FLAG_LARGE_CHUNKS;
+    }
+    if keepalive {
+        body[2] |= SERVER_FLAG_KEEPALIVE;
     }
     let tag = ciphers
         .server_hello
@@ -231,5 +268,6 @@ pub fn accept_hello_with(
         unix_ms: ts,
         flags,
         status,
+        keepalive,
     })
 }

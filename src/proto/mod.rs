@@ -33,6 +33,7 @@ pub mod frame;
 #[cfg(any(test, fuzzing))]
 pub mod fuzz;
 pub mod handshake;
+pub mod keepalive;
 pub mod keys;
 pub mod meta;
 mod schedule;
@@ -40,7 +41,7 @@ mod schedule;
 mod tests;
 
 pub use frame::{Decoded, Decoder, Encoder};
-pub use handshake::{accept_hello, accept_hello_with, Accepted, ClientHandshake};
+pub use handshake::{accept_hello, accept_hello_with, Accepted, ClientHandshake, Session};
 pub use keys::{KeyFileError, KeySet, Psk};
 pub use meta::Meta;
 
@@ -99,9 +100,17 @@ pub const FLAG_MAY_REFUSE: u8 = 0x01;
 /// with [`SERVER_FLAG_LARGE_CHUNKS`], and both directions may then send
 /// them; otherwise both keep to [`MAX_PAYLOAD`].
 pub const FLAG_LARGE_CHUNKS: u8 = 0x02;
+/// Client hello flag (docs/PROTOCOL.md §2, §4.1): the entry may carry
+/// further sessions over this connection once the first has ended both
+/// ways (keep-alive tunnels). An exit that agrees answers with
+/// [`SERVER_FLAG_KEEPALIVE`].
+pub const FLAG_KEEPALIVE: u8 = 0x04;
 /// Server hello flag (byte 2 of its plaintext, docs/PROTOCOL.md §3): the
 /// answer to [`FLAG_LARGE_CHUNKS`], set only in reply to it.
 pub const SERVER_FLAG_LARGE_CHUNKS: u8 = 0x01;
+/// Server hello flag: the answer to [`FLAG_KEEPALIVE`], set only in reply
+/// to it.
+pub const SERVER_FLAG_KEEPALIVE: u8 = 0x02;
 /// Server hello status (docs/PROTOCOL.md §3): the session is accepted.
 pub const STATUS_OK: u8 = 0x00;
 /// Server hello status: refused, because every upstream endpoint of the
@@ -113,11 +122,18 @@ pub const STATUS_NO_UPSTREAM: u8 = 0x01;
 /// to a hello with [`FLAG_MAY_REFUSE`].
 pub const STATUS_BUSY: u8 = 0x02;
 
+/// Status of a keep-alive tunnel (docs/PROTOCOL.md §4.1), never in a
+/// server hello: the exit takes no more sessions on this connection (its
+/// idle timeout, a drain, a key reload, its idle-tunnel limit) and closes
+/// it; a session the entry started on it was not served.
+pub const STATUS_GOING_AWAY: u8 = 0x03;
+
 /// Why an exit refused, for logs: the meaning of a non-zero status.
 pub fn refusal(status: u8) -> std::borrow::Cow<'static, str> {
     match status {
         STATUS_NO_UPSTREAM => "none of its upstreams is up".into(),
         STATUS_BUSY => "it is at its connection limit".into(),
+        STATUS_GOING_AWAY => "it is closing the tunnel".into(),
         s => format!("status {s}").into(),
     }
 }
@@ -169,4 +185,9 @@ pub enum ProtoError {
     /// Metadata larger than [`META_LEN`].
     #[error("metadata longer than {META_LEN} bytes")]
     MetaTooLong,
+    /// A keep-alive tunnel's next session did not begin with a valid start
+    /// chunk, or its answer with a valid status chunk (docs/PROTOCOL.md
+    /// §4.1), or a chunk came where none may.
+    #[error("keep-alive tunnel: {0}")]
+    KeepAlive(&'static str),
 }

@@ -672,14 +672,16 @@ fn a_version_1_hello_is_refused() {
 
 #[test]
 fn a_refusal_is_authenticated_and_only_offered_to_a_hello_that_allows_it() {
-    use crate::proto::{accept_hello_with, FLAG_MAY_REFUSE, STATUS_NO_UPSTREAM, STATUS_OK};
+    use crate::proto::{
+        accept_hello_with, FLAG_LARGE_CHUNKS, FLAG_MAY_REFUSE, STATUS_NO_UPSTREAM, STATUS_OK,
+    };
     let key = psk(9);
     let keys = std::slice::from_ref(&key);
     // The exit sees the hello's flags and refuses (docs/PROTOCOL.md §3).
     let (client, hello) =
         ClientHandshake::start_with_flags(&key, [1; 32], 10, b"", FLAG_MAY_REFUSE).unwrap();
     let mut seen = None;
-    let acc = accept_hello_with(keys, &hello, [2; 32], 10, 120, true, |f| {
+    let acc = accept_hello_with(keys, &hello, [2; 32], 10, 120, FLAG_LARGE_CHUNKS, |f| {
         seen = Some(f);
         STATUS_NO_UPSTREAM
     })
@@ -696,7 +698,7 @@ fn a_refusal_is_authenticated_and_only_offered_to_a_hello_that_allows_it() {
     // The status is sealed: a man in the middle cannot turn a refusal into
     // an acceptance, or the reverse (any flipped bit fails the tag).
     let (client, hello) = ClientHandshake::start(&key, [3; 32], 10, b"").unwrap();
-    let acc = accept_hello_with(keys, &hello, [4; 32], 10, 120, true, |_| STATUS_OK).unwrap();
+    let acc = accept_hello_with(keys, &hello, [4; 32], 10, 120, FLAG_LARGE_CHUNKS, |_| STATUS_OK).unwrap();
     assert_eq!(acc.flags, 0, "start() sends no flags");
     let mut flipped = acc.server_hello;
     flipped[SALT_LEN + 1] ^= STATUS_NO_UPSTREAM;
@@ -730,7 +732,9 @@ fn large_chunks_only_when_both_hellos_agree() {
         let flags = FLAG_MAY_REFUSE | if offer { FLAG_LARGE_CHUNKS } else { 0 };
         let (client, hello) =
             ClientHandshake::start_with_flags(&key, [1; 32], 10, b"", flags).unwrap();
-        let acc = accept_hello_with(keys, &hello, [2; 32], 10, 120, accept, |_| STATUS_OK).unwrap();
+        let accepted = if accept { FLAG_LARGE_CHUNKS } else { 0 };
+        let acc =
+            accept_hello_with(keys, &hello, [2; 32], 10, 120, accepted, |_| STATUS_OK).unwrap();
         let both = offer && accept;
         // The answer's flag byte, as an independent reader would see it.
         let schedule = super::schedule::session(&key, &[1; 32], &[2; 32]);
@@ -791,4 +795,117 @@ fn a_large_chunk_to_a_side_that_did_not_agree_is_refused() {
         sd.decode(&mut wire),
         Err(ProtoError::BadLength(LARGE_PAYLOAD))
     );
+}
+
+/// Keep-alive (docs/PROTOCOL.md §2–§4.1) only when the hello offers it and
+/// the exit accepts; after both end chunks the same keys and counters carry
+/// the next session's start, status and data, and without `next_session`
+/// a chunk after the end is still `DataAfterEnd`.
+#[test]
+fn keepalive_only_when_both_hellos_agree_and_sessions_follow_each_other() {
+    use crate::proto::keepalive::{parse_start, parse_status, start_payload};
+    use crate::proto::{
+        accept_hello_with, ProtoError, FLAG_KEEPALIVE, FLAG_LARGE_CHUNKS, SERVER_FLAG_KEEPALIVE,
+        STATUS_OK,
+    };
+    let key = psk(12);
+    let keys = std::slice::from_ref(&key);
+    for (offer, accept) in [(false, false), (true, false), (false, true), (true, true)] {
+        let flags = if offer { FLAG_KEEPALIVE } else { 0 };
+        let (client, hello) =
+            ClientHandshake::start_with_flags(&key, [1; 32], 10, b"", flags).unwrap();
+        let accepted = FLAG_LARGE_CHUNKS | if accept { FLAG_KEEPALIVE } else { 0 };
+        let acc =
+            accept_hello_with(keys, &hello, [2; 32], 10, 120, accepted, |_| STATUS_OK).unwrap();
+        let both = offer && accept;
+        assert_eq!(acc.keepalive, both, "offer {offer} accept {accept}");
+        let schedule = super::schedule::session(&key, &[1; 32], &[2; 32]);
+        let mut pt = [0u8; SERVER_HELLO_PT];
+        pt.copy_from_slice(&acc.server_hello[SALT_LEN..SALT_LEN + SERVER_HELLO_PT]);
+        schedule
+            .server_hello
+            .open(
+                super::aead::nonce_bytes(0),
+                &[1; 32],
+                &mut pt,
+                &acc.server_hello[SALT_LEN..][SERVER_HELLO_PT..],
+            )
+            .unwrap();
+        let want = if both { SERVER_FLAG_KEEPALIVE } else { 0 };
+        assert_eq!(pt[2], want, "offer {offer} accept {accept}");
+        let session = client.finish_session(&acc.server_hello).unwrap();
+        assert_eq!(session.keepalive, both);
+        if !both {
+            continue;
+        }
+        let (mut ce, mut cd) = (session.encoder, session.decoder);
+        let (mut se, mut sd) = (acc.encoder, acc.decoder);
+        let mut confirm = [0u8; CONFIRM_LEN];
+        ce.seal_confirm(&mut confirm).unwrap();
+        sd.open_confirm(&mut confirm).unwrap();
+        // Session 1, both ways, then the next session's start right behind
+        // the end chunk in the same read.
+        let mut up = Vec::new();
+        ce.seal_to_vec(b"one", &mut up).unwrap();
+        ce.end_to_vec(&mut up).unwrap();
+        ce.next_session();
+        let (start, len) = start_payload(0x01, b"\x03\x01\x07").unwrap();
+        ce.seal_to_vec(&start[..len], &mut up).unwrap();
+        ce.seal_to_vec(b"two", &mut up).unwrap();
+        let (data, ended, rest) = sd.open_all(up.clone()).unwrap();
+        assert_eq!((&data[..], ended), (&b"one"[..], true));
+        // Without next_session, what follows the end is fatal.
+        let mut strict = sd_clone_after_end(&key);
+        assert_eq!(
+            strict.decode(&mut up[up.len() - rest..].to_vec()),
+            Err(ProtoError::DataAfterEnd)
+        );
+        sd.next_session();
+        let tail = up[up.len() - rest..].to_vec();
+        let mut pos = 0;
+        let mut chunks = Vec::new();
+        let mut tail = tail;
+        while pos < tail.len() {
+            match sd.decode(&mut tail[pos..]).unwrap() {
+                Decoded::Data {
+                    consumed,
+                    start,
+                    len,
+                } => {
+                    chunks.push(tail[pos + start..pos + start + len].to_vec());
+                    pos += consumed;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(parse_start(&chunks[0]).unwrap(), (0x01, &b"\x03\x01\x07"[..]));
+        assert_eq!(chunks[1], b"two");
+        // The exit's side: session 1's end, then the status of session 2.
+        let mut down = Vec::new();
+        se.end_to_vec(&mut down).unwrap();
+        se.next_session();
+        se.seal_to_vec(&[STATUS_OK], &mut down).unwrap();
+        let (data, ended, rest) = cd.open_all(down.clone()).unwrap();
+        assert!(data.is_empty() && ended);
+        cd.next_session();
+        let (data, ended, _) = cd.open_all(down[down.len() - rest..].to_vec()).unwrap();
+        assert_eq!((parse_status(&data).unwrap(), ended), (STATUS_OK, false));
+    }
+}
+
+/// A decoder that has seen its end chunk (the exit's c2s decoder of a fresh
+/// session), for checking what follows the end without `next_session`.
+fn sd_clone_after_end(key: &Psk) -> Decoder {
+    let keys = std::slice::from_ref(key);
+    let (client, hello) = ClientHandshake::start(key, [5; 32], 10, b"").unwrap();
+    let acc = accept_hello(keys, &hello, [6; 32], 10, 120).unwrap();
+    let (mut ce, _) = client.finish(&acc.server_hello).unwrap();
+    let mut sd = acc.decoder;
+    let mut confirm = [0u8; CONFIRM_LEN];
+    ce.seal_confirm(&mut confirm).unwrap();
+    sd.open_confirm(&mut confirm).unwrap();
+    let mut up = Vec::new();
+    ce.end_to_vec(&mut up).unwrap();
+    assert!(sd.open_all(up).unwrap().1);
+    sd
 }
