@@ -220,6 +220,14 @@ pub struct TunnelArgs {
     /// Offer (entry) and accept (exit) tunnel chunks of up to 65472 bytes instead of 16 KiB, sent only while a direction carries a transfer: a quarter of the AEAD calls, 2-22% less CPU per GB for a tunnelled stream. Both ends must agree per connection (an older peer keeps 16 KiB chunks), and a shard agrees for at most a quarter of --max-connections sessions at once, since each must then be able to hold a 64 KiB chunk whenever its peer sends one: about 96 KiB per session at the connection limit instead of 80. --large-chunks=false turns it off.
     #[arg(long, num_args = 0..=1, require_equals = true, default_value_t = true, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub large_chunks: bool,
+
+    /// Keep-alive tunnels: a tunnel whose session ended both ways stays open for the next client, with no new connection or handshake. entry: idle tunnels kept per exit endpoint per shard; exit: idle tunnels kept per shard, past which the longest idle one is closed. Both ends must agree per connection; 0 turns it off (0-100000) [default: 32 on an entry, 1024 on an exit].
+    #[arg(long, value_name = "N", value_parser = parse_count)]
+    pub tunnel_keepalive: Option<i64>,
+
+    /// Close a keep-alive tunnel that has carried no session for this long, e.g. 30s (1s-1h); an exit tells its entry first, so that a session crossing the close is not lost.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub tunnel_idle_timeout: Duration,
 }
 
 /// Flags of the `keygen` subcommand.

@@ -62,6 +62,13 @@ pub struct ShardCtx {
     watchdog: crate::watchdog::Watchdog,
     /// The completion-driven relays (`forward`).
     engine: crate::engine::Engine,
+    /// The entry's idle keep-alive tunnels (docs/PROTOCOL.md §4.1).
+    tunnels: crate::keepalive::EntryPool,
+    /// The exit's idle keep-alive tunnels.
+    idle_tunnels: crate::keepalive::ExitIdle,
+    /// Bumped by every key reload: a keep-alive tunnel carries no session
+    /// with keys older than the shard's.
+    keys_gen: Cell<u64>,
 }
 
 /// A pending handshake's place in its shard's registry; leaving it (drop)
@@ -153,6 +160,9 @@ impl ShardCtx {
             wants_addresses,
             pool,
             upstream_stats,
+            tunnels: Default::default(),
+            idle_tunnels: Default::default(),
+            keys_gen: Cell::new(0),
         }
     }
 
@@ -245,9 +255,65 @@ impl ShardCtx {
         self.keys.borrow().clone()
     }
 
-    /// Installs reloaded keys for sessions that start from now on.
+    /// Installs reloaded keys for sessions that start from now on. Idle
+    /// keep-alive tunnels, made with the old keys, are closed (entry) or
+    /// said goodbye to (exit); tunnels carrying a session close when it
+    /// ends.
     pub fn replace_keys(&self, keys: KeySet) {
         *self.keys.borrow_mut() = Some(Rc::new(keys));
+        self.keys_gen.set(self.keys_gen.get() + 1);
+        self.tunnels.clear();
+        self.sync_idle();
+        self.idle_tunnels.retire_all();
+    }
+
+    /// The key generation (see [`ShardCtx::replace_keys`]).
+    pub fn keys_gen(&self) -> u64 {
+        self.keys_gen.get()
+    }
+
+    /// The entry's idle keep-alive tunnels.
+    pub fn tunnels(&self) -> &crate::keepalive::EntryPool {
+        &self.tunnels
+    }
+
+    /// The exit's idle keep-alive tunnels.
+    pub fn exit_idle(&self) -> &crate::keepalive::ExitIdle {
+        &self.idle_tunnels
+    }
+
+    /// Refreshes the idle-tunnel gauge from the entry's pool.
+    pub fn sync_idle(&self) {
+        if matches!(self.cfg.mode, crate::config::Mode::Entry(_)) {
+            self.stats.idle_tunnels.set(self.tunnels.len() as u64);
+        }
+    }
+
+    /// The exit: a tunnel goes idle between sessions. Until
+    /// [`ShardCtx::idle_ended`] it keeps a drain waiting, as a live
+    /// connection does (it will say goodbye once the drain starts).
+    pub fn idle_began(&self) {
+        self.stats
+            .idle_tunnels
+            .set(self.stats.idle_tunnels.get() + 1);
+    }
+
+    /// The exit: an idle tunnel carries a session again, or closed.
+    pub fn idle_ended(&self) {
+        self.stats
+            .idle_tunnels
+            .set(self.stats.idle_tunnels.get().saturating_sub(1));
+        self.check_drained();
+    }
+
+    fn check_drained(&self) {
+        let idle = match self.cfg.mode {
+            crate::config::Mode::Exit(_) => self.stats.idle_tunnels.get(),
+            _ => 0,
+        };
+        if self.draining.get() && self.stats.active.get() == 0 && idle == 0 {
+            self.all_closed.fire();
+        }
     }
 
     /// A fresh random salt for a hello (see [`crate::rng`]).
@@ -314,9 +380,16 @@ impl ShardCtx {
     pub fn begin_drain(&self) {
         self.draining.set(true);
         self.stop_accepting.fire();
-        if self.stats.active.get() == 0 {
-            self.all_closed.fire();
-        }
+        // Idle keep-alive tunnels close at once: the exit takes their FIN
+        // at a session boundary as the tunnel's end.
+        self.tunnels.clear();
+        self.sync_idle();
+        self.check_drained();
+    }
+
+    /// Whether the shard is draining (no new sessions on kept tunnels).
+    pub fn draining(&self) -> bool {
+        self.draining.get()
     }
 
     /// Ends the drain: every live connection is aborted (RST).
@@ -348,9 +421,7 @@ impl ShardCtx {
     /// Records a finished connection.
     pub fn on_close(&self, reason: CloseReason) {
         self.stats.on_close(reason);
-        if self.draining.get() && self.stats.active.get() == 0 {
-            self.all_closed.fire();
-        }
+        self.check_drained();
     }
 
     /// Picks the endpoint for a connection's next attempt (see

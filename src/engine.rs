@@ -109,6 +109,25 @@ fn peer(side: usize) -> Peer {
     }
 }
 
+/// What a keep-alive tunnel (docs/PROTOCOL.md §4.1) keeps when a pair ends
+/// at a session boundary, both directions having passed their end chunk:
+/// the cipher states, each ready for the next session, and the bytes read
+/// from the tunnel past the end chunk (the next session's first chunk, or
+/// an exit's unprompted status), which belong to what comes next.
+pub struct Kept {
+    /// Seals toward the tunnel side.
+    pub encoder: Encoder,
+    /// Opens from the tunnel side.
+    pub decoder: Decoder,
+    /// Tunnel bytes read past the end chunk (at most one chunk buffer).
+    pub leftover: Vec<u8>,
+}
+
+/// How a pair ended without an error: `Some` at a keep-alive tunnel's
+/// session boundary (the tunnel stays open, see [`Kept`]), `None` once both
+/// directions passed FIN.
+pub type Ended = Option<Box<Kept>>;
+
 /// What a direction does to the bytes it moves.
 pub enum Mode {
     /// `forward`: unchanged (and spliced in transfers).
@@ -212,6 +231,10 @@ impl Half {
 struct Pair {
     gen: u32,
     fds: [RawFd; 2],
+    /// The tunnel side is a keep-alive tunnel (docs/PROTOCOL.md §4.1): its
+    /// end chunks mark a session boundary and carry no FIN, and the pair
+    /// ends once both have passed, leaving the tunnel open ([`Kept`]).
+    keepalive: bool,
     /// Plaintext read per chunk when sealing.
     read_size: usize,
     half: [Half; 2],
@@ -222,7 +245,7 @@ struct Pair {
     /// Polls whose last completion has not arrived.
     live_polls: u32,
     /// Set once: how the pair ended. Taken by the [`Relay`].
-    outcome: Option<Result<(), SessionError>>,
+    outcome: Option<Result<Ended, SessionError>>,
     finished: bool,
     /// The [`Relay`] is gone: free the slot once no poll is live.
     detached: bool,
@@ -280,6 +303,13 @@ impl Engine {
     /// direction reads at most `read_size` bytes per chunk. The sockets stay
     /// the caller's; it must keep them open until the returned [`Relay`] is
     /// dropped. Returns the pair's slot and generation.
+    ///
+    /// `tunnel`, for the tunnel roles: whether the tunnel is a keep-alive
+    /// one (see [`Pair::keepalive`]), and tunnel bytes already read for
+    /// the opening direction (a keep-alive session's chunks that came with
+    /// its start or status; at most its buffer, one [`MAX_FRAME`]), opened
+    /// before anything else is read.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         &self,
         fds: [RawFd; 2],
@@ -288,16 +318,29 @@ impl Engine {
         read_size: usize,
         watch: Rc<Watch>,
         rec: &Record,
+        tunnel: (bool, &[u8]),
     ) -> (usize, u32) {
         let gen = self.gen.get().wrapping_add(1);
         self.gen.set(gen);
         let [b0, b1] = bufs;
         let [m0, m1] = modes;
+        let mut half = [Half::new(m0, b0), Half::new(m1, b1)];
+        let (keepalive, initial) = tunnel;
+        if !initial.is_empty() {
+            let h = half
+                .iter_mut()
+                .find(|h| matches!(h.mode, Mode::Open(_)))
+                .expect("tunnel bytes need an opening direction");
+            assert!(initial.len() <= h.buf.len(), "more than one chunk buffer");
+            h.buf[..initial.len()].copy_from_slice(initial);
+            h.end = initial.len();
+        }
         let pair = Box::new(Pair {
             gen,
             fds,
+            keepalive,
             read_size,
-            half: [Half::new(m0, b0), Half::new(m1, b1)],
+            half,
             reading: [true, true],
             writing: [false, false],
             live_polls: 2,
@@ -410,24 +453,23 @@ impl Engine {
                     None => pump(p, side, idx, ctx),
                 }
             };
-            match r {
-                Err(e) => finish(p, idx, Err(e)),
-                Ok(()) if p.half[0].shut && p.half[1].shut => finish(p, idx, Ok(())),
-                Ok(()) => {
-                    for s in 0..2 {
-                        if !p.reading[s] {
-                            p.reading[s] = true;
-                            p.live_polls += 1;
-                            raw::poll_add(p.fds[s], READ_POLL, true, token(idx, p.gen, false, s));
-                        }
-                    }
-                }
-            }
+            settle(p, idx, r);
         }
         if p.detached && p.live_polls == 0 {
             let pair = slots[idx].take().expect("checked above");
             drop(slots);
             self.release(idx, pair, ctx);
+        }
+    }
+
+    /// Opens tunnel bytes the pair started with (see [`Engine::start`]):
+    /// no completion comes for bytes already read.
+    fn kick(&self, idx: usize, ctx: &impl Host) {
+        let mut slots = self.slots.borrow_mut();
+        let p = slots[idx].as_mut().expect("the relay holds its slot");
+        if let Some(s) = (0..2).find(|&s| p.half[s].end > 0) {
+            let r = pump(p, s, idx, ctx);
+            settle(p, idx, r);
         }
     }
 
@@ -438,7 +480,7 @@ impl Engine {
         gen: u32,
         rec: &Record,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<(), SessionError>> {
+    ) -> Poll<Result<Ended, SessionError>> {
         let mut slots = self.slots.borrow_mut();
         let p = slots[idx].as_mut().expect("the relay holds its slot");
         debug_assert_eq!(p.gen, gen);
@@ -467,7 +509,7 @@ impl Engine {
         let p = slots[idx].as_mut().expect("the relay holds its slot");
         p.detached = true;
         if !p.finished {
-            finish(p, idx, Ok(()));
+            finish(p, idx, Ok(None));
         }
         if p.live_polls == 0 {
             let pair = slots[idx].take().expect("checked above");
@@ -512,9 +554,58 @@ fn sync(p: &mut Pair, rec: &Record) {
     }
 }
 
+/// After a pump of the pair: ends it on an error or once both directions
+/// have passed FIN (or, on a keep-alive tunnel, their end chunks), else
+/// re-arms any read poll whose last completion came.
+fn settle(p: &mut Pair, idx: usize, r: Result<(), SessionError>) {
+    match r {
+        Err(e) => finish(p, idx, Err(e)),
+        Ok(()) if p.half[0].shut && p.half[1].shut => {
+            let kept = p.keepalive.then(|| keep(p));
+            finish(p, idx, Ok(kept));
+        }
+        Ok(()) => {
+            for s in 0..2 {
+                if !p.reading[s] {
+                    p.reading[s] = true;
+                    p.live_polls += 1;
+                    raw::poll_add(p.fds[s], READ_POLL, true, token(idx, p.gen, false, s));
+                }
+            }
+        }
+    }
+}
+
+/// A keep-alive tunnel's state at its session boundary (both directions
+/// shut): the cipher states, ready for the next session, and the tunnel
+/// bytes read past the end chunk. The halves are not pumped again.
+fn keep(p: &mut Pair) -> Box<Kept> {
+    let (mut encoder, mut decoder, mut leftover) = (None, None, Vec::new());
+    for h in &mut p.half {
+        match std::mem::replace(&mut h.mode, Mode::Copy) {
+            Mode::Seal(mut e) => {
+                e.next_session();
+                encoder = Some(e);
+            }
+            Mode::Open(mut d) => {
+                d.next_session();
+                decoder = Some(d);
+                let buf = h.batch.as_deref().unwrap_or(&h.buf);
+                leftover = buf[h.start..h.end].to_vec();
+            }
+            Mode::Copy => {}
+        }
+    }
+    Box::new(Kept {
+        encoder: encoder.expect("a keep-alive pair seals one way"),
+        decoder: decoder.expect("a keep-alive pair opens one way"),
+        leftover,
+    })
+}
+
 /// Ends the pair: no more events are handled, its polls are removed, and
 /// the session is woken with `outcome`.
-fn finish(p: &mut Pair, idx: usize, outcome: Result<(), SessionError>) {
+fn finish(p: &mut Pair, idx: usize, outcome: Result<Ended, SessionError>) {
     p.finished = true;
     p.outcome = Some(outcome);
     for s in 0..2 {
@@ -662,11 +753,18 @@ fn seal(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), Sessi
         let h = &mut p.half[s];
         if h.len > h.off {
             let ending = h.ending;
-            if !write_pending(p, s, idx, ending)? {
+            // The end chunk and its FIN in one segment; a keep-alive
+            // tunnel's end chunk has no FIN behind it.
+            let fin = ending && !p.keepalive;
+            if !write_pending(p, s, idx, fin)? {
                 return Ok(());
             }
-            if ending {
+            if fin {
                 return pass_fin(p, s);
+            }
+            if ending {
+                p.half[s].shut = true;
+                return Ok(());
             }
             delivered(p, s, ctx);
         }
@@ -832,6 +930,12 @@ fn open(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), Sessi
             h.out_i = 0;
             h.out_n = 0;
             delivered(p, s, ctx);
+        }
+        // 2. After the end chunk on a keep-alive tunnel: FIN to the plain
+        // side at once, and nothing more read here; the bytes behind the
+        // end chunk are the next session's (`keep`).
+        if p.keepalive && p.half[s].end_seen {
+            return pass_fin(p, s);
         }
         let h = &mut p.half[s];
         // 2. After the end chunk: the tunnel's FIN, and nothing else.
@@ -1095,6 +1199,7 @@ pub struct Relay<'a, H: Host> {
 
 impl<'a, H: Host> Relay<'a, H> {
     /// See [`Engine::start`].
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         ctx: &'a H,
         rec: &'a Record,
@@ -1103,8 +1208,14 @@ impl<'a, H: Host> Relay<'a, H> {
         modes: [Mode; 2],
         read_size: usize,
         watch: Rc<Watch>,
+        tunnel: (bool, &[u8]),
     ) -> Self {
-        let (idx, gen) = ctx.engine().start(fds, bufs, modes, read_size, watch, rec);
+        let (idx, gen) = ctx
+            .engine()
+            .start(fds, bufs, modes, read_size, watch, rec, tunnel);
+        if !tunnel.1.is_empty() {
+            ctx.engine().kick(idx, ctx);
+        }
         Relay { ctx, rec, idx, gen }
     }
 
@@ -1115,7 +1226,7 @@ impl<'a, H: Host> Relay<'a, H> {
 }
 
 impl<H: Host> Future for Relay<'_, H> {
-    type Output = Result<(), SessionError>;
+    type Output = Result<Ended, SessionError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.ctx
@@ -1272,6 +1383,7 @@ mod tests {
                         [Mode::Copy, Mode::Copy],
                         4096,
                         Rc::new(Watch::default()),
+                        (false, &[]),
                     );
                     relay.await.unwrap();
                     assert_eq!(rec.bytes_up.get(), 1000 + i as u64);
@@ -1349,6 +1461,7 @@ mod tests {
                     [Mode::Seal(enc), Mode::Open(dec)],
                     MAX_PAYLOAD,
                     Rc::new(Watch::default()),
+                    (false, &[]),
                 );
                 glommio::timer::timeout(Duration::from_secs(20), async { Ok(relay.await) })
                     .await

@@ -250,6 +250,15 @@ pub enum SessionError {
     /// or its header was missing, malformed, too long or late.
     #[error("downstream PROXY protocol header: {0}")]
     BadProxyHeader(&'static str),
+    /// A keep-alive tunnel failed after the entry sent a session's start
+    /// and first bytes, before the exit's answer (docs/PROTOCOL.md §4.1):
+    /// the exit may have served them, so they are not sent again, and the
+    /// client is reset. `what` says how it failed.
+    #[error("keep-alive tunnel to the exit failed before its answer ({what}); the session is not sent again")]
+    Unanswered {
+        /// How: a reset, EOF, a timeout, a bad answer.
+        what: String,
+    },
 }
 
 impl SessionError {
@@ -264,6 +273,7 @@ impl SessionError {
             | SessionError::Proto { peer, .. }
             | SessionError::Truncated(peer) => Side::from(*peer),
             SessionError::BadProxyHeader(_) => Side::Downstream,
+            SessionError::Unanswered { .. } => Side::Upstream,
             SessionError::NoUpstream { .. } | SessionError::Refused(_) => Side::Upstream,
             SessionError::Connect(e) if is_fd_exhaustion(e) => Side::Internal,
             SessionError::Connect(_) | SessionError::ConnectTimeout => Side::Upstream,
@@ -313,6 +323,7 @@ impl SessionError {
             }
             SessionError::BadProxyHeader(_) => CloseReason::BadProxyHeader,
             SessionError::NoUpstream { .. } => CloseReason::NoUpstream,
+            SessionError::Unanswered { .. } => CloseReason::UpstreamReset,
         }
     }
 
@@ -321,9 +332,14 @@ impl SessionError {
     /// clients it could only reset.
     /// An error after which no other endpoint is tried: the shard is
     /// stopping, this process is out of file descriptors, or its random
-    /// number generator failed (no endpoint can help with those).
+    /// number generator failed (no endpoint can help with those), or a
+    /// keep-alive tunnel failed before the exit answered a session it may
+    /// have served ([`SessionError::Unanswered`]: never sent twice).
     pub fn is_final(&self) -> bool {
-        matches!(self, SessionError::Drained | SessionError::Rng(_)) || self.is_fd_exhaustion()
+        matches!(
+            self,
+            SessionError::Drained | SessionError::Rng(_) | SessionError::Unanswered { .. }
+        ) || self.is_fd_exhaustion()
     }
 
     /// All attempts failed (`attempts` of them; `last` the last error).

@@ -13,6 +13,7 @@
 //! | [`listener`] | `SO_REUSEPORT` sockets and the accept loop with permits      |
 //! | [`session`]  | one client + one upstream: handshake, connect, relay         |
 //! | [`relay`]    | the one relay entry point: a pair's framing and lifetime     |
+//! | [`keepalive`]| idle keep-alive tunnels (entry pool, exit registry), start/status |
 //! | [`context`]  | one shard's `Rc` state: config, counters, keys, triggers     |
 //! | [`engine`]   | every pair's bounded half-duplex relay, from completions     |
 //! | [`conn`]     | one socket tagged with its side (downstream / upstream)      |
@@ -42,6 +43,7 @@ pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod handover;
+pub mod keepalive;
 pub mod listener;
 pub mod log;
 pub mod metrics;

@@ -213,30 +213,21 @@ pub async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>, permits: Rc<S
                     glommio::spawn_local(async move {
                         let rec = Record::new(ctx.connection_id());
                         rec.peer.set(peer);
-                        let result = crate::session::run(stream, &ctx, &rec).await;
+                        let (result, kept) = crate::session::run(stream, &ctx, &rec).await;
                         drop(permit);
-                        let reason =
-                            crate::session::close_reason(&result, &rec, &ctx.config().mode);
-                        match &result {
-                            // A probe's reset is not worth a warning.
-                            Err(e) if reason != CloseReason::Empty => {
-                                state.report(ctx.id(), e, &rec)
-                            }
-                            _ => {}
+                        if kept.is_some() {
+                            // Counted before this session's close, so that a
+                            // drain waits for the tunnel's goodbye.
+                            ctx.idle_began();
                         }
-                        crate::debug!(
-                            "shard {}: connection {:032x} from {} closed: {} after {:?}, {} B up, {} B down{}",
-                            ctx.id(),
-                            rec.id.get(),
-                            rec.client().map_or_else(|| "?".to_string(), |c| c.to_string()),
-                            reason.as_str(),
-                            rec.accepted_at.elapsed(),
-                            rec.bytes_up.get(),
-                            rec.bytes_down.get(),
-                            result.as_ref().err().map(|e| format!(" ({e})")).unwrap_or_default()
-                        );
-                        ctx.log_access(&rec, Some(reason));
-                        ctx.on_close(reason);
+                        state.closed(&ctx, &rec, &result);
+                        if let Some(tunnel) = kept {
+                            // An exit's keep-alive tunnel: its next sessions.
+                            let done = |rec: &Record, result: &Result<(), _>| {
+                                state.closed(&ctx, rec, result)
+                            };
+                            crate::session::serve_kept(tunnel, &ctx, peer, done).await;
+                        }
                     })
                     .detach();
                     None
@@ -262,6 +253,35 @@ pub async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>, permits: Rc<S
 }
 
 impl AcceptState {
+    /// Books a finished session: its close reason (counted), a warning
+    /// for the failures worth one, a debug line, its access-log line.
+    fn closed(&self, ctx: &ShardCtx, rec: &Record, result: &Result<(), SessionError>) {
+        let reason = crate::session::close_reason(result, rec, &ctx.config().mode);
+        match result {
+            // A probe's reset is not worth a warning.
+            Err(e) if reason != CloseReason::Empty => self.report(ctx.id(), e, rec),
+            _ => {}
+        }
+        crate::debug!(
+            "shard {}: connection {:032x} from {} closed: {} after {:?}, {} B up, {} B down{}",
+            ctx.id(),
+            rec.id.get(),
+            rec.client()
+                .map_or_else(|| "?".to_string(), |c| c.to_string()),
+            reason.as_str(),
+            rec.accepted_at.elapsed(),
+            rec.bytes_up.get(),
+            rec.bytes_down.get(),
+            result
+                .as_ref()
+                .err()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default()
+        );
+        ctx.log_access(rec, Some(reason));
+        ctx.on_close(reason);
+    }
+
     /// Takes in what a finished session reports. Every failure is counted
     /// by close reason; each kind also gets a log line (at most one per
     /// second per kind and accept loop, with the count of those
@@ -303,7 +323,9 @@ impl AcceptState {
                     .borrow_mut()
                     .log(|n| line(n, format!("{e}; closed")));
             }
-            SessionError::Io { .. } | SessionError::Truncated(_) => {
+            SessionError::Io { .. }
+            | SessionError::Truncated(_)
+            | SessionError::Unanswered { .. } => {
                 self.reset.borrow_mut().log(|n| line(n, e.to_string()));
             }
             _ if e.reason() == CloseReason::AuthFailed => {

@@ -35,7 +35,7 @@ use std::time::Instant;
 use crate::access_log::Record;
 use crate::conn::{Conn, Peer};
 use crate::context::ShardCtx;
-use crate::engine::{Mode, Relay};
+use crate::engine::{Ended, Mode, Relay};
 use crate::error::SessionError;
 use crate::metrics::{Hist, Timings};
 use crate::proto::{Decoder, Encoder, MAX_FRAME, MAX_PAYLOAD};
@@ -58,33 +58,44 @@ pub enum Framing {
         encoder: Encoder,
         /// Opens what `tunnel` sends.
         decoder: Decoder,
+        /// A keep-alive tunnel (docs/PROTOCOL.md §4.1): the pair ends at the
+        /// session boundary and leaves it open ([`Ended`]).
+        keepalive: bool,
+        /// Tunnel bytes already read for this session (at most one
+        /// [`MAX_FRAME`]), opened first.
+        leftover: Vec<u8>,
     },
 }
 
 /// Relays `client` ⇄ `upstream` until both directions have ended (`Ok`), one
 /// fails, the pair is idle for `--idle-timeout`, or the shard aborts
 /// connections at the end of its drain. Bytes and the first byte's time
-/// go into `rec` too (the access log). Closing the sockets is the caller's.
+/// go into `rec` too (the access log). Closing the sockets is the caller's;
+/// a keep-alive tunnel that ended at its session boundary is handed back
+/// open (`Ok(Some(..))`, [`Ended`]).
 pub async fn run(
     client: &Conn,
     upstream: &Conn,
     framing: Framing,
     ctx: &ShardCtx,
     rec: &Record,
-) -> Result<(), SessionError> {
+) -> Result<Ended, SessionError> {
     let read_size = ctx.limits().buffer_size.get();
-    let (modes, buf_size) = match framing {
-        Framing::Plain => ([Mode::Copy, Mode::Copy], read_size),
+    let (modes, buf_size, keepalive, leftover) = match framing {
+        Framing::Plain => ([Mode::Copy, Mode::Copy], read_size, false, Vec::new()),
         Framing::Tunnel {
-            tunnel: Peer::Upstream,
+            tunnel,
             encoder,
             decoder,
-        } => ([Mode::Seal(encoder), Mode::Open(decoder)], MAX_FRAME),
-        Framing::Tunnel {
-            tunnel: Peer::Downstream,
-            encoder,
-            decoder,
-        } => ([Mode::Open(decoder), Mode::Seal(encoder)], MAX_FRAME),
+            keepalive,
+            leftover,
+        } => {
+            let modes = match tunnel {
+                Peer::Upstream => [Mode::Seal(encoder), Mode::Open(decoder)],
+                Peer::Downstream => [Mode::Open(decoder), Mode::Seal(encoder)],
+            };
+            (modes, MAX_FRAME, keepalive, leftover)
+        }
     };
     // A failed allocation is this connection's error, never the process's
     // abort (a large --buffer-size under a memory limit). Buffers come from
@@ -106,6 +117,7 @@ pub async fn run(
         modes,
         read_size.clamp(1, MAX_PAYLOAD),
         guard.shared(),
+        (keepalive, &leftover),
     );
     let idx = relay.index();
     watched(

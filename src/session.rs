@@ -18,25 +18,45 @@ use crate::access_log::Record;
 use crate::config::{AcceptProxy, Mode, TunnelConfig};
 use crate::conn::{Conn, Peer};
 use crate::context::ShardCtx;
+use crate::engine::Kept;
 use crate::error::SessionError;
+use crate::keepalive::{read_chunk, seal_chunk, IdleTunnel, Next};
 use crate::metrics::Hist;
+use crate::proto::keepalive::{parse_start, parse_status, start_payload, START_MAX};
 use crate::proto::{
     accept_hello_with, ClientHandshake, Meta, ProtoError, CLIENT_HELLO_LEN, CONFIRM_LEN,
-    FLAG_LARGE_CHUNKS, FLAG_MAY_REFUSE, LEN_LEN, SALT_LEN, SERVER_HELLO_LEN, STATUS_BUSY,
-    STATUS_NO_UPSTREAM, STATUS_OK,
+    FLAG_KEEPALIVE, FLAG_LARGE_CHUNKS, FLAG_MAY_REFUSE, LEN_LEN, SALT_LEN, SERVER_HELLO_LEN,
+    STATUS_BUSY, STATUS_GOING_AWAY, STATUS_NO_UPSTREAM, STATUS_OK, TAG_LEN,
 };
 use crate::proxy_protocol::{self, Parsed};
 use crate::relay::Framing;
 use crate::replay::Verdict;
 use crate::stats::CloseReason;
+use crate::transfer::LargeReservation;
 use crate::trigger::{bounded, Interrupted, Trigger};
 use crate::upstream::pool::Lease;
+
+/// An exit's keep-alive tunnel at a session boundary (docs/PROTOCOL.md
+/// §4.1): what [`run`] hands back for [`serve_kept`].
+pub struct ExitTunnel {
+    conn: Conn,
+    kept: Box<Kept>,
+    /// Its large-chunk reservation (held if it agreed on large chunks).
+    large: LargeReservation,
+    /// The shard's key generation when the tunnel was made.
+    keys: u64,
+}
 
 /// Runs one accepted connection to completion, filling in `rec` as it
 /// goes. `Ok` means both directions ended with FIN; on any error the
 /// client is reset (RST), never closed cleanly, and the error says which
-/// side failed.
-pub async fn run(client: TcpStream, ctx: &ShardCtx, rec: &Record) -> Result<(), SessionError> {
+/// side failed. An exit whose tunnel ended its first session at a
+/// keep-alive boundary also returns the tunnel, for [`serve_kept`].
+pub async fn run(
+    client: TcpStream,
+    ctx: &ShardCtx,
+    rec: &Record,
+) -> (Result<(), SessionError>, Option<ExitTunnel>) {
     let accepted_at = rec.accepted_at;
     // The peer always: every failure's log line names the client, and after
     // a reset the socket no longer knows it. The listener passes the one
@@ -70,8 +90,10 @@ pub async fn run(client: TcpStream, ctx: &ShardCtx, rec: &Record) -> Result<(), 
         // session task, which is moved (copied) several times when the
         // accept loop spawns it.
         match &ctx.config().mode {
-            Mode::Forward => forward(&client, ctx, rec, &early).await,
-            Mode::Entry(tun) => Box::pin(entry(&client, ctx, tun, rec, &early)).await,
+            Mode::Forward => forward(&client, ctx, rec, &early).await.map(|()| None),
+            Mode::Entry(tun) => Box::pin(entry(&client, ctx, tun, rec, &early))
+                .await
+                .map(|()| None),
             Mode::Exit(tun) => Box::pin(exit(&client, ctx, tun, rec)).await,
         }
     }
@@ -83,7 +105,19 @@ pub async fn run(client: TcpStream, ctx: &ShardCtx, rec: &Record) -> Result<(), 
     if result.is_err() && !matches!(result, Err(SessionError::Refused(_))) {
         client.abort();
     }
-    result
+    match result {
+        Ok(Some((kept, large, keys))) => (
+            Ok(()),
+            Some(ExitTunnel {
+                conn: client,
+                kept,
+                large,
+                keys,
+            }),
+        ),
+        Ok(None) => (Ok(()), None),
+        Err(e) => (Err(e), None),
+    }
 }
 
 /// The close reason of a session that [`run`] finished with `result`.
@@ -278,11 +312,15 @@ async fn forward(
     }
     let result = relay(client, &upstream, Framing::Plain, ctx, rec).await;
     drop(lease);
-    result
+    result.map(|_| ())
 }
 
 /// `entry`: connect to the exit, say hello, verify its answer, then seal
-/// client bytes upstream and open the exit's chunks downstream.
+/// client bytes upstream and open the exit's chunks downstream. With
+/// keep-alive tunnels (docs/PROTOCOL.md §4.1), an idle tunnel to the
+/// chosen exit carries the session instead of a new connection and
+/// handshake ([`kept_session`]), and a tunnel whose session ended both ways
+/// goes back to the shard's pool.
 async fn entry(
     client: &Conn,
     ctx: &ShardCtx,
@@ -291,6 +329,7 @@ async fn entry(
     early: &[u8],
 ) -> Result<(), SessionError> {
     let keys = ctx.keys().ok_or(SessionError::NoKeys)?;
+    let keys_gen = ctx.keys_gen();
     // Who the client is, for the exit (docs/PROTOCOL.md §2.1).
     let (meta, meta_len) = Meta {
         client: rec.client(),
@@ -298,10 +337,36 @@ async fn entry(
         id: Some(rec.id.get()),
     }
     .encode();
+    let meta = &meta[..meta_len];
     // Large chunks are offered only with a reservation to receive them
     // (the shard's budget, `crate::transfer::BatchPool`).
     let mut large = ctx.batches().reserve_large(tun.large_chunks);
-    let offer = if large.held() { FLAG_LARGE_CHUNKS } else { 0 };
+    let offer = if large.held() { FLAG_LARGE_CHUNKS } else { 0 }
+        | if tun.keepalive > 0 { FLAG_KEEPALIVE } else { 0 };
+    // The client's first bytes, once a start on a kept tunnel has read
+    // them: sent again, on another tunnel, only after an exit said it did
+    // not serve them.
+    let mut first: Option<Vec<u8>> = None;
+    let reuse = async |lease: &Lease, more: bool| {
+        if tun.keepalive == 0 {
+            return None;
+        }
+        let endpoint = lease.endpoint().addr;
+        loop {
+            let idle = ctx
+                .tunnels()
+                .take(endpoint, tun.tunnel_idle_timeout, keys_gen);
+            ctx.sync_idle();
+            rec.upstream.set(Some(endpoint));
+            match kept_session(client, ctx, tun, rec, idle?, meta, more, early, &mut first).await {
+                Reused::Served(conn, link) => return Some(Ok((conn, *link))),
+                // Not served: another idle tunnel, or a new connection to
+                // the same exit (it is not the exit's failure).
+                Reused::GoingAway => continue,
+                Reused::Failed(e) => return Some(Err(e)),
+            }
+        }
+    };
     // Each attempt is a connect and a handshake with one exit: a refused
     // connect, a wrong key or a silent exit moves on to the next one. No
     // byte of the client's has been read yet (the relay has not started),
@@ -313,38 +378,241 @@ async fn entry(
         let salt = ctx.salt().map_err(SessionError::Rng)?;
         let deadline = Instant::now() + tun.handshake_timeout;
         let flags = offer | if more { FLAG_MAY_REFUSE } else { 0 };
-        let step = tunnel_handshake(upstream, ctx, rec, &keys, salt, &meta[..meta_len], flags);
-        counted(ctx, within(ctx, deadline, Peer::Upstream, step).await)
+        let step = tunnel_handshake(upstream, ctx, rec, &keys, salt, meta, flags);
+        let (session, confirm) = counted(ctx, within(ctx, deadline, Peer::Upstream, step).await)?;
+        Ok(Link {
+            encoder: session.encoder,
+            decoder: session.decoder,
+            keepalive: session.keepalive,
+            confirm: Some(confirm),
+            leftover: Vec::new(),
+            large: None,
+            keys: keys_gen,
+        })
     };
-    let (upstream, lease, (mut encoder, decoder, confirm)) =
-        connect_pool(ctx, rec, handshake).await?;
-    if decoder.max_payload() > crate::proto::MAX_PAYLOAD {
-        ctx.stats().on_large_chunks(true);
-    } else {
-        // The exit did not agree (an older one, or `--large-chunks=false`,
-        // or its reservations were spent).
-        large.release();
-        if tun.large_chunks && offer == 0 {
-            ctx.stats().on_large_chunks(false);
+    let (upstream, lease, link) = connect_pool_with(ctx, rec, reuse, handshake).await?;
+    let Link {
+        mut encoder,
+        decoder,
+        keepalive,
+        confirm,
+        leftover,
+        large: kept_large,
+        keys: link_keys,
+    } = link;
+    match kept_large {
+        // A kept tunnel brings the reservation its first session took.
+        Some(r) => large = r,
+        None if decoder.max_payload() > crate::proto::MAX_PAYLOAD => {
+            ctx.stats().on_large_chunks(true)
+        }
+        None => {
+            // The exit did not agree (an older one, or `--large-chunks=false`,
+            // or its reservations were spent).
+            large.release();
+            if tun.large_chunks && offer & FLAG_LARGE_CHUNKS == 0 {
+                ctx.stats().on_large_chunks(false);
+            }
         }
     }
-    if let Err(e) = first_flight(client, &upstream, ctx, rec, &mut encoder, &confirm, early).await {
-        upstream.abort();
-        return Err(e);
+    if let Some(confirm) = confirm {
+        // A new tunnel: the confirmation, with the client's first bytes
+        // (those a kept tunnel's start already read, if its exit went
+        // away before serving them).
+        let early = first.as_deref().filter(|f| !f.is_empty()).unwrap_or(early);
+        if let Err(e) =
+            first_flight(client, &upstream, ctx, rec, &mut encoder, &confirm, early).await
+        {
+            upstream.abort();
+            return Err(e);
+        }
     }
     let framing = Framing::Tunnel {
         tunnel: Peer::Upstream,
         encoder,
         decoder,
+        keepalive,
+        leftover,
     };
     let result = relay(client, &upstream, framing, ctx, rec).await;
+    let endpoint = lease.endpoint().addr;
     drop(lease);
-    result
+    if let Some(kept) = result? {
+        // The session ended both ways: the tunnel waits for the shard's
+        // next client to this exit, unless the shard drains, the keys
+        // changed, or enough already wait (then it closes: FIN at the
+        // boundary).
+        if !ctx.draining() && link_keys == ctx.keys_gen() {
+            let idle = IdleTunnel {
+                conn: upstream,
+                kept,
+                large,
+                since: Instant::now(),
+                keys: link_keys,
+            };
+            ctx.tunnels().put(endpoint, idle, tun.keepalive);
+            ctx.sync_idle();
+        }
+    }
+    Ok(())
+}
+
+/// A tunnel for one entry session, new or kept: its cipher states and what
+/// is left to send or open.
+struct Link {
+    encoder: crate::proto::Encoder,
+    decoder: crate::proto::Decoder,
+    /// Both hellos agreed on keep-alive.
+    keepalive: bool,
+    /// A new tunnel's key confirmation, sent with the first flight; `None`
+    /// on a kept tunnel, whose start carried the first bytes.
+    confirm: Option<[u8; CONFIRM_LEN]>,
+    /// Tunnel bytes read past the exit's status (a kept tunnel).
+    leftover: Vec<u8>,
+    /// A kept tunnel's own large-chunk reservation.
+    large: Option<LargeReservation>,
+    /// The key generation the tunnel was made with.
+    keys: u64,
+}
+
+/// How a session's start on a kept tunnel went.
+enum Reused {
+    /// The exit answered status 0: it serves the session.
+    Served(Conn, Box<Link>),
+    /// The exit is closing the tunnel (status "going away"); it served
+    /// nothing.
+    GoingAway,
+    /// It refused (a refusal status, not served: another exit may be
+    /// tried), or the tunnel failed before its answer
+    /// ([`SessionError::Unanswered`], final), or the client did.
+    Failed(SessionError),
+}
+
+/// The entry's session on a kept tunnel (docs/PROTOCOL.md §4.1): the start
+/// chunk (the session's flags and `meta`) and the client's first bytes in
+/// one write, then the exit's status, within `--handshake-timeout`.
+/// `first` holds the client's first bytes once read (from `early`, what
+/// came with a PROXY header, or what the client socket holds now), for a
+/// resend on another tunnel if this exit does not serve them.
+#[allow(clippy::too_many_arguments)]
+async fn kept_session(
+    client: &Conn,
+    ctx: &ShardCtx,
+    tun: &TunnelConfig,
+    rec: &Record,
+    idle: IdleTunnel,
+    meta: &[u8],
+    more: bool,
+    early: &[u8],
+    first: &mut Option<Vec<u8>>,
+) -> Reused {
+    let IdleTunnel {
+        conn,
+        kept,
+        large,
+        keys,
+        ..
+    } = idle;
+    let Kept {
+        mut encoder,
+        mut decoder,
+        leftover: mut buf,
+    } = *kept;
+    if first.is_none() {
+        let bytes = if early.is_empty() {
+            let mut buf = match relay_buffer(ctx) {
+                Ok(buf) => buf,
+                Err(e) => return Reused::Failed(e),
+            };
+            let room = FIRST_DATA.min(ctx.limits().buffer_size.get());
+            let read = client.read_now(&mut buf[..room]);
+            let data = read.map(|n| buf[..n].to_vec());
+            ctx.recycle(buf);
+            match data {
+                Ok(data) => data,
+                Err(e) => return Reused::Failed(e),
+            }
+        } else {
+            early.to_vec()
+        };
+        *first = Some(bytes);
+    }
+    let data = first.as_deref().unwrap_or_default();
+    let flags = if more { FLAG_MAY_REFUSE } else { 0 };
+    let mut out = Vec::with_capacity(2 * (LEN_LEN + TAG_LEN) + START_MAX + data.len());
+    let sealed = start_payload(flags, meta)
+        .map_err(SessionError::Limit)
+        .and_then(|(start, len)| seal_chunk(&mut encoder, &start[..len], &mut out))
+        .and_then(|()| {
+            data.chunks(crate::proto::MAX_PAYLOAD)
+                .try_for_each(|piece| seal_chunk(&mut encoder, piece, &mut out))
+        });
+    if let Err(e) = sealed {
+        return Reused::Failed(e);
+    }
+    let sent_at = Instant::now();
+    let unanswered = |what: String| {
+        conn.abort();
+        Reused::Failed(SessionError::Unanswered { what })
+    };
+    match abortable(ctx, conn.write_all(&out, || ())).await {
+        Ok(()) => {}
+        Err(SessionError::Drained) => return Reused::Failed(SessionError::Drained),
+        Err(e) => return unanswered(e.to_string()),
+    }
+    let deadline = sent_at + tun.handshake_timeout;
+    let answer = within(
+        ctx,
+        deadline,
+        Peer::Upstream,
+        read_chunk(&conn, &mut decoder, &mut buf),
+    )
+    .await;
+    let status = match answer {
+        Ok(Next::Data(payload)) => match parse_status(&payload) {
+            Ok(status) => status,
+            Err(e) => return unanswered(e.to_string()),
+        },
+        Ok(Next::End) => return unanswered("an end chunk".into()),
+        Ok(Next::Closed) => return unanswered("EOF".into()),
+        Err(SessionError::Drained) => return Reused::Failed(SessionError::Drained),
+        Err(e) => return unanswered(e.to_string()),
+    };
+    if status != STATUS_OK {
+        // Not served, so nothing of it reached the origin; the tunnel ends
+        // here (our FIN answers the exit's).
+        return if status == STATUS_GOING_AWAY {
+            Reused::GoingAway
+        } else {
+            Reused::Failed(SessionError::Refused(status))
+        };
+    }
+    rec.handshake.set(Some(sent_at.elapsed()));
+    if !data.is_empty() {
+        ctx.stats().add_bytes(true, data.len());
+        rec.add_bytes(true, data.len());
+    }
+    ctx.stats()
+        .tunnel_reuses
+        .set(ctx.stats().tunnel_reuses.get() + 1);
+    Reused::Served(
+        conn,
+        Box::new(Link {
+            encoder,
+            decoder,
+            keepalive: true,
+            confirm: None,
+            leftover: buf,
+            large: Some(large),
+            keys,
+        }),
+    )
 }
 
 /// The entry's side of one tunnel handshake on `upstream`: the hello (with
-/// `meta`), then the exit's answer verified. Returns the session's cipher
-/// states and the sealed key confirmation, which [`first_flight`] sends.
+/// `meta`), then the exit's answer verified. Returns the session (cipher
+/// states; whether keep-alive was agreed) and the sealed key confirmation,
+/// which [`first_flight`] sends.
 async fn tunnel_handshake(
     upstream: &Conn,
     ctx: &ShardCtx,
@@ -353,14 +621,7 @@ async fn tunnel_handshake(
     salt: [u8; SALT_LEN],
     meta: &[u8],
     flags: u8,
-) -> Result<
-    (
-        crate::proto::Encoder,
-        crate::proto::Decoder,
-        [u8; CONFIRM_LEN],
-    ),
-    SessionError,
-> {
+) -> Result<(crate::proto::Session, [u8; CONFIRM_LEN]), SessionError> {
     let rejected = |source| SessionError::Proto {
         peer: Peer::Upstream,
         source,
@@ -375,14 +636,15 @@ async fn tunnel_handshake(
     upstream.write_all(&hello, || ()).await?;
     let mut answer = [0u8; SERVER_HELLO_LEN];
     upstream.read_exact(&mut answer).await?;
-    let (mut encoder, decoder) = hs.finish(&answer).map_err(rejected)?;
+    let mut session = hs.finish_session(&answer).map_err(rejected)?;
     ctx.timings().record(Hist::Handshake, sent_at.elapsed());
     rec.handshake.set(Some(sent_at.elapsed()));
     let mut confirm = [0u8; CONFIRM_LEN];
-    encoder
+    session
+        .encoder
         .seal_confirm(&mut confirm)
         .map_err(SessionError::Limit)?;
-    Ok((encoder, decoder, confirm))
+    Ok((session, confirm))
 }
 
 /// The entry's first write on a verified session: the key confirmation
@@ -460,10 +722,11 @@ async fn exit(
     ctx: &ShardCtx,
     tun: &TunnelConfig,
     rec: &Record,
-) -> Result<(), SessionError> {
+) -> Result<Option<(Box<Kept>, LargeReservation, u64)>, SessionError> {
     let accepted_at = rec.accepted_at;
     let deadline = accepted_at + tun.handshake_timeout;
     let keys = ctx.keys().ok_or(SessionError::NoKeys)?;
+    let keys_gen = ctx.keys_gen();
     let server_salt = ctx.salt().map_err(SessionError::Rng)?;
     // Until it has authenticated and holds a session permit, this is a
     // pending handshake: a newer one may close it (`--max-handshakes`).
@@ -500,20 +763,7 @@ async fn exit(
     // it would only wait for a session slot, so that the entry moves on
     // before it sends any client byte; without the flag we accept and try
     // anyway (docs/PROTOCOL.md §3).
-    let status_for = |flags: u8| {
-        if flags & FLAG_MAY_REFUSE == 0 {
-            STATUS_OK
-        } else if !ctx.upstream_up() {
-            // The endpoints held down are probed, not tried with this
-            // tunnel; the next hellos are accepted once one answers.
-            ctx.probe_down_upstreams();
-            STATUS_NO_UPSTREAM
-        } else if ctx.sessions().is_some_and(|p| p.available() == 0) {
-            STATUS_BUSY
-        } else {
-            STATUS_OK
-        }
-    };
+    let status_for = |flags: u8| refusal_for(ctx, flags);
     // Large chunks are agreed to only with a reservation to receive them
     // (the shard's budget, `crate::transfer::BatchPool`), held for the
     // session's life.
@@ -524,7 +774,8 @@ async fn exit(
         server_salt,
         unix_now(),
         skew,
-        if large.held() { FLAG_LARGE_CHUNKS } else { 0 },
+        if large.held() { FLAG_LARGE_CHUNKS } else { 0 }
+            | if tun.keepalive > 0 { FLAG_KEEPALIVE } else { 0 },
         status_for,
     )
     .map(Box::new);
@@ -652,10 +903,263 @@ async fn exit(
         tunnel: Peer::Downstream,
         encoder: accepted.encoder,
         decoder: accepted.decoder,
+        keepalive: accepted.keepalive,
+        leftover: Vec::new(),
     };
     let result = relay(client, &upstream, framing, ctx, rec).await;
     drop(lease);
-    result
+    Ok(result?.map(|kept| (kept, large, keys_gen)))
+}
+
+/// The exit's sessions after the first on a keep-alive tunnel
+/// (docs/PROTOCOL.md §4.1), until the tunnel closes. The tunnel idles
+/// (counted by [`ShardCtx::idle_began`], which the caller did) until the
+/// entry's next start chunk, or says goodbye (status "going away") when it
+/// has idled `--tunnel-idle-timeout`, the shard drains, the keys were
+/// reloaded, or newer idle tunnels need its place (`--tunnel-keepalive`).
+/// Each session is a connection of its own to `done` (its access-log line
+/// and close reason), counted from its start chunk.
+pub async fn serve_kept(
+    mut t: ExitTunnel,
+    ctx: &ShardCtx,
+    peer: Option<std::net::SocketAddr>,
+    mut done: impl FnMut(&Record, &Result<(), SessionError>),
+) {
+    let Mode::Exit(tun) = &ctx.config().mode else {
+        ctx.idle_ended();
+        return;
+    };
+    loop {
+        let next = if t.keys != ctx.keys_gen() {
+            None
+        } else {
+            let slot = ctx.exit_idle().begin(tun.keepalive);
+            let wait = read_chunk(&t.conn, &mut t.kept.decoder, &mut t.kept.leftover);
+            let until = Instant::now() + tun.tunnel_idle_timeout;
+            let waited = bounded(
+                ctx.accepting_stopped(),
+                Some(until),
+                bounded(slot.retired(), None, wait),
+            )
+            .await;
+            match waited {
+                Ok(Ok(r)) => Some(r),
+                // Idle too long, draining, or retired: goodbye.
+                _ => None,
+            }
+        };
+        let payload = match next {
+            None => {
+                say_goodbye(&t.conn, &mut t.kept.encoder, STATUS_GOING_AWAY, ctx, tun).await;
+                ctx.idle_ended();
+                return;
+            }
+            // The entry closed the tunnel at the boundary: its end.
+            Some(Ok(Next::Closed)) => {
+                ctx.idle_ended();
+                return;
+            }
+            Some(Ok(Next::Data(payload))) => Ok(payload),
+            Some(Ok(Next::End)) => Err(SessionError::Proto {
+                peer: Peer::Downstream,
+                source: ProtoError::KeepAlive("an end chunk where a start must be"),
+            }),
+            Some(Err(e)) => Err(e),
+        };
+        // A session (or a failed attempt at one): a connection of its own
+        // from here.
+        let rec = Record::new(ctx.connection_id());
+        rec.peer.set(peer);
+        ctx.on_accept();
+        ctx.idle_ended();
+        let (result, kept) = match payload {
+            Ok(payload) => kept_exit_session(t, payload, ctx, tun, &rec).await,
+            Err(e) => {
+                t.conn.abort();
+                (Err(e), None)
+            }
+        };
+        ctx.timings()
+            .record(Hist::ConnectionDuration, rec.accepted_at.elapsed());
+        if kept.is_some() {
+            ctx.idle_began();
+        }
+        done(&rec, &result);
+        match kept {
+            Some(next) => t = next,
+            None => return,
+        }
+    }
+}
+
+/// One session on a kept tunnel at the exit: its start chunk (`payload`)
+/// read; then, before anything reaches the origin, the answer: a refusal
+/// where a hello with the same flags would get one, or where no upstream
+/// endpoint could be reached (the entry may then try another exit: nothing
+/// was forwarded), else status 0, and the relay. Returns the tunnel again
+/// at the next boundary.
+async fn kept_exit_session(
+    t: ExitTunnel,
+    payload: Vec<u8>,
+    ctx: &ShardCtx,
+    tun: &TunnelConfig,
+    rec: &Record,
+) -> (Result<(), SessionError>, Option<ExitTunnel>) {
+    let ExitTunnel {
+        conn,
+        kept,
+        large,
+        keys,
+    } = t;
+    let Kept {
+        mut encoder,
+        decoder,
+        leftover,
+    } = *kept;
+    let fail = |e: SessionError| {
+        conn.abort();
+        (Err(e), None)
+    };
+    let (flags, meta) = match parse_start(&payload) {
+        Ok(start) => start,
+        Err(source) => {
+            return fail(SessionError::Proto {
+                peer: Peer::Downstream,
+                source,
+            })
+        }
+    };
+    let meta = Meta::decode(meta);
+    if let Some(id) = meta.id {
+        rec.id.set(id);
+    }
+    rec.client.set(meta.client);
+    rec.destination.set(meta.destination);
+    ctx.stats()
+        .tunnel_reuses
+        .set(ctx.stats().tunnel_reuses.get() + 1);
+    let status = refusal_for(ctx, flags);
+    if status != STATUS_OK {
+        say_goodbye(&conn, &mut encoder, status, ctx, tun).await;
+        return (Err(SessionError::Refused(status)), None);
+    }
+    // A session slot, as after a hello (the entry waits for the answer
+    // meanwhile, within its handshake timeout).
+    let deadline = rec.accepted_at + tun.handshake_timeout;
+    let _permit = match ctx.sessions() {
+        None => None,
+        Some(permits) => {
+            let take = async {
+                permits
+                    .acquire_static_permit(1)
+                    .await
+                    .map_err(|_| SessionError::Drained)
+            };
+            match within(ctx, deadline, Peer::Downstream, take).await {
+                Ok(p) => Some(p),
+                Err(e) => return fail(e),
+            }
+        }
+    };
+    let (upstream, lease, ()) = match connect_pool(ctx, rec, async |_, _| Ok(())).await {
+        Ok(up) => up,
+        Err(e) if e.is_final() => return fail(e),
+        Err(e) => {
+            // Nothing was forwarded: say so, and the entry may try another
+            // exit.
+            say_goodbye(&conn, &mut encoder, STATUS_NO_UPSTREAM, ctx, tun).await;
+            return (Err(e), None);
+        }
+    };
+    let mut out = Vec::with_capacity(LEN_LEN + 1 + TAG_LEN);
+    let answered = match seal_chunk(&mut encoder, &[STATUS_OK], &mut out) {
+        Ok(()) => abortable(ctx, conn.write_all(&out, || ())).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = answered {
+        upstream.abort();
+        return fail(e);
+    }
+    let header = proxy_header_out(ctx, rec);
+    if !header.is_empty() {
+        if let Err(e) = abortable(ctx, upstream.write_all(&header, || ())).await {
+            upstream.abort();
+            return fail(e);
+        }
+    }
+    let framing = Framing::Tunnel {
+        tunnel: Peer::Downstream,
+        encoder,
+        decoder,
+        keepalive: true,
+        leftover,
+    };
+    let result = relay(&conn, &upstream, framing, ctx, rec).await;
+    drop(lease);
+    match result {
+        Ok(Some(kept)) => (
+            Ok(()),
+            Some(ExitTunnel {
+                conn,
+                kept,
+                large,
+                keys,
+            }),
+        ),
+        Ok(None) => (Ok(()), None),
+        Err(e) => fail(e),
+    }
+}
+
+/// The status a session with these hello or start `flags` gets: a refusal
+/// only if it allows one (docs/PROTOCOL.md §3), because none of our
+/// upstreams is up or no session slot is free.
+fn refusal_for(ctx: &ShardCtx, flags: u8) -> u8 {
+    if flags & FLAG_MAY_REFUSE == 0 {
+        STATUS_OK
+    } else if !ctx.upstream_up() {
+        // The endpoints held down are probed, not tried with this
+        // tunnel; the next hellos are accepted once one answers.
+        ctx.probe_down_upstreams();
+        STATUS_NO_UPSTREAM
+    } else if ctx.sessions().is_some_and(|p| p.available() == 0) {
+        STATUS_BUSY
+    } else {
+        STATUS_OK
+    }
+}
+
+/// Ends a kept tunnel at a session boundary from the exit's side: a status
+/// chunk that says the session, if one crossed it, was not served ("going
+/// away", or a refusal), then FIN; then input is read and dropped until the
+/// entry's FIN, for at most `--handshake-timeout` (so a start that crossed
+/// the goodbye is not answered with a reset, which could overtake the
+/// status).
+async fn say_goodbye(
+    conn: &Conn,
+    encoder: &mut crate::proto::Encoder,
+    status: u8,
+    ctx: &ShardCtx,
+    tun: &TunnelConfig,
+) {
+    let mut out = Vec::with_capacity(LEN_LEN + 1 + TAG_LEN);
+    if seal_chunk(encoder, &[status], &mut out).is_err() {
+        conn.abort();
+        return;
+    }
+    let deadline = Instant::now() + tun.handshake_timeout;
+    let sent = within(
+        ctx,
+        deadline,
+        Peer::Downstream,
+        conn.write_all_then_fin(&out, || ()),
+    )
+    .await;
+    if sent.is_err() {
+        conn.abort();
+        return;
+    }
+    discard_until(conn, ctx, deadline, &Trigger::new()).await;
 }
 
 /// The relay phase, in a heap allocation of its own: its state (both
@@ -670,7 +1174,7 @@ fn relay<'a>(
     framing: Framing,
     ctx: &'a ShardCtx,
     rec: &'a Record,
-) -> impl Future<Output = Result<(), SessionError>> + 'a {
+) -> impl Future<Output = Result<crate::engine::Ended, SessionError>> + 'a {
     let relay = Box::pin(crate::relay::run(client, upstream, framing, ctx, rec));
     async move { relay.await.inspect_err(|_| upstream.abort()) }
 }
@@ -715,6 +1219,19 @@ impl Tried {
 async fn connect_pool<T>(
     ctx: &ShardCtx,
     rec: &Record,
+    then: impl AsyncFnMut(&Conn, bool) -> Result<T, SessionError>,
+) -> Result<(Conn, Lease, T), SessionError> {
+    connect_pool_with(ctx, rec, async |_: &Lease, _: bool| None, then).await
+}
+
+/// [`connect_pool`], where each attempt first asks `reuse` for a kept
+/// connection to the endpoint picked (the entry's keep-alive tunnels):
+/// `None` goes on with a new connection to it; a failure counts against
+/// the endpoint as a failed connect does.
+async fn connect_pool_with<T>(
+    ctx: &ShardCtx,
+    rec: &Record,
+    mut reuse: impl AsyncFnMut(&Lease, bool) -> Option<Result<(Conn, T), SessionError>>,
     mut then: impl AsyncFnMut(&Conn, bool) -> Result<T, SessionError>,
 ) -> Result<(Conn, Lease, T), SessionError> {
     let mut tried = Tried::new();
@@ -729,7 +1246,16 @@ async fn connect_pool<T>(
         // (then an exit may refuse: docs/PROTOCOL.md §3). With none, the
         // exit had better try its best than refuse.
         let more = attempt + 1 < attempts && ctx.upstream_up_except(tried.as_slice());
-        let failed = match connect_to(ctx, rec, &lease).await {
+        let kept = reuse(&lease, more).await;
+        let connected = match kept {
+            Some(Ok((conn, done))) => {
+                ctx.upstream_ok(&lease);
+                return Ok((conn, lease, done));
+            }
+            Some(Err(e)) => Err(e),
+            None => connect_to(ctx, rec, &lease).await,
+        };
+        let failed = match connected {
             Ok(conn) => match then(&conn, more).await {
                 Ok(done) => {
                     ctx.upstream_ok(&lease);

@@ -144,6 +144,11 @@ async fn run(setup: Setup) {
         })
         .collect();
     spawn_idle_sweep(ctx.clone());
+    if let crate::config::Mode::Entry(tun) = &ctx.config().mode {
+        if tun.keepalive > 0 {
+            spawn_tunnel_sweep(ctx.clone(), tun.tunnel_idle_timeout);
+        }
+    }
     glommio::spawn_local(crate::engine::drive(ctx.clone())).detach();
     let _ = ready.send(id);
     if ctx.publishes() {
@@ -229,6 +234,27 @@ fn spawn_idle_sweep(ctx: Rc<ShardCtx>) {
         }
     })
     .detach();
+}
+
+/// How often an entry looks over its idle keep-alive tunnels: a tunnel
+/// its exit said goodbye to (or closed) is closed within this, which is
+/// what the exit waits for.
+const TUNNEL_SWEEP: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Closes the entry's idle keep-alive tunnels that idled `timeout` or that
+/// their exit ended (see [`crate::keepalive::EntryPool::sweep`]), every
+/// [`TUNNEL_SWEEP`], from a task queue with small shares.
+fn spawn_tunnel_sweep(ctx: Rc<ShardCtx>, timeout: std::time::Duration) {
+    let task = async move {
+        loop {
+            glommio::timer::sleep(TUNNEL_SWEEP).await;
+            if !ctx.tunnels().is_empty() {
+                ctx.tunnels().sweep(timeout, ctx.keys_gen());
+                ctx.sync_idle();
+            }
+        }
+    };
+    spawn_background("tunnel-sweep", task);
 }
 
 /// Hands the shard's access-log lines to its writer every

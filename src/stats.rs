@@ -146,6 +146,12 @@ pub struct ShardStats {
     /// large chunks but found the shard's reservations spent
     /// ([`crate::transfer::BatchPool::reserve_large`]): 16 KiB chunks.
     pub large_chunks_denied: Cell<u64>,
+    /// Tunnel sessions carried by a keep-alive tunnel that an earlier
+    /// session opened (docs/PROTOCOL.md §4.1): no connect, no handshake.
+    pub tunnel_reuses: Cell<u64>,
+    /// Keep-alive tunnels idle now, waiting for a session (entry: in the
+    /// shard's pool; exit: waiting for a start chunk).
+    pub idle_tunnels: Cell<u64>,
     closed: [Cell<u64>; CloseReason::ALL.len()],
 }
 
@@ -261,6 +267,9 @@ impl fmt::Display for ShardStats {
         }
         if self.large_chunks_denied.get() > 0 {
             write!(f, " large_chunks_denied={}", self.large_chunks_denied.get())?;
+        }
+        if self.tunnel_reuses.get() > 0 {
+            write!(f, " tunnel_reuses={}", self.tunnel_reuses.get())?;
         }
         Ok(())
     }

@@ -389,6 +389,24 @@ pub fn recv_fd(fd: std::os::fd::RawFd, buf: &mut [u8]) -> std::io::Result<usize>
     Ok(n as usize)
 }
 
+/// Whether the connected socket `fd` holds nothing to read and no error,
+/// without taking anything (`recv(2)` with `MSG_PEEK | MSG_DONTWAIT` of one
+/// byte): `true` only for "would block". EOF, data or an error are `false`.
+pub fn quiet_fd(fd: std::os::fd::RawFd) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: `byte` is a live, writable one-byte buffer for the duration
+    // of the call; MSG_PEEK leaves the socket's queue as it is.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&mut byte as *mut u8).cast::<libc::c_void>(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
+}
+
 /// `send(2)` (`MSG_DONTWAIT | MSG_NOSIGNAL`) on a connected socket `fd`,
 /// through `syscall(2)` as [`recv_fd`]. Returns the bytes written (possibly
 /// fewer than all); `WouldBlock` when the socket has no room.

@@ -22,6 +22,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::os::fd::OwnedFd;
+use std::rc::Rc;
 
 /// Idle pipes a shard keeps for reuse (two descriptors each); the rest are
 /// closed when their direction ends.
@@ -97,31 +98,34 @@ pub struct BatchPool {
     idle: RefCell<Vec<Vec<u8>>>,
     live: Cell<usize>,
     budget: usize,
-    /// Sessions holding a large-chunk reservation.
-    large: Cell<usize>,
+    /// Sessions holding a large-chunk reservation (shared with the
+    /// reservations, which a keep-alive tunnel keeps while it idles in its
+    /// shard's pool, apart from any borrow of the shard).
+    large: Rc<Cell<usize>>,
 }
 
 /// A session's right to receive large chunks, from
-/// [`BatchPool::reserve_large`]; given back when dropped.
-pub struct LargeReservation<'a> {
-    pool: Option<&'a BatchPool>,
+/// [`BatchPool::reserve_large`]; given back when dropped. A keep-alive
+/// tunnel that agreed on large chunks keeps it between sessions.
+pub struct LargeReservation {
+    count: Option<Rc<Cell<usize>>>,
 }
 
-impl LargeReservation<'_> {
+impl LargeReservation {
     /// Whether the reservation was granted.
     pub fn held(&self) -> bool {
-        self.pool.is_some()
+        self.count.is_some()
     }
 
     /// Gives the reservation back early (the peer did not agree).
     pub fn release(&mut self) {
-        if let Some(pool) = self.pool.take() {
-            pool.large.set(pool.large.get() - 1);
+        if let Some(count) = self.count.take() {
+            count.set(count.get() - 1);
         }
     }
 }
 
-impl Drop for LargeReservation<'_> {
+impl Drop for LargeReservation {
     fn drop(&mut self) {
         self.release();
     }
@@ -135,19 +139,21 @@ impl BatchPool {
             idle: RefCell::new(Vec::new()),
             live: Cell::new(0),
             budget,
-            large: Cell::new(0),
+            large: Rc::new(Cell::new(0)),
         }
     }
 
     /// A reservation to receive large chunks if `wanted` and the budget
     /// allows; otherwise one that is not [`LargeReservation::held`] (the
     /// session then keeps to 16 KiB chunks).
-    pub fn reserve_large(&self, wanted: bool) -> LargeReservation<'_> {
+    pub fn reserve_large(&self, wanted: bool) -> LargeReservation {
         if !wanted || self.large.get() >= self.budget {
-            return LargeReservation { pool: None };
+            return LargeReservation { count: None };
         }
         self.large.set(self.large.get() + 1);
-        LargeReservation { pool: Some(self) }
+        LargeReservation {
+            count: Some(self.large.clone()),
+        }
     }
 
     /// A buffer of exactly `len` bytes (its contents are an earlier

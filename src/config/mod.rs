@@ -192,7 +192,18 @@ pub struct TunnelConfig {
     /// Offer (entry) or accept (exit) chunks of up to
     /// [`crate::proto::LARGE_PAYLOAD`] bytes (docs/PROTOCOL.md §4).
     pub large_chunks: bool,
+    /// Keep-alive tunnels (docs/PROTOCOL.md §4.1): idle tunnels kept per
+    /// exit endpoint per shard (entry) or per shard (exit); 0 is off.
+    pub keepalive: usize,
+    /// How long a keep-alive tunnel waits for its next session.
+    pub tunnel_idle_timeout: Duration,
 }
+
+/// `--tunnel-keepalive` unless given: an entry keeps this many idle tunnels
+/// per exit endpoint per shard...
+pub const DEFAULT_ENTRY_KEEPALIVE: i64 = 32;
+/// ...and an exit this many per shard.
+pub const DEFAULT_EXIT_KEEPALIVE: i64 = 1024;
 
 /// Why a configuration was rejected. Every message is one line.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -807,6 +818,14 @@ impl Config {
             max_handshakes: ranges::MAX_HANDSHAKES
                 .check_count(args.max_handshakes.unwrap_or(DEFAULT_MAX_HANDSHAKES))?,
             large_chunks: args.large_chunks,
+            keepalive: ranges::TUNNEL_KEEPALIVE.check_count(args.tunnel_keepalive.unwrap_or(
+                if exit {
+                    DEFAULT_EXIT_KEEPALIVE
+                } else {
+                    DEFAULT_ENTRY_KEEPALIVE
+                },
+            ))?,
+            tunnel_idle_timeout: ranges::TUNNEL_IDLE_TIMEOUT.check(args.tunnel_idle_timeout)?,
         };
         // Settings of the exit's handshakes, given to an entry (say, in a
         // config file shared by both roles): checked, then a warning.

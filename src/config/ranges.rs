@@ -117,6 +117,20 @@ pub const MAX_FAILS: Bound<u32> = Bound {
     min: 1,
     max: 100,
 };
+/// `--tunnel-keepalive`: idle keep-alive tunnels (entry: per exit endpoint
+/// per shard; exit: per shard); 0 is off.
+pub const TUNNEL_KEEPALIVE: Bound<usize> = Bound {
+    flag: "--tunnel-keepalive",
+    min: 0,
+    max: 100_000,
+};
+/// `--tunnel-idle-timeout`: how long a keep-alive tunnel waits for its
+/// next session.
+pub const TUNNEL_IDLE_TIMEOUT: Bound<Duration> = Bound {
+    flag: "--tunnel-idle-timeout",
+    min: secs(1),
+    max: secs(3600),
+};
 /// `--fail-timeout`: the first ejection's length.
 pub const FAIL_TIMEOUT: Bound<Duration> = Bound {
     flag: "--fail-timeout",
@@ -191,7 +205,7 @@ pub fn range_of(flag: &str) -> Option<String> {
         DRAIN_TIMEOUT, DRAIN_DELAY, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES, MAX_CLOCK_SKEW,
         CONNECT_ATTEMPTS, MAX_FAILS, FAIL_TIMEOUT, HEALTH_CHECK_INTERVAL, HEALTH_CHECK_FAILS,
         HEALTH_CHECK_PASSES, DNS_REFRESH, PROXY_HEADER_TIMEOUT, ACCESS_LOG_INTERVAL,
-        METRICS_INTERVAL;
+        METRICS_INTERVAL, TUNNEL_KEEPALIVE, TUNNEL_IDLE_TIMEOUT;
         sizes: BUFFER_SIZE
     );
     None
@@ -330,7 +344,7 @@ mod tests {
             .filter_map(|l| l.trim().strip_prefix("flag: \"--"))
             .map(|l| l.trim_end_matches("\","))
             .collect();
-        assert!(flags.len() >= 22, "{flags:?}");
+        assert!(flags.len() >= 24, "{flags:?}");
         for flag in flags {
             let flag = format!("--{flag}");
             assert!(range_of(&flag).is_some(), "{flag} is not in range_of");

@@ -273,6 +273,8 @@ pub struct Snapshot {
     /// Tunnel sessions that agreed on large chunks, and those that wanted
     /// them but found the shard's reservations spent.
     pub large_chunks: (u64, u64),
+    /// Sessions carried by a kept tunnel, and keep-alive tunnels idle now.
+    pub tunnels: (u64, u64),
     /// Sleeps that waited for a batch of events (`--wake-batch`), and those
     /// of them that waited out the whole `--wake-batch-wait`.
     pub coalesced_sleeps: (u64, u64),
@@ -318,6 +320,7 @@ impl Snapshot {
             spliced: stats.spliced.get(),
             batched: stats.batched.get(),
             large_chunks: (stats.large_chunks.get(), stats.large_chunks_denied.get()),
+            tunnels: (stats.tunnel_reuses.get(), stats.idle_tunnels.get()),
             // The shard's own executor's counts: this runs on its thread.
             coalesced_sleeps: glommio::raw::coalesced_sleeps(),
             upstreams: Vec::new(),

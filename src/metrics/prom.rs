@@ -212,6 +212,20 @@ pub fn render(snaps: &[&Snapshot], info: &ProcessInfo) -> String {
     );
     counter(
         w,
+        "shardproxy_tunnel_reuses_total",
+        "Tunnel sessions carried by a keep-alive tunnel an earlier session opened: no connect, no handshake (--tunnel-keepalive; entry and exit).",
+        "counter",
+        &|s| s.tunnels.0,
+    );
+    counter(
+        w,
+        "shardproxy_idle_tunnels",
+        "Keep-alive tunnels idle now, waiting for a session (entry: its pool; exit: waiting for a start chunk).",
+        "gauge",
+        &|s| s.tunnels.1,
+    );
+    counter(
+        w,
         "shardproxy_coalesced_sleeps_total",
         "Sleeps in which the shard waited for a batch of events instead of one (--wake-batch; only while its transfers move bytes; 0 before Linux 6.12).",
         "counter",

@@ -360,7 +360,10 @@ impl Decoder {
     /// Panics unless the end chunk was seen: only a session boundary
     /// allows this.
     pub fn next_session(&mut self) {
-        assert!(self.state == State::Ended, "next session before the end chunk");
+        assert!(
+            self.state == State::Ended,
+            "next session before the end chunk"
+        );
         self.state = State::Header;
     }
 

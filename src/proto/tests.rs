@@ -698,7 +698,10 @@ fn a_refusal_is_authenticated_and_only_offered_to_a_hello_that_allows_it() {
     // The status is sealed: a man in the middle cannot turn a refusal into
     // an acceptance, or the reverse (any flipped bit fails the tag).
     let (client, hello) = ClientHandshake::start(&key, [3; 32], 10, b"").unwrap();
-    let acc = accept_hello_with(keys, &hello, [4; 32], 10, 120, FLAG_LARGE_CHUNKS, |_| STATUS_OK).unwrap();
+    let acc = accept_hello_with(keys, &hello, [4; 32], 10, 120, FLAG_LARGE_CHUNKS, |_| {
+        STATUS_OK
+    })
+    .unwrap();
     assert_eq!(acc.flags, 0, "start() sends no flags");
     let mut flipped = acc.server_hello;
     flipped[SALT_LEN + 1] ^= STATUS_NO_UPSTREAM;
@@ -878,7 +881,10 @@ fn keepalive_only_when_both_hellos_agree_and_sessions_follow_each_other() {
                 other => panic!("{other:?}"),
             }
         }
-        assert_eq!(parse_start(&chunks[0]).unwrap(), (0x01, &b"\x03\x01\x07"[..]));
+        assert_eq!(
+            parse_start(&chunks[0]).unwrap(),
+            (0x01, &b"\x03\x01\x07"[..])
+        );
         assert_eq!(chunks[1], b"two");
         // The exit's side: session 1's end, then the status of session 2.
         let mut down = Vec::new();
