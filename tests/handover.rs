@@ -721,7 +721,11 @@ fn exit_takeover_carries_the_replay_set(from: usize, to: usize) {
     let recorder = Proxy::entry(tap, &key).start();
     one(recorder.addr, &random_bytes(1024, 7)).unwrap();
     let hello = recording.lock().unwrap()[..CLIENT_HELLO].to_vec();
-    let entry = Proxy::entry(old.addr, &key).start();
+    // Every client a hello of its own (no keep-alive tunnels, which would
+    // carry most of them without one), so that the set is large.
+    let entry = Proxy::entry(old.addr, &key)
+        .args(["--tunnel-keepalive", "0"])
+        .start();
     let load = Load::start(entry.addr, TOTAL / 2, SECS);
     load.wait_done(TOTAL / 4);
     let new = Proxy::exit(origin, &key)

@@ -38,6 +38,19 @@ Usage:
                                          as large as agreed and the end chunk; read
                                          the entry's data to its end chunk; print
                                          what was agreed and the SHA-256 received
+  tunnel_client.py keepalive ADDR KEYB64 MSG1 MSG2 [cross]
+                                         as an entry offering keep-alive (§4.1):
+                                         session 1 sends MSG1, session 2 (a start
+                                         chunk, then MSG2) on the same connection;
+                                         with `cross`, session 2 starts only once
+                                         the exit has said something unprompted
+                                         (its goodbye), unread; print what was
+                                         agreed, each reply and session 2's status
+  tunnel_client.py fake-exit-keepalive PORTFILE KEYB64 N
+                                         as an exit agreeing to keep-alive: serve
+                                         up to N sessions on one connection, each
+                                         echoed back; print the sessions served and
+                                         each start's flags and connection ID
   tunnel_client.py fake-exit PORTFILE KEYB64 MSG
                                          as an exit, on 127.0.0.1 (port written to
                                          PORTFILE): answer one hello, send MSG, the
@@ -61,6 +74,10 @@ MAX_PAYLOAD = 16384
 LARGE_PAYLOAD = 65472
 FLAG_LARGE_CHUNKS = 0x02
 SERVER_FLAG_LARGE_CHUNKS = 0x01
+# PROTOCOL.md §4.1: keep-alive tunnels.
+FLAG_KEEPALIVE = 0x04
+SERVER_FLAG_KEEPALIVE = 0x02
+STATUS_GOING_AWAY = 0x03
 VERSION = 2
 CONFIRM_FIELD = 0xFFFF
 
@@ -230,6 +247,137 @@ def vectors(doc_path):
         print("MISMATCH: " + ", ".join(missing))
         return 1
     print("vectors ok: %d values match %s" % (len(values), doc_path))
+    return 0
+
+
+def next_chunk(s, opener):
+    """Reads until one whole chunk is open (PROTOCOL.md §4, §4.1: on a
+    keep-alive tunnel chunks go on after an end chunk, with the counter).
+    Returns (payload, is_end), or None at EOF with nothing buffered."""
+    while True:
+        if len(opener.buf) >= 2:
+            (length,) = struct.unpack(">H", mask_length(opener.length_key, opener.n, opener.buf[:2]))
+            if length > opener.max:
+                raise ValueError("bad length %d" % length)
+            if len(opener.buf) >= 2 + length + 16:
+                body = opener.buf[2:2 + length + 16]
+                payload = opener.aead.decrypt(chunk_nonce(opener.n, length), body, b"")
+                opener.n += 1
+                opener.buf = opener.buf[2 + length + 16:]
+                return payload, length == 0
+        got = s.recv(65536)
+        if not got:
+            if opener.buf:
+                raise ValueError("EOF inside a chunk")
+            return None
+        opener.buf += got
+
+
+def read_session(s, opener):
+    """Opens data chunks up to and including an end chunk. Returns the
+    data, and whether the end chunk came (False: EOF first)."""
+    data = b""
+    while True:
+        got = next_chunk(s, opener)
+        if got is None:
+            return data, False
+        payload, end = got
+        if end:
+            return data, True
+        data += payload
+
+
+def keepalive(addr, key_b64, msg1, msg2, cross=""):
+    """PROTOCOL.md §4.1 as an entry: two sessions on one tunnel."""
+    import select
+    done = handshake(addr, key_b64, flags=FLAG_KEEPALIVE)
+    if done is None:
+        return 1
+    s, keys, _, server_flags = done
+    agreed = bool(server_flags & SERVER_FLAG_KEEPALIVE)
+    sealer = Sealer(keys["c2s_key"], keys["c2s_length_key"])
+    opener = Opener(keys["s2c_key"], keys["s2c_length_key"])
+    # Session 1: the confirmation, data, the end chunk; its FIN only
+    # without keep-alive (§4: there the end chunk's FIN must follow it).
+    s.sendall(sealer.confirm() + sealer.chunk(msg1.encode()) + sealer.end())
+    if not agreed:
+        s.shutdown(socket.SHUT_WR)
+    reply1, ended1 = read_session(s, opener)
+    if not agreed:
+        print("agreed=False reply1=%r ended1=%s" % (reply1, ended1))
+        return 0
+    if cross == "cross":
+        # Wait until the exit has said something (its goodbye), unread, so
+        # that our start crosses it.
+        readable, _, _ = select.select([s], [], [], 20)
+        if not readable:
+            print("the exit said nothing")
+            return 1
+    start = bytes([0]) + meta_block(conn_id=bytes(range(0xA0, 0xB0)))
+    s.sendall(sealer.chunk(start) + sealer.chunk(msg2.encode()) + sealer.end())
+    got = next_chunk(s, opener)
+    if got is None or got[1]:
+        print("agreed=True reply1=%r no status: %r" % (reply1, got))
+        return 0
+    status = got[0]
+    reply2, ended2 = b"", False
+    if status == b"\x00":
+        reply2, ended2 = read_session(s, opener)
+    s.shutdown(socket.SHUT_WR)
+    print("agreed=True reply1=%r ended1=%s status=%d reply2=%r ended2=%s closed=%s" % (
+        reply1, ended1, status[0], reply2, ended2, how_it_ended(s)))
+    return 0
+
+
+def fake_exit_keepalive(port_file, key_b64, most):
+    """As an exit agreeing to keep-alive (PROTOCOL.md §4.1): echo each
+    session back, answering each start after the first with status 0."""
+    psk = base64.b64decode(key_b64)
+    s, hello = accept_hello(port_file)
+    if s is None:
+        return 1
+    cs = hello[:32]
+    hello_key = hkdf(cs, psk, b"shardproxy/1 client hello")
+    pt = ChaCha20Poly1305(hello_key).decrypt(nonce(0), hello[32:], cs)
+    offered = bool(pt[1] & FLAG_KEEPALIVE)
+    ss = os.urandom(32)
+    keys = session(psk, cs, ss)
+    answer = bytes([VERSION, 0, SERVER_FLAG_KEEPALIVE if offered else 0, 0])
+    s.sendall(ss + ChaCha20Poly1305(keys["server_hello_key"]).encrypt(nonce(0), answer, cs))
+    confirmed = read_confirmation(s, keys)
+    if confirmed is None:
+        return 1
+    opener, rest = confirmed
+    opener.buf = rest
+    sealer = Sealer(keys["s2c_key"], keys["s2c_length_key"])
+    starts = []
+    served = 0
+    s.settimeout(30)
+    for i in range(int(most)):
+        if i > 0:
+            got = next_chunk(s, opener)
+            if got is None:
+                break
+            payload, end = got
+            if end or not 1 <= len(payload) <= 65:
+                print("bad start chunk")
+                return 1
+            conn_id = b""
+            meta = payload[1:]
+            while len(meta) >= 2:
+                kind, n = meta[0], meta[1]
+                if kind == 0x03 and n == 16:
+                    conn_id = meta[2:18]
+                meta = meta[2 + n:]
+            starts.append("%d:%s" % (payload[0], conn_id.hex()))
+            s.sendall(sealer.chunk(b"\x00"))
+        data, ended = read_session(s, opener)
+        if not ended:
+            break
+        out = b"".join(sealer.chunk(data[j:j + MAX_PAYLOAD]) for j in range(0, len(data), MAX_PAYLOAD))
+        s.sendall(out + sealer.end())
+        served += 1
+    print("offered=%s served=%d starts=%s closed=%s" % (offered, served, ",".join(starts), how_it_ended(s)))
     return 0
 
 
@@ -681,6 +829,10 @@ if __name__ == "__main__":
         sys.exit(large(*sys.argv[2:]))
     if sys.argv[1] == "fake-exit-large":
         sys.exit(fake_exit_large(sys.argv[2], sys.argv[3], sys.argv[4]))
+    if sys.argv[1] == "keepalive":
+        sys.exit(keepalive(*sys.argv[2:]))
+    if sys.argv[1] == "fake-exit-keepalive":
+        sys.exit(fake_exit_keepalive(sys.argv[2], sys.argv[3], sys.argv[4]))
     if sys.argv[1] == "fake-exit":
         sys.exit(fake_exit(sys.argv[2], sys.argv[3], sys.argv[4]))
     repeat = int(sys.argv[5]) if len(sys.argv) > 5 else 1
