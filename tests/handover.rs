@@ -990,3 +990,62 @@ fn a_successor_whose_predecessor_died_says_it_accepts_alone() {
         "{line}"
     );
 }
+
+/// Hand-overs of both tunnel roles under load while keep-alive tunnels
+/// carry most sessions (docs/PROTOCOL.md §4.1): the old exit says goodbye
+/// on its idle tunnels and serves every session already started on one;
+/// the old entry closes its idle tunnels; no client is lost either time.
+#[test]
+fn takeovers_of_keepalive_tunnels_lose_no_connection() {
+    let origin = echo_origin();
+    let key = key_file(&[&keygen()]);
+    let exit_ctl = control_path("ka-exit");
+    let entry_ctl = control_path("ka-entry");
+    let mut old_exit = Proxy::exit(origin, &key)
+        .shards(2)
+        .args(["--control-socket", &exit_ctl])
+        .start();
+    let mut old_entry = Proxy::entry(old_exit.addr, &key)
+        .shards(2)
+        .args(["--control-socket", &entry_ctl])
+        .start();
+    let load = Load::start(old_entry.addr, TOTAL, SECS);
+    load.wait_done(TOTAL / 3);
+    let new_exit = Proxy::exit(origin, &key)
+        .listen(old_exit.addr)
+        .shards(2)
+        .args(["--takeover", &exit_ctl])
+        .start();
+    assert_eq!(
+        wait_exited(&mut old_exit, Duration::from_secs(30)),
+        Some(0),
+        "{:?}",
+        old_exit.log()
+    );
+    load.wait_done(2 * TOTAL / 3);
+    let new_entry = Proxy::entry(old_exit.addr, &key)
+        .listen(old_entry.addr)
+        .shards(2)
+        .args(["--takeover", &entry_ctl])
+        .start();
+    assert_eq!(
+        wait_exited(&mut old_entry, Duration::from_secs(30)),
+        Some(0),
+        "{:?}",
+        old_entry.log()
+    );
+    let (done, failed) = load.finish();
+    assert_eq!(done, TOTAL);
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    let reuses = |lines: &[String]| -> u64 {
+        summaries(lines).iter().map(|s| s.get("tunnel_reuses")).sum()
+    };
+    // Kept tunnels carried sessions before and after each hand-over.
+    let old_entry_lines = old_entry.log();
+    assert!(reuses(&old_entry_lines) > 0, "{old_entry_lines:?}");
+    let (_, entry_lines) = new_entry.terminate();
+    assert!(reuses(&entry_lines) > 0, "{entry_lines:?}");
+    let (status, exit_lines) = new_exit.terminate();
+    assert!(status.success(), "{exit_lines:?}");
+    assert!(reuses(&exit_lines) > 0, "{exit_lines:?}");
+}
