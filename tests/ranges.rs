@@ -37,6 +37,8 @@ const TABLE: &[(&str, &str, &[&str], bool)] = &[
     ("handshake_timeout", "5m", &["-1s", "99ms", "301s"], true),
     ("max_clock_skew", "5m", &["-1s", "0s", "301s"], true),
     ("max_handshakes", "1000000", &["-1", "0", "1000001"], true),
+    ("tunnel_keepalive", "100000", &["-1", "100001"], true),
+    ("tunnel_idle_timeout", "1h", &["-1s", "999ms", "3601s"], true),
     ("connect_attempts", "10", &["-1", "0", "11"], false),
     ("max_fails", "100", &["-1", "0", "101"], false),
     ("fail_timeout", "1h", &["-1s", "999ms", "3601s"], false),

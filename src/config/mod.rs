@@ -171,6 +171,18 @@ pub struct Lifecycle {
     pub takeover: Option<std::path::PathBuf>,
 }
 
+/// Descriptors one shard's idle keep-alive tunnels may hold
+/// (`--tunnel-keepalive`): per exit endpoint on an entry (`endpoints` of
+/// them), in all on an exit. Apart from `--max-connections`, which counts
+/// sessions.
+fn idle_tunnel_fds(exit: bool, endpoints: usize, keepalive: usize) -> u64 {
+    if exit {
+        keepalive as u64
+    } else {
+        (keepalive * endpoints.max(1)) as u64
+    }
+}
+
 /// `--max-clock-skew` unless given: SIP022's window.
 pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(30);
 /// `--max-handshakes` unless given, per shard.
@@ -509,7 +521,12 @@ impl Config {
             _ => 0,
         };
         let pipes = 2 * self.limits.splice_pipes as u64;
-        (2 * self.limits.max_connections.get() as u64 + pending + pipes) * self.cores.len() as u64
+        let idle = self.tunnel().map_or(0, |t| {
+            let exit = matches!(self.mode, Mode::Exit(_));
+            idle_tunnel_fds(exit, self.upstreams.endpoints.len(), t.keepalive)
+        });
+        (2 * self.limits.max_connections.get() as u64 + pending + pipes + idle)
+            * self.cores.len() as u64
             + 64
     }
 
@@ -839,11 +856,13 @@ impl Config {
         // The tunnel roles transform every byte: no pipes.
         cfg.limits.splice_pipes = 0;
         if args.proxy.max_connections.is_none() {
-            // The exit's pending handshakes need descriptors of their own.
+            // The exit's pending handshakes need descriptors of their own,
+            // and so do idle keep-alive tunnels (both roles).
+            let idle = idle_tunnel_fds(exit, cfg.upstreams.endpoints.len(), tunnel.keepalive);
             let reserved = if exit {
-                2 * tunnel.max_handshakes as u64
+                2 * tunnel.max_handshakes as u64 + idle
             } else {
-                0
+                idle
             };
             let fit = default_max_connections_reserving(cfg.cores.len(), fd_limit(), reserved);
             cfg.limits.max_connections = NonZeroUsize::new(fit).unwrap_or(NonZeroUsize::MIN);
