@@ -1268,7 +1268,10 @@ async fn connect_pool_with<T>(
             },
             Err(e) => e,
         };
-        if failed.is_final() {
+        // The client's own failure (its reset, met while a kept tunnel's
+        // start read its first bytes) is no endpoint's, and no other
+        // endpoint can help.
+        if failed.is_final() || failed.side() == crate::error::Side::Downstream {
             return Err(failed);
         }
         ctx.upstream_failed(&lease, &failed);

@@ -121,11 +121,22 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// A loopback port nothing listens on now, and that this process has not
+/// handed out before: the kernel may give a port back as soon as the probe
+/// socket closes, and two components handed the same one (a relay told to
+/// listen on its own upstream's port) hung a whole run.
 pub fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        if GIVEN.lock().unwrap().insert(addr.port()) {
+            return addr;
+        }
+    }
 }
 
 pub fn wait_listening(addr: SocketAddr) {
