@@ -32,7 +32,10 @@
 //!   sealing; an opening direction passes FIN on only once the tunnel's own
 //!   FIN follows the end chunk, and EOF without it is
 //!   [`SessionError::Truncated`]); the pair ends when both directions have
-//!   ended.
+//!   ended. On a keep-alive tunnel (docs/PROTOCOL.md §4.1) the end chunks
+//!   carry no FIN, an opening direction passes FIN on as soon as it opens
+//!   the end chunk, and the pair ends at the session boundary, handing the
+//!   tunnel's cipher states and any bytes read past the end back ([`Kept`]).
 //! * An error on either side ends both at once, with the side named; the
 //!   session then resets both sockets.
 //! * Idle timeout and the drain's abort come from the shard's sweep, which
