@@ -28,8 +28,9 @@
 //! | `duration_ms` | since accept |
 //! | `bytes_up`, `bytes_down` | plaintext bytes client → upstream and back, as the metrics count them |
 //! | `reason` | close reason (`docs/METRICS.md`); absent on `open` lines |
+//! | `tunnel` | entry, exit: `new` (the session had a tunnel of its own, or opened one) or `kept` (it rode a keep-alive tunnel an earlier session opened) |
 //! | `connect_ms` | upstream connect time |
-//! | `handshake_ms` | tunnel handshake time (entry, exit) |
+//! | `handshake_ms` | tunnel handshake time (entry, exit); on an entry's `kept` session, the wait for the exit's status instead |
 //! | `first_byte_ms` | from accept to the first upstream byte delivered to the client |
 //!
 //! Times are milliseconds with microsecond precision; a field whose phase
@@ -134,8 +135,12 @@ pub struct Record {
     pub bytes_down: Cell<u64>,
     /// Upstream connect time.
     pub connect: Cell<Option<Duration>>,
-    /// Tunnel handshake time.
+    /// Tunnel handshake time (an entry's session on a kept tunnel: the
+    /// wait for the exit's status).
     pub handshake: Cell<Option<Duration>>,
+    /// Tunnel roles: whether the session rode a keep-alive tunnel an
+    /// earlier session opened (`Some(true)`), or a tunnel of its own.
+    pub kept: Cell<Option<bool>>,
     /// Accept → first upstream byte delivered to the client.
     pub first_byte: Cell<Option<Duration>>,
     /// Whether a client byte has been delivered upstream and timed (the
@@ -157,6 +162,7 @@ impl Record {
             bytes_down: Cell::new(0),
             connect: Cell::new(None),
             handshake: Cell::new(None),
+            kept: Cell::new(None),
             first_byte: Cell::new(None),
             first_up_timed: Cell::new(false),
         }
@@ -215,6 +221,9 @@ impl Record {
         w.num(key!("bytes_down"), self.bytes_down.get());
         if let Some(r) = reason {
             w.label(key!("reason"), r.as_str());
+        }
+        if let Some(kept) = self.kept.get() {
+            w.label(key!("tunnel"), if kept { "kept" } else { "new" });
         }
         w.ms(key!("connect_ms"), self.connect.get());
         w.ms(key!("handshake_ms"), self.handshake.get());
@@ -648,6 +657,21 @@ mod tests {
             assert!(out.contains(want), "{want} missing: {out}");
         }
         assert!(!out.contains("handshake_ms"), "{out}");
+        assert!(!out.contains("tunnel"), "{out}");
+        let r = record();
+        r.kept.set(Some(true));
+        let mut out = Vec::new();
+        r.line(&mut out, Format::Json, 1, "exit", Some(CloseReason::Clean));
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.contains(r#""reason":"clean","tunnel":"kept","#),
+            "{out}"
+        );
+        r.kept.set(Some(false));
+        let mut out = Vec::new();
+        r.line(&mut out, Format::Logfmt, 1, "exit", None);
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.contains(" tunnel=new "), "{out}");
     }
 
     #[test]

@@ -221,7 +221,7 @@ pub struct TunnelArgs {
     #[arg(long, num_args = 0..=1, require_equals = true, default_value_t = true, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub large_chunks: bool,
 
-    /// Keep-alive tunnels: a tunnel whose session ended both ways stays open for the next client, with no new connection or handshake. entry: idle tunnels kept per exit endpoint per shard; exit: idle tunnels kept per shard, past which the longest idle one is closed. Both ends must agree per connection; 0 turns it off (0-100000) [default: 32 on an entry, 1024 on an exit].
+    /// Keep-alive tunnels: a tunnel whose session ended both ways stays open for the next client, with no new connection or handshake. entry: idle tunnels kept per exit endpoint per shard; exit: idle tunnels kept per shard, past which the longest idle one gets a goodbye. A tunnel is kept only if both its ends allow it (negotiated per connection; the numbers need not match); 0 turns it off. At most a quarter of each shard's file descriptors (a warning says when it is lowered) (0-100000) [default: 32 on an entry, 1024 on an exit].
     #[arg(long, value_name = "N", value_parser = parse_count)]
     pub tunnel_keepalive: Option<i64>,
 

@@ -391,6 +391,7 @@ async fn entry(
         })
     };
     let (upstream, lease, link) = connect_pool_with(ctx, rec, reuse, handshake).await?;
+    rec.kept.set(Some(link.confirm.is_none()));
     let Link {
         mut encoder,
         decoder,
@@ -899,6 +900,7 @@ async fn exit(
             return Err(e);
         }
     }
+    rec.kept.set(Some(false));
     let framing = Framing::Tunnel {
         tunnel: Peer::Downstream,
         encoder: accepted.encoder,
@@ -970,6 +972,7 @@ pub async fn serve_kept(
         // from here.
         let rec = Record::new(ctx.connection_id());
         rec.peer.set(peer);
+        rec.kept.set(Some(true));
         ctx.on_accept();
         ctx.idle_ended();
         let (result, kept) = match payload {

@@ -1038,7 +1038,10 @@ fn takeovers_of_keepalive_tunnels_lose_no_connection() {
     assert_eq!(done, TOTAL);
     assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
     let reuses = |lines: &[String]| -> u64 {
-        summaries(lines).iter().map(|s| s.get("tunnel_reuses")).sum()
+        summaries(lines)
+            .iter()
+            .map(|s| s.get("tunnel_reuses"))
+            .sum()
     };
     // Kept tunnels carried sessions before and after each hand-over.
     let old_entry_lines = old_entry.log();

@@ -38,7 +38,12 @@ const TABLE: &[(&str, &str, &[&str], bool)] = &[
     ("max_clock_skew", "5m", &["-1s", "0s", "301s"], true),
     ("max_handshakes", "1000000", &["-1", "0", "1000001"], true),
     ("tunnel_keepalive", "100000", &["-1", "100001"], true),
-    ("tunnel_idle_timeout", "1h", &["-1s", "999ms", "3601s"], true),
+    (
+        "tunnel_idle_timeout",
+        "1h",
+        &["-1s", "999ms", "3601s"],
+        true,
+    ),
     ("connect_attempts", "10", &["-1", "0", "11"], false),
     ("max_fails", "100", &["-1", "0", "101"], false),
     ("fail_timeout", "1h", &["-1s", "999ms", "3601s"], false),
@@ -309,6 +314,23 @@ fn settings_that_cannot_work_are_errors_or_warnings() {
             "{role}: {stderr}"
         );
     }
+    // A keep-alive setting that would take more than a quarter of each
+    // shard's descriptors is lowered with a warning that names it, instead
+    // of cutting the default --max-connections to 1.
+    let path = write(
+        "keepalive-fds.toml",
+        &config("exit", &key, "tunnel_keepalive = 100000"),
+    );
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "ulimit -n 4160 && exec \"$0\" check --config \"$1\""])
+        .arg(BIN)
+        .arg(&path);
+    let (status, lowered) = run_bounded(cmd, Duration::from_secs(20)).unwrap();
+    assert!(status.success(), "{lowered}");
+    assert!(
+        lowered.contains("--tunnel-keepalive 100000 lowered to 1024"),
+        "{lowered}"
+    );
     let somaxconn: u64 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
         .unwrap()
         .trim()

@@ -209,6 +209,9 @@ pub struct TunnelConfig {
     pub keepalive: usize,
     /// How long a keep-alive tunnel waits for its next session.
     pub tunnel_idle_timeout: Duration,
+    /// `--tunnel-keepalive` as given, when `keepalive` had to be lowered
+    /// to fit the descriptor limit (a warning).
+    pub keepalive_asked: Option<usize>,
 }
 
 /// `--tunnel-keepalive` unless given: an entry keeps this many idle tunnels
@@ -548,7 +551,21 @@ impl Config {
                 } else {
                     "large chunks off".to_string()
                 };
-                format!("up to {} batch buffers, {large}", self.batch_buffers())
+                let kept = match (&self.mode, t.keepalive) {
+                    (_, 0) => "keep-alive tunnels off".to_string(),
+                    (Mode::Exit(_), n) => format!(
+                        "up to {n} idle keep-alive tunnels for {}",
+                        crate::units::format_duration(t.tunnel_idle_timeout)
+                    ),
+                    (_, n) => format!(
+                        "up to {n} idle keep-alive tunnels per exit for {}",
+                        crate::units::format_duration(t.tunnel_idle_timeout)
+                    ),
+                };
+                format!(
+                    "up to {} batch buffers, {large}, {kept}",
+                    self.batch_buffers()
+                )
             }
         };
         format!(
@@ -641,6 +658,21 @@ impl Config {
                 self.limits.max_connections,
                 self.cores.len()
             ));
+        }
+        if let Some(t) = self.tunnel() {
+            if let Some(asked) = t.keepalive_asked {
+                out.push(format!(
+                    "--tunnel-keepalive {asked} lowered to {}: idle tunnels may hold at most a quarter of each shard's file descriptors (hard RLIMIT_NOFILE {} on {} shards{}); raise the hard `ulimit -n` (LimitNOFILE= in systemd) or lower --tunnel-keepalive",
+                    t.keepalive,
+                    fd_limit().unwrap_or(0),
+                    self.cores.len(),
+                    if matches!(self.mode, Mode::Entry(_)) {
+                        format!(", {} exit endpoint(s)", self.upstreams.endpoints.len())
+                    } else {
+                        String::new()
+                    }
+                ));
+            }
         }
         for flag in &self.exit_only_given {
             out.push(format!(
@@ -826,7 +858,7 @@ impl Config {
         // The shared flags are checked first, as for `forward`.
         let mut cfg = Config::from_args(Mode::Forward, &args.proxy, allowed_cores)?;
         let (keys, warning) = load_key_file(&args.key_file)?;
-        let tunnel = TunnelConfig {
+        let mut tunnel = TunnelConfig {
             key_file: args.key_file.clone(),
             keys,
             handshake_timeout: ranges::HANDSHAKE_TIMEOUT.check(args.handshake_timeout)?,
@@ -843,7 +875,21 @@ impl Config {
                 },
             ))?,
             tunnel_idle_timeout: ranges::TUNNEL_IDLE_TIMEOUT.check(args.tunnel_idle_timeout)?,
+            keepalive_asked: None,
         };
+        // Idle tunnels hold descriptors apart from --max-connections: at
+        // most a quarter of each shard's, so that a large setting cannot
+        // starve the sessions (the default --max-connections fits the rest).
+        let endpoints = cfg.upstreams.endpoints.len();
+        if let Some(limit) = fd_limit() {
+            let budget = limit.saturating_sub(64) / cfg.cores.len().max(1) as u64 / 4;
+            let per = idle_tunnel_fds(exit, endpoints, 1).max(1);
+            let fit = usize::try_from(budget / per).unwrap_or(usize::MAX);
+            if tunnel.keepalive > fit {
+                tunnel.keepalive_asked = Some(tunnel.keepalive);
+                tunnel.keepalive = fit;
+            }
+        }
         // Settings of the exit's handshakes, given to an entry (say, in a
         // config file shared by both roles): checked, then a warning.
         if !exit {
