@@ -433,6 +433,12 @@ fn our_entry_keeps_tunnels_alive_with_an_independent_exit() {
         .unwrap_or("");
     assert!(out.starts_with("offered=True served=5 "), "{out}");
     assert!(out.ends_with("closed=eof"), "{out}");
+    let count = |what: &str| lines.iter().filter(|l| l.contains(what)).count();
+    assert_eq!(
+        (count(r#""tunnel":"new""#), count(r#""tunnel":"kept""#)),
+        (1, 4),
+        "{lines:?}"
+    );
     let ids: Vec<&str> = starts
         .split(',')
         .map(|s| s.trim_start_matches("0:"))
