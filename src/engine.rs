@@ -936,8 +936,27 @@ fn open(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), Sessi
         }
         // 2. After the end chunk on a keep-alive tunnel: FIN to the plain
         // side at once, and nothing more read here; the bytes behind the
-        // end chunk are the next session's (`keep`).
+        // end chunk are the next session's (`keep`). But the next session
+        // may start only at the boundary, once our own end chunk has gone
+        // out (docs/PROTOCOL.md §4.1): a byte from the tunnel before it is
+        // fatal, as data after the end is without keep-alive.
         if p.keepalive && p.half[s].end_seen {
+            if !p.half[1 - s].shut {
+                let early = || {
+                    Err(rejected(ProtoError::KeepAlive(
+                        "a chunk before the session boundary",
+                    )))
+                };
+                if p.half[s].after_end {
+                    return early();
+                }
+                match crate::sys::peek_fd(from) {
+                    Ok(0) => return Err(SessionError::Truncated(peer(s))),
+                    Ok(_) => return early(),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(io_err(s, "read", e)),
+                }
+            }
             return pass_fin(p, s);
         }
         let h = &mut p.half[s];

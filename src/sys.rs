@@ -389,10 +389,10 @@ pub fn recv_fd(fd: std::os::fd::RawFd, buf: &mut [u8]) -> std::io::Result<usize>
     Ok(n as usize)
 }
 
-/// Whether the connected socket `fd` holds nothing to read and no error,
-/// without taking anything (`recv(2)` with `MSG_PEEK | MSG_DONTWAIT` of one
-/// byte): `true` only for "would block". EOF, data or an error are `false`.
-pub fn quiet_fd(fd: std::os::fd::RawFd) -> bool {
+/// Looks at the connected socket `fd` without taking anything (`recv(2)`
+/// of one byte with `MSG_PEEK | MSG_DONTWAIT`): `Ok(1)` a byte waits,
+/// `Ok(0)` EOF, `WouldBlock` nothing yet, any other error the socket's.
+pub fn peek_fd(fd: std::os::fd::RawFd) -> std::io::Result<usize> {
     let mut byte = 0u8;
     // SAFETY: `byte` is a live, writable one-byte buffer for the duration
     // of the call; MSG_PEEK leaves the socket's queue as it is.
@@ -404,7 +404,16 @@ pub fn quiet_fd(fd: std::os::fd::RawFd) -> bool {
             libc::MSG_PEEK | libc::MSG_DONTWAIT,
         )
     };
-    n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Whether the connected socket `fd` holds nothing to read and no error
+/// ([`peek_fd`] would block). EOF, data or an error are `false`.
+pub fn quiet_fd(fd: std::os::fd::RawFd) -> bool {
+    matches!(peek_fd(fd), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 /// `send(2)` (`MSG_DONTWAIT | MSG_NOSIGNAL`) on a connected socket `fd`,

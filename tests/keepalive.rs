@@ -452,3 +452,40 @@ fn our_entry_keeps_tunnels_alive_with_an_independent_exit() {
         );
     }
 }
+
+/// A session may start only at the boundary (docs/PROTOCOL.md §4.1): a
+/// start sent right behind an end chunk, before the exit's own, is fatal
+/// as data after the end is. Nothing of it reaches an origin, and the
+/// first session's origin sees a reset, not a clean end. (A break-it round
+/// found the exit served it as the next session.)
+#[test]
+fn a_start_before_the_boundary_is_fatal() {
+    // Reads to EOF, reports, then holds its side open until told: the
+    // exit's end chunk cannot go out first.
+    let (tx, rx) = mpsc::channel::<(Vec<u8>, End)>();
+    let tx = Arc::new(std::sync::Mutex::new(tx));
+    let origin = serve(move |mut s| {
+        let mut got = Vec::new();
+        let end = match s.read_to_end(&mut got) {
+            // A FIN first: the reset, if any, comes while we hold on.
+            Ok(_) => read_until_end(&mut s, Duration::from_secs(10)).0,
+            Err(_) => End::Reset,
+        };
+        let _ = tx.lock().unwrap().send((got, end));
+    });
+    let key = keygen();
+    let exit = Proxy::exit(origin, &key_file(&[&key])).start();
+    let Some(out) = tunnel_client(&["early-start", &exit.addr.to_string(), &key]) else {
+        return;
+    };
+    assert_eq!(out.trim(), "exit ended the connection: reset");
+    let (got, end) = rx.recv_timeout(Duration::from_secs(15)).unwrap();
+    assert_eq!((&got[..], end), (&b"one"[..], End::Reset));
+    let (_, lines) = exit.terminate();
+    assert!(
+        rx.try_recv().is_err(),
+        "a second session was served: {lines:?}"
+    );
+    assert_eq!(total(&lines, "accepted"), 1, "{lines:?}");
+    assert_eq!(total(&lines, "auth_failed"), 1, "{lines:?}");
+}

@@ -46,6 +46,12 @@ Usage:
                                          the exit has said something unprompted
                                          (its goodbye), unread; print what was
                                          agreed, each reply and session 2's status
+  tunnel_client.py early-start ADDR KEYB64
+                                         as an entry with keep-alive: session 1
+                                         ("one" and its end chunk), then at once,
+                                         before the exit's end chunk, a start and
+                                         "early" (§4.1 forbids it); print how the
+                                         exit ended the connection
   tunnel_client.py fake-exit-keepalive PORTFILE KEYB64 N
                                          as an exit agreeing to keep-alive: serve
                                          up to N sessions on one connection, each
@@ -326,6 +332,25 @@ def keepalive(addr, key_b64, msg1, msg2, cross=""):
     s.shutdown(socket.SHUT_WR)
     print("agreed=True reply1=%r ended1=%s status=%d reply2=%r ended2=%s closed=%s" % (
         reply1, ended1, status[0], reply2, ended2, how_it_ended(s)))
+    return 0
+
+
+def early_start(addr, key_b64):
+    """PROTOCOL.md §4.1: a session may start only at the boundary. Sends
+    the next session's start right behind session 1's end chunk, before
+    the exit can have sent its own."""
+    done = handshake(addr, key_b64, flags=FLAG_KEEPALIVE)
+    if done is None:
+        return 1
+    s, keys, _, server_flags = done
+    if not server_flags & SERVER_FLAG_KEEPALIVE:
+        print("no keep-alive")
+        return 1
+    sealer = Sealer(keys["c2s_key"], keys["c2s_length_key"])
+    start = bytes([0]) + meta_block(conn_id=bytes(16))
+    s.sendall(sealer.confirm() + sealer.chunk(b"one") + sealer.end()
+              + sealer.chunk(start) + sealer.chunk(b"early") + sealer.end())
+    print("exit ended the connection: " + how_it_ended(s))
     return 0
 
 
@@ -831,6 +856,8 @@ if __name__ == "__main__":
         sys.exit(fake_exit_large(sys.argv[2], sys.argv[3], sys.argv[4]))
     if sys.argv[1] == "keepalive":
         sys.exit(keepalive(*sys.argv[2:]))
+    if sys.argv[1] == "early-start":
+        sys.exit(early_start(sys.argv[2], sys.argv[3]))
     if sys.argv[1] == "fake-exit-keepalive":
         sys.exit(fake_exit_keepalive(sys.argv[2], sys.argv[3], sys.argv[4]))
     if sys.argv[1] == "fake-exit":
