@@ -824,18 +824,7 @@ async fn exit(
         ctx.stats().on_large_chunks(large.held());
     }
     // Authenticated: now it needs a session slot (`--max-connections`).
-    let _permit = match ctx.sessions() {
-        None => None,
-        Some(permits) => {
-            let take = async {
-                permits
-                    .acquire_static_permit(1)
-                    .await
-                    .map_err(|_| SessionError::Drained)
-            };
-            Some(within(ctx, deadline, Peer::Downstream, evictable(&evicted, take)).await?)
-        }
-    };
+    let _permit = session_slot(ctx, deadline, &evicted).await?;
     drop(pending);
     let answer = client.write_all(&accepted.server_hello, || ());
     within(ctx, deadline, Peer::Downstream, answer).await?;
@@ -1049,20 +1038,9 @@ async fn kept_exit_session(
     // A session slot, as after a hello (the entry waits for the answer
     // meanwhile, within its handshake timeout).
     let deadline = rec.accepted_at + tun.handshake_timeout;
-    let _permit = match ctx.sessions() {
-        None => None,
-        Some(permits) => {
-            let take = async {
-                permits
-                    .acquire_static_permit(1)
-                    .await
-                    .map_err(|_| SessionError::Drained)
-            };
-            match within(ctx, deadline, Peer::Downstream, take).await {
-                Ok(p) => Some(p),
-                Err(e) => return fail(e),
-            }
-        }
+    let _permit = match session_slot(ctx, deadline, &Trigger::new()).await {
+        Ok(permit) => permit,
+        Err(e) => return fail(e),
     };
     let (upstream, lease, ()) = match connect_pool(ctx, rec, async |_, _| Ok(())).await {
         Ok(up) => up,
@@ -1112,6 +1090,28 @@ async fn kept_exit_session(
         Ok(None) => (Ok(()), None),
         Err(e) => fail(e),
     }
+}
+
+/// An authenticated tunnel session's slot (`--max-connections`; `None`
+/// when the shard has no limit installed), waited for until `deadline`, or
+/// until `evicted` fires (a pending handshake's room was taken).
+async fn session_slot(
+    ctx: &ShardCtx,
+    deadline: Instant,
+    evicted: &Trigger,
+) -> Result<Option<glommio::sync::StaticPermit>, SessionError> {
+    let Some(permits) = ctx.sessions() else {
+        return Ok(None);
+    };
+    let take = async {
+        permits
+            .acquire_static_permit(1)
+            .await
+            .map_err(|_| SessionError::Drained)
+    };
+    within(ctx, deadline, Peer::Downstream, evictable(evicted, take))
+        .await
+        .map(Some)
 }
 
 /// The status a session with these hello or start `flags` gets: a refusal
