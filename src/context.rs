@@ -263,7 +263,6 @@ impl ShardCtx {
         *self.keys.borrow_mut() = Some(Rc::new(keys));
         self.keys_gen.set(self.keys_gen.get() + 1);
         self.tunnels.clear();
-        self.sync_idle();
         self.idle_tunnels.retire_all();
     }
 
@@ -280,13 +279,6 @@ impl ShardCtx {
     /// The exit's idle keep-alive tunnels.
     pub fn exit_idle(&self) -> &crate::keepalive::ExitIdle {
         &self.idle_tunnels
-    }
-
-    /// Refreshes the idle-tunnel gauge from the entry's pool.
-    pub fn sync_idle(&self) {
-        if matches!(self.cfg.mode, crate::config::Mode::Entry(_)) {
-            self.stats.idle_tunnels.set(self.tunnels.len() as u64);
-        }
     }
 
     /// The exit: a tunnel goes idle between sessions. Until
@@ -383,7 +375,6 @@ impl ShardCtx {
         // Idle keep-alive tunnels close at once: the exit takes their FIN
         // at a session boundary as the tunnel's end.
         self.tunnels.clear();
-        self.sync_idle();
         self.check_drained();
     }
 
@@ -605,6 +596,12 @@ impl ShardCtx {
     /// Publishes a snapshot of this shard's counters and histograms.
     pub fn publish(&self) {
         if let Some(board) = &self.board {
+            // The entry's idle-tunnel gauge is its pool's size, read here;
+            // the exit counts its idle tunnels as they come and go (a
+            // drain waits for them).
+            if matches!(self.cfg.mode, crate::config::Mode::Entry(_)) {
+                self.stats.idle_tunnels.set(self.tunnels.len() as u64);
+            }
             let mut publish = Publish::take(
                 self.id,
                 &self.stats,

@@ -235,6 +235,24 @@ fn header_read(rec: &Record, read: &[u8]) -> Option<Result<Vec<u8>, SessionError
     }
 }
 
+/// The exit's PROXY v2 header to `upstream` (`--send-proxy-v2`), before
+/// any byte of the session; on a failed write `upstream` is reset.
+async fn send_proxy_header(
+    ctx: &ShardCtx,
+    rec: &Record,
+    upstream: &Conn,
+) -> Result<(), SessionError> {
+    let header = proxy_header_out(ctx, rec);
+    if header.is_empty() {
+        return Ok(());
+    }
+    let sent = abortable(ctx, upstream.write_all(&header, || ())).await;
+    if sent.is_err() {
+        upstream.abort();
+    }
+    sent
+}
+
 /// The PROXY protocol v2 header a `forward` or an `exit` sends upstream
 /// (`--send-proxy-v2`), or nothing.
 fn proxy_header_out(ctx: &ShardCtx, rec: &Record) -> Vec<u8> {
@@ -356,7 +374,6 @@ async fn entry(
             let idle = ctx
                 .tunnels()
                 .take(endpoint, tun.tunnel_idle_timeout, keys_gen);
-            ctx.sync_idle();
             rec.upstream.set(Some(endpoint));
             match kept_session(client, ctx, tun, rec, idle?, meta, more, early, &mut first).await {
                 Reused::Served(conn, link) => return Some(Ok((conn, *link))),
@@ -452,7 +469,6 @@ async fn entry(
                 keys: link_keys,
             };
             ctx.tunnels().put(endpoint, idle, tun.keepalive);
-            ctx.sync_idle();
         }
     }
     Ok(())
@@ -882,13 +898,7 @@ async fn exit(
         rec.destination.set(meta.destination);
     }
     let (upstream, lease, ()) = connect_pool(ctx, rec, async |_, _| Ok(())).await?;
-    let header = proxy_header_out(ctx, rec);
-    if !header.is_empty() {
-        if let Err(e) = abortable(ctx, upstream.write_all(&header, || ())).await {
-            upstream.abort();
-            return Err(e);
-        }
-    }
+    send_proxy_header(ctx, rec, &upstream).await?;
     rec.kept.set(Some(false));
     let framing = Framing::Tunnel {
         tunnel: Peer::Downstream,
@@ -1061,12 +1071,8 @@ async fn kept_exit_session(
         upstream.abort();
         return fail(e);
     }
-    let header = proxy_header_out(ctx, rec);
-    if !header.is_empty() {
-        if let Err(e) = abortable(ctx, upstream.write_all(&header, || ())).await {
-            upstream.abort();
-            return fail(e);
-        }
+    if let Err(e) = send_proxy_header(ctx, rec, &upstream).await {
+        return fail(e);
     }
     let framing = Framing::Tunnel {
         tunnel: Peer::Downstream,

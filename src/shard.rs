@@ -250,7 +250,6 @@ fn spawn_tunnel_sweep(ctx: Rc<ShardCtx>, timeout: std::time::Duration) {
             glommio::timer::sleep(TUNNEL_SWEEP).await;
             if !ctx.tunnels().is_empty() {
                 ctx.tunnels().sweep(timeout, ctx.keys_gen());
-                ctx.sync_idle();
             }
         }
     };
