@@ -5,7 +5,6 @@
 mod common;
 
 use std::io::Write;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -57,56 +56,6 @@ fn data_after_the_end_chunk_resets_the_exit_and_its_origin() {
     let s = seen.recv_timeout(Duration::from_secs(10)).unwrap();
     assert_eq!(s.end, End::Reset, "the origin saw {:?}", s.end);
     assert_eq!(s.bytes, b"before the end");
-}
-
-/// tests/tunnel_client.py as a fake exit in `mode` (`args` after its port
-/// file and key; stdin and stdout piped), and an entry (with `entry_args`)
-/// in front of it. `None` if Python's `cryptography` is missing.
-fn fake_exit(
-    mode: &str,
-    args: &[&str],
-    entry_args: &[&str],
-) -> Option<(std::process::Child, Proxy)> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    if !python_cryptography() {
-        return None;
-    }
-    let key = keygen();
-    let port_file = std::env::temp_dir().join(format!(
-        "sp-fake-exit-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_file(&port_file);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tunnel_client.py");
-    let fake = Command::new("python3")
-        .arg(script)
-        .args([mode, port_file.to_str().unwrap(), &key])
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let port: u16 = poll_until(Duration::from_secs(10), || {
-        std::fs::read_to_string(&port_file)
-            .map_err(|e| e.to_string())
-            .and_then(|p| p.trim().parse::<u16>().map_err(|e| e.to_string()))
-    });
-    let _ = std::fs::remove_file(&port_file);
-    let entry = Proxy::entry(
-        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-        &key_file(&[&key]),
-    )
-    .args(entry_args)
-    .start();
-    Some((fake, entry))
-}
-
-/// What a fake exit printed, once it has exited.
-fn fake_output(fake: std::process::Child) -> String {
-    let out = fake.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// Tells a fake exit waiting on stdin to answer the hello.

@@ -393,40 +393,16 @@ fn a_start_that_crosses_the_goodbye_is_not_served() {
 /// `meta` carries the client's connection ID.
 #[test]
 fn our_entry_keeps_tunnels_alive_with_an_independent_exit() {
-    if !python_cryptography() {
+    let Some((fake, entry)) = fake_exit("fake-exit-keepalive", &["5"], &["--access-log", "-"])
+    else {
         return;
-    }
-    let key = keygen();
-    let port_file = std::env::temp_dir().join(format!("sp-ka-exit-{}", std::process::id()));
-    let _ = std::fs::remove_file(&port_file);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tunnel_client.py");
-    let fake = std::process::Command::new("python3")
-        .arg(script)
-        .args([
-            "fake-exit-keepalive",
-            port_file.to_str().unwrap(),
-            &key,
-            "5",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let port: u16 = poll_until(Duration::from_secs(10), || {
-        std::fs::read_to_string(&port_file)
-            .map_err(|e| e.to_string())
-            .and_then(|p| p.trim().parse::<u16>().map_err(|e| e.to_string()))
-    });
-    let _ = std::fs::remove_file(&port_file);
-    let entry = Proxy::entry(SocketAddr::from(([127, 0, 0, 1], port)), &key_file(&[&key]))
-        .args(["--access-log", "-"])
-        .start();
+    };
     for i in 0..5 {
         let data = random_bytes(20_000 + i, i as u64);
         assert!(echo(entry.addr, &data) == data, "client {i}");
     }
     let (_, lines) = entry.terminate();
-    let out = fake.wait_with_output().unwrap();
-    let out = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let out = fake_output(fake);
     let starts = out
         .split_once("starts=")
         .map(|(_, rest)| rest.split(' ').next().unwrap_or(""))
