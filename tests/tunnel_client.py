@@ -354,6 +354,21 @@ def early_start(addr, key_b64):
     return 0
 
 
+def agree_to(s, psk, hello, flag, server_flag):
+    """As an exit: answers `hello` (PROTOCOL.md §3) under a fresh server
+    salt, with `server_flag` set if the hello's flags offer `flag`.
+    Returns (whether it was offered, the session keys)."""
+    cs = hello[:32]
+    hello_key = hkdf(cs, psk, b"shardproxy/1 client hello")
+    pt = ChaCha20Poly1305(hello_key).decrypt(nonce(0), hello[32:], cs)
+    offered = bool(pt[1] & flag)
+    ss = os.urandom(32)
+    keys = session(psk, cs, ss)
+    answer = bytes([VERSION, 0, server_flag if offered else 0, 0])
+    s.sendall(ss + ChaCha20Poly1305(keys["server_hello_key"]).encrypt(nonce(0), answer, cs))
+    return offered, keys
+
+
 def fake_exit_keepalive(port_file, key_b64, most):
     """As an exit agreeing to keep-alive (PROTOCOL.md §4.1): echo each
     session back, answering each start after the first with status 0."""
@@ -361,14 +376,7 @@ def fake_exit_keepalive(port_file, key_b64, most):
     s, hello = accept_hello(port_file)
     if s is None:
         return 1
-    cs = hello[:32]
-    hello_key = hkdf(cs, psk, b"shardproxy/1 client hello")
-    pt = ChaCha20Poly1305(hello_key).decrypt(nonce(0), hello[32:], cs)
-    offered = bool(pt[1] & FLAG_KEEPALIVE)
-    ss = os.urandom(32)
-    keys = session(psk, cs, ss)
-    answer = bytes([VERSION, 0, SERVER_FLAG_KEEPALIVE if offered else 0, 0])
-    s.sendall(ss + ChaCha20Poly1305(keys["server_hello_key"]).encrypt(nonce(0), answer, cs))
+    offered, keys = agree_to(s, psk, hello, FLAG_KEEPALIVE, SERVER_FLAG_KEEPALIVE)
     confirmed = read_confirmation(s, keys)
     if confirmed is None:
         return 1
@@ -497,14 +505,7 @@ def fake_exit_large(port_file, key_b64, nbytes):
     s, hello = accept_hello(port_file)
     if s is None:
         return 1
-    cs = hello[:32]
-    hello_key = hkdf(cs, psk, b"shardproxy/1 client hello")
-    pt = ChaCha20Poly1305(hello_key).decrypt(nonce(0), hello[32:], cs)
-    offered = bool(pt[1] & FLAG_LARGE_CHUNKS)
-    ss = os.urandom(32)
-    keys = session(psk, cs, ss)
-    answer = bytes([VERSION, 0, SERVER_FLAG_LARGE_CHUNKS if offered else 0, 0])
-    s.sendall(ss + ChaCha20Poly1305(keys["server_hello_key"]).encrypt(nonce(0), answer, cs))
+    offered, keys = agree_to(s, psk, hello, FLAG_LARGE_CHUNKS, SERVER_FLAG_LARGE_CHUNKS)
     confirmed = read_confirmation(s, keys)
     if confirmed is None:
         return 1
