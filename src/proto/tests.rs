@@ -740,18 +740,7 @@ fn large_chunks_only_when_both_hellos_agree() {
             accept_hello_with(keys, &hello, [2; 32], 10, 120, accepted, |_| STATUS_OK).unwrap();
         let both = offer && accept;
         // The answer's flag byte, as an independent reader would see it.
-        let schedule = super::schedule::session(&key, &[1; 32], &[2; 32]);
-        let mut pt = [0u8; SERVER_HELLO_PT];
-        pt.copy_from_slice(&acc.server_hello[SALT_LEN..SALT_LEN + SERVER_HELLO_PT]);
-        schedule
-            .server_hello
-            .open(
-                super::aead::nonce_bytes(0),
-                &[1; 32],
-                &mut pt,
-                &acc.server_hello[SALT_LEN + SERVER_HELLO_PT..],
-            )
-            .unwrap();
+        let pt = server_hello_plaintext(&key, &acc.server_hello);
         let want = if both { SERVER_FLAG_LARGE_CHUNKS } else { 0 };
         assert_eq!((pt[2], pt[3]), (want, 0), "offer {offer} accept {accept}");
         let (mut ce, mut cd) = client.finish(&acc.server_hello).unwrap();
@@ -822,18 +811,7 @@ fn keepalive_only_when_both_hellos_agree_and_sessions_follow_each_other() {
             accept_hello_with(keys, &hello, [2; 32], 10, 120, accepted, |_| STATUS_OK).unwrap();
         let both = offer && accept;
         assert_eq!(acc.keepalive, both, "offer {offer} accept {accept}");
-        let schedule = super::schedule::session(&key, &[1; 32], &[2; 32]);
-        let mut pt = [0u8; SERVER_HELLO_PT];
-        pt.copy_from_slice(&acc.server_hello[SALT_LEN..SALT_LEN + SERVER_HELLO_PT]);
-        schedule
-            .server_hello
-            .open(
-                super::aead::nonce_bytes(0),
-                &[1; 32],
-                &mut pt,
-                &acc.server_hello[SALT_LEN..][SERVER_HELLO_PT..],
-            )
-            .unwrap();
+        let pt = server_hello_plaintext(&key, &acc.server_hello);
         let want = if both { SERVER_FLAG_KEEPALIVE } else { 0 };
         assert_eq!(pt[2], want, "offer {offer} accept {accept}");
         let session = client.finish_session(&acc.server_hello).unwrap();
@@ -914,4 +892,22 @@ fn sd_clone_after_end(key: &Psk) -> Decoder {
     ce.end_to_vec(&mut up).unwrap();
     assert!(sd.open_all(up).unwrap().1);
     sd
+}
+
+/// A server hello's plaintext (docs/PROTOCOL.md §3), opened as an
+/// independent reader would: client salt `[1; 32]`, server salt `[2; 32]`.
+fn server_hello_plaintext(key: &Psk, hello: &[u8; SERVER_HELLO_LEN]) -> [u8; SERVER_HELLO_PT] {
+    let schedule = super::schedule::session(key, &[1; 32], &[2; 32]);
+    let mut pt = [0u8; SERVER_HELLO_PT];
+    pt.copy_from_slice(&hello[SALT_LEN..SALT_LEN + SERVER_HELLO_PT]);
+    schedule
+        .server_hello
+        .open(
+            super::aead::nonce_bytes(0),
+            &[1; 32],
+            &mut pt,
+            &hello[SALT_LEN + SERVER_HELLO_PT..],
+        )
+        .unwrap();
+    pt
 }
