@@ -253,11 +253,27 @@ pub fn translate(
                 .count()
                 + 1
         });
+        // The toml crate parses integers wider than TOML's 64 bits and
+        // then names its own internal type; say what the limit is instead.
+        let first = if first.starts_with("invalid type: integer") && first.contains("i128") {
+            "integer out of range: TOML integers are 64-bit (-2^63 to 2^63-1)"
+        } else {
+            first
+        };
+        // And quote what the error points at, when that is a short piece of
+        // one line: the key that was given twice, say.
+        let quoted = e
+            .span()
+            .and_then(|span| text.get(span))
+            .map(str::trim)
+            .filter(|t| !t.is_empty() && t.len() <= 64 && !t.contains('\n'))
+            .map(|t| format!(" (`{}`)", crate::log::one_line(t)))
+            .unwrap_or_default();
         FileError::Syntax {
             path: path.to_string(),
             reason: match line {
-                Some(n) => format!("line {n}: {first}"),
-                None => first.to_string(),
+                Some(n) => format!("line {n}: {first}{quoted}"),
+                None => format!("{first}{quoted}"),
             },
         }
     })?;
@@ -625,6 +641,19 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("line 3: duplicate key"), "{e}");
+        assert!(e.contains("`listen`"), "the key is not named: {e}");
+        let e = translate(
+            "role = \"forward\"\nbacklog = 99999999999999999999\n",
+            "f",
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("line 2: integer out of range: TOML integers are 64-bit")
+                && !e.contains("i128"),
+            "{e}"
+        );
         let e = translate("listen = = 1\n", "f", None)
             .unwrap_err()
             .to_string();
