@@ -177,10 +177,16 @@ fn with_wake_batching_nothing_is_lost_or_held_back() {
     idle_transfer_round_trips(quiet.addr);
     let (status, lines) = quiet.terminate();
     assert!(status.success(), "{lines:?}");
-    // 105 answers; the transfer itself, or a timer firing just after a
-    // sleep began, may account for a few.
+    // 105 answers. A shard that held back every answer would count about
+    // 100 here. The 64 KiB transfer's own tail and the ramp-down of the
+    // batch target after it account for some: 3 to 9 per proxy in 24 runs
+    // of this test and the tunnel's (session 15); the bound was 8, and
+    // failed one run in three.
     let held: u64 = summary_total(&lines, "held_back_sleeps");
-    assert!(held <= 8, "{held} sleeps held events back: {lines:?}");
+    assert!(
+        held <= HELD_BACK_MOST,
+        "{held} sleeps held events back: {lines:?}"
+    );
 }
 
 #[test]

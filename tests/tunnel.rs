@@ -62,7 +62,10 @@ fn with_wake_batching_nothing_is_lost_or_held_back_in_the_tunnel() {
         let (status, lines) = p.terminate();
         assert!(status.success(), "{lines:?}");
         let held: u64 = summary_total(&lines, "held_back_sleeps");
-        assert!(held <= 8, "{held} sleeps held events back: {lines:?}");
+        assert!(
+            held <= HELD_BACK_MOST,
+            "{held} sleeps held events back: {lines:?}"
+        );
     }
 }
 

@@ -1168,6 +1168,12 @@ pub fn urgent_origins() -> (SocketAddr, mpsc::Receiver<usize>, SocketAddr) {
 /// The flags that turn wake-up coalescing on at its longest hold-back.
 pub const WAKE_BATCH: [&str; 4] = ["--wake-batch", "16", "--wake-batch-wait", "1ms"];
 
+/// The most sleeps one proxy may count as having held events back
+/// (`held_back_sleeps`) over [`idle_transfer_round_trips`]: a proxy that
+/// held back every answer would count about 100. Measured 3 to 9 per proxy
+/// (the transfer's tail and the batch target's ramp-down after it).
+pub const HELD_BACK_MOST: u64 = 20;
+
 /// Whether this kernel has io_uring's `min_wait_usec` (Linux 6.12), which
 /// `--wake-batch` needs.
 pub fn kernel_coalesces_wake_ups() -> bool {
