@@ -142,8 +142,18 @@ pub async fn run(
 /// session calls it for client bytes it sends before the relay starts (with
 /// a PROXY header, or with the entry's key confirmation).
 pub fn chunk_done(timings: &Timings, rec: &Record, up: bool, read_at: Option<Instant>) {
+    chunk_done_at(timings, rec, up, read_at, Instant::now());
+}
+
+/// [`chunk_done`], for a chunk whose write completed at `now`.
+pub fn chunk_done_at(
+    timings: &Timings,
+    rec: &Record,
+    up: bool,
+    read_at: Option<Instant>,
+    now: Instant,
+) {
     let Some(read_at) = read_at else { return };
-    let now = Instant::now();
     let which = if up { Hist::RelayUp } else { Hist::RelayDown };
     timings.record(which, now - read_at);
     if up && !rec.first_up_timed.replace(true) {

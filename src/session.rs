@@ -25,8 +25,8 @@ use crate::metrics::Hist;
 use crate::proto::keepalive::{parse_start, parse_status, start_payload, START_MAX};
 use crate::proto::{
     accept_hello_with, ClientHandshake, Meta, ProtoError, CLIENT_HELLO_LEN, CONFIRM_LEN,
-    FLAG_KEEPALIVE, FLAG_LARGE_CHUNKS, FLAG_MAY_REFUSE, LEN_LEN, SALT_LEN, SERVER_HELLO_LEN,
-    STATUS_BUSY, STATUS_GOING_AWAY, STATUS_NO_UPSTREAM, STATUS_OK, TAG_LEN,
+    FLAG_CONNECT_STATUS, FLAG_KEEPALIVE, FLAG_LARGE_CHUNKS, FLAG_MAY_REFUSE, LEN_LEN, SALT_LEN,
+    SERVER_HELLO_LEN, STATUS_BUSY, STATUS_GOING_AWAY, STATUS_NO_UPSTREAM, STATUS_OK, TAG_LEN,
 };
 use crate::proxy_protocol::{self, Parsed};
 use crate::relay::Framing;
@@ -360,11 +360,14 @@ async fn entry(
     // (the shard's budget, `crate::transfer::BatchPool`).
     let mut large = ctx.batches().reserve_large(tun.large_chunks);
     let offer = if large.held() { FLAG_LARGE_CHUNKS } else { 0 }
-        | if tun.keepalive > 0 { FLAG_KEEPALIVE } else { 0 };
-    // The client's first bytes, once a start on a kept tunnel has read
-    // them: sent again, on another tunnel, only after an exit said it did
-    // not serve them.
-    let mut first: Option<Vec<u8>> = None;
+        | if tun.keepalive > 0 { FLAG_KEEPALIVE } else { 0 }
+        | FLAG_CONNECT_STATUS;
+    // The client's first bytes, once a session that opens with a status (a
+    // start on a kept tunnel, or a new tunnel with a connect status) has
+    // read them: sent again, on another tunnel, only after an exit said it
+    // did not serve them. (A `Cell`: both attempts below use it, one at a
+    // time.)
+    let first: std::cell::Cell<Option<Vec<u8>>> = std::cell::Cell::new(None);
     let reuse = async |lease: &Lease, more: bool| {
         if tun.keepalive == 0 {
             return None;
@@ -373,9 +376,13 @@ async fn entry(
         loop {
             let idle = ctx
                 .tunnels()
-                .take(endpoint, tun.tunnel_idle_timeout, keys_gen);
+                .take(endpoint, tun.tunnel_idle_timeout, keys_gen)?;
             rec.upstream.set(Some(endpoint));
-            match kept_session(client, ctx, tun, rec, idle?, meta, more, early, &mut first).await {
+            let mut bytes = first.take();
+            let reused = kept_session(client, ctx, tun, rec, idle, meta, more, early, &mut bytes);
+            let reused = reused.await;
+            first.set(bytes);
+            match reused {
                 Reused::Served(conn, link) => return Some(Ok((conn, *link))),
                 // Not served: another idle tunnel, or a new connection to
                 // the same exit (it is not the exit's failure).
@@ -397,7 +404,7 @@ async fn entry(
         let flags = offer | if more { FLAG_MAY_REFUSE } else { 0 };
         let step = tunnel_handshake(upstream, ctx, rec, &keys, salt, meta, flags);
         let (session, confirm) = counted(ctx, within(ctx, deadline, Peer::Upstream, step).await)?;
-        Ok(Link {
+        let mut link = Link {
             encoder: session.encoder,
             decoder: session.decoder,
             keepalive: session.keepalive,
@@ -405,10 +412,22 @@ async fn entry(
             leftover: Vec::new(),
             large: None,
             keys: keys_gen,
-        })
+        };
+        if session.connect_status {
+            // The first flight now, and the exit's status: a refusal moves
+            // on to another exit with the same first bytes.
+            let mut bytes = first.take();
+            let opened = connect_status(
+                client, upstream, ctx, tun, rec, &mut link, early, &mut bytes,
+            );
+            let opened = opened.await;
+            first.set(bytes);
+            opened?;
+        }
+        Ok(link)
     };
     let (upstream, lease, link) = connect_pool_with(ctx, rec, reuse, handshake).await?;
-    rec.kept.set(Some(link.confirm.is_none()));
+    rec.kept.set(Some(link.large.is_some()));
     let Link {
         mut encoder,
         decoder,
@@ -434,9 +453,10 @@ async fn entry(
         }
     }
     if let Some(confirm) = confirm {
-        // A new tunnel: the confirmation, with the client's first bytes
-        // (those a kept tunnel's start already read, if its exit went
-        // away before serving them).
+        // A new tunnel without a connect status: the confirmation, with
+        // the client's first bytes (those a kept tunnel's start already
+        // read, if its exit went away before serving them).
+        let first = first.take();
         let early = first.as_deref().filter(|f| !f.is_empty()).unwrap_or(early);
         if let Err(e) =
             first_flight(client, &upstream, ctx, rec, &mut encoder, &confirm, early).await
@@ -481,12 +501,13 @@ struct Link {
     decoder: crate::proto::Decoder,
     /// Both hellos agreed on keep-alive.
     keepalive: bool,
-    /// A new tunnel's key confirmation, sent with the first flight; `None`
-    /// on a kept tunnel, whose start carried the first bytes.
+    /// A new tunnel's key confirmation, still to be sent with the first
+    /// flight; `None` once sent (with a connect status, §3.1) and on a
+    /// kept tunnel, whose start carried the first bytes.
     confirm: Option<[u8; CONFIRM_LEN]>,
-    /// Tunnel bytes read past the exit's status (a kept tunnel).
+    /// Tunnel bytes read past the exit's status.
     leftover: Vec<u8>,
-    /// A kept tunnel's own large-chunk reservation.
+    /// A kept tunnel's own large-chunk reservation (`None`: a new tunnel).
     large: Option<LargeReservation>,
     /// The key generation the tunnel was made with.
     keys: u64,
@@ -535,66 +556,26 @@ async fn kept_session(
         mut decoder,
         leftover: mut buf,
     } = *kept;
-    if first.is_none() {
-        let bytes = if early.is_empty() {
-            let mut buf = match relay_buffer(ctx) {
-                Ok(buf) => buf,
-                Err(e) => return Reused::Failed(e),
-            };
-            let room = FIRST_DATA.min(ctx.limits().buffer_size.get());
-            let read = client.read_now(&mut buf[..room]);
-            let data = read.map(|n| buf[..n].to_vec());
-            ctx.recycle(buf);
-            match data {
-                Ok(data) => data,
-                Err(e) => return Reused::Failed(e),
-            }
-        } else {
-            early.to_vec()
-        };
-        *first = Some(bytes);
-    }
-    let data = first.as_deref().unwrap_or_default();
+    let data = match first_bytes(client, ctx, early, first) {
+        Ok(data) => data,
+        Err(e) => return Reused::Failed(e),
+    };
     let flags = if more { FLAG_MAY_REFUSE } else { 0 };
-    let mut out = Vec::with_capacity(2 * (LEN_LEN + TAG_LEN) + START_MAX + data.len());
-    let sealed = start_payload(flags, meta)
-        .map_err(SessionError::Limit)
-        .and_then(|(start, len)| seal_chunk(&mut encoder, &start[..len], &mut out))
-        .and_then(|()| {
-            data.chunks(crate::proto::MAX_PAYLOAD)
-                .try_for_each(|piece| seal_chunk(&mut encoder, piece, &mut out))
-        });
-    if let Err(e) = sealed {
-        return Reused::Failed(e);
-    }
-    let sent_at = Instant::now();
-    let unanswered = |what: String| {
-        conn.abort();
-        Reused::Failed(SessionError::Unanswered { what })
+    let (start, len) = match start_payload(flags, meta) {
+        Ok(start) => start,
+        Err(e) => return Reused::Failed(SessionError::Limit(e)),
     };
-    match abortable(ctx, conn.write_all(&out, || ())).await {
-        Ok(()) => {}
-        Err(SessionError::Drained) => return Reused::Failed(SessionError::Drained),
-        Err(e) => return unanswered(e.to_string()),
-    }
-    let deadline = sent_at + tun.handshake_timeout;
-    let answer = within(
-        ctx,
-        deadline,
-        Peer::Upstream,
-        read_chunk(&conn, &mut decoder, &mut buf),
-    )
-    .await;
-    let status = match answer {
-        Ok(Next::Data(payload)) => match parse_status(&payload) {
-            Ok(status) => status,
-            Err(e) => return unanswered(e.to_string()),
-        },
-        Ok(Next::End) => return unanswered("an end chunk".into()),
-        Ok(Next::Closed) => return unanswered("EOF".into()),
-        Err(SessionError::Drained) => return Reused::Failed(SessionError::Drained),
-        Err(e) => return unanswered(e.to_string()),
+    let opening = Opening {
+        head: &[],
+        start: Some(&start[..len]),
+        data,
     };
+    let exchange = opening.exchange(&conn, ctx, tun, &mut encoder, &mut decoder, &mut buf);
+    let answer = match exchange.await {
+        Ok(answer) => answer,
+        Err(e) => return Reused::Failed(e),
+    };
+    let status = answer.status;
     if status != STATUS_OK {
         // Not served, so nothing of it reached the origin; the tunnel ends
         // here (our FIN answers the exit's).
@@ -604,11 +585,8 @@ async fn kept_session(
             Reused::Failed(SessionError::Refused(status))
         };
     }
-    rec.handshake.set(Some(sent_at.elapsed()));
-    if !data.is_empty() {
-        ctx.stats().add_bytes(true, data.len());
-        rec.add_bytes(true, data.len());
-    }
+    rec.handshake.set(Some(answer.waited));
+    answer.served(ctx, rec, data);
     ctx.stats()
         .tunnel_reuses
         .set(ctx.stats().tunnel_reuses.get() + 1);
@@ -624,6 +602,179 @@ async fn kept_session(
             keys,
         }),
     )
+}
+
+/// The client's first bytes, read once per client and kept in `first` for
+/// a resend on another tunnel: `early` (what came with its PROXY header),
+/// or else what the client socket holds now, without waiting (at most
+/// `FIRST_DATA` and `--buffer-size`; none, for a protocol whose server
+/// speaks first).
+fn first_bytes<'f>(
+    client: &Conn,
+    ctx: &ShardCtx,
+    early: &[u8],
+    first: &'f mut Option<Vec<u8>>,
+) -> Result<&'f [u8], SessionError> {
+    if first.is_none() {
+        let bytes = if early.is_empty() {
+            let mut buf = relay_buffer(ctx)?;
+            let room = FIRST_DATA.min(ctx.limits().buffer_size.get());
+            let read = client.read_now(&mut buf[..room]);
+            let data = read.map(|n| buf[..n].to_vec());
+            ctx.recycle(buf);
+            data?
+        } else {
+            early.to_vec()
+        };
+        *first = Some(bytes);
+    }
+    Ok(first.as_deref().unwrap_or_default())
+}
+
+/// The entry's opening flight of a session that the exit answers with a
+/// status chunk before any of it reaches an origin: a kept tunnel's start
+/// (docs/PROTOCOL.md §4.1), or a new tunnel's key confirmation under a
+/// connect status (§3.1).
+struct Opening<'a> {
+    /// Sent as it is first: a new tunnel's sealed key confirmation.
+    head: &'a [u8],
+    /// Sealed as a chunk of its own next: a kept tunnel's start payload.
+    start: Option<&'a [u8]>,
+    /// The client's first bytes, sealed as data chunks behind it.
+    data: &'a [u8],
+}
+
+impl Opening<'_> {
+    /// Sends the flight in one write, then reads the exit's status chunk
+    /// within `--handshake-timeout` of the write. Returns the status and
+    /// its timing; tunnel bytes read past the status stay in `buf` (they
+    /// belong to the session).
+    ///
+    /// Errors: a sealing failure before anything was sent; `Drained`; and
+    /// otherwise, once the flight may have been sent,
+    /// [`SessionError::Unanswered`] with the tunnel aborted: the exit may
+    /// or may not have served the session, so it must not be sent again.
+    async fn exchange(
+        &self,
+        conn: &Conn,
+        ctx: &ShardCtx,
+        tun: &TunnelConfig,
+        encoder: &mut crate::proto::Encoder,
+        decoder: &mut crate::proto::Decoder,
+        buf: &mut Vec<u8>,
+    ) -> Result<Answer, SessionError> {
+        let sealed_at = Instant::now();
+        let mut out = Vec::with_capacity(
+            self.head.len() + 2 * (LEN_LEN + TAG_LEN) + START_MAX + self.data.len(),
+        );
+        out.extend_from_slice(self.head);
+        if let Some(start) = self.start {
+            seal_chunk(encoder, start, &mut out)?;
+        }
+        self.data
+            .chunks(crate::proto::MAX_PAYLOAD)
+            .try_for_each(|piece| seal_chunk(encoder, piece, &mut out))?;
+        let sent_at = Instant::now();
+        let unanswered = |what: String| {
+            conn.abort();
+            SessionError::Unanswered { what }
+        };
+        match abortable(ctx, conn.write_all(&out, || ())).await {
+            Ok(()) => {}
+            Err(SessionError::Drained) => return Err(SessionError::Drained),
+            Err(e) => return Err(unanswered(e.to_string())),
+        }
+        let written_at = Instant::now();
+        let deadline = sent_at + tun.handshake_timeout;
+        let answer = within(
+            ctx,
+            deadline,
+            Peer::Upstream,
+            read_chunk(conn, decoder, buf),
+        )
+        .await;
+        let status = match answer {
+            Ok(Next::Data(payload)) => {
+                parse_status(&payload).map_err(|e| unanswered(e.to_string()))?
+            }
+            Ok(Next::End) => return Err(unanswered("an end chunk".into())),
+            Ok(Next::Closed) => return Err(unanswered("EOF".into())),
+            Err(SessionError::Drained) => return Err(SessionError::Drained),
+            Err(e) => return Err(unanswered(e.to_string())),
+        };
+        Ok(Answer {
+            status,
+            waited: sent_at.elapsed(),
+            flight: (sealed_at, written_at),
+        })
+    }
+}
+
+/// The exit's answer to an [`Opening`].
+struct Answer {
+    /// Its status (0: served).
+    status: u8,
+    /// From the flight's write to the status.
+    waited: std::time::Duration,
+    /// When the flight was sealed (the client's first bytes had just been
+    /// read) and when its write completed.
+    flight: (Instant, Instant),
+}
+
+impl Answer {
+    /// Records the client's first bytes, once served, as delivered
+    /// upstream when the flight's write completed (the first-byte and
+    /// upward relay histograms, as `first_flight` does).
+    fn served(&self, ctx: &ShardCtx, rec: &Record, data: &[u8]) {
+        if !data.is_empty() {
+            ctx.stats().add_bytes(true, data.len());
+            rec.add_bytes(true, data.len());
+            if ctx.timings().enabled() {
+                let (sealed, written) = self.flight;
+                crate::relay::chunk_done_at(ctx.timings(), rec, true, Some(sealed), written);
+            }
+        }
+    }
+}
+
+/// A new tunnel's first flight under a connect status (docs/PROTOCOL.md
+/// §3.1): the key confirmation and the client's first bytes, then the
+/// exit's status, sent once it reached an origin or failed to. Status 0
+/// leaves `link` ready for the relay; any other is
+/// [`SessionError::Refused`]: nothing reached an origin, and another exit
+/// may get the same first bytes.
+#[allow(clippy::too_many_arguments)]
+async fn connect_status(
+    client: &Conn,
+    upstream: &Conn,
+    ctx: &ShardCtx,
+    tun: &TunnelConfig,
+    rec: &Record,
+    link: &mut Link,
+    early: &[u8],
+    first: &mut Option<Vec<u8>>,
+) -> Result<(), SessionError> {
+    let data = first_bytes(client, ctx, early, first)?;
+    let confirm = link.confirm.take().unwrap_or_default();
+    let opening = Opening {
+        head: &confirm,
+        start: None,
+        data,
+    };
+    let exchange = opening.exchange(
+        upstream,
+        ctx,
+        tun,
+        &mut link.encoder,
+        &mut link.decoder,
+        &mut link.leftover,
+    );
+    let answer = exchange.await?;
+    if answer.status != STATUS_OK {
+        return Err(SessionError::Refused(answer.status));
+    }
+    answer.served(ctx, rec, data);
+    Ok(())
 }
 
 /// The entry's side of one tunnel handshake on `upstream`: the hello (with
@@ -792,7 +943,8 @@ async fn exit(
         unix_now(),
         skew,
         if large.held() { FLAG_LARGE_CHUNKS } else { 0 }
-            | if tun.keepalive > 0 { FLAG_KEEPALIVE } else { 0 },
+            | if tun.keepalive > 0 { FLAG_KEEPALIVE } else { 0 }
+            | FLAG_CONNECT_STATUS,
         status_for,
     )
     .map(Box::new);
@@ -897,7 +1049,26 @@ async fn exit(
     if meta.destination.is_some() {
         rec.destination.set(meta.destination);
     }
-    let (upstream, lease, ()) = connect_pool(ctx, rec, async |_, _| Ok(())).await?;
+    let connected = connect_pool(ctx, rec, async |_, _| Ok(())).await;
+    let (upstream, lease, ()) = match connected {
+        Ok(up) => up,
+        // With a connect status (docs/PROTOCOL.md §3.1), say that nothing
+        // was forwarded: the entry may send the client's first bytes to
+        // another exit.
+        Err(e) if accepted.connect_status && !e.is_final() => {
+            say_goodbye(client, &mut accepted.encoder, STATUS_NO_UPSTREAM, ctx, tun).await;
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
+    if accepted.connect_status {
+        let mut out = Vec::with_capacity(LEN_LEN + 1 + TAG_LEN);
+        seal_chunk(&mut accepted.encoder, &[STATUS_OK], &mut out)?;
+        if let Err(e) = abortable(ctx, client.write_all(&out, || ())).await {
+            upstream.abort();
+            return Err(e);
+        }
+    }
     send_proxy_header(ctx, rec, &upstream).await?;
     rec.kept.set(Some(false));
     let framing = Framing::Tunnel {

@@ -439,3 +439,79 @@ fn an_entry_offers_large_chunks_and_uses_them_once_agreed() {
         }
     }
 }
+
+/// docs/PROTOCOL.md §3.1 from an independent entry: an exit that agrees to
+/// the connect status sends status 0 as its first chunk once it reached the
+/// origin, then the reply; one whose origin is down sends status 1 and its
+/// FIN, and nothing of the session reached an origin.
+#[test]
+fn python_entry_reads_the_connect_status() {
+    let key = keygen();
+    let exit = Proxy::exit(echo_origin(), &key_file(&[&key])).start();
+    let Some(out) = tunnel_client(&["connect-status", &exit.addr.to_string(), &key, "hello"])
+    else {
+        return;
+    };
+    assert_eq!(
+        out.trim(),
+        "agreed=True status=0 reply=b'hello' ended=True closed=eof"
+    );
+    let exit = Proxy::exit(dead_port(), &key_file(&[&key])).start();
+    let out = tunnel_client(&["connect-status", &exit.addr.to_string(), &key, "hello"]).unwrap();
+    assert_eq!(
+        out.trim(),
+        "agreed=True status=1 reply=b'' ended=False closed=eof"
+    );
+    let (_, lines) = exit.terminate();
+    let no_upstream: u64 = summaries(&lines).iter().map(|s| s.get("no_upstream")).sum();
+    assert_eq!(no_upstream, 1, "{lines:?}");
+}
+
+/// docs/PROTOCOL.md §3.1 from an independent exit: our entry offers the
+/// connect status, reads status 0 before the reply, and relays the session;
+/// a refusal ends the tunnel, and with no other exit the client is closed
+/// rather than left waiting.
+#[test]
+fn our_entry_reads_an_independent_connect_status() {
+    use std::io::Read;
+    let Some((fake, entry)) = fake_exit("fake-exit-status", &["0"], &[]) else {
+        return;
+    };
+    let data = random_bytes(30_000, 3);
+    let mut c = std::net::TcpStream::connect(entry.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(&data).unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).unwrap();
+    assert!(back == data, "{} bytes back", back.len());
+    assert_eq!(
+        fake_output(fake),
+        "offered=True served 30000 byte(s) ended=True closed=eof"
+    );
+    drop(entry);
+
+    let Some((fake, entry)) = fake_exit("fake-exit-status", &["1"], &[]) else {
+        return;
+    };
+    let mut c = std::net::TcpStream::connect(entry.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"first bytes").unwrap();
+    let mut back = Vec::new();
+    let read = c.read_to_end(&mut back);
+    assert!(back.is_empty(), "{back:?}");
+    assert!(
+        read.is_ok()
+            || read
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the client was left waiting: {read:?}"
+    );
+    let out = fake_output(fake);
+    assert!(out.starts_with("offered=True refused, "), "{out}");
+    let (_, lines) = entry.terminate();
+    assert!(
+        lines.iter().any(|l| l.contains("refused")),
+        "the refusal is not logged or counted: {lines:?}"
+    );
+}

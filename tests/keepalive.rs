@@ -277,7 +277,8 @@ fn a_reset_on_a_kept_tunnel_reaches_the_origin_and_ends_the_tunnel() {
 /// A kept tunnel's exit that cannot reach its origin answers the session's
 /// start with a refusal before it forwards anything, so the entry sends
 /// the client's first bytes to its other exit: no client is lost (a new
-/// tunnel cannot do that: its exit answers the hello before it connects).
+/// tunnel does the same with its connect status: tests/pools.rs
+/// `the_first_clients_after_an_origin_died_go_to_another_exit`).
 #[test]
 fn a_kept_tunnel_whose_origin_died_sends_the_client_to_another_exit() {
     let key = key_file(&[&keygen()]);

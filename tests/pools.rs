@@ -458,7 +458,8 @@ fn an_exit_whose_origins_are_down_refuses_tunnels_so_the_entry_moves_on() {
     // Exit A's only origin refuses connections; exit B's works. Before the
     // status byte, A accepted every tunnel (its handshake is fine), then
     // failed to reach its origin and reset the client: about half the
-    // clients failed, and the entry never counted A as failing.
+    // clients failed, and the entry never counted A as failing. (Before
+    // the connect status, the first one still did.)
     let (origin, _) = counting_origin();
     let dead = dead_address();
     let key = key_file(&[&keygen()]);
@@ -471,10 +472,13 @@ fn an_exit_whose_origins_are_down_refuses_tunnels_so_the_entry_moves_on() {
         .args(["--upstream", &b.addr.to_string()])
         .args(["--balance", "round-robin", "--max-fails", "1"])
         .start();
-    // The first client sent to A loses its connection: A learns that its
-    // origin is down only by failing to reach it (then ejects it).
+    // A learns that its origin is down only by failing to reach it (then
+    // ejects it); its connect status sends that first client to B too
+    // (docs/PROTOCOL.md §3.1).
     for i in 0..4 {
-        let _ = client(entry.addr, 100, i);
+        if let Err(e) = client(entry.addr, 100, i) {
+            panic!("warm-up client {i} was lost: {e}");
+        }
     }
     let failed = clients(entry.addr, 100, 4);
     assert!(
@@ -516,6 +520,42 @@ fn an_exit_whose_origins_are_down_refuses_tunnels_so_the_entry_moves_on() {
         "refusals counted as auth failures: {entry_lines:?}"
     );
     let _ = only_a.terminate();
+    let _ = b.terminate();
+}
+
+/// docs/PROTOCOL.md §3.1: an exit learns that its origin died only by
+/// failing to reach it, after its server hello said yes. With the connect
+/// status it then answers "no upstream" before it forwards anything, and
+/// the entry sends the client's first bytes to its other exit: the first
+/// clients after the death are not lost either. (Keep-alive off: every
+/// client on a new tunnel; kept tunnels have their own test in
+/// tests/keepalive.rs.)
+#[test]
+fn the_first_clients_after_an_origin_died_go_to_another_exit() {
+    let (origin, served) = counting_origin();
+    let dead = dead_address();
+    let key = key_file(&[&keygen()]);
+    let a = Proxy::exit(dead, &key)
+        .shards(1)
+        .args(["--max-fails", "3", "--fail-timeout", "1h"])
+        .start();
+    let b = exit(origin, &key, None);
+    let entry = Proxy::entry(a.addr, &key)
+        .args(["--upstream", &b.addr.to_string()])
+        .args(["--balance", "round-robin", "--tunnel-keepalive", "0"])
+        .start();
+    for i in 0..12 {
+        if let Err(e) = client(entry.addr, 100, i) {
+            panic!("client {i} was lost: {e}");
+        }
+    }
+    assert_eq!(served.load(Ordering::SeqCst), 12, "B's origin");
+    let (_, lines) = a.terminate();
+    let no_upstream: u64 = summaries(&lines).iter().map(|s| s.get("no_upstream")).sum();
+    assert!(no_upstream >= 1, "no client reached A: {lines:?}");
+    let (_, entry_lines) = entry.terminate();
+    let clean: u64 = summaries(&entry_lines).iter().map(|s| s.get("clean")).sum();
+    assert_eq!(clean, 12, "{entry_lines:?}");
     let _ = b.terminate();
 }
 
@@ -588,9 +628,12 @@ fn an_exit_probes_an_origin_whose_ejection_ran_out_instead_of_losing_clients_on_
         .args(["--upstream", &b.addr.to_string()])
         .args(["--balance", "round-robin", "--fail-timeout", "1s"])
         .start();
-    // Warm-up: A learns that its origin is down by losing a client.
+    // Warm-up: A learns that its origin is down by failing to reach it
+    // (the client goes on to B: docs/PROTOCOL.md §3.1).
     for i in 0..4 {
-        let _ = client(entry.addr, 100, i);
+        if let Err(e) = client(entry.addr, 100, i) {
+            panic!("warm-up client {i} was lost: {e}");
+        }
     }
     // Clients for 4 s (at most 4000): A's ejection runs out at least twice.
     let start = std::time::Instant::now();

@@ -57,6 +57,19 @@ Usage:
                                          up to N sessions on one connection, each
                                          echoed back; print the sessions served and
                                          each start's flags and connection ID
+  tunnel_client.py connect-status ADDR KEYB64 MSG
+                                         as an entry offering a connect status
+                                         (§3.1): send MSG and the end chunk; read
+                                         the exit's first chunk as the status,
+                                         then (status 0) the reply; print what was
+                                         agreed, the status, the reply and how the
+                                         exit ended the connection
+  tunnel_client.py fake-exit-status PORTFILE KEYB64 STATUS
+                                         as an exit agreeing to a connect status:
+                                         answer the first flight with STATUS; 0:
+                                         echo the session; else FIN, and read the
+                                         entry's data to its close; print what was
+                                         offered and the data received
   tunnel_client.py fake-exit PORTFILE KEYB64 MSG
                                          as an exit, on 127.0.0.1 (port written to
                                          PORTFILE): answer one hello, send MSG, the
@@ -84,6 +97,9 @@ SERVER_FLAG_LARGE_CHUNKS = 0x01
 FLAG_KEEPALIVE = 0x04
 SERVER_FLAG_KEEPALIVE = 0x02
 STATUS_GOING_AWAY = 0x03
+# PROTOCOL.md §3.1: the connect status.
+FLAG_CONNECT_STATUS = 0x08
+SERVER_FLAG_CONNECT_STATUS = 0x04
 VERSION = 2
 CONFIRM_FIELD = 0xFFFF
 
@@ -332,6 +348,73 @@ def keepalive(addr, key_b64, msg1, msg2, cross=""):
     s.shutdown(socket.SHUT_WR)
     print("agreed=True reply1=%r ended1=%s status=%d reply2=%r ended2=%s closed=%s" % (
         reply1, ended1, status[0], reply2, ended2, how_it_ended(s)))
+    return 0
+
+
+def connect_status(addr, key_b64, message):
+    """PROTOCOL.md §3.1 as an entry: the exit's first chunk is a status,
+    sent once it reached its origin (0) or failed to (1, then its FIN)."""
+    done = handshake(addr, key_b64, flags=FLAG_CONNECT_STATUS)
+    if done is None:
+        return 1
+    s, keys, _, server_flags = done
+    agreed = bool(server_flags & SERVER_FLAG_CONNECT_STATUS)
+    sealer = Sealer(keys["c2s_key"], keys["c2s_length_key"])
+    opener = Opener(keys["s2c_key"], keys["s2c_length_key"])
+    s.sendall(sealer.confirm() + sealer.chunk(message.encode()) + sealer.end())
+    s.shutdown(socket.SHUT_WR)
+    status = None
+    if agreed:
+        got = next_chunk(s, opener)
+        if got is None or got[1] or len(got[0]) != 1:
+            print("agreed=True no status: %r" % (got,))
+            return 0
+        status = got[0][0]
+    reply, ended = b"", False
+    if status in (None, 0):
+        reply, ended = read_session(s, opener)
+    print("agreed=%s status=%s reply=%r ended=%s closed=%s" % (
+        agreed, status, reply, ended, how_it_ended(s)))
+    return 0
+
+
+def fake_exit_status(port_file, key_b64, status):
+    """PROTOCOL.md §3.1 as an exit: answer the entry's first flight with
+    `status`; 0 echoes the session, anything else ends the tunnel (status,
+    FIN, read to the entry's close)."""
+    psk = base64.b64decode(key_b64)
+    s, hello = accept_hello(port_file)
+    if s is None:
+        return 1
+    offered, keys = agree_to(s, psk, hello, FLAG_CONNECT_STATUS, SERVER_FLAG_CONNECT_STATUS)
+    confirmed = read_confirmation(s, keys)
+    if confirmed is None:
+        return 1
+    opener, rest = confirmed
+    opener.buf = rest
+    sealer = Sealer(keys["s2c_key"], keys["s2c_length_key"])
+    s.settimeout(30)
+    if int(status) != 0:
+        s.sendall(sealer.chunk(bytes([int(status)])))
+        data = rest
+        try:
+            # The entry may already have closed (or reset) the connection.
+            s.shutdown(socket.SHUT_WR)
+            while True:
+                more = s.recv(65536)
+                if not more:
+                    break
+                data += more
+        except OSError:
+            pass
+        print("offered=%s refused, %d byte(s) of chunks unopened" % (offered, len(data)))
+        return 0
+    s.sendall(sealer.chunk(b"\x00"))
+    data, ended = read_session(s, opener)
+    out = b"".join(sealer.chunk(data[j:j + MAX_PAYLOAD]) for j in range(0, len(data), MAX_PAYLOAD))
+    s.sendall(out + sealer.end())
+    s.shutdown(socket.SHUT_WR)
+    print("offered=%s served %d byte(s) ended=%s closed=%s" % (offered, len(data), ended, how_it_ended(s)))
     return 0
 
 
@@ -861,6 +944,10 @@ if __name__ == "__main__":
         sys.exit(early_start(sys.argv[2], sys.argv[3]))
     if sys.argv[1] == "fake-exit-keepalive":
         sys.exit(fake_exit_keepalive(sys.argv[2], sys.argv[3], sys.argv[4]))
+    if sys.argv[1] == "connect-status":
+        sys.exit(connect_status(sys.argv[2], sys.argv[3], sys.argv[4]))
+    if sys.argv[1] == "fake-exit-status":
+        sys.exit(fake_exit_status(sys.argv[2], sys.argv[3], sys.argv[4]))
     if sys.argv[1] == "fake-exit":
         sys.exit(fake_exit(sys.argv[2], sys.argv[3], sys.argv[4]))
     repeat = int(sys.argv[5]) if len(sys.argv) > 5 else 1

@@ -6,9 +6,9 @@ use super::frame::{Decoder, Encoder};
 use super::keys::Psk;
 use super::schedule;
 use super::{
-    ProtoError, CLIENT_HELLO_LEN, CLIENT_HELLO_PT, FLAG_KEEPALIVE, FLAG_LARGE_CHUNKS, META_LEN,
-    SALT_LEN, SERVER_FLAG_KEEPALIVE, SERVER_FLAG_LARGE_CHUNKS, SERVER_HELLO_LEN, SERVER_HELLO_PT,
-    STATUS_OK, TAG_LEN, VERSION,
+    ProtoError, CLIENT_HELLO_LEN, CLIENT_HELLO_PT, FLAG_CONNECT_STATUS, FLAG_KEEPALIVE,
+    FLAG_LARGE_CHUNKS, META_LEN, SALT_LEN, SERVER_FLAG_CONNECT_STATUS, SERVER_FLAG_KEEPALIVE,
+    SERVER_FLAG_LARGE_CHUNKS, SERVER_HELLO_LEN, SERVER_HELLO_PT, STATUS_OK, TAG_LEN, VERSION,
 };
 
 /// A verified session, as the entry derives it from the exit's answer.
@@ -20,6 +20,9 @@ pub struct Session {
     /// Both hellos agreed on keep-alive ([`FLAG_KEEPALIVE`]): the
     /// connection may carry further sessions (docs/PROTOCOL.md §4.1).
     pub keepalive: bool,
+    /// Both hellos agreed on a connect status ([`FLAG_CONNECT_STATUS`]):
+    /// the exit's first chunk is a status (docs/PROTOCOL.md §3.1).
+    pub connect_status: bool,
 }
 
 /// The entry's side of the handshake, between sending its hello and
@@ -128,6 +131,8 @@ impl ClientHandshake {
             encoder,
             decoder,
             keepalive: self.flags & FLAG_KEEPALIVE != 0 && pt[2] & SERVER_FLAG_KEEPALIVE != 0,
+            connect_status: self.flags & FLAG_CONNECT_STATUS != 0
+                && pt[2] & SERVER_FLAG_CONNECT_STATUS != 0,
         })
     }
 }
@@ -156,6 +161,10 @@ pub struct Accepted {
     pub status: u8,
     /// The answer agrees to keep-alive ([`SERVER_FLAG_KEEPALIVE`]).
     pub keepalive: bool,
+    /// The answer agrees to a connect status
+    /// ([`SERVER_FLAG_CONNECT_STATUS`]): the exit's first chunk must be a
+    /// status chunk (docs/PROTOCOL.md §3.1).
+    pub connect_status: bool,
 }
 
 /// Verifies a client hello against every key, checks its clock (both
@@ -176,7 +185,7 @@ pub fn accept_hello(
         server_salt,
         now_unix_ms,
         max_skew_secs,
-        FLAG_LARGE_CHUNKS | FLAG_KEEPALIVE,
+        FLAG_LARGE_CHUNKS | FLAG_KEEPALIVE | FLAG_CONNECT_STATUS,
         |_| STATUS_OK,
     )
 }
@@ -184,12 +193,14 @@ pub fn accept_hello(
 /// [`accept_hello`], with the answer's status chosen by `status_for` from
 /// the verified hello's flags (docs/PROTOCOL.md §3). It is called only for
 /// a valid hello. `accept` holds the client hello flags the exit agrees to
-/// when offered ([`accept_hello`] agrees to both): with
+/// when offered ([`accept_hello`] agrees to all three): with
 /// [`FLAG_LARGE_CHUNKS`], an offer of large chunks is answered with
 /// [`SERVER_FLAG_LARGE_CHUNKS`], and both directions' encoder and decoder
 /// then allow chunks of up to [`super::LARGE_PAYLOAD`] bytes; with
 /// [`FLAG_KEEPALIVE`], an offer of keep-alive is answered with
-/// [`SERVER_FLAG_KEEPALIVE`] ([`Accepted::keepalive`]).
+/// [`SERVER_FLAG_KEEPALIVE`] ([`Accepted::keepalive`]); with
+/// [`FLAG_CONNECT_STATUS`], an offer of a connect status with
+/// [`SERVER_FLAG_CONNECT_STATUS`] ([`Accepted::connect_status`]).
 pub fn accept_hello_with(
     keys: &[Psk],
     hello: &[u8; CLIENT_HELLO_LEN],
@@ -247,6 +258,10 @@ pub fn accept_hello_with(
     if keepalive {
         body[2] |= SERVER_FLAG_KEEPALIVE;
     }
+    let connect_status = agreed & FLAG_CONNECT_STATUS != 0;
+    if connect_status {
+        body[2] |= SERVER_FLAG_CONNECT_STATUS;
+    }
     let tag = ciphers
         .server_hello
         .seal(nonce_bytes(0), &client_salt, body)
@@ -269,5 +284,6 @@ pub fn accept_hello_with(
         flags,
         status,
         keepalive,
+        connect_status,
     })
 }

@@ -105,12 +105,21 @@ pub const FLAG_LARGE_CHUNKS: u8 = 0x02;
 /// ways (keep-alive tunnels). An exit that agrees answers with
 /// [`SERVER_FLAG_KEEPALIVE`].
 pub const FLAG_KEEPALIVE: u8 = 0x04;
+/// Client hello flag (docs/PROTOCOL.md §2, §3.1): the entry reads a
+/// status chunk as the exit's first chunk of the tunnel, sent once the exit
+/// has reached an origin (or failed to), and may then send the client's
+/// first bytes again elsewhere if it says the exit did not serve them. An
+/// exit that agrees answers with [`SERVER_FLAG_CONNECT_STATUS`].
+pub const FLAG_CONNECT_STATUS: u8 = 0x08;
 /// Server hello flag (byte 2 of its plaintext, docs/PROTOCOL.md §3): the
 /// answer to [`FLAG_LARGE_CHUNKS`], set only in reply to it.
 pub const SERVER_FLAG_LARGE_CHUNKS: u8 = 0x01;
 /// Server hello flag: the answer to [`FLAG_KEEPALIVE`], set only in reply
 /// to it.
 pub const SERVER_FLAG_KEEPALIVE: u8 = 0x02;
+/// Server hello flag: the answer to [`FLAG_CONNECT_STATUS`], set only in
+/// reply to it.
+pub const SERVER_FLAG_CONNECT_STATUS: u8 = 0x04;
 /// Server hello status (docs/PROTOCOL.md §3): the session is accepted.
 pub const STATUS_OK: u8 = 0x00;
 /// Server hello status: refused, because every upstream endpoint of the

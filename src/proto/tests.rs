@@ -2,7 +2,9 @@
 //! limits, re-chunking, and the documented test vector.
 
 use super::aead::AeadBackend;
-use super::fuzz::{drive_decoder, exit_side, FuzzOutcome, FUZZ_NOW, FUZZ_PSK, FUZZ_SERVER_SALT};
+use super::fuzz::{
+    drive_decoder, exit_side, After, FuzzOutcome, FUZZ_NOW, FUZZ_PSK, FUZZ_SERVER_SALT,
+};
 use super::*;
 
 /// Deterministic pseudo-random generator for the property tests.
@@ -118,7 +120,9 @@ fn every_bit_flip_is_rejected_and_nothing_leaks() {
             answered: true,
             plaintext: data.clone(),
             ended: true,
-            failed: false
+            failed: false,
+            sessions: 1,
+            refused: None,
         }
     );
     for byte in 0..stream.len() {
@@ -357,6 +361,7 @@ fn replayed_stream_fails_under_a_fresh_server_salt() {
         acc.decoder,
         &recorded[CLIENT_HELLO_LEN..],
         &[4096],
+        (After::Nothing, After::Nothing),
         &mut out,
     );
     assert!(!ok && out.plaintext.is_empty());
@@ -470,6 +475,285 @@ fn write_fuzz_seeds() {
     let mut seed = vec![0x2a];
     seed.extend(fuzz_stream_with(&data, FLAG_LARGE_CHUNKS));
     std::fs::write(format!("{dir}/valid-large"), seed).unwrap();
+    // Keep-alive agreed (docs/PROTOCOL.md §4.1): three sessions on one
+    // tunnel, with start chunks (exit side) and status chunks (entry side).
+    let sessions = keepalive_sessions();
+    let mut seed = vec![0x11];
+    seed.extend(keepalive_exit_stream(&sessions));
+    std::fs::write(format!("{dir}/valid-keepalive"), seed).unwrap();
+    let dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fuzz/corpus/entry_stream"
+    );
+    let mut seed = vec![0x11];
+    seed.extend(keepalive_entry_stream(&sessions, STATUS_OK));
+    std::fs::write(format!("{dir}/valid-keepalive"), seed).unwrap();
+    // The connect status (docs/PROTOCOL.md §3.1) agreed: status 0 first.
+    let mut seed = vec![0x05];
+    seed.extend(connect_status_entry_stream(&sessions[2], &[STATUS_OK]));
+    std::fs::write(format!("{dir}/valid-connect-status"), seed).unwrap();
+}
+
+/// An exit→entry stream under a connect status (docs/PROTOCOL.md §3.1):
+/// the server hello agreeing to it, then `first` as the exit's first chunk
+/// (a status, or whatever a test wants there), then (unless `first` is a
+/// refusal) `plaintext` and the end chunk.
+fn connect_status_entry_stream(plaintext: &[u8], first: &[u8]) -> Vec<u8> {
+    use super::fuzz::FUZZ_CLIENT_SALT;
+    let key = Psk::from_bytes(FUZZ_PSK);
+    let (_, hello) = ClientHandshake::start_with_flags(
+        &key,
+        FUZZ_CLIENT_SALT,
+        FUZZ_NOW,
+        b"",
+        FLAG_CONNECT_STATUS,
+    )
+    .unwrap();
+    let acc = accept_hello(
+        std::slice::from_ref(&key),
+        &hello,
+        FUZZ_SERVER_SALT,
+        FUZZ_NOW,
+        120,
+    )
+    .unwrap();
+    assert!(acc.connect_status);
+    let mut enc = acc.encoder;
+    let mut s = acc.server_hello.to_vec();
+    enc.seal_to_vec(first, &mut s).unwrap();
+    if first == [STATUS_OK] || first.len() != 1 {
+        enc.seal_to_vec(plaintext, &mut s).unwrap();
+        enc.end_to_vec(&mut s).unwrap();
+    }
+    s
+}
+
+/// docs/PROTOCOL.md §3.1 through the entry's fuzz entry point: under a
+/// connect status the exit's first chunk must be a one-byte status; 0 is
+/// followed by the session, a refusal ends the tunnel with nothing taken
+/// as plaintext, and a first chunk that is not a status fails it.
+#[test]
+fn the_connect_status_through_the_fuzz_entry_point() {
+    use super::fuzz::entry_side;
+    let data = Rng(5).bytes(20_000);
+    let out = entry_side(&connect_status_entry_stream(&data, &[STATUS_OK]), &[777]);
+    assert!(out.answered && out.ended && !out.failed, "{out:?}");
+    assert!(out.plaintext == data && out.sessions == 1 && out.refused.is_none());
+    let out = entry_side(
+        &connect_status_entry_stream(&data, &[STATUS_NO_UPSTREAM]),
+        &[777],
+    );
+    assert!(!out.failed && out.plaintext.is_empty(), "{out:?}");
+    assert_eq!(out.refused, Some(STATUS_NO_UPSTREAM));
+    // Data where the status must be: two bytes, or the whole reply.
+    for first in [&[0u8, 0][..], &data[..100]] {
+        let out = entry_side(&connect_status_entry_stream(&data, first), &[777]);
+        assert!(out.failed && out.plaintext.is_empty(), "{out:?}");
+    }
+    mutated_replies(
+        &mut Rng(6),
+        &data,
+        &connect_status_entry_stream(&data, &[STATUS_OK]),
+    );
+}
+
+/// The plaintexts of the `valid-keepalive` seeds, one per session: empty,
+/// short, and more than one chunk.
+fn keepalive_sessions() -> Vec<Vec<u8>> {
+    let mut rng = Rng(17);
+    vec![rng.bytes(0), rng.bytes(300), rng.bytes(MAX_PAYLOAD + 5)]
+}
+
+/// An entry→exit stream on a keep-alive tunnel: the hello (offering
+/// keep-alive), the key confirmation, then each session's data and end
+/// chunk, each session after the first opened by a start chunk (flags 0,
+/// `meta` holding the session's number as its connection ID).
+fn keepalive_exit_stream(sessions: &[Vec<u8>]) -> Vec<u8> {
+    let key = Psk::from_bytes(FUZZ_PSK);
+    let (client, hello) =
+        ClientHandshake::start_with_flags(&key, [8; 32], FUZZ_NOW, b"", FLAG_KEEPALIVE).unwrap();
+    let acc = accept_hello(
+        std::slice::from_ref(&key),
+        &hello,
+        FUZZ_SERVER_SALT,
+        FUZZ_NOW,
+        120,
+    )
+    .unwrap();
+    let mut session = client.finish_session(&acc.server_hello).unwrap();
+    assert!(session.keepalive);
+    let enc = &mut session.encoder;
+    let mut s = hello.to_vec();
+    let mut confirm = [0u8; CONFIRM_LEN];
+    enc.seal_confirm(&mut confirm).unwrap();
+    s.extend_from_slice(&confirm);
+    for (i, data) in sessions.iter().enumerate() {
+        if i > 0 {
+            enc.next_session();
+            let (meta, meta_len) = meta::Meta {
+                client: None,
+                destination: None,
+                id: Some(i as u128),
+            }
+            .encode();
+            let (start, len) = keepalive::start_payload(0, &meta[..meta_len]).unwrap();
+            enc.seal_to_vec(&start[..len], &mut s).unwrap();
+        }
+        enc.seal_to_vec(data, &mut s).unwrap();
+        enc.end_to_vec(&mut s).unwrap();
+    }
+    s
+}
+
+/// An exit→entry stream on a keep-alive tunnel: the server hello (agreeing
+/// to keep-alive), each session's data and end chunk, each session after
+/// the first opened by status 0; then, if `last` is not 0, that status (a
+/// refusal or "going away", which ends the tunnel).
+fn keepalive_entry_stream(sessions: &[Vec<u8>], last: u8) -> Vec<u8> {
+    use super::fuzz::FUZZ_CLIENT_SALT;
+    let key = Psk::from_bytes(FUZZ_PSK);
+    let (_, hello) =
+        ClientHandshake::start_with_flags(&key, FUZZ_CLIENT_SALT, FUZZ_NOW, b"", FLAG_KEEPALIVE)
+            .unwrap();
+    let acc = accept_hello(
+        std::slice::from_ref(&key),
+        &hello,
+        FUZZ_SERVER_SALT,
+        FUZZ_NOW,
+        120,
+    )
+    .unwrap();
+    assert!(acc.keepalive);
+    let mut enc = acc.encoder;
+    let mut s = acc.server_hello.to_vec();
+    for (i, data) in sessions.iter().enumerate() {
+        if i > 0 {
+            enc.next_session();
+            enc.seal_to_vec(&[STATUS_OK], &mut s).unwrap();
+        }
+        enc.seal_to_vec(data, &mut s).unwrap();
+        enc.end_to_vec(&mut s).unwrap();
+    }
+    if last != STATUS_OK {
+        enc.next_session();
+        enc.seal_to_vec(&[last], &mut s).unwrap();
+    }
+    s
+}
+
+/// docs/PROTOCOL.md §4.1 through the fuzz entry points: every session of a
+/// keep-alive tunnel decodes, on both sides; a stream cut anywhere never
+/// ends cleanly unless it was cut at a session boundary (then it holds
+/// exactly the sessions before the cut); a malformed start or status, or
+/// an end chunk where one must be, fails the tunnel; and no mutation yields
+/// plaintext that was not sent.
+#[test]
+fn keepalive_sessions_through_the_fuzz_entry_points() {
+    use super::fuzz::entry_side;
+    let sessions = keepalive_sessions();
+    let all: Vec<u8> = sessions.concat();
+    let exit_stream = keepalive_exit_stream(&sessions);
+    let out = exit_side(&exit_stream, &[1000, 7, 20_000]);
+    assert!(out.answered && out.ended && !out.failed, "{out:?}");
+    assert_eq!((out.sessions, out.refused), (3, None));
+    assert!(out.plaintext == all);
+    for last in [STATUS_OK, STATUS_GOING_AWAY, STATUS_NO_UPSTREAM] {
+        let stream = keepalive_entry_stream(&sessions, last);
+        let out = entry_side(&stream, &[333, 4096]);
+        assert!(
+            out.answered && !out.failed && out.plaintext == all,
+            "{out:?}"
+        );
+        assert_eq!(out.sessions, 3);
+        assert_eq!(out.refused, (last != STATUS_OK).then_some(last));
+    }
+
+    // Cut anywhere: a clean end only at a boundary, with what came before.
+    let ends: Vec<usize> = (1..=sessions.len())
+        .map(|n| keepalive_exit_stream(&sessions[..n]).len())
+        .collect();
+    for cut in (BODY..exit_stream.len()).step_by(97).chain(ends.clone()) {
+        let out = exit_side(&exit_stream[..cut], &[512]);
+        assert!(!out.failed && all.starts_with(&out.plaintext), "cut {cut}");
+        match ends.iter().position(|&e| e == cut) {
+            Some(n) => assert!(out.ended && out.sessions == n + 1, "cut {cut}: {out:?}"),
+            None => assert!(!out.ended, "cut {cut} ended cleanly"),
+        }
+    }
+
+    // A malformed start (66 bytes, or none: an end chunk where a start must
+    // be) fails the tunnel at the exit; a two-byte status at the entry.
+    let key = Psk::from_bytes(FUZZ_PSK);
+    for bad in [vec![0u8; keepalive::START_MAX + 1], Vec::new()] {
+        let (client, hello) =
+            ClientHandshake::start_with_flags(&key, [8; 32], FUZZ_NOW, b"", FLAG_KEEPALIVE)
+                .unwrap();
+        let acc = accept_hello(std::slice::from_ref(&key), &hello, [9; 32], FUZZ_NOW, 120).unwrap();
+        let mut enc = client.finish_session(&acc.server_hello).unwrap().encoder;
+        let mut wire = Vec::new();
+        enc.seal_to_vec(b"one", &mut wire).unwrap();
+        enc.end_to_vec(&mut wire).unwrap();
+        enc.next_session();
+        if bad.is_empty() {
+            enc.end_to_vec(&mut wire).unwrap();
+        } else {
+            enc.seal_to_vec(&bad, &mut wire).unwrap();
+            enc.seal_to_vec(b"two", &mut wire).unwrap();
+        }
+        let mut out = FuzzOutcome::default();
+        let ok = drive_decoder(
+            acc.decoder,
+            &wire,
+            &[4096],
+            (After::Nothing, After::Start),
+            &mut out,
+        );
+        assert!(
+            !ok && out.plaintext == b"one",
+            "{} bytes: {out:?}",
+            bad.len()
+        );
+    }
+    let (_, hello) = ClientHandshake::start_with_flags(
+        &key,
+        super::fuzz::FUZZ_CLIENT_SALT,
+        FUZZ_NOW,
+        b"",
+        FLAG_KEEPALIVE,
+    )
+    .unwrap();
+    let acc = accept_hello(
+        std::slice::from_ref(&key),
+        &hello,
+        FUZZ_SERVER_SALT,
+        FUZZ_NOW,
+        120,
+    )
+    .unwrap();
+    let mut enc = acc.encoder;
+    let mut stream = acc.server_hello.to_vec();
+    enc.seal_to_vec(b"one", &mut stream).unwrap();
+    enc.end_to_vec(&mut stream).unwrap();
+    enc.next_session();
+    enc.seal_to_vec(&[0, 0], &mut stream).unwrap();
+    let out = entry_side(&stream, &[4096]);
+    assert!(
+        out.failed && out.sessions == 1 && out.plaintext == b"one",
+        "{out:?}"
+    );
+
+    // Mutations: never foreign plaintext, never more sessions than sent.
+    let mut rng = Rng(2024);
+    for _ in 0..300 {
+        let mut s = exit_stream.clone();
+        let i = BODY + rng.below(s.len() - BODY);
+        s[i] ^= rng.next() as u8 | 1;
+        let out = exit_side(&s, &[4096]);
+        assert!(
+            all.starts_with(&out.plaintext) && out.sessions <= 3,
+            "{out:?}"
+        );
+    }
 }
 
 /// The plaintext of the `valid-large` seeds: a generator seed and a length
@@ -485,15 +769,21 @@ fn entry_fuzz_corpus_replays_cleanly() {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fuzz/corpus/entry_stream"
     );
-    let mut ended = 0;
+    let (mut ended, mut sessions) = (0, 0);
     for entry in std::fs::read_dir(dir).unwrap() {
         let data = std::fs::read(entry.unwrap().path()).unwrap();
         let (first, stream) = data.split_first().unwrap();
         let s = usize::from(*first);
         let out = entry_side(stream, &[s + 1, s * 61 + 7, MAX_FRAME]);
         ended += usize::from(out.ended);
+        sessions += out.sessions;
     }
-    assert!(ended >= 6, "seeds no longer decode: {ended}");
+    assert!(ended >= 8, "seeds no longer decode: {ended}");
+    // valid-keepalive: three sessions on one tunnel.
+    assert!(
+        sessions >= ended + 2,
+        "the keep-alive seed no longer decodes"
+    );
 }
 
 /// Replays every checked-in seed through the fuzz entry point. The
@@ -521,8 +811,13 @@ fn fuzz_corpus_replays_cleanly() {
             continue;
         };
         let large = Rng(LARGE_SEED).bytes(LARGE_SEED_LEN);
+        let keepalive = keepalive_sessions().concat();
         let plaintext = match i {
             "large" => &large,
+            "keepalive" => {
+                assert_eq!(out.sessions, 3, "{name}");
+                &keepalive
+            }
             i => &expected[i.parse::<usize>().unwrap()],
         };
         assert!(
@@ -540,7 +835,7 @@ fn fuzz_corpus_replays_cleanly() {
         );
         valid += 1;
     }
-    assert_eq!(valid, expected.len() + 1, "valid seeds missing");
+    assert_eq!(valid, expected.len() + 2, "valid seeds missing");
 }
 
 /// A valid exit→entry stream for [`entry_side`]: server hello + chunks + end.
