@@ -360,8 +360,7 @@ async fn entry(
     // (the shard's budget, `crate::transfer::BatchPool`).
     let mut large = ctx.batches().reserve_large(tun.large_chunks);
     let offer = if large.held() { FLAG_LARGE_CHUNKS } else { 0 }
-        | if tun.keepalive > 0 { FLAG_KEEPALIVE } else { 0 }
-        | FLAG_CONNECT_STATUS;
+        | if tun.keepalive > 0 { FLAG_KEEPALIVE } else { 0 };
     // The client's first bytes, once a session that opens with a status (a
     // start on a kept tunnel, or a new tunnel with a connect status) has
     // read them: sent again, on another tunnel, only after an exit said it
@@ -401,7 +400,15 @@ async fn entry(
         upstream.delay_acks();
         let salt = ctx.salt().map_err(SessionError::Rng)?;
         let deadline = Instant::now() + tun.handshake_timeout;
-        let flags = offer | if more { FLAG_MAY_REFUSE } else { 0 };
+        // The connect status (docs/PROTOCOL.md §3.1) only where a refusal
+        // has somewhere to go: it costs a segment and a wake-up per new
+        // tunnel (about 6% of a tunnel's CPU with keep-alive off).
+        let flags = offer
+            | if more {
+                FLAG_MAY_REFUSE | FLAG_CONNECT_STATUS
+            } else {
+                0
+            };
         let step = tunnel_handshake(upstream, ctx, rec, &keys, salt, meta, flags);
         let (session, confirm) = counted(ctx, within(ctx, deadline, Peer::Upstream, step).await)?;
         let mut link = Link {

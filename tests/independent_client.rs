@@ -467,31 +467,36 @@ fn python_entry_reads_the_connect_status() {
     assert_eq!(no_upstream, 1, "{lines:?}");
 }
 
-/// docs/PROTOCOL.md §3.1 from an independent exit: our entry offers the
-/// connect status, reads status 0 before the reply, and relays the session;
-/// a refusal ends the tunnel, and with no other exit the client is closed
-/// rather than left waiting.
+/// docs/PROTOCOL.md §3.1 from an independent exit: an entry with another
+/// exit to go to offers the connect status, reads status 0 before the
+/// reply, and relays the session (one with no other exit does not offer
+/// it); a refusal ends the tunnel, and once no exit is left the client is
+/// closed rather than left waiting.
 #[test]
 fn our_entry_reads_an_independent_connect_status() {
     use std::io::Read;
-    let Some((fake, entry)) = fake_exit("fake-exit-status", &["0"], &[]) else {
-        return;
-    };
-    let data = random_bytes(30_000, 3);
-    let mut c = std::net::TcpStream::connect(entry.addr).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    c.write_all(&data).unwrap();
-    c.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut back = Vec::new();
-    c.read_to_end(&mut back).unwrap();
-    assert!(back == data, "{} bytes back", back.len());
-    assert_eq!(
-        fake_output(fake),
-        "offered=True served 30000 byte(s) ended=True closed=eof"
-    );
-    drop(entry);
+    // The second exit: nothing listens there (round robin tries it second).
+    let other = dead_port().to_string();
+    let two = ["--upstream", other.as_str(), "--balance", "round-robin"];
+    for (args, offered) in [(&two[..], "True"), (&[][..], "False")] {
+        let Some((fake, entry)) = fake_exit("fake-exit-status", &["0"], args) else {
+            return;
+        };
+        let data = random_bytes(30_000, 3);
+        let mut c = std::net::TcpStream::connect(entry.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(&data).unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).unwrap();
+        assert!(back == data, "{} bytes back", back.len());
+        assert_eq!(
+            fake_output(fake),
+            format!("offered={offered} served 30000 byte(s) ended=True closed=eof")
+        );
+    }
 
-    let Some((fake, entry)) = fake_exit("fake-exit-status", &["1"], &[]) else {
+    let Some((fake, entry)) = fake_exit("fake-exit-status", &["1"], &two) else {
         return;
     };
     let mut c = std::net::TcpStream::connect(entry.addr).unwrap();

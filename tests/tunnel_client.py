@@ -381,7 +381,8 @@ def connect_status(addr, key_b64, message):
 def fake_exit_status(port_file, key_b64, status):
     """PROTOCOL.md §3.1 as an exit: answer the entry's first flight with
     `status`; 0 echoes the session, anything else ends the tunnel (status,
-    FIN, read to the entry's close)."""
+    FIN, read to the entry's close). If the hello does not offer the
+    connect status, no status is sent and the session is echoed."""
     psk = base64.b64decode(key_b64)
     s, hello = accept_hello(port_file)
     if s is None:
@@ -394,7 +395,7 @@ def fake_exit_status(port_file, key_b64, status):
     opener.buf = rest
     sealer = Sealer(keys["s2c_key"], keys["s2c_length_key"])
     s.settimeout(30)
-    if int(status) != 0:
+    if offered and int(status) != 0:
         s.sendall(sealer.chunk(bytes([int(status)])))
         data = rest
         try:
@@ -409,7 +410,8 @@ def fake_exit_status(port_file, key_b64, status):
             pass
         print("offered=%s refused, %d byte(s) of chunks unopened" % (offered, len(data)))
         return 0
-    s.sendall(sealer.chunk(b"\x00"))
+    if offered:
+        s.sendall(sealer.chunk(b"\x00"))
     data, ended = read_session(s, opener)
     out = b"".join(sealer.chunk(data[j:j + MAX_PAYLOAD]) for j in range(0, len(data), MAX_PAYLOAD))
     s.sendall(out + sealer.end())
