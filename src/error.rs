@@ -250,11 +250,12 @@ pub enum SessionError {
     /// or its header was missing, malformed, too long or late.
     #[error("downstream PROXY protocol header: {0}")]
     BadProxyHeader(&'static str),
-    /// A keep-alive tunnel failed after the entry sent a session's start
-    /// and first bytes, before the exit's answer (docs/PROTOCOL.md §4.1):
-    /// the exit may have served them, so they are not sent again, and the
+    /// A tunnel failed after the entry sent a session's first bytes and
+    /// before the exit's status: a kept tunnel's start (docs/PROTOCOL.md
+    /// §4.1) or a new tunnel's first flight under a connect status (§3.1).
+    /// The exit may have served them, so they are not sent again, and the
     /// client is reset. `what` says how it failed.
-    #[error("keep-alive tunnel to the exit failed before its answer ({what}); the session is not sent again")]
+    #[error("tunnel to the exit failed before its status ({what}); the session is not sent again")]
     Unanswered {
         /// How: a reset, EOF, a timeout, a bad answer.
         what: String,

@@ -589,7 +589,7 @@ async fn kept_session(
         return if status == STATUS_GOING_AWAY {
             Reused::GoingAway
         } else {
-            Reused::Failed(SessionError::Refused(status))
+            Reused::Failed(refused_by_exit(status))
         };
     }
     rec.handshake.set(Some(answer.waited));
@@ -747,9 +747,9 @@ impl Answer {
 /// A new tunnel's first flight under a connect status (docs/PROTOCOL.md
 /// §3.1): the key confirmation and the client's first bytes, then the
 /// exit's status, sent once it reached an origin or failed to. Status 0
-/// leaves `link` ready for the relay; any other is
-/// [`SessionError::Refused`]: nothing reached an origin, and another exit
-/// may get the same first bytes.
+/// leaves `link` ready for the relay; any other is a refusal
+/// ([`refused_by_exit`]): nothing reached an origin, and another exit may
+/// get the same first bytes.
 #[allow(clippy::too_many_arguments)]
 async fn connect_status(
     client: &Conn,
@@ -778,10 +778,22 @@ async fn connect_status(
     );
     let answer = exchange.await?;
     if answer.status != STATUS_OK {
-        return Err(SessionError::Refused(answer.status));
+        return Err(refused_by_exit(answer.status));
     }
     answer.served(ctx, rec, data);
     Ok(())
+}
+
+/// The entry's error for an exit's refusal in a status chunk (a kept
+/// tunnel's start, or a connect status): the same as a refusal in the
+/// server hello, so that the exit is passed over for a moment and counted
+/// under `refused`, never ejected ([`SessionError::is_refusal`]).
+/// (`SessionError::Refused` is the exit's own close reason.)
+fn refused_by_exit(status: u8) -> SessionError {
+    SessionError::Proto {
+        peer: Peer::Upstream,
+        source: ProtoError::Refused(status),
+    }
 }
 
 /// The entry's side of one tunnel handshake on `upstream`: the hello (with

@@ -322,6 +322,19 @@ fn a_kept_tunnel_whose_origin_died_sends_the_client_to_another_exit() {
         let data = random_bytes(3000, i);
         assert!(echo(entry.addr, &data) == data, "client {i}");
     }
+    // Counted as A's refusal (passed over for a second), not as a failed
+    // handshake towards an ejection.
+    let a_label = format!("upstream=\"{}\"", a.addr);
+    let failures = "shardproxy_upstream_connect_failures_total";
+    let text = poll_until(Duration::from_secs(10), || {
+        let m = http_get(entry.metrics_addr(), "/metrics").1;
+        match metric_sum(&m, failures, &[&a_label, "reason=\"refused\""]) {
+            0 => Err(format!("no refusal counted yet:\n{m}")),
+            _ => Ok(m),
+        }
+    });
+    let handshake = metric_sum(&text, failures, &[&a_label, "reason=\"handshake\""]);
+    assert_eq!(handshake, 0, "{text}");
     let (_, a_lines) = a.terminate();
     assert_eq!(total(&a_lines, "no_upstream"), 1, "{a_lines:?}");
     assert_eq!(total(&a_lines, "tunnel_reuses"), 1, "{a_lines:?}");

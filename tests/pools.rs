@@ -540,9 +540,13 @@ fn the_first_clients_after_an_origin_died_go_to_another_exit() {
         .args(["--max-fails", "3", "--fail-timeout", "1h"])
         .start();
     let b = exit(origin, &key, None);
+    // `--max-fails 1`: a refusal counted as a failure would eject A (for
+    // 10 s), where a refusal only passes it over for a second.
     let entry = Proxy::entry(a.addr, &key)
         .args(["--upstream", &b.addr.to_string()])
         .args(["--balance", "round-robin", "--tunnel-keepalive", "0"])
+        .args(["--max-fails", "1", "--fail-timeout", "10s"])
+        .args(FAST_METRICS)
         .start();
     for i in 0..12 {
         if let Err(e) = client(entry.addr, 100, i) {
@@ -550,12 +554,49 @@ fn the_first_clients_after_an_origin_died_go_to_another_exit() {
         }
     }
     assert_eq!(served.load(Ordering::SeqCst), 12, "B's origin");
+    // Counted as A's refusal, not as a failed handshake, and no ejection
+    // (a break-it round found both).
+    let a_label = format!("upstream=\"{}\"", a.addr);
+    let text = poll_until(Duration::from_secs(10), || {
+        let m = metrics(&entry);
+        let failures = "shardproxy_upstream_connect_failures_total";
+        match metric_sum(&m, failures, &[&a_label, "reason=\"refused\""]) {
+            0 => Err(format!("no refusal counted yet:\n{m}")),
+            _ => Ok(m),
+        }
+    });
+    for (metric, labels) in [
+        (
+            "shardproxy_upstream_connect_failures_total",
+            vec![a_label.as_str(), "reason=\"handshake\""],
+        ),
+        (
+            "shardproxy_upstream_ejections_total",
+            vec![a_label.as_str()],
+        ),
+    ] {
+        assert_eq!(metric_sum(&text, metric, &labels), 0, "{metric}: {text}");
+    }
+    // The origin comes back: A serves again within seconds (its own probe
+    // finds the origin, the entry's pass-over lasts a second), not after
+    // an ejection of the entry's.
+    let (_revived, revived) = counting_origin_on(&dead.to_string());
+    let back = poll_until(Duration::from_secs(6), || {
+        if let Err(e) = client(entry.addr, 100, 99) {
+            panic!("a client was lost after the origin came back: {e}");
+        }
+        match revived.load(Ordering::SeqCst) {
+            0 => Err("A has not served again".to_string()),
+            n => Ok(n),
+        }
+    });
+    assert!(back > 0);
     let (_, lines) = a.terminate();
     let no_upstream: u64 = summaries(&lines).iter().map(|s| s.get("no_upstream")).sum();
     assert!(no_upstream >= 1, "no client reached A: {lines:?}");
     let (_, entry_lines) = entry.terminate();
-    let clean: u64 = summaries(&entry_lines).iter().map(|s| s.get("clean")).sum();
-    assert_eq!(clean, 12, "{entry_lines:?}");
+    let summed = |key| -> u64 { summaries(&entry_lines).iter().map(|s| s.get(key)).sum() };
+    assert_eq!(summed("accepted"), summed("clean"), "{entry_lines:?}");
     let _ = b.terminate();
 }
 
