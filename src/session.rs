@@ -396,16 +396,20 @@ async fn entry(
     // so nothing is lost or sent twice.
     // `more`: another exit may be tried after this one, so this one may
     // refuse when none of its upstreams is up (docs/PROTOCOL.md §3).
-    let handshake = async |upstream: &Conn, more: bool| {
+    let handshake = async |upstream: &Conn, at: Attempt| {
+        let more = at.more;
         upstream.delay_acks();
         let salt = ctx.salt().map_err(SessionError::Rng)?;
         let deadline = Instant::now() + tun.handshake_timeout;
         // The connect status (docs/PROTOCOL.md §3.1) only where a refusal
-        // has somewhere to go: it costs a segment and a wake-up per new
-        // tunnel (about 6% of a tunnel's CPU with keep-alive off).
+        // has somewhere to go, or on a retry (where it at least ends the
+        // client as `no_upstream` rather than as a reset tunnel): it costs
+        // a segment and a wake-up per new tunnel (about 6% of a tunnel's
+        // CPU with keep-alive off).
         let flags = offer
-            | if more {
-                FLAG_MAY_REFUSE | FLAG_CONNECT_STATUS
+            | if more { FLAG_MAY_REFUSE } else { 0 }
+            | if more || at.retry {
+                FLAG_CONNECT_STATUS
             } else {
                 0
             };
@@ -1409,6 +1413,15 @@ impl Tried {
     }
 }
 
+/// Where an attempt of [`connect_pool`] stands, for its `then`.
+#[derive(Clone, Copy)]
+struct Attempt {
+    /// Another endpoint that is up may be tried after this one.
+    more: bool,
+    /// An earlier attempt for this client failed.
+    retry: bool,
+}
+
 /// Connects to the pool, trying up to `--connect-attempts` endpoints: after
 /// each connect, `then` runs on the new connection (the entry's tunnel
 /// handshake; nothing for `forward` and `exit`), and a failed connect or a
@@ -1418,7 +1431,7 @@ impl Tried {
 async fn connect_pool<T>(
     ctx: &ShardCtx,
     rec: &Record,
-    then: impl AsyncFnMut(&Conn, bool) -> Result<T, SessionError>,
+    then: impl AsyncFnMut(&Conn, Attempt) -> Result<T, SessionError>,
 ) -> Result<(Conn, Lease, T), SessionError> {
     connect_pool_with(ctx, rec, async |_: &Lease, _: bool| None, then).await
 }
@@ -1431,7 +1444,7 @@ async fn connect_pool_with<T>(
     ctx: &ShardCtx,
     rec: &Record,
     mut reuse: impl AsyncFnMut(&Lease, bool) -> Option<Result<(Conn, T), SessionError>>,
-    mut then: impl AsyncFnMut(&Conn, bool) -> Result<T, SessionError>,
+    mut then: impl AsyncFnMut(&Conn, Attempt) -> Result<T, SessionError>,
 ) -> Result<(Conn, Lease, T), SessionError> {
     let mut tried = Tried::new();
     let mut last = None;
@@ -1455,7 +1468,15 @@ async fn connect_pool_with<T>(
             None => connect_to(ctx, rec, &lease).await,
         };
         let failed = match connected {
-            Ok(conn) => match then(&conn, more).await {
+            Ok(conn) => match then(
+                &conn,
+                Attempt {
+                    more,
+                    retry: attempt > 0,
+                },
+            )
+            .await
+            {
                 Ok(done) => {
                     ctx.upstream_ok(&lease);
                     return Ok((conn, lease, done));

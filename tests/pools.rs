@@ -600,6 +600,31 @@ fn the_first_clients_after_an_origin_died_go_to_another_exit() {
     let _ = b.terminate();
 }
 
+/// With every exit's origin down, a client is closed as `no_upstream`
+/// (every attempt refused), not as a tunnel reset: the last attempt of a
+/// retried client offers the connect status too (a break-it round saw
+/// `upstream_reset`, its bytes counted as sent up).
+#[test]
+fn a_client_no_exit_can_serve_ends_as_no_upstream() {
+    let key = key_file(&[&keygen()]);
+    let a = Proxy::exit(dead_address(), &key).start();
+    let b = Proxy::exit(dead_address(), &key).start();
+    let entry = Proxy::entry(a.addr, &key)
+        .args(["--upstream", &b.addr.to_string()])
+        .args(["--balance", "round-robin", "--tunnel-keepalive", "0"])
+        .start();
+    let lost = client(entry.addr, 100, 1);
+    assert!(lost.is_err(), "served with no origin up: {lost:?}");
+    let (_, lines) = entry.terminate();
+    let summed = |key| -> u64 { summaries(&lines).iter().map(|s| s.get(key)).sum() };
+    assert_eq!(
+        (summed("no_upstream"), summed("upstream_reset")),
+        (1, 0),
+        "{lines:?}"
+    );
+    let _ = (a.terminate(), b.terminate());
+}
+
 #[test]
 fn an_exit_at_its_connection_limit_refuses_so_the_entry_moves_on() {
     // Exit A takes one session at a time (`--max-connections 1`) and one is
