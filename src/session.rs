@@ -584,6 +584,10 @@ async fn kept_session(
     let exchange = opening.exchange(&conn, ctx, tun, &mut encoder, &mut decoder, &mut buf);
     let answer = match exchange.await {
         Ok(answer) => answer,
+        // The exit closed the tunnel unanswered (it served nothing): as
+        // "going away", another tunnel or a new connection to it; a dead
+        // exit fails that connect and is counted then.
+        Err(SessionError::HandshakeClosed(_)) => return Reused::GoingAway,
         Err(e) => return Reused::Failed(e),
     };
     let status = answer.status;
@@ -661,10 +665,12 @@ impl Opening<'_> {
     /// its timing; tunnel bytes read past the status stay in `buf` (they
     /// belong to the session).
     ///
-    /// Errors: a sealing failure before anything was sent; `Drained`; and
-    /// otherwise, once the flight may have been sent,
-    /// [`SessionError::Unanswered`] with the tunnel aborted: the exit may
-    /// or may not have served the session, so it must not be sent again.
+    /// Errors: a sealing failure before anything was sent; `Drained`;
+    /// [`SessionError::HandshakeClosed`] for a clean EOF before the status
+    /// (the exit served nothing); and otherwise, once the flight may have
+    /// been sent, [`SessionError::Unanswered`] with the tunnel aborted: the
+    /// exit may or may not have served the session, so it must not be sent
+    /// again.
     async fn exchange(
         &self,
         conn: &Conn,
@@ -709,7 +715,17 @@ impl Opening<'_> {
                 parse_status(&payload).map_err(|e| unanswered(e.to_string()))?
             }
             Ok(Next::End) => return Err(unanswered("an end chunk".into())),
-            Ok(Next::Closed) => return Err(unanswered("EOF".into())),
+            // A clean EOF with no status before it: the exit closed the
+            // tunnel without answering. It sends nothing to an origin
+            // before status 0, and its FIN follows everything it wrote, so
+            // it served nothing (docs/PROTOCOL.md §4.1): the session may go
+            // elsewhere. (An exit killed while the tunnel idled does this:
+            // its kernel sends the FIN, and a start crossed it.) A reset
+            // stays ambiguous: it may have discarded a status unsent.
+            Ok(Next::Closed) => {
+                conn.abort();
+                return Err(SessionError::HandshakeClosed(Peer::Upstream));
+            }
             Err(SessionError::Drained) => return Err(SessionError::Drained),
             Err(e) => return Err(unanswered(e.to_string())),
         };

@@ -520,3 +520,41 @@ fn our_entry_reads_an_independent_connect_status() {
         "the refusal is not logged or counted: {lines:?}"
     );
 }
+
+/// docs/PROTOCOL.md §3.1: an exit that closes the tunnel (FIN) before its
+/// status served nothing (it sends nothing to an origin before status 0,
+/// and its FIN follows all it wrote), so the entry sends the client to its
+/// other exit. A killed exit's kernel does this.
+#[test]
+fn an_exit_that_closes_before_its_status_sends_the_client_elsewhere() {
+    use std::io::Read;
+    let Some((fake, fake_addr, key)) = fake_exit_at("fake-exit-status", &["eof"]) else {
+        return;
+    };
+    let key = key_file(&[&key]);
+    let b = Proxy::exit(echo_origin(), &key).start();
+    let entry = Proxy::entry(fake_addr, &key)
+        .args([
+            "--upstream",
+            &b.addr.to_string(),
+            "--balance",
+            "round-robin",
+        ])
+        .start();
+    let data = random_bytes(5000, 9);
+    let mut c = std::net::TcpStream::connect(entry.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(&data).unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    let read = c.read_to_end(&mut back);
+    assert!(
+        read.is_ok() && back == data,
+        "{read:?}, {} bytes back",
+        back.len()
+    );
+    assert_eq!(fake_output(fake), "offered=True closed unanswered");
+    let (_, lines) = entry.terminate();
+    let clean: u64 = summaries(&lines).iter().map(|s| s.get("clean")).sum();
+    assert_eq!(clean, 1, "{lines:?}");
+}

@@ -443,6 +443,47 @@ fn our_entry_keeps_tunnels_alive_with_an_independent_exit() {
     }
 }
 
+/// docs/PROTOCOL.md §4.1: a kept tunnel that the exit closes (FIN) with no
+/// status before it served nothing, so the session goes elsewhere rather
+/// than being reset: an exit that dies after it read a start and before it
+/// answered ends the tunnel so (nothing left unread), and so does a killed
+/// exit's kernel for an idle tunnel whose FIN a start crossed.
+#[test]
+fn a_kept_tunnel_closed_unanswered_sends_the_client_elsewhere() {
+    let Some((fake, fake_addr, key)) = fake_exit_at("fake-exit-keepalive", &["5", "eof"]) else {
+        return;
+    };
+    let key = key_file(&[&key]);
+    let b = Proxy::exit(echo_origin(), &key).start();
+    // Round robin: client 0 to the fake (a kept tunnel after it), client 1
+    // to B, client 2 to the fake's kept tunnel, which it closes at the
+    // start (and then nothing listens there).
+    let entry = Proxy::entry(fake_addr, &key)
+        .args([
+            "--upstream",
+            &b.addr.to_string(),
+            "--balance",
+            "round-robin",
+        ])
+        .args(FAST_METRICS)
+        .start();
+    for i in 0..3 {
+        let data = random_bytes(4000, i);
+        assert!(echo(entry.addr, &data) == data, "client {i}");
+        if i < 2 {
+            idle_tunnels_are(&entry, i + 1);
+        }
+    }
+    let out = fake_output(fake);
+    assert!(
+        out.starts_with("offered=True served=1 closed unanswered at a start"),
+        "{out}"
+    );
+    let (_, lines) = entry.terminate();
+    assert_eq!(total(&lines, "clean"), 3, "{lines:?}");
+    drop(b);
+}
+
 /// A session may start only at the boundary (docs/PROTOCOL.md §4.1): a
 /// start sent right behind an end chunk, before the exit's own, is fatal
 /// as data after the end is. Nothing of it reaches an origin, and the

@@ -52,11 +52,13 @@ Usage:
                                          before the exit's end chunk, a start and
                                          "early" (§4.1 forbids it); print how the
                                          exit ended the connection
-  tunnel_client.py fake-exit-keepalive PORTFILE KEYB64 N
+  tunnel_client.py fake-exit-keepalive PORTFILE KEYB64 N [eof]
                                          as an exit agreeing to keep-alive: serve
                                          up to N sessions on one connection, each
                                          echoed back; print the sessions served and
-                                         each start's flags and connection ID
+                                         each start's flags and connection ID; with
+                                         `eof`, close the tunnel (FIN, no status) at
+                                         the first start instead
   tunnel_client.py connect-status ADDR KEYB64 MSG
                                          as an entry offering a connect status
                                          (§3.1): send MSG and the end chunk; read
@@ -64,12 +66,13 @@ Usage:
                                          then (status 0) the reply; print what was
                                          agreed, the status, the reply and how the
                                          exit ended the connection
-  tunnel_client.py fake-exit-status PORTFILE KEYB64 STATUS
+  tunnel_client.py fake-exit-status PORTFILE KEYB64 STATUS|eof
                                          as an exit agreeing to a connect status:
                                          answer the first flight with STATUS; 0:
                                          echo the session; else FIN, and read the
-                                         entry's data to its close; print what was
-                                         offered and the data received
+                                         entry's data to its close; `eof`: FIN with
+                                         no status; print what was offered and
+                                         what happened
   tunnel_client.py fake-exit PORTFILE KEYB64 MSG
                                          as an exit, on 127.0.0.1 (port written to
                                          PORTFILE): answer one hello, send MSG, the
@@ -395,6 +398,21 @@ def fake_exit_status(port_file, key_b64, status):
     opener.buf = rest
     sealer = Sealer(keys["s2c_key"], keys["s2c_length_key"])
     s.settimeout(30)
+    if offered and status == "eof":
+        # Closes the tunnel unanswered (as a killed exit's kernel does):
+        # FIN, then read to the entry's close.
+        data = rest
+        try:
+            s.shutdown(socket.SHUT_WR)
+            while True:
+                more = s.recv(65536)
+                if not more:
+                    break
+                data += more
+        except OSError:
+            pass
+        print("offered=%s closed unanswered" % offered)
+        return 0
     if offered and int(status) != 0:
         s.sendall(sealer.chunk(bytes([int(status)])))
         data = rest
@@ -454,9 +472,10 @@ def agree_to(s, psk, hello, flag, server_flag):
     return offered, keys
 
 
-def fake_exit_keepalive(port_file, key_b64, most):
+def fake_exit_keepalive(port_file, key_b64, most, at_start=""):
     """As an exit agreeing to keep-alive (PROTOCOL.md §4.1): echo each
-    session back, answering each start after the first with status 0."""
+    session back, answering each start after the first with status 0;
+    with `eof`, close the tunnel unanswered (FIN) at the first start."""
     psk = base64.b64decode(key_b64)
     s, hello = accept_hello(port_file)
     if s is None:
@@ -488,6 +507,11 @@ def fake_exit_keepalive(port_file, key_b64, most):
                     conn_id = meta[2:18]
                 meta = meta[2 + n:]
             starts.append("%d:%s" % (payload[0], conn_id.hex()))
+            if at_start == "eof":
+                s.shutdown(socket.SHUT_WR)
+                print("offered=%s served=%d closed unanswered at a start; then %s" % (
+                    offered, served, how_it_ended(s)))
+                return 0
             s.sendall(sealer.chunk(b"\x00"))
         data, ended = read_session(s, opener)
         if not ended:
@@ -945,7 +969,7 @@ if __name__ == "__main__":
     if sys.argv[1] == "early-start":
         sys.exit(early_start(sys.argv[2], sys.argv[3]))
     if sys.argv[1] == "fake-exit-keepalive":
-        sys.exit(fake_exit_keepalive(sys.argv[2], sys.argv[3], sys.argv[4]))
+        sys.exit(fake_exit_keepalive(*sys.argv[2:]))
     if sys.argv[1] == "connect-status":
         sys.exit(connect_status(sys.argv[2], sys.argv[3], sys.argv[4]))
     if sys.argv[1] == "fake-exit-status":

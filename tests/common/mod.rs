@@ -1262,6 +1262,20 @@ pub fn fake_exit(
     args: &[&str],
     entry_args: &[&str],
 ) -> Option<(std::process::Child, Proxy)> {
+    let (fake, addr, key) = fake_exit_at(mode, args)?;
+    let entry = Proxy::entry(addr, &key_file(&[&key]))
+        .args(entry_args)
+        .start();
+    Some((fake, entry))
+}
+
+/// tests/tunnel_client.py as a fake exit in `mode` (see [`fake_exit`]),
+/// alone: the fake, its address, and the base64 key it holds. `None` if
+/// Python's `cryptography` is missing.
+pub fn fake_exit_at(
+    mode: &str,
+    args: &[&str],
+) -> Option<(std::process::Child, std::net::SocketAddr, String)> {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     if !python_cryptography() {
@@ -1289,13 +1303,11 @@ pub fn fake_exit(
             .and_then(|p| p.trim().parse::<u16>().map_err(|e| e.to_string()))
     });
     let _ = std::fs::remove_file(&port_file);
-    let entry = Proxy::entry(
+    Some((
+        fake,
         std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-        &key_file(&[&key]),
-    )
-    .args(entry_args)
-    .start();
-    Some((fake, entry))
+        key,
+    ))
 }
 
 /// What a fake exit printed, once it has exited.
