@@ -386,17 +386,10 @@ def fake_exit_status(port_file, key_b64, status):
     `status`; 0 echoes the session, anything else ends the tunnel (status,
     FIN, read to the entry's close). If the hello does not offer the
     connect status, no status is sent and the session is echoed."""
-    psk = base64.b64decode(key_b64)
-    s, hello = accept_hello(port_file)
-    if s is None:
+    opened = open_as_exit(port_file, key_b64, FLAG_CONNECT_STATUS, SERVER_FLAG_CONNECT_STATUS)
+    if opened is None:
         return 1
-    offered, keys = agree_to(s, psk, hello, FLAG_CONNECT_STATUS, SERVER_FLAG_CONNECT_STATUS)
-    confirmed = read_confirmation(s, keys)
-    if confirmed is None:
-        return 1
-    opener, rest = confirmed
-    opener.buf = rest
-    sealer = Sealer(keys["s2c_key"], keys["s2c_length_key"])
+    s, offered, opener, sealer, rest = opened
     s.settimeout(30)
     if offered and status == "eof":
         # Closes the tunnel unanswered (as a killed exit's kernel does):
@@ -472,21 +465,33 @@ def agree_to(s, psk, hello, flag, server_flag):
     return offered, keys
 
 
+def open_as_exit(port_file, key_b64, flag, server_flag):
+    """As an exit: accept one entry, answer its hello agreeing to `flag`
+    if offered (`server_flag`), and verify its key confirmation. Returns
+    (socket, whether offered, an Opener for the entry's chunks (holding
+    the bytes read past the confirmation), a Sealer for ours, those bytes),
+    or None (printed)."""
+    psk = base64.b64decode(key_b64)
+    s, hello = accept_hello(port_file)
+    if s is None:
+        return None
+    offered, keys = agree_to(s, psk, hello, flag, server_flag)
+    confirmed = read_confirmation(s, keys)
+    if confirmed is None:
+        return None
+    opener, rest = confirmed
+    opener.buf = rest
+    return s, offered, opener, Sealer(keys["s2c_key"], keys["s2c_length_key"]), rest
+
+
 def fake_exit_keepalive(port_file, key_b64, most, at_start=""):
     """As an exit agreeing to keep-alive (PROTOCOL.md §4.1): echo each
     session back, answering each start after the first with status 0;
     with `eof`, close the tunnel unanswered (FIN) at the first start."""
-    psk = base64.b64decode(key_b64)
-    s, hello = accept_hello(port_file)
-    if s is None:
+    opened = open_as_exit(port_file, key_b64, FLAG_KEEPALIVE, SERVER_FLAG_KEEPALIVE)
+    if opened is None:
         return 1
-    offered, keys = agree_to(s, psk, hello, FLAG_KEEPALIVE, SERVER_FLAG_KEEPALIVE)
-    confirmed = read_confirmation(s, keys)
-    if confirmed is None:
-        return 1
-    opener, rest = confirmed
-    opener.buf = rest
-    sealer = Sealer(keys["s2c_key"], keys["s2c_length_key"])
+    s, offered, opener, sealer, _ = opened
     starts = []
     served = 0
     s.settimeout(30)

@@ -499,24 +499,7 @@ fn write_fuzz_seeds() {
 /// (a status, or whatever a test wants there), then (unless `first` is a
 /// refusal) `plaintext` and the end chunk.
 fn connect_status_entry_stream(plaintext: &[u8], first: &[u8]) -> Vec<u8> {
-    use super::fuzz::FUZZ_CLIENT_SALT;
-    let key = Psk::from_bytes(FUZZ_PSK);
-    let (_, hello) = ClientHandshake::start_with_flags(
-        &key,
-        FUZZ_CLIENT_SALT,
-        FUZZ_NOW,
-        b"",
-        FLAG_CONNECT_STATUS,
-    )
-    .unwrap();
-    let acc = accept_hello(
-        std::slice::from_ref(&key),
-        &hello,
-        FUZZ_SERVER_SALT,
-        FUZZ_NOW,
-        120,
-    )
-    .unwrap();
+    let (_, _, acc) = fuzz_hello(super::fuzz::FUZZ_CLIENT_SALT, FLAG_CONNECT_STATUS);
     assert!(acc.connect_status);
     let mut enc = acc.encoder;
     let mut s = acc.server_hello.to_vec();
@@ -557,6 +540,23 @@ fn the_connect_status_through_the_fuzz_entry_point() {
     );
 }
 
+/// A hello from the fuzz key (client salt `salt`, `flags`, no `meta`), and
+/// an exit's acceptance of it under [`FUZZ_SERVER_SALT`].
+fn fuzz_hello(salt: [u8; 32], flags: u8) -> (ClientHandshake, [u8; CLIENT_HELLO_LEN], Accepted) {
+    let key = Psk::from_bytes(FUZZ_PSK);
+    let (client, hello) =
+        ClientHandshake::start_with_flags(&key, salt, FUZZ_NOW, b"", flags).unwrap();
+    let acc = accept_hello(
+        std::slice::from_ref(&key),
+        &hello,
+        FUZZ_SERVER_SALT,
+        FUZZ_NOW,
+        120,
+    )
+    .unwrap();
+    (client, hello, acc)
+}
+
 /// The plaintexts of the `valid-keepalive` seeds, one per session: empty,
 /// short, and more than one chunk.
 fn keepalive_sessions() -> Vec<Vec<u8>> {
@@ -569,17 +569,7 @@ fn keepalive_sessions() -> Vec<Vec<u8>> {
 /// chunk, each session after the first opened by a start chunk (flags 0,
 /// `meta` holding the session's number as its connection ID).
 fn keepalive_exit_stream(sessions: &[Vec<u8>]) -> Vec<u8> {
-    let key = Psk::from_bytes(FUZZ_PSK);
-    let (client, hello) =
-        ClientHandshake::start_with_flags(&key, [8; 32], FUZZ_NOW, b"", FLAG_KEEPALIVE).unwrap();
-    let acc = accept_hello(
-        std::slice::from_ref(&key),
-        &hello,
-        FUZZ_SERVER_SALT,
-        FUZZ_NOW,
-        120,
-    )
-    .unwrap();
+    let (client, hello, acc) = fuzz_hello([8; 32], FLAG_KEEPALIVE);
     let mut session = client.finish_session(&acc.server_hello).unwrap();
     assert!(session.keepalive);
     let enc = &mut session.encoder;
@@ -610,19 +600,7 @@ fn keepalive_exit_stream(sessions: &[Vec<u8>]) -> Vec<u8> {
 /// the first opened by status 0; then, if `last` is not 0, that status (a
 /// refusal or "going away", which ends the tunnel).
 fn keepalive_entry_stream(sessions: &[Vec<u8>], last: u8) -> Vec<u8> {
-    use super::fuzz::FUZZ_CLIENT_SALT;
-    let key = Psk::from_bytes(FUZZ_PSK);
-    let (_, hello) =
-        ClientHandshake::start_with_flags(&key, FUZZ_CLIENT_SALT, FUZZ_NOW, b"", FLAG_KEEPALIVE)
-            .unwrap();
-    let acc = accept_hello(
-        std::slice::from_ref(&key),
-        &hello,
-        FUZZ_SERVER_SALT,
-        FUZZ_NOW,
-        120,
-    )
-    .unwrap();
+    let (_, _, acc) = fuzz_hello(super::fuzz::FUZZ_CLIENT_SALT, FLAG_KEEPALIVE);
     assert!(acc.keepalive);
     let mut enc = acc.encoder;
     let mut s = acc.server_hello.to_vec();
@@ -683,12 +661,8 @@ fn keepalive_sessions_through_the_fuzz_entry_points() {
 
     // A malformed start (66 bytes, or none: an end chunk where a start must
     // be) fails the tunnel at the exit; a two-byte status at the entry.
-    let key = Psk::from_bytes(FUZZ_PSK);
     for bad in [vec![0u8; keepalive::START_MAX + 1], Vec::new()] {
-        let (client, hello) =
-            ClientHandshake::start_with_flags(&key, [8; 32], FUZZ_NOW, b"", FLAG_KEEPALIVE)
-                .unwrap();
-        let acc = accept_hello(std::slice::from_ref(&key), &hello, [9; 32], FUZZ_NOW, 120).unwrap();
+        let (client, _, acc) = fuzz_hello([8; 32], FLAG_KEEPALIVE);
         let mut enc = client.finish_session(&acc.server_hello).unwrap().encoder;
         let mut wire = Vec::new();
         enc.seal_to_vec(b"one", &mut wire).unwrap();
@@ -714,22 +688,7 @@ fn keepalive_sessions_through_the_fuzz_entry_points() {
             bad.len()
         );
     }
-    let (_, hello) = ClientHandshake::start_with_flags(
-        &key,
-        super::fuzz::FUZZ_CLIENT_SALT,
-        FUZZ_NOW,
-        b"",
-        FLAG_KEEPALIVE,
-    )
-    .unwrap();
-    let acc = accept_hello(
-        std::slice::from_ref(&key),
-        &hello,
-        FUZZ_SERVER_SALT,
-        FUZZ_NOW,
-        120,
-    )
-    .unwrap();
+    let (_, _, acc) = fuzz_hello(super::fuzz::FUZZ_CLIENT_SALT, FLAG_KEEPALIVE);
     let mut enc = acc.encoder;
     let mut stream = acc.server_hello.to_vec();
     enc.seal_to_vec(b"one", &mut stream).unwrap();
