@@ -1088,7 +1088,11 @@ async fn exit(
     if meta.destination.is_some() {
         rec.destination.set(meta.destination);
     }
-    let connected = connect_pool(ctx, rec, async |_, _| Ok(())).await;
+    let connected = if accepted.connect_status {
+        connect_for_status(ctx, rec, tun).await
+    } else {
+        connect_pool(ctx, rec, async |_, _| Ok(())).await
+    };
     let (upstream, lease, ()) = match connected {
         Ok(up) => up,
         // With a connect status (docs/PROTOCOL.md §3.1), say that nothing
@@ -1262,7 +1266,7 @@ async fn kept_exit_session(
         Ok(permit) => permit,
         Err(e) => return fail(e),
     };
-    let (upstream, lease, ()) = match connect_pool(ctx, rec, async |_, _| Ok(())).await {
+    let (upstream, lease, ()) = match connect_for_status(ctx, rec, tun).await {
         Ok(up) => up,
         Err(e) if e.is_final() => return fail(e),
         Err(e) => {
@@ -1305,6 +1309,28 @@ async fn kept_exit_session(
         ),
         Ok(None) => (Ok(()), None),
         Err(e) => fail(e),
+    }
+}
+
+/// The exit's connect to its origin for a session it answers with a status
+/// (a connect status, docs/PROTOCOL.md §3.1, or a kept tunnel's start,
+/// §4.1), bounded by nine tenths of `--handshake-timeout` from the
+/// session's accept (or its start): an entry with the same timeout then
+/// gets the refusal, and sends its client to another exit, before it gives
+/// up on the status and resets the client (an origin that drops SYNs would
+/// otherwise hold the exit for `--connect-attempts` × `--connect-timeout`).
+/// Running out is [`SessionError::ConnectTimeout`], which the caller
+/// answers with a refusal.
+async fn connect_for_status(
+    ctx: &ShardCtx,
+    rec: &Record,
+    tun: &TunnelConfig,
+) -> Result<(Conn, Lease, ()), SessionError> {
+    let deadline = rec.accepted_at + tun.handshake_timeout * 9 / 10;
+    let connect = connect_pool(ctx, rec, async |_, _| Ok(()));
+    match within(ctx, deadline, Peer::Upstream, connect).await {
+        Err(SessionError::HandshakeTimeout(_)) => Err(SessionError::ConnectTimeout),
+        other => other,
     }
 }
 

@@ -600,6 +600,57 @@ fn the_first_clients_after_an_origin_died_go_to_another_exit() {
     let _ = b.terminate();
 }
 
+/// An origin that never completes a connect: a listener whose accept
+/// queue (backlog 0) one connection fills, so the kernel drops every
+/// further SYN. Keep the returned sockets for as long as it must last.
+fn black_hole() -> (SocketAddr, socket2::Socket, TcpStream) {
+    let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    l.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    l.listen(0).unwrap();
+    let addr = l.local_addr().unwrap().as_socket().unwrap();
+    let fill = TcpStream::connect(addr).unwrap();
+    (addr, l, fill)
+}
+
+/// An exit whose origin swallows connects (a black hole) answers the
+/// connect status with a refusal within nine tenths of its handshake
+/// timeout, so the entry, which waits as long for the status, sends the
+/// client to its other exit instead of resetting it. (A break-it round saw
+/// the reset: the exit kept trying for `--connect-attempts` ×
+/// `--connect-timeout`.)
+#[test]
+fn an_exit_whose_origin_swallows_connects_refuses_in_time() {
+    let (hole, _listener, _fill) = black_hole();
+    let (origin, served) = counting_origin();
+    let key = key_file(&[&keygen()]);
+    let a = Proxy::exit(hole, &key)
+        .args(["--connect-timeout", "10s", "--handshake-timeout", "1s"])
+        .start();
+    let b = exit(origin, &key, None);
+    let entry = Proxy::entry(a.addr, &key)
+        .args([
+            "--upstream",
+            &b.addr.to_string(),
+            "--balance",
+            "round-robin",
+        ])
+        .args(["--tunnel-keepalive", "0", "--handshake-timeout", "1s"])
+        .start();
+    let started = std::time::Instant::now();
+    if let Err(e) = client(entry.addr, 100, 1) {
+        panic!("the client was lost after {:?}: {e}", started.elapsed());
+    }
+    assert_eq!(served.load(Ordering::SeqCst), 1, "B's origin");
+    let (_, lines) = a.terminate();
+    let timeouts: u64 = summaries(&lines)
+        .iter()
+        .map(|s| s.get("connect_timeout"))
+        .sum();
+    assert_eq!(timeouts, 1, "A did not give up on its origin: {lines:?}");
+    let _ = (entry.terminate(), b.terminate());
+}
+
 /// With every exit's origin down, a client is closed as `no_upstream`
 /// (every attempt refused), not as a tunnel reset: the last attempt of a
 /// retried client offers the connect status too (a break-it round saw
