@@ -343,6 +343,64 @@ fn a_kept_tunnel_whose_origin_died_sends_the_client_to_another_exit() {
     drop(b);
 }
 
+/// A kept tunnel's exit whose origin now swallows connects (a black hole)
+/// refuses the start within nine tenths of its handshake timeout, so the
+/// entry sends the client to its other exit instead of resetting it when
+/// its own wait for the status runs out (as for a new tunnel's connect
+/// status: tests/pools.rs `an_exit_whose_origin_swallows_connects_refuses_in_time`).
+#[test]
+fn a_kept_tunnel_whose_origin_swallows_connects_refuses_in_time() {
+    let key = key_file(&[&keygen()]);
+    // Exit A's origin serves one connection, then its port becomes a
+    // black hole.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a_origin = l.local_addr().unwrap();
+    let (gone_tx, gone_rx) = mpsc::channel();
+    thread::spawn(move || {
+        if let Ok((mut c, _)) = l.accept() {
+            let mut buf = [0u8; 16 * 1024];
+            while let Ok(n) = c.read(&mut buf) {
+                if n == 0 || c.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = c.shutdown(Shutdown::Write);
+        }
+        drop(l);
+        let _ = gone_tx.send(());
+    });
+    let a = Proxy::exit(a_origin, &key)
+        .args(["--connect-timeout", "10s", "--handshake-timeout", "1s"])
+        .start();
+    let b = Proxy::exit(echo_origin(), &key).start();
+    let entry = Proxy::entry(a.addr, &key)
+        .args([
+            "--upstream",
+            &b.addr.to_string(),
+            "--balance",
+            "round-robin",
+        ])
+        .args(["--handshake-timeout", "1s"])
+        .args(FAST_METRICS)
+        .start();
+    for i in 0..2 {
+        let data = random_bytes(3000, i);
+        assert!(echo(entry.addr, &data) == data, "client {i}");
+        idle_tunnels_are(&entry, i + 1);
+    }
+    gone_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let (_, _hole, _fill) = black_hole_on(a_origin);
+    // The next client goes to A's kept tunnel first.
+    let data = random_bytes(3000, 2);
+    assert!(echo(entry.addr, &data) == data, "client 2");
+    let (_, a_lines) = a.terminate();
+    assert_eq!(total(&a_lines, "connect_timeout"), 1, "{a_lines:?}");
+    assert_eq!(total(&a_lines, "tunnel_reuses"), 1, "{a_lines:?}");
+    let (_, lines) = entry.terminate();
+    assert_eq!(total(&lines, "clean"), 3, "{lines:?}");
+    drop(b);
+}
+
 /// The independent implementation (tests/tunnel_client.py, from
 /// docs/PROTOCOL.md alone) as an entry: two sessions on one tunnel, each
 /// echoed; the second's start is answered with status 0. An exit with

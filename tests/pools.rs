@@ -600,19 +600,6 @@ fn the_first_clients_after_an_origin_died_go_to_another_exit() {
     let _ = b.terminate();
 }
 
-/// An origin that never completes a connect: a listener whose accept
-/// queue (backlog 0) one connection fills, so the kernel drops every
-/// further SYN. Keep the returned sockets for as long as it must last.
-fn black_hole() -> (SocketAddr, socket2::Socket, TcpStream) {
-    let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    l.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .unwrap();
-    l.listen(0).unwrap();
-    let addr = l.local_addr().unwrap().as_socket().unwrap();
-    let fill = TcpStream::connect(addr).unwrap();
-    (addr, l, fill)
-}
-
 /// An exit whose origin swallows connects (a black hole) answers the
 /// connect status with a refusal within nine tenths of its handshake
 /// timeout, so the entry, which waits as long for the status, sends the
@@ -621,7 +608,7 @@ fn black_hole() -> (SocketAddr, socket2::Socket, TcpStream) {
 /// `--connect-timeout`.)
 #[test]
 fn an_exit_whose_origin_swallows_connects_refuses_in_time() {
-    let (hole, _listener, _fill) = black_hole();
+    let (hole, _listener, _fill) = black_hole_on(SocketAddr::from(([127, 0, 0, 1], 0)));
     let (origin, served) = counting_origin();
     let key = key_file(&[&keygen()]);
     let a = Proxy::exit(hole, &key)

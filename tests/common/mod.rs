@@ -784,6 +784,21 @@ pub fn dead_port() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
+/// An origin on `addr` (port 0: any) that never completes a connect: a
+/// listener whose accept queue (backlog 0) one connection fills, so the
+/// kernel drops every further SYN. Keep the returned sockets for as long
+/// as it must last.
+pub fn black_hole_on(addr: SocketAddr) -> (SocketAddr, socket2::Socket, TcpStream) {
+    let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    // The port may have just been another listener's.
+    l.set_reuse_address(true).unwrap();
+    l.bind(&addr.into()).unwrap();
+    l.listen(0).unwrap();
+    let addr = l.local_addr().unwrap().as_socket().unwrap();
+    let fill = TcpStream::connect(addr).unwrap();
+    (addr, l, fill)
+}
+
 /// Result of reading a socket until it ends.
 #[derive(Debug, PartialEq, Eq)]
 pub enum End {
