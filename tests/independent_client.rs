@@ -482,14 +482,9 @@ fn our_entry_reads_an_independent_connect_status() {
         let Some((fake, entry)) = fake_exit("fake-exit-status", &["0"], args) else {
             return;
         };
-        let data = random_bytes(30_000, 3);
-        let mut c = std::net::TcpStream::connect(entry.addr).unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        c.write_all(&data).unwrap();
-        c.shutdown(std::net::Shutdown::Write).unwrap();
-        let mut back = Vec::new();
-        c.read_to_end(&mut back).unwrap();
-        assert!(back == data, "{} bytes back", back.len());
+        let data = std::sync::Arc::new(random_bytes(30_000, 3));
+        let back = echo_round_trip(entry.addr, data.clone());
+        assert!(back == *data, "{} bytes back", back.len());
         assert_eq!(
             fake_output(fake),
             format!("offered={offered} served 30000 byte(s) ended=True closed=eof")
@@ -527,32 +522,17 @@ fn our_entry_reads_an_independent_connect_status() {
 /// other exit. A killed exit's kernel does this.
 #[test]
 fn an_exit_that_closes_before_its_status_sends_the_client_elsewhere() {
-    use std::io::Read;
     let Some((fake, fake_addr, key)) = fake_exit_at("fake-exit-status", &["eof"]) else {
         return;
     };
     let key = key_file(&[&key]);
     let b = Proxy::exit(echo_origin(), &key).start();
     let entry = Proxy::entry(fake_addr, &key)
-        .args([
-            "--upstream",
-            &b.addr.to_string(),
-            "--balance",
-            "round-robin",
-        ])
+        .round_robin_with(b.addr)
         .start();
-    let data = random_bytes(5000, 9);
-    let mut c = std::net::TcpStream::connect(entry.addr).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    c.write_all(&data).unwrap();
-    c.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut back = Vec::new();
-    let read = c.read_to_end(&mut back);
-    assert!(
-        read.is_ok() && back == data,
-        "{read:?}, {} bytes back",
-        back.len()
-    );
+    let data = std::sync::Arc::new(random_bytes(5000, 9));
+    let back = echo_round_trip(entry.addr, data.clone());
+    assert!(back == *data, "{} bytes back", back.len());
     assert_eq!(fake_output(fake), "offered=True closed unanswered");
     let (_, lines) = entry.terminate();
     let clean: u64 = summaries(&lines).iter().map(|s| s.get("clean")).sum();

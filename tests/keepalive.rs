@@ -47,20 +47,29 @@ fn counting_tap(target: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>) {
 
 /// Sends `data`, half-closes, and returns the echo.
 fn echo(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
-    let mut c = TcpStream::connect(addr).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let writer = {
-        let mut c = c.try_clone().unwrap();
-        let data = data.to_vec();
-        thread::spawn(move || {
-            c.write_all(&data).unwrap();
-            c.shutdown(Shutdown::Write).unwrap();
-        })
-    };
-    let mut back = Vec::new();
-    c.read_to_end(&mut back).unwrap();
-    writer.join().unwrap();
-    back
+    echo_round_trip(addr, Arc::new(data.to_vec()))
+}
+
+/// An echo origin that serves one connection, then closes its port; the
+/// receiver hears when it has.
+fn one_shot_origin() -> (SocketAddr, mpsc::Receiver<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (gone_tx, gone_rx) = mpsc::channel();
+    thread::spawn(move || {
+        if let Ok((mut c, _)) = l.accept() {
+            let mut buf = [0u8; 16 * 1024];
+            while let Ok(n) = c.read(&mut buf) {
+                if n == 0 || c.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = c.shutdown(Shutdown::Write);
+        }
+        drop(l);
+        let _ = gone_tx.send(());
+    });
+    (addr, gone_rx)
 }
 
 fn total(lines: &[String], key: &str) -> u64 {
@@ -283,31 +292,11 @@ fn a_reset_on_a_kept_tunnel_reaches_the_origin_and_ends_the_tunnel() {
 fn a_kept_tunnel_whose_origin_died_sends_the_client_to_another_exit() {
     let key = key_file(&[&keygen()]);
     // Exit A's origin serves one connection, then closes its port.
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let a_origin = l.local_addr().unwrap();
-    let (gone_tx, gone_rx) = mpsc::channel();
-    thread::spawn(move || {
-        if let Ok((mut c, _)) = l.accept() {
-            let mut buf = [0u8; 16 * 1024];
-            while let Ok(n) = c.read(&mut buf) {
-                if n == 0 || c.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-            let _ = c.shutdown(Shutdown::Write);
-        }
-        drop(l);
-        let _ = gone_tx.send(());
-    });
+    let (a_origin, gone_rx) = one_shot_origin();
     let a = Proxy::exit(a_origin, &key).start();
     let b = Proxy::exit(echo_origin(), &key).start();
     let entry = Proxy::entry(a.addr, &key)
-        .args([
-            "--upstream",
-            &b.addr.to_string(),
-            "--balance",
-            "round-robin",
-        ])
+        .round_robin_with(b.addr)
         .args(FAST_METRICS)
         .start();
     // Round robin: one client each, each leaving a kept tunnel.
@@ -353,33 +342,13 @@ fn a_kept_tunnel_whose_origin_swallows_connects_refuses_in_time() {
     let key = key_file(&[&keygen()]);
     // Exit A's origin serves one connection, then its port becomes a
     // black hole.
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let a_origin = l.local_addr().unwrap();
-    let (gone_tx, gone_rx) = mpsc::channel();
-    thread::spawn(move || {
-        if let Ok((mut c, _)) = l.accept() {
-            let mut buf = [0u8; 16 * 1024];
-            while let Ok(n) = c.read(&mut buf) {
-                if n == 0 || c.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-            let _ = c.shutdown(Shutdown::Write);
-        }
-        drop(l);
-        let _ = gone_tx.send(());
-    });
+    let (a_origin, gone_rx) = one_shot_origin();
     let a = Proxy::exit(a_origin, &key)
         .args(["--connect-timeout", "10s", "--handshake-timeout", "1s"])
         .start();
     let b = Proxy::exit(echo_origin(), &key).start();
     let entry = Proxy::entry(a.addr, &key)
-        .args([
-            "--upstream",
-            &b.addr.to_string(),
-            "--balance",
-            "round-robin",
-        ])
+        .round_robin_with(b.addr)
         .args(["--handshake-timeout", "1s"])
         .args(FAST_METRICS)
         .start();
@@ -517,12 +486,7 @@ fn a_kept_tunnel_closed_unanswered_sends_the_client_elsewhere() {
     // to B, client 2 to the fake's kept tunnel, which it closes at the
     // start (and then nothing listens there).
     let entry = Proxy::entry(fake_addr, &key)
-        .args([
-            "--upstream",
-            &b.addr.to_string(),
-            "--balance",
-            "round-robin",
-        ])
+        .round_robin_with(b.addr)
         .args(FAST_METRICS)
         .start();
     for i in 0..3 {

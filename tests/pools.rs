@@ -249,12 +249,7 @@ fn an_exit_with_the_wrong_key_is_retried_around_and_marked_down() {
     // Without active checks: the failed handshake is retried on the good
     // exit, so no client sees it.
     let entry = Proxy::entry(good.addr, &key)
-        .args([
-            "--upstream",
-            &wrong.addr.to_string(),
-            "--balance",
-            "round-robin",
-        ])
+        .round_robin_with(wrong.addr)
         .start();
     let failed = clients(entry.addr, 100, 4);
     assert!(failed.is_empty(), "{failed:?}");
@@ -268,12 +263,7 @@ fn an_exit_with_the_wrong_key_is_retried_around_and_marked_down() {
     // With active checks: the wrong-key exit is marked down by the checker
     // (a full handshake), and no client fails meanwhile.
     let entry = Proxy::entry(good.addr, &key)
-        .args([
-            "--upstream",
-            &wrong.addr.to_string(),
-            "--balance",
-            "round-robin",
-        ])
+        .round_robin_with(wrong.addr)
         .args(["--health-check-interval", "1s", "--health-check-fails", "2"])
         .start();
     let load = {
@@ -469,8 +459,8 @@ fn an_exit_whose_origins_are_down_refuses_tunnels_so_the_entry_moves_on() {
         .start();
     let b = exit(origin, &key, None);
     let entry = Proxy::entry(a.addr, &key)
-        .args(["--upstream", &b.addr.to_string()])
-        .args(["--balance", "round-robin", "--max-fails", "1"])
+        .round_robin_with(b.addr)
+        .args(["--max-fails", "1"])
         .start();
     // A learns that its origin is down only by failing to reach it (then
     // ejects it); its connect status sends that first client to B too
@@ -543,8 +533,8 @@ fn the_first_clients_after_an_origin_died_go_to_another_exit() {
     // `--max-fails 1`: a refusal counted as a failure would eject A (for
     // 10 s), where a refusal only passes it over for a second.
     let entry = Proxy::entry(a.addr, &key)
-        .args(["--upstream", &b.addr.to_string()])
-        .args(["--balance", "round-robin", "--tunnel-keepalive", "0"])
+        .round_robin_with(b.addr)
+        .args(["--tunnel-keepalive", "0"])
         .args(["--max-fails", "1", "--fail-timeout", "10s"])
         .args(FAST_METRICS)
         .start();
@@ -616,12 +606,7 @@ fn an_exit_whose_origin_swallows_connects_refuses_in_time() {
         .start();
     let b = exit(origin, &key, None);
     let entry = Proxy::entry(a.addr, &key)
-        .args([
-            "--upstream",
-            &b.addr.to_string(),
-            "--balance",
-            "round-robin",
-        ])
+        .round_robin_with(b.addr)
         .args(["--tunnel-keepalive", "0", "--handshake-timeout", "1s"])
         .start();
     let started = std::time::Instant::now();
@@ -648,8 +633,8 @@ fn a_client_no_exit_can_serve_ends_as_no_upstream() {
     let a = Proxy::exit(dead_address(), &key).start();
     let b = Proxy::exit(dead_address(), &key).start();
     let entry = Proxy::entry(a.addr, &key)
-        .args(["--upstream", &b.addr.to_string()])
-        .args(["--balance", "round-robin", "--tunnel-keepalive", "0"])
+        .round_robin_with(b.addr)
+        .args(["--tunnel-keepalive", "0"])
         .start();
     let lost = client(entry.addr, 100, 1);
     assert!(lost.is_err(), "served with no origin up: {lost:?}");
@@ -686,8 +671,8 @@ fn an_exit_at_its_connection_limit_refuses_so_the_entry_moves_on() {
     let mut buf = [0u8; 4];
     held.read_exact(&mut buf).unwrap();
     let entry = Proxy::entry(a.addr, &key)
-        .args(["--upstream", &b.addr.to_string()])
-        .args(["--balance", "round-robin", "--handshake-timeout", "60s"])
+        .round_robin_with(b.addr)
+        .args(["--handshake-timeout", "60s"])
         .start();
     let failed = clients(entry.addr, 40, 4);
     assert!(
@@ -729,8 +714,8 @@ fn an_exit_probes_an_origin_whose_ejection_ran_out_instead_of_losing_clients_on_
         .start();
     let b = exit(origin, &key, None);
     let entry = Proxy::entry(a.addr, &key)
-        .args(["--upstream", &b.addr.to_string()])
-        .args(["--balance", "round-robin", "--fail-timeout", "1s"])
+        .round_robin_with(b.addr)
+        .args(["--fail-timeout", "1s"])
         .start();
     // Warm-up: A learns that its origin is down by failing to reach it
     // (the client goes on to B: docs/PROTOCOL.md §3.1).

@@ -381,6 +381,21 @@ def connect_status(addr, key_b64, message):
     return 0
 
 
+def fin_and_drain(s, data):
+    """Sends our FIN, then reads to the peer's close; returns `data` and
+    what was read. The peer may already have closed or reset."""
+    try:
+        s.shutdown(socket.SHUT_WR)
+        while True:
+            more = s.recv(65536)
+            if not more:
+                break
+            data += more
+    except OSError:
+        pass
+    return data
+
+
 def fake_exit_status(port_file, key_b64, status):
     """PROTOCOL.md §3.1 as an exit: answer the entry's first flight with
     `status`; 0 echoes the session, anything else ends the tunnel (status,
@@ -392,33 +407,13 @@ def fake_exit_status(port_file, key_b64, status):
     s, offered, opener, sealer, rest = opened
     s.settimeout(30)
     if offered and status == "eof":
-        # Closes the tunnel unanswered (as a killed exit's kernel does):
-        # FIN, then read to the entry's close.
-        data = rest
-        try:
-            s.shutdown(socket.SHUT_WR)
-            while True:
-                more = s.recv(65536)
-                if not more:
-                    break
-                data += more
-        except OSError:
-            pass
+        # Closes the tunnel unanswered (as a killed exit's kernel does).
+        fin_and_drain(s, rest)
         print("offered=%s closed unanswered" % offered)
         return 0
     if offered and int(status) != 0:
         s.sendall(sealer.chunk(bytes([int(status)])))
-        data = rest
-        try:
-            # The entry may already have closed (or reset) the connection.
-            s.shutdown(socket.SHUT_WR)
-            while True:
-                more = s.recv(65536)
-                if not more:
-                    break
-                data += more
-        except OSError:
-            pass
+        data = fin_and_drain(s, rest)
         print("offered=%s refused, %d byte(s) of chunks unopened" % (offered, len(data)))
         return 0
     if offered:

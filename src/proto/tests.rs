@@ -805,19 +805,8 @@ fn entry_fuzz_stream(plaintext: &[u8]) -> Vec<u8> {
 /// [`entry_fuzz_stream`], the exit agreeing to large chunks (`large`) or
 /// not; [`entry_side`]'s entry offers them.
 fn entry_fuzz_stream_with(plaintext: &[u8], large: bool) -> Vec<u8> {
-    use super::fuzz::FUZZ_CLIENT_SALT;
-    let key = Psk::from_bytes(FUZZ_PSK);
     let flags = if large { FLAG_LARGE_CHUNKS } else { 0 };
-    let (_, hello) =
-        ClientHandshake::start_with_flags(&key, FUZZ_CLIENT_SALT, FUZZ_NOW, b"", flags).unwrap();
-    let acc = accept_hello(
-        std::slice::from_ref(&key),
-        &hello,
-        FUZZ_SERVER_SALT,
-        FUZZ_NOW,
-        120,
-    )
-    .unwrap();
+    let (_, _, acc) = fuzz_hello(super::fuzz::FUZZ_CLIENT_SALT, flags);
     let mut enc = acc.encoder;
     let mut s = acc.server_hello.to_vec();
     enc.seal_to_vec(plaintext, &mut s).unwrap();

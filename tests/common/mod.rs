@@ -143,6 +143,13 @@ impl ProxyBuilder {
         self
     }
 
+    /// A second upstream endpoint, `other`, after the first, with
+    /// `--balance round-robin`: a shard's first client goes to the first
+    /// endpoint, its second to `other`.
+    pub fn round_robin_with(self, other: SocketAddr) -> Self {
+        self.args(["--upstream", &other.to_string(), "--balance", "round-robin"])
+    }
+
     /// Number of shards (`--cores N`); `start` waits for each to listen.
     pub fn shards(mut self, n: usize) -> Self {
         self.shards = n;
