@@ -1088,30 +1088,14 @@ async fn exit(
     if meta.destination.is_some() {
         rec.destination.set(meta.destination);
     }
-    let connected = if accepted.connect_status {
-        connect_for_status(ctx, rec, tun).await
+    // With a connect status (docs/PROTOCOL.md §3.1) the entry hears
+    // whether an origin was reached before anything is forwarded.
+    let (upstream, lease) = if accepted.connect_status {
+        connect_and_answer(client, &mut accepted.encoder, ctx, rec, tun).await?
     } else {
-        connect_pool(ctx, rec, async |_, _| Ok(())).await
+        let (upstream, lease, ()) = connect_pool(ctx, rec, async |_, _| Ok(())).await?;
+        (upstream, lease)
     };
-    let (upstream, lease, ()) = match connected {
-        Ok(up) => up,
-        // With a connect status (docs/PROTOCOL.md §3.1), say that nothing
-        // was forwarded: the entry may send the client's first bytes to
-        // another exit.
-        Err(e) if accepted.connect_status && !e.is_final() => {
-            say_goodbye(client, &mut accepted.encoder, STATUS_NO_UPSTREAM, ctx, tun).await;
-            return Err(e);
-        }
-        Err(e) => return Err(e),
-    };
-    if accepted.connect_status {
-        let mut out = Vec::with_capacity(LEN_LEN + 1 + TAG_LEN);
-        seal_chunk(&mut accepted.encoder, &[STATUS_OK], &mut out)?;
-        if let Err(e) = abortable(ctx, client.write_all(&out, || ())).await {
-            upstream.abort();
-            return Err(e);
-        }
-    }
     send_proxy_header(ctx, rec, &upstream).await?;
     rec.kept.set(Some(false));
     let framing = Framing::Tunnel {
@@ -1266,25 +1250,11 @@ async fn kept_exit_session(
         Ok(permit) => permit,
         Err(e) => return fail(e),
     };
-    let (upstream, lease, ()) = match connect_for_status(ctx, rec, tun).await {
+    let (upstream, lease) = match connect_and_answer(&conn, &mut encoder, ctx, rec, tun).await {
         Ok(up) => up,
-        Err(e) if e.is_final() => return fail(e),
-        Err(e) => {
-            // Nothing was forwarded: say so, and the entry may try another
-            // exit.
-            say_goodbye(&conn, &mut encoder, STATUS_NO_UPSTREAM, ctx, tun).await;
-            return (Err(e), None);
-        }
+        // The tunnel is ended already (a goodbye, or aborted).
+        Err(e) => return (Err(e), None),
     };
-    let mut out = Vec::with_capacity(LEN_LEN + 1 + TAG_LEN);
-    let answered = match seal_chunk(&mut encoder, &[STATUS_OK], &mut out) {
-        Ok(()) => abortable(ctx, conn.write_all(&out, || ())).await,
-        Err(e) => Err(e),
-    };
-    if let Err(e) = answered {
-        upstream.abort();
-        return fail(e);
-    }
     if let Err(e) = send_proxy_header(ctx, rec, &upstream).await {
         return fail(e);
     }
@@ -1332,6 +1302,47 @@ async fn connect_for_status(
         Err(SessionError::HandshakeTimeout(_)) => Err(SessionError::ConnectTimeout),
         other => other,
     }
+}
+
+/// The exit's side of a session it owes a status (a connect status,
+/// docs/PROTOCOL.md §3.1, or a kept tunnel's start, §4.1), before any byte
+/// reaches an origin: the origin connect ([`connect_for_status`]), then
+/// status 0 on the tunnel `conn`. Returns the origin connection and its
+/// lease.
+///
+/// Errors end the tunnel here: an origin that could not be reached (a
+/// failure that is not final) is answered "no upstream" with
+/// [`say_goodbye`], so the entry may send the session elsewhere; anything
+/// else aborts `conn`.
+async fn connect_and_answer(
+    conn: &Conn,
+    encoder: &mut crate::proto::Encoder,
+    ctx: &ShardCtx,
+    rec: &Record,
+    tun: &TunnelConfig,
+) -> Result<(Conn, Lease), SessionError> {
+    let (upstream, lease, ()) = match connect_for_status(ctx, rec, tun).await {
+        Ok(up) => up,
+        Err(e) if e.is_final() => {
+            conn.abort();
+            return Err(e);
+        }
+        Err(e) => {
+            say_goodbye(conn, encoder, STATUS_NO_UPSTREAM, ctx, tun).await;
+            return Err(e);
+        }
+    };
+    let mut out = Vec::with_capacity(LEN_LEN + 1 + TAG_LEN);
+    let answered = match seal_chunk(encoder, &[STATUS_OK], &mut out) {
+        Ok(()) => abortable(ctx, conn.write_all(&out, || ())).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = answered {
+        upstream.abort();
+        conn.abort();
+        return Err(e);
+    }
+    Ok((upstream, lease))
 }
 
 /// An authenticated tunnel session's slot (`--max-connections`; `None`
