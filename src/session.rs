@@ -8,7 +8,7 @@
 //! the phases before it.
 
 use std::future::Future;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use glommio::net::TcpStream;
 
@@ -353,6 +353,9 @@ async fn entry(
         client: rec.client(),
         destination: rec.destination.get(),
         id: Some(rec.id.get()),
+        // How long this entry waits for a status, so that an exit with a
+        // longer handshake timeout still answers in time (§3.1).
+        patience: Some(tun.handshake_timeout),
     }
     .encode();
     let meta = &meta[..meta_len];
@@ -1091,7 +1094,8 @@ async fn exit(
     // With a connect status (docs/PROTOCOL.md §3.1) the entry hears
     // whether an origin was reached before anything is forwarded.
     let (upstream, lease) = if accepted.connect_status {
-        connect_and_answer(client, &mut accepted.encoder, ctx, rec, tun).await?
+        let deadline = status_deadline(rec, tun, meta.patience);
+        connect_and_answer(client, &mut accepted.encoder, ctx, rec, tun, deadline).await?
     } else {
         let (upstream, lease, ()) = connect_pool(ctx, rec, async |_, _| Ok(())).await?;
         (upstream, lease)
@@ -1243,14 +1247,21 @@ async fn kept_exit_session(
         say_goodbye(&conn, &mut encoder, status, ctx, tun).await;
         return (Err(SessionError::Refused(status)), None);
     }
-    // A session slot, as after a hello (the entry waits for the answer
-    // meanwhile, within its handshake timeout).
-    let deadline = rec.accepted_at + tun.handshake_timeout;
+    // A session slot, as after a hello, then the origin, both within the
+    // entry's patience: a start left waiting for a slot that long is
+    // answered "at the connection limit" (the entry may send it elsewhere),
+    // never with a reset that leaves the entry unsure whether it was served.
+    let deadline = status_deadline(rec, tun, meta.patience);
     let _permit = match session_slot(ctx, deadline, &Trigger::new()).await {
         Ok(permit) => permit,
+        Err(SessionError::HandshakeTimeout(_)) => {
+            say_goodbye(&conn, &mut encoder, STATUS_BUSY, ctx, tun).await;
+            return (Err(SessionError::Refused(STATUS_BUSY)), None);
+        }
         Err(e) => return fail(e),
     };
-    let (upstream, lease) = match connect_and_answer(&conn, &mut encoder, ctx, rec, tun).await {
+    let answered = connect_and_answer(&conn, &mut encoder, ctx, rec, tun, deadline);
+    let (upstream, lease) = match answered.await {
         Ok(up) => up,
         // The tunnel is ended already (a goodbye, or aborted).
         Err(e) => return (Err(e), None),
@@ -1282,21 +1293,30 @@ async fn kept_exit_session(
     }
 }
 
-/// The exit's connect to its origin for a session it answers with a status
-/// (a connect status, docs/PROTOCOL.md §3.1, or a kept tunnel's start,
-/// §4.1), bounded by nine tenths of `--handshake-timeout` from the
-/// session's accept (or its start): an entry with the same timeout then
-/// gets the refusal, and sends its client to another exit, before it gives
-/// up on the status and resets the client (an origin that drops SYNs would
-/// otherwise hold the exit for `--connect-attempts` × `--connect-timeout`).
-/// Running out is [`SessionError::ConnectTimeout`], which the caller
-/// answers with a refusal.
+/// When an exit that owes a session a status (a connect status,
+/// docs/PROTOCOL.md §3.1, or a kept tunnel's start, §4.1) must have
+/// answered: nine tenths of the shorter of its own `--handshake-timeout`
+/// and the entry's `patience` (meta type 0x04, the entry's handshake
+/// timeout; absent from older entries), from the session's accept or start.
+/// The entry's wait starts about half a round trip later and its answer
+/// arrives half a round trip after it is sent, so the entry hears a refusal,
+/// and sends its client to another exit, before it gives up on the status
+/// and resets the client, whichever side has the shorter timeout.
+fn status_deadline(rec: &Record, tun: &TunnelConfig, patience: Option<Duration>) -> Instant {
+    let bound = patience.map_or(tun.handshake_timeout, |p| p.min(tun.handshake_timeout));
+    rec.accepted_at + bound * 9 / 10
+}
+
+/// The exit's connect to its origin for a session it answers with a status,
+/// bounded by the status `deadline` ([`status_deadline`]; an origin that
+/// drops SYNs would otherwise hold the exit for `--connect-attempts` ×
+/// `--connect-timeout`). Running out is [`SessionError::ConnectTimeout`],
+/// which the caller answers with a refusal.
 async fn connect_for_status(
     ctx: &ShardCtx,
     rec: &Record,
-    tun: &TunnelConfig,
+    deadline: Instant,
 ) -> Result<(Conn, Lease, ()), SessionError> {
-    let deadline = rec.accepted_at + tun.handshake_timeout * 9 / 10;
     let connect = connect_pool(ctx, rec, async |_, _| Ok(()));
     match within(ctx, deadline, Peer::Upstream, connect).await {
         Err(SessionError::HandshakeTimeout(_)) => Err(SessionError::ConnectTimeout),
@@ -1320,8 +1340,9 @@ async fn connect_and_answer(
     ctx: &ShardCtx,
     rec: &Record,
     tun: &TunnelConfig,
+    deadline: Instant,
 ) -> Result<(Conn, Lease), SessionError> {
-    let (upstream, lease, ()) = match connect_for_status(ctx, rec, tun).await {
+    let (upstream, lease, ()) = match connect_for_status(ctx, rec, deadline).await {
         Ok(up) => up,
         Err(e) if e.is_final() => {
             conn.abort();

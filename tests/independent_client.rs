@@ -5,6 +5,7 @@
 mod common;
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
@@ -465,6 +466,33 @@ fn python_entry_reads_the_connect_status() {
     let (_, lines) = exit.terminate();
     let no_upstream: u64 = summaries(&lines).iter().map(|s| s.get("no_upstream")).sum();
     assert_eq!(no_upstream, 1, "{lines:?}");
+}
+
+/// docs/PROTOCOL.md §2.1 type 4 and §3.1 from the independent entry: an
+/// exit whose origin swallows connects, and whose own handshake timeout is
+/// 30 s, refuses within the 1 s patience the entry sent (before, it gave up
+/// at 27 s, long after the entry).
+#[test]
+fn an_exit_answers_within_an_independent_entrys_patience() {
+    let (hole, _listener, _fill) = black_hole_on(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let key = keygen();
+    let exit = Proxy::exit(hole, &key_file(&[&key]))
+        .args(["--connect-timeout", "10s", "--handshake-timeout", "30s"])
+        .start();
+    let addr = exit.addr.to_string();
+    let Some(out) = tunnel_client(&["connect-status", &addr, &key, "hello", "1000"]) else {
+        return;
+    };
+    assert_eq!(
+        out.trim(),
+        "agreed=True status=1 reply=b'' ended=False closed=eof in_time=True"
+    );
+    let (_, lines) = exit.terminate();
+    let timeouts: u64 = summaries(&lines)
+        .iter()
+        .map(|s| s.get("connect_timeout"))
+        .sum();
+    assert_eq!(timeouts, 1, "{lines:?}");
 }
 
 /// docs/PROTOCOL.md §3.1 from an independent exit: an entry with another

@@ -339,12 +339,25 @@ fn a_kept_tunnel_whose_origin_died_sends_the_client_to_another_exit() {
 /// status: tests/pools.rs `an_exit_whose_origin_swallows_connects_refuses_in_time`).
 #[test]
 fn a_kept_tunnel_whose_origin_swallows_connects_refuses_in_time() {
+    kept_start_to_a_black_hole_is_refused_in_time("1s");
+}
+
+/// The same with an exit whose handshake timeout is longer than the
+/// entry's: the exit answers within the entry's patience, which the start
+/// carries (docs/PROTOCOL.md §2.1, type 0x04).
+#[test]
+fn a_kept_start_is_refused_within_the_entrys_patience() {
+    kept_start_to_a_black_hole_is_refused_in_time("30s");
+}
+
+fn kept_start_to_a_black_hole_is_refused_in_time(exit_handshake_timeout: &str) {
     let key = key_file(&[&keygen()]);
     // Exit A's origin serves one connection, then its port becomes a
     // black hole.
     let (a_origin, gone_rx) = one_shot_origin();
     let a = Proxy::exit(a_origin, &key)
-        .args(["--connect-timeout", "10s", "--handshake-timeout", "1s"])
+        .args(["--connect-timeout", "10s"])
+        .args(["--handshake-timeout", exit_handshake_timeout])
         .start();
     let b = Proxy::exit(echo_origin(), &key).start();
     let entry = Proxy::entry(a.addr, &key)
@@ -368,6 +381,61 @@ fn a_kept_tunnel_whose_origin_swallows_connects_refuses_in_time() {
     let (_, lines) = entry.terminate();
     assert_eq!(total(&lines, "clean"), 3, "{lines:?}");
     drop(b);
+}
+
+/// A kept tunnel's start that must wait for a session slot (the exit is at
+/// `--max-connections`, and the entry, with one exit, does not allow a
+/// refusal) is answered "at the connection limit" within the entry's
+/// patience. Before, the exit waited its own handshake timeout and then
+/// reset the tunnel; the entry, unsure whether the session was served,
+/// had already reset its client (`upstream_reset`). Now the entry knows
+/// nothing was served and ends the client as `no_upstream`.
+#[test]
+fn a_kept_start_waiting_for_a_slot_is_answered_in_time() {
+    let key = key_file(&[&keygen()]);
+    let a = Proxy::exit(echo_origin(), &key)
+        .shards(1)
+        .args(["--max-connections", "1", "--handshake-timeout", "30s"])
+        .start();
+    let entry = Proxy::entry(a.addr, &key)
+        .shards(1)
+        .args(["--handshake-timeout", "1s"])
+        .args(FAST_METRICS)
+        .start();
+    let data = random_bytes(3000, 0);
+    assert!(echo(entry.addr, &data) == data, "client 0");
+    idle_tunnels_are(&entry, 1);
+    // A's one session slot, held through an entry of its own.
+    let other = Proxy::entry(a.addr, &key)
+        .args(["--tunnel-keepalive", "0"])
+        .start();
+    let mut held = TcpStream::connect(other.addr).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    held.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    held.read_exact(&mut buf).unwrap();
+    // The next client's start waits on A for the slot.
+    let mut c = TcpStream::connect(entry.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(b"hello").unwrap();
+    let mut got = Vec::new();
+    let ended = c.read_to_end(&mut got);
+    assert!(
+        got.is_empty() && !matches!(&ended, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the client was served or left waiting: {ended:?} {got:?}"
+    );
+    let (_, lines) = entry.terminate();
+    assert_eq!(
+        (
+            total(&lines, "no_upstream"),
+            total(&lines, "upstream_reset")
+        ),
+        (1, 0),
+        "{lines:?}"
+    );
+    drop(held);
+    let _ = (other.terminate(), a.terminate());
 }
 
 /// The independent implementation (tests/tunnel_client.py, from

@@ -598,11 +598,26 @@ fn the_first_clients_after_an_origin_died_go_to_another_exit() {
 /// `--connect-timeout`.)
 #[test]
 fn an_exit_whose_origin_swallows_connects_refuses_in_time() {
+    swallowed_connects_are_refused_in_time("1s");
+}
+
+/// The same with an exit whose handshake timeout is longer than the
+/// entry's: the exit keeps within the entry's patience, which the entry
+/// sends in its hello (docs/PROTOCOL.md §2.1, type 0x04). Before, the exit
+/// gave up at nine tenths of its own 30 s and the entry had reset the
+/// client after 1 s.
+#[test]
+fn an_exit_with_a_longer_handshake_timeout_refuses_within_the_entrys() {
+    swallowed_connects_are_refused_in_time("30s");
+}
+
+fn swallowed_connects_are_refused_in_time(exit_handshake_timeout: &str) {
     let (hole, _listener, _fill) = black_hole_on(SocketAddr::from(([127, 0, 0, 1], 0)));
     let (origin, served) = counting_origin();
     let key = key_file(&[&keygen()]);
     let a = Proxy::exit(hole, &key)
-        .args(["--connect-timeout", "10s", "--handshake-timeout", "1s"])
+        .args(["--connect-timeout", "10s"])
+        .args(["--handshake-timeout", exit_handshake_timeout])
         .start();
     let b = exit(origin, &key, None);
     let entry = Proxy::entry(a.addr, &key)

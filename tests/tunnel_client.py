@@ -59,13 +59,16 @@ Usage:
                                          each start's flags and connection ID; with
                                          `eof`, close the tunnel (FIN, no status) at
                                          the first start instead
-  tunnel_client.py connect-status ADDR KEYB64 MSG
+  tunnel_client.py connect-status ADDR KEYB64 MSG [PATIENCE_MS]
                                          as an entry offering a connect status
                                          (§3.1): send MSG and the end chunk; read
                                          the exit's first chunk as the status,
                                          then (status 0) the reply; print what was
                                          agreed, the status, the reply and how the
-                                         exit ended the connection
+                                         exit ended the connection; with
+                                         PATIENCE_MS, send it in the meta block
+                                         (§2.1, type 4) and print whether the
+                                         status came within it
   tunnel_client.py fake-exit-status PORTFILE KEYB64 STATUS|eof
                                          as an exit agreeing to a connect status:
                                          answer the first flight with STATUS; 0:
@@ -137,9 +140,10 @@ def client_hello(psk, client_salt, unix_time, meta=b"", flags=0):
     return key, client_salt + ChaCha20Poly1305(key).encrypt(nonce(0), pt, client_salt)
 
 
-def meta_block(client=None, destination=None, conn_id=None):
+def meta_block(client=None, destination=None, conn_id=None, patience_ms=None):
     """The hello's meta block (PROTOCOL.md 2.1): type, length, value.
-    Addresses are (ip string, port); the ID is 16 bytes."""
+    Addresses are (ip string, port); the ID is 16 bytes; the patience is
+    milliseconds, u32 big-endian."""
     import ipaddress
 
     def addr(a):
@@ -155,6 +159,8 @@ def meta_block(client=None, destination=None, conn_id=None):
         out += bytes([0x02, len(v)]) + v
     if conn_id:
         out += bytes([0x03, len(conn_id)]) + conn_id
+    if patience_ms is not None:
+        out += bytes([0x04, 4]) + struct.pack(">I", patience_ms)
     return out
 
 
@@ -354,10 +360,12 @@ def keepalive(addr, key_b64, msg1, msg2, cross=""):
     return 0
 
 
-def connect_status(addr, key_b64, message):
+def connect_status(addr, key_b64, message, patience_ms=None):
     """PROTOCOL.md §3.1 as an entry: the exit's first chunk is a status,
-    sent once it reached its origin (0) or failed to (1, then its FIN)."""
-    done = handshake(addr, key_b64, flags=FLAG_CONNECT_STATUS)
+    sent once it reached its origin (0) or failed to (1, then its FIN);
+    with `patience_ms` (§2.1, type 4), within that long."""
+    meta = b"" if patience_ms is None else meta_block(patience_ms=patience_ms)
+    done = handshake(addr, key_b64, flags=FLAG_CONNECT_STATUS, meta=meta)
     if done is None:
         return 1
     s, keys, _, server_flags = done
@@ -366,6 +374,7 @@ def connect_status(addr, key_b64, message):
     opener = Opener(keys["s2c_key"], keys["s2c_length_key"])
     s.sendall(sealer.confirm() + sealer.chunk(message.encode()) + sealer.end())
     s.shutdown(socket.SHUT_WR)
+    sent_at = time.monotonic()
     status = None
     if agreed:
         got = next_chunk(s, opener)
@@ -373,11 +382,15 @@ def connect_status(addr, key_b64, message):
             print("agreed=True no status: %r" % (got,))
             return 0
         status = got[0][0]
+    waited_ms = (time.monotonic() - sent_at) * 1000
     reply, ended = b"", False
     if status in (None, 0):
         reply, ended = read_session(s, opener)
-    print("agreed=%s status=%s reply=%r ended=%s closed=%s" % (
-        agreed, status, reply, ended, how_it_ended(s)))
+    line = "agreed=%s status=%s reply=%r ended=%s closed=%s" % (
+        agreed, status, reply, ended, how_it_ended(s))
+    if patience_ms is not None:
+        line += " in_time=%s" % (waited_ms < patience_ms)
+    print(line)
     return 0
 
 
@@ -536,15 +549,16 @@ def read_server_hello(s):
     return answer
 
 
-def handshake(addr, key_b64, offset_ms=0, flags=0):
+def handshake(addr, key_b64, offset_ms=0, flags=0, meta=b""):
     """As an entry: connect, send a hello stamped now + offset_ms with
-    `flags`, verify the server hello. Returns (socket, session keys, hello,
-    the answer's flags), or None (printed) if the exit closed before
-    answering."""
+    `flags` and `meta`, verify the server hello. Returns (socket, session
+    keys, hello, the answer's flags), or None (printed) if the exit closed
+    before answering."""
     host, port = addr.rsplit(":", 1)
     psk = base64.b64decode(key_b64)
     cs = os.urandom(32)
-    _, hello = client_hello(psk, cs, int(time.time() * 1000) + offset_ms, flags=flags)
+    stamp = int(time.time() * 1000) + offset_ms
+    _, hello = client_hello(psk, cs, stamp, meta=meta, flags=flags)
     s = socket.create_connection((host, int(port)), timeout=10)
     s.sendall(hello)
     answer = read_server_hello(s)
@@ -971,7 +985,8 @@ if __name__ == "__main__":
     if sys.argv[1] == "fake-exit-keepalive":
         sys.exit(fake_exit_keepalive(*sys.argv[2:]))
     if sys.argv[1] == "connect-status":
-        sys.exit(connect_status(sys.argv[2], sys.argv[3], sys.argv[4]))
+        patience = int(sys.argv[5]) if len(sys.argv) > 5 else None
+        sys.exit(connect_status(sys.argv[2], sys.argv[3], sys.argv[4], patience))
     if sys.argv[1] == "fake-exit-status":
         sys.exit(fake_exit_status(sys.argv[2], sys.argv[3], sys.argv[4]))
     if sys.argv[1] == "fake-exit":

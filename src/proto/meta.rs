@@ -10,10 +10,12 @@
 //! | 0x01 | original client address | IPv4: 4 address bytes ‖ port (2, BE); IPv6: 16 ‖ 2 |
 //! | 0x02 | address the client connected to | same encoding |
 //! | 0x03 | connection ID | 16 bytes, big-endian |
+//! | 0x04 | the entry's patience for a status | milliseconds, u32 big-endian |
 //!
-//! All three together take at most 2+18 + 2+18 + 2+16 = 58 bytes.
+//! All four together take at most 2+18 + 2+18 + 2+16 + 2+4 = 64 bytes.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
 
 use super::META_LEN;
 
@@ -23,6 +25,9 @@ pub const META_CLIENT: u8 = 0x01;
 pub const META_DESTINATION: u8 = 0x02;
 /// Type of the connection ID.
 pub const META_CONNECTION_ID: u8 = 0x03;
+/// Type of the entry's patience: how long it waits for a status
+/// (docs/PROTOCOL.md §3.1, §4.1), its `--handshake-timeout`.
+pub const META_PATIENCE: u8 = 0x04;
 
 /// What `meta` says about a connection. Every field is optional: an entry
 /// of an older version sends an empty block.
@@ -35,6 +40,11 @@ pub struct Meta {
     /// The connection ID (random, 128 bits), shared by the entry's and the
     /// exit's access-log lines.
     pub id: Option<u128>,
+    /// How long the entry waits for a status after it sent a session's
+    /// first bytes (its `--handshake-timeout`; milliseconds on the wire,
+    /// at most `u32::MAX`). An exit that owes a status answers within nine
+    /// tenths of the shorter of this and its own handshake timeout.
+    pub patience: Option<Duration>,
 }
 
 impl Meta {
@@ -59,6 +69,10 @@ impl Meta {
         if let Some(id) = self.id {
             put(META_CONNECTION_ID, &id.to_be_bytes());
         }
+        if let Some(p) = self.patience {
+            let ms = u32::try_from(p.as_millis()).unwrap_or(u32::MAX);
+            put(META_PATIENCE, &ms.to_be_bytes());
+        }
         (out, at)
     }
 
@@ -79,6 +93,11 @@ impl Meta {
                 META_DESTINATION => meta.destination = parse_addr(value),
                 META_CONNECTION_ID => {
                     meta.id = <[u8; 16]>::try_from(value).ok().map(u128::from_be_bytes)
+                }
+                META_PATIENCE => {
+                    meta.patience = <[u8; 4]>::try_from(value)
+                        .ok()
+                        .map(|ms| Duration::from_millis(u32::from_be_bytes(ms).into()))
                 }
                 _ => {}
             }
@@ -133,9 +152,10 @@ mod tests {
             client: Some("[2001:db8::7]:65535".parse().unwrap()),
             destination: Some("[2001:db8::1]:443".parse().unwrap()),
             id: Some(u128::MAX - 5),
+            patience: Some(Duration::from_secs(300)),
         };
         let (bytes, len) = meta.encode();
-        assert_eq!(len, 58);
+        assert_eq!(len, META_LEN);
         assert_eq!(Meta::decode(&bytes[..len]), meta);
         // The zero padding decodes as nothing (type 0, length 0 entries).
         assert_eq!(Meta::decode(&bytes), meta);
@@ -151,5 +171,10 @@ mod tests {
         assert_eq!(meta.id, None);
         assert_eq!(Meta::decode(&[]), Meta::default());
         assert_eq!(Meta::decode(&[META_CLIENT, 5, 1, 2, 3, 4, 5]).client, None);
+        assert_eq!(
+            Meta::decode(&[META_PATIENCE, 4, 0, 0, 0x27, 0x10]).patience,
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(Meta::decode(&[META_PATIENCE, 2, 0x27, 0x10]).patience, None);
     }
 }

@@ -425,6 +425,7 @@ fn documented_test_vector() {
         client: Some("192.0.2.1:40000".parse().unwrap()),
         destination: Some("[2001:db8::7]:443".parse().unwrap()),
         id: Some(u128::from_be_bytes(std::array::from_fn(|i| 0xa0 + i as u8))),
+        patience: None,
     };
     let (block, len) = meta.encode();
     expect("meta", hex(&block[..len]));
@@ -584,6 +585,7 @@ fn keepalive_exit_stream(sessions: &[Vec<u8>]) -> Vec<u8> {
                 client: None,
                 destination: None,
                 id: Some(i as u128),
+                patience: None,
             }
             .encode();
             let (start, len) = keepalive::start_payload(0, &meta[..meta_len]).unwrap();
