@@ -241,11 +241,22 @@ pub enum SessionError {
         /// The last failure.
         last: Option<Box<SessionError>>,
     },
-    /// The exit refused an authenticated tunnel whose entry can try another
-    /// exit, with this server hello status (docs/PROTOCOL.md §3): none of
-    /// its own upstream endpoints is up, or it is at `--max-connections`.
-    #[error("refused the tunnel: {} (the entry tries another exit)", crate::proto::refusal(*.0))]
-    Refused(u8),
+    /// The exit answered an authenticated session with a refusal, so the
+    /// entry may send it to another exit: `status` in the server hello
+    /// (docs/PROTOCOL.md §3: none of its upstream endpoints is up, or it is
+    /// at `--max-connections`), or in a status chunk (§3.1, §4.1), after
+    /// `cause`: its origin could not be reached, or no session slot came,
+    /// in time. Nothing of the session reached an origin; whether its
+    /// client is lost is the entry's to count.
+    #[error("refused the session: {}{} (the entry may send it to another exit)",
+        crate::proto::refusal(*status),
+        cause.as_ref().map(|e| format!(" ({e})")).unwrap_or_default())]
+    Refused {
+        /// The status sent (non-zero).
+        status: u8,
+        /// What failed first, for a refusal in a status chunk.
+        cause: Option<Box<SessionError>>,
+    },
     /// `--accept-proxy`: the client is not trusted to send a PROXY header,
     /// or its header was missing, malformed, too long or late.
     #[error("downstream PROXY protocol header: {0}")]
@@ -275,7 +286,7 @@ impl SessionError {
             | SessionError::Truncated(peer) => Side::from(*peer),
             SessionError::BadProxyHeader(_) => Side::Downstream,
             SessionError::Unanswered { .. } => Side::Upstream,
-            SessionError::NoUpstream { .. } | SessionError::Refused(_) => Side::Upstream,
+            SessionError::NoUpstream { .. } | SessionError::Refused { .. } => Side::Upstream,
             SessionError::Connect(e) if is_fd_exhaustion(e) => Side::Internal,
             SessionError::Connect(_) | SessionError::ConnectTimeout => Side::Upstream,
             // Silence is both peers'; the timer is ours.
@@ -310,7 +321,7 @@ impl SessionError {
                 source: ProtoError::SealFailed,
                 ..
             } => CloseReason::Internal,
-            SessionError::Refused(_) => CloseReason::Refused,
+            SessionError::Refused { .. } => CloseReason::Refused,
             SessionError::Proto {
                 source: ProtoError::Refused(_),
                 ..

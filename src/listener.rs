@@ -300,10 +300,11 @@ impl AcceptState {
             return;
         }
         match e {
-            SessionError::Refused(_) => {
+            SessionError::Refused { cause: None, .. } => {
                 self.connect.borrow_mut().log(|n| line(n, e.to_string()));
             }
-            SessionError::Connect(_)
+            SessionError::Refused { cause: Some(_), .. }
+            | SessionError::Connect(_)
             | SessionError::ConnectTimeout
             | SessionError::NoUpstream { .. } => {
                 let upstream = rec

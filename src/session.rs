@@ -102,7 +102,7 @@ pub async fn run(
         .record(Hist::ConnectionDuration, accepted_at.elapsed());
     // A refusal has just written its server hello and FIN: a reset could
     // overtake them. Every other failure resets the client.
-    if result.is_err() && !matches!(result, Err(SessionError::Refused(_))) {
+    if result.is_err() && !matches!(result, Err(SessionError::Refused { .. })) {
         client.abort();
     }
     match result {
@@ -1027,7 +1027,10 @@ async fn exit(
         drop(pending);
         let answer = client.write_all_then_fin(&accepted.server_hello, || ());
         within(ctx, deadline, Peer::Downstream, answer).await?;
-        return Err(SessionError::Refused(accepted.status));
+        return Err(SessionError::Refused {
+            status: accepted.status,
+            cause: None,
+        });
     }
     if accepted.flags & FLAG_LARGE_CHUNKS != 0 && tun.large_chunks {
         // Counted once the hello proved fresh and was accepted.
@@ -1245,7 +1248,13 @@ async fn kept_exit_session(
     let status = refusal_for(ctx, flags);
     if status != STATUS_OK {
         say_goodbye(&conn, &mut encoder, status, ctx, tun).await;
-        return (Err(SessionError::Refused(status)), None);
+        return (
+            Err(SessionError::Refused {
+                status,
+                cause: None,
+            }),
+            None,
+        );
     }
     // A session slot, as after a hello, then the origin, both within the
     // entry's patience: a start left waiting for a slot that long is
@@ -1254,9 +1263,11 @@ async fn kept_exit_session(
     let deadline = status_deadline(rec, tun, meta.patience);
     let _permit = match session_slot(ctx, deadline, &Trigger::new()).await {
         Ok(permit) => permit,
-        Err(SessionError::HandshakeTimeout(_)) => {
+        Err(e @ SessionError::HandshakeTimeout(_)) => {
             say_goodbye(&conn, &mut encoder, STATUS_BUSY, ctx, tun).await;
-            return (Err(SessionError::Refused(STATUS_BUSY)), None);
+            let cause = Some(Box::new(e));
+            let status = STATUS_BUSY;
+            return (Err(SessionError::Refused { status, cause }), None);
         }
         Err(e) => return fail(e),
     };
@@ -1332,7 +1343,8 @@ async fn connect_for_status(
 ///
 /// Errors end the tunnel here: an origin that could not be reached (a
 /// failure that is not final) is answered "no upstream" with
-/// [`say_goodbye`], so the entry may send the session elsewhere; anything
+/// [`say_goodbye`] and returned as [`SessionError::Refused`] (its cause
+/// what failed), so the entry may send the session elsewhere; anything
 /// else aborts `conn`.
 async fn connect_and_answer(
     conn: &Conn,
@@ -1350,7 +1362,10 @@ async fn connect_and_answer(
         }
         Err(e) => {
             say_goodbye(conn, encoder, STATUS_NO_UPSTREAM, ctx, tun).await;
-            return Err(e);
+            return Err(SessionError::Refused {
+                status: STATUS_NO_UPSTREAM,
+                cause: Some(Box::new(e)),
+            });
         }
     };
     let mut out = Vec::with_capacity(LEN_LEN + 1 + TAG_LEN);

@@ -464,8 +464,8 @@ fn python_entry_reads_the_connect_status() {
         "agreed=True status=1 reply=b'' ended=False closed=eof"
     );
     let (_, lines) = exit.terminate();
-    let no_upstream: u64 = summaries(&lines).iter().map(|s| s.get("no_upstream")).sum();
-    assert_eq!(no_upstream, 1, "{lines:?}");
+    let refused: u64 = summaries(&lines).iter().map(|s| s.get("refused")).sum();
+    assert_eq!(refused, 1, "{lines:?}");
 }
 
 /// docs/PROTOCOL.md §2.1 type 4 and §3.1 from the independent entry: an
@@ -488,11 +488,14 @@ fn an_exit_answers_within_an_independent_entrys_patience() {
         "agreed=True status=1 reply=b'' ended=False closed=eof in_time=True"
     );
     let (_, lines) = exit.terminate();
-    let timeouts: u64 = summaries(&lines)
-        .iter()
-        .map(|s| s.get("connect_timeout"))
-        .sum();
-    assert_eq!(timeouts, 1, "{lines:?}");
+    let refused: u64 = summaries(&lines).iter().map(|s| s.get("refused")).sum();
+    assert_eq!(refused, 1, "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("refused the session") && l.contains("upstream connect timed out")),
+        "A did not give up on its origin: {lines:?}"
+    );
 }
 
 /// docs/PROTOCOL.md §3.1 from an independent exit: an entry with another

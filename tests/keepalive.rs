@@ -325,7 +325,11 @@ fn a_kept_tunnel_whose_origin_died_sends_the_client_to_another_exit() {
     let handshake = metric_sum(&text, failures, &[&a_label, "reason=\"handshake\""]);
     assert_eq!(handshake, 0, "{text}");
     let (_, a_lines) = a.terminate();
-    assert_eq!(total(&a_lines, "no_upstream"), 1, "{a_lines:?}");
+    assert_eq!(
+        (total(&a_lines, "refused"), total(&a_lines, "no_upstream")),
+        (1, 0),
+        "{a_lines:?}"
+    );
     assert_eq!(total(&a_lines, "tunnel_reuses"), 1, "{a_lines:?}");
     let (_, lines) = entry.terminate();
     assert_eq!(total(&lines, "clean"), 4, "{lines:?}");
@@ -376,7 +380,13 @@ fn kept_start_to_a_black_hole_is_refused_in_time(exit_handshake_timeout: &str) {
     let data = random_bytes(3000, 2);
     assert!(echo(entry.addr, &data) == data, "client 2");
     let (_, a_lines) = a.terminate();
-    assert_eq!(total(&a_lines, "connect_timeout"), 1, "{a_lines:?}");
+    assert_eq!(total(&a_lines, "refused"), 1, "{a_lines:?}");
+    assert!(
+        a_lines
+            .iter()
+            .any(|l| l.contains("refused the session") && l.contains("upstream connect timed out")),
+        "A did not give up on its origin: {a_lines:?}"
+    );
     assert_eq!(total(&a_lines, "tunnel_reuses"), 1, "{a_lines:?}");
     let (_, lines) = entry.terminate();
     assert_eq!(total(&lines, "clean"), 3, "{lines:?}");
