@@ -82,7 +82,7 @@ pub fn keygen(args: &KeygenArgs) -> Result<(), StartupError> {
             .and_then(|mut f| f.write_all(line.as_bytes()))
             // The key is written; the confirmation line is best effort.
             .map(|()| {
-                let _ = print_stdout(&format!("wrote key {} to {path}\n", key.fingerprint()));
+                let _ = print_stdout(&format!("wrote key to {path} (fingerprint {}, as logs name it)\n", key.fingerprint()));
             })
             .map_err(|e| match e.kind() {
                 std::io::ErrorKind::AlreadyExists => StartupError::Keygen(format!(

@@ -456,7 +456,7 @@ impl ShardCtx {
                         crate::info!(
                             "shard {id}: upstream {} still down ({err}); ejected for {} more",
                             e.addr,
-                            crate::units::format_duration(d)
+                            crate::units::format_approx(d)
                         );
                     }
                     Err(_) => {}
@@ -526,7 +526,7 @@ impl ShardCtx {
                     "shard {}: upstream {} ejected for {} after {} failed attempt(s) in a row (last: {err}){more}",
                     self.id,
                     e.addr,
-                    crate::units::format_duration(d),
+                    crate::units::format_approx(d),
                     self.cfg.upstreams.max_fails
                 );
             }

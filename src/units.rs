@@ -134,6 +134,19 @@ pub fn format_duration(d: Duration) -> String {
     }
 }
 
+/// Formats a measured duration for a log line: whole milliseconds below a
+/// second, tenths of a second above (`9.8s`, never `9788149us`); an exact
+/// setting prints as [`format_duration`] does.
+pub fn format_approx(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        format!("{}ms", d.as_millis())
+    } else if d.subsec_nanos() == 0 {
+        format_duration(d)
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,6 +190,15 @@ mod tests {
             assert_eq!(format_duration(d), text);
             assert_eq!(parse_duration(&format_duration(d)), Ok(d));
         }
+    }
+
+    #[test]
+    fn measured_durations_print_coarsely() {
+        assert_eq!(format_approx(Duration::from_micros(9_788_149)), "9.8s");
+        assert_eq!(format_approx(Duration::from_micros(1_500)), "1ms");
+        assert_eq!(format_approx(Duration::from_millis(250)), "250ms");
+        assert_eq!(format_approx(Duration::from_secs(20)), "20s");
+        assert_eq!(format_approx(Duration::from_millis(2_500)), "2.5s");
     }
 
     #[test]

@@ -323,7 +323,7 @@ pids+=("$exit_pid")
 new_fp=""
 old_fp=$(grep -o 'fingerprints [0-9a-f]*' "$state/exit.log" | head -1 | cut -d' ' -f2)
 if run_readme "runs these steps" 1 >"$state/rot1.out" 2>&1 \
-  && new_fp=$(sed -n 's/^wrote key \([0-9a-f]*\) to psk.new$/\1/p' "$state/rot1.out") && [ -n "$new_fp" ] \
+  && new_fp=$(sed -n 's/^wrote key to psk.new (fingerprint \([0-9a-f]*\), as logs name it)$/\1/p' "$state/rot1.out") && [ -n "$new_fp" ] \
   && wait_log "$state/exit.log" "SIGHUP: reloaded 2 key(s), fingerprints $new_fp (primary), $old_fp" \
   && round_trip 127.0.0.1 8000; then
   ok "rotation step 1: exits hold new+old (logged), the old-key entry still works"
