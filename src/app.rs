@@ -211,17 +211,30 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
     let mut inherited = match &cfg.lifecycle.takeover {
         None => None,
         Some(path) => {
-            let got = crate::handover::take_over(path, cfg.role().as_str())
-                .map_err(|e| StartupError::Takeover(e.to_string()))?;
+            let got =
+                crate::handover::take_over(path, cfg.role().as_str()).map_err(|e| match e {
+                    crate::handover::HandoverError::NotServed { .. } => {
+                        StartupError::NoPredecessor(e.to_string())
+                    }
+                    _ => StartupError::Takeover(e.to_string()),
+                })?;
             Some(got)
         }
     };
+    let handed = inherited.as_ref().map_or(0, |got| got.proxy.len());
     let per_shard = shard_listeners(&cfg, inherited.as_mut())?;
     if let Some(got) = &inherited {
+        // One listener per shard: the handed-over ones, and more of the
+        // same SO_REUSEPORT group where this process has more shards.
+        let total = per_shard.iter().map(Vec::len).sum::<usize>();
         crate::info!(
-            "taking over from process {}: {} listener(s){}{}",
+            "taking over from process {}: {handed} listener(s){}{}{}",
             got.from_pid,
-            per_shard.iter().map(Vec::len).sum::<usize>(),
+            if total > handed {
+                format!(", {} more bound for this process's shards", total - handed)
+            } else {
+                String::new()
+            },
             if got.metrics.is_some() {
                 ", metrics"
             } else {

@@ -93,6 +93,9 @@ pub enum StartupError {
     /// `--takeover` failed; the running process keeps serving.
     #[error("--takeover: cannot take over (the running process keeps serving): {0}")]
     Takeover(String),
+    /// `--takeover` named a control socket no process serves.
+    #[error("--takeover: cannot take over: {0}")]
+    NoPredecessor(String),
     /// A `demo` proxy exited with an error before anyone stopped the demo.
     #[error("demo: the {0} proxy exited with an error (see its [{0}] lines above)")]
     DemoProxy(&'static str),

@@ -89,6 +89,15 @@ pub enum HandoverError {
         /// The error.
         source: std::io::Error,
     },
+    /// Nothing serves the control socket (no such file, or no process
+    /// listening on it).
+    #[error("nothing serves the control socket {path} ({source}); name the running process's --control-socket, or start without --takeover")]
+    NotServed {
+        /// The control socket.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
     /// The peer broke the protocol.
     #[error("control socket {path}: {reason}")]
     Protocol {
@@ -238,7 +247,15 @@ fn take_over_with(path: &Path, role: &str, version: u8) -> Result<Inherited, Han
         path: path.to_path_buf(),
         reason,
     };
-    let stream = UnixStream::connect(path).map_err(io)?;
+    let stream = UnixStream::connect(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            HandoverError::NotServed {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+        _ => io(source),
+    })?;
     stream.set_read_timeout(Some(LINE_TIMEOUT)).map_err(io)?;
     stream.set_write_timeout(Some(LINE_TIMEOUT)).map_err(io)?;
     writeln!(&stream, "TAKEOVER {version}").map_err(io)?;
@@ -421,9 +438,13 @@ pub fn serve(
                             Ok((pid, version, not_before)) if offered(&offer) => {
                                 on_ready(pid);
                                 if version >= 2 {
+                                    // Only an exit keeps a replay set; the
+                                    // others send an empty one, unlogged.
+                                    let has_set = exchange.is_some();
                                     let set = collect_salts(exchange.as_mut());
                                     let n = set.salts.len();
                                     match send_salts(&conn, &set, not_before) {
+                                        Ok(()) if !has_set => {}
                                         Ok(()) => crate::info!(
                                             "hand-over: sent the replay set ({n} salt(s){})",
                                             if set.complete { "" } else { ", incomplete" }

@@ -340,6 +340,34 @@ fn accept_queue_len(addr: SocketAddr) -> usize {
         .sum()
 }
 
+/// `--takeover` naming a control socket nothing serves (a path never
+/// created, or a stale socket file left by a process that is gone) says
+/// so in one line, without claiming a running process keeps serving.
+#[test]
+fn a_takeover_with_no_predecessor_says_so() {
+    let stale = control_path("stale");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    for ctl in [control_path("none"), stale] {
+        let mut cmd = Command::new(BIN);
+        cmd.args([
+            "forward",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "127.0.0.1:1",
+        ])
+        .args(["--takeover", &ctl]);
+        let (status, stderr) = run_bounded(cmd, Duration::from_secs(20)).expect("hung");
+        assert_eq!(status.code(), Some(2), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains(&format!("nothing serves the control socket {ctl}"))
+                && !stderr.contains("keeps serving"),
+            "{stderr}"
+        );
+    }
+}
+
 #[test]
 fn a_failed_takeover_leaves_the_running_process_serving() {
     let origin = echo_origin();
