@@ -122,8 +122,8 @@ pub fn print_stdout(text: &str) -> std::io::Result<()> {
 /// `shardproxy check --config FILE`: everything `run` would validate (flags,
 /// addresses, cores, key file), through the same [`crate::config::load`],
 /// without binding or starting anything. Returns a one-line summary.
-pub fn check(path: &str) -> Result<String, StartupError> {
-    let (cfg, warnings) = crate::config::load_file(path)?;
+pub fn check(path: &str, overrides: &[String]) -> Result<String, StartupError> {
+    let (cfg, warnings) = crate::config::load_file(path, overrides)?;
     for w in warnings {
         crate::warn!("{w}");
     }
@@ -189,7 +189,7 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         let thread = std::thread::current();
         crate::error!("panic in thread {}: {info}", thread.name().unwrap_or("?"));
         let n = crate::sys::abandon_connections();
-        crate::error!("exiting after the panic: {n} connection(s) reset");
+        crate::error!("exiting after the panic: {n} TCP connection(s) reset (a client and its upstream are two)");
         crate::log::flush();
         std::process::exit(101);
     }));

@@ -33,8 +33,8 @@ pub enum Command {
     Stats(StatsArgs),
     /// Run the role named by `role = ...` in a TOML config file; any of the role's flags given after it override the file (`run --config F --idle-timeout 1s`).
     Run(ConfigArgs),
-    /// Validate a config file (and its key file) without binding anything; exit 0 or 2.
-    Check(ConfigArgs),
+    /// Validate a config file (and its key file) without binding anything; exit 0 or 2. Flags of the role given after it override the file, as for run (`check --config F --key-file K`).
+    Check(CheckArgs),
     /// Start a loopback demo: origin, exit and entry, with a fresh key.
     Demo(DemoArgs),
 }
@@ -180,6 +180,23 @@ pub struct ConfigArgs {
     /// The TOML config file (see docs/CONFIG.md).
     #[arg(long, value_name = "FILE")]
     pub config: String,
+}
+
+/// Flags of `check`.
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    /// The TOML config file (see docs/CONFIG.md).
+    #[arg(long, value_name = "FILE")]
+    pub config: String,
+
+    /// Any of the role's flags, overriding the file as they would for `run`.
+    #[arg(
+        value_name = "FLAGS",
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        num_args = 0..
+    )]
+    pub overrides: Vec<String>,
 }
 
 /// Flags of the `stats` subcommand.

@@ -419,7 +419,7 @@ fn on_signal(phase: &mut Phase, sig: i32, shared: &Arc<Mutex<Phase>>) {
             _ if r.draining => {
                 let n = crate::sys::abandon_connections();
                 crate::warn!(
-                    "second termination signal: exiting now, {n} connection(s) reset (RST, not FIN)"
+                    "second termination signal: exiting now, {n} TCP connection(s) reset (RST, not FIN; a client and its upstream are two)"
                 );
                 crate::log::flush();
                 std::process::exit(1);

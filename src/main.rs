@@ -97,13 +97,14 @@ fn run() -> ExitCode {
             }
         }
         Loaded::Tool(Tool::Keygen(args)) => shardproxy::app::keygen(&args),
-        Loaded::Tool(Tool::Check(args)) => shardproxy::app::check(&args.config).map(|summary| {
-            // The verdict is the exit code; the summary is best effort.
-            let _ = shardproxy::app::print_stdout(&format!(
-                "{}\n",
-                shardproxy::log::one_line(&summary)
-            ));
-        }),
+        Loaded::Tool(Tool::Check(args)) => shardproxy::app::check(&args.config, &args.overrides)
+            .map(|summary| {
+                // The verdict is the exit code; the summary is best effort.
+                let _ = shardproxy::app::print_stdout(&format!(
+                    "{}\n",
+                    shardproxy::log::one_line(&summary)
+                ));
+            }),
         Loaded::Tool(Tool::Stats(args)) => {
             return match shardproxy::metrics::stats_cmd::run(&args.from, args.per_shard) {
                 Ok(table) => match shardproxy::app::print_stdout(&table) {

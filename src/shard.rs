@@ -187,7 +187,7 @@ async fn run(setup: Setup) {
         export_replay_set(&ctx, &guard, tx).await;
     }
     let live = ctx.stats().active.get();
-    crate::info!("shard {id} draining: stopped accepting, {live} live connections");
+    crate::info!("shard {id} draining: stopped accepting, {live} live client connection(s)");
     let drain = ctx.limits().drain_timeout;
     let closed = async {
         ctx.all_closed().await;
@@ -200,7 +200,7 @@ async fn run(setup: Setup) {
     let finished = futures_lite::future::or(closed, timeout).await;
     if !finished {
         crate::warn!(
-            "shard {id}: drain timeout, aborting {} connections",
+            "shard {id}: drain timeout, aborting {} client connection(s) and their upstreams",
             ctx.stats().active.get()
         );
         ctx.abort_all();

@@ -108,3 +108,51 @@ fn check_rejects_bad_configs_with_one_line() {
         let _ = std::fs::remove_file(path);
     }
 }
+
+/// `check` takes the role's flags after the file, as `run` does: an
+/// example that names a key file this machine lacks checks with
+/// `--key-file` given; an override is validated like the file's own value;
+/// and the file given without `--config` gets a hint.
+#[test]
+fn check_takes_overrides_as_run_does() {
+    let exit_toml = "role = \"exit\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:1\"\nkey_file = \"/nonexistent\"\n";
+    let path = write_tmp("override.toml", exit_toml);
+    let key = key_file(&[&keygen()]);
+    let check = |extra: &[&str]| {
+        let out = Command::new(BIN)
+            .args(["check", "--config", &path])
+            .args(extra)
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        );
+        (out.status.code(), stdout, stderr)
+    };
+    let (code, _, err) = check(&[]);
+    assert_eq!(code, Some(2), "{err}");
+    let (code, out, err) = check(&["--key-file", &key]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains(" OK: role exit") && out.contains(&format!("keys from {key}")),
+        "{out}"
+    );
+    let (code, _, err) = check(&["--key-file", &key, "--idle-timeout", "5"]);
+    assert_eq!((code, err.lines().count()), (Some(2), 1), "{err}");
+    assert!(err.contains("`5` has no unit"), "{err}");
+    let (code, _, err) = check(&["--key-file", &key, "--no-such-flag"]);
+    assert_eq!((code, err.lines().count()), (Some(2), 1), "{err}");
+    let out = Command::new(BIN).args(["check", &path]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        (out.status.code(), err.lines().count()),
+        (Some(2), 1),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("write `shardproxy check --config {path}`")),
+        "{err}"
+    );
+    let _ = std::fs::remove_file(path);
+}

@@ -293,7 +293,7 @@ fn second_sigterm_resets_live_downloads_never_a_clean_eof() {
         let line = front
             .log()
             .into_iter()
-            .find(|l| l.contains("connection(s) reset"))
+            .find(|l| l.contains("TCP connection(s) reset"))
             .unwrap_or_else(|| panic!("{role}: {:?}", front.log()));
         let n = number_after(&line, "exiting now, ").unwrap_or_else(|| panic!("{role}: {line}"));
         assert_eq!(n, 2, "{role}: {line}");

@@ -7,7 +7,7 @@ use clap::Parser;
 
 use super::file::{self, FileError};
 use super::{Config, ConfigError};
-use crate::cli::{Cli, Command, ConfigArgs, DemoArgs, KeygenArgs, StatsArgs};
+use crate::cli::{CheckArgs, Cli, Command, DemoArgs, KeygenArgs, StatsArgs};
 use crate::proto::{KeyFileError, KeySet};
 
 /// What a command line asks for.
@@ -34,7 +34,7 @@ pub enum Tool {
     /// `stats`.
     Stats(StatsArgs),
     /// `check`.
-    Check(ConfigArgs),
+    Check(CheckArgs),
     /// `demo`.
     Demo(DemoArgs),
 }
@@ -53,6 +53,9 @@ pub fn load(argv: Vec<String>) -> Result<Loaded, ConfigError> {
         Err(e) => {
             let mut message = one_line(&e.to_string());
             if let Some(hint) = unexpected_value_hint(&argv, &e) {
+                message.push_str(&hint);
+            }
+            if let Some(hint) = config_without_flag_hint(&argv, &e) {
                 message.push_str(&hint);
             }
             let flag = match e.get(clap::error::ContextKind::InvalidArg) {
@@ -172,10 +175,13 @@ pub fn one_line(report: &str) -> String {
 }
 
 /// Loads and validates the role a config file names (`shardproxy check`):
-/// exactly what `shardproxy run --config FILE` would start.
-pub fn load_file(path: &str) -> Result<(Config, Vec<String>), ConfigError> {
-    let argv = ["shardproxy", "run", "--config", path].map(String::from);
-    match load(argv.to_vec())? {
+/// exactly what `shardproxy run --config FILE OVERRIDES...` would start.
+pub fn load_file(path: &str, overrides: &[String]) -> Result<(Config, Vec<String>), ConfigError> {
+    let mut argv = ["shardproxy", "run", "--config", path]
+        .map(String::from)
+        .to_vec();
+    argv.extend_from_slice(overrides);
+    match load(argv)? {
         Loaded::Proxy { config, warnings } => Ok((*config, warnings)),
         _ => Err(FileError::BadRole {
             path: path.to_string(),
@@ -189,6 +195,19 @@ pub fn load_file(path: &str) -> Result<(Config, Vec<String>), ConfigError> {
 /// `--dual-stack[=<DUAL_STACK>]`.
 fn flag_name(spelt: &str) -> &str {
     spelt.split([' ', '[', '=']).next().unwrap_or(spelt)
+}
+
+/// `check FILE` or `run FILE`: the file given without `--config`.
+fn config_without_flag_hint(argv: &[String], e: &clap::Error) -> Option<String> {
+    use clap::error::ErrorKind;
+    let sub = argv.get(1)?.as_str();
+    let file = argv.get(2)?;
+    let missing = matches!(
+        e.kind(),
+        ErrorKind::MissingRequiredArgument | ErrorKind::UnknownArgument
+    );
+    (missing && matches!(sub, "check" | "run") && !file.starts_with('-'))
+        .then(|| format!(" (write `shardproxy {sub} --config {file}`)"))
 }
 
 /// For clap's "unexpected argument 'X'" where X follows one of our long
@@ -370,11 +389,11 @@ mod tests {
             path.to_str().unwrap().to_string()
         };
         let p = write("cores = -1\n");
-        let e = load_file(&p).unwrap_err().to_string();
+        let e = load_file(&p, &[]).unwrap_err().to_string();
         assert!(e.starts_with(&format!("config {p}: key `cores`: ")), "{e}");
         assert!(e.contains("-1"), "{e}");
         let p = write("buffer_size = \"64GiB\"\n");
-        let e = load_file(&p).unwrap_err().to_string();
+        let e = load_file(&p, &[]).unwrap_err().to_string();
         assert_eq!(
             e,
             format!("config {p}: key `buffer_size`: --buffer-size 64GiB is out of range: must be between 1KiB and 16MiB")
@@ -390,7 +409,7 @@ mod tests {
         ]);
         assert!(e.starts_with("--buffer-size 64GiB is out of range"), "{e}");
         let p = write("upstream_x = 1\n");
-        assert!(load_file(&p)
+        assert!(load_file(&p, &[])
             .unwrap_err()
             .to_string()
             .contains("unknown key"));
