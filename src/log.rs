@@ -315,16 +315,24 @@ fn emit(line: &str) -> bool {
     std::io::stderr().lock().write_all(line.as_bytes()).is_ok()
 }
 
-/// The text or JSON line for `message`, newline included.
+/// The text or JSON line for `message`, newline included. Each names the
+/// process (as nginx's error log does), since during an upgrade the
+/// successor writes to its predecessor's stderr: `TIME LEVEL [PID] message`,
+/// or JSON with `time`, `level`, `pid` and `msg`.
 fn format_line(level: Level, message: &str) -> String {
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let pid = *PID.get_or_init(std::process::id);
     let time = humantime::format_rfc3339_millis(std::time::SystemTime::now());
     if FORMAT.load(Ordering::Relaxed) == Format::Json as u8 {
-        let mut line = format!(r#"{{"time":"{time}","level":"{}","msg":"#, level.as_str());
+        let mut line = format!(
+            r#"{{"time":"{time}","level":"{}","pid":{pid},"msg":"#,
+            level.as_str()
+        );
         json_string(&mut line, message);
         line.push_str("}\n");
         line
     } else {
-        format!("{time} {} {}\n", level.tag(), one_line(message))
+        format!("{time} {} [{pid}] {}\n", level.tag(), one_line(message))
     }
 }
 

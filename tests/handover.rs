@@ -713,7 +713,12 @@ fn joining_a_group_warns_when_queued_connections_would_be_reset() {
     let warned = second
         .log()
         .iter()
-        .any(|l| l.contains(" WARN ") && l.contains("tcp_migrate_req = 0"));
+        // Each text line names its process: `TIME LEVEL [PID] message`.
+        .any(|l| {
+            l.contains(" WARN ")
+                && l.contains(&format!(" [{}] ", second.pid()))
+                && l.contains("tcp_migrate_req = 0")
+        });
     assert_eq!(
         warned,
         migrate == "0",

@@ -720,6 +720,7 @@ fn process_logs_name_the_failure_side_and_client_with_timestamps() {
     assert!(line.contains(&format!("client {me}")), "{line}");
     assert!(line.starts_with(r#"{"time":"20"#), "{line}");
     assert!(line.contains(r#""level":"warn""#), "{line}");
+    assert!(line.contains(&format!(r#""pid":{},"#, p.pid())), "{line}");
     assert!(line.ends_with('}'), "{line}");
     let (_, lines) = p.terminate();
     for l in &lines {
