@@ -323,7 +323,7 @@ impl SignalPlane {
             }
             notify(&[sd_notify::NotifyState::MainPid(pid)]);
             if let Some(b) = &r.s.board {
-                b.info.handed_over.store(true, Ordering::Relaxed);
+                b.info.handed_over.store(true, Ordering::SeqCst);
             }
             if !r.draining {
                 // No STOPPING=1 here: with NotifyAccess=all systemd would

@@ -402,26 +402,50 @@ pub fn serve(
     salts: Option<(std::sync::mpsc::Receiver<crate::replay::Export>, usize)>,
     on_ready: impl Fn(u32) + Send + Sync + 'static,
 ) -> std::io::Result<()> {
-    // accept(2) honours SO_RCVTIMEO: wake every 200 ms to look at `offer`.
+    // accept(2) honours SO_RCVTIMEO: an accept that loses a connection to
+    // the successor (the socket is shared with it) returns within 200 ms.
     socket2::SockRef::from(&listener).set_read_timeout(Some(Duration::from_millis(200)))?;
     let on_ready = Arc::new(on_ready);
     // One hand-over at a time; a second successor is told at once.
     let exchange = Arc::new(std::sync::Mutex::new(salts));
     let listener = Arc::new(listener);
+    // Set once a successor said READY: the control socket is then its, and
+    // this process accepts nothing more on it (a break-it round saw the
+    // next upgrade, sent to the successor within 200 ms, answered
+    // "draining" by this process, which was still blocked in accept).
+    let handed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     std::thread::Builder::new()
         .name("control-socket".into())
         .spawn(move || {
-            while offered(&offer) {
+            use std::os::fd::AsRawFd;
+            use std::sync::atomic::Ordering::SeqCst;
+            while offered(&offer) && !handed.load(SeqCst) {
+                // Wait for a connection without taking it: whether it is
+                // ours is decided after the wake-up.
+                let waiting = crate::sys::wait_readable(
+                    listener.as_raw_fd(),
+                    Duration::from_millis(200),
+                );
+                match waiting {
+                    Ok(true) if !handed.load(SeqCst) => {}
+                    Ok(_) => continue,
+                    // Not expected on a valid socket (ENOMEM): no spin.
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    }
+                }
                 let Ok((conn, _)) = listener.accept() else {
                     continue;
                 };
                 // Each connection on its own thread: a client that sends
                 // nothing (or never says READY) cannot hold up the next one.
-                let (offer, on_ready, exchange, listener) = (
+                let (offer, on_ready, exchange, listener, handed) = (
                     offer.clone(),
                     on_ready.clone(),
                     exchange.clone(),
                     listener.clone(),
+                    handed.clone(),
                 );
                 let spawned = std::thread::Builder::new()
                     .name("control-conn".into())
@@ -434,7 +458,11 @@ pub fn serve(
                                 return;
                             }
                         };
-                        match offer_to(&conn, &offer, &listener) {
+                        let answer = offer_to(&conn, &offer, &listener);
+                        if answer.is_ok() {
+                            handed.store(true, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        match answer {
                             Ok((pid, version, not_before)) if offered(&offer) => {
                                 on_ready(pid);
                                 if version >= 2 {

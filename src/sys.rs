@@ -410,6 +410,32 @@ pub fn peek_fd(fd: std::os::fd::RawFd) -> std::io::Result<usize> {
     Ok(n as usize)
 }
 
+/// Waits up to `timeout` (rounded down to milliseconds) for `fd` to be
+/// readable (`poll(2)`, `POLLIN`): for a listening socket, a connection
+/// waits to be accepted. `Ok(false)` on the timeout or a signal.
+pub fn wait_readable(
+    fd: std::os::fd::RawFd,
+    timeout: std::time::Duration,
+) -> std::io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: `pfd` is one valid, writable pollfd for the duration of the
+    // call, and we pass a count of 1; `poll` touches nothing else.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    match n {
+        n if n > 0 => Ok(pfd.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0),
+        0 => Ok(false),
+        _ => match std::io::Error::last_os_error() {
+            e if e.kind() == std::io::ErrorKind::Interrupted => Ok(false),
+            e => Err(e),
+        },
+    }
+}
+
 /// Whether the connected socket `fd` holds nothing to read and no error
 /// ([`peek_fd`] would block). EOF, data or an error are `false`.
 pub fn quiet_fd(fd: std::os::fd::RawFd) -> bool {

@@ -274,6 +274,107 @@ fn sigusr2_reexecutes_and_loses_no_connection() {
     });
 }
 
+/// A second upgrade soon after the first (a binary, then a config; a
+/// quick rollback) goes to the successor, whose control socket it now is.
+/// A break-it round saw the draining predecessor, still blocked in accept
+/// on the shared socket for up to 200 ms, take the new successor's
+/// connection and refuse it ("draining"), so the upgrade silently failed
+/// (8 of 8 at 50-150 ms). Three generations in a row, each holding a
+/// session so that it drains (and keeps its process) after handing over.
+#[test]
+fn an_upgrade_right_after_an_upgrade_goes_to_the_successor() {
+    let origin = echo_origin();
+    let ctl = control_path("twice");
+    let mut old = Proxy::forward(origin)
+        .shards(1)
+        .args(["--control-socket", &ctl, "--drain-timeout", "60s"])
+        .start();
+    let hold = |addr: SocketAddr| {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(b"hold").unwrap();
+        let mut b = [0u8; 4];
+        c.read_exact(&mut b).unwrap();
+        c
+    };
+    let mut held = vec![hold(old.addr)];
+    let mut pid = old.pid();
+    // The successors share `old`'s stderr: on a failure they are killed
+    // first, or dropping `old` would wait for its log to close.
+    let mut pids = KillOnPanic(vec![pid]);
+    for _ in 0..3 {
+        let _ = Command::new("kill")
+            .args(["-USR2", &pid.to_string()])
+            .status();
+        let started = old.wait_for_log(
+            |l| l.contains(&format!("[{pid}] SIGUSR2: started")),
+            Duration::from_secs(10),
+        );
+        let next: u32 = started
+            .split("as process ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {started}"));
+        old.wait_for_log(
+            |l| {
+                l.contains(&format!(
+                    "hand-over: process {next} accepts on our listeners"
+                ))
+            },
+            Duration::from_secs(20),
+        );
+        // Into the window the fault had: the next upgrade 60 ms after
+        // this hand-over (a timing to hit, not a wait for an event).
+        thread::sleep(Duration::from_millis(60));
+        held.push(hold(old.addr));
+        pid = next;
+        pids.0.push(pid);
+    }
+    let log = old.log();
+    assert!(
+        !log.iter().any(|l| l.contains("while this process drains")),
+        "a draining process answered an upgrade: {log:?}"
+    );
+    drop(held);
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    // Each drained generation exits once its held session closed; the
+    // first is ours to reap, the others their parents'.
+    assert_eq!(
+        wait_exited(&mut old, Duration::from_secs(30)),
+        Some(0),
+        "{:?}",
+        old.log()
+    );
+    poll_until(Duration::from_secs(30), || {
+        let alive = |p: &u32| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .is_ok_and(|stat| !stat.contains(") Z "))
+        };
+        match pids.0.iter().find(|p| alive(p)) {
+            Some(p) => Err(format!("process {p} still running")),
+            None => Ok(()),
+        }
+    });
+}
+
+/// Processes a failing test kills (SIGKILL) as it unwinds.
+struct KillOnPanic(Vec<u32>);
+
+impl Drop for KillOnPanic {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            for p in &self.0 {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &p.to_string()])
+                    .status();
+            }
+        }
+    }
+}
+
 #[test]
 fn clients_queued_in_the_old_backlog_are_served_by_the_successor() {
     let origin = echo_origin();

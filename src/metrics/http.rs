@@ -207,20 +207,39 @@ pub fn spawn(listener: TcpListener, board: Board, fold_every: Duration) -> std::
             folder.with_snapshots(|_| ());
         })?;
     let live = Arc::new(Mutex::new(Live::default()));
-    // accept(2) honours SO_RCVTIMEO: wake every 200 ms to see whether a
-    // successor took this (shared) socket over, and then stop answering on it.
+    // accept(2) honours SO_RCVTIMEO: an accept that loses a connection to
+    // a successor (the socket is shared with it after a hand-over) returns
+    // within 200 ms.
     socket2::SockRef::from(&listener).set_read_timeout(Some(Duration::from_millis(200)))?;
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
-            // The flag is looked at before each accept, never after one: a
-            // connection accepted here is always answered.
-            loop {
-                if board
+            use std::os::fd::AsRawFd;
+            let handed = || {
+                board
                     .info
                     .handed_over
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                {
+                    .load(std::sync::atomic::Ordering::SeqCst)
+            };
+            // The flag is looked at after the wait for a connection and
+            // before its accept, never after one: a connection accepted here
+            // is always answered, and once a successor took the socket over
+            // none is (as for the control socket, `crate::handover::serve`,
+            // where a thread blocked in accept took the successor's
+            // connections for up to 200 ms).
+            loop {
+                if handed() {
+                    break;
+                }
+                match crate::sys::wait_readable(listener.as_raw_fd(), Duration::from_millis(200)) {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    }
+                }
+                if handed() {
                     break;
                 }
                 let conn = match listener.accept().map(|(c, _)| c) {
