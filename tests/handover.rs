@@ -123,8 +123,20 @@ const SECS: f64 = 6.0;
 /// Sends SIGUSR2 to `old` and returns the PID of the successor it started
 /// (the successor shares old's stderr, so its lines are in old's log).
 fn sigusr2_successor(old: &Proxy) -> u32 {
-    old.signal("USR2");
-    let started = old.wait_for_log(|l| l.contains("SIGUSR2: started"), Duration::from_secs(10));
+    usr2_successor(old, old.pid())
+}
+
+/// Sends SIGUSR2 to process `pid`, `first` or one of its successors (all
+/// write to `first`'s stderr), and returns the PID of the successor it
+/// started.
+fn usr2_successor(first: &Proxy, pid: u32) -> u32 {
+    let _ = Command::new("kill")
+        .args(["-USR2", &pid.to_string()])
+        .status();
+    let started = first.wait_for_log(
+        |l| l.contains(&format!("[{pid}] SIGUSR2: started")),
+        Duration::from_secs(10),
+    );
     started
         .split("as process ")
         .nth(1)
@@ -289,33 +301,15 @@ fn an_upgrade_right_after_an_upgrade_goes_to_the_successor() {
         .shards(1)
         .args(["--control-socket", &ctl, "--drain-timeout", "60s"])
         .start();
-    let hold = |addr: SocketAddr| {
-        let mut c = TcpStream::connect(addr).unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        c.write_all(b"hold").unwrap();
-        let mut b = [0u8; 4];
-        c.read_exact(&mut b).unwrap();
-        c
-    };
-    let mut held = vec![hold(old.addr)];
+    let mut held = vec![held_session(old.addr)];
     let mut pid = old.pid();
-    // The successors share `old`'s stderr: on a failure they are killed
-    // first, or dropping `old` would wait for its log to close.
-    let mut pids = KillOnPanic(vec![pid]);
+    let mut pids = vec![pid];
+    // The successors share `old`'s stderr: they must be gone before old's
+    // log reader can finish, also when an assertion below fails.
+    let mut successors = Vec::new();
     for _ in 0..3 {
-        let _ = Command::new("kill")
-            .args(["-USR2", &pid.to_string()])
-            .status();
-        let started = old.wait_for_log(
-            |l| l.contains(&format!("[{pid}] SIGUSR2: started")),
-            Duration::from_secs(10),
-        );
-        let next: u32 = started
-            .split("as process ")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no pid in {started}"));
+        let next = usr2_successor(&old, pid);
+        successors.push(KillOnDrop(next));
         old.wait_for_log(
             |l| {
                 l.contains(&format!(
@@ -327,9 +321,9 @@ fn an_upgrade_right_after_an_upgrade_goes_to_the_successor() {
         // Into the window the fault had: the next upgrade 60 ms after
         // this hand-over (a timing to hit, not a wait for an event).
         thread::sleep(Duration::from_millis(60));
-        held.push(hold(old.addr));
+        held.push(held_session(old.addr));
         pid = next;
-        pids.0.push(pid);
+        pids.push(pid);
     }
     let log = old.log();
     assert!(
@@ -353,26 +347,11 @@ fn an_upgrade_right_after_an_upgrade_goes_to_the_successor() {
             std::fs::read_to_string(format!("/proc/{p}/stat"))
                 .is_ok_and(|stat| !stat.contains(") Z "))
         };
-        match pids.0.iter().find(|p| alive(p)) {
+        match pids.iter().find(|p| alive(p)) {
             Some(p) => Err(format!("process {p} still running")),
             None => Ok(()),
         }
     });
-}
-
-/// Processes a failing test kills (SIGKILL) as it unwinds.
-struct KillOnPanic(Vec<u32>);
-
-impl Drop for KillOnPanic {
-    fn drop(&mut self) {
-        if thread::panicking() {
-            for p in &self.0 {
-                let _ = Command::new("kill")
-                    .args(["-KILL", &p.to_string()])
-                    .status();
-            }
-        }
-    }
 }
 
 #[test]
@@ -384,13 +363,7 @@ fn clients_queued_in_the_old_backlog_are_served_by_the_successor() {
         .args(["--control-socket", &ctl, "--max-connections", "1"])
         .start();
     // The one slot is busy...
-    let mut holder = TcpStream::connect(old.addr).unwrap();
-    holder.write_all(b"hold").unwrap();
-    let mut b = [0u8; 4];
-    holder
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    holder.read_exact(&mut b).unwrap();
+    let mut holder = held_session(old.addr);
     // ...so these wait in the kernel's accept queue of the old listener.
     let addr = old.addr;
     let queued: Vec<_> = (0..16u64)
@@ -419,6 +392,7 @@ fn clients_queued_in_the_old_backlog_are_served_by_the_successor() {
     }
     // The old one drains its live connection, which still works.
     holder.write_all(b"more").unwrap();
+    let mut b = [0u8; 4];
     holder.read_exact(&mut b).unwrap();
     assert_eq!(&b, b"more");
     drop(holder);
@@ -671,12 +645,7 @@ fn a_stop_during_the_hand_over_drain_lets_the_drain_finish() {
         .shards(1)
         .args(["--control-socket", &ctl, "--drain-timeout", "30s"])
         .start();
-    let mut held = TcpStream::connect(old.addr).unwrap();
-    held.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut b = [0u8; 4];
-    held.write_all(b"ping").unwrap();
-    held.read_exact(&mut b).unwrap();
+    let mut held = held_session(old.addr);
     // The successor shares old's stderr: it must be gone before old's log
     // reader can finish, also when an assertion below fails.
     let successor = KillOnDrop(sigusr2_successor(&old));
@@ -692,6 +661,7 @@ fn a_stop_during_the_hand_over_drain_lets_the_drain_finish() {
     // Still draining: the held connection works, then ends cleanly, and
     // with it the drain (exit 0).
     held.write_all(b"pong").unwrap();
+    let mut b = [0u8; 4];
     held.read_exact(&mut b).unwrap();
     assert_eq!(&b, b"pong");
     held.shutdown(std::net::Shutdown::Write).unwrap();
@@ -716,12 +686,7 @@ fn a_reexecuted_successor_inherits_no_client_connection() {
         .shards(1)
         .args(["--control-socket", &ctl, "--drain-timeout", "2s"])
         .start();
-    let mut idle = TcpStream::connect(old.addr).unwrap();
-    idle.write_all(b"ping").unwrap();
-    let mut b = [0u8; 4];
-    idle.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    idle.read_exact(&mut b).unwrap();
+    let mut idle = held_session(old.addr);
     let pid = sigusr2_successor(&old);
     old.wait_for_log(
         |l| l.contains("hand-over complete"),

@@ -488,14 +488,7 @@ fn an_exit_answers_within_an_independent_entrys_patience() {
         "agreed=True status=1 reply=b'' ended=False closed=eof in_time=True"
     );
     let (_, lines) = exit.terminate();
-    let refused: u64 = summaries(&lines).iter().map(|s| s.get("refused")).sum();
-    assert_eq!(refused, 1, "{lines:?}");
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("refused the session") && l.contains("upstream connect timed out")),
-        "A did not give up on its origin: {lines:?}"
-    );
+    refused_once_for_a_connect_timeout(&lines);
 }
 
 /// docs/PROTOCOL.md §3.1 from an independent exit: an entry with another

@@ -604,6 +604,31 @@ pub fn process_running(pid: u32) -> bool {
 /// also when an assertion fails first.
 pub struct KillOnDrop(pub u32);
 
+/// An exit's log `lines` show one session refused (close reason `refused`)
+/// because its origin connect ran out of time (docs/PROTOCOL.md §3.1).
+pub fn refused_once_for_a_connect_timeout(lines: &[String]) {
+    let refused: u64 = summaries(lines).iter().map(|s| s.get("refused")).sum();
+    assert_eq!(refused, 1, "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("refused the session") && l.contains("upstream connect timed out")),
+        "the exit did not give up on its origin: {lines:?}"
+    );
+}
+
+/// A live session through the proxy at `addr` (to an echo origin): 4 bytes
+/// sent and echoed, the connection left open, to hold a slot or keep a
+/// draining process alive.
+pub fn held_session(addr: SocketAddr) -> TcpStream {
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"ping").unwrap();
+    let mut b = [0u8; 4];
+    c.read_exact(&mut b).unwrap();
+    c
+}
+
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = Command::new("kill")
