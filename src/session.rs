@@ -1263,10 +1263,10 @@ async fn kept_exit_session(
     let deadline = status_deadline(rec, tun, meta.patience);
     let _permit = match session_slot(ctx, deadline, &Trigger::new()).await {
         Ok(permit) => permit,
-        Err(e @ SessionError::HandshakeTimeout(_)) => {
+        Err(SessionError::HandshakeTimeout(_)) => {
+            // "At its connection limit" says it all (for the whole wait).
             say_goodbye(&conn, &mut encoder, STATUS_BUSY, ctx, tun).await;
-            let cause = Some(Box::new(e));
-            let status = STATUS_BUSY;
+            let (status, cause) = (STATUS_BUSY, None);
             return (Err(SessionError::Refused { status, cause }), None);
         }
         Err(e) => return fail(e),
@@ -1313,8 +1313,16 @@ async fn kept_exit_session(
 /// arrives half a round trip after it is sent, so the entry hears a refusal,
 /// and sends its client to another exit, before it gives up on the status
 /// and resets the client, whichever side has the shorter timeout.
+///
+/// A patience below the least handshake timeout an entry can have (100 ms,
+/// `crate::config::ranges::HANDSHAKE_TIMEOUT`) counts as that: a peer with
+/// the key that sends 0 would otherwise have every session refused, each
+/// logged as an origin that timed out.
 fn status_deadline(rec: &Record, tun: &TunnelConfig, patience: Option<Duration>) -> Instant {
-    let bound = patience.map_or(tun.handshake_timeout, |p| p.min(tun.handshake_timeout));
+    let least = crate::config::ranges::HANDSHAKE_TIMEOUT.min;
+    let bound = patience.map_or(tun.handshake_timeout, |p| {
+        p.max(least).min(tun.handshake_timeout)
+    });
     rec.accepted_at + bound * 9 / 10
 }
 

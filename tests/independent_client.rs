@@ -489,6 +489,16 @@ fn an_exit_answers_within_an_independent_entrys_patience() {
     );
     let (_, lines) = exit.terminate();
     refused_once_for_a_connect_timeout(&lines);
+    // A patience of 0 (a peer with the key, not an entry of ours) counts as
+    // the least an entry can have, 100 ms: a live origin is still reached
+    // (before, every such session was refused, logged as an origin timeout).
+    let exit = Proxy::exit(echo_origin(), &key_file(&[&key])).start();
+    let addr = exit.addr.to_string();
+    let out = tunnel_client(&["connect-status", &addr, &key, "hello", "0"]).unwrap();
+    assert_eq!(
+        out.trim(),
+        "agreed=True status=0 reply=b'hello' ended=True closed=eof in_time=False"
+    );
 }
 
 /// docs/PROTOCOL.md §3.1 from an independent exit: an entry with another
