@@ -331,6 +331,13 @@ fn settings_that_cannot_work_are_errors_or_warnings() {
         lowered.contains("--tunnel-keepalive 100000 lowered to 1024"),
         "{lowered}"
     );
+    // So are the exit's pending handshakes (a burst may reach twice the
+    // setting, a descriptor each): a break-it round saw the default 1024
+    // kept under a 64-descriptor limit, and silent peers took them all.
+    assert!(
+        lowered.contains("--max-handshakes 1024 lowered to 512"),
+        "{lowered}"
+    );
     let somaxconn: u64 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
         .unwrap()
         .trim()

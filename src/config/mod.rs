@@ -212,6 +212,9 @@ pub struct TunnelConfig {
     /// `--tunnel-keepalive` as given, when `keepalive` had to be lowered
     /// to fit the descriptor limit (a warning).
     pub keepalive_asked: Option<usize>,
+    /// `--max-handshakes` as given (or its default), when `max_handshakes`
+    /// had to be lowered to fit the descriptor limit (a warning).
+    pub max_handshakes_asked: Option<usize>,
 }
 
 /// `--tunnel-keepalive` unless given: an entry keeps this many idle tunnels
@@ -674,6 +677,17 @@ impl Config {
                 ));
             }
         }
+        if let (Mode::Exit(t), Some(asked)) = (
+            &self.mode,
+            self.tunnel().and_then(|t| t.max_handshakes_asked),
+        ) {
+            out.push(format!(
+                "--max-handshakes {asked} lowered to {}: pending handshakes (up to twice the limit in a burst) may hold at most a quarter of each shard's file descriptors (hard RLIMIT_NOFILE {} on {} shards); raise the hard `ulimit -n` (LimitNOFILE= in systemd) or lower --max-handshakes",
+                t.max_handshakes,
+                fd_limit().unwrap_or(0),
+                self.cores.len()
+            ));
+        }
         for flag in &self.exit_only_given {
             out.push(format!(
                 "{flag} has no effect on an entry: it applies to the hellos an exit accepts"
@@ -876,6 +890,7 @@ impl Config {
             ))?,
             tunnel_idle_timeout: ranges::TUNNEL_IDLE_TIMEOUT.check(args.tunnel_idle_timeout)?,
             keepalive_asked: None,
+            max_handshakes_asked: None,
         };
         // Idle tunnels hold descriptors apart from --max-connections: at
         // most a quarter of each shard's, so that a large setting cannot
@@ -888,6 +903,16 @@ impl Config {
             if tunnel.keepalive > fit {
                 tunnel.keepalive_asked = Some(tunnel.keepalive);
                 tunnel.keepalive = fit;
+            }
+            // The exit's pending handshakes likewise (a burst may reach
+            // twice the limit, a descriptor each): without this, a small
+            // `ulimit -n` left 1024 of them free to take every descriptor,
+            // so that a flood of silent peers ended in failed accepts
+            // rather than in the oldest handshake being closed.
+            let fit = usize::try_from(budget / 2).unwrap_or(usize::MAX).max(1);
+            if exit && tunnel.max_handshakes > fit {
+                tunnel.max_handshakes_asked = Some(tunnel.max_handshakes);
+                tunnel.max_handshakes = fit;
             }
         }
         // Settings of the exit's handshakes, given to an entry (say, in a
