@@ -44,8 +44,7 @@ pub struct ShardCtx {
     replay: RefCell<Option<Rc<crate::replay::Guard>>>,
     /// The exit's pending (unauthenticated) handshakes, oldest first, each
     /// with the trigger that closes it when a newer one needs the room.
-    pending: RefCell<std::collections::VecDeque<(u64, std::time::Instant, Trigger)>>,
-    next_pending: Cell<u64>,
+    pending: Handshakes,
     /// Session permits (`--max-connections`), shared with the accept loops;
     /// the exit takes one only once a handshake has authenticated.
     sessions: RefCell<Option<Rc<glommio::sync::Semaphore>>>,
@@ -74,7 +73,7 @@ pub struct ShardCtx {
 /// A pending handshake's place in its shard's registry; leaving it (drop)
 /// frees the place. [`Pending::evicted`] fires if a newer handshake took it.
 pub struct Pending<'a> {
-    ctx: &'a ShardCtx,
+    registry: &'a Handshakes,
     id: u64,
     evicted: Trigger,
 }
@@ -84,14 +83,95 @@ impl Pending<'_> {
     pub fn evicted(&self) -> &Trigger {
         &self.evicted
     }
+
+    /// Marks the handshake's hello as verified under our key (`true`), so
+    /// that a newer handshake never takes its place, while the replay check
+    /// (a message to another shard) decides whether it is fresh; `false`
+    /// again for a hello found replayed. A break-it round saw a flood of
+    /// silent peers close real entries' handshakes during that check.
+    pub fn vouch(&self, vouched: bool) {
+        self.registry.vouch(self.id, vouched);
+    }
 }
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        let mut pending = self.ctx.pending.borrow_mut();
-        if let Some(i) = pending.iter().position(|(id, _, _)| *id == self.id) {
-            pending.remove(i);
+        self.registry.leave(self.id);
+    }
+}
+
+/// A shard's pending (unauthenticated) handshakes, oldest first: the
+/// bookkeeping of `--max-handshakes` ([`ShardCtx::begin_handshake`]), apart
+/// from any socket so that it can be tested alone.
+#[derive(Default)]
+struct Handshakes {
+    places: RefCell<std::collections::VecDeque<PendingEntry>>,
+    next: Cell<u64>,
+}
+
+/// One place in the registry.
+struct PendingEntry {
+    id: u64,
+    since: std::time::Instant,
+    evicted: Trigger,
+    /// Its hello verified under our key and awaits the replay check: never
+    /// closed to make room for peers without the key.
+    vouched: bool,
+}
+
+impl Handshakes {
+    /// A new place at `now`, with at most `max` (twice that for young ones)
+    /// held: see [`ShardCtx::begin_handshake`]. Returns its ID and the
+    /// trigger that closes it (already fired if it got no place).
+    fn begin(&self, max: usize, now: std::time::Instant) -> (u64, Trigger) {
+        let max = max.max(1);
+        let mut places = self.places.borrow_mut();
+        let id = self.next.get();
+        self.next.set(id.wrapping_add(1));
+        let evicted = Trigger::new();
+        let mut room = true;
+        while places.len() >= max {
+            // The oldest unverified one (nearly always the front).
+            let Some(i) = places.iter().position(|e| !e.vouched) else {
+                room = places.len() < 2 * max;
+                break;
+            };
+            let evictable = now.duration_since(places[i].since) >= EVICTABLE_AFTER;
+            if !evictable && places.len() < 2 * max {
+                break;
+            }
+            if let Some(oldest) = places.remove(i) {
+                oldest.evicted.fire();
+            }
         }
+        if room {
+            places.push_back(PendingEntry {
+                id,
+                since: now,
+                evicted: evicted.clone(),
+                vouched: false,
+            });
+        } else {
+            evicted.fire();
+        }
+        (id, evicted)
+    }
+
+    fn vouch(&self, id: u64, vouched: bool) {
+        if let Some(e) = self.places.borrow_mut().iter_mut().find(|e| e.id == id) {
+            e.vouched = vouched;
+        }
+    }
+
+    fn leave(&self, id: u64) {
+        let mut places = self.places.borrow_mut();
+        if let Some(i) = places.iter().position(|e| e.id == id) {
+            places.remove(i);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.places.borrow().len()
     }
 }
 
@@ -153,8 +233,7 @@ impl ShardCtx {
             pipes,
             batches,
             replay: RefCell::new(None),
-            pending: RefCell::new(std::collections::VecDeque::new()),
-            next_pending: Cell::new(0),
+            pending: Handshakes::default(),
             sessions: RefCell::new(None),
             access_log: RefCell::new(None),
             wants_addresses,
@@ -173,28 +252,13 @@ impl ShardCtx {
     /// the accept loop or established sessions. A burst of *young*
     /// handshakes (real clients arriving at once, each done in a round
     /// trip) may grow to twice `max` before the oldest is closed regardless:
-    /// the bound is hard, the burst has room.
+    /// the bound is hard, the burst has room. A handshake whose hello
+    /// verified ([`Pending::vouch`]) is never the one closed; when only
+    /// such ones hold the places, the newcomer is closed at once.
     pub fn begin_handshake(&self, max: usize) -> Pending<'_> {
-        let now = std::time::Instant::now();
-        let max = max.max(1);
-        let mut pending = self.pending.borrow_mut();
-        while pending.len() >= max {
-            let evictable = pending
-                .front()
-                .is_some_and(|(_, since, _)| now.duration_since(*since) >= EVICTABLE_AFTER);
-            if !evictable && pending.len() < 2 * max {
-                break;
-            }
-            if let Some((_, _, oldest)) = pending.pop_front() {
-                oldest.fire();
-            }
-        }
-        let id = self.next_pending.get();
-        self.next_pending.set(id.wrapping_add(1));
-        let evicted = Trigger::new();
-        pending.push_back((id, now, evicted.clone()));
+        let (id, evicted) = self.pending.begin(max, std::time::Instant::now());
         Pending {
-            ctx: self,
+            registry: &self.pending,
             id,
             evicted,
         }
@@ -212,7 +276,7 @@ impl ShardCtx {
 
     /// Pending (unauthenticated) handshakes now.
     pub fn pending_handshakes(&self) -> usize {
-        self.pending.borrow().len()
+        self.pending.len()
     }
 
     /// Installs the exit's replay filter (once, before accepting).
@@ -654,5 +718,56 @@ impl crate::engine::Host for ShardCtx {
     }
     fn recycle(&self, buf: Vec<u8>) {
         ShardCtx::recycle(self, buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// `--max-handshakes`: the oldest is closed for a newcomer once it is
+    /// old enough, or at twice the limit regardless; a vouched one (its
+    /// hello verified) never, and when only vouched ones hold the places
+    /// the newcomer is the one closed.
+    #[test]
+    fn pending_handshakes_evict_the_oldest_unverified() {
+        let reg = Handshakes::default();
+        let t0 = Instant::now();
+        let (a, a_gone) = reg.begin(2, t0);
+        let (b, b_gone) = reg.begin(2, t0);
+        // Young ones: a burst may reach twice the limit.
+        let (_c, _) = reg.begin(2, t0);
+        let (_d, _) = reg.begin(2, t0);
+        assert_eq!(reg.len(), 4);
+        assert!(!a_gone.is_fired() && !b_gone.is_fired());
+        // At twice the limit, the oldest goes.
+        let (_e, _) = reg.begin(2, t0);
+        assert!(a_gone.is_fired());
+        assert_eq!(reg.len(), 4);
+        reg.leave(a);
+        assert_eq!(reg.len(), 4);
+        // b verified: the next oldest unverified goes instead.
+        reg.vouch(b, true);
+        let (_f, _) = reg.begin(2, t0);
+        assert!(!b_gone.is_fired());
+        // Old enough: closed as soon as the limit is reached.
+        let later = t0 + EVICTABLE_AFTER + Duration::from_millis(1);
+        let (_g, g_gone) = reg.begin(2, later);
+        assert!(!b_gone.is_fired() && !g_gone.is_fired());
+        // Only vouched ones at twice the limit: the newcomer is closed.
+        let all = Handshakes::default();
+        let ids: Vec<u64> = (0..4).map(|_| all.begin(2, t0).0).collect();
+        for id in &ids {
+            all.vouch(*id, true);
+        }
+        let (_, late) = all.begin(2, later);
+        assert!(late.is_fired());
+        assert_eq!(all.len(), 4);
+        // Unvouched again (a replayed hello): evictable as before.
+        all.vouch(ids[0], false);
+        let (_, fine) = all.begin(2, later);
+        assert!(!fine.is_fired());
+        assert_eq!(all.len(), 4);
     }
 }

@@ -938,8 +938,9 @@ async fn exit(
     let keys = ctx.keys().ok_or(SessionError::NoKeys)?;
     let keys_gen = ctx.keys_gen();
     let server_salt = ctx.salt().map_err(SessionError::Rng)?;
-    // Until it has authenticated and holds a session permit, this is a
-    // pending handshake: a newer one may close it (`--max-handshakes`).
+    // Until its hello has authenticated and proved fresh, this is a pending
+    // handshake: a newer one may close it (`--max-handshakes`, which bounds
+    // unauthenticated peers; `--max-connections` bounds the rest).
     let pending = ctx.begin_handshake(tun.max_handshakes);
     let evicted = pending.evicted().clone();
     let mut hello = [0u8; CLIENT_HELLO_LEN];
@@ -996,6 +997,9 @@ async fn exit(
     // A verified hello is new only if no shard accepted its salt before.
     let verified = match (verified, ctx.replay()) {
         (Ok(a), Some(guard)) => {
+            // Verified under our key: no newer handshake takes its place
+            // while the replay check runs.
+            pending.vouch(true);
             let mut salt = [0u8; SALT_LEN];
             salt.copy_from_slice(&hello[..SALT_LEN]);
             let stamped = a.unix_ms;
@@ -1014,7 +1018,9 @@ async fn exit(
         Ok(a) => a,
         Err(source) => {
             // Say nothing. Swallow input until the deadline so a prober
-            // learns nothing from when we hang up.
+            // learns nothing from when we hang up. (A replayed hello is
+            // evictable again meanwhile.)
+            pending.vouch(false);
             ctx.stats().on_handshake_failure();
             discard_until(client, ctx, deadline, &evicted).await;
             return Err(SessionError::Proto {
@@ -1023,8 +1029,11 @@ async fn exit(
             });
         }
     };
+    // Authenticated and fresh: no longer evictable by a flood of peers
+    // without the key (a break-it round saw real entries' tunnels closed
+    // by one; the drop used to wait for a session slot).
+    drop(pending);
     if accepted.status != STATUS_OK {
-        drop(pending);
         let answer = client.write_all_then_fin(&accepted.server_hello, || ());
         within(ctx, deadline, Peer::Downstream, answer).await?;
         return Err(SessionError::Refused {
@@ -1038,7 +1047,6 @@ async fn exit(
     }
     // Authenticated: now it needs a session slot (`--max-connections`).
     let _permit = session_slot(ctx, deadline, &evicted).await?;
-    drop(pending);
     let answer = client.write_all(&accepted.server_hello, || ());
     within(ctx, deadline, Peer::Downstream, answer).await?;
     // Key confirmation (protocol v2): the origin is contacted only once the
