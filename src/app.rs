@@ -254,6 +254,21 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         .control_socket
         .clone()
         .or_else(|| cfg.lifecycle.takeover.clone());
+    // Bound before anything logs a line, so that a control socket another
+    // process serves fails the start in one line.
+    let control_listener = match &control_path {
+        None => None,
+        Some(path) => {
+            let inherited_control = inherited
+                .as_mut()
+                .and_then(|i| i.control.take())
+                .filter(|_| cfg.lifecycle.takeover.as_deref() == Some(path.as_path()));
+            Some(match inherited_control {
+                Some(l) => l,
+                None => crate::handover::bind_control(path)?,
+            })
+        }
+    };
     // Duplicates of every listener, to offer a successor in turn (only with
     // a control socket: a duplicate keeps a socket open after a drain).
     let offer_proxy: Vec<socket2::Socket> = match control_path {
@@ -314,19 +329,6 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
     }
     // Logged once the listeners are bound (a failed start stays one line).
     crate::info!("{}", cfg.limits_line());
-    let control_listener = match &control_path {
-        None => None,
-        Some(path) => {
-            let inherited_control = inherited
-                .as_mut()
-                .and_then(|i| i.control.take())
-                .filter(|_| cfg.lifecycle.takeover.as_deref() == Some(path.as_path()));
-            Some(match inherited_control {
-                Some(l) => l,
-                None => crate::handover::bind_control(path)?,
-            })
-        }
-    };
     let (controller, shard_ends) =
         Controller::new(cfg.cores.len()).map_err(StartupError::Signals)?;
     let offer: crate::handover::SharedOffer =

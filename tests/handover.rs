@@ -415,6 +415,32 @@ fn accept_queue_len(addr: SocketAddr) -> usize {
         .sum()
 }
 
+/// A second process given the control socket a live one serves refuses to
+/// start, in one line (before anything else is logged: a new-user trial saw
+/// an INFO line first), and the first goes on serving.
+#[test]
+fn a_control_socket_in_use_fails_the_start_in_one_line() {
+    let origin = echo_origin();
+    let ctl = control_path("inuse");
+    let first = Proxy::forward(origin)
+        .shards(1)
+        .args(["--control-socket", &ctl])
+        .start();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["forward", "--listen", "127.0.0.1:0"])
+        .args(["--upstream", &origin.to_string(), "--cores", "1"])
+        .args(["--metrics-listen", "127.0.0.1:0", "--control-socket", &ctl]);
+    let (status, stderr) = run_bounded(cmd, Duration::from_secs(20)).expect("hung");
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("a running shardproxy serves it"),
+        "{stderr}"
+    );
+    let data = Arc::new(random_bytes(3000, 5));
+    assert_eq!(echo_round_trip(first.addr, data.clone()), *data);
+}
+
 /// `--takeover` naming a control socket nothing serves (a path never
 /// created, or a stale socket file left by a process that is gone) says
 /// so in one line, without claiming a running process keeps serving.
