@@ -1028,10 +1028,15 @@ fn a_stop_during_an_upgrade_stops_the_successor_too() {
     old.signal("TERM");
     assert_eq!(wait_exited(&mut old, Duration::from_secs(30)), Some(0));
     let log = old.log();
-    if log
+    let stopped_it = format!("termination signal during the upgrade: process {pid}");
+    let ready_first = log
         .iter()
         .any(|l| l.contains("termination signal while draining after the hand-over"))
-    {
+        // The old one handed over and finished its (empty) drain before
+        // the signal came: it logs nothing about it (seen in CI).
+        || (log.iter().any(|l| l.contains(&format!("handed over to process {pid}")))
+            && !log.iter().any(|l| l.contains(&stopped_it)));
+    if ready_first {
         // The successor was ready first: it is the service now, rightly.
         return;
     }
