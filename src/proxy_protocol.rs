@@ -44,8 +44,9 @@ pub struct Addresses {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Parsed {
     /// A complete header of `len` bytes. `addresses` is `None` for a v2
-    /// `LOCAL` command (a balancer's own health check) and for v1
-    /// `UNKNOWN`: the connection is served as one from the balancer itself.
+    /// `LOCAL` command (a balancer's own health check), a v2 `PROXY`
+    /// command whose family is `AF_UNSPEC` or `AF_UNIX`, and v1 `UNKNOWN`:
+    /// the connection is served as one from the balancer itself.
     Header {
         /// Bytes the header took; what follows is the client's data.
         len: usize,
@@ -115,8 +116,12 @@ pub fn parse(input: &[u8]) -> Parsed {
                     ),
                 }),
                 // PROXY over a Unix socket or an unspecified family: no
-                // TCP client address to use.
-                _ => return Parsed::Invalid("PROXY v2 header without a TCP address"),
+                // TCP client address to use. The spec leaves the receiver
+                // "free to accept the connection anyway and use the real
+                // endpoint addresses or to reject it" (proxy-protocol.txt
+                // §2.2); HAProxy accepts, and so do we, as for v1
+                // `UNKNOWN`: a balancer fronting Unix-socket clients sends it.
+                _ => None,
             },
         },
         ppp::HeaderResult::V1(Ok(h)) => Parsed::Header {
@@ -283,6 +288,29 @@ mod tests {
                 addresses: None
             }
         );
+    }
+
+    /// A PROXY command for a Unix-socket or unspecified client (family
+    /// 0x3 or 0x0; proxy-protocol.txt §2.2) is served as from the balancer,
+    /// as HAProxy does; a break-it round found it refused.
+    #[test]
+    fn a_v2_proxy_command_without_a_tcp_family_carries_no_address() {
+        // AF_UNIX, stream: two 108-byte paths.
+        let mut unix = V2_SIGNATURE.to_vec();
+        unix.extend_from_slice(&[0x21, 0x31, 0x00, 216]);
+        unix.extend_from_slice(&[0u8; 216]);
+        // AF_UNSPEC: no address block.
+        let mut unspec = V2_SIGNATURE.to_vec();
+        unspec.extend_from_slice(&[0x21, 0x00, 0x00, 0x00]);
+        for (h, len) in [(unix, 232), (unspec, 16)] {
+            assert_eq!(
+                parse(&h),
+                Parsed::Header {
+                    len,
+                    addresses: None
+                }
+            );
+        }
     }
 
     #[test]
