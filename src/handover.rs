@@ -25,13 +25,16 @@
 //! successor   -> predecessor   TAKEOVER 2\n
 //! predecessor -> successor     LISTENERS <pid> <role> <not_before> <proxy> <metrics 0|1> <control 0|1>\n  + fds
 //! successor   -> predecessor   READY <pid>\n        (its shards accept)
+//!                          or  FAILED <reason>\n    (its start failed; it exits)
 //! predecessor -> successor     SALTS <count> <not_before> <complete 0|1>\n + count × 20 bytes
 //! predecessor -> successor     DRAINING\n           (it stopped accepting)
 //! ```
 //!
 //! The fds come in that order: `<proxy>` listeners, then the metrics
 //! listener, then the control socket. If the successor goes away before
-//! `READY`, the predecessor logs why and keeps serving.
+//! `READY`, the predecessor logs why (the successor's own reason, after
+//! `FAILED`) and keeps serving. A predecessor that does not know `FAILED`
+//! reads it as a successor that did not become ready.
 //!
 //! `SALTS` carries an exit's replay set (empty for other roles): each salt
 //! as its 16-byte key and its remaining lifetime in milliseconds (u32 LE;
@@ -151,6 +154,9 @@ impl Inherited {
             path: path.clone(),
             reason,
         };
+        if let Ok(mut slot) = TAKEOVER_IN_PROGRESS.lock() {
+            slot.take();
+        }
         writeln!(self.conn.get_mut(), "READY {}", std::process::id()).map_err(io)?;
         let mut salts = InheritedSalts::default();
         if self.version >= 2 {
@@ -203,8 +209,13 @@ impl Inherited {
 /// from the connection's one buffer, so bytes that arrived after the line
 /// (a peer that wrote two lines at once) stay for the next read.
 fn read_line(conn: &mut BufReader<UnixStream>) -> std::io::Result<String> {
+    read_line_max(conn, 128)
+}
+
+/// [`read_line`] of at most `max` bytes.
+fn read_line_max(conn: &mut BufReader<UnixStream>, max: u64) -> std::io::Result<String> {
     let mut line = String::new();
-    let n = std::io::Read::take(&mut *conn, 128).read_line(&mut line)?;
+    let n = std::io::Read::take(&mut *conn, max).read_line(&mut line)?;
     if n == 0 {
         return Err(std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,
@@ -324,6 +335,10 @@ fn take_over_with(path: &Path, role: &str, version: u8) -> Result<Inherited, Han
         }
         listeners.push(socket);
     }
+    // Until READY: a start-up that fails tells the predecessor why.
+    if let (Ok(copy), Ok(mut slot)) = (stream.try_clone(), TAKEOVER_IN_PROGRESS.lock()) {
+        *slot = Some(copy);
+    }
     Ok(Inherited {
         proxy: listeners,
         metrics: metrics_fd.map(TcpListener::from),
@@ -334,6 +349,34 @@ fn take_over_with(path: &Path, role: &str, version: u8) -> Result<Inherited, Han
         path: path.to_path_buf(),
         version,
     })
+}
+
+/// The longest reason a `FAILED` line carries, in bytes.
+const FAILED_MAX: usize = 1000;
+
+/// This process's control connection to its predecessor while it takes
+/// over and is not yet ready (a start-up thread's, not a shard's: no data
+/// path touches it).
+static TAKEOVER_IN_PROGRESS: std::sync::Mutex<Option<UnixStream>> = std::sync::Mutex::new(None);
+
+/// Tells the predecessor, if this process is taking over and not yet
+/// ready, why its start failed (`FAILED <reason>`): the predecessor logs
+/// it with its "hand-over failed, still serving" line. Best effort.
+pub fn report_failure(reason: &str) {
+    let Ok(mut slot) = TAKEOVER_IN_PROGRESS.lock() else {
+        return;
+    };
+    if let Some(stream) = slot.take() {
+        let mut reason = crate::log::one_line(reason).into_owned();
+        if reason.len() > FAILED_MAX {
+            let mut cut = FAILED_MAX;
+            while !reason.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            reason.truncate(cut);
+        }
+        let _ = writeln!(&stream, "FAILED {reason}");
+    }
 }
 
 /// Binds the control socket at `path`. A stale socket file (nobody
@@ -611,8 +654,15 @@ fn offer_to(
     };
     conn.set_read_timeout(Some(READY_TIMEOUT))
         .map_err(|e| e.to_string())?;
-    let ready =
-        read_line(&mut reader).map_err(|e| format!("the successor did not become ready: {e}"))?;
+    // `READY <pid>`, or `FAILED <reason>` (at most FAILED_MAX bytes).
+    let ready = read_line_max(&mut reader, FAILED_MAX as u64 + 16)
+        .map_err(|e| format!("the successor did not become ready: {e}"))?;
+    if let Some(reason) = ready.strip_prefix("FAILED ") {
+        return Err(format!(
+            "the successor failed: {}",
+            crate::log::one_line(reason)
+        ));
+    }
     let pid = ready
         .strip_prefix("READY ")
         .and_then(|pid| pid.parse().ok())

@@ -129,6 +129,9 @@ fn run() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             report_error(&e);
+            // A successor that fails before it is ready says why to its
+            // predecessor too (nothing is sent otherwise).
+            shardproxy::handover::report_failure(&e.to_string());
             ExitCode::from(e.exit_code())
         }
     }

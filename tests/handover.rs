@@ -494,8 +494,13 @@ fn a_failed_takeover_leaves_the_running_process_serving() {
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("cannot take over"), "{stderr}");
+    // The predecessor names the successor's reason (`FAILED`), not only
+    // "closed by the peer" (a new-user trial's report).
     old.wait_for_log(
-        |l| l.contains("hand-over failed, still serving"),
+        |l| {
+            l.contains("hand-over failed, still serving: the successor failed:")
+                && l.contains("they must match")
+        },
         Duration::from_secs(10),
     );
     let data = Arc::new(random_bytes(4096, 5));
