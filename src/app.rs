@@ -146,26 +146,15 @@ pub fn check(path: &str, overrides: &[String]) -> Result<String, StartupError> {
         identity.push_str(", PROXY v2 header sent upstream");
     }
     if let Some(log) = &cfg.access_log {
-        // Quoted, so that a file named `stderr`, or one with spaces or
-        // commas in its name, is not mistaken for something else.
-        let to = if log.path == "-" {
-            "on stderr".to_string()
-        } else {
-            format!("{:?}", log.path)
-        };
-        let every = log
-            .interval
-            .map(|d| {
-                format!(
-                    ", live connections every {}",
-                    crate::units::format_duration(d)
-                )
-            })
-            .unwrap_or_default();
-        identity.push_str(&format!(
-            ", access log {to} ({}{every})",
-            log.format.as_str()
-        ));
+        identity.push_str(&format!(", {}", describe_access_log(log)));
+    }
+    // Where it is operated from: metrics, and the control socket upgrades
+    // go through (a new-user trial looked for both).
+    if let Some(addr) = cfg.metrics_listen {
+        identity.push_str(&format!(", metrics on http://{addr}/metrics"));
+    }
+    if let Some(path) = &cfg.lifecycle.control_socket {
+        identity.push_str(&format!(", control socket {}", path.display()));
     }
     Ok(format!(
         "config {path} OK: role {}, listen {}, upstream {} (balance {}), {} shard(s) on cores {}{keys}{identity}",
@@ -176,6 +165,28 @@ pub fn check(path: &str, overrides: &[String]) -> Result<String, StartupError> {
         cfg.cores.len(),
         crate::config::format_cpu_list(&cfg.cores)
     ))
+}
+
+/// `access log "PATH" (FORMAT[, live connections every D])`, or `on
+/// stderr`, for `check` and the start-up log.
+fn describe_access_log(log: &crate::config::AccessLog) -> String {
+    // Quoted, so that a file named `stderr`, or one with spaces or commas in
+    // its name, is not mistaken for something else.
+    let to = if log.path == "-" {
+        "on stderr".to_string()
+    } else {
+        format!("{:?}", log.path)
+    };
+    let every = log
+        .interval
+        .map(|d| {
+            format!(
+                ", live connections every {}",
+                crate::units::format_duration(d)
+            )
+        })
+        .unwrap_or_default();
+    format!("access log {to} ({}{every})", log.format.as_str())
 }
 
 /// Runs a validated configuration until it has drained.
@@ -329,6 +340,16 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
     }
     // Logged once the listeners are bound (a failed start stays one line).
     crate::info!("{}", cfg.limits_line());
+    if let Some(log) = &cfg.access_log {
+        crate::info!("{}", describe_access_log(log));
+    }
+    if let Some(path) = &control_path {
+        crate::info!(
+            "control socket {} (upgrade: SIGUSR2, or start another process with --takeover {})",
+            path.display(),
+            path.display()
+        );
+    }
     let (controller, shard_ends) =
         Controller::new(cfg.cores.len()).map_err(StartupError::Signals)?;
     let offer: crate::handover::SharedOffer =

@@ -138,6 +138,13 @@ fn check_takes_overrides_as_run_does() {
         out.contains(" OK: role exit") && out.contains(&format!("keys from {key}")),
         "{out}"
     );
+    // Where it is operated from: the metrics endpoint is named too.
+    let (code, out, err) = check(&["--key-file", &key, "--metrics-listen", "127.0.0.1:9100"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains(", metrics on http://127.0.0.1:9100/metrics"),
+        "{out}"
+    );
     let (code, _, err) = check(&["--key-file", &key, "--idle-timeout", "5"]);
     assert_eq!((code, err.lines().count()), (Some(2), 1), "{err}");
     assert!(err.contains("`5` has no unit"), "{err}");

@@ -439,6 +439,15 @@ fn a_control_socket_in_use_fails_the_start_in_one_line() {
     );
     let data = Arc::new(random_bytes(3000, 5));
     assert_eq!(echo_round_trip(first.addr, data.clone()), *data);
+    // The start-up log names the control socket and how to use it.
+    let named = format!(
+        "control socket {ctl} (upgrade: SIGUSR2, or start another process with --takeover {ctl})"
+    );
+    assert!(
+        first.log().iter().any(|l| l.contains(&named)),
+        "{:?}",
+        first.log()
+    );
 }
 
 /// `--takeover` naming a control socket nothing serves (a path never
