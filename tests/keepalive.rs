@@ -76,6 +76,16 @@ fn total(lines: &[String], key: &str) -> u64 {
     summaries(lines).iter().map(|s| s.get(key)).sum()
 }
 
+/// Two clients through `entry`, whose round robin sends one to each of its
+/// two exits: each is echoed and leaves a kept tunnel (clients 0 and 1).
+fn kept_tunnel_to_each_exit(entry: &Proxy) {
+    for i in 0..2 {
+        let data = random_bytes(3000, i);
+        assert!(echo(entry.addr, &data) == data, "client {i}");
+        idle_tunnels_are(entry, i + 1);
+    }
+}
+
 /// Waits until the proxy's metrics (it runs with [`FAST_METRICS`]) say
 /// `n` keep-alive tunnels idle.
 fn idle_tunnels_are(p: &Proxy, n: u64) {
@@ -299,12 +309,7 @@ fn a_kept_tunnel_whose_origin_died_sends_the_client_to_another_exit() {
         .round_robin_with(b.addr)
         .args(FAST_METRICS)
         .start();
-    // Round robin: one client each, each leaving a kept tunnel.
-    for i in 0..2 {
-        let data = random_bytes(3000, i);
-        assert!(echo(entry.addr, &data) == data, "client {i}");
-        idle_tunnels_are(&entry, i + 1);
-    }
+    kept_tunnel_to_each_exit(&entry);
     gone_rx.recv_timeout(Duration::from_secs(10)).unwrap();
     // One of the next two goes to A's kept tunnel first.
     for i in 2..4 {
@@ -369,11 +374,7 @@ fn kept_start_to_a_black_hole_is_refused_in_time(exit_handshake_timeout: &str) {
         .args(["--handshake-timeout", "1s"])
         .args(FAST_METRICS)
         .start();
-    for i in 0..2 {
-        let data = random_bytes(3000, i);
-        assert!(echo(entry.addr, &data) == data, "client {i}");
-        idle_tunnels_are(&entry, i + 1);
-    }
+    kept_tunnel_to_each_exit(&entry);
     gone_rx.recv_timeout(Duration::from_secs(10)).unwrap();
     let (_, _hole, _fill) = black_hole_on(a_origin);
     // The next client goes to A's kept tunnel first.

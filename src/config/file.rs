@@ -625,38 +625,19 @@ mod tests {
 
     #[test]
     fn syntax_errors_name_the_right_line() {
-        let e = translate(
-            "role = \"forward\"\nlisten = \"x\"\nlisten = \"y\"\n",
-            "f",
-            None,
-        )
-        .unwrap_err()
-        .to_string();
+        let err = |text: &str| translate(text, "f", None).unwrap_err().to_string();
+        let e = err("role = \"forward\"\nlisten = \"x\"\nlisten = \"y\"\n");
         assert!(e.contains("line 3: duplicate key"), "{e}");
-        let e = translate(
-            "role = \"forward\"\n  listen = \"x\"\n  listen = \"y\"\n",
-            "f",
-            None,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = err("role = \"forward\"\n  listen = \"x\"\n  listen = \"y\"\n");
         assert!(e.contains("line 3: duplicate key"), "{e}");
         assert!(e.contains("`listen`"), "the key is not named: {e}");
-        let e = translate(
-            "role = \"forward\"\nbacklog = 99999999999999999999\n",
-            "f",
-            None,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = err("role = \"forward\"\nbacklog = 99999999999999999999\n");
         assert!(
             e.contains("line 2: integer out of range: TOML integers are 64-bit")
                 && !e.contains("i128"),
             "{e}"
         );
-        let e = translate("listen = = 1\n", "f", None)
-            .unwrap_err()
-            .to_string();
+        let e = err("listen = = 1\n");
         assert!(e.contains("line 1:"), "{e}");
     }
 

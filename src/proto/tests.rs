@@ -48,17 +48,7 @@ fn fuzz_stream(plaintext: &[u8]) -> Vec<u8> {
 /// [`fuzz_stream`] from a hello with `flags` ([`FLAG_LARGE_CHUNKS`]: its
 /// chunks are then up to [`LARGE_PAYLOAD`] bytes).
 fn fuzz_stream_with(plaintext: &[u8], flags: u8) -> Vec<u8> {
-    let key = Psk::from_bytes(FUZZ_PSK);
-    let (client, hello) =
-        ClientHandshake::start_with_flags(&key, [7; 32], FUZZ_NOW, b"meta", flags).unwrap();
-    let acc = accept_hello(
-        std::slice::from_ref(&key),
-        &hello,
-        FUZZ_SERVER_SALT,
-        FUZZ_NOW,
-        120,
-    )
-    .unwrap();
+    let (client, hello, acc) = fuzz_hello_with_meta([7; 32], b"meta", flags);
     let (mut enc, _) = client.finish(&acc.server_hello).unwrap();
     let mut s = hello.to_vec();
     let mut confirm = [0u8; crate::proto::CONFIRM_LEN];
@@ -544,9 +534,18 @@ fn the_connect_status_through_the_fuzz_entry_point() {
 /// A hello from the fuzz key (client salt `salt`, `flags`, no `meta`), and
 /// an exit's acceptance of it under [`FUZZ_SERVER_SALT`].
 fn fuzz_hello(salt: [u8; 32], flags: u8) -> (ClientHandshake, [u8; CLIENT_HELLO_LEN], Accepted) {
+    fuzz_hello_with_meta(salt, b"", flags)
+}
+
+/// [`fuzz_hello`] carrying `meta`.
+fn fuzz_hello_with_meta(
+    salt: [u8; 32],
+    meta: &[u8],
+    flags: u8,
+) -> (ClientHandshake, [u8; CLIENT_HELLO_LEN], Accepted) {
     let key = Psk::from_bytes(FUZZ_PSK);
     let (client, hello) =
-        ClientHandshake::start_with_flags(&key, salt, FUZZ_NOW, b"", flags).unwrap();
+        ClientHandshake::start_with_flags(&key, salt, FUZZ_NOW, meta, flags).unwrap();
     let acc = accept_hello(
         std::slice::from_ref(&key),
         &hello,
