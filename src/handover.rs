@@ -460,23 +460,12 @@ pub fn serve(
     std::thread::Builder::new()
         .name("control-socket".into())
         .spawn(move || {
-            use std::os::fd::AsRawFd;
-            use std::sync::atomic::Ordering::SeqCst;
-            while offered(&offer) && !handed.load(SeqCst) {
-                // Wait for a connection without taking it: whether it is
-                // ours is decided after the wake-up.
-                let waiting = crate::sys::wait_readable(
-                    listener.as_raw_fd(),
-                    Duration::from_millis(200),
-                );
-                match waiting {
-                    Ok(true) if !handed.load(SeqCst) => {}
-                    Ok(_) => continue,
-                    // Not expected on a valid socket (ENOMEM): no spin.
-                    Err(_) => {
-                        std::thread::sleep(Duration::from_millis(50));
-                        continue;
-                    }
+            let handed_over = || handed.load(std::sync::atomic::Ordering::SeqCst);
+            while offered(&offer) {
+                match shared_listener_turn(listener.as_raw_fd(), handed_over) {
+                    Turn::Accept => {}
+                    Turn::Idle => continue,
+                    Turn::HandedOver => break,
                 }
                 let Ok((conn, _)) = listener.accept() else {
                     continue;
@@ -548,6 +537,41 @@ pub fn serve(
             }
         })?;
     Ok(())
+}
+
+/// What a thread serving a listener shared with a successor (the control
+/// socket, the metrics listener) does next: see [`shared_listener_turn`].
+pub enum Turn {
+    /// A connection waits, and this process may take it.
+    Accept,
+    /// Nothing yet (after at most 200 ms): look again.
+    Idle,
+    /// A successor is ready: the socket is its; accept nothing more.
+    HandedOver,
+}
+
+/// One turn of a thread serving listener `fd`, which a successor shares
+/// once a hand-over has begun: waits up to 200 ms for a connection without
+/// taking it, then looks whether `handed_over()`; only if not may the
+/// caller accept. A thread blocked in `accept` instead would take the
+/// successor's connections for up to its timeout after `READY` (a
+/// break-it round saw the next upgrade refused as "draining" by the old
+/// process so). The caller's accept should itself time out (SO_RCVTIMEO):
+/// the successor may take the connection first.
+pub fn shared_listener_turn(fd: RawFd, handed_over: impl Fn() -> bool) -> Turn {
+    if handed_over() {
+        return Turn::HandedOver;
+    }
+    match crate::sys::wait_readable(fd, Duration::from_millis(200)) {
+        Ok(true) if handed_over() => Turn::HandedOver,
+        Ok(true) => Turn::Accept,
+        Ok(false) => Turn::Idle,
+        // Not expected on a valid socket (ENOMEM): no spin.
+        Err(_) => {
+            std::thread::sleep(Duration::from_millis(50));
+            Turn::Idle
+        }
+    }
 }
 
 /// Collects the shards' replay sets (see [`crate::replay`]): every shard's

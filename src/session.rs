@@ -745,7 +745,7 @@ struct Answer {
     /// Its status (0: served).
     status: u8,
     /// From the flight's write to the status.
-    waited: std::time::Duration,
+    waited: Duration,
     /// When the flight was sealed (the client's first bytes had just been
     /// read) and when its write completed.
     flight: (Instant, Instant),
@@ -1046,7 +1046,7 @@ async fn exit(
         ctx.stats().on_large_chunks(large.held());
     }
     // Authenticated: now it needs a session slot (`--max-connections`).
-    let _permit = session_slot(ctx, deadline, &evicted).await?;
+    let _permit = session_slot(ctx, deadline).await?;
     let answer = client.write_all(&accepted.server_hello, || ());
     within(ctx, deadline, Peer::Downstream, answer).await?;
     // Key confirmation (protocol v2): the origin is contacted only once the
@@ -1269,13 +1269,16 @@ async fn kept_exit_session(
     // answered "at the connection limit" (the entry may send it elsewhere),
     // never with a reset that leaves the entry unsure whether it was served.
     let deadline = status_deadline(rec, tun, meta.patience);
-    let _permit = match session_slot(ctx, deadline, &Trigger::new()).await {
+    let _permit = match session_slot(ctx, deadline).await {
         Ok(permit) => permit,
         Err(SessionError::HandshakeTimeout(_)) => {
             // "At its connection limit" says it all (for the whole wait).
             say_goodbye(&conn, &mut encoder, STATUS_BUSY, ctx, tun).await;
-            let (status, cause) = (STATUS_BUSY, None);
-            return (Err(SessionError::Refused { status, cause }), None);
+            let busy = SessionError::Refused {
+                status: STATUS_BUSY,
+                cause: None,
+            };
+            return (Err(busy), None);
         }
         Err(e) => return fail(e),
     };
@@ -1398,12 +1401,12 @@ async fn connect_and_answer(
 }
 
 /// An authenticated tunnel session's slot (`--max-connections`; `None`
-/// when the shard has no limit installed), waited for until `deadline`, or
-/// until `evicted` fires (a pending handshake's room was taken).
+/// when the shard has no limit installed), waited for until `deadline`.
+/// (An authenticated handshake has left the pending set, so no newer one
+/// can take its place meanwhile.)
 async fn session_slot(
     ctx: &ShardCtx,
     deadline: Instant,
-    evicted: &Trigger,
 ) -> Result<Option<glommio::sync::StaticPermit>, SessionError> {
     let Some(permits) = ctx.sessions() else {
         return Ok(None);
@@ -1414,7 +1417,7 @@ async fn session_slot(
             .await
             .map_err(|_| SessionError::Drained)
     };
-    within(ctx, deadline, Peer::Downstream, evictable(evicted, take))
+    within(ctx, deadline, Peer::Downstream, take)
         .await
         .map(Some)
 }

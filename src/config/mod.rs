@@ -676,17 +676,15 @@ impl Config {
                     }
                 ));
             }
-        }
-        if let (Mode::Exit(t), Some(asked)) = (
-            &self.mode,
-            self.tunnel().and_then(|t| t.max_handshakes_asked),
-        ) {
-            out.push(format!(
-                "--max-handshakes {asked} lowered to {}: pending handshakes (up to twice the limit in a burst) may hold at most a quarter of each shard's file descriptors (hard RLIMIT_NOFILE {} on {} shards); raise the hard `ulimit -n` (LimitNOFILE= in systemd) or lower --max-handshakes",
-                t.max_handshakes,
-                fd_limit().unwrap_or(0),
-                self.cores.len()
-            ));
+            // Only an exit lowers it (its pending handshakes).
+            if let Some(asked) = t.max_handshakes_asked {
+                out.push(format!(
+                    "--max-handshakes {asked} lowered to {}: pending handshakes (up to twice the limit in a burst) may hold at most a quarter of each shard's file descriptors (hard RLIMIT_NOFILE {} on {} shards); raise the hard `ulimit -n` (LimitNOFILE= in systemd) or lower --max-handshakes",
+                    t.max_handshakes,
+                    fd_limit().unwrap_or(0),
+                    self.cores.len()
+                ));
+            }
         }
         for flag in &self.exit_only_given {
             out.push(format!(

@@ -214,6 +214,7 @@ pub fn spawn(listener: TcpListener, board: Board, fold_every: Duration) -> std::
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
+            use crate::handover::{shared_listener_turn, Turn};
             use std::os::fd::AsRawFd;
             let handed = || {
                 board
@@ -224,23 +225,12 @@ pub fn spawn(listener: TcpListener, board: Board, fold_every: Duration) -> std::
             // The flag is looked at after the wait for a connection and
             // before its accept, never after one: a connection accepted here
             // is always answered, and once a successor took the socket over
-            // none is (as for the control socket, `crate::handover::serve`,
-            // where a thread blocked in accept took the successor's
-            // connections for up to 200 ms).
+            // none is.
             loop {
-                if handed() {
-                    break;
-                }
-                match crate::sys::wait_readable(listener.as_raw_fd(), Duration::from_millis(200)) {
-                    Ok(true) => {}
-                    Ok(false) => continue,
-                    Err(_) => {
-                        std::thread::sleep(Duration::from_millis(50));
-                        continue;
-                    }
-                }
-                if handed() {
-                    break;
+                match shared_listener_turn(listener.as_raw_fd(), handed) {
+                    Turn::Accept => {}
+                    Turn::Idle => continue,
+                    Turn::HandedOver => break,
                 }
                 let conn = match listener.accept().map(|(c, _)| c) {
                     Ok(conn) => conn,
