@@ -466,11 +466,17 @@ impl Engine {
     }
 
     /// Opens tunnel bytes the pair started with (see [`Engine::start`]):
-    /// no completion comes for bytes already read.
+    /// no completion comes for bytes already read. They count as read
+    /// now, when the relay takes them (as a fresh session's first bytes
+    /// count from the relay's first read, after the upstream connect), so
+    /// that their chunk and the session's first byte are timed like any
+    /// other (a keep-alive session's start and data often arrive in one
+    /// segment).
     fn kick(&self, idx: usize, ctx: &impl Host) {
         let mut slots = self.slots.borrow_mut();
         let p = slots[idx].as_mut().expect("the relay holds its slot");
         if let Some(s) = (0..2).find(|&s| p.half[s].end > 0) {
+            p.half[s].read_at = ctx.timings().enabled().then(Instant::now);
             let r = pump(p, s, idx, ctx);
             settle(p, idx, r);
         }
