@@ -97,31 +97,34 @@ pub fn parse(input: &[u8]) -> Parsed {
         }
     };
     match ppp::HeaderResult::parse(input) {
-        ppp::HeaderResult::V2(Ok(h)) => Parsed::Header {
-            len: h.len(),
-            addresses: match (h.command, h.addresses) {
-                (ppp::v2::Command::Local, _) => None,
-                (_, ppp::v2::Addresses::IPv4(a)) => Some(Addresses {
-                    source: SocketAddr::new(IpAddr::V4(a.source_address), a.source_port),
-                    destination: SocketAddr::new(
-                        IpAddr::V4(a.destination_address),
-                        a.destination_port,
-                    ),
-                }),
-                (_, ppp::v2::Addresses::IPv6(a)) => Some(Addresses {
-                    source: SocketAddr::new(IpAddr::V6(a.source_address), a.source_port),
-                    destination: SocketAddr::new(
-                        IpAddr::V6(a.destination_address),
-                        a.destination_port,
-                    ),
-                }),
-                // PROXY over a Unix socket or an unspecified family: no
-                // TCP client address to use. The spec leaves the receiver
-                // "free to accept the connection anyway and use the real
-                // endpoint addresses or to reject it" (proxy-protocol.txt
-                // §2.2); HAProxy accepts, and so do we, as for v1
-                // `UNKNOWN`: a balancer fronting Unix-socket clients sends it.
-                _ => None,
+        ppp::HeaderResult::V2(Ok(h)) => match check_v2(&h) {
+            Err(why) => Parsed::Invalid(why),
+            Ok(()) => Parsed::Header {
+                len: h.len(),
+                addresses: match (h.command, h.addresses) {
+                    (ppp::v2::Command::Local, _) => None,
+                    (_, ppp::v2::Addresses::IPv4(a)) => Some(Addresses {
+                        source: SocketAddr::new(IpAddr::V4(a.source_address), a.source_port),
+                        destination: SocketAddr::new(
+                            IpAddr::V4(a.destination_address),
+                            a.destination_port,
+                        ),
+                    }),
+                    (_, ppp::v2::Addresses::IPv6(a)) => Some(Addresses {
+                        source: SocketAddr::new(IpAddr::V6(a.source_address), a.source_port),
+                        destination: SocketAddr::new(
+                            IpAddr::V6(a.destination_address),
+                            a.destination_port,
+                        ),
+                    }),
+                    // PROXY over a Unix socket or an unspecified family: no
+                    // TCP client address to use. The spec leaves the receiver
+                    // "free to accept the connection anyway and use the real
+                    // endpoint addresses or to reject it" (proxy-protocol.txt
+                    // §2.2); HAProxy accepts, and so do we, as for v1
+                    // `UNKNOWN`: a balancer fronting Unix-socket clients sends it.
+                    _ => None,
+                },
             },
         },
         ppp::HeaderResult::V1(Ok(h)) => Parsed::Header {
@@ -148,6 +151,61 @@ pub fn parse(input: &[u8]) -> Parsed {
         ppp::HeaderResult::V1(_) => Parsed::Invalid("malformed PROXY v1 header"),
         ppp::HeaderResult::V2(_) => Parsed::Invalid("malformed PROXY v2 header"),
     }
+}
+
+/// The PP2 TLV type of a CRC-32C checksum of the whole header (spec
+/// section 2.2.3, `PP2_TYPE_CRC32C`): 4 bytes, big-endian.
+const PP2_TYPE_CRC32C: u8 = 0x03;
+
+/// What `ppp` leaves to the receiver in a v2 header it parsed:
+///
+/// * A `PROXY` command for a datagram (UDP) connection is refused: this is
+///   a TCP proxy, and its client is not that UDP peer (HAProxy refuses it
+///   too). A `LOCAL` command's protocol is ignored, as the spec says.
+/// * The TLVs must fill the rest of the header exactly, each within it
+///   (`ppp` parses them lazily, so a TLV that claims more bytes than
+///   follow would otherwise pass).
+/// * A `PP2_TYPE_CRC32C` TLV is verified: CRC-32C (Castagnoli, RFC 4960
+///   appendix B) of the whole header with the checksum's 4 bytes zeroed
+///   must equal its value, big-endian (spec section 2.2.3: a receiver that
+///   supports it "MUST treat the TCP connection providing the header as
+///   invalid" otherwise).
+fn check_v2(h: &ppp::v2::Header<'_>) -> Result<(), &'static str> {
+    if h.command == ppp::v2::Command::Proxy && h.protocol == ppp::v2::Protocol::Datagram {
+        return Err("PROXY v2 header for a datagram (UDP) connection");
+    }
+    let header = h.as_bytes();
+    // The TLVs are the header's tail, after the addresses.
+    let mut at = header.len() - h.tlvs().as_bytes().len();
+    let mut crc_at = None;
+    while at < header.len() {
+        let Some(&[kind, hi, lo]) = header.get(at..at + 3) else {
+            return Err("malformed PROXY v2 header (a TLV overruns it)");
+        };
+        let len = u16::from_be_bytes([hi, lo]) as usize;
+        if header.len() - at - 3 < len {
+            return Err("malformed PROXY v2 header (a TLV overruns it)");
+        }
+        if kind == PP2_TYPE_CRC32C {
+            if len != 4 || crc_at.is_some() {
+                return Err("malformed PROXY v2 header (bad CRC32C TLV)");
+            }
+            crc_at = Some(at + 3);
+        }
+        at += 3 + len;
+    }
+    if let Some(at) = crc_at {
+        let want = u32::from_be_bytes(header[at..at + 4].try_into().expect("4 bytes"));
+        let crc = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+        let mut digest = crc.digest();
+        digest.update(&header[..at]);
+        digest.update(&[0; 4]);
+        digest.update(&header[at + 4..]);
+        if digest.finalize() != want {
+            return Err("PROXY v2 header with a wrong CRC32C");
+        }
+    }
+    Ok(())
 }
 
 /// Whether `input` and `prefix` agree on their common length.
@@ -360,5 +418,107 @@ mod tests {
         let mut h = header_v2(addr("192.0.2.7:1"), addr("10.0.0.1:2"), 1);
         h[5] ^= 0xff;
         assert!(matches!(parse(&h), Parsed::Invalid(_)));
+    }
+
+    /// A v2 header: `command` (0 `LOCAL`, 1 `PROXY`), `family_protocol`
+    /// (0x11 TCP over IPv4), IPv4 addresses, then `tlvs`.
+    fn v2_with(command: u8, family_protocol: u8, tlvs: &[u8]) -> Vec<u8> {
+        let mut h = V2_SIGNATURE.to_vec();
+        h.push(0x20 | command);
+        h.push(family_protocol);
+        h.extend_from_slice(&((12 + tlvs.len()) as u16).to_be_bytes());
+        h.extend_from_slice(&[192, 0, 2, 7, 10, 0, 0, 1, 0x9c, 0x40, 0x01, 0xbb]);
+        h.extend_from_slice(tlvs);
+        h
+    }
+
+    /// A `PROXY` header with `tlvs`, then a CRC32C TLV filled in as a
+    /// sender does (spec section 2.2.3: zeros, then the checksum of the
+    /// whole header, big-endian).
+    fn with_crc(tlvs: &[u8]) -> Vec<u8> {
+        let mut all = tlvs.to_vec();
+        all.extend_from_slice(&[PP2_TYPE_CRC32C, 0, 4, 0, 0, 0, 0]);
+        let mut h = v2_with(1, 0x11, &all);
+        let crc = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI).checksum(&h);
+        let at = h.len() - 4;
+        h[at..].copy_from_slice(&crc.to_be_bytes());
+        h
+    }
+
+    #[test]
+    fn v2_tlvs_must_fit_the_header() {
+        let noop = [0x04, 0, 2, 0, 0];
+        assert!(matches!(
+            parse(&v2_with(1, 0x11, &noop)),
+            Parsed::Header {
+                addresses: Some(_),
+                ..
+            }
+        ));
+        // A TLV that claims 500 bytes with 3 behind it (a break-it round's
+        // header, which was served), and tails too short for a TLV.
+        for tlvs in [&[0x04, 0x01, 0xf4, 1, 2, 3][..], &[0x04, 0], &[0x04]] {
+            assert_eq!(
+                parse(&v2_with(1, 0x11, tlvs)),
+                Parsed::Invalid("malformed PROXY v2 header (a TLV overruns it)"),
+                "{tlvs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_v2_crc32c_is_verified() {
+        // The catalogue's check value (CRC-32C of "123456789").
+        let crc = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+        assert_eq!(crc.checksum(b"123456789"), 0xe306_9283);
+        let good = with_crc(&[0x04, 0, 1, 0]);
+        assert!(matches!(
+            parse(&good),
+            Parsed::Header {
+                addresses: Some(_),
+                ..
+            }
+        ));
+        // Any changed byte of the addresses, the other TLV or the checksum
+        // (the first TLV at 28..32, the checksum's at 32..39).
+        for at in 16..good.len() {
+            let mut bad = good.clone();
+            bad[at] ^= 0x20;
+            // Not the TLVs' lengths (then the walk fails first), nor the
+            // checksum's type (then there is no checksum).
+            if matches!(at, 29 | 30 | 32 | 33 | 34) {
+                continue;
+            }
+            assert_eq!(
+                parse(&bad),
+                Parsed::Invalid("PROXY v2 header with a wrong CRC32C"),
+                "byte {at}"
+            );
+        }
+        // A checksum of another size, or two of them.
+        let short = v2_with(1, 0x11, &[PP2_TYPE_CRC32C, 0, 3, 0, 0, 0]);
+        let twice = with_crc(&[PP2_TYPE_CRC32C, 0, 4, 0, 0, 0, 0]);
+        for h in [short, twice] {
+            assert_eq!(
+                parse(&h),
+                Parsed::Invalid("malformed PROXY v2 header (bad CRC32C TLV)")
+            );
+        }
+    }
+
+    #[test]
+    fn a_v2_proxy_for_udp_is_refused_and_a_local_one_is_not() {
+        assert_eq!(
+            parse(&v2_with(1, 0x12, &[])),
+            Parsed::Invalid("PROXY v2 header for a datagram (UDP) connection")
+        );
+        // `LOCAL`: the balancer's own connection, whatever the block says.
+        assert!(matches!(
+            parse(&v2_with(0, 0x12, &[])),
+            Parsed::Header {
+                addresses: None,
+                ..
+            }
+        ));
     }
 }

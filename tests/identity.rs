@@ -167,7 +167,9 @@ impl Drop for Haproxy {
 }
 
 /// HAProxy in TCP mode on a free port, sending a PROXY v2 header to
-/// `backend` (`send-proxy-v2`).
+/// `backend` (`send-proxy-v2`), with a CRC-32C TLV (`proxy-v2-options
+/// crc32c`), which its receiver verifies: the checksum as HAProxy computes
+/// it, not only as our own tests do.
 fn haproxy_send_proxy_v2(backend: SocketAddr) -> Option<(Haproxy, SocketAddr)> {
     if Command::new("haproxy").arg("-v").output().is_err() {
         missing("haproxy (Debian's `haproxy` package)");
@@ -184,7 +186,7 @@ fn haproxy_send_proxy_v2(backend: SocketAddr) -> Option<(Haproxy, SocketAddr)> {
             "global\n  nbthread 1\n\
              defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
              frontend f\n  bind {port}\n  default_backend b\n\
-             backend b\n  server s {backend} send-proxy-v2\n"
+             backend b\n  server s {backend} send-proxy-v2 proxy-v2-options crc32c\n"
         ),
     )
     .unwrap();
