@@ -342,9 +342,6 @@ impl SessionError {
         }
     }
 
-    /// Whether the process ran out of file descriptors (EMFILE/ENFILE) for
-    /// the upstream socket: the accept loop backs off instead of accepting
-    /// clients it could only reset.
     /// An error after which no other endpoint is tried: the shard is
     /// stopping, this process is out of file descriptors, or its random
     /// number generator failed (no endpoint can help with those), or a
@@ -377,6 +374,9 @@ impl SessionError {
         )
     }
 
+    /// Whether the process ran out of file descriptors (EMFILE/ENFILE) for
+    /// the upstream socket: the accept loop backs off instead of accepting
+    /// clients it could only reset.
     pub fn is_fd_exhaustion(&self) -> bool {
         matches!(self, SessionError::Connect(e) if is_fd_exhaustion(e))
     }

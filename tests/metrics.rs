@@ -416,6 +416,13 @@ fn junk_on_the_metrics_port_is_answered_and_survived() {
     assert!(send(&huge).starts_with("HTTP/1.1 431"));
     assert!(send(b"GET /nope HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
     assert!(send(b"POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
+    // HEAD: GET's header fields, its length included, and no body.
+    let get = send(b"GET /healthz HTTP/1.1\r\n\r\n");
+    let head = send(b"HEAD /healthz HTTP/1.1\r\n\r\n");
+    let (get_head, get_body) = get.split_once("\r\n\r\n").unwrap();
+    assert!(!get_body.is_empty(), "{get:?}");
+    assert_eq!(head, format!("{get_head}\r\n\r\n"));
+    assert!(head.contains(&format!("content-length: {}\r\n", get_body.len())));
     // A slow client is cut off, and does not block others meanwhile.
     let mut slow = TcpStream::connect(m).unwrap();
     slow.write_all(b"GET /met").unwrap();

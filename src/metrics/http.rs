@@ -300,21 +300,20 @@ fn serve(mut conn: TcpStream, board: &Board) {
             Some(n) => filled += n,
         }
     };
-    let (status, ctype, body) = match result {
+    // A HEAD answer has the GET answer's header fields, its
+    // `content-length` included, and no body (RFC 9110 §9.3.2, §8.6).
+    let (status, ctype, body, head_only) = match result {
         Ok(req) => {
             let (s, c, b) = respond(&req, board);
-            (
-                s,
-                c,
-                if req.method == "HEAD" {
-                    String::new()
-                } else {
-                    b
-                },
-            )
+            (s, c, b, req.method == "HEAD")
         }
-        Err(HttpError::TooLarge) => (431, "text/plain", "request header too large\n".into()),
-        Err(_) => (400, "text/plain", "bad request\n".into()),
+        Err(HttpError::TooLarge) => (
+            431,
+            "text/plain",
+            "request header too large\n".into(),
+            false,
+        ),
+        Err(_) => (400, "text/plain", "bad request\n".into(), false),
     };
     let reason = match status {
         200 => "OK",
@@ -330,7 +329,7 @@ fn serve(mut conn: TcpStream, board: &Board) {
     );
     let deadline = Instant::now() + WRITE_DEADLINE;
     if write_by(&mut conn, head.as_bytes(), deadline)
-        && write_by(&mut conn, body.as_bytes(), deadline)
+        && (head_only || write_by(&mut conn, body.as_bytes(), deadline))
     {
         linger(conn);
     }
