@@ -28,7 +28,12 @@ pub fn preflight() -> Result<(), StartupError> {
             need: MIN_MEMLOCK,
         });
     }
-    crate::sys::probe_io_uring().map_err(|e| StartupError::IoUring(e.to_string()))?;
+    let out_of_fds =
+        |e: &std::io::Error| matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+    crate::sys::probe_io_uring().map_err(|e| match out_of_fds(&e) {
+        true => StartupError::OutOfFds(format!("cannot set up io_uring: {e}")),
+        false => StartupError::IoUring(e.to_string()),
+    })?;
     match LocalExecutorBuilder::new(Placement::Unbound).make() {
         Ok(ex) => {
             drop(ex);
@@ -37,7 +42,50 @@ pub fn preflight() -> Result<(), StartupError> {
         Err(GlommioError::ReactorError(ReactorErrorKind::MemLockLimit(have, need))) => {
             Err(StartupError::MemLock { have, need })
         }
+        Err(GlommioError::IoError(e)) if out_of_fds(&e) => Err(StartupError::OutOfFds(format!(
+            "cannot build an executor: {e}"
+        ))),
+        Err(e @ GlommioError::IoError(_)) if is_no_thread(&e) => {
+            Err(StartupError::Preflight(executor_failure(&e)))
+        }
         Err(e) => Err(StartupError::IoUring(e.to_string().replace('\n', " "))),
+    }
+}
+
+fn is_no_thread<T>(e: &GlommioError<T>) -> bool {
+    matches!(e, GlommioError::IoError(io) if io.raw_os_error() == Some(libc::EAGAIN))
+}
+
+/// Why an executor (a shard's, or the pre-flight's) could not be built or
+/// stopped with an error, in one line, with the fix for what an operator
+/// can fix: a thread the system refused (`EAGAIN` from `clone`: the
+/// thread or process limit).
+pub fn executor_failure<T>(e: &GlommioError<T>) -> String {
+    let text = crate::log::one_line(&e.to_string()).into_owned();
+    if is_no_thread(e) {
+        format!("{text}: no thread for it (raise the thread limit: `ulimit -u`, TasksMax= in systemd, --pids-limit in docker)")
+    } else {
+        text
+    }
+}
+
+/// The fewest file descriptors a process with `shards` shards needs before
+/// its first connection, with room for a few: measured (`ls /proc/PID/fd`,
+/// an exit with metrics, a control socket, an access log and health
+/// checks) at 10 for the process (stdio, signal and control sockets,
+/// metrics) and 9 per shard (io_uring rings and eventfds, its listener,
+/// its control socketpair, its access log), doubled.
+pub fn min_fds(shards: usize) -> u64 {
+    32 + 16 * shards as u64
+}
+
+/// Refuses a hard `RLIMIT_NOFILE` below [`min_fds`]: the shards would fail
+/// to build their executors, or serve with no room for a connection.
+pub fn check_fd_floor(shards: usize) -> Result<(), StartupError> {
+    let need = min_fds(shards);
+    match rlimit::Resource::NOFILE.get() {
+        Ok((_, have)) if have < need => Err(StartupError::FdLimit { have, need, shards }),
+        _ => Ok(()),
     }
 }
 
@@ -120,13 +168,18 @@ pub fn print_stdout(text: &str) -> std::io::Result<()> {
 }
 
 /// `shardproxy check --config FILE`: everything `run` would validate (flags,
-/// addresses, cores, key file), through the same [`crate::config::load`],
-/// without binding or starting anything. Returns a one-line summary.
+/// addresses, cores, key file, through the same [`crate::config::load`];
+/// the descriptor and memlock limits and io_uring, through the same
+/// pre-flight), without binding or starting anything. Returns a one-line summary.
 pub fn check(path: &str, overrides: &[String]) -> Result<String, StartupError> {
     let (cfg, warnings) = crate::config::load_file(path, overrides)?;
+    // The process limits start-up checks before any executor is built
+    // (the descriptor floor before the warnings, as `main` does).
+    check_fd_floor(cfg.cores.len())?;
     for w in warnings {
         crate::warn!("{w}");
     }
+    preflight()?;
     let keys = cfg
         .tunnel()
         .map(|t| format!(", keys from {}: {}", t.key_file, t.keys.describe()))
@@ -213,6 +266,9 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
     // The log writer runs already (`main` starts it first and flushes it
     // before the process exits): no thread blocks on stderr.
     crate::log::set(cfg.log_level, cfg.log_format);
+    // Also checked in `main` before the config's warnings (which would
+    // otherwise precede the error with advice about connection limits).
+    check_fd_floor(cfg.cores.len())?;
     preflight()?;
     raise_fd_limit(cfg.fds_needed());
     if let Some(log) = &cfg.access_log {
@@ -418,8 +474,15 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         })?);
     }
     drop(ready_tx);
-    // Every shard accepts: tell systemd, then the predecessor.
+    // Every shard accepts: tell systemd, then the predecessor. A shard that
+    // failed first (its executor could not be built: io_uring, descriptors,
+    // memory) never says so; then the whole start fails, below, and the
+    // others stop: a process that serves on part of its cores looks healthy
+    // and is not.
     let all_ready = (0..handles.len()).all(|_| ready_rx.recv().is_ok());
+    if !all_ready {
+        signals.abort_start("a shard failed to start");
+    }
     if all_ready {
         crate::control::notify(&[
             sd_notify::NotifyState::Ready,
@@ -466,9 +529,22 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
             }
         }
     }
-    for (id, handle) in handles.into_iter().enumerate() {
+    let mut failed = None;
+    for ((id, handle), core) in handles.into_iter().enumerate().zip(&cfg.cores) {
         if let Err(e) = handle.join() {
-            crate::error!("shard {id} failed: {e}");
+            let reason = executor_failure(&e);
+            match failed {
+                // The first is the process's error line; the others are
+                // logged.
+                None => {
+                    failed = Some(StartupError::ShardFailed {
+                        id,
+                        core: *core,
+                        reason,
+                    })
+                }
+                Some(_) => crate::error!("shard {id} failed: {reason}"),
+            }
         }
     }
     crate::info!("all shards stopped");
@@ -477,7 +553,9 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
     if let Some(b) = &board {
         b.wait_answered(Duration::from_secs(3));
     }
-    Ok(())
+    // A shard that failed, at start-up or later, fails the process (exit
+    // 2), so that a supervisor sees it and restarts the service.
+    failed.map_or(Ok(()), Err)
 }
 
 /// A successor exit: hands each shard its share (by owner) of the

@@ -335,6 +335,21 @@ impl SignalPlane {
         }
     }
 
+    /// A shard failed to start: the others stop as on SIGTERM (at once,
+    /// without `--drain-delay`), so that the process exits with the
+    /// failure rather than serve on part of its cores.
+    pub fn abort_start(&self, why: &str) {
+        let Ok(mut phase) = self.state.lock() else {
+            return;
+        };
+        if let Phase::Running(r) = &mut *phase {
+            if !r.draining {
+                r.start_drain(why, true);
+                r.drain_now();
+            }
+        }
+    }
+
     /// Sends `msg` to every shard (the upstream manager's news). Nothing is
     /// sent once the process drains.
     pub fn broadcast(&self, msg: Message) {

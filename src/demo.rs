@@ -44,12 +44,19 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
     }
     let origin_addr = SocketAddr::from(([127, 0, 0, 1], args.origin_port));
     let origin = TcpListener::bind(origin_addr).map_err(|e| listen_error(origin_addr, e))?;
-    std::thread::spawn(move || {
+    thread("demo-origin", move || {
         for conn in origin.incoming().flatten() {
-            std::thread::spawn(move || serve_origin(conn));
+            // No thread for this client: it is closed, the demo goes on.
+            let _ = thread("demo-client", move || serve_origin(conn));
         }
-    });
-    let tmp = std::env::temp_dir();
+    })?;
+    // TMPDIR as the C library reads it: unset, empty or relative means
+    // /tmp (Rust's `temp_dir` would take an empty one as the current
+    // directory).
+    let tmp = match std::env::temp_dir() {
+        t if t.is_absolute() => t,
+        _ => std::path::PathBuf::from("/tmp"),
+    };
     let Some(tmp_text) = tmp.to_str() else {
         return Err(crate::config::ConfigError::Args(format!(
             "demo: the temporary directory `{}` (TMPDIR) is not valid UTF-8; set TMPDIR to another directory",
@@ -84,12 +91,12 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
     .map_err(StartupError::Signals)?;
     {
         let (stop, signals) = (stop.clone(), signals.clone());
-        std::thread::spawn(move || {
+        thread("demo-signals", move || {
             for _ in incoming.forever() {
                 signals.fetch_add(1, Ordering::Relaxed);
                 stop.store(true, Ordering::Relaxed);
             }
-        });
+        })?;
     }
     let exe = std::env::current_exe().map_err(|source| StartupError::Demo {
         what: "the proxies (cannot find our own executable)",
@@ -132,7 +139,9 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
                 // summary: ..."): each line gets its role in front.
                 if let Some(err) = child.stderr.take() {
                     let loaded = loaded.clone();
-                    std::thread::spawn(move || {
+                    // Without its thread the child's lines are not
+                    // shown (the demo still runs).
+                    let _ = thread("demo-log", move || {
                         use std::io::BufRead;
                         let mut listening = false;
                         for line in std::io::BufReader::new(err).lines() {
@@ -270,4 +279,15 @@ fn serve_origin(mut conn: TcpStream) {
             Ok(n) => chunk = &buf[..n],
         }
     }
+}
+
+/// A named thread; a thread the system refuses is an error, not a panic.
+fn thread(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), StartupError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map(drop)
+        .map_err(|e| {
+            crate::config::ConfigError::Args(format!("demo: cannot start a thread: {e}")).into()
+        })
 }

@@ -65,6 +65,24 @@ pub enum StartupError {
         /// glommio's minimum.
         need: u64,
     },
+    /// The descriptor limit cannot fit the shards before any connection.
+    #[error("the file descriptor limit (hard RLIMIT_NOFILE) is {have}, but {shards} shard(s) need at least {need} to start: raise it (`ulimit -n`, LimitNOFILE= in systemd, --ulimit nofile= in docker) or use fewer --cores")]
+    FdLimit {
+        /// The hard limit.
+        have: u64,
+        /// [`crate::app::min_fds`] for the shards.
+        need: u64,
+        /// Shards asked for.
+        shards: usize,
+    },
+    /// Out of descriptors while setting something up (the limit is above
+    /// [`crate::app::min_fds`], but another process or the system took them).
+    #[error("out of file descriptors: {0}: raise the limit (`ulimit -n`, LimitNOFILE= in systemd), or check the system-wide fs.file-max")]
+    OutOfFds(String),
+    /// The pre-flight executor could not be built for another reason
+    /// than io_uring itself (a thread the system refused).
+    #[error("cannot build a test executor before the shards: {0}")]
+    Preflight(String),
     /// io_uring cannot be set up (old kernel, sysctl, seccomp).
     #[error("io_uring is unavailable ({0}): needs Linux 5.8+, sysctl kernel.io_uring_disabled=0, and a seccomp profile that allows io_uring_setup")]
     IoUring(String),
@@ -72,6 +90,17 @@ pub enum StartupError {
     #[error("cannot start shard on core {core}: {reason}")]
     Shard {
         /// The core.
+        core: usize,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A shard stopped with an error: before it was ready (the start
+    /// fails, and the other shards stop), or while serving.
+    #[error("shard {id} on core {core} failed: {reason}")]
+    ShardFailed {
+        /// The shard.
+        id: usize,
+        /// Its core.
         core: usize,
         /// What went wrong.
         reason: String,

@@ -81,11 +81,28 @@ fn run() -> ExitCode {
     };
     let result = match loaded {
         Loaded::Help(e) => {
-            // --help and --version.
-            let _ = e.print();
-            return ExitCode::SUCCESS;
+            // --help and --version: text nobody received is a failure
+            // (`--help > /dev/full`), as for GNU tools.
+            let written = e.print().and_then(|()| {
+                use std::io::Write;
+                std::io::stdout().flush()
+            });
+            return match written {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    report_error(&format!("cannot write to stdout: {e}"));
+                    ExitCode::from(1)
+                }
+            };
         }
         Loaded::Proxy { config, warnings } => {
+            // A limit no shard can start under: the one error, before
+            // advice on connection limits that cannot apply.
+            if let Err(e) = shardproxy::app::check_fd_floor(config.cores.len()) {
+                report_error(&e);
+                shardproxy::handover::report_failure(&e.to_string());
+                return ExitCode::from(e.exit_code());
+            }
             for w in warnings {
                 shardproxy::warn!("{w}");
             }
@@ -97,14 +114,22 @@ fn run() -> ExitCode {
             }
         }
         Loaded::Tool(Tool::Keygen(args)) => shardproxy::app::keygen(&args),
-        Loaded::Tool(Tool::Check(args)) => shardproxy::app::check(&args.config, &args.overrides)
-            .map(|summary| {
-                // The verdict is the exit code; the summary is best effort.
-                let _ = shardproxy::app::print_stdout(&format!(
-                    "{}\n",
-                    shardproxy::log::one_line(&summary)
-                ));
-            }),
+        Loaded::Tool(Tool::Check(args)) => {
+            match shardproxy::app::check(&args.config, &args.overrides) {
+                // A verdict nobody received is not a pass.
+                Ok(summary) => {
+                    let line = format!("{}\n", shardproxy::log::one_line(&summary));
+                    return match shardproxy::app::print_stdout(&line) {
+                        Ok(()) => ExitCode::SUCCESS,
+                        Err(e) => {
+                            report_error(&format!("cannot write to stdout: {e}"));
+                            ExitCode::from(1)
+                        }
+                    };
+                }
+                Err(e) => Err(e),
+            }
+        }
         Loaded::Tool(Tool::Stats(args)) => {
             return match shardproxy::metrics::stats_cmd::run(&args.from, args.per_shard) {
                 Ok(table) => match shardproxy::app::print_stdout(&table) {

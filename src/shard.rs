@@ -52,7 +52,7 @@ pub fn spawn(setup: Setup) -> Result<ExecutorJoinHandle<()>, StartupError> {
         .spawn(move || async move { run(setup).await })
         .map_err(|e| StartupError::Shard {
             core,
-            reason: e.to_string(),
+            reason: crate::app::executor_failure(&e),
         })
 }
 
@@ -151,6 +151,9 @@ async fn run(setup: Setup) {
     }
     glommio::spawn_local(crate::engine::drive(ctx.clone())).detach();
     let _ = ready.send(id);
+    // Gone once sent: a shard that fails before this point never sends, and
+    // the main thread sees the channel close without its `id`.
+    drop(ready);
     if ctx.publishes() {
         spawn_publisher(ctx.clone());
     }

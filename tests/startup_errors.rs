@@ -21,8 +21,9 @@ const LIMIT: Duration = Duration::from_secs(20);
 struct Case {
     name: &'static str,
     args: Vec<String>,
-    /// `ulimit -l <KiB>` before starting, for the memlock pre-flight.
-    memlock_kib: Option<u64>,
+    /// `ulimit FLAG VALUE` before starting (`-l` KiB for the memlock
+    /// pre-flight, `-n` for the descriptor floor).
+    ulimit: Option<(&'static str, u64)>,
     /// Every one of these must appear in the error line.
     expect: &'static [&'static str],
     code: i32,
@@ -39,7 +40,7 @@ fn case(name: &'static str, args: Vec<String>, expect: &'static [&'static str]) 
     Case {
         name,
         args,
-        memlock_kib: None,
+        ulimit: None,
         expect,
         code: 2,
     }
@@ -263,27 +264,56 @@ fn bad_input_is_one_line_and_exit_code_2() {
             &["unexpected argument '--config'"],
         ),
         Case {
-            memlock_kib: Some(64),
+            ulimit: Some(("-l", 64)),
             ..case(
                 "memlock too low names the fix",
                 forward(&[]),
                 &["memlock", "ulimit -l", "LimitMEMLOCK"],
             )
         },
+        // A break-it round: `ulimit -n 12` panicked in glommio (reading the
+        // CPU topology), and 16 let one of two shards fail while the
+        // process served on the other and exited 0.
+        Case {
+            ulimit: Some(("-n", 12)),
+            ..case(
+                "a descriptor limit no shard can start under names the fix",
+                forward(&["--cores", "1"]),
+                &["file descriptor limit", "is 12", "need at least", "ulimit -n", "LimitNOFILE"],
+            )
+        },
+        Case {
+            ulimit: Some(("-n", 40)),
+            ..case(
+                "check applies the descriptor floor too",
+                ["check", "--config", &valid_config, "--cores", "1"]
+                    .map(String::from)
+                    .to_vec(),
+                &["file descriptor limit", "is 40"],
+            )
+        },
+        case("no command says one is required", Vec::new(), &["a command is required: forward, entry, exit"]),
+        case(
+            "an access log that is the config file",
+            ["check", "--config", &valid_config, "--access-log", &valid_config]
+                .map(String::from)
+                .to_vec(),
+            &["it is the config file"],
+        ),
     ];
 
     let mut failures = Vec::new();
     for c in &cases {
-        let cmd = match c.memlock_kib {
+        let cmd = match c.ulimit {
             None => {
                 let mut cmd = Command::new(BIN);
                 cmd.args(&c.args);
                 cmd
             }
-            Some(kib) => {
+            Some((flag, value)) => {
                 let mut cmd = Command::new("sh");
                 cmd.arg("-c")
-                    .arg(format!("ulimit -l {kib} && exec \"$0\" \"$@\""))
+                    .arg(format!("ulimit {flag} {value} && exec \"$0\" \"$@\""))
                     .arg(BIN)
                     .args(&c.args);
                 cmd
@@ -463,4 +493,105 @@ fn a_program_path_that_is_not_utf8_still_runs() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("shardproxy "));
+}
+
+/// A shard whose executor cannot be built fails the whole start: exit 2,
+/// the error as the last line, no panic. Here the shards cannot get their
+/// threads: `ulimit -u` (RLIMIT_NPROC, which counts an unprivileged user's
+/// threads; root is exempt; `prlimit --nproc`) from 2 to 10, so that across the values the
+/// pre-flight, the first shard and the second shard each fail, and the
+/// larger ones serve. A break-it round found a panic (glommio's
+/// `std::thread::spawn`), and a process that served on one of its two
+/// shards, or on none, and exited 0.
+#[test]
+fn a_shard_that_cannot_start_fails_the_whole_start() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::Stdio;
+    // A copy the unprivileged user may execute.
+    let dir = std::env::temp_dir().join(format!("shardproxy-nproc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.join("shardproxy");
+    std::fs::copy(BIN, &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (mut served, mut shard_failed) = (0, 0);
+    let mut wrong = Vec::new();
+    for nproc in 2..=10 {
+        let mut child = Command::new("prlimit")
+            .arg(format!("--nproc={nproc}"))
+            .args([
+                "setpriv",
+                "--reuid=64123",
+                "--regid=64123",
+                "--clear-groups",
+            ])
+            .arg(&bin)
+            .args([
+                "forward",
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                UP,
+                "--cores",
+                "2",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Lines as they come; the channel closes when the process exits.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut lines = Vec::new();
+        let mut listening = 0;
+        // Until it exits, or both shards listen (then it is told to stop).
+        let mut stopped = false;
+        loop {
+            match rx.recv_timeout(LIMIT) {
+                Ok(line) => {
+                    listening += line.contains(" listening on ") as usize;
+                    lines.push(line);
+                    if listening == 2 && !stopped {
+                        stopped = true;
+                        // SIGTERM: a drain, then exit 0.
+                        let _ = Command::new("kill").arg(child.id().to_string()).status();
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = child.kill();
+                    wrong.push(format!(
+                        "ulimit -u {nproc}: no exit after {LIMIT:?}: {lines:?}"
+                    ));
+                    break;
+                }
+            }
+        }
+        let code = child.wait().unwrap().code();
+        let text = lines.join("\n");
+        if text.to_lowercase().contains("panic") {
+            wrong.push(format!("ulimit -u {nproc}: a panic: {lines:?}"));
+        }
+        match code {
+            Some(0) if listening == 2 && !text.contains("failed") => served += 1,
+            Some(2) if lines.last().is_some_and(|l| l.starts_with("error: ")) => {
+                shard_failed += text.contains("error: shard ") as usize;
+            }
+            _ => wrong.push(format!("ulimit -u {nproc}: exit {code:?} after {lines:?}")),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    assert!(served > 0, "no limit was high enough to serve");
+    assert!(
+        shard_failed > 0,
+        "no limit made a started shard fail (the case under test)"
+    );
 }

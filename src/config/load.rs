@@ -42,6 +42,16 @@ pub enum Tool {
 /// Parses `argv` (program name first), expanding `--config FILE`, and
 /// validates a proxy role's settings.
 ///
+/// The commands, as `--help` lists them.
+fn command_names() -> Vec<String> {
+    use clap::CommandFactory;
+    Cli::command()
+        .get_subcommands()
+        .filter(|c| !c.is_hide_set())
+        .map(|c| c.get_name().to_string())
+        .collect()
+}
+
 /// Errors are one line each. A clap error in a command line that names a
 /// config file is reported against the file, since that is where most
 /// settings come from.
@@ -50,6 +60,14 @@ pub fn load(argv: Vec<String>) -> Result<Loaded, ConfigError> {
     let cli = match Cli::try_parse_from(&argv) {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => return Ok(Loaded::Help(e)),
+        // No command at all: clap's answer would be the whole help, and its
+        // first line the program's description, not an error.
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            return Err(ConfigError::Args(format!(
+                "a command is required: {} (see --help)",
+                command_names().join(", ")
+            )));
+        }
         Err(e) => {
             let mut message = one_line(&e.to_string());
             if let Some(hint) = unexpected_value_hint(&argv, &e) {
@@ -141,6 +159,26 @@ pub fn load(argv: Vec<String>) -> Result<Loaded, ConfigError> {
         Command::Check(args) => return Ok(Loaded::Tool(Tool::Check(args))),
         Command::Demo(args) => return Ok(Loaded::Tool(Tool::Demo(args))),
     };
+    // The access log appends a line per connection: never to a file the
+    // process reads its settings from (a key file with a log line in it
+    // fails the next SIGHUP and the next start).
+    if let Some(log) = &config.access_log {
+        let own = [
+            ("the key file", config.tunnel().map(|t| t.key_file.as_str())),
+            (
+                "the config file",
+                supplied.as_ref().map(|s| s.path.as_str()),
+            ),
+        ];
+        for (what, path) in own {
+            if path.is_some_and(|p| file::same_file(&log.path, p)) {
+                return Err(in_file(ConfigError::BadAccessLog(
+                    one_line(&log.path),
+                    format!("it is {what}, which every connection's log line would corrupt"),
+                )));
+            }
+        }
+    }
     let mut warnings: Vec<String> = warning.into_iter().collect();
     warnings.extend(config.warnings());
     Ok(Loaded::Proxy {

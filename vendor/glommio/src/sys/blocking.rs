@@ -160,8 +160,11 @@ impl BlockingThread {
         rx: Arc<Receiver<BlockingThreadReq>>,
         tx: Arc<Sender<BlockingThreadResp>>,
         bindings: Option<impl IntoIterator<Item = usize> + Send + 'static>,
-    ) -> Self {
-        Self(std::thread::spawn(move || {
+    ) -> std::io::Result<Self> {
+        // shardproxy patch (PATCHED.md, "A thread that cannot be created is
+        // an error, not a panic"): `std::thread::spawn` panics when the
+        // system refuses a thread (RLIMIT_NPROC, memory).
+        std::thread::Builder::new().spawn(move || {
             if let Some(bindings) = bindings {
                 bind_to_cpu_set(bindings).expect("failed to bind blocking thread");
             }
@@ -175,7 +178,8 @@ impl BlockingThread {
                 }
                 reactor_sleep_notifier.notify(el.latency_sensitive);
             }
-        }))
+        })
+        .map(Self)
     }
 }
 
@@ -208,7 +212,7 @@ impl BlockingThreadPool {
                 in_rx.clone(),
                 out_tx.clone(),
                 bindings,
-            ));
+            )?);
         }
 
         Ok(Self {

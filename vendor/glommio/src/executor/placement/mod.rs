@@ -210,9 +210,15 @@ impl From<Placement> for PoolPlacement {
         match placement {
             Placement::Unbound => PoolPlacement::Unbound(1),
             Placement::Fenced(set) => PoolPlacement::Fenced(1, set),
-            Placement::Fixed(cpu) => {
-                PoolPlacement::Custom(vec![CpuSet::online().unwrap().filter(|x| x.cpu == cpu)])
-            }
+            // shardproxy patch (PATCHED.md, "No panic when the CPU topology
+            // cannot be read"): reading sysfs can fail (EMFILE under a tiny
+            // RLIMIT_NOFILE); the blocking pool then floats, and the
+            // executor's own placement (`CpuSetGenerator::one`) reports the
+            // error instead of this `From` panicking.
+            Placement::Fixed(cpu) => match CpuSet::online() {
+                Ok(set) => PoolPlacement::Custom(vec![set.filter(|x| x.cpu == cpu)]),
+                Err(_) => PoolPlacement::Unbound(1),
+            },
         }
     }
 }
