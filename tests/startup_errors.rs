@@ -595,3 +595,37 @@ fn a_shard_that_cannot_start_fails_the_whole_start() {
         "no limit made a started shard fail (the case under test)"
     );
 }
+
+/// Text nobody received is not a success: `--help`, `--version` and
+/// `check` into a full stdout (`/dev/full`) exit 1 with one line (they
+/// exited 0, as `keygen` already did not).
+#[test]
+fn output_that_cannot_be_written_is_a_failure() {
+    let config = std::env::temp_dir().join(format!("shardproxy-full-{}.toml", std::process::id()));
+    std::fs::write(
+        &config,
+        format!("role = \"forward\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{UP}\"\n"),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap().to_string();
+    for args in [
+        vec!["--help"],
+        vec!["--version"],
+        vec!["forward", "--help"],
+        vec!["check", "--config", &config],
+    ] {
+        let out = Command::new(BIN)
+            .args(&args)
+            .stdout(std::fs::File::create("/dev/full").unwrap())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("error: cannot write to stdout"),
+            "{args:?}: {stderr}"
+        );
+    }
+    let _ = std::fs::remove_file(&config);
+}
