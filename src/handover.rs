@@ -277,6 +277,19 @@ fn take_over_with(path: &Path, role: &str, version: u8) -> Result<Inherited, Han
     let (n, nfds) = loop {
         match stream.recv_with_fd(&mut head, &mut raw) {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // SO_RCVTIMEO ran out (EAGAIN): say so, not "temporarily
+            // unavailable".
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(bad(format!(
+                    "no answer within {}s (a process that accepts on the socket but does not speak the hand-over)",
+                    LINE_TIMEOUT.as_secs()
+                )));
+            }
             other => break other.map_err(io)?,
         }
     };

@@ -443,6 +443,30 @@ fn a_takeover_with_no_predecessor_says_so() {
     }
 }
 
+/// `--takeover` on a socket whose process accepts and never answers: after
+/// the exchange's 10 s it fails in one line that says so (it said
+/// "Resource temporarily unavailable", the timed-out read's errno).
+#[test]
+fn a_takeover_from_a_silent_process_says_it_got_no_answer() {
+    let ctl = control_path("silent");
+    let listener = std::os::unix::net::UnixListener::bind(&ctl).unwrap();
+    let held = std::thread::spawn(move || listener.accept().map(|(c, _)| c));
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "forward",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        "127.0.0.1:1",
+    ])
+    .args(["--takeover", &ctl]);
+    let (status, stderr) = run_bounded(cmd, Duration::from_secs(30)).expect("hung");
+    drop(held.join());
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("no answer within 10s"), "{stderr}");
+}
+
 #[test]
 fn a_failed_takeover_leaves_the_running_process_serving() {
     let origin = echo_origin();
