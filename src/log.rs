@@ -354,6 +354,22 @@ pub fn json_string(out: &mut String, s: &str) {
     out.push('"');
 }
 
+/// `text` cut to at most `max` bytes (at a character boundary), with a
+/// note of how much there was: an error that quotes a huge input stays a
+/// readable line.
+pub fn capped(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let all = text.len();
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str(&format!("… (cut at {cut} of {all} bytes)"));
+    }
+    text
+}
+
 /// Escapes control characters (`\n`, `\r`, ESC, ...) and the
 /// [`deceptive`] format characters, so that a message that quotes operator
 /// or peer input stays one line, cannot forge another log line, and reads

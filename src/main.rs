@@ -167,8 +167,12 @@ fn run() -> ExitCode {
 /// through the log writer, so never panicking on a closed or full stderr
 /// and never blocking on one that does not move (`main` flushes it, with a
 /// bound, before the process exits).
+/// The longest error line, in bytes: a message that quotes its input (a
+/// 1 MB `--listen` value) is cut, not repeated whole.
+const ERROR_MAX: usize = 1024;
+
 fn report_error(message: &dyn std::fmt::Display) {
-    let message = message.to_string();
+    let message = shardproxy::log::capped(message.to_string(), ERROR_MAX);
     if shardproxy::log::is_json() {
         shardproxy::log::write_line(shardproxy::log::Level::Error, &message);
     } else {

@@ -292,6 +292,20 @@ fn bad_input_is_one_line_and_exit_code_2() {
                 &["file descriptor limit", "is 40"],
             )
         },
+        case(
+            "an IPv6 upstream without brackets (it was taken as [::1]:80)",
+            ["forward", "--listen", "127.0.0.1:0", "--upstream", "::1:80"]
+                .map(String::from)
+                .to_vec(),
+            &["an IPv6 address needs brackets: [::1]:80"],
+        ),
+        case(
+            "a bracketed upstream without a port",
+            ["forward", "--listen", "127.0.0.1:0", "--upstream", "[::1]"]
+                .map(String::from)
+                .to_vec(),
+            &["expected [IPV6]:PORT"],
+        ),
         case("no command says one is required", Vec::new(), &["a command is required: forward, entry, exit"]),
         case(
             "an access log that is the config file",
@@ -628,4 +642,44 @@ fn output_that_cannot_be_written_is_a_failure() {
         );
     }
     let _ = std::fs::remove_file(&config);
+}
+
+/// An error that quotes its input stays a readable line: a 1 MB value in
+/// a config file is cut (the error was 1,000,118 bytes), and 300
+/// `--upstream` flags are named by the first and a count (3.8 KB before).
+#[test]
+fn errors_about_huge_inputs_stay_short() {
+    let big = std::env::temp_dir().join(format!("shardproxy-big-{}.toml", std::process::id()));
+    std::fs::write(
+        &big,
+        format!(
+            "role = \"forward\"\nlisten = \"{}\"\nupstream = \"{UP}\"\n",
+            "1".repeat(1_000_000)
+        ),
+    )
+    .unwrap();
+    let mut check = Command::new(BIN);
+    check.args(["check", "--config", big.to_str().unwrap()]);
+    let mut many = Command::new(BIN);
+    many.args(["forward", "--listen", "127.0.0.1:0"]);
+    for i in 0..300 {
+        many.args([
+            "--upstream",
+            &format!("127.0.0.{}:{}", i % 250 + 1, 1000 + i),
+        ]);
+    }
+    for (cmd, expect) in [
+        (check, "… (cut at 1024 of 10001"),
+        (
+            many,
+            "with the other 299 gives 300 endpoints, more than 256",
+        ),
+    ] {
+        let (status, stderr) = run_bounded(cmd, LIMIT).expect("hung");
+        assert_eq!(status.code(), Some(2), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.len() < 1200, "{} bytes", stderr.len());
+        assert!(stderr.contains(expect), "{stderr}");
+    }
+    let _ = std::fs::remove_file(&big);
 }

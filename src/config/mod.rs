@@ -1122,9 +1122,19 @@ fn upstreams(args: &ProxyArgs) -> Result<crate::upstream::Upstreams, ConfigError
         }
     })?;
     if endpoints.len() > MAX_ENDPOINTS {
+        // Named by its first entry: the whole list would be a line of
+        // kilobytes that reads as one value.
+        let first = crate::log::one_line(&specs[0].name).into_owned();
+        let others = match specs.len() {
+            1 => String::new(),
+            n => format!("with the other {} ", n - 1),
+        };
         return Err(ConfigError::BadUpstream(
-            args.upstream.join(" "),
-            format!("more than {MAX_ENDPOINTS} endpoints"),
+            first,
+            format!(
+                "{others}gives {} endpoints, more than {MAX_ENDPOINTS}",
+                endpoints.len()
+            ),
         ));
     }
     // Checked whether or not checks are on: a bad value is a mistake either way.

@@ -101,8 +101,19 @@ impl UpstreamSpec {
                 _ => return Err(format!("unknown option `{option}` (expected weight=N)")),
             }
         }
-        if !name.contains(':') {
+        let Some((host, port)) = name.rsplit_once(':') else {
             return Err("expected HOST:PORT".into());
+        };
+        // `::1:80` is the IPv6 address ::1:80 with no port, or ::1 port 80
+        // (what the resolver would make of it): RFC 3986 §3.2.2 brackets
+        // are the way to say which.
+        if name.starts_with('[') && !name.contains("]:") {
+            return Err("expected [IPV6]:PORT".into());
+        }
+        if host.contains(':') && !name.starts_with('[') {
+            return Err(format!(
+                "an IPv6 address needs brackets: [{host}]:{port}, as for --listen"
+            ));
         }
         Ok(UpstreamSpec {
             name,
