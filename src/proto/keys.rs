@@ -80,6 +80,15 @@ pub enum KeyFileError {
         /// 1-based line number.
         line: usize,
     },
+    /// A line decodes to 32 copies of one byte (all zeros: `AAAA...=`): a
+    /// placeholder, not a key.
+    #[error("key file {path} line {line}: 32 copies of one byte, a placeholder rather than a key (make one with `shardproxy keygen`)")]
+    Placeholder {
+        /// The path.
+        path: String,
+        /// 1-based line number.
+        line: usize,
+    },
     /// A line is base64 of the wrong length.
     #[error("key file {path} line {line}: decodes to {} bytes, but a key is 32 bytes (make one with `shardproxy keygen`)", if *len > PSK_LEN + 8 { "more than 40".to_string() } else { len.to_string() })]
     WrongLength {
@@ -206,6 +215,12 @@ impl KeySet {
             let mut k = [0u8; PSK_LEN];
             k.copy_from_slice(&buf[..PSK_LEN]);
             buf.zeroize();
+            if k.iter().all(|&b| b == k[0]) {
+                return Err(KeyFileError::Placeholder {
+                    path: path.to_string(),
+                    line: i + 1,
+                });
+            }
             if keys.len() == MAX_KEYS {
                 return Err(KeyFileError::TooMany {
                     path: path.to_string(),
@@ -226,14 +241,19 @@ impl KeySet {
 mod tests {
     use super::*;
 
+    /// A key whose bytes are not all alike (`i`, `i + 1`, ...).
+    fn key(i: u8) -> Psk {
+        Psk::from_bytes(std::array::from_fn(|j| i.wrapping_add(j as u8)))
+    }
+
     #[test]
     fn parses_comments_and_rotation() {
-        let a = Psk::from_bytes([1; 32]).to_base64();
-        let b = Psk::from_bytes([2; 32]).to_base64();
+        let a = key(1).to_base64();
+        let b = key(2).to_base64();
         let text = format!("# new key first\n{a}\n\n  {b}  # old\n");
         let set = KeySet::parse(&text, "k").unwrap();
         assert_eq!(set.all().len(), 2);
-        assert_eq!(set.primary().bytes(), &[1; 32]);
+        assert_eq!(set.primary().bytes(), key(1).bytes());
     }
 
     #[test]
@@ -265,18 +285,28 @@ mod tests {
             KeySet::parse("not base64!\n", "k"),
             Err(KeyFileError::Malformed { line: 1, .. })
         ));
-        let many: String = (0..17)
-            .map(|i| Psk::from_bytes([i; 32]).to_base64() + "\n")
-            .collect();
+        let many: String = (0..17).map(|i| key(i).to_base64() + "\n").collect();
         assert!(matches!(
             KeySet::parse(&many, "k"),
             Err(KeyFileError::TooMany { .. })
         ));
+        // A placeholder (all zeros is `AAAA...A=`), among real keys too.
+        for b in [0u8, 0xff, b'x'] {
+            let text = format!(
+                "{}\n{}\n",
+                key(1).to_base64(),
+                Psk::from_bytes([b; 32]).to_base64()
+            );
+            assert!(matches!(
+                KeySet::parse(&text, "k"),
+                Err(KeyFileError::Placeholder { line: 2, .. })
+            ));
+        }
     }
 
     #[test]
     fn accepts_the_encodings_editors_write() {
-        let a = Psk::from_bytes([7; 32]).to_base64();
+        let a = key(7).to_base64();
         for text in [
             format!("\u{feff}{a}\n"),
             format!("{a}\r\n"),
@@ -287,7 +317,7 @@ mod tests {
             format!("\u{feff}# comment\r\n\r\n{a}"),
         ] {
             let set = KeySet::parse(&text, "k").unwrap_or_else(|e| panic!("{text:?}: {e}"));
-            assert_eq!(set.primary().bytes(), &[7; 32]);
+            assert_eq!(set.primary().bytes(), key(7).bytes());
         }
     }
 
