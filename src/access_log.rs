@@ -80,9 +80,14 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
 /// Bumped on SIGUSR1; each writer reopens the path when it changes.
 static REOPEN: AtomicU64 = AtomicU64::new(0);
 
-/// Asks every access-log writer to reopen its file (SIGUSR1).
-pub fn reopen() {
+/// Set once a shard starts an access-log writer.
+static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Asks every access-log writer to reopen its file (SIGUSR1). `false` if
+/// this process writes no access log (nothing to reopen).
+pub fn reopen() -> bool {
     REOPEN.fetch_add(1, Ordering::Relaxed);
+    STARTED.load(Ordering::Relaxed)
 }
 
 /// Line format of the access log.
@@ -439,6 +444,7 @@ impl ShardLog {
         shard: usize,
         role: &'static str,
     ) -> std::io::Result<ShardLog> {
+        STARTED.store(true, Ordering::Relaxed);
         let file = open(path)?;
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUED_BATCHES);
         let path = path.to_string();

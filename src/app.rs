@@ -133,6 +133,12 @@ pub fn keygen(args: &KeygenArgs) -> Result<(), StartupError> {
                 let _ = print_stdout(&format!("wrote key to {path} (fingerprint {}, as logs name it)\n", key.fingerprint()));
             })
             .map_err(|e| match e.kind() {
+                _ if std::path::Path::new(path).is_dir() => {
+                    StartupError::Keygen(format!(
+                        "{path} is a directory: --out takes the key file's path, such as {}/psk",
+                        path.trim_end_matches('/')
+                    ))
+                }
                 std::io::ErrorKind::AlreadyExists => StartupError::Keygen(format!(
                     "{path} exists, and keygen never overwrites a key: choose another path or remove it first (to rotate keys, see deploy/README.md)"
                 )),

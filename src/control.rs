@@ -488,8 +488,11 @@ fn ignored(sig: i32, when: &str) {
 /// SIGUSR1: every access-log writer reopens its path (a no-op without
 /// `--access-log`).
 fn reopen_access_log() {
-    crate::access_log::reopen();
-    crate::info!("SIGUSR1: reopening the access log");
+    if crate::access_log::reopen() {
+        crate::info!("SIGUSR1: reopening the access log");
+    } else {
+        crate::info!("SIGUSR1: no access log to reopen (--access-log is not set)");
+    }
 }
 
 impl Running {

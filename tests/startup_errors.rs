@@ -306,6 +306,11 @@ fn bad_input_is_one_line_and_exit_code_2() {
                 .to_vec(),
             &["expected [IPV6]:PORT"],
         ),
+        case(
+            "keygen into a directory says so",
+            ["keygen", "--out", "/tmp"].map(String::from).to_vec(),
+            &["/tmp is a directory: --out takes the key file's path, such as /tmp/psk"],
+        ),
         case("no command says one is required", Vec::new(), &["a command is required: forward, entry, exit"]),
         case(
             "an access log that is the config file",
