@@ -45,27 +45,10 @@ pub fn preflight() -> Result<(), StartupError> {
         Err(GlommioError::IoError(e)) if out_of_fds(&e) => Err(StartupError::OutOfFds(format!(
             "cannot build an executor: {e}"
         ))),
-        Err(e @ GlommioError::IoError(_)) if is_no_thread(&e) => {
-            Err(StartupError::Preflight(executor_failure(&e)))
+        Err(e @ GlommioError::IoError(_)) if crate::shard::is_no_thread(&e) => {
+            Err(StartupError::Preflight(crate::shard::executor_failure(&e)))
         }
         Err(e) => Err(StartupError::IoUring(e.to_string().replace('\n', " "))),
-    }
-}
-
-fn is_no_thread<T>(e: &GlommioError<T>) -> bool {
-    matches!(e, GlommioError::IoError(io) if io.raw_os_error() == Some(libc::EAGAIN))
-}
-
-/// Why an executor (a shard's, or the pre-flight's) could not be built or
-/// stopped with an error, in one line, with the fix for what an operator
-/// can fix: a thread the system refused (`EAGAIN` from `clone`: the
-/// thread or process limit).
-pub fn executor_failure<T>(e: &GlommioError<T>) -> String {
-    let text = crate::log::one_line(&e.to_string()).into_owned();
-    if is_no_thread(e) {
-        format!("{text}: no thread for it (raise the thread limit: `ulimit -u`, TasksMax= in systemd, --pids-limit in docker)")
-    } else {
-        text
     }
 }
 
@@ -538,7 +521,7 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
     let mut failed = None;
     for ((id, handle), core) in handles.into_iter().enumerate().zip(&cfg.cores) {
         if let Err(e) = handle.join() {
-            let reason = executor_failure(&e);
+            let reason = crate::shard::executor_failure(&e);
             match failed {
                 // The first is the process's error line; the others are
                 // logged.

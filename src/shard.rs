@@ -44,6 +44,24 @@ pub struct Setup {
     pub export: Option<std::sync::mpsc::Sender<crate::replay::Export>>,
 }
 
+/// Whether building an executor failed for want of a thread (`EAGAIN`).
+pub fn is_no_thread<T>(e: &glommio::GlommioError<T>) -> bool {
+    matches!(e, glommio::GlommioError::IoError(io) if io.raw_os_error() == Some(libc::EAGAIN))
+}
+
+/// Why an executor (a shard's, or the pre-flight's) could not be built or
+/// stopped with an error, in one line, with the fix for what an operator
+/// can fix: a thread the system refused (`EAGAIN` from `clone`: the
+/// thread or process limit).
+pub fn executor_failure<T>(e: &glommio::GlommioError<T>) -> String {
+    let text = crate::log::one_line(&e.to_string()).into_owned();
+    if is_no_thread(e) {
+        format!("{text}: no thread for it (raise the thread limit: `ulimit -u`, TasksMax= in systemd, --pids-limit in docker)")
+    } else {
+        text
+    }
+}
+
 /// Starts a shard on its core.
 pub fn spawn(setup: Setup) -> Result<ExecutorJoinHandle<()>, StartupError> {
     let (id, core) = (setup.id, setup.core);
@@ -52,7 +70,7 @@ pub fn spawn(setup: Setup) -> Result<ExecutorJoinHandle<()>, StartupError> {
         .spawn(move || async move { run(setup).await })
         .map_err(|e| StartupError::Shard {
             core,
-            reason: crate::app::executor_failure(&e),
+            reason: executor_failure(&e),
         })
 }
 
