@@ -499,7 +499,8 @@ pub fn serve(
                             Ok(guard) => guard,
                             Err(_) => {
                                 let _ = (&conn).write_all(b"ERROR busy: another hand-over is in progress\n");
-                                crate::warn!("hand-over failed, still serving: a second successor arrived during a hand-over");
+                                // Not "hand-over failed": the one in progress goes on.
+                                crate::warn!("hand-over: refused a second successor (busy); the hand-over in progress goes on");
                                 return;
                             }
                         };
