@@ -134,6 +134,11 @@ pub async fn run(
         Verdict::Drained => SessionError::Drained,
     })
     .and_then(|r| r)
+    .inspect(|_| {
+        // Both directions ended with FIN: the plain sides close as usual.
+        client.finished();
+        upstream.finished();
+    })
 }
 
 /// A chunk read at `read_at` (`None`: timings are off) has been fully

@@ -77,6 +77,10 @@ pub async fn run(
             });
     }
     let client = Conn::new(client, Peer::Downstream);
+    if !matches!(ctx.config().mode, Mode::Exit(_)) {
+        // Plain TCP: set on the listener, inherited (shard::run).
+        client.reset_unless_finished(true);
+    }
     let result = async {
         // `--accept-proxy`: the header first; what followed it in the same
         // reads is the client's first data.
@@ -1624,7 +1628,12 @@ async fn connect_to(ctx: &ShardCtx, rec: &Record, lease: &Lease) -> Result<Conn,
             ctx.timings().record(Hist::UpstreamConnect, took);
             ctx.timings().record_upstream(lease.endpoint().spec, took);
             rec.connect.set(Some(took));
-            Ok(Conn::new(stream, Peer::Upstream))
+            let conn = Conn::new(stream, Peer::Upstream);
+            if !matches!(ctx.config().mode, Mode::Entry(_)) {
+                // Plain TCP to an origin (`forward`, `exit`).
+                conn.reset_unless_finished(false);
+            }
+            Ok(conn)
         }
         Ok(Err(e)) => {
             let e = std::io::Error::from(e);

@@ -92,9 +92,18 @@ async fn run(setup: Setup) {
     if let Some((count, wait)) = wake_batch {
         glommio::raw::set_wake_batch(count, wait);
     }
+    // The roles whose clients speak plain TCP: their accepted sockets are
+    // reset, not ended with a FIN, if this process dies mid-session
+    // (`Conn::reset_unless_finished`). Set on inherited listeners too.
+    let plain_clients = !matches!(cfg.mode, crate::config::Mode::Exit(_));
     let listeners: Vec<_> = listeners
         .into_iter()
-        .map(crate::sys::adopt_listener)
+        .map(|l| {
+            if plain_clients {
+                crate::conn::set_abortive_close(&l);
+            }
+            crate::sys::adopt_listener(l)
+        })
         .collect();
     let mut control = crate::sys::adopt_unix_stream(control);
     let addr = listeners

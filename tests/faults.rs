@@ -105,6 +105,72 @@ fn killed_exit_aborts_clients_fails_fast_and_recovers_without_restarting_the_ent
     assert_eq!(&b, b"again");
 }
 
+/// An origin for one connection that tells when it has the client's
+/// first 3 bytes, then how its connection ended.
+fn recording_origin() -> (SocketAddr, std::sync::mpsc::Receiver<Option<End>>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let Ok((mut c, _)) = l.accept() else { return };
+        let mut first = [0u8; 3];
+        if c.read_exact(&mut first).is_err() {
+            return;
+        }
+        let _ = tx.send(None);
+        let _ = tx.send(Some(read_until_end(&mut c, Duration::from_secs(20)).0));
+    });
+    (addr, rx)
+}
+
+/// A process that dies at once (`kill -9`, the OOM killer) resets its
+/// plain-TCP peers: the kernel's close would otherwise send a FIN after
+/// part of a stream, which passes for a clean end (a break-it round saw
+/// an origin take 355 KiB of a 512 KiB upload as a whole request). For a
+/// `forward`, both of its peers; for an exit, its origin; for an entry,
+/// its client (the other peer in each pair hears of it through the
+/// tunnel, which resets already).
+#[test]
+fn a_killed_proxy_resets_its_plain_peers_never_a_clean_end() {
+    let key = key_file(&[&keygen()]);
+    for victim in ["forward", "exit", "entry"] {
+        let (origin, seen) = recording_origin();
+        let (mut proxies, front) = match victim {
+            "forward" => {
+                let f = Proxy::forward(origin).start();
+                let a = f.addr;
+                (vec![f], a)
+            }
+            _ => {
+                let exit = Proxy::exit(origin, &key).start();
+                let entry = Proxy::entry(exit.addr, &key).start();
+                let a = entry.addr;
+                (vec![exit, entry], a)
+            }
+        };
+        let mut c = TcpStream::connect(front).unwrap();
+        c.write_all(b"abc").unwrap();
+        // The bytes are at the origin: nothing is in flight when it dies.
+        assert_eq!(
+            seen.recv_timeout(Duration::from_secs(10)),
+            Ok(None),
+            "{victim}"
+        );
+        let i = match victim {
+            "entry" => 1,
+            _ => 0,
+        };
+        proxies[i].kill();
+        let client_end = read_until_end(&mut c, Duration::from_secs(10)).0;
+        let origin_end = seen.recv_timeout(Duration::from_secs(20)).unwrap();
+        assert_eq!(
+            (client_end, origin_end),
+            (End::Reset, Some(End::Reset)),
+            "{victim} killed: (client, origin)"
+        );
+    }
+}
+
 #[test]
 fn blackhole_upstream_is_closed_by_the_idle_timeout_with_bounded_memory() {
     // Accepts, never reads, holds the socket for up to 30 s. The sleep is
