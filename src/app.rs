@@ -433,6 +433,7 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
     });
     spawn_upstream_manager(&cfg, &signals, board.clone(), probe_keys);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let start_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let is_exit = matches!(cfg.mode, crate::config::Mode::Exit(_));
     let replay = is_exit.then(|| crate::replay::mesh(cfg.cores.len()));
     // An exit's shards send their replay sets here when a successor takes
@@ -455,7 +456,7 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
             listeners,
             control,
             board: board.clone(),
-            ready: ready_tx.clone(),
+            ready: crate::shard::Ready::new(id, ready_tx.clone(), start_failed.clone()),
             replay: replay.clone(),
             not_before: started_unix,
             gated: inherited.is_some(),
@@ -468,7 +469,7 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
     // memory) never says so; then the whole start fails, below, and the
     // others stop: a process that serves on part of its cores looks healthy
     // and is not.
-    let all_ready = (0..handles.len()).all(|_| ready_rx.recv().is_ok());
+    let all_ready = (0..handles.len()).all(|_| matches!(ready_rx.recv(), Ok(Ok(_))));
     if !all_ready {
         signals.abort_start("a shard failed to start");
     }

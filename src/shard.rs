@@ -31,7 +31,7 @@ pub struct Setup {
     /// Where metrics snapshots go, if metrics are on.
     pub board: Option<Board>,
     /// Gets `id` once every accept loop runs.
-    pub ready: std::sync::mpsc::Sender<usize>,
+    pub ready: Ready,
     /// The exit's replay-filter mesh (every shard joins it).
     pub replay: Option<crate::replay::Mesh>,
     /// The exit refuses hellos stamped before this (Unix milliseconds): the
@@ -59,6 +59,53 @@ pub fn executor_failure<T>(e: &glommio::GlommioError<T>) -> String {
         format!("{text}: no thread for it (raise the thread limit: `ulimit -u`, TasksMax= in systemd, --pids-limit in docker)")
     } else {
         text
+    }
+}
+
+/// How a shard tells the main thread it accepts (`Ok(id)`), or that it
+/// never will (`Err(id)`): sent when it is dropped unsent, whether the
+/// shard returned early or its executor could not be built (then the
+/// closure holding it is dropped unrun). The main thread then fails the
+/// start at once, rather than wait for shards that will never be ready.
+pub struct Ready {
+    /// The shard.
+    pub id: usize,
+    /// The main thread's end.
+    pub tx: std::sync::mpsc::Sender<Result<usize, usize>>,
+    /// Shards that have not started yet give up once this is set (the
+    /// exit's replay mesh waits for every shard to join).
+    pub failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sent: bool,
+}
+
+impl Ready {
+    /// A shard's notice, unsent.
+    pub fn new(
+        id: usize,
+        tx: std::sync::mpsc::Sender<Result<usize, usize>>,
+        failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Ready {
+        Ready {
+            id,
+            tx,
+            failed,
+            sent: false,
+        }
+    }
+
+    /// Every accept loop runs.
+    pub fn send(mut self) {
+        self.sent = true;
+        let _ = self.tx.send(Ok(self.id));
+    }
+}
+
+impl Drop for Ready {
+    fn drop(&mut self) {
+        if !self.sent {
+            self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = self.tx.send(Err(self.id));
+        }
     }
 }
 
@@ -125,20 +172,35 @@ async fn run(setup: Setup) {
     let ctx = Rc::new(ShardCtx::new(id, cfg, board));
     // The exit's replay filter: every shard joins the mesh before any
     // accepts, so that no hello is checked against a partial set.
+    // A shard that never comes (its executor could not be built) would
+    // hold the others here for ever: they give up once the start failed.
     if let (Some(mesh), Some(skew)) = (replay, skew) {
-        match crate::replay::Guard::join(
-            mesh,
-            shards,
-            2 * skew + crate::replay::WINDOW_MARGIN,
-            not_before,
-            gated,
-        )
-        .await
-        {
-            Ok(guard) => ctx.set_replay(guard),
-            Err(()) => {
+        let join = async {
+            Some(
+                crate::replay::Guard::join(
+                    mesh,
+                    shards,
+                    2 * skew + crate::replay::WINDOW_MARGIN,
+                    not_before,
+                    gated,
+                )
+                .await,
+            )
+        };
+        let failed = ready.failed.clone();
+        let gave_up = async move {
+            while !failed.load(std::sync::atomic::Ordering::SeqCst) {
+                glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            None
+        };
+        match futures_lite::future::or(join, gave_up).await {
+            Some(Ok(guard)) => ctx.set_replay(guard),
+            Some(Err(())) => {
                 crate::error!("shard {id}: replay filter unavailable; every hello is refused")
             }
+            // Another shard failed to start: so does the process.
+            None => return,
         }
     }
     if let Some(log) = ctx.config().access_log.clone() {
@@ -177,10 +239,7 @@ async fn run(setup: Setup) {
         }
     }
     glommio::spawn_local(crate::engine::drive(ctx.clone())).detach();
-    let _ = ready.send(id);
-    // Gone once sent: a shard that fails before this point never sends, and
-    // the main thread sees the channel close without its `id`.
-    drop(ready);
+    ready.send();
     if ctx.publishes() {
         spawn_publisher(ctx.clone());
     }

@@ -534,9 +534,23 @@ fn a_shard_that_cannot_start_fails_the_whole_start() {
     let bin = dir.join("shardproxy");
     std::fs::copy(BIN, &bin).unwrap();
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The tunnel roles' key, readable by that user.
+    let key = dir.join("key");
+    std::fs::write(&key, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n").unwrap();
+    std::os::unix::fs::chown(&key, Some(64123), Some(64123)).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let key = key.to_str().unwrap().to_string();
     let (mut served, mut shard_failed) = (0, 0);
     let mut wrong = Vec::new();
-    for nproc in 2..=10 {
+    // An exit's shards also wait for each other (its replay filter): one
+    // that never came held the other at full CPU, neither serving nor
+    // failing (a second break-it round).
+    let roles: [&[&str]; 3] = [
+        &["forward"],
+        &["entry", "--key-file", &key],
+        &["exit", "--key-file", &key],
+    ];
+    for (role, nproc) in roles.iter().flat_map(|r| (2..=11).map(move |n| (*r, n))) {
         let mut child = Command::new("prlimit")
             .arg(format!("--nproc={nproc}"))
             .args([
@@ -546,15 +560,8 @@ fn a_shard_that_cannot_start_fails_the_whole_start() {
                 "--clear-groups",
             ])
             .arg(&bin)
-            .args([
-                "forward",
-                "--listen",
-                "127.0.0.1:0",
-                "--upstream",
-                UP,
-                "--cores",
-                "2",
-            ])
+            .args(role)
+            .args(["--listen", "127.0.0.1:0", "--upstream", UP, "--cores", "2"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -596,14 +603,16 @@ fn a_shard_that_cannot_start_fails_the_whole_start() {
         let code = child.wait().unwrap().code();
         let text = lines.join("\n");
         if text.to_lowercase().contains("panic") {
-            wrong.push(format!("ulimit -u {nproc}: a panic: {lines:?}"));
+            wrong.push(format!("{role:?} ulimit -u {nproc}: a panic: {lines:?}"));
         }
         match code {
             Some(0) if listening == 2 && !text.contains("failed") => served += 1,
             Some(2) if lines.last().is_some_and(|l| l.starts_with("error: ")) => {
                 shard_failed += text.contains("error: shard ") as usize;
             }
-            _ => wrong.push(format!("ulimit -u {nproc}: exit {code:?} after {lines:?}")),
+            _ => wrong.push(format!(
+                "{role:?} ulimit -u {nproc}: exit {code:?} after {lines:?}"
+            )),
         }
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -275,20 +275,27 @@ fn probe_all(
     keys: Option<&KeySet>,
 ) -> Vec<(SocketAddr, Result<(), String>)> {
     std::thread::scope(|s| {
+        // A thread the system refuses (`RLIMIT_NPROC`, `pids.max`): that
+        // endpoint is probed here instead, after the others have started
+        // (`scope`'s own `spawn` would panic, taking the process down).
         let handles: Vec<_> = endpoints
             .iter()
             .map(|e| {
                 let addr = e.addr;
-                (addr, s.spawn(move || probe(addr, timeout, keys)))
+                let thread = std::thread::Builder::new()
+                    .name("probe".into())
+                    .spawn_scoped(s, move || probe(addr, timeout, keys));
+                (addr, thread.ok())
             })
             .collect();
         handles
             .into_iter()
-            .map(|(addr, h)| {
-                (
+            .map(|(addr, h)| match h {
+                Some(h) => (
                     addr,
                     h.join().unwrap_or_else(|_| Err("probe panicked".into())),
-                )
+                ),
+                None => (addr, probe(addr, timeout, keys)),
             })
             .collect()
     })
