@@ -168,6 +168,7 @@ pub fn check(path: &str, overrides: &[String]) -> Result<String, StartupError> {
     for w in warnings {
         crate::warn!("{w}");
     }
+    raise_fd_limit(cfg.fds_needed());
     preflight()?;
     let keys = cfg
         .tunnel()
@@ -258,8 +259,11 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
     // Also checked in `main` before the config's warnings (which would
     // otherwise precede the error with advice about connection limits).
     check_fd_floor(cfg.cores.len())?;
-    preflight()?;
+    // The soft limit up to the hard one first: the pre-flight's executor
+    // needs descriptors too (a soft limit of 8 under a hard one of 20000
+    // failed it, where the process would have had plenty).
     raise_fd_limit(cfg.fds_needed());
+    preflight()?;
     if let Some(log) = &cfg.access_log {
         check_access_log(&log.path)?;
     }

@@ -645,3 +645,14 @@ print(rc, round(time.time() - t, 2))
     assert!(secs < 10.0, "took {secs} s with stderr stuck");
     drop(taken);
 }
+
+/// A low soft descriptor limit under a high hard one is raised before
+/// anything else needs descriptors (the start-up check built an executor
+/// first, and failed at a soft limit of 8 telling the operator to raise a
+/// limit that was already high).
+#[test]
+fn a_low_soft_descriptor_limit_is_raised_before_the_start_up_check() {
+    let p = Proxy::forward(echo_origin()).ulimit("-Sn", 8).start();
+    let data = random_bytes(3000, 8);
+    assert!(echo_round_trip(p.addr, std::sync::Arc::new(data.clone())) == data);
+}
