@@ -85,9 +85,32 @@ pub fn parse(input: &[u8]) -> Parsed {
         if input.len() < total {
             return Parsed::Incomplete;
         }
+        // `LOCAL` (version 2, command 0): the receiver "MUST ignore the
+        // protocol block" (spec section 2.2), whatever family it names,
+        // even one whose addresses are not there (HAProxy's own health
+        // checks send a bare LOCAL header), and serves the connection as
+        // the balancer's own.
+        if input[12] == 0x20 {
+            return Parsed::Header {
+                len: total,
+                addresses: None,
+            };
+        }
         &input[..total]
     } else {
         match input.windows(2).position(|w| w == b"\r\n") {
+            // `UNKNOWN`: "the receiver must ignore anything presented
+            // before the CRLF" (spec section 2.1).
+            Some(end)
+                if end + 2 <= V1_MAX
+                    && (input[..end + 2].starts_with(b"PROXY UNKNOWN ")
+                        || input[..end + 2].starts_with(b"PROXY UNKNOWN\r")) =>
+            {
+                return Parsed::Header {
+                    len: end + 2,
+                    addresses: None,
+                }
+            }
             Some(end) if end + 2 <= V1_MAX => &input[..end + 2],
             Some(_) => return Parsed::Invalid("PROXY v1 header longer than 107 bytes"),
             None if input.len() >= V1_MAX => {
@@ -503,6 +526,53 @@ mod tests {
                 parse(&h),
                 Parsed::Invalid("malformed PROXY v2 header (bad CRC32C TLV)")
             );
+        }
+    }
+
+    #[test]
+    fn a_v1_unknown_header_is_served_whatever_follows_it() {
+        for line in [
+            &b"PROXY UNKNOWN\r\n"[..],
+            b"PROXY UNKNOWN ffff:f...f:ffff ffff:f...f:ffff 65535 65535\r\n",
+            b"PROXY UNKNOWN junk\r\n",
+        ] {
+            let mut input = line.to_vec();
+            input.extend_from_slice(b"GET /");
+            assert_eq!(
+                parse(&input),
+                Parsed::Header {
+                    len: line.len(),
+                    addresses: None
+                }
+            );
+        }
+        assert!(matches!(parse(b"PROXY UNKNOWNX\r\n"), Parsed::Invalid(_)));
+    }
+
+    #[test]
+    fn a_v2_local_header_is_served_whatever_its_block_says() {
+        // Every family, with no address bytes at all (a break-it round had
+        // all but AF_UNSPEC reset), and with junk where TLVs would be.
+        for family in [0x00, 0x11, 0x12, 0x21, 0x22, 0x31, 0x32] {
+            let mut h = V2_SIGNATURE.to_vec();
+            h.extend_from_slice(&[0x20, family, 0, 0]);
+            assert_eq!(
+                parse(&h),
+                Parsed::Header {
+                    len: 16,
+                    addresses: None
+                },
+                "family {family:#x}"
+            );
+            let mut junk = V2_SIGNATURE.to_vec();
+            junk.extend_from_slice(&[0x20, family, 0, 3, 0xff, 0xff, 0xff]);
+            assert!(matches!(
+                parse(&junk),
+                Parsed::Header {
+                    len: 19,
+                    addresses: None
+                }
+            ));
         }
     }
 
