@@ -578,9 +578,15 @@ impl Running {
                     ready: ready.clone(),
                 }));
                 // Reap it; say so if it ends (a failed start) while we live.
-                let _ = std::thread::Builder::new()
+                // The child goes to the thread once it runs: a thread that
+                // cannot be made leaves it here, to be stopped.
+                let (hand, take) = std::sync::mpsc::channel::<std::process::Child>();
+                let watched = std::thread::Builder::new()
                     .name("upgrade-child".into())
                     .spawn(move || {
+                        let Ok(mut child) = take.recv() else {
+                            return;
+                        };
                         let status = child.wait();
                         reaped.store(true, Ordering::SeqCst);
                         match status {
@@ -598,6 +604,23 @@ impl Running {
                             Err(_) => {}
                         }
                     });
+                match watched {
+                    Ok(_) => {
+                        let _ = hand.send(child);
+                    }
+                    // No thread to reap it (the thread limit: the
+                    // successor's own threads count too): it would end a
+                    // zombie nobody reports, holding a slot of that limit.
+                    // Stop it now, before it can take anything over.
+                    _ => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        self.upgrading = None;
+                        crate::error!(
+                            "SIGUSR2: no thread to watch process {pid} (the thread limit?); stopped it: the upgrade failed, still serving"
+                        );
+                    }
+                }
             }
             Err(e) => crate::error!(
                 "SIGUSR2: cannot start {}: {e}; still serving",
