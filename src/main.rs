@@ -172,7 +172,11 @@ fn run() -> ExitCode {
 const ERROR_MAX: usize = 1024;
 
 fn report_error(message: &dyn std::fmt::Display) {
-    let message = shardproxy::log::capped(message.to_string(), ERROR_MAX);
+    // Escaped first, then cut: the line stays within the cap.
+    let message = shardproxy::log::capped(
+        shardproxy::log::one_line(&message.to_string()).into_owned(),
+        ERROR_MAX,
+    );
     if shardproxy::log::is_json() {
         shardproxy::log::write_line(shardproxy::log::Level::Error, &message);
     } else {

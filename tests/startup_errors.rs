@@ -297,7 +297,7 @@ fn bad_input_is_one_line_and_exit_code_2() {
             ["forward", "--listen", "127.0.0.1:0", "--upstream", "::1:80"]
                 .map(String::from)
                 .to_vec(),
-            &["an IPv6 address needs brackets: [::1]:80"],
+            &["an IPv6 address goes in brackets, the port after them: [::1]:80, or [::1:80]:PORT"],
         ),
         case(
             "a bracketed upstream without a port",
@@ -305,6 +305,13 @@ fn bad_input_is_one_line_and_exit_code_2() {
                 .map(String::from)
                 .to_vec(),
             &["expected [IPV6]:PORT"],
+        ),
+        case(
+            "an access log at the control socket's path (run made a file there that blocked every later start)",
+            ["check", "--config", &valid_config, "--access-log", "/tmp/sp-x.sock", "--control-socket", "/tmp/sp-x.sock"]
+                .map(String::from)
+                .to_vec(),
+            &["it is the control socket's path"],
         ),
         case(
             "keygen into a directory says so",

@@ -163,6 +163,13 @@ pub fn load(argv: Vec<String>) -> Result<Loaded, ConfigError> {
     // process reads its settings from (a key file with a log line in it
     // fails the next SIGHUP and the next start).
     if let Some(log) = &config.access_log {
+        let control = config.lifecycle.control_socket.as_deref();
+        if control.is_some_and(|c| c == std::path::Path::new(&log.path)) {
+            return Err(in_file(ConfigError::BadAccessLog(
+                one_line(&log.path),
+                "it is the control socket's path".into(),
+            )));
+        }
         let own = [
             ("the key file", config.tunnel().map(|t| t.key_file.as_str())),
             (

@@ -112,7 +112,7 @@ impl UpstreamSpec {
         }
         if host.contains(':') && !name.starts_with('[') {
             return Err(format!(
-                "an IPv6 address needs brackets: [{host}]:{port}, as for --listen"
+                "an IPv6 address goes in brackets, the port after them: [{host}]:{port}, or [{name}]:PORT if all of it is the address (as for --listen)"
             ));
         }
         Ok(UpstreamSpec {
