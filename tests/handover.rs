@@ -415,6 +415,24 @@ fn accept_queue_len(addr: SocketAddr) -> usize {
         .sum()
 }
 
+/// A forward started with `--takeover ctl` that must fail within `limit`:
+/// exit 2 and one line on stderr, which is returned.
+fn failed_takeover(ctl: &str, limit: Duration) -> String {
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "forward",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        "127.0.0.1:1",
+    ])
+    .args(["--takeover", ctl]);
+    let (status, stderr) = run_bounded(cmd, limit).expect("hung");
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    stderr
+}
+
 /// `--takeover` naming a control socket nothing serves (a path never
 /// created, or a stale socket file left by a process that is gone) says
 /// so in one line, without claiming a running process keeps serving.
@@ -423,18 +441,7 @@ fn a_takeover_with_no_predecessor_says_so() {
     let stale = control_path("stale");
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
     for ctl in [control_path("none"), stale] {
-        let mut cmd = Command::new(BIN);
-        cmd.args([
-            "forward",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            "127.0.0.1:1",
-        ])
-        .args(["--takeover", &ctl]);
-        let (status, stderr) = run_bounded(cmd, Duration::from_secs(20)).expect("hung");
-        assert_eq!(status.code(), Some(2), "{stderr}");
-        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        let stderr = failed_takeover(&ctl, Duration::from_secs(20));
         assert!(
             stderr.contains(&format!("nothing serves the control socket {ctl}"))
                 && !stderr.contains("keeps serving"),
@@ -451,19 +458,8 @@ fn a_takeover_from_a_silent_process_says_it_got_no_answer() {
     let ctl = control_path("silent");
     let listener = std::os::unix::net::UnixListener::bind(&ctl).unwrap();
     let held = std::thread::spawn(move || listener.accept().map(|(c, _)| c));
-    let mut cmd = Command::new(BIN);
-    cmd.args([
-        "forward",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        "127.0.0.1:1",
-    ])
-    .args(["--takeover", &ctl]);
-    let (status, stderr) = run_bounded(cmd, Duration::from_secs(30)).expect("hung");
+    let stderr = failed_takeover(&ctl, Duration::from_secs(30));
     drop(held.join());
-    assert_eq!(status.code(), Some(2), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("no answer within 10s"), "{stderr}");
 }
 
