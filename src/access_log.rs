@@ -90,6 +90,39 @@ pub fn reopen() -> bool {
     STARTED.load(Ordering::Relaxed)
 }
 
+/// Which of `protected` (what each is, its path) the log at `path` would
+/// write into: the same path, or the same file (device and inode, so a
+/// link counts). `None` for stderr (`-`) and for a path that clashes with
+/// nothing.
+pub fn clash(path: &str, protected: &[(&'static str, String)]) -> Option<&'static str> {
+    if path == "-" {
+        return None;
+    }
+    protected
+        .iter()
+        .find(|(_, p)| p == path || same_file(path, p))
+        .map(|(what, _)| *what)
+}
+
+/// Whether `a` and `b` name the same file (device and inode, following
+/// links); `false` if either cannot be looked at.
+fn same_file(a: &str, b: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Why a log at a path that [`clash`]es with `what` is refused.
+pub fn clash_reason(what: &str) -> String {
+    if what.contains("socket") {
+        format!("it is {what}")
+    } else {
+        format!("it is {what}, which every connection's log line would corrupt")
+    }
+}
+
 /// Line format of the access log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -436,10 +469,13 @@ pub struct ShardLog {
 }
 
 impl ShardLog {
-    /// Starts shard `shard`'s writer thread on `path` (`-` is stderr).
-    /// Errors if the file cannot be opened (start-up reports it).
+    /// Starts shard `shard`'s writer thread on `path` (`-` is stderr),
+    /// which reopens never to one of `protected` (what each is, its path:
+    /// see [`clash`]). Errors if the file cannot be opened (start-up
+    /// reports it).
     pub fn start(
         path: &str,
+        protected: &[(&'static str, String)],
         format: Format,
         shard: usize,
         role: &'static str,
@@ -447,12 +483,15 @@ impl ShardLog {
         STARTED.store(true, Ordering::Relaxed);
         let file = open(path)?;
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUED_BATCHES);
-        let path = path.to_string();
+        let target = Target {
+            path: path.to_string(),
+            protected: protected.to_vec(),
+        };
         let lost = std::sync::Arc::new(AtomicU64::new(0));
         let writer_lost = lost.clone();
         let thread = std::thread::Builder::new()
             .name(format!("access-log-{shard}"))
-            .spawn(move || writer(path, file, rx, writer_lost))?;
+            .spawn(move || writer(target, file, rx, writer_lost))?;
         Ok(ShardLog {
             format,
             role,
@@ -585,9 +624,29 @@ pub fn open_file(path: &str) -> std::io::Result<std::fs::File> {
     Ok(file)
 }
 
+/// What a writer writes to: its path, and the files that path must never
+/// become (the config's `AccessLog::protected`).
+struct Target {
+    path: String,
+    protected: Vec<(&'static str, String)>,
+}
+
+impl Target {
+    /// Opens the path again (SIGUSR1), unless it is now one of the
+    /// protected files (an operator replaced the log with a link to the key
+    /// file, say): that is refused as start-up refuses it.
+    fn reopen(&self) -> std::io::Result<Sink> {
+        if let Some(what) = clash(&self.path, &self.protected) {
+            return Err(std::io::Error::other(clash_reason(what)));
+        }
+        open(&self.path)
+    }
+}
+
 /// A shard's writer thread: writes each batch in one call; reopens the path
 /// when SIGUSR1 asked; ends when the shard is gone.
-fn writer(path: String, mut sink: Sink, rx: Receiver<Vec<u8>>, lost: std::sync::Arc<AtomicU64>) {
+fn writer(target: Target, mut sink: Sink, rx: Receiver<Vec<u8>>, lost: std::sync::Arc<AtomicU64>) {
+    let path = &target.path;
     let mut generation = REOPEN.load(Ordering::Relaxed);
     let mut failed = false;
     loop {
@@ -595,7 +654,7 @@ fn writer(path: String, mut sink: Sink, rx: Receiver<Vec<u8>>, lost: std::sync::
         let now = REOPEN.load(Ordering::Relaxed);
         if now != generation {
             generation = now;
-            match open(&path) {
+            match target.reopen() {
                 Ok(s) => sink = s,
                 Err(e) => crate::warn!(
                     "access log: cannot reopen {path}: {e}; still writing to the old file"

@@ -478,6 +478,11 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         signals.abort_start("a shard failed to start");
     }
     if all_ready {
+        // Said once serving: a start that fails for want of threads says
+        // only why it failed, in one line.
+        if let Some(e) = crate::log::writer_failure() {
+            crate::warn!("log writer thread not started ({e}): lines are written in place");
+        }
         crate::control::notify(&[
             sd_notify::NotifyState::Ready,
             sd_notify::NotifyState::MainPid(std::process::id()),

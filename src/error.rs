@@ -109,7 +109,7 @@ pub enum StartupError {
     #[error("keygen: {0}")]
     Keygen(String),
     /// The signal handler could not be installed.
-    #[error("cannot install signal handlers: {0}")]
+    #[error("cannot install signal handlers: {0}{hint}", hint = no_thread_hint(.0))]
     Signals(std::io::Error),
     /// `--control-socket` cannot be served.
     #[error("cannot serve --control-socket {path}: {reason}")]
@@ -422,6 +422,19 @@ impl From<&Result<(), SessionError>> for CloseReason {
             Ok(()) => CloseReason::Clean,
             Err(e) => e.reason(),
         }
+    }
+}
+
+/// What to do about a thread the system refused (`EAGAIN` from `clone(2)`:
+/// the user's thread or process limit), appended to the error that met it.
+pub const NO_THREAD_HINT: &str = ": no thread for it (raise the thread limit: `ulimit -u`, TasksMax= in systemd, --pids-limit in docker)";
+
+/// [`NO_THREAD_HINT`] if `e` is `EAGAIN`, else nothing.
+fn no_thread_hint(e: &std::io::Error) -> &'static str {
+    if e.raw_os_error() == Some(libc::EAGAIN) {
+        NO_THREAD_HINT
+    } else {
+        ""
     }
 }
 

@@ -492,6 +492,8 @@ pub fn serve(
                     listener.clone(),
                     handed.clone(),
                 );
+                // Kept to answer on if no thread can be made for it.
+                let refusal = conn.try_clone();
                 let spawned = std::thread::Builder::new()
                     .name("control-conn".into())
                     .spawn(move || {
@@ -545,7 +547,16 @@ pub fn serve(
                             }
                         }
                     });
-                if spawned.is_err() {
+                if let Err(e) = spawned {
+                    // The successor is told why and stops; this process
+                    // serves on, and says so (before, the connection was
+                    // closed unanswered and nothing was logged here).
+                    if let Ok(conn) = refusal {
+                        let _ = (&conn).write_all(
+                            format!("ERROR no thread to serve the hand-over: {e}\n").as_bytes(),
+                        );
+                    }
+                    crate::warn!("hand-over refused, still serving: no thread to serve it ({e})");
                     std::thread::sleep(Duration::from_millis(50));
                 }
             }

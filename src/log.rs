@@ -184,7 +184,7 @@ pub fn start_writer() -> std::io::Result<()> {
         return Ok(());
     }
     let (tx, rx) = std::sync::mpsc::sync_channel::<Queued>(QUEUED_LINES);
-    std::thread::Builder::new()
+    let spawned = std::thread::Builder::new()
         .name("log-writer".into())
         .spawn(move || {
             use std::sync::mpsc::RecvTimeoutError;
@@ -208,9 +208,23 @@ pub fn start_writer() -> std::io::Result<()> {
                 }
                 WRITTEN_MOVED.notify_all();
             }
-        })?;
+        });
+    if let Err(e) = spawned {
+        let _ = WRITER_FAILURE.set(e.to_string());
+        return Err(e);
+    }
     let _ = QUEUE.set(tx);
     Ok(())
+}
+
+/// Why [`start_writer`] could not start its thread, if it could not.
+static WRITER_FAILURE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Why the log writer thread is missing (lines are then written in place,
+/// which a stderr that does not move can block), for the proxy to say once
+/// it serves; `None` when it runs.
+pub fn writer_failure() -> Option<&'static str> {
+    WRITER_FAILURE.get().map(String::as_str)
 }
 
 /// Writes a queued line, after the notice of the lines dropped before it.

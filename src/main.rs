@@ -12,9 +12,9 @@ fn main() -> ExitCode {
     // Then the log writer: from here on no line, not even a start-up
     // error, can hang the process on a stderr that does not move; every
     // way out of `run` ends with a bounded flush.
-    if let Err(e) = shardproxy::log::start_writer() {
-        shardproxy::warn!("log writer thread not started ({e}): lines are written in place");
-    }
+    // Without a thread for it (`ulimit -u`), lines are written in place; a
+    // proxy says so once it serves (`log::writer_failure`), tools never.
+    let _ = shardproxy::log::start_writer();
     let code = run();
     shardproxy::log::flush();
     code

@@ -56,7 +56,7 @@ pub fn is_no_thread<T>(e: &glommio::GlommioError<T>) -> bool {
 pub fn executor_failure<T>(e: &glommio::GlommioError<T>) -> String {
     let text = crate::log::one_line(&e.to_string()).into_owned();
     if is_no_thread(e) {
-        format!("{text}: no thread for it (raise the thread limit: `ulimit -u`, TasksMax= in systemd, --pids-limit in docker)")
+        format!("{text}{}", crate::error::NO_THREAD_HINT)
     } else {
         text
     }
@@ -206,6 +206,7 @@ async fn run(setup: Setup) {
     if let Some(log) = ctx.config().access_log.clone() {
         match crate::access_log::ShardLog::start(
             &log.path,
+            &log.protected,
             log.format,
             id,
             ctx.config().role().as_str(),

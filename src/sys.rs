@@ -253,6 +253,21 @@ pub fn recv_now(socket: &impl std::os::fd::AsRawFd, buf: &mut [u8]) -> std::io::
     recv_fd(socket.as_raw_fd(), buf)
 }
 
+/// Whether this process may create files in `dir` (`access(2)` with
+/// `W_OK | X_OK`, for the real user as the process will run): `check`
+/// answers it without creating anything.
+pub fn may_create_in(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: access(2) reads the NUL-terminated path `c`, which lives
+    // until the call returns, and writes nothing.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Clears `O_NONBLOCK` on `file` (opened non-blocking so that opening a
 /// FIFO without a reader fails at once instead of waiting for one).
 pub fn set_blocking(file: &std::fs::File) -> std::io::Result<()> {

@@ -658,6 +658,59 @@ fn sigusr1_reopens_a_renamed_access_log() {
     let _ = std::fs::remove_file(rotated);
 }
 
+/// SIGUSR1 re-checks what start-up checks: an access log replaced by a link
+/// to the key file (or the config file) after start-up is not reopened, so
+/// no connection's line is appended to the key (which would break the next
+/// SIGHUP and the next start); the process keeps writing to the old file.
+#[test]
+fn sigusr1_never_reopens_the_access_log_onto_the_key_file() {
+    let key = key_file(&[&keygen()]);
+    let key_before = std::fs::read(&key).unwrap();
+    let path = temp("swapped.log");
+    let entry = Proxy::entry(dead_port(), &key)
+        .shards(1)
+        .args(["--access-log", &path, "--access-log-format", "logfmt"])
+        .start();
+    let served = |n: usize| {
+        let mut c = TcpStream::connect(entry.addr).unwrap();
+        let _ = c.write_all(b"x");
+        let mut buf = [0u8; 16];
+        let _ = c.read(&mut buf); // the dead exit: the entry closes it
+        log_lines(&rotated_or(&path), n)
+    };
+    fn rotated_or(path: &str) -> String {
+        let old = format!("{path}.old");
+        if std::path::Path::new(&old).exists() {
+            old
+        } else {
+            path.to_string()
+        }
+    }
+    served(1);
+    std::fs::rename(&path, format!("{path}.old")).unwrap();
+    std::os::unix::fs::symlink(&key, &path).unwrap();
+    entry.signal("USR1");
+    let refused = entry.wait_for_log(|l| l.contains("cannot reopen"), Duration::from_secs(10));
+    assert!(refused.contains("it is the key file"), "{refused}");
+    // The next connection's line goes to the old file, not into the key.
+    let old = served(2);
+    assert_eq!(old.len(), 2, "{old:?}");
+    assert_eq!(
+        std::fs::read(&key).unwrap(),
+        key_before,
+        "the key file was written to"
+    );
+    let (status, lines) = entry.terminate();
+    assert!(status.success(), "{lines:?}");
+    assert_eq!(
+        std::fs::read(&key).unwrap(),
+        key_before,
+        "the key file was written to"
+    );
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(format!("{path}.old"));
+}
+
 /// An access log on a pipe nobody reads: lines are dropped and counted,
 /// every connection is still served, and the process still stops.
 #[test]

@@ -61,6 +61,7 @@ fn bad_input_is_one_line_and_exit_code_2() {
         format!("role = \"forward\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{UP}\"\n"),
     )
     .unwrap();
+    let long_log = format!("/tmp/{}.log", "l".repeat(300));
     let cases = [
         case("unknown flag", forward(&["--bogus"]), &["--bogus"]),
         case(
@@ -314,6 +315,18 @@ fn bad_input_is_one_line_and_exit_code_2() {
             &["it is the control socket's path"],
         ),
         case(
+            "an access-log name longer than NAME_MAX fails check, as it fails run",
+            ["check", "--config", &valid_config, "--access-log", &long_log]
+                .map(String::from)
+                .to_vec(),
+            &["longer than 255 bytes"],
+        ),
+        case(
+            "an access log where run could not create it fails run before anything starts",
+            forward(&["--access-log", &long_log]),
+            &["longer than 255 bytes"],
+        ),
+        case(
             "keygen into a directory says so",
             ["keygen", "--out", "/tmp"].map(String::from).to_vec(),
             &["/tmp is a directory: --out takes the key file's path, such as /tmp/psk"],
@@ -524,7 +537,7 @@ fn a_program_path_that_is_not_utf8_still_runs() {
 /// A shard whose executor cannot be built fails the whole start: exit 2,
 /// the error as the last line, no panic. Here the shards cannot get their
 /// threads: `ulimit -u` (RLIMIT_NPROC, which counts an unprivileged user's
-/// threads; root is exempt; `prlimit --nproc`) from 2 to 10, so that across the values the
+/// threads; root is exempt; `prlimit --nproc`) from 1 to 11, so that across the values the
 /// pre-flight, the first shard and the second shard each fail, and the
 /// larger ones serve. A break-it round found a panic (glommio's
 /// `std::thread::spawn`), and a process that served on one of its two
@@ -557,7 +570,7 @@ fn a_shard_that_cannot_start_fails_the_whole_start() {
         &["entry", "--key-file", &key],
         &["exit", "--key-file", &key],
     ];
-    for (role, nproc) in roles.iter().flat_map(|r| (2..=11).map(move |n| (*r, n))) {
+    for (role, nproc) in roles.iter().flat_map(|r| (1..=11).map(move |n| (*r, n))) {
         let mut child = Command::new("prlimit")
             .arg(format!("--nproc={nproc}"))
             .args([
@@ -612,6 +625,15 @@ fn a_shard_that_cannot_start_fails_the_whole_start() {
         if text.to_lowercase().contains("panic") {
             wrong.push(format!("{role:?} ulimit -u {nproc}: a panic: {lines:?}"));
         }
+        // With no thread at all, not even the log writer's, the error is
+        // still the one line (a WARN about the log writer came first).
+        // and it says what to raise.
+        if nproc == 1 && (lines.len() != 1 || !text.contains("raise the thread limit: `ulimit -u`"))
+        {
+            wrong.push(format!(
+                "{role:?} ulimit -u 1: not one line naming the limit: {lines:?}"
+            ));
+        }
         match code {
             Some(0) if listening == 2 && !text.contains("failed") => served += 1,
             Some(2) if lines.last().is_some_and(|l| l.starts_with("error: ")) => {
@@ -629,6 +651,216 @@ fn a_shard_that_cannot_start_fails_the_whole_start() {
         shard_failed > 0,
         "no limit made a started shard fail (the case under test)"
     );
+}
+
+/// A running process that can make no more threads (`ulimit -u` reached
+/// by its own threads) still answers `/metrics` and `/livez`, says once why
+/// it answers them one at a time, and still stops cleanly. A break-it round
+/// saw both hang with no log line: the request was dropped with the thread
+/// that could not be made, but the connection was kept open by the handle
+/// the server holds to evict slow clients.
+///
+/// The limit is set at start (`prlimit` cannot change another user's
+/// process here): the smallest that lets the process start leaves it no
+/// thread to spare.
+#[test]
+fn metrics_are_answered_when_no_thread_can_be_made() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::Stdio;
+    /// Kills the proxy if the test fails half-way (a process left running
+    /// as that user would count against the next run's limit).
+    struct Reaped(std::process::Child);
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    // Another user than the test above's: RLIMIT_NPROC counts per user.
+    const UID: &str = "64124";
+    let dir = std::env::temp_dir().join(format!("shardproxy-nthreads-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.join("shardproxy");
+    std::fs::copy(BIN, &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut tried = Vec::new();
+    for nproc in 3..=16 {
+        let child = Command::new("prlimit")
+            .arg(format!("--nproc={nproc}"))
+            .args([
+                "setpriv",
+                &format!("--reuid={UID}"),
+                &format!("--regid={UID}"),
+                "--clear-groups",
+            ])
+            .arg(&bin)
+            .args([
+                "forward",
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                UP,
+                "--cores",
+                "1",
+            ])
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut child = Reaped(child);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let pipe = child.0.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut lines = Vec::new();
+        // Until a line contains `what`; `None` if the process exited first.
+        let wait_for = |what: &str, lines: &mut Vec<String>| -> Option<String> {
+            loop {
+                match rx.recv_timeout(LIMIT) {
+                    Ok(line) => {
+                        lines.push(line.clone());
+                        if line.contains(what) {
+                            return Some(line);
+                        }
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return None,
+                    Err(e) => panic!("ulimit -u {nproc}: no line with {what:?} ({e}): {lines:?}"),
+                }
+            }
+        };
+        let Some(metrics) = wait_for("metrics on http://", &mut lines) else {
+            tried.push(format!("{nproc}: {lines:?}"));
+            continue;
+        };
+        if wait_for(" listening on ", &mut lines).is_none() {
+            tried.push(format!("{nproc}: {lines:?}"));
+            continue;
+        }
+        // The smallest limit it serves under.
+        let addr = metrics
+            .split("http://")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .unwrap()
+            .to_string();
+        let pid = child.0.id().to_string();
+        let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .count();
+        assert_eq!(
+            threads, nproc,
+            "a thread to spare at the smallest limit it starts under"
+        );
+        let get = |path: &str| -> String {
+            let mut c = std::net::TcpStream::connect(&addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            write!(
+                c,
+                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut out = Vec::new();
+            let read = c.read_to_end(&mut out);
+            assert!(read.is_ok(), "{path}: {read:?} after {} bytes", out.len());
+            String::from_utf8_lossy(&out).into_owned()
+        };
+        for _ in 0..3 {
+            let m = get("/metrics");
+            assert!(m.starts_with("HTTP/1.1 200"), "{m:.200}");
+            assert!(m.contains("shardproxy_"), "{m:.200}");
+            let l = get("/livez");
+            assert!(l.starts_with("HTTP/1.1 200"), "{l:.200}");
+        }
+        assert!(
+            wait_for("metrics: no thread for a request", &mut lines).is_some(),
+            "{lines:?}"
+        );
+        let _ = Command::new("kill").arg(&pid).status();
+        let stopped = run_bounded_wait(&mut child.0, LIMIT);
+        let rest: Vec<String> = rx.try_iter().collect();
+        assert_eq!(stopped, Some(0), "{lines:?} {rest:?}");
+        let all = lines
+            .iter()
+            .chain(&rest)
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(!all.to_lowercase().contains("panic"), "{all}");
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
+    panic!("no limit up to 16 let it start: {tried:#?}");
+}
+
+/// `check` and `run`, as the service's user, fail in one line for an
+/// access log in a directory that user cannot create files in (`check`
+/// passed, and `run` then failed).
+#[test]
+fn an_access_log_its_user_cannot_create_fails_check_and_run() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("shardproxy-logperm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.join("shardproxy");
+    std::fs::copy(BIN, &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let log = dir.join("access.log");
+    let config = dir.join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "role = \"forward\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{UP}\"\ncores = 1\naccess_log = \"{}\"\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = config.to_str().unwrap();
+    // Root-owned, 0755: another user cannot create the log there.
+    for args in [
+        &["check", "--config", config][..],
+        &["run", "--config", config],
+    ] {
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--reuid=64125", "--regid=64125", "--clear-groups"])
+            .arg(&bin)
+            .args(args);
+        let (status, stderr) = run_bounded(cmd, LIMIT)
+            .unwrap_or_else(|| panic!("{args:?}: still running after {LIMIT:?}"));
+        assert_eq!(status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("cannot create a file in"),
+            "{args:?}: {stderr}"
+        );
+        assert!(stderr.contains("Permission denied"), "{args:?}: {stderr}");
+        assert!(!log.exists());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Waits at most `limit` for `child` to exit; its exit code (`None` if it
+/// had to be killed or died of a signal).
+fn run_bounded_wait(child: &mut std::process::Child, limit: Duration) -> Option<i32> {
+    let until = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        if std::time::Instant::now() > until {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Text nobody received is not a success: `--help`, `--version` and

@@ -598,16 +598,6 @@ pub fn expand_argv(argv: Vec<String>) -> Result<(Vec<String>, Option<Supplied>),
     Ok((out, Some(Supplied { path, flags })))
 }
 
-/// Whether `a` and `b` name one existing file (the same device and inode,
-/// through any link or relative path). `false` if either does not exist.
-pub fn same_file(a: &str, b: &str) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -147,7 +147,7 @@ pub fn load(argv: Vec<String>) -> Result<Loaded, ConfigError> {
         _ => e,
     };
     let cores = allowed_cores();
-    let (config, warning) = match cli.command {
+    let (mut config, warning) = match cli.command {
         Command::Forward(args) => (Config::forward(&args, &cores).map_err(in_file)?, None),
         Command::Entry(args) => Config::tunnel_role(false, &args, &cores).map_err(in_file)?,
         Command::Exit(args) => Config::tunnel_role(true, &args, &cores).map_err(in_file)?,
@@ -161,29 +161,31 @@ pub fn load(argv: Vec<String>) -> Result<Loaded, ConfigError> {
     };
     // The access log appends a line per connection: never to a file the
     // process reads its settings from (a key file with a log line in it
-    // fails the next SIGHUP and the next start).
-    if let Some(log) = &config.access_log {
-        let control = config.lifecycle.control_socket.as_deref();
-        if control.is_some_and(|c| c == std::path::Path::new(&log.path)) {
+    // fails the next SIGHUP and the next start), nor to the control socket's
+    // path (a regular file there blocks every later start). The list goes
+    // with the log, whose writers check it again before every reopen.
+    let control = config
+        .lifecycle
+        .control_socket
+        .as_ref()
+        .map(|c| c.to_string_lossy().into_owned());
+    let key_file = config.tunnel().map(|t| t.key_file.clone());
+    let config_file = supplied.as_ref().map(|s| s.path.clone());
+    if let Some(log) = &mut config.access_log {
+        let own = [
+            ("the control socket's path", control),
+            ("the key file", key_file),
+            ("the config file", config_file),
+        ];
+        log.protected = own
+            .into_iter()
+            .filter_map(|(what, path)| Some((what, path?)))
+            .collect();
+        if let Some(what) = crate::access_log::clash(&log.path, &log.protected) {
             return Err(in_file(ConfigError::BadAccessLog(
                 one_line(&log.path),
-                "it is the control socket's path".into(),
+                crate::access_log::clash_reason(what),
             )));
-        }
-        let own = [
-            ("the key file", config.tunnel().map(|t| t.key_file.as_str())),
-            (
-                "the config file",
-                supplied.as_ref().map(|s| s.path.as_str()),
-            ),
-        ];
-        for (what, path) in own {
-            if path.is_some_and(|p| file::same_file(&log.path, p)) {
-                return Err(in_file(ConfigError::BadAccessLog(
-                    one_line(&log.path),
-                    format!("it is {what}, which every connection's log line would corrupt"),
-                )));
-            }
         }
     }
     let mut warnings: Vec<String> = warning.into_iter().collect();

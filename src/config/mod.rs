@@ -158,6 +158,12 @@ pub struct AccessLog {
     pub format: crate::access_log::Format,
     /// A line per live connection this often, if set.
     pub interval: Option<Duration>,
+    /// Paths the log must never be written to, with what each is: the key
+    /// file, the config file and the control socket. Checked at start-up
+    /// ([`crate::config::load`]) and again before every SIGUSR1 reopen, so
+    /// that a path swapped for a link to one of them after start-up is
+    /// refused too ([`crate::access_log::clash`]).
+    pub protected: Vec<(&'static str, String)>,
 }
 
 /// How the process starts, hands over and stops.
@@ -480,6 +486,7 @@ impl Config {
                         .access_log_interval
                         .map(|i| ranges::ACCESS_LOG_INTERVAL.check(i))
                         .transpose()?,
+                    protected: Vec::new(),
                 }),
             },
             log_level: crate::log::Level::parse(&args.log_level).unwrap_or(crate::log::Level::Info),
@@ -948,6 +955,10 @@ impl Config {
 /// `--access-log`: `-`, an existing file (or FIFO) this process can open
 /// for appending, or a new file in an existing directory. Checked here so
 /// that `check` and start-up agree; start-up opens it once more.
+/// The longest file name (one path component) Linux file systems take,
+/// in bytes (`NAME_MAX`).
+const NAME_MAX: usize = 255;
+
 fn access_log_path(path: &str) -> Result<String, ConfigError> {
     let bad =
         |reason: String| ConfigError::BadAccessLog(crate::log::one_line(path).into_owned(), reason);
@@ -963,7 +974,22 @@ fn access_log_path(path: &str) -> Result<String, ConfigError> {
     if std::path::Path::new(path).exists() {
         crate::access_log::open_file(path).map_err(|e| bad(e.to_string()))?;
     } else {
-        directory_exists(std::path::Path::new(path)).map_err(bad)?;
+        // What creating it at start-up would meet, found without creating
+        // it (`check` passed a 300-byte name that `run` then failed on).
+        let p = std::path::Path::new(path);
+        directory_exists(p).map_err(bad)?;
+        use std::os::unix::ffi::OsStrExt;
+        if p.file_name().is_some_and(|n| n.as_bytes().len() > NAME_MAX) {
+            return Err(bad(format!(
+                "the file name is longer than {NAME_MAX} bytes, the most a Linux file system takes"
+            )));
+        }
+        let dir = p
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        crate::sys::may_create_in(dir)
+            .map_err(|e| bad(format!("cannot create a file in {}: {e}", dir.display())))?;
     }
     Ok(path.to_string())
 }

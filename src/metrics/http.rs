@@ -226,6 +226,9 @@ pub fn spawn(listener: TcpListener, board: Board, fold_every: Duration) -> std::
             // before its accept, never after one: a connection accepted here
             // is always answered, and once a successor took the socket over
             // none is.
+            // Whether requests are being answered on this thread (no thread
+            // could be made for the last one); logged once per spell.
+            let mut inline = false;
             loop {
                 match shared_listener_turn(listener.as_raw_fd(), handed) {
                     Turn::Accept => {}
@@ -243,25 +246,45 @@ pub fn spawn(listener: TcpListener, board: Board, fold_every: Duration) -> std::
                 };
                 let admitted = live.lock().unwrap_or_else(|p| p.into_inner()).admit(&conn);
                 let Some(id) = admitted else { continue };
-                let (board, live) = (board.clone(), live.clone());
                 // Counted until answered: the process waits for these
                 // before it exits (`Board::wait_answered`).
                 board
                     .info
                     .serving
                     .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let answer = Answer {
+                    conn,
+                    board: board.clone(),
+                    live: live.clone(),
+                    id,
+                };
+                // The answer goes to a thread of its own through a slot this
+                // loop can take it back from: with no thread to be had (the
+                // process's or the user's thread limit), this thread answers
+                // it, bounded by the head and write deadlines. Dropping it
+                // instead left the connection open, held by its `Live`
+                // handle, with no answer and no log line.
+                let slot = Arc::new(Mutex::new(Some(answer)));
+                let theirs = slot.clone();
                 let spawned = std::thread::Builder::new()
                     .name("metrics-conn".into())
                     .spawn(move || {
-                        serve(conn, &board);
-                        live.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
-                        board
-                            .info
-                            .serving
-                            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                        let job = theirs.lock().unwrap_or_else(|p| p.into_inner()).take();
+                        if let Some(job) = job {
+                            job.run();
+                        }
                     });
-                if spawned.is_err() {
-                    std::thread::sleep(Duration::from_millis(50));
+                if let Err(e) = spawned {
+                    if !inline {
+                        crate::warn!("metrics: no thread for a request ({e}); answering requests one at a time until threads can be made again");
+                        inline = true;
+                    }
+                    let job = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    if let Some(job) = job {
+                        job.run();
+                    }
+                } else {
+                    inline = false;
                 }
             }
             board
@@ -270,6 +293,28 @@ pub fn spawn(listener: TcpListener, board: Board, fold_every: Duration) -> std::
                 .store(true, std::sync::atomic::Ordering::SeqCst);
         })
         .map(|_| ())
+}
+
+/// One accepted request to answer, and the bookkeeping to undo once it is.
+struct Answer {
+    conn: TcpStream,
+    board: Board,
+    live: Arc<Mutex<Live>>,
+    id: u64,
+}
+
+impl Answer {
+    fn run(self) {
+        serve(self.conn, &self.board);
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(self.id);
+        self.board
+            .info
+            .serving
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Reads into `buf` until `deadline`; `None` when the client is gone, too
