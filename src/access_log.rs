@@ -91,16 +91,35 @@ pub fn reopen() -> bool {
 }
 
 /// Which of `protected` (what each is, its path) the log at `path` would
-/// write into: the same path, or the same file (device and inode, so a
-/// link counts). `None` for stderr (`-`) and for a path that clashes with
-/// nothing.
+/// write into: the same path, the same file (device and inode, so a link
+/// counts), or the same place spelled differently (`./ctl.sock` for
+/// `/run/sp/ctl.sock`, which matters for a socket not bound yet). `None`
+/// for stderr (`-`) and for a path that clashes with nothing.
+///
+/// This looks at names, so a link swapped after it looked can still
+/// mislead it: whatever is then opened is checked again by
+/// [`open_guarded`], which is what every writer opens with.
 pub fn clash(path: &str, protected: &[(&'static str, String)]) -> Option<&'static str> {
+    if path == "-" {
+        return None;
+    }
+    clash_by_place(path, protected).or_else(|| {
+        protected
+            .iter()
+            .find(|(_, p)| same_file(path, p))
+            .map(|(what, _)| *what)
+    })
+}
+
+/// The part of [`clash`] that needs no file to exist: the same path, or
+/// the same entry of the same directory.
+fn clash_by_place(path: &str, protected: &[(&'static str, String)]) -> Option<&'static str> {
     if path == "-" {
         return None;
     }
     protected
         .iter()
-        .find(|(_, p)| p == path || same_file(path, p))
+        .find(|(_, p)| p == path || same_place(path, p))
         .map(|(what, _)| *what)
 }
 
@@ -112,6 +131,57 @@ fn same_file(a: &str, b: &str) -> bool {
         (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
         _ => false,
     }
+}
+
+/// Whether `a` and `b` name the same entry of the same directory, whether
+/// or not it exists: their directories resolved (`realpath(3)`) and their
+/// last components equal. `false` if a directory cannot be resolved.
+fn same_place(a: &str, b: &str) -> bool {
+    let place = |p: &str| {
+        let p = std::path::Path::new(p);
+        let name = p.file_name()?.to_owned();
+        let dir = p
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        Some((std::fs::canonicalize(dir).ok()?, name))
+    };
+    matches!((place(a), place(b)), (Some(x), Some(y)) if x == y)
+}
+
+/// Opens the log at `path` for appending ([`open_file`]) and then checks
+/// the file it got, not the name: if it is one of `protected` (through a
+/// link, or a link swapped after any check by name), it is closed unwritten
+/// and refused. Only places are compared before the open (a control socket
+/// not bound yet must not get a regular file made at its path). Every
+/// writer opens with this, at start-up and on SIGUSR1.
+pub fn open_guarded(
+    path: &str,
+    protected: &[(&'static str, String)],
+) -> std::io::Result<std::fs::File> {
+    if let Some(what) = clash_by_place(path, protected) {
+        return Err(std::io::Error::other(clash_reason(what)));
+    }
+    let file = open_file(path)?;
+    refuse_protected(&file, protected)?;
+    Ok(file)
+}
+
+/// `Err` if `file` (open) is one of `protected`, by device and inode.
+fn refuse_protected(
+    file: &std::fs::File,
+    protected: &[(&'static str, String)],
+) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let got = file.metadata()?;
+    for (what, p) in protected {
+        if let Ok(m) = std::fs::metadata(p) {
+            if m.dev() == got.dev() && m.ino() == got.ino() {
+                return Err(std::io::Error::other(clash_reason(what)));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Why a log at a path that [`clash`]es with `what` is refused.
@@ -481,7 +551,7 @@ impl ShardLog {
         role: &'static str,
     ) -> std::io::Result<ShardLog> {
         STARTED.store(true, Ordering::Relaxed);
-        let file = open(path)?;
+        let file = open(path, protected)?;
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUED_BATCHES);
         let target = Target {
             path: path.to_string(),
@@ -596,11 +666,11 @@ enum Sink {
     File(std::fs::File),
 }
 
-fn open(path: &str) -> std::io::Result<Sink> {
+fn open(path: &str, protected: &[(&'static str, String)]) -> std::io::Result<Sink> {
     if path == "-" {
         return Ok(Sink::Stderr);
     }
-    open_file(path).map(Sink::File)
+    open_guarded(path, protected).map(Sink::File)
 }
 
 /// Opens `path` for appending without ever waiting: a FIFO nobody reads is
@@ -615,6 +685,10 @@ pub fn open_file(path: &str) -> std::io::Result<std::fs::File> {
         .custom_flags(libc::O_NONBLOCK)
         .open(path)
         .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENXIO) if is_socket(path) => std::io::Error::new(
+                e.kind(),
+                "a Unix socket, which cannot be opened as a file (the access log takes a file, a FIFO, or - for stderr)",
+            ),
             Some(libc::ENXIO) => {
                 std::io::Error::new(e.kind(), "a FIFO with no reader (start the reader first)")
             }
@@ -636,11 +710,14 @@ impl Target {
     /// protected files (an operator replaced the log with a link to the key
     /// file, say): that is refused as start-up refuses it.
     fn reopen(&self) -> std::io::Result<Sink> {
-        if let Some(what) = clash(&self.path, &self.protected) {
-            return Err(std::io::Error::other(clash_reason(what)));
-        }
-        open(&self.path)
+        open(&self.path, &self.protected)
     }
+}
+
+/// Whether `path` leads to a Unix socket.
+fn is_socket(path: &str) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket())
 }
 
 /// A shard's writer thread: writes each batch in one call; reopens the path
@@ -688,6 +765,50 @@ fn writer(target: Target, mut sink: Sink, rx: Receiver<Vec<u8>>, lost: std::sync
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What was opened is checked, not only the name: a file that is the
+    /// key (as a swapped link would make it after the name was checked)
+    /// is refused; another file is not. Names spelled differently clash.
+    #[test]
+    fn an_opened_protected_file_is_refused_and_places_compare_resolved() {
+        let dir = std::env::temp_dir().join(format!("sp-guard-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("key");
+        std::fs::write(&key, "k\n").unwrap();
+        let key = key.to_str().unwrap().to_string();
+        let other = dir.join("other.log");
+        let protected = [("the key file", key.clone())];
+        let opened = open_file(&key).unwrap();
+        let e = refuse_protected(&opened, &protected).unwrap_err();
+        assert!(e.to_string().contains("it is the key file"), "{e}");
+        let fine = open_file(other.to_str().unwrap()).unwrap();
+        assert!(refuse_protected(&fine, &protected).is_ok());
+        // Through a link, which only the opened file gives away here.
+        let link = dir.join("access.log");
+        std::os::unix::fs::symlink(&key, &link).unwrap();
+        let e = open_guarded(link.to_str().unwrap(), &protected).unwrap_err();
+        assert!(e.to_string().contains("it is the key file"), "{e}");
+        assert_eq!(std::fs::read(&key).unwrap(), b"k\n");
+        assert!(open_guarded(other.to_str().unwrap(), &protected).is_ok());
+        // The same place, spelled two ways, before anything exists there.
+        let sock = dir.join("ctl.sock");
+        let spelled = format!(
+            "{}/./../{}/ctl.sock",
+            dir.display(),
+            dir.file_name().unwrap().to_str().unwrap()
+        );
+        let protected = [(
+            "the control socket's path",
+            sock.to_str().unwrap().to_string(),
+        )];
+        assert_eq!(
+            clash(&spelled, &protected),
+            Some("the control socket's path")
+        );
+        assert_eq!(clash(other.to_str().unwrap(), &protected), None);
+        assert_eq!(clash("-", &protected), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     fn record() -> Record {
         let r = Record::new(0x1234);

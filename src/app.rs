@@ -199,6 +199,14 @@ pub fn check(path: &str, overrides: &[String]) -> Result<String, StartupError> {
     if let Some(path) = &cfg.lifecycle.control_socket {
         identity.push_str(&format!(", control socket {}", path.display()));
     }
+    // Only its form is checked: the process it names need not run while
+    // `check` does.
+    if let Some(path) = &cfg.lifecycle.takeover {
+        identity.push_str(&format!(
+            ", takes the listeners over from the process serving {} (not checked: that process need not run now)",
+            path.display()
+        ));
+    }
     Ok(format!(
         "config {path} OK: role {}, listen {}, upstream {} (balance {}), {} shard(s) on cores {}{keys}{identity}",
         cfg.role().as_str(),
@@ -265,7 +273,7 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
     raise_fd_limit(cfg.fds_needed());
     preflight()?;
     if let Some(log) = &cfg.access_log {
-        check_access_log(&log.path)?;
+        check_access_log(&log.path, &log.protected)?;
     }
     let exe = std::env::current_exe().ok();
     let mut inherited = match &cfg.lifecycle.takeover {
@@ -370,8 +378,18 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
             let offer = control_path.as_ref().and_then(|_| metrics.try_clone().ok());
             let board = Board::new(cfg.cores.len(), cfg.role().as_str());
             let bound = metrics.local_addr().unwrap_or(addr);
-            crate::metrics::http::spawn(metrics, board.clone(), cfg.metrics_interval)
-                .map_err(|source| StartupError::MetricsListen { addr, source })?;
+            crate::metrics::http::spawn(metrics, board.clone(), cfg.metrics_interval).map_err(
+                |e| {
+                    StartupError::Metrics(format!(
+                        "cannot serve --metrics-listen {addr}: {e}{}",
+                        if e.raw_os_error() == Some(libc::EAGAIN) {
+                            crate::error::NO_THREAD_HINT
+                        } else {
+                            ""
+                        }
+                    ))
+                },
+            )?;
             crate::info!("metrics on http://{bound}/metrics (also /histograms, /healthz, /livez)");
             (Some(board), offer)
         }
@@ -473,7 +491,18 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
     // memory) never says so; then the whole start fails, below, and the
     // others stop: a process that serves on part of its cores looks healthy
     // and is not.
-    let all_ready = (0..handles.len()).all(|_| matches!(ready_rx.recv(), Ok(Ok(_))));
+    // The first shard that said why it cannot serve (`Ready::fail`).
+    let mut refused: Option<(usize, String)> = None;
+    let all_ready = (0..handles.len()).all(|_| match ready_rx.recv() {
+        Ok(Ok(_)) => true,
+        Ok(Err((id, why))) => {
+            if let (None, Some(why)) = (&refused, why) {
+                refused = Some((id, why));
+            }
+            false
+        }
+        Err(_) => false,
+    });
     if !all_ready {
         signals.abort_start("a shard failed to start");
     }
@@ -524,7 +553,16 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
             if let Err(e) = crate::handover::serve(listener, offer, export_rx, move |pid| {
                 plane.handed_over(pid)
             }) {
-                crate::warn!("control socket not served: {e}");
+                // Serving on: the predecessor, if any, is draining. But
+                // upgrades of this process are impossible until a restart.
+                let hint = if e.raw_os_error() == Some(libc::EAGAIN) {
+                    crate::error::NO_THREAD_HINT
+                } else {
+                    ""
+                };
+                crate::error!(
+                    "control socket not served: {e}{hint}; SIGUSR2 upgrades and --takeover of this process will fail until it is restarted"
+                );
             }
         }
     }
@@ -542,9 +580,21 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
                         reason,
                     })
                 }
+                // Another shard failing the same way says nothing new:
+                // the start's error stays one line.
+                Some(StartupError::ShardFailed {
+                    reason: ref first, ..
+                }) if *first == reason => {}
                 Some(_) => crate::error!("shard {id} failed: {reason}"),
             }
         }
+    }
+    if let (None, Some((id, reason))) = (&failed, refused) {
+        failed = Some(StartupError::ShardFailed {
+            id,
+            core: cfg.cores[id],
+            reason,
+        });
     }
     crate::info!("all shards stopped");
     // Answer the metrics requests already accepted (the metrics HTTP
@@ -635,11 +685,11 @@ fn spawn_upstream_manager(
 
 /// Opens the access log once before any shard starts, so a path that
 /// cannot be written is a start-up error, not a per-shard one.
-fn check_access_log(path: &str) -> Result<(), StartupError> {
+fn check_access_log(path: &str, protected: &[(&'static str, String)]) -> Result<(), StartupError> {
     if path == "-" {
         return Ok(());
     }
-    crate::access_log::open_file(path)
+    crate::access_log::open_guarded(path, protected)
         .map(drop)
         .map_err(|e| StartupError::AccessLog {
             path: path.to_string(),

@@ -105,6 +105,9 @@ pub enum StartupError {
         /// What went wrong.
         reason: String,
     },
+    /// The metrics endpoint is bound but cannot be served (its threads).
+    #[error("{0}")]
+    Metrics(String),
     /// `keygen` could not produce or store a key.
     #[error("keygen: {0}")]
     Keygen(String),

@@ -62,8 +62,13 @@ pub fn executor_failure<T>(e: &glommio::GlommioError<T>) -> String {
     }
 }
 
+/// What a shard tells the main thread: `Ok(id)` once it accepts, or
+/// `Err((id, why))` if it never will (`why` when the shard knows it: see
+/// [`Ready::fail`]).
+pub type Notice = Result<usize, (usize, Option<String>)>;
+
 /// How a shard tells the main thread it accepts (`Ok(id)`), or that it
-/// never will (`Err(id)`): sent when it is dropped unsent, whether the
+/// never will (`Err`): sent when it is dropped unsent, whether the
 /// shard returned early or its executor could not be built (then the
 /// closure holding it is dropped unrun). The main thread then fails the
 /// start at once, rather than wait for shards that will never be ready.
@@ -71,7 +76,7 @@ pub struct Ready {
     /// The shard.
     pub id: usize,
     /// The main thread's end.
-    pub tx: std::sync::mpsc::Sender<Result<usize, usize>>,
+    pub tx: std::sync::mpsc::Sender<Notice>,
     /// Shards that have not started yet give up once this is set (the
     /// exit's replay mesh waits for every shard to join).
     pub failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -82,7 +87,7 @@ impl Ready {
     /// A shard's notice, unsent.
     pub fn new(
         id: usize,
-        tx: std::sync::mpsc::Sender<Result<usize, usize>>,
+        tx: std::sync::mpsc::Sender<Notice>,
         failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
     ) -> Ready {
         Ready {
@@ -98,13 +103,21 @@ impl Ready {
         self.sent = true;
         let _ = self.tx.send(Ok(self.id));
     }
+
+    /// This shard cannot serve as configured, for this reason (one line):
+    /// the start fails with it.
+    pub fn fail(mut self, why: String) {
+        self.sent = true;
+        self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.tx.send(Err((self.id, Some(why))));
+    }
 }
 
 impl Drop for Ready {
     fn drop(&mut self) {
         if !self.sent {
             self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
-            let _ = self.tx.send(Err(self.id));
+            let _ = self.tx.send(Err((self.id, None)));
         }
     }
 }
@@ -215,7 +228,22 @@ async fn run(setup: Setup) {
                 ctx.set_access_log(shard_log);
                 spawn_access_log_flusher(ctx.clone());
             }
-            Err(e) => crate::error!("shard {id}: access log {} not opened: {e}", log.path),
+            // A configured log that cannot be written fails the start, as
+            // it does when the path cannot be opened (a break-it round saw
+            // a shard without a writer thread serve without a log, counting
+            // nothing).
+            Err(e) => {
+                let hint = if e.raw_os_error() == Some(libc::EAGAIN) {
+                    crate::error::NO_THREAD_HINT
+                } else {
+                    ""
+                };
+                ready.fail(format!(
+                    "access log {} not started: {e}{hint}",
+                    crate::log::one_line(&log.path)
+                ));
+                return;
+            }
         }
     }
     let permits = Rc::new(glommio::sync::Semaphore::new(

@@ -253,16 +253,26 @@ pub fn recv_now(socket: &impl std::os::fd::AsRawFd, buf: &mut [u8]) -> std::io::
     recv_fd(socket.as_raw_fd(), buf)
 }
 
-/// Whether this process may create files in `dir` (`access(2)` with
-/// `W_OK | X_OK`, for the real user as the process will run): `check`
-/// answers it without creating anything.
+/// Whether this process may create files in `dir`: `faccessat(2)` with
+/// `W_OK | X_OK` and `AT_EACCESS`, so with the effective user, groups and
+/// capabilities the open will have (plain `access(2)` asks for the real
+/// user and drops a non-root user's capabilities, refusing what the open
+/// would do). `check` answers it without creating anything.
 pub fn may_create_in(dir: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    // SAFETY: access(2) reads the NUL-terminated path `c`, which lives
+    // SAFETY: faccessat(2) reads the NUL-terminated path `c`, which lives
     // until the call returns, and writes nothing.
-    if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } < 0 {
+    let r = unsafe {
+        libc::faccessat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::W_OK | libc::X_OK,
+            libc::AT_EACCESS,
+        )
+    };
+    if r < 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())

@@ -958,10 +958,27 @@ impl Config {
 /// The longest file name (one path component) Linux file systems take,
 /// in bytes (`NAME_MAX`).
 const NAME_MAX: usize = 255;
+/// The longest path Linux takes, in bytes, without the terminating NUL
+/// (`PATH_MAX` is 4096 with it).
+const PATH_MAX: usize = 4095;
 
 fn access_log_path(path: &str) -> Result<String, ConfigError> {
-    let bad =
-        |reason: String| ConfigError::BadAccessLog(crate::log::one_line(path).into_owned(), reason);
+    // A path too long to be one is named by its start, so that the reason
+    // still fits the one capped error line.
+    let shown = if path.len() > 120 {
+        let mut cut = 100;
+        while !path.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        format!(
+            "{}… ({} bytes)",
+            crate::log::one_line(&path[..cut]),
+            path.len()
+        )
+    } else {
+        crate::log::one_line(path).into_owned()
+    };
+    let bad = |reason: String| ConfigError::BadAccessLog(shown.clone(), reason);
     if path == "-" {
         return Ok(path.to_string());
     }
@@ -971,27 +988,52 @@ fn access_log_path(path: &str) -> Result<String, ConfigError> {
     if path.contains('\0') {
         return Err(bad("a path cannot contain a NUL byte".into()));
     }
+    if path.len() > PATH_MAX {
+        return Err(bad(format!(
+            "{} bytes long; a Linux path is at most {PATH_MAX}",
+            path.len()
+        )));
+    }
+    if path.ends_with('/') {
+        return Err(bad(
+            "a directory's path (it ends in /); give the log file's path".into(),
+        ));
+    }
     if std::path::Path::new(path).exists() {
         crate::access_log::open_file(path).map_err(|e| bad(e.to_string()))?;
     } else {
         // What creating it at start-up would meet, found without creating
-        // it (`check` passed a 300-byte name that `run` then failed on).
-        let p = std::path::Path::new(path);
-        directory_exists(p).map_err(bad)?;
+        // it (`check` passed what `run` then failed on). A dangling link is
+        // followed: the file is created where it points.
+        let mut p = std::path::PathBuf::from(path);
+        if let Ok(target) = std::fs::read_link(&p) {
+            let base = p
+                .parent()
+                .map(std::path::Path::to_path_buf)
+                .unwrap_or_default();
+            p = base.join(target);
+        }
+        directory_exists(&p).map_err(bad)?;
         use std::os::unix::ffi::OsStrExt;
         if p.file_name().is_some_and(|n| n.as_bytes().len() > NAME_MAX) {
             return Err(bad(format!(
                 "the file name is longer than {NAME_MAX} bytes, the most a Linux file system takes"
             )));
         }
-        let dir = p
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(std::path::Path::new("."));
-        crate::sys::may_create_in(dir)
-            .map_err(|e| bad(format!("cannot create a file in {}: {e}", dir.display())))?;
+        may_create_in(&p).map_err(bad)?;
     }
     Ok(path.to_string())
+}
+
+/// `Ok` if this process may create a file at `path` (in a directory that
+/// exists: see [`directory_exists`]), else the reason.
+fn may_create_in(path: &std::path::Path) -> Result<(), String> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    crate::sys::may_create_in(dir)
+        .map_err(|e| format!("cannot create a file in {}: {e}", dir.display()))
 }
 
 /// `Ok` if the directory a new file at `path` would go in exists (the
@@ -1020,7 +1062,10 @@ fn control_socket_path(path: &str) -> Result<std::path::PathBuf, ConfigError> {
     match existing_socket(p) {
         Some(Err(why)) => return Err(bad(why.into())),
         Some(Ok(())) => {}
-        None => directory_exists(p).map_err(bad)?,
+        None => {
+            directory_exists(p).map_err(bad)?;
+            may_create_in(p).map_err(bad)?;
+        }
     }
     Ok(p.to_path_buf())
 }

@@ -30,6 +30,11 @@ pub const MAX_HEAD: usize = 8 * 1024;
 pub const MAX_CLIENTS: usize = 64;
 /// Time a client has to send its whole request head.
 pub const HEAD_DEADLINE: Duration = Duration::from_secs(2);
+/// [`HEAD_DEADLINE`] for a request answered on the accept thread, when no
+/// thread could be made for it (the thread limit).
+pub const INLINE_HEAD_DEADLINE: Duration = Duration::from_millis(100);
+/// How often, at most, answering on the accept thread is logged.
+const INLINE_WARN_EVERY: Duration = Duration::from_secs(60);
 /// Time a client has to take the whole answer.
 pub const WRITE_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -226,9 +231,10 @@ pub fn spawn(listener: TcpListener, board: Board, fold_every: Duration) -> std::
             // before its accept, never after one: a connection accepted here
             // is always answered, and once a successor took the socket over
             // none is.
-            // Whether requests are being answered on this thread (no thread
-            // could be made for the last one); logged once per spell.
-            let mut inline = false;
+            // Requests answered on this thread (no thread could be made
+            // for them) since the last WARN about it, and when that was.
+            let mut inline_since_warn = 0u64;
+            let mut last_warn: Option<Instant> = None;
             loop {
                 match shared_listener_turn(listener.as_raw_fd(), handed) {
                     Turn::Accept => {}
@@ -275,16 +281,22 @@ pub fn spawn(listener: TcpListener, board: Board, fold_every: Duration) -> std::
                         }
                     });
                 if let Err(e) = spawned {
-                    if !inline {
-                        crate::warn!("metrics: no thread for a request ({e}); answering requests one at a time until threads can be made again");
-                        inline = true;
+                    // Logged at most once a minute, with how many went
+                    // unlogged (near the limit, spawning fails and succeeds
+                    // by turns: once per spell flooded the log).
+                    inline_since_warn += 1;
+                    if last_warn.is_none_or(|t: Instant| t.elapsed() >= INLINE_WARN_EVERY) {
+                        crate::warn!(
+                            "metrics: no thread for a request ({e}{}); answered {inline_since_warn} request(s) on the accept thread, one at a time, each given {INLINE_HEAD_DEADLINE:?} to send its request",
+                            crate::error::NO_THREAD_HINT
+                        );
+                        last_warn = Some(Instant::now());
+                        inline_since_warn = 0;
                     }
                     let job = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
                     if let Some(job) = job {
-                        job.run();
+                        job.run_inline();
                     }
-                } else {
-                    inline = false;
                 }
             }
             board
@@ -305,7 +317,19 @@ struct Answer {
 
 impl Answer {
     fn run(self) {
-        serve(self.conn, &self.board);
+        self.answer(HEAD_DEADLINE);
+    }
+
+    /// On the accept thread (no thread could be made): the request must
+    /// come within [`INLINE_HEAD_DEADLINE`], so that clients that connect
+    /// and send nothing hold the others up for that long each, not for
+    /// [`HEAD_DEADLINE`].
+    fn run_inline(self) {
+        self.answer(INLINE_HEAD_DEADLINE);
+    }
+
+    fn answer(self, head_deadline: Duration) {
+        serve(self.conn, &self.board, head_deadline);
         self.live
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -331,8 +355,8 @@ fn read_by(conn: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> Option<us
     }
 }
 
-fn serve(mut conn: TcpStream, board: &Board) {
-    let deadline = Instant::now() + HEAD_DEADLINE;
+fn serve(mut conn: TcpStream, board: &Board, head_deadline: Duration) {
+    let deadline = Instant::now() + head_deadline;
     let mut buf = vec![0u8; MAX_HEAD + 4];
     let mut filled = 0;
     let result = loop {
