@@ -79,7 +79,20 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
             "demo: cannot write its key in the temporary directory {tmp_text} (TMPDIR): {e}"
         ))
     })?;
+    // Every way out after this removes the key (the error paths too: a
+    // thread or a proxy that could not be started left it behind).
+    let result = run_with_key(args, &key_path, origin_addr);
+    let _ = std::fs::remove_file(&key_path);
+    result
+}
 
+/// The demo once its key is written at `key_path`: starts both proxies
+/// and waits for them.
+fn run_with_key(
+    args: &DemoArgs,
+    key_path: &str,
+    origin_addr: SocketAddr,
+) -> Result<(), StartupError> {
     let stop = Arc::new(AtomicBool::new(false));
     // The first signal drains (forwarded to the proxies below); a second
     // one exits at once with code 1, as the proxies themselves do.
@@ -129,7 +142,7 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
                 "--upstream",
                 upstream,
                 "--key-file",
-                &key_path,
+                key_path,
             ])
             .args(["--cores", &cores, "--drain-timeout", "5s"])
             .stderr(std::process::Stdio::piped())
@@ -158,10 +171,22 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
             })
             .map_err(|source| StartupError::Demo { what: role, source })
     };
-    let mut children: Vec<(&'static str, Child)> = vec![
-        ("exit", spawn("exit", &exit_addr, &origin_addr.to_string())?),
-        ("entry", spawn("entry", &entry_addr, &exit_addr)?),
-    ];
+    let exit = spawn("exit", &exit_addr, &origin_addr.to_string())?;
+    let entry = match spawn("entry", &entry_addr, &exit_addr) {
+        Ok(entry) => entry,
+        // The exit runs already: it is stopped, and waited for, before
+        // the demo reports the error (it exited and left the exit
+        // draining behind it).
+        Err(e) => {
+            let mut started = [("exit", exit)];
+            terminate(&started);
+            for (_, c) in &mut started {
+                let _ = c.wait();
+            }
+            return Err(e);
+        }
+    };
+    let mut children: Vec<(&'static str, Child)> = vec![("exit", exit), ("entry", entry)];
     crate::info!(
         "demo: client → entry {entry_addr} → (ChaCha20-Poly1305) → exit {exit_addr} → origin {origin_addr}"
     );
@@ -174,7 +199,7 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
         // Both proxies listen: the demo is ready, and the key file goes.
         if !key_removed && loaded.load(Ordering::Relaxed) >= 2 {
             key_removed = true;
-            let _ = std::fs::remove_file(&key_path);
+            let _ = std::fs::remove_file(key_path);
             crate::info!(
                 "demo: ready: try `curl http://{entry_addr}/` or `nc -N 127.0.0.1 {}` (echo); Ctrl-C drains and stops",
                 args.port
@@ -185,7 +210,7 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
             // once (connections reset); so do we.
             terminate(&children);
             crate::warn!("demo: second termination signal: exiting now");
-            let _ = std::fs::remove_file(&key_path);
+            let _ = std::fs::remove_file(key_path);
             crate::log::flush();
             std::process::exit(1);
         }
@@ -211,7 +236,7 @@ pub fn run(args: &DemoArgs) -> Result<(), StartupError> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let _ = std::fs::remove_file(&key_path);
+    let _ = std::fs::remove_file(key_path);
     if let Some(role) = failed {
         return Err(StartupError::DemoProxy(role));
     }
@@ -288,6 +313,12 @@ fn thread(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), StartupEr
         .spawn(f)
         .map(drop)
         .map_err(|e| {
-            crate::config::ConfigError::Args(format!("demo: cannot start a thread: {e}")).into()
+            let hint = if e.raw_os_error() == Some(libc::EAGAIN) {
+                crate::error::NO_THREAD_HINT
+            } else {
+                ""
+            };
+            crate::config::ConfigError::Args(format!("demo: cannot start a thread: {e}{hint}"))
+                .into()
         })
 }

@@ -132,7 +132,7 @@ pub enum StartupError {
     #[error("demo: the {0} proxy exited with an error (see its [{0}] lines above)")]
     DemoProxy(&'static str),
     /// `demo` could not start one of its processes.
-    #[error("demo: cannot start {what}: {source}")]
+    #[error("demo: cannot start {what}: {source}{hint}", hint = no_thread_hint(source))]
     Demo {
         /// Which part of the demo.
         what: &'static str,

@@ -908,6 +908,144 @@ fn an_access_log_its_user_cannot_create_fails_check_and_run() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The demo under thread limits from none to enough: whether it fails or
+/// runs (then is stopped), it leaves no key file behind and no proxy of
+/// its own running once it has exited, and never panics. A break-it round
+/// saw a demo whose second proxy could not start exit with its key left in
+/// TMPDIR and its first proxy still draining.
+#[test]
+fn the_demo_under_thread_limits_leaves_no_key_and_no_proxy_behind() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::Stdio;
+    const UID: u32 = 64126;
+    let dir = std::env::temp_dir().join(format!("shardproxy-demo-nproc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.join("shardproxy");
+    std::fs::copy(BIN, &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let tmp = dir.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::os::unix::fs::chown(&tmp, Some(UID), Some(UID)).unwrap();
+    let processes_of_uid = || {
+        let out = Command::new("ps")
+            .args(["-u", &UID.to_string(), "-o", "pid=,stat=,args="])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| {
+                !l.split_whitespace()
+                    .nth(1)
+                    .is_some_and(|st| st.starts_with('Z'))
+            })
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let port = || {
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+            .to_string()
+    };
+    let (mut ran, mut wrong) = (0, Vec::new());
+    // Up to the first limit the demo runs under (its two proxies' threads
+    // count too).
+    for nproc in 1..=40 {
+        if ran > 0 {
+            break;
+        }
+        let mut child = Command::new("prlimit")
+            .arg(format!("--nproc={nproc}"))
+            .args([
+                "setpriv",
+                &format!("--reuid={UID}"),
+                &format!("--regid={UID}"),
+                "--clear-groups",
+            ])
+            .arg(&bin)
+            .args([
+                "demo",
+                "--cores",
+                "1",
+                "--port",
+                &port(),
+                "--exit-port",
+                &port(),
+                "--origin-port",
+                &port(),
+            ])
+            .env("TMPDIR", &tmp)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut lines = Vec::new();
+        loop {
+            match rx.recv_timeout(LIMIT) {
+                Ok(line) => {
+                    if line.contains("demo: ready") {
+                        ran += 1;
+                        let _ = Command::new("kill").arg(child.id().to_string()).status();
+                    }
+                    lines.push(line);
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(_) => {
+                    wrong.push(format!("nproc {nproc}: no exit after {LIMIT:?}: {lines:?}"));
+                    let _ = child.kill();
+                    break;
+                }
+            }
+        }
+        let _ = child.wait();
+        let text = lines.join("\n");
+        if text.to_lowercase().contains("panic") {
+            wrong.push(format!("nproc {nproc}: a panic: {lines:?}"));
+        }
+        // A refusal for want of threads or processes says what to raise.
+        if text.contains("Resource temporarily unavailable") && !text.contains("ulimit -u") {
+            wrong.push(format!(
+                "nproc {nproc}: EAGAIN without the limit named: {lines:?}"
+            ));
+        }
+        let keys: Vec<_> = std::fs::read_dir(&tmp)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        if !keys.is_empty() {
+            wrong.push(format!("nproc {nproc}: left {keys:?} in TMPDIR: {lines:?}"));
+            for k in keys {
+                let _ = std::fs::remove_file(tmp.join(k));
+            }
+        }
+        let left = processes_of_uid();
+        if !left.is_empty() {
+            wrong.push(format!(
+                "nproc {nproc}: still running after the demo exited: {left:?}: {lines:?}"
+            ));
+            let _ = Command::new("pkill")
+                .args(["-KILL", "-u", &UID.to_string()])
+                .status();
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    assert!(ran > 0, "no limit was high enough to run the demo");
+}
+
 /// Waits at most `limit` for `child` to exit; its exit code (`None` if it
 /// had to be killed or died of a signal).
 fn run_bounded_wait(child: &mut std::process::Child, limit: Duration) -> Option<i32> {
