@@ -290,11 +290,11 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         }
     };
     let handed = inherited.as_ref().map_or(0, |got| got.proxy.len());
-    let per_shard = shard_listeners(&cfg, inherited.as_mut())?;
+    let (per_shard, distinct) = shard_listeners(&cfg, inherited.as_mut())?;
     if let Some(got) = &inherited {
         // One listener per shard: the handed-over ones, and more of the
         // same SO_REUSEPORT group where this process has more shards.
-        let total = per_shard.iter().map(Vec::len).sum::<usize>();
+        let total = distinct.len();
         crate::info!(
             "taking over from process {}: {handed} listener(s){}{}{}",
             got.from_pid,
@@ -339,17 +339,15 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
     };
     // Duplicates of every listener, to offer a successor in turn (only with
     // a control socket: a duplicate keeps a socket open after a drain).
+    // Each listener once, though several shards may accept on it. Without
+    // a control socket they are closed here: the shards hold their own
+    // duplicates, and a drain must leave no listening socket open.
     let offer_proxy: Vec<socket2::Socket> = match control_path {
-        None => Vec::new(),
-        Some(_) => per_shard
-            .iter()
-            .flatten()
-            .map(socket2::Socket::try_clone)
-            .collect::<Result<_, _>>()
-            .map_err(|source| StartupError::Listen {
-                addr: cfg.listen,
-                source,
-            })?,
+        None => {
+            drop(distinct);
+            Vec::new()
+        }
+        Some(_) => distinct,
     };
     let (board, offer_metrics) = match cfg.metrics_listen {
         None => (None, None),
@@ -597,6 +595,9 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         });
     }
     crate::info!("all shards stopped");
+    // A hand-over that started this drain finishes its exchange (the
+    // replay set, then DRAINING) before the process exits.
+    crate::handover::wait_exchanges(crate::handover::EXPORT_TIMEOUT + Duration::from_secs(1));
     // Answer the metrics requests already accepted (the metrics HTTP
     // deadlines bound each to a few seconds) before the process exits.
     if let Some(b) = &board {
@@ -725,17 +726,41 @@ fn without_takeover(mut up: Upgrade) -> Upgrade {
     up
 }
 
-/// The listeners of each shard. Fresh: one new `SO_REUSEPORT` listener per
-/// shard. After a takeover of N listeners by M shards: shard `i` accepts on
-/// every inherited listener `j` with `j % M == i`, so none is left without
-/// an acceptor (fewer shards), and shards beyond N bind new listeners that
-/// join the group (more shards). Inherited sockets are never closed: a
-/// closed listener would reset the connections queued on it.
+/// Which of `n` inherited listeners each of `m` shards accepts on (indices).
+/// Shard `i < n` takes listener `i`. Listeners beyond `m` (the successor has
+/// fewer shards) are accepted on by every shard: the kernel spreads new
+/// connections evenly over the `n` listeners of the `SO_REUSEPORT` group,
+/// so giving each extra one to a single shard (as `j % m` did) sent that
+/// shard twice the others' share after a 3→2 upgrade. Shared, an extra
+/// listener's connections go to whichever shard accepts first. Shards
+/// `i >= n` get none here: they bind new listeners that join the group.
+/// Inherited sockets are never closed: a closed listener would reset the
+/// connections queued on it (unless `net.ipv4.tcp_migrate_req = 1`).
+fn assign_inherited(n: usize, m: usize) -> Vec<Vec<usize>> {
+    (0..m)
+        .map(|i| {
+            let own = (i < n).then_some(i);
+            own.into_iter().chain(m..n).collect()
+        })
+        .collect()
+}
+
+/// The listeners of each shard, and each distinct listener once (the ones
+/// to offer a successor). Fresh: one new `SO_REUSEPORT` listener per
+/// shard. After a takeover of N listeners by M shards: see
+/// [`assign_inherited`]; shards beyond N bind new listeners that join the
+/// group. Each shard holds a duplicate of its sockets.
 fn shard_listeners(
     cfg: &Config,
     inherited: Option<&mut crate::handover::Inherited>,
-) -> Result<Vec<Vec<socket2::Socket>>, StartupError> {
+) -> Result<(Vec<Vec<socket2::Socket>>, Vec<socket2::Socket>), StartupError> {
     let m = cfg.cores.len();
+    let dup = |s: &socket2::Socket| {
+        s.try_clone().map_err(|source| StartupError::Listen {
+            addr: cfg.listen,
+            source,
+        })
+    };
     let Some(inherited) = inherited else {
         let joining = crate::listener::port_taken(cfg.listen);
         let fresh = crate::listener::bind_all(cfg, m)?;
@@ -745,7 +770,11 @@ fn shard_listeners(
                 cfg.listen
             );
         }
-        return Ok(fresh.into_iter().map(|s| vec![s]).collect());
+        let per_shard = fresh
+            .iter()
+            .map(|s| dup(s).map(|d| vec![d]))
+            .collect::<Result<_, _>>()?;
+        return Ok((per_shard, fresh));
     };
     let Some(addr) = inherited.listen_addr() else {
         return Err(StartupError::Takeover("no listener was handed over".into()));
@@ -756,23 +785,43 @@ fn shard_listeners(
             cfg.listen
         )));
     }
-    let sockets = std::mem::take(&mut inherited.proxy);
-    let n = sockets.len();
-    let mut per_shard: Vec<Vec<socket2::Socket>> = (0..m).map(|_| Vec::new()).collect();
-    for (j, socket) in sockets.into_iter().enumerate() {
+    let mut distinct = std::mem::take(&mut inherited.proxy);
+    let n = distinct.len();
+    for socket in &distinct {
         // A new backlog applies to an inherited socket too.
         let _ = socket.listen(cfg.backlog.min(i32::MAX as u32) as i32);
-        per_shard[j % m].push(socket);
     }
+    let mut per_shard: Vec<Vec<socket2::Socket>> = assign_inherited(n, m)
+        .into_iter()
+        .map(|js| js.into_iter().map(|j| dup(&distinct[j])).collect())
+        .collect::<Result<_, _>>()?;
     if m > n {
         for (k, socket) in crate::listener::bind_more(cfg, addr, m - n)?
             .into_iter()
             .enumerate()
         {
-            per_shard[n + k].push(socket);
+            per_shard[n + k].push(dup(&socket)?);
+            distinct.push(socket);
         }
     }
-    Ok(per_shard)
+    // With fewer shards than listeners, new connections go only to the
+    // first `m` (one per shard: an even share each); the extra listeners'
+    // queues are still accepted by every shard, and they stay open, so
+    // nothing queued on them is reset. Otherwise a program a predecessor
+    // with fewer shards attached is removed, or listeners beyond its count
+    // would get no new connection. Best effort: without it, the shared
+    // extras still spread the load, less evenly.
+    let spread = match distinct.first() {
+        None => Ok(()),
+        Some(first) if n > m => crate::sys::reuseport_first(first, m as u32),
+        Some(first) => crate::sys::reuseport_detach(first),
+    };
+    if let Err(e) = spread {
+        crate::warn!(
+            "{n} listener(s) handed over to {m} shard(s): cannot set how new connections are spread over them ({e}); some shards may take more than others"
+        );
+    }
+    Ok((per_shard, distinct))
 }
 
 fn read_sysctl(path: &str) -> Option<u64> {
@@ -801,7 +850,38 @@ fn process_alive(stat: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::process_alive;
+    use super::{assign_inherited, process_alive};
+
+    /// Every inherited listener has an acceptor, each shard has one of its
+    /// own, and extras (fewer shards than listeners) are shared by all, so
+    /// no shard takes two listeners' share.
+    #[test]
+    fn inherited_listeners_are_spread_so_no_shard_takes_a_double_share() {
+        assert_eq!(assign_inherited(2, 2), [vec![0], vec![1]]);
+        assert_eq!(assign_inherited(3, 2), [vec![0, 2], vec![1, 2]]);
+        assert_eq!(assign_inherited(2, 1), [vec![0, 1]]);
+        assert_eq!(
+            assign_inherited(5, 3),
+            [vec![0, 3, 4], vec![1, 3, 4], vec![2, 3, 4]]
+        );
+        // More shards than listeners: the others bind their own.
+        assert_eq!(assign_inherited(1, 3), [vec![0], vec![], vec![]]);
+        for n in 1..=8 {
+            for m in 1..=8 {
+                let a = assign_inherited(n, m);
+                for j in 0..n {
+                    assert!(a.iter().any(|s| s.contains(&j)), "{n}->{m}: {j} unserved");
+                }
+                // Expected share of new connections per shard, in units of
+                // 1/n: its own listener plus an equal part of the shared.
+                let shared = n.saturating_sub(m) as f64 / m as f64;
+                for (i, s) in a.iter().enumerate().take(n.min(m)) {
+                    let share = 1.0 + s.iter().filter(|&&j| j >= m).count() as f64 / m as f64;
+                    assert!((share - (1.0 + shared)).abs() < 1e-9, "{n}->{m}: shard {i}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn a_process_is_alive_unless_it_is_exiting_or_a_zombie() {

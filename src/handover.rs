@@ -392,6 +392,40 @@ pub fn report_failure(reason: &str) {
     }
 }
 
+/// Hand-overs between the successor's `READY` and this process's
+/// `DRAINING` (see [`wait_exchanges`]).
+static IN_EXCHANGE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One hand-over past `READY`, counted in [`IN_EXCHANGE`] until dropped.
+struct Exchange;
+
+impl Exchange {
+    fn begin() -> Exchange {
+        IN_EXCHANGE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Exchange
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        IN_EXCHANGE.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Waits, at most `limit`, until no hand-over is between `READY` and
+/// `DRAINING`. A process whose drain a hand-over started is idle at once
+/// when it has no connections, and exited before its `DRAINING` line was
+/// written: the successor then logged that its predecessor "did not
+/// confirm" a hand-over that had worked.
+pub fn wait_exchanges(limit: Duration) {
+    let until = std::time::Instant::now() + limit;
+    while IN_EXCHANGE.load(std::sync::atomic::Ordering::SeqCst) > 0
+        && std::time::Instant::now() < until
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Binds the control socket at `path`. A stale socket file (nobody
 /// listening) is replaced; a live one is an error: that process should be
 /// taken over (`--takeover`), not shadowed.
@@ -512,6 +546,9 @@ pub fn serve(
                         }
                         match answer {
                             Ok((pid, version, not_before)) if offered(&offer) => {
+                                // Counted before the drain starts, so the
+                                // process cannot exit before DRAINING went.
+                                let _exchange = Exchange::begin();
                                 on_ready(pid);
                                 if version >= 2 {
                                     // Only an exit keeps a replay set; the

@@ -278,6 +278,84 @@ pub fn may_create_in(dir: &std::path::Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Makes the kernel pick among the first `n` listeners of `listener`'s
+/// `SO_REUSEPORT` group, at random, for each new connection: a classic BPF
+/// program (`SO_ATTACH_REUSEPORT_CBPF`, socket(7); `ld rand; mod n; ret a`,
+/// Documentation/networking/filter.rst) whose result indexes the group's
+/// sockets in the order they joined it. The program belongs to the group
+/// (every listener in it), and stays until replaced or detached
+/// ([`reuseport_detach`]). `n` is 1 or more.
+pub fn reuseport_first(listener: &impl std::os::fd::AsRawFd, n: u32) -> std::io::Result<()> {
+    let ld_rand = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
+    let mod_n = libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K;
+    let ret_a = libc::BPF_RET | libc::BPF_A;
+    let mut program = [
+        libc::sock_filter {
+            code: ld_rand as u16,
+            jt: 0,
+            jf: 0,
+            k: (libc::SKF_AD_OFF + libc::SKF_AD_RANDOM) as u32,
+        },
+        libc::sock_filter {
+            code: mod_n as u16,
+            jt: 0,
+            jf: 0,
+            k: n.max(1),
+        },
+        libc::sock_filter {
+            code: ret_a as u16,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+    ];
+    let fprog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: setsockopt(2) reads `fprog` (and the three instructions it
+    // points to, which outlive the call) for the length passed; the kernel
+    // copies the program before returning.
+    let r = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Removes any program [`reuseport_first`] (of this process or another)
+/// attached to `listener`'s group: connections are spread over all its
+/// listeners by hash again. `Ok` if there was none.
+pub fn reuseport_detach(listener: &impl std::os::fd::AsRawFd) -> std::io::Result<()> {
+    let zero: libc::c_int = 0;
+    // SAFETY: setsockopt(2) reads the one int `zero` (ignored by this
+    // option) for the length passed.
+    let r = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_DETACH_REUSEPORT_BPF,
+            (&zero as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    match r {
+        0 => Ok(()),
+        _ => match std::io::Error::last_os_error() {
+            e if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            e => Err(e),
+        },
+    }
+}
+
 /// Clears `O_NONBLOCK` on `file` (opened non-blocking so that opening a
 /// FIFO without a reader fails at once instead of waiting for one).
 pub fn set_blocking(file: &std::fs::File) -> std::io::Result<()> {

@@ -984,6 +984,146 @@ fn a_takeover_from_a_version_1_process_falls_back_and_serves() {
     assert!(status.success(), "{lines:?}");
 }
 
+/// A fake predecessor (hand-over version 1, role forward) holding `n`
+/// listeners of one `SO_REUSEPORT` group on 127.0.0.1 and the control
+/// socket `ctl`; it hands them over to the first successor that asks.
+/// Returns their address and the thread, which ends with the successor's
+/// `READY` line. (This machine has too few cores for a real predecessor
+/// with more shards than a successor.)
+fn fake_predecessor(ctl: &str, n: usize) -> (SocketAddr, thread::JoinHandle<String>) {
+    use sendfd::SendWithFd;
+    use std::os::fd::AsRawFd;
+    let group: Vec<socket2::Socket> = (0..n)
+        .map(|_| {
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.set_reuse_port(true).unwrap();
+            s
+        })
+        .collect();
+    group[0]
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    let addr = group[0].local_addr().unwrap().as_socket().unwrap();
+    for s in &group[1..] {
+        s.bind(&addr.into()).unwrap();
+    }
+    for s in &group {
+        s.listen(1024).unwrap();
+    }
+    let control = std::os::unix::net::UnixListener::bind(ctl).unwrap();
+    let fake = thread::spawn(move || {
+        let (mut c, _) = control.accept().unwrap();
+        line_from(&mut c);
+        c.write_all(b"ERROR unsupported request\n").unwrap();
+        drop(c);
+        let (mut c, _) = control.accept().unwrap();
+        line_from(&mut c);
+        let head = format!("LISTENERS {} forward 0 {n} 0 1\n", std::process::id());
+        let mut fds: Vec<_> = group.iter().map(|s| s.as_raw_fd()).collect();
+        fds.push(control.as_raw_fd());
+        c.send_with_fd(head.as_bytes(), &fds).unwrap();
+        let ready = line_from(&mut c);
+        c.write_all(b"DRAINING\n").unwrap();
+        ready
+    });
+    (addr, fake)
+}
+
+/// `N` connections through `p`, then stops it: how many each shard accepted.
+fn accepted_per_shard(p: Proxy) -> Vec<u64> {
+    for i in 0..N_SPREAD {
+        one(p.addr, &[i as u8; 16]).unwrap();
+    }
+    let (status, lines) = p.terminate();
+    assert!(status.success(), "{lines:?}");
+    let accepted: Vec<u64> = summaries(&lines)
+        .iter()
+        .map(|s| s.get("accepted"))
+        .collect();
+    assert_eq!(accepted.iter().sum::<u64>(), N_SPREAD, "{lines:?}");
+    accepted
+}
+
+const N_SPREAD: u64 = 600;
+
+/// A successor with fewer shards than there are listeners (3 listeners,
+/// 2 shards) gives no shard two listeners' share. With each extra listener
+/// given to one shard, shard 0 accepted two thirds of the connections
+/// (400 of 600); with the extra shared by both, 232 and 368; now new
+/// connections go to the shards' own listeners only, at random (each must
+/// have at least 40% of 600).
+#[test]
+fn a_successor_with_fewer_shards_spreads_connections_evenly() {
+    let origin = echo_origin();
+    let ctl = control_path("3-listeners");
+    let (addr, fake) = fake_predecessor(&ctl, 3);
+    let new = Proxy::forward(origin)
+        .listen(addr)
+        .shards(2)
+        .args(["--takeover", &ctl])
+        .start();
+    let ready = fake.join().unwrap();
+    assert!(ready.starts_with("READY "), "{ready}");
+    new.wait_for_log(
+        |l| l.contains("hand-over complete"),
+        Duration::from_secs(15),
+    );
+    let accepted = accepted_per_shard(new);
+    assert_eq!(accepted.len(), 2);
+    for (shard, n) in accepted.iter().enumerate() {
+        assert!(
+            *n >= N_SPREAD * 40 / 100,
+            "shard {shard} accepted {n}: {accepted:?}"
+        );
+    }
+}
+
+/// After a shrink (2 listeners to 1 shard, which steers new connections to
+/// the first listener), the next successor with as many shards as
+/// listeners undoes that: its second shard gets its share, not nothing.
+#[test]
+fn a_successor_with_more_shards_undoes_a_shrink() {
+    let origin = echo_origin();
+    let ctl = control_path("shrink-then-grow");
+    let (addr, fake) = fake_predecessor(&ctl, 2);
+    let mut one_shard = Proxy::forward(origin)
+        .listen(addr)
+        .shards(1)
+        .args(["--takeover", &ctl])
+        .start();
+    assert!(fake.join().unwrap().starts_with("READY "));
+    one_shard.wait_for_log(
+        |l| l.contains("hand-over complete"),
+        Duration::from_secs(15),
+    );
+    let two = Proxy::forward(origin)
+        .listen(addr)
+        .shards(2)
+        .args(["--takeover", &ctl])
+        .start();
+    two.wait_for_log(
+        // Not "did not confirm ... accepts alone": an idle predecessor
+        // exited before writing DRAINING, until it waited for its exchange.
+        |l| l.contains("hand-over complete"),
+        Duration::from_secs(15),
+    );
+    assert_eq!(
+        wait_exited(&mut one_shard, Duration::from_secs(30)),
+        Some(0),
+        "{:?}",
+        one_shard.log()
+    );
+    let accepted = accepted_per_shard(two);
+    assert_eq!(accepted.len(), 2);
+    for (shard, n) in accepted.iter().enumerate() {
+        assert!(
+            *n >= N_SPREAD * 40 / 100,
+            "shard {shard} accepted {n}: {accepted:?}"
+        );
+    }
+}
+
 /// A successor that speaks only version 1 (an older binary) still takes the
 /// listeners over from this version: no `SALTS` line, then `DRAINING`.
 #[test]
