@@ -594,12 +594,7 @@ fn a_shard_that_cannot_start_fails_the_whole_start() {
     use std::os::unix::fs::PermissionsExt;
     use std::process::Stdio;
     // A copy the unprivileged user may execute.
-    let dir = std::env::temp_dir().join(format!("shardproxy-nproc-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let bin = dir.join("shardproxy");
-    std::fs::copy(BIN, &bin).unwrap();
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (dir, bin) = copy_for_other_users("shardproxy-nproc");
     // The tunnel roles' key, readable by that user.
     let key = dir.join("key");
     std::fs::write(&key, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n").unwrap();
@@ -721,7 +716,6 @@ fn a_shard_that_cannot_start_fails_the_whole_start() {
 #[test]
 fn metrics_are_answered_when_no_thread_can_be_made() {
     use std::io::{BufRead, BufReader, Read, Write};
-    use std::os::unix::fs::PermissionsExt;
     use std::process::Stdio;
     /// Kills the proxy if the test fails half-way (a process left running
     /// as that user would count against the next run's limit).
@@ -734,12 +728,7 @@ fn metrics_are_answered_when_no_thread_can_be_made() {
     }
     // Another user than the test above's: RLIMIT_NPROC counts per user.
     const UID: &str = "64124";
-    let dir = std::env::temp_dir().join(format!("shardproxy-nthreads-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let bin = dir.join("shardproxy");
-    std::fs::copy(BIN, &bin).unwrap();
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (dir, bin) = copy_for_other_users("shardproxy-nthreads");
     let mut tried = Vec::new();
     for nproc in 3..=16 {
         let child = Command::new("prlimit")
@@ -867,12 +856,7 @@ fn metrics_are_answered_when_no_thread_can_be_made() {
 #[test]
 fn an_access_log_its_user_cannot_create_fails_check_and_run() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(format!("shardproxy-logperm-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let bin = dir.join("shardproxy");
-    std::fs::copy(BIN, &bin).unwrap();
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (dir, bin) = copy_for_other_users("shardproxy-logperm");
     let log = dir.join("access.log");
     let config = dir.join("proxy.toml");
     std::fs::write(
@@ -916,15 +900,9 @@ fn an_access_log_its_user_cannot_create_fails_check_and_run() {
 #[test]
 fn the_demo_under_thread_limits_leaves_no_key_and_no_proxy_behind() {
     use std::io::{BufRead, BufReader};
-    use std::os::unix::fs::PermissionsExt;
     use std::process::Stdio;
     const UID: u32 = 64126;
-    let dir = std::env::temp_dir().join(format!("shardproxy-demo-nproc-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let bin = dir.join("shardproxy");
-    std::fs::copy(BIN, &bin).unwrap();
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (dir, bin) = copy_for_other_users("shardproxy-demo-nproc");
     let tmp = dir.join("tmp");
     std::fs::create_dir_all(&tmp).unwrap();
     std::os::unix::fs::chown(&tmp, Some(UID), Some(UID)).unwrap();
@@ -1044,6 +1022,20 @@ fn the_demo_under_thread_limits_leaves_no_key_and_no_proxy_behind() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(wrong.is_empty(), "{wrong:#?}");
     assert!(ran > 0, "no limit was high enough to run the demo");
+}
+
+/// A directory `/tmp/TAG-PID` (mode 0755) with a copy of the binary that
+/// any user may execute, for tests that run it as an unprivileged user
+/// (`setpriv`): the build's own path may not be reachable to them.
+fn copy_for_other_users(tag: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.join("shardproxy");
+    std::fs::copy(BIN, &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (dir, bin)
 }
 
 /// Waits at most `limit` for `child` to exit; its exit code (`None` if it
