@@ -337,6 +337,9 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
             })
         }
     };
+    // The socket file this process serves: removed at exit, unless a
+    // successor took it over (or something else is at the path by then).
+    let control_file = control_path.as_deref().and_then(crate::handover::file_id);
     // Duplicates of every listener, to offer a successor in turn (only with
     // a control socket: a duplicate keeps a socket open after a drain).
     // Each listener once, though several shards may accept on it. Without
@@ -598,6 +601,9 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
     // A hand-over that started this drain finishes its exchange (the
     // replay set, then DRAINING) before the process exits.
     crate::handover::wait_exchanges(crate::handover::EXPORT_TIMEOUT + Duration::from_secs(1));
+    if let (Some(path), Some(id)) = (&control_path, control_file) {
+        crate::handover::remove_control(path, id);
+    }
     // Answer the metrics requests already accepted (the metrics HTTP
     // deadlines bound each to a few seconds) before the process exits.
     if let Some(b) = &board {

@@ -392,6 +392,28 @@ pub fn report_failure(reason: &str) {
     }
 }
 
+/// Set once a successor said `READY`: the control socket is then its.
+static HANDED_OVER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The file at `path` as (device, inode), if any.
+pub fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Removes the control socket file at `path` when this process exits,
+/// unless a successor took the socket over (it serves it at the same path)
+/// or the path is no longer the file `id` this process served (`file_id`
+/// at start-up). Before, a stale file stayed after every stop (harmless:
+/// the next start replaces it, but it looked like a live service).
+pub fn remove_control(path: &Path, id: (u64, u64)) {
+    if !HANDED_OVER.load(std::sync::atomic::Ordering::SeqCst) && file_id(path) == Some(id) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 /// Hand-overs between the successor's `READY` and this process's
 /// `DRAINING` (see [`wait_exchanges`]).
 static IN_EXCHANGE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -543,6 +565,7 @@ pub fn serve(
                         let answer = offer_to(&conn, &offer, &listener);
                         if answer.is_ok() {
                             handed.store(true, std::sync::atomic::Ordering::SeqCst);
+                            HANDED_OVER.store(true, std::sync::atomic::Ordering::SeqCst);
                         }
                         match answer {
                             Ok((pid, version, not_before)) if offered(&offer) => {

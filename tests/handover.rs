@@ -221,8 +221,15 @@ fn takeover_under_load(from: usize, to: usize) {
         "{} of {probes} /healthz probes failed: {bad_probes:?}",
         bad_probes.len()
     );
+    // The control socket is the successor's now: still there after the
+    // predecessor exited, gone once the successor has.
+    assert!(
+        std::path::Path::new(&ctl).exists(),
+        "{ctl} removed by the predecessor"
+    );
     let (status, lines) = new.terminate();
     assert!(status.success(), "{lines:?}");
+    assert!(!std::path::Path::new(&ctl).exists(), "{ctl} left behind");
     // The successor served part of the load.
     let served: u64 = summaries(&lines).iter().map(|s| s.get("accepted")).sum();
     assert!(served > 0, "{lines:?}");
