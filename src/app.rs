@@ -324,6 +324,8 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         .or_else(|| cfg.lifecycle.takeover.clone());
     // Bound before anything logs a line, so that a control socket another
     // process serves fails the start in one line.
+    // Whether this process bound it (rather than inherited it).
+    let mut bound_control = false;
     let control_listener = match &control_path {
         None => None,
         Some(path) => {
@@ -333,13 +335,20 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
                 .filter(|_| cfg.lifecycle.takeover.as_deref() == Some(path.as_path()));
             Some(match inherited_control {
                 Some(l) => l,
-                None => crate::handover::bind_control(path)?,
+                None => {
+                    bound_control = true;
+                    crate::handover::bind_control(path)?
+                }
             })
         }
     };
-    // The socket file this process serves: removed at exit, unless a
-    // successor took it over (or something else is at the path by then).
+    // The socket file this process serves: removed at exit if it is this
+    // process's (it bound it, or the predecessor it took it from is gone),
+    // unless a successor took it over, or something else is at the path by
+    // then. A successor that fails before its predecessor drained leaves
+    // it: the predecessor serves it still.
     let control_file = control_path.as_deref().and_then(crate::handover::file_id);
+    let mut owns_control = bound_control;
     // Duplicates of every listener, to offer a successor in turn (only with
     // a control socket: a duplicate keeps a socket open after a drain).
     // Each listener once, though several shards may accept on it. Without
@@ -522,6 +531,7 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
             let got = match inherited.confirm() {
                 Ok(got) => {
                     crate::info!("hand-over complete: process {from} is draining");
+                    owns_control = true;
                     got
                 }
                 Err(e) => {
@@ -536,6 +546,7 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
                         crate::warn!(
                             "hand-over: process {from} did not confirm ({e}) and has exited; this process accepts alone"
                         );
+                        owns_control = true;
                     }
                     crate::handover::InheritedSalts::default()
                 }
@@ -601,7 +612,7 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
     // A hand-over that started this drain finishes its exchange (the
     // replay set, then DRAINING) before the process exits.
     crate::handover::wait_exchanges(crate::handover::EXPORT_TIMEOUT + Duration::from_secs(1));
-    if let (Some(path), Some(id)) = (&control_path, control_file) {
+    if let (Some(path), Some(id), true) = (&control_path, control_file, owns_control) {
         crate::handover::remove_control(path, id);
     }
     // Answer the metrics requests already accepted (the metrics HTTP

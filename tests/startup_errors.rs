@@ -1024,6 +1024,151 @@ fn the_demo_under_thread_limits_leaves_no_key_and_no_proxy_behind() {
     assert!(ran > 0, "no limit was high enough to run the demo");
 }
 
+/// A successor that takes the control socket over but fails before its
+/// predecessor drained (here its second shard gets no thread) leaves the
+/// socket file alone: the predecessor still serves it, and the next
+/// upgrade needs it. (The exit-time removal of the control socket first
+/// removed it here too.) Both run as an unprivileged user; the limit is set
+/// on the successor only, from one thread more than the predecessor has
+/// upwards, until a successor takes over.
+#[test]
+fn a_successor_that_fails_leaves_its_predecessors_control_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::Stdio;
+    const UID: u32 = 64127;
+    let (dir, bin) = copy_for_other_users("shardproxy-failed-successor");
+    let run = dir.join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::chown(&run, Some(UID), Some(UID)).unwrap();
+    let ctl = run.join("ctl.sock");
+    let ctl_text = ctl.to_str().unwrap().to_string();
+    let as_user = |nproc: Option<usize>| {
+        let mut cmd = Command::new("prlimit");
+        cmd.arg(format!("--nproc={}", nproc.unwrap_or(10_000)))
+            .args([
+                "setpriv",
+                &format!("--reuid={UID}"),
+                &format!("--regid={UID}"),
+                "--clear-groups",
+            ])
+            .arg(&bin);
+        cmd
+    };
+    let listen = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let mut old = as_user(None)
+        .args([
+            "forward",
+            "--listen",
+            &listen,
+            "--upstream",
+            UP,
+            "--cores",
+            "1",
+        ])
+        .args(["--control-socket", &ctl_text])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let until = std::time::Instant::now() + LIMIT;
+    while !ctl.exists() || std::os::unix::net::UnixStream::connect(&ctl).is_err() {
+        assert!(
+            std::time::Instant::now() < until,
+            "the predecessor never served {ctl_text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let threads = std::fs::read_dir(format!("/proc/{}/task", old.id()))
+        .unwrap()
+        .count();
+    let mut failed_after_taking = 0;
+    for extra in 1..=16 {
+        let mut cmd = as_user(Some(threads + extra));
+        cmd.args([
+            "forward",
+            "--listen",
+            &listen,
+            "--upstream",
+            UP,
+            "--cores",
+            "2",
+        ])
+        .args(["--takeover", &ctl_text]);
+        let Some((status, stderr)) = run_bounded_with_stop(cmd, LIMIT) else {
+            panic!("successor at +{extra} threads still running after {LIMIT:?}");
+        };
+        assert!(!stderr.to_lowercase().contains("panic"), "{stderr}");
+        // Enough threads: it took over and was stopped; the scan is done.
+        if status.code() == Some(0) {
+            break;
+        }
+        if stderr.contains("taking over from process") {
+            failed_after_taking += 1;
+            assert!(
+                std::os::unix::net::UnixStream::connect(&ctl).is_ok(),
+                "+{extra} threads: the failed successor removed the predecessor's control socket: {stderr}"
+            );
+        }
+    }
+    let _ = old.kill();
+    let _ = old.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        failed_after_taking > 0,
+        "no successor failed after taking the control socket over"
+    );
+}
+
+/// Runs `cmd` (stderr captured) until it exits or says it is ready, then
+/// stops it with SIGTERM; at most `limit`. Its exit status and stderr, or
+/// `None` if it had to be killed.
+fn run_bounded_with_stop(
+    mut cmd: Command,
+    limit: Duration,
+) -> Option<(std::process::ExitStatus, String)> {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let pipe = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    let until = std::time::Instant::now() + limit;
+    loop {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                if line.contains("hand-over complete") || line.contains("accepts alone") {
+                    let _ = Command::new("kill").arg(child.id().to_string()).status();
+                }
+                lines.push(line);
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+    Some((child.wait().unwrap(), lines.join("\n")))
+}
+
 /// A directory `/tmp/TAG-PID` (mode 0755) with a copy of the binary that
 /// any user may execute, for tests that run it as an unprivileged user
 /// (`setpriv`): the build's own path may not be reachable to them.
