@@ -545,7 +545,7 @@ fn demo_command(port: &str, origin_port: &str, exit_port: &str) -> ProxyBuilder 
 /// at once with code 1 (it used to wait out the drain and exit 0).
 #[test]
 fn demo_second_signal_exits_at_once() {
-    let ports: Vec<String> = (0..3).map(|_| dead_port().port().to_string()).collect();
+    let ports: Vec<String> = (0..3).map(|_| free_port().port().to_string()).collect();
     let mut demo = demo_command(&ports[0], &ports[1], &ports[2]).start();
     demo.wait_for_lines(|l| l.contains("listening on"), 2, Duration::from_secs(20));
     let entry: SocketAddr = format!("127.0.0.1:{}", ports[0]).parse().unwrap();
@@ -572,7 +572,7 @@ fn demo_second_signal_exits_at_once() {
 /// process group: a Ctrl-C drains, a held connection ends cleanly, exit 0.
 #[test]
 fn demo_ctrl_c_to_the_whole_job_drains_cleanly() {
-    let ports: Vec<String> = (0..3).map(|_| dead_port().port().to_string()).collect();
+    let ports: Vec<String> = (0..3).map(|_| free_port().port().to_string()).collect();
     let mut demo = demo_command(&ports[0], &ports[1], &ports[2])
         .own_process_group()
         .start();
@@ -618,7 +618,7 @@ fn demo_ctrl_c_to_the_whole_job_drains_cleanly() {
 /// key file stayed in the temporary directory.
 #[test]
 fn a_killed_demo_leaves_no_proxy_running() {
-    let ports: Vec<String> = (0..3).map(|_| dead_port().port().to_string()).collect();
+    let ports: Vec<String> = (0..3).map(|_| free_port().port().to_string()).collect();
     let mut demo = demo_command(&ports[0], &ports[1], &ports[2]).start();
     // "ready" comes once both proxies listen (it came before either did),
     // so a client may connect at once.
@@ -671,7 +671,7 @@ fn a_killed_demo_leaves_no_proxy_running() {
 /// then "cannot start shard on core 0".
 #[test]
 fn a_demo_proxy_that_fails_is_named() {
-    let ports: Vec<String> = (0..3).map(|_| dead_port().port().to_string()).collect();
+    let ports: Vec<String> = (0..3).map(|_| free_port().port().to_string()).collect();
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg("ulimit -l 64 && exec \"$0\" \"$@\"")
@@ -705,7 +705,7 @@ fn a_demo_proxy_that_fails_is_named() {
 fn a_demo_refuses_ports_in_use_and_clears_stale_keys() {
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy = held.local_addr().unwrap().port().to_string();
-    let ports: Vec<String> = (0..2).map(|_| dead_port().port().to_string()).collect();
+    let ports: Vec<String> = (0..2).map(|_| free_port().port().to_string()).collect();
     let mut cmd = Command::new(BIN);
     cmd.args(["demo", "--port", &busy, "--origin-port", &ports[0]])
         .args(["--exit-port", &ports[1]]);
@@ -721,7 +721,7 @@ fn a_demo_refuses_ports_in_use_and_clears_stale_keys() {
         .unwrap();
     let stale = std::env::temp_dir().join(format!("shardproxy-demo-{dead_pid}.key"));
     std::fs::write(&stale, "stale\n").unwrap();
-    let ports: Vec<String> = (0..3).map(|_| dead_port().port().to_string()).collect();
+    let ports: Vec<String> = (0..3).map(|_| free_port().port().to_string()).collect();
     let mut demo = demo_command(&ports[0], &ports[1], &ports[2]).start();
     demo.wait_for_log(|l| l.contains("demo: ready"), Duration::from_secs(20));
     let gone = !stale.exists();

@@ -667,7 +667,18 @@ fn sigusr1_never_reopens_the_access_log_onto_the_key_file() {
     let key = key_file(&[&keygen()]);
     let key_before = std::fs::read(&key).unwrap();
     let path = temp("swapped.log");
-    let entry = Proxy::entry(dead_port(), &key)
+    // An "exit" that closes every connection at once, on a port this test
+    // keeps: a closed port (`dead_port`) can be another test's origin by
+    // the time the entry connects, and the entry's hello then broke that
+    // test (a fresh-clone CI run).
+    let closer = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let exit = closer.local_addr().unwrap();
+    thread::spawn(move || {
+        for c in closer.incoming() {
+            drop(c);
+        }
+    });
+    let entry = Proxy::entry(exit, &key)
         .shards(1)
         .args(["--access-log", &path, "--access-log-format", "logfmt"])
         .start();
@@ -675,7 +686,7 @@ fn sigusr1_never_reopens_the_access_log_onto_the_key_file() {
         let mut c = TcpStream::connect(entry.addr).unwrap();
         let _ = c.write_all(b"x");
         let mut buf = [0u8; 16];
-        let _ = c.read(&mut buf); // the dead exit: the entry closes it
+        let _ = c.read(&mut buf); // the exit closed it: so does the entry
         log_lines(&rotated_or(&path), n)
     };
     fn rotated_or(path: &str) -> String {

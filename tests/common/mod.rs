@@ -810,10 +810,27 @@ pub fn fin_behind_data(addr: SocketAddr, conns: usize, parallel: usize) {
     }
 }
 
-/// A 127.0.0.1 port that nothing listens on (bound, then released).
-pub fn dead_port() -> SocketAddr {
+/// A 127.0.0.1 port free now (bound, then released), for a process under
+/// test to bind. Not an upstream that must stay dead: see [`dead_port`].
+pub fn free_port() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap()
+}
+
+/// A 127.0.0.1 port that nothing listens on, and that stays so for the
+/// rest of the test process: a socket is bound to it and never listens (a
+/// connect is refused), and is kept, so the port cannot become another
+/// test's origin. (It used to be bound, then released: a proxy whose
+/// upstream was "dead" then reached a parallel test's listener, and broke
+/// that test, in a fresh-clone CI run.)
+pub fn dead_port() -> SocketAddr {
+    static HELD: Mutex<Vec<socket2::Socket>> = Mutex::new(Vec::new());
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    HELD.lock().unwrap_or_else(|p| p.into_inner()).push(s);
+    addr
 }
 
 /// An origin on `addr` (port 0: any) that never completes a connect: a
