@@ -750,8 +750,8 @@ fn without_takeover(mut up: Upgrade) -> Upgrade {
 /// so giving each extra one to a single shard (as `j % m` did) sent that
 /// shard twice the others' share after a 3→2 upgrade. Shared, an extra
 /// listener's connections go to whichever shard accepts first (the less
-/// busy one, under load; 232 and 368 of 600 sequential connections in
-/// `tests/handover.rs`, against 400 and 200 before). Steering new
+/// busy one, under load; 256–320 of 600 sequential connections per shard
+/// in `tests/handover.rs`, against 400 and 200 before). Steering new
 /// connections away from the extras with a BPF program on the group was
 /// tried and dropped: the program belongs to the whole group, so it also
 /// starved processes that joined it fresh (a surge deployment). Shards

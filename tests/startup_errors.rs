@@ -590,7 +590,6 @@ fn a_program_path_that_is_not_utf8_still_runs() {
 /// shards, or on none, and exited 0.
 #[test]
 fn a_shard_that_cannot_start_fails_the_whole_start() {
-    use std::io::{BufRead, BufReader};
     use std::os::unix::fs::PermissionsExt;
     use std::process::Stdio;
     // A copy the unprivileged user may execute.
@@ -636,13 +635,7 @@ fn a_shard_that_cannot_start_fails_the_whole_start() {
             .spawn()
             .unwrap();
         // Lines as they come; the channel closes when the process exits.
-        let (tx, rx) = std::sync::mpsc::channel();
-        let pipe = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        let rx = stderr_lines(&mut child);
         let mut lines = Vec::new();
         let mut listening = 0;
         // Until it exits, or both shards listen (then it is told to stop).
@@ -715,7 +708,7 @@ fn a_shard_that_cannot_start_fails_the_whole_start() {
 /// thread to spare.
 #[test]
 fn metrics_are_answered_when_no_thread_can_be_made() {
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::{Read, Write};
     use std::process::Stdio;
     /// Kills the proxy if the test fails half-way (a process left running
     /// as that user would count against the next run's limit).
@@ -756,13 +749,7 @@ fn metrics_are_answered_when_no_thread_can_be_made() {
             .spawn()
             .unwrap();
         let mut child = Reaped(child);
-        let (tx, rx) = std::sync::mpsc::channel();
-        let pipe = child.0.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        let rx = stderr_lines(&mut child.0);
         let mut lines = Vec::new();
         // Until a line contains `what`; `None` if the process exited first.
         let wait_for = |what: &str, lines: &mut Vec<String>| -> Option<String> {
@@ -899,7 +886,6 @@ fn an_access_log_its_user_cannot_create_fails_check_and_run() {
 /// TMPDIR and its first proxy still draining.
 #[test]
 fn the_demo_under_thread_limits_leaves_no_key_and_no_proxy_behind() {
-    use std::io::{BufRead, BufReader};
     use std::process::Stdio;
     const UID: u32 = 64126;
     let (dir, bin) = copy_for_other_users("shardproxy-demo-nproc");
@@ -962,13 +948,7 @@ fn the_demo_under_thread_limits_leaves_no_key_and_no_proxy_behind() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let pipe = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        let rx = stderr_lines(&mut child);
         let mut lines = Vec::new();
         loop {
             match rx.recv_timeout(LIMIT) {
@@ -1132,7 +1112,6 @@ fn run_bounded_with_stop(
     mut cmd: Command,
     limit: Duration,
 ) -> Option<(std::process::ExitStatus, String)> {
-    use std::io::{BufRead, BufReader};
     use std::process::Stdio;
     let mut child = cmd
         .stdin(Stdio::null())
@@ -1140,13 +1119,7 @@ fn run_bounded_with_stop(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let pipe = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = stderr_lines(&mut child);
     let mut lines = Vec::new();
     let until = std::time::Instant::now() + limit;
     loop {
@@ -1167,6 +1140,20 @@ fn run_bounded_with_stop(
         }
     }
     Some((child.wait().unwrap(), lines.join("\n")))
+}
+
+/// `child`'s stderr, line by line, as it comes; the channel closes when the
+/// process exits (its pipe reaches EOF).
+fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::{BufRead, BufReader};
+    let (tx, rx) = std::sync::mpsc::channel();
+    let pipe = child.stderr.take().expect("stderr is piped");
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
 }
 
 /// A directory `/tmp/TAG-PID` (mode 0755) with a copy of the binary that
