@@ -291,6 +291,17 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
     };
     let handed = inherited.as_ref().map_or(0, |got| got.proxy.len());
     let (per_shard, distinct) = shard_listeners(&cfg, inherited.as_mut())?;
+    // Bound, not listening yet (see `listener::listen_all`): started once
+    // every shard can serve.
+    let to_listen = distinct
+        .iter()
+        .map(|s| {
+            s.try_clone().map_err(|source| StartupError::Listen {
+                addr: cfg.listen,
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     if let Some(got) = &inherited {
         // One listener per shard: the handed-over ones, and more of the
         // same SO_REUSEPORT group where this process has more shards.
@@ -513,10 +524,20 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         }
         Err(_) => false,
     });
+    // Every shard can serve: the listeners listen now (a new listener of a
+    // SO_REUSEPORT group takes its share of connections from then on), and
+    // the shards accept.
+    let listen_failed = match all_ready {
+        true => crate::listener::listen_all(&to_listen, &cfg).err(),
+        false => None,
+    };
+    drop(to_listen);
+    let all_ready = all_ready && listen_failed.is_none();
     if !all_ready {
         signals.abort_start("a shard failed to start");
     }
     if all_ready {
+        signals.broadcast(crate::control::Message::Accept);
         // Said once serving: a start that fails for want of threads says
         // only why it failed, in one line.
         if let Some(e) = crate::log::writer_failure() {
@@ -600,6 +621,9 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
                 Some(_) => crate::error!("shard {id} failed: {reason}"),
             }
         }
+    }
+    if failed.is_none() {
+        failed = listen_failed;
     }
     if let (None, Some((id, reason))) = (&failed, refused) {
         failed = Some(StartupError::ShardFailed {
@@ -809,10 +833,6 @@ fn shard_listeners(
     }
     let mut distinct = std::mem::take(&mut inherited.proxy);
     let n = distinct.len();
-    for socket in &distinct {
-        // A new backlog applies to an inherited socket too.
-        let _ = socket.listen(cfg.backlog.min(i32::MAX as u32) as i32);
-    }
     let mut per_shard: Vec<Vec<socket2::Socket>> = assign_inherited(n, m)
         .into_iter()
         .map(|js| js.into_iter().map(|j| dup(&distinct[j])).collect())

@@ -29,6 +29,9 @@ use crate::metrics::Board;
 /// A message to a shard.
 #[derive(Debug)]
 pub enum Message {
+    /// Every shard can serve and the listeners listen: start accepting
+    /// (sent once, after the start; see `app::run`).
+    Accept,
     /// Stop accepting, let connections finish, then stop.
     Drain,
     /// A successor took the listeners: drain, and send the replay set
@@ -81,6 +84,7 @@ impl Message {
     fn encode(&self) -> Zeroizing<Vec<u8>> {
         let mut out = Zeroizing::new(Vec::new());
         match self {
+            Message::Accept => out.push(b'L'),
             Message::Drain => out.push(b'D'),
             Message::HandOver => out.push(b'H'),
             Message::Upstream(crate::upstream::manager::Update::Endpoints(eps)) => {
@@ -639,6 +643,7 @@ pub async fn recv(stream: &mut glommio::net::UnixStream) -> Message {
     }
     let got = match tag[0] {
         b'H' => Some(Message::HandOver),
+        b'L' => Some(Message::Accept),
         b'K' => recv_keys(stream).await,
         b'S' => recv_salts(stream).await,
         b'E' | b'A' => recv_upstream(stream, tag[0]).await,

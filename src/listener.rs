@@ -17,7 +17,8 @@ use crate::error::{SessionError, Side, StartupError};
 use crate::stats::CloseReason;
 use crate::trigger::bounded;
 
-/// Binds one `SO_REUSEPORT` listener per shard on `cfg.listen`.
+/// Binds one `SO_REUSEPORT` listener per shard on `cfg.listen`, not
+/// listening yet ([`listen_all`] starts them once every shard can serve).
 ///
 /// All sockets are created here, before any shard starts, so a port in use is
 /// a start-up error, and `:0` resolves to one port that every shard shares.
@@ -25,7 +26,7 @@ pub fn bind_all(cfg: &Config, shards: usize) -> Result<Vec<Socket>, StartupError
     let mut addr = cfg.listen;
     let mut sockets = Vec::with_capacity(shards);
     for _ in 0..shards {
-        let socket = bind_one(addr, cfg.backlog, cfg.dual_stack).map_err(|e| match e.kind() {
+        let socket = bind_one(addr, cfg.dual_stack).map_err(|e| match e.kind() {
             io::ErrorKind::AddrInUse => StartupError::AddrInUse(addr),
             io::ErrorKind::PermissionDenied => StartupError::AddrAccess(addr),
             io::ErrorKind::AddrNotAvailable => StartupError::AddrNotAvail(addr),
@@ -38,21 +39,14 @@ pub fn bind_all(cfg: &Config, shards: usize) -> Result<Vec<Socket>, StartupError
                 .and_then(|a| a.as_socket())
                 .ok_or(StartupError::AddrNotAvail(addr))?;
         }
-        if matches!(cfg.mode, crate::config::Mode::Exit(_)) {
-            // The peer is an entry (ours, with TCP_NODELAY; an exit takes no
-            // PROXY header, so no balancer speaks to it on a client's
-            // behalf): its hello's ACK can ride on the server hello (see
-            // `Conn::delay_acks`). Accepted sockets inherit this from the
-            // listener.
-            let _ = socket.set_quickack(false);
-        }
         sockets.push(socket);
     }
     Ok(sockets)
 }
 
-/// Binds `count` more listeners on `addr`, joining its `SO_REUSEPORT`
-/// group: the shards a successor has beyond its predecessor's.
+/// Binds `count` more listeners on `addr`, to join its `SO_REUSEPORT`
+/// group once they listen ([`listen_all`]): the shards a successor has
+/// beyond its predecessor's.
 pub fn bind_more(
     cfg: &Config,
     addr: SocketAddr,
@@ -60,8 +54,7 @@ pub fn bind_more(
 ) -> Result<Vec<Socket>, StartupError> {
     (0..count)
         .map(|_| {
-            bind_one(addr, cfg.backlog, cfg.dual_stack)
-                .map_err(|source| StartupError::Listen { addr, source })
+            bind_one(addr, cfg.dual_stack).map_err(|source| StartupError::Listen { addr, source })
         })
         .collect()
 }
@@ -86,7 +79,7 @@ pub fn port_taken(addr: SocketAddr) -> bool {
     matches!(socket.bind(&addr.into()), Err(e) if e.kind() == io::ErrorKind::AddrInUse)
 }
 
-fn bind_one(addr: SocketAddr, backlog: u32, dual_stack: bool) -> io::Result<Socket> {
+fn bind_one(addr: SocketAddr, dual_stack: bool) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
@@ -97,8 +90,38 @@ fn bind_one(addr: SocketAddr, backlog: u32, dual_stack: bool) -> io::Result<Sock
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
     Ok(socket)
+}
+
+/// Starts listening on every socket (`listen(2)` with `backlog`; on an
+/// inherited, already listening socket it only sets the new backlog).
+///
+/// Called once every shard can serve, never at bind time: from its
+/// `listen` on, a socket of a `SO_REUSEPORT` group gets its share of the
+/// group's new connections (the kernel hashes each SYN to one listening
+/// socket), and a process that failed or stalled before it accepted them
+/// would reset or hold them, where the other process of the group (the
+/// predecessor of a hand-over, or a surge deployment's old pod) serves them.
+/// Errors: the first `listen` that failed, as [`StartupError::Listen`].
+pub fn listen_all(sockets: &[Socket], cfg: &Config) -> Result<(), StartupError> {
+    let addr = cfg.listen;
+    for socket in sockets {
+        socket
+            .listen(cfg.backlog.min(i32::MAX as u32) as i32)
+            .map_err(|source| StartupError::Listen { addr, source })?;
+        if matches!(cfg.mode, crate::config::Mode::Exit(_)) {
+            // The peer is an entry (ours, with TCP_NODELAY; an exit takes no
+            // PROXY header, so no balancer speaks to it on a client's
+            // behalf): its hello's ACK can ride on the server hello (see
+            // `Conn::delay_acks`). Accepted sockets inherit this from the
+            // listener. Set after `listen`, which resets a socket's ACK
+            // mode (`inet_csk_listen_start` → `inet_csk_delack_init`), and
+            // on every listener, inherited ones and those bound for a
+            // successor's extra shards too.
+            let _ = socket.set_quickack(false);
+        }
+    }
+    Ok(())
 }
 
 /// Logs at most once per second, counting the rest.

@@ -156,7 +156,7 @@ async fn run(setup: Setup) {
     // reset, not ended with a FIN, if this process dies mid-session
     // (`Conn::reset_unless_finished`). Set on inherited listeners too.
     let plain_clients = !matches!(cfg.mode, crate::config::Mode::Exit(_));
-    let listeners: Vec<_> = listeners
+    let mut listeners: Vec<_> = listeners
         .into_iter()
         .map(|l| {
             if plain_clients {
@@ -175,7 +175,7 @@ async fn run(setup: Setup) {
         1 => String::new(),
         n => format!(" ({n} inherited listeners)"),
     };
-    crate::info!(
+    let listening_line = format!(
         "shard {id} core {core} listening on {addr} role {} upstream {}{extra}",
         cfg.role().as_str(),
         cfg.upstreams.describe()
@@ -250,17 +250,6 @@ async fn run(setup: Setup) {
         ctx.limits().max_connections.get() as u64,
     ));
     ctx.set_sessions(permits.clone());
-    let accepts: Vec<_> = listeners
-        .into_iter()
-        .map(|l| {
-            glommio::spawn_local(crate::listener::accept_loop(
-                l,
-                ctx.clone(),
-                permits.clone(),
-            ))
-            .detach()
-        })
-        .collect();
     spawn_idle_sweep(ctx.clone());
     if let crate::config::Mode::Entry(tun) = &ctx.config().mode {
         if tun.keepalive > 0 {
@@ -268,13 +257,35 @@ async fn run(setup: Setup) {
         }
     }
     glommio::spawn_local(crate::engine::drive(ctx.clone())).detach();
+    // This shard can serve. Its listeners listen, and it accepts, only once
+    // every shard can (`Message::Accept`): a listener that joins a
+    // SO_REUSEPORT group takes its share of new connections from the
+    // moment it listens, and a process that then failed (or stalled) before
+    // accepting would reset (or hold) them, where its predecessor, or the
+    // other process of the group, would have served them.
     ready.send();
     if ctx.publishes() {
         spawn_publisher(ctx.clone());
     }
-
+    let mut accepts = Vec::new();
     let handed_over = loop {
         match control::recv(&mut control).await {
+            Message::Accept if accepts.is_empty() => {
+                // Tests and operators wait for this line: the port listens.
+                crate::info!("{listening_line}");
+                accepts = listeners
+                    .drain(..)
+                    .map(|l| {
+                        glommio::spawn_local(crate::listener::accept_loop(
+                            l,
+                            ctx.clone(),
+                            permits.clone(),
+                        ))
+                        .detach()
+                    })
+                    .collect();
+            }
+            Message::Accept => {}
             Message::Keys(keys) => {
                 let n = keys.all().len();
                 ctx.replace_keys(keys);

@@ -422,6 +422,134 @@ fn accept_queue_len(addr: SocketAddr) -> usize {
         .sum()
 }
 
+/// Sends signal `sig` (`-STOP`) to process `pid`.
+fn send(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "kill {sig} {pid}");
+}
+
+/// Listening sockets on `addr`'s port (one per socket of a `SO_REUSEPORT`
+/// group; a socket a successor inherited is the same socket).
+fn listening_sockets(addr: SocketAddr) -> usize {
+    let out = Command::new("ss")
+        .args(["-ltnH", &format!("sport = :{}", addr.port())])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+/// A successor with more shards than its predecessor binds new listeners
+/// for them, but they listen only once every shard can serve: a successor
+/// that stalls (or fails) before that takes no connection from the group,
+/// where before each new listener took its share from the bind on and held
+/// them unanswered (or reset them when the successor died).
+///
+/// The stall is a SIGSTOP sent as soon as the successor logs that it took
+/// the listeners over, which usually lands before it can serve; an attempt
+/// where the successor got that far first (its new listener listens) says
+/// nothing, and is repeated (at most 5). The build that listened at bind
+/// time fails every attempt.
+#[test]
+fn a_successor_listens_only_once_it_can_serve() {
+    use std::sync::mpsc::RecvTimeoutError;
+    let origin = echo_origin();
+    let ctl = control_path("stall");
+    let old = Proxy::forward(origin)
+        .shards(1)
+        .args(["--control-socket", &ctl])
+        .start();
+    assert_eq!(listening_sockets(old.addr), 1);
+    let mut seen = Vec::new();
+    for attempt in 0..5 {
+        let mut child = Command::new(BIN)
+            .args(["forward", "--listen", &old.addr.to_string()])
+            .args(["--upstream", &origin.to_string(), "--cores", "2"])
+            .args(["--takeover", &ctl])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let rx = stderr_lines(&mut child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut lines = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) => {
+                    let took = l.contains("taking over from process");
+                    lines.push(l);
+                    if took {
+                        break;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("attempt {attempt}: no takeover line: {lines:?}");
+                }
+            }
+        }
+        send(pid, "-STOP");
+        let listening = listening_sockets(old.addr);
+        seen.push(listening);
+        if listening != 1 {
+            // The successor could already serve when it stopped: it goes
+            // on, and the next attempt takes over from it.
+            send(pid, "-KILL");
+            let _ = child.wait();
+            old.wait_for_log(
+                |l| l.contains("hand-over failed, still serving"),
+                Duration::from_secs(10),
+            );
+            continue;
+        }
+        // Stalled before it could serve: every client is served, by the
+        // predecessor (the successor's second listener takes none).
+        for i in 0..40 {
+            let data = random_bytes(1024, 700 + i);
+            one(old.addr, &data).unwrap_or_else(|e| panic!("client {i}: {e}"));
+        }
+        // Let it go on: its new listener listens, and both shards accept.
+        send(pid, "-CONT");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // The shards log that they listen as they start accepting, in
+        // any order with the main thread's line.
+        let listening = |lines: &[String]| {
+            lines
+                .iter()
+                .filter(|l| l.contains(" listening on "))
+                .count()
+        };
+        while !lines.iter().any(|l| l.contains("hand-over complete")) || listening(&lines) < 2 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) => lines.push(l),
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("no hand-over after SIGCONT: {lines:?}");
+                }
+            }
+        }
+        assert_eq!(listening_sockets(old.addr), 2, "{lines:?}");
+        for i in 0..40 {
+            let data = random_bytes(1024, 800 + i);
+            one(old.addr, &data).unwrap_or_else(|e| panic!("client {i} after: {e}"));
+        }
+        send(pid, "-TERM");
+        let status = child.wait().unwrap();
+        assert!(status.success(), "{status:?} {lines:?}");
+        drop(old);
+        return;
+    }
+    panic!(
+        "in every attempt the successor's new listener listened before the successor could serve (listening sockets seen while it was stopped: {seen:?})"
+    );
+}
+
 /// A forward started with `--takeover ctl` that must fail within `limit`:
 /// exit 2 and one line on stderr, which is returned.
 fn failed_takeover(ctl: &str, limit: Duration) -> String {

@@ -9,7 +9,7 @@ use std::os::unix::ffi::OsStringExt;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{run_bounded, BIN};
+use common::{run_bounded, stderr_lines, BIN};
 
 const UP: &str = "127.0.0.1:9";
 
@@ -1140,20 +1140,6 @@ fn run_bounded_with_stop(
         }
     }
     Some((child.wait().unwrap(), lines.join("\n")))
-}
-
-/// `child`'s stderr, line by line, as it comes; the channel closes when the
-/// process exits (its pipe reaches EOF).
-fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
-    use std::io::{BufRead, BufReader};
-    let (tx, rx) = std::sync::mpsc::channel();
-    let pipe = child.stderr.take().expect("stderr is piped");
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    rx
 }
 
 /// A directory `/tmp/TAG-PID` (mode 0755) with a copy of the binary that

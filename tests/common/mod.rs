@@ -1379,3 +1379,17 @@ pub fn fake_output(fake: std::process::Child) -> String {
     let out = fake.wait_with_output().unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+/// `child`'s stderr, line by line, as it comes; the channel closes when the
+/// process exits (its pipe reaches EOF).
+pub fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::{BufRead, BufReader};
+    let (tx, rx) = std::sync::mpsc::channel();
+    let pipe = child.stderr.take().expect("stderr is piped");
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
