@@ -549,11 +549,20 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         ]);
         if let Some(inherited) = inherited.take() {
             let from = inherited.from_pid;
-            let got = match inherited.confirm() {
+            // A stop that came during the start (the shards got it
+            // already) is this process's, not the service's: the
+            // predecessor is told the start failed, and serves on.
+            let got = match inherited.confirm(|ready| signals.unless_draining(ready)) {
                 Ok(got) => {
                     crate::info!("hand-over complete: process {from} is draining");
                     owns_control = true;
                     got
+                }
+                Err(crate::handover::HandoverError::Stopped) => {
+                    crate::info!(
+                        "told to stop during the start: not taking over; process {from} serves on"
+                    );
+                    crate::handover::InheritedSalts::default()
                 }
                 Err(e) => {
                     // A predecessor that stopped meanwhile accepts nothing.

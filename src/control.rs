@@ -164,7 +164,7 @@ impl Controller {
 ///
 /// | signal | while starting | once shards run |
 /// |---|---|---|
-/// | SIGTERM, SIGINT | exit 0 at once: nothing is accepted yet | first: drain (after `--drain-delay`); second: reset every connection (RST) and exit 1. After a hand-over (already draining) the first one lets the drain go on |
+/// | SIGTERM, SIGINT | exit 0 at once: nothing is accepted yet | first: drain (after `--drain-delay`); second: reset every connection (RST) and exit 1. After a hand-over (already draining) the first one lets the drain go on. A successor that gets it before it told its predecessor `READY` does not take over: the predecessor is told its start failed, and serves on |
 /// | SIGHUP | remembered, applied once started | re-read the key file (ignored while draining) |
 /// | SIGUSR2 | logged, ignored | re-execute the binary with `--takeover` (needs a control socket: `--control-socket`, or the one inherited with `--takeover`): the new process takes the listeners, this one drains |
 /// | SIGUSR1 | reopen the access log | reopen the access log (after logrotate renamed it) |
@@ -377,6 +377,21 @@ impl SignalPlane {
             if !r.draining {
                 r.s.controller.send_each(msgs);
             }
+        }
+    }
+
+    /// Runs `f` unless the process drains (a termination signal, or a
+    /// failed start), with signal handling held off until it returns: what
+    /// `f` does (a successor's `READY` to its predecessor) either happens
+    /// before a stop is handled, or not at all. `f` must be quick: a
+    /// second termination signal waits for it.
+    pub fn unless_draining<T>(&self, f: impl FnOnce() -> T) -> Option<T> {
+        let Ok(phase) = self.state.lock() else {
+            return None;
+        };
+        match &*phase {
+            Phase::Running(r) if r.draining => None,
+            _ => Some(f()),
         }
     }
 

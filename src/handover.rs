@@ -109,6 +109,10 @@ pub enum HandoverError {
         /// What was wrong.
         reason: String,
     },
+    /// This process was told to stop during its start: it did not take
+    /// over (the predecessor was told so, and serves on).
+    #[error("told to stop during the start")]
+    Stopped,
 }
 
 /// What a successor received from its predecessor.
@@ -144,7 +148,16 @@ impl Inherited {
     /// receives its replay set, and waits until it confirms that it drains.
     /// A version 1 predecessor sends no set: the result is empty and not
     /// complete.
-    pub fn confirm(mut self) -> Result<InheritedSalts, HandoverError> {
+    ///
+    /// `may` runs `READY`'s write and says whether it ran: it does not when
+    /// this process was told to stop during its start (see
+    /// `SignalPlane::unless_draining`), and then the predecessor is told
+    /// this start failed instead (`FAILED`), and goes on serving; the
+    /// result is [`HandoverError::Stopped`].
+    pub fn confirm(
+        mut self,
+        may: impl FnOnce(&mut dyn FnMut() -> std::io::Result<()>) -> Option<std::io::Result<()>>,
+    ) -> Result<InheritedSalts, HandoverError> {
         let path = self.path.clone();
         let io = |source| HandoverError::Io {
             path: path.clone(),
@@ -154,10 +167,20 @@ impl Inherited {
             path: path.clone(),
             reason,
         };
-        if let Ok(mut slot) = TAKEOVER_IN_PROGRESS.lock() {
-            slot.take();
+        let conn = &mut self.conn;
+        let said = may(&mut || {
+            if let Ok(mut slot) = TAKEOVER_IN_PROGRESS.lock() {
+                slot.take();
+            }
+            writeln!(conn.get_mut(), "READY {}", std::process::id())
+        });
+        match said {
+            None => {
+                report_failure("it was told to stop (a termination signal) during its start");
+                return Err(HandoverError::Stopped);
+            }
+            Some(r) => r.map_err(io)?,
         }
-        writeln!(self.conn.get_mut(), "READY {}", std::process::id()).map_err(io)?;
         let mut salts = InheritedSalts::default();
         if self.version >= 2 {
             // The predecessor first waits for its shards' sets.
