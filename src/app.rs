@@ -527,8 +527,12 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
     // Every shard can serve: the listeners listen now (a new listener of a
     // SO_REUSEPORT group takes its share of connections from then on), and
     // the shards accept.
+    // A stop that came during the start leaves them unlistened (see
+    // `SignalPlane::start_accepting`).
     let listen_failed = match all_ready {
-        true => crate::listener::listen_all(&to_listen, &cfg).err(),
+        true => signals
+            .start_accepting(|| crate::listener::listen_all(&to_listen, &cfg))
+            .and_then(Result::err),
         false => None,
     };
     drop(to_listen);
@@ -537,7 +541,6 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         signals.abort_start("a shard failed to start");
     }
     if all_ready {
-        signals.broadcast(crate::control::Message::Accept);
         // Said once serving: a start that fails for want of threads says
         // only why it failed, in one line.
         if let Some(e) = crate::log::writer_failure() {

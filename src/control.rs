@@ -395,6 +395,34 @@ impl SignalPlane {
         }
     }
 
+    /// Start-up's last step, unless the process already drains: runs
+    /// `listen` (the listeners start listening) and, if it succeeds, tells
+    /// every shard to accept (`Message::Accept`), with signal handling
+    /// held off meanwhile, so that a stop either comes before and nothing
+    /// listens (a socket that listened would take connections the
+    /// stopping shards never accept, reset at exit; found by a break-it
+    /// round), or after, and drains shards that accept. `None` when
+    /// draining.
+    pub fn start_accepting<E>(
+        &self,
+        listen: impl FnOnce() -> Result<(), E>,
+    ) -> Option<Result<(), E>> {
+        let Ok(mut phase) = self.state.lock() else {
+            return None;
+        };
+        match &mut *phase {
+            Phase::Running(r) if r.draining => None,
+            Phase::Running(r) => {
+                let done = listen();
+                if done.is_ok() {
+                    r.s.controller.broadcast(Message::Accept);
+                }
+                Some(done)
+            }
+            Phase::Starting { .. } => Some(listen()),
+        }
+    }
+
     /// A handle for threads that must reach the plane later (the
     /// control-socket thread).
     pub fn handle(&self) -> SignalPlane {

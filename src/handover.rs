@@ -431,9 +431,40 @@ pub fn file_id(path: &Path) -> Option<(u64, u64)> {
 /// or the path is no longer the file `id` this process served (`file_id`
 /// at start-up). Before, a stale file stayed after every stop (harmless:
 /// the next start replaces it, but it looked like a live service).
+///
+/// Nor while a successor holds the sockets and has not said how its start
+/// went (this process was stopped meanwhile): it serves the same socket
+/// once it finds this process gone, and without the file it could never be
+/// upgraded (found by a break-it round: a SIGTERM to the predecessor
+/// during a successor's start). A successor that fails then leaves a stale
+/// file, which the next start replaces.
 pub fn remove_control(path: &Path, id: (u64, u64)) {
-    if !HANDED_OVER.load(std::sync::atomic::Ordering::SeqCst) && file_id(path) == Some(id) {
+    if !HANDED_OVER.load(std::sync::atomic::Ordering::SeqCst)
+        && OFFERED.load(std::sync::atomic::Ordering::SeqCst) == 0
+        && file_id(path) == Some(id)
+    {
         let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Successors that hold this process's sockets and have not yet said
+/// `READY` or `FAILED` (nor closed the connection).
+static OFFERED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One offer awaiting the successor's verdict, counted in [`OFFERED`]
+/// until dropped.
+struct Offered;
+
+impl Offered {
+    fn begin() -> Offered {
+        OFFERED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Offered
+    }
+}
+
+impl Drop for Offered {
+    fn drop(&mut self) {
+        OFFERED.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -784,6 +815,9 @@ fn offer_to(
             .map_err(|e| format!("sending the sockets: {e}"))?;
         offer.not_before
     };
+    // Until the successor says how its start went, the control socket may
+    // be its (see `remove_control`).
+    let _offered = Offered::begin();
     conn.set_read_timeout(Some(READY_TIMEOUT))
         .map_err(|e| e.to_string())?;
     // `READY <pid>`, or `FAILED <reason>` (at most FAILED_MAX bytes).
