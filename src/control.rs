@@ -169,6 +169,11 @@ impl Controller {
 /// | SIGUSR2 | logged, ignored | re-execute the binary with `--takeover` (needs a control socket: `--control-socket`, or the one inherited with `--takeover`): the new process takes the listeners, this one drains |
 /// | SIGUSR1 | reopen the access log | reopen the access log (after logrotate renamed it) |
 ///
+/// SIGURG is the relay's own: the kernel sends it to a shard's thread when
+/// urgent data reaches a socket the shard relays (`sys::watch_urgent`,
+/// `engine`); one sent by hand only makes a shard read its sockets with
+/// `TCP_INQ` from then on.
+///
 /// SIGPIPE is ignored by the Rust runtime, and the signals in [`IGNORED`]
 /// explicitly; SIGQUIT (core dump) and the synchronous faults keep their
 /// default actions. Readiness and state changes are also reported to systemd

@@ -49,13 +49,25 @@
 //! follows a FIN already seen, so from then on the side is read to EOF.
 //! Asking for `TCP_INQ` costs every read (`recvmsg` with a control message
 //! instead of `recv`: 2–8% of a `forward` pair's CPU at 1 KiB requests) and
-//! a `setsockopt` per socket, for data almost no peer sends; so every
-//! side's poll also reports `POLLPRI`, which the kernel raises while an
-//! urgent mark is pending, and only a side that reported it reads with
-//! `TCP_INQ` from then on. The completion that carries `POLLPRI` is posted
-//! after the urgent byte was queued, so a read that stopped at the mark
-//! before it is always followed by one that steps over. A
-//! data wake-up after a completion was posted posts another, so no data is
+//! a `setsockopt` per socket, for data almost no peer sends. So a side
+//! reads with `TCP_INQ` only once urgent data may have reached it: the
+//! shard owns each socket of a pair for `SIGURG` (`F_SETOWN_EX` to its
+//! thread, `sys::watch_urgent`), which the kernel sends when an urgent
+//! pointer arrives, before it queues that segment's data; the signal does
+//! not say which socket, so every side of the shard still reading plainly
+//! switches to `TCP_INQ` (`Engine::urgent_signal`, at most once per side),
+//! and reads once more at once. A socket that had urgent data pending
+//! before it was watched (`recv(MSG_OOB | MSG_PEEK)` tells) reads with
+//! `TCP_INQ` from the start. Until session 19 the switch came with the
+//! poll's `POLLPRI`, which was wrong in practice: an io_uring poll
+//! completion carries the wake-up's key, not a fresh `tcp_poll`, and TCP's
+//! data wake-up (`sock_def_readable`) always names `EPOLLIN | EPOLLPRI |
+//! EPOLLRDNORM | EPOLLRDBAND`, so every side switched at its first data,
+//! and paid about 250 ns per read (docs/BENCHMARKS.md, session 19).
+//! The switch is made before the completion that the urgent segment's
+//! data posts is handled (the signal came before the data was queued), so
+//! a read that stopped at the mark is always followed by one that steps
+//! over. A data wake-up after a completion was posted posts another, so no data is
 //! left unread. `splice(2)` stops at the urgent mark too, without a way
 //! past it: there a `recv` steps over the urgent byte (see `splice`).
 //!
@@ -90,18 +102,17 @@ const POLLOUT: i16 = libc::POLLOUT;
 const POLLERR: i16 = libc::POLLERR;
 const POLLHUP: i16 = libc::POLLHUP;
 const POLLRDHUP: i16 = libc::POLLRDHUP;
-const POLLPRI: i16 = libc::POLLPRI;
 /// What a side's multishot read poll waits for.
 const READ_EVENTS: i16 = POLLIN | POLLRDHUP | POLLERR | POLLHUP;
 
-/// What a side's multishot read poll waits for, urgent data included
-/// (`POLLPRI`, raised while TCP's urgent mark is pending), which makes the
-/// side's reads exact from then on (`Half::urgent`, `drained`). On every
-/// side: a tunnel side's peer is our own entry or exit, but an urgent byte
+/// What a side's multishot read poll waits for. Urgent data is not asked
+/// for here: a completion's `POLLPRI` names the wake-up, not the socket's
+/// state (see the module's doc); `SIGURG` tells it instead, on every side:
+/// a tunnel side's peer is our own entry or exit, but an urgent byte
 /// slipped into its stream (by a peer holding the key, or injected on the
 /// path; the kernel strips it, so every chunk stays valid) would otherwise
 /// stall the session until its idle timeout.
-const READ_POLL: i16 = READ_EVENTS | POLLPRI;
+const READ_POLL: i16 = READ_EVENTS;
 
 /// Side 0 is the client (downstream), side 1 the upstream.
 fn peer(side: usize) -> Peer {
@@ -185,8 +196,9 @@ struct Half {
     shut: bool,
     /// A completion reported the side's FIN or hang-up: read to EOF.
     gone: bool,
-    /// A completion reported urgent data (`POLLPRI`) on the side: its reads
-    /// ask how much stays queued (`TCP_INQ`) from then on (see `drained`).
+    /// Urgent data may have reached the side (a `SIGURG`, or pending when
+    /// the pair started): its reads ask how much stays queued (`TCP_INQ`)
+    /// from then on (see `drained`).
     urgent: bool,
     /// Bytes read from the side (and counted in the shard's stats).
     bytes: u64,
@@ -295,6 +307,12 @@ pub struct Engine {
     slots: RefCell<Vec<Option<Box<Pair>>>>,
     free: RefCell<Vec<usize>>,
     gen: Cell<u32>,
+    /// Sides (slot, generation, side) that read without `TCP_INQ`: all of
+    /// them switch to it when this shard gets a `SIGURG` (see
+    /// [`Engine::urgent_signal`]). Entries of pairs that ended are
+    /// dropped then, or when the list outgrows the slots (see
+    /// [`Engine::start`]).
+    plain: RefCell<Vec<(usize, u32, usize)>>,
 }
 
 impl Engine {
@@ -328,6 +346,15 @@ impl Engine {
         let [b0, b1] = bufs;
         let [m0, m1] = modes;
         let mut half = [Half::new(m0, b0), Half::new(m1, b1)];
+        // Urgent data (see the module's doc): this shard owns both sockets
+        // for SIGURG from now on; one with urgent data pending already, or
+        // that cannot be watched, reads with TCP_INQ at once.
+        for (h, &fd) in half.iter_mut().zip(&fds) {
+            if crate::sys::watch_urgent(fd) {
+                h.urgent = true;
+                crate::sys::enable_inq(fd);
+            }
+        }
         let (keepalive, initial) = tunnel;
         if !initial.is_empty() {
             let h = half
@@ -367,10 +394,48 @@ impl Engine {
                 slots.len() - 1
             }
         };
+        let mut plain = self.plain.borrow_mut();
         for (s, &fd) in fds.iter().enumerate() {
             raw::poll_add(fd, READ_POLL, true, token(idx, gen, false, s));
+            if !slots[idx].as_ref().is_some_and(|p| p.half[s].urgent) {
+                plain.push((idx, gen, s));
+            }
+        }
+        // Bounded by the live pairs: entries of ended ones go once the list
+        // is twice what the live sides need.
+        if plain.len() > 4 * slots.len() + 64 {
+            plain.retain(|&(i, g, _)| slots[i].as_ref().is_some_and(|p| p.gen == g));
         }
         (idx, gen)
+    }
+
+    /// A `SIGURG` reached this shard: some socket it owns got an urgent
+    /// pointer, and nothing says which. Every side still reading without
+    /// `TCP_INQ` switches to it, and reads once more now, in case its
+    /// last read stopped short at the new mark with bytes queued behind it
+    /// (the completion of those bytes' wake-up may have been handled
+    /// before this). Each side switches at most once, so a peer that sends
+    /// urgent data again and again costs the shard no more than one switch
+    /// per connection: its reads then cost what every read did before
+    /// this check (see the module's doc).
+    fn urgent_signal(&self, ctx: &impl Host) {
+        let plain = std::mem::take(&mut *self.plain.borrow_mut());
+        for (idx, gen, s) in plain {
+            let mut slots = self.slots.borrow_mut();
+            let Some(Some(p)) = slots.get_mut(idx) else {
+                continue;
+            };
+            if p.gen != gen || p.half[s].urgent {
+                continue;
+            }
+            p.half[s].urgent = true;
+            crate::sys::enable_inq(p.fds[s]);
+            if !p.finished && p.reading[s] {
+                p.half[s].drained = false;
+                let r = pump(p, s, idx, ctx);
+                settle(p, idx, r);
+            }
+        }
     }
 
     /// Pairs whose slot is still taken: running, or ended with a poll the
@@ -387,6 +452,12 @@ impl Engine {
     }
 
     fn on_completion(&self, c: Completion, ctx: &impl Host) {
+        // Before any completion is handled: the signal was sent before the
+        // urgent segment's data was queued, so before this completion, or
+        // any that data's wake-up posts, could be reaped.
+        if crate::sys::take_urgent_signal() {
+            self.urgent_signal(ctx);
+        }
         let idx = (c.token >> 32) as usize;
         let gen = ((c.token >> 2) & 0x3fff_ffff) as u32;
         let write = c.token & 2 != 0;
@@ -435,12 +506,6 @@ impl Engine {
                 let mask = c.result as i16;
                 if mask & (POLLRDHUP | POLLHUP | POLLERR) != 0 {
                     p.half[side].gone = true;
-                }
-                if mask & POLLPRI != 0 && !p.half[side].urgent {
-                    // Urgent data: from now on reads say what stays
-                    // queued behind the urgent mark (see `drained`).
-                    p.half[side].urgent = true;
-                    crate::sys::enable_inq(p.fds[side]);
                 }
                 p.half[side].drained = false;
                 match (mask & POLLERR != 0)

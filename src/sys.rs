@@ -554,6 +554,110 @@ pub fn at_urgent_mark(fd: std::os::fd::RawFd) -> std::io::Result<bool> {
     Ok(at != 0)
 }
 
+std::thread_local! {
+    /// Set by [`on_sigurg`] on the thread the signal was sent to (a shard's,
+    /// see [`watch_urgent`]); taken by [`take_urgent_signal`].
+    static URGENT_SIGNAL: std::sync::atomic::AtomicBool =
+        const { std::sync::atomic::AtomicBool::new(false) };
+    /// This thread's id (`gettid(2)`), once asked for.
+    static TID: std::cell::Cell<libc::pid_t> = const { std::cell::Cell::new(0) };
+}
+
+/// The `SIGURG` handler: notes the signal for the thread it interrupted,
+/// nothing else. Async-signal-safe: a store to a constant-initialised
+/// thread-local atomic (no lazy initialisation, no destructor).
+extern "C" fn on_sigurg(_: libc::c_int) {
+    URGENT_SIGNAL.with(|f| f.store(true, std::sync::atomic::Ordering::Relaxed));
+}
+
+/// Installs the process's `SIGURG` handler ([`on_sigurg`], `SA_RESTART`),
+/// once; later calls return the first one's result. Until then, and
+/// without it, `SIGURG` keeps its default action (ignored).
+pub fn install_urgent_signal() -> std::io::Result<()> {
+    static INSTALLED: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
+    let r = INSTALLED.get_or_init(|| {
+        // SAFETY: an all-zero sigaction is valid (empty mask, no flags);
+        // the handler is an `extern "C" fn(c_int)` that only stores to a
+        // thread-local atomic, and sigaction(2) reads the struct, a live
+        // local, once.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_sigurg as *const () as libc::sighandler_t;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(libc::SIGURG, &sa, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+            }
+        }
+        Ok(())
+    });
+    r.map_err(std::io::Error::from_raw_os_error)
+}
+
+/// Whether a `SIGURG` reached this thread since the last call (and clears
+/// the note): some socket whose owner it is ([`watch_urgent`]) received a
+/// new urgent pointer. The kernel sends it (`tcp_check_urg`) before it
+/// queues the segment's data, so it is noted before the completion that
+/// data's wake-up posts can be seen.
+pub fn take_urgent_signal() -> bool {
+    URGENT_SIGNAL.with(|f| {
+        f.load(std::sync::atomic::Ordering::Relaxed)
+            && f.swap(false, std::sync::atomic::Ordering::Relaxed)
+    })
+}
+
+/// Makes this thread the owner of socket `fd` for `SIGURG`
+/// (`fcntl(F_SETOWN_EX, F_OWNER_TID)`, fcntl(2)), so that the kernel
+/// signals it when an urgent pointer arrives ([`take_urgent_signal`]),
+/// and says whether urgent data is pending already (it arrived before;
+/// `recv(MSG_OOB | MSG_PEEK)` answers `EINVAL` only when there is none,
+/// tcp(7)). Also `true` when the socket cannot be watched: then the caller
+/// must treat every read as if urgent data were pending.
+pub fn watch_urgent(fd: std::os::fd::RawFd) -> bool {
+    // Without the handler the signal would be ignored: treat the socket as
+    // unwatched.
+    if install_urgent_signal().is_err() {
+        return true;
+    }
+    let tid = TID.with(|t| {
+        if t.get() == 0 {
+            // SAFETY: gettid(2) takes nothing and cannot fail.
+            t.set(unsafe { libc::gettid() });
+        }
+        t.get()
+    });
+    /// `struct f_owner_ex` (include/uapi/asm-generic/fcntl.h), with
+    /// `F_SETOWN_EX` and `F_OWNER_TID`, which the `libc` crate exports on
+    /// few targets.
+    #[repr(C)]
+    struct OwnerEx {
+        kind: libc::c_int,
+        pid: libc::pid_t,
+    }
+    const F_SETOWN_EX: libc::c_int = 15;
+    const F_OWNER_TID: libc::c_int = 0;
+    let owner = OwnerEx {
+        kind: F_OWNER_TID,
+        pid: tid,
+    };
+    // SAFETY: F_SETOWN_EX reads one `f_owner_ex`, a live local of that
+    // layout.
+    if unsafe { libc::fcntl(fd, F_SETOWN_EX, &owner as *const OwnerEx) } != 0 {
+        return true;
+    }
+    let mut byte = 0u8;
+    // SAFETY: `byte` is a live, writable one-byte buffer for the call.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            &mut byte as *mut u8 as *mut libc::c_void,
+            1,
+            libc::MSG_OOB | libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    !(n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL))
+}
+
 /// `TCP_INQ` (tcp(7), Linux 4.18+), which `libc` does not export on every
 /// target; also the control message's type (`TCP_CM_INQ`).
 const TCP_INQ: libc::c_int = 36;
