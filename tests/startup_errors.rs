@@ -1151,7 +1151,12 @@ fn copy_for_other_users(tag: &str) -> (std::path::PathBuf, std::path::PathBuf) {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let bin = dir.join("shardproxy");
-    std::fs::copy(BIN, &bin).unwrap();
+    // Copied by a child process, not `fs::copy`: a child that another
+    // test's thread forks while this process holds the copy open for
+    // writing inherits that descriptor until it execs, and executing the
+    // copy meanwhile fails with ETXTBSY ("Text file busy", seen in CI).
+    let copied = Command::new("cp").arg(BIN).arg(&bin).status().unwrap();
+    assert!(copied.success(), "cp {BIN} {}", bin.display());
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
     (dir, bin)
 }
