@@ -621,11 +621,28 @@ pub fn watch_urgent(fd: std::os::fd::RawFd) -> bool {
     }
     let tid = TID.with(|t| {
         if t.get() == 0 {
+            // A signal mask survives fork and exec: a parent that blocked
+            // SIGURG (Python's subprocess does not reset it) would keep it
+            // from this thread for ever (found by a break-it round).
+            // SAFETY: `set` is a live local sigset_t, initialised by
+            // sigemptyset before use; the old mask is not asked for.
+            let unblocked = unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, libc::SIGURG);
+                libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) == 0
+            };
+            if !unblocked {
+                return -1;
+            }
             // SAFETY: gettid(2) takes nothing and cannot fail.
             t.set(unsafe { libc::gettid() });
         }
         t.get()
     });
+    if tid < 0 {
+        return true;
+    }
     /// `struct f_owner_ex` (include/uapi/asm-generic/fcntl.h), with
     /// `F_SETOWN_EX` and `F_OWNER_TID`, which the `libc` crate exports on
     /// few targets.

@@ -822,6 +822,46 @@ fn bytes_behind_an_urgent_byte_are_never_stranded() {
     }
 }
 
+/// The same with SIGURG blocked by the proxy's parent (a signal mask
+/// survives fork and exec; Python's `subprocess` does not reset it): the
+/// relay learns of urgent data by that signal, so its shards unblock it.
+/// A build that did not stalled the bytes behind every urgent byte that
+/// came after the relay started (a break-it round).
+#[test]
+fn bytes_behind_an_urgent_byte_arrive_with_sigurg_blocked_by_the_parent() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("sp-sigurg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let wrapper = dir.join("blocked-sigurg");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/usr/bin/env python3\nimport os, signal, sys\nsignal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGURG}})\nos.execv({BIN:?}, [{BIN:?}] + sys.argv[1:])\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sizes = [(1000, 1000), (20000, 5000)];
+    let (up, up_got, down) = urgent_origins();
+    let a = Proxy::forward(up).binary(&wrapper).start();
+    let b = Proxy::forward(down).binary(&wrapper).start();
+    // The mask really was inherited: the wrapper exec'd the proxy with it.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", a.pid())).unwrap();
+    let blocked = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .map(|m| u64::from_str_radix(m.trim(), 16).unwrap())
+        .unwrap();
+    assert_ne!(
+        blocked & (1 << (23 - 1)),
+        0,
+        "SIGURG (23) not blocked in the main thread: {status}"
+    );
+    let stalled = urgent_bursts(a.addr, &up_got, b.addr, &sizes, 3);
+    assert!(stalled.is_empty(), "stalled {stalled:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A TCP health check or port probe (connect, then a FIN or a reset
 /// without a byte) is `empty`, with or without `--send-proxy-v2`; a
 /// connection that carried bytes is `clean`. The forward connects upstream

@@ -1394,8 +1394,9 @@ const N_SPREAD: u64 = 600;
 /// 2 shards) serves every connection, and no shard takes two listeners'
 /// share. The extra listener is shared by both shards: with it given to
 /// one shard, the split was 400 and 200 of 600 (198 and 402 with that
-/// assignment restored); shared, 256–320 per shard over five runs. At
-/// least 40% each.
+/// assignment restored); shared, 227–320 per shard over six runs (a CI
+/// run saw 373/227). At least 35% each: the unit test
+/// `app::tests::assign_inherited` pins the assignment itself.
 #[test]
 fn a_successor_with_fewer_shards_serves_on_every_shard() {
     let origin = echo_origin();
@@ -1413,12 +1414,12 @@ fn a_successor_with_fewer_shards_serves_on_every_shard() {
         Duration::from_secs(15),
     );
     let accepted = accepted_per_shard(new);
-    assert_each_shard_took(&accepted, N_SPREAD * 40 / 100);
+    assert_each_shard_took(&accepted, N_SPREAD * 35 / 100);
 }
 
 /// After a shrink (2 listeners to 1 shard, which accepts on both), the next
 /// successor with as many shards as listeners is balanced again: one
-/// listener each, at least 40% of 600 connections each.
+/// listener each, at least 35% of 600 connections each.
 #[test]
 fn a_successor_with_more_shards_undoes_a_shrink() {
     let origin = echo_origin();
@@ -1451,7 +1452,7 @@ fn a_successor_with_more_shards_undoes_a_shrink() {
         "{:?}",
         one_shard.log()
     );
-    assert_each_shard_took(&accepted_per_shard(two), N_SPREAD * 40 / 100);
+    assert_each_shard_took(&accepted_per_shard(two), N_SPREAD * 35 / 100);
 }
 
 /// Two shards, each of which accepted at least `least` connections.
