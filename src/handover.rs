@@ -451,42 +451,26 @@ pub fn remove_control(path: &Path, id: (u64, u64)) {
 /// `READY` or `FAILED` (nor closed the connection).
 static OFFERED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// One offer awaiting the successor's verdict, counted in [`OFFERED`]
-/// until dropped.
-struct Offered;
+/// One piece of work in progress, counted in its counter (`OFFERED`,
+/// `IN_EXCHANGE`) until dropped.
+struct Counted(&'static std::sync::atomic::AtomicUsize);
 
-impl Offered {
-    fn begin() -> Offered {
-        OFFERED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Offered
+impl Counted {
+    fn begin(counter: &'static std::sync::atomic::AtomicUsize) -> Counted {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Counted(counter)
     }
 }
 
-impl Drop for Offered {
+impl Drop for Counted {
     fn drop(&mut self) {
-        OFFERED.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
 /// Hand-overs between the successor's `READY` and this process's
 /// `DRAINING` (see [`wait_exchanges`]).
 static IN_EXCHANGE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// One hand-over past `READY`, counted in [`IN_EXCHANGE`] until dropped.
-struct Exchange;
-
-impl Exchange {
-    fn begin() -> Exchange {
-        IN_EXCHANGE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Exchange
-    }
-}
-
-impl Drop for Exchange {
-    fn drop(&mut self) {
-        IN_EXCHANGE.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
 
 /// Waits, at most `limit`, until no hand-over is between `READY` and
 /// `DRAINING`. A process whose drain a hand-over started is idle at once
@@ -625,7 +609,7 @@ pub fn serve(
                             Ok((pid, version, not_before)) if offered(&offer) => {
                                 // Counted before the drain starts, so the
                                 // process cannot exit before DRAINING went.
-                                let _exchange = Exchange::begin();
+                                let _exchange = Counted::begin(&IN_EXCHANGE);
                                 on_ready(pid);
                                 if version >= 2 {
                                     // Only an exit keeps a replay set; the
@@ -817,7 +801,7 @@ fn offer_to(
     };
     // Until the successor says how its start went, the control socket may
     // be its (see `remove_control`).
-    let _offered = Offered::begin();
+    let _offered = Counted::begin(&OFFERED);
     conn.set_read_timeout(Some(READY_TIMEOUT))
         .map_err(|e| e.to_string())?;
     // `READY <pid>`, or `FAILED <reason>` (at most FAILED_MAX bytes).
