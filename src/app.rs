@@ -360,6 +360,9 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
     // it: the predecessor serves it still.
     let control_file = control_path.as_deref().and_then(crate::handover::file_id);
     let mut owns_control = bound_control;
+    // Set when the predecessor gave up on this process's hand-over: the
+    // process drains what it accepted and fails its start with this.
+    let mut abandoned: Option<StartupError> = None;
     // Duplicates of every listener, to offer a successor in turn (only with
     // a control socket: a duplicate keeps a socket open after a drain).
     // Each listener once, though several shards may accept on it. Without
@@ -567,6 +570,24 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
                     );
                     crate::handover::InheritedSalts::default()
                 }
+                // It gave up waiting for this process and serves on: two
+                // processes must not serve side by side (each would accept
+                // a share of the clients, and a later upgrade would reach
+                // only one of them). This one stops accepting, finishes
+                // what it accepted meanwhile, and fails its start.
+                Err(e @ crate::handover::HandoverError::Abandoned { .. })
+                    if std::fs::read_to_string(format!("/proc/{from}/stat"))
+                        .is_ok_and(|st| process_alive(&st)) =>
+                {
+                    crate::error!(
+                        "hand-over: {e}; process {from} serves on: this process stops accepting, finishes its connections and exits"
+                    );
+                    signals.give_back(from, &format!("process {from} gave up on this hand-over"));
+                    abandoned = Some(StartupError::Takeover(format!(
+                        "process {from} gave up waiting for this process to be ready (its --handover-timeout) and serves on"
+                    )));
+                    crate::handover::InheritedSalts::default()
+                }
                 Err(e) => {
                     // A predecessor that stopped meanwhile accepts nothing.
                     let alive = std::fs::read_to_string(format!("/proc/{from}/stat"))
@@ -584,7 +605,7 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
                     crate::handover::InheritedSalts::default()
                 }
             };
-            if is_exit {
+            if is_exit && abandoned.is_none() {
                 let not_before = inherit_replay_set(&signals, got, started_unix, cfg.cores.len());
                 if let Ok(mut o) = offer.lock() {
                     if let Some(o) = o.as_mut() {
@@ -593,11 +614,16 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
                 }
             }
         }
-        if let Some(listener) = control_listener {
+        // An abandoned successor serves no control socket: it is the
+        // predecessor's.
+        if let Some(listener) = control_listener.filter(|_| abandoned.is_none()) {
             let plane = signals.handle();
-            if let Err(e) = crate::handover::serve(listener, offer, export_rx, move |pid| {
-                plane.handed_over(pid)
-            }) {
+            let timeout = cfg.lifecycle.handover_timeout;
+            if let Err(e) =
+                crate::handover::serve(listener, offer, export_rx, timeout, move |pid| {
+                    plane.handed_over(pid)
+                })
+            {
                 // Serving on: the predecessor, if any, is draining. But
                 // upgrades of this process are impossible until a restart.
                 let hint = if e.raw_os_error() == Some(libc::EAGAIN) {
@@ -635,7 +661,7 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         }
     }
     if failed.is_none() {
-        failed = listen_failed;
+        failed = listen_failed.or(abandoned);
     }
     if let (None, Some((id, reason))) = (&failed, refused) {
         failed = Some(StartupError::ShardFailed {

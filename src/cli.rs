@@ -122,6 +122,10 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
     pub drain_delay: Duration,
 
+    /// How long this process waits for a successor (--takeover, or a re-exec on SIGUSR2) to say it is ready once it holds the listeners; then it gives up, serves on, and tells the successor, which finishes what it accepted and exits (1s-10m).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub handover_timeout: Duration,
+
     /// Unix socket on which this process hands its listening sockets to a successor (`--takeover`, or a re-exec on SIGUSR2); off by default.
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<String>,

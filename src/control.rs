@@ -344,6 +344,24 @@ impl SignalPlane {
         }
     }
 
+    /// The predecessor (process `pid`) gave up on this process's hand-over
+    /// and serves on: systemd is told it is the main process again, and
+    /// this process drains at once (no `--drain-delay`: the predecessor
+    /// accepts on the same listeners), without `STOPPING=1` (the service
+    /// is not stopping).
+    pub fn give_back(&self, pid: u32, why: &str) {
+        let Ok(mut phase) = self.state.lock() else {
+            return;
+        };
+        if let Phase::Running(r) = &mut *phase {
+            notify(&[sd_notify::NotifyState::MainPid(pid)]);
+            if !r.draining {
+                r.start_drain(why, false);
+                r.drain_now();
+            }
+        }
+    }
+
     /// A shard failed to start: the others stop as on SIGTERM (at once,
     /// without `--drain-delay`), so that the process exits with the
     /// failure rather than serve on part of its cores.

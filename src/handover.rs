@@ -61,8 +61,6 @@ use crate::error::StartupError;
 
 /// Most proxy listeners one hand-over carries (one per shard).
 pub const MAX_LISTENERS: usize = 200;
-/// How long the predecessor waits for `READY` after sending the sockets.
-pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Deadline for each line of the exchange other than `READY`.
 const LINE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the predecessor collects its shards' replay sets after `READY`.
@@ -113,6 +111,16 @@ pub enum HandoverError {
     /// over (the predecessor was told so, and serves on).
     #[error("told to stop during the start")]
     Stopped,
+    /// The predecessor gave up on this process before it took its `READY`
+    /// (it waited longer than its `--handover-timeout`, or the line never
+    /// reached it): it serves on, and this process must not serve beside it.
+    #[error("control socket {path}: the running process gave up on this one: {reason}")]
+    Abandoned {
+        /// The control socket.
+        path: PathBuf,
+        /// Its `ERROR` line, or why `READY` could not be sent.
+        reason: String,
+    },
 }
 
 /// What a successor received from its predecessor.
@@ -153,7 +161,10 @@ impl Inherited {
     /// this process was told to stop during its start (see
     /// `SignalPlane::unless_draining`), and then the predecessor is told
     /// this start failed instead (`FAILED`), and goes on serving; the
-    /// result is [`HandoverError::Stopped`].
+    /// result is [`HandoverError::Stopped`]. A predecessor that gave up
+    /// waiting (`--handover-timeout`) answers `ERROR gave up: ...` where
+    /// `SALTS` or `DRAINING` would come, or has closed the exchange before
+    /// `READY` could be written: [`HandoverError::Abandoned`].
     pub fn confirm(
         mut self,
         may: impl FnOnce(&mut dyn FnMut() -> std::io::Result<()>) -> Option<std::io::Result<()>>,
@@ -174,10 +185,26 @@ impl Inherited {
             }
             writeln!(conn.get_mut(), "READY {}", std::process::id())
         });
+        let abandoned = |reason: String| HandoverError::Abandoned {
+            path: path.clone(),
+            reason,
+        };
         match said {
             None => {
                 report_failure("it was told to stop (a termination signal) during its start");
                 return Err(HandoverError::Stopped);
+            }
+            // The predecessor closed the exchange before READY arrived: it
+            // never took it (if it has exited, the caller sees that).
+            Some(Err(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                return Err(abandoned(format!(
+                    "it closed the exchange before READY ({e})"
+                )));
             }
             Some(r) => r.map_err(io)?,
         }
@@ -189,6 +216,9 @@ impl Inherited {
                 .set_read_timeout(Some(LINE_TIMEOUT + EXPORT_TIMEOUT))
                 .map_err(io)?;
             let line = read_line(&mut self.conn).map_err(io)?;
+            if let Some(reason) = line.strip_prefix("ERROR ") {
+                return Err(abandoned(crate::log::one_line(reason).into_owned()));
+            }
             let fields: Vec<&str> = line.split(' ').collect();
             let parsed = match fields[..] {
                 ["SALTS", count, not_before, complete] => count
@@ -218,6 +248,9 @@ impl Inherited {
             };
         }
         let line = read_line(&mut self.conn).map_err(io)?;
+        if let Some(reason) = line.strip_prefix("ERROR ") {
+            return Err(abandoned(crate::log::one_line(reason).into_owned()));
+        }
         if line != "DRAINING" {
             return Err(HandoverError::Protocol {
                 path,
@@ -292,7 +325,24 @@ fn take_over_with(path: &Path, role: &str, version: u8) -> Result<Inherited, Han
     })?;
     stream.set_read_timeout(Some(LINE_TIMEOUT)).map_err(io)?;
     stream.set_write_timeout(Some(LINE_TIMEOUT)).map_err(io)?;
-    writeln!(&stream, "TAKEOVER {version}").map_err(io)?;
+    // A predecessor that refuses at once (`ERROR busy`) may have replied
+    // and closed before the request arrived: the write then fails with
+    // EPIPE, but the reply waits in the receive queue and says why.
+    let sent = writeln!(&stream, "TAKEOVER {version}");
+    let mut sent = match sent {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            Some(e)
+        }
+        other => {
+            other.map_err(io)?;
+            None
+        }
+    };
     let mut head = [0u8; 128];
     let mut raw: Vec<RawFd> = vec![-1; MAX_LISTENERS + 2];
     // A socket call with SO_RCVTIMEO is not restarted after a signal
@@ -313,7 +363,16 @@ fn take_over_with(path: &Path, role: &str, version: u8) -> Result<Inherited, Han
                     LINE_TIMEOUT.as_secs()
                 )));
             }
-            other => break other.map_err(io)?,
+            other => {
+                // Nothing to read after a failed request: its error says
+                // more.
+                if matches!(other, Ok((0, _)) | Err(_)) {
+                    if let Some(e) = sent.take() {
+                        return Err(io(e));
+                    }
+                }
+                break other.map_err(io)?;
+            }
         }
     };
     // Own whatever arrived first, so that an error below closes it.
@@ -546,10 +605,15 @@ fn offered(offer: &SharedOffer) -> bool {
 /// `salts` (an exit's) receives the shards' replay sets once they drain
 /// after a hand-over; `shards` of them are awaited (at most
 /// [`EXPORT_TIMEOUT`]) and sent to the successor before `DRAINING`.
+///
+/// A successor silent for `ready_timeout` after it got the sockets
+/// (`--handover-timeout`) is given up on: it is told so (`ERROR gave up:
+/// ...`, which it reads after its `READY`) and this process serves on.
 pub fn serve(
     listener: UnixListener,
     offer: SharedOffer,
     salts: Option<(std::sync::mpsc::Receiver<crate::replay::Export>, usize)>,
+    ready_timeout: Duration,
     on_ready: impl Fn(u32) + Send + Sync + 'static,
 ) -> std::io::Result<()> {
     // accept(2) honours SO_RCVTIMEO: an accept that loses a connection to
@@ -594,13 +658,20 @@ pub fn serve(
                         let mut exchange = match exchange.try_lock() {
                             Ok(guard) => guard,
                             Err(_) => {
+                                // Its request first (at most 1 s): a reply
+                                // sent before the request arrived, and the
+                                // close, made the successor's own write
+                                // fail ("Broken pipe") instead of reading
+                                // why it was refused.
+                                let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
+                                let _ = std::io::Read::read(&mut &conn, &mut [0u8; 128]);
                                 let _ = (&conn).write_all(b"ERROR busy: another hand-over is in progress\n");
                                 // Not "hand-over failed": the one in progress goes on.
                                 crate::warn!("hand-over: refused a second successor (busy); the hand-over in progress goes on");
                                 return;
                             }
                         };
-                        let answer = offer_to(&conn, &offer, &listener);
+                        let answer = offer_to(&conn, &offer, &listener, ready_timeout);
                         if answer.is_ok() {
                             handed.store(true, std::sync::atomic::Ordering::SeqCst);
                             HANDED_OVER.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -755,6 +826,7 @@ fn offer_to(
     conn: &UnixStream,
     offer: &SharedOffer,
     control: &UnixListener,
+    ready_timeout: Duration,
 ) -> Result<(u32, u8, u64), String> {
     conn.set_read_timeout(Some(LINE_TIMEOUT))
         .and_then(|()| conn.set_write_timeout(Some(LINE_TIMEOUT)))
@@ -802,11 +874,33 @@ fn offer_to(
     // Until the successor says how its start went, the control socket may
     // be its (see `remove_control`).
     let _offered = Counted::begin(&OFFERED);
-    conn.set_read_timeout(Some(READY_TIMEOUT))
+    conn.set_read_timeout(Some(ready_timeout))
         .map_err(|e| e.to_string())?;
     // `READY <pid>`, or `FAILED <reason>` (at most FAILED_MAX bytes).
-    let ready = read_line_max(&mut reader, FAILED_MAX as u64 + 16)
-        .map_err(|e| format!("the successor did not become ready: {e}"))?;
+    // Giving up on a successor that may still be alive (it stalled past
+    // `--handover-timeout`, or spoke nonsense), this process says so before it
+    // closes, in the line the successor reads after its READY: it then
+    // knows that its READY was never taken, and stops instead of serving
+    // alongside (`HandoverError::Abandoned`).
+    let give_up = |why: String| {
+        let _ = (&*conn).write_all(format!("ERROR gave up: {why}; serving on\n").as_bytes());
+        why
+    };
+    let ready = read_line_max(&mut reader, FAILED_MAX as u64 + 16).map_err(|e| {
+        give_up(
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) {
+                format!(
+                    "the successor did not become ready within {} (--handover-timeout)",
+                    crate::units::format_duration(ready_timeout)
+                )
+            } else {
+                format!("the successor did not become ready: {e}")
+            },
+        )
+    })?;
     if let Some(reason) = ready.strip_prefix("FAILED ") {
         return Err(format!(
             "the successor failed: {}",
@@ -816,6 +910,11 @@ fn offer_to(
     let pid = ready
         .strip_prefix("READY ")
         .and_then(|pid| pid.parse().ok())
-        .ok_or_else(|| format!("expected READY, got `{}`", crate::log::one_line(&ready)))?;
+        .ok_or_else(|| {
+            give_up(format!(
+                "expected READY, got `{}`",
+                crate::log::one_line(&ready)
+            ))
+        })?;
     Ok((pid, version, not_before))
 }

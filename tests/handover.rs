@@ -496,6 +496,7 @@ impl Stalled {
 fn stalled_successor(
     tag: &str,
     attempts: usize,
+    old_args: &[&str],
     wanted: impl Fn(u32, SocketAddr) -> Result<(), String>,
 ) -> Result<Stalled, Vec<String>> {
     let origin = echo_origin();
@@ -505,6 +506,7 @@ fn stalled_successor(
         let old = Proxy::forward(origin)
             .shards(1)
             .args(["--control-socket", &ctl])
+            .args(old_args.iter().copied())
             .start();
         assert_eq!(listening_sockets(old.addr), 1);
         let mut child = Command::new(BIN)
@@ -564,7 +566,7 @@ fn not_listening(_pid: u32, addr: SocketAddr) -> Result<(), String> {
 /// listened at bind time fails every attempt.
 #[test]
 fn a_successor_listens_only_once_it_can_serve() {
-    let mut s = stalled_successor("stall", 5, not_listening).unwrap_or_else(|seen| {
+    let mut s = stalled_successor("stall", 5, &[], not_listening).unwrap_or_else(|seen| {
         panic!("in every attempt the successor's new listener listened before it could serve: {seen:?}")
     });
     let addr = s.old.addr;
@@ -620,7 +622,7 @@ fn a_successor_stopped_during_its_start_leaves_the_predecessor_serving() {
             n => Err(format!("{n} shard threads")),
         }
     };
-    let mut s = stalled_successor("stopped", 20, shards_run).unwrap_or_else(|seen| {
+    let mut s = stalled_successor("stopped", 20, &[], shards_run).unwrap_or_else(|seen| {
         panic!(
             "no attempt stopped the successor with its shards running and not listening: {seen:?}"
         )
@@ -709,7 +711,7 @@ fn a_successor_stopped_during_its_start_leaves_the_predecessor_serving() {
 /// (a break-it round).
 #[test]
 fn a_predecessor_stopped_during_a_hand_over_leaves_the_control_socket() {
-    let mut s = stalled_successor("predterm", 5, not_listening).unwrap_or_else(|seen| {
+    let mut s = stalled_successor("predterm", 5, &[], not_listening).unwrap_or_else(|seen| {
         panic!("in every attempt the successor's new listener listened before it could serve: {seen:?}")
     });
     s.old.signal("TERM");
@@ -756,6 +758,107 @@ fn a_predecessor_stopped_during_a_hand_over_leaves_the_control_socket() {
     one(addr, &data).unwrap();
     let (status, _) = third.terminate();
     assert!(status.success());
+}
+
+/// A successor that stalls past the predecessor's `--handover-timeout`
+/// is given up on: the predecessor logs it, serves on, and tells the
+/// successor, which, once it runs again, stops accepting and exits 2 with
+/// one error line instead of serving beside it. The predecessor can still
+/// hand over later. (The build without the `ERROR gave up` line left the
+/// resumed successor serving alongside, confirmed by nobody: two
+/// processes accepting on the port, and the next upgrade reached one.)
+#[test]
+fn a_successor_past_the_handover_timeout_exits_and_the_predecessor_serves_on() {
+    let mut s = stalled_successor("gaveup", 5, &["--handover-timeout", "2s"], not_listening)
+        .unwrap_or_else(|seen| {
+            panic!("in every attempt the successor's new listener listened before it could serve: {seen:?}")
+        });
+    s.old.wait_for_log(
+        |l| l.contains("hand-over failed, still serving") && l.contains("--handover-timeout"),
+        Duration::from_secs(20),
+    );
+    let addr = s.old.addr;
+    for i in 0..20 {
+        let data = random_bytes(1024, 1100 + i);
+        one(addr, &data).unwrap_or_else(|e| panic!("client {i}: {e}"));
+    }
+    send(s.pid, "-CONT");
+    let status = run_bounded_child(&mut s.child, Duration::from_secs(30));
+    let rest: Vec<String> = s.rx.iter().collect();
+    s.lines.extend(rest);
+    assert_eq!(status, Some(2), "{:?}", s.lines);
+    assert!(
+        s.lines.last().is_some_and(
+            |l| l.starts_with("error: ") && l.contains("gave up waiting for this process")
+        ),
+        "{:?}",
+        s.lines
+    );
+    assert!(
+        !s.lines.iter().any(|l| l.contains("hand-over complete")),
+        "{:?}",
+        s.lines
+    );
+    // Only the predecessor's listener is left, and it serves.
+    assert_eq!(listening_sockets(addr), 1);
+    for i in 0..20 {
+        let data = random_bytes(1024, 1200 + i);
+        one(addr, &data).unwrap_or_else(|e| panic!("client {i} after: {e}"));
+    }
+    assert!(
+        !s.old.log().iter().any(|l| l.contains("draining")),
+        "{:?}",
+        s.old.log()
+    );
+    // And it still hands over.
+    let third = Proxy::forward(s.origin)
+        .listen(addr)
+        .shards(1)
+        .args(["--takeover", &s.ctl])
+        .start();
+    third.wait_for_log(
+        |l| l.contains("hand-over complete"),
+        Duration::from_secs(10),
+    );
+    let status = s.old.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{:?}", s.old.log());
+    let data = random_bytes(1024, 1300);
+    one(addr, &data).unwrap();
+    let (status, _) = third.terminate();
+    assert!(status.success());
+}
+
+/// A second successor arriving while a hand-over is in progress is
+/// refused with the reason (one line, exit 2), not a bare "Broken pipe"
+/// from writing to a socket the predecessor had already closed.
+#[test]
+fn a_second_successor_during_a_hand_over_is_told_busy() {
+    let s = stalled_successor("busy", 5, &[], not_listening).unwrap_or_else(|seen| {
+        panic!("in every attempt the successor's new listener listened before it could serve: {seen:?}")
+    });
+    let line = failed_takeover(&s.ctl, Duration::from_secs(20));
+    assert!(line.contains("another hand-over is in progress"), "{line}");
+    s.old.wait_for_log(
+        |l| l.contains("refused a second successor (busy)"),
+        Duration::from_secs(10),
+    );
+}
+
+/// Waits at most `limit` for `child` to exit; its exit code (`None`: it
+/// did not exit in time, and was killed).
+fn run_bounded_child(child: &mut std::process::Child, limit: Duration) -> Option<i32> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// A forward started with `--takeover ctl` that must fail within `limit`:

@@ -29,6 +29,12 @@ const TABLE: &[(&str, &str, &[&str], bool)] = &[
     ("drain_timeout", "1h", &["-1s", "3601s"], false),
     ("drain_delay", "5m", &["-1s", "301s"], false),
     (
+        "handover_timeout",
+        "10m",
+        &["-1s", "0s", "999ms", "601s"],
+        false,
+    ),
+    (
         "metrics_interval",
         "60s",
         &["-1s", "99ms", "61s", "1h"],

@@ -167,10 +167,13 @@ pub struct AccessLog {
 }
 
 /// How the process starts, hands over and stops.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Lifecycle {
     /// `/healthz` says 503 for this long after SIGTERM before the drain.
     pub drain_delay: Duration,
+    /// How long this process waits for a successor's `READY`
+    /// (`--handover-timeout`).
+    pub handover_timeout: Duration,
     /// Where this process offers its listeners to a successor.
     pub control_socket: Option<std::path::PathBuf>,
     /// Take the listeners over from the process serving this socket.
@@ -497,6 +500,7 @@ impl Config {
             },
             lifecycle: Lifecycle {
                 drain_delay: ranges::DRAIN_DELAY.check(args.drain_delay)?,
+                handover_timeout: ranges::HANDOVER_TIMEOUT.check(args.handover_timeout)?,
                 control_socket: args
                     .control_socket
                     .as_deref()

@@ -85,6 +85,13 @@ pub const DRAIN_DELAY: Bound<Duration> = Bound {
     min: secs(0),
     max: secs(300),
 };
+/// `--handover-timeout`: how long a predecessor waits for its successor's
+/// `READY`.
+pub const HANDOVER_TIMEOUT: Bound<Duration> = Bound {
+    flag: "--handover-timeout",
+    min: secs(1),
+    max: secs(600),
+};
 /// `--handshake-timeout` (entry and exit).
 pub const HANDSHAKE_TIMEOUT: Bound<Duration> = Bound {
     flag: "--handshake-timeout",
@@ -202,7 +209,7 @@ pub fn range_of(flag: &str) -> Option<String> {
     }
     table!(
         MAX_CONNECTIONS, BACKLOG, WAKE_BATCH, WAKE_BATCH_WAIT, CONNECT_TIMEOUT, IDLE_TIMEOUT,
-        DRAIN_TIMEOUT, DRAIN_DELAY, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES, MAX_CLOCK_SKEW,
+        DRAIN_TIMEOUT, DRAIN_DELAY, HANDOVER_TIMEOUT, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES, MAX_CLOCK_SKEW,
         CONNECT_ATTEMPTS, MAX_FAILS, FAIL_TIMEOUT, HEALTH_CHECK_INTERVAL, HEALTH_CHECK_FAILS,
         HEALTH_CHECK_PASSES, DNS_REFRESH, PROXY_HEADER_TIMEOUT, ACCESS_LOG_INTERVAL,
         METRICS_INTERVAL, TUNNEL_KEEPALIVE, TUNNEL_IDLE_TIMEOUT;
