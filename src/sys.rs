@@ -278,6 +278,18 @@ pub fn may_create_in(dir: &std::path::Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The index of the network interface called `name` in this network
+/// namespace (`if_nametoindex(3)`), for an IPv6 zone written as a name
+/// (`fe80::1%eth0`, RFC 4007 §11). `None` when there is no such interface
+/// (or the name holds a NUL).
+pub fn interface_index(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: if_nametoindex(3) reads the NUL-terminated name `c`, which
+    // lives until the call returns, and writes nothing.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
 /// Clears `O_NONBLOCK` on `file` (opened non-blocking so that opening a
 /// FIFO without a reader fails at once instead of waiting for one).
 pub fn set_blocking(file: &std::fs::File) -> std::io::Result<()> {

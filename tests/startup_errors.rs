@@ -81,6 +81,33 @@ fn bad_input_is_one_line_and_exit_code_2() {
                 .to_vec(),
             &["bad --listen address"],
         ),
+        // An IPv6 zone names an interface (`%lo` works); one that does not
+        // exist is said so, for every address flag.
+        case(
+            "listen zone naming no interface",
+            [
+                "forward",
+                "--listen",
+                "[fe80::1%sp-nosuch0]:80",
+                "--upstream",
+                UP,
+            ]
+            .map(String::from)
+            .to_vec(),
+            &["bad --listen address", "no network interface `sp-nosuch0`"],
+        ),
+        case(
+            "upstream zone naming no interface",
+            ["forward", "--listen", "127.0.0.1:0", "--upstream", "[fe80::1%sp-nosuch0]:80"]
+                .map(String::from)
+                .to_vec(),
+            &["bad --upstream", "no network interface `sp-nosuch0`"],
+        ),
+        case(
+            "metrics zone naming no interface",
+            forward(&["--metrics-listen", "[fe80::1%sp-nosuch0]:9"]),
+            &["bad --metrics-listen address", "no network interface `sp-nosuch0`"],
+        ),
         case(
             "bad upstream",
             [

@@ -236,8 +236,8 @@ pub const DEFAULT_EXIT_KEEPALIVE: i64 = 1024;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     /// `--metrics-listen` is not an IP:port.
-    #[error("bad --metrics-listen address `{0}`: expected IP:PORT such as 127.0.0.1:9100")]
-    BadMetricsListen(String),
+    #[error("bad --metrics-listen address `{0}`: {1}")]
+    BadMetricsListen(String, String),
     /// `--metrics-listen` would take connections meant for `--listen`: both
     /// sockets use `SO_REUSEPORT`, so the kernel would split clients between
     /// the proxy and the metrics endpoint.
@@ -249,8 +249,8 @@ pub enum ConfigError {
         listen: SocketAddr,
     },
     /// `--listen` is not an IP:port.
-    #[error("bad --listen address `{0}`: expected IP:PORT such as 127.0.0.1:8000 or [::]:8000")]
-    BadListen(String),
+    #[error("bad --listen address `{0}`: {1}")]
+    BadListen(String, String),
     /// `--upstream` cannot be parsed or resolved.
     #[error("bad --upstream `{0}`: {1}")]
     BadUpstream(String, String),
@@ -360,11 +360,11 @@ impl ConfigError {
     pub fn flag(&self) -> Option<&'static str> {
         match self {
             ConfigError::OutOfRange { flag, .. } => Some(flag),
-            ConfigError::BadListen(_) => Some("--listen"),
+            ConfigError::BadListen(..) => Some("--listen"),
             ConfigError::BadUpstream(..)
             | ConfigError::UpstreamPortZero(_)
             | ConfigError::LoopedUpstream { .. } => Some("--upstream"),
-            ConfigError::BadMetricsListen(_) | ConfigError::MetricsOnListen { .. } => {
+            ConfigError::BadMetricsListen(..) | ConfigError::MetricsOnListen { .. } => {
                 Some("--metrics-listen")
             }
             ConfigError::TooManyCores { .. } | ConfigError::ZeroCores(_) => Some("--cores"),
@@ -424,10 +424,14 @@ impl Config {
         args: &ProxyArgs,
         allowed_cores: &[usize],
     ) -> Result<Config, ConfigError> {
-        let listen: SocketAddr = args
-            .listen
-            .parse()
-            .map_err(|_| ConfigError::BadListen(args.listen.clone()))?;
+        let listen = parse_socket_addr(&args.listen).map_err(|why| {
+            ConfigError::BadListen(
+                args.listen.clone(),
+                why.unwrap_or_else(|| {
+                    "expected IP:PORT such as 127.0.0.1:8000 or [::]:8000".into()
+                }),
+            )
+        })?;
         let upstreams = upstreams(args)?;
         if let Some(e) = upstreams.endpoints.iter().find(|e| is_loop(listen, e.addr)) {
             return Err(ConfigError::LoopedUpstream {
@@ -437,10 +441,12 @@ impl Config {
         }
         let metrics_listen = match &args.metrics_listen {
             None => None,
-            Some(text) => Some(
-                text.parse::<SocketAddr>()
-                    .map_err(|_| ConfigError::BadMetricsListen(text.clone()))?,
-            ),
+            Some(text) => Some(parse_socket_addr(text).map_err(|why| {
+                ConfigError::BadMetricsListen(
+                    text.clone(),
+                    why.unwrap_or_else(|| "expected IP:PORT such as 127.0.0.1:9100".into()),
+                )
+            })?),
         };
         if let Some(metrics) = metrics_listen.filter(|m| overlaps(*m, listen)) {
             return Err(ConfigError::MetricsOnListen { metrics, listen });
@@ -1159,6 +1165,37 @@ fn accept_proxy(args: &ProxyArgs) -> Result<Option<AcceptProxy>, ConfigError> {
     }))
 }
 
+/// Parses `IP:PORT`, `[IPV6]:PORT` or `[IPV6%ZONE]:PORT`, where the zone
+/// (RFC 4007 §11, the scope of a link-local address) is a numeric scope
+/// id or, unlike `SocketAddr`'s parser, an interface name (`%eth0`, as
+/// ip(8) and ping(8) take it), looked up in this network namespace.
+/// `Err(Some(why))` says what is wrong with a zone; `Err(None)` is any
+/// other malformed address, for the caller's usage hint.
+pub fn parse_socket_addr(text: &str) -> Result<SocketAddr, Option<String>> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let zoned = text
+        .strip_prefix('[')
+        .and_then(|t| t.split_once("]:"))
+        .and_then(|(host, port)| Some((host.split_once('%')?, port)));
+    let Some(((ip, zone), port)) = zoned else {
+        return Err(None);
+    };
+    let (Ok(ip), Ok(port)) = (ip.parse::<std::net::Ipv6Addr>(), port.parse::<u16>()) else {
+        return Err(None);
+    };
+    let scope = crate::sys::interface_index(zone).ok_or_else(|| {
+        Some(format!(
+            "no network interface `{}` here (the zone after `%` names one, as in [fe80::1%eth0]:80, or gives its index)",
+            crate::log::one_line(zone)
+        ))
+    })?;
+    Ok(SocketAddr::V6(std::net::SocketAddrV6::new(
+        ip, port, 0, scope,
+    )))
+}
+
 /// Whether two listening addresses would share connections: the same
 /// (non-zero) port on the same address, or with either one a wildcard.
 fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
@@ -1421,7 +1458,48 @@ mod tests {
         assert_eq!(port("127.0.0.1:80"), 80);
         assert_eq!(port("localhost:81"), 81);
         assert!(UpstreamSpec::parse("nocolon").is_err());
-        let msg = ConfigError::BadListen("x".into()).to_string();
+        let msg = ConfigError::BadListen("x".into(), "y".into()).to_string();
         assert!(!msg.contains('\n'));
+    }
+
+    /// IPv6 zones (RFC 4007 §11) by index and by interface name, for
+    /// `--listen`, `--metrics-listen` and literal `--upstream`s.
+    #[test]
+    fn zoned_addresses() {
+        use crate::upstream::UpstreamSpec;
+        let lo = crate::sys::interface_index("lo").expect("a loopback interface");
+        let scope = |t: &str| match parse_socket_addr(t) {
+            Ok(SocketAddr::V6(a)) => a.scope_id(),
+            other => panic!("{t}: {other:?}"),
+        };
+        assert_eq!(scope("[fe80::1%lo]:80"), lo);
+        assert_eq!(scope("[fe80::1%7]:80"), 7);
+        assert_eq!(scope("[::1]:80"), 0);
+        let missing = parse_socket_addr("[fe80::1%sp-nosuch0]:80")
+            .unwrap_err()
+            .unwrap();
+        assert!(
+            missing.contains("no network interface `sp-nosuch0`"),
+            "{missing}"
+        );
+        for bad in [
+            "x",
+            "[fe80::1%lo]",
+            "[fe80::1%lo]:99999",
+            "[nope%lo]:80",
+            "1.2.3.4%lo:80",
+        ] {
+            assert_eq!(parse_socket_addr(bad), Err(None), "{bad}");
+        }
+        let spec = UpstreamSpec::parse("[fe80::1%lo]:80").unwrap();
+        match spec.resolve().unwrap()[..] {
+            [SocketAddr::V6(a)] => assert_eq!((a.scope_id(), a.port()), (lo, 80)),
+            ref other => panic!("{other:?}"),
+        }
+        let err = UpstreamSpec::parse("[fe80::1%sp-nosuch0]:80")
+            .unwrap()
+            .resolve()
+            .unwrap_err();
+        assert!(err.contains("no network interface"), "{err}");
     }
 }

@@ -125,9 +125,10 @@ impl UpstreamSpec {
     /// without duplicates). Blocks on DNS: call it at start-up or from the
     /// manager's thread, never from a shard.
     pub fn resolve(&self) -> Result<Vec<SocketAddr>, String> {
-        let mut addrs: Vec<SocketAddr> = match self.name.parse::<SocketAddr>() {
+        let mut addrs: Vec<SocketAddr> = match crate::config::parse_socket_addr(&self.name) {
             Ok(a) => vec![a],
-            Err(_) => self
+            Err(Some(why)) => return Err(why),
+            Err(None) => self
                 .name
                 .to_socket_addrs()
                 .map_err(|e| format!("cannot resolve: {e}"))?
@@ -225,7 +226,7 @@ impl Upstreams {
     pub fn has_names(&self) -> bool {
         self.specs
             .iter()
-            .any(|s| s.name.parse::<SocketAddr>().is_err())
+            .any(|s| crate::config::parse_socket_addr(&s.name).is_err())
     }
 
     /// The endpoints as one line: `a:1 (10.0.0.1:1, 10.0.0.2:1), b:2 weight=3`.
