@@ -532,13 +532,48 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
     // the shards accept.
     // A stop that came during the start leaves them unlistened (see
     // `SignalPlane::start_accepting`).
+    // A successor with more shards than it inherited listeners holds the
+    // listeners bound for the extra shards back until its predecessor took
+    // its READY (`listen_rest` below): a listener that joins the group
+    // takes new connections from its listen on, and one closed because
+    // the hand-over did not go through (its predecessor gave up on it, or
+    // it was told to stop) would reset those queued on it.
+    let now = match &inherited {
+        Some(_) => handed.min(to_listen.len()),
+        None => to_listen.len(),
+    };
+    let (listen_now, listen_later) = to_listen.split_at(now);
+    let first_shards = match &inherited {
+        Some(_) => 0..handed.min(cfg.cores.len()),
+        None => 0..cfg.cores.len(),
+    };
+    let later_shards = first_shards.end..cfg.cores.len();
     let listen_failed = match all_ready {
         true => signals
-            .start_accepting(|| crate::listener::listen_all(&to_listen, &cfg))
+            .start_accepting(
+                || crate::listener::listen_all(listen_now, &cfg),
+                first_shards,
+            )
             .and_then(Result::err),
         false => None,
     };
-    drop(to_listen);
+    // The rest, once this process serves (a no-op without them).
+    let listen_rest = || {
+        if listen_later.is_empty() {
+            return;
+        }
+        let r = signals.start_accepting(
+            || crate::listener::listen_all(listen_later, &cfg),
+            later_shards.clone(),
+        );
+        if let Some(Err(e)) = r {
+            crate::error!(
+                "shards {}-{} do not accept: {e}; the others serve",
+                later_shards.start,
+                later_shards.end - 1
+            );
+        }
+    };
     let all_ready = all_ready && listen_failed.is_none();
     if !all_ready {
         signals.abort_start("a shard failed to start");
@@ -549,10 +584,19 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         if let Some(e) = crate::log::writer_failure() {
             crate::warn!("log writer thread not started ({e}): lines are written in place");
         }
-        crate::control::notify(&[
-            sd_notify::NotifyState::Ready,
-            sd_notify::NotifyState::MainPid(std::process::id()),
-        ]);
+        // Serving: systemd hears it. A successor says so once it knows it
+        // serves (its predecessor, which is the main process until then,
+        // names it when it takes its READY; one that gave up on it or was
+        // replaced meanwhile must not be displaced by it).
+        let serving = || {
+            crate::control::notify(&[
+                sd_notify::NotifyState::Ready,
+                sd_notify::NotifyState::MainPid(std::process::id()),
+            ])
+        };
+        if inherited.is_none() {
+            serving();
+        }
         if let Some(inherited) = inherited.take() {
             let from = inherited.from_pid;
             // A stop that came during the start (the shards got it
@@ -562,6 +606,8 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
                 Ok(got) => {
                     crate::info!("hand-over complete: process {from} is draining");
                     owns_control = true;
+                    serving();
+                    listen_rest();
                     got
                 }
                 Err(crate::handover::HandoverError::Stopped) => {
@@ -575,16 +621,23 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
                 // a share of the clients, and a later upgrade would reach
                 // only one of them). This one stops accepting, finishes
                 // what it accepted meanwhile, and fails its start.
-                Err(e @ crate::handover::HandoverError::Abandoned { .. })
-                    if std::fs::read_to_string(format!("/proc/{from}/stat"))
-                        .is_ok_and(|st| process_alive(&st)) =>
-                {
+                // Whether or not it still runs: one that gave up may have
+                // been replaced or stopped since, and this process is then
+                // not the service either.
+                Err(e @ crate::handover::HandoverError::Abandoned { .. }) => {
+                    let alive = std::fs::read_to_string(format!("/proc/{from}/stat"))
+                        .is_ok_and(|st| process_alive(&st));
+                    let since = if alive {
+                        "serves on"
+                    } else {
+                        "has exited since"
+                    };
                     crate::error!(
-                        "hand-over: {e}; process {from} serves on: this process stops accepting, finishes its connections and exits"
+                        "hand-over: {e}; process {from} {since}: this process stops accepting, finishes its connections and exits"
                     );
-                    signals.give_back(from, &format!("process {from} gave up on this hand-over"));
+                    signals.give_back(&format!("process {from} gave up on this hand-over"));
                     abandoned = Some(StartupError::Takeover(format!(
-                        "process {from} gave up waiting for this process to be ready (its --handover-timeout) and serves on"
+                        "process {from} gave up waiting for this process to be ready (its --handover-timeout) and {since}; this process did not take over"
                     )));
                     crate::handover::InheritedSalts::default()
                 }
@@ -602,6 +655,8 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
                         );
                         owns_control = true;
                     }
+                    serving();
+                    listen_rest();
                     crate::handover::InheritedSalts::default()
                 }
             };

@@ -148,6 +148,14 @@ impl Controller {
         }
     }
 
+    /// Sends `cmd` to shards `ids` (those that exist).
+    pub fn send_to(&mut self, ids: std::ops::Range<usize>, cmd: Message) {
+        let bytes = cmd.encode();
+        for s in self.shards.iter_mut().take(ids.end).skip(ids.start) {
+            let _ = s.write_all(&bytes);
+        }
+    }
+
     /// Sends `msgs[i]` to shard `i`.
     pub fn send_each(&mut self, msgs: Vec<Message>) {
         for (s, msg) in self.shards.iter_mut().zip(msgs) {
@@ -344,17 +352,15 @@ impl SignalPlane {
         }
     }
 
-    /// The predecessor (process `pid`) gave up on this process's hand-over
-    /// and serves on: systemd is told it is the main process again, and
-    /// this process drains at once (no `--drain-delay`: the predecessor
-    /// accepts on the same listeners), without `STOPPING=1` (the service
-    /// is not stopping).
-    pub fn give_back(&self, pid: u32, why: &str) {
+    /// The predecessor gave up on this process's hand-over: this process
+    /// drains at once (no `--drain-delay`: it is not the service), and
+    /// tells systemd nothing (it never said it was the main process, and
+    /// the service is not stopping: no `STOPPING=1`).
+    pub fn give_back(&self, why: &str) {
         let Ok(mut phase) = self.state.lock() else {
             return;
         };
         if let Phase::Running(r) = &mut *phase {
-            notify(&[sd_notify::NotifyState::MainPid(pid)]);
             if !r.draining {
                 r.start_drain(why, false);
                 r.drain_now();
@@ -420,7 +426,8 @@ impl SignalPlane {
 
     /// Start-up's last step, unless the process already drains: runs
     /// `listen` (the listeners start listening) and, if it succeeds, tells
-    /// every shard to accept (`Message::Accept`), with signal handling
+    /// the `shards` to accept (`Message::Accept`; a successor's extra
+    /// shards are told once its predecessor took its READY), with signal handling
     /// held off meanwhile, so that a stop either comes before and nothing
     /// listens (a socket that listened would take connections the
     /// stopping shards never accept, reset at exit; found by a break-it
@@ -429,6 +436,7 @@ impl SignalPlane {
     pub fn start_accepting<E>(
         &self,
         listen: impl FnOnce() -> Result<(), E>,
+        shards: std::ops::Range<usize>,
     ) -> Option<Result<(), E>> {
         let Ok(mut phase) = self.state.lock() else {
             return None;
@@ -438,7 +446,7 @@ impl SignalPlane {
             Phase::Running(r) => {
                 let done = listen();
                 if done.is_ok() {
-                    r.s.controller.broadcast(Message::Accept);
+                    r.s.controller.send_to(shards, Message::Accept);
                 }
                 Some(done)
             }

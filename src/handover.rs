@@ -163,8 +163,9 @@ impl Inherited {
     /// this start failed instead (`FAILED`), and goes on serving; the
     /// result is [`HandoverError::Stopped`]. A predecessor that gave up
     /// waiting (`--handover-timeout`) answers `ERROR gave up: ...` where
-    /// `SALTS` or `DRAINING` would come, or has closed the exchange before
-    /// `READY` could be written: [`HandoverError::Abandoned`].
+    /// `SALTS` or `DRAINING` would come, or before it closed the exchange
+    /// (then `READY`'s write fails, and the line is read after it):
+    /// [`HandoverError::Abandoned`].
     pub fn confirm(
         mut self,
         may: impl FnOnce(&mut dyn FnMut() -> std::io::Result<()>) -> Option<std::io::Result<()>>,
@@ -195,16 +196,25 @@ impl Inherited {
                 return Err(HandoverError::Stopped);
             }
             // The predecessor closed the exchange before READY arrived: it
-            // never took it (if it has exited, the caller sees that).
+            // never took it. Either it gave up on this process (its `ERROR
+            // gave up` line waits in the receive queue: then this process
+            // must not serve, whether the predecessor still runs or was
+            // replaced or stopped since), or it exited without a verdict
+            // (stopped during the hand-over, or killed): then this is an
+            // I/O error, and the caller sees whether it is gone.
             Some(Err(e))
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
                 ) =>
             {
-                return Err(abandoned(format!(
-                    "it closed the exchange before READY ({e})"
-                )));
+                let _ = self.conn.get_ref().set_read_timeout(Some(LINE_TIMEOUT));
+                return Err(match read_line_max(&mut self.conn, VERDICT_MAX) {
+                    Ok(line) if line.starts_with("ERROR ") => {
+                        abandoned(crate::log::one_line(&line["ERROR ".len()..]).into_owned())
+                    }
+                    _ => io(e),
+                });
             }
             Some(r) => r.map_err(io)?,
         }
@@ -215,7 +225,7 @@ impl Inherited {
                 .get_ref()
                 .set_read_timeout(Some(LINE_TIMEOUT + EXPORT_TIMEOUT))
                 .map_err(io)?;
-            let line = read_line(&mut self.conn).map_err(io)?;
+            let line = read_line_max(&mut self.conn, VERDICT_MAX).map_err(io)?;
             if let Some(reason) = line.strip_prefix("ERROR ") {
                 return Err(abandoned(crate::log::one_line(reason).into_owned()));
             }
@@ -247,7 +257,7 @@ impl Inherited {
                 salts: crate::replay::get_remembered(&raw),
             };
         }
-        let line = read_line(&mut self.conn).map_err(io)?;
+        let line = read_line_max(&mut self.conn, VERDICT_MAX).map_err(io)?;
         if let Some(reason) = line.strip_prefix("ERROR ") {
             return Err(abandoned(crate::log::one_line(reason).into_owned()));
         }
@@ -448,6 +458,10 @@ fn take_over_with(path: &Path, role: &str, version: u8) -> Result<Inherited, Han
 
 /// The longest reason a `FAILED` line carries, in bytes.
 const FAILED_MAX: usize = 1000;
+/// Longest line a successor reads after its `READY`: `SALTS`, `DRAINING`,
+/// or the predecessor's `ERROR gave up: <why>` (whose excerpt of a bad
+/// line is cut to fit).
+const VERDICT_MAX: u64 = 512;
 
 /// This process's control connection to its predecessor while it takes
 /// over and is not yet ready (a start-up thread's, not a shard's: no data
@@ -911,10 +925,13 @@ fn offer_to(
         .strip_prefix("READY ")
         .and_then(|pid| pid.parse().ok())
         .ok_or_else(|| {
-            give_up(format!(
-                "expected READY, got `{}`",
-                crate::log::one_line(&ready)
-            ))
+            // At most 64 bytes of it: the whole line fits VERDICT_MAX.
+            let got = crate::log::one_line(&ready);
+            let cut = (0..=got.len().min(64))
+                .rev()
+                .find(|&i| got.is_char_boundary(i))
+                .unwrap_or(0);
+            give_up(format!("expected READY, got `{}`", &got[..cut]))
         })?;
     Ok((pid, version, not_before))
 }

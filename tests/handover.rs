@@ -459,6 +459,8 @@ struct Stalled {
     pid: u32,
     rx: std::sync::mpsc::Receiver<String>,
     lines: Vec<String>,
+    /// The successor's `NOTIFY_SOCKET` (the predecessor has none).
+    notify: Notify,
 }
 
 impl Drop for Stalled {
@@ -509,10 +511,12 @@ fn stalled_successor(
             .args(old_args.iter().copied())
             .start();
         assert_eq!(listening_sockets(old.addr), 1);
+        let notify = Notify::new(&format!("{tag}-{attempt}"));
         let mut child = Command::new(BIN)
             .args(["forward", "--listen", &old.addr.to_string()])
             .args(["--upstream", &origin.to_string(), "--cores", "2"])
             .args(["--takeover", &ctl])
+            .env("NOTIFY_SOCKET", &notify.path)
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
@@ -526,6 +530,7 @@ fn stalled_successor(
             pid,
             rx,
             lines: Vec::new(),
+            notify,
         };
         stalled.wait_lines(
             |lines| {
@@ -546,6 +551,58 @@ fn stalled_successor(
         }
     }
     Err(seen)
+}
+
+/// `strace -e trace=listen` attached to a stopped process and all its
+/// threads: every listen(2) it makes from then on.
+struct ListenTrace {
+    strace: std::process::Child,
+    path: std::path::PathBuf,
+}
+
+impl ListenTrace {
+    /// Attaches to `pid` (stopped); `None` (and a `missing` note) without
+    /// strace.
+    fn attach(pid: u32) -> Option<ListenTrace> {
+        if Command::new("strace").arg("-V").output().is_err() {
+            missing("strace (apt-get install strace)");
+            return None;
+        }
+        let path = std::env::temp_dir().join(format!("sp-listen-{pid}.trace"));
+        let strace = Command::new("strace")
+            .args(["-f", "-qq", "-e", "trace=listen", "-o"])
+            .arg(&path)
+            .args(["-p", &pid.to_string()])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Attached once every thread has a tracer (proc(5) `TracerPid`).
+        poll_until(Duration::from_secs(10), || {
+            let tasks =
+                std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| e.to_string())?;
+            for t in tasks {
+                let status =
+                    std::fs::read_to_string(t.map_err(|e| e.to_string())?.path().join("status"))
+                        .map_err(|e| e.to_string())?;
+                if status
+                    .lines()
+                    .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["TracerPid:", "0"])
+                {
+                    return Err("a thread not traced yet".to_string());
+                }
+            }
+            Ok(())
+        });
+        Some(ListenTrace { strace, path })
+    }
+
+    /// The calls traced, once the traced process has exited.
+    fn calls(mut self) -> String {
+        let _ = self.strace.wait();
+        let calls = std::fs::read_to_string(&self.path).unwrap_or_default();
+        let _ = std::fs::remove_file(&self.path);
+        calls
+    }
 }
 
 /// Whether the successor `pid` stopped before its new listener listened.
@@ -631,41 +688,13 @@ fn a_successor_stopped_during_its_start_leaves_the_predecessor_serving() {
     // build that did, for a few ms before it exited, reset the clients the
     // kernel queued there meanwhile: a break-it round). Too short a window
     // to sample: strace, attached while it is stopped, sees every listen(2).
-    if Command::new("strace").arg("-V").output().is_err() {
-        missing("strace (apt-get install strace)");
+    let Some(trace) = ListenTrace::attach(s.pid) else {
         return;
-    }
-    let trace = std::env::temp_dir().join(format!("sp-listen-{}.trace", s.pid));
-    let mut strace = Command::new("strace")
-        .args(["-f", "-qq", "-e", "trace=listen", "-o"])
-        .arg(&trace)
-        .args(["-p", &s.pid.to_string()])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    // Attached once every thread has a tracer (proc(5) `TracerPid`).
-    poll_until(Duration::from_secs(10), || {
-        let tasks =
-            std::fs::read_dir(format!("/proc/{}/task", s.pid)).map_err(|e| e.to_string())?;
-        for t in tasks {
-            let status =
-                std::fs::read_to_string(t.map_err(|e| e.to_string())?.path().join("status"))
-                    .map_err(|e| e.to_string())?;
-            if status
-                .lines()
-                .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["TracerPid:", "0"])
-            {
-                return Err("a thread not traced yet".to_string());
-            }
-        }
-        Ok(())
-    });
+    };
     send(s.pid, "-TERM");
     send(s.pid, "-CONT");
     let status = s.child.wait().unwrap();
-    let _ = strace.wait();
-    let calls = std::fs::read_to_string(&trace).unwrap_or_default();
-    let _ = std::fs::remove_file(&trace);
+    let calls = trace.calls();
     assert!(
         !calls.contains("listen("),
         "the stopped successor called listen: {calls}\n{:?}",
@@ -782,15 +811,19 @@ fn a_successor_past_the_handover_timeout_exits_and_the_predecessor_serves_on() {
         let data = random_bytes(1024, 1100 + i);
         one(addr, &data).unwrap_or_else(|e| panic!("client {i}: {e}"));
     }
+    // Its listener for the second shard never listens (one that did
+    // joined the group and reset the connections queued on it when the
+    // successor gave up: a break-it round, with clients under load).
+    let trace = ListenTrace::attach(s.pid);
     send(s.pid, "-CONT");
     let status = run_bounded_child(&mut s.child, Duration::from_secs(30));
     let rest: Vec<String> = s.rx.iter().collect();
     s.lines.extend(rest);
     assert_eq!(status, Some(2), "{:?}", s.lines);
     assert!(
-        s.lines.last().is_some_and(
-            |l| l.starts_with("error: ") && l.contains("gave up waiting for this process")
-        ),
+        s.lines.last().is_some_and(|l| l.starts_with("error: ")
+            && l.contains("gave up waiting for this process")
+            && l.contains("serves on")),
         "{:?}",
         s.lines
     );
@@ -798,6 +831,25 @@ fn a_successor_past_the_handover_timeout_exits_and_the_predecessor_serves_on() {
         !s.lines.iter().any(|l| l.contains("hand-over complete")),
         "{:?}",
         s.lines
+    );
+    if let Some(trace) = trace {
+        let calls = trace.calls();
+        // The inherited listener is listened again (for a new
+        // `--backlog`); the other, bound by this process, is not.
+        assert_eq!(
+            calls.matches("listen(").count(),
+            1,
+            "it listened: {calls}\n{:?}",
+            s.lines
+        );
+    }
+    // Nor did it tell systemd it serves (or who the main process is).
+    let told = s.notify.drain();
+    assert!(
+        !told
+            .iter()
+            .any(|m| m.contains("READY=1") || m.contains("MAINPID=")),
+        "{told:?}"
     );
     // Only the predecessor's listener is left, and it serves.
     assert_eq!(listening_sockets(addr), 1);
@@ -824,6 +876,67 @@ fn a_successor_past_the_handover_timeout_exits_and_the_predecessor_serves_on() {
     assert!(status.success(), "{:?}", s.old.log());
     let data = random_bytes(1024, 1300);
     one(addr, &data).unwrap();
+    let (status, _) = third.terminate();
+    assert!(status.success());
+}
+
+/// A successor given up on stops even when the process that gave up on it
+/// is gone by the time it runs again: replaced by another successor (as a
+/// retried upgrade does), or stopped. (The build that checked only
+/// whether the predecessor still ran took an exited one for a crash and
+/// served on: beside the new successor, holding the same control socket,
+/// or after the service had been stopped: a break-it round.)
+#[test]
+fn a_successor_given_up_on_stops_after_its_predecessor_was_replaced() {
+    let mut s = stalled_successor("replaced", 5, &["--handover-timeout", "1s"], not_listening)
+        .unwrap_or_else(|seen| {
+            panic!("in every attempt the successor's new listener listened before it could serve: {seen:?}")
+        });
+    s.old.wait_for_log(
+        |l| l.contains("hand-over failed, still serving"),
+        Duration::from_secs(20),
+    );
+    let addr = s.old.addr;
+    let next = Proxy::forward(s.origin)
+        .listen(addr)
+        .shards(1)
+        .args(["--takeover", &s.ctl])
+        .start();
+    next.wait_for_log(
+        |l| l.contains("hand-over complete"),
+        Duration::from_secs(10),
+    );
+    let status = s.old.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{:?}", s.old.log());
+    send(s.pid, "-CONT");
+    let status = run_bounded_child(&mut s.child, Duration::from_secs(30));
+    let rest: Vec<String> = s.rx.iter().collect();
+    s.lines.extend(rest);
+    assert_eq!(status, Some(2), "{:?}", s.lines);
+    assert!(
+        s.lines
+            .last()
+            .is_some_and(|l| l.contains("gave up waiting") && l.contains("has exited since")),
+        "{:?}",
+        s.lines
+    );
+    // The new successor alone serves, and its control socket works.
+    assert_eq!(listening_sockets(addr), 1);
+    for i in 0..20 {
+        let data = random_bytes(1024, 1400 + i);
+        one(addr, &data).unwrap_or_else(|e| panic!("client {i}: {e}"));
+    }
+    let mut next = next;
+    let third = Proxy::forward(s.origin)
+        .listen(addr)
+        .shards(1)
+        .args(["--takeover", &s.ctl])
+        .start();
+    third.wait_for_log(
+        |l| l.contains("hand-over complete"),
+        Duration::from_secs(10),
+    );
+    assert!(next.wait_exit(Duration::from_secs(30)).success());
     let (status, _) = third.terminate();
     assert!(status.success());
 }
