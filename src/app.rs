@@ -542,7 +542,8 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         Some(_) => handed.min(to_listen.len()),
         None => to_listen.len(),
     };
-    let (listen_now, listen_later) = to_listen.split_at(now);
+    let mut listen_now = to_listen;
+    let mut listen_later = listen_now.split_off(now);
     let first_shards = match &inherited {
         Some(_) => 0..handed.min(cfg.cores.len()),
         None => 0..cfg.cores.len(),
@@ -551,19 +552,24 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
     let listen_failed = match all_ready {
         true => signals
             .start_accepting(
-                || crate::listener::listen_all(listen_now, &cfg),
+                || crate::listener::listen_all(&listen_now, &cfg),
                 first_shards,
             )
             .and_then(Result::err),
         false => None,
     };
-    // The rest, once this process serves (a no-op without them).
-    let listen_rest = || {
-        if listen_later.is_empty() {
+    // Closed now: these duplicates would keep the listeners open after the
+    // shards closed theirs in a drain.
+    drop(listen_now);
+    // The rest, once this process serves (a no-op without them); closed
+    // then, or below.
+    let mut listen_rest = || {
+        let later = std::mem::take(&mut listen_later);
+        if later.is_empty() {
             return;
         }
         let r = signals.start_accepting(
-            || crate::listener::listen_all(listen_later, &cfg),
+            || crate::listener::listen_all(&later, &cfg),
             later_shards.clone(),
         );
         if let Some(Err(e)) = r {
@@ -669,6 +675,9 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
                 }
             }
         }
+        // Closed, if they never listened (a start that was given up on or
+        // told to stop).
+        listen_later.clear();
         // An abandoned successor serves no control socket: it is the
         // predecessor's.
         if let Some(listener) = control_listener.filter(|_| abandoned.is_none()) {
@@ -692,6 +701,8 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
             }
         }
     }
+    // (A start that failed leaves them here: closed too.)
+    drop(listen_later);
     let mut failed = None;
     for ((id, handle), core) in handles.into_iter().enumerate().zip(&cfg.cores) {
         if let Err(e) = handle.join() {

@@ -1,5 +1,6 @@
 //! Parsers for the human units every CLI flag and config key uses:
-//! durations (`100us`, `500ms`, `30s`, `2m`, `1h`) and sizes (`16KiB`, `1MiB`, `4096`).
+//! durations (`100us`, `500ms`, `30s`, `2m`, `1h`), sizes (`16KiB`, `1MiB`,
+//! `4096`) and socket addresses with IPv6 zones (`[fe80::1%eth0]:80`).
 //!
 //! Pure functions, so clap's `value_parser` and the config file (which is
 //! translated into flags) share one implementation and one set of error
@@ -145,6 +146,37 @@ pub fn format_approx(d: Duration) -> String {
     } else {
         format!("{:.1}s", d.as_secs_f64())
     }
+}
+
+/// Parses `IP:PORT`, `[IPV6]:PORT` or `[IPV6%ZONE]:PORT`, where the zone
+/// (RFC 4007 §11, the scope of a link-local address) is a numeric scope
+/// id or, unlike `SocketAddr`'s parser, an interface name (`%eth0`, as
+/// ip(8) and ping(8) take it), looked up in this network namespace.
+/// `Err(Some(why))` says what is wrong with a zone; `Err(None)` is any
+/// other malformed address, for the caller's usage hint.
+pub fn parse_socket_addr(text: &str) -> Result<std::net::SocketAddr, Option<String>> {
+    if let Ok(addr) = text.parse::<std::net::SocketAddr>() {
+        return Ok(addr);
+    }
+    let zoned = text
+        .strip_prefix('[')
+        .and_then(|t| t.split_once("]:"))
+        .and_then(|(host, port)| Some((host.split_once('%')?, port)));
+    let Some(((ip, zone), port)) = zoned else {
+        return Err(None);
+    };
+    let (Ok(ip), Ok(port)) = (ip.parse::<std::net::Ipv6Addr>(), port.parse::<u16>()) else {
+        return Err(None);
+    };
+    let scope = crate::sys::interface_index(zone).ok_or_else(|| {
+        Some(format!(
+            "no network interface `{}` here (the zone after `%` names one, as in [fe80::1%eth0]:80, or gives its index)",
+            zone.escape_debug()
+        ))
+    })?;
+    Ok(std::net::SocketAddr::V6(std::net::SocketAddrV6::new(
+        ip, port, 0, scope,
+    )))
 }
 
 #[cfg(test)]

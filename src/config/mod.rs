@@ -424,7 +424,7 @@ impl Config {
         args: &ProxyArgs,
         allowed_cores: &[usize],
     ) -> Result<Config, ConfigError> {
-        let listen = parse_socket_addr(&args.listen).map_err(|why| {
+        let listen = crate::units::parse_socket_addr(&args.listen).map_err(|why| {
             ConfigError::BadListen(
                 args.listen.clone(),
                 why.unwrap_or_else(|| {
@@ -441,7 +441,7 @@ impl Config {
         }
         let metrics_listen = match &args.metrics_listen {
             None => None,
-            Some(text) => Some(parse_socket_addr(text).map_err(|why| {
+            Some(text) => Some(crate::units::parse_socket_addr(text).map_err(|why| {
                 ConfigError::BadMetricsListen(
                     text.clone(),
                     why.unwrap_or_else(|| "expected IP:PORT such as 127.0.0.1:9100".into()),
@@ -1165,37 +1165,6 @@ fn accept_proxy(args: &ProxyArgs) -> Result<Option<AcceptProxy>, ConfigError> {
     }))
 }
 
-/// Parses `IP:PORT`, `[IPV6]:PORT` or `[IPV6%ZONE]:PORT`, where the zone
-/// (RFC 4007 §11, the scope of a link-local address) is a numeric scope
-/// id or, unlike `SocketAddr`'s parser, an interface name (`%eth0`, as
-/// ip(8) and ping(8) take it), looked up in this network namespace.
-/// `Err(Some(why))` says what is wrong with a zone; `Err(None)` is any
-/// other malformed address, for the caller's usage hint.
-pub fn parse_socket_addr(text: &str) -> Result<SocketAddr, Option<String>> {
-    if let Ok(addr) = text.parse::<SocketAddr>() {
-        return Ok(addr);
-    }
-    let zoned = text
-        .strip_prefix('[')
-        .and_then(|t| t.split_once("]:"))
-        .and_then(|(host, port)| Some((host.split_once('%')?, port)));
-    let Some(((ip, zone), port)) = zoned else {
-        return Err(None);
-    };
-    let (Ok(ip), Ok(port)) = (ip.parse::<std::net::Ipv6Addr>(), port.parse::<u16>()) else {
-        return Err(None);
-    };
-    let scope = crate::sys::interface_index(zone).ok_or_else(|| {
-        Some(format!(
-            "no network interface `{}` here (the zone after `%` names one, as in [fe80::1%eth0]:80, or gives its index)",
-            crate::log::one_line(zone)
-        ))
-    })?;
-    Ok(SocketAddr::V6(std::net::SocketAddrV6::new(
-        ip, port, 0, scope,
-    )))
-}
-
 /// Whether two listening addresses would share connections: the same
 /// (non-zero) port on the same address, or with either one a wildcard.
 fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
@@ -1468,14 +1437,14 @@ mod tests {
     fn zoned_addresses() {
         use crate::upstream::UpstreamSpec;
         let lo = crate::sys::interface_index("lo").expect("a loopback interface");
-        let scope = |t: &str| match parse_socket_addr(t) {
+        let scope = |t: &str| match crate::units::parse_socket_addr(t) {
             Ok(SocketAddr::V6(a)) => a.scope_id(),
             other => panic!("{t}: {other:?}"),
         };
         assert_eq!(scope("[fe80::1%lo]:80"), lo);
         assert_eq!(scope("[fe80::1%7]:80"), 7);
         assert_eq!(scope("[::1]:80"), 0);
-        let missing = parse_socket_addr("[fe80::1%sp-nosuch0]:80")
+        let missing = crate::units::parse_socket_addr("[fe80::1%sp-nosuch0]:80")
             .unwrap_err()
             .unwrap();
         assert!(
@@ -1489,7 +1458,7 @@ mod tests {
             "[nope%lo]:80",
             "1.2.3.4%lo:80",
         ] {
-            assert_eq!(parse_socket_addr(bad), Err(None), "{bad}");
+            assert_eq!(crate::units::parse_socket_addr(bad), Err(None), "{bad}");
         }
         let spec = UpstreamSpec::parse("[fe80::1%lo]:80").unwrap();
         match spec.resolve().unwrap()[..] {

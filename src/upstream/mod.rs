@@ -125,7 +125,7 @@ impl UpstreamSpec {
     /// without duplicates). Blocks on DNS: call it at start-up or from the
     /// manager's thread, never from a shard.
     pub fn resolve(&self) -> Result<Vec<SocketAddr>, String> {
-        let mut addrs: Vec<SocketAddr> = match crate::config::parse_socket_addr(&self.name) {
+        let mut addrs: Vec<SocketAddr> = match crate::units::parse_socket_addr(&self.name) {
             Ok(a) => vec![a],
             Err(Some(why)) => return Err(why),
             Err(None) => self
@@ -226,7 +226,7 @@ impl Upstreams {
     pub fn has_names(&self) -> bool {
         self.specs
             .iter()
-            .any(|s| crate::config::parse_socket_addr(&s.name).is_err())
+            .any(|s| crate::units::parse_socket_addr(&s.name).is_err())
     }
 
     /// The endpoints as one line: `a:1 (10.0.0.1:1, 10.0.0.2:1), b:2 weight=3`.
