@@ -633,8 +633,10 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
                 Err(e @ crate::handover::HandoverError::Abandoned { .. }) => {
                     let alive = std::fs::read_to_string(format!("/proc/{from}/stat"))
                         .is_ok_and(|st| process_alive(&st));
+                    // "Still runs", not "serves on": it may be draining
+                    // after a hand-over to another successor.
                     let since = if alive {
-                        "serves on"
+                        "still runs"
                     } else {
                         "has exited since"
                     };

@@ -823,7 +823,7 @@ fn a_successor_past_the_handover_timeout_exits_and_the_predecessor_serves_on() {
     assert!(
         s.lines.last().is_some_and(|l| l.starts_with("error: ")
             && l.contains("gave up waiting for this process")
-            && l.contains("serves on")),
+            && l.contains("still runs")),
         "{:?}",
         s.lines
     );
