@@ -750,7 +750,11 @@ fn metrics_are_answered_when_no_thread_can_be_made() {
     const UID: &str = "64124";
     let (dir, bin) = copy_for_other_users("shardproxy-nthreads");
     let mut tried = Vec::new();
-    for nproc in 3..=16 {
+    let mut nproc = 2;
+    // At most 3 starts again at a lower limit (below).
+    let mut again = 3;
+    while nproc < 16 {
+        nproc += 1;
         let child = Command::new("prlimit")
             .arg(format!("--nproc={nproc}"))
             .args([
@@ -812,9 +816,23 @@ fn metrics_are_answered_when_no_thread_can_be_made() {
         let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
             .unwrap()
             .count();
+        // No thread to spare at the smallest limit it starts under. A
+        // start can fail at a limit it serves under once started (a CI run
+        // counted 7 threads under a limit of 8, the start at 7 having
+        // failed): then it starts again at the limit of what runs.
+        assert!(
+            threads <= nproc,
+            "{threads} threads under a limit of {nproc}"
+        );
+        if threads < nproc && again > 0 {
+            again -= 1;
+            tried.push(format!("{nproc}: {threads} threads running"));
+            nproc = threads - 1;
+            continue;
+        }
         assert_eq!(
             threads, nproc,
-            "a thread to spare at the smallest limit it starts under"
+            "a thread to spare at the smallest limit it starts under: {tried:?}"
         );
         let get = |path: &str| -> String {
             let mut c = std::net::TcpStream::connect(&addr).unwrap();
