@@ -544,10 +544,9 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
     };
     let mut listen_now = to_listen;
     let mut listen_later = listen_now.split_off(now);
-    let first_shards = match &inherited {
-        Some(_) => 0..handed.min(cfg.cores.len()),
-        None => 0..cfg.cores.len(),
-    };
+    // The shards that accept on those (the first ones: see
+    // `shard_listeners`).
+    let first_shards = 0..now.min(cfg.cores.len());
     let later_shards = first_shards.end..cfg.cores.len();
     let listen_failed = match all_ready {
         true => signals
@@ -631,11 +630,9 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
                 // been replaced or stopped since, and this process is then
                 // not the service either.
                 Err(e @ crate::handover::HandoverError::Abandoned { .. }) => {
-                    let alive = std::fs::read_to_string(format!("/proc/{from}/stat"))
-                        .is_ok_and(|st| process_alive(&st));
                     // "Still runs", not "serves on": it may be draining
                     // after a hand-over to another successor.
-                    let since = if alive {
+                    let since = if pid_alive(from) {
                         "still runs"
                     } else {
                         "has exited since"
@@ -651,9 +648,7 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
                 }
                 Err(e) => {
                     // A predecessor that stopped meanwhile accepts nothing.
-                    let alive = std::fs::read_to_string(format!("/proc/{from}/stat"))
-                        .is_ok_and(|st| process_alive(&st));
-                    if alive {
+                    if pid_alive(from) {
                         crate::warn!(
                             "hand-over: process {from} did not confirm ({e}); both processes accept"
                         );
@@ -677,9 +672,6 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
                 }
             }
         }
-        // Closed, if they never listened (a start that was given up on or
-        // told to stop).
-        listen_later.clear();
         // An abandoned successor serves no control socket: it is the
         // predecessor's.
         if let Some(listener) = control_listener.filter(|_| abandoned.is_none()) {
@@ -703,7 +695,8 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
             }
         }
     }
-    // (A start that failed leaves them here: closed too.)
+    // Closed, if they never listened (a start that failed, was given up
+    // on or was told to stop).
     drop(listen_later);
     let mut failed = None;
     for ((id, handle), core) in handles.into_iter().enumerate().zip(&cfg.cores) {
@@ -957,6 +950,12 @@ fn shard_listeners(
 
 fn read_sysctl(path: &str) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Whether process `pid` is alive ([`process_alive`] of its
+/// `/proc/PID/stat`; gone if that cannot be read).
+fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| process_alive(&st))
 }
 
 /// Whether `/proc/PID/stat` (proc(5)) describes a process that is neither a

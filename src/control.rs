@@ -357,27 +357,25 @@ impl SignalPlane {
     /// tells systemd nothing (it never said it was the main process, and
     /// the service is not stopping: no `STOPPING=1`).
     pub fn give_back(&self, why: &str) {
-        let Ok(mut phase) = self.state.lock() else {
-            return;
-        };
-        if let Phase::Running(r) = &mut *phase {
-            if !r.draining {
-                r.start_drain(why, false);
-                r.drain_now();
-            }
-        }
+        self.drain_at_once(why, false);
     }
 
     /// A shard failed to start: the others stop as on SIGTERM (at once,
     /// without `--drain-delay`), so that the process exits with the
     /// failure rather than serve on part of its cores.
     pub fn abort_start(&self, why: &str) {
+        self.drain_at_once(why, true);
+    }
+
+    /// Starts a drain now, without `--drain-delay`, unless one runs; tells
+    /// systemd `STOPPING=1` if `stopping`.
+    fn drain_at_once(&self, why: &str, stopping: bool) {
         let Ok(mut phase) = self.state.lock() else {
             return;
         };
         if let Phase::Running(r) = &mut *phase {
             if !r.draining {
-                r.start_drain(why, true);
+                r.start_drain(why, stopping);
                 r.drain_now();
             }
         }

@@ -186,9 +186,14 @@ impl Inherited {
             }
             writeln!(conn.get_mut(), "READY {}", std::process::id())
         });
-        let abandoned = |reason: String| HandoverError::Abandoned {
-            path: path.clone(),
-            reason,
+        // The predecessor's `ERROR gave up: ...`, where a verdict line
+        // comes: it gave up on this process.
+        let gave_up = |line: &str| {
+            line.strip_prefix("ERROR ")
+                .map(|reason| HandoverError::Abandoned {
+                    path: path.clone(),
+                    reason: crate::log::one_line(reason).into_owned(),
+                })
         };
         match said {
             None => {
@@ -202,19 +207,10 @@ impl Inherited {
             // replaced or stopped since), or it exited without a verdict
             // (stopped during the hand-over, or killed): then this is an
             // I/O error, and the caller sees whether it is gone.
-            Some(Err(e))
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
-                ) =>
-            {
+            Some(Err(e)) if peer_closed(&e) => {
                 let _ = self.conn.get_ref().set_read_timeout(Some(LINE_TIMEOUT));
-                return Err(match read_line_max(&mut self.conn, VERDICT_MAX) {
-                    Ok(line) if line.starts_with("ERROR ") => {
-                        abandoned(crate::log::one_line(&line["ERROR ".len()..]).into_owned())
-                    }
-                    _ => io(e),
-                });
+                let line = read_line_max(&mut self.conn, VERDICT_MAX).unwrap_or_default();
+                return Err(gave_up(&line).unwrap_or_else(|| io(e)));
             }
             Some(r) => r.map_err(io)?,
         }
@@ -226,8 +222,8 @@ impl Inherited {
                 .set_read_timeout(Some(LINE_TIMEOUT + EXPORT_TIMEOUT))
                 .map_err(io)?;
             let line = read_line_max(&mut self.conn, VERDICT_MAX).map_err(io)?;
-            if let Some(reason) = line.strip_prefix("ERROR ") {
-                return Err(abandoned(crate::log::one_line(reason).into_owned()));
+            if let Some(e) = gave_up(&line) {
+                return Err(e);
             }
             let fields: Vec<&str> = line.split(' ').collect();
             let parsed = match fields[..] {
@@ -258,8 +254,8 @@ impl Inherited {
             };
         }
         let line = read_line_max(&mut self.conn, VERDICT_MAX).map_err(io)?;
-        if let Some(reason) = line.strip_prefix("ERROR ") {
-            return Err(abandoned(crate::log::one_line(reason).into_owned()));
+        if let Some(e) = gave_up(&line) {
+            return Err(e);
         }
         if line != "DRAINING" {
             return Err(HandoverError::Protocol {
@@ -338,16 +334,8 @@ fn take_over_with(path: &Path, role: &str, version: u8) -> Result<Inherited, Han
     // A predecessor that refuses at once (`ERROR busy`) may have replied
     // and closed before the request arrived: the write then fails with
     // EPIPE, but the reply waits in the receive queue and says why.
-    let sent = writeln!(&stream, "TAKEOVER {version}");
-    let mut sent = match sent {
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
-            ) =>
-        {
-            Some(e)
-        }
+    let mut sent = match writeln!(&stream, "TAKEOVER {version}") {
+        Err(e) if peer_closed(&e) => Some(e),
         other => {
             other.map_err(io)?;
             None
@@ -454,6 +442,16 @@ fn take_over_with(path: &Path, role: &str, version: u8) -> Result<Inherited, Han
         path: path.to_path_buf(),
         version,
     })
+}
+
+/// Whether a write failed because the peer closed its end (EPIPE, or
+/// ECONNRESET with unread data): a reply it sent first may still wait in
+/// this end's receive queue.
+fn peer_closed(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+    )
 }
 
 /// The longest reason a `FAILED` line carries, in bytes.
@@ -925,13 +923,9 @@ fn offer_to(
         .strip_prefix("READY ")
         .and_then(|pid| pid.parse().ok())
         .ok_or_else(|| {
-            // At most 64 bytes of it: the whole line fits VERDICT_MAX.
-            let got = crate::log::one_line(&ready);
-            let cut = (0..=got.len().min(64))
-                .rev()
-                .find(|&i| got.is_char_boundary(i))
-                .unwrap_or(0);
-            give_up(format!("expected READY, got `{}`", &got[..cut]))
+            // 64 bytes of it at most: the whole line fits VERDICT_MAX.
+            let got = crate::log::capped(crate::log::one_line(&ready).into_owned(), 64);
+            give_up(format!("expected READY, got `{got}`"))
         })?;
     Ok((pid, version, not_before))
 }
