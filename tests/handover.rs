@@ -473,6 +473,15 @@ impl Drop for Stalled {
 }
 
 impl Stalled {
+    /// Lets the successor go on (SIGCONT) and waits (at most 30 s) for it
+    /// to exit; its exit code, with all its lines read.
+    fn resume_to_exit(&mut self) -> Option<i32> {
+        send(self.pid, "-CONT");
+        let status = run_bounded_wait(&mut self.child, Duration::from_secs(30));
+        self.lines.extend(self.rx.iter());
+        status
+    }
+
     /// Reads the successor's lines until `done` holds for them.
     fn wait_lines(&mut self, done: impl Fn(&[String]) -> bool, what: &str) {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -603,6 +612,21 @@ impl ListenTrace {
         let _ = std::fs::remove_file(&self.path);
         calls
     }
+}
+
+/// A forward with one shard that took `addr`'s listeners over from the
+/// process serving `ctl`, once it logged that the hand-over is complete.
+fn taken_over(origin: SocketAddr, addr: SocketAddr, ctl: &str) -> Proxy {
+    let p = Proxy::forward(origin)
+        .listen(addr)
+        .shards(1)
+        .args(["--takeover", ctl])
+        .start();
+    p.wait_for_log(
+        |l| l.contains("hand-over complete"),
+        Duration::from_secs(10),
+    );
+    p
 }
 
 /// Whether the successor `pid` stopped before its new listener listened.
@@ -772,15 +796,7 @@ fn a_predecessor_stopped_during_a_hand_over_leaves_the_control_socket() {
         one(addr, &data).unwrap_or_else(|e| panic!("client {i}: {e}"));
     }
     // And it can be upgraded: a third process takes over through the file.
-    let third = Proxy::forward(s.origin)
-        .listen(addr)
-        .shards(1)
-        .args(["--takeover", &s.ctl])
-        .start();
-    third.wait_for_log(
-        |l| l.contains("hand-over complete"),
-        Duration::from_secs(10),
-    );
+    let third = taken_over(s.origin, addr, &s.ctl);
     let status = s.child.wait().unwrap();
     assert!(status.success(), "{:?}", s.lines);
     let data = random_bytes(1024, 999);
@@ -815,10 +831,7 @@ fn a_successor_past_the_handover_timeout_exits_and_the_predecessor_serves_on() {
     // joined the group and reset the connections queued on it when the
     // successor gave up: a break-it round, with clients under load).
     let trace = ListenTrace::attach(s.pid);
-    send(s.pid, "-CONT");
-    let status = run_bounded_child(&mut s.child, Duration::from_secs(30));
-    let rest: Vec<String> = s.rx.iter().collect();
-    s.lines.extend(rest);
+    let status = s.resume_to_exit();
     assert_eq!(status, Some(2), "{:?}", s.lines);
     assert!(
         s.lines.last().is_some_and(|l| l.starts_with("error: ")
@@ -863,15 +876,7 @@ fn a_successor_past_the_handover_timeout_exits_and_the_predecessor_serves_on() {
         s.old.log()
     );
     // And it still hands over.
-    let third = Proxy::forward(s.origin)
-        .listen(addr)
-        .shards(1)
-        .args(["--takeover", &s.ctl])
-        .start();
-    third.wait_for_log(
-        |l| l.contains("hand-over complete"),
-        Duration::from_secs(10),
-    );
+    let third = taken_over(s.origin, addr, &s.ctl);
     let status = s.old.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "{:?}", s.old.log());
     let data = random_bytes(1024, 1300);
@@ -897,21 +902,10 @@ fn a_successor_given_up_on_stops_after_its_predecessor_was_replaced() {
         Duration::from_secs(20),
     );
     let addr = s.old.addr;
-    let next = Proxy::forward(s.origin)
-        .listen(addr)
-        .shards(1)
-        .args(["--takeover", &s.ctl])
-        .start();
-    next.wait_for_log(
-        |l| l.contains("hand-over complete"),
-        Duration::from_secs(10),
-    );
+    let next = taken_over(s.origin, addr, &s.ctl);
     let status = s.old.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "{:?}", s.old.log());
-    send(s.pid, "-CONT");
-    let status = run_bounded_child(&mut s.child, Duration::from_secs(30));
-    let rest: Vec<String> = s.rx.iter().collect();
-    s.lines.extend(rest);
+    let status = s.resume_to_exit();
     assert_eq!(status, Some(2), "{:?}", s.lines);
     assert!(
         s.lines
@@ -927,15 +921,7 @@ fn a_successor_given_up_on_stops_after_its_predecessor_was_replaced() {
         one(addr, &data).unwrap_or_else(|e| panic!("client {i}: {e}"));
     }
     let mut next = next;
-    let third = Proxy::forward(s.origin)
-        .listen(addr)
-        .shards(1)
-        .args(["--takeover", &s.ctl])
-        .start();
-    third.wait_for_log(
-        |l| l.contains("hand-over complete"),
-        Duration::from_secs(10),
-    );
+    let third = taken_over(s.origin, addr, &s.ctl);
     assert!(next.wait_exit(Duration::from_secs(30)).success());
     let (status, _) = third.terminate();
     assert!(status.success());
@@ -955,23 +941,6 @@ fn a_second_successor_during_a_hand_over_is_told_busy() {
         |l| l.contains("refused a second successor (busy)"),
         Duration::from_secs(10),
     );
-}
-
-/// Waits at most `limit` for `child` to exit; its exit code (`None`: it
-/// did not exit in time, and was killed).
-fn run_bounded_child(child: &mut std::process::Child, limit: Duration) -> Option<i32> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status.code();
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// A forward started with `--takeover ctl` that must fail within `limit`:

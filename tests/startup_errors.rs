@@ -9,7 +9,7 @@ use std::os::unix::ffi::OsStringExt;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{run_bounded, stderr_lines, BIN};
+use common::{run_bounded, run_bounded_wait, stderr_lines, BIN};
 
 const UP: &str = "127.0.0.1:9";
 
@@ -1204,23 +1204,6 @@ fn copy_for_other_users(tag: &str) -> (std::path::PathBuf, std::path::PathBuf) {
     assert!(copied.success(), "cp {BIN} {}", bin.display());
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
     (dir, bin)
-}
-
-/// Waits at most `limit` for `child` to exit; its exit code (`None` if it
-/// had to be killed or died of a signal).
-fn run_bounded_wait(child: &mut std::process::Child, limit: Duration) -> Option<i32> {
-    let until = std::time::Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status.code();
-        }
-        if std::time::Instant::now() > until {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Text nobody received is not a success: `--help`, `--version` and

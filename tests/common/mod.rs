@@ -542,6 +542,23 @@ impl Drop for Proxy {
     }
 }
 
+/// Waits at most `limit` for `child` to exit; its exit code (`None` if it
+/// had to be killed or died of a signal).
+pub fn run_bounded_wait(child: &mut std::process::Child, limit: Duration) -> Option<i32> {
+    let until = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        if std::time::Instant::now() > until {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Runs `cmd` (a command expected to exit by itself, such as a start-up
 /// that must fail) and returns its status and stderr; `None`, after a
 /// SIGKILL, if it is still running after `limit`. A proxy that wrongly
