@@ -19,10 +19,14 @@
 # PLACE="split" pins proxy A to core 0 and proxy B to core 1 and leaves wrk
 # and nginx unpinned, as benches/e2e.rs places its pairs (default "one": the
 # layout above, which separates levers more reliably).
+# SECS (default 5, at most 60) and ROUNDS (default 3, at most 15) set each
+# load's length and the number of interleaved rounds.
 # Prints the proxies' CPU-seconds (utime+stime) per 100k requests.
 # Needs: nginx, wrk, haproxy (apt-get install nginx wrk haproxy); root for
 # nothing. Uses ports 18401, 18402 and 18080 on 127.0.0.1.
 set -euo pipefail
+[ "${SECS:-5}" -ge 1 ] && [ "${SECS:-5}" -le 60 ] || { echo "lever_probe: SECS must be 1-60" >&2; exit 2; }
+[ "${ROUNDS:-3}" -ge 1 ] && [ "${ROUNDS:-3}" -le 15 ] || { echo "lever_probe: ROUNDS must be 1-15" >&2; exit 2; }
 [ $# -gt 0 ] || { sed -n 2,20p "$0"; exit 2; }
 for t in nginx wrk; do
   command -v $t >/dev/null || { echo "lever_probe: needs $t (apt-get install $t)" >&2; exit 1; }
@@ -86,12 +90,12 @@ run_pair() { # label kind scenario
   [ "$sc" = churn ] && hdr=(-H "Connection: close")
   local c0a c0b c1a c1b reqs
   c0a=$(cpu $pa); c0b=$(cpu $pb)
-  reqs=$(taskset -c $LOAD wrk -c50 -t1 -d5s "${hdr[@]}" http://127.0.0.1:18401/one.k | awk '/requests in/ {print $1}')
+  reqs=$(taskset -c $LOAD wrk -c50 -t1 -d"${SECS:-5}s" "${hdr[@]}" http://127.0.0.1:18401/one.k | awk '/requests in/ {print $1}')
   c1a=$(cpu $pa); c1b=$(cpu $pb)
   kill $pa $pb; wait $pa $pb 2>/dev/null || true
   python3 -c "print(f'$sc $label reqs={$reqs} cpu_per_100k={($c1a-$c0a+$c1b-$c0b)/$reqs*1e5:.3f}')"
 }
-for round in 1 2 3; do
+for round in $(seq 1 "${ROUNDS:-3}"); do
   for sc in ${SCEN:-1k churn}; do
     for spec in "$@"; do run_pair "${spec%%=*}" "${spec#*=}" "$sc"; done
   done

@@ -30,17 +30,44 @@ pub struct Conn {
     peer: Peer,
     /// `SO_LINGER` {1, 0} is set: see [`Conn::reset_unless_finished`].
     abortive: Rc<Cell<bool>>,
+    /// See [`crate::engine::Sock::owned_since`].
+    owned_since: Option<u32>,
 }
 
 impl Conn {
-    /// Wraps a connected stream (and turns Nagle off: the relay writes whole
-    /// chunks, so coalescing only adds latency).
-    pub fn new(stream: TcpStream, peer: Peer) -> Self {
+    /// Wraps a stream its shard connected (and turns Nagle off: the relay
+    /// writes whole chunks, so coalescing only adds latency).
+    /// `owned_since`: the shard owns the socket for `SIGURG` since before
+    /// the connect (see [`crate::engine::Sock::owned_since`]).
+    pub fn connected(stream: TcpStream, peer: Peer, owned_since: Option<u32>) -> Self {
         let _ = stream.set_nodelay(true);
         Conn {
             stream: Rc::new(RefCell::new(stream)),
             peer,
             abortive: Rc::new(Cell::new(false)),
+            owned_since,
+        }
+    }
+
+    /// Wraps a stream accepted from one of the shard's listeners. Nagle is
+    /// off already: Linux copies `TCP_NODELAY` from the listener, where
+    /// `shard::run` sets it ([`set_listener_options`]), to every socket it
+    /// accepts, which saves a `setsockopt` per connection.
+    pub fn accepted(stream: TcpStream, peer: Peer) -> Self {
+        Conn {
+            stream: Rc::new(RefCell::new(stream)),
+            peer,
+            abortive: Rc::new(Cell::new(false)),
+            owned_since: None,
+        }
+    }
+
+    /// The socket, for [`crate::engine`] (its descriptor is valid while
+    /// this `Conn` lives).
+    pub fn sock(&self) -> crate::engine::Sock {
+        crate::engine::Sock {
+            fd: self.raw_fd(),
+            owned_since: self.owned_since,
         }
     }
 
@@ -222,8 +249,13 @@ impl Conn {
     }
 }
 
-/// Sets `SO_LINGER` {1, 0} on a listener: the sockets it accepts inherit
-/// it (see [`Conn::reset_unless_finished`]). Best effort.
-pub fn set_abortive_close(listener: &socket2::Socket) {
-    let _ = listener.set_linger(Some(Duration::ZERO));
+/// Sets, on a listener, the options the sockets it accepts inherit (Linux
+/// copies a listener's socket options to each socket it accepts): Nagle
+/// off (`TCP_NODELAY`, see [`Conn::accepted`]), and, for `plain_clients`,
+/// `SO_LINGER` {1, 0} (see [`Conn::reset_unless_finished`]). Best effort.
+pub fn set_listener_options(listener: &socket2::Socket, plain_clients: bool) {
+    let _ = listener.set_nodelay(true);
+    if plain_clients {
+        let _ = listener.set_linger(Some(Duration::ZERO));
+    }
 }

@@ -58,7 +58,11 @@
 //! switches to `TCP_INQ` (`Engine::urgent_signal`, at most once per side),
 //! and reads once more at once. A socket that had urgent data pending
 //! before it was watched (`recv(MSG_OOB | MSG_PEEK)` tells) reads with
-//! `TCP_INQ` from the start. Until session 19 the switch came with the
+//! `TCP_INQ` from the start. An upstream socket is owned before its
+//! connect (`Sock::owned_since`), so it needs that check only if a
+//! `SIGURG` reached the shard between then and the pair's start (one
+//! `recv` fewer per connection, and one of the calls that contend for the
+//! socket's lock under connection churn). Until session 19 the switch came with the
 //! poll's `POLLPRI`, which was wrong in practice: an io_uring poll
 //! completion carries the wake-up's key, not a fresh `tcp_poll`, and TCP's
 //! data wake-up (`sock_def_readable`) always names `EPOLLIN | EPOLLPRI |
@@ -113,6 +117,41 @@ const READ_EVENTS: i16 = POLLIN | POLLRDHUP | POLLERR | POLLHUP;
 /// path; the kernel strips it, so every chunk stays valid) would otherwise
 /// stall the session until its idle timeout.
 const READ_POLL: i16 = READ_EVENTS;
+
+/// A socket of a pair, as [`Engine::start`] takes it.
+#[derive(Clone, Copy, Debug)]
+pub struct Sock {
+    /// The descriptor.
+    pub fd: RawFd,
+    /// This thread has owned the socket for `SIGURG` since before it was
+    /// connected (`sys::own_for_urgent`): `sys::urgent_epoch` as read just
+    /// before it was owned. Then urgent data can have reached it only if a
+    /// `SIGURG` has reached this thread since, and the relay checks for
+    /// pending urgent data (one `recv`) only then.
+    pub owned_since: Option<u32>,
+}
+
+impl Sock {
+    /// A socket not (yet) owned for `SIGURG`: an accepted one, which may
+    /// have received bytes before the accept.
+    pub fn new(fd: RawFd) -> Self {
+        Sock {
+            fd,
+            owned_since: None,
+        }
+    }
+
+    /// Makes this thread the socket's `SIGURG` owner if it is not yet, and
+    /// says whether urgent data may be pending already (see the module's
+    /// doc); also `true` if the socket cannot be watched.
+    fn watch_urgent(self) -> bool {
+        match self.owned_since {
+            Some(epoch) if crate::sys::urgent_epoch() == epoch => false,
+            Some(_) => crate::sys::urgent_pending(self.fd),
+            None => crate::sys::watch_urgent(self.fd),
+        }
+    }
+}
 
 /// Side 0 is the client (downstream), side 1 the upstream.
 fn peer(side: usize) -> Peer {
@@ -316,8 +355,8 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts relaying between two connected sockets (`fds[0]` the client,
-    /// `fds[1]` the upstream; blocking or not: every `recv`/`send` passes
+    /// Starts relaying between two connected sockets (`socks[0]` the
+    /// client, `socks[1]` the upstream; blocking or not: every `recv`/`send` passes
     /// `MSG_DONTWAIT`, and a direction that starts splicing sets
     /// `O_NONBLOCK`), each direction with its own buffer (`bufs[s]` for the
     /// bytes read from side `s`), moving them as `modes[s]` says; a sealing
@@ -333,7 +372,7 @@ impl Engine {
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         &self,
-        fds: [RawFd; 2],
+        socks: [Sock; 2],
         bufs: [Vec<u8>; 2],
         modes: [Mode; 2],
         read_size: usize,
@@ -348,11 +387,15 @@ impl Engine {
         let mut half = [Half::new(m0, b0), Half::new(m1, b1)];
         // Urgent data (see the module's doc): this shard owns both sockets
         // for SIGURG from now on; one with urgent data pending already, or
-        // that cannot be watched, reads with TCP_INQ at once.
-        for (h, &fd) in half.iter_mut().zip(&fds) {
-            if crate::sys::watch_urgent(fd) {
+        // that cannot be watched, reads with TCP_INQ at once. An upstream
+        // socket owned since before its connect needs no check unless a
+        // SIGURG came since: such a signal may have been taken (by
+        // `on_completion`) before this side was listed in `plain`.
+        let fds = socks.map(|s| s.fd);
+        for (h, sock) in half.iter_mut().zip(socks) {
+            if sock.watch_urgent() {
                 h.urgent = true;
-                crate::sys::enable_inq(fd);
+                crate::sys::enable_inq(sock.fd);
             }
         }
         let (keepalive, initial) = tunnel;
@@ -1296,7 +1339,7 @@ impl<'a, H: Host> Relay<'a, H> {
     pub fn start(
         ctx: &'a H,
         rec: &'a Record,
-        fds: [RawFd; 2],
+        socks: [Sock; 2],
         bufs: [Vec<u8>; 2],
         modes: [Mode; 2],
         read_size: usize,
@@ -1305,7 +1348,7 @@ impl<'a, H: Host> Relay<'a, H> {
     ) -> Self {
         let (idx, gen) = ctx
             .engine()
-            .start(fds, bufs, modes, read_size, watch, rec, tunnel);
+            .start(socks, bufs, modes, read_size, watch, rec, tunnel);
         if !tunnel.1.is_empty() {
             ctx.engine().kick(idx, ctx);
         }
@@ -1471,7 +1514,10 @@ mod tests {
                     let relay = Relay::start(
                         &*host,
                         &rec,
-                        [client_ours.as_raw_fd(), upstream_ours.as_raw_fd()],
+                        [
+                            Sock::new(client_ours.as_raw_fd()),
+                            Sock::new(upstream_ours.as_raw_fd()),
+                        ],
                         [vec![0; 4096], vec![0; 4096]],
                         [Mode::Copy, Mode::Copy],
                         4096,
@@ -1549,7 +1595,10 @@ mod tests {
                 let relay = Relay::start(
                     &*host,
                     &rec,
-                    [client_ours.as_raw_fd(), tunnel_ours.as_raw_fd()],
+                    [
+                        Sock::new(client_ours.as_raw_fd()),
+                        Sock::new(tunnel_ours.as_raw_fd()),
+                    ],
                     [vec![0; MAX_FRAME], vec![0; MAX_FRAME]],
                     [Mode::Seal(enc), Mode::Open(dec)],
                     MAX_PAYLOAD,
@@ -1565,6 +1614,91 @@ mod tests {
                 assert!(got == want_down, "{} bytes down", got.len());
                 assert_eq!((opened, ended, rest), (want_up, true, 0));
                 assert_eq!(rec.bytes_down.get(), want_down.len() as u64);
+            });
+    }
+
+    /// An upstream socket owned for `SIGURG` since before its connect is
+    /// checked for pending urgent data when a `SIGURG` has reached the shard
+    /// since (else it is not: no `recv(MSG_OOB | MSG_PEEK)` per
+    /// connection). Here the origin's urgent byte came before the pair
+    /// started, and its signal was taken, as `on_completion` takes it for
+    /// the shard's other pairs, before this side was listed: only the
+    /// check can tell. The bytes behind the urgent byte must arrive; a
+    /// relay that trusted the ownership alone stranded them (the read
+    /// stops at the mark and no wake-up follows).
+    #[test]
+    fn urgent_data_before_the_pair_on_an_owned_socket_is_not_stranded() {
+        use std::os::fd::AsRawFd;
+        const A: usize = 1000;
+        const B: usize = 1500;
+        glommio::LocalExecutorBuilder::default()
+            .make()
+            .unwrap()
+            .run(async {
+                let host = start_host();
+                let l = TcpListener::bind("127.0.0.1:0").unwrap();
+                let (client_ours, mut client) = pair(&l);
+                let upstream_ours = socket2::Socket::new(
+                    socket2::Domain::IPV4,
+                    socket2::Type::STREAM,
+                    Some(socket2::Protocol::TCP),
+                )
+                .unwrap();
+                let epoch = crate::sys::urgent_epoch();
+                assert!(crate::sys::own_for_urgent(upstream_ours.as_raw_fd()));
+                upstream_ours
+                    .connect(&l.local_addr().unwrap().into())
+                    .unwrap();
+                let (mut origin, _) = l.accept().unwrap();
+                origin.write_all(&[b'a'; A]).unwrap();
+                socket2::SockRef::from(&origin)
+                    .send_out_of_band(b"!")
+                    .unwrap();
+                origin.write_all(&[b'b'; B]).unwrap();
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while crate::sys::urgent_epoch() == epoch {
+                    assert!(Instant::now() < deadline, "no SIGURG reached the shard");
+                    glommio::timer::sleep(Duration::from_millis(1)).await;
+                }
+                assert!(crate::sys::take_urgent_signal());
+                let rec = Record::new(1);
+                let relay = Relay::start(
+                    &*host,
+                    &rec,
+                    [
+                        Sock::new(client_ours.as_raw_fd()),
+                        Sock {
+                            fd: upstream_ours.as_raw_fd(),
+                            owned_since: Some(epoch),
+                        },
+                    ],
+                    [vec![0; 4096], vec![0; 4096]],
+                    [Mode::Copy, Mode::Copy],
+                    4096,
+                    Rc::new(Watch::default()),
+                    (false, &[]),
+                );
+                let reader = std::thread::spawn(move || {
+                    client
+                        .set_read_timeout(Some(Duration::from_secs(5)))
+                        .unwrap();
+                    let mut got = 0;
+                    let mut buf = [0u8; 4096];
+                    while got < A + B {
+                        match client.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => got += n,
+                        }
+                    }
+                    got
+                });
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while !reader.is_finished() && Instant::now() < deadline {
+                    glommio::timer::sleep(Duration::from_millis(1)).await;
+                }
+                assert_eq!(reader.join().unwrap(), A + B, "bytes stranded");
+                drop(relay);
+                drop((client_ours, upstream_ours, origin));
             });
     }
 

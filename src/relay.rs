@@ -112,7 +112,7 @@ pub async fn run(
     let relay = Relay::start(
         ctx,
         rec,
-        [client.raw_fd(), upstream.raw_fd()],
+        [client.sock(), upstream.sock()],
         bufs,
         modes,
         read_size.clamp(1, MAX_PAYLOAD),

@@ -76,7 +76,7 @@ pub async fn run(
                 Some(listen)
             });
     }
-    let client = Conn::new(client, Peer::Downstream);
+    let client = Conn::accepted(client, Peer::Downstream);
     if !matches!(ctx.config().mode, Mode::Exit(_)) {
         // Plain TCP: set on the listener, inherited (shard::run).
         client.reset_unless_finished(true);
@@ -1621,14 +1621,25 @@ async fn connect_to(ctx: &ShardCtx, rec: &Record, lease: &Lease) -> Result<Conn,
     let started = Instant::now();
     let upstream = lease.endpoint().addr;
     rec.upstream.set(Some(upstream));
-    let attempt = TcpStream::connect_timeout(upstream, ctx.limits().connect_timeout);
+    // The shard owns the socket for SIGURG before its connect, so that
+    // urgent data can reach it only with a signal (`engine::Sock`).
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(upstream),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(SessionError::Connect)?;
+    let epoch = crate::sys::urgent_epoch();
+    let owned_since =
+        crate::sys::own_for_urgent(std::os::fd::AsRawFd::as_raw_fd(&socket)).then_some(epoch);
+    let attempt = TcpStream::connect_socket_timeout(socket, upstream, ctx.limits().connect_timeout);
     match bounded(ctx.aborted(), None, attempt).await {
         Ok(Ok(stream)) => {
             let took = started.elapsed();
             ctx.timings().record(Hist::UpstreamConnect, took);
             ctx.timings().record_upstream(lease.endpoint().spec, took);
             rec.connect.set(Some(took));
-            let conn = Conn::new(stream, Peer::Upstream);
+            let conn = Conn::connected(stream, Peer::Upstream, owned_since);
             if !matches!(ctx.config().mode, Mode::Entry(_)) {
                 // Plain TCP to an origin (`forward`, `exit`).
                 conn.reset_unless_finished(false);

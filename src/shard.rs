@@ -152,16 +152,15 @@ async fn run(setup: Setup) {
     if let Some((count, wait)) = wake_batch {
         glommio::raw::set_wake_batch(count, wait);
     }
-    // The roles whose clients speak plain TCP: their accepted sockets are
-    // reset, not ended with a FIN, if this process dies mid-session
-    // (`Conn::reset_unless_finished`). Set on inherited listeners too.
+    // Options the accepted sockets inherit (`conn::set_listener_options`),
+    // on inherited listeners too: Nagle off; and in the roles whose clients
+    // speak plain TCP, a reset, not a FIN, if this process dies
+    // mid-session (`Conn::reset_unless_finished`).
     let plain_clients = !matches!(cfg.mode, crate::config::Mode::Exit(_));
     let mut listeners: Vec<_> = listeners
         .into_iter()
         .map(|l| {
-            if plain_clients {
-                crate::conn::set_abortive_close(&l);
-            }
+            crate::conn::set_listener_options(&l, plain_clients);
             crate::sys::adopt_listener(l)
         })
         .collect();

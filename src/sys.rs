@@ -571,6 +571,10 @@ std::thread_local! {
     /// see [`watch_urgent`]); taken by [`take_urgent_signal`].
     static URGENT_SIGNAL: std::sync::atomic::AtomicBool =
         const { std::sync::atomic::AtomicBool::new(false) };
+    /// How many `SIGURG`s reached this thread (wrapping): see
+    /// [`urgent_epoch`].
+    static URGENT_SIGNALS: std::sync::atomic::AtomicU32 =
+        const { std::sync::atomic::AtomicU32::new(0) };
     /// This thread's id (`gettid(2)`), once asked for.
     static TID: std::cell::Cell<libc::pid_t> = const { std::cell::Cell::new(0) };
 }
@@ -579,7 +583,19 @@ std::thread_local! {
 /// nothing else. Async-signal-safe: a store to a constant-initialised
 /// thread-local atomic (no lazy initialisation, no destructor).
 extern "C" fn on_sigurg(_: libc::c_int) {
+    URGENT_SIGNALS.with(|n| n.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
     URGENT_SIGNAL.with(|f| f.store(true, std::sync::atomic::Ordering::Relaxed));
+}
+
+/// How many `SIGURG`s have reached this thread so far (wrapping; compare
+/// two readings for equality only). A socket this thread has owned since
+/// before it was connected ([`own_for_urgent`], then a connect) can hold
+/// urgent data only if the count has moved since just before it was
+/// owned: the kernel signals the owner of every socket that receives an
+/// urgent pointer (`tcp_check_urg`). One read of a thread-local; no
+/// system call.
+pub fn urgent_epoch() -> u32 {
+    URGENT_SIGNALS.with(|n| n.load(std::sync::atomic::Ordering::Relaxed))
 }
 
 /// Installs the process's `SIGURG` handler ([`on_sigurg`], `SA_RESTART`),
@@ -619,17 +635,23 @@ pub fn take_urgent_signal() -> bool {
 }
 
 /// Makes this thread the owner of socket `fd` for `SIGURG`
-/// (`fcntl(F_SETOWN_EX, F_OWNER_TID)`, fcntl(2)), so that the kernel
-/// signals it when an urgent pointer arrives ([`take_urgent_signal`]),
-/// and says whether urgent data is pending already (it arrived before;
-/// `recv(MSG_OOB | MSG_PEEK)` answers `EINVAL` only when there is none,
-/// tcp(7)). Also `true` when the socket cannot be watched: then the caller
-/// must treat every read as if urgent data were pending.
+/// ([`own_for_urgent`]) and says whether urgent data is pending already
+/// ([`urgent_pending`]). Also `true` when the socket cannot be watched:
+/// then the caller must treat every read as if urgent data were pending.
 pub fn watch_urgent(fd: std::os::fd::RawFd) -> bool {
+    !own_for_urgent(fd) || urgent_pending(fd)
+}
+
+/// Makes this thread the owner of socket `fd` for `SIGURG`
+/// (`fcntl(F_SETOWN_EX, F_OWNER_TID)`, fcntl(2)), so that the kernel
+/// signals it when an urgent pointer arrives ([`take_urgent_signal`]).
+/// `false` when that cannot be done (no signal handler, or the call
+/// failed): then nothing tells this thread of urgent data on `fd`.
+pub fn own_for_urgent(fd: std::os::fd::RawFd) -> bool {
     // Without the handler the signal would be ignored: treat the socket as
     // unwatched.
     if install_urgent_signal().is_err() {
-        return true;
+        return false;
     }
     let tid = TID.with(|t| {
         if t.get() == 0 {
@@ -653,7 +675,7 @@ pub fn watch_urgent(fd: std::os::fd::RawFd) -> bool {
         t.get()
     });
     if tid < 0 {
-        return true;
+        return false;
     }
     /// `struct f_owner_ex` (include/uapi/asm-generic/fcntl.h), with
     /// `F_SETOWN_EX` and `F_OWNER_TID`, which the `libc` crate exports on
@@ -671,9 +693,14 @@ pub fn watch_urgent(fd: std::os::fd::RawFd) -> bool {
     };
     // SAFETY: F_SETOWN_EX reads one `f_owner_ex`, a live local of that
     // layout.
-    if unsafe { libc::fcntl(fd, F_SETOWN_EX, &owner as *const OwnerEx) } != 0 {
-        return true;
-    }
+    unsafe { libc::fcntl(fd, F_SETOWN_EX, &owner as *const OwnerEx) == 0 }
+}
+
+/// Whether urgent data is pending on socket `fd`: an urgent byte not yet
+/// read, or an urgent pointer whose byte has not arrived
+/// (`recv(MSG_OOB | MSG_PEEK)` answers `EINVAL` only when there is
+/// neither, tcp(7)). One system call, which takes the socket's lock.
+pub fn urgent_pending(fd: std::os::fd::RawFd) -> bool {
     let mut byte = 0u8;
     // SAFETY: `byte` is a live, writable one-byte buffer for the call.
     let n = unsafe {

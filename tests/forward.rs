@@ -11,6 +11,20 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// Nagle is off on both sockets of a relayed connection: the accepted one
+/// inherits `TCP_NODELAY` from its listener (no `setsockopt` per
+/// connection), the upstream one sets it. Fails when the listener lacks
+/// the option: the relay then wrote to its client with Nagle on.
+#[test]
+fn both_sockets_of_a_connection_have_nagle_off() {
+    let origin = echo_origin();
+    let proxy = Proxy::forward(origin).start();
+    let mut c = TcpStream::connect(proxy.addr).unwrap();
+    c.write_all(b"x").unwrap();
+    c.read_exact(&mut [0u8; 1]).unwrap();
+    assert_nagle_off(proxy.pid(), "forward", &[c.local_addr().unwrap(), origin]);
+}
+
 #[test]
 fn round_trip_64_mib_is_byte_exact() {
     let proxy = Proxy::forward(echo_origin()).shards(2).start();

@@ -18,6 +18,22 @@ fn send_and_drain(addr: SocketAddr, data: &[u8]) -> (End, usize) {
     read_until_end(&mut c, Duration::from_secs(20))
 }
 
+/// Nagle is off on every socket of a tunnelled connection, in the entry
+/// and in the exit: the accepted ones inherit `TCP_NODELAY` from their
+/// listener, the upstream ones set it.
+#[test]
+fn every_socket_of_a_tunnelled_connection_has_nagle_off() {
+    let key = key_file(&[&keygen()]);
+    let origin = echo_origin();
+    let exit = Proxy::exit(origin, &key).start();
+    let entry = Proxy::entry(exit.addr, &key).start();
+    let mut c = TcpStream::connect(entry.addr).unwrap();
+    c.write_all(b"x").unwrap();
+    c.read_exact(&mut [0u8; 1]).unwrap();
+    let locals = assert_nagle_off(entry.pid(), "entry", &[c.local_addr().unwrap(), exit.addr]);
+    assert_nagle_off(exit.pid(), "exit", &[locals[1], origin]);
+}
+
 #[test]
 fn a_fin_right_behind_the_data_is_never_missed_through_the_tunnel() {
     let key = key_file(&[&keygen()]);

@@ -13,6 +13,9 @@
 #   PERF=1   also `perf record -F 1000 -g -p A,B -- sleep 5` into
 #            perf.KIND.data in the current directory (8 s of load);
 #            PERF_CALLGRAPH="--call-graph dwarf" unwinds with DWARF instead
+#   STRACE=1 also `strace -c -f -p B` during the load, and prints proxy B's
+#            system calls per connection (or per MB), by call; the CPU
+#            figure of such a run is strace's, not the proxy's
 #   SP=PATH  the shardproxy binary (default target/release/shardproxy)
 #
 # Also prints the pair's context switches (voluntary and not) during the
@@ -73,11 +76,22 @@ if [ -n "${PERF:-}" ]; then
   sleep 1
   perf record -F 1000 ${PERF_CALLGRAPH:--g} -o "perf.$kind.data" -p "$pa,$pb" -- sleep 5 >/dev/null 2>&1
   wait $cp
+elif [ -n "${STRACE:-}" ]; then
+  strace -c -f -o "$d/strace" -p "$pb" & sp=$!
+  sleep 0.5
+  "${client[@]}" "$secs" > "$d/n"
+  kill -INT $sp; wait $sp || true
 else
   "${client[@]}" "$secs" > "$d/n"
 fi
 a1=$(cpu "$pa"); b1=$(cpu "$pb"); x1=$(( $(ctx "$pa") + $(ctx "$pb") ))
 n=$(cat "$d/n")
+if [ -n "${STRACE:-}" ]; then
+  per=$n; [ -n "${BULK:-}" ] && per=$((n / 1000000))
+  awk -v n="$per" -v unit="${BULK:+MB}" '$1 ~ /^[0-9.]+$/ && NF >= 5 && $NF != "total" {
+      printf "  %-16s %6.2f per %s\n", $NF, $4 / n, (unit == "" ? "connection" : unit); t += $4 }
+    END { printf "  %-16s %6.2f\n", "total", t / n }' "$d/strace"
+fi
 if [ -n "${BULK:-}" ]; then
   python3 -c "print(f'$kind GB={$n/1e9:.2f} cpu_per_GB={($a1-$a0+$b1-$b0)/$n*1e9:.3f} ctxt_switches_per_GB={($x1-$x0)/($n/1e9):.0f}')"
 else

@@ -1410,3 +1410,71 @@ pub fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receive
     });
     rx
 }
+
+/// The connected TCP sockets of process `pid`, as (local address, peer
+/// address, `TCP_NODELAY` set), each copied into a Python helper with
+/// pidfd_getfd(2) (Linux 5.6; needs ptrace rights over `pid`, which the
+/// suite has as root) and asked with getsockopt(2): in Python, so that
+/// the suite needs no `unsafe`. Sockets that close meanwhile, listeners
+/// and Unix sockets are left out.
+pub fn tcp_sockets_of(pid: u32) -> Vec<(SocketAddr, SocketAddr, bool)> {
+    const SCRIPT: &str = r#"
+import ctypes, os, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+pid = int(sys.argv[1])
+pidfd = os.pidfd_open(pid)
+host = lambda a: f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}"
+for name in os.listdir(f"/proc/{pid}/fd"):
+    try:
+        if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+            continue
+    except OSError:
+        continue
+    fd = libc.syscall(438, pidfd, int(name), 0)  # SYS_pidfd_getfd
+    if fd < 0:
+        continue
+    s = socket.socket(fileno=fd)
+    try:
+        if s.type == socket.SOCK_STREAM and s.family in (socket.AF_INET, socket.AF_INET6):
+            nodelay = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            print(host(s.getsockname()), host(s.getpeername()), nodelay, flush=True)
+    except OSError:
+        pass
+    finally:
+        s.close()
+"#;
+    let out = Command::new("python3")
+        .args(["-c", SCRIPT, &pid.to_string()])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "listing the sockets of {pid}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2] != "0")
+        })
+        .collect()
+}
+
+/// Asserts that process `pid` has a TCP socket connected to each of
+/// `peers`, with Nagle off (`TCP_NODELAY`); returns those sockets' local
+/// addresses, in order.
+pub fn assert_nagle_off(pid: u32, what: &str, peers: &[SocketAddr]) -> Vec<SocketAddr> {
+    let sockets = tcp_sockets_of(pid);
+    peers
+        .iter()
+        .map(|peer| {
+            let &(local, _, nodelay) = sockets
+                .iter()
+                .find(|s| s.1 == *peer)
+                .unwrap_or_else(|| panic!("{what}: no socket to {peer} in {sockets:?}"));
+            assert!(nodelay, "{what}: Nagle on for the socket to {peer}");
+            local
+        })
+        .collect()
+}

@@ -469,6 +469,21 @@ impl TcpStream {
         addr: A,
         duration: Duration,
     ) -> Result<TcpStream> {
+        let addr = addr.to_socket_addrs()?.next().unwrap();
+        let socket = make_tcp_socket(&addr)?;
+        Self::connect_socket_timeout(socket, addr, duration).await
+    }
+
+    /// shardproxy patch: [`TcpStream::connect_timeout`] on a socket the
+    /// caller made (an unconnected TCP socket of `addr`'s family), so that
+    /// it can set the socket up before the connect: shardproxy makes its
+    /// shard the socket's `SIGURG` owner before any byte can arrive, which
+    /// spares it the check for urgent data that came earlier.
+    pub async fn connect_socket_timeout(
+        socket: Socket,
+        addr: SocketAddr,
+        duration: Duration,
+    ) -> Result<TcpStream> {
         if duration.as_secs() == 0 && duration.subsec_nanos() == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -476,9 +491,6 @@ impl TcpStream {
             )
             .into());
         }
-
-        let addr = addr.to_socket_addrs()?.next().unwrap();
-        let socket = make_tcp_socket(&addr)?;
         let reactor = crate::executor().reactor();
         let source =
             reactor.connect_timeout(socket.as_raw_fd(), SockaddrStorage::from(addr), duration);
