@@ -145,6 +145,36 @@ fn usr2_successor(first: &Proxy, pid: u32) -> u32 {
         .unwrap_or_else(|| panic!("no pid in {started}"))
 }
 
+/// The suite's own hygiene: a test that fails after a SIGUSR2 upgrade,
+/// before it learned its successor's PID, drops its `Proxy`, and the drop
+/// kills the successor too (found by its environment). It used to leave
+/// the successor running, holding the proxy's stderr pipe, so the drop
+/// waited for that pipe's EOF for ever: a hung suite, not a failed test.
+#[test]
+fn a_dropped_proxy_takes_its_sigusr2_successor_with_it() {
+    let ctl = control_path("dropped");
+    let old = Proxy::forward(echo_origin())
+        .args(["--control-socket", &ctl])
+        .start();
+    let successor = sigusr2_successor(&old);
+    old.wait_for_log(
+        |l| l.contains("hand-over complete"),
+        Duration::from_secs(20),
+    );
+    let (done, dropped) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        drop(old);
+        let _ = done.send(());
+    });
+    let ended = dropped.recv_timeout(Duration::from_secs(20)).is_ok();
+    let _guard = KillOnDrop(successor);
+    assert!(ended, "the drop still waits, 20 s on");
+    assert!(
+        !process_running(successor),
+        "successor {successor} outlived the drop"
+    );
+}
+
 /// GET /healthz; the status code or the error.
 fn healthz(addr: SocketAddr) -> Result<u16, String> {
     let mut c = TcpStream::connect(addr).map_err(|e| e.to_string())?;

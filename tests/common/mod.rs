@@ -249,6 +249,18 @@ impl ProxyBuilder {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
+        // Inherited by the successors a proxy re-executes (SIGUSR2): the
+        // drop finds and kills them by it (see `kill_tagged`).
+        let tag = {
+            use std::sync::atomic::{AtomicU64, Ordering};
+            static N: AtomicU64 = AtomicU64::new(0);
+            format!(
+                "{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            )
+        };
+        cmd.env(TAG_VAR, &tag);
         if self.own_group {
             use std::os::unix::process::CommandExt;
             cmd.process_group(0);
@@ -305,6 +317,7 @@ impl ProxyBuilder {
             log,
             reader: Some(reader),
             shards: self.shards,
+            tag,
         };
         assert!(
             addrs.iter().all(|a| *a == proxy.addr),
@@ -323,6 +336,41 @@ pub struct Proxy {
     /// then, so the join is bounded).
     reader: Option<JoinHandle<()>>,
     shards: usize,
+    /// The value of [`TAG_VAR`] in its environment and its successors'.
+    tag: String,
+}
+
+/// The environment variable that marks a test's proxy and every process it
+/// re-executes.
+const TAG_VAR: &str = "SHARDPROXY_TEST_TAG";
+
+/// SIGKILLs every process whose environment holds `TAG_VAR=tag`: the
+/// successors a proxy re-executed (SIGUSR2), which a test that failed
+/// before it learned their PIDs would otherwise leave running, holding the
+/// proxy's stderr pipe open (the drop then waited for its EOF for ever).
+/// By the environment, not the process group, because PIDs are reused
+/// (`pid_max` is 32768 here) once a group's members are gone.
+fn kill_tagged(tag: &str) {
+    let mark = format!("{TAG_VAR}={tag}\0");
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    let pids: Vec<String> = dir
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.windows(mark.len()).any(|w| w == mark.as_bytes()))
+        })
+        .collect();
+    if !pids.is_empty() {
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .args(&pids)
+            .stderr(Stdio::null())
+            .status();
+    }
 }
 
 impl Proxy {
@@ -533,6 +581,7 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        kill_tagged(&self.tag);
         // The pipe closed with the process; don't turn a reader panic into
         // a double panic while unwinding.
         self.resume_log();
