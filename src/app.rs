@@ -289,6 +289,12 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
             Some(got)
         }
     };
+    // A control socket another process serves fails the start here, in one
+    // line, before the listeners join that process's SO_REUSEPORT group
+    // (and warn about it). Checked, not bound: see `refuse_served_control`.
+    if let (None, Some(path)) = (&inherited, &cfg.lifecycle.control_socket) {
+        crate::handover::refuse_served_control(path)?;
+    }
     let handed = inherited.as_ref().map_or(0, |got| got.proxy.len());
     let (per_shard, distinct) = shard_listeners(&cfg, inherited.as_mut())?;
     // Bound, not listening yet (see `listener::listen_all`): started once

@@ -565,14 +565,7 @@ pub fn bind_control(path: &Path) -> Result<UnixListener, StartupError> {
         path: path.display().to_string(),
         reason,
     };
-    if let Some(existing) = crate::config::existing_socket(path) {
-        existing.map_err(|why| err(why.into()))?;
-        if UnixStream::connect(path).is_ok() {
-            return Err(err(
-                "a running shardproxy serves it; start with --takeover to replace that process"
-                    .into(),
-            ));
-        }
+    if refuse_served_control(path)? {
         std::fs::remove_file(path)
             .map_err(|e| err(format!("cannot remove the stale socket: {e}")))?;
     }
@@ -582,6 +575,31 @@ pub fn bind_control(path: &Path) -> Result<UnixListener, StartupError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| err(e.to_string()))?;
     Ok(listener)
+}
+
+/// The check [`bind_control`] makes first, without binding: an error if
+/// `path` is not a socket, or a live one (a running process serves it: it
+/// should be taken over with `--takeover`, not shadowed). `Ok(true)`: a
+/// stale socket file is there; `Ok(false)`: nothing is. Start-up calls it
+/// before it binds the proxy's listeners too, so that such a start fails
+/// in one line, before the warning about joining another process's
+/// `SO_REUSEPORT` group (binding the control socket that early would leave
+/// its file behind when a later step of the start fails).
+pub fn refuse_served_control(path: &Path) -> Result<bool, StartupError> {
+    let err = |reason: String| StartupError::ControlSocket {
+        path: path.display().to_string(),
+        reason,
+    };
+    let Some(existing) = crate::config::existing_socket(path) else {
+        return Ok(false);
+    };
+    existing.map_err(|why| err(why.into()))?;
+    if UnixStream::connect(path).is_ok() {
+        return Err(err(
+            "a running shardproxy serves it; start with --takeover to replace that process".into(),
+        ));
+    }
+    Ok(true)
 }
 
 /// What the predecessor offers: duplicates of its sockets.

@@ -1060,17 +1060,22 @@ fn a_failed_takeover_leaves_the_running_process_serving() {
     // A second process may not silently serve a live control socket: it
     // refuses to start, in one line (before anything else is logged, with
     // a metrics port too: a new-user trial saw an INFO line first).
-    let mut cmd = Command::new(BIN);
-    cmd.args(["forward", "--listen", "127.0.0.1:0"])
-        .args(["--upstream", &origin.to_string(), "--cores", "1"])
-        .args(["--metrics-listen", "127.0.0.1:0", "--control-socket", &ctl]);
-    let (status, stderr) = run_bounded(cmd, Duration::from_secs(20)).expect("hung");
-    assert_eq!(status.code(), Some(2), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.contains("a running shardproxy serves it") && stderr.contains("--takeover"),
-        "{stderr}"
-    );
+    // Also on the running process's own port, where its listeners would
+    // join that process's SO_REUSEPORT group: no warning about that first
+    // (a new-user trial saw one), and none of its connections reset.
+    for listen in ["127.0.0.1:0".to_string(), old.addr.to_string()] {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["forward", "--listen", &listen])
+            .args(["--upstream", &origin.to_string(), "--cores", "1"])
+            .args(["--metrics-listen", "127.0.0.1:0", "--control-socket", &ctl]);
+        let (status, stderr) = run_bounded(cmd, Duration::from_secs(20)).expect("hung");
+        assert_eq!(status.code(), Some(2), "{listen}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{listen}: {stderr}");
+        assert!(
+            stderr.contains("a running shardproxy serves it") && stderr.contains("--takeover"),
+            "{listen}: {stderr}"
+        );
+    }
     // The first goes on serving.
     let data = Arc::new(random_bytes(3000, 6));
     assert_eq!(echo_round_trip(old.addr, data.clone()), *data);
