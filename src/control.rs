@@ -182,6 +182,10 @@ impl Controller {
 /// `engine`); one sent by hand only makes a shard read its sockets with
 /// `TCP_INQ` from then on.
 ///
+/// `main` blocks every signal this sets a handler for until the handlers
+/// are in place, then unblocks them whatever mask it inherited
+/// ([`held_at_start`]).
+///
 /// SIGPIPE is ignored by the Rust runtime, and the signals in [`IGNORED`]
 /// explicitly; SIGQUIT (core dump) and the synchronous faults keep their
 /// default actions. Readiness and state changes are also reported to systemd
@@ -190,6 +194,20 @@ impl Controller {
 /// not send `STOPPING=1`: the service is not stopping).
 pub struct SignalPlane {
     state: Arc<Mutex<Phase>>,
+}
+
+/// Signals a proxy handles as events (see [`SignalPlane::install`]).
+pub const HANDLED: [i32; 5] = [SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2];
+
+/// Every signal [`SignalPlane::install`] sets a handler for: `main` blocks
+/// them first thing and a proxy unblocks them once its handlers are in
+/// place ([`crate::sys::block_signals`]), so that one sent in the first
+/// moments of the process waits for its handler instead of meeting the
+/// default action (SIGTERM would end the process, killed by a signal), and
+/// so that one its parent blocked (a mask survives fork and exec) is not
+/// blocked for ever.
+pub fn held_at_start() -> Vec<i32> {
+    HANDLED.iter().chain(IGNORED.iter()).copied().collect()
 }
 
 /// Signals ignored on purpose (see [`SignalPlane::install`]).
@@ -272,8 +290,7 @@ struct InFlight {
 impl SignalPlane {
     /// Registers the handlers and starts the signal thread.
     pub fn install() -> Result<SignalPlane, StartupError> {
-        let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2])
-            .map_err(StartupError::Signals)?;
+        let mut signals = Signals::new(HANDLED).map_err(StartupError::Signals)?;
         // Signals whose default action would end or stop the process but
         // that mean nothing to a proxy are ignored explicitly (a handler
         // that only sets an unread flag): a stray `kill -ALRM`, a file-size

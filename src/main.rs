@@ -9,18 +9,22 @@ fn main() -> ExitCode {
     // First, before any code that may use them: the CPU features this build
     // was compiled to assume. Without them the process would die of SIGILL.
     shardproxy::sys::require_cpu_features();
+    // Then the signals a proxy handles wait, pending, for their handlers
+    // (`control::held_at_start`): before any thread starts, so that every
+    // thread inherits the mask. A tool gets its old mask back.
+    let held = shardproxy::sys::block_signals(&shardproxy::control::held_at_start());
     // Then the log writer: from here on no line, not even a start-up
     // error, can hang the process on a stderr that does not move; every
     // way out of `run` ends with a bounded flush.
     // Without a thread for it (`ulimit -u`), lines are written in place; a
     // proxy says so once it serves (`log::writer_failure`), tools never.
     let _ = shardproxy::log::start_writer();
-    let code = run();
+    let code = run(held);
     shardproxy::log::flush();
     code
 }
 
-fn run() -> ExitCode {
+fn run(held: shardproxy::sys::SignalMask) -> ExitCode {
     // `--log-format json` on the command line applies to start-up errors
     // too (a log pipeline that expects one JSON object per line). A format
     // set only in a config file applies once that file has been read.
@@ -63,14 +67,22 @@ fn run() -> ExitCode {
     let signals = match args.get(1).map(String::as_str) {
         Some("forward" | "entry" | "exit" | "run") => {
             match shardproxy::control::SignalPlane::install() {
-                Ok(s) => Some(s),
+                Ok(s) => {
+                    // Handlers in place: what came meanwhile is delivered
+                    // now, and a mask inherited from the parent is undone.
+                    shardproxy::sys::unblock_signals(&shardproxy::control::held_at_start());
+                    Some(s)
+                }
                 Err(e) => {
                     report_error(&e);
                     return ExitCode::from(2);
                 }
             }
         }
-        _ => None,
+        _ => {
+            held.restore();
+            None
+        }
     };
     let loaded = match shardproxy::config::load(args) {
         Ok(loaded) => loaded,

@@ -622,6 +622,63 @@ pub fn install_urgent_signal() -> std::io::Result<()> {
     r.map_err(std::io::Error::from_raw_os_error)
 }
 
+/// A thread's signal mask as it was before [`block_signals`].
+pub struct SignalMask(libc::sigset_t);
+
+/// `signals` as a `sigset_t`.
+fn sigset(signals: &[i32]) -> libc::sigset_t {
+    // SAFETY: `set` is a live local sigset_t, initialised by sigemptyset
+    // before sigaddset writes to it; an invalid signal number only makes
+    // sigaddset return EINVAL.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &sig in signals {
+            libc::sigaddset(&mut set, sig);
+        }
+        set
+    }
+}
+
+/// Blocks `signals` in this thread, and so in the threads it starts from
+/// now on (pthread_sigmask(3)); returns the mask before. A signal sent
+/// meanwhile waits, pending, until [`unblock_signals`] (or
+/// [`SignalMask::restore`]) and is delivered then.
+pub fn block_signals(signals: &[i32]) -> SignalMask {
+    let set = sigset(signals);
+    // SAFETY: `old` is a live local the call fills in; `set` a live,
+    // initialised sigset_t it reads. pthread_sigmask cannot fail with
+    // SIG_BLOCK and valid pointers.
+    unsafe {
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+        SignalMask(old)
+    }
+}
+
+/// Unblocks `signals` in this thread, whatever mask it inherited: a signal
+/// mask survives fork and exec, so a supervisor that blocked SIGTERM would
+/// otherwise never stop the proxy. Pending ones are delivered now.
+pub fn unblock_signals(signals: &[i32]) {
+    let set = sigset(signals);
+    // SAFETY: `set` is a live, initialised sigset_t the call reads; the old
+    // mask is not asked for.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+impl SignalMask {
+    /// Puts this thread's mask back as it was.
+    pub fn restore(self) {
+        // SAFETY: `self.0` is a sigset_t that pthread_sigmask filled in;
+        // the old mask is not asked for.
+        unsafe {
+            libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut());
+        }
+    }
+}
+
 /// Whether a `SIGURG` reached this thread since the last call (and clears
 /// the note): some socket whose owner it is ([`watch_urgent`]) received a
 /// new urgent pointer. The kernel sends it (`tcp_check_urg`) before it

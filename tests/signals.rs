@@ -316,3 +316,56 @@ fn stray_signals_are_ignored_explicitly() {
     let (status, lines) = p.terminate();
     assert!(status.success(), "{lines:?}");
 }
+
+/// A wrapper that runs the proxy with `signals` blocked, as a supervisor
+/// that blocked them leaves it (a signal mask survives fork and exec;
+/// Python's `subprocess` does not reset it), after sending itself each of
+/// `pending` (which then wait, pending, across the exec).
+fn masked_wrapper(tag: &str, signals: &str, pending: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("sp-masked-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let wrapper = dir.join("masked");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/usr/bin/env python3\nimport os, signal, sys\nsignal.pthread_sigmask(signal.SIG_BLOCK, {{{signals}}})\nfor s in [{pending}]:\n    os.kill(os.getpid(), s)\nos.execv({BIN:?}, [{BIN:?}] + sys.argv[1:])\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    wrapper
+}
+
+/// Started with SIGTERM and SIGHUP blocked by its parent, a proxy still
+/// stops on SIGTERM (drains, exit 0) and reloads on SIGHUP: it unblocks
+/// the signals it handles once its handlers are in place. It ignored both
+/// for ever (`systemctl stop` then ends in SIGKILL after the stop timeout,
+/// resetting every connection), as the relay once did SIGURG.
+#[test]
+fn signals_blocked_by_the_parent_still_stop_and_reload_the_proxy() {
+    let key = key_file(&[&keygen()]);
+    let wrapper = masked_wrapper("blocked", "signal.SIGTERM, signal.SIGHUP", "");
+    let mut p = Proxy::exit(echo_origin(), &key).binary(&wrapper).start();
+    p.signal("HUP");
+    p.wait_for_log(|l| l.contains("SIGHUP: reloaded"), Duration::from_secs(10));
+    p.signal("TERM");
+    let status = p.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{:?}", p.log());
+}
+
+/// A SIGTERM that reached the process before its handlers were in place
+/// (here: sent while its parent blocked it, so that it waits across the
+/// exec) stops it as one during the start does: exit 0, not death by the
+/// signal.
+#[test]
+fn a_sigterm_pending_at_exec_stops_the_start_with_exit_zero() {
+    let wrapper = masked_wrapper("pending", "signal.SIGTERM", "signal.SIGTERM");
+    let mut cmd = Command::new(&wrapper);
+    cmd.args(["forward", "--listen", "127.0.0.1:0", "--upstream"])
+        .arg(echo_origin().to_string())
+        .stdin(Stdio::null());
+    let (status, stderr) =
+        run_bounded(cmd, Duration::from_secs(20)).expect("still running after 20 s");
+    assert_eq!(status.code(), Some(0), "{status:?}: {stderr}");
+}
