@@ -843,18 +843,7 @@ fn bytes_behind_an_urgent_byte_are_never_stranded() {
 /// came after the relay started (a break-it round).
 #[test]
 fn bytes_behind_an_urgent_byte_arrive_with_sigurg_blocked_by_the_parent() {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(format!("sp-sigurg-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let wrapper = dir.join("blocked-sigurg");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/usr/bin/env python3\nimport os, signal, sys\nsignal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGURG}})\nos.execv({BIN:?}, [{BIN:?}] + sys.argv[1:])\n"
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let wrapper = masked_wrapper("sigurg", "signal.SIGURG", "");
     let sizes = [(1000, 1000), (20000, 5000)];
     let (up, up_got, down) = urgent_origins();
     let a = Proxy::forward(up).binary(&wrapper).start();
@@ -873,7 +862,7 @@ fn bytes_behind_an_urgent_byte_arrive_with_sigurg_blocked_by_the_parent() {
     );
     let stalled = urgent_bursts(a.addr, &up_got, b.addr, &sizes, 3);
     assert!(stalled.is_empty(), "stalled {stalled:?}");
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(wrapper.parent().unwrap());
 }
 
 /// A TCP health check or port probe (connect, then a FIN or a reset

@@ -317,26 +317,6 @@ fn stray_signals_are_ignored_explicitly() {
     assert!(status.success(), "{lines:?}");
 }
 
-/// A wrapper that runs the proxy with `signals` blocked, as a supervisor
-/// that blocked them leaves it (a signal mask survives fork and exec;
-/// Python's `subprocess` does not reset it), after sending itself each of
-/// `pending` (which then wait, pending, across the exec).
-fn masked_wrapper(tag: &str, signals: &str, pending: &str) -> std::path::PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(format!("sp-masked-{}-{tag}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let wrapper = dir.join("masked");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/usr/bin/env python3\nimport os, signal, sys\nsignal.pthread_sigmask(signal.SIG_BLOCK, {{{signals}}})\nfor s in [{pending}]:\n    os.kill(os.getpid(), s)\nos.execv({BIN:?}, [{BIN:?}] + sys.argv[1:])\n"
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    wrapper
-}
-
 /// Started with SIGTERM and SIGHUP blocked by its parent, a proxy still
 /// stops on SIGTERM (drains, exit 0) and reloads on SIGHUP: it unblocks
 /// the signals it handles once its handlers are in place. It ignored both
@@ -352,6 +332,7 @@ fn signals_blocked_by_the_parent_still_stop_and_reload_the_proxy() {
     p.signal("TERM");
     let status = p.wait_exit(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "{:?}", p.log());
+    let _ = std::fs::remove_dir_all(wrapper.parent().unwrap());
 }
 
 /// A SIGTERM that reached the process before its handlers were in place
@@ -368,4 +349,5 @@ fn a_sigterm_pending_at_exec_stops_the_start_with_exit_zero() {
     let (status, stderr) =
         run_bounded(cmd, Duration::from_secs(20)).expect("still running after 20 s");
     assert_eq!(status.code(), Some(0), "{status:?}: {stderr}");
+    let _ = std::fs::remove_dir_all(wrapper.parent().unwrap());
 }

@@ -1527,3 +1527,23 @@ pub fn assert_nagle_off(pid: u32, what: &str, peers: &[SocketAddr]) -> Vec<Socke
         })
         .collect()
 }
+
+/// A wrapper that runs the proxy with `signals` blocked, as a supervisor
+/// that blocked them leaves it (a signal mask survives fork and exec;
+/// Python's `subprocess` does not reset it), after sending itself each of
+/// `pending` (which then wait, pending, across the exec).
+pub fn masked_wrapper(tag: &str, signals: &str, pending: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("sp-masked-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let wrapper = dir.join("masked");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/usr/bin/env python3\nimport os, signal, sys\nsignal.pthread_sigmask(signal.SIG_BLOCK, {{{signals}}})\nfor s in [{pending}]:\n    os.kill(os.getpid(), s)\nos.execv({BIN:?}, [{BIN:?}] + sys.argv[1:])\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    wrapper
+}
