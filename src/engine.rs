@@ -72,7 +72,12 @@
 //! data posts is handled (the signal came before the data was queued), so
 //! a read that stopped at the mark is always followed by one that steps
 //! over. A data wake-up after a completion was posted posts another, so no data is
-//! left unread. `splice(2)` stops at the urgent mark too, without a way
+//! left unread. At the mark itself, a read answers EAGAIN, with the bytes
+//! behind it queued, while a signal is pending for the thread (another
+//! socket's `SIGURG`): a read that found nothing while a `SIGURG` came is
+//! made again (`sys::recv_inq`; shards block every other signal), and
+//! after a few, the direction is pumped again from the next loop iteration
+//! (`come_back`). `splice(2)` stops at the urgent mark too, without a way
 //! past it: there a `recv` steps over the urgent byte (see `splice`).
 //!
 //! A pair's slot is freed only after the last completion of each of its
@@ -924,6 +929,7 @@ fn seal(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), Sessi
         let (n, inq) = match n {
             Ok(r) => r,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return come_back(p, s, idx),
             Err(e) => return Err(io_err(s, "read", e)),
         };
         let Mode::Seal(enc) = &mut h.mode else {
@@ -1165,6 +1171,7 @@ fn open(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), Sessi
             Ok((0, _)) => return Err(SessionError::Truncated(peer(s))),
             Ok(r) => r,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return come_back(p, s, idx),
             Err(e) => return Err(io_err(s, "read", e)),
         };
         h.end += n;
@@ -1245,9 +1252,22 @@ fn copy(p: &mut Pair, s: usize, idx: usize, ctx: &impl Host) -> Result<(), Sessi
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return come_back(p, s, idx),
             Err(e) => return Err(io_err(s, "read", e)),
         }
     }
+}
+
+/// Side `s` holds bytes that a read could not take yet (a pending signal
+/// held it at TCP's urgent mark, `sys::recv_inq`'s `Interrupted`), and no
+/// wake-up will come for them: this direction is pumped again from a later
+/// loop iteration, through a one-shot `POLLOUT` poll on the other side,
+/// whose completion pumps the direction that writes into that side (this
+/// one). Its buffer is empty, as it was reading, so the poll completes as
+/// soon as the other side has room: at once, as a rule.
+fn come_back(p: &mut Pair, s: usize, idx: usize) -> Result<(), SessionError> {
+    want_room(p, 1 - s, idx);
+    Ok(())
 }
 
 /// [`pump`] in transfer mode: side `s` → pipe → the other side. The pipe

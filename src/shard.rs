@@ -135,6 +135,11 @@ pub fn spawn(setup: Setup) -> Result<ExecutorJoinHandle<()>, StartupError> {
 }
 
 async fn run(setup: Setup) {
+    // The signals the process handles go to its other threads: a signal
+    // pending on a shard's thread makes a read that stands at TCP's urgent
+    // mark answer EAGAIN with bytes behind it (see `sys::recv_inq`), so
+    // only SIGURG, which the shard itself needs, may interrupt it.
+    let _ = crate::sys::block_signals(&crate::control::held_at_start());
     let Setup {
         id,
         core,

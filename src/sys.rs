@@ -800,6 +800,19 @@ pub fn enable_inq(fd: std::os::fd::RawFd) {
 /// there is no control buffer, and one buffer is read with [`recv_fd`]: the
 /// cheapest read, for sockets that never had urgent data (see
 /// `engine::drained`). The caller keeps `fd`, a connected socket, open.
+///
+/// With `inq`, a `WouldBlock` is checked: at TCP's urgent mark, before it
+/// has read a byte, `recv` answers `EAGAIN` while a signal is pending for
+/// the thread (tcp_recvmsg: "stop if we have read anything or have SIGURG
+/// pending"), with the bytes behind the mark queued and no wake-up to come
+/// for them. A shard's thread blocks every signal but `SIGURG`
+/// (`shard::run`), and the kernel delivers a pending one as the call
+/// returns, so a `SIGURG` counted during the call ([`urgent_epoch`]) means
+/// that the answer may be such a one: the read is made again, up to
+/// [`MARK_RETRIES`] times; after that, `Interrupted`: bytes may be queued
+/// that could not be read yet, and the caller must come back for them
+/// without waiting for a wake-up. (`SIOCINQ` cannot tell: at the mark it
+/// answers 0 whatever follows.)
 pub fn recv_inq(
     fd: std::os::fd::RawFd,
     bufs: &mut [std::io::IoSliceMut<'_>],
@@ -809,7 +822,30 @@ pub fn recv_inq(
         if let [one] = bufs {
             return recv_fd(fd, one).map(|n| (n, None));
         }
+        return recvmsg_inq(fd, bufs, false);
     }
+    for _ in 0..MARK_RETRIES {
+        let epoch = urgent_epoch();
+        match recvmsg_inq(fd, bufs, true) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && urgent_epoch() != epoch => {
+                continue
+            }
+            r => return r,
+        }
+    }
+    Err(std::io::Error::from(std::io::ErrorKind::Interrupted))
+}
+
+/// How many times [`recv_inq`] reads again after a `SIGURG` came during
+/// a read that found nothing.
+pub const MARK_RETRIES: usize = 8;
+
+/// One `recvmsg(2)` for [`recv_inq`].
+fn recvmsg_inq(
+    fd: std::os::fd::RawFd,
+    bufs: &mut [std::io::IoSliceMut<'_>],
+    inq: bool,
+) -> std::io::Result<(usize, Option<usize>)> {
     // Room for one control message with an int: CMSG_SPACE(4) is 24 bytes
     // on 64-bit Linux; u64 gives the alignment cmsghdr needs.
     let mut control = [0u64; 4];

@@ -836,6 +836,25 @@ fn bytes_behind_an_urgent_byte_are_never_stranded() {
     }
 }
 
+/// Urgent bytes both ways, round after round, on 20 connections of one
+/// shard at once. A read that stands at TCP's urgent mark answers EAGAIN,
+/// with the bytes behind the mark queued, while a signal is pending for
+/// the thread, and a shard's thread gets a `SIGURG` for each of these urgent
+/// bytes: the relay took that EAGAIN for "nothing queued" and waited for a
+/// wake-up that never came (a break-it round: 19 of 20 connections stalled
+/// within 2 s, in every role). It now reads again when a `SIGURG` came during
+/// the read, and shards block every other signal.
+#[test]
+fn urgent_bytes_both_ways_on_many_connections_never_stall() {
+    for splice in ["auto", "never"] {
+        let a = Proxy::forward(urgent_ping_pong_origin())
+            .args(["--splice", splice])
+            .start();
+        let stalled = urgent_ping_pong(a.addr, 20, 100);
+        assert!(stalled.is_empty(), "--splice {splice}: stalled {stalled:?}");
+    }
+}
+
 /// The same with SIGURG blocked by the proxy's parent (a signal mask
 /// survives fork and exec; Python's `subprocess` does not reset it): the
 /// relay learns of urgent data by that signal, so its shards unblock it.

@@ -351,3 +351,37 @@ fn a_sigterm_pending_at_exec_stops_the_start_with_exit_zero() {
     assert_eq!(status.code(), Some(0), "{status:?}: {stderr}");
     let _ = std::fs::remove_dir_all(wrapper.parent().unwrap());
 }
+
+/// Each shard's thread blocks every signal the process handles, and never
+/// SIGURG: a signal pending on a shard's thread makes a read that stands
+/// at TCP's urgent mark answer EAGAIN (see
+/// `urgent_bytes_both_ways_on_many_connections_never_stall` in
+/// `tests/forward.rs`), and only a SIGURG is counted, so that the read is
+/// made again. Read from /proc (SigBlk of each thread).
+#[test]
+fn shard_threads_block_every_handled_signal_but_sigurg() {
+    let p = Proxy::forward(echo_origin()).shards(2).start();
+    let mut blocking = 0;
+    for task in std::fs::read_dir(format!("/proc/{}/task", p.pid())).unwrap() {
+        let task = task.unwrap().path();
+        let name = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if !name.starts_with("shard-") {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        let blocked = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigBlk:"))
+            .map(|m| u64::from_str_radix(m.trim(), 16).unwrap())
+            .unwrap();
+        let bit = |sig: u32| blocked & (1 << (sig - 1)) != 0;
+        assert!(!bit(23), "{name}: SIGURG blocked: {status}");
+        if [1, 2, 10, 12, 15].iter().all(|&s| bit(s)) {
+            blocking += 1;
+        }
+    }
+    assert!(
+        blocking >= 2,
+        "{blocking} shard threads block HUP, INT, USR1, USR2 and TERM; want one per shard"
+    );
+}

@@ -773,6 +773,18 @@ fn offer_large_chunks(exit: SocketAddr, key: &str) -> (TcpStream, bool) {
 /// (found by a break-it round: 3 stalls in 15 tries, the session ending at
 /// its idle timeout as `truncated`). Each try must echo both chunks back
 /// at once.
+/// Urgent bytes both ways, round after round, on 20 connections at once
+/// through an entry and an exit (see `tests/forward.rs`,
+/// `urgent_bytes_both_ways_on_many_connections_never_stall`).
+#[test]
+fn urgent_bytes_both_ways_through_the_tunnel_never_stall() {
+    let key = key_file(&[&keygen()]);
+    let exit = Proxy::exit(urgent_ping_pong_origin(), &key).start();
+    let entry = Proxy::entry(exit.addr, &key).start();
+    let stalled = urgent_ping_pong(entry.addr, 20, 100);
+    assert!(stalled.is_empty(), "stalled {stalled:?}");
+}
+
 #[test]
 fn an_urgent_byte_in_the_tunnel_stream_strands_nothing() {
     use shardproxy::proto::Decoded;

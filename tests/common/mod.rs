@@ -1547,3 +1547,53 @@ pub fn masked_wrapper(tag: &str, signals: &str, pending: &str) -> std::path::Pat
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
     wrapper
 }
+
+/// An origin for [`urgent_ping_pong`]: on each connection, reads rounds of
+/// `X + Y` bytes ([`PING_PONG`]) and answers each with an
+/// [`urgent_burst`] of its own.
+pub fn urgent_ping_pong_origin() -> SocketAddr {
+    let (x, y) = PING_PONG;
+    serve(move |mut s| loop {
+        if read_up_to(&mut s, x + y) != x + y {
+            return;
+        }
+        urgent_burst(&s, x, y);
+    })
+}
+
+/// The two halves of each round of [`urgent_ping_pong`]: bytes before and
+/// after the urgent byte.
+pub const PING_PONG: (usize, usize) = (500, 500);
+
+/// `conns` clients at once through `front` to an [`urgent_ping_pong_origin`],
+/// each making `rounds` round trips of an [`urgent_burst`] each way (the
+/// origin's answer too): many urgent bytes on one shard at the same time,
+/// so that the shard's thread often has a `SIGURG` pending while it reads.
+/// Returns the connections that stalled, as (connection, round, bytes of
+/// the answer that came within 5 s).
+pub fn urgent_ping_pong(
+    front: SocketAddr,
+    conns: usize,
+    rounds: usize,
+) -> Vec<(usize, usize, usize)> {
+    let (x, y) = PING_PONG;
+    let workers: Vec<_> = (0..conns)
+        .map(|i| {
+            thread::spawn(move || {
+                let mut c = TcpStream::connect(front).unwrap();
+                for r in 0..rounds {
+                    urgent_burst(&c, x, y);
+                    let got = read_up_to(&mut c, x + y);
+                    if got != x + y {
+                        return Some((i, r, got));
+                    }
+                }
+                None
+            })
+        })
+        .collect();
+    workers
+        .into_iter()
+        .filter_map(|w| w.join().unwrap())
+        .collect()
+}
