@@ -167,16 +167,32 @@ fn a_fin_right_behind_the_data_is_never_missed() {
 /// connections' requests back waiting for a batch.
 #[test]
 fn with_wake_batching_nothing_is_lost_or_held_back() {
-    let proxy = Proxy::forward(echo_origin()).args(WAKE_BATCH).start();
-    fin_behind_data(proxy.addr, 600, 50);
-    let data = Arc::new(random_bytes(8 << 20, 5));
-    let back = echo_round_trip(proxy.addr, data.clone());
-    assert_eq!(sha256(&back), sha256(&data));
-    let (status, lines) = proxy.terminate();
-    assert!(status.success(), "{lines:?}");
-    let coalesced: u64 = summary_total(&lines, "coalesced_sleeps");
+    // Whether the shard sleeps for a batch depends on how fast the load
+    // comes: on a machine busy with other work (a helper's load) one run
+    // in many saw none. Every byte must arrive in every run; a batch
+    // sleep in one of up to three runs (a build that never batches fails
+    // all three).
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let proxy = Proxy::forward(echo_origin()).args(WAKE_BATCH).start();
+        fin_behind_data(proxy.addr, 600, 50);
+        let data = Arc::new(random_bytes(8 << 20, 5));
+        let back = echo_round_trip(proxy.addr, data.clone());
+        assert_eq!(sha256(&back), sha256(&data));
+        let (status, lines) = proxy.terminate();
+        assert!(status.success(), "{lines:?}");
+        let coalesced: u64 = summary_total(&lines, "coalesced_sleeps");
+        runs.push((coalesced, lines));
+        if coalesced > 0 || !kernel_coalesces_wake_ups() {
+            break;
+        }
+    }
+    let (coalesced, lines) = runs.pop().expect("one run at least");
     if kernel_coalesces_wake_ups() {
-        assert!(coalesced > 0, "never slept for a batch: {lines:?}");
+        assert!(
+            coalesced > 0,
+            "never slept for a batch in 3 runs: {lines:?}"
+        );
     } else {
         assert_eq!(coalesced, 0, "{lines:?}");
         assert!(
