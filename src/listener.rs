@@ -184,7 +184,16 @@ struct AcceptState {
 /// `permits` is the shard's (`--max-connections`), shared by every accept
 /// loop of the shard (a shard accepts on several listeners after a hand-over
 /// from a process with more shards).
-pub async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>, permits: Rc<Semaphore>) {
+///
+/// The first `unset` sockets accepted turn Nagle off themselves
+/// (`TCP_NODELAY`); the rest inherit it from the listener (see
+/// `conn::Conn::accepted`).
+pub async fn accept_loop(
+    listener: TcpListener,
+    mut unset: usize,
+    ctx: Rc<ShardCtx>,
+    permits: Rc<Semaphore>,
+) {
     let state = Rc::new(AcceptState {
         fd_exhausted: Cell::new(false),
         internal: RefCell::new(RateLimitedLog::new()),
@@ -228,6 +237,10 @@ pub async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>, permits: Rc<S
                     // The peer as `accept4` returned it: no `getpeername`.
                     let peer = accepted.peer_addr().ok();
                     let stream = accepted.bind_to_executor();
+                    if unset > 0 {
+                        unset -= 1;
+                        let _ = stream.set_nodelay(true);
+                    }
                     if !state.fd_exhausted.get() {
                         backoff = MIN_BACKOFF;
                     }

@@ -134,6 +134,11 @@ pub fn spawn(setup: Setup) -> Result<ExecutorJoinHandle<()>, StartupError> {
         })
 }
 
+/// Accepts past an inherited listener's queue that set `TCP_NODELAY`
+/// themselves (see `run`): connections whose handshake completed while
+/// the listener's option was being set.
+const NAGLE_MARGIN: usize = 64;
+
 async fn run(setup: Setup) {
     // The signals the process handles go to its other threads: a signal
     // pending on a shard's thread makes a read that stands at TCP's urgent
@@ -162,17 +167,23 @@ async fn run(setup: Setup) {
     // speak plain TCP, a reset, not a FIN, if this process dies
     // mid-session (`Conn::reset_unless_finished`).
     let plain_clients = !matches!(cfg.mode, crate::config::Mode::Exit(_));
+    // Connections already queued on an inherited listener were made before
+    // Nagle was turned off on it (by a predecessor that did not: an older
+    // build), so they did not inherit it: that many accepts, and a margin
+    // for connections being made as it was set, set it themselves.
     let mut listeners: Vec<_> = listeners
         .into_iter()
         .map(|l| {
             crate::conn::set_listener_options(&l, plain_clients);
-            crate::sys::adopt_listener(l)
+            let queued = crate::sys::accept_queue(std::os::fd::AsRawFd::as_raw_fd(&l));
+            let unset = queued.map_or(0, |q| q + NAGLE_MARGIN);
+            (crate::sys::adopt_listener(l), unset)
         })
         .collect();
     let mut control = crate::sys::adopt_unix_stream(control);
     let addr = listeners
         .first()
-        .and_then(|l| l.local_addr().ok())
+        .and_then(|(l, _)| l.local_addr().ok())
         .map(|a| a.to_string())
         .unwrap_or_else(|| "?".into());
     let extra = match listeners.len() {
@@ -279,9 +290,10 @@ async fn run(setup: Setup) {
                 crate::info!("{listening_line}");
                 accepts = listeners
                     .drain(..)
-                    .map(|l| {
+                    .map(|(l, unset)| {
                         glommio::spawn_local(crate::listener::accept_loop(
                             l,
+                            unset,
                             ctx.clone(),
                             permits.clone(),
                         ))

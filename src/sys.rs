@@ -771,6 +771,30 @@ pub fn urgent_pending(fd: std::os::fd::RawFd) -> bool {
     !(n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL))
 }
 
+/// The connections waiting in listening socket `fd`'s accept queue: for a
+/// listener, Linux reports the queue's length in `TCP_INFO`'s
+/// `tcpi_unacked` (as `ss` shows it under Recv-Q; `tcp_get_info`). `None`
+/// when `fd` is not listening, or the call fails.
+pub fn accept_queue(fd: std::os::fd::RawFd) -> Option<usize> {
+    /// `TCP_LISTEN` in `tcpi_state` (include/net/tcp_states.h).
+    const TCP_LISTEN: u8 = 10;
+    // SAFETY: an all-zero tcp_info is valid (plain integers).
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: TCP_INFO writes at most `len` bytes to `info`, a live local
+    // of that size, and the length it wrote to `len`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            &mut info as *mut libc::tcp_info as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    (r == 0 && info.tcpi_state == TCP_LISTEN).then_some(info.tcpi_unacked as usize)
+}
+
 /// `TCP_INQ` (tcp(7), Linux 4.18+), which `libc` does not export on every
 /// target; also the control message's type (`TCP_CM_INQ`).
 const TCP_INQ: libc::c_int = 36;

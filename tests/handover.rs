@@ -1890,3 +1890,76 @@ fn takeovers_of_keepalive_tunnels_lose_no_connection() {
     assert!(status.success(), "{exit_lines:?}");
     assert!(reuses(&exit_lines) > 0, "{exit_lines:?}");
 }
+
+/// A stand-in for a predecessor of an older build, in Python: it listens on
+/// 127.0.0.1:0 with Nagle on (as builds before session 22 left their
+/// listeners), prints `PORT <port>`, then hands that listener and the
+/// control socket over to the first successor that connects to `ctl`
+/// (`TAKEOVER 2`, see `src/handover.rs`) and exits once it said
+/// `DRAINING`.
+const OLD_PREDECESSOR: &str = r#"
+import os, socket, sys
+ctl = sys.argv[1]
+l = socket.socket()
+l.bind(("127.0.0.1", 0))
+l.listen(64)
+u = socket.socket(socket.AF_UNIX)
+u.bind(ctl)
+u.listen(1)
+u.settimeout(30)
+print("PORT", l.getsockname()[1], flush=True)
+c, _ = u.accept()
+c.settimeout(30)
+f = c.makefile("rb")
+assert f.readline().startswith(b"TAKEOVER"), "no TAKEOVER"
+socket.send_fds(c, [b"LISTENERS %d forward 0 1 0 1\n" % os.getpid()], [l.fileno(), u.fileno()])
+assert f.readline().startswith(b"READY"), "no READY"
+c.sendall(b"SALTS 0 0 1\nDRAINING\n")
+c.close()
+"#;
+
+/// Clients queued on a listener taken over from a predecessor that left
+/// Nagle on (an older build) did not inherit `TCP_NODELAY` from it: the
+/// successor turns it off on them itself. A break-it round found every
+/// client queued at an upgrade from the build before relayed with Nagle
+/// on (every second round trip 40 ms instead of 2.5 ms).
+#[test]
+fn clients_queued_at_a_takeover_from_an_older_build_get_nagle_off() {
+    use std::io::BufRead;
+    let ctl = control_path("older");
+    let mut old = Command::new("python3")
+        .args(["-c", OLD_PREDECESSOR, &ctl])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _old = KillOnDrop(old.id());
+    let mut line = String::new();
+    std::io::BufReader::new(old.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port: u16 = line
+        .strip_prefix("PORT ")
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no port from the stand-in: {line:?}"));
+    let listen: SocketAddr = ([127, 0, 0, 1], port).into();
+    // Queued: nobody accepts on the stand-in's listener.
+    let mut clients: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(listen).unwrap())
+        .collect();
+    let successor = Proxy::forward(echo_origin())
+        .listen(listen)
+        .args(["--takeover", &ctl])
+        .start();
+    successor.wait_for_log(
+        |l| l.contains("hand-over complete"),
+        Duration::from_secs(20),
+    );
+    for c in &mut clients {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(b"x").unwrap();
+        c.read_exact(&mut [0u8; 1]).unwrap();
+    }
+    let peers: Vec<SocketAddr> = clients.iter().map(|c| c.local_addr().unwrap()).collect();
+    assert_nagle_off(successor.pid(), "successor", &peers);
+    assert_eq!(run_bounded_wait(&mut old, Duration::from_secs(10)), Some(0));
+}
