@@ -186,8 +186,9 @@ struct AcceptState {
 /// from a process with more shards).
 ///
 /// The first `unset` sockets accepted turn Nagle off themselves
-/// (`TCP_NODELAY`); the rest inherit it from the listener (see
-/// `conn::Conn::accepted`).
+/// (`TCP_NODELAY`), and set `SO_LINGER` {1, 0} where clients speak plain
+/// TCP; the rest inherit both from the listener (see
+/// `conn::set_listener_options`).
 pub async fn accept_loop(
     listener: TcpListener,
     mut unset: usize,
@@ -238,8 +239,14 @@ pub async fn accept_loop(
                     let peer = accepted.peer_addr().ok();
                     let stream = accepted.bind_to_executor();
                     if unset > 0 {
+                        // Queued before this process set the listener's
+                        // options: set what it would have passed on.
                         unset -= 1;
                         let _ = stream.set_nodelay(true);
+                        if gated {
+                            let _ = socket2::SockRef::from(&stream)
+                                .set_linger(Some(std::time::Duration::ZERO));
+                        }
                     }
                     if !state.fd_exhausted.get() {
                         backoff = MIN_BACKOFF;
