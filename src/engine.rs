@@ -75,7 +75,8 @@
 //! left unread. At the mark itself, a read answers EAGAIN, with the bytes
 //! behind it queued, while a signal is pending for the thread (another
 //! socket's `SIGURG`): a read that found nothing while a `SIGURG` came is
-//! made again (`sys::recv_inq`; shards block every other signal), and
+//! made again (`sys::recv_inq`; shards block every other signal the
+//! process catches), and
 //! after a few, the direction is pumped again from the next loop iteration
 //! (`come_back`). `splice(2)` stops at the urgent mark too, without a way
 //! past it: there a `recv` steps over the urgent byte (see `splice`).

@@ -829,10 +829,11 @@ pub fn enable_inq(fd: std::os::fd::RawFd) {
 /// has read a byte, `recv` answers `EAGAIN` while a signal is pending for
 /// the thread (tcp_recvmsg: "stop if we have read anything or have SIGURG
 /// pending"), with the bytes behind the mark queued and no wake-up to come
-/// for them. A shard's thread blocks every signal but `SIGURG`
-/// (`shard::run`), and the kernel delivers a pending one as the call
-/// returns, so a `SIGURG` counted during the call ([`urgent_epoch`]) means
-/// that the answer may be such a one: the read is made again, up to
+/// for them. A shard's thread blocks every signal the process catches but
+/// `SIGURG` (`shard::run`; the others are ignored, so never pending, or
+/// fatal), and the kernel delivers a pending one as the call returns, so a
+/// `SIGURG` counted during the call ([`urgent_epoch`]) means that the
+/// answer may be such a one: the read is made again, up to
 /// [`MARK_RETRIES`] times; after that, `Interrupted`: bytes may be queued
 /// that could not be read yet, and the caller must come back for them
 /// without waiting for a wake-up. (`SIOCINQ` cannot tell: at the mark it
