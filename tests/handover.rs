@@ -1919,8 +1919,8 @@ c.close()
 "#;
 
 /// Clients queued on a listener taken over from a predecessor that left
-/// Nagle on (an older build) did not inherit `TCP_NODELAY` from it: the
-/// successor turns it off on them itself. A break-it round found every
+/// Nagle on (an older build) did not inherit `TCP_NODELAY` (nor
+/// `SO_LINGER` {1, 0}) from it: the successor sets both on them itself. A break-it round found every
 /// client queued at an upgrade from the build before relayed with Nagle
 /// on (every second round trip 40 ms instead of 2.5 ms).
 #[test]
@@ -1961,5 +1961,8 @@ fn clients_queued_at_a_takeover_from_an_older_build_get_nagle_off() {
     }
     let peers: Vec<SocketAddr> = clients.iter().map(|c| c.local_addr().unwrap()).collect();
     assert_nagle_off(successor.pid(), "successor", &peers);
+    // And SO_LINGER {1, 0}, which a plain-TCP client's socket would have
+    // inherited from the listener too.
+    assert_abortive_close(successor.pid(), "successor", &peers);
     assert_eq!(run_bounded_wait(&mut old, Duration::from_secs(10)), Some(0));
 }

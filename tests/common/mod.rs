@@ -1461,14 +1461,14 @@ pub fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receive
 }
 
 /// The connected TCP sockets of process `pid`, as (local address, peer
-/// address, `TCP_NODELAY` set), each copied into a Python helper with
+/// address, `TCP_NODELAY` set, `SO_LINGER` {1, 0} set), each copied into a Python helper with
 /// pidfd_getfd(2) (Linux 5.6; needs ptrace rights over `pid`, which the
 /// suite has as root) and asked with getsockopt(2): in Python, so that
 /// the suite needs no `unsafe`. Sockets that close meanwhile, listeners
 /// and Unix sockets are left out.
-pub fn tcp_sockets_of(pid: u32) -> Vec<(SocketAddr, SocketAddr, bool)> {
+pub fn tcp_sockets_of(pid: u32) -> Vec<(SocketAddr, SocketAddr, bool, bool)> {
     const SCRIPT: &str = r#"
-import ctypes, os, socket, sys
+import ctypes, os, socket, struct, sys
 libc = ctypes.CDLL(None, use_errno=True)
 pid = int(sys.argv[1])
 pidfd = os.pidfd_open(pid)
@@ -1486,7 +1486,9 @@ for name in os.listdir(f"/proc/{pid}/fd"):
     try:
         if s.type == socket.SOCK_STREAM and s.family in (socket.AF_INET, socket.AF_INET6):
             nodelay = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-            print(host(s.getsockname()), host(s.getpeername()), nodelay, flush=True)
+            onoff, secs = struct.unpack("ii", s.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8))
+            abortive = int(onoff != 0 and secs == 0)
+            print(host(s.getsockname()), host(s.getpeername()), nodelay, abortive, flush=True)
     except OSError:
         pass
     finally:
@@ -1505,7 +1507,12 @@ for name in os.listdir(f"/proc/{pid}/fd"):
         .lines()
         .map(|l| {
             let f: Vec<&str> = l.split(' ').collect();
-            (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2] != "0")
+            (
+                f[0].parse().unwrap(),
+                f[1].parse().unwrap(),
+                f[2] != "0",
+                f[3] != "0",
+            )
         })
         .collect()
 }
@@ -1518,7 +1525,7 @@ pub fn assert_nagle_off(pid: u32, what: &str, peers: &[SocketAddr]) -> Vec<Socke
     peers
         .iter()
         .map(|peer| {
-            let &(local, _, nodelay) = sockets
+            let &(local, _, nodelay, _) = sockets
                 .iter()
                 .find(|s| s.1 == *peer)
                 .unwrap_or_else(|| panic!("{what}: no socket to {peer} in {sockets:?}"));
@@ -1596,4 +1603,21 @@ pub fn urgent_ping_pong(
         .into_iter()
         .filter_map(|w| w.join().unwrap())
         .collect()
+}
+
+/// Asserts that process `pid` has a TCP socket connected to each of
+/// `peers`, closed with a reset if the process dies (`SO_LINGER` {1, 0},
+/// see `Conn::reset_unless_finished`).
+pub fn assert_abortive_close(pid: u32, what: &str, peers: &[SocketAddr]) {
+    let sockets = tcp_sockets_of(pid);
+    for peer in peers {
+        let &(_, _, _, abortive) = sockets
+            .iter()
+            .find(|s| s.1 == *peer)
+            .unwrap_or_else(|| panic!("{what}: no socket to {peer} in {sockets:?}"));
+        assert!(
+            abortive,
+            "{what}: no SO_LINGER {{1, 0}} on the socket to {peer}"
+        );
+    }
 }
