@@ -51,7 +51,7 @@ impl Conn {
 
     /// Wraps a stream accepted from one of the shard's listeners. Nagle is
     /// off already: Linux copies `TCP_NODELAY` from the listener, where
-    /// `shard::run` sets it ([`set_listener_options`]), to every socket it
+    /// `shard::run` sets it ([`set_client_options`]), to every socket it
     /// accepts, which saves a `setsockopt` per connection.
     pub fn accepted(stream: TcpStream, peer: Peer) -> Self {
         Conn {
@@ -249,13 +249,15 @@ impl Conn {
     }
 }
 
-/// Sets, on a listener, the options the sockets it accepts inherit (Linux
-/// copies a listener's socket options to each socket it accepts): Nagle
-/// off (`TCP_NODELAY`, see [`Conn::accepted`]), and, for `plain_clients`,
-/// `SO_LINGER` {1, 0} (see [`Conn::reset_unless_finished`]). Best effort.
-pub fn set_listener_options(listener: &socket2::Socket, plain_clients: bool) {
-    let _ = listener.set_nodelay(true);
+/// Sets the options every accepted socket needs: Nagle off (`TCP_NODELAY`,
+/// see [`Conn::accepted`]), and, for `plain_clients`, `SO_LINGER` {1, 0}
+/// (see [`Conn::reset_unless_finished`]). Set on a listener, as
+/// `shard::run` does, they reach every socket it accepts (Linux copies a
+/// listener's options to them); set on an accepted socket, they stand in
+/// for a listener that lacked them (`listener::accept_loop`). Best effort.
+pub fn set_client_options(socket: &socket2::Socket, plain_clients: bool) {
+    let _ = socket.set_nodelay(true);
     if plain_clients {
-        let _ = listener.set_linger(Some(Duration::ZERO));
+        let _ = socket.set_linger(Some(Duration::ZERO));
     }
 }

@@ -188,7 +188,7 @@ struct AcceptState {
 /// The first `unset` sockets accepted turn Nagle off themselves
 /// (`TCP_NODELAY`), and set `SO_LINGER` {1, 0} where clients speak plain
 /// TCP; the rest inherit both from the listener (see
-/// `conn::set_listener_options`).
+/// `conn::set_client_options`).
 pub async fn accept_loop(
     listener: TcpListener,
     mut unset: usize,
@@ -242,11 +242,7 @@ pub async fn accept_loop(
                         // Queued before this process set the listener's
                         // options: set what it would have passed on.
                         unset -= 1;
-                        let _ = stream.set_nodelay(true);
-                        if gated {
-                            let _ = socket2::SockRef::from(&stream)
-                                .set_linger(Some(std::time::Duration::ZERO));
-                        }
+                        crate::conn::set_client_options(&socket2::SockRef::from(&stream), gated);
                     }
                     if !state.fd_exhausted.get() {
                         backoff = MIN_BACKOFF;

@@ -162,7 +162,7 @@ async fn run(setup: Setup) {
     if let Some((count, wait)) = wake_batch {
         glommio::raw::set_wake_batch(count, wait);
     }
-    // Options the accepted sockets inherit (`conn::set_listener_options`),
+    // Options the accepted sockets inherit (`conn::set_client_options`),
     // on inherited listeners too: Nagle off; and in the roles whose clients
     // speak plain TCP, a reset, not a FIN, if this process dies
     // mid-session (`Conn::reset_unless_finished`).
@@ -174,7 +174,7 @@ async fn run(setup: Setup) {
     let mut listeners: Vec<_> = listeners
         .into_iter()
         .map(|l| {
-            crate::conn::set_listener_options(&l, plain_clients);
+            crate::conn::set_client_options(&l, plain_clients);
             let queued = crate::sys::accept_queue(std::os::fd::AsRawFd::as_raw_fd(&l));
             let unset = queued.map_or(0, |q| q + NAGLE_MARGIN);
             (crate::sys::adopt_listener(l), unset)
