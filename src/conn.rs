@@ -41,12 +41,7 @@ impl Conn {
     /// the connect (see [`crate::engine::Sock::owned_since`]).
     pub fn connected(stream: TcpStream, peer: Peer, owned_since: Option<u32>) -> Self {
         let _ = stream.set_nodelay(true);
-        Conn {
-            stream: Rc::new(RefCell::new(stream)),
-            peer,
-            abortive: Rc::new(Cell::new(false)),
-            owned_since,
-        }
+        Conn::wrap(stream, peer, owned_since)
     }
 
     /// Wraps a stream accepted from one of the shard's listeners. Nagle is
@@ -54,11 +49,15 @@ impl Conn {
     /// `shard::run` sets it ([`set_client_options`]), to every socket it
     /// accepts, which saves a `setsockopt` per connection.
     pub fn accepted(stream: TcpStream, peer: Peer) -> Self {
+        Conn::wrap(stream, peer, None)
+    }
+
+    fn wrap(stream: TcpStream, peer: Peer, owned_since: Option<u32>) -> Self {
         Conn {
             stream: Rc::new(RefCell::new(stream)),
             peer,
             abortive: Rc::new(Cell::new(false)),
-            owned_since: None,
+            owned_since,
         }
     }
 
