@@ -104,7 +104,8 @@ fn run_with_key(
     .map_err(StartupError::Signals)?;
     // A mask inherited from the parent must not keep them from the handler
     // (as for a proxy, see `control::held_at_start`).
-    crate::sys::unblock_signals(&[signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM]);
+    let _ =
+        crate::sys::unblock_signals(&[signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM]);
     {
         let (stop, signals) = (stop.clone(), signals.clone());
         thread("demo-signals", move || {

@@ -70,7 +70,7 @@ fn run(held: shardproxy::sys::SignalMask) -> ExitCode {
                 Ok(s) => {
                     // Handlers in place: what came meanwhile is delivered
                     // now, and a mask inherited from the parent is undone.
-                    shardproxy::sys::unblock_signals(&shardproxy::control::held_at_start());
+                    let _ = shardproxy::sys::unblock_signals(&shardproxy::control::held_at_start());
                     Some(s)
                 }
                 Err(e) => {

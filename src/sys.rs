@@ -658,14 +658,13 @@ pub fn block_signals(signals: &[i32]) -> SignalMask {
 
 /// Unblocks `signals` in this thread, whatever mask it inherited: a signal
 /// mask survives fork and exec, so a supervisor that blocked SIGTERM would
-/// otherwise never stop the proxy. Pending ones are delivered now.
-pub fn unblock_signals(signals: &[i32]) {
+/// otherwise never stop the proxy. Pending ones are delivered now. `false`
+/// if pthread_sigmask(3) failed.
+pub fn unblock_signals(signals: &[i32]) -> bool {
     let set = sigset(signals);
     // SAFETY: `set` is a live, initialised sigset_t the call reads; the old
     // mask is not asked for.
-    unsafe {
-        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-    }
+    unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) == 0 }
 }
 
 impl SignalMask {
@@ -715,15 +714,7 @@ pub fn own_for_urgent(fd: std::os::fd::RawFd) -> bool {
             // A signal mask survives fork and exec: a parent that blocked
             // SIGURG (Python's subprocess does not reset it) would keep it
             // from this thread for ever (found by a break-it round).
-            // SAFETY: `set` is a live local sigset_t, initialised by
-            // sigemptyset before use; the old mask is not asked for.
-            let unblocked = unsafe {
-                let mut set: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut set);
-                libc::sigaddset(&mut set, libc::SIGURG);
-                libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) == 0
-            };
-            if !unblocked {
+            if !unblock_signals(&[libc::SIGURG]) {
                 return -1;
             }
             // SAFETY: gettid(2) takes nothing and cannot fail.
