@@ -885,11 +885,7 @@ fn bytes_behind_an_urgent_byte_arrive_with_sigurg_blocked_by_the_parent() {
     let b = Proxy::forward(down).binary(&wrapper).start();
     // The mask really was inherited: the wrapper exec'd the proxy with it.
     let status = std::fs::read_to_string(format!("/proc/{}/status", a.pid())).unwrap();
-    let blocked = status
-        .lines()
-        .find_map(|l| l.strip_prefix("SigBlk:"))
-        .map(|m| u64::from_str_radix(m.trim(), 16).unwrap())
-        .unwrap();
+    let blocked = signal_mask(&status, "SigBlk").unwrap();
     assert_ne!(
         blocked & (1 << (23 - 1)),
         0,

@@ -19,11 +19,7 @@ use common::*;
 fn catches_sigterm(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("SigCgt:"))
-                .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
-        })
+        .and_then(|s| signal_mask(&s, "SigCgt"))
         .is_some_and(|mask| mask & (1 << (15 - 1)) != 0)
 }
 
@@ -369,11 +365,7 @@ fn shard_threads_block_every_handled_signal_but_sigurg() {
             continue;
         }
         let status = std::fs::read_to_string(task.join("status")).unwrap();
-        let blocked = status
-            .lines()
-            .find_map(|l| l.strip_prefix("SigBlk:"))
-            .map(|m| u64::from_str_radix(m.trim(), 16).unwrap())
-            .unwrap();
+        let blocked = signal_mask(&status, "SigBlk").unwrap();
         let bit = |sig: u32| blocked & (1 << (sig - 1)) != 0;
         assert!(!bit(23), "{name}: SIGURG blocked: {status}");
         if [1, 2, 10, 12, 15].iter().all(|&s| bit(s)) {

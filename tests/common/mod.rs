@@ -1621,3 +1621,12 @@ pub fn assert_abortive_close(pid: u32, what: &str, peers: &[SocketAddr]) {
         );
     }
 }
+
+/// A signal mask from a /proc `status` text (`field`: `SigBlk`, `SigCgt`,
+/// ...), as a bit set (bit `n - 1` for signal `n`); `None` if it is absent.
+pub fn signal_mask(status: &str, field: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+}
