@@ -1723,6 +1723,68 @@ mod tests {
             });
     }
 
+    /// A read that a pending signal held at TCP's urgent mark for
+    /// `MARK_RETRIES` tries (`sys::recv_inq`'s `Interrupted`) leaves bytes
+    /// queued with no wake-up to come for them: `come_back` pumps the
+    /// direction again through a `POLLOUT` poll on the other side. Here
+    /// the first reads of each direction answer `Interrupted` (the test
+    /// hook `sys::interrupt_reads`); every byte must still arrive both
+    /// ways. Stalls, and fails, when `come_back` arms nothing.
+    #[test]
+    fn a_read_held_at_the_urgent_mark_is_made_again_without_a_wake_up() {
+        const N: usize = 3000;
+        glommio::LocalExecutorBuilder::default()
+            .make()
+            .unwrap()
+            .run(async {
+                let host = start_host();
+                let l = TcpListener::bind("127.0.0.1:0").unwrap();
+                let (client_ours, mut client) = pair(&l);
+                let (upstream_ours, mut origin) = pair(&l);
+                let rec = Record::new(1);
+                let relay = Relay::start(
+                    &*host,
+                    &rec,
+                    [
+                        Sock::new(client_ours.as_raw_fd()),
+                        Sock::new(upstream_ours.as_raw_fd()),
+                    ],
+                    [vec![0; 4096], vec![0; 4096]],
+                    [Mode::Copy, Mode::Copy],
+                    4096,
+                    Rc::new(Watch::default()),
+                    (false, &[]),
+                );
+                // One direction at a time, so that each one's first read
+                // is an interrupted one.
+                client.set_nonblocking(true).unwrap();
+                origin.set_nonblocking(true).unwrap();
+                let mut got = Vec::new();
+                for dir in 0..2 {
+                    let (from, to) = match dir {
+                        0 => (&mut client, &mut origin),
+                        _ => (&mut origin, &mut client),
+                    };
+                    crate::sys::interrupt_reads(2);
+                    from.write_all(&[b'x'; N]).unwrap();
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    let mut n = 0;
+                    let mut buf = [0u8; 4096];
+                    while n < N && Instant::now() < deadline {
+                        match to.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(k) => n += k,
+                            Err(_) => glommio::timer::sleep(Duration::from_millis(1)).await,
+                        }
+                    }
+                    got.push(n);
+                }
+                assert_eq!(got, [N, N], "bytes stranded behind an interrupted read");
+                drop(relay);
+                drop((client_ours, upstream_ours));
+            });
+    }
+
     /// A sealing direction seals a whole read as one large chunk only with
     /// large chunks agreed and a batch buffer that holds more than 16 KiB:
     /// with a small `--buffer-size` (a small batch buffer) it keeps the

@@ -834,6 +834,11 @@ pub fn recv_inq(
     bufs: &mut [std::io::IoSliceMut<'_>],
     inq: bool,
 ) -> std::io::Result<(usize, Option<usize>)> {
+    #[cfg(test)]
+    if INTERRUPT_READS.get() > 0 {
+        INTERRUPT_READS.set(INTERRUPT_READS.get() - 1);
+        return Err(std::io::Error::from(std::io::ErrorKind::Interrupted));
+    }
     if !inq {
         if let [one] = bufs {
             return recv_fd(fd, one).map(|n| (n, None));
@@ -850,6 +855,22 @@ pub fn recv_inq(
         }
     }
     Err(std::io::Error::from(std::io::ErrorKind::Interrupted))
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: how many of this thread's next [`recv_inq`] calls answer
+    /// `Interrupted` without reading, as one held at the urgent mark by
+    /// [`MARK_RETRIES`] signals in a row would (which no test can cause at
+    /// will).
+    static INTERRUPT_READS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Tests: makes this thread's next `n` [`recv_inq`] calls answer
+/// `Interrupted` (see `INTERRUPT_READS`).
+#[cfg(test)]
+pub fn interrupt_reads(n: u32) {
+    INTERRUPT_READS.set(n);
 }
 
 /// How many times [`recv_inq`] reads again after a `SIGURG` came during
