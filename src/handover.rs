@@ -489,12 +489,22 @@ pub fn report_failure(reason: &str) {
 /// Set once a successor said `READY`: the control socket is then its.
 static HANDED_OVER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// The file at `path` as (device, inode), if any.
-pub fn file_id(path: &Path) -> Option<(u64, u64)> {
+/// Which file a path names: device, inode, and the inode's change time
+/// (`st_ctime`, in nanoseconds since the epoch). The time is what tells a
+/// file from a later one that reuses its inode number: a filesystem hands
+/// a freed inode number to the next file it makes (ext4 did, at once, in a
+/// break-it round: a draining process then removed the control socket of
+/// the process started after it on the same path, which could never be
+/// upgraded).
+pub type FileId = (u64, u64, i128);
+
+/// The file at `path` as a [`FileId`], if any.
+pub fn file_id(path: &Path) -> Option<FileId> {
     use std::os::unix::fs::MetadataExt;
-    std::fs::symlink_metadata(path)
-        .ok()
-        .map(|m| (m.dev(), m.ino()))
+    std::fs::symlink_metadata(path).ok().map(|m| {
+        let ctime = i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec());
+        (m.dev(), m.ino(), ctime)
+    })
 }
 
 /// Removes the control socket file at `path` when this process exits,
@@ -509,7 +519,7 @@ pub fn file_id(path: &Path) -> Option<(u64, u64)> {
 /// upgraded (found by a break-it round: a SIGTERM to the predecessor
 /// during a successor's start). A successor that fails then leaves a stale
 /// file, which the next start replaces.
-pub fn remove_control(path: &Path, id: (u64, u64)) {
+pub fn remove_control(path: &Path, id: FileId) {
     if !HANDED_OVER.load(std::sync::atomic::Ordering::SeqCst)
         && OFFERED.load(std::sync::atomic::Ordering::SeqCst) == 0
         && file_id(path) == Some(id)

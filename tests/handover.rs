@@ -835,6 +835,59 @@ fn a_predecessor_stopped_during_a_hand_over_leaves_the_control_socket() {
     assert!(status.success());
 }
 
+/// A process started on the control socket path of one that is draining
+/// (no hand-over: a stop, then a fresh start) keeps its socket file when
+/// the draining one exits, so it can still be upgraded. The draining
+/// process knew its file by device and inode only, and ext4 gave the new
+/// socket file the inode just freed: the draining process then removed
+/// the new process's file at exit (found by a break-it round), and every
+/// later SIGUSR2 or `--takeover` of the new process failed.
+#[test]
+fn a_draining_process_leaves_the_next_process_control_socket_alone() {
+    let origin = echo_origin();
+    let ctl = control_path("next");
+    let mut old = Proxy::forward(origin)
+        .shards(1)
+        .args(["--control-socket", &ctl, "--drain-timeout", "30s"])
+        .start();
+    let mut held = held_session(old.addr);
+    old.signal("TERM");
+    old.wait_for_log(|l| l.contains(": draining"), Duration::from_secs(10));
+    // Draining, it no longer serves the control socket (the file stays).
+    poll_until(
+        Duration::from_secs(10),
+        || match std::os::unix::net::UnixStream::connect(&ctl) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let new = Proxy::forward(origin)
+        .shards(1)
+        .args(["--control-socket", &ctl])
+        .start();
+    // The old process's last connection ends, and with it its drain.
+    held.shutdown(std::net::Shutdown::Write).unwrap();
+    let (end, _) = read_until_end(&mut held, Duration::from_secs(10));
+    assert_eq!(end, End::Eof);
+    assert!(
+        old.wait_exit(Duration::from_secs(20)).success(),
+        "{:?}",
+        old.log()
+    );
+    assert!(
+        std::path::Path::new(&ctl).exists(),
+        "the draining process removed the control socket of the process started after it: {:?}",
+        old.log()
+    );
+    // And the new process can be upgraded through it.
+    let third = taken_over(origin, new.addr, &ctl);
+    let data = random_bytes(1024, 4242);
+    one(new.addr, &data).unwrap();
+    let (status, log) = third.terminate();
+    assert!(status.success(), "{log:?}");
+    drop(new);
+}
+
 /// A successor that stalls past the predecessor's `--handover-timeout`
 /// is given up on: the predecessor logs it, serves on, and tells the
 /// successor, which, once it runs again, stops accepting and exits 2 with
