@@ -717,3 +717,73 @@ fn stats_from_a_trickling_server_ends_at_its_deadline() {
     assert!(started.elapsed() < Duration::from_secs(20));
     let _ = server.join();
 }
+
+/// HdrHistogram's V2 compressed encoding of a V2 header stating these
+/// fields, and one byte of counts.
+fn stated_histogram(payload_len: u32, digits: u32, high: u64) -> String {
+    use base64::Engine as _;
+    let mut inner = Vec::new();
+    for v in [0x1c84_9313u32, payload_len, 0, digits] {
+        inner.extend_from_slice(&v.to_be_bytes());
+    }
+    inner.extend_from_slice(&1u64.to_be_bytes());
+    inner.extend_from_slice(&high.to_be_bytes());
+    inner.extend_from_slice(&1.0f64.to_be_bytes());
+    inner.push(0);
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    z.write_all(&inner).unwrap();
+    let z = z.finish().unwrap();
+    let mut out = 0x1c84_9314u32.to_be_bytes().to_vec();
+    out.extend_from_slice(&(z.len() as u32).to_be_bytes());
+    out.extend_from_slice(&z);
+    base64::engine::general_purpose::STANDARD.encode(out)
+}
+
+/// `stats --from` a server whose histograms state sizes beyond any that
+/// shardproxy writes (a 4 GiB payload; a 2^62 bound at 5 digits, 48 MiB of
+/// counts a line) fails with one line and exit 1, within 1 GB of address
+/// space. The decoder sized its buffers from those headers: 4 GiB for the
+/// first line, and gigabytes for 40 of the second kind (an abort here, the
+/// OOM killer without the limit). Found by a break-it round.
+#[test]
+fn stats_from_a_server_stating_huge_histograms_fails_with_bounded_memory() {
+    let bodies = [
+        format!(
+            "shardproxy_relay_chunk_seconds shard=0 role=forward direction=up {}\n",
+            stated_histogram(u32::MAX, 3, 3_600_000_000)
+        ),
+        format!(
+            "shardproxy_relay_chunk_seconds shard=0 role=forward direction=up {}\n",
+            stated_histogram(1, 5, 1 << 62)
+        )
+        .repeat(40),
+    ];
+    for body in bodies {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut c, _) = listener.accept().unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut req = Vec::new();
+            let mut b = [0u8; 1024];
+            while !req.ends_with(b"\r\n\r\n") {
+                match c.read(&mut b) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&b[..n]),
+                }
+            }
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+            let _ = c.write_all(body.as_bytes());
+        });
+        let mut cmd = Command::new("bash");
+        cmd.args([
+            "-c",
+            &format!("ulimit -v 1000000; exec {BIN} stats --from http://{addr}"),
+        ]);
+        let (status, stderr) = run_bounded(cmd, Duration::from_secs(60)).expect("stats hung");
+        assert_eq!(status.code(), Some(1), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains("undecodable histogram line 1"), "{stderr}");
+        let _ = server.join();
+    }
+}

@@ -32,9 +32,19 @@ pub enum StatsError {
     /// A line could not be decoded.
     #[error("{0}: undecodable histogram line {1}")]
     Decode(String, usize),
+    /// The answer holds more lines or metrics than any shardproxy writes.
+    #[error("{0}: more than {2} histogram {1} in one answer")]
+    TooMany(String, &'static str, usize),
 }
 
-/// One decoded line of `/histograms`.
+/// Lines a `/histograms` answer may hold: a shard writes one per
+/// [`super::Hist`] kind, so this is room for over 2,000 shards.
+const MAX_LINES: usize = 16_384;
+/// Distinct (metric, direction) pairs an answer may hold; `stats` keeps
+/// one merged histogram (about 190 KiB) for each.
+const MAX_KINDS: usize = 64;
+
+/// One line of `/histograms`, summarised for the per-shard table.
 pub struct Line {
     /// Metric name, e.g. `shardproxy_relay_chunk_seconds`.
     pub metric: String,
@@ -42,13 +52,53 @@ pub struct Line {
     pub shard: String,
     /// `up`, `down` or `-`.
     pub direction: String,
-    /// The distribution, in microseconds.
-    pub hist: Histogram<u64>,
+    /// Its row: count and quantiles, in microseconds.
+    pub row: Row,
 }
 
-/// Parses the `/histograms` body.
-pub fn parse(body: &str, source: &str) -> Result<Vec<Line>, StatsError> {
-    let mut out = Vec::new();
+/// A table row: how many values, and the 50th, 90th, 99th and 99.9th
+/// percentiles and the largest, in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Row {
+    /// Values recorded.
+    pub count: u64,
+    /// p50, p90, p99, p99.9 and max.
+    pub quantiles: [u64; 5],
+}
+
+impl Row {
+    fn of(h: &Histogram<u64>) -> Row {
+        let q = |x| h.value_at_quantile(x);
+        Row {
+            count: h.len(),
+            quantiles: [q(0.5), q(0.9), q(0.99), q(0.999), h.max()],
+        }
+    }
+}
+
+/// A decoded `/histograms` answer: each (metric, direction) merged across
+/// the shards, and each line's own row. Memory is bounded by
+/// [`MAX_KINDS`] histograms and [`MAX_LINES`] rows, whatever the server
+/// sends: each line's histogram is folded in and dropped as it is read.
+pub struct Scrape {
+    /// By (metric, direction), every shard's values together.
+    pub merged: BTreeMap<(String, String), Histogram<u64>>,
+    /// Every line, in the order read.
+    pub lines: Vec<Line>,
+}
+
+/// Parses the `/histograms` body. Errors: a line that is not
+/// `METRIC shard=N role=R direction=D BASE64` with a histogram that
+/// [`decode`] takes, or more than [`MAX_LINES`] lines or [`MAX_KINDS`]
+/// metrics.
+pub fn parse(body: &str, source: &str) -> Result<Scrape, StatsError> {
+    let mut out = Scrape {
+        merged: BTreeMap::new(),
+        lines: Vec::new(),
+    };
+    if body.lines().filter(|l| !l.trim().is_empty()).count() > MAX_LINES {
+        return Err(StatsError::TooMany(source.to_string(), "lines", MAX_LINES));
+    }
     for (i, raw) in body.lines().enumerate() {
         if raw.trim().is_empty() {
             continue;
@@ -62,17 +112,93 @@ pub fn parse(body: &str, source: &str) -> Result<Vec<Line>, StatsError> {
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(b64)
             .map_err(|_| bad())?;
-        let hist: Histogram<u64> = Deserializer::new()
-            .deserialize(&mut &bytes[..])
-            .map_err(|_| bad())?;
-        out.push(Line {
+        let hist = decode(&bytes).ok_or_else(bad)?;
+        let line = Line {
             metric: metric.to_string(),
             shard: field(shard, "shard=")?,
             direction: field(direction, "direction=")?,
-            hist,
-        });
+            row: Row::of(&hist),
+        };
+        let key = (line.metric.clone(), line.direction.clone());
+        let full = out.merged.len() == MAX_KINDS;
+        match out.merged.get_mut(&key) {
+            Some(h) => {
+                let _ = h.add(&hist);
+            }
+            None if full => {
+                return Err(StatsError::TooMany(
+                    source.to_string(),
+                    "metrics",
+                    MAX_KINDS,
+                ));
+            }
+            None => {
+                out.merged.insert(key, hist);
+            }
+        }
+        out.lines.push(line);
     }
     Ok(out)
+}
+
+/// Decodes one histogram as shardproxy's metrics endpoint writes it, and
+/// nothing else: HdrHistogram's V2 compressed encoding (HdrHistogram's
+/// "V2 encoding" and "V2 compressed encoding"; the Rust crate's
+/// `V2DeflateSerializer`): a 4-byte cookie `0x1c849314`, a 4-byte length
+/// and a zlib stream of the V2 encoding, whose 40-byte header (cookie
+/// `0x1c849313`, payload length, normalizing offset, significant digits,
+/// lowest and highest trackable value, conversion ratio; big-endian) is
+/// followed by the counts (zig-zag LEB128, at most 9 bytes each), with
+/// shardproxy's bounds: 1 µs to [`super::MAX_MICROS`], 3 digits.
+///
+/// The bounds are checked, and the stream inflated with a cap, before
+/// anything is sized from them: the crate's decoder sizes its counts from
+/// the header's bounds and its buffer from the stated payload length, so
+/// one line stating a 4 GiB payload, or a few with a 2^62 bound and 5
+/// digits, made `stats` allocate gigabytes (found by a break-it round).
+/// Returns `None` for anything else.
+pub fn decode(bytes: &[u8]) -> Option<Histogram<u64>> {
+    const COMPRESSED_COOKIE: u32 = 0x1c84_9314;
+    const COOKIE: u32 = 0x1c84_9313;
+    const HEADER: usize = 40;
+    const DIGITS: u8 = 3;
+    let be32 = |b: &[u8], at: usize| {
+        b.get(at..at + 4)
+            .map(|x| u32::from_be_bytes([x[0], x[1], x[2], x[3]]))
+    };
+    let be64 = |b: &[u8], at: usize| {
+        b.get(at..at + 8).map(|x| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(x);
+            u64::from_be_bytes(a)
+        })
+    };
+    if be32(bytes, 0)? != COMPRESSED_COOKIE {
+        return None;
+    }
+    let stream = bytes.get(8..8 + be32(bytes, 4)? as usize)?;
+    let counts = Histogram::<u64>::new_with_bounds(1, super::MAX_MICROS, DIGITS)
+        .ok()?
+        .distinct_values();
+    let cap = HEADER + 9 * counts;
+    let mut plain = Vec::new();
+    flate2::read::ZlibDecoder::new(stream)
+        .take(cap as u64 + 1)
+        .read_to_end(&mut plain)
+        .ok()?;
+    let payload = be32(&plain, 4)? as usize;
+    let ours = plain.len() <= cap
+        && be32(&plain, 0)? == COOKIE
+        && payload <= plain.len() - HEADER
+        && be32(&plain, 12)? == u32::from(DIGITS)
+        && be64(&plain, 16)? == 1
+        && be64(&plain, 24)? == super::MAX_MICROS;
+    if !ours {
+        return None;
+    }
+    Deserializer::new()
+        .deserialize(&mut &plain[..HEADER + payload])
+        .ok()
 }
 
 /// Formats microseconds for people.
@@ -85,19 +211,7 @@ fn human(us: u64) -> String {
 }
 
 /// Renders the table: merged across shards, then per shard if asked.
-pub fn table(lines: &[Line], per_shard: bool) -> String {
-    let mut merged: BTreeMap<(String, String), Histogram<u64>> = BTreeMap::new();
-    for l in lines {
-        let key = (l.metric.clone(), l.direction.clone());
-        match merged.get_mut(&key) {
-            Some(h) => {
-                let _ = h.add(&l.hist);
-            }
-            None => {
-                merged.insert(key, l.hist.clone());
-            }
-        }
-    }
+pub fn table(scrape: &Scrape, per_shard: bool) -> String {
     let mut out = String::new();
     let header = |out: &mut String, first: &str| {
         let _ = writeln!(
@@ -106,17 +220,12 @@ pub fn table(lines: &[Line], per_shard: bool) -> String {
             "dir", "count", "p50", "p90", "p99", "p99.9", "max"
         );
     };
-    let row = |out: &mut String, name: &str, dir: &str, h: &Histogram<u64>| {
-        let q = |x| human(h.value_at_quantile(x));
+    let row = |out: &mut String, name: &str, dir: &str, r: Row| {
+        let [p50, p90, p99, p999, max] = r.quantiles.map(human);
         let _ = writeln!(
             out,
-            "{name:<26} {dir:<5} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
-            h.len(),
-            q(0.5),
-            q(0.9),
-            q(0.99),
-            q(0.999),
-            human(h.max())
+            "{name:<26} {dir:<5} {:>10} {p50:>9} {p90:>9} {p99:>9} {p999:>9} {max:>9}",
+            r.count
         );
     };
     let short = |m: &str| {
@@ -125,13 +234,13 @@ pub fn table(lines: &[Line], per_shard: bool) -> String {
             .to_string()
     };
     header(&mut out, "metric (all shards)");
-    for ((metric, dir), h) in &merged {
-        row(&mut out, &short(metric), dir, h);
+    for ((metric, dir), h) in &scrape.merged {
+        row(&mut out, &short(metric), dir, Row::of(h));
     }
     if per_shard {
         let _ = writeln!(out);
         header(&mut out, "metric [shard]");
-        let mut sorted: Vec<&Line> = lines.iter().collect();
+        let mut sorted: Vec<&Line> = scrape.lines.iter().collect();
         sorted.sort_by(|a, b| {
             (&a.metric, &a.direction, &a.shard).cmp(&(&b.metric, &b.direction, &b.shard))
         });
@@ -140,7 +249,7 @@ pub fn table(lines: &[Line], per_shard: bool) -> String {
                 &mut out,
                 &format!("{} [{}]", short(&l.metric), l.shard),
                 &l.direction,
-                &l.hist,
+                l.row,
             );
         }
     }
@@ -191,11 +300,10 @@ pub fn fetch(url: &str, path: &str) -> Result<String, StatsError> {
     let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(io)?;
     conn.set_write_timeout(Some(Duration::from_secs(5)))
         .map_err(io)?;
-    write!(
-        conn,
-        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(io)?;
+    // One write: `write!` on the stream would make a system call (and a
+    // segment) per piece of the format.
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+    conn.write_all(request.as_bytes()).map_err(io)?;
     let mut raw = Vec::new();
     let mut buf = [0u8; 64 * 1024];
     loop {
@@ -242,4 +350,102 @@ pub fn fetch(url: &str, path: &str) -> Result<String, StatsError> {
 pub fn run(url: &str, per_shard: bool) -> Result<String, StatsError> {
     let body = fetch(url, "/histograms")?;
     Ok(table(&parse(&body, url)?, per_shard))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hdrhistogram::serialization::{Serializer, V2DeflateSerializer};
+
+    /// HdrHistogram's V2 compressed encoding of a V2 header with these
+    /// fields, followed by `payload`.
+    fn encoded(payload_len: u32, digits: u32, low: u64, high: u64, payload: &[u8]) -> Vec<u8> {
+        let mut inner = Vec::new();
+        for v in [0x1c84_9313u32, payload_len, 0, digits] {
+            inner.extend_from_slice(&v.to_be_bytes());
+        }
+        inner.extend_from_slice(&low.to_be_bytes());
+        inner.extend_from_slice(&high.to_be_bytes());
+        inner.extend_from_slice(&1.0f64.to_be_bytes());
+        inner.extend_from_slice(payload);
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        z.write_all(&inner).unwrap();
+        let z = z.finish().unwrap();
+        let mut out = Vec::new();
+        out.extend_from_slice(&0x1c84_9314u32.to_be_bytes());
+        out.extend_from_slice(&(z.len() as u32).to_be_bytes());
+        out.extend_from_slice(&z);
+        out
+    }
+
+    fn line(metric: &str, bytes: &[u8]) -> String {
+        format!(
+            "{metric} shard=0 role=forward direction=- {}\n",
+            base64::engine::general_purpose::STANDARD.encode(bytes)
+        )
+    }
+
+    #[test]
+    fn what_the_metrics_endpoint_writes_decodes_and_merges() {
+        let mut h = Histogram::<u64>::new_with_bounds(1, crate::metrics::MAX_MICROS, 3).unwrap();
+        for v in [5, 50, 500, 5000, 3_600_000_000] {
+            h.record(v).unwrap();
+        }
+        let mut bytes = Vec::new();
+        V2DeflateSerializer::new()
+            .serialize(&h, &mut bytes)
+            .unwrap();
+        assert_eq!(decode(&bytes).unwrap(), h);
+        let body = line("m", &bytes) + &line("m", &bytes);
+        let scrape = parse(&body, "x").unwrap();
+        assert_eq!(scrape.lines.len(), 2);
+        assert_eq!(scrape.merged[&("m".into(), "-".into())].len(), 10);
+        assert_eq!(scrape.lines[0].row.count, 5);
+    }
+
+    /// Headers that would have the decoder allocate from what they state:
+    /// a 4 GiB payload, a 2^62 bound with 5 digits (48 MiB of counts per
+    /// line), other bounds than shardproxy's, and a stream that inflates
+    /// past what any of its histograms needs. Each is refused before any
+    /// allocation sized by it.
+    #[test]
+    fn headers_out_of_shardproxy_bounds_are_refused() {
+        let max = crate::metrics::MAX_MICROS;
+        assert!(decode(&encoded(1, 3, 1, max, &[0])).is_some());
+        assert!(decode(&encoded(u32::MAX, 3, 1, max, &[0])).is_none());
+        assert!(decode(&encoded(1, 5, 1, 1 << 62, &[0])).is_none());
+        assert!(decode(&encoded(1, 3, 1, max * 2, &[0])).is_none());
+        assert!(decode(&encoded(1, 2, 1, max, &[0])).is_none());
+        assert!(decode(&encoded(1, 3, 2, max, &[0])).is_none());
+        let bomb = vec![0u8; 1 << 20];
+        assert!(decode(&encoded(bomb.len() as u32, 3, 1, max, &bomb)).is_none());
+        // Truncated and foreign encodings.
+        let good = encoded(1, 3, 1, max, &[0]);
+        assert!(decode(&good[..good.len() - 1]).is_none());
+        assert!(decode(&good[..6]).is_none());
+        assert!(decode(b"").is_none());
+        let err = parse(&line("m", &encoded(u32::MAX, 3, 1, max, &[0])), "src")
+            .err()
+            .unwrap();
+        assert_eq!(err.to_string(), "src: undecodable histogram line 1");
+    }
+
+    #[test]
+    fn too_many_metrics_or_lines_are_refused() {
+        let good = encoded(1, 3, 1, crate::metrics::MAX_MICROS, &[0]);
+        let body: String = (0..=MAX_KINDS)
+            .map(|i| line(&format!("m{i}"), &good))
+            .collect();
+        let err = parse(&body, "src").err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            "src: more than 64 histogram metrics in one answer"
+        );
+        let body = line("m", &good).repeat(MAX_LINES + 1);
+        let err = parse(&body, "src").err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            "src: more than 16384 histogram lines in one answer"
+        );
+    }
 }
