@@ -110,7 +110,19 @@ pub fn keygen(args: &KeygenArgs) -> Result<(), StartupError> {
             .create_new(true)
             .mode(0o600)
             .open(path)
-            .and_then(|mut f| f.write_all(line.as_bytes()))
+            .and_then(|mut f| {
+                // On disk before it is reported written (`sync_all`: a
+                // crash must not leave an empty key file); and a write that
+                // fails (a full disk, a quota) removes the file it made, or
+                // the next keygen refused to overwrite it and `check`
+                // called it keyless: an operator sent in a circle (found by
+                // a break-it round).
+                let written = f.write_all(line.as_bytes()).and_then(|()| f.sync_all());
+                if written.is_err() {
+                    let _ = std::fs::remove_file(path);
+                }
+                written
+            })
             // The key is written; the confirmation line is best effort.
             .map(|()| {
                 let _ = print_stdout(&format!("wrote key to {path} (fingerprint {}, as logs name it)\n", key.fingerprint()));

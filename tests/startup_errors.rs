@@ -582,6 +582,49 @@ fn keygen_never_writes_a_key_into_nothing() {
     assert!(!made_dash_file);
 }
 
+/// A `keygen --out` whose write fails (here: a full filesystem, a 4 KiB
+/// tmpfs mounted for the test) says so in one line and leaves no file: an
+/// empty key file was left behind, which the next `keygen` refused to
+/// overwrite and `check` called keyless (found by a break-it round).
+#[test]
+fn keygen_onto_a_full_disk_leaves_no_empty_key_file() {
+    let dir = std::env::temp_dir().join(format!("sp-keygen-full-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4k", "tmpfs"])
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount tmpfs (the suite runs as root)");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _unmount = Unmount(dir.clone());
+    // Fill it: the writes stop at ENOSPC.
+    let mut fill = std::fs::File::create(dir.join("fill")).unwrap();
+    while std::io::Write::write(&mut fill, &[0u8; 1024]).is_ok_and(|n| n > 0) {}
+    drop(fill);
+    let key = dir.join("k");
+    let mut cmd = Command::new(BIN);
+    cmd.arg("keygen").arg("--out").arg(&key);
+    let (status, stderr) = run_bounded(cmd, LIMIT).expect("it exited");
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("No space left on device"), "{stderr}");
+    assert!(!key.exists(), "keygen left {} behind", key.display());
+    // With room again, the same command makes the key.
+    std::fs::remove_file(dir.join("fill")).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.arg("keygen").arg("--out").arg(&key);
+    let (status, stderr) = run_bounded(cmd, LIMIT).expect("it exited");
+    assert!(status.success(), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&key).unwrap().trim().len(), 44);
+}
+
 /// The program's own path need not be UTF-8 (a binary under a directory
 /// whose name is not): every command failed with "argument 0 is not valid
 /// UTF-8".
