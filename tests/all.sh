@@ -44,12 +44,22 @@ fi
 ensure_python cryptography=cryptography hdrh=hdrhistogram || exit 1
 
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-cargo test --locked 2>&1 | tee "$log"
+# The tests' own files (control sockets, configs, logs, keys) go in a
+# directory of this run's, removed at the end, not loose in /tmp: a test
+# that fails, or a process killed mid-test, left them behind. Mode 1777
+# as /tmp: some tests run processes as other users.
+scratch=$(mktemp -d)
+chmod 1777 "$scratch"
+trap 'rm -f "$log"; rm -rf "$scratch"' EXIT
+# Every step runs, whatever an earlier one found (--no-fail-fast: every
+# test binary too), so that one failure still shows what else passes, and
+# the total line always comes.
+status=0
+TMPDIR=$scratch cargo test --locked --no-fail-fast 2>&1 | tee "$log" || status=1
 # deploy/ assets, each checked by its ecosystem's validator (installs them).
-bash tests/deploy_assets.sh 2>&1 | tee -a "$log"
+bash tests/deploy_assets.sh 2>&1 | tee -a "$log" || status=1
 # Each deploy path run as its real user, files laid out as documented.
-bash tests/deploy_paths.sh 2>&1 | tee -a "$log"
+bash tests/deploy_paths.sh 2>&1 | tee -a "$log" || status=1
 
 # One line for the whole run: cargo's per-binary results plus the deploy checks.
 passed=$(grep -oE '(ok|FAILED)\. [0-9]+ passed' "$log" | awk '{s+=$2} END {print s+0}')
@@ -60,4 +70,7 @@ failed=$((failed + $(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | awk '{s+=
 # A deploy script that died before its summary line counts as a failure.
 [ "$(grep -cE '^[0-9]+ passed, [0-9]+ failed$' "$log")" -eq 2 ] || failed=$((failed + 1))
 echo "total: $passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then
+  echo "tests/all.sh: a step failed without a failing test (a build error?): see above" >&2
+fi
+[ "$failed" -eq 0 ] && [ "$status" -eq 0 ]
