@@ -695,3 +695,75 @@ fn config_errors_name_the_key_for_booleans_and_missing_partners() {
         assert_one_line_error(&out, want, &format!("run: {line}"));
     }
 }
+
+/// An upstream that is the proxy's own listener is refused in one line
+/// however it is written: a connect to the unspecified address goes to
+/// loopback, so `--upstream 0.0.0.0:PORT` is `127.0.0.1:PORT` (a break-it
+/// round saw one client fill a shard with connections to itself, as
+/// `check` passed it). And an IPv6 wildcard takes IPv4 clients only with
+/// `--dual-stack`: without it, an IPv4 upstream on the same port is not a
+/// loop (it was refused as one).
+#[test]
+fn an_upstream_that_is_the_listener_is_refused_however_written() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let path = write("loops.toml", &config("forward", "", ""));
+    for (listen, upstream, dual) in [
+        ("127.0.0.1", "0.0.0.0", false),
+        ("0.0.0.0", "0.0.0.0", false),
+        ("0.0.0.0", "127.0.0.9", false),
+        ("[::1]", "[::]", false),
+        ("[::]", "127.0.0.1", true),
+    ] {
+        let (l, u) = (format!("{listen}:{port}"), format!("{upstream}:{port}"));
+        let mut args = vec!["check", "--config", &path, "--listen", &l, "--upstream", &u];
+        if dual {
+            args.push("--dual-stack");
+        }
+        let out = run(&args);
+        assert_one_line_error(&out, "own --listen", &format!("{l} -> {u}"));
+    }
+    let (l, u) = (format!("[::]:{port}"), format!("127.0.0.1:{port}"));
+    let (status, stderr) = run(&["check", "--config", &path, "--listen", &l, "--upstream", &u]);
+    assert!(!stderr.contains("own --listen"), "{stderr}");
+    assert_eq!(status.code(), Some(0), "{stderr}");
+}
+
+/// A wildcard listener takes connections to every address of this host:
+/// an upstream at one of its non-loopback addresses on the same port is
+/// the listener too. Checked in a network namespace of the test's own
+/// (`unshare --net`, as root), whose only interface holds 198.51.100.7,
+/// and where 198.51.100.8 is another host's.
+#[test]
+fn an_upstream_at_one_of_this_hosts_addresses_loops_to_a_wildcard() {
+    let path = write("loops-host.toml", &config("forward", "", ""));
+    let script = format!(
+        "ip link set lo up && ip addr add 198.51.100.7/32 dev lo && \
+         {BIN} check --config {path} --listen 0.0.0.0:20999 --upstream 198.51.100.7:20999; echo rc=$?; \
+         {BIN} check --config {path} --listen 0.0.0.0:20999 --upstream 198.51.100.8:20999; echo rc=$?"
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--net", "sh", "-c", &script]);
+    let out = cmd.output().expect("unshare (util-linux)");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l
+                .starts_with("error: --upstream 198.51.100.7:20999 is this proxy's own --listen")),
+        "{text}"
+    );
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.starts_with("rc="))
+            .copied()
+            .collect::<Vec<_>>(),
+        ["rc=2", "rc=0"],
+        "{text}"
+    );
+}

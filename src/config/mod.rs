@@ -433,7 +433,11 @@ impl Config {
             )
         })?;
         let upstreams = upstreams(args)?;
-        if let Some(e) = upstreams.endpoints.iter().find(|e| is_loop(listen, e.addr)) {
+        if let Some(e) = upstreams
+            .endpoints
+            .iter()
+            .find(|e| crate::upstream::loops_to(listen, e.addr, args.dual_stack))
+        {
             return Err(ConfigError::LoopedUpstream {
                 listen,
                 upstream: e.addr,
@@ -1173,10 +1177,6 @@ fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() != 0 && a.port() == b.port() && (x == y || x.is_unspecified() || y.is_unspecified())
 }
 
-fn is_loop(listen: SocketAddr, upstream: SocketAddr) -> bool {
-    crate::upstream::loops_to(listen, upstream)
-}
-
 /// The `--upstream` pool and its settings, validated and resolved (every
 /// A/AAAA record of a hostname is an endpoint).
 fn upstreams(args: &ProxyArgs) -> Result<crate::upstream::Upstreams, ConfigError> {
@@ -1383,6 +1383,7 @@ mod tests {
     #[test]
     fn looped_upstreams_are_seen() {
         let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let is_loop = |l, u| crate::upstream::loops_to(l, u, false);
         assert!(is_loop(a("127.0.0.1:80"), a("127.0.0.1:80")));
         assert!(is_loop(a("0.0.0.0:80"), a("127.0.0.1:80")));
         assert!(is_loop(a("[::]:80"), a("[::1]:80")));
@@ -1390,6 +1391,32 @@ mod tests {
         assert!(!is_loop(a("127.0.0.1:80"), a("127.0.0.2:80")));
         // Port 0 is a fresh port: never the upstream (which is rejected anyway).
         assert!(!is_loop(a("127.0.0.1:0"), a("127.0.0.1:9")));
+        // A connect to the unspecified address goes to loopback (found by
+        // a break-it round: one client filled the shard with its loop).
+        assert!(is_loop(a("127.0.0.1:80"), a("0.0.0.0:80")));
+        assert!(is_loop(a("0.0.0.0:80"), a("0.0.0.0:80")));
+        assert!(is_loop(a("[::1]:80"), a("[::]:80")));
+        assert!(!is_loop(a("127.0.0.2:80"), a("0.0.0.0:80")));
+        // An IPv6 wildcard takes IPv4 clients only with --dual-stack.
+        assert!(!is_loop(a("[::]:80"), a("127.0.0.1:80")));
+        assert!(!is_loop(a("[::]:80"), a("0.0.0.0:80")));
+        assert!(crate::upstream::loops_to(
+            a("[::]:80"),
+            a("127.0.0.1:80"),
+            true
+        ));
+        assert!(crate::upstream::loops_to(
+            a("[::]:80"),
+            a("[::ffff:127.0.0.1]:80"),
+            true
+        ));
+        assert!(!is_loop(a("0.0.0.0:80"), a("[::1]:80")));
+        // A wildcard takes this host's other addresses too; not others'
+        // (an address this host has not: one no socket binds to).
+        let other = a("198.51.100.254:80");
+        if std::net::UdpSocket::bind((other.ip(), 0)).is_err() {
+            assert!(!is_loop(a("0.0.0.0:80"), other));
+        }
     }
 
     #[test]

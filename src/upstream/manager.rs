@@ -55,6 +55,8 @@ pub struct Manager {
     /// The proxy's own listen address: a re-resolved endpoint that loops
     /// back to it is dropped, as at start-up.
     pub listen: SocketAddr,
+    /// `--dual-stack`: an IPv6 wildcard `listen` takes IPv4 clients too.
+    pub dual_stack: bool,
     /// Active checks, if on.
     pub health: Option<HealthCheck>,
     /// Probe deadline (`--connect-timeout`, plus the handshake for tunnels).
@@ -106,7 +108,7 @@ fn run(mut m: Manager) {
                 next_dns = Some(now + every);
                 let mut now_left_out = Vec::new();
                 let resolved = resolve_all(&m.specs).map(|all| {
-                    keep_usable(all, m.listen, |dropped, why| {
+                    keep_usable(all, (m.listen, m.dual_stack), |dropped, why| {
                         now_left_out.push((dropped, why))
                     })
                 });
@@ -246,12 +248,12 @@ fn newly_left_out(
 /// out is reported to `dropped`.
 pub fn keep_usable(
     all: Vec<Endpoint>,
-    listen: SocketAddr,
+    (listen, dual_stack): (SocketAddr, bool),
     mut dropped: impl FnMut(SocketAddr, &'static str),
 ) -> Vec<Endpoint> {
     let mut out = Vec::with_capacity(all.len().min(super::MAX_ENDPOINTS));
     for e in all {
-        if super::loops_to(listen, e.addr) {
+        if super::loops_to(listen, e.addr, dual_stack) {
             dropped(e.addr, "it is this proxy's own listen address");
         } else if out.len() >= super::MAX_ENDPOINTS {
             dropped(e.addr, "more than 256 endpoints");
@@ -418,7 +420,7 @@ mod tests {
         let mut dropped = Vec::new();
         let kept = keep_usable(
             vec![e("127.0.0.1:8000"), e("127.0.0.2:8000")],
-            listen,
+            (listen, false),
             |a, _| dropped.push(a),
         );
         assert_eq!(kept, vec![e("127.0.0.2:8000")]);
@@ -431,7 +433,7 @@ mod tests {
             .collect();
         let mut n = 0;
         assert_eq!(
-            keep_usable(many, listen, |_, _| n += 1).len(),
+            keep_usable(many, (listen, false), |_, _| n += 1).len(),
             super::super::MAX_ENDPOINTS
         );
         assert_eq!(n, 300 - super::super::MAX_ENDPOINTS);

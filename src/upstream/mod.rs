@@ -157,17 +157,50 @@ pub struct Endpoint {
     pub spec: usize,
 }
 
-/// Whether connecting to `upstream` reaches the listener on `listen`: the
-/// same address, or the same port on a local address when `listen` is a
-/// wildcard. (A loop through a second proxy cannot be seen from here.)
-pub fn loops_to(listen: SocketAddr, upstream: SocketAddr) -> bool {
+/// Whether connecting to `upstream` reaches the listener on `listen`
+/// (`dual_stack`: an IPv6 wildcard that takes IPv4 clients too): the same
+/// port, and the same address, or, when `listen` is a wildcard, an address
+/// of this host in a family it takes. A connect to the unspecified address
+/// (`0.0.0.0`, `::`) goes to the loopback address of its family (Linux:
+/// `ip_route_connect`, `tcp_v6_connect`). "Of this host": a loopback
+/// address, or one a socket can be bound to (unless the host allows
+/// binding any address, `ip_nonlocal_bind`; then loopback only). A loop
+/// through a second proxy cannot be seen from here.
+pub fn loops_to(listen: SocketAddr, upstream: SocketAddr, dual_stack: bool) -> bool {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
     if listen.port() != upstream.port() {
         return false;
     }
     // `[::ffff:127.0.0.1]` is 127.0.0.1 written as IPv6: compare the
     // canonical forms.
-    let (l, up) = (listen.ip().to_canonical(), upstream.ip().to_canonical());
-    l == up || (l.is_unspecified() && (up.is_loopback() || up.is_unspecified()))
+    let up = match upstream.ip().to_canonical() {
+        IpAddr::V4(a) if a.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(a) if a.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        a => a,
+    };
+    let l = listen.ip().to_canonical();
+    if !l.is_unspecified() {
+        return l == up;
+    }
+    let takes = match (l, up) {
+        (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => true,
+        (IpAddr::V6(_), IpAddr::V4(_)) => dual_stack,
+        (IpAddr::V4(_), IpAddr::V6(_)) => false,
+    };
+    takes && is_local(up)
+}
+
+/// Whether `ip` is an address of this host (see [`loops_to`]).
+fn is_local(ip: std::net::IpAddr) -> bool {
+    if ip.is_loopback() {
+        return true;
+    }
+    let sysctl = match ip {
+        std::net::IpAddr::V4(_) => "/proc/sys/net/ipv4/ip_nonlocal_bind",
+        std::net::IpAddr::V6(_) => "/proc/sys/net/ipv6/ip_nonlocal_bind",
+    };
+    let any_binds = std::fs::read_to_string(sysctl).is_ok_and(|v| v.trim() != "0");
+    !any_binds && std::net::UdpSocket::bind((ip, 0)).is_ok()
 }
 
 /// Resolves every spec: the endpoint set, in spec order.
