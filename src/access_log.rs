@@ -606,11 +606,13 @@ impl ShardLog {
     }
 
     /// The shard is done: hands over what is left and waits until the
-    /// writer has written everything, for at most [`FINISH_WAIT`] (stop
-    /// always wins: a writer blocked on a full pipe does not hold the
-    /// process up; what it could not write is reported).
+    /// writer has written everything, for at most [`FINISH_WAIT`], and
+    /// after a drain at most what is left of its time
+    /// (`stop::exit_wait`) (stop always wins: a writer blocked on a full
+    /// pipe does not hold the process up; what it could not write is
+    /// reported).
     pub fn finish(self, stats: &ShardStats) {
-        let deadline = Instant::now() + FINISH_WAIT;
+        let deadline = Instant::now() + crate::stop::exit_wait(FINISH_WAIT);
         let mut rest = Some(self.buffer.into_inner()).filter(|r| !r.is_empty());
         while let Some(batch) = rest.take() {
             match self.to_writer.try_send(batch) {

@@ -492,6 +492,7 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
             _ => None,
         },
         drain_delay: cfg.lifecycle.drain_delay,
+        drain_timeout: cfg.limits.drain_timeout,
         offer: offer.clone(),
         probe_keys: probe_keys.clone(),
     });
@@ -757,9 +758,10 @@ pub fn run(cfg: Config, signals: SignalPlane) -> Result<(), StartupError> {
         crate::handover::remove_control(path, id);
     }
     // Answer the metrics requests already accepted (the metrics HTTP
-    // deadlines bound each to a few seconds) before the process exits.
+    // deadlines bound each to a few seconds) before the process exits,
+    // within what is left of the drain's time.
     if let Some(b) = &board {
-        b.wait_answered(Duration::from_secs(3));
+        b.wait_answered(crate::stop::exit_wait(Duration::from_secs(3)));
     }
     // A shard that failed, at start-up or later, fails the process (exit
     // 2), so that a supervisor sees it and restarts the service.
@@ -825,6 +827,7 @@ fn spawn_upstream_manager(
         endpoints: ups.endpoints.clone(),
         dns_refresh: ups.has_names().then_some(ups.dns_refresh),
         listen: cfg.listen,
+        dual_stack: cfg.dual_stack,
         health: ups.health,
         timeout,
         probe,

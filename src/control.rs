@@ -224,7 +224,8 @@ pub const IGNORED: [i32; 8] = [
 
 enum Phase {
     Starting { reload_pending: bool },
-    Running(Running),
+    // Boxed: a running process's state is large, a starting one's a bool.
+    Running(Box<Running>),
 }
 
 /// How SIGUSR2 re-executes the binary.
@@ -251,6 +252,9 @@ pub struct Started {
     pub upgrade: Option<Upgrade>,
     /// `--drain-delay`.
     pub drain_delay: std::time::Duration,
+    /// `--drain-timeout`: sets `stop::exit_wait`'s deadline when the
+    /// drain starts.
+    pub drain_timeout: std::time::Duration,
     /// The listeners' duplicates offered to a successor; emptied when
     /// draining starts, so that they do not keep the sockets open (and the
     /// control-socket thread stops offering them).
@@ -331,12 +335,12 @@ impl SignalPlane {
                 reload_pending: true
             }
         );
-        *phase = Phase::Running(Running {
+        *phase = Phase::Running(Box::new(Running {
             s: started,
             draining: false,
             signalled: false,
             upgrading: None,
-        });
+        }));
         if reload {
             crate::info!("applying the SIGHUP received during start-up");
             on_signal(&mut phase, SIGHUP, &self.state);
@@ -608,6 +612,7 @@ impl Running {
 
     /// Tells every shard to stop accepting and finish its connections.
     fn drain_now(&mut self) {
+        crate::stop::drain_started(self.s.drain_timeout);
         self.s.controller.broadcast(Message::Drain);
     }
 

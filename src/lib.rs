@@ -26,6 +26,7 @@
 //! | [`cli`]      | clap structs only                                           |
 //! | [`units`]    | `500ms` / `16KiB` parsers shared by flags and config         |
 //! | [`log`]      | one-line stderr logging macros                               |
+//! | [`stop`]     | the stop deadline that bounds the waits after a drain        |
 //! | [`sys`]      | the only `unsafe`: adopting fds, io_uring probe, raw syscalls |
 //! | [`proto`]    | sans-io tunnel protocol: keys, hellos, chunk framing         |
 //!
@@ -55,6 +56,7 @@ pub mod rng;
 pub mod session;
 pub mod shard;
 pub mod stats;
+pub mod stop;
 pub mod sys;
 pub mod transfer;
 pub mod trigger;

@@ -261,14 +261,15 @@ pub fn dropped_lines() -> u64 {
     DROPPED.load(Ordering::Relaxed)
 }
 
-/// Waits until the lines queued so far are written, at most [`FLUSH_WAIT`].
+/// Waits until the lines queued so far are written, at most [`FLUSH_WAIT`]
+/// (after a drain, at most what is left of its time: `stop::exit_wait`).
 /// Call before the process exits; a no-op without a writer thread.
 pub fn flush() {
     if QUEUE.get().is_none() {
         return;
     }
     let target = QUEUED.load(Ordering::SeqCst);
-    let deadline = std::time::Instant::now() + FLUSH_WAIT;
+    let deadline = std::time::Instant::now() + crate::stop::exit_wait(FLUSH_WAIT);
     let Ok(mut written) = WRITTEN.lock() else {
         return;
     };
