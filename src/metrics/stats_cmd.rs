@@ -187,7 +187,7 @@ pub fn decode(bytes: &[u8]) -> Option<Histogram<u64>> {
         .read_to_end(&mut plain)
         .ok()?;
     let payload = be32(&plain, 4)? as usize;
-    let ours = plain.len() <= cap
+    let ours = (HEADER..=cap).contains(&plain.len())
         && be32(&plain, 0)? == COOKIE
         && payload <= plain.len() - HEADER
         && be32(&plain, 12)? == u32::from(DIGITS)
@@ -264,6 +264,7 @@ pub fn fetch(url: &str, path: &str) -> Result<String, StatsError> {
     let authority = url
         .strip_prefix("http://")
         .map(|r| {
+            let r = r.trim_end_matches('/');
             r.strip_suffix("/metrics")
                 .or_else(|| r.strip_suffix("/histograms"))
                 .unwrap_or(r)
@@ -306,7 +307,38 @@ pub fn fetch(url: &str, path: &str) -> Result<String, StatsError> {
     conn.write_all(request.as_bytes()).map_err(io)?;
     let mut raw = Vec::new();
     let mut buf = [0u8; 64 * 1024];
+    // Once the head is in: where the body starts, and its length if the
+    // server gave one (RFC 9112 §6.3): the answer is complete then, even
+    // if the server keeps the connection open.
+    let mut framing: Option<(usize, Option<usize>)> = None;
+    // A `Transfer-Encoding` (chunked): not what shardproxy sends.
+    let mut encoded = false;
     loop {
+        if framing.is_none() {
+            if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+                let field = |name: &str| {
+                    head.lines()
+                        .filter_map(|l| l.split_once(':'))
+                        .find(|(k, _)| k.trim() == name)
+                        .map(|(_, v)| v.trim().to_string())
+                };
+                encoded = field("transfer-encoding").is_some_and(|v| v != "identity");
+                if encoded {
+                    break;
+                }
+                framing = Some((
+                    end + 4,
+                    field("content-length").and_then(|v| v.parse().ok()),
+                ));
+            }
+        }
+        if let Some((start, Some(len))) = framing {
+            if raw.len() >= start + len {
+                raw.truncate(start + len);
+                break;
+            }
+        }
         let left = deadline
             .checked_duration_since(std::time::Instant::now())
             .filter(|d| !d.is_zero())
@@ -342,6 +374,12 @@ pub fn fetch(url: &str, path: &str) -> Result<String, StatsError> {
     let status = head.lines().next().unwrap_or("");
     if !status.contains(" 200 ") {
         return Err(StatsError::Status(url.to_string(), status.to_string()));
+    }
+    if encoded {
+        return Err(StatsError::Status(
+            url.to_string(),
+            "a chunked (or otherwise encoded) answer, which shardproxy never sends: is this a shardproxy metrics endpoint?".into(),
+        ));
     }
     Ok(body.to_string())
 }
@@ -419,6 +457,26 @@ mod tests {
         assert!(decode(&encoded(1, 3, 2, max, &[0])).is_none());
         let bomb = vec![0u8; 1 << 20];
         assert!(decode(&encoded(bomb.len() as u32, 3, 1, max, &bomb)).is_none());
+        // A header cut short of its 40 bytes (the payload check
+        // underflowed, and the slice panicked: break-it round 23).
+        let mut short = encoded(0, 3, 1, max, &[]);
+        assert!(decode(&short).is_some());
+        for cut in [8, 4, 1] {
+            let mut inner = Vec::new();
+            for v in [0x1c84_9313u32, 0, 0, 3] {
+                inner.extend_from_slice(&v.to_be_bytes());
+            }
+            inner.extend_from_slice(&1u64.to_be_bytes());
+            inner.extend_from_slice(&max.to_be_bytes());
+            inner.extend_from_slice(&1.0f64.to_be_bytes()[..8 - cut]);
+            let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+            std::io::Write::write_all(&mut z, &inner).unwrap();
+            let z = z.finish().unwrap();
+            short = 0x1c84_9314u32.to_be_bytes().to_vec();
+            short.extend_from_slice(&(z.len() as u32).to_be_bytes());
+            short.extend_from_slice(&z);
+            assert!(decode(&short).is_none(), "header {} bytes short", cut);
+        }
         // Truncated and foreign encodings.
         let good = encoded(1, 3, 1, max, &[0]);
         assert!(decode(&good[..good.len() - 1]).is_none());
