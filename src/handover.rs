@@ -329,6 +329,15 @@ fn take_over_with(path: &Path, role: &str, version: u8) -> Result<Inherited, Han
         }
         _ => io(source),
     })?;
+    match crate::sys::peer_uid(stream.as_raw_fd()) {
+        Some(uid) if trusted_peer(uid) => {}
+        who => {
+            return Err(bad(format!(
+                "it is served by {}, neither this process's user nor root: not taking listeners from it",
+                who.map_or("an unknown user".to_string(), |u| format!("user {u}"))
+            )))
+        }
+    }
     stream.set_read_timeout(Some(LINE_TIMEOUT)).map_err(io)?;
     stream.set_write_timeout(Some(LINE_TIMEOUT)).map_err(io)?;
     // A predecessor that refuses at once (`ERROR busy`) may have replied
@@ -570,6 +579,20 @@ pub fn wait_exchanges(limit: Duration) {
 /// Binds the control socket at `path`. A stale socket file (nobody
 /// listening) is replaced; a live one is an error: that process should be
 /// taken over (`--takeover`), not shadowed.
+/// Whether a process of user `uid` at the other end of a control
+/// connection may be trusted with this process's sockets (or, for a
+/// successor, to hand it its listeners): this process's own user, or
+/// root. The socket file is mode 0600 too, but only from the `chmod` after
+/// its `bind`: a connect in between (the file is made with the umask's
+/// mode) waited in the backlog and was served a hand-over, and an
+/// unprivileged user took a root proxy's listeners (break-it round 23).
+/// The credentials the kernel records at `connect` close that window, and
+/// any other way to the socket (a directory made writable, a file mode
+/// changed by hand).
+pub fn trusted_peer(uid: u32) -> bool {
+    uid == 0 || uid == crate::sys::effective_uid()
+}
+
 pub fn bind_control(path: &Path) -> Result<UnixListener, StartupError> {
     let err = |reason: String| StartupError::ControlSocket {
         path: path.display().to_string(),
@@ -681,6 +704,19 @@ pub fn serve(
                 let Ok((conn, _)) = listener.accept() else {
                     continue;
                 };
+                match crate::sys::peer_uid(conn.as_raw_fd()) {
+                    Some(uid) if trusted_peer(uid) => {}
+                    who => {
+                        let who = who.map_or("an unknown user".to_string(), |u| format!("user {u}"));
+                        let _ = (&conn).write_all(
+                            b"ERROR not allowed: only this process's user or root may take its listeners\n",
+                        );
+                        crate::warn!(
+                            "control socket: refused a connection from {who} (neither this process's user nor root)"
+                        );
+                        continue;
+                    }
+                }
                 // Each connection on its own thread: a client that sends
                 // nothing (or never says READY) cannot hold up the next one.
                 let (offer, on_ready, exchange, listener, handed) = (

@@ -656,6 +656,37 @@ pub fn block_signals(signals: &[i32]) -> SignalMask {
     }
 }
 
+/// The user ID of the process at the other end of the connected Unix
+/// socket `fd` (`SO_PEERCRED`, unix(7): its credentials when it connected
+/// or listened). `None` if the call fails.
+pub fn peer_uid(fd: std::os::fd::RawFd) -> Option<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes and `len` is `cred`'s
+    // size; the kernel writes at most that many bytes. A bad `fd` is an
+    // error return, not undefined behaviour.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut libc::ucred as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    (r == 0).then_some(cred.uid)
+}
+
+/// This process's effective user ID.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid(2) takes nothing and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 /// Unblocks `signals` in this thread, whatever mask it inherited: a signal
 /// mask survives fork and exec, so a supervisor that blocked SIGTERM would
 /// otherwise never stop the proxy. Pending ones are delivered now. `false`

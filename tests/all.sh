@@ -23,6 +23,8 @@ command -v nft >/dev/null 2>&1 || missing_apt+=(nftables)
 command -v qemu-x86_64 >/dev/null 2>&1 || missing_apt+=(qemu-user)
 command -v haproxy >/dev/null 2>&1 || missing_apt+=(haproxy)
 command -v python3 >/dev/null 2>&1 || missing_apt+=(python3)
+# The system's own too: a test runs it as another user (nobody).
+[ -x /usr/bin/python3 ] || missing_apt+=(python3)
 command -v strace >/dev/null 2>&1 || missing_apt+=(strace)
 # The build links the system's OpenSSL 3 (Cargo.toml, feature `openssl`).
 command -v pkg-config >/dev/null 2>&1 || missing_apt+=(pkg-config)

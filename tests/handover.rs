@@ -841,6 +841,59 @@ fn a_predecessor_stopped_during_a_hand_over_leaves_the_control_socket() {
     assert!(status.success());
 }
 
+/// Only the process's own user (or root) is handed its listeners, however
+/// it reached the control socket. The file is made 0600 only after its
+/// `bind` (a connect in between waited in the backlog and was served), so
+/// the test opens the window for good: the file made 0666, and another
+/// user (nobody, with `setpriv`) asks for a hand-over. It is refused, told
+/// why, and the proxy serves on; an unprivileged user took a root proxy's
+/// listeners this way (break-it round 23).
+#[test]
+fn another_user_on_the_control_socket_is_refused() {
+    let origin = echo_origin();
+    let ctl = control_path("otheruser");
+    let p = Proxy::forward(origin)
+        .shards(1)
+        .args(["--control-socket", &ctl])
+        .start();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&ctl, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let script = "import socket,sys\n\
+        s=socket.socket(socket.AF_UNIX); s.settimeout(10); s.connect(sys.argv[1])\n\
+        try: s.sendall(b'TAKEOVER 2\\n')\n\
+        except BrokenPipeError: pass\n\
+        m,anc,_,_=s.recvmsg(512, socket.CMSG_SPACE(64*4))\n\
+        print(repr(m), len(anc))";
+    let out = Command::new("setpriv")
+        // The system's Python: another user cannot run one under /root.
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            script,
+        ])
+        .arg(&ctl)
+        .output()
+        .expect("setpriv (util-linux) and /usr/bin/python3 (tests/all.sh installs them)");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.starts_with("b\"ERROR not allowed") && said.trim_end().ends_with(" 0"),
+        "another user got: {said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    p.wait_for_log(
+        |l| l.contains("control socket: refused a connection from user 65534"),
+        Duration::from_secs(10),
+    );
+    // Still serving, and still its own to hand over.
+    one(p.addr, &random_bytes(1024, 65534)).unwrap();
+    let third = taken_over(origin, p.addr, &ctl);
+    let (status, log) = third.terminate();
+    assert!(status.success(), "{log:?}");
+}
+
 /// A process started on the control socket path of one that is draining
 /// (no hand-over: a stop, then a fresh start) keeps its socket file when
 /// the draining one exits, so it can still be upgraded. The draining
