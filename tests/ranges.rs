@@ -739,31 +739,47 @@ fn an_upstream_that_is_the_listener_is_refused_however_written() {
 #[test]
 fn an_upstream_at_one_of_this_hosts_addresses_loops_to_a_wildcard() {
     let path = write("loops-host.toml", &config("forward", "", ""));
-    let script = format!(
-        "ip link set lo up && ip addr add 198.51.100.7/32 dev lo && \
-         {BIN} check --config {path} --listen 0.0.0.0:20999 --upstream 198.51.100.7:20999; echo rc=$?; \
-         {BIN} check --config {path} --listen 0.0.0.0:20999 --upstream 198.51.100.8:20999; echo rc=$?"
-    );
+    // Also: with `ip_nonlocal_bind` (every address binds, so binding tells
+    // nothing), an IPv6 link-local address (it binds only with its scope),
+    // and a multicast group (no host's address; it was refused as a loop).
+    let check = |listen: &str, up: &str| {
+        format!("{BIN} check --config {path} --listen {listen} --upstream {up}; echo rc=$?; ")
+    };
+    let script = [
+        "ip link set lo up && ip addr add 198.51.100.7/32 dev lo && ".to_string(),
+        // A veth pair (the dummy driver may not be there).
+        "ip link add d0 type veth peer name d1 && ip link set d1 up && ip link set d0 up && "
+            .into(),
+        "ip -6 addr add fe80::7/64 dev d0 nodad; ".into(),
+        check("0.0.0.0:20999", "198.51.100.7:20999"),
+        check("0.0.0.0:20999", "198.51.100.8:20999"),
+        check("[::]:20999", "[fe80::7%d0]:20999"),
+        check("0.0.0.0:20999", "224.0.0.1:20999"),
+        "sysctl -qw net.ipv4.ip_nonlocal_bind=1; ".into(),
+        check("0.0.0.0:20999", "198.51.100.7:20999"),
+        check("0.0.0.0:20999", "198.51.100.8:20999"),
+    ]
+    .concat();
     let mut cmd = Command::new("unshare");
     cmd.args(["--net", "sh", "-c", &script]);
     let out = cmd.output().expect("unshare (util-linux)");
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = text.lines().collect();
-    assert!(
-        lines
-            .iter()
-            .any(|l| l
-                .starts_with("error: --upstream 198.51.100.7:20999 is this proxy's own --listen")),
-        "{text}"
-    );
+    // (The scope is printed as the interface's index.)
+    for up in ["198.51.100.7:20999", "[fe80::7%"] {
+        let loop_line = |l: &&str| {
+            l.starts_with(&format!("error: --upstream {up}")) && l.contains("own --listen")
+        };
+        assert!(lines.iter().any(loop_line), "{up}: {text}");
+    }
     assert_eq!(
         lines
             .iter()
             .filter(|l| l.starts_with("rc="))
             .copied()
             .collect::<Vec<_>>(),
-        ["rc=2", "rc=0"],
+        ["rc=2", "rc=0", "rc=2", "rc=0", "rc=2", "rc=0"],
         "{text}"
     );
 }

@@ -162,10 +162,9 @@ pub struct Endpoint {
 /// port, and the same address, or, when `listen` is a wildcard, an address
 /// of this host in a family it takes. A connect to the unspecified address
 /// (`0.0.0.0`, `::`) goes to the loopback address of its family (Linux:
-/// `ip_route_connect`, `tcp_v6_connect`). "Of this host": a loopback
-/// address, or one a socket can be bound to (unless the host allows
-/// binding any address, `ip_nonlocal_bind`; then loopback only). A loop
-/// through a second proxy cannot be seen from here.
+/// `ip_route_connect`, `tcp_v6_connect`). For "an address of this host",
+/// see [`is_local`]. A loop through a second proxy cannot be seen from
+/// here.
 pub fn loops_to(listen: SocketAddr, upstream: SocketAddr, dual_stack: bool) -> bool {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
     if listen.port() != upstream.port() {
@@ -187,20 +186,54 @@ pub fn loops_to(listen: SocketAddr, upstream: SocketAddr, dual_stack: bool) -> b
         (IpAddr::V6(_), IpAddr::V4(_)) => dual_stack,
         (IpAddr::V4(_), IpAddr::V6(_)) => false,
     };
-    takes && is_local(up)
+    // An IPv6 link-local address means nothing without its scope (the
+    // interface): keep the upstream's.
+    let scope = match upstream {
+        SocketAddr::V6(a) => a.scope_id(),
+        SocketAddr::V4(_) => 0,
+    };
+    takes && is_local(up, scope)
 }
 
-/// Whether `ip` is an address of this host (see [`loops_to`]).
-fn is_local(ip: std::net::IpAddr) -> bool {
+/// Whether `ip` (with `scope`, an IPv6 interface index or 0) is an address
+/// of this host: a loopback address; one whose route is local, which a
+/// connected UDP socket shows by taking it as its own source address (no
+/// packet is sent); or one a socket can be bound to, unless the host lets
+/// any address be bound (`ip_nonlocal_bind`). The bind alone missed every
+/// address under `ip_nonlocal_bind`, and a link-local one (bound without its
+/// scope); the route alone misses the rest of a prefix that is local as a
+/// whole (`198.51.100.0/24` on `lo`), which takes the prefix's first
+/// address as source (break-it round 23).
+fn is_local(ip: std::net::IpAddr, scope: u32) -> bool {
+    use std::net::{IpAddr, SocketAddrV6, UdpSocket};
     if ip.is_loopback() {
         return true;
     }
+    // A multicast group is no host's address (a socket binds to one to
+    // receive from it); a TCP connect to it fails anyway.
+    if ip.is_multicast() || ip == IpAddr::V4(std::net::Ipv4Addr::BROADCAST) {
+        return false;
+    }
+    let at = |port| match ip {
+        IpAddr::V4(a) => SocketAddr::from((a, port)),
+        IpAddr::V6(a) => SocketAddr::V6(SocketAddrV6::new(a, port, 0, scope)),
+    };
+    let any: SocketAddr = match ip {
+        IpAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        IpAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let routed_here = UdpSocket::bind(any)
+        .and_then(|s| s.connect(at(9)).and_then(|()| s.local_addr()))
+        .is_ok_and(|own| own.ip() == ip);
+    if routed_here {
+        return true;
+    }
     let sysctl = match ip {
-        std::net::IpAddr::V4(_) => "/proc/sys/net/ipv4/ip_nonlocal_bind",
-        std::net::IpAddr::V6(_) => "/proc/sys/net/ipv6/ip_nonlocal_bind",
+        IpAddr::V4(_) => "/proc/sys/net/ipv4/ip_nonlocal_bind",
+        IpAddr::V6(_) => "/proc/sys/net/ipv6/ip_nonlocal_bind",
     };
     let any_binds = std::fs::read_to_string(sysctl).is_ok_and(|v| v.trim() != "0");
-    !any_binds && std::net::UdpSocket::bind((ip, 0)).is_ok()
+    !any_binds && UdpSocket::bind(at(0)).is_ok()
 }
 
 /// Resolves every spec: the endpoint set, in spec order.
