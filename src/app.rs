@@ -90,8 +90,6 @@ fn raise_fd_limit(needed: u64) {
 /// Writes a fresh key to `args.out` (mode 0600, refusing to overwrite) and
 /// prints its fingerprint, or prints the key alone to stdout.
 pub fn keygen(args: &KeygenArgs) -> Result<(), StartupError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let key = Psk::generate().map_err(|e| StartupError::Keygen(format!("no randomness: {e}")))?;
     let line = zeroize::Zeroizing::new(format!("{}\n", key.to_base64()));
     match args.out.as_deref() {
@@ -105,7 +103,25 @@ pub fn keygen(args: &KeygenArgs) -> Result<(), StartupError> {
             print_stdout(&line)
                 .map_err(|e| StartupError::Keygen(format!("cannot write the key to stdout: {e}")))
         }
-        Some(path) => std::fs::OpenOptions::new()
+        Some(path) => {
+            // A file-size limit (`ulimit -f`) must fail the write (EFBIG),
+            // not kill the process with SIGXFSZ before it removes the file
+            // it made (a break-it round left an empty key file so): a
+            // handler that only sets an unread flag, as a proxy has.
+            let _ = signal_hook::flag::register(
+                signal_hook::consts::SIGXFSZ,
+                std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            );
+            write_key(path, &line, &key)
+        }
+    }
+}
+
+/// `keygen --out PATH`: writes `line` to a new file at `path` (mode 0600).
+fn write_key(path: &str, line: &str, key: &Psk) -> Result<(), StartupError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
@@ -138,8 +154,7 @@ pub fn keygen(args: &KeygenArgs) -> Result<(), StartupError> {
                     "{path} exists, and keygen never overwrites a key: choose another path or remove it first (to rotate keys, see deploy/README.md)"
                 )),
                 _ => StartupError::Keygen(format!("cannot write {path}: {e}")),
-            }),
-    }
+            })
 }
 
 /// Whether stdout is `/dev/null`: a closed stdout is reopened there by the

@@ -616,6 +616,22 @@ fn keygen_onto_a_full_disk_leaves_no_empty_key_file() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("No space left on device"), "{stderr}");
     assert!(!key.exists(), "keygen left {} behind", key.display());
+    // Nor under a file-size limit: SIGXFSZ killed it before it could
+    // remove the file (its default action), where the write must fail.
+    let limited = std::env::temp_dir().join(format!("sp-keygen-fsize-{}", std::process::id()));
+    let _ = std::fs::remove_file(&limited);
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("ulimit -f 0; exec \"$0\" keygen --out \"$1\"")
+        .arg(BIN)
+        .arg(&limited);
+    let (status, stderr) = run_bounded(cmd, LIMIT).expect("it exited");
+    let left = limited.exists();
+    let _ = std::fs::remove_file(&limited);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("File too large"), "{stderr}");
+    assert!(!left, "keygen under `ulimit -f 0` left its file behind");
     // With room again, the same command makes the key.
     std::fs::remove_file(dir.join("fill")).unwrap();
     let mut cmd = Command::new(BIN);
