@@ -844,6 +844,11 @@ fn a_stop_is_not_held_up_by_metrics_connections() {
 /// Serves `answer` to one HTTP request on a fresh port, then keeps the
 /// connection open for up to 30 s (until the client leaves).
 fn one_answer_server(answer: &'static [u8]) -> (SocketAddr, thread::JoinHandle<()>) {
+    answer_server(answer, false)
+}
+
+/// [`one_answer_server`], closing at once after the answer if `close`.
+fn answer_server(answer: &'static [u8], close: bool) -> (SocketAddr, thread::JoinHandle<()>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let server = thread::spawn(move || {
@@ -858,6 +863,9 @@ fn one_answer_server(answer: &'static [u8]) -> (SocketAddr, thread::JoinHandle<(
             }
         }
         let _ = c.write_all(answer);
+        if close {
+            return;
+        }
         // Open until the client closes (a read of 0) or 30 s pass.
         let _ = c.read(&mut b);
     });
@@ -894,4 +902,45 @@ fn stats_reads_an_answer_by_its_length_and_names_a_chunked_one() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("chunked"), "{stderr}");
     let _ = server.join();
+}
+
+/// `stats --from` holds an answer to its own framing: a body cut short of
+/// its Content-Length (shards' lines silently missing from the totals), a
+/// Content-Length that is not one number (`-1`, 2^64 - 1 wrapped the
+/// arithmetic, two that differ), and a status line that is not `200` (a
+/// substring match took "404 Not 200 Found") are each one line and exit 1.
+/// Found by a break-it round.
+#[test]
+fn stats_refuses_answers_that_break_their_framing() {
+    for (answer, want) in [
+        (
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort"[..],
+            "an answer cut short: 5 of its 100 bytes",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\nx",
+            "a bad Content-Length (-1)",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 18446744073709551615\r\n\r\nx",
+            "a bad Content-Length",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxy",
+            "a bad Content-Length (1, 2)",
+        ),
+        (
+            b"HTTP/1.1 404 Not 200 Found\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 404 Not 200 Found",
+        ),
+    ] {
+        let (addr, server) = answer_server(answer, true);
+        let mut cmd = Command::new(BIN);
+        cmd.args(["stats", "--from", &format!("http://{addr}")]);
+        let (status, stderr) = run_bounded(cmd, Duration::from_secs(30)).expect("stats hung");
+        assert_eq!(status.code(), Some(1), "{want}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(want), "{want}: {stderr}");
+        let _ = server.join();
+    }
 }

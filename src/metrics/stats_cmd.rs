@@ -32,6 +32,9 @@ pub enum StatsError {
     /// A line could not be decoded.
     #[error("{0}: undecodable histogram line {1}")]
     Decode(String, usize),
+    /// A line repeats an earlier one's metric, shard and direction.
+    #[error("{0}: histogram line {1} repeats an earlier line's metric, shard and direction")]
+    Repeated(String, usize),
     /// The answer holds more lines or metrics than any shardproxy writes.
     #[error("{0}: more than {2} histogram {1} in one answer")]
     TooMany(String, &'static str, usize),
@@ -99,6 +102,7 @@ pub fn parse(body: &str, source: &str) -> Result<Scrape, StatsError> {
     if body.lines().filter(|l| !l.trim().is_empty()).count() > MAX_LINES {
         return Err(StatsError::TooMany(source.to_string(), "lines", MAX_LINES));
     }
+    let mut seen = std::collections::HashSet::new();
     for (i, raw) in body.lines().enumerate() {
         if raw.trim().is_empty() {
             continue;
@@ -119,6 +123,15 @@ pub fn parse(body: &str, source: &str) -> Result<Scrape, StatsError> {
             direction: field(direction, "direction=")?,
             row: Row::of(&hist),
         };
+        // Each shard's histogram once: a repeated one would count twice.
+        let id = (
+            line.metric.clone(),
+            line.shard.clone(),
+            line.direction.clone(),
+        );
+        if !seen.insert(id) {
+            return Err(StatsError::Repeated(source.to_string(), i + 1));
+        }
         let key = (line.metric.clone(), line.direction.clone());
         let full = out.merged.len() == MAX_KINDS;
         match out.merged.get_mut(&key) {
@@ -311,26 +324,48 @@ pub fn fetch(url: &str, path: &str) -> Result<String, StatsError> {
     // server gave one (RFC 9112 §6.3): the answer is complete then, even
     // if the server keeps the connection open.
     let mut framing: Option<(usize, Option<usize>)> = None;
-    // A `Transfer-Encoding` (chunked): not what shardproxy sends.
-    let mut encoded = false;
+    // What is wrong with the head's framing, reported after its status: a
+    // `Transfer-Encoding` (chunked; shardproxy never sends one), or a
+    // `Content-Length` that is not one number within MAX_BODY.
+    let mut bad_framing: Option<String> = None;
     loop {
         if framing.is_none() {
             if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
                 let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
-                let field = |name: &str| {
+                // Field lines, not obsolete folded continuations (RFC 9112
+                // §5.2: those start with a space or a tab).
+                let values = |name: &str| -> Vec<String> {
                     head.lines()
+                        .skip(1)
+                        .filter(|l| !l.starts_with([' ', '\t']))
                         .filter_map(|l| l.split_once(':'))
-                        .find(|(k, _)| k.trim() == name)
+                        .filter(|(k, _)| k.trim() == name)
                         .map(|(_, v)| v.trim().to_string())
+                        .collect()
                 };
-                encoded = field("transfer-encoding").is_some_and(|v| v != "identity");
-                if encoded {
+                let lengths = values("content-length");
+                let length = match lengths.first() {
+                    None => None,
+                    Some(first) => {
+                        let n = Some(first)
+                            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                            .and_then(|v| v.parse::<u64>().ok())
+                            .filter(|&n| n <= MAX_BODY && lengths.iter().all(|v| v == first));
+                        if n.is_none() {
+                            bad_framing =
+                                Some(format!("a bad Content-Length ({})", lengths.join(", ")));
+                            break;
+                        }
+                        n.map(|n| n as usize)
+                    }
+                };
+                if values("transfer-encoding").iter().any(|v| v != "identity") {
+                    bad_framing = Some(
+                        "a chunked (or otherwise encoded) answer, which shardproxy never sends: is this a shardproxy metrics endpoint?".into(),
+                    );
                     break;
                 }
-                framing = Some((
-                    end + 4,
-                    field("content-length").and_then(|v| v.parse().ok()),
-                ));
+                framing = Some((end + 4, length));
             }
         }
         if let Some((start, Some(len))) = framing {
@@ -372,14 +407,24 @@ pub fn fetch(url: &str, path: &str) -> Result<String, StatsError> {
         .split_once("\r\n\r\n")
         .ok_or_else(|| StatsError::Status(url.to_string(), "no HTTP response".into()))?;
     let status = head.lines().next().unwrap_or("");
-    if !status.contains(" 200 ") {
+    let mut words = status.split_whitespace();
+    let ok = words.next().is_some_and(|v| v.starts_with("HTTP/1.")) && words.next() == Some("200");
+    if !ok {
         return Err(StatsError::Status(url.to_string(), status.to_string()));
     }
-    if encoded {
-        return Err(StatsError::Status(
-            url.to_string(),
-            "a chunked (or otherwise encoded) answer, which shardproxy never sends: is this a shardproxy metrics endpoint?".into(),
-        ));
+    if let Some(why) = bad_framing {
+        return Err(StatsError::Status(url.to_string(), why));
+    }
+    // Closed before the length it announced: the rest of the shards'
+    // lines would be missing from the totals without a word.
+    if let Some((start, Some(len))) = framing {
+        let got = raw.len() - start;
+        if got < len {
+            return Err(StatsError::Status(
+                url.to_string(),
+                format!("an answer cut short: {got} of its {len} bytes"),
+            ));
+        }
     }
     Ok(body.to_string())
 }
@@ -417,8 +462,12 @@ mod tests {
     }
 
     fn line(metric: &str, bytes: &[u8]) -> String {
+        shard_line(metric, 0, bytes)
+    }
+
+    fn shard_line(metric: &str, shard: u32, bytes: &[u8]) -> String {
         format!(
-            "{metric} shard=0 role=forward direction=- {}\n",
+            "{metric} shard={shard} role=forward direction=- {}\n",
             base64::engine::general_purpose::STANDARD.encode(bytes)
         )
     }
@@ -434,11 +483,19 @@ mod tests {
             .serialize(&h, &mut bytes)
             .unwrap();
         assert_eq!(decode(&bytes).unwrap(), h);
-        let body = line("m", &bytes) + &line("m", &bytes);
+        let body = shard_line("m", 0, &bytes) + &shard_line("m", 1, &bytes);
         let scrape = parse(&body, "x").unwrap();
         assert_eq!(scrape.lines.len(), 2);
         assert_eq!(scrape.merged[&("m".into(), "-".into())].len(), 10);
         assert_eq!(scrape.lines[0].row.count, 5);
+        // The same shard's histogram twice would count twice.
+        let err = parse(&(line("m", &bytes) + &line("m", &bytes)), "x")
+            .err()
+            .unwrap();
+        assert_eq!(
+            err.to_string(),
+            "x: histogram line 2 repeats an earlier line's metric, shard and direction"
+        );
     }
 
     /// Headers that would have the decoder allocate from what they state:
