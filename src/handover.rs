@@ -695,6 +695,7 @@ pub fn serve(
         .name("control-socket".into())
         .spawn(move || {
             let handed_over = || handed.load(std::sync::atomic::Ordering::SeqCst);
+            let mut refusals = crate::log::RateLimited::new();
             while offered(&offer) {
                 match shared_listener_turn(listener.as_raw_fd(), handed_over) {
                     Turn::Accept => {}
@@ -711,9 +712,17 @@ pub fn serve(
                         let _ = (&conn).write_all(
                             b"ERROR not allowed: only this process's user or root may take its listeners\n",
                         );
-                        crate::warn!(
-                            "control socket: refused a connection from {who} (neither this process's user nor root)"
-                        );
+                        // Rate-limited: another user connecting in a loop
+                        // wrote 280,000 lines in 5 s (break-it round 23).
+                        refusals.log(|n| {
+                            let more = match n {
+                                0 => String::new(),
+                                n => format!("; {n} more refused since the last such line"),
+                            };
+                            format!(
+                                "control socket: refused a connection from {who} (neither this process's user nor root){more}"
+                            )
+                        });
                         continue;
                     }
                 }

@@ -4,7 +4,7 @@ use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use glommio::net::TcpListener;
 use glommio::sync::Semaphore;
@@ -124,33 +124,6 @@ pub fn listen_all(sockets: &[Socket], cfg: &Config) -> Result<(), StartupError> 
     Ok(())
 }
 
-/// Logs at most once per second, counting the rest.
-struct RateLimitedLog {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl RateLimitedLog {
-    fn new() -> Self {
-        RateLimitedLog {
-            last: None,
-            suppressed: 0,
-        }
-    }
-
-    fn log(&mut self, line: impl FnOnce(u64) -> String) {
-        let now = Instant::now();
-        match self.last {
-            Some(t) if now.duration_since(t) < Duration::from_secs(1) => self.suppressed += 1,
-            _ => {
-                crate::warn!("{}", line(self.suppressed));
-                self.last = Some(now);
-                self.suppressed = 0;
-            }
-        }
-    }
-}
-
 const MIN_BACKOFF: Duration = Duration::from_millis(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -159,18 +132,18 @@ struct AcceptState {
     /// A session ran out of file descriptors for its upstream socket.
     fd_exhausted: Cell<bool>,
     /// Failures of this process (not of a peer), logged rate-limited.
-    internal: RefCell<RateLimitedLog>,
+    internal: RefCell<crate::log::RateLimited>,
     /// Tunnel handshakes and authentication that failed (a wrong key, a
     /// probe), logged rate-limited so a key mismatch shows in the log.
-    auth: RefCell<RateLimitedLog>,
+    auth: RefCell<crate::log::RateLimited>,
     /// Upstream connects that failed or timed out.
-    connect: RefCell<RateLimitedLog>,
+    connect: RefCell<crate::log::RateLimited>,
     /// Handshakes that timed out, and idle connections closed.
-    timeout: RefCell<RateLimitedLog>,
+    timeout: RefCell<crate::log::RateLimited>,
     /// Connections reset or failed by a peer mid-stream.
-    reset: RefCell<RateLimitedLog>,
+    reset: RefCell<crate::log::RateLimited>,
     /// Clients refused for their PROXY protocol header.
-    proxy_header: RefCell<RateLimitedLog>,
+    proxy_header: RefCell<crate::log::RateLimited>,
 }
 
 /// Accepts until the shard stops accepting, then drops the listener so the
@@ -197,16 +170,16 @@ pub async fn accept_loop(
 ) {
     let state = Rc::new(AcceptState {
         fd_exhausted: Cell::new(false),
-        internal: RefCell::new(RateLimitedLog::new()),
-        auth: RefCell::new(RateLimitedLog::new()),
-        connect: RefCell::new(RateLimitedLog::new()),
-        timeout: RefCell::new(RateLimitedLog::new()),
-        reset: RefCell::new(RateLimitedLog::new()),
-        proxy_header: RefCell::new(RateLimitedLog::new()),
+        internal: RefCell::new(crate::log::RateLimited::new()),
+        auth: RefCell::new(crate::log::RateLimited::new()),
+        connect: RefCell::new(crate::log::RateLimited::new()),
+        timeout: RefCell::new(crate::log::RateLimited::new()),
+        reset: RefCell::new(crate::log::RateLimited::new()),
+        proxy_header: RefCell::new(crate::log::RateLimited::new()),
     });
     let stop = ctx.accepting_stopped().clone();
     let gated = !matches!(ctx.config().mode, crate::config::Mode::Exit(_));
-    let mut log = RateLimitedLog::new();
+    let mut log = crate::log::RateLimited::new();
     let mut backoff = MIN_BACKOFF;
     let id = ctx.id();
     loop {
@@ -388,6 +361,7 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
+    use std::time::Instant;
 
     /// A live listener is a group to join; the `TIME_WAIT` connections a
     /// stopped process left on its port are not (a restart after traffic

@@ -425,6 +425,43 @@ pub fn deceptive(c: char) -> bool {
     )
 }
 
+/// A warning logged at most once per second; the ones in between are
+/// counted and the next line is told how many (`line(suppressed)`).
+pub struct RateLimited {
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl RateLimited {
+    /// Nothing logged yet.
+    pub fn new() -> Self {
+        RateLimited {
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// Logs `line(n)` at `warn`, `n` being how many were suppressed since
+    /// the last, unless one was logged less than a second ago.
+    pub fn log(&mut self, line: impl FnOnce(u64) -> String) {
+        let now = std::time::Instant::now();
+        match self.last {
+            Some(t) if now.duration_since(t) < Duration::from_secs(1) => self.suppressed += 1,
+            _ => {
+                crate::warn!("{}", line(self.suppressed));
+                self.last = Some(now);
+                self.suppressed = 0;
+            }
+        }
+    }
+}
+
+impl Default for RateLimited {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
