@@ -755,6 +755,10 @@ fn an_upstream_at_one_of_this_hosts_addresses_loops_to_a_wildcard() {
         check("0.0.0.0:20999", "198.51.100.8:20999"),
         check("[::]:20999", "[fe80::7%d0]:20999"),
         check("0.0.0.0:20999", "224.0.0.1:20999"),
+        // A local IPv6 prefix with no address of this host's in it: a
+        // connect there reaches [::] all the same (its source is ::1).
+        "ip -6 route add local 2001:db8:77::/64 dev lo; ".into(),
+        check("[::]:20999", "[2001:db8:77::7]:20999"),
         "sysctl -qw net.ipv4.ip_nonlocal_bind=1; ".into(),
         check("0.0.0.0:20999", "198.51.100.7:20999"),
         check("0.0.0.0:20999", "198.51.100.8:20999"),
@@ -767,7 +771,7 @@ fn an_upstream_at_one_of_this_hosts_addresses_loops_to_a_wildcard() {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = text.lines().collect();
     // (The scope is printed as the interface's index.)
-    for up in ["198.51.100.7:20999", "[fe80::7%"] {
+    for up in ["198.51.100.7:20999", "[fe80::7%", "[2001:db8:77::7]:20999"] {
         let loop_line = |l: &&str| {
             l.starts_with(&format!("error: --upstream {up}")) && l.contains("own --listen")
         };
@@ -779,7 +783,7 @@ fn an_upstream_at_one_of_this_hosts_addresses_loops_to_a_wildcard() {
             .filter(|l| l.starts_with("rc="))
             .copied()
             .collect::<Vec<_>>(),
-        ["rc=2", "rc=0", "rc=2", "rc=0", "rc=2", "rc=0"],
+        ["rc=2", "rc=0", "rc=2", "rc=0", "rc=2", "rc=2", "rc=0"],
         "{text}"
     );
 }
