@@ -92,6 +92,15 @@ fn raise_fd_limit(needed: u64) {
 pub fn keygen(args: &KeygenArgs) -> Result<(), StartupError> {
     let key = Psk::generate().map_err(|e| StartupError::Keygen(format!("no randomness: {e}")))?;
     let line = zeroize::Zeroizing::new(format!("{}\n", key.to_base64()));
+    // A file-size limit (`ulimit -f`) must fail the write (EFBIG), to
+    // stdout as to `--out`, not kill the process with SIGXFSZ before it
+    // says so, or before it removes the file it made (break-it rounds left
+    // an empty key file so): a handler that only sets an unread flag, as a
+    // proxy has.
+    let _ = signal_hook::flag::register(
+        signal_hook::consts::SIGXFSZ,
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    );
     match args.out.as_deref() {
         // `-` is stdout, as `--access-log -` is stderr.
         None | Some("-") => {
@@ -103,17 +112,7 @@ pub fn keygen(args: &KeygenArgs) -> Result<(), StartupError> {
             print_stdout(&line)
                 .map_err(|e| StartupError::Keygen(format!("cannot write the key to stdout: {e}")))
         }
-        Some(path) => {
-            // A file-size limit (`ulimit -f`) must fail the write (EFBIG),
-            // not kill the process with SIGXFSZ before it removes the file
-            // it made (a break-it round left an empty key file so): a
-            // handler that only sets an unread flag, as a proxy has.
-            let _ = signal_hook::flag::register(
-                signal_hook::consts::SIGXFSZ,
-                std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
-            );
-            write_key(path, &line, &key)
-        }
+        Some(path) => write_key(path, &line, &key),
     }
 }
 

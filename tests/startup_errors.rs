@@ -632,6 +632,18 @@ fn keygen_onto_a_full_disk_leaves_no_empty_key_file() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("File too large"), "{stderr}");
     assert!(!left, "keygen under `ulimit -f 0` left its file behind");
+    // The key to stdout, redirected to a file, under the same limit: an
+    // error line, not death by SIGXFSZ (exit 153).
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("ulimit -f 0; exec \"$0\" keygen > \"$1\"")
+        .arg(BIN)
+        .arg(&limited);
+    let (status, stderr) = run_bounded(cmd, LIMIT).expect("it exited");
+    let _ = std::fs::remove_file(&limited);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("File too large"), "{stderr}");
     // With room again, the same command makes the key.
     std::fs::remove_file(dir.join("fill")).unwrap();
     let mut cmd = Command::new(BIN);
