@@ -728,13 +728,19 @@ fn writer(target: Target, mut sink: Sink, rx: Receiver<Vec<u8>>, lost: std::sync
     let path = &target.path;
     let mut generation = REOPEN.load(Ordering::Relaxed);
     let mut failed = false;
+    // The file ends in the start of a line that a failed write cut.
+    let mut fragment = false;
     loop {
         let batch = rx.recv_timeout(Duration::from_millis(250));
         let now = REOPEN.load(Ordering::Relaxed);
         if now != generation {
             generation = now;
             match target.reopen() {
-                Ok(s) => sink = s,
+                Ok(s) => {
+                    sink = s;
+                    // A fragment stays in the old file.
+                    fragment = false;
+                }
                 Err(e) => crate::warn!(
                     "access log: cannot reopen {path}: {e}; still writing to the old file"
                 ),
@@ -745,16 +751,41 @@ fn writer(target: Target, mut sink: Sink, rx: Receiver<Vec<u8>>, lost: std::sync
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
         };
-        let written = match &mut sink {
-            Sink::Stderr => std::io::stderr().lock().write_all(&batch),
-            Sink::File(f) => f.write_all(&batch),
+        // A write that failed part-way (a full disk) left the start of a
+        // line in the file: this batch starts on a line of its own, so
+        // that no record is glued onto that fragment (break-it round 23:
+        // the next record after ENOSPC continued the cut line, and the
+        // line was not valid JSON).
+        let mut out = Vec::new();
+        let bytes: &[u8] = if fragment {
+            out.reserve(batch.len() + 1);
+            out.push(b'\n');
+            out.extend_from_slice(&batch);
+            &out
+        } else {
+            &batch
+        };
+        let (done, written) = match &mut sink {
+            Sink::Stderr => write_counted(&mut std::io::stderr().lock(), bytes),
+            Sink::File(f) => write_counted(f, bytes),
         };
         match written {
-            Ok(()) => failed = false,
+            Ok(()) => {
+                fragment = false;
+                if failed {
+                    crate::info!("access log: writing {path} works again");
+                    failed = false;
+                }
+            }
             Err(e) => {
-                // The batch is lost (a partial write may have left part of
-                // it): every line of it is counted.
-                lost.fetch_add(lines_in(&batch), Ordering::Relaxed);
+                // The lines written whole are in the file; the rest are
+                // lost and counted, the one cut short too (it counted
+                // every line of the batch, those written too).
+                let whole = lines_in(&bytes[..done]) - u64::from(fragment && done > 0);
+                lost.fetch_add(lines_in(&batch) - whole, Ordering::Relaxed);
+                if done > 0 {
+                    fragment = bytes[done - 1] != b'\n';
+                }
                 if !failed {
                     crate::warn!("access log: writing {path}: {e}; lines are dropped and counted until writing works again");
                     failed = true;
@@ -762,6 +793,21 @@ fn writer(target: Target, mut sink: Sink, rx: Receiver<Vec<u8>>, lost: std::sync
             }
         }
     }
+}
+
+/// Writes all of `bytes` to `w` as `write_all` does, and says how many
+/// got written when it fails.
+fn write_counted(w: &mut impl std::io::Write, bytes: &[u8]) -> (usize, std::io::Result<()>) {
+    let mut done = 0;
+    while done < bytes.len() {
+        match w.write(&bytes[done..]) {
+            Ok(0) => return (done, Err(std::io::ErrorKind::WriteZero.into())),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return (done, Err(e)),
+        }
+    }
+    (done, Ok(()))
 }
 
 #[cfg(test)]
