@@ -766,8 +766,8 @@ fn writer(target: Target, mut sink: Sink, rx: Receiver<Vec<u8>>, lost: std::sync
             &batch
         };
         let (done, written) = match &mut sink {
-            Sink::Stderr => write_counted(&mut std::io::stderr().lock(), bytes),
-            Sink::File(f) => write_counted(f, bytes),
+            Sink::Stderr => crate::log::write_counted(&mut std::io::stderr().lock(), bytes),
+            Sink::File(f) => crate::log::write_counted(f, bytes),
         };
         match written {
             Ok(()) => {
@@ -793,21 +793,6 @@ fn writer(target: Target, mut sink: Sink, rx: Receiver<Vec<u8>>, lost: std::sync
             }
         }
     }
-}
-
-/// Writes all of `bytes` to `w` as `write_all` does, and says how many
-/// got written when it fails.
-fn write_counted(w: &mut impl std::io::Write, bytes: &[u8]) -> (usize, std::io::Result<()>) {
-    let mut done = 0;
-    while done < bytes.len() {
-        match w.write(&bytes[done..]) {
-            Ok(0) => return (done, Err(std::io::ErrorKind::WriteZero.into())),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return (done, Err(e)),
-        }
-    }
-    (done, Ok(()))
 }
 
 #[cfg(test)]

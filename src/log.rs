@@ -240,7 +240,7 @@ fn drop_notice(n: u64) -> String {
     format_line(
         Level::Warn,
         &format!(
-            "log: {n} line(s) dropped here: stderr was not keeping up \
+            "log: {n} line(s) dropped here: stderr was not keeping up or refused them \
              (shardproxy_log_lines_dropped_total)"
         ),
     )
@@ -326,8 +326,42 @@ pub fn write_raw(line: String) {
 /// One `write` of a whole line to stderr; whether it was written (see
 /// [`write_line`] for why failures are not errors).
 fn emit(line: &str) -> bool {
-    use std::io::Write;
-    std::io::stderr().lock().write_all(line.as_bytes()).is_ok()
+    // After a write cut short (a full disk under a redirected stderr), the
+    // next line starts on a line of its own, not glued to the cut one, as
+    // the access log does.
+    let cut = FRAGMENT.load(Ordering::Relaxed);
+    let owned;
+    let bytes = if cut {
+        owned = format!("\n{line}");
+        owned.as_bytes()
+    } else {
+        line.as_bytes()
+    };
+    let (done, written) = write_counted(&mut std::io::stderr().lock(), bytes);
+    match written {
+        Ok(()) => FRAGMENT.store(false, Ordering::Relaxed),
+        Err(_) if done > 0 => FRAGMENT.store(bytes[done - 1] != b'\n', Ordering::Relaxed),
+        Err(_) => {}
+    }
+    written.is_ok()
+}
+
+/// stderr ends in the start of a line that a failed write cut.
+static FRAGMENT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Writes all of `bytes` to `w` as `write_all` does, and says how many got
+/// written when it fails (a full disk takes part of a write).
+pub fn write_counted(w: &mut impl std::io::Write, bytes: &[u8]) -> (usize, std::io::Result<()>) {
+    let mut done = 0;
+    while done < bytes.len() {
+        match w.write(&bytes[done..]) {
+            Ok(0) => return (done, Err(std::io::ErrorKind::WriteZero.into())),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return (done, Err(e)),
+        }
+    }
+    (done, Ok(()))
 }
 
 /// The text or JSON line for `message`, newline included. Each names the

@@ -1073,3 +1073,103 @@ fn an_access_log_on_a_full_disk_loses_whole_lines_only_and_counts_them() {
     );
     assert!(records.last().unwrap().ends_with('}'), "the log ends cut");
 }
+
+/// The process log, stderr redirected to a file on a disk that fills up
+/// and then has room again: no line is glued onto one that a failed write
+/// cut short (the sibling of the access-log fault). Debug level logs a
+/// line per connection; the file is on a 16 KiB tmpfs, grown to 1 MiB
+/// once full.
+#[test]
+fn the_process_log_on_a_full_disk_never_glues_lines() {
+    let dir = std::env::temp_dir().join(format!("sp-fullerr-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16k", "tmpfs"])
+        .arg(&dir)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mount tmpfs (the suite runs as root)");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _unmount = Unmount(dir.clone());
+    let err = dir.join("err.log");
+    let origin = echo_origin();
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("exec \"$0\" forward --listen 127.0.0.1:0 --upstream \"$1\" --cores 1 --log-level debug 2>>\"$2\"")
+        .arg(env!("CARGO_BIN_EXE_shardproxy"))
+        .arg(origin.to_string())
+        .arg(&err)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _kill = KillOnDrop(child.id());
+    let mut addr = None;
+    poll_until(Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(&err).unwrap_or_default();
+        addr = text
+            .lines()
+            .find_map(|l| l.split(" listening on ").nth(1))
+            .and_then(|r| r.split(' ').next())
+            .and_then(|a| a.parse::<SocketAddr>().ok());
+        addr.map(|_| ()).ok_or("not listening yet")
+    });
+    let addr = addr.unwrap();
+    let run = |n: u64| {
+        for i in 0..n {
+            let mut c = TcpStream::connect(addr).unwrap();
+            assert_eq!(exchange(&mut c, &i.to_le_bytes()), i.to_le_bytes());
+        }
+    };
+    // Full: the file stops growing under more connections.
+    let mut batches = 0;
+    loop {
+        let before = std::fs::metadata(&err).unwrap().len();
+        run(50);
+        batches += 1;
+        let grew = poll_size(&err, before);
+        if !grew {
+            break;
+        }
+        assert!(batches <= 100, "the disk never filled");
+    }
+    let ok = Command::new("mount")
+        .args(["-o", "remount,size=1m"])
+        .arg(&dir)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "remount");
+    run(20);
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let text = std::fs::read_to_string(&err).unwrap();
+    let pid = format!(" [{}] ", child.id());
+    for l in text.lines() {
+        assert!(l.matches(&pid).count() <= 1, "two lines glued: {l}");
+    }
+    assert!(
+        text.contains("all shards stopped"),
+        "no line after the disk had room"
+    );
+}
+
+/// Whether `path` grows past `before` within a second (the log writer
+/// writes within milliseconds when it can).
+fn poll_size(path: &std::path::Path, before: u64) -> bool {
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        if std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) > before {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
