@@ -1488,6 +1488,29 @@ mod tests {
         host
     }
 
+    /// A plain copy relay with 4 KiB buffers between our ends of a client
+    /// and an upstream connection, neither owned for `SIGURG` beforehand.
+    fn copy_pair<'a>(
+        host: &'a TestHost,
+        rec: &'a Record,
+        client: &TcpStream,
+        upstream: &TcpStream,
+    ) -> Relay<'a, TestHost> {
+        Relay::start(
+            host,
+            rec,
+            [
+                Sock::new(client.as_raw_fd()),
+                Sock::new(upstream.as_raw_fd()),
+            ],
+            [vec![0; 4096], vec![0; 4096]],
+            [Mode::Copy, Mode::Copy],
+            4096,
+            Rc::new(Watch::default()),
+            (false, &[]),
+        )
+    }
+
     /// A connected pair of loopback sockets: (our end, the peer's end).
     fn pair(l: &TcpListener) -> (TcpStream, TcpStream) {
         let peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
@@ -1532,19 +1555,7 @@ mod tests {
                         assert_eq!(answer, request[..100], "answer of connection {i}");
                     });
                     let rec = Record::new(i as u128);
-                    let relay = Relay::start(
-                        &*host,
-                        &rec,
-                        [
-                            Sock::new(client_ours.as_raw_fd()),
-                            Sock::new(upstream_ours.as_raw_fd()),
-                        ],
-                        [vec![0; 4096], vec![0; 4096]],
-                        [Mode::Copy, Mode::Copy],
-                        4096,
-                        Rc::new(Watch::default()),
-                        (false, &[]),
-                    );
+                    let relay = copy_pair(&host, &rec, &client_ours, &upstream_ours);
                     relay.await.unwrap();
                     assert_eq!(rec.bytes_up.get(), 1000 + i as u64);
                     assert_eq!(rec.bytes_down.get(), 100);
@@ -1742,19 +1753,7 @@ mod tests {
                 let (client_ours, mut client) = pair(&l);
                 let (upstream_ours, mut origin) = pair(&l);
                 let rec = Record::new(1);
-                let relay = Relay::start(
-                    &*host,
-                    &rec,
-                    [
-                        Sock::new(client_ours.as_raw_fd()),
-                        Sock::new(upstream_ours.as_raw_fd()),
-                    ],
-                    [vec![0; 4096], vec![0; 4096]],
-                    [Mode::Copy, Mode::Copy],
-                    4096,
-                    Rc::new(Watch::default()),
-                    (false, &[]),
-                );
+                let relay = copy_pair(&host, &rec, &client_ours, &upstream_ours);
                 // One direction at a time, so that each one's first read
                 // is an interrupted one.
                 client.set_nonblocking(true).unwrap();

@@ -989,26 +989,8 @@ fn check_summarises_the_client_identity_settings() {
 /// counted as dropped, the lines already written too.
 #[test]
 fn an_access_log_on_a_full_disk_loses_whole_lines_only_and_counts_them() {
-    let dir = std::env::temp_dir().join(format!("sp-fulllog-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mount = |opts: &str| {
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
-            .arg(&dir)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "mount -o {opts} (the suite runs as root)");
-    };
-    mount("size=16k");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-            let _ = std::fs::remove_dir(&self.0);
-        }
-    }
-    let _unmount = Unmount(dir.clone());
+    let disk = Tmpfs::mount("fulllog", "16k");
+    let dir = &disk.dir;
     let path = dir.join("a.log").to_str().unwrap().to_string();
     let fwd = Proxy::forward(echo_origin())
         .shards(1)
@@ -1030,13 +1012,7 @@ fn an_access_log_on_a_full_disk_loses_whole_lines_only_and_counts_them() {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
-    let ok = Command::new("mount")
-        .args(["-o", "remount,size=1m"])
-        .arg(&dir)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "remount");
+    disk.resize("1m");
     for i in 0..5u64 {
         let mut c = TcpStream::connect(fwd.addr).unwrap();
         assert_eq!(exchange(&mut c, &i.to_le_bytes()), i.to_le_bytes());
@@ -1081,23 +1057,8 @@ fn an_access_log_on_a_full_disk_loses_whole_lines_only_and_counts_them() {
 /// once full.
 #[test]
 fn the_process_log_on_a_full_disk_never_glues_lines() {
-    let dir = std::env::temp_dir().join(format!("sp-fullerr-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ok = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=16k", "tmpfs"])
-        .arg(&dir)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "mount tmpfs (the suite runs as root)");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-            let _ = std::fs::remove_dir(&self.0);
-        }
-    }
-    let _unmount = Unmount(dir.clone());
+    let disk = Tmpfs::mount("fullerr", "16k");
+    let dir = &disk.dir;
     let err = dir.join("err.log");
     let origin = echo_origin();
     let mut child = Command::new("sh")
@@ -1139,13 +1100,7 @@ fn the_process_log_on_a_full_disk_never_glues_lines() {
         }
         assert!(batches <= 100, "the disk never filled");
     }
-    let ok = Command::new("mount")
-        .args(["-o", "remount,size=1m"])
-        .arg(&dir)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "remount");
+    disk.resize("1m");
     run(20);
     let _ = Command::new("kill").arg(child.id().to_string()).status();
     let status = child.wait().unwrap();

@@ -9,7 +9,7 @@ use std::os::unix::ffi::OsStringExt;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{run_bounded, run_bounded_wait, stderr_lines, BIN};
+use common::{run_bounded, run_bounded_wait, stderr_lines, Tmpfs, BIN};
 
 const UP: &str = "127.0.0.1:9";
 
@@ -588,22 +588,8 @@ fn keygen_never_writes_a_key_into_nothing() {
 /// overwrite and `check` called keyless (found by a break-it round).
 #[test]
 fn keygen_onto_a_full_disk_leaves_no_empty_key_file() {
-    let dir = std::env::temp_dir().join(format!("sp-keygen-full-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4k", "tmpfs"])
-        .arg(&dir)
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "mount tmpfs (the suite runs as root)");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-            let _ = std::fs::remove_dir(&self.0);
-        }
-    }
-    let _unmount = Unmount(dir.clone());
+    let disk = Tmpfs::mount("keygen-full", "4k");
+    let dir = &disk.dir;
     // Fill it: the writes stop at ENOSPC.
     let mut fill = std::fs::File::create(dir.join("fill")).unwrap();
     while std::io::Write::write(&mut fill, &[0u8; 1024]).is_ok_and(|n| n > 0) {}

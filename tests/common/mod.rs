@@ -1630,3 +1630,49 @@ pub fn signal_mask(status: &str, field: &str) -> Option<u64> {
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
 }
+
+/// A small tmpfs mounted for one test at a fresh directory (the suite runs
+/// as root), to fill a disk on purpose; unmounted and removed on drop.
+pub struct Tmpfs {
+    /// Where it is mounted.
+    pub dir: std::path::PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (mount(8)'s `size=`, e.g. `16k`) at a
+    /// directory named after `tag` and this process.
+    pub fn mount(tag: &str, size: &str) -> Tmpfs {
+        let dir = std::env::temp_dir().join(format!("sp-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(
+            ok,
+            "mount a tmpfs at {} (the suite runs as root)",
+            dir.display()
+        );
+        Tmpfs { dir }
+    }
+
+    /// Grows (or shrinks) it to `size`, keeping what it holds.
+    pub fn resize(&self, size: &str) {
+        let ok = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "remount {} with size={size}", self.dir.display());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
