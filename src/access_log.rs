@@ -780,8 +780,15 @@ fn writer(target: Target, mut sink: Sink, rx: Receiver<Vec<u8>>, lost: std::sync
             Err(e) => {
                 // The lines written whole are in the file; the rest are
                 // lost and counted, the one cut short too (it counted
-                // every line of the batch, those written too).
-                let whole = lines_in(&bytes[..done]) - u64::from(fragment && done > 0);
+                // every line of the batch, those written too). A record
+                // cut just before its newline is whole: the next write's
+                // leading newline ends it.
+                let upto = if bytes.get(done) == Some(&b'\n') {
+                    done + 1
+                } else {
+                    done
+                };
+                let whole = lines_in(&bytes[..upto]) - u64::from(fragment && upto > 0);
                 lost.fetch_add(lines_in(&batch) - whole, Ordering::Relaxed);
                 if done > 0 {
                     fragment = bytes[done - 1] != b'\n';
