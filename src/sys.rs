@@ -514,23 +514,41 @@ pub fn shutdown_write_fd(fd: std::os::fd::RawFd) -> std::io::Result<()> {
 
 /// The pending error of socket `fd` (`SO_ERROR`, which clears it), if any.
 pub fn take_socket_error(fd: std::os::fd::RawFd) -> Option<std::io::Error> {
-    let mut err: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `err` and `len` are live locals of the sizes passed.
+    match socket_option::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_ERROR) {
+        Ok(0) => None,
+        Ok(err) => Some(std::io::Error::from_raw_os_error(err)),
+        Err(e) => Some(e),
+    }
+}
+
+/// `getsockopt(2)`: socket `fd`'s option `opt` at `level`, read into a `T`.
+/// Only for plain C data (integers, and `libc` structs of integers such as
+/// `ucred` and `tcp_info`), for which all-zero bytes are a valid value.
+/// Errors: the call's.
+fn socket_option<T: Copy>(
+    fd: std::os::fd::RawFd,
+    level: libc::c_int,
+    opt: libc::c_int,
+) -> std::io::Result<T> {
+    // SAFETY: `T` is plain C data (see above), so all-zero is a valid `T`.
+    let mut value: T = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes to `value`, a live
+    // local of that size, and the length it wrote to `len`, also live. A
+    // bad `fd` is an error return, not undefined behaviour.
     let r = unsafe {
         libc::getsockopt(
             fd,
-            libc::SOL_SOCKET,
-            libc::SO_ERROR,
-            &mut err as *mut libc::c_int as *mut libc::c_void,
+            level,
+            opt,
+            &mut value as *mut T as *mut libc::c_void,
             &mut len,
         )
     };
-    match r {
-        0 if err == 0 => None,
-        0 => Some(std::io::Error::from_raw_os_error(err)),
-        _ => Some(std::io::Error::last_os_error()),
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    Ok(value)
 }
 
 /// Sets `O_NONBLOCK` on `fd` (splicing from a socket waits on its own
@@ -660,25 +678,9 @@ pub fn block_signals(signals: &[i32]) -> SignalMask {
 /// socket `fd` (`SO_PEERCRED`, unix(7): its credentials when it connected
 /// or listened). `None` if the call fails.
 pub fn peer_uid(fd: std::os::fd::RawFd) -> Option<u32> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: `cred` and `len` are valid for writes and `len` is `cred`'s
-    // size; the kernel writes at most that many bytes. A bad `fd` is an
-    // error return, not undefined behaviour.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            &mut cred as *mut libc::ucred as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    (r == 0).then_some(cred.uid)
+    socket_option::<libc::ucred>(fd, libc::SOL_SOCKET, libc::SO_PEERCRED)
+        .ok()
+        .map(|cred| cred.uid)
 }
 
 /// This process's effective user ID.
@@ -800,21 +802,10 @@ pub fn urgent_pending(fd: std::os::fd::RawFd) -> bool {
 pub fn accept_queue(fd: std::os::fd::RawFd) -> Option<usize> {
     /// `TCP_LISTEN` in `tcpi_state` (include/net/tcp_states.h).
     const TCP_LISTEN: u8 = 10;
-    // SAFETY: an all-zero tcp_info is valid (plain integers).
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: TCP_INFO writes at most `len` bytes to `info`, a live local
-    // of that size, and the length it wrote to `len`.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            &mut info as *mut libc::tcp_info as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    (r == 0 && info.tcpi_state == TCP_LISTEN).then_some(info.tcpi_unacked as usize)
+    socket_option::<libc::tcp_info>(fd, libc::IPPROTO_TCP, libc::TCP_INFO)
+        .ok()
+        .filter(|info| info.tcpi_state == TCP_LISTEN)
+        .map(|info| info.tcpi_unacked as usize)
 }
 
 /// `TCP_INQ` (tcp(7), Linux 4.18+), which `libc` does not export on every
