@@ -759,22 +759,8 @@ fn stats_from_a_server_stating_huge_histograms_fails_with_bounded_memory() {
         .repeat(40),
     ];
     for body in bodies {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = std::thread::spawn(move || {
-            let (mut c, _) = listener.accept().unwrap();
-            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            let mut req = Vec::new();
-            let mut b = [0u8; 1024];
-            while !req.ends_with(b"\r\n\r\n") {
-                match c.read(&mut b) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => req.extend_from_slice(&b[..n]),
-                }
-            }
-            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
-            let _ = c.write_all(body.as_bytes());
-        });
+        let answer = format!("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{body}");
+        let (addr, server) = answer_server(answer.into_bytes(), true);
         let mut cmd = Command::new("bash");
         cmd.args([
             "-c",
@@ -843,12 +829,12 @@ fn a_stop_is_not_held_up_by_metrics_connections() {
 
 /// Serves `answer` to one HTTP request on a fresh port, then keeps the
 /// connection open for up to 30 s (until the client leaves).
-fn one_answer_server(answer: &'static [u8]) -> (SocketAddr, thread::JoinHandle<()>) {
-    answer_server(answer, false)
+fn one_answer_server(answer: &[u8]) -> (SocketAddr, thread::JoinHandle<()>) {
+    answer_server(answer.to_vec(), false)
 }
 
 /// [`one_answer_server`], closing at once after the answer if `close`.
-fn answer_server(answer: &'static [u8], close: bool) -> (SocketAddr, thread::JoinHandle<()>) {
+fn answer_server(answer: Vec<u8>, close: bool) -> (SocketAddr, thread::JoinHandle<()>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let server = thread::spawn(move || {
@@ -862,7 +848,7 @@ fn answer_server(answer: &'static [u8], close: bool) -> (SocketAddr, thread::Joi
                 Ok(n) => req.extend_from_slice(&b[..n]),
             }
         }
-        let _ = c.write_all(answer);
+        let _ = c.write_all(&answer);
         if close {
             return;
         }
@@ -934,7 +920,7 @@ fn stats_refuses_answers_that_break_their_framing() {
             "HTTP/1.1 404 Not 200 Found",
         ),
     ] {
-        let (addr, server) = answer_server(answer, true);
+        let (addr, server) = answer_server(answer.to_vec(), true);
         let mut cmd = Command::new(BIN);
         cmd.args(["stats", "--from", &format!("http://{addr}")]);
         let (status, stderr) = run_bounded(cmd, Duration::from_secs(30)).expect("stats hung");
