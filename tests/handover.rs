@@ -1738,12 +1738,17 @@ fn accepted_per_shard(p: Proxy) -> Vec<u64> {
 const N_SPREAD: u64 = 600;
 
 /// A successor with fewer shards than there are listeners (3 listeners,
-/// 2 shards) serves every connection, and no shard takes two listeners'
-/// share. The extra listener is shared by both shards: with it given to
-/// one shard, the split was 400 and 200 of 600 (198 and 402 with that
-/// assignment restored); shared, 227–320 per shard over six runs (a CI
-/// run saw 373/227). At least 35% each: the unit test
-/// `app::tests::assign_inherited` pins the assignment itself.
+/// 2 shards) serves every connection, and on every shard. The extra
+/// listener is shared by both shards (the unit test
+/// `app::tests::assign_inherited` pins that assignment): each shard then
+/// has its own listener's third of the connections, plus what it wins of
+/// the shared one's third, which is a race. With the extra listener given
+/// to one shard the split was 400 and 200 of 600; shared, 227–320 per
+/// shard over six runs, but also 373/227 and 395/205 in CI runs: counts
+/// cannot tell the two apart, and this test asserted at least 35% each
+/// until the 395/205 run failed it. What counts can show is that each
+/// shard serves its own listener: at least 25% each (its third, 200 of
+/// 600, less four standard deviations of SO_REUSEPORT's spread, about 12).
 #[test]
 fn a_successor_with_fewer_shards_serves_on_every_shard() {
     let origin = echo_origin();
@@ -1761,7 +1766,7 @@ fn a_successor_with_fewer_shards_serves_on_every_shard() {
         Duration::from_secs(15),
     );
     let accepted = accepted_per_shard(new);
-    assert_each_shard_took(&accepted, N_SPREAD * 35 / 100);
+    assert_each_shard_took(&accepted, N_SPREAD * 25 / 100);
 }
 
 /// After a shrink (2 listeners to 1 shard, which accepts on both), the next
